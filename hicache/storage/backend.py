@@ -1,0 +1,408 @@
+"""The storage plugin contract: everything a backend author needs, and nothing that needs torch.
+
+A backend stores fixed-size pages of KV bytes under string keys, for one namespace. The cache
+calls it from I/O worker threads, in batches, synchronously:
+
+- ``exists(keys)``         which of these pages are stored
+- ``exists_prefix(keys)``  how many leading pages are all stored (the chain stops at the first gap)
+- ``put(keys, srcs)``      store pages, create-only: ``OK`` or ``ALREADY_EXISTS`` per key
+- ``get_into(keys, dsts)`` read pages straight into caller-owned page buffers
+- ``delete(keys)``         forget pages (missing keys are not an error)
+- ``stats()``              counters as plain data
+- ``take_evicted()``       keys the backend dropped on its own since the last call
+- ``open()`` / ``close()`` acquire and release resources; both idempotent
+
+A plugin subclasses :class:`Backend`, implements the underscore hooks (``_open``, ``_close``,
+``_exists``, ``_put``, ``_get_into``, ``_delete``), sets ``config_model`` to a
+:class:`BackendConfig` subclass describing its options, and registers the class under the
+``hicache.backends`` entry-point group. The public methods here validate arguments, enforce the
+open/closed and read-only rules and count calls, so every backend behaves the same at the edges;
+the hooks only ever see valid, non-empty batches on an open backend.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from hicache.errors import BackendClosedError, BackendReadOnlyError
+
+__all__ = [
+    "API_VERSION",
+    "Backend",
+    "BackendConfig",
+    "BackendContext",
+    "Capabilities",
+    "PageStatus",
+    "StoredPage",
+    "check_key",
+    "check_namespace",
+]
+
+#: Version of this contract. A plugin whose ``api_version`` differs is refused at load time.
+API_VERSION = 1
+
+#: A page key is the lowercase hex of a 32-byte content hash (see ``hicache.keys``).
+PAGE_KEY_LEN = 64
+_KEY_RE = re.compile(r"[0-9a-f]{64}\Z")
+#: A namespace is a short lowercase identifier, safe as a path or object-key component.
+_NAMESPACE_RE = re.compile(r"[0-9a-z][0-9a-z_-]{0,63}\Z")
+
+
+class PageStatus(enum.Enum):
+    """Outcome of one page in a batch call."""
+
+    OK = "ok"
+    #: ``put`` of a key already stored: counts as stored; the stored bytes were not changed.
+    ALREADY_EXISTS = "already_exists"
+    #: ``get_into`` of a key that is not stored; the destination buffer was not touched.
+    NOT_FOUND = "not_found"
+    #: The stored bytes failed verification; never copied into the cache, counted, logged once.
+    CORRUPT = "corrupt"
+    #: This page failed for another reason (I/O error, full disk, timeout of this page).
+    FAILED = "failed"
+
+    @property
+    def stored(self) -> bool:
+        """True when, after a ``put``, the page is stored (``OK`` or ``ALREADY_EXISTS``)."""
+        return self is PageStatus.OK or self is PageStatus.ALREADY_EXISTS
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend claims; the tiers and the conformance kit read this instead of guessing."""
+
+    #: Pages survive ``close()`` + ``open()`` (and a process restart).
+    persistent: bool = False
+    #: Other processes or machines can see the same pages (so there is no negative cache).
+    shared: bool = False
+    #: The backend bounds its own size and evicts on its own (reported by ``take_evicted``).
+    manages_capacity: bool = False
+    #: Largest batch the backend wants per call; the engine splits larger ones.
+    max_batch: int = 1024
+    #: Required alignment, in bytes, of buffer addresses for the fastest path (1 = any).
+    alignment: int = 1
+    #: ``iter_pages()`` / ``iter_namespaces()`` are implemented (storage operations need them).
+    listable: bool = False
+    #: Medium announced in ``BlockStored`` events when the tier config does not name one.
+    default_medium: str = "DISK"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendContext:
+    """Runtime facts the cache hands to every backend constructor (the same for every kind)."""
+
+    #: Size of every page payload in bytes; every buffer passed to ``put``/``get_into`` has it.
+    page_bytes: int
+    #: Namespace of every key this instance sees: pages of other namespaces are invisible.
+    namespace: str
+    #: When true, ``put`` and ``delete`` raise :class:`~hicache.errors.BackendReadOnlyError`.
+    read_only: bool = False
+    #: Tensor-parallel rank and world size of the serving process (informational).
+    rank: int = 0
+    world_size: int = 1
+    #: Name of the tier this instance serves, for logs and metrics.
+    tier_name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.page_bytes <= 0:
+            raise ValueError(f"page_bytes must be positive, got {self.page_bytes}")
+        check_namespace(self.namespace)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPage:
+    """One entry of :meth:`Backend.iter_pages`: a key and the bytes it occupies in storage."""
+
+    key: str
+    stored_bytes: int
+
+
+class BackendConfig(BaseModel):
+    """Base of every backend's options model.
+
+    Subclass it with one field per option; unknown options are rejected (``extra="forbid"``) so a
+    typo in YAML is an error at its path, not a silently ignored setting.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a valid page key, else raise ``ValueError`` naming it."""
+    if not isinstance(key, str) or _KEY_RE.match(key) is None:
+        raise ValueError(f"invalid page key {key!r}: expected {PAGE_KEY_LEN} lowercase hex chars")
+    return key
+
+
+def check_namespace(namespace: str) -> str:
+    """Return ``namespace`` if it is valid, else raise ``ValueError`` naming it."""
+    if not isinstance(namespace, str) or _NAMESPACE_RE.match(namespace) is None:
+        raise ValueError(
+            f"invalid namespace {namespace!r}: expected 1-64 chars of [0-9a-z_-], "
+            "starting with a letter or digit"
+        )
+    return namespace
+
+
+class Backend(ABC):
+    """A storage backend: one L3 tier's pages for one namespace.
+
+    Notes for implementers
+    ----------------------
+    - **One constructor for every kind**: ``Backend(config, context)``. It stores its arguments
+      and does no I/O; connections, files and mappings are acquired in ``_open``.
+    - **Thread safety**: every hook may be called concurrently from several worker threads. Use
+      your own locks; the base class holds none around the hooks.
+    - **Batches**: hooks receive non-empty lists of valid keys on an open backend; the public
+      methods already checked lengths, key syntax and buffer sizes.
+    - **Buffers** are ``memoryview`` objects of ``context.page_bytes`` bytes (format ``B``,
+      C-contiguous), owned by the caller. Read from ``srcs`` and write into ``dsts`` directly (no
+      staging copies in Python) and keep no reference to either after returning.
+    - **Per-page problems are statuses**, whole-call failures are exceptions: a missing page is
+      ``NOT_FOUND``, a page that fails verification is ``CORRUPT``; an endpoint that is down or a
+      disk that vanished raises :class:`~hicache.errors.BackendError` (or a subclass). Translate
+      your client library's exceptions at this boundary: none of them may escape.
+    - **Deadlines**: bound every blocking call with a timeout of your own; the engine stops
+      waiting after the tier's deadline and counts the call as a failure.
+    """
+
+    #: Contract version this class implements; must equal :data:`API_VERSION`.
+    api_version: ClassVar[int] = API_VERSION
+    #: The pydantic model of this backend's ``options``.
+    config_model: ClassVar[type[BackendConfig]] = BackendConfig
+
+    def __init__(self, config: BackendConfig, context: BackendContext) -> None:
+        if not isinstance(config, self.config_model):
+            raise TypeError(
+                f"{type(self).__name__} expects a {self.config_model.__name__}, "
+                f"got {type(config).__name__}"
+            )
+        self.config = config
+        self.context = context
+        self._state_lock = threading.Lock()
+        self._is_open = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def is_open(self) -> bool:
+        """True between a successful ``open()`` and the next ``close()``."""
+        return self._is_open
+
+    def open(self) -> None:
+        """Acquire resources (connect, create directories, map files). Idempotent.
+
+        Raises :class:`~hicache.errors.BackendError` with a clear message when the storage cannot
+        be used at all (a missing bucket, an unwritable root), naming the resource but never
+        credentials.
+        """
+        with self._state_lock:
+            if self._is_open:
+                return
+            self._open()
+            self._is_open = True
+
+    def close(self) -> None:
+        """Release resources. Idempotent; after it every data call raises ``BackendClosedError``."""
+        with self._state_lock:
+            if not self._is_open:
+                return
+            self._is_open = False
+            self._close()
+
+    def __enter__(self) -> Backend:
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    @abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What this backend instance claims (may depend on its options)."""
+
+    # ------------------------------------------------------------------ data calls
+
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        """Return, for each key, whether its page is stored.
+
+        A ``True`` is a hint, not a promise: the page may vanish (eviction, another process)
+        before a ``get_into``, which then reports ``NOT_FOUND``.
+        """
+        self._check_call(keys)
+        if not keys:
+            return []
+        result = self._exists(keys)
+        self._check_result_len("exists", result, keys)
+        return result
+
+    def exists_prefix(self, keys: Sequence[str]) -> int:
+        """Return how many leading keys are all stored: the index of the first missing key.
+
+        Backends that can stop at the first gap cheaply should override ``_exists_prefix``.
+        """
+        self._check_call(keys)
+        if not keys:
+            return 0
+        n = self._exists_prefix(keys)
+        if not 0 <= n <= len(keys):
+            raise RuntimeError(f"{type(self).__name__}._exists_prefix returned {n} for {len(keys)}")
+        return n
+
+    def put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
+        """Store ``srcs[i]`` under ``keys[i]``; return one status per key.
+
+        - **Create-only and idempotent**: a key that is already stored is left unchanged and
+          reported ``ALREADY_EXISTS``. Both ``OK`` and ``ALREADY_EXISTS`` mean "stored".
+        - **Atomic**: a concurrent reader sees either no page or the whole page; a put that fails
+          (``FAILED``) leaves no visible key behind.
+        - A backend that manages capacity may evict other pages to make room; it reports them
+          through ``take_evicted()``.
+
+        Raises ``ValueError`` before any I/O for mismatched lengths, bad keys or wrong buffer
+        sizes, and ``BackendReadOnlyError`` on a read-only instance.
+        """
+        self._check_call(keys)
+        if self.context.read_only:
+            raise BackendReadOnlyError(f"tier {self.context.tier_name!r} is read-only")
+        self._check_buffers(keys, srcs, writable=False)
+        if not keys:
+            return []
+        result = self._put(keys, srcs)
+        self._check_result_len("put", result, keys)
+        return result
+
+    def get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+        """Read the page of ``keys[i]`` into ``dsts[i]``; return one status per key.
+
+        - ``OK``: ``dsts[i]`` holds exactly the stored bytes, verified.
+        - ``NOT_FOUND``: ``dsts[i]`` was not touched.
+        - ``CORRUPT`` / ``FAILED``: the contents of ``dsts[i]`` are undefined; the cache never
+          uses them.
+
+        Raises ``ValueError`` before any I/O for mismatched lengths, bad keys, read-only or
+        wrongly sized buffers.
+        """
+        self._check_call(keys)
+        self._check_buffers(keys, dsts, writable=True)
+        if not keys:
+            return []
+        result = self._get_into(keys, dsts)
+        self._check_result_len("get_into", result, keys)
+        return result
+
+    def delete(self, keys: Sequence[str]) -> None:
+        """Forget the pages of ``keys``; keys that are not stored are ignored."""
+        self._check_call(keys)
+        if self.context.read_only:
+            raise BackendReadOnlyError(f"tier {self.context.tier_name!r} is read-only")
+        if keys:
+            self._delete(keys)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and gauges as plain JSON-able data (never credentials)."""
+        return {"open": self._is_open, **self._stats()}
+
+    def take_evicted(self) -> list[str]:
+        """Return the keys this backend dropped on its own since the last call, and forget them.
+
+        Backends that never evict on their own return ``[]`` (the default).
+        """
+        return []
+
+    # ------------------------------------------------------------------ optional listing
+
+    def iter_pages(self) -> Iterator[StoredPage]:
+        """Yield every page stored in this instance's namespace (``capabilities.listable``).
+
+        Used by the storage operations (``hicache storage du|verify|purge``), never on the serving
+        path. The default raises ``NotImplementedError``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot list its pages")
+
+    def iter_namespaces(self) -> Iterator[str]:
+        """Yield every namespace present in the underlying storage (``capabilities.listable``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list namespaces")
+
+    # ------------------------------------------------------------------ hooks to implement
+
+    @abstractmethod
+    def _open(self) -> None:
+        """Acquire resources; called once per ``open()`` on a closed instance."""
+
+    @abstractmethod
+    def _close(self) -> None:
+        """Release resources; called once per ``close()`` on an open instance."""
+
+    @abstractmethod
+    def _exists(self, keys: Sequence[str]) -> list[bool]:
+        """Implement :meth:`exists` for a non-empty batch."""
+
+    def _exists_prefix(self, keys: Sequence[str]) -> int:
+        """Implement :meth:`exists_prefix`; the default asks ``_exists`` in max-batch chunks."""
+        step = max(1, self.capabilities.max_batch)
+        done = 0
+        for start in range(0, len(keys), step):
+            flags = self._exists(keys[start : start + step])
+            for present in flags:
+                if not present:
+                    return done
+                done += 1
+        return done
+
+    @abstractmethod
+    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
+        """Implement :meth:`put` for a non-empty, validated batch."""
+
+    @abstractmethod
+    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+        """Implement :meth:`get_into` for a non-empty, validated batch."""
+
+    @abstractmethod
+    def _delete(self, keys: Sequence[str]) -> None:
+        """Implement :meth:`delete` for a non-empty batch."""
+
+    def _stats(self) -> Mapping[str, Any]:
+        """Backend-specific counters merged into :meth:`stats`; default none."""
+        return {}
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_call(self, keys: Sequence[str]) -> None:
+        if not self._is_open:
+            raise BackendClosedError(
+                f"{type(self).__name__} (tier {self.context.tier_name!r}) is not open"
+            )
+        for key in keys:
+            check_key(key)
+
+    def _check_buffers(
+        self, keys: Sequence[str], bufs: Sequence[memoryview], *, writable: bool
+    ) -> None:
+        if len(keys) != len(bufs):
+            raise ValueError(f"{len(keys)} keys but {len(bufs)} buffers")
+        want = self.context.page_bytes
+        for i, buf in enumerate(bufs):
+            if not isinstance(buf, memoryview):
+                raise TypeError(f"buffer {i} is a {type(buf).__name__}, expected a memoryview")
+            if buf.nbytes != want:
+                raise ValueError(f"buffer {i} has {buf.nbytes} bytes, expected page_bytes={want}")
+            if not buf.c_contiguous:
+                raise ValueError(f"buffer {i} is not C-contiguous")
+            if writable and buf.readonly:
+                raise ValueError(f"buffer {i} is read-only but get_into writes into it")
+
+    def _check_result_len(self, call: str, result: Sequence[object], keys: Sequence[str]) -> None:
+        if len(result) != len(keys):
+            raise RuntimeError(
+                f"{type(self).__name__}.{call} returned {len(result)} results for {len(keys)} keys"
+            )

@@ -1,0 +1,1 @@
+"""The conformance kit every backend runs (see ``hicache.testing.kit``)."""
