@@ -1,0 +1,496 @@
+"""Device-side radix prefix tree: match, insert, split, leaf-first LRU eviction and locks.
+
+A :class:`RadixCache` maps page-aligned token sequences to KV pages in the device pool (L1).
+
+- ``match_prefix(tokens)``   longest cached prefix: device page indices and the last node;
+                             a match that ends inside a node splits it at the page boundary
+- ``insert(tokens, pages)``  add a sequence whose KV sits in ``pages`` (one index per page);
+                             returns how many leading tokens were already cached on the device
+- ``evict(num_pages)``       free least recently used unlocked device leaves first
+- ``inc_lock_ref(node)`` / ``dec_lock_ref(node)``   protect a node and its ancestors
+
+Keys are whole pages: a node's ``key`` holds ``len(value) * page_size`` tokens and its children
+are keyed by the tuple of their first page's tokens, so each step down the tree is one dict
+lookup. Node values are page indices (not token slots), which keeps splits and copies small.
+
+The tree also carries the fields the hierarchical cache (``hicache.hiradix``) needs — host pages,
+lazily computed content hashes, the pending write-through id — so a split here slices all of them
+consistently; subclasses hook :meth:`RadixCache._split_node`, :meth:`RadixCache._revive` and
+:meth:`RadixCache._evict_node`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from hicache.events import BlockRemoved, BlockStored, EventQueue, KVEvent, Medium
+from hicache.keys import block_id, chain_hashes
+
+__all__ = ["MatchResult", "RadixCache", "TreeNode"]
+
+logger = logging.getLogger(__name__)
+
+_node_ids = itertools.count()
+
+#: Frees device pages; usually ``DevicePool.free``.
+FreePages = Callable[[list[int]], None]
+
+
+class TreeNode:
+    """One radix node: a run of whole pages shared by every sequence below it.
+
+    ``value`` is ``None`` when the node's pages are not on the device (L2-only, see
+    ``hicache.hiradix``); ``host_value`` is ``None`` when they are not in host memory.
+    ``hashes`` holds one content hash per page once computed; a split slices it.
+    """
+
+    __slots__ = (
+        "children",
+        "hashes",
+        "hit_count",
+        "host_lock_ref",
+        "host_value",
+        "id",
+        "key",
+        "last_access",
+        "lock_ref",
+        "parent",
+        "value",
+        "write_through_pending_id",
+    )
+
+    def __init__(
+        self,
+        key: list[int],
+        value: list[int] | None,
+        parent: TreeNode | None,
+    ) -> None:
+        self.id = next(_node_ids)
+        self.children: dict[tuple[int, ...], TreeNode] = {}
+        self.parent = parent
+        self.key = key
+        self.value = value
+        self.host_value: list[int] | None = None
+        self.hashes: list[bytes] | None = None
+        self.lock_ref = 0
+        self.host_lock_ref = 0
+        self.last_access = 0
+        self.hit_count = 0
+        self.write_through_pending_id: int | None = None
+
+    @property
+    def backed_up(self) -> bool:
+        """True once the node's pages have host pages (from the moment the copy is submitted)."""
+        return self.host_value is not None
+
+    @property
+    def evicted(self) -> bool:
+        """True when the node's pages are not on the device."""
+        return self.value is None
+
+    @property
+    def num_pages(self) -> int:
+        """Pages in this node (its key is ``num_pages * page_size`` tokens)."""
+        if self.value is not None:
+            return len(self.value)
+        if self.host_value is not None:
+            return len(self.host_value)
+        return 0
+
+    def __repr__(self) -> str:
+        where = ("D" if self.value is not None else "") + ("H" if self.host_value else "")
+        return (
+            f"TreeNode(id={self.id}, tokens={len(self.key)}, {where or '-'}, lock={self.lock_ref})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MatchResult:
+    """Result of :meth:`RadixCache.match_prefix`.
+
+    ``device_pages`` are the device page indices of the longest prefix held in L1 (what the
+    engine puts in its page table); ``last_node`` is the deepest node of that prefix.
+    ``last_host_node`` is the deepest matched node overall, and ``host_hit_pages`` how many
+    matched pages after the device prefix are only in host memory (loadable with ``load_back``).
+    """
+
+    device_pages: list[int]
+    last_node: TreeNode
+    last_host_node: TreeNode
+    host_hit_pages: int = 0
+
+    @property
+    def device_pages_count(self) -> int:
+        """Number of device pages matched."""
+        return len(self.device_pages)
+
+
+class RadixCache:
+    """Radix prefix tree over the device KV pool.
+
+    ``free_pages`` releases device pages when nodes are evicted (``DevicePool.free``); without it
+    eviction only forgets them. ``seed`` is the content-hash seed (``keys.seed_hash``) used when
+    events need hashes; ``gpu_events`` turns on ``BlockStored``/``BlockRemoved(GPU)`` events,
+    which hash every inserted page (off by default: hashing is then never on the hot path).
+    Not thread-safe: the serving loop owns it.
+    """
+
+    def __init__(
+        self,
+        page_size: int,
+        free_pages: FreePages | None = None,
+        *,
+        seed: bytes = b"\x00" * 32,
+        gpu_events: bool = False,
+        lora_id: int | None = None,
+    ) -> None:
+        if page_size <= 0:
+            raise ValueError(f"page_size must be positive, got {page_size}")
+        self.page_size = page_size
+        self._free_pages = free_pages
+        self.seed = seed
+        self.gpu_events = gpu_events
+        self.lora_id = lora_id
+        self.events = EventQueue()
+        self._tick = 0
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+
+    def reset(self) -> None:
+        """Forget every node (without freeing pages: the pool is reset with the cache)."""
+        self.root = TreeNode([], [], None)
+        self.root.lock_ref = 1  # the root is never evicted
+        self._evictable_pages = 0
+        self._protected_pages = 0
+
+    def evictable_size(self) -> int:
+        """Tokens held on the device by unlocked nodes."""
+        return self._evictable_pages * self.page_size
+
+    def protected_size(self) -> int:
+        """Tokens held on the device by locked nodes."""
+        return self._protected_pages * self.page_size
+
+    @property
+    def evictable_pages(self) -> int:
+        """Device pages held by unlocked nodes."""
+        return self._evictable_pages
+
+    @property
+    def protected_pages(self) -> int:
+        """Device pages held by locked nodes."""
+        return self._protected_pages
+
+    def total_device_pages(self) -> int:
+        """Device pages held by the tree (evictable + protected)."""
+        return self._evictable_pages + self._protected_pages
+
+    def iter_nodes(self) -> Iterator[TreeNode]:
+        """Every node except the root, parents before children."""
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.children.values())
+
+    # ------------------------------------------------------------------ match
+
+    def page_aligned(self, key: Sequence[int]) -> list[int]:
+        """``key`` cut to whole pages, as a list."""
+        n = len(key) - len(key) % self.page_size
+        if type(key) is list:
+            return key if n == len(key) else key[:n]
+        return list(key[:n])
+
+    def match_prefix(self, key: Sequence[int]) -> MatchResult:
+        """Find the longest cached prefix of ``key`` (cut to whole pages).
+
+        Nodes on the path are touched for LRU. A match ending inside a node splits it, so the
+        returned nodes cover exactly the matched pages.
+        """
+        key = self.page_aligned(key)
+        ps = self.page_size
+        self._tick += 1
+        tick = self._tick
+        node = self.root
+        last_device = node
+        pages: list[int] = []
+        host_hit = 0
+        on_device = True
+        i = 0
+        n = len(key)
+        while i < n:
+            child = node.children.get(tuple(key[i : i + ps]))
+            if child is None:
+                break
+            klen = len(child.key)
+            if key[i : i + klen] != child.key:
+                child = self._split_node(child, self._common_pages(child.key, key, i))
+                klen = len(child.key)
+            child.last_access = tick
+            if on_device and child.value is not None:
+                pages += child.value
+                last_device = child
+            else:
+                on_device = False
+                host_hit += klen // ps
+            node = child
+            i += klen
+        return MatchResult(pages, last_device, node, host_hit)
+
+    def _common_pages(self, node_key: list[int], key: list[int], start: int) -> int:
+        """Whole pages ``node_key`` shares with ``key[start:]`` (>= 1: the first page matched)."""
+        ps = self.page_size
+        n = min(len(node_key), len(key) - start)
+        off = ps
+        while off < n and key[start + off : start + off + ps] == node_key[off : off + ps]:
+            off += ps
+        return off // ps
+
+    # ------------------------------------------------------------------ insert
+
+    def insert(self, key: Sequence[int], pages: Sequence[int]) -> int:
+        """Insert ``key`` whose KV is in device ``pages`` (one page index per ``page_size``).
+
+        Returns how many leading tokens were already cached on the device: the caller still owns
+        (and frees) its pages for that range; the tree owns the rest from now on.
+        """
+        key = key if type(key) is list else list(key)
+        pages = pages if type(pages) is list else list(pages)
+        ps = self.page_size
+        if len(key) != len(pages) * ps:
+            raise ValueError(
+                f"insert needs len(key) == len(pages) * page_size, got {len(key)} tokens for "
+                f"{len(pages)} pages of {ps}"
+            )
+        self._tick += 1
+        tick = self._tick
+        node = self.root
+        dup = 0
+        on_device = True
+        i = 0
+        n = len(key)
+        while i < n:
+            child = node.children.get(tuple(key[i : i + ps]))
+            if child is None:
+                break
+            klen = len(child.key)
+            if key[i : i + klen] != child.key:
+                child = self._split_node(child, self._common_pages(child.key, key, i))
+                klen = len(child.key)
+            child.last_access = tick
+            if child.value is None:
+                on_device = False
+                self._revive(child, pages[i // ps : (i + klen) // ps])
+            elif on_device:
+                dup = i + klen
+            self._on_path(child)
+            node = child
+            i += klen
+        if i < n:
+            self._add_leaf(node, key[i:], pages[i // ps :], tick)
+        return dup
+
+    def _add_leaf(self, parent: TreeNode, key: list[int], pages: list[int], tick: int) -> TreeNode:
+        node = TreeNode(key, pages, parent)
+        node.last_access = tick
+        parent.children[tuple(key[: self.page_size])] = node
+        self._evictable_pages += len(pages)
+        if self.gpu_events:
+            self._emit_stored(node, Medium.GPU)
+        self._on_new_leaf(node)
+        return node
+
+    def _on_path(self, node: TreeNode) -> None:
+        """Called for every existing node an insert walks through (hook for hit counting)."""
+
+    def _on_new_leaf(self, node: TreeNode) -> None:
+        """Called after an insert created ``node`` (hook for write-through)."""
+
+    def _revive(self, node: TreeNode, pages: list[int]) -> None:
+        """Give an L2-only node device pages again (an insert covered it); base trees have none."""
+        node.value = pages
+        if node.lock_ref > 0:
+            self._protected_pages += len(pages)
+        else:
+            self._evictable_pages += len(pages)
+        if self.gpu_events:
+            self._emit_stored(node, Medium.GPU)
+
+    # ------------------------------------------------------------------ split
+
+    def _split_node(self, child: TreeNode, pages: int) -> TreeNode:
+        """Split ``child`` after its first ``pages`` pages; return the new prefix node.
+
+        The existing object becomes the suffix (so references to the deepest node, such as a
+        write-through's lock node, stay valid); every per-page field is sliced, nothing rehashed.
+        """
+        ps = self.page_size
+        cut = pages * ps
+        if not 0 < cut < len(child.key):
+            raise ValueError(f"cannot split a {len(child.key)}-token node at page {pages}")
+        parent = child.parent
+        assert parent is not None
+        prefix = TreeNode(child.key[:cut], None, parent)
+        if child.value is not None:
+            prefix.value = child.value[:pages]
+            child.value = child.value[pages:]
+        if child.host_value is not None:
+            prefix.host_value = child.host_value[:pages]
+            child.host_value = child.host_value[pages:]
+        if child.hashes is not None:
+            prefix.hashes = child.hashes[:pages]
+            child.hashes = child.hashes[pages:]
+        prefix.lock_ref = child.lock_ref
+        prefix.host_lock_ref = child.host_lock_ref
+        prefix.last_access = child.last_access
+        prefix.hit_count = child.hit_count
+        prefix.write_through_pending_id = child.write_through_pending_id
+        child.key = child.key[cut:]
+        child.parent = prefix
+        prefix.children[tuple(child.key[:ps])] = child
+        parent.children[tuple(prefix.key[:ps])] = prefix
+        return prefix
+
+    # ------------------------------------------------------------------ locks
+
+    def inc_lock_ref(self, node: TreeNode) -> None:
+        """Protect ``node`` and its ancestors from eviction (counted; pair with dec_lock_ref)."""
+        while node is not self.root:
+            if node.lock_ref == 0 and node.value is not None:
+                n = len(node.value)
+                self._evictable_pages -= n
+                self._protected_pages += n
+            node.lock_ref += 1
+            parent = node.parent
+            assert parent is not None
+            node = parent
+
+    def dec_lock_ref(self, node: TreeNode) -> None:
+        """Undo one :meth:`inc_lock_ref` of ``node``."""
+        while node is not self.root:
+            if node.lock_ref <= 0:
+                raise RuntimeError(f"dec_lock_ref below zero on {node!r}")
+            node.lock_ref -= 1
+            if node.lock_ref == 0 and node.value is not None:
+                n = len(node.value)
+                self._evictable_pages += n
+                self._protected_pages -= n
+            parent = node.parent
+            assert parent is not None
+            node = parent
+
+    # ------------------------------------------------------------------ evict
+
+    def _evictable(self, node: TreeNode) -> bool:
+        """On the device, unlocked, and no child holds device pages (leaf-first)."""
+        if node.value is None or node.lock_ref > 0 or node is self.root:
+            return False
+        return all(c.value is None for c in node.children.values())
+
+    def _device_candidates(self) -> list[tuple[int, int, TreeNode]]:
+        heap = []
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            for c in node.children.values():
+                # device nodes are ancestor-closed: nothing below an L2-only node is on device
+                if c.value is not None:
+                    stack.append(c)
+            if self._evictable(node):
+                heap.append((node.last_access, node.id, node))
+        heapq.heapify(heap)
+        return heap
+
+    def evict(self, num_pages: int) -> int:
+        """Free at least ``num_pages`` device pages if possible, least recently used leaves first.
+
+        Returns the number of device pages freed.
+        """
+        if num_pages <= 0:
+            return 0
+        heap = self._device_candidates()
+        freed = 0
+        while freed < num_pages and heap:
+            _, _, node = heapq.heappop(heap)
+            if not self._evictable(node):
+                continue
+            parent = node.parent
+            freed += self._evict_node(node)
+            if parent is not None and self._evictable(parent):
+                heapq.heappush(heap, (parent.last_access, parent.id, parent))
+        return freed
+
+    def _evict_node(self, node: TreeNode) -> int:
+        """Drop ``node``'s device pages; return how many. The base tree deletes the leaf."""
+        assert node.value is not None
+        n = len(node.value)
+        if self._free_pages is not None:
+            self._free_pages(node.value)
+        self._evictable_pages -= n
+        if self.gpu_events:
+            self._emit_removed(node, Medium.GPU)
+        node.value = None
+        if not node.children and node.host_value is None:
+            self._delete_leaf(node)
+        return n
+
+    def _delete_leaf(self, node: TreeNode) -> None:
+        parent = node.parent
+        assert parent is not None
+        del parent.children[tuple(node.key[: self.page_size])]
+        node.parent = None
+
+    # ------------------------------------------------------------------ hashes and events
+
+    def node_hashes(self, node: TreeNode) -> list[bytes]:
+        """Content hashes of ``node``'s pages, computed on first use (ancestors first)."""
+        if node.hashes is not None:
+            return node.hashes
+        missing: list[TreeNode] = []
+        parent_hash = self.seed
+        cur: TreeNode | None = node
+        while cur is not None and cur is not self.root:
+            if cur.hashes is not None:
+                parent_hash = cur.hashes[-1]
+                break
+            missing.append(cur)
+            cur = cur.parent
+        hashes: list[bytes] = []
+        for n in reversed(missing):
+            hashes = chain_hashes(parent_hash, n.key, self.page_size)
+            n.hashes = hashes
+            parent_hash = hashes[-1]
+        return hashes
+
+    def parent_block_hash(self, node: TreeNode) -> int | None:
+        """Event id of the page before ``node``'s first page, or None under the root."""
+        parent = node.parent
+        if parent is None or parent is self.root:
+            return None
+        return block_id(self.node_hashes(parent)[-1])
+
+    def _emit_stored(self, node: TreeNode, medium: str) -> None:
+        """One ``BlockStored`` per page of ``node``, chained to the page before it."""
+        hashes = self.node_hashes(node)
+        parent = self.parent_block_hash(node)
+        ps = self.page_size
+        put = self.events.put
+        key = node.key
+        for j, h in enumerate(hashes):
+            bid = block_id(h)
+            put(BlockStored([bid], parent, key[j * ps : (j + 1) * ps], ps, self.lora_id, medium))
+            parent = bid
+
+    def _emit_removed(self, node: TreeNode, medium: str) -> None:
+        hashes = self.node_hashes(node)
+        self.events.put(BlockRemoved([block_id(h) for h in hashes], medium))
+
+    def take_events(self) -> list[KVEvent]:
+        """Drain the queued events, oldest first."""
+        return self.events.take()
