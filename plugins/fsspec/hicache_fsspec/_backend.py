@@ -1,0 +1,464 @@
+"""``FsspecBackend``: one hicache tier on any filesystem fsspec can open.
+
+Layout: ``<url>/<namespace>/<key[:2]>/<key>``; each object is the core page header
+(``hicache.storage.pageformat``, 4 KiB) followed by the payload. Temporary objects are named
+``<url>/<namespace>/<key[:2]>/.tmp-<key>-<random>`` and are never listed as pages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
+
+from hicache.errors import (
+    BackendClosedError,
+    BackendError,
+    BackendUnavailableError,
+    PageCorruptError,
+)
+from hicache.storage.backend import (
+    Backend,
+    BackendConfig,
+    BackendContext,
+    Capabilities,
+    PageStatus,
+    StoredPage,
+    check_key,
+    check_namespace,
+)
+from hicache.storage.pageformat import (
+    HEADER_SIZE,
+    PageHeader,
+    decode_header,
+    encode_header,
+    verify_page,
+    verify_payload,
+)
+from hicache_fsspec._config import FsspecConfig, WriteMode, redact_url
+
+__all__ = ["FsspecBackend"]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_TMP_PREFIX = ".tmp-"
+#: Corrupt keys remembered for "log once"; past this many, corruption is only counted.
+_MAX_LOGGED_CORRUPT = 4096
+# Create-only under RENAME/DIRECT is a check-then-publish; these stripes make it atomic between
+# all instances of this process (two tiers, or a close/reopen racing a worker), not just one.
+_KEY_LOCKS = tuple(threading.Lock() for _ in range(64))
+
+
+def _key_lock(key: str) -> threading.Lock:
+    return _KEY_LOCKS[int(key[:4], 16) % len(_KEY_LOCKS)]
+
+
+def _unavailable(what: str, url: str, exc: BaseException) -> BackendUnavailableError:
+    return BackendUnavailableError(f"fsspec {url}: {what} failed: {type(exc).__name__}: {exc}")
+
+
+class FsspecBackend(Backend):
+    """Pages as objects of an fsspec filesystem: ``memory://``, ``file://``, ``gcs://``, ...
+
+    - **Writes** go to a temporary name and are published by hard link (local filesystem), by
+      ``fs.mv`` or directly, per :class:`~hicache_fsspec.WriteMode`; header and payload are
+      written as two ``write`` calls, never concatenated.
+    - **Reads** take the header, then ``readinto`` the caller's buffer when the filesystem hands
+      out private file handles with ``readinto`` (``file://``). Otherwise (``memory://``, whose
+      ``open`` returns one shared handle per path; remote filesystems, whose ``readinto`` is a
+      ``read`` plus a copy anyway) the whole object is fetched with ``cat_file`` and the payload
+      copied once into the buffer.
+    - **Capabilities** depend on the protocol: ``memory://`` pages live in this process only
+      (not ``persistent``, not ``shared``; they do survive ``close()`` + ``open()`` within the
+      process); every other protocol is ``persistent`` and ``shared``.
+    """
+
+    config_model = FsspecConfig
+
+    def __init__(self, config: BackendConfig, context: BackendContext) -> None:
+        super().__init__(config, context)
+        if not isinstance(config, FsspecConfig):  # the base class refused anything else
+            raise TypeError(f"expected FsspecConfig, got {type(config).__name__}")
+        self._options = config
+        self._url = redact_url(config.url)
+        fs_cls = fsspec.get_filesystem_class(fsspec.utils.get_protocol(config.url))
+        self._in_process = issubclass(fs_cls, MemoryFileSystem)
+        self._local = issubclass(fs_cls, LocalFileSystem)
+        mode = config.write_mode
+        if mode is WriteMode.AUTO:
+            mode = WriteMode.LINK if self._local else WriteMode.RENAME
+        self._write_mode = mode
+        self._capabilities = Capabilities(
+            persistent=not self._in_process,
+            shared=not self._in_process,
+            manages_capacity=False,
+            max_batch=config.max_batch,
+            alignment=1,
+            listable=True,
+            default_medium="CPU" if self._in_process else "DISK" if self._local else "EXTERNAL",
+        )
+        self._fs: fsspec.AbstractFileSystem | None = None
+        self._base = ""
+        self._root = ""
+        self._pool: ThreadPoolExecutor | None = None
+        self._made_dirs: set[str] = set()
+        self._counts: Counter[str] = Counter()
+        self._counts_lock = threading.Lock()
+        self._corrupt_logged: set[str] = set()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        # docstring inherited
+        return self._capabilities
+
+    @property
+    def filesystem(self) -> fsspec.AbstractFileSystem:
+        """The fsspec filesystem this open instance uses (for tests and storage tools)."""
+        return self._require_fs()
+
+    def page_path(self, key: str) -> str:
+        """Path of ``key``'s object in :attr:`filesystem` (valid while open)."""
+        self._require_fs()
+        return f"{self._root}/{key[:2]}/{key}"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _open(self) -> None:
+        options = dict(self._options.storage_options)
+        # fsspec caches filesystem instances per process by their arguments; a private instance
+        # keeps one tier's client state (sessions, credentials) from leaking into another's.
+        options.setdefault("skip_instance_cache", True)
+        try:
+            fs, base = fsspec.url_to_fs(self._options.url, **options)
+        except Exception as exc:  # any client error: bad option, unreachable endpoint, ...
+            raise _unavailable("opening the filesystem", self._url, exc) from exc
+        base = base.rstrip("/")
+        root = f"{base}/{self.context.namespace}" if base else self.context.namespace
+        if not self.context.read_only:
+            try:
+                fs.makedirs(root, exist_ok=True)
+            except Exception as exc:
+                raise _unavailable(f"creating {root!r}", self._url, exc) from exc
+        self._fs, self._base, self._root = fs, base, root
+        self._made_dirs = set()
+        if self._options.io_threads > 1:
+            self._pool = ThreadPoolExecutor(
+                self._options.io_threads, thread_name_prefix=f"hicache-fsspec-{self._url}"
+            )
+
+    def _close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        # Calls already past the open check captured the filesystem and finish with it.
+        self._fs = None
+
+    def _require_fs(self) -> fsspec.AbstractFileSystem:
+        fs = self._fs
+        if fs is None:
+            raise BackendClosedError(f"fsspec tier {self.context.tier_name!r} is not open")
+        return fs
+
+    # ------------------------------------------------------------------ hooks
+
+    def _exists(self, keys: Sequence[str]) -> list[bool]:
+        fs = self._require_fs()
+        return self._fan_out(len(keys), lambda i: self._is_stored(fs, keys[i]))
+
+    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
+        fs = self._require_fs()
+        statuses = self._fan_out(len(keys), lambda i: self._put_one(fs, keys[i], srcs[i]))
+        self._count(f"put_{s.value}" for s in statuses)
+        return statuses
+
+    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+        fs = self._require_fs()
+        statuses = self._fan_out(len(keys), lambda i: self._get_one(fs, keys[i], dsts[i]))
+        self._count(f"get_{s.value}" for s in statuses)
+        return statuses
+
+    def _delete(self, keys: Sequence[str]) -> None:
+        fs = self._require_fs()
+        failed = self._fan_out(len(keys), lambda i: self._delete_one(fs, keys[i]))
+        self._count("delete_failed" for f in failed if f)
+
+    def _stats(self) -> Mapping[str, Any]:
+        with self._counts_lock:
+            counts = dict(self._counts)
+        return {
+            "url": self._url,
+            "write_mode": self._write_mode.value,
+            "io_threads": self._options.io_threads,
+            **counts,
+        }
+
+    # ------------------------------------------------------------------ listing
+
+    def iter_pages(self) -> Iterator[StoredPage]:
+        # docstring inherited
+        fs = self._require_fs()
+        try:
+            found = fs.find(self._root, detail=True)
+        except FileNotFoundError:
+            return
+        except Exception as exc:
+            raise _unavailable("listing pages", self._url, exc) from exc
+        for path, info in found.items():
+            shard, _, name = path.rstrip("/").rpartition("/")
+            if len(name) != 64 or name.startswith(_TMP_PREFIX) or not shard.endswith(name[:2]):
+                continue
+            try:
+                check_key(name)
+            except ValueError:
+                continue
+            yield StoredPage(key=name, stored_bytes=int(info.get("size") or 0))
+
+    def iter_namespaces(self) -> Iterator[str]:
+        # docstring inherited
+        fs = self._require_fs()
+        try:
+            entries = fs.ls(self._base or "/", detail=True)
+        except FileNotFoundError:
+            return
+        except Exception as exc:
+            raise _unavailable("listing namespaces", self._url, exc) from exc
+        for entry in entries:
+            if entry.get("type") != "directory":
+                continue
+            name = str(entry["name"]).rstrip("/").rpartition("/")[2]
+            try:
+                yield check_namespace(name)
+            except ValueError:
+                continue
+
+    # ------------------------------------------------------------------ one page
+
+    def _is_stored(self, fs: fsspec.AbstractFileSystem, key: str) -> bool:
+        path = f"{self._root}/{key[:2]}/{key}"
+        try:
+            if self._in_process or self._local:
+                # O(1) there; memory's info() scans the whole process-wide store.
+                return bool(fs.isfile(path))
+            # The generic isfile() swallows every error as False; info() lets an unreachable
+            # endpoint surface as a whole-call failure instead of a silent miss.
+            return bool(fs.info(path).get("type") == "file")
+        except FileNotFoundError:
+            return False
+        except Exception as exc:
+            raise _unavailable(f"checking {key}", self._url, exc) from exc
+
+    def _put_one(self, fs: fsspec.AbstractFileSystem, key: str, src: memoryview) -> PageStatus:
+        if self._is_stored(fs, key):
+            return PageStatus.ALREADY_EXISTS
+        shard = f"{self._root}/{key[:2]}"
+        path = f"{shard}/{key}"
+        header = encode_header(self.context.namespace, key, src)
+        if self._write_mode is WriteMode.DIRECT:
+            tmp = path
+        else:
+            tmp = f"{shard}/{_TMP_PREFIX}{key}-{uuid.uuid4().hex}"
+        try:
+            if self._write_mode is WriteMode.DIRECT:
+                with _key_lock(key):
+                    if self._is_stored(fs, key):
+                        return PageStatus.ALREADY_EXISTS
+                    self._write(fs, shard, path, header, src)
+                status = PageStatus.OK
+            else:
+                self._write(fs, shard, tmp, header, src)
+                status = self._publish(fs, tmp, path, key)
+        except (ConnectionError, TimeoutError) as exc:
+            self._discard(fs, tmp)
+            raise _unavailable(f"writing {key}", self._url, exc) from exc
+        except BackendError:
+            self._discard(fs, tmp)
+            raise
+        except Exception as exc:  # per-page failure: full disk, permissions, client errors
+            self._discard(fs, tmp)
+            logger.warning(
+                "fsspec %s: put of %s failed: %s: %s", self._url, key, type(exc).__name__, exc
+            )
+            return PageStatus.FAILED
+        if status is PageStatus.OK:
+            self._count(("bytes_written",), HEADER_SIZE + src.nbytes)
+        return status
+
+    def _write(
+        self, fs: fsspec.AbstractFileSystem, shard: str, path: str, header: bytes, src: memoryview
+    ) -> None:
+        if shard not in self._made_dirs:
+            fs.makedirs(shard, exist_ok=True)
+            self._made_dirs.add(shard)
+        try:
+            handle = fs.open(path, "wb")
+        except FileNotFoundError:
+            # The shard directory vanished under us (someone cleaned the cache): recreate once.
+            fs.makedirs(shard, exist_ok=True)
+            handle = fs.open(path, "wb")
+        with handle:
+            handle.write(header)
+            handle.write(src)
+
+    def _publish(self, fs: fsspec.AbstractFileSystem, tmp: str, path: str, key: str) -> PageStatus:
+        """Make the fully written ``tmp`` visible as ``path``, create-only."""
+        if self._write_mode is WriteMode.LINK:
+            try:
+                fs.link(tmp, path)  # os.link refuses an existing name: create-only, atomically
+            except FileExistsError:
+                return PageStatus.ALREADY_EXISTS
+            finally:
+                self._discard(fs, tmp)
+            return PageStatus.OK
+        with _key_lock(key):
+            if self._is_stored(fs, key):
+                self._discard(fs, tmp)
+                return PageStatus.ALREADY_EXISTS
+            fs.mv(tmp, path)
+        return PageStatus.OK
+
+    def _discard(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
+        # Best effort: the name is a temporary or a failed direct write.
+        with contextlib.suppress(Exception):
+            fs.rm_file(path)
+
+    def _get_one(self, fs: fsspec.AbstractFileSystem, key: str, dst: memoryview) -> PageStatus:
+        path = f"{self._root}/{key[:2]}/{key}"
+        try:
+            if self._in_process or not self._local:
+                self._read_whole(fs, path, key, dst)
+            else:
+                self._read_into(fs, path, key, dst)
+        except FileNotFoundError:
+            return PageStatus.NOT_FOUND
+        except PageCorruptError as exc:
+            self._report_corrupt(key, exc)
+            return PageStatus.CORRUPT
+        except (ConnectionError, TimeoutError) as exc:
+            raise _unavailable(f"reading {key}", self._url, exc) from exc
+        except Exception as exc:
+            logger.warning(
+                "fsspec %s: get of %s failed: %s: %s", self._url, key, type(exc).__name__, exc
+            )
+            return PageStatus.FAILED
+        self._count(("bytes_read",), HEADER_SIZE + dst.nbytes)
+        return PageStatus.OK
+
+    def _check_header(self, header: bytes | memoryview, key: str, dst: memoryview) -> PageHeader:
+        decoded = decode_header(header)
+        if decoded.namespace != self.context.namespace:
+            raise PageCorruptError(
+                "namespace", f"stored {decoded.namespace!r}, expected {self.context.namespace!r}"
+            )
+        if decoded.key != key:
+            raise PageCorruptError("key", f"stored {decoded.key!r}, expected {key!r}")
+        if decoded.payload_len != dst.nbytes:
+            raise PageCorruptError(
+                "length", f"header says {decoded.payload_len} bytes, page_bytes is {dst.nbytes}"
+            )
+        return decoded
+
+    def _read_into(
+        self, fs: fsspec.AbstractFileSystem, path: str, key: str, dst: memoryview
+    ) -> None:
+        """Header first, then the payload straight into ``dst`` (no copy in Python)."""
+        with fs.open(path, "rb") as handle:
+            header = handle.read(HEADER_SIZE)
+            # Checked before the payload is read, so a bad header never touches ``dst``.
+            decoded = self._check_header(header, key, dst)
+            got = 0
+            while got < dst.nbytes:
+                n = handle.readinto(dst[got:])
+                if not n:
+                    break
+                got += n
+            if got != dst.nbytes:
+                raise PageCorruptError("length", f"payload cut short at {got} of {dst.nbytes}")
+            if handle.read(1):
+                raise PageCorruptError("length", "bytes after the payload")
+        verify_payload(decoded, dst, check_payload=self._options.verify_checksum)
+
+    def _read_whole(
+        self, fs: fsspec.AbstractFileSystem, path: str, key: str, dst: memoryview
+    ) -> None:
+        """One ``cat_file`` of the whole object, verified, then one copy of the payload."""
+        data = memoryview(fs.cat_file(path))
+        verify_page(
+            data[:HEADER_SIZE],
+            data[HEADER_SIZE:],
+            namespace=self.context.namespace,
+            key=key,
+            check_payload=self._options.verify_checksum,
+        )
+        if data.nbytes - HEADER_SIZE != dst.nbytes:
+            raise PageCorruptError(
+                "length", f"payload has {data.nbytes - HEADER_SIZE} bytes, expected {dst.nbytes}"
+            )
+        dst[:] = data[HEADER_SIZE:]
+
+    def _delete_one(self, fs: fsspec.AbstractFileSystem, key: str) -> bool:
+        """Delete one page; return True when it failed (counted, the page may remain)."""
+        path = f"{self._root}/{key[:2]}/{key}"
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            return False
+        except (ConnectionError, TimeoutError) as exc:
+            raise _unavailable(f"deleting {key}", self._url, exc) from exc
+        except Exception as exc:
+            logger.warning(
+                "fsspec %s: delete of %s failed: %s: %s", self._url, key, type(exc).__name__, exc
+            )
+            return True
+        return False
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _fan_out(self, n: int, one: Callable[[int], _T]) -> list[_T]:
+        """Run ``one(i)`` for every page, over the I/O pool when there is one and it pays.
+
+        Waits for every page before returning or raising, so no worker still touches a caller
+        buffer once the call is over.
+        """
+        pool = self._pool
+        if pool is None or n == 1:
+            return [one(i) for i in range(n)]
+        futures: list[Future[_T]] = []
+        try:
+            for i in range(n):
+                futures.append(pool.submit(one, i))
+        except RuntimeError as exc:  # the pool was shut down by a concurrent close()
+            wait(futures)
+            raise BackendClosedError(f"fsspec tier {self.context.tier_name!r} closed") from exc
+        wait(futures)
+        return [f.result() for f in futures]
+
+    def _count(self, names: Iterable[str], amount: int = 1) -> None:
+        with self._counts_lock:
+            for name in names:
+                self._counts[name] += amount
+
+    def _report_corrupt(self, key: str, exc: PageCorruptError) -> None:
+        with self._counts_lock:
+            first = key not in self._corrupt_logged
+            if first and len(self._corrupt_logged) < _MAX_LOGGED_CORRUPT:
+                self._corrupt_logged.add(key)
+            else:
+                first = False
+        if first:
+            logger.warning(
+                "fsspec %s: page %s of namespace %s is corrupt (%s); treated as a miss",
+                self._url,
+                key,
+                self.context.namespace,
+                exc,
+            )

@@ -1,0 +1,86 @@
+"""Options of the ``fsspec`` backend: what a tier's ``options:`` mapping in YAML may contain."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import fsspec
+from pydantic import Field, field_validator
+
+from hicache.storage.backend import BackendConfig
+
+__all__ = ["FsspecConfig", "WriteMode", "redact_url"]
+
+
+class WriteMode(enum.StrEnum):
+    """How a page becomes visible under its final name."""
+
+    #: ``link`` on the local filesystem, ``rename`` everywhere else.
+    AUTO = "auto"
+    #: Write a temporary file, then hard-link it to the final name (``os.link``): atomic and
+    #: create-only even between processes. Local (POSIX) filesystems only.
+    LINK = "link"
+    #: Write a temporary object, then ``fs.mv`` it to the final name. Atomic where ``mv`` is a
+    #: rename; on object stores ``mv`` is a server-side copy plus a delete (atomic to readers,
+    #: twice the cost). Create-only within this process; two processes writing one key race and
+    #: the last whole page wins.
+    RENAME = "rename"
+    #: Write the final name directly. For object stores whose single-object upload is itself
+    #: atomic (the object appears whole when the upload completes), saving the copy of
+    #: ``rename``. On a filesystem a concurrent reader may see a partial page: the length and
+    #: checksum checks report it ``CORRUPT``, never ``OK``.
+    DIRECT = "direct"
+
+
+class FsspecConfig(BackendConfig):
+    """Options of one ``fsspec`` tier.
+
+    Validation imports the protocol's fsspec implementation (to fail early with its install
+    hint, e.g. "Please install gcsfs to access Google Storage") but touches no storage.
+    """
+
+    #: Where pages live: ``memory://hicache``, ``file:///var/cache/hicache``, ``gcs://bucket/kv``.
+    #: Pages go to ``<url>/<namespace>/<key[:2]>/<key>``.
+    url: str = Field(min_length=1)
+    #: Passed unchanged to the fsspec filesystem constructor (credentials, endpoints, ...).
+    #: Never logged and never reported by ``stats()``.
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    #: Threads one batch call fans out over (1 = do every page on the calling thread).
+    io_threads: int = Field(default=8, ge=1, le=256)
+    #: Hash every payload read and compare it with the header's checksum. Headers are always
+    #: checked; turning this off trades silent payload bit rot for less CPU per read.
+    verify_checksum: bool = True
+    #: How a written page becomes visible; see :class:`WriteMode`.
+    write_mode: WriteMode = WriteMode.AUTO
+    #: Largest batch the engine should hand over in one call.
+    max_batch: int = Field(default=256, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _known_protocol(cls, url: str) -> str:
+        protocol = fsspec.utils.get_protocol(url)
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as exc:
+            # fsspec's message is the install hint ("Please install gcsfs to access ...").
+            raise ValueError(
+                f"protocol {protocol!r} of url {redact_url(url)!r} is not installed: {exc}"
+            ) from None
+        except ValueError:
+            known = ", ".join(sorted(fsspec.available_protocols()))
+            raise ValueError(
+                f"unknown fsspec protocol {protocol!r} in url {redact_url(url)!r} (known: {known})"
+            ) from None
+        return url
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any ``user:password@`` part replaced, fit for logs and error messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rsplit("@", 1)[1]
+    return f"{scheme}{sep}{authority}{slash}{path}"
