@@ -1,0 +1,503 @@
+"""``MmapBackend``: pages in a set-associative slot file, shared by the processes that map it.
+
+A key can live only in the slots of its set (``int(key[:16], 16) % num_sets``), so any process
+finds any page by reading that set's headers: there is no shared index. Each process keeps a
+local index (key -> slot and the generation it saw there) that a single generation read
+validates, and a per-set version counter in the file tells it when a set it already scanned
+has changed.
+
+- **put** (per key, under the set's thread lock and OFD lock): scan the set; an existing copy is
+  ``ALREADY_EXISTS``; else take a free slot or CLOCK's victim, make its generation odd, copy the
+  payload in (the one copy), write the header, make the generation even, bump the set version.
+- **get_into** (no lock, a seqlock read): read and check the header, copy the payload into the
+  caller's buffer, re-read the generation; a change means the page was replaced while being
+  read (``NOT_FOUND`` after one retry), a checksum mismatch is ``CORRUPT``. Wrong bytes are never
+  reported ``OK``.
+- **open** scans every header to rebuild the local view; odd or torn slots count as free.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Final
+
+import xxhash
+
+from hicache.errors import BackendCapacityError, BackendClosedError, BackendError
+from hicache.storage.backend import (
+    Backend,
+    BackendConfig,
+    BackendContext,
+    Capabilities,
+    PageStatus,
+    StoredPage,
+)
+from hicache.storage.eviction import ClockSlots
+from hicache.storage.pageformat import payload_checksum
+from hicache_mmap.layout import (
+    BODY_OFFSET,
+    GEN,
+    HEADER_USED,
+    HSUM_OFFSET,
+    KEY_OFFSET,
+    NS_FIELD_END,
+    NS_FIELD_OFFSET,
+    SLOT_HEADER_SIZE,
+    SLOT_MAGIC,
+    SlotHeader,
+    SlotState,
+    decode_slot_header,
+    namespace_field,
+)
+from hicache_mmap.locks import LockTimeoutError
+from hicache_mmap.options import MmapOptions, MsyncMode
+from hicache_mmap.slotfile import OpenRequest, SlotFile
+
+__all__ = ["MmapBackend"]
+
+logger = logging.getLogger(__name__)
+
+_UNSEEN: Final[int] = -1
+_HSUM_END: Final[int] = HSUM_OFFSET + 8
+
+
+class _Race(Exception):
+    """The slot changed under a lock-free read; the caller retries or reports NOT_FOUND."""
+
+
+class MmapBackend(Backend):
+    """Pages in one memory-mapped file of fixed-size slots (kind ``mmap``)."""
+
+    config_model: ClassVar[type[BackendConfig]] = MmapOptions
+
+    def __init__(self, config: BackendConfig, context: BackendContext) -> None:
+        super().__init__(config, context)
+        assert isinstance(config, MmapOptions)  # checked by Backend.__init__
+        self.options: MmapOptions = config
+        self._file: SlotFile | None = None
+        self._ns_field = namespace_field(context.namespace)
+        self._durable = config.msync is MsyncMode.ON_PUT
+        self._pid = 0
+        # key -> (slot, generation at which that slot held it): one atomic dict value, so a
+        # reader never pairs a slot from one observation with a generation from another.
+        self._index: dict[str, tuple[int, int]] = {}
+        self._slot_key: list[str | None] = []
+        self._seen: list[int] = []
+        self._clock: ClockSlots | None = None
+        self._evicted: list[str] = []
+        self._evicted_lock = threading.Lock()
+        self._logged_corrupt: set[tuple[int, int]] = set()
+        self._counts: dict[str, int] = dict.fromkeys(
+            ("puts", "gets", "hits", "evictions", "corrupt", "races", "lock_timeouts"), 0
+        )
+        self._scan_seconds = 0.0
+
+    @property
+    def capabilities(self) -> Capabilities:
+        # docstring inherited
+        return Capabilities(
+            persistent=True,
+            shared=True,
+            manages_capacity=True,
+            max_batch=1024,
+            alignment=1,
+            listable=True,
+            default_medium="DISK",
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _open(self) -> None:
+        opts = self.options
+        self._file = SlotFile.open(
+            OpenRequest(
+                path=opts.path,
+                page_bytes=self.context.page_bytes,
+                capacity=opts.capacity,
+                associativity=opts.associativity,
+                create=opts.create,
+                writable=not self.context.read_only,
+                prefault=opts.prefault,
+                lock_timeout_s=opts.lock_timeout_s,
+                durable=self._durable,
+            )
+        )
+        self._pid = os.getpid()
+        self._scan()
+
+    def _close(self) -> None:
+        file, self._file = self._file, None
+        if file is None:
+            return
+        # A call still in flight holds a slice of the view for a moment; wait it out.
+        for _ in range(200):
+            try:
+                file.close()
+                break
+            except BufferError:
+                time.sleep(0.005)
+        else:
+            logger.warning("slot file %s still in use at close; left mapped", file.path)
+        self._index.clear()
+
+    def _scan(self) -> None:
+        """Rebuild the local view from every slot header (torn or odd slots count as free)."""
+        file = self._req_file()
+        geo = file.geo
+        self._index = {}
+        self._slot_key = [None] * geo.num_slots
+        self._seen = [_UNSEEN] * geo.num_sets
+        self._clock = clock = ClockSlots(geo.num_slots)
+        started = time.perf_counter()
+        mm, payload, our_ns = file.mm, geo.slot_payload, self.context.namespace
+        base, size, assoc = geo.slots_offset, geo.slot_size, geo.associativity
+        for s in range(geo.num_sets):
+            version = file.set_version(s)
+            for slot in range(s * assoc, (s + 1) * assoc):
+                off = base + slot * size
+                hdr = decode_slot_header(mm[off : off + HEADER_USED], payload)
+                if hdr.state is not SlotState.USED:
+                    continue
+                clock.mark_used(slot)
+                if hdr.namespace == our_ns:
+                    self._index[hdr.key] = (slot, hdr.generation)
+                    self._slot_key[slot] = hdr.key
+            # A writer racing this scan bumps the version after it, which makes us rescan.
+            self._seen[s] = version
+        self._scan_seconds = time.perf_counter() - started
+        logger.info(
+            "opened %s: %d slots scanned in %.3fs (%.0f slots/s), %d pages of namespace %s",
+            file.path,
+            geo.num_slots,
+            self._scan_seconds,
+            geo.num_slots / max(self._scan_seconds, 1e-9),
+            len(self._index),
+            our_ns,
+        )
+
+    def _req_file(self) -> SlotFile:
+        file = self._file
+        if file is None:
+            raise BackendClosedError(f"mmap tier {self.context.tier_name!r} is not open")
+        return file
+
+    # ------------------------------------------------------------------ lookup
+
+    def _set_of(self, key: str, num_sets: int) -> int:
+        return int(key[:16], 16) % num_sets
+
+    def _observe(self, slot: int, key: str | None, generation: int) -> None:
+        """Record what ``slot`` holds (one of our keys, or not); set's thread lock held."""
+        old = self._slot_key[slot]
+        if old is not None and old != key:
+            entry = self._index.get(old)
+            if entry is not None and entry[0] == slot:
+                del self._index[old]
+        self._slot_key[slot] = key
+        if key is not None:
+            self._index[key] = (slot, generation)
+
+    def _rescan_set(self, file: SlotFile, s: int) -> None:
+        """Refresh the index for set ``s`` from its headers (thread lock of ``s`` held)."""
+        geo = file.geo
+        version = file.set_version(s)
+        if version == self._seen[s]:
+            return
+        mm, payload, our_ns = file.mm, geo.slot_payload, self.context.namespace
+        clock = self._clock
+        assert clock is not None
+        for slot in range(s * geo.associativity, (s + 1) * geo.associativity):
+            off = geo.slots_offset + slot * geo.slot_size
+            hdr = decode_slot_header(mm[off : off + HEADER_USED], payload)
+            if hdr.state is SlotState.USED:
+                if not clock.is_used(slot):
+                    clock.mark_used(slot)
+                mine = hdr.namespace == our_ns
+                self._observe(slot, hdr.key if mine else None, hdr.generation)
+            elif hdr.state is not SlotState.BUSY:
+                clock.release(slot)
+                self._observe(slot, None, hdr.generation)
+        # Only a scan no writer overlapped describes the set completely.
+        if file.set_version(s) == version:
+            self._seen[s] = version
+
+    def _locate(self, file: SlotFile, key: str) -> tuple[int, int] | None:
+        """Slot and generation of ``key``, validated against the file; ``None`` if absent."""
+        entry = self._index.get(key)
+        mm = file.mm
+        geo = file.geo
+        if entry is not None:
+            (gen,) = GEN.unpack_from(mm, geo.slots_offset + entry[0] * geo.slot_size)
+            if gen == entry[1]:
+                return entry
+        s = int(key[:16], 16) % geo.num_sets
+        if entry is None and file.set_version(s) == self._seen[s]:
+            return None  # nothing changed in the set since we last saw all of it
+        with file.locks.thread_lock(s):
+            self._rescan_set(file, s)
+        entry = self._index.get(key)
+        if entry is not None:
+            (gen,) = GEN.unpack_from(mm, geo.slots_offset + entry[0] * geo.slot_size)
+            if gen == entry[1]:
+                return entry
+        return None
+
+    def _exists(self, keys: Sequence[str]) -> list[bool]:
+        file = self._req_file()
+        mm, geo, index = file.mm, file.geo, self._index
+        base, size = geo.slots_offset, geo.slot_size
+        unpack = GEN.unpack_from
+        out: list[bool] = []
+        for key in keys:
+            entry = index.get(key)
+            if entry is not None and unpack(mm, base + entry[0] * size)[0] == entry[1]:
+                out.append(True)
+            else:
+                out.append(self._locate(file, key) is not None)
+        return out
+
+    # ------------------------------------------------------------------ get
+
+    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+        file = self._req_file()
+        out: list[PageStatus] = []
+        for key, dst in zip(keys, dsts, strict=True):
+            out.append(self._get_one(file, key, dst))
+        self._counts["gets"] += len(keys)
+        return out
+
+    def _get_one(self, file: SlotFile, key: str, dst: memoryview) -> PageStatus:
+        if dst.format != "B" or dst.ndim != 1:
+            dst = dst.cast("B")
+        for _attempt in range(2):
+            entry = self._locate(file, key)
+            if entry is None:
+                return PageStatus.NOT_FOUND
+            try:
+                status = self._read_slot(file, entry[0], key, dst)
+            except _Race:
+                self._counts["races"] += 1
+                continue
+            if status is PageStatus.OK:
+                self._counts["hits"] += 1
+                clock = self._clock
+                if clock is not None:
+                    clock.touch(entry[0])
+            return status
+        # Replaced twice while we read it: it is gone for this reader. The destination may hold
+        # some of the replacement's bytes; the cache never uses a buffer that is not OK.
+        return PageStatus.NOT_FOUND
+
+    def _read_slot(self, file: SlotFile, slot: int, key: str, dst: memoryview) -> PageStatus:
+        """Seqlock read of one slot into ``dst``; raises ``_Race`` when the slot changed."""
+        geo = file.geo
+        mm = file.mm
+        off = geo.slots_offset + slot * geo.slot_size
+        raw = mm[off : off + HEADER_USED]
+        (gen,) = GEN.unpack_from(raw, 0)
+        if gen & 1:
+            raise _Race
+        body = raw[BODY_OFFSET:HSUM_OFFSET]
+        (hsum,) = GEN.unpack_from(raw, HSUM_OFFSET)
+        if body[:8] != SLOT_MAGIC or hsum != xxhash.xxh3_64_intdigest(body, gen):
+            # Either a writer got in between the generation and the rest of our copy, or the
+            # header is damaged: only a re-read of the generation tells which.
+            if GEN.unpack_from(mm, off)[0] != gen:
+                raise _Race
+            return self._corrupt(slot, gen, key, "header checksum")
+        if raw[KEY_OFFSET : KEY_OFFSET + 32] != bytes.fromhex(key) or (
+            raw[NS_FIELD_OFFSET:NS_FIELD_END] != self._ns_field
+        ):
+            raise _Race  # the slot now holds another page; the index was stale
+        (payload_len,) = GEN.unpack_from(raw, 16)
+        (checksum,) = GEN.unpack_from(raw, 24)
+        if payload_len != dst.nbytes or payload_len > geo.slot_payload:
+            return self._corrupt(slot, gen, key, f"payload length {payload_len}")
+        start = off + SLOT_HEADER_SIZE
+        dst[:] = file.view[start : start + payload_len]
+        if GEN.unpack_from(mm, off)[0] != gen:
+            raise _Race
+        if self.options.verify_checksum and payload_checksum(dst) != checksum:
+            return self._corrupt(slot, gen, key, "payload checksum")
+        return PageStatus.OK
+
+    def _corrupt(self, slot: int, gen: int, key: str, what: str) -> PageStatus:
+        self._counts["corrupt"] += 1
+        if (slot, gen) not in self._logged_corrupt:
+            self._logged_corrupt.add((slot, gen))
+            logger.warning(
+                "corrupt page %s in slot %d of %s: %s mismatch",
+                key,
+                slot,
+                self.options.path,
+                what,
+            )
+        return PageStatus.CORRUPT
+
+    # ------------------------------------------------------------------ put / delete
+
+    def _check_pid(self) -> None:
+        # OFD locks belong to the open file, which a fork shares: a child writing through its
+        # parent's mapping would not be excluded by the parent's locks.
+        if os.getpid() != self._pid:
+            raise BackendError(
+                "mmap backend used in a forked child; open a new instance after fork"
+            )
+
+    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
+        file = self._req_file()
+        self._check_pid()
+        out: list[PageStatus] = []
+        for key, src in zip(keys, srcs, strict=True):
+            try:
+                out.append(self._put_one(file, key, src))
+            except LockTimeoutError as exc:
+                self._counts["lock_timeouts"] += 1
+                logger.warning("put of %s failed: %s", key, exc)
+                out.append(PageStatus.FAILED)
+            except BackendCapacityError as exc:
+                logger.warning("put of %s failed: %s", key, exc)
+                out.append(PageStatus.FAILED)
+        self._counts["puts"] += len(keys)
+        return out
+
+    def _put_one(self, file: SlotFile, key: str, src: memoryview) -> PageStatus:
+        geo = file.geo
+        s = int(key[:16], 16) % geo.num_sets
+        first = s * geo.associativity
+        end = first + geo.associativity
+        clock = self._clock
+        assert clock is not None
+        # The checksum pass reads the source first, which also warms it for the copy below.
+        checksum = payload_checksum(src)
+        victim: tuple[str, str] | None = None
+        victim_key: str | None = None
+        file.locks.acquire(s)
+        try:
+            found = -1
+            # Under the set's writer lock no other writer touches these headers: they are final.
+            mm, payload, our_ns = file.mm, geo.slot_payload, self.context.namespace
+            keys_in_set: dict[int, tuple[str, str]] = {}
+            for slot in range(first, end):
+                off = geo.slots_offset + slot * geo.slot_size
+                hdr = decode_slot_header(mm[off : off + HEADER_USED], payload)
+                if hdr.state is SlotState.USED:
+                    keys_in_set[slot] = (hdr.namespace, hdr.key)
+                    if not clock.is_used(slot):
+                        clock.mark_used(slot)
+                    mine = hdr.namespace == our_ns
+                    self._observe(slot, hdr.key if mine else None, hdr.generation)
+                    if mine and hdr.key == key:
+                        found = slot
+                else:
+                    # Free, or left odd/torn by a writer that died: reusable.
+                    clock.release(slot)
+                    self._observe(slot, None, hdr.generation)
+            if found >= 0:
+                clock.touch(found)
+                self._seen[s] = file.set_version(s)
+                return PageStatus.ALREADY_EXISTS
+            slot = clock.choose(first, end)
+            victim = keys_in_set.get(slot)
+            if victim is not None and victim[0] == our_ns:
+                victim_key = victim[1]
+            durable = self._durable
+            odd = file.begin_write(slot, durable)
+            self._observe(slot, None, odd)
+            file.write_payload(slot, src, durable)
+            final = file.finish_write(
+                slot, odd, bytes.fromhex(key), self._ns_field, src.nbytes, checksum, durable
+            )
+            if not clock.is_used(slot):
+                clock.mark_used(slot)
+            self._observe(slot, key, final)
+            self._seen[s] = file.bump_set_version(s)
+        finally:
+            file.locks.release(s)
+        if victim is not None:
+            self._counts["evictions"] += 1
+            if victim_key is not None:
+                with self._evicted_lock:
+                    self._evicted.append(victim_key)
+        return PageStatus.OK
+
+    def _delete(self, keys: Sequence[str]) -> None:
+        file = self._req_file()
+        self._check_pid()
+        geo = file.geo
+        clock = self._clock
+        assert clock is not None
+        for key in keys:
+            s = int(key[:16], 16) % geo.num_sets
+            file.locks.acquire(s)
+            try:
+                self._seen[s] = _UNSEEN
+                self._rescan_set(file, s)
+                entry = self._index.get(key)
+                if entry is None:
+                    continue
+                slot = entry[0]
+                hdr = decode_slot_header(file.header(slot), geo.slot_payload)
+                if hdr.state is not SlotState.USED or hdr.key != key:
+                    continue
+                file.clear(slot, self._durable)
+                clock.release(slot)
+                self._observe(slot, None, hdr.generation + 2)
+                self._seen[s] = file.bump_set_version(s)
+            finally:
+                file.locks.release(s)
+
+    # ------------------------------------------------------------------ other calls
+
+    def take_evicted(self) -> list[str]:
+        # docstring inherited
+        with self._evicted_lock:
+            out, self._evicted = self._evicted, []
+        return out
+
+    def iter_pages(self) -> Iterator[StoredPage]:
+        # docstring inherited
+        for _slot, hdr in self._iter_used():
+            if hdr.namespace == self.context.namespace:
+                yield StoredPage(hdr.key, self._req_file().geo.slot_size)
+
+    def iter_namespaces(self) -> Iterator[str]:
+        # docstring inherited
+        seen: set[str] = set()
+        for _slot, hdr in self._iter_used():
+            if hdr.namespace not in seen:
+                seen.add(hdr.namespace)
+                yield hdr.namespace
+
+    def _iter_used(self) -> Iterator[tuple[int, SlotHeader]]:
+        file = self._req_file()
+        geo = file.geo
+        for slot in range(geo.num_slots):
+            hdr = decode_slot_header(file.header(slot), geo.slot_payload)
+            if hdr.state is SlotState.USED:
+                yield slot, hdr
+
+    def _stats(self) -> Mapping[str, Any]:
+        file = self._file
+        out: dict[str, Any] = dict(self._counts)
+        if file is not None:
+            geo = file.geo
+            clock = self._clock
+            out.update(
+                path=file.path,
+                num_slots=geo.num_slots,
+                num_sets=geo.num_sets,
+                associativity=geo.associativity,
+                slot_bytes=geo.slot_size,
+                capacity_bytes=geo.num_slots * geo.slot_size,
+                used_slots=clock.num_used if clock is not None else 0,
+                used_bytes=(clock.num_used if clock is not None else 0) * geo.slot_size,
+                pages=len(self._index),
+                scan_seconds=self._scan_seconds,
+                scan_slots_per_s=geo.num_slots / max(self._scan_seconds, 1e-9),
+            )
+        return out

@@ -1,0 +1,249 @@
+"""The slot file: create or check it, map it, and the raw slot operations of the put protocol.
+
+Nothing here knows about keys in a cache or about eviction; :mod:`hicache_mmap.backend` builds
+the protocol on top. Every offset is derived from a :class:`~hicache_mmap.layout.Geometry` that
+was checked against the file's size, and every length read from a header is checked against the
+slot's payload capacity, so no header content can make an access leave the mapping.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from hicache.errors import BackendError, BackendUnavailableError, PageCorruptError
+from hicache_mmap.layout import (
+    BODY_OFFSET,
+    GEN,
+    HEADER_USED,
+    SLOT_HEADER_SIZE,
+    SUPERBLOCK_SIZE,
+    Geometry,
+    decode_superblock,
+    encode_slot_body,
+    encode_superblock,
+)
+from hicache_mmap.locks import SetLocks
+
+__all__ = ["OpenRequest", "SlotFile"]
+
+logger = logging.getLogger(__name__)
+
+_ZERO_BODY = bytes(HEADER_USED - BODY_OFFSET)
+_MAP_POPULATE: int = getattr(mmap, "MAP_POPULATE", 0)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRequest:
+    """What a backend asks of the file it opens."""
+
+    path: str
+    page_bytes: int
+    capacity: int
+    associativity: int
+    create: bool
+    writable: bool
+    prefault: bool
+    lock_timeout_s: float
+    durable: bool = False
+
+
+class SlotFile:
+    """An open, mapped slot file. Construct with :meth:`open`; ``close`` releases everything."""
+
+    def __init__(
+        self,
+        path: str,
+        fd: int,
+        mm: mmap.mmap,
+        geo: Geometry,
+        writable: bool,
+        lock_timeout_s: float,
+    ) -> None:
+        self.path = path
+        self.fd = fd
+        self.mm = mm
+        #: One writable (or read-only) view of the whole mapping; slices of it are the only way
+        #: payload bytes move, so each put and get copies exactly once.
+        self.view = memoryview(mm)
+        self.geo = geo
+        self.writable = writable
+        self.locks = SetLocks(fd, lock_timeout_s)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def open(cls, req: OpenRequest) -> SlotFile:
+        """Open (creating when asked and absent) and map the slot file ``req.path``."""
+        fd = cls._open_fd(req)
+        try:
+            geo = cls._init_or_check(fd, req)
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if req.writable else 0)
+            flags = mmap.MAP_SHARED | (_MAP_POPULATE if req.prefault else 0)
+            try:
+                mm = mmap.mmap(fd, geo.file_size, flags=flags, prot=prot)
+            except OSError as exc:
+                raise BackendUnavailableError(f"cannot map slot file {req.path}: {exc}") from exc
+            if req.prefault and not _MAP_POPULATE:
+                _touch_pages(mm)
+            return cls(req.path, fd, mm, geo, req.writable, req.lock_timeout_s)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @staticmethod
+    def _open_fd(req: OpenRequest) -> int:
+        flags = (os.O_RDWR if req.writable else os.O_RDONLY) | os.O_CLOEXEC
+        if req.create and req.writable:
+            flags |= os.O_CREAT
+            Path(req.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return os.open(req.path, flags, 0o660)
+        except FileNotFoundError as exc:
+            why = "create is false" if req.writable else "the tier is read-only"
+            raise BackendUnavailableError(f"slot file {req.path} does not exist and {why}") from exc
+        except OSError as exc:
+            raise BackendUnavailableError(f"cannot open slot file {req.path}: {exc}") from exc
+
+    @staticmethod
+    def _init_or_check(fd: int, req: OpenRequest) -> Geometry:
+        locks = SetLocks(fd, req.lock_timeout_s)
+        # Creation and the geometry check happen under one lock, so two processes opening a new
+        # file at the same moment agree on one geometry. A read-only opener cannot take a write
+        # lock and does not need one: it never initialises.
+        if req.writable:
+            locks.lock_init()
+        try:
+            size = os.fstat(fd).st_size
+            raw = os.pread(fd, SUPERBLOCK_SIZE, 0)
+            if not any(raw):
+                # Empty, or a creator died before writing the superblock: nothing to lose.
+                if not req.writable:
+                    raise BackendUnavailableError(f"slot file {req.path} is not initialised")
+                try:
+                    geo = Geometry.for_capacity(req.capacity, req.page_bytes, req.associativity)
+                except ValueError as exc:
+                    raise BackendError(f"slot file {req.path}: {exc}") from exc
+                os.ftruncate(fd, geo.file_size)
+                os.pwrite(fd, encode_superblock(geo), 0)
+                if req.durable:
+                    os.fsync(fd)
+                logger.info(
+                    "created slot file %s: %d sets x %d slots of %d bytes",
+                    req.path,
+                    geo.num_sets,
+                    geo.associativity,
+                    geo.slot_size,
+                )
+                return geo
+            try:
+                geo = decode_superblock(raw, size)
+            except PageCorruptError as exc:
+                raise BackendError(
+                    f"{req.path} is not a usable slot file ({exc}); refusing to overwrite it"
+                ) from exc
+        except OSError as exc:
+            raise BackendUnavailableError(f"cannot initialise slot file {req.path}: {exc}") from exc
+        finally:
+            if req.writable:
+                locks.unlock_init()
+        if geo.slot_payload < req.page_bytes:
+            raise BackendError(
+                f"slot file {req.path} has {geo.slot_payload}-byte slots, too small for "
+                f"{req.page_bytes}-byte pages; use another path or delete the file"
+            )
+        return geo
+
+    def close(self) -> None:
+        """Unmap and close. Callers stop all other use first."""
+        self.view.release()
+        self.mm.close()
+        os.close(self.fd)
+
+    # ------------------------------------------------------------------ raw slot access
+
+    def slot_offset(self, slot: int) -> int:
+        return self.geo.slot_offset(slot)
+
+    def generation(self, slot: int) -> int:
+        (gen,) = GEN.unpack_from(self.mm, self.geo.slot_offset(slot))
+        return int(gen)
+
+    def header(self, slot: int) -> bytes:
+        """A copy of the used bytes of slot ``slot``'s header."""
+        off = self.geo.slot_offset(slot)
+        return self.mm[off : off + HEADER_USED]
+
+    def set_version(self, set_index: int) -> int:
+        (version,) = GEN.unpack_from(self.mm, self.geo.set_version_offset(set_index))
+        return int(version)
+
+    def bump_set_version(self, set_index: int) -> int:
+        """Advance set ``set_index``'s version (its writer lock held); return the new value."""
+        off = self.geo.set_version_offset(set_index)
+        (version,) = GEN.unpack_from(self.mm, off)
+        version = (int(version) + 1) & 0xFFFF_FFFF_FFFF_FFFF
+        GEN.pack_into(self.mm, off, version)
+        return version
+
+    def begin_write(self, slot: int, durable: bool) -> int:
+        """Make the slot's generation odd (a writer owns it); return that odd generation."""
+        off = self.geo.slot_offset(slot)
+        (gen,) = GEN.unpack_from(self.mm, off)
+        # A writer that died leaves an odd generation: step past it, never back to a used value.
+        odd = int(gen) + (1 if gen % 2 == 0 else 2)
+        GEN.pack_into(self.mm, off, odd)
+        if durable:
+            self.mm.flush(off, SLOT_HEADER_SIZE)
+        return odd
+
+    def write_payload(self, slot: int, src: memoryview, durable: bool) -> None:
+        """Copy ``src`` into the slot's payload area: the one copy of a put."""
+        off = self.geo.slot_offset(slot) + SLOT_HEADER_SIZE
+        n = src.nbytes
+        if n > self.geo.slot_payload:
+            raise ValueError(f"payload of {n} bytes exceeds the {self.geo.slot_payload}-byte slot")
+        self.view[off : off + n] = src
+        if durable:
+            self.mm.flush(off, -(-n // mmap.PAGESIZE) * mmap.PAGESIZE)
+
+    def finish_write(
+        self,
+        slot: int,
+        odd: int,
+        key_raw: bytes,
+        ns_field: bytes,
+        payload_len: int,
+        checksum: int,
+        durable: bool,
+    ) -> int:
+        """Write the header for a complete payload, then publish it (even generation)."""
+        off = self.geo.slot_offset(slot)
+        final = odd + 1
+        self.mm[off + BODY_OFFSET : off + HEADER_USED] = encode_slot_body(
+            final, key_raw, ns_field, payload_len, checksum
+        )
+        # The header is complete before the generation turns even (x86 stores are not reordered
+        # with each other), so a reader that sees the even value sees the whole header.
+        GEN.pack_into(self.mm, off, final)
+        if durable:
+            self.mm.flush(off, SLOT_HEADER_SIZE)
+        return final
+
+    def clear(self, slot: int, durable: bool) -> None:
+        """Free the slot: odd generation, zero header body, even generation."""
+        off = self.geo.slot_offset(slot)
+        odd = self.begin_write(slot, False)
+        self.mm[off + BODY_OFFSET : off + HEADER_USED] = _ZERO_BODY
+        GEN.pack_into(self.mm, off, odd + 1)
+        if durable:
+            self.mm.flush(off, SLOT_HEADER_SIZE)
+
+
+def _touch_pages(mm: mmap.mmap) -> None:
+    # Without MAP_POPULATE, read one byte per page so later copies do not fault.
+    for off in range(0, len(mm), mmap.PAGESIZE):
+        mm[off]
