@@ -8,6 +8,7 @@ Layout: ``<url>/<namespace>/<key[:2]>/<key>``; each object is the core page head
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import threading
 import uuid
@@ -52,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _TMP_PREFIX = ".tmp-"
+#: errno values of a filesystem that cannot hard-link (the `auto` write mode then renames).
+_NO_LINK = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP})
 #: Corrupt keys remembered for "log once"; past this many, corruption is only counted.
 _MAX_LOGGED_CORRUPT = 4096
 # Create-only under RENAME/DIRECT is a check-then-publish; these stripes make it atomic between
@@ -215,7 +218,7 @@ class FsspecBackend(Backend):
             raise _unavailable("listing pages", self._url, exc) from exc
         for path, info in found.items():
             shard, _, name = path.rstrip("/").rpartition("/")
-            if len(name) != 64 or name.startswith(_TMP_PREFIX) or not shard.endswith(name[:2]):
+            if len(name) != 64 or shard.rpartition("/")[2] != name[:2]:
                 continue
             try:
                 check_key(name)
@@ -263,28 +266,32 @@ class FsspecBackend(Backend):
         shard = f"{self._root}/{key[:2]}"
         path = f"{shard}/{key}"
         header = encode_header(self.context.namespace, key, src)
-        if self._write_mode is WriteMode.DIRECT:
-            tmp = path
-        else:
-            tmp = f"{shard}/{_TMP_PREFIX}{key}-{uuid.uuid4().hex}"
+        direct = self._write_mode is WriteMode.DIRECT
+        target = path if direct else f"{shard}/{_TMP_PREFIX}{key}-{uuid.uuid4().hex}"
+        started = False  # only what this call began writing is ever removed on failure
         try:
-            if self._write_mode is WriteMode.DIRECT:
+            if direct:
                 with _key_lock(key):
                     if self._is_stored(fs, key):
                         return PageStatus.ALREADY_EXISTS
+                    started = True
                     self._write(fs, shard, path, header, src)
                 status = PageStatus.OK
             else:
-                self._write(fs, shard, tmp, header, src)
-                status = self._publish(fs, tmp, path, key)
-        except (ConnectionError, TimeoutError) as exc:
-            self._discard(fs, tmp)
-            raise _unavailable(f"writing {key}", self._url, exc) from exc
+                started = True
+                self._write(fs, shard, target, header, src)
+                status = self._publish(fs, target, path, key)
         except BackendError:
-            self._discard(fs, tmp)
+            if started:
+                self._discard(fs, target)
             raise
+        except (ConnectionError, TimeoutError) as exc:
+            if started:
+                self._discard(fs, target)
+            raise _unavailable(f"writing {key}", self._url, exc) from exc
         except Exception as exc:  # per-page failure: full disk, permissions, client errors
-            self._discard(fs, tmp)
+            if started:
+                self._discard(fs, target)
             logger.warning(
                 "fsspec %s: put of %s failed: %s: %s", self._url, key, type(exc).__name__, exc
             )
@@ -306,24 +313,41 @@ class FsspecBackend(Backend):
             fs.makedirs(shard, exist_ok=True)
             handle = fs.open(path, "wb")
         with handle:
+            # Two writes, never header + payload concatenated: the payload is written in place.
             handle.write(header)
             handle.write(src)
 
     def _publish(self, fs: fsspec.AbstractFileSystem, tmp: str, path: str, key: str) -> PageStatus:
-        """Make the fully written ``tmp`` visible as ``path``, create-only."""
+        """Make the fully written ``tmp`` visible as ``path``, create-only; removes ``tmp``."""
         if self._write_mode is WriteMode.LINK:
             try:
                 fs.link(tmp, path)  # os.link refuses an existing name: create-only, atomically
             except FileExistsError:
-                return PageStatus.ALREADY_EXISTS
-            finally:
                 self._discard(fs, tmp)
-            return PageStatus.OK
+                return PageStatus.ALREADY_EXISTS
+            except OSError as exc:
+                if self._options.write_mode is not WriteMode.AUTO or exc.errno not in _NO_LINK:
+                    raise
+                # `auto` chose link for a local path whose filesystem has no hard links (some
+                # FUSE and SMB mounts): rename from now on; this page goes the same way below.
+                logger.warning(
+                    "fsspec %s: hard links unsupported (%s); publishing by rename", self._url, exc
+                )
+                self._write_mode = WriteMode.RENAME
+            else:
+                self._discard(fs, tmp)
+                return PageStatus.OK
         with _key_lock(key):
             if self._is_stored(fs, key):
                 self._discard(fs, tmp)
                 return PageStatus.ALREADY_EXISTS
-            fs.mv(tmp, path)
+            if self._in_process:
+                # memory's mv() goes through info(), which scans the whole process-wide store;
+                # cp_file() is one dict assignment of a finished file: just as atomic.
+                fs.cp_file(tmp, path)
+                fs.rm_file(tmp)
+            else:
+                fs.mv(tmp, path)
         return PageStatus.OK
 
     def _discard(self, fs: fsspec.AbstractFileSystem, path: str) -> None:

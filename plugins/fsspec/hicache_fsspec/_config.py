@@ -42,19 +42,32 @@ class FsspecConfig(BackendConfig):
 
     #: Where pages live: ``memory://hicache``, ``file:///var/cache/hicache``, ``gcs://bucket/kv``.
     #: Pages go to ``<url>/<namespace>/<key[:2]>/<key>``.
-    url: str = Field(min_length=1)
+    url: str = Field(
+        min_length=1, description="fsspec URL of the root: memory://hicache, file:///var/cache/kv"
+    )
     #: Passed unchanged to the fsspec filesystem constructor (credentials, endpoints, ...).
     #: Never logged and never reported by ``stats()``.
-    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        repr=False,
+        description="passed unchanged to the fsspec filesystem (credentials, endpoints)",
+    )
     #: Threads one batch call fans out over (1 = do every page on the calling thread).
-    io_threads: int = Field(default=8, ge=1, le=256)
+    io_threads: int = Field(
+        default=8, ge=1, le=256, description="threads one batch call fans out over"
+    )
     #: Hash every payload read and compare it with the header's checksum. Headers are always
     #: checked; turning this off trades silent payload bit rot for less CPU per read.
-    verify_checksum: bool = True
+    verify_checksum: bool = Field(
+        default=True, description="hash every payload read and compare it with its header"
+    )
     #: How a written page becomes visible; see :class:`WriteMode`.
-    write_mode: WriteMode = WriteMode.AUTO
+    write_mode: WriteMode = Field(
+        default=WriteMode.AUTO,
+        description="how a written page becomes visible: auto|link|rename|direct",
+    )
     #: Largest batch the engine should hand over in one call.
-    max_batch: int = Field(default=256, ge=1)
+    max_batch: int = Field(default=256, ge=1, le=65536, description="preferred batch size per call")
 
     @field_validator("url")
     @classmethod
