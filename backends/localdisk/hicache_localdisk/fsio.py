@@ -1,0 +1,193 @@
+"""The system calls the backend (and its raw baseline) use, wrapped once.
+
+- ``write_fully(fd, bufs)``        ``pwritev`` until every byte is written
+- ``read_fully(fd, bufs)``         ``preadv`` until the buffers are full or the file ends
+- ``publish_noreplace(tmp, dst)``  atomic create-only publish: ``renameat2(RENAME_NOREPLACE)``,
+                                   else ``link`` + ``unlink``; ``False`` when ``dst`` exists
+- ``fsync_dir(path)``              make a directory's entries durable
+- ``drop_cache(path)``             evict a file's pages from the page cache (cold reads)
+- ``buffer_address(buf)``          address of a buffer, to check ``O_DIRECT`` alignment
+- ``aligned_buffer(n)``            a page-aligned writable buffer (an anonymous mapping)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import threading
+
+__all__ = [
+    "DIRECT_ALIGN",
+    "O_DIRECT",
+    "aligned_buffer",
+    "buffer_address",
+    "drop_cache",
+    "fsync_dir",
+    "publish_noreplace",
+    "read_fully",
+    "write_fully",
+]
+
+log = logging.getLogger(__name__)
+
+#: Alignment ``O_DIRECT`` needs for addresses, offsets and lengths (covers 512 B and 4 KiB
+#: logical blocks).
+DIRECT_ALIGN = 4096
+O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def write_fully(fd: int, bufs: list[memoryview], offset: int = 0) -> None:
+    """Write every byte of ``bufs`` at ``offset`` with as few ``pwritev`` calls as possible."""
+    total = sum(b.nbytes for b in bufs)
+    done = os.pwritev(fd, bufs, offset)
+    while done < total:
+        # Short writes are rare (signals, a filesystem at its limits): continue where it stopped.
+        rest = _after(bufs, done)
+        n = os.pwritev(fd, rest, offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        done += n
+
+
+def read_fully(fd: int, bufs: list[memoryview], offset: int = 0) -> int:
+    """Fill ``bufs`` from ``offset``; return the bytes read (less than asked only at EOF)."""
+    total = sum(b.nbytes for b in bufs)
+    done = os.preadv(fd, bufs, offset)
+    while 0 < done < total:
+        n = os.preadv(fd, _after(bufs, done), offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def _after(bufs: list[memoryview], skip: int) -> list[memoryview]:
+    rest: list[memoryview] = []
+    for b in bufs:
+        if skip >= b.nbytes:
+            skip -= b.nbytes
+            continue
+        rest.append(b[skip:] if skip else b)
+        skip = 0
+    return rest
+
+
+class _Renamer:
+    """``renameat2(..., RENAME_NOREPLACE)`` through libc, with a one-time fallback."""
+
+    def __init__(self) -> None:
+        self._fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [
+                ctypes.c_int,
+                ctypes.c_char_p,
+                ctypes.c_int,
+                ctypes.c_char_p,
+                ctypes.c_uint,
+            ]
+            fn.restype = ctypes.c_int
+            self._fn = fn
+        except AttributeError:
+            log.info("libc has no renameat2: publishing pages with link + unlink")
+        self._unsupported: set[int] = set()
+        self._lock = threading.Lock()
+
+    def publish(self, tmp: str, dst: str) -> bool:
+        fn = self._fn
+        if fn is not None:
+            dev = os.stat(tmp).st_dev if self._unsupported else -1
+            if dev not in self._unsupported:
+                # ctypes.CDLL releases the GIL around the call.
+                rc = fn(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+                if rc == 0:
+                    return True
+                err = ctypes.get_errno()
+                if err == errno.EEXIST:
+                    return False
+                if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise OSError(err, os.strerror(err), tmp)
+                with self._lock:
+                    self._unsupported.add(os.stat(tmp).st_dev)
+                log.info("filesystem of %s lacks RENAME_NOREPLACE: using link + unlink", tmp)
+        # link() fails with EEXIST instead of replacing: the same create-only guarantee.
+        try:
+            os.link(tmp, dst)
+        except FileExistsError:
+            return False
+        os.unlink(tmp)
+        return True
+
+
+_renamer = _Renamer()
+
+
+def publish_noreplace(tmp: str, dst: str) -> bool:
+    """Move ``tmp`` to ``dst`` atomically unless ``dst`` exists; ``False`` (``tmp`` kept) if so."""
+    return _renamer.publish(tmp, dst)
+
+
+def fsync_dir(path: str) -> None:
+    """``fsync`` a directory so the entries created or renamed in it survive a power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def drop_cache(path: str) -> None:
+    """Write back and drop ``path``'s cached pages so the next read comes from the device."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        # DONTNEED skips dirty pages: write them back first.
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_get_buffer.restype = ctypes.c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_release_buffer.restype = None
+
+
+def buffer_address(buf: memoryview) -> int:
+    """Address of the first byte of a contiguous buffer (read-only buffers included)."""
+    view = _PyBuffer()
+    if _get_buffer(buf, ctypes.byref(view), 0) != 0:  # PyBUF_SIMPLE; raises on failure
+        raise ValueError("cannot get the address of a non-contiguous buffer")
+    try:
+        return view.buf or 0
+    finally:
+        _release_buffer(ctypes.byref(view))
+
+
+def aligned_buffer(nbytes: int) -> memoryview:
+    """A zeroed, page-aligned, writable buffer of ``nbytes`` (an anonymous private mapping)."""
+    return memoryview(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))

@@ -1,0 +1,183 @@
+"""Writing and reading one page file: header + payload, straight from and into caller buffers.
+
+A put writes ``[header, payload]`` with one ``pwritev`` into a fresh temporary, sets its mtime
+(the recency a restart rebuilds from), optionally ``fsync``s it, and publishes it create-only.
+A get reads ``[header, payload]`` with one ``preadv`` straight into the caller's buffer, then
+verifies. With ``O_DIRECT`` the header travels through a page-aligned per-thread buffer and the
+payload must be page-aligned too; unaligned buffers silently take the buffered path.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import threading
+
+from hicache.errors import PageCorruptError
+from hicache.storage.backend import PageStatus
+from hicache.storage.pageformat import (
+    HEADER_SIZE,
+    encode_header_into,
+    payload_checksum,
+    verify_page,
+)
+from hicache_localdisk.fsio import (
+    DIRECT_ALIGN,
+    O_DIRECT,
+    aligned_buffer,
+    buffer_address,
+    publish_noreplace,
+    read_fully,
+    write_fully,
+)
+from hicache_localdisk.layout import Layout
+
+__all__ = ["PageIO", "ReadResult"]
+
+log = logging.getLogger(__name__)
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+class ReadResult(enum.Enum):
+    """Outcome of reading one page file (richer than a status: the backend acts on it)."""
+
+    OK = "ok"
+    MISSING = "missing"
+    CORRUPT = "corrupt"
+    FAILED = "failed"
+
+
+class PageIO:
+    """Per-page system calls for one namespace; thread-safe (buffers are per thread)."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        page_bytes: int,
+        *,
+        file_mode: int,
+        fsync: bool,
+        direct: bool,
+        verify: bool,
+    ) -> None:
+        self._layout = layout
+        self._ns = layout.namespace
+        self._page_bytes = page_bytes
+        self.stored_bytes = HEADER_SIZE + page_bytes
+        self._file_mode = file_mode
+        # open(2) applies the umask; modes wider than owner-only need an explicit fchmod.
+        self._chmod = bool(file_mode & 0o077)
+        self._fsync = fsync
+        self.direct = direct
+        self._verify = verify
+        self._local = threading.local()
+        #: Set after the first EROFS/EPERM on a recency touch: stop trying on this filesystem.
+        self._touch_off = False
+
+    def _header(self) -> memoryview:
+        buf: memoryview | None = getattr(self._local, "header", None)
+        if buf is None:
+            # An anonymous mapping is page-aligned, as O_DIRECT needs for every iovec.
+            buf = self._local.header = aligned_buffer(HEADER_SIZE)
+        return buf
+
+    def _direct_ok(self, buf: memoryview) -> bool:
+        return self.direct and buffer_address(buf) % DIRECT_ALIGN == 0
+
+    # ------------------------------------------------------------------ put
+
+    def write(self, key: str, src: memoryview, mtime_ns: int) -> PageStatus:
+        """Store one page create-only: ``OK``, ``ALREADY_EXISTS`` or ``FAILED`` (logged)."""
+        tmp = self._layout.temp_path(key)
+        flags = _WRITE_FLAGS | (O_DIRECT if self._direct_ok(src) else 0)
+        try:
+            fd = os.open(tmp, flags, self._file_mode)
+        except OSError as exc:
+            log.warning("put %s: cannot create %s: %s", key, tmp, exc)
+            return PageStatus.FAILED
+        try:
+            try:
+                header = self._header()
+                encode_header_into(header, self._ns, key, self._page_bytes, payload_checksum(src))
+                write_fully(fd, [header, src])
+                if self._chmod:
+                    os.fchmod(fd, self._file_mode)
+                # Tail-first mtimes (set by the caller) let a restart rebuild chain-aware recency.
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            published = publish_noreplace(tmp, self._layout.page_path(key))
+        except OSError as exc:
+            # ENOSPC, EROFS, EIO...: this page fails; the temporary must not linger.
+            log.warning("put %s failed: %s", key, exc)
+            _unlink_quiet(tmp)
+            return PageStatus.FAILED
+        if not published:
+            _unlink_quiet(tmp)
+            return PageStatus.ALREADY_EXISTS
+        return PageStatus.OK
+
+    # ------------------------------------------------------------------ get
+
+    def read(self, key: str, dst: memoryview, touch_ns: int | None) -> tuple[ReadResult, str]:
+        """Read and verify one page into ``dst``; ``dst`` is untouched when ``MISSING``.
+
+        Returns the outcome and, for ``CORRUPT``, the field that failed verification.
+        """
+        path = self._layout.page_path(key)
+        flags = _READ_FLAGS | (O_DIRECT if self._direct_ok(dst) else 0)
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            return ReadResult.MISSING, ""
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a symlink planted in place of a page
+                return ReadResult.CORRUPT, "symlink"
+            log.warning("get %s: cannot open %s: %s", key, path, exc)
+            return ReadResult.FAILED, ""
+        try:
+            header = self._header()
+            n = read_fully(fd, [header, dst])
+            if n != self.stored_bytes:
+                raise PageCorruptError("length", f"file has {n} bytes, not {self.stored_bytes}")
+            verify_page(header, dst, namespace=self._ns, key=key, check_payload=self._verify)
+            if touch_ns is not None and not self._touch_off:
+                self._touch(fd, touch_ns)
+        except PageCorruptError as exc:
+            return ReadResult.CORRUPT, exc.field
+        except OSError as exc:
+            log.warning("get %s failed: %s", key, exc)
+            return ReadResult.FAILED, ""
+        finally:
+            os.close(fd)
+        return ReadResult.OK, ""
+
+    def _touch(self, fd: int, ns: int) -> None:
+        try:
+            os.utime(fd, ns=(ns, ns))
+        except OSError as exc:
+            if exc.errno in (errno.EROFS, errno.EPERM, errno.EACCES):
+                self._touch_off = True
+                log.info("cannot update page mtimes (%s): recency is kept in memory only", exc)
+
+    def page_size_on_disk(self, key: str) -> int | None:
+        """Size of the published file of ``key``, ``None`` when there is none."""
+        try:
+            return os.stat(self._layout.page_path(key), follow_symlinks=False).st_size
+        except OSError:
+            return None
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc)

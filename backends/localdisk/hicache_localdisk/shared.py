@@ -1,0 +1,100 @@
+"""State several processes share on one root (``shared: true``): a usage counter and a lock.
+
+- ``.hicache-usage``  8 bytes: the bytes this namespace holds on disk plus the reservations of
+  writes in progress, updated under ``flock`` by every process (read-modify-write of 8 bytes).
+- ``.hicache-evict``  whoever holds its ``flock`` is the one process enforcing ``max_bytes`` right
+  now. Election is per round: a writer that finds the counter over the bound takes the lock
+  (waiting for a running round to finish), re-reads the counter, and evicts only if it is still
+  over. The kernel drops the lock of a dead process, so a crash never wedges the others.
+
+The counter is an estimate (a process killed between reserving and publishing leaves drift);
+each eviction round rescans the directory and corrects it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+__all__ = ["SharedState"]
+
+_COUNTER = struct.Struct("<q")
+USAGE_FILE = ".hicache-usage"
+EVICT_FILE = ".hicache-evict"
+
+
+class SharedState:
+    """The cross-process counter and eviction lock of one namespace directory."""
+
+    def __init__(self, ns_dir: str, file_mode: int) -> None:
+        self._ns_dir = ns_dir
+        self._file_mode = file_mode
+        # flock belongs to the open file description: threads of one process share it, so a
+        # thread lock serializes them first.
+        self._usage_tlock = threading.Lock()
+        self._evict_tlock = threading.Lock()
+        self._usage_fd = -1
+        self._evict_fd = -1
+
+    def open(self) -> bool:
+        """Open (creating) both files; return True when the counter has never been set."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        self._usage_fd = os.open(os.path.join(self._ns_dir, USAGE_FILE), flags, self._file_mode)
+        self._evict_fd = os.open(os.path.join(self._ns_dir, EVICT_FILE), flags, self._file_mode)
+        return os.fstat(self._usage_fd).st_size < _COUNTER.size
+
+    def close(self) -> None:
+        for fd in (self._usage_fd, self._evict_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._usage_fd = self._evict_fd = -1
+
+    @contextmanager
+    def _usage_locked(self) -> Iterator[int]:
+        with self._usage_tlock:
+            fd = self._usage_fd
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield fd
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _read(fd: int) -> int:
+        raw = os.pread(fd, _COUNTER.size, 0)
+        return _COUNTER.unpack(raw)[0] if len(raw) == _COUNTER.size else 0
+
+    def read(self) -> int:
+        """Current value of the counter."""
+        with self._usage_locked() as fd:
+            return self._read(fd)
+
+    def add(self, delta: int) -> int:
+        """Add ``delta`` to the counter (never below zero); return the new value."""
+        with self._usage_locked() as fd:
+            value = max(0, self._read(fd) + delta)
+            os.pwrite(fd, _COUNTER.pack(value), 0)
+            return value
+
+    def init_if_unset(self, value: int) -> bool:
+        """Set the counter to ``value`` if no process has set it yet; True if this call did."""
+        with self._usage_locked() as fd:
+            if os.fstat(fd).st_size >= _COUNTER.size:
+                return False
+            os.pwrite(fd, _COUNTER.pack(value), 0)
+            return True
+
+    @contextmanager
+    def evict_round(self) -> Iterator[None]:
+        """Hold the enforcer lock (blocking until the current holder finishes)."""
+        with self._evict_tlock:
+            fd = self._evict_fd
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
