@@ -1,0 +1,393 @@
+"""L1 <-> L2 page copies that complete asynchronously, acknowledged by ticket (torch only).
+
+- ``TransferEngine.submit(direction, src_pages, dst_pages)`` - start copying pages between the
+  device pool (L1, layer-first) and the host pool (L2, page-first); returns a ticket (ack id).
+- ``TransferEngine.poll()`` - tickets that completed since the last poll, without blocking;
+  every ticket is reported exactly once, whether or not it was also waited for.
+- ``TransferEngine.wait(ticket)`` - block until ``ticket`` completed.
+
+Engines:
+
+- ``CudaTransferEngine`` - on a dedicated CUDA stream: one gather kernel packs the pages into a
+  contiguous staging buffer, then one asynchronous copy per run of consecutive host pages (one per
+  batch when the host allocator handed out a run) moves it to page-locked memory; one CUDA event
+  per ticket, so ``poll`` is ``event.query()``. H2D is the mirror image (copy, then one scatter).
+- ``CpuTransferEngine`` - copies synchronously inside ``submit`` (``index_select`` /
+  ``index_copy_``); the ticket is reported by the next ``poll``. For machines without a GPU.
+- ``ManualTransferEngine`` - copies only when a test calls ``complete(ticket)`` (in any order),
+  so tests decide exactly when each ack arrives.
+
+Contract for callers: the pages of a submitted copy (source and destination, on both pools) must
+stay allocated and unmodified by others until the ticket completes; a D2H destination is
+undefined until then. For H2D on CUDA, kernels that read the loaded pages must be ordered after
+the ticket (``wait`` it, or ``CudaTransferEngine.stream_wait(ticket)`` on the consumer stream).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from hicache.pools import DevicePool, HostPool
+
+__all__ = [
+    "CpuTransferEngine",
+    "CudaTransferEngine",
+    "Direction",
+    "ManualTransferEngine",
+    "TransferEngine",
+    "default_engine",
+    "page_runs",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class Direction(Enum):
+    """Which way pages move."""
+
+    D2H = "d2h"
+    """device pool (L1) -> host pool (L2): a write-through backup."""
+    H2D = "h2d"
+    """host pool (L2) -> device pool (L1): a load back."""
+
+
+def page_runs(pages: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Split ``pages`` into runs of consecutive page numbers: ``(offset, first_page, length)``."""
+    runs: list[tuple[int, int, int]] = []
+    i, n = 0, len(pages)
+    while i < n:
+        j = i + 1
+        while j < n and pages[j] == pages[j - 1] + 1:
+            j += 1
+        runs.append((i, pages[i], j - i))
+        i = j
+    return runs
+
+
+def _index(pages: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(list(pages), dtype=torch.int64, device=device)
+
+
+def copy_pages_sync(
+    device_pool: DevicePool,
+    host_pool: HostPool,
+    direction: Direction,
+    src_pages: Sequence[int],
+    dst_pages: Sequence[int],
+) -> None:
+    """Copy pages between the pools now, on the calling thread (blocking on any device)."""
+    if not src_pages:
+        return
+    dim = device_pool.page_dim
+    dev = device_pool.kv.device
+    if direction is Direction.D2H:
+        # index_select on the page-major view packs whole pages in host layout in one pass.
+        data = device_pool.kv.movedim(dim, 0).index_select(0, _index(src_pages, dev))
+        host_pool.kv.index_copy_(0, _index(dst_pages, torch.device("cpu")), data.cpu())
+    else:
+        data = host_pool.kv.index_select(0, _index(src_pages, torch.device("cpu")))
+        device_pool.kv.movedim(dim, 0).index_copy_(0, _index(dst_pages, dev), data.to(dev))
+
+
+class TransferEngine(ABC):
+    """Moves pages between one device pool and one host pool; completion is acknowledged by
+    ticket. Tickets are positive ints, increasing in submission order.
+
+    Notes for implementers: implement ``_start`` (begin one copy) and ``_collect`` (finished
+    tickets, non-blocking) and ``_wait`` (block until one ticket finished); the base class
+    validates arguments, numbers tickets and makes ``poll`` report each ticket once.
+    """
+
+    def __init__(self, device_pool: DevicePool, host_pool: HostPool) -> None:
+        if device_pool.layout != host_pool.layout:
+            raise ValueError(
+                f"device and host pools differ in layout: {device_pool.layout} vs "
+                f"{host_pool.layout}"
+            )
+        self.device_pool = device_pool
+        self.host_pool = host_pool
+        self._lock = threading.Lock()
+        self._next_ticket = 1
+        self._pending: set[int] = set()
+        self._finished: list[int] = []  # completed, not yet reported by poll
+
+    def submit(
+        self, direction: Direction, src_pages: Sequence[int], dst_pages: Sequence[int]
+    ) -> int:
+        """Start copying ``src_pages[i]`` to ``dst_pages[i]``; return the ticket (ack id)."""
+        src, dst = self._validate(direction, src_pages, dst_pages)
+        with self._lock:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._pending.add(ticket)
+        self._start(ticket, direction, src, dst)
+        return ticket
+
+    def poll(self) -> list[int]:
+        """Tickets completed since the last ``poll``, in ticket order; never blocks."""
+        done = self._collect()
+        with self._lock:
+            for t in done:
+                if t in self._pending:
+                    self._pending.discard(t)
+                    self._finished.append(t)
+            out, self._finished = sorted(self._finished), []
+        return out
+
+    def wait(self, ticket: int) -> None:
+        """Block until ``ticket`` completed (it is still reported by the next ``poll``)."""
+        with self._lock:
+            if not 0 < ticket < self._next_ticket:
+                raise ValueError(f"unknown transfer ticket {ticket}")
+            if ticket not in self._pending:
+                return
+        self._wait(ticket)
+        with self._lock:
+            if ticket in self._pending:
+                self._pending.discard(ticket)
+                self._finished.append(ticket)
+
+    def in_flight(self) -> int:
+        """Tickets submitted and not yet completed."""
+        with self._lock:
+            return len(self._pending)
+
+    def close(self) -> None:
+        """Wait for every copy in flight (their tickets are still reported by ``poll``)."""
+        with self._lock:
+            pending = sorted(self._pending)
+        for t in pending:
+            self.wait(t)
+
+    @abstractmethod
+    def _start(self, ticket: int, direction: Direction, src: list[int], dst: list[int]) -> None: ...
+
+    @abstractmethod
+    def _collect(self) -> list[int]: ...
+
+    @abstractmethod
+    def _wait(self, ticket: int) -> None: ...
+
+    def _validate(
+        self, direction: Direction, src_pages: Sequence[int], dst_pages: Sequence[int]
+    ) -> tuple[list[int], list[int]]:
+        if not isinstance(direction, Direction):
+            raise ValueError(f"direction must be a Direction, got {direction!r}")
+        src, dst = [int(p) for p in src_pages], [int(p) for p in dst_pages]
+        if len(src) != len(dst):
+            raise ValueError(f"{len(src)} source pages but {len(dst)} destination pages")
+        if direction is Direction.D2H:
+            src_n, dst_n = self.device_pool.num_pages, self.host_pool.num_pages
+            src_name, dst_name = "device", "host"
+        else:
+            src_n, dst_n = self.host_pool.num_pages, self.device_pool.num_pages
+            src_name, dst_name = "host", "device"
+        for p in src:
+            if not 0 <= p < src_n:
+                raise ValueError(f"source {src_name} page {p} is not in [0, {src_n})")
+        seen: set[int] = set()
+        for p in dst:
+            if not 0 <= p < dst_n:
+                raise ValueError(f"destination {dst_name} page {p} is not in [0, {dst_n})")
+            if p in seen:
+                raise ValueError(f"destination {dst_name} page {p} is listed twice")
+            seen.add(p)
+        return src, dst
+
+
+class CpuTransferEngine(TransferEngine):
+    """Copies synchronously inside ``submit``; the next ``poll`` reports the ticket.
+
+    Works with a device pool on any device (a CUDA pool is copied through blocking copies).
+    """
+
+    def __init__(self, device_pool: DevicePool, host_pool: HostPool) -> None:
+        super().__init__(device_pool, host_pool)
+        self._done: list[int] = []
+
+    def _start(self, ticket: int, direction: Direction, src: list[int], dst: list[int]) -> None:
+        copy_pages_sync(self.device_pool, self.host_pool, direction, src, dst)
+        with self._lock:
+            self._done.append(ticket)
+
+    def _collect(self) -> list[int]:
+        with self._lock:
+            done, self._done = self._done, []
+        return done
+
+    def _wait(self, ticket: int) -> None:
+        return  # already copied in submit
+
+
+@dataclass(slots=True)
+class _ManualJob:
+    direction: Direction
+    src: list[int]
+    dst: list[int]
+
+
+class ManualTransferEngine(TransferEngine):
+    """Copies nothing until the test calls ``complete(ticket)``; any order is allowed.
+
+    ``wait(ticket)`` completes a pending ticket on the spot (as if the copy had just finished),
+    so code paths that must block on a load back still work under this engine.
+    """
+
+    def __init__(self, device_pool: DevicePool, host_pool: HostPool) -> None:
+        super().__init__(device_pool, host_pool)
+        self._jobs: dict[int, _ManualJob] = {}
+        self._done: list[int] = []
+
+    def pending(self) -> list[int]:
+        """Tickets submitted and not yet completed, in submission order."""
+        with self._lock:
+            return list(self._jobs)
+
+    def job(self, ticket: int) -> tuple[Direction, list[int], list[int]]:
+        """What pending ``ticket`` will copy: ``(direction, src_pages, dst_pages)``."""
+        with self._lock:
+            j = self._jobs.get(ticket)
+        if j is None:
+            raise ValueError(f"transfer ticket {ticket} is not pending")
+        return j.direction, list(j.src), list(j.dst)
+
+    def complete(self, ticket: int) -> None:
+        """Perform pending ``ticket``'s copy now; the next ``poll`` reports it."""
+        with self._lock:
+            j = self._jobs.pop(ticket, None)
+        if j is None:
+            raise ValueError(f"transfer ticket {ticket} is not pending")
+        copy_pages_sync(self.device_pool, self.host_pool, j.direction, j.src, j.dst)
+        with self._lock:
+            self._done.append(ticket)
+
+    def complete_all(self) -> list[int]:
+        """Complete every pending ticket in submission order; return them."""
+        tickets = self.pending()
+        for t in tickets:
+            self.complete(t)
+        return tickets
+
+    def _start(self, ticket: int, direction: Direction, src: list[int], dst: list[int]) -> None:
+        with self._lock:
+            self._jobs[ticket] = _ManualJob(direction, src, dst)
+
+    def _collect(self) -> list[int]:
+        with self._lock:
+            done, self._done = self._done, []
+        return done
+
+    def _wait(self, ticket: int) -> None:
+        with self._lock:
+            pending = ticket in self._jobs
+        if pending:
+            self.complete(ticket)
+
+
+@dataclass(slots=True)
+class _CudaJob:
+    event: torch.cuda.Event
+    # Tensors the queued kernels and copies still use: kept alive until the event fired.
+    keep: list[torch.Tensor] = field(default_factory=list)
+
+
+class CudaTransferEngine(TransferEngine):
+    """Asynchronous copies on a dedicated CUDA stream, one CUDA event per ticket.
+
+    D2H: ``index_select`` gathers the pages (page-major, host layout) into a contiguous device
+    staging buffer, then one ``non_blocking`` copy per run of consecutive destination host pages
+    moves it into page-locked memory. H2D: one ``non_blocking`` copy per run of consecutive source
+    host pages into a device staging buffer, then one ``index_copy_`` scatters it into the
+    layer-first pool. Each batch first waits for the stream that was current at ``submit`` (the
+    compute stream), so KV written by earlier kernels is what gets copied.
+    """
+
+    def __init__(
+        self,
+        device_pool: DevicePool,
+        host_pool: HostPool,
+        stream: torch.cuda.Stream | None = None,
+    ) -> None:
+        super().__init__(device_pool, host_pool)
+        if not device_pool.kv.is_cuda:
+            raise ValueError(
+                f"CudaTransferEngine needs a CUDA device pool, got {device_pool.device}"
+            )
+        if not host_pool.kv.is_pinned():
+            # Still correct, but non_blocking copies from pageable memory are synchronous.
+            logger.warning("host pool is not page-locked: CUDA copies will not overlap compute")
+        self.device = device_pool.kv.device
+        if stream is None:
+            stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        self.stream = stream
+        self._jobs: dict[int, _CudaJob] = {}
+
+    def stream_wait(self, ticket: int, stream: torch.cuda.Stream | None = None) -> None:
+        """Order later work on ``stream`` (default: the current one) after ``ticket``, no block."""
+        with self._lock:
+            job = self._jobs.get(ticket)
+        if job is not None:
+            (stream or torch.cuda.current_stream(self.device)).wait_event(job.event)
+
+    def _indices(self, pages: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        host = torch.tensor(pages, dtype=torch.int64, pin_memory=True)
+        return host, host.to(self.device, non_blocking=True)
+
+    def _start(self, ticket: int, direction: Direction, src: list[int], dst: list[int]) -> None:
+        producer = torch.cuda.current_stream(self.device)
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        keep: list[torch.Tensor] = []
+        layout = self.device_pool.layout
+        pages_major = self.device_pool.kv.movedim(self.device_pool.page_dim, 0)
+        host_kv = self.host_pool.kv
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_stream(producer)
+            if src and direction is Direction.D2H:
+                idx_host, idx_dev = self._indices(src)
+                staging = pages_major.index_select(0, idx_dev)
+                for off, first, n in page_runs(dst):
+                    host_kv[first : first + n].copy_(staging[off : off + n], non_blocking=True)
+                keep += [idx_host, idx_dev, staging]
+            elif src:
+                staging = torch.empty(
+                    (len(src), *layout.page_shape), dtype=layout.dtype, device=self.device
+                )
+                for off, first, n in page_runs(src):
+                    staging[off : off + n].copy_(host_kv[first : first + n], non_blocking=True)
+                idx_host, idx_dev = self._indices(dst)
+                pages_major.index_copy_(0, idx_dev, staging)
+                keep += [idx_host, idx_dev, staging]
+            event.record(self.stream)
+        with self._lock:
+            self._jobs[ticket] = _CudaJob(event, keep)
+
+    def _collect(self) -> list[int]:
+        with self._lock:
+            jobs = list(self._jobs.items())
+        done = [t for t, job in jobs if job.event.query()]  # type: ignore[no-untyped-call]
+        with self._lock:
+            for t in done:
+                self._jobs.pop(t, None)
+        return done
+
+    def _wait(self, ticket: int) -> None:
+        with self._lock:
+            job = self._jobs.get(ticket)
+        if job is not None:
+            job.event.synchronize()
+            with self._lock:
+                self._jobs.pop(ticket, None)
+
+
+def default_engine(device_pool: DevicePool, host_pool: HostPool) -> TransferEngine:
+    """``CudaTransferEngine`` for a CUDA device pool, else ``CpuTransferEngine``."""
+    if device_pool.kv.is_cuda:
+        return CudaTransferEngine(device_pool, host_pool)
+    return CpuTransferEngine(device_pool, host_pool)
