@@ -81,6 +81,9 @@ class FsspecBackend(Backend):
       ``open`` returns one shared handle per path; remote filesystems, whose ``readinto`` is a
       ``read`` plus a copy anyway) the whole object is fetched with ``cat_file`` and the payload
       copied once into the buffer.
+    - **Verification**: every read checks the header (and, with ``verify_checksum``, the
+      payload checksum); a failing page is ``CORRUPT``, counted, logged once per key and, with
+      ``drop_corrupt``, deleted and reported by ``take_evicted()`` so a later put can repair it.
     - **Capabilities** depend on the protocol: ``memory://`` pages live in this process only
       (not ``persistent``, not ``shared``; they do survive ``close()`` + ``open()`` within the
       process); every other protocol is ``persistent`` and ``shared``.
@@ -118,6 +121,7 @@ class FsspecBackend(Backend):
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self._corrupt_logged: set[str] = set()
+        self._evicted: list[str] = []
 
     @property
     def capabilities(self) -> Capabilities:
@@ -366,6 +370,7 @@ class FsspecBackend(Backend):
             return PageStatus.NOT_FOUND
         except PageCorruptError as exc:
             self._report_corrupt(key, exc)
+            self._drop_corrupt(fs, path, key)
             return PageStatus.CORRUPT
         except (ConnectionError, TimeoutError) as exc:
             raise _unavailable(f"reading {key}", self._url, exc) from exc
@@ -428,6 +433,30 @@ class FsspecBackend(Backend):
                 "length", f"payload has {data.nbytes - HEADER_SIZE} bytes, expected {dst.nbytes}"
             )
         dst[:] = data[HEADER_SIZE:]
+
+    def _drop_corrupt(self, fs: fsspec.AbstractFileSystem, path: str, key: str) -> None:
+        if (
+            not self._options.drop_corrupt
+            or self.context.read_only
+            or self._write_mode is WriteMode.DIRECT
+        ):
+            return
+        try:
+            fs.rm_file(path)
+        except Exception:  # gone already, or the store refuses: the next read reports it again
+            return
+        with self._counts_lock:
+            self._evicted.append(key)
+            self._counts["corrupt_dropped"] += 1
+
+    def take_evicted(self) -> list[str]:
+        """Keys of pages this instance deleted because they failed verification (``drop_corrupt``).
+
+        The backend never evicts for capacity: it does not manage its size.
+        """
+        with self._counts_lock:
+            evicted, self._evicted = self._evicted, []
+        return evicted
 
     def _delete_one(self, fs: fsspec.AbstractFileSystem, key: str) -> bool:
         """Delete one page; return True when it failed (counted, the page may remain)."""

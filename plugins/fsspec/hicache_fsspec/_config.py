@@ -61,6 +61,13 @@ class FsspecConfig(BackendConfig):
     verify_checksum: bool = Field(
         default=True, description="hash every payload read and compare it with its header"
     )
+    #: Delete a page that fails verification and report it through ``take_evicted()``, so the
+    #: next publish of that key can store a good copy (``put`` is create-only: a damaged page
+    #: left in place would block it forever). Never done on a read-only tier or in ``direct``
+    #: mode, where a page still being written reads as damaged.
+    drop_corrupt: bool = Field(
+        default=True, description="delete pages that fail verification (reported as evicted)"
+    )
     #: How a written page becomes visible; see :class:`WriteMode`.
     write_mode: WriteMode = Field(
         default=WriteMode.AUTO,
