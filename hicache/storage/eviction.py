@@ -129,11 +129,13 @@ class TailFirstLRU(CapacityPolicy):
     def touch(self, keys: Sequence[str]) -> None:
         # docstring inherited
         with self._lock:
-            table = self._sizes
-            move = table.move_to_end
-            for i in range(len(keys) - 1, -1, -1):
-                if keys[i] in table:
-                    move(keys[i])
+            move = self._sizes.move_to_end
+            for key in reversed(keys):
+                # One hash lookup, no context manager per key (suppress() costs ~3x here).
+                try:  # noqa: SIM105
+                    move(key)
+                except KeyError:
+                    pass
 
     def remove(self, key: str) -> bool:
         # docstring inherited

@@ -1,0 +1,334 @@
+"""``hicache bench storage|eviction|radix``: figures next to the machine's own limits.
+
+- ``storage``   a configured tier's put / cold get / hot get GB/s, exists and exists_prefix
+                keys/s and latency percentiles, each with the raw limit measured in the same run
+                (:mod:`hicache.storage.benchmark`)
+- ``eviction``  capacity policy operations per second (:mod:`hicache.storage.eviction_bench`)
+- ``radix``     radix tree throughput (:mod:`hicache.radix_bench`, imported only when asked for)
+
+``add_parser(subparsers)`` registers the ``bench`` command on the ``hicache`` command line; every
+leaf parser sets ``func``, a handler taking the parsed namespace and returning the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from hicache.errors import HicacheError
+from hicache.storage.benchmark import (
+    BenchReport,
+    BenchSpec,
+    Figure,
+    MemcpyBaseline,
+    RawBaseline,
+    planned_units,
+    run_storage_bench,
+)
+
+__all__ = ["add_parser", "format_figures", "format_report", "main"]
+
+logger = logging.getLogger(__name__)
+
+MIB = 1 << 20
+GIB = 1 << 30
+#: Defaults: Llama-3-8B pages (64 tokens x 32 layers x 8 KV heads x 128 dims x bf16 x K,V = 8 MiB)
+#: and a 2 MiB page, 2 GiB per pair, at 1 and 4 threads.
+DEFAULT_PAGE_MIB = (8.0, 2.0)
+DEFAULT_TOTAL_GIB = 2.0
+DEFAULT_THREADS = (1, 4)
+#: ``--quick``: tiny sizes, so the test suite can run the whole command.
+QUICK_PAGE_MIB = (0.0625, 0.015625)  # 64 KiB and 16 KiB
+QUICK_TOTAL_GIB = 2 / 1024  # 2 MiB
+QUICK_THREADS = (1, 2)
+
+
+class _BenchParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that, built with ``passthrough=True``, parses nothing itself and
+    keeps every argument for a parser built later (``bench radix`` imports its module lazily)."""
+
+    def __init__(self, *args: Any, passthrough: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.passthrough = passthrough
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if not self.passthrough:
+            return super().parse_known_args(args, namespace)
+        result = namespace if namespace is not None else argparse.Namespace()
+        for name, value in self._defaults.items():
+            setattr(result, name, value)
+        result.passthrough_argv = list(args if args is not None else sys.argv[1:])
+        return result, []
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    values = _floats(text)
+    if any(v != int(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return tuple(int(v) for v in values)
+
+
+def _positive_float(text: str) -> float:
+    return _floats(text)[0]
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``bench`` and its subcommands on ``subparsers`` (from ``add_subparsers``)."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "bench",
+        help="measure storage, eviction or radix throughput against the machine's limits",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    sub = parser.add_subparsers(dest="bench_command", required=True, parser_class=_BenchParser)
+
+    storage = sub.add_parser(
+        "storage",
+        help="put/get GB/s, exists keys/s and latencies of a configured tier vs raw limits",
+    )
+    storage.add_argument("--config", required=True, help="hicache YAML configuration file")
+    storage.add_argument("--tier", help="tier name in storage.tiers (default: the first)")
+    storage.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    storage.add_argument(
+        "--page-mib", type=_floats, help="page sizes in MiB, comma-separated (default 8,2)"
+    )
+    storage.add_argument(
+        "--total-gib", type=_positive_float, help="bytes written per page size and thread count"
+    )
+    storage.add_argument("--threads", type=_ints, help="thread counts (default 1,4)")
+    storage.add_argument("--batch", type=int, default=1, help="pages per put/get call")
+    storage.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    storage.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    storage.set_defaults(func=_run_storage)
+
+    eviction = sub.add_parser("eviction", help="capacity policy operations per second")
+    eviction.add_argument("--keys", type=int, default=100_000, help="resident keys")
+    eviction.add_argument("--rounds", type=int, default=2_000, help="64-key chains per figure")
+    eviction.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    eviction.set_defaults(func=_run_eviction)
+
+    radix = sub.add_parser(
+        "radix",
+        help="radix tree throughput (options: hicache bench radix --help)",
+        add_help=False,
+        passthrough=True,
+    )
+    radix.set_defaults(func=_run_radix)
+    return parser
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def _spec_from_args(args: argparse.Namespace) -> BenchSpec:
+    quick = bool(args.quick)
+    page_mib = args.page_mib or (QUICK_PAGE_MIB if quick else DEFAULT_PAGE_MIB)
+    total_gib = args.total_gib or (QUICK_TOTAL_GIB if quick else DEFAULT_TOTAL_GIB)
+    threads = args.threads or (QUICK_THREADS if quick else DEFAULT_THREADS)
+    if args.batch < 1:
+        raise HicacheError(f"--batch must be >= 1, got {args.batch}")
+    return BenchSpec(
+        page_bytes=tuple(max(1, int(m * MIB)) for m in page_mib),
+        total_bytes=max(1, int(total_gib * GIB)),
+        threads=threads,
+        batch=args.batch,
+    )
+
+
+def _build_tier(
+    config_path: str, tier_name: str | None
+) -> tuple[str, str, Callable[[int, str], Any]]:
+    """Return (tier name, backend kind, make_backend) for a tier of a config file."""
+    # Imported here: the config stack (pydantic-settings, YAML) is only needed by this command.
+    from hicache.config import load_config
+    from hicache.errors import ConfigError
+    from hicache.storage.backend import BackendContext
+    from hicache.storage.registry import create_backend
+
+    config = load_config(config_path)
+    tiers = config.storage.tiers
+    if not tiers:
+        raise ConfigError(f"{config_path}: storage.tiers is empty: nothing to benchmark")
+    name = tier_name if tier_name is not None else next(iter(tiers))
+    if name not in tiers:
+        raise ConfigError(f"{config_path}: no tier {name!r} in storage.tiers (have {list(tiers)})")
+    tier = tiers[name]
+    if tier.read_only:
+        raise ConfigError(f"tier {name!r} is read_only: the benchmark must write pages")
+
+    def make_backend(page_bytes: int, namespace: str) -> Any:
+        context = BackendContext(page_bytes=page_bytes, namespace=namespace, tier_name=name)
+        return create_backend(
+            tier.backend, tier.options, context, path=f"storage.tiers.{name}.options"
+        )
+
+    return name, tier.backend, make_backend
+
+
+def _baseline_for(backend: Any) -> RawBaseline:
+    hook = getattr(type(backend), "bench_baseline", None)
+    if hook is None:
+        return MemcpyBaseline()
+    baseline = hook(backend.config, backend.context)
+    if not isinstance(baseline, RawBaseline):
+        raise TypeError(
+            f"{type(backend).__name__}.bench_baseline returned {type(baseline).__name__}, "
+            "expected a hicache.storage.benchmark.RawBaseline"
+        )
+    return baseline
+
+
+def _fmt_value(value: float | None, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    if unit == "ms":
+        return f"{value:.3f} ms"
+    if unit == "GB/s":
+        return f"{value:.2f} GB/s"
+    return f"{value / 1e6:.2f} M{unit}" if value >= 1e6 else f"{value / 1e3:.1f} k{unit}"
+
+
+def format_figures(figures: Sequence[Figure], label: str = "figure") -> list[str]:
+    """Aligned ``name  value  limit  ratio`` lines."""
+    lines = [f"  {label:<16} {'value':>16} {'limit':>16} {'ratio':>7}"]
+    for fig in figures:
+        ratio = "n/a" if fig.ratio is None else f"{fig.ratio:.2f}"
+        lines.append(
+            f"  {fig.name:<16} {_fmt_value(fig.value, fig.unit):>16} "
+            f"{_fmt_value(fig.limit, fig.unit):>16} {ratio:>7}"
+        )
+    return lines
+
+
+def format_report(report: BenchReport) -> str:
+    """The human-readable report: one block per (page size, threads) pair."""
+    lines = [
+        f"hicache bench storage: tier {report.tier!r} (backend {report.backend})",
+        f"limit: {report.baseline}, same pages, threads and batches ({report.batch} page/call)",
+        "ratio: throughput / limit, or limit latency / latency (1.00 = at the machine's limit)",
+    ]
+    for run in report.runs:
+        size = run.page_bytes * run.num_pages
+        lines.append("")
+        lines.append(
+            f"page {run.page_bytes / MIB:g} MiB x {run.num_pages} pages "
+            f"({size / MIB:g} MiB), {run.threads} thread{'s' if run.threads > 1 else ''}"
+        )
+        lines.extend(format_figures(run.figures))
+        for phase, counts in run.problems.items():
+            lines.append(f"  warning: {phase}: {counts} (figures count these pages too)")
+    return "\n".join(lines)
+
+
+def _run_storage(args: argparse.Namespace) -> int:
+    try:
+        spec = _spec_from_args(args)
+        tier, kind, make_backend = _build_tier(args.config, args.tier)
+    except HicacheError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    show_progress = not args.json and not args.no_progress and sys.stderr.isatty()
+    try:
+        if show_progress:
+            from rich.progress import Progress
+
+            with Progress(transient=True) as bar:
+                task = bar.add_task(f"bench {tier}", total=planned_units(spec))
+
+                def advance(n: int) -> None:
+                    bar.advance(task, n)
+
+                report = run_storage_bench(
+                    make_backend=make_backend,
+                    make_baseline=_baseline_for,
+                    spec=spec,
+                    tier=tier,
+                    backend_kind=kind,
+                    progress=advance,
+                )
+        else:
+            report = run_storage_bench(
+                make_backend=make_backend,
+                make_baseline=_baseline_for,
+                spec=spec,
+                tier=tier,
+                backend_kind=kind,
+            )
+    except HicacheError as exc:
+        print(f"error: tier {tier!r}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
+# ----------------------------------------------------------------------------- eviction
+
+
+def _run_eviction(args: argparse.Namespace) -> int:
+    from hicache.storage.eviction_bench import run_eviction_bench
+
+    if args.keys < 1000 or args.rounds < 1:
+        print("error: --keys must be >= 1000 and --rounds >= 1", file=sys.stderr)
+        return 2
+    figures = run_eviction_bench(num_keys=args.keys, rounds=args.rounds)
+    if args.json:
+        print(json.dumps({"figures": {f.name: f.to_json() for f in figures}}, indent=2))
+    else:
+        print(f"hicache bench eviction: {args.keys} resident keys, single thread")
+        print("limit: the same loop on the bare structure (no policy, no lock)")
+        print("\n".join(format_figures(figures, "operation")))
+    return 0
+
+
+# ----------------------------------------------------------------------------- radix
+
+
+def _run_radix(args: argparse.Namespace) -> int:
+    try:
+        from hicache import radix_bench
+    except ImportError as exc:
+        print(
+            f"error: hicache bench radix is not available ({exc}); it needs the cache side "
+            "(`pip install hicache[cache]`) and hicache.radix_bench",
+            file=sys.stderr,
+        )
+        return 2
+    parser = argparse.ArgumentParser(
+        prog="hicache bench radix", description="radix tree throughput"
+    )
+    radix_bench.add_arguments(parser)
+    radix_args = parser.parse_args(getattr(args, "passthrough_argv", []))
+    return int(radix_bench.run(radix_args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``bench ...`` on its own (``python -m hicache.bench storage ...``)."""
+    parser = argparse.ArgumentParser(prog="hicache")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,538 @@
+"""The generic storage benchmark: a backend's figures next to the machine's own limits.
+
+- :class:`RawBaseline`      the hook a backend provides to measure its raw limit outside hicache
+- :class:`MemcpyBaseline`   the default: memcpy into / out of preallocated bytearrays
+- :class:`BenchSpec`        page sizes, total bytes, thread counts, batch size
+- :func:`run_storage_bench` run every (page size, thread count) pair; return a :class:`BenchReport`
+
+For each pair the harness writes ``N`` fresh pages, drops the page cache (when the backend can),
+reads them back cold, reads them again hot, then asks ``exists`` and ``exists_prefix`` about all
+of them, timing every call. It then does the same through the raw baseline, with the same split
+of pages over the same number of threads and the same batches, so each figure has a limit
+measured in the same run, and reports ``ratio``: throughput / limit, or limit latency / latency
+(1.0 = as fast as the machine allows with those system calls).
+
+A backend plugs its raw baseline in with a classmethod ``bench_baseline(config, context)``
+returning a :class:`RawBaseline`, and makes cold reads possible with an instance method
+``drop_page_cache() -> bool``; both are optional (see ``/work/INTERFACES.md``). Nothing here
+imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from hicache.storage.backend import Backend, PageStatus
+
+__all__ = [
+    "FIGURES",
+    "BenchReport",
+    "BenchRun",
+    "BenchSpec",
+    "Figure",
+    "MemcpyBaseline",
+    "RawBaseline",
+    "percentile",
+    "planned_units",
+    "run_storage_bench",
+]
+
+GB = 1e9
+
+
+class RawBaseline(ABC):
+    """The machine's limit for one backend's access pattern, measured outside hicache.
+
+    Notes for implementers: use the same system calls the backend uses (files: create + write +
+    rename with the same fsync policy; a mapping: memcpy into and out of a prefaulted mapping; S3:
+    raw client calls). ``put``/``get``/``exists`` are called from several threads at once, on
+    disjoint index sets; indices run from 0 to ``num_pages - 1``. ``teardown`` removes whatever
+    ``setup`` and ``put`` created, and is called even after a failure.
+    """
+
+    #: One line naming what is measured, shown in the report.
+    name: ClassVar[str] = "raw"
+
+    @abstractmethod
+    def setup(self, page_bytes: int, num_pages: int) -> None:
+        """Prepare for ``num_pages`` pages of ``page_bytes`` (not timed)."""
+
+    @abstractmethod
+    def put(self, indices: Sequence[int], srcs: Sequence[memoryview]) -> None:
+        """Store ``srcs[j]`` as page ``indices[j]``."""
+
+    @abstractmethod
+    def get(self, indices: Sequence[int], dsts: Sequence[memoryview]) -> None:
+        """Read page ``indices[j]`` into ``dsts[j]``."""
+
+    @abstractmethod
+    def exists(self, indices: Sequence[int]) -> list[bool]:
+        """Raw presence check of each page."""
+
+    def drop_cache(self) -> bool:
+        """Make the next ``get`` cold; return False when that is impossible (the default)."""
+        return False
+
+    @abstractmethod
+    def teardown(self) -> None:
+        """Remove everything ``setup`` and ``put`` created."""
+
+
+class MemcpyBaseline(RawBaseline):
+    """memcpy into and out of preallocated bytearrays: the limit of any in-memory tier."""
+
+    name: ClassVar[str] = "memcpy into/out of preallocated bytearrays"
+
+    def __init__(self) -> None:
+        self._pages: list[bytearray] = []
+        self._present = bytearray()
+
+    def setup(self, page_bytes: int, num_pages: int) -> None:
+        # Touch every page now so the timed run does not pay first-touch page faults.
+        self._pages = [bytearray(b"\x01" * page_bytes) for _ in range(num_pages)]
+        self._present = bytearray(num_pages)
+
+    def put(self, indices: Sequence[int], srcs: Sequence[memoryview]) -> None:
+        for i, src in zip(indices, srcs, strict=True):
+            self._pages[i][:] = src
+            self._present[i] = 1
+
+    def get(self, indices: Sequence[int], dsts: Sequence[memoryview]) -> None:
+        for i, dst in zip(indices, dsts, strict=True):
+            dst[:] = self._pages[i]
+
+    def exists(self, indices: Sequence[int]) -> list[bool]:
+        present = self._present
+        return [bool(present[i]) for i in indices]
+
+    def teardown(self) -> None:
+        self._pages = []
+        self._present = bytearray()
+
+
+@dataclass(frozen=True, slots=True)
+class BenchSpec:
+    """What to measure."""
+
+    page_bytes: Sequence[int] = (8 << 20, 2 << 20)
+    total_bytes: int = 2 << 30
+    threads: Sequence[int] = (1, 4)
+    #: Pages per put/get call (latencies are per call).
+    batch: int = 1
+    #: Keys per exists call, and the chain length of each exists_prefix call.
+    exists_batch: int = 64
+    #: Keys asked about per presence figure (the pages, repeated as needed).
+    min_exists_keys: int = 20_000
+
+    def num_pages(self, page_bytes: int, threads: int) -> int:
+        """Pages written for one (page size, threads) pair: ``total_bytes`` worth, at least one
+        batch per thread."""
+        return max(threads * self.batch, self.total_bytes // page_bytes)
+
+    def exists_repeats(self, num_pages: int) -> int:
+        """Passes of ``exists``/``exists_prefix`` over the pages: at least ``min_exists_keys``."""
+        return max(1, -(-self.min_exists_keys // num_pages))
+
+
+def planned_units(spec: BenchSpec) -> int:
+    """Progress units a run reports: pages moved by every timed put/get phase (both sides)."""
+    per_pair = 2 * 3  # backend + baseline, x (put, cold get, hot get)
+    return sum(per_pair * spec.num_pages(p, t) for p in spec.page_bytes for t in spec.threads)
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    """One measured figure and its limit; ``None`` means not measurable here (n/a)."""
+
+    name: str
+    unit: str
+    value: float | None
+    limit: float | None
+    #: True for throughputs (ratio = value / limit), False for latencies (ratio = limit / value).
+    higher_is_better: bool = True
+
+    @property
+    def ratio(self) -> float | None:
+        """Fraction of the machine's limit achieved (1.0 = at the limit)."""
+        if self.value is None or self.limit is None or self.value <= 0 or self.limit <= 0:
+            return None
+        return self.value / self.limit if self.higher_is_better else self.limit / self.value
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data, ratio included."""
+        return {
+            "name": self.name,
+            "unit": self.unit,
+            "value": self.value,
+            "limit": self.limit,
+            "ratio": self.ratio,
+        }
+
+
+#: Every figure a run reports, in display order.
+FIGURES: tuple[tuple[str, str, bool], ...] = (
+    ("put", "GB/s", True),
+    ("get_cold", "GB/s", True),
+    ("get_hot", "GB/s", True),
+    ("exists", "keys/s", True),
+    ("exists_prefix", "keys/s", True),
+    ("put_p50", "ms", False),
+    ("put_p99", "ms", False),
+    ("get_cold_p50", "ms", False),
+    ("get_cold_p99", "ms", False),
+    ("get_hot_p50", "ms", False),
+    ("get_hot_p99", "ms", False),
+)
+
+
+@dataclass(slots=True)
+class BenchRun:
+    """Figures for one (page size, thread count) pair."""
+
+    page_bytes: int
+    threads: int
+    num_pages: int
+    figures: list[Figure]
+    #: Non-OK statuses the backend returned, per phase (e.g. ``{"get_hot": {"not_found": 3}}``).
+    problems: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def figure(self, name: str) -> Figure:
+        """The figure called ``name``."""
+        for fig in self.figures:
+            if fig.name == name:
+                return fig
+        raise KeyError(name)
+
+
+@dataclass(slots=True)
+class BenchReport:
+    """Everything one ``hicache bench storage`` run measured."""
+
+    tier: str
+    backend: str
+    baseline: str
+    batch: int
+    runs: list[BenchRun] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON-able data."""
+        return {
+            "tier": self.tier,
+            "backend": self.backend,
+            "baseline": self.baseline,
+            "batch": self.batch,
+            "runs": [
+                {
+                    "page_bytes": run.page_bytes,
+                    "threads": run.threads,
+                    "num_pages": run.num_pages,
+                    "figures": {fig.name: fig.to_json() for fig in run.figures},
+                    "problems": run.problems,
+                }
+                for run in self.runs
+            ],
+        }
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) of ``samples`` by the nearest-rank method."""
+    if not samples:
+        raise ValueError("percentile of no samples")
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+# ----------------------------------------------------------------------------- timing machinery
+
+
+@dataclass(frozen=True, slots=True)
+class _Phase:
+    seconds: float
+    #: Pages or keys the phase went through.
+    units: int
+    latencies: list[float]
+    problems: dict[str, int]
+
+
+Work = Callable[[Sequence[int], int], Sequence[PageStatus] | None]
+
+
+def _parallel(
+    threads: int,
+    slices: Sequence[Sequence[int]],
+    step: int,
+    work: Work,
+    progress: Callable[[int], None] | None,
+) -> _Phase:
+    """Run ``work(indices, thread_no)`` over each thread's slice in chunks of ``step``, all
+    threads released together; time the whole phase and every call."""
+    barrier = threading.Barrier(threads + 1)
+    latencies: list[list[float]] = [[] for _ in range(threads)]
+    problems: dict[str, int] = {}
+    problems_lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def body(t: int) -> None:
+        mine = slices[t]
+        own = latencies[t]
+        barrier.wait()
+        try:
+            for start in range(0, len(mine), step):
+                chunk = mine[start : start + step]
+                began = time.perf_counter()
+                statuses = work(chunk, t)
+                own.append(time.perf_counter() - began)
+                if statuses is not None:
+                    bad = [s for s in statuses if s is not PageStatus.OK]
+                    if bad:
+                        with problems_lock:
+                            for status in bad:
+                                problems[status.value] = problems.get(status.value, 0) + 1
+                if progress is not None:
+                    progress(len(chunk))
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=body, args=(t,), daemon=True) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    barrier.wait()
+    began = time.perf_counter()
+    for worker in workers:
+        worker.join()
+    seconds = time.perf_counter() - began
+    if errors:
+        raise errors[0]
+    units = sum(len(own) for own in slices)
+    return _Phase(seconds, units, [x for own in latencies for x in own], problems)
+
+
+def _slices(num_pages: int, threads: int) -> list[list[int]]:
+    """Contiguous, near-equal index ranges, one per thread."""
+    bounds = [num_pages * t // threads for t in range(threads + 1)]
+    return [list(range(bounds[t], bounds[t + 1])) for t in range(threads)]
+
+
+def _fill(buf: bytearray, seed: int) -> None:
+    # Incompressible, distinct per buffer; built from a hash chain so no page costs urandom time.
+    block = hashlib.sha256(seed.to_bytes(8, "little")).digest() * 2048  # 64 KiB
+    for off in range(0, len(buf), len(block)):
+        buf[off : off + len(block)] = block[: len(buf) - off]
+    buf[:8] = seed.to_bytes(8, "little")
+
+
+@dataclass(slots=True)
+class _Side:
+    """Measured phases of one side (the backend, or its raw baseline)."""
+
+    put: _Phase
+    get_cold: _Phase | None
+    get_hot: _Phase
+    exists: _Phase
+    exists_prefix: _Phase
+
+
+def _measure(
+    *,
+    put: Work,
+    get: Work,
+    exists: Work,
+    exists_prefix: Work,
+    drop_cache: Callable[[], bool],
+    num_pages: int,
+    threads: int,
+    spec: BenchSpec,
+    progress: Callable[[int], None] | None,
+) -> _Side:
+    slices = _slices(num_pages, threads)
+    put_phase = _parallel(threads, slices, spec.batch, put, progress)
+    cold: _Phase | None = None
+    if drop_cache():
+        cold = _parallel(threads, slices, spec.batch, get, progress)
+    elif progress is not None:
+        progress(num_pages)
+    hot = _parallel(threads, slices, spec.batch, get, progress)
+    # Presence checks are cheap: repeat them over the same keys so the timing is not noise.
+    repeated = [own * spec.exists_repeats(num_pages) for own in slices]
+    ex = _parallel(threads, repeated, spec.exists_batch, exists, None)
+    exp = _parallel(threads, repeated, spec.exists_batch, exists_prefix, None)
+    return _Side(put_phase, cold, hot, ex, exp)
+
+
+def _figures(page_bytes: int, num_pages: int, ours: _Side, raw: _Side) -> list[Figure]:
+    def gbps(phase: _Phase | None) -> float | None:
+        return None if phase is None else num_pages * page_bytes / phase.seconds / GB
+
+    def keys_s(phase: _Phase) -> float:
+        return phase.units / phase.seconds
+
+    def ms(phase: _Phase | None, q: float) -> float | None:
+        return None if phase is None else percentile(phase.latencies, q) * 1e3
+
+    values: dict[str, tuple[float | None, float | None]] = {
+        "put": (gbps(ours.put), gbps(raw.put)),
+        "get_cold": (gbps(ours.get_cold), gbps(raw.get_cold)),
+        "get_hot": (gbps(ours.get_hot), gbps(raw.get_hot)),
+        "exists": (keys_s(ours.exists), keys_s(raw.exists)),
+        "exists_prefix": (keys_s(ours.exists_prefix), keys_s(raw.exists_prefix)),
+    }
+    for phase in ("put", "get_cold", "get_hot"):
+        for q in (50, 99):
+            values[f"{phase}_p{q}"] = (ms(getattr(ours, phase), q), ms(getattr(raw, phase), q))
+    figures = []
+    for name, unit, higher in FIGURES:
+        value, limit = values[name]
+        if value is None or limit is None:  # cold on one side only: not comparable
+            value = limit = None
+        figures.append(Figure(name, unit, value, limit, higher))
+    return figures
+
+
+def _page_key(namespace: str, index: int) -> str:
+    return hashlib.sha256(f"{namespace}/{index}".encode()).hexdigest()
+
+
+def run_storage_bench(
+    *,
+    make_backend: Callable[[int, str], Backend],
+    make_baseline: Callable[[Backend], RawBaseline],
+    spec: BenchSpec,
+    tier: str,
+    backend_kind: str,
+    progress: Callable[[int], None] | None = None,
+) -> BenchReport:
+    """Measure a backend against its raw baseline for every (page size, threads) pair of ``spec``.
+
+    ``make_backend(page_bytes, namespace)`` returns a fresh, unopened backend for that page size
+    and namespace; ``make_baseline(backend)`` its raw baseline. The backend's pages are deleted
+    and the baseline torn down after each pair.
+    """
+    report: BenchReport | None = None
+    for page_bytes in spec.page_bytes:
+        for threads in spec.threads:
+            namespace = f"bench-{os.getpid()}-{page_bytes}-{threads}"
+            backend = make_backend(page_bytes, namespace)
+            baseline = make_baseline(backend)
+            if report is None:
+                report = BenchReport(tier, backend_kind, baseline.name, spec.batch)
+            report.runs.append(
+                _run_pair(backend, baseline, page_bytes, threads, namespace, spec, progress)
+            )
+    if report is None:
+        raise ValueError("the bench spec names no page size or thread count")
+    return report
+
+
+def _run_pair(
+    backend: Backend,
+    baseline: RawBaseline,
+    page_bytes: int,
+    threads: int,
+    namespace: str,
+    spec: BenchSpec,
+    progress: Callable[[int], None] | None,
+) -> BenchRun:
+    num_pages = spec.num_pages(page_bytes, threads)
+    keys = [_page_key(namespace, i) for i in range(num_pages)]
+    srcs: list[list[memoryview]] = []
+    dsts: list[list[memoryview]] = []
+    for t in range(threads):
+        own_src, own_dst = [], []
+        for b in range(spec.batch):
+            src = bytearray(page_bytes)
+            _fill(src, t * spec.batch + b)
+            own_src.append(memoryview(src))
+            own_dst.append(memoryview(bytearray(page_bytes)))
+        srcs.append(own_src)
+        dsts.append(own_dst)
+
+    def raw_put(idx: Sequence[int], t: int) -> None:
+        baseline.put(idx, srcs[t][: len(idx)])
+
+    def raw_get(idx: Sequence[int], t: int) -> None:
+        baseline.get(idx, dsts[t][: len(idx)])
+
+    def raw_exists(idx: Sequence[int], t: int) -> None:
+        baseline.exists(idx)
+
+    baseline.setup(page_bytes, num_pages)
+    try:
+        raw = _measure(
+            put=raw_put,
+            get=raw_get,
+            exists=raw_exists,
+            # The raw limit of a prefix check is a presence check of the same chain.
+            exists_prefix=raw_exists,
+            drop_cache=baseline.drop_cache,
+            num_pages=num_pages,
+            threads=threads,
+            spec=spec,
+            progress=progress,
+        )
+    finally:
+        baseline.teardown()
+
+    def our_put(idx: Sequence[int], t: int) -> list[PageStatus]:
+        return backend.put([keys[i] for i in idx], srcs[t][: len(idx)])
+
+    def our_get(idx: Sequence[int], t: int) -> list[PageStatus]:
+        return backend.get_into([keys[i] for i in idx], dsts[t][: len(idx)])
+
+    def our_exists(idx: Sequence[int], t: int) -> list[PageStatus]:
+        found = backend.exists([keys[i] for i in idx])
+        return [PageStatus.OK if f else PageStatus.NOT_FOUND for f in found]
+
+    def our_exists_prefix(idx: Sequence[int], t: int) -> list[PageStatus]:
+        n = backend.exists_prefix([keys[i] for i in idx])
+        return [PageStatus.OK] * n + [PageStatus.NOT_FOUND] * (len(idx) - n)
+
+    def drop() -> bool:
+        hook = getattr(backend, "drop_page_cache", None)
+        return bool(hook()) if callable(hook) else False
+
+    backend.open()
+    try:
+        ours = _measure(
+            put=our_put,
+            get=our_get,
+            exists=our_exists,
+            exists_prefix=our_exists_prefix,
+            drop_cache=drop,
+            num_pages=num_pages,
+            threads=threads,
+            spec=spec,
+            progress=progress,
+        )
+    finally:
+        try:
+            for start in range(0, num_pages, 256):
+                backend.delete(keys[start : start + 256])
+        finally:
+            backend.close()
+    problems = {
+        name: phase.problems
+        for name, phase in _phases(ours).items()
+        if phase is not None and phase.problems
+    }
+    return BenchRun(
+        page_bytes, threads, num_pages, _figures(page_bytes, num_pages, ours, raw), problems
+    )
+
+
+def _phases(side: _Side) -> dict[str, _Phase | None]:
+    return {
+        "put": side.put,
+        "get_cold": side.get_cold,
+        "get_hot": side.get_hot,
+        "exists": side.exists,
+        "exists_prefix": side.exists_prefix,
+    }
