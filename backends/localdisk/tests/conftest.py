@@ -1,0 +1,44 @@
+"""Shared helpers of the localdisk tests (page keys, payloads, a backend factory)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hicache_localdisk import LocalDiskBackend, LocalDiskConfig
+
+from hicache.storage.backend import BackendContext
+
+PAGE_BYTES = 16384
+
+
+def key_of(i: int, salt: str = "") -> str:
+    """A deterministic page key."""
+    return hashlib.sha256(f"{salt}:{i}".encode()).hexdigest()
+
+
+def payload_of(key: str, page_bytes: int = PAGE_BYTES, variant: int = 0) -> bytes:
+    """Content derived from the key, so a torn or misplaced page is detected byte for byte."""
+    seed = hashlib.sha256(f"{key}:{variant}".encode()).digest()
+    return (seed * (page_bytes // len(seed) + 1))[:page_bytes]
+
+
+MakeBackend = Callable[..., LocalDiskBackend]
+
+
+@pytest.fixture
+def make_backend(tmp_path: Path) -> MakeBackend:
+    """Factory of unopened backends on ``tmp_path/root`` (options may override anything)."""
+
+    def make(
+        namespace: str = "ns", page_bytes: int = PAGE_BYTES, read_only: bool = False, **opts: Any
+    ) -> LocalDiskBackend:
+        options: dict[str, Any] = {"root": str(tmp_path / "root"), **opts}
+        config = LocalDiskConfig.model_validate(options)
+        ctx = BackendContext(page_bytes=page_bytes, namespace=namespace, read_only=read_only)
+        return LocalDiskBackend(config, ctx)
+
+    return make
