@@ -123,6 +123,11 @@ class StoredPage:
 
     key: str
     stored_bytes: int
+    #: Payload size of the page (its ``page_bytes``) when the backend knows it; ``None`` means
+    #: ``stored_bytes - pageformat.HEADER_SIZE``. Backends whose stored size is not header plus
+    #: payload (fixed slots, padding) should set it: ``hicache storage verify`` reads each page
+    #: back through an instance with this ``page_bytes``.
+    payload_bytes: int | None = None
 
 
 class BackendConfig(BaseModel):
