@@ -29,6 +29,16 @@ def payload_of(key: str, page_bytes: int = PAGE_BYTES, variant: int = 0) -> byte
 MakeBackend = Callable[..., LocalDiskBackend]
 
 
+@pytest.fixture(name="key_of")
+def _key_of() -> Callable[..., str]:
+    return key_of
+
+
+@pytest.fixture(name="payload_of")
+def _payload_of() -> Callable[..., bytes]:
+    return payload_of
+
+
 @pytest.fixture
 def make_backend(tmp_path: Path) -> MakeBackend:
     """Factory of unopened backends on ``tmp_path/root`` (options may override anything)."""
