@@ -156,30 +156,17 @@ def _build_tier(
     config_path: str, tier_name: str | None
 ) -> tuple[str, str, Callable[[int, str], Any]]:
     """Return (tier name, backend kind, make_backend) for a tier of a config file."""
-    # Imported here: the config stack (pydantic-settings, YAML) is only needed by this command.
-    from hicache.config import load_config
     from hicache.errors import ConfigError
-    from hicache.storage.backend import BackendContext
-    from hicache.storage.registry import create_backend
+    from hicache.storage.ops import tier_handle
 
-    config = load_config(config_path)
-    tiers = config.storage.tiers
-    if not tiers:
-        raise ConfigError(f"{config_path}: storage.tiers is empty: nothing to benchmark")
-    name = tier_name if tier_name is not None else next(iter(tiers))
-    if name not in tiers:
-        raise ConfigError(f"{config_path}: no tier {name!r} in storage.tiers (have {list(tiers)})")
-    tier = tiers[name]
-    if tier.read_only:
-        raise ConfigError(f"tier {name!r} is read_only: the benchmark must write pages")
+    handle = tier_handle(config_path, tier_name)
+    if handle.read_only:
+        raise ConfigError(f"tier {handle.name!r} is read_only: the benchmark must write pages")
 
     def make_backend(page_bytes: int, namespace: str) -> Any:
-        context = BackendContext(page_bytes=page_bytes, namespace=namespace, tier_name=name)
-        return create_backend(
-            tier.backend, tier.options, context, path=f"storage.tiers.{name}.options"
-        )
+        return handle.make(page_bytes, namespace, False)
 
-    return name, tier.backend, make_backend
+    return handle.name, handle.kind, make_backend
 
 
 def _baseline_for(backend: Any) -> RawBaseline:
