@@ -1,0 +1,215 @@
+"""``hicache bench storage|eviction``: quick mode produces every figure and every ratio."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from hicache.storage.backend import BackendConfig, BackendContext
+from hicache.storage.benchmark import (
+    FIGURES,
+    BenchSpec,
+    Figure,
+    MemcpyBaseline,
+    RawBaseline,
+    percentile,
+    planned_units,
+    run_storage_bench,
+)
+from hicache.storage.memory import MemoryBackend, MemoryConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+MEMORY_YAML = ROOT / "configs" / "memory.yaml"
+FIGURE_NAMES = [name for name, _, _ in FIGURES]
+
+
+def test_percentile_nearest_rank() -> None:
+    samples = [float(x) for x in range(1, 101)]
+    assert percentile(samples, 50) == 50.0
+    assert percentile(samples, 99) == 99.0
+    assert percentile(samples, 100) == 100.0
+    assert percentile([3.0], 99) == 3.0
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_figure_ratio_direction() -> None:
+    assert Figure("put", "GB/s", 2.0, 4.0).ratio == 0.5
+    assert Figure("put_p50", "ms", 4.0, 1.0, higher_is_better=False).ratio == 0.25
+    assert Figure("get_cold", "GB/s", None, None).ratio is None
+
+
+class CountingBaseline(MemcpyBaseline):
+    """A pluggable baseline that can drop its 'cache' and counts what the harness did."""
+
+    name: ClassVar[str] = "counting memcpy"
+    calls: ClassVar[dict[str, int]] = {}
+
+    def put(self, indices: Sequence[int], srcs: Sequence[memoryview]) -> None:
+        self.calls["put"] = self.calls.get("put", 0) + len(indices)
+        super().put(indices, srcs)
+
+    def get(self, indices: Sequence[int], dsts: Sequence[memoryview]) -> None:
+        self.calls["get"] = self.calls.get("get", 0) + len(indices)
+        super().get(indices, dsts)
+
+    def drop_cache(self) -> bool:
+        return True
+
+
+class DroppingMemoryBackend(MemoryBackend):
+    """MemoryBackend with both bench hooks, as a disk backend would have them."""
+
+    dropped: ClassVar[int] = 0
+
+    @classmethod
+    def bench_baseline(cls, config: BackendConfig, context: BackendContext) -> RawBaseline:
+        assert isinstance(config, MemoryConfig)
+        return CountingBaseline()
+
+    def drop_page_cache(self) -> bool:
+        type(self).dropped += 1
+        return True
+
+
+def test_harness_uses_hooks_and_measures_cold_reads() -> None:
+    from hicache.bench import _baseline_for
+
+    CountingBaseline.calls = {}
+    DroppingMemoryBackend.dropped = 0
+    spec = BenchSpec(page_bytes=(16384,), total_bytes=16384 * 12, threads=(1, 3), batch=2)
+    done: list[int] = []
+    report = run_storage_bench(
+        make_backend=lambda pb, ns: DroppingMemoryBackend(
+            MemoryConfig(), BackendContext(page_bytes=pb, namespace=ns)
+        ),
+        make_baseline=_baseline_for,
+        spec=spec,
+        tier="t",
+        backend_kind="memory",
+        progress=done.append,
+    )
+    assert report.baseline == "counting memcpy"
+    assert [(r.threads, r.num_pages) for r in report.runs] == [(1, 12), (3, 12)]
+    assert DroppingMemoryBackend.dropped == 2
+    # Per pair the baseline wrote 12 pages and read them twice (cold and hot).
+    assert CountingBaseline.calls == {"put": 24, "get": 48}
+    assert sum(done) == planned_units(spec)
+    for run in report.runs:
+        assert [f.name for f in run.figures] == FIGURE_NAMES
+        for fig in run.figures:
+            assert fig.value is not None and fig.value > 0, fig
+            assert fig.limit is not None and fig.limit > 0, fig
+            assert fig.ratio is not None and fig.ratio > 0, fig
+        assert run.problems == {}
+
+
+def _check_report(doc: dict[str, object], *, cold: bool) -> None:
+    runs = doc["runs"]
+    assert isinstance(runs, list)
+    # Quick mode: two page sizes x two thread counts.
+    assert sorted((r["page_bytes"], r["threads"]) for r in runs) == [
+        (16384, 1),
+        (16384, 2),
+        (65536, 1),
+        (65536, 2),
+    ]
+    for run in runs:
+        figures = run["figures"]
+        assert list(figures) == FIGURE_NAMES
+        for name, fig in figures.items():
+            if name.startswith("get_cold") and not cold:
+                assert fig["value"] is None and fig["ratio"] is None
+                continue
+            assert fig["value"] > 0 and fig["limit"] > 0 and fig["ratio"] > 0, (name, fig)
+        assert run["problems"] == {}
+
+
+def test_cli_quick_json_on_memory_config() -> None:
+    pytest.importorskip("hicache.config")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hicache.bench",
+            "storage",
+            "--config",
+            str(MEMORY_YAML),
+            "--quick",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["backend"] == "memory"
+    assert doc["baseline"] == MemcpyBaseline.name
+    _check_report(doc, cold=False)
+
+
+def test_cli_quick_text_on_memory_config(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("hicache.config")
+    from hicache.bench import main
+
+    assert main(["storage", "--config", str(MEMORY_YAML), "--quick", "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "limit: memcpy" in out
+    assert out.count("\npage ") == 2  # two page sizes, one thread count
+    for name in FIGURE_NAMES:
+        assert out.count(f"\n  {name} ") == 2, name
+    assert "get_cold" in out and "n/a" in out  # memory cannot drop a page cache
+
+
+def test_cli_reports_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("hicache.config")
+    from hicache.bench import main
+
+    assert main(["storage", "--config", str(MEMORY_YAML), "--quick", "--tier", "nope"]) == 2
+    assert "'nope'" in capsys.readouterr().err
+
+
+def test_eviction_bench_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    from hicache.bench import main
+
+    assert main(["eviction", "--keys", "2000", "--rounds", "20", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)["figures"]
+    assert set(figures) == {
+        "lru_touch_chain",
+        "lru_touch_single",
+        "lru_churn",
+        "clock_touch",
+        "clock_claim",
+    }
+    for fig in figures.values():
+        assert fig["value"] > 0 and fig["limit"] > 0 and fig["ratio"] > 0
+
+
+def test_radix_subcommand_delegates_or_explains(capsys: pytest.CaptureFixture[str]) -> None:
+    from hicache.bench import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["radix", "--help"])
+    assert info.value.code == 0
+    assert "hicache bench radix" in capsys.readouterr().out
+
+
+def test_radix_subcommand_without_its_module_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hicache.bench import main
+
+    # A None entry in sys.modules makes the import fail, as on an install without the module.
+    monkeypatch.setitem(sys.modules, "hicache.radix_bench", None)
+    assert main(["radix"]) == 2
+    assert "hicache bench radix is not available" in capsys.readouterr().err
