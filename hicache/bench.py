@@ -204,6 +204,13 @@ def format_figures(figures: Sequence[Figure], label: str = "figure") -> list[str
     return lines
 
 
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", MIB), ("KiB", 1024)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:g} {unit}"
+    return f"{nbytes} B"
+
+
 def format_report(report: BenchReport) -> str:
     """The human-readable report: one block per (page size, threads) pair."""
     lines = [
@@ -215,8 +222,8 @@ def format_report(report: BenchReport) -> str:
         size = run.page_bytes * run.num_pages
         lines.append("")
         lines.append(
-            f"page {run.page_bytes / MIB:g} MiB x {run.num_pages} pages "
-            f"({size / MIB:g} MiB), {run.threads} thread{'s' if run.threads > 1 else ''}"
+            f"page {_size(run.page_bytes)} x {run.num_pages} pages ({_size(size)}), "
+            f"{run.threads} thread{'s' if run.threads > 1 else ''}"
         )
         lines.extend(format_figures(run.figures))
         for phase, counts in run.problems.items():
