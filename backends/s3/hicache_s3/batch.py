@@ -1,0 +1,99 @@
+"""Fan a batch out over the backend's worker threads and gather it back, in key order.
+
+Rules every batch follows:
+- a call returns only after every request it started has finished, so no worker still touches a
+  caller's buffer afterwards (the contract forbids keeping references);
+- the first :class:`~hicache.errors.BackendUnavailableError` cancels the requests not started
+  yet (the endpoint is down: fail fast instead of timing out page by page) and is raised once
+  the started ones are done;
+- any other per-page error becomes ``on_error`` for that page, logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from typing import TypeVar
+
+from hicache.errors import BackendUnavailableError
+
+__all__ = ["gather", "ordered_prefix"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def gather(
+    pool: ThreadPoolExecutor,
+    fn: Callable[..., T],
+    args: Sequence[tuple[object, ...]],
+    *,
+    on_error: T,
+    what: str,
+) -> list[T]:
+    """Run ``fn(*a)`` for every ``a`` of ``args`` on ``pool``; results in order."""
+    futures = [pool.submit(fn, *a) for a in args]
+    return _collect(futures, on_error=on_error, what=what)
+
+
+def _collect(futures: Sequence[Future[T]], *, on_error: T, what: str) -> list[T]:
+    results: list[T] = []
+    unavailable: BackendUnavailableError | None = None
+    for fut in futures:
+        try:
+            results.append(fut.result())
+        except CancelledError:
+            results.append(on_error)
+        except BackendUnavailableError as exc:
+            results.append(on_error)
+            if unavailable is None:
+                unavailable = exc
+                for other in futures:
+                    other.cancel()
+        except Exception:
+            log.exception("S3 %s failed for one page", what)
+            results.append(on_error)
+    if unavailable is not None:
+        raise unavailable
+    return results
+
+
+def ordered_prefix(
+    pool: ThreadPoolExecutor,
+    check: Callable[[str], bool],
+    keys: Sequence[str],
+    *,
+    window: int,
+) -> int:
+    """Length of the leading run of ``keys`` for which ``check`` is true, asked in parallel.
+
+    At most ``window`` checks of this call are in flight; the first ``False`` (in key order)
+    stops it, and checks not started yet are cancelled. A check that raises stops the call the
+    same way, then its error propagates.
+    """
+    inflight: deque[Future[bool]] = deque()
+    next_idx = 0
+    result = len(keys)
+    error: BaseException | None = None
+    for idx in range(len(keys)):
+        while next_idx < len(keys) and len(inflight) < window:
+            inflight.append(pool.submit(check, keys[next_idx]))
+            next_idx += 1
+        fut = inflight.popleft()
+        try:
+            present = fut.result()
+        except BaseException as exc:
+            error, present = exc, False
+        if not present:
+            result = idx
+            break
+    # HEADs already running are left to finish on their own: they touch no caller buffer, and
+    # waiting for them would only add latency to an answer that is already decided.
+    for fut in inflight:
+        fut.cancel()
+    if error is not None:
+        raise error
+    return result

@@ -1,0 +1,184 @@
+"""Options of the ``s3`` backend: the ``options:`` mapping of a tier with ``backend: s3``."""
+
+from __future__ import annotations
+
+import enum
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, field_validator
+
+from hicache.storage.backend import BackendConfig
+
+__all__ = [
+    "AddressingStyle",
+    "ChecksumAlgorithm",
+    "ConditionalPut",
+    "RetryMode",
+    "S3Options",
+    "ServerSideEncryption",
+    "redact_url",
+]
+
+# S3's own rules for bucket names (the strict, DNS-compatible set every S3-compatible store takes).
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*\Z")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+class AddressingStyle(enum.StrEnum):
+    """How the bucket appears in request URLs (botocore's ``s3.addressing_style``)."""
+
+    #: botocore decides: virtual-hosted where the bucket name allows, path style for IP endpoints.
+    AUTO = "auto"
+    #: ``http://endpoint/bucket/key``: what most self-hosted stores (MinIO, Ceph RGW) expect.
+    PATH = "path"
+    #: ``http://bucket.endpoint/key``: needs DNS for ``bucket.<endpoint host>``.
+    VIRTUAL = "virtual"
+
+
+class RetryMode(enum.StrEnum):
+    """botocore retry modes."""
+
+    STANDARD = "standard"
+    ADAPTIVE = "adaptive"
+
+
+class ChecksumAlgorithm(enum.StrEnum):
+    """S3-native integrity checksum sent with every put, on top of the page header's xxh3."""
+
+    NONE = "none"
+    CRC32 = "crc32"
+    #: Needs ``botocore[crt]`` (awscrt) installed.
+    CRC32C = "crc32c"
+
+
+class ConditionalPut(enum.StrEnum):
+    """How create-only puts are made."""
+
+    #: ``If-None-Match: *``; if the server rejects the header, fall back to ``never`` for good.
+    AUTO = "auto"
+    #: Always ``If-None-Match: *``; a server that rejects it fails the put.
+    ALWAYS = "always"
+    #: HEAD first and skip keys known to exist (two racing writers may both write: harmless,
+    #: since a page key names its content).
+    NEVER = "never"
+
+
+class ServerSideEncryption(enum.StrEnum):
+    """Passed through as ``ServerSideEncryption`` on every put and refresh copy."""
+
+    AES256 = "AES256"
+    KMS = "aws:kms"
+    KMS_DSSE = "aws:kms:dsse"
+
+
+def parse_duration(value: object) -> float | None:
+    """``"12h"``, ``"7d"``, ``"30s"``, ``"250ms"`` or a number of seconds -> seconds."""
+    if value is None or isinstance(value, int | float):
+        return None if value is None else float(value)
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if match:
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    raise ValueError(f"invalid duration {value!r}: use seconds or e.g. '250ms', '30s', '12h', '7d'")
+
+
+def redact_url(url: str | None) -> str | None:
+    """Drop any ``user:password@`` part so an endpoint can be logged and shown safely."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class S3Options(BackendConfig):
+    """Options of an S3 tier.
+
+    Credentials are deliberately absent: boto3's default chain (environment, shared config and
+    credential files, SSO, container or instance roles) provides them, so they never appear in a
+    config file, a log line, an error, ``stats()`` or ``repr``.
+    """
+
+    #: Bucket holding the pages; it must exist (``open()`` checks it and names it if not).
+    bucket: str
+    #: Key prefix shared by every namespace: objects are ``<prefix>/<namespace>/<page key>``.
+    prefix: str = ""
+    #: S3-compatible endpoint (MinIO, Ceph RGW, a local server); ``None`` means AWS itself.
+    endpoint_url: str | None = None
+    #: Region for signing; ``None`` takes boto3's default chain, else ``us-east-1``.
+    region: str | None = None
+    addressing_style: AddressingStyle = AddressingStyle.AUTO
+    #: Requests in flight per instance: sizes both the worker threads and botocore's pool.
+    max_concurrency: int = Field(default=32, ge=1, le=1024)
+    #: Seconds to establish a connection / to wait for the next bytes of a response.
+    connect_timeout: float = Field(default=2.0, gt=0)
+    read_timeout: float = Field(default=10.0, gt=0)
+    retry_mode: RetryMode = RetryMode.STANDARD
+    #: Total attempts per request, the first included (botocore's ``max_attempts``).
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    server_side_encryption: ServerSideEncryption | None = None
+    sse_kms_key_id: str | None = None
+    sse_bucket_key_enabled: bool | None = None
+    checksum: ChecksumAlgorithm = ChecksumAlgorithm.NONE
+    conditional_put: ConditionalPut = ConditionalPut.AUTO
+    #: Seconds a positive ``exists`` answer is trusted without asking again (0 = off). There is
+    #: never a negative cache: other instances add pages at any time.
+    exists_cache_ttl: float = Field(default=0.0, ge=0)
+    #: Re-copy an object in place when a hit finds it older than this (seconds or "7d"); keeps
+    #: hot prefixes alive under a lifecycle rule that expires by creation time. ``None`` = off.
+    refresh_after: float | None = None
+    #: Bytes per read when streaming a body into the page buffer.
+    read_chunk_bytes: int = Field(default=1 << 20, ge=4096)
+
+    @field_validator("bucket")
+    @classmethod
+    def _check_bucket(cls, value: str) -> str:
+        if _BUCKET_RE.match(value) is None or ".." in value:
+            raise ValueError(
+                f"invalid bucket name {value!r}: 3-63 chars of [a-z0-9.-], "
+                "starting and ending with a letter or digit"
+            )
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        value = value.strip("/")
+        if any(part in ("", ".", "..") for part in value.split("/")) and value:
+            raise ValueError(f"invalid prefix {value!r}: empty, '.' or '..' path segments")
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"invalid endpoint_url {redact_url(value)!r}: expected http(s)://host[:port]"
+            )
+        return value
+
+    @field_validator("refresh_after", mode="before")
+    @classmethod
+    def _check_refresh_after(cls, value: object) -> float | None:
+        seconds = parse_duration(value)
+        if seconds is not None and seconds <= 0:
+            raise ValueError(f"refresh_after must be positive, got {value!r}")
+        return seconds
+
+    @field_validator("exists_cache_ttl", mode="before")
+    @classmethod
+    def _check_ttl(cls, value: object) -> float:
+        seconds = parse_duration(value)
+        return 0.0 if seconds is None else seconds
+
+    def object_prefix(self, namespace: str) -> str:
+        """Key prefix of every page of ``namespace`` (ends with ``/``)."""
+        return f"{self.prefix}/{namespace}/" if self.prefix else f"{namespace}/"
