@@ -1,0 +1,220 @@
+"""``hicache bench radix``: radix tree throughput on a shared-system-prompt workload.
+
+Workload (issue 5): 10,000 requests of 2,048 tokens = one of 100 shared 1,024-token system
+prompts + a random 1,024-token suffix, page size 64. Measured, in requests per second:
+
+- ``insert``       every request inserted into an empty tree
+- ``match_full``   the same requests matched again (every page hits)
+- ``match_prefix`` the system prompt followed by a new suffix (half the pages hit)
+- ``match_miss``   entirely new tokens (the first page misses)
+
+Every match returns the device page indices the engine puts in its page table (a ``list[int]``;
+``match_full_tensor`` also converts them to an int64 tensor). Token lists are built outside the
+timed region. As in the reference measurement, a full hit matches the very lists that were
+inserted (and prompts are shared lists), so equal tokens are often the same int objects;
+``match_full_fresh_ints`` repeats the full hit with fresh int objects, as a tokenizer would hand
+them over, where every token comparison costs a real integer compare.
+
+Separately, per page: the cost of the content hash (``keys.chain_hashes``) and of the
+write-through bookkeeping in ``HiRadixCache`` (backup submit, ack, CPU_PINNED events), measured
+with a transfer engine that completes instantly without copying.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from hicache.keys import ModelIdentity, chain_hashes, seed_hash
+from hicache.radix import RadixCache
+
+__all__ = ["add_arguments", "run"]
+
+#: SGLang's pure-Python RadixCache on the same workload and machine class (issue 5).
+SGLANG_REFERENCE = {
+    "insert": 16_800.0,
+    "match_full": 24_800.0,
+    "match_prefix": 33_700.0,
+    "match_miss": 125_000.0,
+}
+
+_VOCAB = 128_000
+_CHUNK = 500  # fresh-int requests converted per timed chunk (bounds memory)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench radix`` options to ``parser``."""
+    parser.add_argument("--requests", type=int, default=10_000, help="requests (default 10000)")
+    parser.add_argument("--prompts", type=int, default=100, help="shared system prompts")
+    parser.add_argument("--prompt-tokens", type=int, default=1024, help="system prompt length")
+    parser.add_argument("--suffix-tokens", type=int, default=1024, help="random suffix length")
+    parser.add_argument("--page-size", type=int, default=64, help="tokens per page")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _timed(lists: Sequence[list[int]], fn: Callable[[list[int], int], object]) -> float:
+    """Seconds spent calling ``fn(tokens, i)`` for every list."""
+    t0 = time.perf_counter()
+    for i, toks in enumerate(lists):
+        fn(toks, i)
+    return time.perf_counter() - t0
+
+
+def _timed_fresh(
+    arrays: Sequence[np.ndarray[Any, Any]], fn: Callable[[list[int], int], object]
+) -> float:
+    """Like :func:`_timed` on fresh int objects (as a tokenizer hands them over), in chunks;
+    the list conversion is not timed."""
+    total = 0.0
+    for start in range(0, len(arrays), _CHUNK):
+        lists = [a.tolist() for a in arrays[start : start + _CHUNK]]
+        total += _timed(lists, lambda toks, j, s=start: fn(toks, s + j))  # type: ignore[misc]
+    return total
+
+
+def _bench_tree(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Requests per second of each phase, for hicache's tree and the same-run baseline."""
+    import torch
+
+    from hicache._radix_baseline import BaselineRadix
+
+    rng = np.random.default_rng(args.seed)
+    ps = args.page_size
+    n = args.requests
+    prompt_arrays = rng.integers(0, _VOCAB, size=(args.prompts, args.prompt_tokens))
+    prompts = [p.tolist() for p in prompt_arrays]
+    which = rng.integers(0, args.prompts, size=n).tolist()
+    suffix_arrays = rng.integers(0, _VOCAB, size=(n, args.suffix_tokens))
+    suffixes = [a.tolist() for a in suffix_arrays]
+    reqs = [prompts[which[i]] + suffixes[i] for i in range(n)]
+    # new lists over existing int objects (memory stays bounded): a reversed suffix is a new
+    # random suffix (prefix hit); two suffixes back to back start with no cached page (miss)
+    prefix_hits = [prompts[which[i]] + suffixes[i][::-1] for i in range(n)]
+    misses = [suffixes[i] + suffixes[(i + 1) % n] for i in range(n)]
+    per_req = len(reqs[0]) // ps
+    tokens = len(reqs[0])
+    ours = RadixCache(ps)
+    base = BaselineRadix(ps)
+    base_values = torch.arange(n * tokens, dtype=torch.int64)
+    base_slices = [base_values[i * tokens : (i + 1) * tokens] for i in range(n)]
+    # the harness's own lists are not the trees' business: keep them out of GC scans
+    gc.collect()
+    gc.freeze()
+    got: list[int] = []
+
+    def match(toks: list[int], i: int) -> None:
+        got.append(len(ours.match_prefix(toks).device_pages))
+
+    def match_base(toks: list[int], i: int) -> None:
+        got.append(len(base.match_prefix(toks)) // ps)
+
+    def expect(pages: int, what: str) -> None:
+        if set(got) != {pages}:
+            raise RuntimeError(f"{what} match returned {sorted(set(got))} pages, not {pages}")
+        got.clear()
+
+    r: dict[str, float] = {}
+    b: dict[str, float] = {}
+    try:
+        r["insert"] = n / _timed(
+            reqs, lambda toks, i: ours.insert(toks, range(i * per_req, (i + 1) * per_req))
+        )
+        b["insert"] = n / _timed(reqs, lambda toks, i: base.insert(toks, base_slices[i]))
+        for name, lists, want in (
+            ("match_full", reqs, per_req),
+            ("match_prefix", prefix_hits, args.prompt_tokens // ps),
+            ("match_miss", misses, 0),
+        ):
+            r[name] = n / _timed(lists, match)
+            expect(want, name)
+            b[name] = n / _timed(lists, match_base)
+            expect(want, f"{name} (baseline)")
+        r["match_full_tensor"] = n / _timed(
+            reqs,
+            lambda toks, i: torch.tensor(ours.match_prefix(toks).device_pages, dtype=torch.int64),
+        )
+        full_arrays = [
+            np.concatenate((prompt_arrays[which[i]], suffix_arrays[i])) for i in range(n)
+        ]
+        r["match_full_fresh_ints"] = n / _timed_fresh(full_arrays, match)
+        expect(per_req, "full-hit (fresh ints)")
+        b["match_full_fresh_ints"] = n / _timed_fresh(full_arrays, match_base)
+        expect(per_req, "full-hit (fresh ints, baseline)")
+    finally:
+        gc.unfreeze()
+    return {"hicache": r, "baseline": b}
+
+
+def _bench_hashing(page_size: int, pages: int = 20_000) -> float:
+    """Microseconds per page of ``chain_hashes`` over 32-page requests."""
+    rng = np.random.default_rng(1)
+    per_req = 32
+    seqs = [
+        rng.integers(0, _VOCAB, size=per_req * page_size).tolist() for _ in range(pages // per_req)
+    ]
+    seed = seed_hash(ModelIdentity("bench"))
+    t0 = time.perf_counter()
+    for s in seqs:
+        chain_hashes(seed, s, page_size)
+    return (time.perf_counter() - t0) / (len(seqs) * per_req) * 1e6
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark and print figures (one JSON object with ``--json``); return 0."""
+    rates = _bench_tree(args)
+    ours, base = rates["hicache"], rates["baseline"]
+    result: dict[str, Any] = {
+        "workload": {
+            "requests": args.requests,
+            "prompts": args.prompts,
+            "prompt_tokens": args.prompt_tokens,
+            "suffix_tokens": args.suffix_tokens,
+            "page_size": args.page_size,
+            "device_indices": "list[int] of device page indices per match",
+        },
+        "req_per_s": {k: round(v, 1) for k, v in ours.items()},
+        "baseline_req_per_s": {k: round(v, 1) for k, v in base.items()},
+        "vs_baseline_same_run": {k: round(ours[k] / v, 2) for k, v in base.items()},
+        "vs_sglang_reference": {
+            k: round(ours[k] / ref, 2) for k, ref in SGLANG_REFERENCE.items() if k in ours
+        },
+        "sglang_reference_req_per_s": SGLANG_REFERENCE,
+        "hash_us_per_page": round(_bench_hashing(args.page_size), 3),
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"radix bench: {args.requests} requests, page size {args.page_size}")
+        print(f"  {'phase':22s} {'hicache':>10s} {'baseline':>10s} {'ratio':>6s} {'vs ref':>6s}")
+        for k, v in result["req_per_s"].items():
+            bv = result["baseline_req_per_s"].get(k)
+            ratio = result["vs_baseline_same_run"].get(k)
+            ref = result["vs_sglang_reference"].get(k)
+            print(
+                f"  {k:22s} {v:10,.0f} {'' if bv is None else f'{bv:10,.0f}':>10s} "
+                f"{'' if ratio is None else f'{ratio:.2f}x':>6s} "
+                f"{'' if ref is None else f'{ref:.2f}x':>6s}"
+            )
+        print(f"  hashing            {result['hash_us_per_page']:.3f} us/page")
+        if "writethrough_us_per_page" in result:
+            wt = result["writethrough_us_per_page"]
+            print(f"  write-through      {wt} us/page (ack + events)")
+    return 0
+
+
+def main() -> int:
+    """Run standalone: ``python -m hicache.radix_bench``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
