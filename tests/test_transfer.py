@@ -219,3 +219,17 @@ def test_cuda_engine_orders_after_compute_stream_and_many_tickets() -> None:
     assert got == [float(8 - j) for j in range(8)]
     engine.close()
     assert engine.poll() == [t] and engine.in_flight() == 0
+
+
+def test_transfer_bench_smoke_on_cpu() -> None:
+    from hicache.transfer_bench import run_bench
+
+    report = run_bench(
+        LAYOUTS["fp16"], batch_pages=3, iters=1, warmup=0, device=torch.device("cpu")
+    )
+    assert report["bytes_verified"] is True
+    assert report["engine"] == "CpuTransferEngine"
+    figures = report["gb_per_s"]
+    assert isinstance(figures, dict)
+    assert {"d2h_raw", "h2d_raw", "d2h_engine", "h2d_engine"} <= set(figures)
+    assert all(v > 0 for v in figures.values())

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# GPU check: on a machine with an NVIDIA GPU, run the CUDA-marked tests of the cache side and the
+# device<->host transfer benchmark (engine vs a plain copy_ of the same bytes). < 5 minutes.
+#
+#   bash scripts/gpu_check.sh            # figures on stdout; JSON in $GPU_CHECK_OUT (default /tmp)
+#
+# Environment:
+#   PYTHON           interpreter to start from (default: python3). A torch that already sees the
+#                    GPU is reused through a --system-site-packages venv; nothing is downloaded.
+#   GPU_VENV         venv path (default: /tmp/hicache-gpu-venv)
+#   GPU_CHECK_OUT    folder for bench JSON and logs (default: /tmp/hicache-gpu-check)
+#   GPU_TEST_PATHS   test files to run with -m cuda (default: the torch-only cache-side tests;
+#                    pydantic/stevedore may be missing on a GPU image, so storage tests are not
+#                    collected here)
+#   BENCH_ARGS       extra arguments for python -m hicache.transfer_bench
+#   ALLOW_CPU=1      run anyway without a GPU (a smoke test of this script; CUDA tests skip)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+START=$SECONDS
+PY0=${PYTHON:-python3}
+VENV=${GPU_VENV:-/tmp/hicache-gpu-venv}
+OUTDIR=${GPU_CHECK_OUT:-/tmp/hicache-gpu-check}
+mkdir -p "$OUTDIR"
+say() { printf '[gpu_check %3ds] %s\n' "$((SECONDS - START))" "$*"; }
+
+if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L || true; else say "no nvidia-smi"; fi
+
+# 1. An interpreter with a CUDA torch: reuse one that is installed; install only if missing.
+has_torch() {  # $1: python; true if its torch sees a GPU (or imports at all, with ALLOW_CPU=1)
+    "$1" -c 'import sys, torch
+sys.exit(0 if torch.cuda.is_available() or sys.argv[1] == "1" else 1)' "${ALLOW_CPU:-0}" 2>/dev/null
+}
+if has_torch "$PY0"; then
+    PY="$PY0"
+    if [ -x "$VENV/bin/python" ] || "$PY0" -m venv --system-site-packages "$VENV" >/dev/null 2>&1
+    then
+        if ! has_torch "$VENV/bin/python"; then
+            # $PY0 may itself live in a venv (GPU images often do): --system-site-packages then
+            # misses its packages, so link them in with a .pth file.
+            site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+            "$PY0" -c 'import site; print("\n".join(site.getsitepackages()))' \
+                >"$site/_base_env.pth" || true
+        fi
+        if has_torch "$VENV/bin/python"; then PY="$VENV/bin/python"; fi
+    fi
+    say "reusing the installed torch of $PY0 (running $PY)"
+else
+    say "no torch that sees a GPU in $PY0: creating $VENV and installing torch"
+    [ -x "$VENV/bin/python" ] || "$PY0" -m venv "$VENV"
+    PY="$VENV/bin/python"
+    "$PY" -m pip install -q torch numpy pytest pytest-timeout hypothesis
+    has_torch "$PY" || { say "torch installed but sees no GPU: nothing to check"; exit 2; }
+fi
+for mod in numpy pytest hypothesis; do
+    "$PY" -c "import $mod" 2>/dev/null || "$PY" -m pip install -q "$mod" \
+        || { say "missing $mod and could not install it"; exit 2; }
+done
+
+# 2. The repo itself: an editable install without dependencies (works offline); the cache side
+#    needs only torch. If pip cannot do it, the source tree on PYTHONPATH does the same.
+if [ "$PY" != "$PY0" ] && "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
+        >"$OUTDIR/pip.log" 2>&1; then
+    say "installed hicache editable into $VENV"
+else
+    say "using the source tree on PYTHONPATH (see $OUTDIR/pip.log if pip was tried)"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" - <<'PYEOF'
+import torch
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, available={torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    print(f"device: {torch.cuda.get_device_name(0)}")
+PYEOF
+
+# From here on every step runs even if an earlier one failed; the exit status sums them up.
+set +e
+# 3. CUDA-marked tests (never faked: they skip where torch sees no GPU).
+PATHS=${GPU_TEST_PATHS:-tests/test_pools.py tests/test_transfer.py}
+say "pytest -m cuda $PATHS"
+# shellcheck disable=SC2086
+timeout 150 "$PY" -m pytest -m cuda -q -p no:cacheprovider -o addopts="--import-mode=importlib -ra" \
+    $PATHS 2>&1 | tee "$OUTDIR/pytest.log"
+TEST_RC=${PIPESTATUS[0]}
+
+# 4. Transfer benchmark: a Llama-3-8B-shaped page (32 layers, 8 KV heads, dim 128, 64 tokens,
+#    bf16: 8 MiB), then an MLA-shaped one (DeepSeek-V3: 61 layers, latent 576, 64 tokens).
+say "transfer benchmark"
+# shellcheck disable=SC2086
+timeout 90 "$PY" -m hicache.transfer_bench --json "$OUTDIR/transfer_bench.json" ${BENCH_ARGS:-} \
+    | tee "$OUTDIR/transfer_bench.txt"
+BENCH_RC=${PIPESTATUS[0]}
+# shellcheck disable=SC2086
+timeout 60 "$PY" -m hicache.transfer_bench --mla --layers 61 --kv-heads 1 --head-dim 576 \
+    --json "$OUTDIR/transfer_bench_mla.json" ${BENCH_ARGS:-} | tee "$OUTDIR/transfer_bench_mla.txt"
+MLA_RC=${PIPESTATUS[0]}
+
+say "done: pytest rc=$TEST_RC, bench rc=$BENCH_RC, mla bench rc=$MLA_RC; outputs in $OUTDIR"
+[ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ] && [ "$MLA_RC" = 0 ]
