@@ -528,22 +528,26 @@ class LocalDiskBackend(Backend):
     # ------------------------------------------------------------------ delete, eviction
 
     def _delete(self, keys: Sequence[str]) -> None:
-        with self._lock:
-            for key in keys:
-                self._index.pop(key, None)
-                if self._policy is not None and key not in self._inflight:
-                    self._policy.remove(key)
         failed: list[str] = []
+        gone: list[str] = []
         freed = 0
         for key in keys:
             try:
                 os.unlink(self._layout.page_path(key))
                 freed += 1
             except FileNotFoundError:
-                continue
+                pass
             except OSError as exc:
+                # Still on disk (read-only filesystem...): keep serving and accounting it.
                 log.warning("delete %s failed: %s", key, exc)
                 failed.append(key)
+                continue
+            gone.append(key)
+        with self._lock:
+            for key in gone:
+                self._index.pop(key, None)
+                if self._policy is not None and key not in self._inflight:
+                    self._policy.remove(key)
         if self._shared is not None and freed:
             self._shared.add(-freed * self._require_io().stored_bytes)
         if failed:
