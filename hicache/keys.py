@@ -159,15 +159,14 @@ def chain_hashes(parent: bytes, tokens: Sequence[int], page_size: int) -> list[b
         raise ValueError(f"page_size must be positive, got {page_size}")
     if len(tokens) % page_size:
         raise ValueError(f"{len(tokens)} tokens is not a multiple of page_size {page_size}")
-    view = memoryview(tokens_to_bytes(tokens))
+    raw = tokens_to_bytes(tokens)
     step = 4 * page_size
     out: list[bytes] = []
     prev = bytes(parent)
     sha256 = hashlib.sha256
-    for start in range(0, len(view), step):
-        h = sha256(prev)
-        h.update(view[start : start + step])
-        prev = h.digest()
+    # One concatenation and one-shot sha256 per page: measurably cheaper than update() calls.
+    for start in range(0, len(raw), step):
+        prev = sha256(prev + raw[start : start + step]).digest()
         out.append(prev)
     return out
 

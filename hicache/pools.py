@@ -88,7 +88,7 @@ class KVLayout:
     @property
     def itemsize(self) -> int:
         """Bytes per element of ``dtype``."""
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def page_bytes(self) -> int:
@@ -288,7 +288,7 @@ class HostPool:
         self._holds = [0] * num_pages
         self._total_holds = 0
         self._deferred: set[int] = set()
-        page_bytes = layout.page_bytes
+        page_bytes = self._page_bytes = layout.page_bytes
         nbytes = num_pages * page_bytes
         # Allocate with slack and slice to an aligned start: torch gives no alignment guarantee
         # beyond the allocator's, and O_DIRECT backends read straight into these pages.
@@ -307,7 +307,7 @@ class HostPool:
     @property
     def page_bytes(self) -> int:
         """Bytes in one page."""
-        return self.layout.page_bytes
+        return self._page_bytes
 
     @property
     def available(self) -> int:
@@ -393,10 +393,18 @@ class HostPool:
             return len(self._deferred)
 
     def page_view(self, page: int) -> memoryview:
-        """A writable ``uint8`` (format ``B``) memoryview of ``page``'s bytes; no copy."""
+        """A writable ``uint8`` (format ``B``) memoryview of ``page``'s bytes; no copy.
+
+        This is the buffer handed to storage backends (``put`` sources, ``get_into``
+        destinations); hold the page while a worker uses it.
+        """
         self._check_page(page)
-        start = page * self.layout.page_bytes
-        return self._memview[start : start + self.layout.page_bytes]
+        start = page * self._page_bytes
+        return self._memview[start : start + self._page_bytes]
+
+    def page_views(self, pages: Iterable[int]) -> list[memoryview]:
+        """``page_view`` of each of ``pages``, in order."""
+        return [self.page_view(p) for p in pages]
 
     def page_tensor(self, page: int) -> torch.Tensor:
         """``page`` as a tensor view of shape ``KVLayout.page_shape``; no copy."""

@@ -127,6 +127,7 @@ def test_page_view_is_writable_zero_copy(dtype: torch.dtype) -> None:
     assert isinstance(view, memoryview)
     assert view.format == "B" and view.nbytes == layout.page_bytes and not view.readonly
     assert view.c_contiguous
+    assert [v.nbytes for v in pool.page_views([2, 0])] == [layout.page_bytes] * 2
     # Writing through the view changes the tensor, and only page 1.
     src = torch.arange(layout.page_numel, dtype=torch.float32).to(dtype).reshape(layout.page_shape)
     view[:] = src.view(-1).view(torch.uint8).numpy().tobytes()
