@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from hicache.errors import BackendCapacityError, BackendClosedError, PageCorruptError
 from hicache.storage.backend import (
@@ -47,7 +47,7 @@ class MemoryConfig(BackendConfig):
     """Options of the ``memory`` backend."""
 
     capacity: Size | None = Field(
-        default=None, gt=0, description="byte budget (headers included); unset = unbounded"
+        default=None, description="byte budget (headers included); unset = unbounded"
     )
     shared_name: str | None = Field(
         default=None,
@@ -57,6 +57,13 @@ class MemoryConfig(BackendConfig):
     )
     verify: bool = Field(default=True, description="verify the payload checksum on every read")
     max_batch: int = Field(default=256, ge=1, le=65536, description="preferred batch size")
+
+    @field_validator("capacity")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError(f"capacity must be positive, got {value}")
+        return value
 
 
 class _Page:
@@ -294,7 +301,7 @@ class MemoryBackend(Backend):
         store = self._require_store()
         with store.lock:
             snapshot = [
-                StoredPage(key, page.stored_bytes)
+                StoredPage(key, page.stored_bytes, payload_bytes=len(page.payload))
                 for key, page in store.pages.get(self._ns, {}).items()
             ]
         yield from snapshot

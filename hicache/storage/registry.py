@@ -253,11 +253,22 @@ def installed_backends() -> list[PluginInfo]:
 def _format_loc(path: str, loc: tuple[int | str, ...]) -> str:
     out = path
     for part in loc:
+        if part == "[key]":  # pydantic's marker for a failing mapping key: the key is the path
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
         else:
             out = f"{out}.{part}" if out else str(part)
     return out
+
+
+def _show_input(value: object) -> str:
+    # Scalars only: echoing a whole mapping back buries the problem.
+    if isinstance(value, str | int | float | bool) or value is None:
+        text = repr(value)
+        if len(text) <= 80:
+            return f" (got {text})"
+    return ""
 
 
 def validation_messages(
@@ -273,18 +284,18 @@ def validation_messages(
         loc = tuple(item["loc"])
         where = _format_loc(path, loc)
         kind = item["type"]
-        if kind == "extra_forbidden" and model is not None and len(loc) == 1:
-            known = sorted(model.model_fields)
+        if kind == "extra_forbidden":
+            known = sorted(model.model_fields) if model is not None and len(loc) == 1 else []
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            lines.append(
-                f"{where}: unknown option{hint}; known options: {', '.join(known) or 'none'}"
-            )
+            listing = f"; known options: {', '.join(known)}" if known else ""
+            lines.append(f"{where}: unknown {'option' if known else 'key'}{hint}{listing}")
         elif kind == "missing":
             lines.append(f"{where}: required but missing")
+        elif kind == "value_error" and "error" in item.get("ctx", {}):
+            lines.append(f"{where}: {item['ctx']['error']}{_show_input(item.get('input'))}")
         else:
-            msg = item["msg"]
-            lines.append(f"{where}: {msg} (got {item.get('input')!r})")
+            lines.append(f"{where}: {item['msg']}{_show_input(item.get('input'))}")
     return lines
 
 

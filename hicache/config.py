@@ -1,0 +1,376 @@
+"""Settings: one YAML file plus ``HICACHE_*`` environment overrides, validated in two phases.
+
+- ``load_config(path)``        read YAML, merge the environment, validate both phases
+- ``validate_tiers(config)``   phase two alone: each tier's ``options`` against its plugin's model
+- ``parse_size("8GiB")``       sizes as people write them (see :mod:`hicache.storage.sizes`)
+
+Phase one is this module's models: the sections ``cache``, ``model``, ``storage``, ``events``, and
+for each tier its envelope (``backend``, ``publish``, ``read_only``, ``medium``, ``admission``,
+engine knobs). Phase two asks the registry for each tier's backend class and validates
+``options`` with its ``config_model``; no storage is touched. Every problem becomes one
+``<yaml.path>: <problem>`` line of a :class:`~hicache.errors.ConfigError`, all problems at once.
+
+Environment variables address any value with ``__`` between levels, and merge into the file
+instead of replacing whole sections: ``HICACHE_STORAGE__TIERS__NVME__OPTIONS__ROOT=/mnt/x``
+changes one option of tier ``nvme`` and keeps the rest of that tier as the file wrote it. Names
+are case-insensitive, which is why tier names are lowercase identifiers.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from hicache.errors import ConfigError, PluginError
+from hicache.storage.backend import BackendConfig
+from hicache.storage.sizes import Size, parse_size
+
+__all__ = [
+    "Admission",
+    "CacheConfig",
+    "EventsConfig",
+    "HicacheConfig",
+    "ModelConfig",
+    "PrefetchConfig",
+    "PrefetchPolicy",
+    "StorageConfig",
+    "TierConfig",
+    "WritePolicy",
+    "load_config",
+    "parse_size",
+    "validate_tiers",
+]
+
+ENV_PREFIX = "HICACHE_"
+ENV_DELIMITER = "__"
+
+#: Bytes per element of the KV dtypes a model section may name.
+DTYPE_BYTES: Mapping[str, int] = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+}
+# Lowercase (environment names are case-insensitive), no "__" (the nesting delimiter).
+_TIER_NAME_RE = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*\Z")
+
+
+class Admission(enum.StrEnum):
+    """Which published pages a tier accepts."""
+
+    #: Every page handed to the tier.
+    ALWAYS = "always"
+    #: Only pages whose prefix was already seen once (filters one-off prompts).
+    SECOND_HIT = "second_hit"
+
+
+class WritePolicy(enum.StrEnum):
+    """When device pages are backed up to host memory (and from there published)."""
+
+    WRITE_THROUGH = "write_through"
+    #: Back up a node only on its second hit.
+    WRITE_THROUGH_SELECTIVE = "write_through_selective"
+
+
+class PrefetchPolicy(enum.StrEnum):
+    """How long a request waits for pages being prefetched from storage (SGLang's names)."""
+
+    BEST_EFFORT = "best_effort"
+    WAIT_COMPLETE = "wait_complete"
+    TIMEOUT = "timeout"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class CacheConfig(_Section):
+    """``cache:`` the radix cache and its two in-process levels."""
+
+    page_size: int = Field(default=64, ge=1, le=65536, description="tokens per page")
+    device: str = Field(default="auto", description="'auto' (cuda when available), 'cpu', 'cuda:N'")
+    device_pool: Size | None = Field(
+        default=None, description="L1 size; unset = sized by the engine"
+    )
+    host_pool: Size = Field(default=8 << 30, gt=0, description="L2 (host memory) size")
+    write_policy: WritePolicy = WritePolicy.WRITE_THROUGH
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", value):
+            return value
+        raise ValueError(f"invalid device {value!r}: expected auto, cpu, cuda or cuda:N")
+
+
+class ModelConfig(_Section):
+    """``model:`` identity and KV shape; everything that makes KV bytes incompatible."""
+
+    name: str = Field(default="default", min_length=1)
+    revision: str = ""
+    #: Salt mixed into the first page hash (LoRA adapter, cache salt): different salt, no sharing.
+    tenant_salt: str = ""
+    num_layers: int = Field(default=32, ge=1)
+    num_kv_heads: int = Field(default=8, ge=1)
+    head_dim: int = Field(default=128, ge=1)
+    dtype: str = "bfloat16"
+    #: Multi-head latent attention: one latent vector per token, no separate K and V.
+    mla: bool = False
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        if value not in DTYPE_BYTES:
+            raise ValueError(f"unknown dtype {value!r}: expected one of {', '.join(DTYPE_BYTES)}")
+        return value
+
+    def page_bytes(self, page_size: int) -> int:
+        """Bytes of one page of ``page_size`` tokens: K and V (or the MLA latent), all layers."""
+        kv = 1 if self.mla else 2
+        per_token = kv * self.num_layers * self.num_kv_heads * self.head_dim
+        return per_token * page_size * DTYPE_BYTES[self.dtype]
+
+
+class PrefetchConfig(_Section):
+    """``storage.prefetch:`` reading ahead from storage into host memory."""
+
+    policy: PrefetchPolicy = PrefetchPolicy.BEST_EFFORT
+    #: Prefetch only when at least this many tokens would come from storage.
+    threshold_tokens: int = Field(default=256, ge=0)
+    #: With policy ``timeout``: how long a request waits for its prefetch.
+    timeout_s: float = Field(default=2.0, gt=0)
+
+
+class TierConfig(_Section):
+    """One storage tier: the envelope the core validates; ``options`` belong to the plugin."""
+
+    #: Entry-point name of the backend (``memory``, ``localdisk``, ``mmap``, ``s3``, ...).
+    backend: str = Field(min_length=1)
+    #: Receive published pages. A read-only tier does not publish unless told to (an error).
+    publish: bool = True
+    read_only: bool = False
+    #: Medium announced in ``BlockStored`` events; unset = the backend's default medium.
+    medium: str | None = None
+    admission: Admission = Admission.ALWAYS
+    #: Copy pages found here into earlier tiers (opt-in).
+    promote: bool = False
+    #: Stop waiting for one call after this long; the call counts as failed.
+    deadline_s: float = Field(default=5.0, gt=0)
+    #: Publishes beyond this many bytes in flight are dropped and counted (backpressure).
+    max_inflight_bytes: Size = Field(default=1 << 30, gt=0)
+    #: I/O worker threads calling this tier.
+    io_threads: int = Field(default=4, ge=1, le=256)
+    #: Pages per backend call; unset = the backend's ``max_batch``.
+    batch_pages: int | None = Field(default=None, ge=1)
+    #: Consecutive failed calls that open the circuit breaker, and how long it stays open.
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_cooldown_s: float = Field(default=30.0, gt=0)
+    #: The plugin's own options, validated in phase two by its ``config_model``.
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _read_only_does_not_publish(self) -> TierConfig:
+        if self.read_only and self.publish:
+            if "publish" in self.model_fields_set:
+                raise ValueError("a read_only tier cannot publish: set publish: false")
+            self.publish = False
+        return self
+
+
+def _check_tier_name(name: str) -> str:
+    if not _TIER_NAME_RE.match(name):
+        raise ValueError(
+            f"invalid tier name {name!r}: use lowercase letters, digits and single underscores, "
+            "starting with a letter (environment variables address tiers by name, "
+            "case-insensitively)"
+        )
+    return name
+
+
+TierName = Annotated[str, AfterValidator(_check_tier_name)]
+
+
+class StorageConfig(_Section):
+    """``storage:`` the ordered tiers (lookup order) and prefetching."""
+
+    prefetch: PrefetchConfig = Field(default_factory=PrefetchConfig)
+    #: Tier name -> tier, in lookup order.
+    tiers: dict[TierName, TierConfig] = Field(default_factory=dict)
+
+
+class EventsConfig(_Section):
+    """``events:`` KV events (BlockStored / BlockRemoved / AllBlocksCleared)."""
+
+    enabled: bool = True
+    #: Optional publisher (``zmq`` with an endpoint); unset = drain with ``take_events()``.
+    publisher: str | None = None
+    endpoint: str | None = None
+    #: Events kept in memory before the oldest are dropped (counted).
+    max_queue: int = Field(default=100_000, ge=1)
+
+
+class HicacheConfig(BaseSettings):
+    """The whole configuration. Build it with :func:`load_config`.
+
+    Constructed directly, keyword arguments play the file's role: ``HICACHE_*`` environment
+    variables still override (and merge into) them.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        case_sensitive=False,
+        extra="forbid",
+        validate_default=True,
+        nested_model_default_partial_update=False,
+    )
+
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file arrives as init keywords; the environment wins over it (and the sources are
+        # deep-merged, so a variable replaces one value, not its section).
+        return (env_settings, init_settings)
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page (what every tier's ``BackendContext.page_bytes`` holds)."""
+        return self.model.page_bytes(self.cache.page_size)
+
+
+def _yaml_error(path: Path, exc: Exception) -> ConfigError:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    detail = f"{context}, {problem}" if context else problem
+    return ConfigError(f"{where}: invalid YAML: {detail}")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml  # only needed when a file is read
+
+    class _StrictLoader(yaml.SafeLoader):
+        """SafeLoader that refuses duplicate keys (YAML would silently keep the last one)."""
+
+    def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node)
+            if key in seen:
+                mark = key_node.start_mark
+                raise ConfigError(
+                    f"{path}:{mark.line + 1}:{mark.column + 1}: duplicate key {key!r}"
+                )
+            seen.add(key)
+        return dict(loader.construct_mapping(node))
+
+    _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise _yaml_error(path, exc) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
+        )
+    return data
+
+
+def _messages(exc: ValidationError, prefix: str = "") -> list[str]:
+    from hicache.storage.registry import validation_messages
+
+    return validation_messages(exc, prefix)
+
+
+def _raise_all(problems: list[str], origin: str) -> None:
+    if problems:
+        count = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
+        body = "\n".join(f"  {line}" for line in problems)
+        raise ConfigError(f"{count} in {origin}:\n{body}")
+
+
+def validate_tiers(config: HicacheConfig, *, origin: str = "config") -> dict[str, BackendConfig]:
+    """Phase two: validate each tier's ``options`` with its plugin's model (no storage I/O).
+
+    Returns tier name -> validated options model. Raises :class:`~hicache.errors.ConfigError`
+    listing every problem at its YAML path (unknown backend kinds and broken plugins included,
+    at ``storage.tiers.<name>.backend``).
+    """
+    from hicache.storage import registry
+
+    problems: list[str] = []
+    validated: dict[str, BackendConfig] = {}
+    for name, tier in config.storage.tiers.items():
+        base = f"storage.tiers.{name}"
+        try:
+            validated[name] = registry.validate_options(
+                tier.backend, tier.options, path=f"{base}.options"
+            )
+        except PluginError as exc:
+            problems.append(f"{base}.backend: {exc}")
+        except ConfigError as exc:
+            problems.extend(str(exc).splitlines())
+    _raise_all(problems, origin)
+    return validated
+
+
+def load_config(path: str | Path | None = None, *, check_tiers: bool = True) -> HicacheConfig:
+    """Load ``path`` (YAML; ``None`` = defaults only), merge ``HICACHE_*`` variables, validate.
+
+    With ``check_tiers`` (the default) phase two runs too (:func:`validate_tiers`). Every problem
+    is reported in one :class:`~hicache.errors.ConfigError`, each line naming its YAML path;
+    YAML syntax errors name the file, line and column.
+    """
+    data: dict[str, Any] = {}
+    origin = "environment/defaults"
+    if path is not None:
+        file = Path(path)
+        data = _read_yaml(file)
+        origin = str(file)
+    try:
+        config = HicacheConfig(**data)
+    except ValidationError as exc:
+        _raise_all(_messages(exc), origin)
+        raise  # unreachable: _raise_all raised
+    if check_tiers:
+        validate_tiers(config, origin=origin)
+    return config
+
+
+def env_overrides() -> dict[str, str]:
+    """The ``HICACHE_*`` variables currently set (for ``hicache config check`` to show)."""
+    return {k: v for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX)}
