@@ -48,10 +48,10 @@ from hicache_mmap.layout import (
     NS_FIELD_OFFSET,
     SLOT_HEADER_SIZE,
     SLOT_MAGIC,
-    SlotHeader,
     SlotState,
     decode_slot_header,
     namespace_field,
+    used_slot,
 )
 from hicache_mmap.locks import LockTimeoutError
 from hicache_mmap.options import MmapOptions, MsyncMode
@@ -95,6 +95,7 @@ class MmapBackend(Backend):
             ("puts", "gets", "hits", "evictions", "corrupt", "races", "lock_timeouts"), 0
         )
         self._scan_seconds = 0.0
+        self._empty = False
 
     @property
     def capabilities(self) -> Capabilities:
@@ -113,6 +114,15 @@ class MmapBackend(Backend):
 
     def _open(self) -> None:
         opts = self.options
+        if self.context.read_only and not SlotFile.exists(opts.path):
+            # Nothing was ever stored: a reader sees an empty tier rather than an error.
+            logger.warning(
+                "read-only mmap tier: %s does not exist yet; it reads as empty", opts.path
+            )
+            self._pid = os.getpid()
+            self._empty = True
+            return
+        self._empty = False
         self._file = SlotFile.open(
             OpenRequest(
                 path=opts.path,
@@ -130,6 +140,7 @@ class MmapBackend(Backend):
         self._scan()
 
     def _close(self) -> None:
+        self._empty = False
         file, self._file = self._file, None
         if file is None:
             return
@@ -153,21 +164,26 @@ class MmapBackend(Backend):
         self._seen = [_UNSEEN] * geo.num_sets
         self._clock = clock = ClockSlots(geo.num_slots)
         started = time.perf_counter()
-        mm, payload, our_ns = file.mm, geo.slot_payload, self.context.namespace
+        mm, payload = file.mm, geo.slot_payload
         base, size, assoc = geo.slots_offset, geo.slot_size, geo.associativity
+        index, slot_key, seen, ours = self._index, self._slot_key, self._seen, self._ns_field
+        set_version = file.set_version
         for s in range(geo.num_sets):
-            version = file.set_version(s)
+            version = set_version(s)
             for slot in range(s * assoc, (s + 1) * assoc):
                 off = base + slot * size
-                hdr = decode_slot_header(mm[off : off + HEADER_USED], payload)
-                if hdr.state is not SlotState.USED:
-                    continue
+                if mm[off + BODY_OFFSET : off + BODY_OFFSET + 8] != SLOT_MAGIC:
+                    continue  # free (the common case in a fresh file): skip the full check
+                found = used_slot(mm[off : off + HEADER_USED], payload)
+                if found is None:
+                    continue  # odd (a writer died in it) or torn: free
                 clock.mark_used(slot)
-                if hdr.namespace == our_ns:
-                    self._index[hdr.key] = (slot, hdr.generation)
-                    self._slot_key[slot] = hdr.key
+                if found[2] == ours:
+                    key = found[1].hex()
+                    index[key] = (slot, found[0])
+                    slot_key[slot] = key
             # A writer racing this scan bumps the version after it, which makes us rescan.
-            self._seen[s] = version
+            seen[s] = version
         self._scan_seconds = time.perf_counter() - started
         logger.info(
             "opened %s: %d slots scanned in %.3fs (%.0f slots/s), %d pages of namespace %s",
@@ -176,7 +192,7 @@ class MmapBackend(Backend):
             self._scan_seconds,
             geo.num_slots / max(self._scan_seconds, 1e-9),
             len(self._index),
-            our_ns,
+            self.context.namespace,
         )
 
     def _req_file(self) -> SlotFile:
@@ -201,26 +217,32 @@ class MmapBackend(Backend):
         if key is not None:
             self._index[key] = (slot, generation)
 
-    def _rescan_set(self, file: SlotFile, s: int) -> None:
-        """Refresh the index for set ``s`` from its headers (thread lock of ``s`` held)."""
-        geo = file.geo
+    def _rescan_set(self, file: SlotFile, s: int, *, writer: bool = False) -> None:
+        """Refresh the local view of set ``s`` from its headers, if the set changed.
+
+        Called with the set's thread lock held; ``writer`` means its OFD lock is held too, so no
+        writer is active anywhere and an odd generation was left by a dead one: that slot is
+        free. Without the OFD lock an odd slot is someone's write in progress: left as it is.
+        """
         version = file.set_version(s)
         if version == self._seen[s]:
             return
-        mm, payload, our_ns = file.mm, geo.slot_payload, self.context.namespace
+        geo = file.geo
+        mm, payload, ours = file.mm, geo.slot_payload, self._ns_field
         clock = self._clock
         assert clock is not None
+        base, size = geo.slots_offset, geo.slot_size
         for slot in range(s * geo.associativity, (s + 1) * geo.associativity):
-            off = geo.slots_offset + slot * geo.slot_size
-            hdr = decode_slot_header(mm[off : off + HEADER_USED], payload)
-            if hdr.state is SlotState.USED:
+            off = base + slot * size
+            raw = mm[off : off + HEADER_USED]
+            found = used_slot(raw, payload)
+            if found is not None:
                 if not clock.is_used(slot):
                     clock.mark_used(slot)
-                mine = hdr.namespace == our_ns
-                self._observe(slot, hdr.key if mine else None, hdr.generation)
-            elif hdr.state is not SlotState.BUSY:
+                self._observe(slot, found[1].hex() if found[2] == ours else None, found[0])
+            elif writer or not GEN.unpack_from(raw, 0)[0] & 1:
                 clock.release(slot)
-                self._observe(slot, None, hdr.generation)
+                self._observe(slot, None, 0)
         # Only a scan no writer overlapped describes the set completely.
         if file.set_version(s) == version:
             self._seen[s] = version
@@ -247,22 +269,36 @@ class MmapBackend(Backend):
         return None
 
     def _exists(self, keys: Sequence[str]) -> list[bool]:
+        if self._empty:
+            return [False] * len(keys)
         file = self._req_file()
-        mm, geo, index = file.mm, file.geo, self._index
-        base, size = geo.slots_offset, geo.slot_size
+        mm, geo, index, seen = file.mm, file.geo, self._index, self._seen
+        base, size, num_sets = geo.slots_offset, geo.slot_size, geo.num_sets
+        table = geo.set_table_offset
         unpack = GEN.unpack_from
         out: list[bool] = []
+        append = out.append
         for key in keys:
+            # The two common answers inline: a validated index hit, and a miss in a set that has
+            # not changed since we last read all of it.
             entry = index.get(key)
-            if entry is not None and unpack(mm, base + entry[0] * size)[0] == entry[1]:
-                out.append(True)
+            if entry is not None:
+                if unpack(mm, base + entry[0] * size)[0] == entry[1]:
+                    append(True)
+                    continue
             else:
-                out.append(self._locate(file, key) is not None)
+                s = int(key[:16], 16) % num_sets
+                if unpack(mm, table + 8 * s)[0] == seen[s]:
+                    append(False)
+                    continue
+            append(self._locate(file, key) is not None)
         return out
 
     # ------------------------------------------------------------------ get
 
     def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+        if self._empty:
+            return [PageStatus.NOT_FOUND] * len(keys)
         file = self._req_file()
         out: list[PageStatus] = []
         for key, dst in zip(keys, dsts, strict=True):
@@ -374,38 +410,22 @@ class MmapBackend(Backend):
         assert clock is not None
         # The checksum pass reads the source first, which also warms it for the copy below.
         checksum = payload_checksum(src)
-        victim: tuple[str, str] | None = None
         victim_key: str | None = None
+        evicted = False
+        durable = self._durable
         file.locks.acquire(s)
         try:
-            found = -1
-            # Under the set's writer lock no other writer touches these headers: they are final.
-            mm, payload, our_ns = file.mm, geo.slot_payload, self.context.namespace
-            keys_in_set: dict[int, tuple[str, str]] = {}
-            for slot in range(first, end):
-                off = geo.slots_offset + slot * geo.slot_size
-                hdr = decode_slot_header(mm[off : off + HEADER_USED], payload)
-                if hdr.state is SlotState.USED:
-                    keys_in_set[slot] = (hdr.namespace, hdr.key)
-                    if not clock.is_used(slot):
-                        clock.mark_used(slot)
-                    mine = hdr.namespace == our_ns
-                    self._observe(slot, hdr.key if mine else None, hdr.generation)
-                    if mine and hdr.key == key:
-                        found = slot
-                else:
-                    # Free, or left odd/torn by a writer that died: reusable.
-                    clock.release(slot)
-                    self._observe(slot, None, hdr.generation)
-            if found >= 0:
-                clock.touch(found)
-                self._seen[s] = file.set_version(s)
+            # Under the writer lock the set is stable: after a refresh (skipped when the set's
+            # version shows nothing changed since we last saw it) the local view is exact.
+            self._rescan_set(file, s, writer=True)
+            entry = self._index.get(key)
+            if entry is not None and file.generation(entry[0]) == entry[1]:
+                clock.touch(entry[0])
                 return PageStatus.ALREADY_EXISTS
             slot = clock.choose(first, end)
-            victim = keys_in_set.get(slot)
-            if victim is not None and victim[0] == our_ns:
-                victim_key = victim[1]
-            durable = self._durable
+            if clock.is_used(slot):
+                evicted = True
+                victim_key = self._slot_key[slot]
             odd = file.begin_write(slot, durable)
             self._observe(slot, None, odd)
             file.write_payload(slot, src, durable)
@@ -418,7 +438,7 @@ class MmapBackend(Backend):
             self._seen[s] = file.bump_set_version(s)
         finally:
             file.locks.release(s)
-        if victim is not None:
+        if evicted:
             self._counts["evictions"] += 1
             if victim_key is not None:
                 with self._evicted_lock:
@@ -435,8 +455,7 @@ class MmapBackend(Backend):
             s = int(key[:16], 16) % geo.num_sets
             file.locks.acquire(s)
             try:
-                self._seen[s] = _UNSEEN
-                self._rescan_set(file, s)
+                self._rescan_set(file, s, writer=True)
                 entry = self._index.get(key)
                 if entry is None:
                     continue
@@ -461,25 +480,34 @@ class MmapBackend(Backend):
 
     def iter_pages(self) -> Iterator[StoredPage]:
         # docstring inherited
-        for _slot, hdr in self._iter_used():
-            if hdr.namespace == self.context.namespace:
-                yield StoredPage(hdr.key, self._req_file().geo.slot_size)
+        ours = self._ns_field
+        for _slot, slot_size, key_raw, ns in self._iter_used():
+            if ns == ours:
+                yield StoredPage(key_raw.hex(), slot_size)
 
     def iter_namespaces(self) -> Iterator[str]:
         # docstring inherited
-        seen: set[str] = set()
-        for _slot, hdr in self._iter_used():
-            if hdr.namespace not in seen:
-                seen.add(hdr.namespace)
-                yield hdr.namespace
+        seen: set[bytes] = set()
+        for _slot, _size, _key, ns in self._iter_used():
+            if ns not in seen:
+                seen.add(ns)
+                name = ns[1 : 1 + ns[0]].decode("ascii", "replace")
+                yield name
 
-    def _iter_used(self) -> Iterator[tuple[int, SlotHeader]]:
+    def _iter_used(self) -> Iterator[tuple[int, int, bytes, bytes]]:
+        """``(slot, slot_size, key_raw, ns_field)`` of every used slot, read without locks."""
+        if self._empty:
+            return
         file = self._req_file()
         geo = file.geo
+        mm, payload, base, size = file.mm, geo.slot_payload, geo.slots_offset, geo.slot_size
         for slot in range(geo.num_slots):
-            hdr = decode_slot_header(file.header(slot), geo.slot_payload)
-            if hdr.state is SlotState.USED:
-                yield slot, hdr
+            off = base + slot * size
+            if mm[off + BODY_OFFSET : off + BODY_OFFSET + 8] != SLOT_MAGIC:
+                continue
+            found = used_slot(mm[off : off + HEADER_USED], payload)
+            if found is not None:
+                yield slot, size, found[1], found[2]
 
     def _stats(self) -> Mapping[str, Any]:
         file = self._file

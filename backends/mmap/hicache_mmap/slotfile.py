@@ -95,6 +95,14 @@ class SlotFile:
             raise
 
     @staticmethod
+    def exists(path: str) -> bool:
+        """True when ``path`` exists and holds at least a superblock's worth of bytes."""
+        try:
+            return os.stat(path).st_size >= SUPERBLOCK_SIZE
+        except FileNotFoundError:
+            return False
+
+    @staticmethod
     def _open_fd(req: OpenRequest) -> int:
         flags = (os.O_RDWR if req.writable else os.O_RDONLY) | os.O_CLOEXEC
         if req.create and req.writable:
