@@ -147,6 +147,24 @@ def check_key(key: str) -> str:
     return key
 
 
+_HEX_DIGITS = b"0123456789abcdef"
+
+
+def _check_keys(keys: Sequence[str]) -> None:
+    """``check_key`` over a batch at C speed: presence checks must cost well under a microsecond
+    per key, and a per-key regex costs about two. The per-key path runs only to name a bad key."""
+    try:
+        for key in keys:
+            if len(key) != PAGE_KEY_LEN:
+                raise ValueError(key)
+        joined = "".join(keys).encode("ascii")  # TypeError for a non-str, ValueError non-ASCII
+    except (TypeError, ValueError):
+        joined = b"!"
+    if joined.translate(None, _HEX_DIGITS):
+        for key in keys:
+            check_key(key)
+
+
 def check_namespace(namespace: str) -> str:
     """Return ``namespace`` if it is valid, else raise ``ValueError`` naming it."""
     if not isinstance(namespace, str) or _NAMESPACE_RE.match(namespace) is None:
@@ -387,8 +405,7 @@ class Backend(ABC):
             raise BackendClosedError(
                 f"{type(self).__name__} (tier {self.context.tier_name!r}) is not open"
             )
-        for key in keys:
-            check_key(key)
+        _check_keys(keys)
 
     def _check_buffers(
         self, keys: Sequence[str], bufs: Sequence[memoryview], *, writable: bool
