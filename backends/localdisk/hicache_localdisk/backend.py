@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from hicache.errors import BackendCapacityError, BackendError, BackendUnavailableError
 from hicache.storage.backend import (
@@ -39,6 +39,9 @@ from hicache_localdisk.layout import FANOUT_DIRS, Layout, ScannedPage
 from hicache_localdisk.options import DEFAULT_FREE_FRACTION, Durability, LocalDiskConfig
 from hicache_localdisk.pageio import PageIO, ReadResult
 from hicache_localdisk.shared import SharedState
+
+if TYPE_CHECKING:
+    from hicache.storage.benchmark import RawBaseline
 
 __all__ = ["LocalDiskBackend"]
 
@@ -114,11 +117,23 @@ class LocalDiskBackend(Backend):
         """Path of the file of ``key`` (whether or not it exists)."""
         return self._layout.page_path(key)
 
-    def drop_cache(self, keys: Sequence[str]) -> None:
-        """Drop the page cache of these pages' files so the next reads are cold (bench hook)."""
+    def drop_page_cache(self) -> bool:
+        """Write back and drop every page file of this instance from the OS page cache, so the
+        next reads come from the device (``hicache bench storage`` cold reads)."""
+        with self._lock:
+            keys = list(self._index)
         for key in keys:
             with contextlib.suppress(FileNotFoundError):
                 drop_cache(self._layout.page_path(key))
+        return True
+
+    @classmethod
+    def bench_baseline(cls, config: BackendConfig, context: BackendContext) -> RawBaseline:
+        """The raw file baseline of ``hicache bench storage`` (same calls, same fsync policy)."""
+        from hicache_localdisk.raw import FileBaseline  # the bench machinery loads lazily
+
+        assert isinstance(config, LocalDiskConfig)
+        return FileBaseline(config)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -1,0 +1,83 @@
+"""The raw baseline ``hicache bench storage`` measures localdisk against.
+
+The same system calls outside hicache, one file per page in the same fan-out, the same bytes
+(a 4 KiB header and the payload): ``open(O_CREAT|O_EXCL)`` + ``pwritev`` + (``fsync``) +
+``close`` + ``rename`` for a put, ``open`` + ``preadv`` + ``close`` for a get, ``stat`` for a
+presence check; no index, no checksum, no accounting. Its files live in
+``<root>/.bench-raw-<pid>/`` and are removed by ``teardown``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from typing import ClassVar
+
+from hicache.storage.benchmark import RawBaseline
+from hicache.storage.pageformat import HEADER_SIZE
+from hicache_localdisk.fsio import drop_cache, fsync_dir, read_fully, write_fully
+from hicache_localdisk.options import Durability, LocalDiskConfig
+
+__all__ = ["FileBaseline"]
+
+
+class FileBaseline(RawBaseline):
+    """open + pwritev + rename / open + preadv, with the tier's fsync policy."""
+
+    name: ClassVar[str] = "files: open+pwritev+rename / open+preadv (same fsync policy)"
+
+    def __init__(self, config: LocalDiskConfig) -> None:
+        self._dir = os.path.join(os.fspath(config.root), f".bench-raw-{os.getpid()}")
+        self._fsync = config.durability is Durability.FSYNC
+        self._mode = config.file_mode
+        self._num_pages = 0
+        self._header = memoryview(bytearray(HEADER_SIZE))
+        self._headers: dict[int, memoryview] = {}
+
+    def _path(self, i: int) -> str:
+        return f"{self._dir}/{i % 256:02x}/{i}"
+
+    def setup(self, page_bytes: int, num_pages: int) -> None:
+        self._num_pages = num_pages
+        for sub in range(min(256, num_pages)):
+            os.makedirs(f"{self._dir}/{sub:02x}", mode=0o700, exist_ok=True)
+
+    def put(self, indices: Sequence[int], srcs: Sequence[memoryview]) -> None:
+        dirs = set()
+        for i, src in zip(indices, srcs, strict=True):
+            path = self._path(i)
+            tmp = f"{path}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self._mode)
+            try:
+                write_fully(fd, [self._header, src])
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+            dirs.add(os.path.dirname(path))
+        if self._fsync:
+            for d in dirs:
+                fsync_dir(d)
+
+    def get(self, indices: Sequence[int], dsts: Sequence[memoryview]) -> None:
+        # Each thread reads its own header scratch: the header is not what is measured.
+        header = memoryview(bytearray(HEADER_SIZE))
+        for i, dst in zip(indices, dsts, strict=True):
+            fd = os.open(self._path(i), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                read_fully(fd, [header, dst])
+            finally:
+                os.close(fd)
+
+    def exists(self, indices: Sequence[int]) -> list[bool]:
+        return [os.path.exists(self._path(i)) for i in indices]
+
+    def drop_cache(self) -> bool:
+        for i in range(self._num_pages):
+            drop_cache(self._path(i))
+        return True
+
+    def teardown(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
