@@ -271,18 +271,8 @@ class S3Backend(Backend):
                 self._count(already_exists=1)
                 self._remember_present(key)
                 return PageStatus.ALREADY_EXISTS
-            if (
-                conditional
-                and self._conditional is ConditionalPut.AUTO
-                and errors.is_conditional_unsupported(exc)
-            ):
-                log.warning(
-                    "%r: the server rejects conditional puts (If-None-Match); falling back to "
-                    "HEAD-then-put (racing writers may both write the same bytes)",
-                    self,
-                )
-                self._conditional = ConditionalPut.NEVER
-                return self._put_one(key, src)
+            if conditional and errors.is_conditional_unsupported(exc):
+                return self._conditional_unsupported(key, src)
             if errors.is_checksum_mismatch(exc):
                 log.warning("S3 rejected the checksum of page %s in %r", key, self)
                 self._count(failed_pages=1)
@@ -296,6 +286,23 @@ class S3Backend(Backend):
         self._count(puts=1, put_bytes=src.nbytes)
         self._remember_present(key)
         return PageStatus.OK
+
+    def _conditional_unsupported(self, key: str, src: memoryview) -> PageStatus:
+        """The server refused ``If-None-Match``: fall back (``auto``) or fail the page."""
+        if self.options.conditional_put is ConditionalPut.ALWAYS:
+            log.error("%r: the server rejects conditional puts (If-None-Match)", self)
+            self._count(failed_pages=1)
+            return PageStatus.FAILED
+        with self._lock:
+            first = self._conditional is not ConditionalPut.NEVER
+            self._conditional = ConditionalPut.NEVER
+        if first:
+            log.warning(
+                "%r: the server rejects conditional puts (If-None-Match); falling back to "
+                "HEAD-then-put (racing writers may both write the same bytes)",
+                self,
+            )
+        return self._put_one(key, src)
 
     # ------------------------------------------------------------------ get
 

@@ -14,9 +14,11 @@ from botocore.exceptions import (
     CredentialRetrievalError,
     FlexibleChecksumError,
     HTTPClientError,
+    IncompleteReadError,
     NoCredentialsError,
     PartialCredentialsError,
 )
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from hicache.errors import BackendError, BackendUnavailableError
 
@@ -117,7 +119,8 @@ def translate(exc: BaseException, *, operation: str, bucket: str, endpoint: str)
             f"{where}: boto3's default credential chain found no usable credentials "
             f"({type(exc).__name__})"
         )
-    if isinstance(exc, HTTPClientError):  # connection refused/reset, timeouts, broken streams
+    # connection refused or reset, DNS failures, timeouts, streams cut short
+    if isinstance(exc, HTTPClientError | BotoConnectionError | IncompleteReadError):
         return BackendUnavailableError(f"{where}: endpoint unreachable ({type(exc).__name__})")
     if isinstance(exc, ClientError):
         code, status = error_code(exc), http_status(exc)

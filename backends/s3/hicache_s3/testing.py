@@ -33,8 +33,12 @@ _bucket_ids = itertools.count()
 
 
 def raw_client(endpoint_url: str, **kwargs: Any) -> Any:
-    """A plain boto3 S3 client on ``endpoint_url`` (a way around the backend)."""
-    return boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1", **kwargs)
+    """A plain boto3 S3 client on ``endpoint_url`` (a way around the backend).
+
+    A fresh session every time: boto3's default session caches the credentials it found first.
+    """
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=endpoint_url, region_name="us-east-1", **kwargs)
 
 
 def new_bucket(endpoint_url: str, client: Any = None) -> str:
