@@ -13,6 +13,7 @@ leaf parser sets ``func``, a handler taking the parsed namespace and returning t
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -225,6 +226,11 @@ def format_report(report: BenchReport) -> str:
             f"page {_size(run.page_bytes)} x {run.num_pages} pages ({_size(size)}), "
             f"{run.threads} thread{'s' if run.threads > 1 else ''}"
         )
+        if run.pages_read < run.num_pages:
+            lines.append(
+                f"  note: only {run.pages_read} pages were still stored after the puts (tier "
+                "capacity); reads and presence checks use those, on both sides"
+            )
         lines.extend(format_figures(run.figures))
         for phase, counts in run.problems.items():
             lines.append(f"  warning: {phase}: {counts} (figures count these pages too)")
@@ -299,7 +305,7 @@ def _run_eviction(args: argparse.Namespace) -> int:
 
 def _run_radix(args: argparse.Namespace) -> int:
     try:
-        from hicache import radix_bench
+        radix_bench = importlib.import_module("hicache.radix_bench")
     except ImportError as exc:
         print(
             f"error: hicache bench radix is not available ({exc}); it needs the cache side "

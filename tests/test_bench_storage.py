@@ -213,3 +213,28 @@ def test_radix_subcommand_without_its_module_exits_2(
     monkeypatch.setitem(sys.modules, "hicache.radix_bench", None)
     assert main(["radix"]) == 2
     assert "hicache bench radix is not available" in capsys.readouterr().err
+
+
+def test_tier_smaller_than_the_run_reads_what_it_kept() -> None:
+    from hicache.bench import _baseline_for, format_report
+
+    page = 16384
+    spec = BenchSpec(page_bytes=(page,), total_bytes=page * 40, threads=(2,))
+    report = run_storage_bench(
+        make_backend=lambda pb, ns: MemoryBackend(
+            # Room for 10 pages with their 4 KiB headers: the other 30 are evicted by the puts.
+            MemoryConfig(capacity=10 * (page + 4096)),
+            BackendContext(page_bytes=pb, namespace=ns),
+        ),
+        make_baseline=_baseline_for,
+        spec=spec,
+        tier="small",
+        backend_kind="memory",
+    )
+    (run,) = report.runs
+    assert (run.num_pages, run.pages_read) == (40, 10)
+    assert run.problems == {}  # no reads of evicted pages were attempted
+    for fig in run.figures:
+        if not fig.name.startswith("get_cold"):
+            assert fig.ratio is not None and fig.ratio > 0, fig
+    assert "only 10 pages were still stored" in format_report(report)

@@ -7,7 +7,8 @@
 
 For each pair the harness writes ``N`` fresh pages, drops the page cache (when the backend can),
 reads them back cold, reads them again hot, then asks ``exists`` and ``exists_prefix`` about all
-of them, timing every call. It then does the same through the raw baseline, with the same split
+of them, timing every call. A tier whose capacity is smaller than the run keeps only some pages:
+the reads and presence checks then cover the pages still stored after the puts (on both sides). It then does the same through the raw baseline, with the same split
 of pages over the same number of threads and the same batches, so each figure has a limit
 measured in the same run, and reports ``ratio``: throughput / limit, or limit latency / latency
 (1.0 = as fast as the machine allows with those system calls).
@@ -203,6 +204,9 @@ class BenchRun:
     figures: list[Figure]
     #: Non-OK statuses the backend returned, per phase (e.g. ``{"get_hot": {"not_found": 3}}``).
     problems: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Pages still stored after the puts, which the read and presence phases used (fewer than
+    #: ``num_pages`` when the tier's capacity is smaller than the run).
+    pages_read: int = 0
 
     def figure(self, name: str) -> Figure:
         """The figure called ``name``."""
@@ -234,6 +238,7 @@ class BenchReport:
                     "page_bytes": run.page_bytes,
                     "threads": run.threads,
                     "num_pages": run.num_pages,
+                    "pages_read": run.pages_read,
                     "figures": {fig.name: fig.to_json() for fig in run.figures},
                     "problems": run.problems,
                 }
@@ -316,10 +321,11 @@ def _parallel(
     return _Phase(seconds, units, [x for own in latencies for x in own], problems)
 
 
-def _slices(num_pages: int, threads: int) -> list[list[int]]:
-    """Contiguous, near-equal index ranges, one per thread."""
-    bounds = [num_pages * t // threads for t in range(threads + 1)]
-    return [list(range(bounds[t], bounds[t + 1])) for t in range(threads)]
+def _slices(indices: Sequence[int], threads: int) -> list[list[int]]:
+    """Contiguous, near-equal runs of ``indices``, one per thread."""
+    n = len(indices)
+    bounds = [n * t // threads for t in range(threads + 1)]
+    return [list(indices[bounds[t] : bounds[t + 1]]) for t in range(threads)]
 
 
 def _fill(buf: bytearray, seed: int) -> None:
@@ -336,9 +342,9 @@ class _Side:
 
     put: _Phase
     get_cold: _Phase | None
-    get_hot: _Phase
-    exists: _Phase
-    exists_prefix: _Phase
+    get_hot: _Phase | None
+    exists: _Phase | None
+    exists_prefix: _Phase | None
 
 
 def _measure(
@@ -349,34 +355,46 @@ def _measure(
     exists_prefix: Work,
     drop_cache: Callable[[], bool],
     num_pages: int,
+    readable: Callable[[], list[int]],
     threads: int,
     spec: BenchSpec,
     progress: Callable[[int], None] | None,
-) -> _Side:
-    slices = _slices(num_pages, threads)
-    put_phase = _parallel(threads, slices, spec.batch, put, progress)
+) -> tuple[_Side, list[int]]:
+    """Put every page, then read back (cold, hot) and ask about the pages ``readable()`` names
+    (a tier with less capacity than the run keeps only some); return them with the phases."""
+    put_phase = _parallel(threads, _slices(range(num_pages), threads), spec.batch, put, progress)
+    read = readable()
+    if progress is not None and len(read) < num_pages:
+        progress(2 * (num_pages - len(read)))  # reads skipped for pages the tier dropped
+    slices = _slices(read, threads)
     cold: _Phase | None = None
-    if drop_cache():
+    if read and drop_cache():
         cold = _parallel(threads, slices, spec.batch, get, progress)
     elif progress is not None:
-        progress(num_pages)
+        progress(len(read))
+    if not read:
+        return _Side(put_phase, None, None, None, None), read
     hot = _parallel(threads, slices, spec.batch, get, progress)
     # Presence checks are cheap: repeat them over the same keys so the timing is not noise.
-    repeated = [own * spec.exists_repeats(num_pages) for own in slices]
+    repeated = [own * spec.exists_repeats(len(read)) for own in slices]
     ex = _parallel(threads, repeated, spec.exists_batch, exists, None)
     exp = _parallel(threads, repeated, spec.exists_batch, exists_prefix, None)
-    return _Side(put_phase, cold, hot, ex, exp)
+    return _Side(put_phase, cold, hot, ex, exp), read
 
 
-def _figures(page_bytes: int, num_pages: int, ours: _Side, raw: _Side) -> list[Figure]:
+def _figures(page_bytes: int, ours: _Side, raw: _Side) -> list[Figure]:
     def gbps(phase: _Phase | None) -> float | None:
-        return None if phase is None else num_pages * page_bytes / phase.seconds / GB
+        if phase is None or not phase.units:
+            return None
+        return phase.units * page_bytes / phase.seconds / GB
 
-    def keys_s(phase: _Phase) -> float:
-        return phase.units / phase.seconds
+    def keys_s(phase: _Phase | None) -> float | None:
+        return None if phase is None or not phase.units else phase.units / phase.seconds
 
     def ms(phase: _Phase | None, q: float) -> float | None:
-        return None if phase is None else percentile(phase.latencies, q) * 1e3
+        return (
+            None if phase is None or not phase.latencies else percentile(phase.latencies, q) * 1e3
+        )
 
     values: dict[str, tuple[float | None, float | None]] = {
         "put": (gbps(ours.put), gbps(raw.put)),
@@ -391,7 +409,7 @@ def _figures(page_bytes: int, num_pages: int, ours: _Side, raw: _Side) -> list[F
     figures = []
     for name, unit, higher in FIGURES:
         value, limit = values[name]
-        if value is None or limit is None:  # cold on one side only: not comparable
+        if value is None or limit is None:  # measured on one side only: not comparable
             value = limit = None
         figures.append(Figure(name, unit, value, limit, higher))
     return figures
@@ -455,32 +473,6 @@ def _run_pair(
         srcs.append(own_src)
         dsts.append(own_dst)
 
-    def raw_put(idx: Sequence[int], t: int) -> None:
-        baseline.put(idx, srcs[t][: len(idx)])
-
-    def raw_get(idx: Sequence[int], t: int) -> None:
-        baseline.get(idx, dsts[t][: len(idx)])
-
-    def raw_exists(idx: Sequence[int], t: int) -> None:
-        baseline.exists(idx)
-
-    baseline.setup(page_bytes, num_pages)
-    try:
-        raw = _measure(
-            put=raw_put,
-            get=raw_get,
-            exists=raw_exists,
-            # The raw limit of a prefix check is a presence check of the same chain.
-            exists_prefix=raw_exists,
-            drop_cache=baseline.drop_cache,
-            num_pages=num_pages,
-            threads=threads,
-            spec=spec,
-            progress=progress,
-        )
-    finally:
-        baseline.teardown()
-
     def our_put(idx: Sequence[int], t: int) -> list[PageStatus]:
         return backend.put([keys[i] for i in idx], srcs[t][: len(idx)])
 
@@ -495,19 +487,28 @@ def _run_pair(
         n = backend.exists_prefix([keys[i] for i in idx])
         return [PageStatus.OK] * n + [PageStatus.NOT_FOUND] * (len(idx) - n)
 
+    def resident() -> list[int]:
+        # Untimed: which pages the tier still holds after the puts (capacity may have evicted).
+        out: list[int] = []
+        for start in range(0, num_pages, 1024):
+            flags = backend.exists(keys[start : start + 1024])
+            out.extend(start + j for j, present in enumerate(flags) if present)
+        return out
+
     def drop() -> bool:
         hook = getattr(backend, "drop_page_cache", None)
         return bool(hook()) if callable(hook) else False
 
     backend.open()
     try:
-        ours = _measure(
+        ours, read = _measure(
             put=our_put,
             get=our_get,
             exists=our_exists,
             exists_prefix=our_exists_prefix,
             drop_cache=drop,
             num_pages=num_pages,
+            readable=resident,
             threads=threads,
             spec=spec,
             progress=progress,
@@ -518,13 +519,40 @@ def _run_pair(
                 backend.delete(keys[start : start + 256])
         finally:
             backend.close()
+
+    def raw_put(idx: Sequence[int], t: int) -> None:
+        baseline.put(idx, srcs[t][: len(idx)])
+
+    def raw_get(idx: Sequence[int], t: int) -> None:
+        baseline.get(idx, dsts[t][: len(idx)])
+
+    def raw_exists(idx: Sequence[int], t: int) -> None:
+        baseline.exists(idx)
+
+    baseline.setup(page_bytes, num_pages)
+    try:
+        raw, _ = _measure(
+            put=raw_put,
+            get=raw_get,
+            exists=raw_exists,
+            # The raw limit of a prefix check is a presence check of the same chain.
+            exists_prefix=raw_exists,
+            drop_cache=baseline.drop_cache,
+            num_pages=num_pages,
+            readable=lambda: read,  # the same pages the backend read back
+            threads=threads,
+            spec=spec,
+            progress=progress,
+        )
+    finally:
+        baseline.teardown()
     problems = {
         name: phase.problems
         for name, phase in _phases(ours).items()
         if phase is not None and phase.problems
     }
     return BenchRun(
-        page_bytes, threads, num_pages, _figures(page_bytes, num_pages, ours, raw), problems
+        page_bytes, threads, num_pages, _figures(page_bytes, ours, raw), problems, len(read)
     )
 
 
