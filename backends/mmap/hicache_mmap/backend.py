@@ -36,6 +36,7 @@ from hicache.storage.backend import (
     PageStatus,
     StoredPage,
 )
+from hicache.storage.benchmark import RawBaseline
 from hicache.storage.eviction import ClockSlots
 from hicache.storage.pageformat import payload_checksum
 from hicache_mmap.layout import (
@@ -55,6 +56,7 @@ from hicache_mmap.layout import (
 )
 from hicache_mmap.locks import LockTimeoutError
 from hicache_mmap.options import MmapOptions, MsyncMode
+from hicache_mmap.rawbench import MmapRawBaseline
 from hicache_mmap.slotfile import OpenRequest, SlotFile
 
 __all__ = ["MmapBackend"]
@@ -472,6 +474,16 @@ class MmapBackend(Backend):
 
     # ------------------------------------------------------------------ other calls
 
+    @classmethod
+    def bench_baseline(cls, config: BackendConfig, context: BackendContext) -> RawBaseline:
+        """The raw limit for ``hicache bench storage``: memcpy through a prefaulted mapping."""
+        assert isinstance(config, MmapOptions)
+        return MmapRawBaseline(config.path, prefault=config.prefault)
+
+    def drop_page_cache(self) -> bool:
+        """Cold reads are not measurable: a shared mapping's pages cannot be dropped safely."""
+        return False
+
     def take_evicted(self) -> list[str]:
         # docstring inherited
         with self._evicted_lock:
@@ -481,21 +493,21 @@ class MmapBackend(Backend):
     def iter_pages(self) -> Iterator[StoredPage]:
         # docstring inherited
         ours = self._ns_field
-        for _slot, slot_size, key_raw, ns in self._iter_used():
+        for _slot, slot_size, key_raw, ns, payload_len in self._iter_used():
             if ns == ours:
-                yield StoredPage(key_raw.hex(), slot_size)
+                yield StoredPage(key_raw.hex(), slot_size, payload_len)
 
     def iter_namespaces(self) -> Iterator[str]:
         # docstring inherited
         seen: set[bytes] = set()
-        for _slot, _size, _key, ns in self._iter_used():
+        for _slot, _size, _key, ns, _len in self._iter_used():
             if ns not in seen:
                 seen.add(ns)
                 name = ns[1 : 1 + ns[0]].decode("ascii", "replace")
                 yield name
 
-    def _iter_used(self) -> Iterator[tuple[int, int, bytes, bytes]]:
-        """``(slot, slot_size, key_raw, ns_field)`` of every used slot, read without locks."""
+    def _iter_used(self) -> Iterator[tuple[int, int, bytes, bytes, int]]:
+        """``(slot, slot_size, key_raw, ns_field, payload_len)`` of every used slot (no locks)."""
         if self._empty:
             return
         file = self._req_file()
@@ -505,9 +517,10 @@ class MmapBackend(Backend):
             off = base + slot * size
             if mm[off + BODY_OFFSET : off + BODY_OFFSET + 8] != SLOT_MAGIC:
                 continue
-            found = used_slot(mm[off : off + HEADER_USED], payload)
+            raw = mm[off : off + HEADER_USED]
+            found = used_slot(raw, payload)
             if found is not None:
-                yield slot, size, found[1], found[2]
+                yield slot, size, found[1], found[2], GEN.unpack_from(raw, 16)[0]
 
     def _stats(self) -> Mapping[str, Any]:
         file = self._file

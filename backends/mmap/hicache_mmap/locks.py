@@ -31,6 +31,8 @@ _FLOCK = struct.Struct("@hh4xqqi4x")
 #: Offset of the init lock; set ``s`` locks the byte ``LOCK_BASE + 1 + s``.
 LOCK_BASE: Final[int] = 1 << 50
 _STRIPES: Final[int] = 256
+#: Offset of the shared "users" lock (see ``hold_users``).
+_USERS: Final[int] = LOCK_BASE - 1
 
 
 class LockTimeoutError(BackendError, TimeoutError):
@@ -99,9 +101,27 @@ class SetLocks:
         finally:
             self._threads[set_index % _STRIPES].release()
 
-    def lock_init(self) -> None:
-        """Take the whole-file init lock (creation and geometry checks), waiting if needed."""
-        self._ofd(fcntl.F_WRLCK, LOCK_BASE, "the init range")
+    def lock_init(self, exclusive: bool) -> None:
+        """Take the init lock (exclusive to create or rebuild the file, shared to only read its
+        geometry), waiting up to the timeout."""
+        self._ofd(fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, LOCK_BASE, "the init range")
 
     def unlock_init(self) -> None:
+        """Release the init lock."""
         fcntl.fcntl(self._fd, F_OFD_SETLK, _flock(fcntl.F_UNLCK, LOCK_BASE))
+
+    def hold_users(self) -> None:
+        """Take the shared "users" lock, held by every open instance until its file closes."""
+        self._ofd(fcntl.F_RDLCK, _USERS, "the users range")
+
+    def users_idle(self) -> bool:
+        """True when no other open file holds the users lock. Call with ``hold_users`` done:
+        this file's shared lock is converted to exclusive to test, then back to shared."""
+        try:
+            fcntl.fcntl(self._fd, F_OFD_SETLK, _flock(fcntl.F_WRLCK, _USERS))
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        fcntl.fcntl(self._fd, F_OFD_SETLK, _flock(fcntl.F_RDLCK, _USERS))
+        return True

@@ -20,6 +20,7 @@ from hicache_mmap.layout import (
     GEN,
     HEADER_USED,
     SLOT_HEADER_SIZE,
+    SLOT_MAGIC,
     SUPERBLOCK_SIZE,
     Geometry,
     decode_superblock,
@@ -119,50 +120,83 @@ class SlotFile:
     @staticmethod
     def _init_or_check(fd: int, req: OpenRequest) -> Geometry:
         locks = SetLocks(fd, req.lock_timeout_s)
-        # Creation and the geometry check happen under one lock, so two processes opening a new
-        # file at the same moment agree on one geometry. A read-only opener cannot take a write
-        # lock and does not need one: it never initialises.
-        if req.writable:
-            locks.lock_init()
+        # Creation and the geometry check happen under the init lock, so two processes opening
+        # a new file at the same moment agree on one geometry, and a reader never sees a file
+        # being rebuilt.
+        locks.lock_init(exclusive=req.writable)
         try:
-            size = os.fstat(fd).st_size
-            raw = os.pread(fd, SUPERBLOCK_SIZE, 0)
-            if not any(raw):
-                # Empty, or a creator died before writing the superblock: nothing to lose.
-                if not req.writable:
-                    raise BackendUnavailableError(f"slot file {req.path} is not initialised")
-                try:
-                    geo = Geometry.for_capacity(req.capacity, req.page_bytes, req.associativity)
-                except ValueError as exc:
-                    raise BackendError(f"slot file {req.path}: {exc}") from exc
-                os.ftruncate(fd, geo.file_size)
-                os.pwrite(fd, encode_superblock(geo), 0)
-                if req.durable:
-                    os.fsync(fd)
-                logger.info(
-                    "created slot file %s: %d sets x %d slots of %d bytes",
-                    req.path,
-                    geo.num_sets,
-                    geo.associativity,
-                    geo.slot_size,
-                )
-                return geo
-            try:
-                geo = decode_superblock(raw, size)
-            except PageCorruptError as exc:
-                raise BackendError(
-                    f"{req.path} is not a usable slot file ({exc}); refusing to overwrite it"
-                ) from exc
+            # Every open instance holds a shared "users" lock until it closes: an opener that
+            # can convert its own to exclusive knows nobody else has the file mapped.
+            locks.hold_users()
+            geo = SlotFile._geometry(fd, req, locks)
         except OSError as exc:
             raise BackendUnavailableError(f"cannot initialise slot file {req.path}: {exc}") from exc
         finally:
-            if req.writable:
-                locks.unlock_init()
+            locks.unlock_init()
         if geo.slot_payload < req.page_bytes:
             raise BackendError(
                 f"slot file {req.path} has {geo.slot_payload}-byte slots, too small for "
                 f"{req.page_bytes}-byte pages; use another path or delete the file"
             )
+        return geo
+
+    @staticmethod
+    def _geometry(fd: int, req: OpenRequest, locks: SetLocks) -> Geometry:
+        raw = os.pread(fd, SUPERBLOCK_SIZE, 0)
+        if not any(raw):
+            # Empty, or a creator died before writing the superblock: nothing to lose.
+            if not req.writable:
+                raise BackendUnavailableError(f"slot file {req.path} is not initialised")
+            return SlotFile._create(fd, req)
+        try:
+            geo = decode_superblock(raw, os.fstat(fd).st_size)
+        except PageCorruptError as exc:
+            raise BackendError(
+                f"{req.path} is not a usable slot file ({exc}); refusing to overwrite it"
+            ) from exc
+        if not req.writable:
+            return geo
+        wanted = SlotFile._wanted(req)
+        if geo == wanted:
+            return geo
+        # Another geometry was asked for (capacity, page size, associativity changed). Rebuild
+        # the file only when that loses nothing: no other process has it open and no slot holds
+        # a page; otherwise keep the file's geometry, which every user must share.
+        if locks.users_idle() and not _any_used(fd, geo):
+            logger.info("slot file %s is empty and unused: re-creating it", req.path)
+            os.ftruncate(fd, 0)
+            return SlotFile._create(fd, req)
+        logger.warning(
+            "slot file %s keeps its geometry (%d sets x %d slots of %d payload bytes): it is "
+            "in use or holds pages",
+            req.path,
+            geo.num_sets,
+            geo.associativity,
+            geo.slot_payload,
+        )
+        return geo
+
+    @staticmethod
+    def _wanted(req: OpenRequest) -> Geometry:
+        try:
+            return Geometry.for_capacity(req.capacity, req.page_bytes, req.associativity)
+        except ValueError as exc:
+            raise BackendError(f"slot file {req.path}: {exc}") from exc
+
+    @staticmethod
+    def _create(fd: int, req: OpenRequest) -> Geometry:
+        geo = SlotFile._wanted(req)
+        os.ftruncate(fd, geo.file_size)
+        os.pwrite(fd, encode_superblock(geo), 0)
+        if req.durable:
+            os.fsync(fd)
+        logger.info(
+            "created slot file %s: %d sets x %d slots of %d bytes",
+            req.path,
+            geo.num_sets,
+            geo.associativity,
+            geo.slot_size,
+        )
         return geo
 
     def close(self) -> None:
@@ -249,6 +283,15 @@ class SlotFile:
         GEN.pack_into(self.mm, off, odd + 1)
         if durable:
             self.mm.flush(off, SLOT_HEADER_SIZE)
+
+
+def _any_used(fd: int, geo: Geometry) -> bool:
+    """True when any slot header carries the slot magic (read with ``pread``, before mapping)."""
+    for slot in range(geo.num_slots):
+        magic_at = geo.slot_offset(slot) + BODY_OFFSET
+        if os.pread(fd, len(SLOT_MAGIC), magic_at) == SLOT_MAGIC:
+            return True
+    return False
 
 
 def _touch_pages(mm: mmap.mmap) -> None:
