@@ -307,7 +307,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     common(du)
     du.set_defaults(func=_run_du)
 
-    verify = sub.add_parser("verify", help="read back every page; report corrupt ones")
+    verify = sub.add_parser(
+        "verify", help="read back every page; report corrupt ones (exit status 1 if any)"
+    )
     common(verify)
     verify.add_argument(
         "--delete-corrupt", action="store_true", help="delete the pages that fail verification"
