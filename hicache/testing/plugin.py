@@ -1,14 +1,43 @@
-"""pytest plugin registered under ``pytest11``: markers the conformance kit and its users share.
+"""pytest plugin registered under ``pytest11``: what the conformance kit and its users share.
 
-It also asks pytest to rewrite the kit's asserts, so a failing conformance test shows the
-compared values in any project that subclasses ``BackendTests``.
+- markers ``cuda``, ``slow``, ``conformance``
+- hypothesis profiles ``ci`` (bounded examples, no deadline: the Makefile sets
+  ``HYPOTHESIS_PROFILE=ci``) and ``dev`` (the same for now), loaded from ``HYPOTHESIS_PROFILE``
+  (default ``dev``). Registered here rather than in one ``conftest.py`` so the tests under
+  ``backends/`` and ``plugins/`` get them too.
+- assertion rewriting for the kit, so a failing conformance test shows the compared values
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 pytest.register_assert_rewrite("hicache.testing.kit")
+
+#: Examples per hypothesis test under the ``ci`` and ``dev`` profiles.
+CI_MAX_EXAMPLES = 30
+
+
+def load_hypothesis_profiles() -> str:
+    """Register the ``ci`` and ``dev`` profiles and load ``$HYPOTHESIS_PROFILE``; return it."""
+    from hypothesis import HealthCheck, settings
+
+    relaxed = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile(
+        "ci",
+        max_examples=CI_MAX_EXAMPLES,
+        deadline=None,
+        suppress_health_check=relaxed,
+        print_blob=True,
+    )
+    settings.register_profile(
+        "dev", max_examples=CI_MAX_EXAMPLES, deadline=None, suppress_health_check=relaxed
+    )
+    name = os.environ.get("HYPOTHESIS_PROFILE", "dev")
+    settings.load_profile(name)
+    return name
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -17,3 +46,4 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "conformance: a test of the hicache storage-backend conformance kit"
     )
+    load_hypothesis_profiles()
