@@ -1,0 +1,601 @@
+"""HiRadixCache: the radix cache over device (L1), host (L2) and storage tiers (L3).
+
+Read top to bottom, this is where a page goes:
+
+- ``insert``             new device nodes (``BlockStored(GPU)``); with ``write_through`` every
+                         new node is backed up at once, with ``write_through_selective`` on its
+                         second hit
+- ``write_backup``       L1 -> L2 copy submitted; the node is locked and counts as backed up,
+                         but nothing is announced or published before the ack
+- ``_split_node``        a node whose write is pending is replaced by its fragments (prefix
+                         first) in that write's ``publish_nodes``; splits compose
+- ``writing_check``      for each finished ack (agreed across ranks through ``RankSync``):
+                         ``_finish_write_through_ack`` announces every fragment's pages as
+                         ``BlockStored(CPU_PINNED)``, chained, publishes every fragment with
+                         ``write_backup_storage`` in prefix order, and releases the lock once
+- ``evict``              L1: a backed-up node keeps its host pages (L2-only,
+                         ``BlockRemoved(GPU)``); others are deleted
+- ``evict_host``         L2: least recently used host-only leaves (``BlockRemoved(CPU_PINNED)``)
+- ``load_back``          L2 -> L1 for the host-only nodes of a match
+- ``prefetch_from_storage`` / ``check_prefetch``   L3 -> L2 for the pages after a match
+- ``take_events``        drain every event
+
+Invariants: what L2 holds is prefix-closed (a node is backed up only under the root or a
+backed-up parent); device nodes are ancestor-closed (L1 eviction is leaf-first); host pages
+under storage I/O are held per page by the storage engine, so an eviction meanwhile only
+schedules their free (``HostPool.free_when_released``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from itertools import islice
+from typing import TYPE_CHECKING, Protocol
+
+from hicache.events import Medium
+from hicache.keys import ModelIdentity, block_id, chain_hashes, seed_hash, storage_key
+from hicache.pools import DevicePool, HostPool
+from hicache.radix import MatchResult, RadixCache, TreeNode
+from hicache.storage.engine import PublishGroup, PublishPage, StorageEngine
+from hicache.storage.tiers import Tiers
+from hicache.transfer import Direction, TransferEngine
+
+if TYPE_CHECKING:
+    from hicache.config import HicacheConfig
+
+__all__ = [
+    "HiRadixCache",
+    "NoRankSync",
+    "PendingWrite",
+    "PrefetchHandle",
+    "RankSync",
+    "WritePolicy",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class WritePolicy(StrEnum):
+    """When device nodes are backed up to host memory (values as in ``config.WritePolicy``)."""
+
+    WRITE_THROUGH = "write_through"
+    WRITE_THROUGH_SELECTIVE = "write_through_selective"
+    #: Nothing automatic: the caller decides with ``write_backup`` (tests, custom schedulers).
+    MANUAL = "manual"
+
+
+class RankSync(Protocol):
+    """Agreement between the tensor-parallel ranks of one model.
+
+    ``all_reduce_min`` is called at the same points on every rank, unconditionally; it returns
+    the element-wise minimum over ranks (a MIN all-reduce).
+    """
+
+    def all_reduce_min(self, values: list[int]) -> list[int]: ...
+
+
+class NoRankSync:
+    """A single rank: the minimum over one rank is its own value."""
+
+    def all_reduce_min(self, values: list[int]) -> list[int]:
+        return list(values)
+
+
+@dataclass(slots=True)
+class PendingWrite:
+    """One write-through in flight: the node locked for it and its fragments, prefix first."""
+
+    ack_id: int
+    lock_node: TreeNode
+    publish_nodes: list[TreeNode]
+    pages: int
+
+
+@dataclass(slots=True)
+class PrefetchHandle:
+    """A prefetch in flight; pass it to :meth:`HiRadixCache.check_prefetch`."""
+
+    ticket: int
+    tokens: list[int]
+    start: int
+    host_pages: list[int]
+    hashes: list[bytes]
+    result_pages: int | None = field(default=None)
+    done: bool = False
+    inserted_tokens: int = 0
+
+
+class HiRadixCache(RadixCache):
+    """Radix cache with host write-through, storage publishing and prefetch (module docstring).
+
+    ``identity`` seeds the content hashes (pages of different identities never share keys);
+    ``tiers`` may be None (no L3). The storage namespace is baked into the tiers' backends
+    (``BackendContext.namespace``), see :meth:`from_config`. Not thread-safe: the serving loop
+    owns it; only the storage engine's workers run elsewhere.
+    """
+
+    def __init__(
+        self,
+        device_pool: DevicePool,
+        host_pool: HostPool,
+        transfer: TransferEngine,
+        *,
+        identity: ModelIdentity | None = None,
+        tiers: Tiers | None = None,
+        write_policy: WritePolicy | str = WritePolicy.WRITE_THROUGH,
+        selective_threshold: int = 2,
+        prefetch_threshold_tokens: int = 256,
+        rank_sync: RankSync | None = None,
+        gpu_events: bool = True,
+        lora_id: int | None = None,
+        io_workers: int = 4,
+    ) -> None:
+        self.identity = identity or ModelIdentity("default")
+        super().__init__(
+            device_pool.layout.page_size,
+            device_pool.free,
+            seed=seed_hash(self.identity),
+            gpu_events=gpu_events,
+            lora_id=lora_id,
+        )
+        self.device_pool = device_pool
+        self.host_pool = host_pool
+        self.transfer = transfer
+        self.write_policy = WritePolicy(write_policy)
+        self._backup_threshold = (
+            selective_threshold if self.write_policy is WritePolicy.WRITE_THROUGH_SELECTIVE else 1
+        )
+        self.prefetch_threshold_tokens = prefetch_threshold_tokens
+        self.rank_sync: RankSync = rank_sync or NoRankSync()
+        self.ongoing_write_through: dict[int, PendingWrite] = {}
+        self._acked: set[int] = set()
+        self.tiers = tiers
+        self.storage: StorageEngine | None = None
+        if tiers is not None and len(tiers):
+            tiers.open()
+            self.storage = StorageEngine(
+                tiers, host_pool, page_size=self.page_size, lora_id=lora_id, workers=io_workers
+            )
+        self._prefetches: dict[int, PrefetchHandle] = {}
+        self._prefetch_results: dict[int, int] = {}
+        self.counters = {
+            "backups": 0,
+            "backup_pages": 0,
+            "backup_skipped_no_host_pages": 0,
+            "acks": 0,
+            "l1_evicted_pages": 0,
+            "l2_evicted_pages": 0,
+            "loaded_back_pages": 0,
+            "prefetches": 0,
+            "prefetched_pages": 0,
+            "prefetch_discarded_pages": 0,
+        }
+
+    @classmethod
+    def from_config(
+        cls,
+        config: HicacheConfig,
+        *,
+        device_pages: int,
+        device: str | None = None,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        rank_sync: RankSync | None = None,
+        transfer: type[TransferEngine] | None = None,
+    ) -> HiRadixCache:
+        """Build pools, transfer engine, tiers and the cache from a validated configuration.
+
+        ``device_pages`` sizes L1 (the serving engine decides it); L2 is
+        ``config.cache.host_pool`` bytes. ``transfer`` defaults to the CUDA engine on a CUDA
+        device pool and the CPU engine otherwise.
+        """
+        import torch
+
+        from hicache.pools import KVLayout
+        from hicache.transfer import CpuTransferEngine, CudaTransferEngine
+
+        m, c = config.model, config.cache
+        layout = KVLayout(
+            num_layers=m.num_layers,
+            num_kv_heads=m.num_kv_heads,
+            head_dim=m.head_dim,
+            page_size=c.page_size,
+            dtype=getattr(torch, m.dtype),
+            mla=m.mla,
+        )
+        dev = device or c.device
+        dev_pool = DevicePool(layout, device_pages, None if dev == "auto" else dev)
+        host_pages = c.host_pool // layout.page_bytes
+        if host_pages <= 0:
+            raise ValueError(
+                f"cache.host_pool ({c.host_pool} bytes) holds no page of {layout.page_bytes} bytes"
+            )
+        host_pool = HostPool(layout, host_pages)
+        if transfer is None:
+            transfer = CudaTransferEngine if dev_pool.kv.is_cuda else CpuTransferEngine
+        namespace = layout.namespace_spec(tp_rank=tp_rank, tp_size=tp_size).namespace()
+        tiers = Tiers.from_config(
+            config, namespace, page_bytes=layout.page_bytes, rank=tp_rank, world_size=tp_size
+        )
+        return cls(
+            dev_pool,
+            host_pool,
+            transfer(dev_pool, host_pool),
+            identity=ModelIdentity(m.name, m.revision, m.tenant_salt),
+            tiers=tiers,
+            write_policy=str(c.write_policy),
+            prefetch_threshold_tokens=config.storage.prefetch.threshold_tokens,
+            rank_sync=rank_sync,
+            gpu_events=config.events.enabled,
+        )
+
+    def close(self) -> None:
+        """Finish storage I/O (announcing what completed), stop the workers, close the tiers."""
+        if self.storage is not None:
+            self.storage.wait_idle()
+            self._poll_storage()
+            self.storage.close()
+        if self.tiers is not None:
+            self.tiers.close()
+
+    # ------------------------------------------------------------------ insert hooks
+
+    def _on_path(self, node: TreeNode) -> None:
+        node.hit_count += 1
+        self._maybe_backup(node)
+
+    def _on_new_leaf(self, node: TreeNode) -> None:
+        node.hit_count = 1
+        self._maybe_backup(node)
+
+    def _maybe_backup(self, node: TreeNode) -> None:
+        if (
+            self.write_policy is not WritePolicy.MANUAL
+            and node.host_value is None
+            and node.hit_count >= self._backup_threshold
+        ):
+            self.write_backup(node)
+
+    # ------------------------------------------------------------------ write-through
+
+    def write_backup(self, node: TreeNode) -> int | None:
+        """Back ``node`` up to host memory; return the ack id, or None if not backed up now.
+
+        Only a device node under the root or a backed-up parent is backed up (so L2 stays
+        prefix-closed). From here on the node counts as backed up, but its pages are announced
+        and published only after the ack (:meth:`writing_check`).
+        """
+        if node is self.root or node.value is None or node.host_value is not None:
+            return None
+        parent = node.parent
+        if parent is None or (parent is not self.root and parent.host_value is None):
+            return None
+        n = len(node.value)
+        host = self.host_pool.alloc(n)
+        if host is None:
+            self.evict_host(n - self.host_pool.available)
+            host = self.host_pool.alloc(n)
+            if host is None:
+                self.counters["backup_skipped_no_host_pages"] += 1
+                return None
+        ack = self.transfer.submit(Direction.D2H, node.value, host)
+        node.host_value = host
+        self._track_write_through_node(node, ack)
+        self.counters["backups"] += 1
+        self.counters["backup_pages"] += n
+        return ack
+
+    def _track_write_through_node(self, node: TreeNode, ack_id: int) -> None:
+        """Record ``node`` as the only fragment of write ``ack_id`` and lock it until the ack."""
+        node.write_through_pending_id = ack_id
+        self.inc_lock_ref(node)
+        self.ongoing_write_through[ack_id] = PendingWrite(ack_id, node, [node], len(node.key))
+
+    def _split_node(self, child: TreeNode, pages: int) -> TreeNode:
+        prefix = super()._split_node(child, pages)
+        if child.write_through_pending_id is not None:
+            self._replace_pending_write_through_node(child, [prefix, child])
+        return prefix
+
+    def _replace_pending_write_through_node(self, old: TreeNode, new: list[TreeNode]) -> None:
+        """Replace fragment ``old`` of its pending write by ``new`` (prefix first), in place."""
+        ack = old.write_through_pending_id
+        assert ack is not None
+        record = self.ongoing_write_through[ack]
+        for i, frag in enumerate(record.publish_nodes):
+            if frag is old:
+                record.publish_nodes[i : i + 1] = new
+                break
+        else:  # pragma: no cover - a broken invariant, never silently ignored
+            raise RuntimeError(f"{old!r} is not a fragment of pending write {ack}")
+        for frag in new:
+            frag.write_through_pending_id = ack
+
+    def writing_check(self) -> int:
+        """Finish every acknowledged write-through that all ranks saw complete; return how many.
+
+        Acks are finished in submission order: a child's write never announces before its
+        parent's. The count is agreed through ``RankSync`` (always called, even for zero).
+        """
+        for ticket in self.transfer.poll():
+            if ticket in self.ongoing_write_through:
+                self._acked.add(ticket)
+        ready = 0
+        for ack in self.ongoing_write_through:
+            if ack not in self._acked:
+                break
+            ready += 1
+        ready = self.rank_sync.all_reduce_min([ready])[0]
+        for ack in list(islice(self.ongoing_write_through, ready)):
+            self._finish_write_through_ack(ack)
+        self._poll_storage()
+        return ready
+
+    def _finish_write_through_ack(self, ack_id: int) -> None:
+        """Announce and publish every fragment of ``ack_id`` in prefix order; unlock once."""
+        record = self.ongoing_write_through.pop(ack_id)
+        self._acked.discard(ack_id)
+        group = self.storage.begin_publish() if self.storage is not None else None
+        for frag in record.publish_nodes:
+            frag.write_through_pending_id = None
+            self._emit_stored(frag, Medium.CPU_PINNED)
+            self.write_backup_storage(frag, group)
+        if group is not None and self.storage is not None:
+            self.storage.end_publish(group)
+        self.dec_lock_ref(record.lock_node)
+        self.counters["acks"] += 1
+
+    def write_backup_storage(self, node: TreeNode, group: PublishGroup | None = None) -> None:
+        """Publish ``node``'s host pages to every publishing tier (asynchronously).
+
+        ``group`` ties the fragments of one ack together so each tier announces them in order;
+        without one the node is its own group.
+        """
+        if self.storage is None or not self.storage.tiers.publishing:
+            return
+        assert node.host_value is not None
+        hashes = self.node_hashes(node)
+        parent = self.parent_block_hash(node)
+        ps = self.page_size
+        key = node.key
+        pages = []
+        for j, (h, hp) in enumerate(zip(hashes, node.host_value, strict=True)):
+            bid = block_id(h)
+            pages.append(PublishPage(storage_key(h), hp, bid, parent, key[j * ps : (j + 1) * ps]))
+            parent = bid
+        own = group is None
+        if group is None:
+            group = self.storage.begin_publish()
+        self.storage.publish(group, pages)
+        if own:
+            self.storage.end_publish(group)
+
+    def _poll_storage(self) -> None:
+        if self.storage is None:
+            return
+        result = self.storage.poll()
+        if result.events:
+            self.events.extend(result.events)
+        for r in result.prefetches:
+            self._prefetch_results[r.ticket] = r.ok_pages
+            handle = self._prefetches.get(r.ticket)
+            if handle is not None:
+                handle.result_pages = r.ok_pages
+
+    # ------------------------------------------------------------------ eviction
+
+    def _evict_node(self, node: TreeNode) -> int:
+        if node.host_value is None or node.write_through_pending_id is not None:
+            return super()._evict_node(node)
+        # backed up and acknowledged: the host copy stays, the node becomes L2-only
+        assert node.value is not None
+        n = len(node.value)
+        self.device_pool.free(node.value)
+        node.value = None
+        self._evictable_pages -= n
+        if self.gpu_events:
+            self._emit_removed(node, Medium.GPU)
+        self.counters["l1_evicted_pages"] += n
+        return n
+
+    def _host_evictable(self, node: TreeNode) -> bool:
+        return (
+            node is not self.root
+            and node.value is None
+            and node.host_value is not None
+            and node.host_lock_ref == 0
+            and not node.children
+        )
+
+    def evict_host(self, num_pages: int) -> int:
+        """Drop at least ``num_pages`` host pages of L2-only leaves, least recently used first.
+
+        Pages a storage worker still uses are freed when it lets go of them. Returns the number
+        of host pages given up.
+        """
+        if num_pages <= 0:
+            return 0
+        import heapq
+
+        heap = [(n.last_access, n.id, n) for n in self.iter_nodes() if self._host_evictable(n)]
+        heapq.heapify(heap)
+        freed = 0
+        while freed < num_pages and heap:
+            _, _, node = heapq.heappop(heap)
+            if not self._host_evictable(node):
+                continue
+            assert node.host_value is not None
+            parent = node.parent
+            self._emit_removed(node, Medium.CPU_PINNED)
+            self.host_pool.free_when_released(node.host_value)
+            freed += len(node.host_value)
+            node.host_value = None
+            self._delete_leaf(node)
+            if parent is not None and self._host_evictable(parent):
+                heapq.heappush(heap, (parent.last_access, parent.id, parent))
+        self.counters["l2_evicted_pages"] += freed
+        return freed
+
+    def _alloc_device(self, n: int) -> list[int] | None:
+        pages = self.device_pool.alloc(n)
+        if pages is None:
+            self.evict(n - self.device_pool.available)
+            pages = self.device_pool.alloc(n)
+        return pages
+
+    # ------------------------------------------------------------------ load back
+
+    def load_back(self, node: TreeNode) -> list[int] | None:
+        """Copy the host-only nodes from ``node`` up to the first device node back to L1.
+
+        Returns the device pages of the loaded nodes (prefix order; ``[]`` when ``node`` is
+        already on the device), or None when L1 has no room. Blocks until the copy finished.
+        """
+        path: list[TreeNode] = []
+        cur = node
+        while cur is not self.root and cur.value is None:
+            path.append(cur)
+            assert cur.parent is not None
+            cur = cur.parent
+        if not path:
+            return []
+        path.reverse()
+        host: list[int] = []
+        for n in path:
+            assert n.host_value is not None
+            host += n.host_value
+        # keep the device ancestor (and the path) out of the eviction that makes room
+        self.inc_lock_ref(cur)
+        for n in path:
+            n.host_lock_ref += 1
+        try:
+            dev = self._alloc_device(len(host))
+        finally:
+            for n in path:
+                n.host_lock_ref -= 1
+            self.dec_lock_ref(cur)
+        if dev is None:
+            return None
+        ticket = self.transfer.submit(Direction.H2D, host, dev)
+        self.transfer.wait(ticket)
+        off = 0
+        for n in path:
+            assert n.host_value is not None
+            k = len(n.host_value)
+            self._revive(n, dev[off : off + k])
+            off += k
+        self.counters["loaded_back_pages"] += len(dev)
+        return dev
+
+    # ------------------------------------------------------------------ prefetch
+
+    def prefetch_from_storage(self, tokens: Sequence[int]) -> PrefetchHandle | None:
+        """Start reading the pages of ``tokens`` after the cached prefix from the tiers into L2.
+
+        Returns None when there are no tiers or fewer than ``prefetch_threshold_tokens`` tokens
+        would come from storage. Finish it with :meth:`check_prefetch`.
+        """
+        if self.storage is None:
+            return None
+        key = self.page_aligned(tokens)
+        ps = self.page_size
+        r = self.match_prefix(key)
+        start = (len(r.device_pages) + r.host_hit_pages) * ps
+        n = (len(key) - start) // ps
+        if n <= 0 or n * ps < self.prefetch_threshold_tokens:
+            return None
+        base = r.last_host_node
+        parent_hash = self.seed if base is self.root else self.node_hashes(base)[-1]
+        hashes = chain_hashes(parent_hash, key[start:], ps)
+        host = self.host_pool.alloc(n)
+        if host is None:
+            self.evict_host(n - self.host_pool.available)
+            n = min(n, self.host_pool.available)
+            if n * ps < max(self.prefetch_threshold_tokens, 1):
+                return None
+            host = self.host_pool.alloc(n)
+            assert host is not None
+            hashes = hashes[:n]
+        ticket = self.storage.submit_prefetch([storage_key(h) for h in hashes], host)
+        handle = PrefetchHandle(ticket, key[: start + n * ps], start, host, hashes)
+        self._prefetches[ticket] = handle
+        self.counters["prefetches"] += 1
+        return handle
+
+    def check_prefetch(self, handle: PrefetchHandle, *, wait: bool = False) -> int | None:
+        """Finish ``handle`` if every rank's read completed; return the tokens it added to L2.
+
+        Returns None while it is still running (with ``wait``, blocks until it finished). The
+        longest contiguous ``OK`` prefix, agreed through ``RankSync`` (always called), becomes
+        L2-only nodes; the other pages are freed.
+        """
+        if handle.done:
+            return handle.inserted_tokens
+        assert self.storage is not None
+        if wait and handle.result_pages is None:
+            self.storage.wait_prefetch(handle.ticket)
+        self._poll_storage()
+        local_done = handle.result_pages is not None
+        local_len = handle.result_pages or 0
+        done, ok = self.rank_sync.all_reduce_min([int(local_done), local_len])
+        if not done:
+            return None
+        self._prefetches.pop(handle.ticket, None)
+        self._prefetch_results.pop(handle.ticket, None)
+        handle.done = True
+        handle.inserted_tokens = self._insert_prefetched(handle, ok)
+        return handle.inserted_tokens
+
+    def _insert_prefetched(self, handle: PrefetchHandle, ok: int) -> int:
+        """Insert the first ``ok`` prefetched pages as L2-only nodes; free the rest."""
+        ps = self.page_size
+        keep = handle.host_pages[:ok]
+        drop = handle.host_pages[ok:]
+        inserted = 0
+        if ok:
+            full = handle.tokens[: handle.start + ok * ps]
+            r = self.match_prefix(full)
+            present = (len(r.device_pages) + r.host_hit_pages) * ps
+            base = r.last_host_node
+            if present < handle.start or not (base is self.root or base.host_value is not None):
+                drop = handle.host_pages  # the tree changed under us: nothing attaches
+                keep = []
+            else:
+                j = (present - handle.start) // ps
+                drop = handle.host_pages[:j] + drop
+                keep = handle.host_pages[j:ok]
+                if keep:
+                    node = TreeNode(full[present:], None, base)
+                    node.host_value = keep
+                    node.hashes = handle.hashes[j:ok]
+                    node.last_access = self._tick
+                    base.children[tuple(node.key[:ps])] = node
+                    self._emit_stored(node, Medium.CPU_PINNED)
+                    inserted = len(keep) * ps
+        if drop:
+            self.host_pool.free(drop)
+        self.counters["prefetched_pages"] += len(keep)
+        self.counters["prefetch_discarded_pages"] += len(drop)
+        return inserted
+
+    # ------------------------------------------------------------------ introspection
+
+    def match(self, tokens: Sequence[int]) -> MatchResult:
+        """Alias of :meth:`match_prefix` (device pages + host-only hit length)."""
+        return self.match_prefix(tokens)
+
+    def stats(self) -> dict[str, object]:
+        """Counters of the cache and its storage engine as plain data."""
+        out: dict[str, object] = dict(self.counters)
+        out.update(
+            device_pages=self.total_device_pages(),
+            host_pages_free=self.host_pool.available,
+            host_holds=self.host_pool.total_holds(),
+            pending_writes=len(self.ongoing_write_through),
+        )
+        if self.storage is not None:
+            out["storage"] = self.storage.stats()
+        return out
