@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from botocore.exceptions import ClientError
 
@@ -35,6 +35,9 @@ from hicache_s3.batch import gather, ordered_prefix
 from hicache_s3.body import PageBody, read_exact
 from hicache_s3.client import checksum_params, make_client, sse_params
 from hicache_s3.options import ChecksumAlgorithm, ConditionalPut, S3Options, redact_url
+
+if TYPE_CHECKING:
+    from hicache.storage.benchmark import RawBaseline
 
 __all__ = ["S3Backend"]
 
@@ -120,6 +123,19 @@ class S3Backend(Backend):
     def object_key(self, key: str) -> str:
         """Object key of page ``key`` in this instance's namespace."""
         return self._key_prefix + key
+
+    # ------------------------------------------------------------------ bench hooks
+
+    def drop_page_cache(self) -> bool:
+        """Nothing to drop: the backend keeps no page bytes, so every get reaches the endpoint."""
+        return True
+
+    @classmethod
+    def bench_baseline(cls, config: BackendConfig, context: BackendContext) -> RawBaseline:
+        """Raw boto3 calls on the same endpoint and bucket with the same client settings."""
+        from hicache_s3.baseline import S3RawBaseline  # the bench machinery loads lazily
+
+        return S3RawBaseline(cast(S3Options, config))
 
     # ------------------------------------------------------------------ lifecycle
 

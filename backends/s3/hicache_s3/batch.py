@@ -34,7 +34,17 @@ def gather(
     on_error: T,
     what: str,
 ) -> list[T]:
-    """Run ``fn(*a)`` for every ``a`` of ``args`` on ``pool``; results in order."""
+    """Run ``fn(*a)`` for every ``a`` of ``args`` on ``pool``; results in order.
+
+    A single page runs in the calling thread: a hand-off to a worker would only add latency.
+    """
+    if len(args) == 1:
+        done: Future[T] = Future()
+        try:
+            done.set_result(fn(*args[0]))
+        except BaseException as exc:
+            done.set_exception(exc)
+        return _collect([done], on_error=on_error, what=what)
     futures = [pool.submit(fn, *a) for a in args]
     return _collect(futures, on_error=on_error, what=what)
 

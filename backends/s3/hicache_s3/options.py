@@ -104,36 +104,67 @@ class S3Options(BackendConfig):
     config file, a log line, an error, ``stats()`` or ``repr``.
     """
 
-    #: Bucket holding the pages; it must exist (``open()`` checks it and names it if not).
-    bucket: str
-    #: Key prefix shared by every namespace: objects are ``<prefix>/<namespace>/<page key>``.
-    prefix: str = ""
-    #: S3-compatible endpoint (MinIO, Ceph RGW, a local server); ``None`` means AWS itself.
-    endpoint_url: str | None = None
-    #: Region for signing; ``None`` takes boto3's default chain, else ``us-east-1``.
-    region: str | None = None
-    addressing_style: AddressingStyle = AddressingStyle.AUTO
-    #: Requests in flight per instance: sizes both the worker threads and botocore's pool.
-    max_concurrency: int = Field(default=32, ge=1, le=1024)
-    #: Seconds to establish a connection / to wait for the next bytes of a response.
-    connect_timeout: float = Field(default=2.0, gt=0)
-    read_timeout: float = Field(default=10.0, gt=0)
-    retry_mode: RetryMode = RetryMode.STANDARD
-    #: Total attempts per request, the first included (botocore's ``max_attempts``).
-    max_attempts: int = Field(default=3, ge=1, le=20)
-    server_side_encryption: ServerSideEncryption | None = None
-    sse_kms_key_id: str | None = None
-    sse_bucket_key_enabled: bool | None = None
-    checksum: ChecksumAlgorithm = ChecksumAlgorithm.NONE
-    conditional_put: ConditionalPut = ConditionalPut.AUTO
-    #: Seconds a positive ``exists`` answer is trusted without asking again (0 = off). There is
-    #: never a negative cache: other instances add pages at any time.
-    exists_cache_ttl: float = Field(default=0.0, ge=0)
-    #: Re-copy an object in place when a hit finds it older than this (seconds or "7d"); keeps
-    #: hot prefixes alive under a lifecycle rule that expires by creation time. ``None`` = off.
-    refresh_after: float | None = None
-    #: Bytes per read when streaming a body into the page buffer.
-    read_chunk_bytes: int = Field(default=1 << 20, ge=4096)
+    bucket: str = Field(
+        description="bucket holding the pages; it must exist (open() checks it and names it)"
+    )
+    prefix: str = Field(
+        default="", description="key prefix: objects are <prefix>/<namespace>/<page key>"
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint (MinIO, Ceph RGW, a local server); null = AWS",
+    )
+    region: str | None = Field(
+        default=None, description="signing region; null = boto3's chain, else us-east-1"
+    )
+    addressing_style: AddressingStyle = Field(
+        default=AddressingStyle.AUTO,
+        description="auto | path (most self-hosted stores) | virtual (needs bucket DNS)",
+    )
+    max_concurrency: int = Field(
+        default=32,
+        ge=1,
+        le=1024,
+        description="requests in flight: sizes the worker threads and botocore's pool together",
+    )
+    connect_timeout: float = Field(default=2.0, gt=0, description="seconds to connect")
+    read_timeout: float = Field(
+        default=10.0, gt=0, description="seconds to wait for the next bytes of a response"
+    )
+    retry_mode: RetryMode = Field(
+        default=RetryMode.STANDARD, description="botocore retry mode: standard | adaptive"
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, le=20, description="attempts per request, the first included"
+    )
+    server_side_encryption: ServerSideEncryption | None = Field(
+        default=None, description="passed through: AES256 | aws:kms | aws:kms:dsse"
+    )
+    sse_kms_key_id: str | None = Field(default=None, description="KMS key for aws:kms")
+    sse_bucket_key_enabled: bool | None = Field(
+        default=None, description="S3 Bucket Key for SSE-KMS"
+    )
+    checksum: ChecksumAlgorithm = Field(
+        default=ChecksumAlgorithm.NONE,
+        description="S3-native checksum on top of the page header's xxh3: none | crc32 | crc32c",
+    )
+    conditional_put: ConditionalPut = Field(
+        default=ConditionalPut.AUTO,
+        description="auto: If-None-Match, HEAD-then-put if refused | always | never",
+    )
+    exists_cache_ttl: float = Field(
+        default=0.0,
+        ge=0,
+        description="seconds a positive exists answer is trusted (0 = off); never negatives",
+    )
+    refresh_after: float | None = Field(
+        default=None,
+        description="re-copy an object in place when a hit finds it older than this "
+        "(seconds or e.g. '3d'), so expiry by creation time spares hot prefixes; null = off",
+    )
+    read_chunk_bytes: int = Field(
+        default=1 << 20, ge=4096, description="bytes per read when streaming into a page"
+    )
 
     @field_validator("bucket")
     @classmethod
