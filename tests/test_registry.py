@@ -279,3 +279,22 @@ def test_only_the_configured_kind_is_imported(site: FakeSite) -> None:
     assert broken not in sys.modules
     with pytest.raises(BackendLoadError, match="imported a plugin nobody asked for"):
         registry.load_backend_class(site.kind("exploding"))
+
+
+def test_stale_stevedore_listing_falls_back_to_installed_metadata(
+    site: FakeSite, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # stevedore's on-disk cache keys on float32 mtimes: a plugin reinstalled within ~2 minutes
+    # can be missing from its listing. The installed metadata stays the authority.
+    mod = site.module("stale", _GOOD_BACKEND)
+    kind = site.kind("stale")
+    site.dist("fake-stale", "1.0", {kind: f"{mod}:GoodBackend"})
+    monkeypatch.setattr(registry, "_stevedore_entry_points", lambda: [])
+    with caplog.at_level("WARNING", logger=registry.__name__):
+        assert registry.load_backend_class(kind).__name__ == "GoodBackend"
+    assert "stevedore's entry-point cache does not list" in caplog.text
+    broken = site.module("stalebroken", "raise ImportError('boom')\n")
+    site.dist("fake-stalebroken", "1.0", {site.kind("sb"): f"{broken}:X"})
+    with pytest.raises(BackendLoadError) as exc:
+        registry.load_backend_class(site.kind("sb"))
+    assert isinstance(exc.value.__cause__, ImportError)

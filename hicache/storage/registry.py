@@ -6,8 +6,10 @@
 - ``validate_options(kind, options, path=...)``  the plugin's options model, errors at YAML paths
 - ``create_backend(kind, options, context, path=...)``  validate options, construct (no I/O)
 
-Discovery goes through stevedore, and only the configured kind is ever imported: a broken plugin
-that nobody configured cannot break the cache. After loading, this module checks what stevedore
+Only the configured kind is ever imported (through stevedore's ``DriverManager``): a broken
+plugin that nobody configured cannot break the cache. Which kinds exist, and which distribution
+registers each, comes from the installed metadata (``importlib.metadata``), which stays right
+even when stevedore's on-disk entry-point cache is stale. After loading, this module checks what stevedore
 does not: the object is a concrete :class:`~hicache.storage.backend.Backend` subclass, its
 ``api_version`` matches, and its ``config_model`` is a
 :class:`~hicache.storage.backend.BackendConfig`. Every failure is a
@@ -23,7 +25,7 @@ import inspect
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import BaseModel, ValidationError
 
@@ -118,22 +120,20 @@ def _stevedore_entry_points() -> list[importlib.metadata.EntryPoint]:
 
 def _registrations() -> dict[str, list[_Registration]]:
     """Every registration of every kind, grouped by kind, in ``sys.path`` order."""
-    # stevedore's listing says which kinds exist; its entry points carry no distribution, so the
-    # owning distribution comes from importlib.metadata (which also keeps only the first copy of
-    # a distribution found twice on sys.path, as the import system would).
-    owners: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    # stevedore's entry points carry no distribution, so the owning distribution comes from
+    # importlib.metadata (which keeps only the first copy of a distribution found twice on
+    # sys.path, as the import system would). The metadata is also the authority on what exists:
+    # stevedore's on-disk cache is keyed by float32 mtimes, so a plugin reinstalled within about
+    # two minutes can be missing from (or stale in) its listing; see _load.
+    found: dict[str, list[_Registration]] = {}
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist
         name = dist.metadata["Name"] if dist is not None else None
         version = dist.version if dist is not None else None
-        owners.setdefault((ep.name, ep.value), []).append((name or "?", version or "?"))
-    found: dict[str, list[_Registration]] = {}
-    for ep in _stevedore_entry_points():
+        reg = _Registration(ep.name, ep.value, name or "?", version or "?")
         regs = found.setdefault(ep.name, [])
-        for dist_name, version in owners.get((ep.name, ep.value), [("?", "?")]):
-            reg = _Registration(ep.name, ep.value, dist_name, version)
-            if reg not in regs:
-                regs.append(reg)
+        if reg not in regs:
+            regs.append(reg)
     return found
 
 
@@ -213,23 +213,38 @@ def load_backend_class(kind: str) -> type[Backend]:
     :class:`~hicache.errors.BackendContractError` (not a concrete ``Backend`` subclass, wrong
     ``api_version``, bad ``config_model``).
     """
-    from stevedore import DriverManager
-
     reg, found = _resolve(kind)
 
-    def on_failure(_manager: object, _ep: object, err: BaseException) -> None:
+    def on_failure(_manager: object, _ep: object, err: BaseException) -> NoReturn:
         raise BackendLoadError(
             f"backend kind {kind!r}: importing entry point {reg.describe()} failed: "
             f"{type(err).__name__}: {err}; {_installed_summary(found)}"
         ) from err
 
-    manager: DriverManager[Any] = DriverManager(
-        ENTRY_POINT_GROUP,
-        kind,
-        on_load_failure_callback=on_failure,
-        on_missing_entrypoints_callback=None,
-    )
-    return _check_class(manager.driver, reg, found)
+    listed = {(ep.name, ep.value) for ep in _stevedore_entry_points()}
+    if (kind, reg.target) in listed:
+        from stevedore import DriverManager
+
+        manager: DriverManager[Any] = DriverManager(
+            ENTRY_POINT_GROUP,
+            kind,
+            on_load_failure_callback=on_failure,
+            on_missing_entrypoints_callback=None,
+        )
+        obj = manager.driver
+    else:
+        # stevedore's cached listing is stale (see _registrations): load what is installed.
+        logger.warning(
+            "stevedore's entry-point cache does not list %s; loading it from the installed "
+            "metadata (clear ~/.cache/python-entrypoints to refresh the cache)",
+            reg.describe(),
+        )
+        entry_point = importlib.metadata.EntryPoint(kind, reg.target, ENTRY_POINT_GROUP)
+        try:
+            obj = entry_point.load()
+        except Exception as exc:
+            on_failure(None, entry_point, exc)
+    return _check_class(obj, reg, found)
 
 
 def installed_backends() -> list[PluginInfo]:
