@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Sequence
 
@@ -34,6 +35,8 @@ class CountingBackend(Backend):
         self.puts: Counter[str] = Counter()
         self.fail_keys: set[str] = set()
         self.raise_calls = False
+        self.gate = threading.Event()
+        self.gate.set()
 
     @property
     def capabilities(self) -> Capabilities:
@@ -50,6 +53,7 @@ class CountingBackend(Backend):
 
     def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
         self.puts.update(keys)
+        assert self.gate.wait(timeout=30), "test gate never opened"
         if self.raise_calls:
             raise ConnectionError("injected whole-call failure")
         out = []
@@ -142,7 +146,8 @@ def insert(cache: HiRadixCache, tokens: list[int]) -> list[int]:
 
 
 def settle(cache: HiRadixCache) -> None:
-    """Let storage workers finish and collect their results."""
+    """Finish acked writes, let storage workers finish and collect their results."""
+    cache.writing_check()
     if cache.storage is not None:
         assert cache.storage.wait_idle(timeout=30)
     cache.writing_check()
@@ -229,3 +234,255 @@ def test_seed_scenario_split_while_write_pending() -> None:
     assert cache.protected_pages == 0
     assert cache.host_pool.total_holds() == 0
     cache.close()
+
+
+def collect(cache: HiRadixCache, events: list[KVEvent]) -> None:
+    settle(cache)
+    events += cache.take_events()
+
+
+def test_seed_scenario_invariants() -> None:
+    counting = CountingBackend(memory_backend())
+    cache, engine = make_cache([("disk", counting)])
+    insert(cache, [1, 2, 3, 4])
+    ack = cache.write_backup(node_at(cache, [1, 2, 3, 4]))
+    assert ack is not None
+    insert(cache, [1, 2, 5, 6])
+    events: list[KVEvent] = []
+    collect(cache, events)
+    assert counting.puts == Counter()
+    engine.complete_all()
+    collect(cache, events)
+    check_invariants(cache, events, [counting])
+    cache.close()
+
+
+@pytest.mark.parametrize("order", ["prefix_then_suffix", "suffix_then_prefix"])
+def test_nested_splits_on_either_side(order: str) -> None:
+    counting = CountingBackend(memory_backend())
+    cache, engine = make_cache([("disk", counting)])
+    seq = [1, 2, 3, 4, 5, 6, 7, 8]
+    insert(cache, seq)
+    node = node_at(cache, seq)
+    ack = cache.write_backup(node)
+    assert ack is not None
+    insert(cache, [1, 2, 3, 4, 9, 9])  # first split: [1..4] | [5..8]
+    second = [[1, 2, 7, 7], [1, 2, 3, 4, 5, 6, 8, 8]]  # split the prefix / the suffix again
+    if order == "suffix_then_prefix":
+        second.reverse()
+    for tokens in second:
+        insert(cache, tokens)
+    assert [len(f.key) for f in cache.ongoing_write_through[ack].publish_nodes] == [2, 2, 2, 2]
+    assert all(
+        f.write_through_pending_id == ack for f in cache.ongoing_write_through[ack].publish_nodes
+    )
+    engine.complete(ack)
+    events: list[KVEvent] = []
+    collect(cache, events)
+    assert [e.token_ids for e in cpu_events(events)] == [[1, 2], [3, 4], [5, 6], [7, 8]]
+    assert cache.storage_calls == [[1, 2], [3, 4], [5, 6], [7, 8]]
+    check_invariants(cache, events, [counting])
+    # the object locked at write_backup is still the deepest fragment
+    assert node.key == [7, 8] and node.lock_ref == 0
+    cache.close()
+
+
+def test_split_caused_by_match_prefix() -> None:
+    counting = CountingBackend(memory_backend())
+    cache, engine = make_cache([("disk", counting)])
+    insert(cache, [1, 2, 3, 4, 5, 6])
+    ack = cache.write_backup(node_at(cache, [1, 2, 3, 4, 5, 6]))
+    assert ack is not None
+    r = cache.match_prefix([1, 2, 3, 4, 9, 9])  # ends inside the pending node: splits it
+    assert r.last_node.key == [1, 2, 3, 4]
+    r = cache.match_prefix([1, 2, 0, 0])  # splits the prefix fragment again
+    assert r.last_node.key == [1, 2]
+    engine.complete(ack)
+    events: list[KVEvent] = []
+    collect(cache, events)
+    assert cache.storage_calls == [[1, 2], [3, 4], [5, 6]]
+    check_invariants(cache, events, [counting])
+    cache.close()
+
+
+def test_several_writes_pending_finish_in_submission_order() -> None:
+    counting = CountingBackend(memory_backend())
+    cache, engine = make_cache([("disk", counting)])
+    insert(cache, [1, 2, 3, 4])
+    a = cache.write_backup(node_at(cache, [1, 2, 3, 4]))
+    insert(cache, [1, 2, 3, 4, 5, 6, 7, 8])
+    b = cache.write_backup(node_at(cache, [1, 2, 3, 4, 5, 6, 7, 8]))  # parent is pending
+    insert(cache, [9, 9, 8, 8])
+    c = cache.write_backup(node_at(cache, [9, 9, 8, 8]))
+    assert a is not None and b is not None and c is not None
+    insert(cache, [1, 2, 3, 4, 5, 6, 0, 0])  # splits b's node
+    insert(cache, [1, 2, 0, 0])  # splits a's node
+    events: list[KVEvent] = []
+    engine.complete(b)
+    engine.complete(c)
+    collect(cache, events)
+    # b and c are acked but wait for a: a child never announces before its parent
+    assert cpu_events(events) == [] and counting.puts == Counter()
+    engine.complete(a)
+    collect(cache, events)
+    assert [e.token_ids for e in cpu_events(events)] == [
+        [1, 2],
+        [3, 4],
+        [5, 6],
+        [7, 8],
+        [9, 9],
+        [8, 8],
+    ]
+    assert cache.storage_calls == [[1, 2], [3, 4], [5, 6], [7, 8], [9, 9, 8, 8]]
+    check_invariants(cache, events, [counting])
+    cache.close()
+
+
+def test_write_backup_needs_backed_up_parent() -> None:
+    cache, engine = make_cache()
+    insert(cache, [1, 2, 3, 4])
+    insert(cache, [1, 2, 3, 4, 5, 6])
+    assert cache.write_backup(node_at(cache, [1, 2, 3, 4, 5, 6])) is None
+    assert cache.write_backup(node_at(cache, [1, 2, 3, 4])) is not None
+    assert cache.write_backup(node_at(cache, [1, 2, 3, 4])) is None  # not written twice
+    assert cache.write_backup(node_at(cache, [1, 2, 3, 4, 5, 6])) is not None  # parent pending
+    assert engine.pending() == [1, 2]
+    engine.complete_all()
+    cache.writing_check()
+    assert cache.protected_pages == 0
+
+
+def test_l1_and_l2_evictions_race_pending_writes() -> None:
+    counting = CountingBackend(memory_backend())
+    cache, engine = make_cache([("disk", counting)], device_pages=16, host_pages=16)
+    cache.gpu_events = True
+    insert(cache, [1, 2, 3, 4])
+    ack = cache.write_backup(node_at(cache, [1, 2, 3, 4]))
+    assert ack is not None
+    insert(cache, [7, 7, 8, 8])  # an unrelated, never backed-up node
+    # the pending node is locked: evicting everything takes only the other node
+    assert cache.evict(100) == 2
+    assert cache.evict_host(100) == 0
+    assert cache.match_prefix([1, 2, 3, 4]).device_pages != []
+    insert(cache, [1, 2, 5, 6])  # split while pending, then evictions again
+    cache.evict(100)
+    cache.evict_host(100)
+    engine.complete(ack)
+    counting.gate.clear()  # storage workers now hang inside put()
+    cache.writing_check()  # publishes; the puts are in flight
+    assert cache.host_pool.total_holds() == 2
+    # L1 then L2 eviction of the just-acked fragments while storage may hold their pages
+    evicted = cache.evict(100)
+    assert evicted >= 2
+    r = cache.match_prefix([1, 2, 3, 4])
+    assert r.device_pages == [] and r.host_hit_pages == 2
+    assert cache.evict_host(100) == 2
+    # the workers still read those host pages: their free waits for the last release
+    assert cache.host_pool.pending_frees() == 2
+    assert cache.host_pool.total_holds() == 2
+    counting.gate.set()
+    events: list[KVEvent] = []
+    collect(cache, events)
+    check_invariants(cache, events, [counting])
+    removed = [e for e in events if isinstance(e, BlockRemoved)]
+    assert {e.medium for e in removed} >= {Medium.GPU, Medium.CPU_PINNED}
+    # every host page came back once the workers let go of them
+    assert cache.host_pool.available == 16
+    assert cache.host_pool.pending_frees() == 0
+    cache.close()
+
+
+def test_failed_head_is_never_followed_by_an_announced_tail() -> None:
+    counting = CountingBackend(memory_backend())
+    cache, engine = make_cache([("disk", counting)])
+    tokens = [1, 2, 3, 4, 5, 6]
+    insert(cache, tokens)
+    ack = cache.write_backup(node_at(cache, tokens))
+    assert ack is not None
+    insert(cache, [1, 2, 3, 4, 0, 0])  # two fragments: [1..4] and [5, 6]
+    h = chain_hashes(SEED, tokens, PS)
+    counting.fail_keys = {storage_key(h[1])}  # the second page fails, its neighbours do not
+    engine.complete(ack)
+    events: list[KVEvent] = []
+    collect(cache, events)
+    check_invariants(cache, events, [counting])  # every page was still handed over once
+    tier = [e for e in events if isinstance(e, BlockStored) and e.medium == "DISK"]
+    assert [e.token_ids for e in tier] == [[1, 2]]
+    # the tail page [5, 6] is stored but not announced
+    assert counting.inner.exists([storage_key(h[2])]) == [True]
+    assert cache.storage is not None
+    assert cache.storage.counters["unannounced_pages"] == 2
+    cache.close()
+
+
+def test_whole_call_failure_is_counted_not_raised() -> None:
+    counting = CountingBackend(memory_backend())
+    counting.raise_calls = True
+    cache, engine = make_cache([("disk", counting)])
+    insert(cache, [1, 2, 3, 4])
+    ack = cache.write_backup(node_at(cache, [1, 2, 3, 4]))
+    assert ack is not None
+    engine.complete(ack)
+    events: list[KVEvent] = []
+    collect(cache, events)
+    check_invariants(cache, events, [counting])
+    assert [e for e in events if isinstance(e, BlockStored) and e.medium == "DISK"] == []
+    assert cache.storage is not None
+    stats = cache.storage.stats()["tiers"]["disk"]  # type: ignore[index]
+    assert stats["errors_by_kind"] == {"ConnectionError": 1}
+    assert stats["put_failed"] == 2
+    cache.close()
+
+
+def test_write_through_policy_backs_up_every_new_node() -> None:
+    cache, engine = make_cache(policy=WritePolicy.WRITE_THROUGH)
+    insert(cache, [1, 2, 3, 4])
+    insert(cache, [1, 2, 5, 6])
+    assert len(engine.pending()) == 2  # [1..4] then the new branch [5, 6] under a pending parent
+    engine.complete_all()
+    events: list[KVEvent] = []
+    collect(cache, events)
+    check_invariants(cache, events)
+    assert sorted(e.token_ids for e in cpu_events(events)) == [[1, 2], [3, 4], [5, 6]]
+
+
+def test_selective_policy_backs_up_on_second_hit() -> None:
+    cache, engine = make_cache(policy=WritePolicy.WRITE_THROUGH_SELECTIVE)
+    insert(cache, [1, 2, 3, 4])
+    assert engine.pending() == []
+    insert(cache, [1, 2, 3, 4])
+    assert len(engine.pending()) == 1
+    engine.complete_all()
+    events: list[KVEvent] = []
+    collect(cache, events)
+    check_invariants(cache, events)
+    assert [e.token_ids for e in cpu_events(events)] == [[1, 2], [3, 4]]
+
+
+def test_l1_eviction_keeps_backed_up_node_in_l2_and_load_back_restores_bytes() -> None:
+    cache, engine = make_cache(device_pages=8, host_pages=8)
+    cache.gpu_events = True
+    tokens = [1, 2, 3, 4, 5, 6]
+    insert(cache, tokens)
+    node = node_at(cache, tokens)
+    assert node.value is not None
+    before = [cache.device_pool.read_page(p) for p in node.value]
+    assert cache.write_backup(node) is not None
+    engine.complete_all()
+    cache.writing_check()
+    cache.take_events()
+    assert cache.evict(100) == 3
+    assert [type(e) for e in cache.take_events()] == [BlockRemoved]
+    r = cache.match_prefix(tokens)
+    assert r.device_pages == [] and r.host_hit_pages == 3 and r.last_node is cache.root
+    dev = cache.load_back(r.last_host_node)
+    assert dev is not None and len(dev) == 3
+    assert cache.match_prefix(tokens).device_pages == dev
+    for p, want in zip(dev, before, strict=True):
+        assert torch.equal(cache.device_pool.read_page(p), want)
+    assert [e.medium for e in cache.take_events()] == [Medium.GPU] * 3
+    # an L2-only node can be evicted from host memory too, leaving nothing
+    cache.evict(100)
+    assert cache.evict_host(100) == 3
+    assert cache.match_prefix(tokens).host_hit_pages == 0
+    assert cache.host_pool.available == 8 and cache.device_pool.available == 8
