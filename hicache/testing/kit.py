@@ -25,6 +25,7 @@ comes back torn, shifted or belonging to another key is detected byte for byte.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import itertools
@@ -346,36 +347,44 @@ class BackendTests:
         dsts_raw = [bytearray(self.page_bytes) for _ in keys]
         src_views = [memoryview(b) for b in srcs_raw]
         dst_views = [memoryview(b) for b in dsts_raw]
-        counts = [sys.getrefcount(v) for v in src_views + dst_views]
+        views = src_views + dst_views
+        counts = [sys.getrefcount(v) for v in views]
         assert backend.put(keys, src_views) == [PageStatus.OK] * 2
         assert backend.get_into(keys, dst_views) == [PageStatus.OK] * 2
         assert backend.exists(keys) == [True, True]
-        gc.collect()
-        assert [sys.getrefcount(v) for v in src_views + dst_views] == counts, (
-            "the backend kept a reference to a caller buffer"
+        self._eventually(
+            lambda: [sys.getrefcount(v) for v in views] == counts,
+            "the backend kept a reference to a caller's memoryview",
         )
-        for view in src_views + dst_views:
+        for view in views:
             view.release()
         for raw in srcs_raw + dsts_raw:
-            self._assert_resizable(raw)
+            self._eventually(
+                functools.partial(self._resizable, raw),
+                "a view of a caller buffer is still alive after the call returned",
+            )
 
-    def _assert_resizable(self, raw: bytearray) -> None:
-        # A bytearray cannot be resized while any memoryview of it exists; a backend that kept a
-        # slice or a derived view would make this fail. A thread pool's worker may drop its last
-        # reference a moment after the future completed, hence the short grace.
+    @staticmethod
+    def _resizable(raw: bytearray) -> bool:
+        # A bytearray cannot be resized while any memoryview of it exists: a backend that kept a
+        # slice or a derived view makes this fail.
+        try:
+            raw.append(0)
+        except BufferError:
+            return False
+        raw.pop()
+        return True
+
+    @staticmethod
+    def _eventually(check: Callable[[], bool], message: str) -> None:
+        # A thread pool's worker drops its reference to a work item a moment after the future
+        # completed, so the caller may run first: allow a short grace, then fail.
         deadline = time.monotonic() + 2.0
-        while True:
-            try:
-                raw.append(0)
-                raw.pop()
-                return
-            except BufferError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(
-                        "a view of a caller buffer is still alive after the call returned"
-                    ) from None
-                gc.collect()
-                time.sleep(0.01)
+        while not check():
+            if time.monotonic() > deadline:
+                raise AssertionError(message)
+            gc.collect()
+            time.sleep(0.01)
 
     def test_wrong_size_buffers_rejected_before_io(self, backend: Backend) -> None:
         good, bad = self.keys(2, "wrong-size")
