@@ -435,11 +435,10 @@ class FsspecBackend(Backend):
         dst[:] = data[HEADER_SIZE:]
 
     def _drop_corrupt(self, fs: fsspec.AbstractFileSystem, path: str, key: str) -> None:
-        if (
-            not self._options.drop_corrupt
-            or self.context.read_only
-            or self._write_mode is WriteMode.DIRECT
-        ):
+        # A direct write on a filesystem is visible while in progress: what reads as damaged
+        # there may be a page still being written, which must not be deleted under its writer.
+        partial_visible = self._write_mode is WriteMode.DIRECT and (self._local or self._in_process)
+        if not self._options.drop_corrupt or self.context.read_only or partial_visible:
             return
         try:
             fs.rm_file(path)

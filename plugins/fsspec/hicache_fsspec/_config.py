@@ -63,8 +63,8 @@ class FsspecConfig(BackendConfig):
     )
     #: Delete a page that fails verification and report it through ``take_evicted()``, so the
     #: next publish of that key can store a good copy (``put`` is create-only: a damaged page
-    #: left in place would block it forever). Never done on a read-only tier or in ``direct``
-    #: mode, where a page still being written reads as damaged.
+    #: left in place would block it forever). Never done on a read-only tier, nor in ``direct``
+    #: mode on ``file://``/``memory://``, where a page still being written reads as damaged.
     drop_corrupt: bool = Field(
         default=True, description="delete pages that fail verification (reported as evicted)"
     )
