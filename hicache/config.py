@@ -307,6 +307,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
         )
+    odd = [key for key in data if not isinstance(key, str)]
+    if odd:
+        raise ConfigError(f"{path}: section names must be strings, got {odd[0]!r}")
     return data
 
 

@@ -169,6 +169,19 @@ def test_env_can_add_a_tier(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert extra.read_only and not extra.publish  # read-only tiers do not publish by default
 
 
+def test_env_addresses_tier_names_with_underscores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _write(tmp_path, "storage: {tiers: {local_ram: {backend: memory, options: {}}}}\n")
+    monkeypatch.setenv("HICACHE_STORAGE__TIERS__LOCAL_RAM__OPTIONS__MAX_BATCH", "16")
+    monkeypatch.setenv("HICACHE_STORAGE__TIERS__LOCAL_RAM__ADMISSION", "second_hit")
+    config = load_config(path)
+    tier = config.storage.tiers["local_ram"]
+    assert tier.admission is Admission.SECOND_HIT
+    opts = validate_tiers(config)["local_ram"]
+    assert isinstance(opts, MemoryConfig) and opts.max_batch == 16
+
+
 def test_read_only_tier_cannot_be_told_to_publish(tmp_path: Path) -> None:
     path = _write(
         tmp_path, "storage: {tiers: {ro: {backend: memory, read_only: true, publish: true}}}\n"
@@ -197,6 +210,9 @@ def test_top_level_must_be_a_mapping_and_file_must_exist(tmp_path: Path) -> None
     path = tmp_path / "list.yaml"
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(path)
+    path.write_text("1: {page_size: 4}\n")
+    with pytest.raises(ConfigError, match="section names must be strings"):
         load_config(path)
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "missing.yaml")
