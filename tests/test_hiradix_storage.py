@@ -1,0 +1,332 @@
+"""HiRadixCache and storage tiers: cross-instance prefetch, namespaces, cascade, config wiring."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from hicache.config import HicacheConfig
+from hicache.events import BlockStored, Medium
+from hicache.hiradix import HiRadixCache, WritePolicy
+from hicache.keys import ModelIdentity, chain_hashes, seed_hash, storage_key
+from hicache.pools import DevicePool, HostPool, KVLayout
+from hicache.storage.backend import Backend, BackendConfig, BackendContext, Capabilities, PageStatus
+from hicache.storage.memory import MemoryBackend, MemoryConfig
+from hicache.storage.tiers import Tiers, TierSettings
+from hicache.transfer import CpuTransferEngine
+
+PS = 4
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=4, page_size=PS, dtype=torch.bfloat16)
+IDENTITY = ModelIdentity("m", revision="r1")
+
+
+def shared_name() -> str:
+    return "t" + uuid.uuid4().hex[:12]
+
+
+def mem(
+    shared: str | None, *, layout: KVLayout = LAYOUT, tp_rank: int = 0, tp_size: int = 1
+) -> MemoryBackend:
+    ns = layout.namespace_spec(tp_rank=tp_rank, tp_size=tp_size).namespace()
+    ctx = BackendContext(page_bytes=layout.page_bytes, namespace=ns, tier_name="mem")
+    return MemoryBackend(MemoryConfig(shared_name=shared), ctx)
+
+
+def make(
+    tiers: Sequence[tuple[str, Backend]],
+    *,
+    identity: ModelIdentity = IDENTITY,
+    layout: KVLayout = LAYOUT,
+    device_pages: int = 32,
+    host_pages: int = 32,
+    threshold: int = 0,
+) -> HiRadixCache:
+    dev = DevicePool(layout, device_pages, "cpu")
+    host = HostPool(layout, host_pages, pin=False)
+    return HiRadixCache(
+        dev,
+        host,
+        CpuTransferEngine(dev, host),
+        identity=identity,
+        tiers=Tiers.from_backends(tiers),
+        write_policy=WritePolicy.WRITE_THROUGH,
+        prefetch_threshold_tokens=threshold,
+        gpu_events=False,
+    )
+
+
+def fill_and_insert(cache: HiRadixCache, tokens: list[int], seed: int = 0) -> list[int]:
+    """Insert with random KV bytes in the device pages, as a model would have computed them."""
+    gen = torch.Generator().manual_seed(seed)
+    pages = cache.device_pool.alloc(len(tokens) // PS)
+    assert pages is not None
+    for p in pages:
+        cache.device_pool.write_page(
+            p,
+            torch.randn(cache.device_pool.layout.page_shape, generator=gen).to(
+                cache.device_pool.layout.dtype
+            ),
+        )
+    dup = cache.insert(tokens, pages)
+    cache.device_pool.free(pages[: dup // PS])
+    return pages
+
+
+def publish_all(cache: HiRadixCache) -> None:
+    cache.writing_check()
+    assert cache.storage is not None
+    assert cache.storage.wait_idle(timeout=30)
+    cache.writing_check()
+    assert cache.host_pool.total_holds() == 0
+
+
+def page_bytes(cache: HiRadixCache, pages: Sequence[int]) -> list[bytes]:
+    return [
+        bytes(cache.device_pool.read_page(p).contiguous().view(torch.uint8).numpy()) for p in pages
+    ]
+
+
+def test_second_instance_prefetches_longest_stored_prefix_byte_identical() -> None:
+    name = shared_name()
+    a = make([("mem", mem(name))])
+    tokens = list(range(100, 100 + 8 * PS))
+    a_pages = fill_and_insert(a, tokens)
+    publish_all(a)
+    # break the stored chain after page 5: the second instance must stop exactly there
+    keys = [storage_key(h) for h in chain_hashes(seed_hash(IDENTITY), tokens, PS)]
+    mem_a = a.tiers.tiers[0].backend  # type: ignore[union-attr]
+    assert mem_a.exists(keys) == [True] * 8
+    mem_a.delete([keys[5]])
+
+    b = make([("mem", mem(name))])
+    handle = b.prefetch_from_storage([*tokens, 1, 2])  # a partial trailing page is ignored
+    assert handle is not None
+    assert b.check_prefetch(handle, wait=True) == 5 * PS
+    events = b.take_events()
+    assert [e.token_ids for e in events if isinstance(e, BlockStored)] == [
+        tokens[i * PS : (i + 1) * PS] for i in range(5)
+    ]
+    assert all(e.medium == Medium.CPU_PINNED for e in events if isinstance(e, BlockStored))
+    r = b.match_prefix(tokens)
+    assert r.device_pages == [] and r.host_hit_pages == 5
+    dev = b.load_back(r.last_host_node)
+    assert dev is not None
+    assert page_bytes(b, dev) == page_bytes(a, a_pages[:5])
+    assert b.host_pool.total_holds() == 0
+    assert b.host_pool.available == 32 - 5  # the 3 pages that were not found went back
+    a.close()
+    b.close()
+    MemoryBackend.drop_shared_store(name)
+
+
+def test_prefetch_below_threshold_or_fully_cached_does_nothing() -> None:
+    name = shared_name()
+    a = make([("mem", mem(name))], threshold=3 * PS)
+    tokens = list(range(4 * PS))
+    fill_and_insert(a, tokens)
+    publish_all(a)
+    assert a.prefetch_from_storage(tokens) is None  # everything is cached already
+    b = make([("mem", mem(name))], threshold=3 * PS)
+    assert b.prefetch_from_storage(tokens[: 2 * PS]) is None  # 2 pages < threshold
+    handle = b.prefetch_from_storage(tokens)
+    assert handle is not None and b.check_prefetch(handle, wait=True) == 4 * PS
+    a.close()
+    b.close()
+    MemoryBackend.drop_shared_store(name)
+
+
+def test_prefetch_extends_a_cached_prefix() -> None:
+    name = shared_name()
+    a = make([("mem", mem(name))])
+    tokens = list(range(6 * PS))
+    a_pages = fill_and_insert(a, tokens)
+    publish_all(a)
+    b = make([("mem", mem(name))])
+    # b computed the first two pages itself (same model, so the same KV)
+    pages = b.device_pool.alloc(2)
+    assert pages is not None
+    for src, dst in zip(a_pages[:2], pages, strict=True):
+        b.device_pool.write_page(dst, a.device_pool.read_page(src))
+    b.insert(tokens[: 2 * PS], pages)
+    publish_all(b)
+    handle = b.prefetch_from_storage(tokens)
+    assert handle is not None and handle.start == 2 * PS
+    assert b.check_prefetch(handle, wait=True) == 4 * PS
+    r = b.match_prefix(tokens)
+    assert len(r.device_pages) == 2 and r.host_hit_pages == 4
+    dev = b.load_back(r.last_host_node)
+    assert dev is not None and page_bytes(b, dev) == page_bytes(a, a_pages[2:])
+    a.close()
+    b.close()
+    MemoryBackend.drop_shared_store(name)
+
+
+@pytest.mark.parametrize(
+    ("a_kw", "b_kw", "shared"),
+    [
+        (
+            {"identity": ModelIdentity("m", revision="r1")},
+            {"identity": ModelIdentity("m", revision="r2")},
+            False,
+        ),
+        ({"tp": (0, 2)}, {"tp": (1, 2)}, False),
+        ({"tp": (0, 2), "mla": True}, {"tp": (1, 2), "mla": True}, True),
+    ],
+    ids=["revisions", "tp-ranks", "mla-ranks-share"],
+)
+def test_namespace_isolation(
+    a_kw: dict[str, object], b_kw: dict[str, object], shared: bool
+) -> None:
+    name = shared_name()
+
+    def build(kw: dict[str, object]) -> HiRadixCache:
+        layout = KVLayout(
+            2, 1 if kw.get("mla") else 2, 8, PS, torch.bfloat16, mla=bool(kw.get("mla"))
+        )
+        rank, size = kw.get("tp", (0, 1))  # type: ignore[misc]
+        identity = kw.get("identity", IDENTITY)
+        return make(
+            [("mem", mem(name, layout=layout, tp_rank=rank, tp_size=size))],
+            layout=layout,
+            identity=identity,  # type: ignore[arg-type]
+        )
+
+    a, b = build(a_kw), build(b_kw)
+    tokens = list(range(3 * PS))
+    fill_and_insert(a, tokens)
+    publish_all(a)
+    handle = b.prefetch_from_storage(tokens)
+    assert handle is not None
+    assert b.check_prefetch(handle, wait=True) == (3 * PS if shared else 0)
+    assert b.host_pool.available == b.host_pool.num_pages - (3 if shared else 0)
+    a.close()
+    b.close()
+    MemoryBackend.drop_shared_store(name)
+
+
+class FlakyGets(Backend):
+    """A MemoryBackend whose get_into reports chosen keys CORRUPT (a vanished or bad page)."""
+
+    def __init__(self, inner: MemoryBackend, bad: set[str]) -> None:
+        super().__init__(BackendConfig(), inner.context)
+        self.inner, self.bad = inner, bad
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(default_medium="EXTERNAL")
+
+    def _open(self) -> None:
+        self.inner.open()
+
+    def _close(self) -> None:
+        self.inner.close()
+
+    def _exists(self, keys: Sequence[str]) -> list[bool]:
+        return self.inner.exists(keys)
+
+    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
+        return self.inner.put(keys, srcs)
+
+    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+        got = self.inner.get_into(keys, dsts)
+        return [PageStatus.CORRUPT if k in self.bad else s for k, s in zip(keys, got, strict=True)]
+
+    def _delete(self, keys: Sequence[str]) -> None:
+        self.inner.delete(keys)
+
+
+def test_prefetch_stops_at_first_page_that_is_not_ok() -> None:
+    name = shared_name()
+    a = make([("mem", mem(name))])
+    tokens = list(range(5 * PS))
+    fill_and_insert(a, tokens)
+    publish_all(a)
+    keys = [storage_key(h) for h in chain_hashes(seed_hash(IDENTITY), tokens, PS)]
+    b = make([("flaky", FlakyGets(mem(name), {keys[3]}))])
+    handle = b.prefetch_from_storage(tokens)
+    assert handle is not None and b.check_prefetch(handle, wait=True) == 3 * PS
+    assert b.host_pool.available == 32 - 3
+    a.close()
+    b.close()
+    MemoryBackend.drop_shared_store(name)
+
+
+def test_cascade_reads_each_page_from_the_tier_that_has_it() -> None:
+    fast, slow = shared_name(), shared_name()
+    a = make([("mem", mem(slow))])
+    tokens = list(range(6 * PS))
+    a_pages = fill_and_insert(a, tokens)
+    publish_all(a)
+    keys = [storage_key(h) for h in chain_hashes(seed_hash(IDENTITY), tokens, PS)]
+    first = mem(fast)
+    first.open()
+    buf = bytearray(LAYOUT.page_bytes)
+    slow_view = mem(slow)
+    slow_view.open()
+    for k in keys[:2]:  # the first tier holds only the head of the chain
+        assert slow_view.get_into([k], [memoryview(buf)]) == [PageStatus.OK]
+        first.put([k], [memoryview(buf)])
+    tiers = Tiers.from_backends(
+        [
+            ("fast", first, TierSettings(publish=False)),
+            ("slow", mem(slow), TierSettings(publish=False)),
+        ]
+    )
+    tiers.open()
+    ranges = [(r.tier.name, r.start, r.end) for r in tiers.lookup(keys)]
+    assert ranges == [("fast", 0, 2), ("slow", 2, 6)]
+    dev = DevicePool(LAYOUT, 16, "cpu")
+    host = HostPool(LAYOUT, 16, pin=False)
+    b = HiRadixCache(
+        dev,
+        host,
+        CpuTransferEngine(dev, host),
+        identity=IDENTITY,
+        tiers=tiers,
+        prefetch_threshold_tokens=0,
+    )
+    handle = b.prefetch_from_storage(tokens)
+    assert handle is not None and b.check_prefetch(handle, wait=True) == 6 * PS
+    stats = b.stats()["storage"]["tiers"]  # type: ignore[index]
+    assert stats["fast"]["get_ok"] == 2 and stats["slow"]["get_ok"] == 4
+    r = b.match_prefix(tokens)
+    out = b.load_back(r.last_host_node)
+    assert out is not None and page_bytes(b, out) == page_bytes(a, a_pages)
+    # nothing was published back (both tiers have publish: false)
+    assert b.writing_check() >= 0 and stats["fast"]["put_pages"] == 0
+    a.close()
+    b.close()
+    for n in (fast, slow):
+        MemoryBackend.drop_shared_store(n)
+
+
+def test_from_config_builds_tiers_through_the_registry() -> None:
+    name = shared_name()
+    config = HicacheConfig(
+        cache={"page_size": PS, "host_pool": 64 * 1024, "device": "cpu"},
+        model={"name": "cfg-model", "num_layers": 2, "num_kv_heads": 2, "head_dim": 4},
+        storage={
+            "prefetch": {"threshold_tokens": 0},
+            "tiers": {"shm": {"backend": "memory", "options": {"shared_name": name}}},
+        },
+    )
+    a = HiRadixCache.from_config(config, device_pages=16)
+    b = HiRadixCache.from_config(config, device_pages=16)
+    assert a.tiers is not None and a.tiers.tiers[0].name == "shm"
+    assert a.host_pool.num_pages == 64 * 1024 // a.host_pool.page_bytes
+    tokens = list(range(4 * PS))
+    a_pages = fill_and_insert(a, tokens)
+    publish_all(a)
+    events = a.take_events()
+    assert {e.medium for e in events if isinstance(e, BlockStored)} >= {"CPU_PINNED", "CPU"}
+    handle = b.prefetch_from_storage(tokens)
+    assert handle is not None and b.check_prefetch(handle, wait=True) == 4 * PS
+    r = b.match_prefix(tokens)
+    dev = b.load_back(r.last_host_node)
+    assert dev is not None and page_bytes(b, dev) == page_bytes(a, a_pages)
+    a.close()
+    b.close()
+    MemoryBackend.drop_shared_store(name)
