@@ -1,0 +1,138 @@
+"""Per-tier counters a dashboard needs, as plain data (no torch).
+
+``TierCounters`` is one tier's page and byte counters plus its prefetch outcomes and drops;
+``tier_snapshot(...)`` merges it with the tier's failure counts (:mod:`~hicache.storage.calls`),
+breaker state (:mod:`~hicache.storage.breaker`), backpressure gate
+(:mod:`~hicache.storage.inflight`) and admission policy into one JSON-able dict, so a metrics
+layer exports ``{tier: snapshot}`` without knowing any of those classes.
+
+Counter names (all monotonic):
+
+- ``lookups``, ``hit_pages``, ``miss_pages``      cascade lookups and the pages they found / not
+- ``get_pages``, ``get_ok``, ``get_not_found``, ``get_corrupt``, ``get_failed``, ``bytes_read``
+- ``put_pages``, ``put_stored``, ``put_failed``, ``bytes_written``
+- ``announced_pages``   pages announced ``BlockStored(<medium>)`` on this tier
+- ``unannounced_pages`` acknowledged pages not announced (a failure earlier in their chain)
+- ``evicted_pages``     pages the backend reported through ``take_evicted``
+- ``promoted_pages``    pages copied here from a later tier (promotion)
+- ``dropped_backpressure``, ``dropped_breaker``, ``dropped_admission``   pages not published
+- ``prefetch``          ``{outcome: count}`` (:class:`~hicache.storage.prefetch.PrefetchOutcome`)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from hicache.storage.backend import PageStatus
+
+__all__ = ["TierCounters", "tier_snapshot"]
+
+
+@dataclass(slots=True)
+class TierCounters:
+    """Thread-safe monotonic counters of one tier (see the module docstring)."""
+
+    lookups: int = 0
+    hit_pages: int = 0
+    miss_pages: int = 0
+    get_pages: int = 0
+    get_ok: int = 0
+    get_not_found: int = 0
+    get_corrupt: int = 0
+    get_failed: int = 0
+    bytes_read: int = 0
+    put_pages: int = 0
+    put_stored: int = 0
+    put_failed: int = 0
+    bytes_written: int = 0
+    announced_pages: int = 0
+    unannounced_pages: int = 0
+    evicted_pages: int = 0
+    promoted_pages: int = 0
+    dropped_backpressure: int = 0
+    dropped_breaker: int = 0
+    dropped_admission: int = 0
+    prefetch: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: int) -> None:
+        """Add ``deltas`` to the named counters (unknown names raise ``AttributeError``)."""
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def count_gets(self, statuses: Sequence[PageStatus], page_bytes: int) -> None:
+        """Count one ``get_into``'s statuses (and the bytes of its ``OK`` pages)."""
+        ok = nf = corrupt = 0
+        for s in statuses:
+            if s is PageStatus.OK:
+                ok += 1
+            elif s is PageStatus.NOT_FOUND:
+                nf += 1
+            elif s is PageStatus.CORRUPT:
+                corrupt += 1
+        self.add(
+            get_pages=len(statuses),
+            get_ok=ok,
+            get_not_found=nf,
+            get_corrupt=corrupt,
+            get_failed=len(statuses) - ok - nf - corrupt,
+            bytes_read=ok * page_bytes,
+        )
+
+    def count_puts(self, statuses: Sequence[PageStatus], page_bytes: int) -> None:
+        """Count one ``put``'s statuses (bytes for pages written now, not ``ALREADY_EXISTS``)."""
+        stored = sum(1 for s in statuses if s.stored)
+        written = sum(1 for s in statuses if s is PageStatus.OK)
+        self.add(
+            put_pages=len(statuses),
+            put_stored=stored,
+            put_failed=len(statuses) - stored,
+            bytes_written=written * page_bytes,
+        )
+
+    def count_prefetch(self, outcome: str) -> None:
+        """Count one prefetch outcome."""
+        key = str(outcome)
+        with self._lock:
+            self.prefetch[key] = self.prefetch.get(key, 0) + 1
+
+    def as_dict(self) -> dict[str, Any]:
+        """A snapshot as plain data."""
+        with self._lock:
+            out: dict[str, Any] = {
+                f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")
+            }
+            out["prefetch"] = dict(self.prefetch)
+        return out
+
+
+def tier_snapshot(
+    counters: TierCounters,
+    *,
+    failures: Any = None,
+    breaker: Any = None,
+    gate: Any = None,
+    admission: Any = None,
+) -> dict[str, Any]:
+    """One tier's counters merged with its failure counts, breaker, gate and admission stats.
+
+    Each extra part is optional and read through its ``as_dict()`` / ``snapshot()`` /
+    ``stats()``, so this module depends on none of them.
+    """
+    out = counters.as_dict()
+    if failures is not None:
+        f = failures.as_dict()
+        out["failures"] = f["by_kind"]
+        out["retries"] = f["retries"]
+        out["late_returns"] = f["late_returns"]
+    if breaker is not None:
+        out["breaker"] = breaker.snapshot().as_dict()
+    if gate is not None:
+        out["inflight"] = gate.stats()
+    if admission is not None:
+        out["admission"] = admission.stats()
+    return out
