@@ -116,3 +116,18 @@ def test_capacity_parses_sizes_and_rejects_typos() -> None:
     assert MemoryConfig.model_validate({"capacity": "1MiB"}).capacity == 1 << 20
     with pytest.raises(ValueError, match="capacty"):
         MemoryConfig.model_validate({"capacty": "1MiB"})
+
+
+def test_typed_destination_views_are_filled_bytewise() -> None:
+    import array
+
+    backend = MemoryBackend(MemoryConfig(), _ctx())
+    backend.open()
+    try:
+        src = array.array("H", range(2048))
+        assert backend.put([_key(1)], [memoryview(src)]) == [PageStatus.OK]
+        dst = array.array("H", bytes(4096))
+        assert backend.get_into([_key(1)], [memoryview(dst)]) == [PageStatus.OK]
+        assert dst == src
+    finally:
+        backend.close()

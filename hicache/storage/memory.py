@@ -264,6 +264,8 @@ class MemoryBackend(Backend):
                 statuses.append(PageStatus.CORRUPT)
                 corrupt += 1
                 continue
+            if dst.format != "B":  # e.g. a typed view of a host page; same bytes, no copy
+                dst = dst.cast("B")
             dst[:] = page.payload  # memoryview slice assignment: one copy, straight in
             statuses.append(PageStatus.OK)
             hits += 1
