@@ -1,0 +1,200 @@
+"""Several writers on one slot file: processes (OFD locks) and threads (thread locks), with
+eviction racing reads. A reader gets the whole page it asked for or ``NOT_FOUND``: never a torn
+page, another key's page, or a mix of two writers' versions."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import random
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hicache_mmap import MmapBackend, MmapOptions
+
+from hicache.storage.backend import BackendContext, PageStatus
+from hicache.testing.kit import kit_key, page_pattern
+
+PAGE = 64 * 1024
+_FORK = multiprocessing.get_context("fork")
+
+
+def _backend(path: Path, slots: int, *, assoc: int = 8, namespace: str = "shared") -> MmapBackend:
+    options = MmapOptions(
+        path=str(path), capacity=slots * (4096 + PAGE), associativity=assoc, prefault=False
+    )
+    backend = MmapBackend(options, BackendContext(PAGE, namespace))
+    backend.open()
+    return backend
+
+
+def _variant_of(key: str, buf: bytes | bytearray, variants: range) -> int | None:
+    for v in variants:
+        if buf == page_pattern(key, PAGE, v):
+            return v
+    return None
+
+
+def _peer(path: Path, me: int, seconds: float, out: Path, start: Any) -> None:
+    """One of two processes: put own keys and shared keys, read the other's (forked child)."""
+    report: dict[str, Any] = {"errors": [], "seen_other": 0, "puts": 0, "reads": 0}
+    try:
+        backend = _backend(path, 96)
+        rng = random.Random(me)
+        other = 1 - me
+        start.wait(30)
+        deadline = time.monotonic() + seconds
+        i = 0
+        dst = memoryview(bytearray(PAGE))
+        while time.monotonic() < deadline:
+            # Own key, and a key both processes race to create (each with its own variant).
+            own = kit_key(i, f"peer-{me}")
+            both = kit_key(i % 50, "both")
+            backend.put([own], [memoryview(page_pattern(own, PAGE, me))])
+            backend.put([both], [memoryview(page_pattern(both, PAGE, me))])
+            report["puts"] += 2
+            for _ in range(3):
+                j = rng.randrange(max(1, i))
+                key = rng.choice([kit_key(j, f"peer-{other}"), kit_key(j % 50, "both")])
+                [status] = backend.get_into([key], [dst])
+                report["reads"] += 1
+                if status is PageStatus.NOT_FOUND:
+                    continue
+                variant = _variant_of(key, dst, range(2))
+                if status is not PageStatus.OK or variant is None:
+                    report["errors"].append(f"{key}: {status}, variant {variant}")
+                elif key == kit_key(j, f"peer-{other}"):
+                    report["seen_other"] += 1
+                    if variant != other:
+                        report["errors"].append(f"{key}: written by {other}, read variant {me}")
+            i += 1
+        backend.close()
+    except BaseException as exc:
+        report["errors"].append(repr(exc))
+    out.write_text(json.dumps(report))
+
+
+def test_two_processes_write_and_read_one_file(tmp_path: Path) -> None:
+    path = tmp_path / "shared.slots"
+    _backend(path, 96).close()  # create it once so both peers map the same geometry
+    start = _FORK.Event()
+    outs = [tmp_path / f"peer{me}.json" for me in (0, 1)]
+    peers = [_FORK.Process(target=_peer, args=(path, me, 2.0, outs[me], start)) for me in (0, 1)]
+    for peer in peers:
+        peer.start()
+    start.set()
+    for peer in peers:
+        peer.join(60)
+        assert peer.exitcode == 0
+    reports = [json.loads(out.read_text()) for out in outs]
+    print({k: [r[k] for r in reports] for k in ("puts", "reads", "seen_other")})
+    for me, report in enumerate(reports):
+        assert report["errors"] == [], f"peer {me}: {report['errors'][:5]}"
+        assert report["seen_other"] > 0, f"peer {me} never read a page of the other: {report}"
+    # Afterwards a third opener finds every resident page intact, and each shared key holds
+    # exactly one of the two versions (create-only across processes).
+    backend = _backend(path, 96)
+    try:
+        dst = bytearray(PAGE)
+        pages = list(backend.iter_pages())
+        assert pages
+        for page in pages:
+            assert backend.get_into([page.key], [memoryview(dst)]) == [PageStatus.OK]
+            assert _variant_of(page.key, dst, range(2)) is not None, page.key
+    finally:
+        backend.close()
+
+
+def test_writes_of_three_times_capacity_stay_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "bounded.slots"
+    backend = _backend(path, 64)
+    try:
+        file_size = path.stat().st_size
+        num_slots = backend.stats()["num_slots"]
+        keys = [kit_key(i, "bounded") for i in range(3 * num_slots)]
+        for start in range(0, len(keys), 16):
+            batch = keys[start : start + 16]
+            statuses = backend.put(batch, [memoryview(page_pattern(k, PAGE)) for k in batch])
+            assert statuses == [PageStatus.OK] * len(batch)
+        stats = backend.stats()
+        assert stats["used_slots"] <= num_slots
+        assert stats["used_bytes"] <= stats["capacity_bytes"]
+        assert path.stat().st_size == file_size
+        evicted = backend.take_evicted()
+        assert len(set(evicted)) == len(evicted)
+        resident = [k for k, present in zip(keys, backend.exists(keys), strict=True) if present]
+        assert len(resident) == len(keys) - len(evicted) <= num_slots
+        assert set(resident).isdisjoint(evicted)
+        dst = bytearray(b"\xa5") * PAGE
+        for key in evicted[:20]:
+            assert backend.get_into([key], [memoryview(dst)]) == [PageStatus.NOT_FOUND]
+        assert dst == bytearray(b"\xa5") * PAGE
+        for key in resident:
+            assert backend.get_into([key], [memoryview(dst)]) == [PageStatus.OK]
+            assert dst == page_pattern(key, PAGE)
+    finally:
+        backend.close()
+
+
+@pytest.fixture
+def fast_switches() -> Iterator[None]:
+    # Switch threads often, so readers get interrupted between their generation reads.
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    yield
+    sys.setswitchinterval(old)
+
+
+@pytest.mark.usefixtures("fast_switches")
+def test_reads_racing_eviction_never_return_wrong_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "race.slots"
+    backend = _backend(path, 16, assoc=4)
+    stop = threading.Event()
+    written: list[str] = []
+    errors: list[str] = []
+    outcomes = {"ok": 0, "not_found": 0}
+
+    def writer(tid: int) -> None:
+        i = 0
+        while not stop.is_set():
+            key = kit_key(i, f"race-w{tid}")
+            backend.put([key], [memoryview(page_pattern(key, PAGE))])
+            written.append(key)
+            i += 1
+
+    def reader(tid: int) -> None:
+        rng = random.Random(tid)
+        dst = memoryview(bytearray(PAGE))
+        while not stop.is_set():
+            if not written:
+                continue
+            key = written[-rng.randrange(1, min(len(written), 40) + 1)]
+            [status] = backend.get_into([key], [dst])
+            if status is PageStatus.OK:
+                outcomes["ok"] += 1
+                if dst != page_pattern(key, PAGE):
+                    errors.append(f"wrong bytes for {key}")
+            elif status is PageStatus.NOT_FOUND:
+                outcomes["not_found"] += 1
+            else:
+                errors.append(f"{key}: {status}")
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(2)]
+    threads += [threading.Thread(target=reader, args=(t,)) for t in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2.0)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    stats = backend.stats()
+    backend.close()
+    assert not errors, errors[:5]
+    assert outcomes["ok"] > 0 and outcomes["not_found"] > 0, outcomes
+    assert stats["evictions"] > 0
+    print(f"race outcomes {outcomes}, detected races {stats['races']}")
