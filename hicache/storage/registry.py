@@ -9,9 +9,9 @@
 Only the configured kind is ever imported (through stevedore's ``DriverManager``): a broken
 plugin that nobody configured cannot break the cache. Which kinds exist, and which distribution
 registers each, comes from the installed metadata (``importlib.metadata``), which stays right
-even when stevedore's on-disk entry-point cache is stale. After loading, this module checks what stevedore
-does not: the object is a concrete :class:`~hicache.storage.backend.Backend` subclass, its
-``api_version`` matches, and its ``config_model`` is a
+even when stevedore's on-disk entry-point cache is stale. After loading, this module checks
+what stevedore does not: the object is a concrete :class:`~hicache.storage.backend.Backend`
+subclass, its ``api_version`` matches, and its ``config_model`` is a
 :class:`~hicache.storage.backend.BackendConfig`. Every failure is a
 :class:`~hicache.errors.PluginError` whose message names the kind, the entry point and the
 installed kinds. Two distributions registering the same kind is an error, never a silent pick.
