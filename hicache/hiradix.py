@@ -103,6 +103,7 @@ class PrefetchHandle:
     start: int
     host_pages: list[int]
     hashes: list[bytes]
+    base: TreeNode
     result_pages: int | None = field(default=None)
     done: bool = False
     inserted_tokens: int = 0
@@ -510,20 +511,38 @@ class HiRadixCache(RadixCache):
         base = r.last_host_node
         parent_hash = self.seed if base is self.root else self.node_hashes(base)[-1]
         hashes = chain_hashes(parent_hash, key[start:], ps)
+        # the matched path must outlive the prefetch: its pages are the new pages' parents
+        self._host_lock(base, 1)
         host = self.host_pool.alloc(n)
         if host is None:
             self.evict_host(n - self.host_pool.available)
             n = min(n, self.host_pool.available)
-            if n * ps < max(self.prefetch_threshold_tokens, 1):
+            if n <= 0 or n * ps < self.prefetch_threshold_tokens:
+                self._host_lock(base, -1)
                 return None
             host = self.host_pool.alloc(n)
             assert host is not None
             hashes = hashes[:n]
         ticket = self.storage.submit_prefetch([storage_key(h) for h in hashes], host)
-        handle = PrefetchHandle(ticket, key[: start + n * ps], start, host, hashes)
+        handle = PrefetchHandle(ticket, key[: start + n * ps], start, host, hashes, base)
         self._prefetches[ticket] = handle
         self.counters["prefetches"] += 1
         return handle
+
+    def _host_lock(self, node: TreeNode, delta: int) -> None:
+        """Pin ``node`` and its ancestors in the tree (L2 eviction skips them) by ``delta``."""
+        cur: TreeNode | None = node
+        while cur is not None and cur is not self.root:
+            cur.host_lock_ref += delta
+            if cur.host_lock_ref < 0:
+                raise RuntimeError(f"host lock below zero on {cur!r}")
+            cur = cur.parent
+
+    def _evictable(self, node: TreeNode) -> bool:
+        # a node a prefetch builds on stays in the tree, even when it has no host copy
+        if node.host_lock_ref > 0 and node.host_value is None:
+            return False
+        return super()._evictable(node)
 
     def check_prefetch(self, handle: PrefetchHandle, *, wait: bool = False) -> int | None:
         """Finish ``handle`` if every rank's read completed; return the tokens it added to L2.
@@ -546,7 +565,10 @@ class HiRadixCache(RadixCache):
         self._prefetches.pop(handle.ticket, None)
         self._prefetch_results.pop(handle.ticket, None)
         handle.done = True
-        handle.inserted_tokens = self._insert_prefetched(handle, ok)
+        try:
+            handle.inserted_tokens = self._insert_prefetched(handle, ok)
+        finally:
+            self._host_lock(handle.base, -1)
         return handle.inserted_tokens
 
     def _insert_prefetched(self, handle: PrefetchHandle, ok: int) -> int:
@@ -560,7 +582,7 @@ class HiRadixCache(RadixCache):
             r = self.match_prefix(full)
             present = (len(r.device_pages) + r.host_hit_pages) * ps
             base = r.last_host_node
-            if present < handle.start or not (base is self.root or base.host_value is not None):
+            if present < handle.start or not self._backup_path(base):
                 drop = handle.host_pages  # the tree changed under us: nothing attaches
                 keep = []
             else:
@@ -580,6 +602,17 @@ class HiRadixCache(RadixCache):
         self.counters["prefetched_pages"] += len(keep)
         self.counters["prefetch_discarded_pages"] += len(drop)
         return inserted
+
+    def _backup_path(self, node: TreeNode) -> bool:
+        """Make sure ``node`` and its ancestors are backed up (new host-only children may then
+        hang below it); return False when that is not possible now (no host pages)."""
+        path = []
+        cur = node
+        while cur is not self.root and cur.host_value is None:
+            path.append(cur)
+            assert cur.parent is not None
+            cur = cur.parent
+        return all(self.write_backup(n) is not None for n in reversed(path))
 
     # ------------------------------------------------------------------ introspection
 
