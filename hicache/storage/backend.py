@@ -65,6 +65,9 @@ class PageStatus(enum.Enum):
     #: ``get_into`` of a key that is not stored; the destination buffer was not touched.
     NOT_FOUND = "not_found"
     #: The stored bytes failed verification; never copied into the cache, counted, logged once.
+    #: Because ``put`` is create-only, a damaged page left in place makes every later ``put`` of
+    #: its key ``ALREADY_EXISTS``: a backend that can should delete it and report the key through
+    #: ``take_evicted()``, so the cache announces its removal and the next publish repairs it.
     CORRUPT = "corrupt"
     #: This page failed for another reason (I/O error, full disk, timeout of this page).
     FAILED = "failed"
@@ -338,7 +341,9 @@ class Backend(ABC):
     def take_evicted(self) -> list[str]:
         """Return the keys this backend dropped on its own since the last call, and forget them.
 
-        Backends that never evict on their own return ``[]`` (the default).
+        "On its own" covers capacity evictions and pages deleted because they failed
+        verification (see ``PageStatus.CORRUPT``); never keys removed by ``delete()``. Backends
+        that never drop pages on their own return ``[]`` (the default).
         """
         return []
 
