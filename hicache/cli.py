@@ -93,7 +93,7 @@ def _backends_schema(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    from hicache.config import env_overrides, load_config
+    from hicache.config import env_ignored, env_overrides, load_config
 
     config = load_config(args.file)
     tiers = config.storage.tiers
@@ -104,6 +104,9 @@ def _config_check(args: argparse.Namespace) -> int:
     overrides = env_overrides()
     if overrides:
         print(f"  with environment overrides: {', '.join(sorted(overrides))}")
+    ignored = env_ignored()
+    if ignored:
+        print(f"  ignored (no such section): {', '.join(ignored)}")
     return 0
 
 

@@ -51,6 +51,8 @@ __all__ = [
     "StorageConfig",
     "TierConfig",
     "WritePolicy",
+    "env_ignored",
+    "env_overrides",
     "load_config",
     "parse_size",
     "validate_tiers",
@@ -375,5 +377,20 @@ def load_config(path: str | Path | None = None, *, check_tiers: bool = True) -> 
 
 
 def env_overrides() -> dict[str, str]:
-    """The ``HICACHE_*`` variables currently set (for ``hicache config check`` to show)."""
-    return {k: v for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX)}
+    """The ``HICACHE_*`` variables that address a setting (for ``hicache config check``)."""
+    return {k: v for k, v in os.environ.items() if _env_section(k) in HicacheConfig.model_fields}
+
+
+def env_ignored() -> list[str]:
+    """``HICACHE_*`` variables that address no section (typos, or other tools' variables)."""
+    return sorted(
+        k
+        for k in os.environ
+        if _env_section(k) is not None and _env_section(k) not in HicacheConfig.model_fields
+    )
+
+
+def _env_section(name: str) -> str | None:
+    if not name.upper().startswith(ENV_PREFIX):
+        return None
+    return name[len(ENV_PREFIX) :].split(ENV_DELIMITER, 1)[0].lower()

@@ -105,6 +105,17 @@ def test_config_check_sees_environment_overrides(
     assert "storage.tiers.ram.options.capacity: invalid size" in capsys.readouterr().err
 
 
+def test_config_check_lists_applied_and_ignored_variables(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("HICACHE_CACHE__PAGE_SIZE", "32")
+    monkeypatch.setenv("HICACHE_CACHEX", "1")
+    assert cli.main(["config", "check", str(_MEMORY_YAML)]) == 0
+    out = capsys.readouterr().out
+    assert "with environment overrides: HICACHE_CACHE__PAGE_SIZE" in out
+    assert "ignored (no such section): HICACHE_CACHEX" in out
+
+
 def test_config_show_prints_merged_json(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
