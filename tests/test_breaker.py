@@ -44,11 +44,13 @@ def test_half_open_probe_success_closes() -> None:
     assert not b.allow()
     assert b.snapshot().retry_in_s == pytest.approx(0.1)
     clock.now += 0.1
+    assert not b.would_refuse() and b.state is BreakerState.OPEN  # a peek uses no probe
     assert b.allow()  # the probe
+    assert b.would_refuse()
     assert b.state is BreakerState.HALF_OPEN
     assert not b.allow()  # only one probe at a time
     b.record_success()
-    assert b.state is BreakerState.CLOSED and b.allow()
+    assert b.state is BreakerState.CLOSED and b.allow() and not b.would_refuse()
     snap = b.snapshot()
     assert snap.closed_after_probe == 1 and snap.consecutive_failures == 0
     assert snap.retry_in_s is None

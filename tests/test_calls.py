@@ -106,8 +106,9 @@ def test_non_retryable_errors_fail_at_once(
 
 
 def test_classify_builtins() -> None:
-    assert classify(ConnectionResetError()) is FailureKind.UNAVAILABLE
-    assert classify(TimeoutError()) is FailureKind.UNAVAILABLE
+    # untranslated builtins break the contract: counted as unexpected, never retried
+    assert classify(ConnectionResetError()) is FailureKind.UNEXPECTED
+    assert classify(TimeoutError()) is FailureKind.UNEXPECTED
     assert classify(ValueError()) is FailureKind.UNEXPECTED
 
 

@@ -1,6 +1,7 @@
 """A per-tier circuit breaker: stop calling a tier that keeps failing, probe it after a cool-down.
 
 - ``allow()``           may a call go to the tier now? (``False`` = skip it: a miss / a drop)
+- ``would_refuse()``    the same question without side effects (no probe used, nothing counted)
 - ``record_success()``  the call the breaker allowed succeeded
 - ``record_failure()``  it failed (an exception or a missed deadline)
 - ``snapshot()``        the state as plain data for stats
@@ -114,6 +115,17 @@ class CircuitBreaker:
                 return True
             self._rejected += 1
             return False
+
+    def would_refuse(self) -> bool:
+        """Whether :meth:`allow` would refuse now; changes nothing and counts nothing (lets a
+        caller skip preparing a call without using up the half-open probe)."""
+        with self._lock:
+            if self._state is BreakerState.CLOSED:
+                return False
+            now = self._clock()
+            if self._state is BreakerState.OPEN:
+                return now - self._opened_at < self.cooldown_s
+            return self._probe_started is not None and now - self._probe_started < self.cooldown_s
 
     def record_success(self) -> None:
         """An allowed call succeeded: reset the failure count; a probe closes the breaker."""

@@ -14,11 +14,11 @@ returns, so the caller passes ``on_return``: it runs exactly once, on the worker
 the call finished (after all retries), or right away when the call never started (breaker open,
 caller closed, cancelled while queued). Release holds there, not after ``call`` returns.
 
-Retries: only whole-call errors that say "try again" (:class:`~hicache.errors.
-BackendUnavailableError`, and builtin ``ConnectionError``/``TimeoutError`` a backend failed to
-translate) are retried, on the worker thread, with exponential backoff, and never past the
-deadline. Per-page statuses (``FAILED``, ``CORRUPT``, ``NOT_FOUND``) are results, never retried
-here. A call that timed out is not retried either: it may still be writing into its buffers.
+Retries: only whole-call errors that say "try again"
+(:class:`~hicache.errors.BackendUnavailableError`) are retried, on the worker thread, with
+exponential backoff, and never past the deadline. Per-page statuses (``FAILED``, ``CORRUPT``,
+``NOT_FOUND``) are results, never retried here. A call that timed out is not retried either:
+it may still be writing into its buffers.
 
 The breaker sees one outcome per logical call (after retries): success, or failure (an exception
 or a missed deadline). Calls refused by an open breaker fail fast with ``BREAKER_OPEN`` and are
@@ -65,14 +65,15 @@ class FailureKind(enum.StrEnum):
 
     #: The deadline passed before the call returned (it may still be running).
     TIMEOUT = "timeout"
-    #: The storage cannot be reached (``BackendUnavailableError``, ``ConnectionError``).
+    #: The storage cannot be reached (``BackendUnavailableError``).
     UNAVAILABLE = "unavailable"
     CAPACITY = "capacity"
     READ_ONLY = "read_only"
     CLOSED = "closed"
     #: Any other ``BackendError``.
     BACKEND = "backend_error"
-    #: Anything else: a backend broke its contract (it should have translated the error).
+    #: Anything else, builtins included: a backend broke its contract (it should have translated
+    #: its client's exception into a ``BackendError``).
     UNEXPECTED = "unexpected"
     #: Not called: the tier's circuit breaker is open.
     BREAKER_OPEN = "breaker_open"
@@ -94,8 +95,8 @@ def classify(exc: BaseException) -> FailureKind:
         return FailureKind.CLOSED
     if isinstance(exc, BackendError):
         return FailureKind.BACKEND
-    if isinstance(exc, ConnectionError | TimeoutError):
-        return FailureKind.UNAVAILABLE
+    # A builtin ConnectionError/TimeoutError that escaped untranslated is a contract violation:
+    # counted as such and not retried (the backend, not the engine, knows what is transient).
     return FailureKind.UNEXPECTED
 
 
