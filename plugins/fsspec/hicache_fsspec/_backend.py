@@ -52,6 +52,7 @@ __all__ = ["FsspecBackend"]
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+_I = TypeVar("_I")
 _TMP_PREFIX = ".tmp-"
 #: errno values of a filesystem that cannot hard-link (the `auto` write mode then renames).
 _NO_LINK = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP})
@@ -180,23 +181,25 @@ class FsspecBackend(Backend):
 
     def _exists(self, keys: Sequence[str]) -> list[bool]:
         fs = self._require_fs()
-        return self._fan_out(len(keys), lambda i: self._is_stored(fs, keys[i]))
+        return self._fan_out(lambda key: self._is_stored(fs, key), list(keys))
 
     def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
         fs = self._require_fs()
-        statuses = self._fan_out(len(keys), lambda i: self._put_one(fs, keys[i], srcs[i]))
+        work = list(zip(keys, srcs, strict=True))
+        statuses = self._fan_out(lambda page: self._put_one(fs, *page), work)
         self._count(f"put_{s.value}" for s in statuses)
         return statuses
 
     def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
         fs = self._require_fs()
-        statuses = self._fan_out(len(keys), lambda i: self._get_one(fs, keys[i], dsts[i]))
+        work = list(zip(keys, dsts, strict=True))
+        statuses = self._fan_out(lambda page: self._get_one(fs, *page), work)
         self._count(f"get_{s.value}" for s in statuses)
         return statuses
 
     def _delete(self, keys: Sequence[str]) -> None:
         fs = self._require_fs()
-        failed = self._fan_out(len(keys), lambda i: self._delete_one(fs, keys[i]))
+        failed = self._fan_out(lambda key: self._delete_one(fs, key), list(keys))
         self._count("delete_failed" for f in failed if f)
 
     def _stats(self) -> Mapping[str, Any]:
@@ -475,24 +478,35 @@ class FsspecBackend(Backend):
 
     # ------------------------------------------------------------------ plumbing
 
-    def _fan_out(self, n: int, one: Callable[[int], _T]) -> list[_T]:
-        """Run ``one(i)`` for every page, over the I/O pool when there is one and it pays.
+    def _fan_out(self, work: Callable[[_I], _T], items: list[_I]) -> list[_T]:
+        """Return ``[work(item) for item in items]``, run over the I/O pool when there is one.
 
-        Waits for every page before returning or raising, so no worker still touches a caller
-        buffer once the call is over.
+        Waits for every item before returning or raising, so no worker still touches a caller
+        buffer once the call is over. ``items`` (which holds the caller's buffers) is emptied on
+        the way out: a pool thread may drop its finished task a moment after the future
+        completed, and that task must then no longer lead to any caller buffer.
         """
         pool = self._pool
-        if pool is None or n == 1:
-            return [one(i) for i in range(n)]
+        if pool is None or len(items) == 1:
+            return [work(item) for item in items]
+
+        def run(i: int) -> _T:
+            return work(items[i])
+
         futures: list[Future[_T]] = []
         try:
-            for i in range(n):
-                futures.append(pool.submit(one, i))
-        except RuntimeError as exc:  # the pool was shut down by a concurrent close()
-            wait(futures)
-            raise BackendClosedError(f"fsspec tier {self.context.tier_name!r} closed") from exc
-        wait(futures)
-        return [f.result() for f in futures]
+            try:
+                for i in range(len(items)):
+                    futures.append(pool.submit(run, i))
+            except RuntimeError as exc:  # the pool was shut down by a concurrent close()
+                raise BackendClosedError(
+                    f"fsspec tier {self.context.tier_name!r} closed during a call"
+                ) from exc
+            finally:
+                wait(futures)
+            return [f.result() for f in futures]
+        finally:
+            items.clear()
 
     def _count(self, names: Iterable[str], amount: int = 1) -> None:
         with self._counts_lock:
