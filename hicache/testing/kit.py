@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import hashlib
 import itertools
 import json
 import random
@@ -39,14 +38,7 @@ from typing import Any, ClassVar
 
 import pytest
 from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import (
-    RuleBasedStateMachine,
-    invariant,
-    precondition,
-    rule,
-    run_state_machine_as_test,
-)
+from hypothesis.stateful import run_state_machine_as_test
 
 from hicache.errors import BackendClosedError, BackendReadOnlyError
 from hicache.storage.backend import (
@@ -55,44 +47,22 @@ from hicache.storage.backend import (
     PageStatus,
     check_key,
 )
+from hicache.testing.pages import (
+    CANARY,
+    CANARY_WIDTH,
+    canaries_intact,
+    canary_buffer,
+    kit_key,
+    page_pattern,
+)
+from hicache.testing.statemachine import backend_state_machine
 
 __all__ = ["CANARY", "BackendTests", "kit_key", "page_pattern"]
 
-#: Byte value filling canary regions around destination buffers and untouched destinations.
-CANARY = 0xA5
-_CANARY_WIDTH = 64
 # Keys of one process run never collide with keys of the previous run stored by a persistent
 # backend in a reused directory: the salt changes per process.
 _RUN_SALT = f"{time.time_ns()}"
 _namespace_counter = itertools.count()
-
-
-def kit_key(index: int, salt: str = "") -> str:
-    """The ``index``-th page key of the kit (64 lowercase hex chars, deterministic per salt)."""
-    return hashlib.sha256(f"hicache-kit:{salt}:{index}".encode()).hexdigest()
-
-
-def page_pattern(key: str, page_bytes: int, variant: int = 0) -> bytes:
-    """Content of the page stored under ``key``: a repeated digest of ``key`` and ``variant``.
-
-    The first 32 bytes identify (key, variant); the rest repeats them, so a torn page (two
-    writers' bytes mixed) or a page of another key never matches.
-    """
-    digest = hashlib.sha256(f"{key}/{variant}".encode()).digest()
-    reps = page_bytes // len(digest) + 1
-    return (digest * reps)[:page_bytes]
-
-
-def _canary_buffer(page_bytes: int, offset: int = _CANARY_WIDTH) -> tuple[bytearray, memoryview]:
-    """A canary-filled bytearray with room around a page, and the page-sized view inside it."""
-    raw = bytearray([CANARY]) * (offset + page_bytes + _CANARY_WIDTH)
-    return raw, memoryview(raw)[offset : offset + page_bytes]
-
-
-def _canaries_intact(raw: bytearray, offset: int, page_bytes: int) -> bool:
-    before = raw[:offset]
-    after = raw[offset + page_bytes :]
-    return before.count(CANARY) == len(before) and after.count(CANARY) == len(after)
 
 
 class BackendTests:
@@ -184,7 +154,8 @@ class BackendTests:
         statuses = backend.get_into(list(keys), [memoryview(b) for b in bufs])
         return statuses, bufs
 
-    def _fresh_namespace(self, prefix: str = "kit") -> str:
+    def fresh_namespace(self, prefix: str = "kit") -> str:
+        """A namespace no other test of this process used (``<prefix>-<n>``)."""
         return f"{prefix}-{next(_namespace_counter)}"
 
     def _run_hook(self, hook: Any, backend: Backend, key: str) -> None:
@@ -262,8 +233,8 @@ class BackendTests:
     def test_get_missing_leaves_destination_untouched(self, backend: Backend) -> None:
         present, missing = self.keys(2, "missing")
         assert self.put_pages(backend, [present]) == [PageStatus.OK]
-        raw_missing, dst_missing = _canary_buffer(self.page_bytes)
-        _, dst_present = _canary_buffer(self.page_bytes)
+        raw_missing, dst_missing = canary_buffer(self.page_bytes)
+        _, dst_present = canary_buffer(self.page_bytes)
         statuses = backend.get_into([missing, present], [dst_missing, dst_present])
         assert statuses == [PageStatus.NOT_FOUND, PageStatus.OK]
         assert raw_missing.count(CANARY) == len(raw_missing), "NOT_FOUND touched its buffer"
@@ -315,7 +286,7 @@ class BackendTests:
     def test_namespaces_are_isolated(self, backend: Backend, backend_options: Any) -> None:
         [key] = self.keys(1, "isolation")
         assert self.put_pages(backend, [key]) == [PageStatus.OK]
-        other = self.make_backend(backend_options, namespace=self._fresh_namespace("other"))
+        other = self.make_backend(backend_options, namespace=self.fresh_namespace("other"))
         other.open()
         try:
             assert other.exists([key]) == [False]
@@ -329,17 +300,17 @@ class BackendTests:
 
     # ------------------------------------------------------------------ the buffer contract
 
-    def test_destination_canaries_intact(self, backend: Backend) -> None:
+    def test_destinationcanaries_intact(self, backend: Backend) -> None:
         keys = self.keys(3, "canary")
         assert self.put_pages(backend, keys) == [PageStatus.OK] * 3
-        align = max(backend.capabilities.alignment, _CANARY_WIDTH)
+        align = max(backend.capabilities.alignment, CANARY_WIDTH)
         # An aligned view, an odd offset and the default width: the backend must stay in bounds.
-        layouts = [_canary_buffer(self.page_bytes, off) for off in (align, 7, _CANARY_WIDTH)]
+        layouts = [canary_buffer(self.page_bytes, off) for off in (align, 7, CANARY_WIDTH)]
         statuses = backend.get_into(keys, [view for _, view in layouts])
         assert statuses == [PageStatus.OK] * 3
-        for key, (raw, view), off in zip(keys, layouts, (align, 7, _CANARY_WIDTH), strict=True):
+        for key, (raw, view), off in zip(keys, layouts, (align, 7, CANARY_WIDTH), strict=True):
             assert bytes(view) == self.page(key)
-            assert _canaries_intact(raw, off, self.page_bytes), "bytes written outside the page"
+            assert canaries_intact(raw, off, self.page_bytes), "bytes written outside the page"
 
     def test_no_buffer_references_retained(self, backend: Backend) -> None:
         keys = self.keys(2, "refs")
@@ -395,7 +366,7 @@ class BackendTests:
                 backend.put([good, bad], [memoryview(self.page(good)), wrong])
         assert backend.exists([good, bad]) == [False, False], "a rejected put stored a page"
         assert self.put_pages(backend, [good]) == [PageStatus.OK]
-        raw, dst = _canary_buffer(self.page_bytes)
+        raw, dst = canary_buffer(self.page_bytes)
         for wrong in (small, big):
             with pytest.raises(ValueError):
                 backend.get_into([good, good], [dst, wrong])
@@ -615,85 +586,7 @@ class BackendTests:
     # ------------------------------------------------------------------ stateful model test
 
     def test_state_machine(self, backend_options: Any) -> None:
-        kit = self
-        pool = self.keys(10, "state-machine")
-        index = st.integers(min_value=0, max_value=len(pool) - 1)
-        batch = st.lists(index, max_size=4, unique=True)
-
-        class BackendStateMachine(RuleBasedStateMachine):
-            """Random put/get/exists/delete/reopen sequences checked against a dict."""
-
-            def __init__(self) -> None:
-                super().__init__()
-                self.namespace = kit._fresh_namespace("sm")
-                self.backend = kit.make_backend(backend_options, namespace=self.namespace)
-                self.backend.open()
-                self.model: dict[str, int] = {}
-
-            def _drain_evicted(self) -> None:
-                for key in self.backend.take_evicted():
-                    self.model.pop(key, None)
-
-            @rule(idx=batch, variant=st.integers(0, 3))
-            def put(self, idx: list[int], variant: int) -> None:
-                keys = [pool[i] for i in idx]
-                statuses = kit.put_pages(self.backend, keys, variant)
-                for key, status in zip(keys, statuses, strict=True):
-                    if key in self.model:
-                        assert status is PageStatus.ALREADY_EXISTS, (key, status)
-                    elif status is PageStatus.OK:
-                        self.model[key] = variant
-                    else:
-                        assert self.backend.capabilities.manages_capacity, (key, status)
-                self._drain_evicted()
-
-            @rule(idx=batch)
-            def get(self, idx: list[int]) -> None:
-                keys = [pool[i] for i in idx]
-                statuses, bufs = kit.read_pages(self.backend, keys)
-                for key, status, buf in zip(keys, statuses, bufs, strict=True):
-                    if key in self.model:
-                        assert status is PageStatus.OK, (key, status)
-                        assert buf == kit.page(key, self.model[key])
-                    else:
-                        assert status is PageStatus.NOT_FOUND, (key, status)
-                        assert buf.count(CANARY) == len(buf)
-
-            @rule(idx=batch)
-            def exists(self, idx: list[int]) -> None:
-                keys = [pool[i] for i in idx]
-                flags = [k in self.model for k in keys]
-                assert self.backend.exists(keys) == flags
-                expected = flags.index(False) if False in flags else len(flags)
-                assert self.backend.exists_prefix(keys) == expected
-
-            @rule(idx=batch)
-            def delete(self, idx: list[int]) -> None:
-                keys = [pool[i] for i in idx]
-                self.backend.delete(keys)
-                for key in keys:
-                    self.model.pop(key, None)
-                self._drain_evicted()
-
-            @precondition(lambda self: self.backend.capabilities.persistent)
-            @rule()
-            def reopen(self) -> None:
-                self.backend.close()
-                self.backend = kit.make_backend(backend_options, namespace=self.namespace)
-                self.backend.open()
-
-            @precondition(lambda self: self.backend.capabilities.listable)
-            @rule()
-            def listing(self) -> None:
-                assert {p.key for p in self.backend.iter_pages()} == set(self.model)
-
-            @invariant()
-            def evictions_drained(self) -> None:
-                self._drain_evicted()
-
-            def teardown(self) -> None:
-                self.backend.close()
-
+        machine = backend_state_machine(self, backend_options)
         overrides: dict[str, Any] = {
             "stateful_step_count": self.state_machine_steps,
             "deadline": None,
@@ -701,6 +594,4 @@ class BackendTests:
         }
         if self.state_machine_examples is not None:
             overrides["max_examples"] = self.state_machine_examples
-        run_state_machine_as_test(
-            BackendStateMachine, settings=settings(settings.default, **overrides)
-        )
+        run_state_machine_as_test(machine, settings=settings(settings.default, **overrides))
