@@ -22,7 +22,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from hicache.errors import BackendCapacityError, BackendError, BackendUnavailableError
+from hicache.errors import (
+    BackendCapacityError,
+    BackendError,
+    BackendUnavailableError,
+    PageCorruptError,
+)
 from hicache.storage.backend import (
     Backend,
     BackendConfig,
@@ -33,7 +38,7 @@ from hicache.storage.backend import (
     check_namespace,
 )
 from hicache.storage.eviction import TailFirstLRU
-from hicache.storage.pageformat import stored_size
+from hicache.storage.pageformat import HEADER_SIZE, decode_header, stored_size
 from hicache_localdisk.fsio import DIRECT_ALIGN, O_DIRECT, drop_cache, fsync_dir
 from hicache_localdisk.layout import FANOUT_DIRS, Layout, ScannedPage
 from hicache_localdisk.options import DEFAULT_FREE_FRACTION, Durability, LocalDiskConfig
@@ -88,6 +93,7 @@ class LocalDiskBackend(Backend):
                 "evicted",
                 "dead_temps_removed",
                 "bad_size_removed",
+                "other_size_pages",
             ),
             0,
         )
@@ -163,9 +169,9 @@ class LocalDiskBackend(Backend):
             "seconds": elapsed,
             "pages_per_second": len(pages) / elapsed if elapsed > 0 else 0.0,
         }
-        self._max_bytes = self._resolve_max_bytes(sum(p.size for p in pages))
+        self._max_bytes = self._resolve_max_bytes(sum(p.size for p in pages), writable)
         stored = stored_size(self.context.page_bytes)
-        if self._max_bytes < stored:
+        if writable and self._max_bytes < stored:
             raise BackendCapacityError(
                 f"max_bytes={self._max_bytes} cannot hold one page of {stored} bytes "
                 f"(root {self._layout.root!r})"
@@ -227,25 +233,57 @@ class LocalDiskBackend(Backend):
     def _sweep(
         self, pages: list[ScannedPage], dead_temps: list[str], writable: bool
     ) -> list[ScannedPage]:
-        """Remove dead owners' temporaries and wrongly sized pages; return the good pages."""
+        """Remove dead owners' temporaries and damaged pages; return the pages of our size."""
         if writable:
             for path in dead_temps:
                 if _remove(path):
                     self._counters["dead_temps_removed"] += 1
         stored = stored_size(self.context.page_bytes)
         good = [p for p in pages if p.size == stored]
-        if len(good) != len(pages):
-            for p in pages:
-                if p.size != stored:
-                    # A truncated page, or one written with another page size: never readable.
-                    log.warning("localdisk: page %s has %d bytes, not %d", p.key, p.size, stored)
-                    if writable and _remove(self._layout.page_path(p.key)):
-                        self._counters["bad_size_removed"] += 1
+        if len(good) == len(pages):
+            return good
+        damaged = foreign = 0
+        for p in pages:
+            if p.size == stored:
+                continue
+            if self._is_damaged(p):
+                damaged += 1
+                if writable and _remove(self._layout.page_path(p.key)):
+                    self._counters["bad_size_removed"] += 1
+            else:
+                # A sound page of another page size (a tool opened us with another size):
+                # not ours to serve, and certainly not ours to delete.
+                foreign += 1
+        self._counters["other_size_pages"] = foreign
+        log.warning(
+            "localdisk %s: %d damaged page file(s) %s, %d page(s) of another page size ignored",
+            self._layout.ns_dir,
+            damaged,
+            "removed" if writable else "skipped",
+            foreign,
+        )
         return good
 
-    def _resolve_max_bytes(self, used: int) -> int:
+    def _is_damaged(self, page: ScannedPage) -> bool:
+        """True for a file that can never be a valid page (torn, truncated, foreign header)."""
+        if page.size < HEADER_SIZE:
+            return True
+        try:
+            with open(self._layout.page_path(page.key), "rb") as f:
+                header = decode_header(f.read(HEADER_SIZE))
+        except PageCorruptError:
+            return True
+        except OSError:
+            return False  # unreadable now; a later read decides
+        if header.namespace != self.context.namespace or header.key != page.key:
+            return True
+        return stored_size(header.payload_len) != page.size
+
+    def _resolve_max_bytes(self, used: int, writable: bool) -> int:
         if self.options.max_bytes is not None:
             return self.options.max_bytes
+        if not writable:
+            return max(used, 1)  # never writes nor evicts: the bound only admits what is there
         try:
             st = os.statvfs(self._layout.root)
         except OSError as exc:
@@ -533,10 +571,14 @@ class LocalDiskBackend(Backend):
                 self._policy.remove(key)
             if known:
                 self._evicted.append(key)
-        (log.warning if first else log.debug)(
-            "localdisk %s: page %s is corrupt (%s): removed", self._layout.ns_dir, key, field
-        )
         removed = not self.context.read_only and _remove(self._layout.page_path(key))
+        (log.warning if first else log.debug)(
+            "localdisk %s: page %s is corrupt (%s): %s",
+            self._layout.ns_dir,
+            key,
+            field,
+            "removed" if removed else "left in place",
+        )
         if removed and self._shared is not None:
             self._shared.add(-self._require_io().stored_bytes)
 
