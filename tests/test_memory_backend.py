@@ -131,3 +131,17 @@ def test_typed_destination_views_are_filled_bytewise() -> None:
         assert dst == src
     finally:
         backend.close()
+
+
+def test_key_repeated_within_one_batch_is_stored_once() -> None:
+    backend = MemoryBackend(MemoryConfig(), _ctx())
+    backend.open()
+    try:
+        statuses = backend.put([_key(1), _key(1)], [_page(1), _page(2)])
+        assert statuses == [PageStatus.OK, PageStatus.ALREADY_EXISTS]
+        dst = memoryview(bytearray(4096))
+        assert backend.get_into([_key(1)], [dst]) == [PageStatus.OK]
+        assert bytes(dst) == bytes(_page(1))
+        assert backend.stats()["pages"] == 1
+    finally:
+        backend.close()

@@ -204,11 +204,12 @@ class MemoryBackend(Backend):
         with store.lock:
             pages = store.namespace(self._ns)
             admitted: dict[int, _Page] = {}
+            taken: set[str] = set()  # a key repeated within the batch is stored once
             budget = store.capacity
             used = 0
             for i, key in enumerate(keys):
                 page = fresh.get(i)
-                if key in pages or page is None:
+                if key in pages or key in taken or page is None:
                     # Stored meanwhile by another thread (or before): create-only, keep theirs.
                     statuses.append(PageStatus.ALREADY_EXISTS)
                 elif budget is not None and used + page.stored_bytes > budget:
@@ -216,6 +217,7 @@ class MemoryBackend(Backend):
                     statuses.append(PageStatus.FAILED)
                 else:
                     admitted[i] = page
+                    taken.add(key)
                     used += page.stored_bytes
                     statuses.append(PageStatus.OK)
             if store.policy is not None:
