@@ -20,9 +20,16 @@ pytest.register_assert_rewrite("hicache.testing.kit")
 CI_MAX_EXAMPLES = 30
 
 
-def load_hypothesis_profiles() -> str:
-    """Register the ``ci`` and ``dev`` profiles and load ``$HYPOTHESIS_PROFILE``; return it."""
-    from hypothesis import HealthCheck, settings
+def load_hypothesis_profiles() -> str | None:
+    """Register the ``ci`` and ``dev`` profiles and load ``$HYPOTHESIS_PROFILE``; return it.
+
+    Returns None (and does nothing) where hypothesis is not installed: this plugin loads in
+    every pytest run of an environment that has hicache, test extra or not.
+    """
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:
+        return None
 
     relaxed = [HealthCheck.too_slow, HealthCheck.data_too_large]
     settings.register_profile(
