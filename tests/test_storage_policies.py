@@ -138,6 +138,10 @@ def test_counters_and_snapshot_are_plain_json() -> None:
     assert d["prefetch"] == {"short": 2}
     with pytest.raises(AttributeError):
         c.add(no_such_counter=1)
+    c.error(KeyError("x"), "unexpected")
+    c.error(None, "timeout")
+    assert c.as_dict()["errors_by_kind"] == {"KeyError": 1, "timeout": 1}
+    assert c.as_dict()["call_errors"] == 2
 
     failures = FailureCounts()
     failures.add(FailureKind.TIMEOUT, 2)

@@ -16,6 +16,7 @@ Counter names (all monotonic):
 - ``evicted_pages``     pages the backend reported through ``take_evicted``
 - ``promoted_pages``    pages copied here from a later tier (promotion)
 - ``dropped_backpressure``, ``dropped_breaker``, ``dropped_admission``   pages not published
+- ``call_errors``, ``errors_by_kind``   failed calls, by exception type
 - ``prefetch``          ``{outcome: count}`` (:class:`~hicache.storage.prefetch.PrefetchOutcome`)
 """
 
@@ -56,6 +57,9 @@ class TierCounters:
     dropped_breaker: int = 0
     dropped_admission: int = 0
     prefetch: dict[str, int] = field(default_factory=dict)
+    #: Failed calls, and the same by exception type (or failure kind when there was none).
+    call_errors: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: int) -> None:
@@ -100,6 +104,13 @@ class TierCounters:
         with self._lock:
             self.prefetch[key] = self.prefetch.get(key, 0) + 1
 
+    def error(self, exc: BaseException | None, kind: str) -> None:
+        """Count one failed call under its exception's type name (``kind`` when none)."""
+        name = type(exc).__name__ if exc is not None else str(kind)
+        with self._lock:
+            self.call_errors += 1
+            self.errors_by_kind[name] = self.errors_by_kind.get(name, 0) + 1
+
     def as_dict(self) -> dict[str, Any]:
         """A snapshot as plain data."""
         with self._lock:
@@ -107,6 +118,7 @@ class TierCounters:
                 f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")
             }
             out["prefetch"] = dict(self.prefetch)
+            out["errors_by_kind"] = dict(self.errors_by_kind)
         return out
 
 
