@@ -38,7 +38,6 @@ from hicache.storage.backend import (
 )
 from hicache.storage.benchmark import RawBaseline
 from hicache.storage.eviction import ClockSlots
-from hicache.storage.pageformat import payload_checksum
 from hicache_mmap.layout import (
     BODY_OFFSET,
     GEN,
@@ -47,7 +46,6 @@ from hicache_mmap.layout import (
     KEY_OFFSET,
     NS_FIELD_END,
     NS_FIELD_OFFSET,
-    SLOT_HEADER_SIZE,
     SLOT_MAGIC,
     SlotState,
     decode_slot_header,
@@ -355,11 +353,10 @@ class MmapBackend(Backend):
         (checksum,) = GEN.unpack_from(raw, 24)
         if payload_len != dst.nbytes or payload_len > geo.slot_payload:
             return self._corrupt(slot, gen, key, f"payload length {payload_len}")
-        start = off + SLOT_HEADER_SIZE
-        dst[:] = file.view[start : start + payload_len]
+        copied_sum = file.read_payload(slot, dst, self.options.verify_checksum)
         if GEN.unpack_from(mm, off)[0] != gen:
             raise _Race
-        if self.options.verify_checksum and payload_checksum(dst) != checksum:
+        if copied_sum is not None and copied_sum != checksum:
             return self._corrupt(slot, gen, key, "payload checksum")
         return PageStatus.OK
 
@@ -410,8 +407,6 @@ class MmapBackend(Backend):
         end = first + geo.associativity
         clock = self._clock
         assert clock is not None
-        # The checksum pass reads the source first, which also warms it for the copy below.
-        checksum = payload_checksum(src)
         victim_key: str | None = None
         evicted = False
         durable = self._durable
@@ -430,7 +425,7 @@ class MmapBackend(Backend):
                 victim_key = self._slot_key[slot]
             odd = file.begin_write(slot, durable)
             self._observe(slot, None, odd)
-            file.write_payload(slot, src, durable)
+            checksum = file.write_payload(slot, src, durable)
             final = file.finish_write(
                 slot, odd, bytes.fromhex(key), self._ns_field, src.nbytes, checksum, durable
             )
