@@ -493,8 +493,11 @@ class LocalDiskBackend(Backend):
                     if key in policy:
                         self._index[key] = stored
                     elif key not in self._index and status is PageStatus.OK:
-                        # Evicted while in flight: our file was never accounted, remove it.
+                        # Evicted while in flight: our file was never accounted, remove it
+                        # and report it like any other eviction.
                         late_victims.append(key)
+                        self._evicted.append(key)
+                        self._counters["evicted"] += 1
                 elif not left and key not in self._index:
                     policy.remove(key)
         if unreserve and self._shared is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -156,4 +157,39 @@ def test_foreign_files_and_symlinks_are_never_served(
     assert not os.path.exists(backend.page_path(other))
     assert backend.stats()["corrupt"] == 1
     assert outside.read_bytes() == b"x" * STORED
+    backend.close()
+
+
+def test_concurrent_writers_keep_accounting_exact(
+    make_backend: Callable[..., LocalDiskBackend],
+    key_of: Callable[..., str],
+    payload_of: Callable[..., bytes],
+) -> None:
+    backend = make_backend(max_bytes=24 * STORED, io_threads=3)
+    backend.open()
+    errors: list[BaseException] = []
+
+    def writer(t: int) -> None:
+        try:
+            for r in range(15):
+                # Overlapping key ranges: the same page is often written by two threads at once.
+                keys = [key_of((t * 7 + r * 3 + i) % 60, "cc") for i in range(4)]
+                statuses = backend.put(keys, [memoryview(payload_of(k)) for k in keys])
+                assert all(s.stored for s in statuses), statuses
+                assert _disk_bytes(backend) <= backend.max_bytes + 4 * 4 * STORED
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[0]
+    on_disk = _disk_bytes(backend)
+    assert on_disk <= backend.max_bytes
+    assert backend.used_bytes == on_disk
+    keys = [key_of(i, "cc") for i in range(60)]
+    present = [k for k, ok in zip(keys, backend.exists(keys), strict=True) if ok]
+    assert len(present) * STORED == on_disk
     backend.close()
