@@ -6,9 +6,10 @@ local index (key -> slot and the generation it saw there) that a single generati
 validates, and a per-set version counter in the file tells it when a set it already scanned
 has changed.
 
-- **put** (per key, under the set's thread lock and OFD lock): scan the set; an existing copy is
-  ``ALREADY_EXISTS``; else take a free slot or CLOCK's victim, make its generation odd, copy the
-  payload in (the one copy), write the header, make the generation even, bump the set version.
+- **put** (per key, under the set's thread lock and OFD lock): refresh the local view of the set
+  when its version changed; an existing copy is ``ALREADY_EXISTS``; else take a free slot or
+  CLOCK's victim, make its generation odd, copy the payload in (the one copy, hashed as it goes),
+  write the header, make the generation even, bump the set version.
 - **get_into** (no lock, a seqlock read): read and check the header, copy the payload into the
   caller's buffer, re-read the generation; a change means the page was replaced while being
   read (``NOT_FOUND`` after one retry), a checksum mismatch is ``CORRUPT``. Wrong bytes are never
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -62,7 +64,8 @@ __all__ = ["MmapBackend"]
 logger = logging.getLogger(__name__)
 
 _UNSEEN: Final[int] = -1
-_HSUM_END: Final[int] = HSUM_OFFSET + 8
+#: CPUs whose store/load ordering (TSO) makes the fence-free seqlock read sound.
+_TSO_MACHINES: Final = frozenset({"x86_64", "AMD64", "i686", "i386"})
 
 
 class _Race(Exception):
@@ -76,7 +79,8 @@ class MmapBackend(Backend):
 
     def __init__(self, config: BackendConfig, context: BackendContext) -> None:
         super().__init__(config, context)
-        assert isinstance(config, MmapOptions)  # checked by Backend.__init__
+        if not isinstance(config, MmapOptions):  # pragma: no cover - Backend.__init__ checks
+            raise TypeError(f"MmapBackend expects MmapOptions, got {type(config).__name__}")
         self.options: MmapOptions = config
         self._file: SlotFile | None = None
         self._ns_field = namespace_field(context.namespace)
@@ -137,6 +141,13 @@ class MmapBackend(Backend):
             )
         )
         self._pid = os.getpid()
+        if platform.machine() not in _TSO_MACHINES and not opts.verify_checksum:
+            logger.warning(
+                "mmap tier %r: lock-free reads rely on x86-64 memory ordering; on %s keep "
+                "verify_checksum on so a torn page is caught by its checksum",
+                self.context.tier_name,
+                platform.machine(),
+            )
         self._scan()
 
     def _close(self) -> None:
@@ -472,7 +483,8 @@ class MmapBackend(Backend):
     @classmethod
     def bench_baseline(cls, config: BackendConfig, context: BackendContext) -> RawBaseline:
         """The raw limit for ``hicache bench storage``: memcpy through a prefaulted mapping."""
-        assert isinstance(config, MmapOptions)
+        if not isinstance(config, MmapOptions):
+            raise TypeError(f"MmapBackend expects MmapOptions, got {type(config).__name__}")
         return MmapRawBaseline(config.path, prefault=config.prefault)
 
     def drop_page_cache(self) -> bool:
