@@ -30,6 +30,7 @@ from hicache_localdisk.fsio import (
     buffer_address,
     publish_noreplace,
     read_fully,
+    read_hashing,
     write_fully,
 )
 from hicache_localdisk.layout import Layout
@@ -143,10 +144,21 @@ class PageIO:
             return ReadResult.FAILED, ""
         try:
             header = self._header()
-            n = read_fully(fd, [header, dst])
+            # O_DIRECT reads stay whole: chunking would turn one large device read into many.
+            hashed = self._verify and not flags & O_DIRECT
+            if hashed:
+                n, checksum = read_hashing(fd, header, dst)
+            else:
+                n = read_fully(fd, [header, dst])
             if n != self.stored_bytes:
                 raise PageCorruptError("length", f"file has {n} bytes, not {self.stored_bytes}")
-            verify_page(header, dst, namespace=self._ns, key=key, check_payload=self._verify)
+            decoded = verify_page(
+                header, dst, namespace=self._ns, key=key, check_payload=self._verify and not hashed
+            )
+            if hashed and checksum != decoded.checksum:
+                raise PageCorruptError(
+                    "checksum", f"stored {decoded.checksum:#018x}, computed {checksum:#018x}"
+                )
             if touch_ns is not None and not self._touch_off:
                 self._touch(fd, touch_ns)
         except PageCorruptError as exc:
