@@ -78,6 +78,7 @@ class PageIO:
         self._local = threading.local()
         #: Set after the first EROFS/EPERM on a recency touch: stop trying on this filesystem.
         self._touch_off = False
+        self._failures_logged: set[tuple[str, int | None]] = set()
 
     def _header(self) -> memoryview:
         buf: memoryview | None = getattr(self._local, "header", None)
@@ -98,7 +99,7 @@ class PageIO:
         try:
             fd = os.open(tmp, flags, self._file_mode)
         except OSError as exc:
-            log.warning("put %s: cannot create %s: %s", key, tmp, exc)
+            self._log_failure("put", key, exc)
             return PageStatus.FAILED
         try:
             try:
@@ -116,7 +117,7 @@ class PageIO:
             published = publish_noreplace(tmp, self._layout.page_path(key))
         except OSError as exc:
             # ENOSPC, EROFS, EIO...: this page fails; the temporary must not linger.
-            log.warning("put %s failed: %s", key, exc)
+            self._log_failure("put", key, exc)
             _unlink_quiet(tmp)
             return PageStatus.FAILED
         if not published:
@@ -140,7 +141,7 @@ class PageIO:
         except OSError as exc:
             if exc.errno == errno.ELOOP:  # a symlink planted in place of a page
                 return ReadResult.CORRUPT, "symlink"
-            log.warning("get %s: cannot open %s: %s", key, path, exc)
+            self._log_failure("get", key, exc)
             return ReadResult.FAILED, ""
         try:
             header = self._header()
@@ -164,11 +165,19 @@ class PageIO:
         except PageCorruptError as exc:
             return ReadResult.CORRUPT, exc.field
         except OSError as exc:
-            log.warning("get %s failed: %s", key, exc)
+            self._log_failure("get", key, exc)
             return ReadResult.FAILED, ""
         finally:
             os.close(fd)
         return ReadResult.OK, ""
+
+    def _log_failure(self, op: str, key: str, exc: OSError) -> None:
+        # A full or read-only disk fails every put: warn once per (operation, errno), then
+        # keep the rest at debug level so the log stays readable.
+        seen = (op, exc.errno)
+        first = seen not in self._failures_logged
+        self._failures_logged.add(seen)
+        (log.warning if first else log.debug)("%s %s failed: %s", op, key, exc)
 
     def _touch(self, fd: int, ns: int) -> None:
         try:
