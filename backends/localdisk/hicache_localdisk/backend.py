@@ -163,12 +163,6 @@ class LocalDiskBackend(Backend):
         started = time.perf_counter()
         scan = self._layout.scan()
         pages = self._sweep(scan.pages, scan.dead_temps, writable)
-        elapsed = time.perf_counter() - started
-        self._open_scan = {
-            "pages": len(pages),
-            "seconds": elapsed,
-            "pages_per_second": len(pages) / elapsed if elapsed > 0 else 0.0,
-        }
         self._max_bytes = self._resolve_max_bytes(sum(p.size for p in pages), writable)
         stored = stored_size(self.context.page_bytes)
         if writable and self._max_bytes < stored:
@@ -194,6 +188,12 @@ class LocalDiskBackend(Backend):
             self._policy.add([p.key for p in pages], [p.size for p in pages])
             if writable and self._policy.used_bytes > self._max_bytes:
                 self._drop(self._policy.evict_for(0))
+        elapsed = time.perf_counter() - started
+        self._open_scan = {
+            "pages": len(pages),
+            "seconds": elapsed,
+            "pages_per_second": len(pages) / elapsed if elapsed > 0 else 0.0,
+        }
         if opts.io_threads > 1:
             self._pool = ThreadPoolExecutor(opts.io_threads, thread_name_prefix="hicache-localdisk")
         log.info(
@@ -210,9 +210,10 @@ class LocalDiskBackend(Backend):
         ns_dir = self._layout.ns_dir
         try:
             created = not os.path.isdir(ns_dir)
-            os.makedirs(ns_dir, mode=mode, exist_ok=True)
-            for sub in FANOUT_DIRS:
-                path = f"{ns_dir}/{sub}"
+            # makedirs gives `mode` to the leaf only: create root and namespace explicitly so
+            # both are owner-only (the root's parents are not ours to restrict).
+            os.makedirs(self._layout.root, mode=mode, exist_ok=True)
+            for path in [ns_dir, *(f"{ns_dir}/{sub}" for sub in FANOUT_DIRS)]:
                 try:
                     os.mkdir(path, mode)
                     created = True

@@ -121,6 +121,7 @@ def test_pages_and_dirs_are_owner_only_unless_configured(
     assert path.stat().st_mode & 0o777 == 0o600
     assert path.parent.stat().st_mode & 0o777 == 0o700
     assert Path(backend.layout.ns_dir).stat().st_mode & 0o777 == 0o700
+    assert Path(backend.layout.root).stat().st_mode & 0o777 == 0o700
     backend.close()
 
     shared = make_backend(namespace="grp", file_mode="0640", dir_mode="0750")
