@@ -1,0 +1,156 @@
+"""S3 performance run: ``hicache bench storage`` figures plus an injected-latency sweep.
+
+``python -m hicache_s3.perf`` starts a local S3 server in a child process (or uses
+``--endpoint``), then
+
+1. runs the generic storage benchmark (:func:`hicache.storage.benchmark.run_storage_bench`, the
+   same code as ``hicache bench storage``) on the tier of ``--config``, against the raw boto3
+   baseline, with ``exists_prefix`` asked over 512-page chains and a HEAD budget a local
+   Python server can serve in minutes;
+2. injects a fixed per-request delay (a botocore ``before-send`` hook, like a distant endpoint)
+   and reports get GB/s of one large ``get_into`` batch against ``max_concurrency``: the delay is
+   hidden when throughput grows with concurrency.
+
+The local server is a functional S3, not a model of AWS speed: the ratios are what count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from hicache.bench import format_report
+from hicache.storage.backend import Backend, BackendContext, PageStatus
+from hicache.storage.benchmark import BenchSpec, run_storage_bench
+from hicache_s3.backend import S3Backend
+from hicache_s3.client import inject_latency
+from hicache_s3.devserver import DevServer, create_bucket, dummy_aws_env
+from hicache_s3.options import S3Options
+
+MIB = 1 << 20
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _tier_options(config: str, tier: str | None) -> tuple[str, dict[str, Any]]:
+    from hicache.config import load_config
+
+    tiers = load_config(config).storage.tiers
+    name = tier or next(iter(tiers))
+    return name, dict(tiers[name].options)
+
+
+def storage_figures(options: dict[str, Any], tier: str, args: argparse.Namespace) -> str:
+    """The generic bench on this tier; returns the formatted report."""
+    spec = BenchSpec(
+        page_bytes=tuple(int(m * MIB) for m in args.page_mib),
+        total_bytes=int(args.total_mib * MIB),
+        threads=tuple(args.threads),
+        batch=args.batch,
+        exists_batch=args.exists_chain,
+        min_exists_keys=args.exists_keys,
+    )
+
+    def make_backend(page_bytes: int, namespace: str) -> Backend:
+        context = BackendContext(page_bytes=page_bytes, namespace=namespace, tier_name=tier)
+        return S3Backend(S3Options(**options), context)
+
+    def make_baseline(backend: Backend) -> Any:
+        return S3Backend.bench_baseline(backend.config, backend.context)
+
+    report = run_storage_bench(
+        make_backend=make_backend,
+        make_baseline=make_baseline,
+        spec=spec,
+        tier=tier,
+        backend_kind="s3",
+    )
+    return format_report(report)
+
+
+def latency_sweep(options: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """get GB/s of one batch of ``--sweep-pages`` pages per max_concurrency, with a delay."""
+    page_bytes = int(args.sweep_page_mib * MIB)
+    lines = [
+        f"injected latency {args.latency_ms:g} ms per request; one get_into of "
+        f"{args.sweep_pages} x {args.sweep_page_mib:g} MiB pages per row",
+        f"  {'max_concurrency':>15} {'get GB/s':>10} {'s/batch':>9} {'x of c=1':>9}",
+    ]
+    payloads = [memoryview(os.urandom(page_bytes)) for _ in range(args.sweep_pages)]
+    keys = [f"{i:064x}" for i in range(args.sweep_pages)]
+    base: float | None = None
+    namespace = f"sweep-{os.getpid()}"
+    for concurrency in args.concurrency:
+        context = BackendContext(page_bytes=page_bytes, namespace=namespace, tier_name="sweep")
+        backend = S3Backend(S3Options(**{**options, "max_concurrency": concurrency}), context)
+        with backend:
+            if base is None:
+                assert all(s.stored for s in backend.put(keys, payloads))
+            inject_latency(backend.client, args.latency_ms / 1000)
+            dsts = [memoryview(bytearray(page_bytes)) for _ in keys]
+            start = time.perf_counter()
+            statuses = backend.get_into(keys, dsts)
+            elapsed = time.perf_counter() - start
+            assert statuses == [PageStatus.OK] * len(keys), statuses
+        gbps = page_bytes * len(keys) / elapsed / 1e9
+        base = base or gbps
+        lines.append(f"  {concurrency:>15} {gbps:>10.3f} {elapsed:>9.2f} {gbps / base:>9.1f}")
+    context = BackendContext(page_bytes=page_bytes, namespace=namespace, tier_name="sweep")
+    with S3Backend(S3Options(**options), context) as cleanup:
+        cleanup.delete(keys)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/s3.yaml")
+    parser.add_argument("--tier", default=None)
+    parser.add_argument("--endpoint", default=None, help="use this endpoint, start no server")
+    parser.add_argument("--page-mib", type=_floats, default=[8.0, 2.0])
+    parser.add_argument("--total-mib", type=float, default=256.0)
+    parser.add_argument("--threads", type=_ints, default=[1, 4])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--exists-chain", type=int, default=512, help="keys per exists call")
+    parser.add_argument("--exists-keys", type=int, default=2048, help="HEADs per figure")
+    parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64])
+    parser.add_argument("--sweep-pages", type=int, default=128)
+    parser.add_argument("--sweep-page-mib", type=float, default=2.0)
+    parser.add_argument("--skip-bench", action="store_true", help="only the latency sweep")
+    args = parser.parse_args(argv)
+
+    tier, options = _tier_options(args.config, args.tier)
+    with tempfile.TemporaryDirectory() as tmp:
+        server: DevServer | None = None
+        if args.endpoint is None:
+            os.environ.update(dummy_aws_env(Path(tmp)))
+            server = DevServer(log_path=Path(tmp) / "moto.log").start()
+            options["endpoint_url"] = server.endpoint_url
+            create_bucket(server.endpoint_url, options["bucket"])
+        else:
+            options["endpoint_url"] = args.endpoint
+        try:
+            print(f"endpoint {options['endpoint_url']}, bucket {options['bucket']!r}", flush=True)
+            if not args.skip_bench:
+                print(storage_figures(options, tier, args), flush=True)
+                print(flush=True)
+            print("\n".join(latency_sweep(options, args)), flush=True)
+        finally:
+            if server is not None:
+                server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""One bucket shared by separate serving processes, and the cache's failure handling around S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hicache_s3 import S3Backend
+from hicache_s3.devserver import DevServer
+from hicache_s3.testing import (
+    fast_options,
+    make_s3_backend,
+    new_bucket,
+    page_keys,
+    page_payloads,
+    raw_client,
+)
+
+from hicache.storage.backend import PageStatus
+from hicache.storage.breaker import BreakerState, CircuitBreaker
+from hicache.storage.calls import FailureKind, TierCaller
+
+PEER = Path(__file__).with_name("s3_cache_peer.py")
+
+
+def _config(tmp_path: Path, endpoint: str, bucket: str) -> Path:
+    path = tmp_path / "shared.yaml"
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            cache: {{page_size: 4, device: cpu, host_pool: 1MiB, write_policy: write_through}}
+            model: {{name: test/tiny, revision: r1, num_layers: 2, num_kv_heads: 2,
+                     head_dim: 64, dtype: bfloat16}}
+            storage:
+              prefetch: {{policy: timeout, threshold_tokens: 4, timeout_s: 5.0}}
+              tiers:
+                shared:
+                  backend: s3
+                  options: {{bucket: {bucket}, prefix: shared, endpoint_url: "{endpoint}",
+                             connect_timeout: 1.0, read_timeout: 5.0, max_attempts: 2}}
+            events: {{publisher: null}}
+            """
+        )
+    )
+    return path
+
+
+def _peer(role: str, config: Path, pages: int, env: dict[str, str]) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, str(PEER), role, str(config), str(pages)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_second_process_prefetches_what_the_first_published(
+    s3_server: DevServer, tmp_path: Path, aws_env: dict[str, str]
+) -> None:
+    """Two processes, two caches, one bucket: the second prefetches the first's pages from S3
+    into its own L2, loads them back to L1, and reads bytes identical to what the first computed.
+    """
+    pytest.importorskip("torch")
+    bucket = new_bucket(s3_server.endpoint_url)
+    config = _config(tmp_path, s3_server.endpoint_url, bucket)
+    env = {**os.environ}
+    published = _peer("publish", config, 6, env)
+    assert len(published["digests"]) == 6
+    assert published["tiers"]["shared"]["put_stored"] == 6, published["tiers"]
+    fetched = _peer("prefetch", config, 6, env)
+    assert fetched["inserted_tokens"] == 6 * 4 and fetched["host_hit_pages"] == 6
+    assert fetched["digests"] == published["digests"]
+    assert fetched["tiers"]["shared"]["get_ok"] == 6, fetched["tiers"]
+
+
+def test_breaker_opens_on_a_dead_endpoint_and_closes_when_it_is_back(
+    aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The tiers' call wrapper around the S3 backend: failures within the deadline, the breaker
+    opens, refuses calls while open, and closes after the server is back."""
+    server = DevServer(log_path=tmp_path / "moto.log").start()
+    try:
+        bucket = new_bucket(server.endpoint_url)
+        keys, payloads = page_keys(4, "breaker"), page_payloads(4)
+        breaker = CircuitBreaker(failure_threshold=2, cooldown_s=0.5)
+        caller = TierCaller("s3", deadline_s=10.0, threads=2, breaker=breaker)
+        with make_s3_backend(fast_options(server.endpoint_url, bucket)) as backend:
+            assert isinstance(backend, S3Backend)
+
+            def read() -> Any:
+                bufs = [memoryview(bytearray(len(p))) for p in payloads]
+                return caller.call(lambda: backend.get_into(keys, bufs))
+
+            assert caller.call(lambda: backend.put(keys, payloads)).value == [PageStatus.OK] * 4
+            assert read().value == [PageStatus.OK] * 4
+            server.kill()
+            outcomes = [read() for _ in range(2)]
+            assert [o.failure for o in outcomes] == [FailureKind.UNAVAILABLE] * 2
+            assert breaker.state is BreakerState.OPEN
+            assert read().failure is FailureKind.BREAKER_OPEN  # not even tried
+            server.restart()
+            raw_client(server.endpoint_url).create_bucket(Bucket=bucket)  # moto forgot it
+            time.sleep(0.6)  # past the cool-down: the next call is the probe
+            assert caller.call(lambda: backend.put(keys, payloads)).value is not None
+            assert breaker.state is BreakerState.CLOSED
+            assert read().value == [PageStatus.OK] * 4
+        caller.close(wait=True)
+    finally:
+        server.kill()
