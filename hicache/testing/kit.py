@@ -300,7 +300,7 @@ class BackendTests:
 
     # ------------------------------------------------------------------ the buffer contract
 
-    def test_destinationcanaries_intact(self, backend: Backend) -> None:
+    def test_destination_canaries_intact(self, backend: Backend) -> None:
         keys = self.keys(3, "canary")
         assert self.put_pages(backend, keys) == [PageStatus.OK] * 3
         align = max(backend.capabilities.alignment, CANARY_WIDTH)

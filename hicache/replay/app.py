@@ -1,0 +1,597 @@
+"""``hicache replay``: replay a trace through the whole hierarchy and report per-tier hit ratios,
+references (same-policy simulation, LRU, Belady's MIN), throughput, events and storage outcomes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from hicache.config import HicacheConfig, ModelConfig, load_config
+from hicache.replay.report import (
+    InstanceReport,
+    OverallReport,
+    ReplayReport,
+    ScalingReport,
+    StorageReport,
+    ThroughputReport,
+    TierReport,
+    VerificationReport,
+)
+from hicache.replay.simulate import (
+    simulate_hierarchy,
+    simulate_infinite,
+    simulate_lru,
+    simulate_min,
+)
+from hicache.replay.trace import TraceRequest, default_trace_path, load_trace
+
+__all__ = ["ReplaySettings", "default_config", "run_replay"]
+
+logger = logging.getLogger(__name__)
+
+TRACE_BLOCK_TOKENS = 512
+_HEADER = 4096  # the page header every L3 page carries (hicache.storage.pageformat)
+
+
+class ReplaySettings:
+    """Every knob of one replay, with the defaults that finish in about a minute on 2 cores."""
+
+    def __init__(
+        self,
+        *,
+        trace: Path | None = None,
+        config: Path | None = None,
+        limit: int | None = 4000,
+        block_tokens: int | None = None,
+        page_size: int = 16,
+        num_layers: int = 2,
+        num_kv_heads: int = 2,
+        head_dim: int = 32,
+        dtype: str = "float16",
+        l1_fraction: float = 0.01,
+        l2_fraction: float = 0.025,
+        l3_fraction: float = 0.05,
+        instances: int = 1,
+        data_dir: Path = Path("hicache-data"),
+        keep_storage: bool = False,
+        progress: bool = True,
+        sync_publish: bool = False,
+    ) -> None:
+        self.trace = trace
+        self.config = config
+        self.limit = limit
+        self.page_size = page_size
+        self.block_tokens = block_tokens or page_size
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.l1_fraction = l1_fraction
+        self.l2_fraction = l2_fraction
+        self.l3_fraction = l3_fraction
+        self.instances = instances
+        self.data_dir = data_dir
+        self.keep_storage = keep_storage
+        self.progress = progress
+        self.sync_publish = sync_publish
+
+
+def default_config(settings: ReplaySettings, root: Path, l3_pages: int) -> HicacheConfig:
+    """The embedded default: one local-disk L3 tier under ``root``, sized to ``l3_pages``."""
+    model: dict[str, Any] = {
+        "name": "replay/tiny",
+        "revision": "v1",
+        "num_layers": settings.num_layers,
+        "num_kv_heads": settings.num_kv_heads,
+        "head_dim": settings.head_dim,
+        "dtype": settings.dtype,
+    }
+    page_bytes = ModelConfig(**model).page_bytes(settings.page_size)
+    data: dict[str, Any] = dict(
+        cache={"page_size": settings.page_size, "device": "cpu", "host_pool": 1 << 30},
+        model=model,
+        storage={
+            "prefetch": {"policy": "wait_complete", "threshold_tokens": settings.page_size},
+            "tiers": {
+                "disk": {
+                    "backend": "localdisk",
+                    "medium": "DISK",
+                    "options": {
+                        "root": str(root),
+                        "max_bytes": max(1, l3_pages) * (page_bytes + _HEADER),
+                        "durability": "none",
+                        "shared": settings.instances > 1,
+                    },
+                }
+            },
+        },
+    )
+    return HicacheConfig(**data)
+
+
+def _chains(requests: list[TraceRequest], pages_per_block: int) -> list[list[int]]:
+    if pages_per_block == 1:
+        return [list(r.block_ids) for r in requests]
+    # a block spanning several pages: page j of block b is the pair (b, j), flattened
+    return [
+        [b * pages_per_block + j for b in r.block_ids for j in range(pages_per_block)]
+        for r in requests
+    ]
+
+
+def run_replay(
+    settings: ReplaySettings,
+) -> tuple[ReplayReport, list[tuple[int, int, int, int, int]]]:
+    """Replay; return the report and a timeline of ``(timestamp_ms, pages, l1, l2, l3)`` per
+    request (raises ``ReplayError`` on a verification failure)."""
+    import torch
+
+    from hicache.hiradix import HiRadixCache
+    from hicache.pools import DevicePool, HostPool, KVLayout
+    from hicache.replay.runner import TraceDriver
+    from hicache.storage.tiers import Tiers
+    from hicache.transfer import CpuTransferEngine
+
+    # Pages here are small: torch's intra-op threads only spin against each other (and against
+    # the storage workers) on a small machine, making each copy ~100x slower.
+    torch.set_num_threads(1)
+    requests = load_trace(settings.trace, settings.limit)
+    if not requests:
+        raise ValueError("the trace has no requests")
+    if settings.block_tokens % settings.page_size:
+        raise ValueError(
+            f"--block-tokens ({settings.block_tokens}) must be a multiple of --page-size "
+            f"({settings.page_size})"
+        )
+    ppb = settings.block_tokens // settings.page_size
+    chains = _chains(requests, ppb)
+    unique = len({p for c in chains for p in c})
+    # A request must fit on the device, as in a serving engine: L1 holds at least two of the
+    # longest prompts (its locked prefix plus its computed pages, with room to spare).
+    l1_pages = max(16, 2 * max(len(c) for c in chains), int(unique * settings.l1_fraction))
+    l2_pages = max(l1_pages + 16, int(unique * settings.l2_fraction))
+    l3_pages = max(l2_pages, int(unique * settings.l3_fraction))
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="replay-", dir=settings.data_dir))
+    config = (
+        load_config(settings.config)
+        if settings.config
+        else default_config(settings, root, l3_pages)
+    )
+    m, ps = config.model, config.cache.page_size
+    if ps != settings.page_size:
+        settings.page_size = ps
+        settings.block_tokens = ps * ppb
+    layout = KVLayout(
+        num_layers=m.num_layers,
+        num_kv_heads=m.num_kv_heads,
+        head_dim=m.head_dim,
+        page_size=ps,
+        dtype=getattr(torch, m.dtype),
+        mla=m.mla,
+    )
+    namespace = layout.namespace_spec().namespace()
+    tiers = Tiers.from_config(config, namespace, page_bytes=layout.page_bytes)
+    caches = []
+    for _ in range(settings.instances):
+        dev = DevicePool(layout, l1_pages, "cpu")
+        host = HostPool(layout, l2_pages, pin=False)
+        from hicache.keys import ModelIdentity
+
+        caches.append(
+            HiRadixCache(
+                dev,
+                host,
+                CpuTransferEngine(dev, host),
+                identity=ModelIdentity(m.name, m.revision, m.tenant_salt),
+                tiers=tiers,
+                prefetch_threshold_tokens=config.storage.prefetch.threshold_tokens,
+            )
+        )
+    events: Counter[tuple[str, str]] = Counter()
+    try:
+        started = time.perf_counter()
+        with _progress(settings.progress, len(requests)) as advance:
+            driver = TraceDriver(
+                caches,
+                block_tokens=settings.block_tokens,
+                on_request=advance,
+                sync_publish=settings.sync_publish,
+            )
+            driver.run(requests)
+            driver.drain()
+        wall = time.perf_counter() - started
+        for cache in caches:
+            for ev in cache.take_events():
+                events[(type(ev).__name__, str(getattr(ev, "medium", "-")))] += 1
+        report = _build_report(
+            settings,
+            config,
+            requests,
+            chains,
+            driver,
+            caches,
+            tiers,
+            events,
+            wall,
+            l1_pages=l1_pages,
+            l2_pages=l2_pages,
+            l3_pages=l3_pages,
+            page_bytes=layout.page_bytes,
+        )
+    finally:
+        for cache in caches:
+            cache.close()
+        if not settings.keep_storage:
+            shutil.rmtree(root, ignore_errors=True)
+    timeline = _timeline(requests, driver)
+    return report, timeline
+
+
+def _timeline(requests: list[TraceRequest], driver: Any) -> list[tuple[int, int, int, int, int]]:
+    rows = []
+    iters = [iter(c.per_request) for c in driver.counters]
+    for i, req in enumerate(requests):
+        pages, l1, l2, l3 = next(iters[i % len(iters)])
+        rows.append((req.timestamp_ms, pages, l1, l2, l3))
+    return rows
+
+
+class _progress:
+    """A rich progress bar when asked (and a no-op otherwise)."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled = enabled
+        self.total = total
+        self._bar: Any = None
+
+    def __enter__(self) -> Any:
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import Progress
+
+        self._bar = Progress(transient=True)
+        self._bar.start()
+        task = self._bar.add_task("replaying", total=self.total)
+        return lambda: self._bar.advance(task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _build_report(
+    settings: ReplaySettings,
+    config: HicacheConfig,
+    requests: list[TraceRequest],
+    chains: list[list[int]],
+    driver: Any,
+    caches: list[Any],
+    tiers: Any,
+    events: Counter[tuple[str, str]],
+    wall: float,
+    *,
+    l1_pages: int,
+    l2_pages: int,
+    l3_pages: int,
+    page_bytes: int,
+) -> ReplayReport:
+    ps = settings.page_size
+    counters = driver.counters
+    total_pages = sum(c.pages for c in counters)
+    hit = {lvl: sum(getattr(c, lvl) for c in counters) for lvl in ("l1", "l2", "l3")}
+
+    def gbps(nbytes: int) -> float:
+        return nbytes / wall / 1e9 if wall > 0 else 0.0
+
+    cstats = [c.stats() for c in caches]
+    backup_pages = sum(int(s.get("backup_pages", 0)) for s in cstats)
+    loaded = sum(int(s.get("loaded_back_pages", 0)) for s in cstats)
+    computed = sum(c.computed for c in counters)
+    tier_rows = [
+        TierReport(
+            name="device",
+            level="L1",
+            medium="GPU",
+            kind="device pool",
+            capacity_pages=l1_pages * len(caches),
+            hit_pages=hit["l1"],
+            hit_tokens=hit["l1"] * ps,
+            hit_ratio=hit["l1"] / total_pages,
+            bytes_written=computed * page_bytes,
+            bytes_read=0,
+            write_gbps=gbps(computed * page_bytes),
+            read_gbps=0.0,
+        ),
+        TierReport(
+            name="host",
+            level="L2",
+            medium="CPU_PINNED",
+            kind="host pool",
+            capacity_pages=l2_pages * len(caches),
+            hit_pages=hit["l2"],
+            hit_tokens=hit["l2"] * ps,
+            hit_ratio=hit["l2"] / total_pages,
+            bytes_written=backup_pages * page_bytes,
+            bytes_read=loaded * page_bytes,
+            write_gbps=gbps(backup_pages * page_bytes),
+            read_gbps=gbps(loaded * page_bytes),
+        ),
+    ]
+    tier_counters: dict[str, dict[str, int | float | str | bool]] = {}
+    l3_hit_remaining = hit["l3"]
+    for i, tier in enumerate(tiers):
+        st = tier.stats.as_dict()
+        tier_counters[tier.name] = {
+            k: v for k, v in st.items() if isinstance(v, int | float | str | bool)
+        }
+        stored = int(st.get("put_stored", 0))
+        read = int(st.get("get_ok", 0))
+        tier_hits = int(st.get("hit_pages", 0)) if len(tiers) > 1 else l3_hit_remaining
+        tier_hits = min(tier_hits, l3_hit_remaining) if i == len(tiers) - 1 else tier_hits
+        opts = config.storage.tiers[tier.name]
+        tier_rows.append(
+            TierReport(
+                name=tier.name,
+                level="L3",
+                medium=tier.medium,
+                kind=opts.backend,
+                capacity_pages=l3_pages if settings.config is None else None,
+                hit_pages=tier_hits,
+                hit_tokens=tier_hits * ps,
+                hit_ratio=tier_hits / total_pages,
+                bytes_written=stored * page_bytes,
+                bytes_read=read * page_bytes,
+                write_gbps=gbps(stored * page_bytes),
+                read_gbps=gbps(read * page_bytes),
+            )
+        )
+        l3_hit_remaining -= tier_hits
+
+    sim = simulate_hierarchy(
+        chains,
+        l1_pages * len(caches),
+        l2_pages * len(caches),
+        l3_pages if settings.config is None else None,
+        min_prefetch=max(1, -(-config.storage.prefetch.threshold_tokens // ps)),
+    )
+    largest = l3_pages
+    overall_hits = hit["l1"] + hit["l2"] + hit["l3"]
+    overall = OverallReport(
+        prompt_pages=total_pages,
+        prompt_tokens=total_pages * ps,
+        hit_pages=overall_hits,
+        hit_ratio=overall_hits / total_pages,
+        same_policy_sim_ratio=sim.overall_ratio,
+        same_policy_sim_levels={
+            "L1": sim.ratio("l1"),
+            "L2": sim.ratio("l2"),
+            "L3": sim.ratio("l3"),
+        },
+        lru_ratio_largest_tier=simulate_lru(chains, largest).hit_ratio,
+        min_ratio_largest_tier=simulate_min(chains, largest).hit_ratio,
+        infinite_ratio=simulate_infinite(chains).hit_ratio,
+        largest_tier_capacity_pages=largest,
+    )
+    ev: dict[str, dict[str, int]] = {}
+    for (kind, medium), n in sorted(events.items()):
+        ev.setdefault(kind, {})[medium] = n
+    engine = [s.get("storage", {}) for s in cstats]
+    drops = sum(int(e.get("publish_dropped_pages", e.get("dropped_pages", 0))) for e in engine)
+    failures = sum(int(v.get("put_failed", 0)) for v in tier_counters.values())
+    outcomes: Counter[str] = Counter()
+    for s in cstats:
+        outcomes["prefetches"] += int(s.get("prefetches", 0))
+        outcomes["prefetched_pages"] += int(s.get("prefetched_pages", 0))
+        outcomes["discarded_pages"] += int(s.get("prefetch_discarded_pages", 0))
+    return ReplayReport(
+        scaling=ScalingReport(
+            trace=str(settings.trace or default_trace_path()),
+            requests=len(requests),
+            trace_block_tokens=TRACE_BLOCK_TOKENS,
+            block_tokens=settings.block_tokens,
+            page_size=ps,
+            pages_per_block=settings.block_tokens // ps,
+            partial_blocks="every block id expands to a full block (the partial tail of a "
+            "prompt counts as a whole block, as in the trace's hash_ids)",
+            model={
+                "name": config.model.name,
+                "num_layers": config.model.num_layers,
+                "num_kv_heads": config.model.num_kv_heads,
+                "head_dim": config.model.head_dim,
+                "dtype": config.model.dtype,
+            },
+            page_bytes=page_bytes,
+            device_pages=l1_pages,
+            host_pages=l2_pages,
+            instances=len(caches),
+        ),
+        tiers=tier_rows,
+        overall=overall,
+        throughput=ThroughputReport(
+            wall_seconds=wall,
+            requests_per_second=len(requests) / wall,
+            tokens_per_second=total_pages * ps / wall,
+        ),
+        events=ev,
+        storage=StorageReport(
+            backup_failures=failures,
+            publish_drops=drops,
+            prefetch_outcomes=dict(outcomes),
+            tier_counters=tier_counters,
+        ),
+        verification=VerificationReport(
+            pages_verified=sum(c.verified for c in counters),
+            mismatches=sum(c.mismatches for c in counters),
+        ),
+        instances=[
+            InstanceReport(
+                index=i,
+                requests=c.requests,
+                hit_pages=c.l1 + c.l2 + c.l3,
+                pages_from_other_instances=c.from_other,
+            )
+            for i, c in enumerate(counters)
+        ],
+    )
+
+
+def print_report(report: ReplayReport) -> None:
+    """Render the report as rich tables on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    s = report.scaling
+    console.print(
+        f"[bold]hicache replay[/bold]: {s.requests} requests of {s.trace}\n"
+        f"scaling: each {s.trace_block_tokens}-token trace block -> {s.block_tokens} tokens "
+        f"({s.pages_per_block} page(s) of {s.page_size}); model {s.model}; "
+        f"{s.page_bytes} B pages; L1 {s.device_pages} pages, L2 {s.host_pages} pages per "
+        f"instance; {s.instances} instance(s)"
+    )
+    table = Table(title="hits by tier")
+    for col in (
+        "tier",
+        "level",
+        "medium",
+        "capacity (pages)",
+        "hit pages",
+        "hit ratio",
+        "written",
+        "read",
+        "write GB/s",
+        "read GB/s",
+    ):
+        table.add_column(col, justify="right" if col not in ("tier", "level", "medium") else "left")
+    for t in report.tiers:
+        table.add_row(
+            t.name,
+            t.level,
+            t.medium,
+            str(t.capacity_pages or "-"),
+            f"{t.hit_pages:,}",
+            f"{t.hit_ratio:.1%}",
+            _mib(t.bytes_written),
+            _mib(t.bytes_read),
+            f"{t.write_gbps:.3f}",
+            f"{t.read_gbps:.3f}",
+        )
+    console.print(table)
+    o = report.overall
+    ref = Table(title="prefix hit ratio vs references (same requests)")
+    ref.add_column("measure")
+    ref.add_column("ratio", justify="right")
+    ref.add_row("hicache, all tiers", f"{o.hit_ratio:.2%}")
+    levels = ", ".join(f"{k} {v:.2%}" for k, v in o.same_policy_sim_levels.items())
+    ref.add_row("same policy simulated on block ids", f"{o.same_policy_sim_ratio:.2%} ({levels})")
+    ref.add_row(f"LRU at {o.largest_tier_capacity_pages} pages", f"{o.lru_ratio_largest_tier:.2%}")
+    ref.add_row(
+        f"Belady MIN at {o.largest_tier_capacity_pages} pages", f"{o.min_ratio_largest_tier:.2%}"
+    )
+    ref.add_row("infinite cache", f"{o.infinite_ratio:.2%}")
+    console.print(ref)
+    th = report.throughput
+    console.print(
+        f"throughput: {th.wall_seconds:.1f} s, {th.requests_per_second:,.0f} req/s, "
+        f"{th.tokens_per_second:,.0f} prompt tokens/s through the cache bookkeeping"
+    )
+    console.print(f"events: {json.dumps(report.events)}")
+    st = report.storage
+    console.print(
+        f"storage: backup failures {st.backup_failures}, publish drops {st.publish_drops}, "
+        f"prefetch {json.dumps(st.prefetch_outcomes)}"
+    )
+    v = report.verification
+    console.print(f"verification: {v.pages_verified:,} pages compared, {v.mismatches} mismatches")
+    if len(report.instances) > 1:
+        for inst in report.instances:
+            console.print(
+                f"instance {inst.index}: {inst.requests} requests, {inst.hit_pages:,} hit pages, "
+                f"{inst.pages_from_other_instances:,} pages computed by the other instance(s)"
+            )
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
+def add_parser(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "replay",
+        help="replay a production trace through the whole hierarchy",
+        description=__doc__,
+    )
+    p.add_argument("trace", nargs="?", type=Path, help="JSONL trace (default: shipped Mooncake)")
+    p.add_argument("--config", type=Path, help="YAML config (default: embedded local-disk L3)")
+    p.add_argument("--limit", type=int, default=4000, help="first N requests (0 = all)")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--block-tokens", type=int, help="tokens per trace block (default: page size)")
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--num-kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument(
+        "--l1-fraction",
+        type=float,
+        default=0.01,
+        help="L1 pages as a fraction of the distinct pages replayed",
+    )
+    p.add_argument("--l2-fraction", type=float, default=0.025)
+    p.add_argument("--l3-fraction", type=float, default=0.05)
+    p.add_argument("--instances", type=int, default=1, choices=(1, 2))
+    p.add_argument("--data-dir", type=Path, default=Path("hicache-data"))
+    p.add_argument("--keep-storage", action="store_true")
+    p.add_argument("--json", type=Path, help="write the report as JSON to this file")
+    p.add_argument("--plot", type=Path, help="hit ratio per tier over trace time, as PNG")
+    p.add_argument(
+        "--sync-publish",
+        action="store_true",
+        help="finish each request's publishes before the next request (exactly the "
+        "block simulation's order; slower)",
+    )
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--print-schema", action="store_true", help="print the JSON schema and exit")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.print_schema:
+        print(json.dumps(ReplayReport.model_json_schema(), indent=2))
+        return 0
+    settings = ReplaySettings(
+        trace=args.trace,
+        config=args.config,
+        limit=args.limit or None,
+        page_size=args.page_size,
+        block_tokens=args.block_tokens,
+        num_layers=args.num_layers,
+        num_kv_heads=args.num_kv_heads,
+        head_dim=args.head_dim,
+        l1_fraction=args.l1_fraction,
+        l2_fraction=args.l2_fraction,
+        l3_fraction=args.l3_fraction,
+        instances=args.instances,
+        data_dir=args.data_dir,
+        keep_storage=args.keep_storage,
+        progress=not args.no_progress,
+        sync_publish=args.sync_publish,
+    )
+    report, timeline = run_replay(settings)
+    print_report(report)
+    if args.json:
+        args.json.write_text(report.model_dump_json(indent=2))
+    if args.plot:
+        from hicache.replay.plot import plot_hits
+
+        plot_hits(timeline, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0

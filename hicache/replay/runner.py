@@ -1,0 +1,190 @@
+"""Drive real HiRadixCache instances with a trace: match, prefetch, load back, compute, insert,
+write-through, publish, evict — verifying every page that comes back from a lower tier.
+
+One request, as a serving engine would run it:
+
+1. ``match_prefix``: L1 hit pages (device) and L2 hit pages (host-only nodes)
+2. ``prefetch_from_storage`` + ``check_prefetch(wait=True)``: L3 -> L2 for the pages after that
+3. ``load_back``: L2 -> L1 for every host-only node of the prefix; the loaded pages are compared
+   with the content their tokens determine (``PageContent``): a mismatch is a loud failure
+4. the engine "computes" the rest: fresh device pages filled with their expected content
+5. ``insert`` (write-through backs the new nodes up), ``writing_check`` (acks -> publish)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from hicache.hiradix import HiRadixCache
+from hicache.keys import chain_hashes
+from hicache.replay.content import PageContent
+from hicache.replay.trace import TraceRequest, expand_block
+
+__all__ = ["InstanceCounters", "ReplayError", "RequestOutcome", "TraceDriver"]
+
+logger = logging.getLogger(__name__)
+
+
+class ReplayError(RuntimeError):
+    """A page came back from a lower tier with the wrong content (or the replay cannot go on)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutcome:
+    """Pages of one request by where they came from."""
+
+    pages: int
+    l1: int
+    l2: int
+    l3: int
+    from_other: int
+
+
+@dataclass(slots=True)
+class InstanceCounters:
+    requests: int = 0
+    pages: int = 0
+    l1: int = 0
+    l2: int = 0
+    l3: int = 0
+    from_other: int = 0
+    verified: int = 0
+    mismatches: int = 0
+    computed: int = 0
+    l1_full: int = 0
+    per_request: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+
+class TraceDriver:
+    """Replays requests through one or more caches that share their L3 tiers."""
+
+    def __init__(
+        self,
+        caches: Sequence[HiRadixCache],
+        *,
+        block_tokens: int,
+        on_request: Callable[[], None] | None = None,
+        sync_publish: bool = False,
+    ) -> None:
+        if not caches:
+            raise ValueError("at least one cache is needed")
+        self.caches = list(caches)
+        self.page_size = caches[0].page_size
+        if block_tokens % self.page_size:
+            raise ValueError(
+                f"block_tokens ({block_tokens}) must be a multiple of page_size ({self.page_size})"
+            )
+        self.block_tokens = block_tokens
+        self.content = PageContent(caches[0].device_pool.layout)
+        self.counters = [InstanceCounters() for _ in caches]
+        self._on_request = on_request
+        self.sync_publish = sync_publish
+        self._block_cache: dict[int, list[int]] = {}
+        #: which instance first computed (and so published) each page, by content hash
+        self._origin: dict[bytes, int] = {}
+
+    def tokens_of(self, block_ids: Sequence[int]) -> list[int]:
+        out: list[int] = []
+        cache = self._block_cache
+        for b in block_ids:
+            toks = cache.get(b)
+            if toks is None:
+                toks = cache[b] = expand_block(b, self.block_tokens)
+            out += toks
+        return out
+
+    def run(self, requests: Sequence[TraceRequest]) -> None:
+        for i, req in enumerate(requests):
+            who = i % len(self.caches)
+            self.replay_one(who, req.block_ids)
+            if self._on_request is not None:
+                self._on_request()
+
+    def replay_one(self, who: int, block_ids: Sequence[int]) -> RequestOutcome:
+        cache = self.caches[who]
+        c = self.counters[who]
+        ps = self.page_size
+        tokens = self.tokens_of(block_ids)
+        n_pages = len(tokens) // ps
+        hashes = chain_hashes(cache.seed, tokens, ps)
+
+        first = cache.match_prefix(tokens)
+        l1 = len(first.device_pages)
+        l2 = first.host_hit_pages
+        l3 = 0
+        handle = cache.prefetch_from_storage(tokens)
+        if handle is not None:
+            added = cache.check_prefetch(handle, wait=True) or 0
+            l3 = added // ps
+        from_other = sum(1 for h in hashes[l1 + l2 : l1 + l2 + l3] if self._origin.get(h) != who)
+
+        # L2 -> L1 for the whole host-only part of the prefix, then verify what came back
+        r = cache.match_prefix(tokens)
+        if r.host_hit_pages:
+            loaded = cache.load_back(r.last_host_node)
+            if loaded is None:
+                c.l1_full += 1
+            r = cache.match_prefix(tokens)
+        have = len(r.device_pages)
+        lower = r.device_pages[l1:have]
+        if lower:
+            bad = self.content.mismatches(cache.device_pool, lower, hashes[l1:have])
+            c.verified += len(lower)
+            if bad:
+                c.mismatches += bad
+                raise ReplayError(
+                    f"instance {who}: {bad} of {len(lower)} pages loaded from L2/L3 differ from "
+                    f"the content their tokens determine (pages {l1}..{have} of a {n_pages}-page "
+                    "prompt)"
+                )
+
+        # compute the rest on fresh device pages; lock the prefix so making room cannot evict it
+        cache.inc_lock_ref(r.last_node)
+        try:
+            need = n_pages - have
+            new = cache.device_pool.alloc(need) if need else []
+            if new is None:
+                cache.evict(need - cache.device_pool.available)
+                new = cache.device_pool.alloc(need)
+            if new is None:
+                # L1 cannot hold this prompt: serve it without caching the remainder
+                c.l1_full += 1
+                new = []
+            else:
+                self.content.fill(cache.device_pool, new, hashes[have:])
+                for h in hashes[have:]:
+                    self._origin.setdefault(h, who)
+                dup = cache.insert(tokens[: (have + len(new)) * ps], r.device_pages + new)
+                if dup != have * ps:
+                    raise ReplayError(f"insert found {dup} tokens cached, expected {have * ps}")
+        finally:
+            cache.dec_lock_ref(r.last_node)
+        cache.writing_check()
+        if self.sync_publish and cache.storage is not None:
+            # finish this request's publishes (and the evictions they cause) before the next
+            # request looks the tiers up, as the block-level simulation assumes
+            cache.storage.wait_idle()
+            cache.writing_check()
+        c.computed += len(new)
+
+        c.requests += 1
+        c.pages += n_pages
+        c.l1 += l1
+        c.l2 += l2
+        c.l3 += l3
+        c.from_other += from_other
+        c.per_request.append((n_pages, l1, l2, l3))
+        return RequestOutcome(n_pages, l1, l2, l3, from_other)
+
+    def drain(self) -> None:
+        """Let every pending write and publish finish, and collect its events."""
+        deadline = time.monotonic() + 60
+        for cache in self.caches:
+            while cache.ongoing_write_through and time.monotonic() < deadline:
+                cache.writing_check()
+            if cache.storage is not None:
+                cache.storage.wait_idle()
+            cache.writing_check()

@@ -1,0 +1,198 @@
+"""Reference hit ratios computed on block ids alone, for comparison with a real replay.
+
+- ``simulate_lru``: a prefix cache of ``capacity`` distinct blocks with tail-first LRU (a request
+  touches its chain tail first, so the head is the most recent and is evicted last), the policy
+  the radix cache's leaf-first LRU implements.
+- ``simulate_min``: Belady's offline optimum at the same capacity: on a miss with a full cache,
+  drop the resident block whose next reference is farthest in the future (never one of the
+  request being served).
+
+Both count a block as a hit only while the request's chain is unbroken: the prefix hit.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "HierarchySimResult",
+    "SimResult",
+    "simulate_hierarchy",
+    "simulate_infinite",
+    "simulate_lru",
+    "simulate_min",
+]
+
+_NEVER = 1 << 62
+
+
+@dataclass(frozen=True, slots=True)
+class SimResult:
+    """Prefix hits per request (in blocks) and the totals."""
+
+    policy: str
+    capacity: int
+    hits: tuple[int, ...]
+    references: int
+
+    @property
+    def hit_blocks(self) -> int:
+        return sum(self.hits)
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hit_blocks / self.references if self.references else 0.0
+
+
+def _prefix_hits(chain: Sequence[int], resident: object) -> int:
+    n = 0
+    for block in chain:
+        if block not in resident:  # type: ignore[operator]
+            break
+        n += 1
+    return n
+
+
+def simulate_infinite(chains: Sequence[Sequence[int]]) -> SimResult:
+    """Prefix hits with unbounded capacity: the most any policy can reach."""
+    seen: set[int] = set()
+    hits = []
+    for chain in chains:
+        hits.append(_prefix_hits(chain, seen))
+        seen.update(chain)
+    refs = sum(len(c) for c in chains)
+    return SimResult("infinite", 0, tuple(hits), refs)
+
+
+def simulate_lru(chains: Sequence[Sequence[int]], capacity: int) -> SimResult:
+    """Tail-first LRU over distinct blocks (see module docstring)."""
+    if capacity <= 0:
+        raise ValueError(f"capacity must be positive, got {capacity}")
+    lru: OrderedDict[int, None] = OrderedDict()
+    hits = []
+    for chain in chains:
+        hits.append(_prefix_hits(chain, lru))
+        for block in reversed(chain):
+            if block in lru:
+                lru.move_to_end(block)
+            else:
+                lru[block] = None
+        # Evict after the whole chain is in: a request longer than the cache keeps its head.
+        while len(lru) > capacity:
+            lru.popitem(last=False)
+    refs = sum(len(c) for c in chains)
+    return SimResult("lru", capacity, tuple(hits), refs)
+
+
+def _next_uses(chains: Sequence[Sequence[int]]) -> list[list[int]]:
+    """For every reference, the request index of the same block's next reference."""
+    nxt: list[list[int]] = [[_NEVER] * len(c) for c in chains]
+    last: dict[int, int] = {}
+    for i in range(len(chains) - 1, -1, -1):
+        chain = chains[i]
+        row = nxt[i]
+        for j, block in enumerate(chain):
+            row[j] = last.get(block, _NEVER)
+        for block in chain:
+            last[block] = i
+    return nxt
+
+
+def simulate_min(chains: Sequence[Sequence[int]], capacity: int) -> SimResult:
+    """Belady's MIN over distinct blocks, evicting at request granularity."""
+    if capacity <= 0:
+        raise ValueError(f"capacity must be positive, got {capacity}")
+    nxt = _next_uses(chains)
+    resident: dict[int, int] = {}  # block -> its next use (the heap may hold stale entries)
+    heap: list[tuple[int, int]] = []  # (-next_use, block): farthest next use pops first
+    hits = []
+    for i, chain in enumerate(chains):
+        hits.append(_prefix_hits(chain, resident))
+        for j, block in enumerate(chain):
+            use = nxt[i][j]
+            resident[block] = use
+            heapq.heappush(heap, (-use, block))
+        while len(resident) > capacity:
+            neg_use, block = heapq.heappop(heap)
+            if resident.get(block) == -neg_use:
+                del resident[block]
+    refs = sum(len(c) for c in chains)
+    return SimResult("min", capacity, tuple(hits), refs)
+
+
+@dataclass(frozen=True, slots=True)
+class HierarchySimResult:
+    """Per-request prefix hits of a simulated L1/L2/L3 hierarchy, in blocks."""
+
+    l1: tuple[int, ...]
+    l2: tuple[int, ...]
+    l3: tuple[int, ...]
+    references: int
+
+    def ratio(self, level: str) -> float:
+        hits = {"l1": self.l1, "l2": self.l2, "l3": self.l3}[level]
+        return sum(hits) / self.references if self.references else 0.0
+
+    @property
+    def overall_ratio(self) -> float:
+        total = sum(self.l1) + sum(self.l2) + sum(self.l3)
+        return total / self.references if self.references else 0.0
+
+
+def simulate_hierarchy(
+    chains: Sequence[Sequence[int]],
+    l1: int,
+    l2: int,
+    l3: int | None,
+    *,
+    min_prefetch: int = 1,
+) -> HierarchySimResult:
+    """The replay's policy on block ids alone: inclusive write-through L1 ⊆ L2 and an L3.
+
+    - L1 and L2 are tail-first LRUs touched by every request (a match touches the whole path);
+      L2 holds every backed-up block, so it is at least as large as L1.
+    - L3 (``None`` = unbounded) is a tail-first LRU touched only by its own traffic: blocks read
+      from it (the prefix found after L1/L2 stopped) and blocks published to it (every block the
+      request computed, i.e. after the hit prefix).
+    - L3 is asked only when at least ``min_prefetch`` blocks follow the L1/L2 hit (the cache's
+      prefetch threshold).
+    """
+    lru1: OrderedDict[int, None] = OrderedDict()
+    lru2: OrderedDict[int, None] = OrderedDict()
+    lru3: OrderedDict[int, None] = OrderedDict()
+    h1: list[int] = []
+    h2: list[int] = []
+    h3: list[int] = []
+    for chain in chains:
+        a = _prefix_hits(chain, lru1)
+        b = a
+        while b < len(chain) and chain[b] in lru2:
+            b += 1
+        c = b
+        while len(chain) - b >= min_prefetch and c < len(chain) and chain[c] in lru3:
+            c += 1
+        h1.append(a)
+        h2.append(b - a)
+        h3.append(c - b)
+        for lru, cap in ((lru1, l1), (lru2, l2)):
+            for block in reversed(chain):
+                if block in lru:
+                    lru.move_to_end(block)
+                else:
+                    lru[block] = None
+            while len(lru) > cap:
+                lru.popitem(last=False)
+        # L3 sees the read prefix and the computed (published) suffix
+        for block in reversed(chain[b:]):
+            if block in lru3:
+                lru3.move_to_end(block)
+            else:
+                lru3[block] = None
+        if l3 is not None:
+            while len(lru3) > l3:
+                lru3.popitem(last=False)
+    refs = sum(len(c) for c in chains)
+    return HierarchySimResult(tuple(h1), tuple(h2), tuple(h3), refs)
