@@ -382,7 +382,31 @@ class MmapBackend(Backend):
                 self.options.path,
                 what,
             )
+        self._free_corrupt(slot, gen)
         return PageStatus.CORRUPT
+
+    def _free_corrupt(self, slot: int, gen: int) -> None:
+        """Free a slot that failed verification, so the page can be stored again (a put would
+        otherwise find the damaged copy and answer ALREADY_EXISTS forever)."""
+        file = self._file
+        if file is None or self.context.read_only or os.getpid() != self._pid:
+            return
+        s = slot // file.geo.associativity
+        try:
+            file.locks.acquire(s)
+        except LockTimeoutError:
+            return  # a busy set: the next reader that finds the damage tries again
+        try:
+            if file.generation(slot) != gen:
+                return  # already replaced by a writer
+            file.clear(slot, self._durable)
+            clock = self._clock
+            if clock is not None:
+                clock.release(slot)
+            self._observe(slot, None, gen + 2)
+            self._seen[s] = file.bump_set_version(s)
+        finally:
+            file.locks.release(s)
 
     # ------------------------------------------------------------------ put / delete
 

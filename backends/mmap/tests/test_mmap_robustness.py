@@ -316,3 +316,21 @@ def test_stored_checksum_is_the_page_format_checksum(tmp_path: Path) -> None:
         assert dst == page
     finally:
         backend.close()
+
+
+def test_corrupt_page_is_freed_and_can_be_stored_again(tmp_path: Path) -> None:
+    from hicache_mmap.raw import flip_payload_byte
+
+    backend = _backend(tmp_path / "heal.slots")
+    try:
+        [key] = _fill(backend, 1, "heal")
+        flip_payload_byte(backend, key)
+        dst = bytearray(PAGE)
+        assert backend.get_into([key], [memoryview(dst)]) == [PageStatus.CORRUPT]
+        assert backend.exists([key]) == [False]
+        assert backend.put([key], [memoryview(page_pattern(key, PAGE))]) == [PageStatus.OK]
+        assert backend.get_into([key], [memoryview(dst)]) == [PageStatus.OK]
+        assert dst == page_pattern(key, PAGE)
+        assert backend.stats()["corrupt"] == 1
+    finally:
+        backend.close()
