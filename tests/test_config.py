@@ -261,3 +261,23 @@ def test_sizes_parse(text: str | int, expected: int) -> None:
 def test_bad_sizes_are_rejected_naming_the_value(text: object) -> None:
     with pytest.raises(ValueError, match="invalid size"):
         parse_size(text)  # type: ignore[arg-type]
+
+
+def test_rejected_secret_values_are_not_echoed() -> None:
+    """A bad value of a secret-looking option never appears in the error (it reaches logs)."""
+    from pydantic import BaseModel, ValidationError
+
+    from hicache.storage.registry import validation_messages
+
+    class Opts(BaseModel):
+        access_key: int
+        depth: int
+
+    try:
+        Opts(access_key="AKIA-super-secret", depth="deep")  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = validation_messages(exc, "storage.tiers.s3.options")
+    joined = "\n".join(lines)
+    assert "storage.tiers.s3.options.access_key" in joined
+    assert "super-secret" not in joined
+    assert "'deep'" in joined  # ordinary values are still shown

@@ -277,8 +277,15 @@ def _format_loc(path: str, loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def _show_input(value: object) -> str:
-    # Scalars only: echoing a whole mapping back buries the problem.
+_SECRET_HINTS = ("key", "secret", "token", "password", "credential", "auth")
+
+
+def _show_input(value: object, where: str = "") -> str:
+    # Scalars only: echoing a whole mapping back buries the problem. Never echo what may be a
+    # secret: the message reaches logs and terminals.
+    leaf = where.rsplit(".", 1)[-1].lower()
+    if any(hint in leaf for hint in _SECRET_HINTS):
+        return ""
     if isinstance(value, str | int | float | bool) or value is None:
         text = repr(value)
         if len(text) <= 80:
@@ -308,9 +315,9 @@ def validation_messages(
         elif kind == "missing":
             lines.append(f"{where}: required but missing")
         elif kind == "value_error" and "error" in item.get("ctx", {}):
-            lines.append(f"{where}: {item['ctx']['error']}{_show_input(item.get('input'))}")
+            lines.append(f"{where}: {item['ctx']['error']}{_show_input(item.get('input'), where)}")
         else:
-            lines.append(f"{where}: {item['msg']}{_show_input(item.get('input'))}")
+            lines.append(f"{where}: {item['msg']}{_show_input(item.get('input'), where)}")
     return lines
 
 
