@@ -214,9 +214,6 @@ class MmapBackend(Backend):
 
     # ------------------------------------------------------------------ lookup
 
-    def _set_of(self, key: str, num_sets: int) -> int:
-        return int(key[:16], 16) % num_sets
-
     def _observe(self, slot: int, key: str | None, generation: int) -> None:
         """Record what ``slot`` holds (one of our keys, or not); set's thread lock held."""
         old = self._slot_key[slot]
