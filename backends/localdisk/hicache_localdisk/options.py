@@ -49,26 +49,39 @@ class LocalDiskConfig(BackendConfig):
     the 4 KiB page header followed by the payload.
     """
 
-    #: Directory holding every namespace; created (owner-only) if missing.
-    root: Path
-    #: Bound on the bytes this namespace keeps on disk (header included). ``None``: half of the
-    #: filesystem's free space at ``open()`` (plus what the namespace already holds).
-    max_bytes: Size | None = None
-    #: ``none`` (process-crash safe) or ``fsync`` (power-loss safe).
-    durability: Durability = Durability.NONE
-    #: Threads a batch's pages are read/written with (1: serially in the calling thread).
-    io_threads: int = Field(default=4, ge=1, le=256)
-    #: Use ``O_DIRECT`` where the filesystem and the buffers allow it (page-aligned buffers,
-    #: payload a multiple of 4 KiB); falls back to buffered I/O, logged once, otherwise.
-    direct_io: bool = False
-    #: Several processes use this root at once: index misses look at the filesystem, and one
-    #: process at a time (elected with ``flock``) enforces ``max_bytes`` for all of them.
-    shared: bool = False
-    #: Verify the payload checksum on every read (the header is always verified).
-    verify_checksums: bool = True
-    #: Permission bits of page files and directories (owner-only by default).
-    file_mode: Mode = 0o600
-    dir_mode: Mode = 0o700
+    root: Path = Field(description="Directory holding every namespace; created owner-only.")
+    max_bytes: Size | None = Field(
+        default=None,
+        description="Bound on the bytes this namespace keeps on disk, headers included "
+        "(default: half of the free space plus what the namespace already holds).",
+    )
+    durability: Durability = Field(
+        default=Durability.NONE,
+        description="none: survives a process crash; fsync: file and directory synced before "
+        "a put returns OK, so it also survives a power loss.",
+    )
+    io_threads: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description="Threads a batch's pages are read/written with (a 1-page call runs inline).",
+    )
+    direct_io: bool = Field(
+        default=False,
+        description="O_DIRECT for page-aligned buffers when the filesystem allows it and "
+        "page_bytes is a multiple of 4 KiB; buffered I/O (logged once) otherwise.",
+    )
+    shared: bool = Field(
+        default=False,
+        description="Several processes use this root: index misses ask the filesystem and one "
+        "process at a time (elected with flock) enforces max_bytes for all.",
+    )
+    verify_checksums: bool = Field(
+        default=True,
+        description="Verify the payload checksum on every read (the header is always verified).",
+    )
+    file_mode: Mode = Field(default=0o600, description="Permission bits of page files (octal).")
+    dir_mode: Mode = Field(default=0o700, description="Permission bits of directories (octal).")
 
     @field_validator("root")
     @classmethod
