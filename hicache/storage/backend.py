@@ -311,7 +311,9 @@ class Backend(ABC):
         """Read the page of ``keys[i]`` into ``dsts[i]``; return one status per key.
 
         - ``OK``: ``dsts[i]`` holds exactly the stored bytes, verified.
-        - ``NOT_FOUND``: ``dsts[i]`` was not touched.
+        - ``NOT_FOUND``: ``dsts[i]`` was not touched — unless the page was evicted or replaced by
+          another writer while it was being copied out, in which case its contents are undefined
+          (the cache uses only ``OK`` pages).
         - ``CORRUPT`` / ``FAILED``: the contents of ``dsts[i]`` are undefined; the cache never
           uses them.
 
