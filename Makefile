@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DISTS := $(patsubst %/pyproject.toml,%,$(wildcard backends/*/pyproject.toml plugins/*/pyproject.toml))
-MYPY_TARGETS := hicache $(wildcard backends/*/hicache_*) $(wildcard plugins/*/hicache_*)
+MYPY_TARGETS := hicache $(filter-out %.egg-info,$(wildcard backends/*/hicache_* plugins/*/hicache_*))
 export HYPOTHESIS_PROFILE ?= ci
 
 .PHONY: venv run test lint typecheck pytest bench gpu-check clean

@@ -8,8 +8,9 @@
 For each pair the harness writes ``N`` fresh pages, drops the page cache (when the backend can),
 reads them back cold, reads them again hot, then asks ``exists`` and ``exists_prefix`` about all
 of them, timing every call. A tier whose capacity is smaller than the run keeps only some pages:
-the reads and presence checks then cover the pages still stored after the puts (on both sides). It then does the same through the raw baseline, with the same split
-of pages over the same number of threads and the same batches, so each figure has a limit
+the reads and presence checks then cover the pages still stored after the puts (on both
+sides). It then does the same through the raw baseline, with the same split of pages over the
+same number of threads and the same batches, so each figure has a limit
 measured in the same run, and reports ``ratio``: throughput / limit, or limit latency / latency
 (1.0 = as fast as the machine allows with those system calls).
 
