@@ -1,0 +1,465 @@
+"""Random interleavings of insert / match / write_backup / partial acks / storage completions
+(with injected failures) / evictions / prefetches / load backs, checked against a plain model
+after every step."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from hicache.events import BlockRemoved, BlockStored, KVEvent, Medium
+from hicache.hiradix import HiRadixCache, PrefetchHandle, WritePolicy
+from hicache.keys import ModelIdentity, block_id, chain_hashes, seed_hash, storage_key
+from hicache.pools import DevicePool, HostPool, KVLayout
+from hicache.radix import TreeNode
+from hicache.storage.backend import Backend, BackendConfig, BackendContext, Capabilities, PageStatus
+from hicache.storage.engine import key_block_id
+from hicache.storage.memory import MemoryBackend, MemoryConfig
+from hicache.storage.tiers import Tiers
+from hicache.transfer import ManualTransferEngine
+
+PS = 2
+LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, page_size=PS, dtype=torch.float32)
+IDENTITY = ModelIdentity("sm-model")
+SEED = seed_hash(IDENTITY)
+NS = LAYOUT.namespace_spec().namespace()
+DEVICE_PAGES = 8
+HOST_PAGES = 10
+
+
+def kv_for(prefix: Sequence[int]) -> torch.Tensor:
+    """The KV a model computes for the last page of ``prefix``: a function of the whole prefix."""
+    h = hash(tuple(prefix)) & 0xFFFF_FFFF_FFFF_FFFF
+    vals = [float((h >> (4 * i)) & 0xFFFF) for i in range(16)]
+    return torch.tensor(vals, dtype=torch.float32).view(LAYOUT.page_shape)
+
+
+class InjectingBackend(Backend):
+    """A MemoryBackend behind a switchboard: failing keys, failing calls; counts every put."""
+
+    def __init__(self, inner: MemoryBackend, medium: str) -> None:
+        super().__init__(BackendConfig(), inner.context)
+        self.inner = inner
+        self.medium = medium
+        self.lock = threading.Lock()
+        self.puts: Counter[str] = Counter()
+        self.stored: set[str] = set()
+        self.fail_keys: set[str] = set()
+        self.raise_calls = False
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(max_batch=2, default_medium=self.medium)
+
+    def _open(self) -> None:
+        self.inner.open()
+
+    def _close(self) -> None:
+        self.inner.close()
+
+    def _exists(self, keys: Sequence[str]) -> list[bool]:
+        return self.inner.exists(keys)
+
+    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
+        with self.lock:
+            self.puts.update(keys)
+            if self.raise_calls:
+                raise ConnectionError("injected")
+            fail = set(self.fail_keys)
+        out = []
+        for k, src in zip(keys, srcs, strict=True):
+            st_ = PageStatus.FAILED if k in fail else self.inner.put([k], [src])[0]
+            if st_.stored:
+                with self.lock:
+                    self.stored.add(k)
+            out.append(st_)
+        return out
+
+    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+        return self.inner.get_into(keys, dsts)
+
+    def _delete(self, keys: Sequence[str]) -> None:
+        self.inner.delete(keys)
+
+
+class Spy(HiRadixCache):
+    """Records finished acks (their pages in order) for the model."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.submitted: dict[int, list[int]] = {}  # ack -> original tokens (full prefix)
+        self.finished: list[tuple[int, list[bytes], int | None]] = []  # ack, hashes, parent id
+        self.finish_count: Counter[int] = Counter()
+        self.prefetch_events: list[tuple[int, int | None]] = []
+        self._in_prefetch = False
+
+    def _insert_prefetched(self, handle: PrefetchHandle, ok: int) -> int:
+        self._in_prefetch = True
+        try:
+            return super()._insert_prefetched(handle, ok)
+        finally:
+            self._in_prefetch = False
+
+    def _emit_stored(self, node: TreeNode, medium: str) -> None:
+        if self._in_prefetch and medium == Medium.CPU_PINNED:
+            ids = [block_id(h) for h in self.node_hashes(node)]
+            self.prefetch_events += zip(ids, [self.parent_block_hash(node), *ids[:-1]], strict=True)
+        super()._emit_stored(node, medium)
+
+    def _full_prefix(self, node: TreeNode) -> list[int]:
+        out: list[int] = []
+        cur: TreeNode | None = node
+        while cur is not None and cur is not self.root:
+            out[:0] = cur.key
+            cur = cur.parent
+        return out
+
+    def write_backup(self, node: TreeNode) -> int | None:
+        ack = super().write_backup(node)
+        if ack is not None:
+            self.submitted[ack] = self._full_prefix(node)
+        return ack
+
+    def _finish_write_through_ack(self, ack_id: int) -> None:
+        rec = self.ongoing_write_through[ack_id]
+        frags = rec.publish_nodes
+        # fragments are a chain and concatenate to the original range
+        for a, b in itertools.pairwise(frags):
+            assert b.parent is a
+        assert self._full_prefix(frags[-1]) == self.submitted[ack_id]
+        assert sum(len(f.key) for f in frags) == rec.pages
+        hashes = [h for f in frags for h in self.node_hashes(f)]
+        self.finished.append((ack_id, hashes, self.parent_block_hash(frags[0])))
+        self.finish_count[ack_id] += 1
+        super()._finish_write_through_ack(ack_id)
+
+
+tokens_st = st.lists(st.integers(0, 2), min_size=1, max_size=5).map(
+    lambda pages: [t for p in pages for t in (p, p + 10)]
+)
+
+
+class HiRadixMachine(RuleBasedStateMachine):
+    @initialize()
+    def setup(self) -> None:
+        self.names = [f"sm{uuid.uuid4().hex[:10]}" for _ in range(2)]
+        ctx = BackendContext(page_bytes=LAYOUT.page_bytes, namespace=NS, tier_name="t")
+        self.flaky = InjectingBackend(
+            MemoryBackend(MemoryConfig(shared_name=self.names[0]), ctx), "DISK"
+        )
+        self.steady = InjectingBackend(
+            MemoryBackend(MemoryConfig(shared_name=self.names[1]), ctx), "EXTERNAL"
+        )
+        dev = DevicePool(LAYOUT, DEVICE_PAGES, "cpu")
+        host = HostPool(LAYOUT, HOST_PAGES, pin=False)
+        self.engine = ManualTransferEngine(dev, host)
+        self.cache = Spy(
+            dev,
+            host,
+            self.engine,
+            identity=IDENTITY,
+            tiers=Tiers.from_backends([("flaky", self.flaky), ("steady", self.steady)]),
+            write_policy=WritePolicy.MANUAL,
+            prefetch_threshold_tokens=PS,
+            gpu_events=True,
+            io_workers=2,
+        )
+        self.events: list[KVEvent] = []
+        self.handles: list[PrefetchHandle] = []
+        self.seen: list[list[int]] = []
+
+    def teardown(self) -> None:
+        cache = getattr(self, "cache", None)
+        if cache is None:
+            return
+        self.flaky.raise_calls = False
+        self.engine.complete_all()
+        for h in self.handles:
+            cache.check_prefetch(h, wait=True)
+        self.handles.clear()
+        self.settle()
+        self.final_checks()
+        cache.close()
+        for n in self.names:
+            MemoryBackend.drop_shared_store(n)
+
+    # ------------------------------------------------------------------ helpers
+
+    def pick(self, data: st.DataObject) -> list[int]:
+        """Mostly a cut of an earlier sequence plus new pages (splits!), sometimes fresh."""
+        if self.seen and data.draw(st.integers(0, 3)):
+            base = data.draw(st.sampled_from(self.seen))
+            cut = data.draw(st.integers(1, len(base) // PS))
+            tail = data.draw(st.one_of(st.just([]), tokens_st))
+            return (base[: cut * PS] + tail)[: 6 * PS]
+        return data.draw(tokens_st)
+
+    def drain(self) -> None:
+        self.events += self.cache.take_events()
+
+    def settle(self) -> None:
+        self.cache.writing_check()
+        assert self.cache.storage is not None
+        assert self.cache.storage.wait_idle(timeout=30)
+        self.cache.writing_check()
+        self.drain()
+
+    # ------------------------------------------------------------------ rules
+
+    @rule(data=st.data())
+    def insert(self, data: st.DataObject) -> None:
+        tokens = self.pick(data)
+        if tokens not in self.seen:
+            self.seen.append(tokens)
+        n = len(tokens) // PS
+        pages = self.cache.device_pool.alloc(n)
+        if pages is None:
+            self.cache.evict(n - self.cache.device_pool.available)
+            pages = self.cache.device_pool.alloc(n)
+            if pages is None:
+                return
+        for j, p in enumerate(pages):
+            self.cache.device_pool.write_page(p, kv_for(tokens[: (j + 1) * PS]))
+        dup = self.cache.insert(tokens, pages)
+        self.cache.device_pool.free(pages[: dup // PS])
+
+    @rule(data=st.data())
+    def match(self, data: st.DataObject) -> None:
+        self.check_match(self.pick(data))
+
+    def check_match(self, tokens: list[int]) -> None:
+        r = self.cache.match_prefix(tokens)
+        for j, p in enumerate(r.device_pages):
+            assert torch.equal(self.cache.device_pool.read_page(p), kv_for(tokens[: (j + 1) * PS]))
+
+    @rule(data=st.data())
+    def write_backup(self, data: st.DataObject) -> None:
+        r = self.cache.match_prefix(self.pick(data))
+        # back up the whole matched device path, parents first
+        path = []
+        node = r.last_node
+        while node is not self.cache.root:
+            path.append(node)
+            assert node.parent is not None
+            node = node.parent
+        for node in reversed(path):
+            self.cache.write_backup(node)
+
+    @precondition(lambda self: bool(self.engine.pending()))
+    @rule(data=st.data())
+    def complete_one_ack(self, data: st.DataObject) -> None:
+        self.engine.complete(data.draw(st.sampled_from(self.engine.pending())))
+
+    @rule(settle=st.booleans())
+    def writing_check(self, settle: bool) -> None:
+        if settle:
+            self.settle()
+        else:
+            self.cache.writing_check()
+            self.drain()
+
+    @rule(data=st.data(), keys=st.booleans(), calls=st.booleans())
+    def inject_failures(self, data: st.DataObject, keys: bool, calls: bool) -> None:
+        """Failing puts on the first tier: some keys, or whole calls, or neither."""
+        self.flaky.raise_calls = calls
+        self.flaky.fail_keys = set()
+        if keys:
+            known = {storage_key(h) for _, hs, _ in self.cache.finished for h in hs}
+            for toks in self.cache.submitted.values():
+                known |= {storage_key(h) for h in chain_hashes(SEED, toks, PS)}
+            if known:
+                self.flaky.fail_keys = data.draw(st.sets(st.sampled_from(sorted(known))))
+
+    @rule(n=st.integers(1, 20))
+    def evict_l1(self, n: int) -> None:
+        self.cache.evict(n)
+
+    @rule(n=st.integers(1, 20))
+    def evict_l2(self, n: int) -> None:
+        self.cache.evict_host(n)
+
+    @rule(data=st.data(), wait=st.booleans())
+    def prefetch(self, data: st.DataObject, wait: bool) -> None:
+        tokens = self.pick(data)
+        if wait:
+            self.settle()  # so the stores are exactly what the model says
+        handle = self.cache.prefetch_from_storage(tokens)
+        if handle is None:
+            return
+        if not wait:
+            self.handles.append(handle)
+            return
+        keys = [storage_key(h) for h in handle.hashes]
+        n = 0
+        while n < len(keys) and keys[n] in self.flaky.stored:
+            n += 1
+        while n < len(keys) and keys[n] in self.steady.stored:
+            n += 1
+        base_backed = handle.base is self.cache.root or handle.base.host_value is not None
+        got = self.cache.check_prefetch(handle, wait=True)
+        assert got is not None
+        if base_backed:
+            assert got == n * PS
+        else:
+            assert got in (0, n * PS)
+        self.drain()
+
+    @precondition(lambda self: bool(self.handles))
+    @rule(data=st.data(), wait=st.booleans())
+    def check_prefetch(self, data: st.DataObject, wait: bool) -> None:
+        handle = data.draw(st.sampled_from(self.handles))
+        got = self.cache.check_prefetch(handle, wait=wait)
+        if got is not None:
+            self.handles.remove(handle)
+        self.drain()
+
+    @rule(data=st.data())
+    def load_back(self, data: st.DataObject) -> None:
+        tokens = self.pick(data)
+        r = self.cache.match_prefix(tokens)
+        if r.host_hit_pages:
+            self.cache.load_back(r.last_host_node)
+            self.check_match(tokens)
+
+    # ------------------------------------------------------------------ invariants
+
+    def quiesce(self) -> None:
+        """Let storage workers finish without collecting: results (and the page holds they
+        release) wait for the next poll by the cache, so every run of a step sequence sees
+        the same state (hypothesis needs determinism)."""
+        assert self.cache.storage is not None
+        assert self.cache.storage.wait_idle(timeout=30)
+
+    @invariant()
+    def tree_is_consistent(self) -> None:
+        if not hasattr(self, "cache"):
+            return
+        self.quiesce()
+        cache = self.cache
+        dev_pages: list[int] = []
+        host_pages: list[int] = []
+        evictable = protected = 0
+        locks: Counter[int] = Counter()
+        for rec in cache.ongoing_write_through.values():
+            node: TreeNode | None = rec.lock_node
+            while node is not None and node is not cache.root:
+                locks[node.id] += 1
+                node = node.parent
+
+        def walk(node: TreeNode, prefix: list[int]) -> None:
+            nonlocal evictable, protected
+            for first, child in node.children.items():
+                assert child.parent is node and tuple(child.key[:PS]) == first
+                assert child.key and len(child.key) % PS == 0
+                full = prefix + child.key
+                npages = len(child.key) // PS
+                assert child.value is not None or child.host_value is not None
+                if child.value is not None:
+                    # device nodes are ancestor-closed
+                    assert node is cache.root or node.value is not None
+                    assert len(child.value) == npages
+                    dev_pages.extend(child.value)
+                    if child.lock_ref:
+                        protected += npages
+                    else:
+                        evictable += npages
+                    for j, p in enumerate(child.value):
+                        want = kv_for(full[: len(prefix) + (j + 1) * PS])
+                        assert torch.equal(cache.device_pool.read_page(p), want)
+                if child.host_value is not None:
+                    # host copies are prefix-closed
+                    assert node is cache.root or node.host_value is not None
+                    assert len(child.host_value) == npages
+                    host_pages.extend(child.host_value)
+                    if child.write_through_pending_id is None:
+                        for j, p in enumerate(child.host_value):
+                            want = kv_for(full[: len(prefix) + (j + 1) * PS])
+                            assert torch.equal(cache.host_pool.page_tensor(p), want)
+                else:
+                    assert child.write_through_pending_id is None
+                # a node is locked exactly by the pending writes below it
+                assert child.lock_ref == locks[child.id]
+                walk(child, full)
+
+        walk(cache.root, [])
+        # host locks: exactly the paths of the prefetches in flight
+        pins: Counter[int] = Counter()
+        for h in self.handles:
+            pin: TreeNode | None = h.base
+            while pin is not None and pin is not cache.root:
+                pins[pin.id] += 1
+                pin = pin.parent
+        assert all(n.host_lock_ref == pins[n.id] for n in cache.iter_nodes())
+        assert len(dev_pages) == len(set(dev_pages))
+        assert len(host_pages) == len(set(host_pages))
+        assert cache.evictable_pages == evictable and cache.protected_pages == protected
+        # every allocated device page is in the tree
+        assert DEVICE_PAGES - cache.device_pool.available == len(dev_pages)
+        # every allocated host page is in the tree, in a prefetch, or waiting for its free
+        in_prefetch = sum(len(h.host_pages) for h in self.handles)
+        allocated = HOST_PAGES - cache.host_pool.available
+        assert allocated == len(host_pages) + in_prefetch + cache.host_pool.pending_frees()
+
+    @invariant()
+    def events_follow_acks(self) -> None:
+        if not hasattr(self, "cache"):
+            return
+        self.quiesce()
+        self.drain()
+        cache = self.cache
+        # CPU_PINNED events: exactly the pages of finished acks and of inserted prefetches
+        expected: Counter[tuple[int, int | None]] = Counter(cache.prefetch_events)
+        for _, hashes, parent in cache.finished:
+            ids = [block_id(h) for h in hashes]
+            expected.update(zip(ids, [parent, *ids[:-1]], strict=True))
+        got = Counter(
+            (e.block_hashes[0], e.parent_block_hash)
+            for e in self.events
+            if isinstance(e, BlockStored) and e.medium == Medium.CPU_PINNED
+        )
+        assert got == expected
+        assert all(c == 1 for c in cache.finish_count.values())
+        # nothing is published before its ack; each acked page at most once per tier so far
+        acked = Counter(storage_key(h) for _, hs, _ in cache.finished for h in hs)
+        for b in (self.flaky, self.steady):
+            with b.lock:
+                puts = Counter(b.puts)
+            assert puts - acked == Counter()
+        # a tier announces only pages it stored, and never a tail of an ack without its head
+        firsts = {block_id(hs[0]) for _, hs, _ in cache.finished}
+        for b in (self.flaky, self.steady):
+            with b.lock:
+                stored = {key_block_id(k) for k in b.stored}
+            announced: set[int] = set()
+            for e in self.events:
+                if isinstance(e, BlockStored) and e.medium == b.medium:
+                    bid = e.block_hashes[0]
+                    assert bid in stored
+                    if bid not in firsts:
+                        assert e.parent_block_hash in announced
+                    announced.add(bid)
+
+    def final_checks(self) -> None:
+        cache = self.cache
+        assert not cache.ongoing_write_through
+        assert cache.protected_pages == 0
+        assert cache.host_pool.total_holds() == 0
+        assert cache.host_pool.pending_frees() == 0
+        acked = Counter(storage_key(h) for _, hs, _ in cache.finished for h in hs)
+        # every acked page was handed exactly once to each publishing tier
+        assert self.flaky.puts == acked
+        assert self.steady.puts == acked
+        removed = [e for e in self.events if isinstance(e, BlockRemoved)]
+        assert all(e.medium in (Medium.GPU, Medium.CPU_PINNED) for e in removed)
+
+
+HiRadixMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+TestHiRadixStateMachine = HiRadixMachine.TestCase
