@@ -138,3 +138,16 @@ def test_latency_is_applied(faulty: FaultyBackend) -> None:
     assert faulty.exists([k(1)]) == [False]
     faulty.heal()
     assert faulty.latency_s == 0.0
+
+
+def test_hang_only_the_next_count_calls_and_wait_finished(faulty: FaultyBackend) -> None:
+    release = faulty.hang(ops=[FaultOp.EXISTS], count=1)
+    t = threading.Thread(target=lambda: faulty.exists([k(1)]))
+    t.start()
+    assert faulty.wait_hung(1)
+    assert faulty.exists([k(2)]) == [False]  # the second call is not held
+    assert faulty.finished["exists"] == 1
+    release.set()
+    assert faulty.wait_finished(FaultOp.EXISTS, 2)
+    t.join(30)
+    assert faulty.calls["exists"] == 2

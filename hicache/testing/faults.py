@@ -9,13 +9,15 @@ knob can be turned while calls are in flight; all are thread-safe.
                                        (a failed put leaves no key behind, as the contract says)
 - ``fail_calls(n, error, ops)``        the next ``n`` calls (``None`` = all, until cleared) raise
                                        ``error()`` (default ``BackendUnavailableError``)
-- ``hang(ops)``                        calls block until the returned ``threading.Event`` is set
-                                       (past any deadline); ``wait_hung(n)`` waits until n are in
+- ``hang(ops, count)``                 calls block until the returned ``threading.Event`` is set
+                                       (past any deadline); only the next ``count`` calls when
+                                       given; ``wait_hung(n)`` waits until n are in
 - ``evict(keys)``                      drop pages now and report them through ``take_evicted``
 - ``vanish_on_get(keys)``              ``exists`` still says yes, then ``get_into`` finds the page
                                        gone (it is dropped first): a page that vanished between
                                        the lookup and the read
 - ``calls``, ``put_log``, ``get_log``  what reached the wrapper (per op count; keys put/read)
+- ``finished``, ``wait_finished(op, n)``  calls that returned (or raised), per op
 """
 
 from __future__ import annotations
@@ -68,10 +70,12 @@ class FaultyBackend(Backend):
         self._call_error: Callable[[], Exception] = _unavailable
         self._hang_event: threading.Event | None = None
         self._hang_ops: frozenset[FaultOp] = ALL_OPS
+        self._hang_left: int | None = None
         self._hung_now = 0
         self._vanish: set[str] = set()
         self._evicted: list[str] = []
         self.calls: Counter[str] = Counter()
+        self.finished: Counter[str] = Counter()
         self.put_log: list[str] = []
         self.get_log: list[str] = []
         self.injected: Counter[str] = Counter()
@@ -104,13 +108,28 @@ class FaultyBackend(Backend):
             self._call_fail_ops = _ops(ops)
             self._call_error = error or _unavailable
 
-    def hang(self, ops: Iterable[FaultOp | str] | None = None) -> threading.Event:
-        """Block calls on ``ops`` until the returned event is set (then they proceed)."""
+    def hang(
+        self, ops: Iterable[FaultOp | str] | None = None, count: int | None = None
+    ) -> threading.Event:
+        """Block calls on ``ops`` (only the next ``count`` ones when given) until the returned
+        event is set (then they proceed)."""
         event = threading.Event()
         with self._lock:
             self._hang_event = event
             self._hang_ops = _ops(ops)
+            self._hang_left = count
         return event
+
+    def wait_finished(self, op: FaultOp | str, n: int, timeout: float = 30.0) -> bool:
+        """Wait until ``n`` calls on ``op`` returned or raised; ``False`` on timeout."""
+        name = FaultOp(op).value
+        with self._lock:
+            return self._lock.wait_for(lambda: self.finished[name] >= n, timeout)
+
+    def _exit(self, op: FaultOp) -> None:
+        with self._lock:
+            self.finished[op.value] += 1
+            self._lock.notify_all()
 
     def wait_hung(self, n: int = 1, timeout: float = 30.0) -> bool:
         """Wait until at least ``n`` calls are blocked in :meth:`hang`; ``False`` on timeout."""
@@ -155,6 +174,11 @@ class FaultyBackend(Backend):
             self.calls[op.value] += 1
             latency = self.latency_s
             event = self._hang_event if op in self._hang_ops else None
+            if event is not None and self._hang_left is not None:
+                if self._hang_left <= 0:
+                    event = None
+                else:
+                    self._hang_left -= 1
             raise_now: Exception | None = None
             if op in self._call_fail_ops and self._call_fail_left != 0:
                 if self._call_fail_left is not None:
@@ -199,14 +223,39 @@ class FaultyBackend(Backend):
         self.inner.close()
 
     def _exists(self, keys: Sequence[str]) -> list[bool]:
-        self._enter(FaultOp.EXISTS)
-        return self.inner.exists(keys)
+        try:
+            self._enter(FaultOp.EXISTS)
+            return self.inner.exists(keys)
+        finally:
+            self._exit(FaultOp.EXISTS)
 
     def _exists_prefix(self, keys: Sequence[str]) -> int:
-        self._enter(FaultOp.EXISTS)
-        return self.inner.exists_prefix(keys)
+        try:
+            self._enter(FaultOp.EXISTS)
+            return self.inner.exists_prefix(keys)
+        finally:
+            self._exit(FaultOp.EXISTS)
 
     def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
+        try:
+            return self._put_faulty(keys, srcs)
+        finally:
+            self._exit(FaultOp.PUT)
+
+    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+        try:
+            return self._get_faulty(keys, dsts)
+        finally:
+            self._exit(FaultOp.GET)
+
+    def _delete(self, keys: Sequence[str]) -> None:
+        try:
+            self._enter(FaultOp.DELETE)
+            self.inner.delete(keys)
+        finally:
+            self._exit(FaultOp.DELETE)
+
+    def _put_faulty(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
         self._enter(FaultOp.PUT)
         out: list[PageStatus | None] = [None] * len(keys)
         pass_keys: list[str] = []
@@ -227,7 +276,7 @@ class FaultyBackend(Backend):
                 out[i] = status
         return [s if s is not None else PageStatus.FAILED for s in out]
 
-    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+    def _get_faulty(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
         self._enter(FaultOp.GET)
         out: list[PageStatus | None] = [None] * len(keys)
         with self._lock:
@@ -252,10 +301,6 @@ class FaultyBackend(Backend):
             if status is PageStatus.CORRUPT or status is PageStatus.FAILED:
                 dsts[i][:] = bytes([GARBAGE]) * len(dsts[i])  # "undefined" contents
         return [s if s is not None else PageStatus.FAILED for s in out]
-
-    def _delete(self, keys: Sequence[str]) -> None:
-        self._enter(FaultOp.DELETE)
-        self.inner.delete(keys)
 
     def take_evicted(self) -> list[str]:
         with self._lock:
