@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hicache_localdisk import LocalDiskBackend, LocalDiskConfig
 
@@ -42,12 +44,15 @@ def _worker(
     out: Path,
     key_of: Callable[..., str],
     payload_of: Callable[..., bytes],
+    barrier: Any,
 ) -> None:
     backend = _backend(root)
     backend.open()
     report = {"torn": 0, "peer_seen": 0, "peer_read_ok": 0, "over": 0, "puts_ok": 0}
     buf = memoryview(bytearray(PAGE))
     for r in range(ROUNDS):
+        # Lockstep rounds: both processes write and read at the same time, whatever the load.
+        barrier.wait(timeout=60)
         keys = [key_of(r * BATCH + i, me) for i in range(BATCH)]
         statuses = backend.put(keys, [memoryview(payload_of(k, PAGE)) for k in keys])
         report["puts_ok"] += statuses.count(PageStatus.OK)
@@ -76,13 +81,14 @@ def test_two_processes_share_a_root(
     tmp_path: Path, key_of: Callable[..., str], payload_of: Callable[..., bytes]
 ) -> None:
     root = tmp_path / "root"
+    barrier = multiprocessing.get_context("fork").Barrier(2)
     pids = []
     for me, peer in (("a", "b"), ("b", "a")):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
             code = 1
             try:
-                _worker(root, me, peer, tmp_path / f"{me}.json", key_of, payload_of)
+                _worker(root, me, peer, tmp_path / f"{me}.json", key_of, payload_of, barrier)
                 code = 0
             except BaseException:
                 traceback.print_exc()
