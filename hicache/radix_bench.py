@@ -27,6 +27,7 @@ import gc
 import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,7 @@ SGLANG_REFERENCE = {
 }
 
 _VOCAB = 128_000
+Fn = Callable[[list[int], int], object]
 _CHUNK = 500  # fresh-int requests converted per timed chunk (bounds memory)
 
 
@@ -56,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suffix-tokens", type=int, default=1024, help="random suffix length")
     parser.add_argument("--page-size", type=int, default=64, help="tokens per page")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions; the best counts")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -79,6 +82,12 @@ def _timed_fresh(
     return total
 
 
+@dataclass(slots=True)
+class _Trees:
+    ours: RadixCache
+    base: Any
+
+
 def _bench_tree(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Requests per second of each phase, for hicache's tree and the same-run baseline."""
     import torch
@@ -100,8 +109,7 @@ def _bench_tree(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     misses = [suffixes[i] + suffixes[(i + 1) % n] for i in range(n)]
     per_req = len(reqs[0]) // ps
     tokens = len(reqs[0])
-    ours = RadixCache(ps)
-    base = BaselineRadix(ps)
+    trees = _Trees(RadixCache(ps), BaselineRadix(ps))
     base_values = torch.arange(n * tokens, dtype=torch.int64)
     base_slices = [base_values[i * tokens : (i + 1) * tokens] for i in range(n)]
     # the harness's own lists are not the trees' business: keep them out of GC scans
@@ -110,10 +118,10 @@ def _bench_tree(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     got: list[int] = []
 
     def match(toks: list[int], i: int) -> None:
-        got.append(len(ours.match_prefix(toks).device_pages))
+        got.append(len(trees.ours.match_prefix(toks).device_pages))
 
     def match_base(toks: list[int], i: int) -> None:
-        got.append(len(base.match_prefix(toks)) // ps)
+        got.append(len(trees.base.match_prefix(toks)) // ps)
 
     def expect(pages: int, what: str) -> None:
         if set(got) != {pages}:
@@ -122,31 +130,49 @@ def _bench_tree(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
     r: dict[str, float] = {}
     b: dict[str, float] = {}
+
+    def best(into: dict[str, float], phase: str, lists: Sequence[list[int]], fn: Fn) -> None:
+        into[phase] = max(into.get(phase, 0.0), n / _timed(lists, fn))
+
     try:
-        r["insert"] = n / _timed(
-            reqs, lambda toks, i: ours.insert(toks, range(i * per_req, (i + 1) * per_req))
-        )
-        b["insert"] = n / _timed(reqs, lambda toks, i: base.insert(toks, base_slices[i]))
-        for name, lists, want in (
-            ("match_full", reqs, per_req),
-            ("match_prefix", prefix_hits, args.prompt_tokens // ps),
-            ("match_miss", misses, 0),
-        ):
-            r[name] = n / _timed(lists, match)
-            expect(want, name)
-            b[name] = n / _timed(lists, match_base)
-            expect(want, f"{name} (baseline)")
-        r["match_full_tensor"] = n / _timed(
-            reqs,
-            lambda toks, i: torch.tensor(ours.match_prefix(toks).device_pages, dtype=torch.int64),
-        )
-        full_arrays = [
-            np.concatenate((prompt_arrays[which[i]], suffix_arrays[i])) for i in range(n)
-        ]
-        r["match_full_fresh_ints"] = n / _timed_fresh(full_arrays, match)
-        expect(per_req, "full-hit (fresh ints)")
-        b["match_full_fresh_ints"] = n / _timed_fresh(full_arrays, match_base)
-        expect(per_req, "full-hit (fresh ints, baseline)")
+        # fresh trees per repetition, the two implementations alternating; the best of the
+        # repetitions counts (the machine is shared: the best run is the least disturbed one)
+        for rep in range(args.repeat):
+            trees.ours, trees.base = RadixCache(ps), BaselineRadix(ps)
+            best(
+                r,
+                "insert",
+                reqs,
+                lambda t, i: trees.ours.insert(t, range(i * per_req, (i + 1) * per_req)),
+            )
+            best(b, "insert", reqs, lambda t, i: trees.base.insert(t, base_slices[i]))
+            for name, lists, want in (
+                ("match_full", reqs, per_req),
+                ("match_prefix", prefix_hits, args.prompt_tokens // ps),
+                ("match_miss", misses, 0),
+            ):
+                best(r, name, lists, match)
+                expect(want, name)
+                best(b, name, lists, match_base)
+                expect(want, f"{name} (baseline)")
+            best(
+                r,
+                "match_full_tensor",
+                reqs,
+                lambda t, i: torch.tensor(
+                    trees.ours.match_prefix(t).device_pages, dtype=torch.int64
+                ),
+            )
+            if rep == 0:
+                full_arrays = [
+                    np.concatenate((prompt_arrays[which[i]], suffix_arrays[i])) for i in range(n)
+                ]
+                r["match_full_fresh_ints"] = n / _timed_fresh(full_arrays, match)
+                expect(per_req, "full-hit (fresh ints)")
+                b["match_full_fresh_ints"] = n / _timed_fresh(full_arrays, match_base)
+                expect(per_req, "full-hit (fresh ints, baseline)")
+                del full_arrays
+            gc.collect()
     finally:
         gc.unfreeze()
     return {"hicache": r, "baseline": b}
@@ -164,6 +190,62 @@ def _bench_hashing(page_size: int, pages: int = 20_000) -> float:
     for s in seqs:
         chain_hashes(seed, s, page_size)
     return (time.perf_counter() - t0) / (len(seqs) * per_req) * 1e6
+
+
+def _bench_writethrough(page_size: int, requests: int = 1000, pages_per_req: int = 32) -> float:
+    """Microseconds per page of write-through bookkeeping: ``write_backup`` (host allocation,
+    submit, lock, tracking) + ``writing_check`` (ack, one ``BlockStored(CPU_PINNED)`` per page,
+    unlock) + ``take_events``. Copies cost nothing here (a transfer engine that only acks) and
+    the content hashes are computed before timing (they are :func:`_bench_hashing`'s part).
+    """
+    import torch
+
+    from hicache.hiradix import HiRadixCache, WritePolicy
+    from hicache.pools import DevicePool, HostPool, KVLayout
+    from hicache.transfer import Direction, TransferEngine
+
+    class _AckOnly(TransferEngine):
+        def __init__(self, dev: DevicePool, host: HostPool) -> None:
+            super().__init__(dev, host)
+            self._done: list[int] = []
+
+        def _start(self, ticket: int, direction: Direction, src: list[int], dst: list[int]) -> None:
+            self._done.append(ticket)
+
+        def _collect(self) -> list[int]:
+            done, self._done = self._done, []
+            return done
+
+        def _wait(self, ticket: int) -> None:
+            return
+
+    layout = KVLayout(1, 1, 1, page_size, torch.float32)  # tiny pages: bookkeeping only
+    total = requests * pages_per_req
+    dev = DevicePool(layout, total, "cpu")
+    host = HostPool(layout, total, pin=False)
+    cache = HiRadixCache(
+        dev, host, _AckOnly(dev, host), write_policy=WritePolicy.MANUAL, gpu_events=False
+    )
+    rng = np.random.default_rng(2)
+    nodes = []
+    for _ in range(requests):
+        toks = rng.integers(0, _VOCAB, size=pages_per_req * page_size).tolist()
+        pages = dev.alloc(pages_per_req)
+        assert pages is not None
+        cache.insert(toks, pages)
+        node = cache.match_prefix(toks).last_node
+        cache.node_hashes(node)
+        nodes.append(node)
+    events = 0
+    t0 = time.perf_counter()
+    for node in nodes:
+        cache.write_backup(node)
+        cache.writing_check()
+        events += len(cache.take_events())
+    elapsed = time.perf_counter() - t0
+    if events != total or cache.protected_pages:
+        raise RuntimeError(f"write-through bench: {events} events for {total} pages")
+    return elapsed / total * 1e6
 
 
 def run(args: argparse.Namespace) -> int:
@@ -187,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
         },
         "sglang_reference_req_per_s": SGLANG_REFERENCE,
         "hash_us_per_page": round(_bench_hashing(args.page_size), 3),
+        "writethrough_us_per_page": round(_bench_writethrough(args.page_size), 3),
     }
     if args.json:
         print(json.dumps(result, indent=2))
