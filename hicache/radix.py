@@ -480,12 +480,17 @@ class RadixCache:
         hashes = self.node_hashes(node)
         parent = self.parent_block_hash(node)
         ps = self.page_size
-        put = self.events.put
         key = node.key
-        for j, h in enumerate(hashes):
-            bid = block_id(h)
-            put(BlockStored([bid], parent, key[j * ps : (j + 1) * ps], ps, self.lora_id, medium))
+        lora = self.lora_id
+        from_bytes = int.from_bytes
+        batch = []
+        off = 0
+        for h in hashes:
+            bid = from_bytes(h[:8], "big", signed=True)  # keys.block_id, inlined: hot loop
+            batch.append(BlockStored([bid], parent, key[off : off + ps], ps, lora, medium))
             parent = bid
+            off += ps
+        self.events.extend(batch)
 
     def _emit_removed(self, node: TreeNode, medium: str) -> None:
         hashes = self.node_hashes(node)
