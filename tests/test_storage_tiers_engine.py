@@ -1,0 +1,230 @@
+"""Tiers (cascade lookup, failures as misses) and the storage engine (ordered announcements,
+per-page holds, evictions announced), driven with real MemoryBackends and a real HostPool."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from hicache.config import HicacheConfig
+from hicache.events import BlockRemoved, BlockStored
+from hicache.pools import HostPool, KVLayout
+from hicache.storage.backend import Backend, BackendConfig, BackendContext, Capabilities, PageStatus
+from hicache.storage.engine import PublishPage, StorageEngine, key_block_id
+from hicache.storage.memory import MemoryBackend, MemoryConfig
+from hicache.storage.tiers import Tiers, TierSettings
+
+LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, page_size=2, dtype=torch.float32)
+PB = LAYOUT.page_bytes
+
+
+def ctx(name: str = "t") -> BackendContext:
+    return BackendContext(page_bytes=PB, namespace="kv-test", tier_name=name)
+
+
+def key(i: int) -> str:
+    return f"{i:064x}"
+
+
+class Switchboard(Backend):
+    """MemoryBackend with per-key gates (put blocks until opened), failing keys, failing calls."""
+
+    def __init__(self, medium: str = "DISK") -> None:
+        inner = MemoryBackend(MemoryConfig(), ctx())
+        super().__init__(BackendConfig(), inner.context)
+        self.inner = inner
+        self.medium = medium
+        self.gates: dict[str, threading.Event] = {}
+        self.fail: set[str] = set()
+        self.raise_exists = False
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(max_batch=2, default_medium=self.medium)
+
+    def _open(self) -> None:
+        self.inner.open()
+
+    def _close(self) -> None:
+        self.inner.close()
+
+    def _exists(self, keys: Sequence[str]) -> list[bool]:
+        if self.raise_exists:
+            raise ConnectionError("endpoint down")
+        return self.inner.exists(keys)
+
+    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
+        for k in keys:
+            gate = self.gates.get(k)
+            if gate is not None:
+                assert gate.wait(timeout=30)
+        out = []
+        for k, s in zip(keys, srcs, strict=True):
+            out.append(PageStatus.FAILED if k in self.fail else self.inner.put([k], [s])[0])
+        return out
+
+    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+        return self.inner.get_into(keys, dsts)
+
+    def _delete(self, keys: Sequence[str]) -> None:
+        self.inner.delete(keys)
+
+
+def fill(b: Backend, keys: Sequence[str]) -> None:
+    for k in keys:
+        b.put([k], [memoryview(bytearray(k[-1].encode() * PB))])
+
+
+def test_cascade_asks_later_tiers_only_after_earlier_ones_stop() -> None:
+    first, second, third = Switchboard(), Switchboard(), Switchboard()
+    tiers = Tiers.from_backends([("a", first), ("b", second), ("c", third)])
+    tiers.open()
+    keys = [key(i) for i in range(6)]
+    fill(first, keys[:2])
+    fill(second, keys[:4])  # holds the head too, but is asked only from page 2 on
+    fill(third, keys[4:5])
+    got = [(r.tier.name, r.start, r.end) for r in tiers.lookup(keys)]
+    assert got == [("a", 0, 2), ("b", 2, 4), ("c", 4, 5)]
+    bufs = [memoryview(bytearray(PB)) for _ in keys]
+    statuses = tiers.get_into(keys, bufs)
+    assert statuses == [PageStatus.OK] * 5 + [PageStatus.NOT_FOUND]
+    assert bytes(bufs[5]) == bytes(PB)  # untouched
+    stats = tiers.stats()
+    assert (stats["a"]["get_ok"], stats["b"]["get_ok"], stats["c"]["get_ok"]) == (2, 2, 1)
+    tiers.close()
+
+
+def test_a_failing_tier_is_a_miss_and_counted() -> None:
+    bad, good = Switchboard(), Switchboard()
+    tiers = Tiers.from_backends([("bad", bad), ("good", good)])
+    tiers.open()
+    keys = [key(i) for i in range(3)]
+    fill(good, keys)
+    bad.raise_exists = True
+    assert [(r.tier.name, r.start, r.end) for r in tiers.lookup(keys)] == [("good", 0, 3)]
+    assert tiers.stats()["bad"]["errors_by_kind"] == {"ConnectionError": 1}
+    tiers.close()
+
+
+def pages_for(host: HostPool, ids: Sequence[int], first_host_page: int) -> list[PublishPage]:
+    out = []
+    parent = None
+    for j, i in enumerate(ids):
+        host.page_view(first_host_page + j)[:] = bytes([i % 256]) * PB
+        bid = key_block_id(key(i))
+        out.append(PublishPage(key(i), first_host_page + j, bid, parent, [i, i]))
+        parent = bid
+    return out
+
+
+def announced(events: list[object], medium: str) -> list[list[int]]:
+    return [e.token_ids for e in events if isinstance(e, BlockStored) and e.medium == medium]
+
+
+def test_announcements_follow_fragment_order_not_completion_order() -> None:
+    disk = Switchboard("DISK")
+    tiers = Tiers.from_backends([("disk", disk)])
+    tiers.open()
+    host = HostPool(LAYOUT, 8, pin=False)
+    assert host.alloc(4) == [0, 1, 2, 3]
+    engine = StorageEngine(tiers, host, page_size=2, workers=4)
+    disk.gates[key(1)] = threading.Event()  # the head fragment's put hangs
+    group = engine.begin_publish()
+    engine.publish(group, pages_for(host, [1, 2], 0))
+    engine.publish(group, pages_for(host, [3, 4], 2))
+    engine.end_publish(group)
+    # the tail finishes first: its result is collected (its holds released), nothing announced
+    events: list[object] = []
+    for _ in range(3000):
+        events += engine.poll().events
+        if host.total_holds() == 2:
+            break
+        threading.Event().wait(0.01)
+    assert host.total_holds() == 2  # only the head's pages are still under I/O
+    assert announced(events, "DISK") == []
+    disk.gates[key(1)].set()
+    assert engine.wait_idle(timeout=30)
+    events += engine.poll().events
+    assert announced(events, "DISK") == [[1, 1], [2, 2], [3, 3], [4, 4]]
+    assert host.total_holds() == 0 and engine.pending_groups() == 0
+    engine.close()
+    tiers.close()
+
+
+def test_failed_head_stops_announcements_on_that_tier_only() -> None:
+    disk, ext = Switchboard("DISK"), Switchboard("EXTERNAL")
+    tiers = Tiers.from_backends(
+        [("disk", disk), ("ext", ext), ("ro", Switchboard("RO"), TierSettings(publish=False))]
+    )
+    tiers.open()
+    host = HostPool(LAYOUT, 8, pin=False)
+    host.alloc(4)
+    engine = StorageEngine(tiers, host, page_size=2)
+    disk.fail = {key(2)}
+    group = engine.begin_publish()
+    engine.publish(group, pages_for(host, [1, 2], 0))
+    engine.publish(group, pages_for(host, [3, 4], 2))
+    engine.end_publish(group)
+    assert engine.wait_idle(timeout=30)
+    events = engine.poll().events
+    assert announced(events, "DISK") == [[1, 1]]
+    assert announced(events, "EXTERNAL") == [[1, 1], [2, 2], [3, 3], [4, 4]]
+    assert announced(events, "RO") == []
+    assert engine.counters["unannounced_pages"] == 3
+    # every page went to both publishing tiers exactly once, never to the read-only one
+    assert tiers.stats()["disk"]["put_pages"] == 4 and tiers.stats()["ro"]["put_pages"] == 0
+    assert host.total_holds() == 0
+    engine.close()
+    tiers.close()
+
+
+def test_prefetch_result_and_backend_evictions() -> None:
+    capped = MemoryBackend(MemoryConfig(capacity=2 * (PB + 4096)), ctx("capped"))
+    tiers = Tiers.from_backends([("capped", capped, TierSettings(medium="SHM"))])
+    tiers.open()
+    host = HostPool(LAYOUT, 8, pin=False)
+    host.alloc(3)
+    engine = StorageEngine(tiers, host, page_size=2)
+    events: list[object] = []
+    for ids, first in (([1, 2], 0), ([3], 2)):  # only two pages fit: the third evicts one
+        group = engine.begin_publish()
+        engine.publish(group, pages_for(host, ids, first))
+        engine.end_publish(group)
+        assert engine.wait_idle(timeout=30)
+        events += engine.poll().events
+    removed = [e for e in events if isinstance(e, BlockRemoved)]
+    assert len(removed) == 1 and removed[0].medium == "SHM"
+    assert len(removed[0].block_hashes) == 1
+    dst = host.alloc(3)
+    assert dst is not None
+    ticket = engine.submit_prefetch([key(1), key(2), key(3)], dst)
+    assert host.total_holds() == 3
+    assert engine.wait_prefetch(ticket, timeout=30)
+    result = engine.poll().prefetches
+    assert [r.ticket for r in result] == [ticket]
+    stored = [k for k in (key(1), key(2), key(3)) if capped.exists([k])[0]]
+    assert result[0].ok_pages == (
+        2 if stored == [key(1), key(2)] else 0 if key(1) not in stored else 1
+    )
+    assert host.total_holds() == 0
+    engine.close()
+    tiers.close()
+
+
+def test_tiers_from_config_settings() -> None:
+    config = HicacheConfig(
+        storage={
+            "tiers": {
+                "shm": {"backend": "memory", "medium": "SHM"},
+                "archive": {"backend": "memory", "read_only": True},
+            }
+        }
+    )
+    tiers = Tiers.from_config(config, "kv-abc", page_bytes=PB)
+    assert [t.name for t in tiers] == ["shm", "archive"]
+    assert [t.name for t in tiers.publishing] == ["shm"]
+    assert tiers.tiers[0].medium == "SHM"
+    assert tiers.tiers[1].backend.context.read_only
+    assert tiers.tiers[1].backend.context.namespace == "kv-abc"
