@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from botocore.exceptions import ClientError
 
-from hicache.errors import BackendError, BackendUnavailableError, PageCorruptError
+from hicache.errors import (
+    BackendClosedError,
+    BackendError,
+    BackendUnavailableError,
+    PageCorruptError,
+)
 from hicache.storage.backend import (
     Backend,
     BackendConfig,
@@ -116,9 +121,10 @@ class S3Backend(Backend):
     @property
     def client(self) -> Any:
         """The boto3 client of an open backend (for tooling: benchmarks, raw test hooks)."""
-        if self._client is None:
-            raise BackendError(f"{self!r} is not open")
-        return self._client
+        client = self._client
+        if client is None:
+            raise BackendClosedError(f"{self!r} is not open")
+        return client
 
     def object_key(self, key: str) -> str:
         """Object key of page ``key`` in this instance's namespace."""
@@ -193,7 +199,7 @@ class S3Backend(Backend):
     def _workers(self) -> ThreadPoolExecutor:
         pool = self._pool
         if pool is None:
-            raise BackendError(f"{self!r} is not open")
+            raise BackendClosedError(f"{self!r} is not open")
         return pool
 
     def _cached_present(self, key: str) -> bool:
@@ -234,9 +240,7 @@ class S3Backend(Backend):
             return True
         self._count(heads=1)
         try:
-            response = self._client.head_object(
-                Bucket=self.options.bucket, Key=self.object_key(key)
-            )
+            response = self.client.head_object(Bucket=self.options.bucket, Key=self.object_key(key))
         except Exception as exc:
             if errors.is_not_found(exc):
                 return False
@@ -281,7 +285,7 @@ class S3Backend(Backend):
         if conditional:
             params["IfNoneMatch"] = "*"
         try:
-            self._client.put_object(**params)
+            self.client.put_object(**params)
         except Exception as exc:
             if conditional and errors.is_precondition_failed(exc):
                 self._count(already_exists=1)
@@ -294,7 +298,7 @@ class S3Backend(Backend):
                 self._count(failed_pages=1)
                 return PageStatus.FAILED
             error = self._translate(exc, "PutObject")
-            if isinstance(error, BackendUnavailableError):
+            if isinstance(error, BackendUnavailableError | BackendClosedError):
                 raise error from exc
             log.warning("put of page %s failed in %r: %s", key, self, error)
             self._count(failed_pages=1)
@@ -336,13 +340,13 @@ class S3Backend(Backend):
         if self.options.checksum is not ChecksumAlgorithm.NONE:
             params["ChecksumMode"] = "ENABLED"
         try:
-            response = self._client.get_object(**params)
+            response = self.client.get_object(**params)
         except Exception as exc:
             if errors.is_not_found(exc):
                 self._count(not_found=1)
                 return PageStatus.NOT_FOUND
             error = self._translate(exc, "GetObject")
-            if isinstance(error, BackendUnavailableError):
+            if isinstance(error, BackendUnavailableError | BackendClosedError):
                 raise error from exc
             log.warning("get of page %s failed in %r: %s", key, self, error)
             self._count(failed_pages=1)
@@ -374,7 +378,7 @@ class S3Backend(Backend):
             if errors.is_checksum_mismatch(exc):
                 return self._corrupt(key, "S3-native checksum mismatch")
             error = self._translate(exc, "GetObject (body)")
-            if isinstance(error, BackendUnavailableError):
+            if isinstance(error, BackendUnavailableError | BackendClosedError):
                 raise error from exc
             log.warning("reading page %s failed in %r: %s", key, self, error)
             self._count(failed_pages=1)
@@ -402,7 +406,7 @@ class S3Backend(Backend):
             self._refreshing.add(key)
         try:
             self._workers().submit(self._refresh_one, key)
-        except RuntimeError:  # the pool is shutting down: skip this refresh
+        except (RuntimeError, BackendError):  # closing: skip this refresh
             with self._lock:
                 self._refreshing.discard(key)
 
@@ -411,7 +415,7 @@ class S3Backend(Backend):
         try:
             # S3 refuses a copy onto itself unless something changes: replacing the metadata
             # (with the refresh time) is that change, and it gives the object a new LastModified.
-            self._client.copy_object(
+            self.client.copy_object(
                 Bucket=self.options.bucket,
                 Key=object_key,
                 CopySource={"Bucket": self.options.bucket, "Key": object_key},
@@ -439,7 +443,7 @@ class S3Backend(Backend):
             chunk = keys[start : start + 1000]
             response = self._call(
                 "DeleteObjects",
-                self._client.delete_objects,
+                self.client.delete_objects,
                 Delete={"Objects": [{"Key": self.object_key(k)} for k in chunk], "Quiet": True},
             )
             failed = response.get("Errors") or []

@@ -3,9 +3,9 @@
 Rules every batch follows:
 - a call returns only after every request it started has finished, so no worker still touches a
   caller's buffer afterwards (the contract forbids keeping references);
-- the first :class:`~hicache.errors.BackendUnavailableError` cancels the requests not started
-  yet (the endpoint is down: fail fast instead of timing out page by page) and is raised once
-  the started ones are done;
+- the first :class:`~hicache.errors.BackendUnavailableError` (or ``BackendClosedError``)
+  cancels the requests not started yet (the endpoint is down: fail fast instead of timing out
+  page by page) and is raised once the started ones are done;
 - any other per-page error becomes ``on_error`` for that page, logged.
 """
 
@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
-from hicache.errors import BackendUnavailableError
+from hicache.errors import BackendClosedError, BackendUnavailableError
 
 __all__ = ["gather", "ordered_prefix"]
 
@@ -45,19 +45,27 @@ def gather(
         except BaseException as exc:
             done.set_exception(exc)
         return _collect([done], on_error=on_error, what=what)
-    futures = [pool.submit(fn, *a) for a in args]
+    futures: list[Future[T]] = []
+    try:
+        for a in args:
+            futures.append(pool.submit(fn, *a))
+    except RuntimeError:  # the pool was shut down: close() raced this call
+        for fut in futures:
+            fut.cancel()
+        wait(futures)
+        raise BackendClosedError(f"S3 backend closed during a {what} batch") from None
     return _collect(futures, on_error=on_error, what=what)
 
 
 def _collect(futures: Sequence[Future[T]], *, on_error: T, what: str) -> list[T]:
     results: list[T] = []
-    unavailable: BackendUnavailableError | None = None
+    unavailable: BackendUnavailableError | BackendClosedError | None = None
     for fut in futures:
         try:
             results.append(fut.result())
         except CancelledError:
             results.append(on_error)
-        except BackendUnavailableError as exc:
+        except (BackendUnavailableError, BackendClosedError) as exc:
             results.append(on_error)
             if unavailable is None:
                 unavailable = exc
@@ -90,7 +98,12 @@ def ordered_prefix(
     error: BaseException | None = None
     for idx in range(len(keys)):
         while next_idx < len(keys) and len(inflight) < window:
-            inflight.append(pool.submit(check, keys[next_idx]))
+            try:
+                inflight.append(pool.submit(check, keys[next_idx]))
+            except RuntimeError:  # the pool was shut down: close() raced this call
+                for fut in inflight:
+                    fut.cancel()
+                raise BackendClosedError("S3 backend closed during exists_prefix") from None
             next_idx += 1
         fut = inflight.popleft()
         try:

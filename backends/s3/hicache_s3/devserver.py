@@ -206,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket", default="hicache-bench", help="bucket to create")
     parser.add_argument("--tier", default="s3", help="tier name used in the printed variable")
     args = parser.parse_args(argv)
+
+    def _stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds the `with` below, which stops the child
+
+    # a background job ignores SIGINT; `kill PID` must still take the moto child down with it
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     with DevServer(port=args.port) as server:
         create_bucket(server.endpoint_url, args.bucket)
         var = f"HICACHE_STORAGE__TIERS__{args.tier.upper()}__OPTIONS__ENDPOINT_URL"

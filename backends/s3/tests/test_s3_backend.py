@@ -18,6 +18,7 @@ from hicache_s3.testing import (
     page_payloads,
 )
 
+from hicache.errors import BackendClosedError
 from hicache.storage.backend import PageStatus
 from hicache.storage.pageformat import HEADER_SIZE, decode_header
 
@@ -207,3 +208,29 @@ def test_racing_conditional_puts_have_one_winner(s3_server: DevServer, bucket: s
         assert pair == {PageStatus.OK, PageStatus.ALREADY_EXISTS}, (i, pair)
         winner = 0 if results[0][i] is PageStatus.OK else 1
         assert bufs[i] == contents[winner][i]
+
+
+def test_close_during_calls_raises_only_closed_errors(s3_options: dict[str, Any]) -> None:
+    """close() racing batch calls: each call completes or raises BackendClosedError."""
+    backend = make_s3_backend(s3_options)
+    backend.open()
+    keys, payloads = page_keys(16, "closing"), page_payloads(16)
+    seen: list[BaseException] = []
+    started = threading.Event()
+
+    def caller() -> None:
+        try:
+            while True:
+                backend.put(keys, payloads)
+                started.set()
+                _get(backend, keys)
+        except BaseException as exc:
+            seen.append(exc)
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    started.wait(30)
+    backend.close()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert len(seen) == 1 and isinstance(seen[0], BackendClosedError), seen
