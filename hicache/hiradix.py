@@ -539,8 +539,9 @@ class HiRadixCache(RadixCache):
             cur = cur.parent
 
     def _evictable(self, node: TreeNode) -> bool:
-        # a node a prefetch builds on stays in the tree, even when it has no host copy
-        if node.host_lock_ref > 0 and node.host_value is None:
+        # Without a host copy, eviction deletes the node: never one a prefetch builds on, and
+        # never one with (host-only) children, which would be left without a parent.
+        if node.host_value is None and (node.host_lock_ref > 0 or node.children):
             return False
         return super()._evictable(node)
 

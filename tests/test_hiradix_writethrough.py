@@ -486,3 +486,42 @@ def test_l1_eviction_keeps_backed_up_node_in_l2_and_load_back_restores_bytes() -
     assert cache.evict_host(100) == 3
     assert cache.match_prefix(tokens).host_hit_pages == 0
     assert cache.host_pool.available == 8 and cache.device_pool.available == 8
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_write_through_split_evict_and_load_back() -> None:
+    from hicache.transfer import CudaTransferEngine
+
+    dev = DevicePool(LAYOUT, 16, "cuda")
+    host = HostPool(LAYOUT, 16)
+    counting = CountingBackend(memory_backend())
+    cache = SpyCache(
+        dev,
+        host,
+        CudaTransferEngine(dev, host),
+        identity=IDENTITY,
+        tiers=Tiers.from_backends([("disk", counting)]),
+        write_policy=WritePolicy.MANUAL,
+        gpu_events=False,
+    )
+    insert(cache, [1, 2, 3, 4, 5, 6])
+    node = node_at(cache, [1, 2, 3, 4, 5, 6])
+    assert node.value is not None
+    before = [dev.read_page(p).cpu() for p in node.value]
+    ack = cache.write_backup(node)
+    assert ack is not None
+    insert(cache, [1, 2, 9, 9])  # split while the copy may still be in flight
+    cache.transfer.wait(ack)
+    events: list[KVEvent] = []
+    collect(cache, events)
+    check_invariants(cache, events, [counting])
+    assert [e.token_ids for e in cpu_events(events)] == [[1, 2], [3, 4], [5, 6]]
+    cache.evict(100)
+    r = cache.match_prefix([1, 2, 3, 4, 5, 6])
+    assert r.host_hit_pages == 3
+    pages = cache.load_back(r.last_host_node)
+    assert pages is not None
+    for p, want in zip(pages, before, strict=True):
+        assert torch.equal(dev.read_page(p).cpu(), want)
+    cache.close()
