@@ -29,13 +29,13 @@ schedules their free (``HostPool.free_when_released``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import islice
 from typing import TYPE_CHECKING, Protocol
 
-from hicache.events import Medium
+from hicache.events import EventQueue, KVEvent, Medium
 from hicache.keys import ModelIdentity, block_id, chain_hashes, seed_hash, storage_key
 from hicache.pools import DevicePool, HostPool
 from hicache.radix import MatchResult, RadixCache, TreeNode
@@ -109,13 +109,24 @@ class PrefetchHandle:
     inserted_tokens: int = 0
 
 
+class _DiscardEvents(EventQueue):
+    """The event queue of a cache whose events are off: nothing is kept."""
+
+    def put(self, event: KVEvent) -> None:
+        return
+
+    def extend(self, events: Iterable[KVEvent]) -> None:
+        return
+
+
 class HiRadixCache(RadixCache):
     """Radix cache with host write-through, storage publishing and prefetch (module docstring).
 
     ``identity`` seeds the content hashes (pages of different identities never share keys);
-    ``tiers`` may be None (no L3). The storage namespace is baked into the tiers' backends
-    (``BackendContext.namespace``), see :meth:`from_config`. Not thread-safe: the serving loop
-    owns it; only the storage engine's workers run elsewhere.
+    ``tiers`` may be None (no L3). ``gpu_events`` adds ``BlockStored``/``BlockRemoved(GPU)``;
+    ``events=False`` drops every event (nobody calls ``take_events``). The storage namespace
+    is baked into the tiers' backends (``BackendContext.namespace``), see :meth:`from_config`.
+    Not thread-safe: the serving loop owns it; only the storage engine's workers run elsewhere.
     """
 
     def __init__(
@@ -131,6 +142,7 @@ class HiRadixCache(RadixCache):
         prefetch_threshold_tokens: int = 256,
         rank_sync: RankSync | None = None,
         gpu_events: bool = True,
+        events: bool = True,
         lora_id: int | None = None,
         io_workers: int = 4,
     ) -> None:
@@ -142,6 +154,8 @@ class HiRadixCache(RadixCache):
             gpu_events=gpu_events,
             lora_id=lora_id,
         )
+        if not events:
+            self.events = _DiscardEvents()
         self.device_pool = device_pool
         self.host_pool = host_pool
         self.transfer = transfer
@@ -231,6 +245,7 @@ class HiRadixCache(RadixCache):
             prefetch_threshold_tokens=config.storage.prefetch.threshold_tokens,
             rank_sync=rank_sync,
             gpu_events=config.events.enabled,
+            events=config.events.enabled,
         )
 
     def close(self) -> None:

@@ -330,3 +330,26 @@ def test_from_config_builds_tiers_through_the_registry() -> None:
     a.close()
     b.close()
     MemoryBackend.drop_shared_store(name)
+
+
+def test_events_off_keeps_nothing_but_still_publishes() -> None:
+    name = shared_name()
+    dev = DevicePool(LAYOUT, 8, "cpu")
+    host = HostPool(LAYOUT, 8, pin=False)
+    cache = HiRadixCache(
+        dev,
+        host,
+        CpuTransferEngine(dev, host),
+        identity=IDENTITY,
+        tiers=Tiers.from_backends([("mem", mem(name))]),
+        events=False,
+    )
+    tokens = list(range(2 * PS))
+    fill_and_insert(cache, tokens)
+    publish_all(cache)
+    assert cache.take_events() == []
+    keys = [storage_key(h) for h in chain_hashes(seed_hash(IDENTITY), tokens, PS)]
+    assert cache.tiers is not None
+    assert cache.tiers.tiers[0].backend.exists(keys) == [True, True]
+    cache.close()
+    MemoryBackend.drop_shared_store(name)
