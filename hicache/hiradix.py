@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Protocol
 from hicache.events import EventQueue, KVEvent, Medium
 from hicache.keys import ModelIdentity, block_id, chain_hashes, seed_hash, storage_key
 from hicache.pools import DevicePool, HostPool
-from hicache.radix import MatchResult, RadixCache, TreeNode
+from hicache.radix import RadixCache, TreeNode
 from hicache.storage.engine import PublishGroup, PublishPage, StorageEngine
 from hicache.storage.tiers import Tiers
 from hicache.transfer import Direction, TransferEngine
@@ -175,7 +175,6 @@ class HiRadixCache(RadixCache):
                 tiers, host_pool, page_size=self.page_size, lora_id=lora_id, workers=io_workers
             )
         self._prefetches: dict[int, PrefetchHandle] = {}
-        self._prefetch_results: dict[int, int] = {}
         self.counters = {
             "backups": 0,
             "backup_pages": 0,
@@ -194,7 +193,7 @@ class HiRadixCache(RadixCache):
         cls,
         config: HicacheConfig,
         *,
-        device_pages: int,
+        device_pages: int | None = None,
         device: str | None = None,
         tp_rank: int = 0,
         tp_size: int = 1,
@@ -203,9 +202,10 @@ class HiRadixCache(RadixCache):
     ) -> HiRadixCache:
         """Build pools, transfer engine, tiers and the cache from a validated configuration.
 
-        ``device_pages`` sizes L1 (the serving engine decides it); L2 is
-        ``config.cache.host_pool`` bytes. ``transfer`` defaults to the CUDA engine on a CUDA
-        device pool and the CPU engine otherwise.
+        ``device_pages`` sizes L1 (the serving engine decides it; default
+        ``config.cache.device_pool`` bytes); L2 is ``config.cache.host_pool`` bytes.
+        ``transfer`` defaults to the CUDA engine on a CUDA device pool, else the CPU engine.
+        The storage namespace comes from the model shape, page size and TP rank/size.
         """
         import torch
 
@@ -221,6 +221,10 @@ class HiRadixCache(RadixCache):
             dtype=getattr(torch, m.dtype),
             mla=m.mla,
         )
+        if device_pages is None:
+            if c.device_pool is None:
+                raise ValueError("give device_pages or set cache.device_pool in the config")
+            device_pages = c.device_pool // layout.page_bytes
         dev = device or c.device
         dev_pool = DevicePool(layout, device_pages, None if dev == "auto" else dev)
         host_pages = c.host_pool // layout.page_bytes
@@ -396,7 +400,6 @@ class HiRadixCache(RadixCache):
         if result.events:
             self.events.extend(result.events)
         for r in result.prefetches:
-            self._prefetch_results[r.ticket] = r.ok_pages
             handle = self._prefetches.get(r.ticket)
             if handle is not None:
                 handle.result_pages = r.ok_pages
@@ -579,7 +582,6 @@ class HiRadixCache(RadixCache):
         if not done:
             return None
         self._prefetches.pop(handle.ticket, None)
-        self._prefetch_results.pop(handle.ticket, None)
         handle.done = True
         try:
             handle.inserted_tokens = self._insert_prefetched(handle, ok)
@@ -631,10 +633,6 @@ class HiRadixCache(RadixCache):
         return all(self.write_backup(n) is not None for n in reversed(path))
 
     # ------------------------------------------------------------------ introspection
-
-    def match(self, tokens: Sequence[int]) -> MatchResult:
-        """Alias of :meth:`match_prefix` (device pages + host-only hit length)."""
-        return self.match_prefix(tokens)
 
     def stats(self) -> dict[str, object]:
         """Counters of the cache and its storage engine as plain data."""
