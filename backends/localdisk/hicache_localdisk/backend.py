@@ -180,6 +180,7 @@ class LocalDiskBackend(Backend):
             fsync=opts.durability is Durability.FSYNC,
             direct=self._probe_direct(writable),
             verify=opts.verify_checksums,
+            hash_threads=max(4, opts.io_threads),
         )
         if opts.shared:
             self._open_shared(pages, writable)
@@ -347,6 +348,8 @@ class LocalDiskBackend(Backend):
         if self._shared is not None:
             self._shared.close()
             self._shared = None
+        if self._io is not None:
+            self._io.close()
         with self._lock:
             self._index = {}
             self._inflight = {}
@@ -463,7 +466,7 @@ class LocalDiskBackend(Backend):
                     continue
             todo.append(i)
         need = len(todo) * io.stored_bytes
-        if need and shared.add(need) > self._max_bytes:
+        if need and shared.read() + need > self._max_bytes:
             self._shared_enforce(need)
         return todo
 
@@ -471,7 +474,7 @@ class LocalDiskBackend(Backend):
         self, keys: Sequence[str], todo: list[int], statuses: list[PageStatus | None]
     ) -> None:
         stored = self._require_io().stored_bytes
-        unreserve = 0
+        published = 0
         late_victims: list[str] = []
         with self._lock:
             for i in todo:
@@ -480,8 +483,7 @@ class LocalDiskBackend(Backend):
                 if self._shared is not None:
                     if status is PageStatus.OK or status is PageStatus.ALREADY_EXISTS:
                         self._index[key] = stored
-                    if status is not PageStatus.OK:
-                        unreserve += stored
+                    published += stored if status is PageStatus.OK else 0
                     continue
                 policy = self._policy
                 assert policy is not None
@@ -501,8 +503,11 @@ class LocalDiskBackend(Backend):
                         self._counters["evicted"] += 1
                 elif not left and key not in self._index:
                     policy.remove(key)
-        if unreserve and self._shared is not None:
-            self._shared.add(-unreserve)
+        # Counted after the rename, so a concurrent eviction round can only over-count (it
+        # saw the file, then we add it): the safe direction, corrected by the next round.
+        shared = self._shared
+        if published and shared is not None and shared.add(published) > self._max_bytes:
+            self._shared_enforce(0)
         for key in late_victims:
             _remove(self._layout.page_path(key))
 
@@ -575,7 +580,7 @@ class LocalDiskBackend(Backend):
                 self._policy.remove(key)
             if known:
                 self._evicted.append(key)
-        removed = not self.context.read_only and _remove(self._layout.page_path(key))
+        removed = not self.context.read_only and self._unlink_counted([key]) == 1
         (log.warning if first else log.debug)(
             "localdisk %s: page %s is corrupt (%s): %s",
             self._layout.ns_dir,
@@ -583,38 +588,47 @@ class LocalDiskBackend(Backend):
             field,
             "removed" if removed else "left in place",
         )
-        if removed and self._shared is not None:
-            self._shared.add(-self._require_io().stored_bytes)
 
     # ------------------------------------------------------------------ delete, eviction
 
     def _delete(self, keys: Sequence[str]) -> None:
         failed: list[str] = []
-        gone: list[str] = []
-        freed = 0
-        for key in keys:
-            try:
-                os.unlink(self._layout.page_path(key))
-                freed += 1
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                # Still on disk (read-only filesystem...): keep serving and accounting it.
-                log.warning("delete %s failed: %s", key, exc)
-                failed.append(key)
-                continue
-            gone.append(key)
+        self._unlink_counted(keys, failed)
+        failed_set = set(failed)
+        gone = [key for key in keys if key not in failed_set]
         with self._lock:
             for key in gone:
                 self._index.pop(key, None)
                 if self._policy is not None and key not in self._inflight:
                     self._policy.remove(key)
-        if self._shared is not None and freed:
-            self._shared.add(-freed * self._require_io().stored_bytes)
         if failed:
             raise BackendError(
                 f"localdisk: could not delete {len(failed)} page(s), e.g. {failed[0]}"
             )
+
+    def _unlink_counted(self, keys: Sequence[str], failed: list[str] | None = None) -> int:
+        """Unlink page files (missing ones are fine); return how many this call removed.
+
+        In shared mode this runs inside an eviction round's lock, so no round can rescan between
+        an unlink and its decrement (which would count the page twice as gone).
+        """
+        shared = self._shared
+        with shared.evict_round() if shared is not None else contextlib.nullcontext():
+            freed = 0
+            for key in keys:
+                try:
+                    os.unlink(self._layout.page_path(key))
+                    freed += 1
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    # Still on disk (read-only filesystem...): keep serving and accounting it.
+                    log.warning("cannot remove page %s: %s", key, exc)
+                    if failed is not None:
+                        failed.append(key)
+            if shared is not None and freed:
+                shared.add(-freed * self._require_io().stored_bytes)
+        return freed
 
     def take_evicted(self) -> list[str]:
         # docstring inherited
@@ -641,21 +655,26 @@ class LocalDiskBackend(Backend):
         for key in keys:
             _remove(self._layout.page_path(key))
 
-    def _shared_enforce(self, own_pending: int) -> None:
-        """Run one eviction round if the shared counter is (still) over ``max_bytes``."""
+    def _shared_enforce(self, need: int) -> None:
+        """Run one eviction round if the shared counter plus ``need`` is (still) over the bound.
+
+        The round rescans the directory, so it decides on what is really there, and re-anchors
+        the counter on it by a delta (concurrent additions are kept), which also removes the
+        drift a killed process leaves.
+        """
         shared = self._shared
         assert shared is not None
         stored = self._require_io().stored_bytes
         with shared.evict_round():
             before = shared.read()
-            if before <= self._max_bytes:
+            if before + need <= self._max_bytes:
                 return  # another process's round made room while we waited
             scan = self._layout.scan()
             pages = [p for p in scan.pages if p.size == stored]
             on_disk = sum(p.size for p in pages)
-            pending = scan.live_temps * stored + own_pending
-            # Crashed writers leave reservations nobody settles: re-anchor on what is there.
-            drift = before - (on_disk + pending)
+            # Other writers' temporaries are pages about to land: make room for them too.
+            pending = scan.live_temps * stored + need
+            drift = before - on_disk
             pages.sort(key=lambda p: p.mtime_ns, reverse=True)
             ranking = TailFirstLRU(self._max_bytes)
             ranking.add([p.key for p in pages], [p.size for p in pages])

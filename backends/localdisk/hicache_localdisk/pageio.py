@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from hicache.errors import PageCorruptError
 from hicache.storage.backend import PageStatus
@@ -35,10 +36,13 @@ from hicache_localdisk.fsio import (
 )
 from hicache_localdisk.layout import Layout
 
-__all__ = ["PageIO", "ReadResult"]
+__all__ = ["PARALLEL_HASH_MIN_BYTES", "PageIO", "ReadResult"]
 
 log = logging.getLogger(__name__)
 
+#: Pages at least this large are checksummed on a helper thread while the payload is written
+#: (xxh3 releases the GIL); below it the hand-off costs more than it hides.
+PARALLEL_HASH_MIN_BYTES = 1 << 20
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 
@@ -64,6 +68,7 @@ class PageIO:
         fsync: bool,
         direct: bool,
         verify: bool,
+        hash_threads: int = 4,
     ) -> None:
         self._layout = layout
         self._ns = layout.namespace
@@ -79,6 +84,9 @@ class PageIO:
         #: Set after the first EROFS/EPERM on a recency touch: stop trying on this filesystem.
         self._touch_off = False
         self._failures_logged: set[tuple[str, int | None]] = set()
+        self._hasher: ThreadPoolExecutor | None = None
+        if page_bytes >= PARALLEL_HASH_MIN_BYTES:
+            self._hasher = ThreadPoolExecutor(hash_threads, thread_name_prefix="hicache-xxh3")
 
     def _header(self) -> memoryview:
         buf: memoryview | None = getattr(self._local, "header", None)
@@ -86,6 +94,30 @@ class PageIO:
             # An anonymous mapping is page-aligned, as O_DIRECT needs for every iovec.
             buf = self._local.header = aligned_buffer(HEADER_SIZE)
         return buf
+
+    def close(self) -> None:
+        """Stop the hashing threads (idempotent)."""
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)
+            self._hasher = None
+
+    def _write_page(self, fd: int, key: str, src: memoryview) -> None:
+        header = self._header()
+        hasher = self._hasher
+        if hasher is None:
+            encode_header_into(header, self._ns, key, self._page_bytes, payload_checksum(src))
+            write_fully(fd, [header, src])
+            return
+        # The checksum pass costs as much CPU as the copy into the page cache: run it on another
+        # core while this thread writes the payload, then write the header (it holds the sum).
+        checksum = hasher.submit(payload_checksum, src)
+        try:
+            write_fully(fd, [src], HEADER_SIZE)
+        finally:
+            # Never return while a worker still reads the caller's buffer.
+            wait([checksum])
+        encode_header_into(header, self._ns, key, self._page_bytes, checksum.result())
+        write_fully(fd, [header], 0)
 
     def _direct_ok(self, buf: memoryview) -> bool:
         return self.direct and buffer_address(buf) % DIRECT_ALIGN == 0
@@ -103,9 +135,7 @@ class PageIO:
             return PageStatus.FAILED
         try:
             try:
-                header = self._header()
-                encode_header_into(header, self._ns, key, self._page_bytes, payload_checksum(src))
-                write_fully(fd, [header, src])
+                self._write_page(fd, key, src)
                 if self._chmod:
                     os.fchmod(fd, self._file_mode)
                 # Tail-first mtimes (set by the caller) let a restart rebuild chain-aware recency.

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 from hicache_localdisk import LocalDiskBackend
 from hicache_localdisk.fsio import aligned_buffer, buffer_address
+from hicache_localdisk.pageio import PARALLEL_HASH_MIN_BYTES
 
 from hicache.storage.backend import PageStatus
 from hicache.storage.pageformat import HEADER_SIZE
@@ -68,4 +69,34 @@ def test_direct_io_falls_back_for_unaligned_page_sizes(
     dst = memoryview(bytearray(size))
     assert backend.get_into([key], [dst]) == [PageStatus.OK]
     assert dst == payload_of(key, size)
+    backend.close()
+
+
+@pytest.mark.parametrize("direct_io", [False, True])
+def test_large_pages_checksummed_beside_the_write(
+    direct_io: bool,
+    make_backend: Callable[..., LocalDiskBackend],
+    key_of: Callable[..., str],
+    payload_of: Callable[..., bytes],
+) -> None:
+    size = PARALLEL_HASH_MIN_BYTES  # the payload-then-header write path with a helper thread
+    backend = make_backend(page_bytes=size, direct_io=direct_io, io_threads=2)
+    backend.open()
+    keys = [key_of(i, "large") for i in range(3)]
+    srcs = []
+    for key in keys:
+        buf = aligned_buffer(size)
+        buf[:] = payload_of(key, size)
+        srcs.append(buf)
+    assert backend.put(keys, srcs) == [PageStatus.OK] * 3
+    backend.close()
+    backend = make_backend(page_bytes=size, direct_io=direct_io)
+    backend.open()
+    dsts = [aligned_buffer(size) for _ in keys]
+    assert backend.get_into(keys, dsts) == [PageStatus.OK] * 3
+    assert all(d == payload_of(k, size) for k, d in zip(keys, dsts, strict=True))
+    with open(backend.page_path(keys[0]), "r+b") as f:
+        f.seek(HEADER_SIZE + size - 1)
+        f.write(b"\x01" if payload_of(keys[0], size)[-1] != 1 else b"\x02")
+    assert backend.get_into(keys[:1], dsts[:1]) == [PageStatus.CORRUPT]
     backend.close()
