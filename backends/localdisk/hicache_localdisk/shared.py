@@ -1,13 +1,14 @@
 """State several processes share on one root (``shared: true``): a usage counter and a lock.
 
-- ``.hicache-usage``  8 bytes: the bytes this namespace holds on disk plus the reservations of
-  writes in progress, updated under ``flock`` by every process (read-modify-write of 8 bytes).
+- ``.hicache-usage``  8 bytes: the bytes this namespace holds on disk, updated under ``flock`` by
+  every process (read-modify-write of 8 bytes). Pages are added after their rename and removed
+  inside an eviction round, so the counter only ever errs high.
 - ``.hicache-evict``  whoever holds its ``flock`` is the one process enforcing ``max_bytes`` right
   now. Election is per round: a writer that finds the counter over the bound takes the lock
   (waiting for a running round to finish), re-reads the counter, and evicts only if it is still
   over. The kernel drops the lock of a dead process, so a crash never wedges the others.
 
-The counter is an estimate (a process killed between reserving and publishing leaves drift);
+The counter is an estimate (a process killed between a rename and its count leaves drift);
 each eviction round rescans the directory and corrects it.
 """
 
