@@ -353,3 +353,61 @@ def test_events_off_keeps_nothing_but_still_publishes() -> None:
     assert cache.tiers.tiers[0].backend.exists(keys) == [True, True]
     cache.close()
     MemoryBackend.drop_shared_store(name)
+
+
+class OtherRank:
+    """A RankSync whose other rank reports the values a test sets (MIN over both ranks)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+        self.other: list[int] | None = None
+
+    def all_reduce_min(self, values: list[int]) -> list[int]:
+        self.calls.append(list(values))
+        other = self.other if self.other is not None else values
+        return [min(a, b) for a, b in zip(values, other, strict=True)]
+
+
+def test_rank_sync_agrees_on_acks_and_prefetch_lengths() -> None:
+    name = shared_name()
+    a = make([("mem", mem(name))])
+    tokens = list(range(4 * PS))
+    fill_and_insert(a, tokens)
+    publish_all(a)
+    sync = OtherRank()
+    dev = DevicePool(LAYOUT, 16, "cpu")
+    host = HostPool(LAYOUT, 16, pin=False)
+    b = HiRadixCache(
+        dev,
+        host,
+        CpuTransferEngine(dev, host),
+        identity=IDENTITY,
+        tiers=Tiers.from_backends([("mem", mem(name))]),
+        write_policy=WritePolicy.MANUAL,
+        prefetch_threshold_tokens=0,
+        rank_sync=sync,
+    )
+    # the sync is called on every writing_check, even with nothing pending
+    assert b.writing_check() == 0 and sync.calls == [[0]]
+    # a prefetch: this rank read 4 pages, the other only 2: both keep 2
+    handle = b.prefetch_from_storage(tokens)
+    assert handle is not None
+    sync.other = [0, 0]  # the other rank has not finished yet
+    assert b.check_prefetch(handle, wait=True) is None
+    sync.other = [1, 2]
+    assert b.check_prefetch(handle) == 2 * PS
+    assert sync.calls[-1] == [1, 4]
+    assert b.match_prefix(tokens).host_hit_pages == 2
+    assert b.host_pool.available == 16 - 2
+    # an ack complete here but not on the other rank is not finished
+    other = list(range(50, 50 + 2 * PS))
+    fill_and_insert(b, other)
+    ack = b.write_backup(b.match_prefix(other).last_node)
+    assert ack is not None
+    sync.other = [0]
+    assert b.writing_check() == 0 and b.ongoing_write_through
+    sync.other = [1]
+    assert b.writing_check() == 1 and not b.ongoing_write_through
+    a.close()
+    b.close()
+    MemoryBackend.drop_shared_store(name)
