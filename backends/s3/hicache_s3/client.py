@@ -15,7 +15,7 @@ from botocore.config import Config
 
 from hicache_s3.options import AddressingStyle, ChecksumAlgorithm, S3Options
 
-__all__ = ["DEFAULT_REGION", "inject_latency", "make_client", "sse_params"]
+__all__ = ["DEFAULT_REGION", "inject_latency", "make_client", "new_client", "sse_params"]
 
 #: Region used for signing when neither the options nor boto3's chain name one.
 DEFAULT_REGION = "us-east-1"
@@ -25,32 +25,32 @@ _loader_lock = threading.Lock()
 _loader: Any = None
 
 
-def _new_session() -> boto3.session.Session:
-    """A fresh session (own credential resolution) sharing one parsed-model loader.
+def new_client(service: str, **kwargs: Any) -> Any:
+    """A client of a fresh session (own credential resolution) sharing one model loader.
 
     Parsing botocore's S3 model takes ~0.3 s per session; sharing the loader makes opening many
     backends (one per tier, namespace or test) cheap. Credentials stay per session, so each
     backend resolves the default chain as it stands when it opens.
     """
     global _loader
+    # botocore's loader and client creation are not thread-safe: build clients one at a time
     with _loader_lock:
         core = botocore.session.Session()
         if _loader is None:
             _loader = core.get_component("data_loader")
         else:
             core.register_component("data_loader", _loader)
-        return boto3.session.Session(botocore_session=core)
+        session = boto3.session.Session(botocore_session=core)
+        kwargs.setdefault("region_name", session.region_name or DEFAULT_REGION)
+        return session.client(service, **kwargs)
 
 
 def make_client(options: S3Options) -> Any:
     """A thread-safe S3 client configured from ``options`` (its own boto3 session)."""
-    session = _new_session()
-    region = options.region or session.region_name or DEFAULT_REGION
     s3_config: dict[str, Any] = {}
     if options.addressing_style is not AddressingStyle.AUTO:
         s3_config["addressing_style"] = options.addressing_style.value
     config = Config(
-        region_name=region,
         connect_timeout=options.connect_timeout,
         read_timeout=options.read_timeout,
         retries={"mode": options.retry_mode.value, "total_max_attempts": options.max_attempts},
@@ -64,8 +64,8 @@ def make_client(options: S3Options) -> Any:
         response_checksum_validation="when_required",
         user_agent_extra="hicache-s3",
     )
-    with _loader_lock:  # creating clients is not thread-safe within botocore's loader
-        return session.client("s3", endpoint_url=options.endpoint_url, config=config)
+    extra = {"region_name": options.region} if options.region else {}
+    return new_client("s3", endpoint_url=options.endpoint_url, config=config, **extra)
 
 
 def sse_params(options: S3Options) -> dict[str, Any]:

@@ -11,10 +11,9 @@ import itertools
 import os
 from typing import Any
 
-import boto3
-
 from hicache.storage.backend import BackendContext
 from hicache_s3.backend import S3Backend
+from hicache_s3.client import new_client
 from hicache_s3.options import S3Options
 
 __all__ = [
@@ -37,8 +36,7 @@ def raw_client(endpoint_url: str, **kwargs: Any) -> Any:
 
     A fresh session every time: boto3's default session caches the credentials it found first.
     """
-    session = boto3.session.Session()
-    return session.client("s3", endpoint_url=endpoint_url, region_name="us-east-1", **kwargs)
+    return new_client("s3", endpoint_url=endpoint_url, region_name="us-east-1", **kwargs)
 
 
 def new_bucket(endpoint_url: str, client: Any = None) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from hicache_s3 import S3AccessDeniedError, S3Backend, S3BucketNotFoundError
+from hicache_s3.client import new_client
 from hicache_s3.devserver import DevServer
 from hicache_s3.testing import (
     PAGE_BYTES,
@@ -149,9 +150,8 @@ def test_wrong_credentials_are_a_clear_error_at_open(
         extra_env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"}, log_path=tmp_path / "m.log"
     ) as srv:
         iam = raw_client(srv.endpoint_url).__class__  # noqa: F841 - keep flake quiet on style
-        import boto3
 
-        admin = boto3.client("iam", endpoint_url=srv.endpoint_url, region_name="us-east-1")
+        admin = new_client("iam", endpoint_url=srv.endpoint_url)
         admin.create_user(UserName="hicache")
         key = admin.create_access_key(UserName="hicache")["AccessKey"]
         admin.put_user_policy(
