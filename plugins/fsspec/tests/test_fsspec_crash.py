@@ -41,12 +41,15 @@ def _writer(root: Path, write_mode: str, seed: int, ready_fd: int) -> None:
     rng = random.Random(seed)
     backend = _backend(root, write_mode)
     backend.open()
-    os.write(ready_fd, b"r")
     buf = memoryview(bytearray(PAGE))
+    ready = False
     while True:
         start = rng.randrange(KEYSPACE - 8)
         keys = [_key(i) for i in range(start, start + rng.randint(1, 8))]
         backend.put(keys, [memoryview(_payload(k)) for k in keys])
+        if not ready:  # the parent's random delay starts once the writer is really writing
+            os.write(ready_fd, b"r")
+            ready = True
         if rng.random() < 0.2:
             backend.delete([keys[-1]])
         if rng.random() < 0.3:
@@ -59,7 +62,11 @@ def test_sigkill_mid_write_never_leaves_a_partial_page(tmp_path: Path, write_mod
     rng = random.Random(99)
     keys = [_key(i) for i in range(KEYSPACE)]
     kills_with_temporaries = 0
-    for it in range(ITERATIONS):
+    it = 0
+    # Run the configured number of kills, and more (up to 3x) until at least one landed while a
+    # temporary was on disk: on a loaded machine a short run may miss every write window.
+    while it < ITERATIONS or (kills_with_temporaries == 0 and it < 3 * ITERATIONS):
+        it += 1
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
