@@ -12,7 +12,8 @@ Counter names (all monotonic):
 - ``get_pages``, ``get_ok``, ``get_not_found``, ``get_corrupt``, ``get_failed``, ``bytes_read``
 - ``put_pages``, ``put_stored``, ``put_failed``, ``bytes_written``
 - ``announced_pages``   pages announced ``BlockStored(<medium>)`` on this tier
-- ``unannounced_pages`` acknowledged pages not announced (a failure earlier in their chain)
+- ``unannounced_pages`` pages handed to this tier and not announced (failed, dropped, after
+                        a failure in their chain, or with their head not on the tier)
 - ``evicted_pages``     pages the backend reported through ``take_evicted``
 - ``promoted_pages``    pages copied here from a later tier (promotion)
 - ``dropped_backpressure``, ``dropped_breaker``, ``dropped_admission``   pages not published
