@@ -228,3 +228,20 @@ def test_tiers_from_config_settings() -> None:
     assert tiers.tiers[0].medium == "SHM"
     assert tiers.tiers[1].backend.context.read_only
     assert tiers.tiers[1].backend.context.namespace == "kv-abc"
+
+
+class CannotOpen(Switchboard):
+    def _open(self) -> None:
+        raise ConnectionError("bucket missing")
+
+
+def test_a_tier_that_cannot_open_is_left_out() -> None:
+    broken, good = CannotOpen(), Switchboard()
+    tiers = Tiers.from_backends([("broken", broken), ("good", good)])
+    assert tiers.open() == ["broken"]
+    assert [t.name for t in tiers.publishing] == ["good"]
+    keys = [key(1)]
+    fill(good, keys)
+    assert [(r.tier.name, r.start, r.end) for r in tiers.lookup(keys)] == [("good", 0, 1)]
+    assert tiers.stats()["broken"]["errors_by_kind"] == {"ConnectionError": 1}
+    tiers.close()

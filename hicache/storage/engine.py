@@ -273,6 +273,8 @@ class StorageEngine:
             self._announce(group, out.events)
             self._maybe_finish(group)
         for tier in self.tiers.tiers:
+            if not tier.available:
+                continue
             try:
                 evicted = tier.backend.take_evicted()
             except Exception as exc:

@@ -96,6 +96,8 @@ class Tier:
     backend: Backend
     settings: TierSettings = field(default_factory=TierSettings)
     stats: TierStats = field(default_factory=TierStats)
+    #: False when ``open()`` failed: the cascade and publishing skip the tier.
+    available: bool = True
 
     @property
     def medium(self) -> str:
@@ -232,10 +234,24 @@ class Tiers:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def open(self) -> None:
-        """Open every backend (idempotent)."""
+    def open(self) -> list[str]:
+        """Open every backend (idempotent); return the names of tiers that failed to open.
+
+        A tier that cannot open is logged, counted and left out (``available`` false): storage
+        is an accelerator, so a missing bucket or disk never stops the cache from starting.
+        """
+        failed = []
         for t in self.tiers:
-            t.backend.open()
+            try:
+                t.backend.open()
+            except Exception as exc:
+                t.available = False
+                t.stats.error(exc)
+                failed.append(t.name)
+                logger.error("tier %s: cannot open, left out: %s", t.name, exc)
+            else:
+                t.available = True
+        return failed
 
     def close(self) -> None:
         """Close every backend (idempotent); a failing close is logged, not raised."""
@@ -256,7 +272,7 @@ class Tiers:
     @property
     def publishing(self) -> list[Tier]:
         """The tiers pages are published to, in order."""
-        return [t for t in self.tiers if t.publishes]
+        return [t for t in self.tiers if t.publishes and t.available]
 
     def lookup(self, keys: Sequence[str]) -> list[TierRange]:
         """Cascade lookup: contiguous ranges from ``0``, each stored in the tier named.
@@ -268,6 +284,8 @@ class Tiers:
         for t in self.tiers:
             if pos >= len(keys):
                 break
+            if not t.available:
+                continue
             n = t.exists_prefix(keys[pos:])
             if n:
                 ranges.append(TierRange(t, pos, pos + n))
