@@ -119,3 +119,66 @@ def test_breaker_opens_on_a_dead_endpoint_and_closes_when_it_is_back(
         caller.close(wait=True)
     finally:
         server.kill()
+
+
+def _publish(cache: Any, tokens: list[int], seed: int) -> None:
+    import torch
+
+    layout = cache.device_pool.layout
+    pages = cache.device_pool.alloc(len(tokens) // cache.page_size)
+    assert pages is not None
+    gen = torch.Generator().manual_seed(seed)
+    for p in pages:
+        cache.device_pool.write_page(
+            p, torch.randn(layout.page_shape, generator=gen).to(layout.dtype)
+        )
+    cache.insert(tokens, pages)
+    cache.writing_check()
+    assert cache.storage.wait_idle(timeout=60)
+    cache.writing_check()
+
+
+def _external_pages(events: list[Any]) -> int:
+    from hicache.events import BlockStored
+
+    return sum(
+        len(e.block_hashes) for e in events if isinstance(e, BlockStored) and e.medium == "EXTERNAL"
+    )
+
+
+def test_cache_degrades_to_misses_while_s3_is_down(aws_env: dict[str, str], tmp_path: Path) -> None:
+    """Two caches on one bucket; the server dies: publishing fails without announcing anything,
+    prefetch is a miss, nothing raises or hangs; after the server is back both work again."""
+    pytest.importorskip("torch")
+    from hicache.config import load_config
+    from hicache.hiradix import HiRadixCache
+
+    server = DevServer(log_path=tmp_path / "moto.log").start()
+    try:
+        bucket = new_bucket(server.endpoint_url)
+        config = load_config(_config(tmp_path, server.endpoint_url, bucket))
+        writer = HiRadixCache.from_config(config, device_pages=64, device="cpu")
+        reader = HiRadixCache.from_config(config, device_pages=64, device="cpu")
+        ps = writer.page_size
+        shared = list(range(1000, 1000 + 4 * ps))
+        _publish(writer, shared, seed=1)
+        assert _external_pages(writer.take_events()) == 4
+
+        server.kill()
+        _publish(writer, list(range(5000, 5000 + 4 * ps)), seed=2)  # returns: failures counted
+        assert _external_pages(writer.take_events()) == 0  # a failed backup is never announced
+        assert writer.tiers is not None
+        assert writer.tiers.stats()["shared"]["put_stored"] == 4
+        handle = reader.prefetch_from_storage(shared)
+        assert handle is not None
+        assert reader.check_prefetch(handle, wait=True) == 0  # a miss, not an exception
+        assert reader.match_prefix(shared).host_hit_pages == 0
+
+        server.restart()
+        raw_client(server.endpoint_url).create_bucket(Bucket=bucket)  # moto kept nothing
+        _publish(reader, list(range(9000, 9000 + 3 * ps)), seed=3)
+        assert _external_pages(reader.take_events()) == 3  # the same instance works again
+        writer.close()
+        reader.close()
+    finally:
+        server.kill()
