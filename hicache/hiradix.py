@@ -20,6 +20,21 @@ Read top to bottom, this is where a page goes:
 - ``prefetch_from_storage`` / ``check_prefetch``   L3 -> L2 for the pages after a match
 - ``take_events``        drain every event
 
+Typical use by a serving loop::
+
+    cache = HiRadixCache.from_config(load_config("hicache.yaml"), device_pages=4096)
+    r = cache.match_prefix(tokens)               # L1 pages + how many pages only L2 has
+    h = cache.prefetch_from_storage(tokens)      # L3 -> L2 for what follows (or None)
+    if h is not None:
+        cache.check_prefetch(h, wait=True)       # or poll it on later steps
+        r = cache.match_prefix(tokens)
+    if r.host_hit_pages:
+        cache.load_back(r.last_host_node)        # L2 -> L1
+    ...                                          # compute the rest into new device pages
+    dup = cache.insert(tokens, pages)            # the caller frees pages[: dup // page_size]
+    cache.writing_check()                        # every step: acks -> events + publishes
+    events = cache.take_events()
+
 Invariants: what L2 holds is prefix-closed (a node is backed up only under the root or a
 backed-up parent); device nodes are ancestor-closed (L1 eviction is leaf-first); host pages
 under storage I/O are held per page by the storage engine, so an eviction meanwhile only
