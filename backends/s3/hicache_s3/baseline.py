@@ -29,8 +29,9 @@ class S3RawBaseline(RawBaseline):
 
     def __init__(self, options: S3Options) -> None:
         self.options = options
-        root = f"{options.prefix}.bench-raw-{os.getpid()}" if options.prefix else None
-        self._prefix = f"{root or f'bench-raw-{os.getpid()}'}/"
+        # beside the backend's prefix, never under it, and never a valid namespace name (the
+        # leading dot), so listings of hicache pages and namespaces do not see these objects
+        self._prefix = f"{options.prefix}.bench-raw-{os.getpid()}/"
         self._client: Any = None
         self._pool: ThreadPoolExecutor | None = None
 

@@ -25,10 +25,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["DevServer", "dummy_aws_env", "free_port"]
+__all__ = ["DevServer", "create_bucket", "dummy_aws_env", "free_port"]
 
 _START_TIMEOUT_S = 60.0
 
@@ -171,15 +171,6 @@ class DevServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def running(bucket: str | None = None) -> Iterator[DevServer]:
-    """Start a server (creating ``bucket`` if given) for the duration of the block."""
-    with DevServer() as server:
-        if bucket:
-            create_bucket(server.endpoint_url, bucket)
-        yield server
 
 
 def create_bucket(endpoint_url: str, bucket: str) -> None:

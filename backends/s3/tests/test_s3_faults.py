@@ -186,10 +186,17 @@ def test_wrong_credentials_are_a_clear_error_at_open(
 def test_addressing_styles_on_an_ip_endpoint(s3_options: dict[str, Any], style: str) -> None:
     """botocore sends path-style requests to IP endpoints whatever the style (no DNS needed)."""
     with make_s3_backend({**s3_options, "addressing_style": style}) as backend:
+        assert isinstance(backend, S3Backend)
+        urls: list[str] = []
+        backend.client.meta.events.register(
+            "before-send.s3", lambda request, **_: urls.append(request.url)
+        )
         keys, payloads = page_keys(2, style), page_payloads(2)
         assert backend.put(keys, payloads) == [PageStatus.OK] * 2
         statuses, bufs = _get(backend, keys)
         assert statuses == [PageStatus.OK] * 2 and bufs == [bytearray(p) for p in payloads]
+    bucket_path = f"{s3_options['endpoint_url']}/{s3_options['bucket']}/"
+    assert len(urls) >= 4 and all(url.startswith(bucket_path) for url in urls), urls[:2]
 
 
 def test_virtual_addressing_needs_bucket_dns(s3_server: DevServer, bucket: str) -> None:
