@@ -49,7 +49,7 @@ class ReplaySettings:
         *,
         trace: Path | None = None,
         config: Path | None = None,
-        limit: int | None = 4000,
+        limit: int | None = None,
         block_tokens: int | None = None,
         page_size: int = 16,
         num_layers: int = 2,
@@ -450,7 +450,7 @@ def print_report(report: ReplayReport) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if Console().is_terminal else 130)
     s = report.scaling
     console.print(
         f"[bold]hicache replay[/bold]: {s.requests} requests of {s.trace}\n"
@@ -533,7 +533,7 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("trace", nargs="?", type=Path, help="JSONL trace (default: shipped Mooncake)")
     p.add_argument("--config", type=Path, help="YAML config (default: embedded local-disk L3)")
-    p.add_argument("--limit", type=int, default=4000, help="first N requests (0 = all)")
+    p.add_argument("--limit", type=int, default=0, help="first N requests (default 0 = all)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--block-tokens", type=int, help="tokens per trace block (default: page size)")
     p.add_argument("--num-layers", type=int, default=2)
