@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 #: Pages at least this large are checksummed on a helper thread while the payload is written
 #: (xxh3 releases the GIL); below it the hand-off costs more than it hides.
 PARALLEL_HASH_MIN_BYTES = 1 << 20
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 
@@ -85,6 +86,8 @@ class PageIO:
         self._touch_off = False
         self._failures_logged: set[tuple[str, int | None]] = set()
         self._hasher: ThreadPoolExecutor | None = None
+        self._writers = 0
+        self._writers_lock = threading.Lock()
         if page_bytes >= PARALLEL_HASH_MIN_BYTES:
             self._hasher = ThreadPoolExecutor(hash_threads, thread_name_prefix="hicache-xxh3")
 
@@ -104,20 +107,28 @@ class PageIO:
     def _write_page(self, fd: int, key: str, src: memoryview) -> None:
         header = self._header()
         hasher = self._hasher
-        if hasher is None:
-            encode_header_into(header, self._ns, key, self._page_bytes, payload_checksum(src))
-            write_fully(fd, [header, src])
-            return
-        # The checksum pass costs as much CPU as the copy into the page cache: run it on another
-        # core while this thread writes the payload, then write the header (it holds the sum).
-        checksum = hasher.submit(payload_checksum, src)
+        with self._writers_lock:
+            self._writers += 1
+            # A helper thread only helps while cores are idle: each such put keeps two busy.
+            parallel = hasher is not None and 2 * self._writers <= _CORES
         try:
-            write_fully(fd, [src], HEADER_SIZE)
+            if not parallel or hasher is None:
+                encode_header_into(header, self._ns, key, self._page_bytes, payload_checksum(src))
+                write_fully(fd, [header, src])
+                return
+            # The checksum pass costs as much CPU as the copy into the page cache: run it on
+            # another core while this thread writes the payload, then write the header.
+            checksum = hasher.submit(payload_checksum, src)
+            try:
+                write_fully(fd, [src], HEADER_SIZE)
+            finally:
+                # Never return while a worker still reads the caller's buffer.
+                wait([checksum])
+            encode_header_into(header, self._ns, key, self._page_bytes, checksum.result())
+            write_fully(fd, [header], 0)
         finally:
-            # Never return while a worker still reads the caller's buffer.
-            wait([checksum])
-        encode_header_into(header, self._ns, key, self._page_bytes, checksum.result())
-        write_fully(fd, [header], 0)
+            with self._writers_lock:
+                self._writers -= 1
 
     def _direct_ok(self, buf: memoryview) -> bool:
         return self.direct and buffer_address(buf) % DIRECT_ALIGN == 0
