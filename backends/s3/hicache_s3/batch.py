@@ -75,8 +75,21 @@ def _collect(futures: Sequence[Future[T]], *, on_error: T, what: str) -> list[T]
             log.exception("S3 %s failed for one page", what)
             results.append(on_error)
     if unavailable is not None:
-        raise unavailable
+        raise _detached(unavailable)
     return results
+
+
+def _detached(exc: BaseException) -> BaseException:
+    """``exc`` without its traceback and chained causes, ready to raise to the caller.
+
+    The worker frames in them hold the caller's page buffers (and botocore's request, which
+    wraps them): the contract forbids keeping references to those once the call returns, and
+    a caller may well keep the exception. The cause is logged at debug level instead.
+    """
+    log.debug("S3 batch failed", exc_info=exc)
+    exc.__cause__ = None
+    exc.__context__ = None
+    return exc.with_traceback(None)
 
 
 def ordered_prefix(
@@ -118,5 +131,5 @@ def ordered_prefix(
     for fut in inflight:
         fut.cancel()
     if error is not None:
-        raise error
+        raise _detached(error)
     return result

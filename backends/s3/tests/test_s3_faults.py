@@ -101,7 +101,11 @@ def test_server_killed_mid_batch_then_back(private_server: DevServer) -> None:
             lambda: _get(backend, keys[:3]),
             lambda: backend.put(keys[:2], payloads[:2]),
         ):
-            assert isinstance(_run_bounded(call), BackendUnavailableError)
+            error = _run_bounded(call)
+            assert isinstance(error, BackendUnavailableError), error
+            # nothing of botocore's (nor the worker frames holding the caller's buffers) is
+            # chained to what the caller receives
+            assert error.__cause__ is None and error.__context__ is None
         # back on the same port (moto keeps no state across restarts: recreate the bucket);
         # the same open backend works again without a reopen
         private_server.restart()
