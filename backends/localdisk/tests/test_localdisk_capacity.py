@@ -19,8 +19,13 @@ CHAIN = 8
 
 
 def _disk_bytes(backend: LocalDiskBackend) -> int:
-    ns_dir = Path(backend.layout.ns_dir)
-    return sum(p.stat().st_size for p in ns_dir.glob("*/*"))
+    total = 0
+    for path in Path(backend.layout.ns_dir).glob("*/*"):
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:  # evicted by a concurrent writer since the listing
+            continue
+    return total
 
 
 def _assert_prefix_closed(backend: LocalDiskBackend, chain: list[str]) -> int:
