@@ -257,8 +257,10 @@ class RadixCache:
     def insert(self, key: Sequence[int], pages: Sequence[int]) -> int:
         """Insert ``key`` whose KV is in device ``pages`` (one page index per ``page_size``).
 
-        Returns how many leading tokens were already cached on the device: the caller still owns
-        (and frees) its pages for that range; the tree owns the rest from now on.
+        Returns how many leading tokens were already cached on the device: for that range the
+        tree keeps its own pages and ignores ``pages``; the tree owns the rest of ``pages`` from
+        now on. A caller that matched a prefix (and reused the tree's pages for it) frees only
+        its own pages between that prefix and the returned length.
         """
         key = key if type(key) is list else list(key)
         pages = pages if type(pages) is list else list(pages)

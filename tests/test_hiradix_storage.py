@@ -43,6 +43,7 @@ def make(
     device_pages: int = 32,
     host_pages: int = 32,
     threshold: int = 0,
+    policy: WritePolicy = WritePolicy.WRITE_THROUGH,
 ) -> HiRadixCache:
     dev = DevicePool(layout, device_pages, "cpu")
     host = HostPool(layout, host_pages, pin=False)
@@ -52,7 +53,7 @@ def make(
         CpuTransferEngine(dev, host),
         identity=identity,
         tiers=Tiers.from_backends(tiers),
-        write_policy=WritePolicy.WRITE_THROUGH,
+        write_policy=policy,
         prefetch_threshold_tokens=threshold,
         gpu_events=False,
     )
@@ -410,4 +411,58 @@ def test_rank_sync_agrees_on_acks_and_prefetch_lengths() -> None:
     assert b.writing_check() == 1 and not b.ongoing_write_through
     a.close()
     b.close()
+    MemoryBackend.drop_shared_store(name)
+
+
+def kv_page(prefix: Sequence[int]) -> torch.Tensor:
+    """What a model computes for the last page of ``prefix`` (a function of the whole prefix)."""
+    gen = torch.Generator().manual_seed(hash(tuple(prefix)) & 0xFFFF_FFFF)
+    return torch.randn(LAYOUT.page_shape, generator=gen).to(LAYOUT.dtype)
+
+
+@pytest.mark.parametrize("policy", [WritePolicy.WRITE_THROUGH, WritePolicy.WRITE_THROUGH_SELECTIVE])
+def test_serving_loop_with_two_instances_keeps_kv_correct(policy: WritePolicy) -> None:
+    """Requests through a small L1/L2 on two caches sharing a tier, as an engine would drive them:
+    every matched page holds exactly the KV of its prefix, whichever tier it came from."""
+    import random
+
+    name = shared_name()
+    rng = random.Random(5)
+    prompts = [[rng.randrange(1000) for _ in range(3 * PS)] for _ in range(4)]
+    caches = [
+        make([("mem", mem(name))], device_pages=12, host_pages=16, policy=policy) for _ in range(2)
+    ]
+    for step in range(120):
+        cache = caches[step % 2]
+        tokens = rng.choice(prompts) + [rng.randrange(3) for _ in range(rng.randrange(0, 3) * PS)]
+        h = cache.prefetch_from_storage(tokens)
+        if h is not None:
+            cache.check_prefetch(h, wait=True)
+        r = cache.match_prefix(tokens)
+        if r.host_hit_pages and cache.load_back(r.last_host_node) is not None:
+            r = cache.match_prefix(tokens)
+        cache.inc_lock_ref(r.last_node)
+        need = len(tokens) // PS - len(r.device_pages)
+        new = cache.device_pool.alloc(need)
+        if new is None:
+            cache.evict(need)
+            new = cache.device_pool.alloc(need)
+        if new is not None:
+            start = len(r.device_pages)
+            for j, p in enumerate(new):
+                cache.device_pool.write_page(p, kv_page(tokens[: (start + j + 1) * PS]))
+            dup = cache.insert(tokens, r.device_pages + new)
+            cache.device_pool.free(new[: max(0, dup // PS - start)])
+        cache.dec_lock_ref(r.last_node)
+        for p_i, page in enumerate(cache.match_prefix(tokens).device_pages):
+            assert torch.equal(cache.device_pool.read_page(page), kv_page(tokens[: (p_i + 1) * PS]))
+        cache.writing_check()
+    for c in caches:
+        publish_all(c)
+        assert c.protected_pages == 0 and not c.ongoing_write_through
+        assert c.device_pool.available + c.total_device_pages() == 12
+    assert sum(c.counters["prefetched_pages"] for c in caches) > 0
+    assert sum(c.counters["l2_evicted_pages"] + c.counters["l1_evicted_pages"] for c in caches) > 0
+    for c in caches:
+        c.close()
     MemoryBackend.drop_shared_store(name)
