@@ -255,8 +255,10 @@ class S3Backend(Backend):
         )
 
     def _exists_prefix(self, keys: Sequence[str]) -> int:
+        # two windows of work: the workers stay busy while the head of the chain is still in
+        # flight; a gap wastes at most this many HEADs
         return ordered_prefix(
-            self._workers(), self._head, keys, window=self.options.max_concurrency
+            self._workers(), self._head, keys, window=2 * self.options.max_concurrency
         )
 
     # ------------------------------------------------------------------ put
