@@ -17,7 +17,9 @@ Read top to bottom, this is where a page goes:
                          ``BlockRemoved(GPU)``); others are deleted
 - ``evict_host``         L2: least recently used host-only leaves (``BlockRemoved(CPU_PINNED)``)
 - ``load_back``          L2 -> L1 for the host-only nodes of a match
-- ``prefetch_from_storage`` / ``check_prefetch``   L3 -> L2 for the pages after a match
+- ``prefetch_from_storage`` / ``check_prefetch``   L3 -> L2 for the pages after a match; the
+                         prefetch policy (``best_effort`` / ``wait_complete`` / ``timeout``)
+                         decides how long a request waits, then it keeps the pages that landed
 - ``take_events``        drain every event
 
 Typical use by a serving loop::
@@ -50,11 +52,13 @@ from enum import StrEnum
 from itertools import islice
 from typing import TYPE_CHECKING, Protocol
 
+from hicache.config import PrefetchPolicy
 from hicache.events import EventQueue, KVEvent, Medium
 from hicache.keys import ModelIdentity, block_id, chain_hashes, seed_hash, storage_key
 from hicache.pools import DevicePool, HostPool
 from hicache.radix import RadixCache, TreeNode
 from hicache.storage.engine import PublishGroup, PublishPage, StorageEngine
+from hicache.storage.prefetch import PrefetchOutcome, PrefetchRules, PrefetchWait
 from hicache.storage.tiers import Tiers
 from hicache.transfer import Direction, TransferEngine
 
@@ -122,6 +126,8 @@ class PrefetchHandle:
     result_pages: int | None = field(default=None)
     done: bool = False
     inserted_tokens: int = 0
+    #: The request's wait under the prefetch policy (None: no limit).
+    wait: PrefetchWait | None = None
 
 
 class _DiscardEvents(EventQueue):
@@ -155,6 +161,7 @@ class HiRadixCache(RadixCache):
         write_policy: WritePolicy | str = WritePolicy.WRITE_THROUGH,
         selective_threshold: int = 2,
         prefetch_threshold_tokens: int = 256,
+        prefetch_rules: PrefetchRules | None = None,
         rank_sync: RankSync | None = None,
         gpu_events: bool = True,
         events: bool = True,
@@ -178,7 +185,11 @@ class HiRadixCache(RadixCache):
         self._backup_threshold = (
             selective_threshold if self.write_policy is WritePolicy.WRITE_THROUGH_SELECTIVE else 1
         )
-        self.prefetch_threshold_tokens = prefetch_threshold_tokens
+        #: The prefetch policy; without one a request waits for its whole prefetch.
+        self.prefetch_rules = prefetch_rules or PrefetchRules(
+            PrefetchPolicy.WAIT_COMPLETE, threshold_tokens=prefetch_threshold_tokens
+        )
+        self.prefetch_threshold_tokens = self.prefetch_rules.threshold_tokens
         self.rank_sync: RankSync = rank_sync or NoRankSync()
         self.ongoing_write_through: dict[int, PendingWrite] = {}
         self._acked: set[int] = set()
@@ -261,7 +272,7 @@ class HiRadixCache(RadixCache):
             identity=ModelIdentity(m.name, m.revision, m.tenant_salt),
             tiers=tiers,
             write_policy=str(c.write_policy),
-            prefetch_threshold_tokens=config.storage.prefetch.threshold_tokens,
+            prefetch_rules=PrefetchRules.from_config(config.storage.prefetch),
             rank_sync=rank_sync,
             gpu_events=config.events.enabled,
             events=config.events.enabled,
@@ -270,7 +281,9 @@ class HiRadixCache(RadixCache):
     def close(self) -> None:
         """Finish storage I/O (announcing what completed), stop the workers, close the tiers."""
         if self.storage is not None:
-            self.storage.wait_idle()
+            # bounded: a call hung in a backend past its deadline is not waited for (its
+            # pages stay held until it returns, then they are freed)
+            self.storage.wait_idle(self.storage.drain_timeout_s(), holds=False)
             self._poll_storage()
             self.storage.close()
         if self.tiers is not None:
@@ -540,6 +553,8 @@ class HiRadixCache(RadixCache):
         start = (len(r.device_pages) + r.host_hit_pages) * ps
         n = (len(key) - start) // ps
         if n <= 0 or n * ps < self.prefetch_threshold_tokens:
+            if n > 0:
+                self.storage.count_prefetch(PrefetchOutcome.SKIPPED)
             return None
         base = r.last_host_node
         parent_hash = self.seed if base is self.root else self.node_hashes(base)[-1]
@@ -556,8 +571,14 @@ class HiRadixCache(RadixCache):
             host = self.host_pool.alloc(n)
             assert host is not None
             hashes = hashes[:n]
-        ticket = self.storage.submit_prefetch([storage_key(h) for h in hashes], host)
+        ticket = self.storage.submit_prefetch(
+            [storage_key(h) for h in hashes],
+            host,
+            token_ids=[key[start + j * ps : start + (j + 1) * ps] for j in range(n)],
+            parent_block_id=None if base is self.root else block_id(parent_hash),
+        )
         handle = PrefetchHandle(ticket, key[: start + n * ps], start, host, hashes, base)
+        handle.wait = self.prefetch_rules.start(n * ps)
         self._prefetches[ticket] = handle
         self.counters["prefetches"] += 1
         return handle
@@ -579,23 +600,39 @@ class HiRadixCache(RadixCache):
         return super()._evictable(node)
 
     def check_prefetch(self, handle: PrefetchHandle, *, wait: bool = False) -> int | None:
-        """Finish ``handle`` if every rank's read completed; return the tokens it added to L2.
+        """Finish ``handle`` if every rank's read completed or stopped; return the tokens it
+        added to L2.
 
-        Returns None while it is still running (with ``wait``, blocks until it finished). The
-        longest contiguous ``OK`` prefix, agreed through ``RankSync`` (always called), becomes
-        L2-only nodes; the other pages are freed.
+        Returns None while the request should keep waiting. The prefetch policy decides when it
+        stops waiting: ``wait_complete`` never, ``best_effort`` at the first check that finds
+        it unfinished, ``timeout`` once its budget passed; a stopped prefetch keeps the pages
+        that already landed (contiguously from the first) and the rest are freed once the
+        workers let go of them. With ``wait`` this blocks until the prefetch finished (under
+        ``timeout``, at most until the budget passed). The decision and the length, agreed
+        through ``RankSync`` (always called), become L2-only nodes.
         """
         if handle.done:
             return handle.inserted_tokens
         assert self.storage is not None
         if wait and handle.result_pages is None:
-            self.storage.wait_prefetch(handle.ticket)
+            limit = None
+            if self.prefetch_rules.policy is PrefetchPolicy.TIMEOUT and handle.wait is not None:
+                limit = handle.wait.remaining()
+            self.storage.wait_prefetch(handle.ticket, limit)
         self._poll_storage()
-        local_done = handle.result_pages is not None
-        local_len = handle.result_pages or 0
-        done, ok = self.rank_sync.all_reduce_min([int(local_done), local_len])
+        arrived = handle.result_pages is not None
+        stopped = not arrived and handle.wait is not None and handle.wait.expired()
+        if arrived:
+            local_len = handle.result_pages or 0
+        elif stopped:
+            local_len = self.storage.prefetch_progress(handle.ticket)
+        else:
+            local_len = 0
+        done, ok = self.rank_sync.all_reduce_min([int(arrived or stopped), local_len])
         if not done:
             return None
+        if not arrived:
+            self.storage.abandon_prefetch(handle.ticket)
         self._prefetches.pop(handle.ticket, None)
         handle.done = True
         try:
@@ -631,7 +668,8 @@ class HiRadixCache(RadixCache):
                     self._emit_stored(node, Medium.CPU_PINNED)
                     inserted = len(keep) * ps
         if drop:
-            self.host_pool.free(drop)
+            # a stopped prefetch's workers may still write into these: free at the last release
+            self.host_pool.free_when_released(drop)
         self.counters["prefetched_pages"] += len(keep)
         self.counters["prefetch_discarded_pages"] += len(drop)
         return inserted

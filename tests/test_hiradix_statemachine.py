@@ -1,6 +1,12 @@
 """Random interleavings of insert / match / write_backup / partial acks / storage completions
 (with injected failures) / evictions / prefetches / load backs, checked against a plain model
-after every step."""
+after every step.
+
+The first tier ("flaky") also goes down (``BackendUnavailableError``: retried, then its circuit
+breaker opens; a fake clock lets a probe close it) and hangs past its deadline (the engine stops
+waiting, the pages stay held until the call returns); the fragment invariants still hold, no
+tail is announced on a tier without its head, and every acked page reaches each tier at most
+once and is either handed over or counted as dropped."""
 
 from __future__ import annotations
 
@@ -15,15 +21,17 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from hicache.errors import BackendUnavailableError
 from hicache.events import BlockRemoved, BlockStored, KVEvent, Medium
 from hicache.hiradix import HiRadixCache, PrefetchHandle, WritePolicy
 from hicache.keys import ModelIdentity, block_id, chain_hashes, seed_hash, storage_key
 from hicache.pools import DevicePool, HostPool, KVLayout
 from hicache.radix import TreeNode
 from hicache.storage.backend import Backend, BackendConfig, BackendContext, Capabilities, PageStatus
+from hicache.storage.calls import RetryPolicy
 from hicache.storage.engine import key_block_id
 from hicache.storage.memory import MemoryBackend, MemoryConfig
-from hicache.storage.tiers import Tiers
+from hicache.storage.tiers import Tier, Tiers, TierSettings
 from hicache.transfer import ManualTransferEngine
 
 PS = 2
@@ -33,6 +41,17 @@ SEED = seed_hash(IDENTITY)
 NS = LAYOUT.namespace_spec().namespace()
 DEVICE_PAGES = 8
 HOST_PAGES = 10
+#: Deadline of the flaky tier's calls: only ever reached by calls the machine makes hang.
+FLAKY_DEADLINE_S = 0.05
+BREAKER_COOLDOWN_S = 10.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def kv_for(prefix: Sequence[int]) -> torch.Tensor:
@@ -54,6 +73,11 @@ class InjectingBackend(Backend):
         self.stored: set[str] = set()
         self.fail_keys: set[str] = set()
         self.raise_calls = False
+        #: Every call raises BackendUnavailableError before reaching storage (an outage).
+        self.down = False
+        #: When set, puts block on it (past the tier's deadline) until it is set.
+        self.hang: threading.Event | None = None
+        self.hung_now = 0
 
     @property
     def capabilities(self) -> Capabilities:
@@ -65,10 +89,24 @@ class InjectingBackend(Backend):
     def _close(self) -> None:
         self.inner.close()
 
+    def _check_down(self) -> None:
+        if self.down:
+            raise BackendUnavailableError("injected outage")
+
     def _exists(self, keys: Sequence[str]) -> list[bool]:
+        self._check_down()
         return self.inner.exists(keys)
 
     def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
+        self._check_down()
+        with self.lock:
+            hang = self.hang
+            if hang is not None:
+                self.hung_now += 1
+        if hang is not None:
+            hang.wait()
+            with self.lock:
+                self.hung_now -= 1
         with self.lock:
             self.puts.update(keys)
             if self.raise_calls:
@@ -84,6 +122,7 @@ class InjectingBackend(Backend):
         return out
 
     def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+        self._check_down()
         return self.inner.get_into(keys, dsts)
 
     def _delete(self, keys: Sequence[str]) -> None:
@@ -161,12 +200,24 @@ class HiRadixMachine(RuleBasedStateMachine):
         dev = DevicePool(LAYOUT, DEVICE_PAGES, "cpu")
         host = HostPool(LAYOUT, HOST_PAGES, pin=False)
         self.engine = ManualTransferEngine(dev, host)
+        self.clock = FakeClock()
+        self.flaky_tier = Tier(
+            "flaky",
+            self.flaky,
+            TierSettings(
+                deadline_s=FLAKY_DEADLINE_S,
+                breaker_failures=2,
+                breaker_cooldown_s=BREAKER_COOLDOWN_S,
+                retry=RetryPolicy(attempts=2, backoff_s=0.0),
+            ),
+            clock=self.clock,
+        )
         self.cache = Spy(
             dev,
             host,
             self.engine,
             identity=IDENTITY,
-            tiers=Tiers.from_backends([("flaky", self.flaky), ("steady", self.steady)]),
+            tiers=Tiers([self.flaky_tier, Tier("steady", self.steady)]),
             write_policy=WritePolicy.MANUAL,
             prefetch_threshold_tokens=PS,
             gpu_events=True,
@@ -181,6 +232,7 @@ class HiRadixMachine(RuleBasedStateMachine):
         if cache is None:
             return
         self.flaky.raise_calls = False
+        self.heal_flaky()
         self.engine.complete_all()
         for h in self.handles:
             cache.check_prefetch(h, wait=True)
@@ -208,9 +260,27 @@ class HiRadixMachine(RuleBasedStateMachine):
     def settle(self) -> None:
         self.cache.writing_check()
         assert self.cache.storage is not None
-        assert self.cache.storage.wait_idle(timeout=30)
+        # with a hang in place the holds of hung calls stay: wait for the jobs only
+        assert self.cache.storage.wait_idle(timeout=30, holds=self.flaky.hang is None)
         self.cache.writing_check()
         self.drain()
+
+    def heal_flaky(self) -> None:
+        """End every outage and hang; let the breaker probe again."""
+        self.flaky.down = False
+        hang, self.flaky.hang = self.flaky.hang, None
+        if hang is not None:
+            hang.set()
+        self.clock.now += BREAKER_COOLDOWN_S
+
+    def faults_active(self) -> bool:
+        return bool(
+            self.flaky.down
+            or self.flaky.hang is not None
+            or self.flaky.fail_keys
+            or self.flaky.raise_calls
+            or self.flaky_tier.breaker.would_refuse()
+        )
 
     # ------------------------------------------------------------------ rules
 
@@ -278,6 +348,30 @@ class HiRadixMachine(RuleBasedStateMachine):
             if known:
                 self.flaky.fail_keys = data.draw(st.sets(st.sampled_from(sorted(known))))
 
+    @rule(down=st.booleans())
+    def outage(self, down: bool) -> None:
+        """The flaky tier goes down (whole calls fail, retried, then its breaker opens), or
+        comes back."""
+        self.flaky.down = down
+
+    @precondition(lambda self: self.flaky.hang is None)
+    @rule()
+    def hang_flaky(self) -> None:
+        """The flaky tier's puts hang past their deadline until released."""
+        self.flaky.hang = threading.Event()
+
+    @precondition(lambda self: self.flaky.hang is not None)
+    @rule()
+    def release_hang(self) -> None:
+        hang, self.flaky.hang = self.flaky.hang, None
+        assert hang is not None
+        hang.set()
+
+    @rule()
+    def cooldown_passes(self) -> None:
+        """Time passes: an open breaker lets its next call through as a probe."""
+        self.clock.now += BREAKER_COOLDOWN_S
+
     @rule(n=st.integers(1, 20))
     def evict_l1(self, n: int) -> None:
         self.cache.evict(n)
@@ -304,9 +398,14 @@ class HiRadixMachine(RuleBasedStateMachine):
         while n < len(keys) and keys[n] in self.steady.stored:
             n += 1
         base_backed = handle.base is self.cache.root or handle.base.host_value is not None
+        faulty = self.faults_active()
         got = self.cache.check_prefetch(handle, wait=True)
         assert got is not None
-        if base_backed:
+        if faulty:
+            # an outage of the first tier sends the cascade to the second (which holds at least
+            # what the first does) or fails a read: never more than the stores hold
+            assert got % PS == 0 and 0 <= got <= n * PS
+        elif base_backed:
             assert got == n * PS
         else:
             assert got in (0, n * PS)
@@ -336,7 +435,7 @@ class HiRadixMachine(RuleBasedStateMachine):
         release) wait for the next poll by the cache, so every run of a step sequence sees
         the same state (hypothesis needs determinism)."""
         assert self.cache.storage is not None
-        assert self.cache.storage.wait_idle(timeout=30)
+        assert self.cache.storage.wait_idle(timeout=30, holds=self.flaky.hang is None)
 
     @invariant()
     def tree_is_consistent(self) -> None:
@@ -433,7 +532,9 @@ class HiRadixMachine(RuleBasedStateMachine):
             with b.lock:
                 puts = Counter(b.puts)
             assert puts - acked == Counter()
-        # a tier announces only pages it stored, and never a tail of an ack without its head
+        # a tier announces only pages it stored, never twice, and never a tail without its
+        # head: inside an ack the parent was announced before; an ack's first page chains to a
+        # page announced before or stored there before (read back from that tier)
         firsts = {block_id(hs[0]) for _, hs, _ in cache.finished}
         for b in (self.flaky, self.steady):
             with b.lock:
@@ -443,8 +544,12 @@ class HiRadixMachine(RuleBasedStateMachine):
                 if isinstance(e, BlockStored) and e.medium == b.medium:
                     bid = e.block_hashes[0]
                     assert bid in stored
+                    assert bid not in announced
+                    parent = e.parent_block_hash
                     if bid not in firsts:
-                        assert e.parent_block_hash in announced
+                        assert parent in announced
+                    elif parent is not None:
+                        assert parent in announced or parent in stored
                     announced.add(bid)
 
     def final_checks(self) -> None:
@@ -454,9 +559,15 @@ class HiRadixMachine(RuleBasedStateMachine):
         assert cache.host_pool.total_holds() == 0
         assert cache.host_pool.pending_frees() == 0
         acked = Counter(storage_key(h) for _, hs, _ in cache.finished for h in hs)
-        # every acked page was handed exactly once to each publishing tier
-        assert self.flaky.puts == acked
+        # the healthy tier got every acked page exactly once
         assert self.steady.puts == acked
+        # the flaky one at most once each (a call refused by an outage never reached it), and
+        # every acked page was either handed to it or counted as dropped
+        assert self.flaky.puts - acked == Counter()
+        assert max(self.flaky.puts.values(), default=1) == 1
+        t = self.flaky_tier.stats.as_dict()
+        dropped = t["dropped_breaker"] + t["dropped_backpressure"] + t["dropped_admission"]
+        assert t["put_pages"] + dropped == sum(acked.values())
         removed = [e for e in self.events if isinstance(e, BlockRemoved)]
         assert all(e.medium in (Medium.GPU, Medium.CPU_PINNED) for e in removed)
 

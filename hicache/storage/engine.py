@@ -2,25 +2,35 @@
 
 - ``begin_publish()`` / ``publish(group, pages)`` / ``end_publish(group)``  hand the fragments of
   one write-through ack to every publishing tier, in prefix order
-- ``submit_prefetch(keys, host_pages)``  read a chain through the tier cascade into host pages
+- ``submit_prefetch(keys, host_pages, token_ids=...)``  read a chain through the tier cascade
+  into host pages (and promote what a later tier served into earlier ones, when enabled)
+- ``prefetch_progress(ticket)``  contiguous ``OK`` pages landed so far (for early termination)
+- ``abandon_prefetch(ticket)``   the request stopped waiting: drop the result when it comes
 - ``poll()``          collect finished work on the caller's thread: tier ``BlockStored`` /
                       ``BlockRemoved`` events and prefetch results; never blocks
-- ``wait_idle()``     block until nothing is in flight (tests, shutdown)
+- ``wait_idle()``     block until nothing is in flight and every hold is released (tests, shutdown)
 
 Rules the cache relies on:
 
-- **Holds per page**: every host page a worker reads or writes carries one hold per job
-  (``HostPool.hold``) from submit until ``poll`` sees the job finish, so evicting or splitting a
-  node meanwhile cannot free the page under the worker.
+- **Holds per page**: every host page a worker reads or writes carries one hold per job from
+  submit until the backend call really returned (:class:`~hicache.storage.calls.TierCaller`'s
+  ``on_return``), so evicting or splitting a node meanwhile cannot free the page under a
+  worker, even when the engine stopped waiting for a hung call at its deadline. The cache frees
+  pages with ``HostPool.free_when_released``.
 - **Ordered acknowledgement per tier**: the pages of one group (one ack) are announced as
   ``BlockStored(<tier medium>)`` only along the contiguous prefix the tier stored (``OK`` or
   ``ALREADY_EXISTS``), in order; after the first page that failed, nothing later in the group
-  is announced on that tier, even if it was stored.
-- **Failures are counted, never raised**: a backend exception fails its pages (see
-  :class:`~hicache.storage.tiers.Tier`), and a worker crash is logged and treated the same.
+  is announced on that tier, even if it was stored. Across groups, a page is announced only
+  when its parent is known to be on the tier (announced, or read from it); while the parent's
+  own publish is still in flight the page waits. So no tail is ever announced without its head.
+- **Never hurt the serving path**: a tier whose breaker is open, whose bytes in flight are at
+  their bound, or whose admission policy refuses a page gets no put: the pages are dropped and
+  counted (and the rest of that group is dropped for that tier, which must stay prefix-closed).
+  Failures are counted, never raised.
+- **Promotion** (opt-in, ``TierSettings.promote`` on the tier a page was found in): prefetched
+  pages are published to the earlier publishing tiers only, never back to their source tier.
 
-All methods except the worker bodies run on the cache's thread. This first version has no
-deadlines, retries, circuit breaker or backpressure (the next issue adds them).
+All methods except the worker bodies run on the cache's thread.
 """
 
 from __future__ import annotations
@@ -29,15 +39,19 @@ import itertools
 import logging
 import queue
 import threading
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from hicache.events import BlockRemoved, BlockStored, KVEvent
 from hicache.storage.backend import PageStatus
-from hicache.storage.tiers import Tier, Tiers
+from hicache.storage.inflight import InflightGate
+from hicache.storage.prefetch import PrefetchOutcome, classify, usable_prefix
+from hicache.storage.tiers import Tier, TierRange, Tiers
 
 __all__ = [
     "EnginePoll",
@@ -50,6 +64,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Block ids remembered per tier as "stored there" (for parent checks), ~100 bytes each.
+DEFAULT_KNOWN_CAPACITY = 1 << 20
 
 
 class HostPages(Protocol):
@@ -78,21 +95,23 @@ class PublishPage:
 
 @dataclass(frozen=True, slots=True)
 class PrefetchResult:
-    """A finished prefetch: one status per requested page, and the tier each OK page came from."""
+    """A finished prefetch: one status per requested page, and the tier each page came from."""
 
     ticket: int
     statuses: list[PageStatus]
     host_pages: list[int]
+    #: Name of the tier each page was read from (None: not found in any tier).
+    sources: list[str | None] = field(default_factory=list)
 
     @property
     def ok_pages(self) -> int:
         """Length of the contiguous ``OK`` prefix: the only pages the cache may use."""
-        n = 0
-        for s in self.statuses:
-            if s is not PageStatus.OK:
-                break
-            n += 1
-        return n
+        return usable_prefix(self.statuses)
+
+    @property
+    def outcome(self) -> PrefetchOutcome:
+        """How the prefetch ended (complete, short, failed, miss)."""
+        return classify(len(self.statuses), self.statuses)
 
 
 @dataclass(slots=True)
@@ -106,7 +125,12 @@ class EnginePoll:
 @dataclass(slots=True)
 class _TierProgress:
     next_batch: int = 0
+    next_page: int = 0
+    #: A page of this group failed on the tier: nothing later in the group is announced.
     broken: bool = False
+    #: Why a publish of this group was not sent to the tier (the stats counter): the rest of
+    #: the group is not sent either.
+    drop_reason: str | None = None
 
 
 @dataclass(slots=True)
@@ -120,6 +144,67 @@ class PublishGroup:
     closed: bool = False
     outstanding: int = 0
 
+    def settled(self) -> bool:
+        """Closed, nothing in flight, and every tier walked every batch."""
+        return (
+            self.closed
+            and self.outstanding == 0
+            and all(p.next_batch >= len(self.batches) for p in self.progress.values())
+        )
+
+
+class _Holds:
+    """Holds on host pages (and bytes of an in-flight gate) released at the last ``drop``."""
+
+    __slots__ = ("_count", "_engine", "_gate", "_lock", "_nbytes", "pages")
+
+    def __init__(
+        self,
+        engine: StorageEngine,
+        pages: list[int],
+        gate: InflightGate | None = None,
+        nbytes: int = 0,
+    ) -> None:
+        self._engine = engine
+        self.pages = pages
+        self._gate = gate
+        self._nbytes = nbytes
+        self._lock = threading.Lock()
+        self._count = 1
+        engine.host_pool.hold(pages)
+        engine._holds_changed(+1)
+
+    def add(self) -> None:
+        with self._lock:
+            if self._count <= 0:
+                raise RuntimeError("holds already released")
+            self._count += 1
+
+    def drop(self) -> None:
+        with self._lock:
+            self._count -= 1
+            last = self._count == 0
+        if last:
+            try:
+                self._engine.host_pool.release(self.pages)
+                if self._gate is not None:
+                    self._gate.release(self._nbytes)
+            finally:
+                self._engine._holds_changed(-1)
+
+
+@dataclass(slots=True)
+class _PrefetchJob:
+    ticket: int
+    keys: list[str]
+    host: list[int]
+    views: list[memoryview]
+    holds: _Holds
+    token_ids: list[list[int]] | None
+    parent_block_id: int | None
+    progress: int = 0
+    abandoned: bool = False
+
 
 @dataclass(frozen=True, slots=True)
 class _PutDone:
@@ -127,14 +212,41 @@ class _PutDone:
     tier: str
     batch: int
     statuses: list[PageStatus]
-    host_pages: list[int]
 
 
 @dataclass(frozen=True, slots=True)
 class _GetDone:
     ticket: int
     statuses: list[PageStatus]
-    host_pages: list[int]
+    ranges: list[TierRange]
+
+
+@dataclass(frozen=True, slots=True)
+class _Evicted:
+    tier: str
+    keys: list[str]
+
+
+class _Known:
+    """A bounded LRU set of block ids (forgetting one only ever withholds announcements)."""
+
+    __slots__ = ("_ids", "capacity")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._ids: OrderedDict[int, None] = OrderedDict()
+
+    def add(self, block_id: int) -> None:
+        self._ids[block_id] = None
+        self._ids.move_to_end(block_id)
+        if len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+
+    def discard(self, block_id: int) -> None:
+        self._ids.pop(block_id, None)
+
+    def __contains__(self, block_id: object) -> bool:
+        return block_id in self._ids
 
 
 class StorageEngine:
@@ -148,21 +260,42 @@ class StorageEngine:
         page_size: int,
         lora_id: int | None = None,
         workers: int = 4,
+        known_capacity: int = DEFAULT_KNOWN_CAPACITY,
+        evict_poll_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tiers = tiers
         self.host_pool = host_pool
         self.page_size = page_size
         self.lora_id = lora_id
+        self.evict_poll_interval_s = evict_poll_interval_s
+        self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hicache-io")
-        self._done: queue.SimpleQueue[_PutDone | _GetDone] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[_PutDone | _GetDone | _Evicted] = queue.SimpleQueue()
         self._futures: set[Future[None]] = set()
         self._futures_lock = threading.Lock()
+        self._holds_cv = threading.Condition()
+        self._holds_out = 0
         self._groups: dict[int, PublishGroup] = {}
         self._group_ids = itertools.count(1)
         self._tickets = itertools.count(1)
+        self._prefetch_jobs: dict[int, _PrefetchJob] = {}
         self._prefetch_futures: dict[int, Future[None]] = {}
         self._tier_by_name = {t.name: t for t in tiers.tiers}
-        self.counters = {"published_pages": 0, "announced_pages": 0, "unannounced_pages": 0}
+        self._known = {t.name: _Known(known_capacity) for t in tiers.tiers}
+        # pages published to a tier whose announcement is not decided yet (parent checks wait
+        # for these instead of giving up)
+        self._unresolved: dict[str, Counter[int]] = {t.name: Counter() for t in tiers.tiers}
+        self._evict_jobs: dict[str, Future[None]] = {}
+        self._evict_polled: dict[str, float] = {}
+        self.counters: dict[str, int] = {
+            "published_pages": 0,
+            "announced_pages": 0,
+            "unannounced_pages": 0,
+            "dropped_pages": 0,
+            "promoted_pages": 0,
+        }
+        self.prefetch_outcomes: Counter[str] = Counter()
         self._closed = False
 
     # ------------------------------------------------------------------ publish
@@ -170,26 +303,75 @@ class StorageEngine:
     def begin_publish(self) -> PublishGroup:
         """Start the group of one ack; pass it to :meth:`publish` for each fragment in order."""
         group = PublishGroup(next(self._group_ids))
-        group.progress = {t.name: _TierProgress() for t in self.tiers.publishing}
         self._groups[group.id] = group
         return group
 
-    def publish(self, group: PublishGroup, pages: Sequence[PublishPage]) -> None:
-        """Publish one fragment's ``pages`` to every publishing tier (off this thread)."""
+    def publish(
+        self,
+        group: PublishGroup,
+        pages: Sequence[PublishPage],
+        *,
+        targets: Sequence[Tier] | None = None,
+        admit: bool = True,
+    ) -> None:
+        """Publish one fragment's ``pages`` to every publishing tier (off this thread).
+
+        ``targets`` restricts the tiers (promotion); ``admit=False`` skips admission policies.
+        """
         if group.closed:
             raise ValueError(f"publish group {group.id} is already closed")
         batch = len(group.batches)
         group.batches.append(list(pages))
+        tiers = self.tiers.publishing if targets is None else list(targets)
+        for tier in tiers:
+            group.progress.setdefault(tier.name, _TierProgress())
         if not pages:
             return
-        host = [p.host_page for p in pages]
         keys = [p.key for p in pages]
-        for tier in self.tiers.publishing:
-            self.host_pool.hold(host)
+        for tier in tiers:
+            prog = group.progress[tier.name]
+            unresolved = self._unresolved[tier.name]
+            for p in pages:
+                unresolved[p.block_id] += 1
+            n = self._sendable(tier, prog, keys, admit)
+            if n == 0:
+                group.results[(tier.name, batch)] = [PageStatus.FAILED] * len(pages)
+                continue
+            nbytes = n * tier.page_bytes
+            if not tier.gate.try_acquire(nbytes):
+                prog.drop_reason = "dropped_backpressure"
+                self._count_drop(tier, "dropped_backpressure", n)
+                group.results[(tier.name, batch)] = [PageStatus.FAILED] * len(pages)
+                continue
+            host = [p.host_page for p in pages[:n]]
+            holds = _Holds(self, host, tier.gate, nbytes)
             views = [self.host_pool.page_view(h) for h in host]
             group.outstanding += 1
-            self._submit(self._put_job, group.id, tier, batch, keys, views, host)
-        self.counters["published_pages"] += len(pages)
+            self._submit(self._put_job, group.id, tier, batch, keys[:n], views, holds, len(keys))
+        if targets is None:
+            self.counters["published_pages"] += len(pages)
+
+    def _sendable(self, tier: Tier, prog: _TierProgress, keys: list[str], admit: bool) -> int:
+        """How many leading pages of a fragment go to ``tier`` (drops are counted here)."""
+        if prog.drop_reason is not None:
+            if admit:
+                tier.admission.admit(keys)  # still a sighting
+            self._count_drop(tier, prog.drop_reason, len(keys))
+            return 0
+        n = tier.admission.admit_prefix(keys) if admit else len(keys)
+        if n < len(keys):
+            prog.drop_reason = "dropped_admission"
+            self._count_drop(tier, "dropped_admission", len(keys) - n)
+        if n and tier.breaker.would_refuse():
+            prog.drop_reason = "dropped_breaker"
+            self._count_drop(tier, "dropped_breaker", n)
+            return 0
+        return n
+
+    def _count_drop(self, tier: Tier, counter: str, n: int) -> None:
+        if n:
+            tier.stats.add(**{counter: n})
+            self.counters["dropped_pages"] += n
 
     def end_publish(self, group: PublishGroup) -> None:
         """No more fragments for ``group``; it is forgotten once every tier finished it."""
@@ -203,43 +385,104 @@ class StorageEngine:
         batch: int,
         keys: list[str],
         views: list[memoryview],
-        host: list[int],
+        holds: _Holds,
+        total: int,
     ) -> None:
         try:
-            statuses = tier.put(keys, views)
-        except Exception as exc:  # Tier.put counts backend errors; this is a bug guard
+            statuses = tier.put(keys, views, on_return=holds.drop)
+        except Exception as exc:  # Tier.put never raises; this guards against bugs
             logger.exception("tier %s: publish worker failed", tier.name)
-            tier.stats.error(exc)
+            tier.stats.error(exc, "unexpected")
             statuses = [PageStatus.FAILED] * len(keys)
-        self._done.put(_PutDone(group, tier.name, batch, statuses, host))
+        statuses = statuses + [PageStatus.FAILED] * (total - len(keys))  # refused by admission
+        evicted = tier.take_evicted()
+        self._done.put(_PutDone(group, tier.name, batch, statuses))
+        if evicted:
+            self._done.put(_Evicted(tier.name, evicted))
 
     # ------------------------------------------------------------------ prefetch
 
-    def submit_prefetch(self, keys: Sequence[str], host_pages: Sequence[int]) -> int:
+    def submit_prefetch(
+        self,
+        keys: Sequence[str],
+        host_pages: Sequence[int],
+        *,
+        token_ids: Sequence[Sequence[int]] | None = None,
+        parent_block_id: int | None = None,
+    ) -> int:
         """Read the chain ``keys`` into ``host_pages`` through the cascade; return a ticket.
 
-        The pages are held until :meth:`poll` reports the result; the caller owns them again
-        (and frees or keeps them) after that.
+        The pages are held until every backend call reading them returned (possibly after the
+        result was reported). ``token_ids`` (one list per page) and ``parent_block_id`` (of the
+        page before ``keys[0]``) let pages found in a promoting tier be published, and
+        announced, to the earlier tiers.
         """
         if len(keys) != len(host_pages):
             raise ValueError(f"{len(keys)} keys but {len(host_pages)} host pages")
+        if token_ids is not None and len(token_ids) != len(keys):
+            raise ValueError(f"{len(keys)} keys but {len(token_ids)} token lists")
         ticket = next(self._tickets)
         host = list(host_pages)
-        self.host_pool.hold(host)
-        views = [self.host_pool.page_view(h) for h in host]
-        fut = self._submit(self._get_job, ticket, list(keys), views, host)
-        self._prefetch_futures[ticket] = fut
+        holds = _Holds(self, host)
+        job = _PrefetchJob(
+            ticket,
+            list(keys),
+            host,
+            [self.host_pool.page_view(h) for h in host],
+            holds,
+            [list(t) for t in token_ids] if token_ids is not None else None,
+            parent_block_id,
+        )
+        self._prefetch_jobs[ticket] = job
+        self._prefetch_futures[ticket] = self._submit(self._get_job, job)
         return ticket
 
-    def _get_job(
-        self, ticket: int, keys: list[str], views: list[memoryview], host: list[int]
-    ) -> None:
+    def _get_job(self, job: _PrefetchJob) -> None:
+        statuses: list[PageStatus] = []
+        ranges: list[TierRange] = []
         try:
-            statuses = self.tiers.get_into(keys, views)
-        except Exception:
+            ranges = self.tiers.lookup(job.keys)
+            for r in ranges:
+                job.holds.add()
+                got = r.tier.get_into(
+                    job.keys[r.start : r.end], job.views[r.start : r.end], on_return=job.holds.drop
+                )
+                statuses += got
+                ok = usable_prefix(got)
+                job.progress = r.start + ok
+                if ok < len(got):
+                    break
+        except Exception:  # the tiers never raise; this guards against bugs
             logger.exception("prefetch worker failed")
-            statuses = [PageStatus.FAILED] * len(keys)
-        self._done.put(_GetDone(ticket, statuses, host))
+            statuses = [PageStatus.FAILED] * len(job.keys)
+        statuses += [PageStatus.NOT_FOUND] * (len(job.keys) - len(statuses))
+        # the job's own hold goes first: without a late call, the pages are free of holds by
+        # the time the cache sees the result
+        job.holds.drop()
+        self._done.put(_GetDone(job.ticket, statuses, ranges))
+
+    def count_prefetch(self, outcome: PrefetchOutcome) -> None:
+        """Count a prefetch outcome decided by the cache (e.g. ``skipped`` below the threshold)."""
+        self.prefetch_outcomes[outcome.value] += 1
+
+    def drain_timeout_s(self) -> float:
+        """How long finishing the jobs in flight can take: the longest deadline of any tier,
+        times the calls one job makes (a cascade asks every tier, then reads), plus slack."""
+        deadlines = [t.settings.deadline_s for t in self.tiers.tiers] or [0.0]
+        return 2 * len(deadlines) * max(deadlines) + 1.0
+
+    def prefetch_progress(self, ticket: int) -> int:
+        """Pages of prefetch ``ticket`` that landed ``OK``, contiguously from the first."""
+        job = self._prefetch_jobs.get(ticket)
+        return job.progress if job is not None else 0
+
+    def abandon_prefetch(self, ticket: int) -> None:
+        """The cache stopped waiting for ``ticket``: its result will be dropped (no promotion);
+        its pages stay held until the workers return (free them with ``free_when_released``)."""
+        job = self._prefetch_jobs.get(ticket)
+        if job is not None:
+            job.abandoned = True
+            self.prefetch_outcomes[PrefetchOutcome.TIMED_OUT.value] += 1
 
     def wait_prefetch(self, ticket: int, timeout: float | None = None) -> bool:
         """Block until prefetch ``ticket`` finished (it is still reported by ``poll``)."""
@@ -252,51 +495,139 @@ class StorageEngine:
     # ------------------------------------------------------------------ completion
 
     def poll(self) -> EnginePoll:
-        """Collect finished jobs: release their holds, announce, return prefetch results."""
+        """Collect finished jobs: announce, report evictions, return prefetch results."""
         out = EnginePoll()
-        touched: dict[int, PublishGroup] = {}
         while True:
             try:
                 item = self._done.get_nowait()
             except queue.Empty:
                 break
-            self.host_pool.release(item.host_pages)
             if isinstance(item, _GetDone):
-                self._prefetch_futures.pop(item.ticket, None)
-                out.prefetches.append(PrefetchResult(item.ticket, item.statuses, item.host_pages))
-                continue
-            group = self._groups[item.group]
-            group.results[(item.tier, item.batch)] = item.statuses
-            group.outstanding -= 1
-            touched[group.id] = group
-        for group in touched.values():
-            self._announce(group, out.events)
-            self._maybe_finish(group)
-        for tier in self.tiers.tiers:
-            if not tier.available:
-                continue
-            try:
-                evicted = tier.backend.take_evicted()
-            except Exception as exc:
-                tier.stats.error(exc)
-                continue
-            if evicted:
-                out.events.append(BlockRemoved([key_block_id(k) for k in evicted], tier.medium))
+                self._finish_prefetch(item, out)
+            elif isinstance(item, _Evicted):
+                self._evicted(item, out.events)
+            else:
+                group = self._groups[item.group]
+                group.results[(item.tier, item.batch)] = item.statuses
+                group.outstanding -= 1
+        self._announce_all(out.events)
+        self._poll_evictions()
         return out
 
-    def _announce(self, group: PublishGroup, events: list[KVEvent]) -> None:
-        """Advance every tier along ``group``'s batches, in order, up to the first failure."""
+    def _finish_prefetch(self, item: _GetDone, out: EnginePoll) -> None:
+        self._prefetch_futures.pop(item.ticket, None)
+        job = self._prefetch_jobs.pop(item.ticket, None)
+        if job is None:
+            return
+        ok = usable_prefix(item.statuses)
+        sources: list[str | None] = [None] * len(item.statuses)
+        for r in item.ranges:
+            known = self._known[r.tier.name]
+            for i in range(r.start, min(r.end, ok)):
+                sources[i] = r.tier.name
+                known.add(key_block_id(job.keys[i]))
+        result = PrefetchResult(item.ticket, item.statuses, job.host, sources)
+        for tier in {r.tier for r in item.ranges}:
+            tier.stats.count_prefetch(result.outcome if not job.abandoned else "timed_out")
+        if job.abandoned:
+            return
+        self.prefetch_outcomes[result.outcome.value] += 1
+        self._promote(job, item.ranges, ok)
+        out.prefetches.append(result)
+
+    def _promote(self, job: _PrefetchJob, ranges: list[TierRange], ok: int) -> None:
+        if job.token_ids is None:
+            return
+        for r in ranges:
+            end = min(r.end, ok)
+            if not r.tier.settings.promote or end <= r.start:
+                continue
+            targets = self.tiers.earlier_publishing(r.tier)
+            if not targets:
+                continue
+            parent = job.parent_block_id if r.start == 0 else key_block_id(job.keys[r.start - 1])
+            pages = []
+            for i in range(r.start, end):
+                bid = key_block_id(job.keys[i])
+                pages.append(PublishPage(job.keys[i], job.host[i], bid, parent, job.token_ids[i]))
+                parent = bid
+            group = self.begin_publish()
+            self.publish(group, pages, targets=targets, admit=False)
+            self.end_publish(group)
+            for t in targets:
+                t.stats.add(promoted_pages=len(pages))
+            self.counters["promoted_pages"] += len(pages)
+
+    def _evicted(self, item: _Evicted, events: list[KVEvent]) -> None:
+        tier = self._tier_by_name[item.tier]
+        ids = [key_block_id(k) for k in item.keys]
+        known = self._known[item.tier]
+        for bid in ids:
+            known.discard(bid)
+        events.append(BlockRemoved(ids, tier.medium))
+
+    def _poll_evictions(self) -> None:
+        """Ask each tier for its own evictions now and then, off this thread."""
+        now = self._clock()
+        for tier in self.tiers.tiers:
+            job = self._evict_jobs.get(tier.name)
+            if job is not None and not job.done():
+                continue
+            last = self._evict_polled.get(tier.name)
+            if last is not None and now - last < self.evict_poll_interval_s:
+                continue
+            self._evict_polled[tier.name] = now
+            self._evict_jobs[tier.name] = self._submit(self._evict_job, tier)
+
+    def _evict_job(self, tier: Tier) -> None:
+        evicted = tier.take_evicted()
+        if evicted:
+            self._done.put(_Evicted(tier.name, evicted))
+
+    def _announce_all(self, events: list[KVEvent]) -> None:
+        # Groups wait for parents published in other groups, so walk them until nothing moves
+        # (in id order, parents usually settle in the same pass).
+        moved = True
+        while moved:
+            moved = False
+            for group in list(self._groups.values()):
+                if self._announce(group, events):
+                    moved = True
+                self._maybe_finish(group)
+
+    def _announce(self, group: PublishGroup, events: list[KVEvent]) -> bool:
+        """Advance every tier along ``group``'s batches, in order; return whether any moved."""
+        moved = False
         for name, prog in group.progress.items():
-            medium = self._tier_by_name[name].medium
+            known = self._known[name]
+            unresolved = self._unresolved[name]
+            tier = self._tier_by_name[name]
             while prog.next_batch < len(group.batches):
-                statuses = group.results.get((name, prog.next_batch))
-                if statuses is None and group.batches[prog.next_batch]:
-                    break  # this tier's result for the next batch is still in flight
                 pages = group.batches[prog.next_batch]
-                for page, status in zip(pages, statuses or [], strict=True):
-                    if prog.broken or not status.stored:
+                statuses = group.results.get((name, prog.next_batch))
+                if statuses is None and pages:
+                    break  # this tier's result for the next batch is still in flight
+                waiting = False
+                while prog.next_page < len(pages):
+                    page = pages[prog.next_page]
+                    assert statuses is not None
+                    stored = statuses[prog.next_page].stored
+                    if stored and not prog.broken:
+                        parent = page.parent_block_id
+                        if parent is not None and parent not in known:
+                            if unresolved[parent] > 0:
+                                waiting = True  # the parent's own publish is still open
+                                break
+                            prog.broken = True  # the head is not on this tier
+                    unresolved[page.block_id] -= 1
+                    if unresolved[page.block_id] <= 0:
+                        del unresolved[page.block_id]
+                    prog.next_page += 1
+                    moved = True
+                    if prog.broken or not stored:
                         prog.broken = True
                         self.counters["unannounced_pages"] += 1
+                        tier.stats.add(unannounced_pages=1)
                         continue
                     events.append(
                         BlockStored(
@@ -305,14 +636,20 @@ class StorageEngine:
                             page.token_ids,
                             self.page_size,
                             self.lora_id,
-                            medium,
+                            tier.medium,
                         )
                     )
+                    known.add(page.block_id)
                     self.counters["announced_pages"] += 1
+                    tier.stats.add(announced_pages=1)
+                if waiting:
+                    break
                 prog.next_batch += 1
+                prog.next_page = 0
+        return moved
 
     def _maybe_finish(self, group: PublishGroup) -> None:
-        if group.closed and group.outstanding == 0:
+        if group.settled():
             self._groups.pop(group.id, None)
 
     # ------------------------------------------------------------------ plumbing
@@ -328,28 +665,59 @@ class StorageEngine:
         with self._futures_lock:
             self._futures.discard(fut)
 
+    def _holds_changed(self, delta: int) -> None:
+        with self._holds_cv:
+            self._holds_out += delta
+            if self._holds_out == 0:
+                self._holds_cv.notify_all()
+
     def in_flight(self) -> int:
         """Jobs submitted and not finished by their worker yet."""
         with self._futures_lock:
             return len(self._futures)
 
+    def holds_outstanding(self) -> int:
+        """Sets of host-page holds not released yet (late backend calls included)."""
+        with self._holds_cv:
+            return self._holds_out
+
     def pending_groups(self) -> int:
         """Publish groups not fully announced yet."""
         return len(self._groups)
 
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until every submitted job finished (results still wait for ``poll``)."""
+    def wait_idle(self, timeout: float | None = None, *, holds: bool = True) -> bool:
+        """Block until every submitted job finished and (with ``holds``) every hold was released
+        (results still wait for ``poll``); ``False`` if that did not happen within ``timeout``.
+
+        Jobs finish within their calls' deadlines; holds of a call hung in a backend last until
+        it returns, so pass ``holds=False`` (or a timeout) when a backend may hang.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._futures_lock:
             futures = list(self._futures)
         _, not_done = wait_futures(futures, timeout=timeout)
-        return not not_done
+        if not_done:
+            return False
+        if not holds:
+            return True
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        with self._holds_cv:
+            return self._holds_cv.wait_for(lambda: self._holds_out == 0, left)
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> dict[str, Any]:
         """Engine and per-tier counters as plain data."""
-        return {**self.counters, "in_flight": self.in_flight(), "tiers": self.tiers.stats()}
+        return {
+            **self.counters,
+            "in_flight": self.in_flight(),
+            "holds_outstanding": self.holds_outstanding(),
+            "pending_groups": self.pending_groups(),
+            "prefetch": dict(self.prefetch_outcomes),
+            "tiers": self.tiers.stats(),
+        }
 
     def close(self) -> None:
-        """Wait for the workers and stop them (results not polled are dropped)."""
+        """Wait for the workers and stop them (results not polled are dropped). A backend call
+        hung past its deadline is not waited for; its holds go when it returns."""
         if self._closed:
             return
         self._closed = True

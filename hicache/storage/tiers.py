@@ -1,26 +1,39 @@
 """The ordered list of storage tiers (L3) and the cascade across them (no torch).
 
 - ``Tiers.from_config(config, namespace)``  build every configured tier through the registry
-- ``Tiers.from_backends([(name, backend), ...])``  wrap backends built by hand (tests)
+- ``Tiers.from_backends([(name, backend[, settings]), ...])``  wrap backends built by hand (tests)
 - ``lookup(keys)``     cascade: tier 1 answers the longest stored prefix, tier 2 only the pages
                        after tier 1 stopped, and so on; returns ``(tier, start, end)`` ranges
 - ``get_into(keys, dsts)``  read each page from the tier the cascade found it in
 - ``publishing``       the tiers every backed-up page is published to (``publish: true``)
 
-Every backend call here is synchronous and meant for the I/O workers of
-:mod:`hicache.storage.engine`; a backend exception never escapes: it turns into misses or
-``FAILED`` statuses and is counted on the tier (:class:`TierStats`).
+Each :class:`Tier` owns the hardening of its backend: its own I/O threads with a deadline per
+call, retries with backoff for retryable errors and a circuit breaker
+(:class:`~hicache.storage.calls.TierCaller`), a bound on publish bytes in flight
+(:class:`~hicache.storage.inflight.InflightGate`), an admission policy
+(:mod:`~hicache.storage.admission`) and counters (:class:`~hicache.storage.stats.TierCounters`).
+
+Every ``Tier`` data method is synchronous, meant for the I/O workers of
+:mod:`hicache.storage.engine`, and never raises because of the backend: a failed, refused or
+late call turns into misses or ``FAILED`` statuses, counted on the tier. A method that gives up
+waiting leaves the call running; its ``on_return`` callback fires when the call really returned,
+and only then may the caller release the buffers it handed over.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from hicache.config import Admission
+from hicache.storage.admission import AdmissionPolicy, make_admission
 from hicache.storage.backend import Backend, BackendContext, PageStatus
+from hicache.storage.breaker import CircuitBreaker
+from hicache.storage.calls import CallOutcome, FailureKind, RetryPolicy, TierCaller
+from hicache.storage.inflight import InflightGate
+from hicache.storage.stats import TierCounters, tier_snapshot
 
 if TYPE_CHECKING:
     from hicache.config import HicacheConfig, TierConfig
@@ -32,72 +45,82 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class TierSettings:
-    """What the cache needs from a tier's configuration (a subset of ``config.TierConfig``)."""
+    """What the cache needs from a tier's configuration (``config.TierConfig`` without options)."""
 
     publish: bool = True
     read_only: bool = False
     #: Medium announced in ``BlockStored`` events; None = the backend's ``default_medium``.
     medium: str | None = None
+    admission: Admission = Admission.ALWAYS
+    #: Copy pages found in this tier into the earlier tiers that publish (opt-in).
+    promote: bool = False
+    deadline_s: float = 5.0
+    max_inflight_bytes: int = 1 << 30
+    io_threads: int = 4
+    #: Pages per backend call; None = the backend's ``max_batch``.
+    batch_pages: int | None = None
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 30.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     @classmethod
     def from_config(cls, tier: TierConfig) -> TierSettings:
         """The settings of one configured tier."""
-        return cls(publish=tier.publish, read_only=tier.read_only, medium=tier.medium)
+        return cls(
+            publish=tier.publish,
+            read_only=tier.read_only,
+            medium=tier.medium,
+            admission=tier.admission,
+            promote=tier.promote,
+            deadline_s=tier.deadline_s,
+            max_inflight_bytes=tier.max_inflight_bytes,
+            io_threads=tier.io_threads,
+            batch_pages=tier.batch_pages,
+            breaker_failures=tier.breaker_failures,
+            breaker_cooldown_s=tier.breaker_cooldown_s,
+        )
 
 
-@dataclass(slots=True)
-class TierStats:
-    """Counters of one tier, as plain numbers (thread-safe through ``add``)."""
-
-    lookups: int = 0
-    hit_pages: int = 0
-    get_pages: int = 0
-    get_ok: int = 0
-    get_not_found: int = 0
-    get_corrupt: int = 0
-    get_failed: int = 0
-    put_pages: int = 0
-    put_stored: int = 0
-    put_failed: int = 0
-    call_errors: int = 0
-    errors_by_kind: dict[str, int] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, **deltas: int) -> None:
-        """Add ``deltas`` to the named counters."""
-        with self._lock:
-            for name, delta in deltas.items():
-                setattr(self, name, getattr(self, name) + delta)
-
-    def error(self, exc: BaseException) -> None:
-        """Count one whole-call failure of kind ``type(exc).__name__``."""
-        kind = type(exc).__name__
-        with self._lock:
-            self.call_errors += 1
-            self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
-
-    def as_dict(self) -> dict[str, object]:
-        """A snapshot as plain data."""
-        with self._lock:
-            out: dict[str, object] = {
-                name: getattr(self, name)
-                for name in self.__dataclass_fields__
-                if not name.startswith("_") and name != "errors_by_kind"
-            }
-            out["errors_by_kind"] = dict(self.errors_by_kind)
-        return out
+#: The counters of one tier (kept under this name for the cache's callers).
+TierStats = TierCounters
 
 
-@dataclass(slots=True)
 class Tier:
-    """One configured backend instance in the cascade."""
+    """One configured backend instance in the cascade, with its deadline, retries, breaker,
+    in-flight bound, admission policy and counters."""
 
-    name: str
-    backend: Backend
-    settings: TierSettings = field(default_factory=TierSettings)
-    stats: TierStats = field(default_factory=TierStats)
-    #: False when ``open()`` failed: the cascade and publishing skip the tier.
-    available: bool = True
+    def __init__(
+        self,
+        name: str,
+        backend: Backend,
+        settings: TierSettings | None = None,
+        *,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.backend = backend
+        self.settings = s = settings or TierSettings()
+        self.stats = TierStats()
+        extra: dict[str, Any] = {}
+        if clock is not None:
+            extra["clock"] = clock
+        self.breaker = CircuitBreaker(s.breaker_failures, s.breaker_cooldown_s, name=name, **extra)
+        if sleep is not None:
+            extra["sleep"] = sleep
+        self.caller = TierCaller(
+            name,
+            deadline_s=s.deadline_s,
+            threads=s.io_threads,
+            breaker=self.breaker,
+            retry=s.retry,
+            **extra,
+        )
+        self.gate = InflightGate(s.max_inflight_bytes)
+        self.admission: AdmissionPolicy = make_admission(s.admission)
+
+    def __repr__(self) -> str:
+        return f"Tier({self.name!r}, {type(self.backend).__name__})"
 
     @property
     def medium(self) -> str:
@@ -112,58 +135,135 @@ class Tier:
     @property
     def max_batch(self) -> int:
         """Pages per backend call."""
+        if self.settings.batch_pages is not None:
+            return self.settings.batch_pages
         return max(1, self.backend.capabilities.max_batch)
 
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page payload."""
+        return self.backend.context.page_bytes
+
+    def _failed(self, out: CallOutcome[Any], what: str) -> None:
+        assert out.failure is not None
+        if out.failure is not FailureKind.BREAKER_OPEN:
+            self.stats.error(out.error, str(out.failure))
+
+    # ------------------------------------------------------------------ data calls
+
     def exists_prefix(self, keys: Sequence[str]) -> int:
-        """Longest stored prefix of ``keys`` here; 0 (counted) when the backend call fails."""
-        done = 0
-        try:
-            for start in range(0, len(keys), self.max_batch):
-                chunk = keys[start : start + self.max_batch]
+        """Longest stored prefix of ``keys`` here; 0 (counted) when the call fails or the
+        breaker is open."""
+        step = self.max_batch
+
+        def run() -> int:
+            done = 0
+            for start in range(0, len(keys), step):
+                chunk = keys[start : start + step]
                 n = self.backend.exists_prefix(chunk)
                 done += n
                 if n < len(chunk):
                     break
-        except Exception as exc:  # a backend failure is a miss, never the caller's problem
-            self.stats.error(exc)
-            logger.warning("tier %s: exists_prefix failed: %r", self.name, exc)
-        self.stats.add(lookups=1, hit_pages=done)
-        return done
+            return done
 
-    def get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
-        """Read ``keys`` into ``dsts``; a failed call makes its pages ``FAILED``."""
-        out: list[PageStatus] = []
-        for start in range(0, len(keys), self.max_batch):
-            chunk = keys[start : start + self.max_batch]
-            try:
-                out += self.backend.get_into(chunk, dsts[start : start + self.max_batch])
-            except Exception as exc:
-                self.stats.error(exc)
-                logger.warning("tier %s: get_into failed: %r", self.name, exc)
-                out += [PageStatus.FAILED] * len(chunk)
-        self.stats.add(
-            get_pages=len(out),
-            get_ok=out.count(PageStatus.OK),
-            get_not_found=out.count(PageStatus.NOT_FOUND),
-            get_corrupt=out.count(PageStatus.CORRUPT),
-            get_failed=out.count(PageStatus.FAILED),
+        out = self.caller.call(run)
+        found = out.value if out.ok and out.value is not None else 0
+        if not out.ok:
+            self._failed(out, "exists_prefix")
+        self.stats.add(lookups=1, hit_pages=found, miss_pages=len(keys) - found)
+        return found
+
+    def get_into(
+        self,
+        keys: Sequence[str],
+        dsts: Sequence[memoryview],
+        *,
+        on_return: Callable[[], None] | None = None,
+    ) -> list[PageStatus]:
+        """Read ``keys`` into ``dsts``; a failed or late call makes its pages ``FAILED``.
+
+        Chunks are read in order and the read stops after a chunk with a page that is not
+        ``OK`` (later pages are useless to a prefix): they come back ``NOT_FOUND``, untouched.
+        ``on_return`` runs when the backend really finished with ``dsts``.
+        """
+        step = self.max_batch
+
+        def run() -> list[PageStatus]:
+            got: list[PageStatus] = []
+            for start in range(0, len(keys), step):
+                chunk = self.backend.get_into(
+                    keys[start : start + step], dsts[start : start + step]
+                )
+                got += chunk
+                if any(s is not PageStatus.OK for s in chunk):
+                    break
+            return got + [PageStatus.NOT_FOUND] * (len(keys) - len(got))
+
+        out = self.caller.call(run, on_return=on_return)
+        if out.ok and out.value is not None:
+            statuses = out.value
+        else:
+            self._failed(out, "get_into")
+            statuses = [PageStatus.FAILED] * len(keys)
+        self.stats.count_gets(statuses, self.page_bytes)
+        return statuses
+
+    def put(
+        self,
+        keys: Sequence[str],
+        srcs: Sequence[memoryview],
+        *,
+        on_return: Callable[[], None] | None = None,
+    ) -> list[PageStatus]:
+        """Store ``srcs`` under ``keys``; a failed, refused or late call makes its pages
+        ``FAILED``. ``on_return`` runs when the backend really finished with ``srcs``."""
+        step = self.max_batch
+
+        def run() -> list[PageStatus]:
+            got: list[PageStatus] = []
+            for start in range(0, len(keys), step):
+                got += self.backend.put(keys[start : start + step], srcs[start : start + step])
+            return got
+
+        out = self.caller.call(run, on_return=on_return)
+        if out.failure is FailureKind.BREAKER_OPEN:
+            # never attempted: a drop, not a failed put
+            self.stats.add(dropped_breaker=len(keys))
+            return [PageStatus.FAILED] * len(keys)
+        if out.ok and out.value is not None:
+            statuses = out.value
+        else:
+            self._failed(out, "put")
+            statuses = [PageStatus.FAILED] * len(keys)
+        self.stats.count_puts(statuses, self.page_bytes)
+        return statuses
+
+    def take_evicted(self) -> list[str]:
+        """Keys the backend dropped on its own; ``[]`` when the call fails (never raises).
+
+        Bypasses the breaker (housekeeping must not use up its probe) but keeps the deadline.
+        """
+        out = self.caller.call(self.backend.take_evicted, use_breaker=False)
+        if not out.ok or out.value is None:
+            self._failed(out, "take_evicted")
+            return []
+        if out.value:
+            self.stats.add(evicted_pages=len(out.value))
+        return out.value
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters, failures by kind, breaker, in-flight gate and admission as plain data."""
+        return tier_snapshot(
+            self.stats,
+            failures=self.caller.failures,
+            breaker=self.breaker,
+            gate=self.gate,
+            admission=self.admission,
         )
-        return out
 
-    def put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
-        """Store ``srcs`` under ``keys``; a failed call makes its pages ``FAILED``."""
-        out: list[PageStatus] = []
-        for start in range(0, len(keys), self.max_batch):
-            chunk = keys[start : start + self.max_batch]
-            try:
-                out += self.backend.put(chunk, srcs[start : start + self.max_batch])
-            except Exception as exc:
-                self.stats.error(exc)
-                logger.warning("tier %s: put failed: %r", self.name, exc)
-                out += [PageStatus.FAILED] * len(chunk)
-        stored = sum(1 for s in out if s.stored)
-        self.stats.add(put_pages=len(out), put_stored=stored, put_failed=len(out) - stored)
-        return out
+    def close_calls(self, *, wait: bool = False) -> None:
+        """Stop this tier's I/O threads (queued calls are cancelled)."""
+        self.caller.close(wait=wait)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,28 +334,16 @@ class Tiers:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def open(self) -> list[str]:
-        """Open every backend (idempotent); return the names of tiers that failed to open.
-
-        A tier that cannot open is logged, counted and left out (``available`` false): storage
-        is an accelerator, so a missing bucket or disk never stops the cache from starting.
-        """
-        failed = []
+    def open(self) -> None:
+        """Open every backend (idempotent)."""
         for t in self.tiers:
-            try:
-                t.backend.open()
-            except Exception as exc:
-                t.available = False
-                t.stats.error(exc)
-                failed.append(t.name)
-                logger.error("tier %s: cannot open, left out: %s", t.name, exc)
-            else:
-                t.available = True
-        return failed
+            t.backend.open()
 
     def close(self) -> None:
-        """Close every backend (idempotent); a failing close is logged, not raised."""
+        """Stop the tiers' I/O threads and close every backend (idempotent); a failing close is
+        logged, not raised. A call still hung in a backend keeps its thread until it returns."""
         for t in self.tiers:
+            t.close_calls(wait=False)
             try:
                 t.backend.close()
             except Exception as exc:
@@ -269,23 +357,38 @@ class Tiers:
     def __iter__(self) -> Iterator[Tier]:
         return iter(self.tiers)
 
+    def __getitem__(self, name: str) -> Tier:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(f"no tier named {name!r}; tiers: {[t.name for t in self.tiers]}")
+
     @property
     def publishing(self) -> list[Tier]:
         """The tiers pages are published to, in order."""
-        return [t for t in self.tiers if t.publishes and t.available]
+        return [t for t in self.tiers if t.publishes]
+
+    def earlier_publishing(self, tier: Tier) -> list[Tier]:
+        """The publishing tiers before ``tier`` (where its pages may be promoted to)."""
+        out: list[Tier] = []
+        for t in self.tiers:
+            if t is tier:
+                return out
+            if t.publishes:
+                out.append(t)
+        raise ValueError(f"{tier!r} is not one of these tiers")
 
     def lookup(self, keys: Sequence[str]) -> list[TierRange]:
         """Cascade lookup: contiguous ranges from ``0``, each stored in the tier named.
 
-        The ranges cover ``[0, n)`` where ``n`` is how far the tiers together hold the chain.
+        The ranges cover ``[0, n)`` where ``n`` is how far the tiers together hold the chain. A
+        tier whose breaker is open (or whose call fails) finds nothing: the next one is asked.
         """
         ranges: list[TierRange] = []
         pos = 0
         for t in self.tiers:
             if pos >= len(keys):
                 break
-            if not t.available:
-                continue
             n = t.exists_prefix(keys[pos:])
             if n:
                 ranges.append(TierRange(t, pos, pos + n))
@@ -295,16 +398,22 @@ class Tiers:
     def get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
         """Read the chain ``keys`` into ``dsts`` through the cascade; one status per key.
 
-        Pages after the found ranges are ``NOT_FOUND`` (and not touched).
+        Synchronous convenience (tools, tests): it waits for each call's deadline but not for
+        calls that outlive it, so use it only with buffers that may be written late. The engine
+        reads through :meth:`Tier.get_into` with holds instead. Pages after the first that is not
+        ``OK`` are ``NOT_FOUND`` (and not touched).
         """
         if len(keys) != len(dsts):
             raise ValueError(f"{len(keys)} keys but {len(dsts)} buffers")
         out: list[PageStatus] = []
         for r in self.lookup(keys):
-            out += r.tier.get_into(keys[r.start : r.end], dsts[r.start : r.end])
+            got = r.tier.get_into(keys[r.start : r.end], dsts[r.start : r.end])
+            out += got
+            if any(s is not PageStatus.OK for s in got):
+                break
         out += [PageStatus.NOT_FOUND] * (len(keys) - len(out))
         return out
 
-    def stats(self) -> dict[str, dict[str, object]]:
+    def stats(self) -> dict[str, dict[str, Any]]:
         """Per-tier counters as plain data."""
-        return {t.name: t.stats.as_dict() for t in self.tiers}
+        return {t.name: t.snapshot() for t in self.tiers}

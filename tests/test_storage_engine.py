@@ -1,0 +1,450 @@
+"""Storage engine under injected faults: ordered announcements, deadlines, retries, breaker,
+backpressure, admission, cascade, promotion, evictions, holds back to zero.
+
+Real parts: a real ``HostPool`` (its holds are what is checked), real ``MemoryBackend`` tiers,
+wrapped in ``FaultyBackend`` to inject the faults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+
+from hicache.config import Admission
+from hicache.events import BlockRemoved, BlockStored, KVEvent
+from hicache.pools import HostPool, KVLayout
+from hicache.storage.backend import BackendContext, PageStatus
+from hicache.storage.breaker import BreakerState
+from hicache.storage.calls import RetryPolicy
+from hicache.storage.engine import PublishPage, StorageEngine, key_block_id
+from hicache.storage.memory import MemoryBackend, MemoryConfig
+from hicache.storage.prefetch import PrefetchOutcome
+from hicache.storage.tiers import Tier, Tiers, TierSettings
+from hicache.testing.faults import FaultOp, FaultyBackend
+
+PS = 2
+LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, page_size=PS, dtype=torch.float32)
+WAIT = 30.0  # generous bound for waits that only guard against a hung test
+SHORT = 0.05  # deadline for tiers whose calls the test makes hang
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def keys_for(n: int, salt: str = "") -> list[str]:
+    out, h = [], b"seed" + salt.encode()
+    for _ in range(n):
+        h = hashlib.sha256(h).digest()
+        out.append(h.hex())
+    return out
+
+
+def mem(medium_name: str = "mem") -> MemoryBackend:
+    ctx = BackendContext(page_bytes=LAYOUT.page_bytes, namespace="eng", tier_name=medium_name)
+    return MemoryBackend(MemoryConfig(), ctx)
+
+
+def settings(**kw: object) -> TierSettings:
+    base: dict[str, object] = {"retry": RetryPolicy(attempts=1), "deadline_s": WAIT}
+    base.update(kw)
+    return TierSettings(**base)  # type: ignore[arg-type]
+
+
+class Rig:
+    """Host pool + tiers + engine, with helpers to publish chains and collect events."""
+
+    def __init__(self, tiers: Sequence[Tier], host_pages: int = 32) -> None:
+        self.host = HostPool(LAYOUT, host_pages, pin=False)
+        self.tiers = Tiers(tiers)
+        self.tiers.open()
+        self.engine = StorageEngine(self.tiers, self.host, page_size=PS, evict_poll_interval_s=0.0)
+        self.events: list[KVEvent] = []
+
+    def pages(self, keys: Sequence[str], parent: int | None = None) -> list[PublishPage]:
+        host = self.host.alloc(len(keys))
+        assert host is not None
+        out = []
+        for i, (k, h) in enumerate(zip(keys, host, strict=True)):
+            self.host.page_view(h)[:] = bytes([i % 251 + 1]) * LAYOUT.page_bytes
+            bid = key_block_id(k)
+            out.append(PublishPage(k, h, bid, parent, [i, i]))
+            parent = bid
+        return out
+
+    def publish(self, *fragments: list[PublishPage]) -> None:
+        group = self.engine.begin_publish()
+        for frag in fragments:
+            self.engine.publish(group, frag)
+        self.engine.end_publish(group)
+
+    def settle(self) -> None:
+        assert self.engine.wait_idle(WAIT)
+        self.events += self.engine.poll().events
+        assert self.engine.wait_idle(WAIT)
+        self.events += self.engine.poll().events
+
+    def stored(self, medium: str) -> list[int]:
+        return [
+            e.block_hashes[0]
+            for e in self.events
+            if isinstance(e, BlockStored) and e.medium == medium
+        ]
+
+    def close(self) -> None:
+        self.engine.close()
+        self.tiers.close()
+
+
+def assert_no_tail_without_head(
+    events: Sequence[KVEvent], stored_before: dict[str, set[int]] | None = None
+) -> None:
+    """Every BlockStored on a medium names a parent already announced there (and not removed),
+    or one ``stored_before`` (put there by someone else, and read from there)."""
+    present: dict[str, set[int]] = {m: set(ids) for m, ids in (stored_before or {}).items()}
+    for e in events:
+        if isinstance(e, BlockStored):
+            have = present.setdefault(e.medium, set())
+            if e.parent_block_hash is not None:
+                assert e.parent_block_hash in have, f"tail {e.block_hashes} without its head"
+            have.update(e.block_hashes)
+        elif isinstance(e, BlockRemoved):
+            present.setdefault(e.medium, set()).difference_update(e.block_hashes)
+
+
+# ---------------------------------------------------------------------- publish + announcements
+
+
+def test_announces_per_tier_only_the_acknowledged_prefix() -> None:
+    good = FaultyBackend(mem())
+    bad = FaultyBackend(mem())
+    rig = Rig([Tier("good", good, settings(medium="A")), Tier("bad", bad, settings(medium="B"))])
+    keys = keys_for(5)
+    frag1, frag2 = rig.pages(keys[:3]), []
+    frag2 = rig.pages(keys[3:], parent=key_block_id(keys[2]))
+    bad.fail_keys([keys[1]], PageStatus.FAILED, ops=[FaultOp.PUT])
+    rig.publish(frag1, frag2)
+    rig.settle()
+    ids = [key_block_id(k) for k in keys]
+    assert rig.stored("A") == ids
+    assert rig.stored("B") == ids[:1]  # the failed page stops the tier's announcements
+    assert bad.inner.exists(keys) == [True, False, True, True, True]  # stored, not announced
+    assert rig.engine.counters["unannounced_pages"] == 4  # the failed page and its tail
+    assert rig.tiers["bad"].stats.as_dict()["put_failed"] == 1
+    assert rig.host.total_holds() == 0
+    assert_no_tail_without_head(rig.events)
+    rig.close()
+
+
+def test_child_of_a_failed_head_in_another_group_is_not_announced() -> None:
+    fb = FaultyBackend(mem())
+    rig = Rig([Tier("t", fb, settings(medium="T"))])
+    keys = keys_for(4)
+    fb.fail_keys([keys[1]], PageStatus.FAILED, ops=[FaultOp.PUT])
+    rig.publish(rig.pages(keys[:2]))
+    rig.settle()
+    rig.publish(rig.pages(keys[2:], parent=key_block_id(keys[1])))  # a later ack, the child
+    rig.settle()
+    assert rig.stored("T") == [key_block_id(keys[0])]
+    assert fb.inner.exists(keys[2:]) == [True, True]
+    assert_no_tail_without_head(rig.events)
+    rig.close()
+
+
+def test_child_waits_for_its_parents_publish_in_flight() -> None:
+    fb = FaultyBackend(mem())
+    rig = Rig([Tier("t", fb, settings(medium="T", io_threads=4))])
+    keys = keys_for(4)
+    release = fb.hang(ops=[FaultOp.PUT], count=1)  # the parent's put hangs, not the child's
+    rig.publish(rig.pages(keys[:2]))
+    assert fb.wait_hung(1)
+    rig.publish(rig.pages(keys[2:], parent=key_block_id(keys[1])))
+    assert fb.wait_finished(FaultOp.PUT, 1)  # the child's put is done first
+    assert fb.inner.exists(keys[2:]) == [True, True]
+    for _ in range(3):
+        rig.engine.wait_prefetch(0, 0.01)  # let its worker report back
+    rig.events += rig.engine.poll().events
+    assert rig.stored("T") == []
+    release.set()
+    rig.settle()
+    assert rig.stored("T") == [key_block_id(k) for k in keys]
+    assert_no_tail_without_head(rig.events)
+    rig.close()
+
+
+# ---------------------------------------------------------------------- whole-call failures
+
+
+def test_retryable_errors_are_retried_and_recover() -> None:
+    fb = FaultyBackend(mem())
+    rig = Rig([Tier("t", fb, settings(medium="T", retry=RetryPolicy(attempts=3, backoff_s=0)))])
+    fb.fail_calls(2, ops=[FaultOp.PUT])
+    keys = keys_for(2)
+    rig.publish(rig.pages(keys))
+    rig.settle()
+    assert rig.stored("T") == [key_block_id(k) for k in keys]
+    snap = rig.tiers["t"].snapshot()
+    assert snap["retries"] == 2 and snap["failures"] == {}
+    assert fb.calls["put"] == 3
+    rig.close()
+
+
+def test_breaker_opens_drops_publishes_and_closes_after_cooldown() -> None:
+    clock = Clock()
+    fb = FaultyBackend(mem())
+    tier = Tier(
+        "t",
+        fb,
+        settings(medium="T", breaker_failures=2, breaker_cooldown_s=10.0),
+        clock=clock,
+    )
+    rig = Rig([tier])
+    fb.fail_calls(None, ops=[FaultOp.PUT])
+    for i in range(2):
+        rig.publish(rig.pages(keys_for(1, f"a{i}")))
+        rig.settle()
+    assert tier.breaker.state is BreakerState.OPEN
+    calls_before = fb.calls["put"]
+    rig.publish(rig.pages(keys_for(3, "b")))
+    rig.settle()
+    assert fb.calls["put"] == calls_before  # not even called
+    snap = tier.snapshot()
+    assert snap["dropped_breaker"] == 3 and snap["breaker"]["state"] == "open"
+    assert snap["failures"]["unavailable"] == 2
+    assert rig.stored("T") == []
+    fb.heal()
+    clock.now += 10
+    keys = keys_for(2, "c")
+    rig.publish(rig.pages(keys))  # the half-open probe
+    rig.settle()
+    assert tier.breaker.state is BreakerState.CLOSED
+    assert rig.stored("T") == [key_block_id(k) for k in keys]
+    assert tier.snapshot()["breaker"]["closed_after_probe"] == 1
+    assert rig.host.total_holds() == 0
+    rig.close()
+
+
+def test_hung_put_keeps_holds_until_it_returns_and_backpressure_drops() -> None:
+    fb = FaultyBackend(mem())
+    page = LAYOUT.page_bytes
+    tier = Tier(
+        "t",
+        fb,
+        settings(medium="T", deadline_s=SHORT, max_inflight_bytes=3 * page, breaker_failures=100),
+    )
+    rig = Rig([tier])
+    release = fb.hang(ops=[FaultOp.PUT])
+    first = rig.pages(keys_for(3, "x"))
+    rig.publish(first)
+    assert rig.engine.wait_prefetch(0)  # no-op; the put is what we wait for
+    assert fb.wait_hung(1)
+    # the engine stops waiting at the deadline, but the pages stay held: the call still runs
+    for _ in range(400):
+        rig.events += rig.engine.poll().events
+        if rig.engine.pending_groups() == 0:
+            break
+        rig.engine.wait_idle(0.01)
+    assert rig.engine.pending_groups() == 0
+    assert rig.host.total_holds() == 3
+    assert tier.gate.inflight_bytes == 3 * page
+    # the bound is reached: the next publish is dropped, never queued
+    rig.publish(rig.pages(keys_for(2, "y")))
+    snap = tier.snapshot()
+    assert snap["dropped_backpressure"] == 2 and snap["failures"]["timeout"] == 1
+    assert rig.stored("T") == []
+    release.set()
+    rig.settle()
+    assert rig.host.total_holds() == 0 and tier.gate.inflight_bytes == 0
+    assert tier.snapshot()["late_returns"] == 1
+    assert rig.stored("T") == []  # a late success is never announced
+    rig.close()
+
+
+# ---------------------------------------------------------------------- admission, evictions
+
+
+def test_second_hit_admission_publishes_on_the_second_offer() -> None:
+    fb = FaultyBackend(mem())
+    rig = Rig([Tier("t", fb, settings(medium="T", admission=Admission.SECOND_HIT))])
+    keys = keys_for(3)
+    rig.publish(rig.pages(keys))
+    rig.settle()
+    assert fb.calls["put"] == 0 and rig.stored("T") == []
+    assert rig.tiers["t"].snapshot()["dropped_admission"] == 3
+    rig.publish(rig.pages(keys))
+    rig.settle()
+    assert rig.stored("T") == [key_block_id(k) for k in keys]
+    rig.close()
+
+
+def test_backend_evictions_become_block_removed() -> None:
+    fb = FaultyBackend(mem())
+    rig = Rig([Tier("t", fb, settings(medium="T"))])
+    keys = keys_for(3)
+    rig.publish(rig.pages(keys))
+    rig.settle()
+    fb.evict(keys[1:])
+    rig.engine.poll()  # schedules the eviction check
+    rig.settle()
+    removed = [e for e in rig.events if isinstance(e, BlockRemoved)]
+    assert removed == [BlockRemoved([key_block_id(k) for k in keys[1:]], "T")]
+    assert rig.tiers["t"].snapshot()["evicted_pages"] == 2
+    # a child of an evicted page is not announced: its head is gone
+    rig.publish(rig.pages(keys_for(1, "child"), parent=key_block_id(keys[2])))
+    rig.settle()
+    assert len(rig.stored("T")) == 3
+    assert_no_tail_without_head(rig.events)
+    rig.close()
+
+
+# ---------------------------------------------------------------------- prefetch
+
+
+def fill_tier(backend: MemoryBackend, keys: Sequence[str], tag: int) -> list[bytes]:
+    pages = [bytes([tag, i % 251]) * (LAYOUT.page_bytes // 2) for i in range(len(keys))]
+    backend.open()  # idempotent; a private memory store lives until close()
+    backend.put(list(keys), [memoryview(p) for p in pages])
+    return pages
+
+
+def test_cascade_reads_each_page_from_the_tier_that_has_it_and_promotes() -> None:
+    keys = keys_for(6)
+    fast_mem = MemoryBackend(
+        MemoryConfig(shared_name="eng-fast"),
+        BackendContext(page_bytes=LAYOUT.page_bytes, namespace="eng"),
+    )
+    slow_mem = MemoryBackend(
+        MemoryConfig(shared_name="eng-slow"),
+        BackendContext(page_bytes=LAYOUT.page_bytes, namespace="eng"),
+    )
+    fast, slow = FaultyBackend(fast_mem), FaultyBackend(slow_mem, latency_s=0.001)
+    fast.open(), slow.open()
+    head = fill_tier(fast_mem, keys[:2], 1)
+    tail = fill_tier(slow_mem, keys, 2)[2:]
+    rig = Rig(
+        [
+            Tier("fast", fast, settings(medium="F")),
+            Tier("slow", slow, settings(medium="S", promote=True)),
+        ]
+    )
+    host = rig.host.alloc(6)
+    assert host is not None
+    tokens = [[i, i] for i in range(6)]
+    ticket = rig.engine.submit_prefetch(keys, host, token_ids=tokens, parent_block_id=None)
+    assert rig.engine.wait_prefetch(ticket, WAIT)
+    assert rig.engine.wait_idle(WAIT)
+    polled = rig.engine.poll()
+    rig.events += polled.events
+    [result] = polled.prefetches
+    assert result.ok_pages == 6 and result.outcome is PrefetchOutcome.COMPLETE
+    assert result.sources == ["fast", "fast", "slow", "slow", "slow", "slow"]
+    assert [bytes(rig.host.page_view(h)) for h in host] == head + tail
+    assert fast.get_log == keys[:2] and slow.get_log == keys[2:]  # each page read once, right tier
+    rig.settle()
+    # promotion: the slow tier's pages went to the fast tier, never back to the slow one
+    assert slow.put_log == [] and fast.put_log == keys[2:]
+    assert fast_mem.exists(keys) == [True] * 6
+    assert rig.stored("F") == [key_block_id(k) for k in keys[2:]]
+    assert rig.tiers["fast"].snapshot()["promoted_pages"] == 4
+    assert rig.host.total_holds() == 0
+    assert_no_tail_without_head(rig.events, {"F": {key_block_id(k) for k in keys[:2]}})
+    rig.close()
+    for name in ("eng-fast", "eng-slow"):
+        MemoryBackend.drop_shared_store(name)
+
+
+def test_without_promotion_nothing_is_written_anywhere() -> None:
+    keys = keys_for(3)
+    a, b = FaultyBackend(mem()), FaultyBackend(mem())
+    rig = Rig([Tier("a", a, settings()), Tier("b", b, settings())])
+    fill_tier(b.inner, keys, 3)  # type: ignore[arg-type]
+    host = rig.host.alloc(3)
+    assert host is not None
+    ticket = rig.engine.submit_prefetch(keys, host, token_ids=[[1, 1]] * 3)
+    assert rig.engine.wait_prefetch(ticket, WAIT)
+    rig.settle()
+    assert a.put_log == [] and b.put_log == []
+    rig.close()
+
+
+def test_vanished_page_shortens_the_prefetch_without_error() -> None:
+    fb = FaultyBackend(mem())
+    rig = Rig([Tier("t", fb, settings())])
+    keys = keys_for(4)
+    fill_tier(fb.inner, keys, 4)  # type: ignore[arg-type]
+    fb.vanish_on_get([keys[2]])
+    host = rig.host.alloc(4)
+    assert host is not None
+    ticket = rig.engine.submit_prefetch(keys, host)
+    assert rig.engine.wait_prefetch(ticket, WAIT)
+    [result] = rig.engine.poll().prefetches
+    assert result.ok_pages == 2 and result.outcome is PrefetchOutcome.SHORT
+    assert rig.tiers["t"].snapshot()["call_errors"] == 0
+    assert rig.engine.stats()["prefetch"] == {"short": 1}
+    rig.settle()
+    assert rig.host.total_holds() == 0
+    rig.close()
+
+
+def test_corrupt_page_ends_the_usable_prefix() -> None:
+    fb = FaultyBackend(mem())
+    rig = Rig([Tier("t", fb, settings())])
+    keys = keys_for(3)
+    fill_tier(fb.inner, keys, 5)  # type: ignore[arg-type]
+    fb.fail_keys([keys[1]], PageStatus.CORRUPT, ops=[FaultOp.GET])
+    host = rig.host.alloc(3)
+    assert host is not None
+    ticket = rig.engine.submit_prefetch(keys, host)
+    assert rig.engine.wait_prefetch(ticket, WAIT)
+    [result] = rig.engine.poll().prefetches
+    assert result.ok_pages == 1 and result.outcome is PrefetchOutcome.FAILED
+    assert rig.tiers["t"].snapshot()["get_corrupt"] == 1
+    rig.close()
+
+
+def test_hung_prefetch_reports_failure_but_holds_pages_until_the_read_returns() -> None:
+    fb = FaultyBackend(mem())
+    rig = Rig([Tier("t", fb, settings(deadline_s=SHORT, breaker_failures=100))])
+    keys = keys_for(3)
+    fill_tier(fb.inner, keys, 6)  # type: ignore[arg-type]
+    release = fb.hang(ops=[FaultOp.GET])
+    host = rig.host.alloc(3)
+    assert host is not None
+    ticket = rig.engine.submit_prefetch(keys, host)
+    assert fb.wait_hung(1)
+    assert rig.engine.wait_prefetch(ticket, WAIT)  # the engine gave up at the deadline
+    [result] = rig.engine.poll().prefetches
+    assert result.ok_pages == 0 and result.statuses == [PageStatus.FAILED] * 3
+    assert rig.host.total_holds() == 3  # the read still runs into these pages
+    rig.host.free_when_released(host)  # what the cache does with pages it will not use
+    assert rig.host.pending_frees() == 3
+    release.set()
+    rig.settle()
+    assert rig.host.total_holds() == 0 and rig.host.pending_frees() == 0
+    assert rig.host.available == 32
+    rig.close()
+
+
+def test_open_breaker_on_first_tier_cascades_to_the_next() -> None:
+    clock = Clock()
+    keys = keys_for(2)
+    a, b = FaultyBackend(mem()), FaultyBackend(mem())
+    fill_tier(a.inner, keys, 7)  # type: ignore[arg-type]
+    fill_tier(b.inner, keys, 8)  # type: ignore[arg-type]
+    ta = Tier("a", a, settings(breaker_failures=1, breaker_cooldown_s=60), clock=clock)
+    rig = Rig([ta, Tier("b", b, settings())])
+    a.fail_calls(1, ops=[FaultOp.EXISTS])
+    host = rig.host.alloc(2)
+    assert host is not None
+    ticket = rig.engine.submit_prefetch(keys, host)
+    assert rig.engine.wait_prefetch(ticket, WAIT)
+    [result] = rig.engine.poll().prefetches
+    assert result.sources == ["b", "b"]  # tier a failed: a miss, and the cascade went on
+    assert ta.breaker.state is BreakerState.OPEN
+    rig.close()
