@@ -156,10 +156,22 @@ class LocalDiskBackend(Backend):
         )
 
     def _open(self) -> None:
+        try:
+            self._open_inner()
+        except BaseException:
+            if self._shared is not None:  # release our membership: we never opened
+                self._shared.close()
+                self._shared = None
+            raise
+
+    def _open_inner(self) -> None:
         opts = self.options
         writable = not self.context.read_only
         if writable:
             self._make_dirs()
+        alone = False
+        if opts.shared and writable:
+            alone = self._join_shared()
         started = time.perf_counter()
         scan = self._layout.scan()
         pages = self._sweep(scan.pages, scan.dead_temps, writable)
@@ -183,7 +195,7 @@ class LocalDiskBackend(Backend):
             hash_threads=max(4, opts.io_threads),
         )
         if opts.shared:
-            self._open_shared(pages, writable)
+            self._settle_shared(pages, alone)
         else:
             self._policy = TailFirstLRU(self._max_bytes)
             self._policy.add([p.key for p in pages], [p.size for p in pages])
@@ -326,18 +338,30 @@ class LocalDiskBackend(Backend):
             return False
         return True
 
-    def _open_shared(self, pages: list[ScannedPage], writable: bool) -> None:
-        if not writable:
-            return  # a read-only instance neither reserves nor evicts
+    def _join_shared(self) -> bool:
+        """Open the shared state before the scan; True when no other process has the root."""
         shared = SharedState(self._layout.ns_dir, self.options.file_mode)
         try:
-            shared.open()
+            alone = shared.open()
         except OSError as exc:
+            shared.close()
             log.warning("localdisk shared state unavailable in %s: %s", self._layout.ns_dir, exc)
-            return
+            return False
         self._shared = shared
-        with shared.evict_round():
-            shared.init_if_unset(sum(p.size for p in pages))
+        return alone
+
+    def _settle_shared(self, pages: list[ScannedPage], alone: bool) -> None:
+        shared = self._shared
+        if shared is None:
+            return  # read-only (neither counts nor evicts), or the state files are unusable
+        total = sum(p.size for p in pages)
+        if alone:
+            # Nobody else is in: the scan is the truth, whatever drift killed processes left.
+            shared.set(total)
+            shared.admit_others()
+        else:
+            with shared.evict_round():
+                shared.init_if_unset(total)
         if shared.read() > self._max_bytes:
             self._shared_enforce(0)
 

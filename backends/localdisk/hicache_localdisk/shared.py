@@ -8,8 +8,11 @@
   (waiting for a running round to finish), re-reads the counter, and evicts only if it is still
   over. The kernel drops the lock of a dead process, so a crash never wedges the others.
 
+- ``.hicache-members``  every open instance holds a shared ``flock`` on it; an opener that gets
+  it exclusively is alone and re-anchors the counter on its scan.
+
 The counter is an estimate (a process killed between a rename and its count leaves drift);
-each eviction round rescans the directory and corrects it.
+each eviction round rescans the directory and corrects it, and so does a lone opener.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ __all__ = ["SharedState"]
 _COUNTER = struct.Struct("<q")
 USAGE_FILE = ".hicache-usage"
 EVICT_FILE = ".hicache-evict"
+MEMBERS_FILE = ".hicache-members"
 
 
 class SharedState:
@@ -40,19 +44,37 @@ class SharedState:
         self._evict_tlock = threading.Lock()
         self._usage_fd = -1
         self._evict_fd = -1
+        self._members_fd = -1
 
     def open(self) -> bool:
-        """Open (creating) both files; return True when the counter has never been set."""
+        """Open (creating) the files and join the members; True when no other process is in.
+
+        Every open instance holds a shared ``flock`` on ``.hicache-members`` until it closes. An
+        opener that gets it exclusively is alone: nothing is in flight, so it may re-anchor the
+        counter on a scan (:meth:`set`) before calling :meth:`admit_others`.
+        """
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-        self._usage_fd = os.open(os.path.join(self._ns_dir, USAGE_FILE), flags, self._file_mode)
-        self._evict_fd = os.open(os.path.join(self._ns_dir, EVICT_FILE), flags, self._file_mode)
-        return os.fstat(self._usage_fd).st_size < _COUNTER.size
+        path = os.path.join
+        self._usage_fd = os.open(path(self._ns_dir, USAGE_FILE), flags, self._file_mode)
+        self._evict_fd = os.open(path(self._ns_dir, EVICT_FILE), flags, self._file_mode)
+        self._members_fd = os.open(path(self._ns_dir, MEMBERS_FILE), flags, self._file_mode)
+        try:
+            fcntl.flock(self._members_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fcntl.flock(self._members_fd, fcntl.LOCK_SH)  # waits out a lone opener's re-anchor
+            return False
+        return True
+
+    def admit_others(self) -> None:
+        """Turn a lone opener's exclusive membership into a shared one."""
+        fcntl.flock(self._members_fd, fcntl.LOCK_SH)
 
     def close(self) -> None:
-        for fd in (self._usage_fd, self._evict_fd):
+        # Closing the descriptors releases every flock this instance holds.
+        for fd in (self._usage_fd, self._evict_fd, self._members_fd):
             if fd >= 0:
                 os.close(fd)
-        self._usage_fd = self._evict_fd = -1
+        self._usage_fd = self._evict_fd = self._members_fd = -1
 
     @contextmanager
     def _usage_locked(self) -> Iterator[int]:
@@ -80,6 +102,11 @@ class SharedState:
             value = max(0, self._read(fd) + delta)
             os.pwrite(fd, _COUNTER.pack(value), 0)
             return value
+
+    def set(self, value: int) -> None:
+        """Set the counter (only a lone opener may: see :meth:`open`)."""
+        with self._usage_locked() as fd:
+            os.pwrite(fd, _COUNTER.pack(value), 0)
 
     def init_if_unset(self, value: int) -> bool:
         """Set the counter to ``value`` if no process has set it yet; True if this call did."""

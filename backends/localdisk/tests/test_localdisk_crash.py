@@ -21,9 +21,13 @@ KEYSPACE = 240
 ITERATIONS = int(os.environ.get("HICACHE_CRASH_ITERATIONS", "25"))
 
 
-def _backend(root: Path, durability: str) -> LocalDiskBackend:
+def _backend(root: Path, durability: str, shared: bool = False) -> LocalDiskBackend:
     config = LocalDiskConfig(
-        root=root, max_bytes=96 * (PAGE + HEADER_SIZE), durability=durability, io_threads=4
+        root=root,
+        max_bytes=96 * (PAGE + HEADER_SIZE),
+        durability=durability,
+        io_threads=4,
+        shared=shared,
     )
     return LocalDiskBackend(config, BackendContext(page_bytes=PAGE, namespace="crash"))
 
@@ -31,6 +35,7 @@ def _backend(root: Path, durability: str) -> LocalDiskBackend:
 def _writer(
     root: Path,
     durability: str,
+    shared: bool,
     seed: int,
     ready_fd: int,
     key_of: Callable[..., str],
@@ -38,7 +43,7 @@ def _writer(
 ) -> None:
     """Child body: put, read and delete pages until killed."""
     rng = random.Random(seed)
-    backend = _backend(root, durability)
+    backend = _backend(root, durability, shared)
     backend.open()
     os.write(ready_fd, b"r")
     buf = memoryview(bytearray(PAGE))
@@ -68,12 +73,13 @@ def test_sigkill_at_random_moments_leaves_a_consistent_store(
     killed_with_temps = 0
     for it in range(ITERATIONS):
         durability = "fsync" if it % 3 == 2 else "none"
+        shared = it % 4 == 3  # the shared counter must also come back exact
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
             try:
                 os.close(read_fd)
-                _writer(root, durability, it, write_fd, key_of, payload_of)
+                _writer(root, durability, shared, it, write_fd, key_of, payload_of)
             finally:
                 os._exit(0)
         os.close(write_fd)
@@ -85,7 +91,7 @@ def test_sigkill_at_random_moments_leaves_a_consistent_store(
         if _files(root)[1]:
             killed_with_temps += 1
 
-        backend = _backend(root, durability)
+        backend = _backend(root, durability, shared)
         backend.open()
         try:
             present = [k for k, ok in zip(all_keys, backend.exists(all_keys), strict=True) if ok]
