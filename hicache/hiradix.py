@@ -427,6 +427,12 @@ class HiRadixCache(RadixCache):
         result = self.storage.poll()
         if result.events:
             self.events.extend(result.events)
+        for lookup in result.lookups:
+            handle = self._prefetches.get(lookup.ticket)
+            if handle is None:
+                self.storage.cancel_prefetch(lookup.ticket)
+            else:
+                self._start_read(handle, lookup.found)
         for r in result.prefetches:
             handle = self._prefetches.get(r.ticket)
             if handle is not None:
@@ -561,27 +567,38 @@ class HiRadixCache(RadixCache):
         hashes = chain_hashes(parent_hash, key[start:], ps)
         # the matched path must outlive the prefetch: its pages are the new pages' parents
         self._host_lock(base, 1)
-        host = self.host_pool.alloc(n)
-        if host is None:
-            self.evict_host(n - self.host_pool.available)
-            n = min(n, self.host_pool.available)
-            if n <= 0 or n * ps < self.prefetch_threshold_tokens:
-                self._host_lock(base, -1)
-                return None
-            host = self.host_pool.alloc(n)
-            assert host is not None
-            hashes = hashes[:n]
+        # Look the chain up first (on a worker); host pages are allocated in _poll_storage for
+        # exactly the pages the tiers hold, so a miss costs no L2 page and no L2 eviction.
         ticket = self.storage.submit_prefetch(
             [storage_key(h) for h in hashes],
-            host,
+            None,
             token_ids=[key[start + j * ps : start + (j + 1) * ps] for j in range(n)],
             parent_block_id=None if base is self.root else block_id(parent_hash),
         )
-        handle = PrefetchHandle(ticket, key[: start + n * ps], start, host, hashes, base)
+        handle = PrefetchHandle(ticket, key[: start + n * ps], start, [], hashes, base)
         handle.wait = self.prefetch_rules.start(n * ps)
         self._prefetches[ticket] = handle
         self.counters["prefetches"] += 1
         return handle
+
+    def _start_read(self, handle: PrefetchHandle, found: int) -> None:
+        """The lookup of ``handle`` found ``found`` pages: allocate host pages for them (making
+        room in L2 if needed) and start the read, or finish the prefetch empty."""
+        assert self.storage is not None
+        n = found
+        host = self.host_pool.alloc(n) if n > 0 else None
+        if host is None and n > 0:
+            self.evict_host(n - self.host_pool.available)
+            n = min(n, self.host_pool.available)
+            host = self.host_pool.alloc(n) if n > 0 else None
+        if host is None:
+            self.storage.cancel_prefetch(handle.ticket)
+            handle.result_pages = 0
+            return
+        handle.host_pages = host
+        handle.hashes = handle.hashes[:n]
+        handle.tokens = handle.tokens[: handle.start + n * self.page_size]
+        self.storage.start_read(handle.ticket, host)
 
     def _host_lock(self, node: TreeNode, delta: int) -> None:
         """Pin ``node`` and its ancestors in the tree (L2 eviction skips them) by ``delta``."""
@@ -614,12 +631,16 @@ class HiRadixCache(RadixCache):
         if handle.done:
             return handle.inserted_tokens
         assert self.storage is not None
-        if wait and handle.result_pages is None:
+        self._poll_storage()
+        # a prefetch is a lookup, then (host pages allocated here) a read: wait for each step
+        while wait and handle.result_pages is None:
             limit = None
             if self.prefetch_rules.policy is PrefetchPolicy.TIMEOUT and handle.wait is not None:
                 limit = handle.wait.remaining()
-            self.storage.wait_prefetch(handle.ticket, limit)
-        self._poll_storage()
+            finished = self.storage.wait_prefetch(handle.ticket, limit)
+            self._poll_storage()
+            if not finished:
+                break
         arrived = handle.result_pages is not None
         stopped = not arrived and handle.wait is not None and handle.wait.expired()
         if arrived:

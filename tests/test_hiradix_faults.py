@@ -271,7 +271,12 @@ def test_hung_prefetch_stops_waiting_and_frees_pages_when_the_read_returns(
     release = fb.hang(ops=[FaultOp.GET])
     handle = cache.prefetch_from_storage(TOKENS)
     assert handle is not None
-    assert fb.wait_hung(1)
+    # the serving loop's writing_check collects the lookup and starts the read
+    for _ in range(3000):
+        cache.writing_check()
+        if fb.wait_hung(1, timeout=0.01):
+            break
+    assert fb.hung_now == 1
     # the request does not wait past its budget (best effort: not at all)
     got = cache.check_prefetch(handle, wait=policy is PrefetchPolicy.TIMEOUT)
     if got is None:  # the timeout budget had not passed at the first look
@@ -361,3 +366,27 @@ def test_stats_are_plain_data() -> None:
         assert key in t
     assert Medium.CPU_PINNED
     cache.close()
+
+
+def test_prefetch_allocates_host_pages_only_for_pages_a_tier_holds() -> None:
+    """Lookup first: a miss costs no L2 page, a partial hit exactly the pages found."""
+    name = "f" + uuid.uuid4().hex[:12]
+    published_store(TOKENS[:6], name)  # 3 of the 6 pages are stored
+    fb = FaultyBackend(backend(name))
+    cache = make([Tier("mem", fb, settings())])
+    free = cache.host_pool.available
+    miss = cache.prefetch_from_storage([99, 98, 97, 96])
+    assert miss is not None
+    assert cache.host_pool.available == free  # nothing allocated before the lookup answers
+    assert cache.check_prefetch(miss, wait=True) == 0
+    assert cache.host_pool.available == free and fb.calls["get"] == 0
+    hit = cache.prefetch_from_storage(TOKENS)
+    assert hit is not None
+    assert cache.check_prefetch(hit, wait=True) == 6
+    assert len(hit.host_pages) == 3  # only the pages the tier holds
+    settle(cache, [])
+    assert cache.host_pool.available == free - 3
+    assert cache.counters["prefetch_discarded_pages"] == 0
+    assert cache.stats()["storage"]["prefetch"] == {"miss": 1, "complete": 1}  # type: ignore[index]
+    cache.close()
+    MemoryBackend.drop_shared_store(name)

@@ -2,8 +2,11 @@
 
 - ``begin_publish()`` / ``publish(group, pages)`` / ``end_publish(group)``  hand the fragments of
   one write-through ack to every publishing tier, in prefix order
-- ``submit_prefetch(keys, host_pages, token_ids=...)``  read a chain through the tier cascade
-  into host pages (and promote what a later tier served into earlier ones, when enabled)
+- ``submit_prefetch(keys, None, token_ids=...)``  look a chain up through the tier cascade;
+  ``poll`` reports how many pages the tiers hold (:class:`LookupResult`), the cache allocates
+  host pages for exactly those and calls ``start_read(ticket, host_pages)`` (or
+  ``cancel_prefetch``); with host pages given at once, lookup and read run as one job. Pages a
+  later tier served are promoted into earlier ones when enabled
 - ``prefetch_progress(ticket)``  contiguous ``OK`` pages landed so far (for early termination)
 - ``abandon_prefetch(ticket)``   the request stopped waiting: drop the result when it comes
 - ``poll()``          collect finished work on the caller's thread: tier ``BlockStored`` /
@@ -56,6 +59,7 @@ from hicache.storage.tiers import Tier, TierRange, Tiers
 __all__ = [
     "EnginePoll",
     "HostPages",
+    "LookupResult",
     "PrefetchResult",
     "PublishGroup",
     "PublishPage",
@@ -114,12 +118,22 @@ class PrefetchResult:
         return classify(len(self.statuses), self.statuses)
 
 
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    """The cascade lookup of a prefetch submitted without host pages finished."""
+
+    ticket: int
+    #: Leading pages the tiers hold together: allocate this many host pages (or fewer).
+    found: int
+
+
 @dataclass(slots=True)
 class EnginePoll:
     """What one :meth:`StorageEngine.poll` collected."""
 
     events: list[KVEvent] = field(default_factory=list)
     prefetches: list[PrefetchResult] = field(default_factory=list)
+    lookups: list[LookupResult] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -197,11 +211,13 @@ class _Holds:
 class _PrefetchJob:
     ticket: int
     keys: list[str]
-    host: list[int]
-    views: list[memoryview]
-    holds: _Holds
     token_ids: list[list[int]] | None
     parent_block_id: int | None
+    host: list[int] = field(default_factory=list)
+    views: list[memoryview] = field(default_factory=list)
+    holds: _Holds | None = None
+    #: The cascade's answer, once looked up (None: look up in the read job).
+    ranges: list[TierRange] | None = None
     progress: int = 0
     abandoned: bool = False
 
@@ -218,6 +234,12 @@ class _PutDone:
 class _GetDone:
     ticket: int
     statuses: list[PageStatus]
+    ranges: list[TierRange]
+
+
+@dataclass(frozen=True, slots=True)
+class _LookupDone:
+    ticket: int
     ranges: list[TierRange]
 
 
@@ -271,7 +293,9 @@ class StorageEngine:
         self.evict_poll_interval_s = evict_poll_interval_s
         self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hicache-io")
-        self._done: queue.SimpleQueue[_PutDone | _GetDone | _Evicted] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[_PutDone | _GetDone | _LookupDone | _Evicted] = (
+            queue.SimpleQueue()
+        )
         self._futures: set[Future[None]] = set()
         self._futures_lock = threading.Lock()
         self._holds_cv = threading.Condition()
@@ -405,43 +429,84 @@ class StorageEngine:
     def submit_prefetch(
         self,
         keys: Sequence[str],
-        host_pages: Sequence[int],
+        host_pages: Sequence[int] | None = None,
         *,
         token_ids: Sequence[Sequence[int]] | None = None,
         parent_block_id: int | None = None,
     ) -> int:
-        """Read the chain ``keys`` into ``host_pages`` through the cascade; return a ticket.
+        """Prefetch the chain ``keys`` through the cascade; return a ticket.
 
-        The pages are held until every backend call reading them returned (possibly after the
-        result was reported). ``token_ids`` (one list per page) and ``parent_block_id`` (of the
-        page before ``keys[0]``) let pages found in a promoting tier be published, and
-        announced, to the earlier tiers.
+        Without ``host_pages`` only the lookup runs now: ``poll`` reports a
+        :class:`LookupResult` and the cache continues with :meth:`start_read` or
+        :meth:`cancel_prefetch`, so host pages are spent only on pages a tier holds. With
+        ``host_pages`` (one per key) lookup and read run as one job. Pages are held until every
+        backend call reading them returned (possibly after the result was reported).
+        ``token_ids`` (one list per page) and ``parent_block_id`` (of the page before
+        ``keys[0]``) let pages found in a promoting tier be published, and announced, to the
+        earlier tiers.
         """
-        if len(keys) != len(host_pages):
+        if host_pages is not None and len(keys) != len(host_pages):
             raise ValueError(f"{len(keys)} keys but {len(host_pages)} host pages")
         if token_ids is not None and len(token_ids) != len(keys):
             raise ValueError(f"{len(keys)} keys but {len(token_ids)} token lists")
         ticket = next(self._tickets)
-        host = list(host_pages)
-        holds = _Holds(self, host)
         job = _PrefetchJob(
             ticket,
             list(keys),
-            host,
-            [self.host_pool.page_view(h) for h in host],
-            holds,
             [list(t) for t in token_ids] if token_ids is not None else None,
             parent_block_id,
         )
         self._prefetch_jobs[ticket] = job
-        self._prefetch_futures[ticket] = self._submit(self._get_job, job)
+        if host_pages is None:
+            self._prefetch_futures[ticket] = self._submit(self._lookup_job, job)
+        else:
+            self._start(job, list(host_pages))
         return ticket
+
+    def _lookup_job(self, job: _PrefetchJob) -> None:
+        try:
+            ranges = self.tiers.lookup(job.keys)
+        except Exception:  # the tiers never raise; this guards against bugs
+            logger.exception("prefetch lookup failed")
+            ranges = []
+        self._done.put(_LookupDone(job.ticket, ranges))
+
+    def start_read(self, ticket: int, host_pages: Sequence[int]) -> None:
+        """Read the first ``len(host_pages)`` pages the lookup of ``ticket`` found into
+        ``host_pages`` (after its :class:`LookupResult`); the result comes through ``poll``."""
+        job = self._prefetch_jobs.get(ticket)
+        if job is None or job.ranges is None:
+            raise ValueError(f"prefetch {ticket} has no finished lookup to read after")
+        found = job.ranges[-1].end if job.ranges else 0
+        if not 0 < len(host_pages) <= found:
+            raise ValueError(f"{len(host_pages)} host pages for {found} pages found")
+        n = len(host_pages)
+        job.keys = job.keys[:n]
+        if job.token_ids is not None:
+            job.token_ids = job.token_ids[:n]
+        job.ranges = [TierRange(r.tier, r.start, min(r.end, n)) for r in job.ranges if r.start < n]
+        self._start(job, list(host_pages))
+
+    def cancel_prefetch(self, ticket: int) -> None:
+        """Forget ``ticket`` after its lookup (nothing to read, or no host pages for it)."""
+        job = self._prefetch_jobs.pop(ticket, None)
+        self._prefetch_futures.pop(ticket, None)
+        if job is not None and not job.abandoned:
+            found = job.ranges[-1].end if job.ranges else 0
+            self.count_prefetch(PrefetchOutcome.MISS if found == 0 else PrefetchOutcome.SKIPPED)
+
+    def _start(self, job: _PrefetchJob, host: list[int]) -> None:
+        job.host = host
+        job.holds = _Holds(self, host)
+        job.views = [self.host_pool.page_view(h) for h in host]
+        self._prefetch_futures[job.ticket] = self._submit(self._get_job, job)
 
     def _get_job(self, job: _PrefetchJob) -> None:
         statuses: list[PageStatus] = []
         ranges: list[TierRange] = []
+        assert job.holds is not None
         try:
-            ranges = self.tiers.lookup(job.keys)
+            ranges = job.ranges if job.ranges is not None else self.tiers.lookup(job.keys)
             for r in ranges:
                 job.holds.add()
                 got = r.tier.get_into(
@@ -504,6 +569,8 @@ class StorageEngine:
                 break
             if isinstance(item, _GetDone):
                 self._finish_prefetch(item, out)
+            elif isinstance(item, _LookupDone):
+                self._finish_lookup(item, out)
             elif isinstance(item, _Evicted):
                 self._evicted(item, out.events)
             else:
@@ -513,6 +580,17 @@ class StorageEngine:
         self._announce_all(out.events)
         self._poll_evictions()
         return out
+
+    def _finish_lookup(self, item: _LookupDone, out: EnginePoll) -> None:
+        job = self._prefetch_jobs.get(item.ticket)
+        if job is None:
+            return
+        job.ranges = item.ranges
+        if job.abandoned:  # the request stopped waiting during the lookup: nothing to read
+            self._prefetch_jobs.pop(item.ticket, None)
+            self._prefetch_futures.pop(item.ticket, None)
+            return
+        out.lookups.append(LookupResult(item.ticket, item.ranges[-1].end if item.ranges else 0))
 
     def _finish_prefetch(self, item: _GetDone, out: EnginePoll) -> None:
         self._prefetch_futures.pop(item.ticket, None)
