@@ -9,6 +9,7 @@ botocore exception leaves this module.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 import time
@@ -52,6 +53,10 @@ T = TypeVar("T")
 
 _EXISTS_CACHE_MAX = 100_000
 _CORRUPT_LOG_MAX = 10_000
+
+
+def _has_crt() -> bool:
+    return importlib.util.find_spec("awscrt") is not None
 
 
 class S3Backend(Backend):
@@ -146,6 +151,11 @@ class S3Backend(Backend):
     # ------------------------------------------------------------------ lifecycle
 
     def _open(self) -> None:
+        if self.options.checksum is ChecksumAlgorithm.CRC32C and not _has_crt():
+            raise BackendError(
+                f"tier {self.context.tier_name!r}: checksum crc32c needs botocore's CRT "
+                "extension: pip install 'hicache-s3[crt]' (or use checksum: crc32)"
+            )
         try:
             client = make_client(self.options)
         except Exception as exc:  # botocore raises on e.g. an unknown region or bad config

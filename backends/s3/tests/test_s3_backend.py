@@ -18,7 +18,7 @@ from hicache_s3.testing import (
     page_payloads,
 )
 
-from hicache.errors import BackendClosedError
+from hicache.errors import BackendClosedError, BackendError
 from hicache.storage.backend import PageStatus
 from hicache.storage.pageformat import HEADER_SIZE, decode_header
 
@@ -234,3 +234,15 @@ def test_close_during_calls_raises_only_closed_errors(s3_options: dict[str, Any]
     thread.join(30)
     assert not thread.is_alive()
     assert len(seen) == 1 and isinstance(seen[0], BackendClosedError), seen
+
+
+def test_crc32c_without_crt_is_a_clear_error_at_open(s3_options: dict[str, Any]) -> None:
+    import importlib.util
+
+    backend = make_s3_backend({**s3_options, "checksum": "crc32c"})
+    if importlib.util.find_spec("awscrt") is not None:  # pragma: no cover - crt installed
+        with backend:
+            assert backend.put(page_keys(1), page_payloads(1)) == [PageStatus.OK]
+        return
+    with pytest.raises(BackendError, match=r"hicache-s3\[crt\]"):
+        backend.open()
