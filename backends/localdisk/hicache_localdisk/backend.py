@@ -59,6 +59,7 @@ _MTIME_STEP_NS = 1000
 #: A shared eviction round frees this share of ``max_bytes`` beyond what is needed, so rounds
 #: (each a directory scan) stay rare under steady writing.
 _SHARED_SLACK = 1 / 16
+_SYNCED = (PageStatus.OK, PageStatus.ALREADY_EXISTS)
 
 
 class LocalDiskBackend(Backend):
@@ -538,15 +539,19 @@ class LocalDiskBackend(Backend):
     def _sync_dirs(
         self, keys: Sequence[str], todo: list[int], statuses: list[PageStatus | None]
     ) -> None:
-        """One ``fsync`` per directory that received a page: then the batch is power-loss safe."""
-        dirs = {self._layout.dir_of(keys[i]) for i in todo if statuses[i] is PageStatus.OK}
+        """One ``fsync`` per directory that received a page: then the batch is power-loss safe.
+
+        A page another writer published first (``ALREADY_EXISTS`` from the rename) was synced
+        before its rename, but its directory entry maybe not yet: sync that directory too.
+        """
+        dirs = {self._layout.dir_of(keys[i]) for i in todo if statuses[i] in _SYNCED}
         for d in sorted(dirs):
             try:
                 fsync_dir(d)
             except OSError as exc:
                 log.warning("fsync of %s failed: %s", d, exc)
                 for i in todo:
-                    if statuses[i] is PageStatus.OK and self._layout.dir_of(keys[i]) == d:
+                    if statuses[i] in _SYNCED and self._layout.dir_of(keys[i]) == d:
                         # Visible but not durable: report failure; the file may stay (harmless).
                         statuses[i] = PageStatus.FAILED
 
