@@ -79,13 +79,21 @@ class PageBody:
 def read_exact(body: Any, dst: memoryview, chunk_bytes: int) -> int:
     """Read from a botocore ``StreamingBody`` into ``dst`` until it is full or the body ends.
 
-    Uses ``readinto`` on slices of ``dst`` (no whole-object ``bytes``); returns the bytes read.
+    Uses ``readinto`` on slices of ``dst`` where the body has it, else ``read(chunk)`` into
+    slices; never a whole-object ``bytes``. Returns the bytes read.
     """
     view = dst.cast("B") if dst.format != "B" else dst
     total = view.nbytes
     pos = 0
+    readinto = getattr(body, "readinto", None)
     while pos < total:
-        n = body.readinto(view[pos : min(total, pos + chunk_bytes)])
+        end = min(total, pos + chunk_bytes)
+        if readinto is not None:
+            n = readinto(view[pos:end])
+        else:  # bodies without readinto: one chunk-sized bytes at a time, never the whole object
+            chunk = body.read(end - pos)
+            n = len(chunk)
+            view[pos : pos + n] = chunk
         if not n:
             break
         pos += n

@@ -144,3 +144,19 @@ def test_read_exact_fills_in_chunks_and_stops_at_end() -> None:
     assert raw.calls == 11
     short = bytearray(2048)
     assert read_exact(Raw(b"xy"), memoryview(short), 4096) == 2
+
+
+def test_read_exact_falls_back_to_chunked_read() -> None:
+    class ReadOnly:
+        def __init__(self, data: bytes) -> None:
+            self.stream = io.BytesIO(data)
+            self.sizes: list[int] = []
+
+        def read(self, n: int) -> bytes:
+            self.sizes.append(n)
+            return self.stream.read(n)
+
+    body = ReadOnly(bytes(range(200)) * 5)
+    dst = bytearray(1000)
+    assert read_exact(body, memoryview(dst), 300) == 1000 and dst == bytes(range(200)) * 5
+    assert max(body.sizes) == 300
