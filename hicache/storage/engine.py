@@ -648,6 +648,8 @@ class StorageEngine:
         """Ask each tier for its own evictions now and then, off this thread."""
         now = self._clock()
         for tier in self.tiers.tiers:
+            if not tier.available:
+                continue
             job = self._evict_jobs.get(tier.name)
             if job is not None and not job.done():
                 continue

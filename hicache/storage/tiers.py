@@ -118,6 +118,8 @@ class Tier:
         )
         self.gate = InflightGate(s.max_inflight_bytes)
         self.admission: AdmissionPolicy = make_admission(s.admission)
+        #: False when ``open()`` failed: the cascade and publishing skip the tier.
+        self.available = True
 
     def __repr__(self) -> str:
         return f"Tier({self.name!r}, {type(self.backend).__name__})"
@@ -334,10 +336,24 @@ class Tiers:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def open(self) -> None:
-        """Open every backend (idempotent)."""
+    def open(self) -> list[str]:
+        """Open every backend (idempotent); return the names of tiers that failed to open.
+
+        A tier that cannot open is logged, counted and left out (``available`` false): storage
+        is an accelerator, so a missing bucket or disk never stops the cache from starting.
+        """
+        failed = []
         for t in self.tiers:
-            t.backend.open()
+            try:
+                t.backend.open()
+            except Exception as exc:
+                t.available = False
+                t.stats.error(exc, "open")
+                failed.append(t.name)
+                logger.error("tier %s: cannot open, left out: %s", t.name, exc)
+            else:
+                t.available = True
+        return failed
 
     def close(self) -> None:
         """Stop the tiers' I/O threads and close every backend (idempotent); a failing close is
@@ -366,7 +382,7 @@ class Tiers:
     @property
     def publishing(self) -> list[Tier]:
         """The tiers pages are published to, in order."""
-        return [t for t in self.tiers if t.publishes]
+        return [t for t in self.tiers if t.publishes and t.available]
 
     def earlier_publishing(self, tier: Tier) -> list[Tier]:
         """The publishing tiers before ``tier`` (where its pages may be promoted to)."""
@@ -374,7 +390,7 @@ class Tiers:
         for t in self.tiers:
             if t is tier:
                 return out
-            if t.publishes:
+            if t.publishes and t.available:
                 out.append(t)
         raise ValueError(f"{tier!r} is not one of these tiers")
 
@@ -389,6 +405,8 @@ class Tiers:
         for t in self.tiers:
             if pos >= len(keys):
                 break
+            if not t.available:
+                continue
             n = t.exists_prefix(keys[pos:])
             if n:
                 ranges.append(TierRange(t, pos, pos + n))
