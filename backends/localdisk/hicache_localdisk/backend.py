@@ -1,19 +1,14 @@
 """``LocalDiskBackend``: pages as files under ``root/<namespace>/``, bounded, crash-safe.
 
-What is where:
-
-- ``_index``   published pages this process knows (key -> bytes on disk): answers ``exists``.
-- ``_policy``  the core's tail-first LRU over published pages *and* reservations of puts in
-               flight, so capacity is enforced before bytes hit the disk (single-process mode).
-- ``shared``   with ``shared: true`` capacity is global instead: a counter file all processes
-               update and an ``flock``-elected evictor that ranks pages by mtime (every put and
-               get sets mtimes tail-first, so mtime order is the global tail-first LRU order).
+Where things are: ``layout`` (paths, temporaries, the directory scan), ``pageio`` (the system
+calls of one page), ``index`` (what is stored, single-process capacity), ``shared`` (the
+cross-process counter and eviction rounds), ``startup`` (what ``open()`` does first). This
+module wires them into the contract: put, get, exists, delete, listing and statistics.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import threading
@@ -22,12 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from hicache.errors import (
-    BackendCapacityError,
-    BackendError,
-    BackendUnavailableError,
-    PageCorruptError,
-)
+from hicache.errors import BackendCapacityError, BackendError
 from hicache.storage.backend import (
     Backend,
     BackendConfig,
@@ -37,13 +27,20 @@ from hicache.storage.backend import (
     StoredPage,
     check_namespace,
 )
-from hicache.storage.eviction import TailFirstLRU
-from hicache.storage.pageformat import HEADER_SIZE, decode_header, stored_size
-from hicache_localdisk.fsio import DIRECT_ALIGN, O_DIRECT, drop_cache, fsync_dir
-from hicache_localdisk.layout import FANOUT_DIRS, Layout, ScannedPage
-from hicache_localdisk.options import DEFAULT_FREE_FRACTION, Durability, LocalDiskConfig
+from hicache.storage.pageformat import stored_size
+from hicache_localdisk.fsio import DIRECT_ALIGN, drop_cache, fsync_dir
+from hicache_localdisk.index import PageIndex
+from hicache_localdisk.layout import Layout, ScannedPage
+from hicache_localdisk.options import Durability, LocalDiskConfig
 from hicache_localdisk.pageio import PageIO, ReadResult
 from hicache_localdisk.shared import SharedState
+from hicache_localdisk.startup import (
+    default_max_bytes,
+    make_dirs,
+    probe_direct,
+    remove,
+    sweep,
+)
 
 if TYPE_CHECKING:
     from hicache.storage.benchmark import RawBaseline
@@ -56,10 +53,19 @@ _T = TypeVar("_T")
 #: Spacing of the mtimes given to the pages of one batch (head newest): 1 us survives the
 #: timestamp granularity of every filesystem with nanosecond mtimes.
 _MTIME_STEP_NS = 1000
-#: A shared eviction round frees this share of ``max_bytes`` beyond what is needed, so rounds
-#: (each a directory scan) stay rare under steady writing.
-_SHARED_SLACK = 1 / 16
 _SYNCED = (PageStatus.OK, PageStatus.ALREADY_EXISTS)
+_COUNTERS = (
+    "puts_ok",
+    "puts_existing",
+    "puts_failed",
+    "gets_ok",
+    "gets_missing",
+    "gets_failed",
+    "corrupt",
+    "dead_temps_removed",
+    "bad_size_removed",
+    "other_size_pages",
+)
 
 
 class LocalDiskBackend(Backend):
@@ -72,32 +78,15 @@ class LocalDiskBackend(Backend):
         assert isinstance(config, LocalDiskConfig)  # checked by the base class
         self.options: LocalDiskConfig = config
         self._layout = Layout(os.fspath(config.root), context.namespace)
-        self._lock = threading.Lock()
-        self._index: dict[str, int] = {}
-        self._policy: TailFirstLRU | None = None
-        self._inflight: dict[str, int] = {}
-        self._evicted: list[str] = []
+        self._stored = stored_size(context.page_bytes)
+        self._index = PageIndex(self._stored)
         self._max_bytes = 0
         self._pool: ThreadPoolExecutor | None = None
         self._shared: SharedState | None = None
         self._io: PageIO | None = None
         self._corrupt_logged = False
-        self._counters: dict[str, int] = dict.fromkeys(
-            (
-                "puts_ok",
-                "puts_existing",
-                "puts_failed",
-                "gets_ok",
-                "gets_missing",
-                "gets_failed",
-                "corrupt",
-                "evicted",
-                "dead_temps_removed",
-                "bad_size_removed",
-                "other_size_pages",
-            ),
-            0,
-        )
+        self._counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self._counters_lock = threading.Lock()
         self._open_scan: dict[str, float] = {}
 
     # ------------------------------------------------------------------ public extras
@@ -114,11 +103,10 @@ class LocalDiskBackend(Backend):
 
     @property
     def used_bytes(self) -> int:
-        """Bytes on disk this instance accounts for (global counter in shared mode)."""
+        """Bytes on disk this instance accounts for (the global counter in shared mode)."""
         if self._shared is not None:
             return self._shared.read()
-        with self._lock:
-            return sum(self._index.values())
+        return self._index.used_bytes()
 
     def page_path(self, key: str) -> str:
         """Path of the file of ``key`` (whether or not it exists)."""
@@ -127,9 +115,7 @@ class LocalDiskBackend(Backend):
     def drop_page_cache(self) -> bool:
         """Write back and drop every page file of this instance from the OS page cache, so the
         next reads come from the device (``hicache bench storage`` cold reads)."""
-        with self._lock:
-            keys = list(self._index)
-        for key in keys:
+        for key in list(self._index.pages):
             with contextlib.suppress(FileNotFoundError):
                 drop_cache(self._layout.page_path(key))
         return True
@@ -168,40 +154,47 @@ class LocalDiskBackend(Backend):
     def _open_inner(self) -> None:
         opts = self.options
         writable = not self.context.read_only
+        fsync = opts.durability is Durability.FSYNC
         if writable:
-            self._make_dirs()
-        alone = False
-        if opts.shared and writable:
-            alone = self._join_shared()
+            make_dirs(self._layout, opts.dir_mode, fsync)
+        alone = self._join_shared() if opts.shared and writable else False
         started = time.perf_counter()
         scan = self._layout.scan()
-        pages = self._sweep(scan.pages, scan.dead_temps, writable)
-        self._max_bytes = self._resolve_max_bytes(sum(p.size for p in pages), writable)
-        stored = stored_size(self.context.page_bytes)
-        if writable and self._max_bytes < stored:
+        swept = sweep(self._layout, scan.pages, scan.dead_temps, self.context.page_bytes, writable)
+        self._counters["dead_temps_removed"] += swept.dead_temps_removed
+        self._counters["bad_size_removed"] += swept.damaged_removed
+        self._counters["other_size_pages"] = swept.other_size_pages
+        pages = swept.pages
+        used = sum(p.size for p in pages)
+        if opts.max_bytes is not None:
+            self._max_bytes = opts.max_bytes
+        else:
+            # A read-only instance never writes nor evicts: its bound only admits what is there.
+            self._max_bytes = default_max_bytes(self._layout, used) if writable else max(used, 1)
+        if writable and self._max_bytes < self._stored:
             raise BackendCapacityError(
-                f"max_bytes={self._max_bytes} cannot hold one page of {stored} bytes "
+                f"max_bytes={self._max_bytes} cannot hold one page of {self._stored} bytes "
                 f"(root {self._layout.root!r})"
             )
-        # Newest first: the policy records a batch tail-first, so the first key ends most recent.
-        pages.sort(key=lambda p: p.mtime_ns, reverse=True)
-        self._index = {p.key: p.size for p in pages}
+        pages.sort(key=lambda p: p.mtime_ns, reverse=True)  # newest first
+        self._index.load(
+            [p.key for p in pages],
+            [p.size for p in pages],
+            None if opts.shared else self._max_bytes,
+        )
         self._io = PageIO(
             self._layout,
             self.context.page_bytes,
             file_mode=opts.file_mode,
-            fsync=opts.durability is Durability.FSYNC,
-            direct=self._probe_direct(writable),
+            fsync=fsync,
+            direct=opts.direct_io and probe_direct(self._layout, self.context.page_bytes, writable),
             verify=opts.verify_checksums,
             hash_threads=max(4, opts.io_threads),
         )
         if opts.shared:
             self._settle_shared(pages, alone)
-        else:
-            self._policy = TailFirstLRU(self._max_bytes)
-            self._policy.add([p.key for p in pages], [p.size for p in pages])
-            if writable and self._policy.used_bytes > self._max_bytes:
-                self._drop(self._policy.evict_for(0))
+        elif writable and used > self._max_bytes:
+            self._unlink_all(self._index.evict_to_capacity())
         elapsed = time.perf_counter() - started
         self._open_scan = {
             "pages": len(pages),
@@ -214,130 +207,10 @@ class LocalDiskBackend(Backend):
             "localdisk %s: %d pages (%d bytes, max %d) indexed in %.3fs",
             self._layout.ns_dir,
             len(pages),
-            sum(self._index.values()),
+            used,
             self._max_bytes,
             elapsed,
         )
-
-    def _make_dirs(self) -> None:
-        mode = self.options.dir_mode
-        ns_dir = self._layout.ns_dir
-        try:
-            created = not os.path.isdir(ns_dir)
-            # makedirs gives `mode` to the leaf only: create root and namespace explicitly so
-            # both are owner-only (the root's parents are not ours to restrict).
-            os.makedirs(self._layout.root, mode=mode, exist_ok=True)
-            for path in [ns_dir, *(f"{ns_dir}/{sub}" for sub in FANOUT_DIRS)]:
-                try:
-                    os.mkdir(path, mode)
-                    created = True
-                except FileExistsError:
-                    continue
-                if mode & 0o077:  # mkdir applies the umask; honour a configured wider mode
-                    os.chmod(path, mode)
-            if created and self.options.durability is Durability.FSYNC:
-                fsync_dir(ns_dir)
-                fsync_dir(self._layout.root)
-        except OSError as exc:
-            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC):
-                # Reads of what is there still work; every put will fail with a status.
-                log.warning("localdisk root %s is not writable (%s): puts will fail", ns_dir, exc)
-                return
-            raise BackendUnavailableError(f"cannot use localdisk root {ns_dir!r}: {exc}") from exc
-
-    def _sweep(
-        self, pages: list[ScannedPage], dead_temps: list[str], writable: bool
-    ) -> list[ScannedPage]:
-        """Remove dead owners' temporaries and damaged pages; return the pages of our size."""
-        if writable:
-            for path in dead_temps:
-                if _remove(path):
-                    self._counters["dead_temps_removed"] += 1
-        stored = stored_size(self.context.page_bytes)
-        good = [p for p in pages if p.size == stored]
-        if len(good) == len(pages):
-            return good
-        damaged = foreign = 0
-        for p in pages:
-            if p.size == stored:
-                continue
-            if self._is_damaged(p):
-                damaged += 1
-                if writable and _remove(self._layout.page_path(p.key)):
-                    self._counters["bad_size_removed"] += 1
-            else:
-                # A sound page of another page size (a tool opened us with another size):
-                # not ours to serve, and certainly not ours to delete.
-                foreign += 1
-        self._counters["other_size_pages"] = foreign
-        log.warning(
-            "localdisk %s: %d damaged page file(s) %s, %d page(s) of another page size ignored",
-            self._layout.ns_dir,
-            damaged,
-            "removed" if writable else "skipped",
-            foreign,
-        )
-        return good
-
-    def _is_damaged(self, page: ScannedPage) -> bool:
-        """True for a file that can never be a valid page (torn, truncated, foreign header)."""
-        if page.size < HEADER_SIZE:
-            return True
-        try:
-            with open(self._layout.page_path(page.key), "rb") as f:
-                header = decode_header(f.read(HEADER_SIZE))
-        except PageCorruptError:
-            return True
-        except OSError:
-            return False  # unreadable now; a later read decides
-        if header.namespace != self.context.namespace or header.key != page.key:
-            return True
-        return stored_size(header.payload_len) != page.size
-
-    def _resolve_max_bytes(self, used: int, writable: bool) -> int:
-        if self.options.max_bytes is not None:
-            return self.options.max_bytes
-        if not writable:
-            return max(used, 1)  # never writes nor evicts: the bound only admits what is there
-        try:
-            st = os.statvfs(self._layout.root)
-        except OSError as exc:
-            raise BackendUnavailableError(
-                f"cannot size localdisk root {self._layout.root!r}: {exc}"
-            ) from exc
-        free = st.f_bavail * st.f_frsize
-        return int((free + used) * DEFAULT_FREE_FRACTION)
-
-    def _probe_direct(self, writable: bool) -> bool:
-        if not self.options.direct_io:
-            return False
-        if O_DIRECT == 0 or self.context.page_bytes % DIRECT_ALIGN:
-            log.warning(
-                "localdisk: direct_io needs O_DIRECT and page_bytes a multiple of %d "
-                "(page_bytes=%d): using buffered I/O",
-                DIRECT_ALIGN,
-                self.context.page_bytes,
-            )
-            return False
-        probe = os.path.join(self._layout.ns_dir, f".hicache-direct-probe-{os.getpid()}")
-        try:
-            if writable:
-                fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_DIRECT, 0o600)
-                os.close(fd)
-                os.unlink(probe)
-            else:
-                fd = os.open(self._layout.ns_dir, os.O_RDONLY | O_DIRECT)
-                os.close(fd)
-        except OSError as exc:
-            # tmpfs (before Linux 6.6) and some network filesystems refuse O_DIRECT with EINVAL.
-            log.warning(
-                "localdisk: %s does not support O_DIRECT (%s): using buffered I/O",
-                self._layout.ns_dir,
-                exc,
-            )
-            _remove(probe)
-            return False
-        return True
 
     def _join_shared(self) -> bool:
         """Open the shared state before the scan; True when no other process has the root."""
@@ -364,7 +237,7 @@ class LocalDiskBackend(Backend):
             with shared.evict_round():
                 shared.init_if_unset(total)
         if shared.read() > self._max_bytes:
-            self._shared_enforce(0)
+            self._enforce_shared(0)
 
     def _close(self) -> None:
         if self._pool is not None:
@@ -375,17 +248,14 @@ class LocalDiskBackend(Backend):
             self._shared = None
         if self._io is not None:
             self._io.close()
-        with self._lock:
-            self._index = {}
-            self._inflight = {}
-            self._policy = None
-        self._io = None
+            self._io = None
+        self._index.clear()
 
     # ------------------------------------------------------------------ exists
 
     def _exists(self, keys: Sequence[str]) -> list[bool]:
-        index = self._index
-        found = [k in index for k in keys]
+        pages = self._index.pages
+        found = [k in pages for k in keys]
         if self.options.shared:
             for i, key in enumerate(keys):
                 if not found[i]:
@@ -393,10 +263,10 @@ class LocalDiskBackend(Backend):
         return found
 
     def _exists_prefix(self, keys: Sequence[str]) -> int:
-        index = self._index
+        pages = self._index.pages
         shared = self.options.shared
         for i, key in enumerate(keys):
-            if key not in index and not (shared and self._probe_fs(key)):
+            if key not in pages and not (shared and self._probe_fs(key)):
                 return i
         return len(keys)
 
@@ -405,8 +275,7 @@ class LocalDiskBackend(Backend):
         size = self._require_io().page_size_on_disk(key)
         if size is None:
             return False
-        with self._lock:
-            self._index[key] = size
+        self._index.note_present(key, size)
         return True
 
     # ------------------------------------------------------------------ put
@@ -416,125 +285,48 @@ class LocalDiskBackend(Backend):
         srcs = [_bytes_view(s) for s in srcs]
         statuses: list[PageStatus | None] = [None] * len(keys)
         if self._shared is not None:
-            todo = self._reserve_shared(keys, statuses)
+            todo = self._plan_shared(keys, statuses)
         else:
-            todo = self._reserve_local(keys, statuses)
+            todo, evicted = self._index.reserve(keys, statuses)
+            self._unlink_all(evicted)
         now = time.time_ns()
         results = self._map(lambda i: io.write(keys[i], srcs[i], now - i * _MTIME_STEP_NS), todo)
         for i, status in zip(todo, results, strict=True):
             statuses[i] = status
         if self.options.durability is Durability.FSYNC:
             self._sync_dirs(keys, todo, statuses)
-        self._settle_puts(keys, todo, statuses)
+        published, late = self._index.settle(keys, todo, statuses)
+        self._unlink_all(late)
+        # Counted after the rename, so a concurrent eviction round can only over-count (it saw
+        # the file, then we add it): the safe direction, corrected by the next round.
+        shared = self._shared
+        if published and shared is not None and shared.add(published) > self._max_bytes:
+            self._enforce_shared(0)
         out = [PageStatus.FAILED if s is None else s for s in statuses]
-        with self._lock:
-            c = self._counters
-            c["puts_ok"] += out.count(PageStatus.OK)
-            c["puts_existing"] += out.count(PageStatus.ALREADY_EXISTS)
-            c["puts_failed"] += out.count(PageStatus.FAILED)
+        self._count(
+            puts_ok=out.count(PageStatus.OK),
+            puts_existing=out.count(PageStatus.ALREADY_EXISTS),
+            puts_failed=out.count(PageStatus.FAILED),
+        )
         return out
 
-    def _reserve_local(self, keys: Sequence[str], statuses: list[PageStatus | None]) -> list[int]:
-        """Decide which pages to write and make room for them before any byte is written."""
-        policy = self._policy
-        assert policy is not None
-        stored = self._require_io().stored_bytes
-        with self._lock:
-            todo: list[int] = []
-            existing: list[str] = []
-            new: list[str] = []
-            seen: set[str] = set()
-            for i, key in enumerate(keys):
-                if key in self._index:
-                    statuses[i] = PageStatus.ALREADY_EXISTS
-                    existing.append(key)
-                    continue
-                todo.append(i)
-                if key not in policy and key not in seen:
-                    new.append(key)
-                seen.add(key)
-            # Re-stored pages are used again: refresh them first so room is made elsewhere.
-            policy.touch(existing)
-            fit = min(len(new), policy.capacity_bytes // stored)
-            victims = policy.evict_for(fit * stored)
-            room = max(0, (policy.capacity_bytes - policy.used_bytes) // stored)
-            refused = set(new[min(fit, room) :])
-            if refused:
-                # Only when one batch is larger than the whole capacity: its tail is dropped.
-                todo = [i for i in todo if keys[i] not in refused]
-                for i, key in enumerate(keys):
-                    if key in refused:
-                        statuses[i] = PageStatus.FAILED
-            reserve = [keys[i] for i in todo]
-            policy.add(reserve, [stored] * len(reserve))
-            for key in reserve:
-                self._inflight[key] = self._inflight.get(key, 0) + 1
-            dropped = self._forget(victims)
-        for i, key in enumerate(keys):
-            if key in dropped and statuses[i] is PageStatus.ALREADY_EXISTS:
-                statuses[i] = PageStatus.FAILED  # evicted by its own batch (tiny capacity)
-        self._unlink_evicted(dropped)
-        return todo
-
-    def _reserve_shared(self, keys: Sequence[str], statuses: list[PageStatus | None]) -> list[int]:
-        shared = self._shared
-        assert shared is not None
+    def _plan_shared(self, keys: Sequence[str], statuses: list[PageStatus | None]) -> list[int]:
+        """Shared mode: skip pages on disk (whatever our index says), make room for the rest."""
         io = self._require_io()
         todo: list[int] = []
         seen: set[str] = set()
         for i, key in enumerate(keys):
             if key not in seen:
                 seen.add(key)
-                # The index may be stale (another process evicted): ask the filesystem.
                 if io.page_size_on_disk(key) is not None:
                     statuses[i] = PageStatus.ALREADY_EXISTS
                     continue
             todo.append(i)
-        need = len(todo) * io.stored_bytes
-        if need and shared.read() + need > self._max_bytes:
-            self._shared_enforce(need)
-        return todo
-
-    def _settle_puts(
-        self, keys: Sequence[str], todo: list[int], statuses: list[PageStatus | None]
-    ) -> None:
-        stored = self._require_io().stored_bytes
-        published = 0
-        late_victims: list[str] = []
-        with self._lock:
-            for i in todo:
-                key = keys[i]
-                status = statuses[i]
-                if self._shared is not None:
-                    if status is PageStatus.OK or status is PageStatus.ALREADY_EXISTS:
-                        self._index[key] = stored
-                    published += stored if status is PageStatus.OK else 0
-                    continue
-                policy = self._policy
-                assert policy is not None
-                left = self._inflight.get(key, 1) - 1
-                if left:
-                    self._inflight[key] = left
-                else:
-                    self._inflight.pop(key, None)
-                if status is PageStatus.OK or status is PageStatus.ALREADY_EXISTS:
-                    if key in policy:
-                        self._index[key] = stored
-                    elif key not in self._index and status is PageStatus.OK:
-                        # Evicted while in flight: our file was never accounted, remove it
-                        # and report it like any other eviction.
-                        late_victims.append(key)
-                        self._evicted.append(key)
-                        self._counters["evicted"] += 1
-                elif not left and key not in self._index:
-                    policy.remove(key)
-        # Counted after the rename, so a concurrent eviction round can only over-count (it
-        # saw the file, then we add it): the safe direction, corrected by the next round.
+        need = len(todo) * self._stored
         shared = self._shared
-        if published and shared is not None and shared.add(published) > self._max_bytes:
-            self._shared_enforce(0)
-        for key in late_victims:
-            _remove(self._layout.page_path(key))
+        if need and shared is not None and shared.read() + need > self._max_bytes:
+            self._enforce_shared(need)
+        return todo
 
     def _sync_dirs(
         self, keys: Sequence[str], todo: list[int], statuses: list[PageStatus | None]
@@ -561,55 +353,51 @@ class LocalDiskBackend(Backend):
         io = self._require_io()
         dsts = [_bytes_view(d) for d in dsts]
         shared = self.options.shared
-        index = self._index
+        pages = self._index.pages
         now = None if self.context.read_only else time.time_ns()
-        todo = [i for i, key in enumerate(keys) if shared or key in index]
+        todo = [i for i, key in enumerate(keys) if shared or key in pages]
         results = self._map(
             lambda i: io.read(keys[i], dsts[i], None if now is None else now - i * _MTIME_STEP_NS),
             todo,
         )
         statuses = [PageStatus.NOT_FOUND] * len(keys)
         hits: list[str] = []
+        missing: list[str] = []
         corrupt: list[tuple[str, str]] = []
-        with self._lock:
-            for i, (result, field) in zip(todo, results, strict=True):
-                key = keys[i]
-                if result is ReadResult.OK:
-                    statuses[i] = PageStatus.OK
-                    hits.append(key)
-                    if shared and key not in self._index:
-                        self._index[key] = io.stored_bytes
-                elif result is ReadResult.MISSING:
-                    self._index.pop(key, None)  # deleted or evicted behind our back
-                    if self._policy is not None and key not in self._inflight:
-                        self._policy.remove(key)
-                elif result is ReadResult.CORRUPT:
-                    statuses[i] = PageStatus.CORRUPT
-                    corrupt.append((key, field))
-                else:
-                    statuses[i] = PageStatus.FAILED
-            c = self._counters
-            c["gets_ok"] += len(hits)
-            c["gets_missing"] += statuses.count(PageStatus.NOT_FOUND)
-            c["gets_failed"] += statuses.count(PageStatus.FAILED)
-            if self._policy is not None and hits:
-                self._policy.touch(hits)
+        for i, (result, field) in zip(todo, results, strict=True):
+            key = keys[i]
+            if result is ReadResult.OK:
+                statuses[i] = PageStatus.OK
+                hits.append(key)
+                if shared and key not in pages:
+                    self._index.note_present(key, self._stored)
+            elif result is ReadResult.MISSING:
+                missing.append(key)  # deleted or evicted behind our back
+            elif result is ReadResult.CORRUPT:
+                statuses[i] = PageStatus.CORRUPT
+                corrupt.append((key, field))
+            else:
+                statuses[i] = PageStatus.FAILED
+        if missing:
+            self._index.note_missing(missing)
+        self._index.touch(hits)
+        self._count(
+            gets_ok=len(hits),
+            gets_missing=statuses.count(PageStatus.NOT_FOUND),
+            gets_failed=statuses.count(PageStatus.FAILED),
+        )
         for key, field in corrupt:
             self._on_corrupt(key, field)
         return statuses
 
     def _on_corrupt(self, key: str, field: str) -> None:
         """Count, log (once at warning level), forget and remove a page that failed checks."""
-        with self._lock:
+        with self._counters_lock:
             self._counters["corrupt"] += 1
             first = not self._corrupt_logged
             self._corrupt_logged = True
-            known = self._index.pop(key, None) is not None
-            if self._policy is not None:
-                self._policy.remove(key)
-            if known:
-                self._evicted.append(key)
-        removed = not self.context.read_only and self._unlink_counted([key]) == 1
+        self._index.note_corrupt(key)
+        removed = not self.context.read_only and self._remove_pages([key]) == 1
         (log.warning if first else log.debug)(
             "localdisk %s: page %s is corrupt (%s): %s",
             self._layout.ns_dir,
@@ -622,111 +410,65 @@ class LocalDiskBackend(Backend):
 
     def _delete(self, keys: Sequence[str]) -> None:
         failed: list[str] = []
-        self._unlink_counted(keys, failed)
-        failed_set = set(failed)
-        gone = [key for key in keys if key not in failed_set]
-        with self._lock:
-            for key in gone:
-                self._index.pop(key, None)
-                if self._policy is not None and key not in self._inflight:
-                    self._policy.remove(key)
+        self._remove_pages(keys, failed)
+        # A page that could not be unlinked (read-only filesystem) stays indexed and served.
+        kept = {os.path.basename(path) for path in failed}
+        self._index.note_missing([key for key in keys if key not in kept])
         if failed:
             raise BackendError(
                 f"localdisk: could not delete {len(failed)} page(s), e.g. {failed[0]}"
             )
 
-    def _unlink_counted(self, keys: Sequence[str], failed: list[str] | None = None) -> int:
-        """Unlink page files (missing ones are fine); return how many this call removed.
-
-        In shared mode this runs inside an eviction round's lock, so no round can rescan between
-        an unlink and its decrement (which would count the page twice as gone).
-        """
-        shared = self._shared
-        with shared.evict_round() if shared is not None else contextlib.nullcontext():
-            freed = 0
-            for key in keys:
-                try:
-                    os.unlink(self._layout.page_path(key))
-                    freed += 1
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    # Still on disk (read-only filesystem...): keep serving and accounting it.
-                    log.warning("cannot remove page %s: %s", key, exc)
-                    if failed is not None:
-                        failed.append(key)
-            if shared is not None and freed:
-                shared.add(-freed * self._require_io().stored_bytes)
+    def _remove_pages(self, keys: Sequence[str], failed: list[str] | None = None) -> int:
+        """Unlink page files (missing ones are fine); return how many this call removed."""
+        paths = [self._layout.page_path(key) for key in keys]
+        if self._shared is not None:
+            return self._shared.remove(paths, self._stored, failed)
+        freed = 0
+        for path in paths:
+            try:
+                os.unlink(path)
+                freed += 1
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", path, exc)
+                if failed is not None:
+                    failed.append(path)
         return freed
+
+    def _unlink_all(self, keys: Sequence[str] | set[str]) -> None:
+        """Unlink the files of pages the index already forgot (evicted)."""
+        for key in keys:
+            remove(self._layout.page_path(key))
+
+    def _enforce_shared(self, need: int) -> None:
+        shared = self._shared
+        assert shared is not None
+        removed = shared.enforce(self._layout, self._stored, self._max_bytes, need)
+        if removed:
+            self._index.note_evicted(removed)
 
     def take_evicted(self) -> list[str]:
         # docstring inherited
-        with self._lock:
-            out, self._evicted = self._evicted, []
-        return out
-
-    def _forget(self, victims: Sequence[str]) -> set[str]:
-        """Drop evicted keys from the index (lock held); return those that had files."""
-        dropped: set[str] = set()
-        for key in victims:
-            if self._index.pop(key, None) is not None:
-                dropped.add(key)
-                self._evicted.append(key)
-        self._counters["evicted"] += len(dropped)
-        return dropped
-
-    def _drop(self, victims: Sequence[str]) -> None:
-        with self._lock:
-            dropped = self._forget(victims)
-        self._unlink_evicted(dropped)
-
-    def _unlink_evicted(self, keys: set[str]) -> None:
-        for key in keys:
-            _remove(self._layout.page_path(key))
-
-    def _shared_enforce(self, need: int) -> None:
-        """Run one eviction round if the shared counter plus ``need`` is (still) over the bound.
-
-        The round rescans the directory, so it decides on what is really there, and re-anchors
-        the counter on it by a delta (concurrent additions are kept), which also removes the
-        drift a killed process leaves.
-        """
-        shared = self._shared
-        assert shared is not None
-        stored = self._require_io().stored_bytes
-        with shared.evict_round():
-            before = shared.read()
-            if before + need <= self._max_bytes:
-                return  # another process's round made room while we waited
-            scan = self._layout.scan()
-            pages = [p for p in scan.pages if p.size == stored]
-            on_disk = sum(p.size for p in pages)
-            # Other writers' temporaries are pages about to land: make room for them too.
-            pending = scan.live_temps * stored + need
-            drift = before - on_disk
-            pages.sort(key=lambda p: p.mtime_ns, reverse=True)
-            ranking = TailFirstLRU(self._max_bytes)
-            ranking.add([p.key for p in pages], [p.size for p in pages])
-            want = pending + int(self._max_bytes * _SHARED_SLACK)
-            victims = ranking.evict_for(min(want, self._max_bytes))
-            removed = [key for key in victims if _remove(self._layout.page_path(key))]
-            shared.add(-(len(removed) * stored + drift))
-        with self._lock:
-            for key in removed:
-                self._index.pop(key, None)
-            self._evicted.extend(removed)
-            self._counters["evicted"] += len(removed)
-        log.debug("localdisk shared round: evicted %d pages, drift %d bytes", len(removed), drift)
+        return self._index.take_evicted()
 
     # ------------------------------------------------------------------ stats, listing
 
+    def _count(self, **deltas: int) -> None:
+        with self._counters_lock:
+            for name, delta in deltas.items():
+                self._counters[name] += delta
+
     def _stats(self) -> Mapping[str, Any]:
-        with self._lock:
+        with self._index.lock:
+            pages = len(self._index.pages)
+            used = sum(self._index.pages.values())
+        with self._counters_lock:
             counters = dict(self._counters)
-            pages = len(self._index)
-            used = sum(self._index.values())
         return {
             **counters,
+            "evicted": self._index.evictions,
             "pages": pages,
             "used_bytes": used,
             "shared_used_bytes": self._shared.read() if self._shared is not None else None,
@@ -768,15 +510,3 @@ class LocalDiskBackend(Backend):
 def _bytes_view(buf: memoryview) -> memoryview:
     # Slicing for short reads/writes must count bytes, whatever the caller's item format.
     return buf if buf.format == "B" and buf.ndim == 1 else buf.cast("B")
-
-
-def _remove(path: str) -> bool:
-    """Unlink ``path``; True if this call removed it."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        log.warning("cannot remove %s: %s", path, exc)
-        return False
-    return True

@@ -18,13 +18,23 @@ each eviction round rescans the directory and corrects it, and so does a lone op
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+from hicache.storage.eviction import TailFirstLRU
+from hicache_localdisk.layout import Layout
+
 __all__ = ["SharedState"]
+
+log = logging.getLogger(__name__)
+
+#: An eviction round frees this share of ``max_bytes`` beyond what is needed, so rounds (each a
+#: directory scan) stay rare under steady writing.
+SLACK = 1 / 16
 
 _COUNTER = struct.Struct("<q")
 USAGE_FILE = ".hicache-usage"
@@ -126,3 +136,57 @@ class SharedState:
                 yield
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ capacity
+
+    def enforce(self, layout: Layout, stored: int, max_bytes: int, need: int) -> list[str]:
+        """Run one eviction round if the counter plus ``need`` is (still) over ``max_bytes``;
+        return the keys it removed.
+
+        The round rescans the directory, so it decides on what is really there, ranks pages by
+        mtime (every put and get stamps them tail-first) with the core's tail-first LRU, evicts
+        down to the bound minus the writes in flight and some slack, and re-anchors the counter
+        by a delta (concurrent additions are kept), which also removes a killed process's drift.
+        """
+        with self.evict_round():
+            before = self.read()
+            if before + need <= max_bytes:
+                return []  # another process's round made room while we waited
+            scan = layout.scan()
+            pages = [p for p in scan.pages if p.size == stored]
+            on_disk = sum(p.size for p in pages)
+            # Other writers' temporaries are pages about to land: make room for them too.
+            pending = scan.live_temps * stored + need
+            pages.sort(key=lambda p: p.mtime_ns, reverse=True)
+            ranking = TailFirstLRU(max_bytes)
+            ranking.add([p.key for p in pages], [p.size for p in pages])
+            victims = ranking.evict_for(min(pending + int(max_bytes * SLACK), max_bytes))
+            removed = [key for key in victims if _unlink(layout.page_path(key))]
+            self.add(on_disk - before - len(removed) * stored)
+        log.debug("localdisk shared round: evicted %d pages", len(removed))
+        return removed
+
+    def remove(self, paths: Sequence[str], stored: int, failed: list[str] | None = None) -> int:
+        """Unlink page files inside a round's lock and count them out; return how many went.
+
+        Holding the lock means no round rescans between an unlink and its decrement (which
+        would count the page as gone twice).
+        """
+        with self.evict_round():
+            freed = sum(_unlink(path, failed) for path in paths)
+            if freed:
+                self.add(-freed * stored)
+        return freed
+
+
+def _unlink(path: str, failed: list[str] | None = None) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc)
+        if failed is not None:
+            failed.append(path)
+        return False
+    return True

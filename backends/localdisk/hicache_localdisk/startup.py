@@ -1,0 +1,168 @@
+"""What ``open()`` does before serving: directories, the sweep of leftovers, capacity, O_DIRECT.
+
+- ``make_dirs``          root, namespace and the 256 fan-out directories, owner-only
+- ``sweep``              remove dead owners' temporaries and damaged files; keep our pages
+- ``default_max_bytes``  the bound when none is configured
+- ``probe_direct``       whether ``O_DIRECT`` can be used here
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import dataclass
+
+from hicache.errors import BackendUnavailableError, PageCorruptError
+from hicache.storage.pageformat import HEADER_SIZE, decode_header, stored_size
+from hicache_localdisk.fsio import DIRECT_ALIGN, O_DIRECT, fsync_dir
+from hicache_localdisk.layout import FANOUT_DIRS, Layout, ScannedPage
+from hicache_localdisk.options import DEFAULT_FREE_FRACTION
+
+__all__ = ["SweepResult", "default_max_bytes", "make_dirs", "probe_direct", "remove", "sweep"]
+
+log = logging.getLogger(__name__)
+
+
+def remove(path: str) -> bool:
+    """Unlink ``path``; True if this call removed it (failures other than absence are logged)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc)
+        return False
+    return True
+
+
+def make_dirs(layout: Layout, mode: int, fsync: bool) -> None:
+    """Create root, namespace and fan-out directories with ``mode``.
+
+    A read-only or full filesystem is logged, not raised: what is there can still be read and
+    every put will fail with a status. Anything else (the root's parent is a file...) raises
+    :class:`~hicache.errors.BackendUnavailableError`.
+    """
+    ns_dir = layout.ns_dir
+    try:
+        created = not os.path.isdir(ns_dir)
+        # makedirs gives `mode` to the leaf only: create root and namespace explicitly so both
+        # are owner-only (the root's parents are not ours to restrict).
+        os.makedirs(layout.root, mode=mode, exist_ok=True)
+        for path in [ns_dir, *(f"{ns_dir}/{sub}" for sub in FANOUT_DIRS)]:
+            try:
+                os.mkdir(path, mode)
+                created = True
+            except FileExistsError:
+                continue
+            if mode & 0o077:  # mkdir applies the umask; honour a configured wider mode
+                os.chmod(path, mode)
+        if created and fsync:
+            fsync_dir(ns_dir)
+            fsync_dir(layout.root)
+    except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC):
+            log.warning("localdisk root %s is not writable (%s): puts will fail", ns_dir, exc)
+            return
+        raise BackendUnavailableError(f"cannot use localdisk root {ns_dir!r}: {exc}") from exc
+
+
+@dataclass(slots=True)
+class SweepResult:
+    """Pages of our size, and what the sweep did."""
+
+    pages: list[ScannedPage]
+    dead_temps_removed: int = 0
+    damaged_removed: int = 0
+    other_size_pages: int = 0
+
+
+def sweep(
+    layout: Layout,
+    pages: list[ScannedPage],
+    dead_temps: list[str],
+    page_bytes: int,
+    writable: bool,
+) -> SweepResult:
+    """Remove dead owners' temporaries and damaged files; return the pages of our size."""
+    result = SweepResult(pages=[])
+    if writable:
+        result.dead_temps_removed = sum(remove(path) for path in dead_temps)
+    stored = stored_size(page_bytes)
+    result.pages = [p for p in pages if p.size == stored]
+    if len(result.pages) == len(pages):
+        return result
+    damaged = 0
+    for p in pages:
+        if p.size == stored:
+            continue
+        if _is_damaged(layout, p):
+            damaged += 1
+            if writable and remove(layout.page_path(p.key)):
+                result.damaged_removed += 1
+        else:
+            # A sound page of another page size (a tool opened us with another size): not
+            # ours to serve, and certainly not ours to delete.
+            result.other_size_pages += 1
+    log.warning(
+        "localdisk %s: %d damaged page file(s) %s, %d page(s) of another page size ignored",
+        layout.ns_dir,
+        damaged,
+        "removed" if writable else "skipped",
+        result.other_size_pages,
+    )
+    return result
+
+
+def _is_damaged(layout: Layout, page: ScannedPage) -> bool:
+    """True for a file that can never be a valid page (torn, truncated, foreign header)."""
+    if page.size < HEADER_SIZE:
+        return True
+    try:
+        with open(layout.page_path(page.key), "rb") as f:
+            header = decode_header(f.read(HEADER_SIZE))
+    except PageCorruptError:
+        return True
+    except OSError:
+        return False  # unreadable now; a later read decides
+    if header.namespace != layout.namespace or header.key != page.key:
+        return True
+    return stored_size(header.payload_len) != page.size
+
+
+def default_max_bytes(layout: Layout, used: int) -> int:
+    """Half of the filesystem's free space plus what the namespace already holds."""
+    try:
+        st = os.statvfs(layout.root)
+    except OSError as exc:
+        raise BackendUnavailableError(f"cannot size localdisk root {layout.root!r}: {exc}") from exc
+    return int((st.f_bavail * st.f_frsize + used) * DEFAULT_FREE_FRACTION)
+
+
+def probe_direct(layout: Layout, page_bytes: int, writable: bool) -> bool:
+    """True when ``O_DIRECT`` works for this namespace's files; logs why not otherwise."""
+    if O_DIRECT == 0 or page_bytes % DIRECT_ALIGN:
+        log.warning(
+            "localdisk: direct_io needs O_DIRECT and page_bytes a multiple of %d "
+            "(page_bytes=%d): using buffered I/O",
+            DIRECT_ALIGN,
+            page_bytes,
+        )
+        return False
+    probe = os.path.join(layout.ns_dir, f".hicache-direct-probe-{os.getpid()}")
+    try:
+        if writable:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_DIRECT, 0o600)
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            fd = os.open(layout.ns_dir, os.O_RDONLY | O_DIRECT)
+            os.close(fd)
+    except OSError as exc:
+        # tmpfs (before Linux 6.6) and some network filesystems refuse O_DIRECT with EINVAL.
+        log.warning(
+            "localdisk: %s does not support O_DIRECT (%s): using buffered I/O", layout.ns_dir, exc
+        )
+        remove(probe)
+        return False
+    return True
