@@ -30,7 +30,7 @@ from hicache.storage.calls import FailureKind, TierCaller
 PEER = Path(__file__).with_name("s3_cache_peer.py")
 
 
-def _config(tmp_path: Path, endpoint: str, bucket: str) -> Path:
+def _config(tmp_path: Path, endpoint: str, bucket: str, tier_extra: str = "") -> Path:
     path = tmp_path / "shared.yaml"
     path.write_text(
         textwrap.dedent(
@@ -42,7 +42,7 @@ def _config(tmp_path: Path, endpoint: str, bucket: str) -> Path:
               prefetch: {{policy: timeout, threshold_tokens: 4, timeout_s: 5.0}}
               tiers:
                 shared:
-                  backend: s3
+                  backend: s3{tier_extra}
                   options: {{bucket: {bucket}, prefix: shared, endpoint_url: "{endpoint}",
                              connect_timeout: 1.0, read_timeout: 5.0, max_attempts: 2}}
             events: {{publisher: null}}
@@ -148,7 +148,8 @@ def _external_pages(events: list[Any]) -> int:
 
 def test_cache_degrades_to_misses_while_s3_is_down(aws_env: dict[str, str], tmp_path: Path) -> None:
     """Two caches on one bucket; the server dies: publishing fails without announcing anything,
-    prefetch is a miss, nothing raises or hangs; after the server is back both work again."""
+    prefetch is a miss, nothing raises or hangs, and the tier's breaker opens; after the server
+    is back and the cool-down passed, the breaker closes and the same caches work again."""
     pytest.importorskip("torch")
     from hicache.config import load_config
     from hicache.hiradix import HiRadixCache
@@ -156,9 +157,12 @@ def test_cache_degrades_to_misses_while_s3_is_down(aws_env: dict[str, str], tmp_
     server = DevServer(log_path=tmp_path / "moto.log").start()
     try:
         bucket = new_bucket(server.endpoint_url)
-        config = load_config(_config(tmp_path, server.endpoint_url, bucket))
+        extra = "\n                  deadline_s: 20.0\n                  breaker_failures: 2"
+        extra += "\n                  breaker_cooldown_s: 1.0"
+        config = load_config(_config(tmp_path, server.endpoint_url, bucket, extra))
         writer = HiRadixCache.from_config(config, device_pages=64, device="cpu")
         reader = HiRadixCache.from_config(config, device_pages=64, device="cpu")
+        assert writer.tiers is not None and reader.tiers is not None
         ps = writer.page_size
         shared = list(range(1000, 1000 + 4 * ps))
         _publish(writer, shared, seed=1)
@@ -167,17 +171,22 @@ def test_cache_degrades_to_misses_while_s3_is_down(aws_env: dict[str, str], tmp_
         server.kill()
         _publish(writer, list(range(5000, 5000 + 4 * ps)), seed=2)  # returns: failures counted
         assert _external_pages(writer.take_events()) == 0  # a failed backup is never announced
-        assert writer.tiers is not None
         assert writer.tiers.stats()["shared"]["put_stored"] == 4
-        handle = reader.prefetch_from_storage(shared)
-        assert handle is not None
-        assert reader.check_prefetch(handle, wait=True) == 0  # a miss, not an exception
+        for _ in range(3):  # misses, never exceptions; the failures open the breaker
+            handle = reader.prefetch_from_storage(shared)
+            if handle is not None:
+                assert reader.check_prefetch(handle, wait=True) == 0
         assert reader.match_prefix(shared).host_hit_pages == 0
+        breaker = reader.tiers.stats()["shared"]["breaker"]
+        assert breaker["state"] == "open" and breaker["opened"] >= 1, breaker
 
         server.restart()
         raw_client(server.endpoint_url).create_bucket(Bucket=bucket)  # moto kept nothing
+        time.sleep(1.2)  # the cool-down: the next call is the probe
         _publish(reader, list(range(9000, 9000 + 3 * ps)), seed=3)
         assert _external_pages(reader.take_events()) == 3  # the same instance works again
+        breaker = reader.tiers.stats()["shared"]["breaker"]
+        assert breaker["state"] == "closed" and breaker["closed_after_probe"] >= 1, breaker
         writer.close()
         reader.close()
     finally:
