@@ -161,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     b_wrappers: list[FaultyBackend] = []
     b = build({**names, "shm": "demo-" + uuid.uuid4().hex[:10]}, b_wrappers)
     b_remote = b_wrappers[0]
-    first = [storage_key(h) for h in chain_hashes(seed_hash(IDENTITY), reqs[0], PS)]
-    b_remote.vanish_on_get(first[4:5])  # a suffix page stored in phase 0
+    for tokens in reqs[: len(reqs) // 2]:  # a page the remote tier holds, after its whole head
+        chain = [storage_key(h) for h in chain_hashes(seed_hash(IDENTITY), tokens, PS)]
+        if len(chain) > 4 and b_remote.inner.exists_prefix(chain) > 4:
+            b_remote.vanish_on_get(chain[4:5])
+            break
     prefetched = 0
     for tokens in reqs[: len(reqs) // 2]:
         handle = b.prefetch_from_storage(tokens)
