@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         phase = i // per
         if i % per == 0:
             if phase == 5:
-                time.sleep(0.1)  # let the hung puts pass their deadline before they return
-            remote.heal()
+                settle(a)  # the engine gives up on the hung puts at their deadline ...
+            remote.heal()  # ... and only then do they return
             settle(a)  # each phase's faults meet that phase's publishes
             if phase == 1:  # some pages fail
                 keys = [storage_key(h) for h in chain_hashes(seed_hash(IDENTITY), tokens, PS)]
