@@ -12,12 +12,16 @@
    hidden when throughput grows with concurrency.
 
 The local server is a functional S3, not a model of AWS speed: the ratios are what count.
+``--server sink`` swaps moto for :mod:`hicache_s3.sinkserver`, a minimal in-memory endpoint that
+spends almost nothing per request, so the ratios show the client-side overhead of the backend
+(header, verification, conditional write) against raw boto3.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -123,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/s3.yaml")
     parser.add_argument("--tier", default=None)
     parser.add_argument("--endpoint", default=None, help="use this endpoint, start no server")
+    parser.add_argument(
+        "--server",
+        choices=("moto", "sink"),
+        default="moto",
+        help="local server to start: moto (a full S3) or sink (minimal, for client overhead)",
+    )
     parser.add_argument("--page-mib", type=_floats, default=[8.0, 2.0])
     parser.add_argument("--total-mib", type=float, default=256.0)
     parser.add_argument("--threads", type=_ints, default=[1, 4])
@@ -139,13 +149,21 @@ def main(argv: list[str] | None = None) -> int:
     tier, options = _tier_options(args.config, args.tier)
     with tempfile.TemporaryDirectory() as tmp:
         server: DevServer | None = None
-        if args.endpoint is None:
+        sink: subprocess.Popen[str] | None = None
+        if args.endpoint is not None:
+            options["endpoint_url"] = args.endpoint
+        elif args.server == "sink":
+            os.environ.update(dummy_aws_env(Path(tmp)))
+            sink = subprocess.Popen(
+                [sys.executable, "-m", "hicache_s3.sinkserver"], stdout=subprocess.PIPE, text=True
+            )
+            assert sink.stdout is not None
+            options["endpoint_url"] = sink.stdout.readline().strip()
+        else:
             os.environ.update(dummy_aws_env(Path(tmp)))
             server = DevServer(log_path=Path(tmp) / "moto.log").start()
             options["endpoint_url"] = server.endpoint_url
             create_bucket(server.endpoint_url, options["bucket"])
-        else:
-            options["endpoint_url"] = args.endpoint
         try:
             print(f"endpoint {options['endpoint_url']}, bucket {options['bucket']!r}", flush=True)
             if not args.skip_bench:
@@ -155,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if server is not None:
                 server.stop()
+            if sink is not None:
+                sink.kill()
+                sink.wait()
     return 0
 
 

@@ -87,3 +87,27 @@ def test_storage_operations_on_an_s3_tier(
     assert report.ok == 4 and report.corrupt == [keys[2]] and report.deleted == 1
     purge_namespace(handle, "alpha")
     assert disk_usage(handle, ["alpha"])[0].pages == 0
+
+
+def test_perf_script_runs_on_the_sink_server(aws_env: dict[str, str]) -> None:
+    """``python -m hicache_s3.perf`` end to end at tiny sizes (keeps the script from rotting)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[3] / "configs" / "s3.yaml"
+    tiny = "0.0625"  # 64 KiB pages
+    args = ["--config", str(config), "--server", "sink", "--page-mib", tiny, "--total-mib", "0.5"]
+    args += ["--threads", "1", "--exists-keys", "16", "--exists-chain", "8", "--sweep-pages", "4"]
+    args += ["--sweep-page-mib", tiny, "--concurrency", "1,2", "--latency-ms", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "hicache_s3.perf", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "raw boto3" in out and "exists_prefix" in out and "injected latency" in out
+    assert "(no delay)" in out
