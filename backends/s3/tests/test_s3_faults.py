@@ -214,9 +214,14 @@ def test_virtual_addressing_needs_bucket_dns(s3_server: DevServer, bucket: str) 
     except OSError:
         resolvable = False
     backend = make_s3_backend(options)
-    if resolvable:  # pragma: no cover - depends on the resolver
-        with backend:
-            assert backend.put(page_keys(1), page_payloads(1)) == [PageStatus.OK]
+    if resolvable:  # pragma: no cover - a resolver with wildcard *.localhost (systemd-resolved)
+        try:
+            backend.open()
+        except BackendError as exc:  # the server may not route virtual hosts: still clear
+            assert bucket in str(exc) and endpoint in str(exc)
+        else:
+            with backend:
+                assert backend.put(page_keys(1), page_payloads(1)) == [PageStatus.OK]
         return
     with pytest.raises(BackendUnavailableError) as info:
         backend.open()
