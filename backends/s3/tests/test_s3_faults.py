@@ -29,7 +29,7 @@ from hicache_s3.testing import (
     raw_client,
 )
 
-from hicache.errors import BackendUnavailableError
+from hicache.errors import BackendError, BackendUnavailableError
 from hicache.storage.backend import PageStatus
 
 # Hang detection only (never a speed assertion): every faulty call must come back well within
