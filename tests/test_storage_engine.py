@@ -448,3 +448,23 @@ def test_open_breaker_on_first_tier_cascades_to_the_next() -> None:
     assert result.sources == ["b", "b"]  # tier a failed: a miss, and the cascade went on
     assert ta.breaker.state is BreakerState.OPEN
     rig.close()
+
+
+def test_a_page_published_again_is_not_announced_twice() -> None:
+    fb = FaultyBackend(mem())
+    rig = Rig([Tier("t", fb, settings(medium="T"))])
+    keys = keys_for(2)
+    rig.publish(rig.pages(keys))
+    rig.settle()
+    rig.publish(rig.pages(keys))  # e.g. recomputed after an L2 eviction: ALREADY_EXISTS
+    rig.settle()
+    assert rig.stored("T") == [key_block_id(k) for k in keys]
+    assert fb.put_log == keys + keys
+    fb.evict(keys[1:])
+    rig.engine.poll()
+    rig.settle()
+    rig.publish(rig.pages(keys))  # the tail came back after its eviction: announced again
+    rig.settle()
+    assert rig.stored("T") == [key_block_id(k) for k in [*keys, keys[1]]]
+    assert_no_tail_without_head(rig.events)
+    rig.close()

@@ -709,6 +709,11 @@ class StorageEngine:
                         self.counters["unannounced_pages"] += 1
                         tier.stats.add(unannounced_pages=1)
                         continue
+                    if page.block_id in known:
+                        # already on the tier as far as events go (published again after an
+                        # L2 eviction, or read from it): a second BlockStored would say nothing
+                        known.add(page.block_id)
+                        continue
                     events.append(
                         BlockStored(
                             [page.block_id],
