@@ -33,6 +33,7 @@ from hicache_localdisk.fsio import (
     read_fully,
     read_hashing,
     write_fully,
+    write_hashing,
 )
 from hicache_localdisk.layout import Layout
 
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 #: (xxh3 releases the GIL); below it the hand-off costs more than it hides.
 PARALLEL_HASH_MIN_BYTES = 1 << 20
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+_SMALL_PAGE = 64 << 10
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 
@@ -104,7 +106,7 @@ class PageIO:
             self._hasher.shutdown(wait=True)
             self._hasher = None
 
-    def _write_page(self, fd: int, key: str, src: memoryview) -> None:
+    def _write_page(self, fd: int, key: str, src: memoryview, direct: bool) -> None:
         header = self._header()
         hasher = self._hasher
         with self._writers_lock:
@@ -113,18 +115,26 @@ class PageIO:
             parallel = hasher is not None and 2 * self._writers <= _CORES
         try:
             if not parallel or hasher is None:
-                encode_header_into(header, self._ns, key, self._page_bytes, payload_checksum(src))
-                write_fully(fd, [header, src])
+                if direct or src.nbytes < _SMALL_PAGE:
+                    # O_DIRECT copies nothing through the CPU cache (chunks would only split one
+                    # large device write), and a small page is not worth a second system call.
+                    checksum = payload_checksum(src)
+                    encode_header_into(header, self._ns, key, self._page_bytes, checksum)
+                    write_fully(fd, [header, src])
+                else:
+                    checksum = write_hashing(fd, src, HEADER_SIZE)
+                    encode_header_into(header, self._ns, key, self._page_bytes, checksum)
+                    write_fully(fd, [header], 0)
                 return
             # The checksum pass costs as much CPU as the copy into the page cache: run it on
             # another core while this thread writes the payload, then write the header.
-            checksum = hasher.submit(payload_checksum, src)
+            pending = hasher.submit(payload_checksum, src)
             try:
                 write_fully(fd, [src], HEADER_SIZE)
             finally:
                 # Never return while a worker still reads the caller's buffer.
-                wait([checksum])
-            encode_header_into(header, self._ns, key, self._page_bytes, checksum.result())
+                wait([pending])
+            encode_header_into(header, self._ns, key, self._page_bytes, pending.result())
             write_fully(fd, [header], 0)
         finally:
             with self._writers_lock:
@@ -138,7 +148,8 @@ class PageIO:
     def write(self, key: str, src: memoryview, mtime_ns: int) -> PageStatus:
         """Store one page create-only: ``OK``, ``ALREADY_EXISTS`` or ``FAILED`` (logged)."""
         tmp = self._layout.temp_path(key)
-        flags = _WRITE_FLAGS | (O_DIRECT if self._direct_ok(src) else 0)
+        direct = self._direct_ok(src)
+        flags = _WRITE_FLAGS | (O_DIRECT if direct else 0)
         try:
             fd = os.open(tmp, flags, self._file_mode)
         except OSError as exc:
@@ -146,7 +157,7 @@ class PageIO:
             return PageStatus.FAILED
         try:
             try:
-                self._write_page(fd, key, src)
+                self._write_page(fd, key, src, direct)
                 if self._chmod:
                     os.fchmod(fd, self._file_mode)
                 # Tail-first mtimes (set by the caller) let a restart rebuild chain-aware recency.
