@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 
 import pytest
-from hicache_localdisk import LocalDiskBackend
+from hicache_localdisk import LocalDiskBackend, pageio
 from hicache_localdisk.fsio import aligned_buffer, buffer_address
 from hicache_localdisk.pageio import PARALLEL_HASH_MIN_BYTES
 
@@ -72,14 +72,20 @@ def test_direct_io_falls_back_for_unaligned_page_sizes(
     backend.close()
 
 
+@pytest.mark.parametrize("cores", [1, 64], ids=["hash-inline", "hash-on-helper"])
 @pytest.mark.parametrize("direct_io", [False, True])
-def test_large_pages_checksummed_beside_the_write(
+def test_large_pages_written_payload_first(
+    cores: int,
     direct_io: bool,
+    monkeypatch: pytest.MonkeyPatch,
     make_backend: Callable[..., LocalDiskBackend],
     key_of: Callable[..., str],
     payload_of: Callable[..., bytes],
 ) -> None:
-    size = PARALLEL_HASH_MIN_BYTES  # the payload-then-header write path with a helper thread
+    # Pages this large are hashed chunk by chunk as they are written, or on a helper thread
+    # when cores are idle; either way the header goes last. Both paths, forced.
+    monkeypatch.setattr(pageio, "_CORES", cores)
+    size = 2 * PARALLEL_HASH_MIN_BYTES
     backend = make_backend(page_bytes=size, direct_io=direct_io, io_threads=2)
     backend.open()
     keys = [key_of(i, "large") for i in range(3)]
