@@ -1,10 +1,13 @@
 """Writing and reading one page file: header + payload, straight from and into caller buffers.
 
-A put writes ``[header, payload]`` with one ``pwritev`` into a fresh temporary, sets its mtime
-(the recency a restart rebuilds from), optionally ``fsync``s it, and publishes it create-only.
-A get reads ``[header, payload]`` with one ``preadv`` straight into the caller's buffer, then
-verifies. With ``O_DIRECT`` the header travels through a page-aligned per-thread buffer and the
-payload must be page-aligned too; unaligned buffers silently take the buffered path.
+A put writes the payload from the caller's buffer and the 4 KiB header into a fresh temporary
+(small pages and ``O_DIRECT``: one ``pwritev([header, payload])``; larger ones payload first,
+hashed as it is written or on a helper thread, header last), sets its mtime (the recency a
+restart rebuilds from), optionally ``fsync``s it, and publishes it create-only. A get reads
+``[header, payload]`` with ``preadv`` straight into the caller's buffer, hashing chunk by chunk
+as it lands, then verifies. With ``O_DIRECT`` the header travels through a page-aligned
+per-thread buffer and the payload must be page-aligned too; unaligned buffers silently take the
+buffered path.
 """
 
 from __future__ import annotations
