@@ -59,7 +59,7 @@ from hicache.pools import DevicePool, HostPool
 from hicache.radix import RadixCache, TreeNode
 from hicache.storage.engine import PublishGroup, PublishPage, StorageEngine
 from hicache.storage.prefetch import PrefetchOutcome, PrefetchRules, PrefetchWait
-from hicache.storage.tiers import Tiers
+from hicache.storage.tiers import Tier, Tiers
 from hicache.transfer import Direction, TransferEngine
 
 if TYPE_CHECKING:
@@ -75,6 +75,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Nodes remembered for a second offer to a refusing tier before stale entries are dropped.
+_REOFFER_LIMIT = 100_000
 
 
 class WritePolicy(StrEnum):
@@ -201,6 +204,8 @@ class HiRadixCache(RadixCache):
                 tiers, host_pool, page_size=self.page_size, lora_id=lora_id, workers=io_workers
             )
         self._prefetches: dict[int, PrefetchHandle] = {}
+        #: Nodes whose pages a tier's admission refused, with those tiers (second_hit).
+        self._reoffer: dict[int, tuple[TreeNode, list[Tier]]] = {}
         self.counters = {
             "backups": 0,
             "backup_pages": 0,
@@ -294,6 +299,8 @@ class HiRadixCache(RadixCache):
     def _on_path(self, node: TreeNode) -> None:
         node.hit_count += 1
         self._maybe_backup(node)
+        if self._reoffer:
+            self._maybe_reoffer(node)
 
     def _on_new_leaf(self, node: TreeNode) -> None:
         node.hit_count = 1
@@ -346,6 +353,9 @@ class HiRadixCache(RadixCache):
         prefix = super()._split_node(child, pages)
         if child.write_through_pending_id is not None:
             self._replace_pending_write_through_node(child, [prefix, child])
+        entry = self._reoffer.get(child.id)
+        if entry is not None:  # both fragments still wait for their second offer
+            self._reoffer[prefix.id] = (prefix, entry[1])
         return prefix
 
     def _replace_pending_write_through_node(self, old: TreeNode, new: list[TreeNode]) -> None:
@@ -400,8 +410,14 @@ class HiRadixCache(RadixCache):
         """Publish ``node``'s host pages to every publishing tier (asynchronously).
 
         ``group`` ties the fragments of one ack together so each tier announces them in order;
-        without one the node is its own group.
+        without one the node is its own group. Tiers whose admission policy refused the pages
+        (``second_hit``) are offered them again the next time an insert walks through ``node``.
         """
+        self._publish_node(node, group, None)
+
+    def _publish_node(
+        self, node: TreeNode, group: PublishGroup | None, targets: list[Tier] | None
+    ) -> None:
         if self.storage is None or not self.storage.tiers.publishing:
             return
         assert node.host_value is not None
@@ -417,9 +433,25 @@ class HiRadixCache(RadixCache):
         own = group is None
         if group is None:
             group = self.storage.begin_publish()
-        self.storage.publish(group, pages)
+        refused = self.storage.publish(group, pages, targets=targets)
         if own:
             self.storage.end_publish(group)
+        if refused:
+            self._reoffer[node.id] = (node, refused)
+            if len(self._reoffer) > _REOFFER_LIMIT:
+                self._forget_stale_reoffers()
+
+    def _maybe_reoffer(self, node: TreeNode) -> None:
+        """The pages of ``node`` are used again: offer them to the tiers that refused them."""
+        entry = self._reoffer.pop(node.id, None)
+        if entry is None or node.host_value is None or node.write_through_pending_id is not None:
+            return
+        self._publish_node(node, None, [t for t in entry[1] if t.available])
+
+    def _forget_stale_reoffers(self) -> None:
+        for nid, (node, _) in list(self._reoffer.items()):
+            if node.host_value is None or node.parent is None:
+                del self._reoffer[nid]
 
     def _poll_storage(self) -> None:
         if self.storage is None:

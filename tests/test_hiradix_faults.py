@@ -390,3 +390,35 @@ def test_prefetch_allocates_host_pages_only_for_pages_a_tier_holds() -> None:
     assert cache.stats()["storage"]["prefetch"] == {"miss": 1, "complete": 1}  # type: ignore[index]
     cache.close()
     MemoryBackend.drop_shared_store(name)
+
+
+def test_second_hit_tier_stores_a_prefix_when_it_is_used_again() -> None:
+    """A ``second_hit`` tier refuses a prefix the first time it is published and takes it when
+    a later request uses it again; single-use pages never reach it."""
+    from hicache.config import Admission
+
+    picky = FaultyBackend(backend())
+    eager = FaultyBackend(backend())
+    cache = make(
+        [
+            Tier("picky", picky, settings(medium="PICKY", admission=Admission.SECOND_HIT)),
+            Tier("eager", eager, settings(medium="EAGER")),
+        ]
+    )
+    events: list[KVEvent] = []
+    shared = [1, 2, 3, 4]
+    insert(cache, [*shared, 5, 6])  # first use: the picky tier refuses everything
+    settle(cache, events)
+    assert picky.put_log == [] and len(eager.put_log) == 3
+    assert tier_stats(cache, "picky")["dropped_admission"] == 3
+    insert(cache, [*shared, 7, 8])  # the shared prefix is used again (and split off)
+    settle(cache, events)
+    keys = keys_of([*shared, 5, 6])
+    assert picky.put_log == keys[:2]  # offered again and admitted; [5, 6] was used once
+    assert tier_medium(events, "PICKY") == [[1, 2], [3, 4]]
+    assert eager.put_log.count(keys[0]) == 1  # the eager tier is not asked twice
+    insert(cache, [*shared, 5, 6])  # now [5, 6] is used again too
+    settle(cache, events)
+    assert picky.put_log == keys
+    assert tier_medium(events, "PICKY") == [[1, 2], [3, 4], [5, 6]]
+    cache.close()

@@ -337,10 +337,12 @@ class StorageEngine:
         *,
         targets: Sequence[Tier] | None = None,
         admit: bool = True,
-    ) -> None:
+    ) -> list[Tier]:
         """Publish one fragment's ``pages`` to every publishing tier (off this thread).
 
-        ``targets`` restricts the tiers (promotion); ``admit=False`` skips admission policies.
+        ``targets`` restricts the tiers (promotion, re-offers); ``admit=False`` skips admission
+        policies. Returns the tiers whose admission policy refused (some of) these pages: the
+        cache may offer them again when the pages are used again (``second_hit``).
         """
         if group.closed:
             raise ValueError(f"publish group {group.id} is already closed")
@@ -350,7 +352,7 @@ class StorageEngine:
         for tier in tiers:
             group.progress.setdefault(tier.name, _TierProgress())
         if not pages:
-            return
+            return []
         keys = [p.key for p in pages]
         for tier in tiers:
             prog = group.progress[tier.name]
@@ -374,6 +376,7 @@ class StorageEngine:
             self._submit(self._put_job, group.id, tier, batch, keys[:n], views, holds, len(keys))
         if targets is None:
             self.counters["published_pages"] += len(pages)
+        return [t for t in tiers if group.progress[t.name].drop_reason == "dropped_admission"]
 
     def _sendable(self, tier: Tier, prog: _TierProgress, keys: list[str], admit: bool) -> int:
         """How many leading pages of a fragment go to ``tier`` (drops are counted here)."""
