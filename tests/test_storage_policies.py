@@ -169,6 +169,9 @@ def test_hardening_modules_import_no_torch() -> None:
         "hicache.storage.inflight",
         "hicache.storage.prefetch",
         "hicache.storage.stats",
+        "hicache.storage.announce",
+        "hicache.storage.tiers",
+        "hicache.storage.engine",
         "hicache.testing.faults",
     ]
     code = (

@@ -26,6 +26,7 @@ Rules the cache relies on:
   is announced on that tier, even if it was stored. Across groups, a page is announced only
   when its parent is known to be on the tier (announced, or read from it); while the parent's
   own publish is still in flight the page waits. So no tail is ever announced without its head.
+  (The bookkeeping lives in :mod:`hicache.storage.announce`.)
 - **Never hurt the serving path**: a tier whose breaker is open, whose bytes in flight are at
   their bound, or whose admission policy refuses a page gets no put: the pages are dropped and
   counted (and the rest of that group is dropped for that tier, which must stay prefix-closed).
@@ -43,14 +44,22 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from hicache.events import BlockRemoved, BlockStored, KVEvent
+from hicache.events import BlockRemoved, KVEvent
+from hicache.storage.announce import (
+    DEFAULT_KNOWN_CAPACITY,
+    Announcer,
+    PublishGroup,
+    PublishPage,
+    TierProgress,
+    key_block_id,
+)
 from hicache.storage.backend import PageStatus
 from hicache.storage.inflight import InflightGate
 from hicache.storage.prefetch import PrefetchOutcome, classify, usable_prefix
@@ -69,9 +78,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Block ids remembered per tier as "stored there" (for parent checks), ~100 bytes each.
-DEFAULT_KNOWN_CAPACITY = 1 << 20
-
 
 class HostPages(Protocol):
     """What the engine needs from the host pool (``hicache.pools.HostPool``)."""
@@ -79,22 +85,6 @@ class HostPages(Protocol):
     def hold(self, pages: Iterable[int]) -> None: ...
     def release(self, pages: Iterable[int]) -> None: ...
     def page_view(self, page: int) -> memoryview: ...
-
-
-def key_block_id(key: str) -> int:
-    """Event block id of a page key: the hash's first 8 bytes as a signed int64."""
-    return int.from_bytes(bytes.fromhex(key[:16]), "big", signed=True)
-
-
-@dataclass(frozen=True, slots=True)
-class PublishPage:
-    """One page to publish and what its ``BlockStored`` event says."""
-
-    key: str
-    host_page: int
-    block_id: int
-    parent_block_id: int | None
-    token_ids: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,37 +124,6 @@ class EnginePoll:
     events: list[KVEvent] = field(default_factory=list)
     prefetches: list[PrefetchResult] = field(default_factory=list)
     lookups: list[LookupResult] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class _TierProgress:
-    next_batch: int = 0
-    next_page: int = 0
-    #: A page of this group failed on the tier: nothing later in the group is announced.
-    broken: bool = False
-    #: Why a publish of this group was not sent to the tier (the stats counter): the rest of
-    #: the group is not sent either.
-    drop_reason: str | None = None
-
-
-@dataclass(slots=True)
-class PublishGroup:
-    """The batches of one write-through ack, in prefix order, and how far each tier got."""
-
-    id: int
-    batches: list[list[PublishPage]] = field(default_factory=list)
-    results: dict[tuple[str, int], list[PageStatus]] = field(default_factory=dict)
-    progress: dict[str, _TierProgress] = field(default_factory=dict)
-    closed: bool = False
-    outstanding: int = 0
-
-    def settled(self) -> bool:
-        """Closed, nothing in flight, and every tier walked every batch."""
-        return (
-            self.closed
-            and self.outstanding == 0
-            and all(p.next_batch >= len(self.batches) for p in self.progress.values())
-        )
 
 
 class _Holds:
@@ -249,28 +208,6 @@ class _Evicted:
     keys: list[str]
 
 
-class _Known:
-    """A bounded LRU set of block ids (forgetting one only ever withholds announcements)."""
-
-    __slots__ = ("_ids", "capacity")
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._ids: OrderedDict[int, None] = OrderedDict()
-
-    def add(self, block_id: int) -> None:
-        self._ids[block_id] = None
-        self._ids.move_to_end(block_id)
-        if len(self._ids) > self.capacity:
-            self._ids.popitem(last=False)
-
-    def discard(self, block_id: int) -> None:
-        self._ids.pop(block_id, None)
-
-    def __contains__(self, block_id: object) -> bool:
-        return block_id in self._ids
-
-
 class StorageEngine:
     """A small worker pool between one cache and its tiers (see the module docstring)."""
 
@@ -300,16 +237,10 @@ class StorageEngine:
         self._futures_lock = threading.Lock()
         self._holds_cv = threading.Condition()
         self._holds_out = 0
-        self._groups: dict[int, PublishGroup] = {}
-        self._group_ids = itertools.count(1)
         self._tickets = itertools.count(1)
         self._prefetch_jobs: dict[int, _PrefetchJob] = {}
         self._prefetch_futures: dict[int, Future[None]] = {}
         self._tier_by_name = {t.name: t for t in tiers.tiers}
-        self._known = {t.name: _Known(known_capacity) for t in tiers.tiers}
-        # pages published to a tier whose announcement is not decided yet (parent checks wait
-        # for these instead of giving up)
-        self._unresolved: dict[str, Counter[int]] = {t.name: Counter() for t in tiers.tiers}
         self._evict_jobs: dict[str, Future[None]] = {}
         self._evict_polled: dict[str, float] = {}
         self.counters: dict[str, int] = {
@@ -320,15 +251,20 @@ class StorageEngine:
             "promoted_pages": 0,
         }
         self.prefetch_outcomes: Counter[str] = Counter()
+        self.announcer = Announcer(
+            tiers.tiers,
+            page_size=page_size,
+            lora_id=lora_id,
+            counters=self.counters,
+            known_capacity=known_capacity,
+        )
         self._closed = False
 
     # ------------------------------------------------------------------ publish
 
     def begin_publish(self) -> PublishGroup:
         """Start the group of one ack; pass it to :meth:`publish` for each fragment in order."""
-        group = PublishGroup(next(self._group_ids))
-        self._groups[group.id] = group
-        return group
+        return self.announcer.begin()
 
     def publish(
         self,
@@ -350,15 +286,13 @@ class StorageEngine:
         group.batches.append(list(pages))
         tiers = self.tiers.publishing if targets is None else list(targets)
         for tier in tiers:
-            group.progress.setdefault(tier.name, _TierProgress())
+            group.progress.setdefault(tier.name, TierProgress())
         if not pages:
             return []
         keys = [p.key for p in pages]
         for tier in tiers:
             prog = group.progress[tier.name]
-            unresolved = self._unresolved[tier.name]
-            for p in pages:
-                unresolved[p.block_id] += 1
+            self.announcer.expect(tier.name, list(pages))
             n = self._sendable(tier, prog, keys, admit)
             if n == 0:
                 group.results[(tier.name, batch)] = [PageStatus.FAILED] * len(pages)
@@ -378,7 +312,7 @@ class StorageEngine:
             self.counters["published_pages"] += len(pages)
         return [t for t in tiers if group.progress[t.name].drop_reason == "dropped_admission"]
 
-    def _sendable(self, tier: Tier, prog: _TierProgress, keys: list[str], admit: bool) -> int:
+    def _sendable(self, tier: Tier, prog: TierProgress, keys: list[str], admit: bool) -> int:
         """How many leading pages of a fragment go to ``tier`` (drops are counted here)."""
         if prog.drop_reason is not None:
             if admit:
@@ -403,7 +337,7 @@ class StorageEngine:
     def end_publish(self, group: PublishGroup) -> None:
         """No more fragments for ``group``; it is forgotten once every tier finished it."""
         group.closed = True
-        self._maybe_finish(group)
+        self.announcer.finish(group)
 
     def _put_job(
         self,
@@ -577,10 +511,8 @@ class StorageEngine:
             elif isinstance(item, _Evicted):
                 self._evicted(item, out.events)
             else:
-                group = self._groups[item.group]
-                group.results[(item.tier, item.batch)] = item.statuses
-                group.outstanding -= 1
-        self._announce_all(out.events)
+                self.announcer.record(item.group, item.tier, item.batch, item.statuses)
+        self.announcer.announce_all(out.events)
         self._poll_evictions()
         return out
 
@@ -603,10 +535,11 @@ class StorageEngine:
         ok = usable_prefix(item.statuses)
         sources: list[str | None] = [None] * len(item.statuses)
         for r in item.ranges:
-            known = self._known[r.tier.name]
-            for i in range(r.start, min(r.end, ok)):
-                sources[i] = r.tier.name
-                known.add(key_block_id(job.keys[i]))
+            end = min(r.end, ok)
+            sources[r.start : end] = [r.tier.name] * max(0, end - r.start)
+            self.announcer.mark_present(
+                r.tier.name, [key_block_id(k) for k in job.keys[r.start : end]]
+            )
         result = PrefetchResult(item.ticket, item.statuses, job.host, sources)
         for tier in {r.tier for r in item.ranges}:
             tier.stats.count_prefetch(result.outcome if not job.abandoned else "timed_out")
@@ -642,9 +575,7 @@ class StorageEngine:
     def _evicted(self, item: _Evicted, events: list[KVEvent]) -> None:
         tier = self._tier_by_name[item.tier]
         ids = [key_block_id(k) for k in item.keys]
-        known = self._known[item.tier]
-        for bid in ids:
-            known.discard(bid)
+        self.announcer.removed(item.tier, ids)
         events.append(BlockRemoved(ids, tier.medium))
 
     def _poll_evictions(self) -> None:
@@ -666,79 +597,6 @@ class StorageEngine:
         evicted = tier.take_evicted()
         if evicted:
             self._done.put(_Evicted(tier.name, evicted))
-
-    def _announce_all(self, events: list[KVEvent]) -> None:
-        # Groups wait for parents published in other groups, so walk them until nothing moves
-        # (in id order, parents usually settle in the same pass).
-        moved = True
-        while moved:
-            moved = False
-            for group in list(self._groups.values()):
-                if self._announce(group, events):
-                    moved = True
-                self._maybe_finish(group)
-
-    def _announce(self, group: PublishGroup, events: list[KVEvent]) -> bool:
-        """Advance every tier along ``group``'s batches, in order; return whether any moved."""
-        moved = False
-        for name, prog in group.progress.items():
-            known = self._known[name]
-            unresolved = self._unresolved[name]
-            tier = self._tier_by_name[name]
-            while prog.next_batch < len(group.batches):
-                pages = group.batches[prog.next_batch]
-                statuses = group.results.get((name, prog.next_batch))
-                if statuses is None and pages:
-                    break  # this tier's result for the next batch is still in flight
-                waiting = False
-                while prog.next_page < len(pages):
-                    page = pages[prog.next_page]
-                    assert statuses is not None
-                    stored = statuses[prog.next_page].stored
-                    if stored and not prog.broken:
-                        parent = page.parent_block_id
-                        if parent is not None and parent not in known:
-                            if unresolved[parent] > 0:
-                                waiting = True  # the parent's own publish is still open
-                                break
-                            prog.broken = True  # the head is not on this tier
-                    unresolved[page.block_id] -= 1
-                    if unresolved[page.block_id] <= 0:
-                        del unresolved[page.block_id]
-                    prog.next_page += 1
-                    moved = True
-                    if prog.broken or not stored:
-                        prog.broken = True
-                        self.counters["unannounced_pages"] += 1
-                        tier.stats.add(unannounced_pages=1)
-                        continue
-                    if page.block_id in known:
-                        # already on the tier as far as events go (published again after an
-                        # L2 eviction, or read from it): a second BlockStored would say nothing
-                        known.add(page.block_id)
-                        continue
-                    events.append(
-                        BlockStored(
-                            [page.block_id],
-                            page.parent_block_id,
-                            page.token_ids,
-                            self.page_size,
-                            self.lora_id,
-                            tier.medium,
-                        )
-                    )
-                    known.add(page.block_id)
-                    self.counters["announced_pages"] += 1
-                    tier.stats.add(announced_pages=1)
-                if waiting:
-                    break
-                prog.next_batch += 1
-                prog.next_page = 0
-        return moved
-
-    def _maybe_finish(self, group: PublishGroup) -> None:
-        if group.settled():
-            self._groups.pop(group.id, None)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -771,7 +629,7 @@ class StorageEngine:
 
     def pending_groups(self) -> int:
         """Publish groups not fully announced yet."""
-        return len(self._groups)
+        return self.announcer.pending()
 
     def wait_idle(self, timeout: float | None = None, *, holds: bool = True) -> bool:
         """Block until every submitted job finished and (with ``holds``) every hold was released

@@ -1,0 +1,247 @@
+"""Ordered per-tier announcements of published pages (no torch).
+
+One write-through ack becomes one :class:`PublishGroup`: its fragments' pages, in prefix order,
+and per tier how far the announcements got (:class:`TierProgress`). :class:`Announcer` turns
+the tiers' put results into ``BlockStored(<tier medium>)`` events:
+
+- along one group, a tier is announced only for the contiguous prefix it stored (``OK`` or
+  ``ALREADY_EXISTS``); after the first page that failed (or was dropped) nothing later in the
+  group is announced on that tier, even if it was stored
+- across groups, a page is announced only when its parent is known to be on the tier
+  (announced, or read from it: :meth:`Announcer.mark_present`); while the parent's own publish
+  is still open the page waits, and once the parent is known missing the page is not announced.
+  So no tail is ever announced without its head
+- a page already announced on a tier (and not removed since) is not announced again
+
+The announcer runs on the cache's thread only (the engine's ``poll``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from hicache.events import BlockStored, KVEvent
+from hicache.storage.backend import PageStatus
+
+if TYPE_CHECKING:
+    from hicache.storage.tiers import Tier
+
+__all__ = [
+    "Announcer",
+    "KnownBlocks",
+    "PublishGroup",
+    "PublishPage",
+    "TierProgress",
+    "key_block_id",
+]
+
+#: Block ids remembered per tier as "stored there" (for parent checks), ~100 bytes each.
+DEFAULT_KNOWN_CAPACITY = 1 << 20
+
+
+def key_block_id(key: str) -> int:
+    """Event block id of a page key: the hash's first 8 bytes as a signed int64."""
+    return int.from_bytes(bytes.fromhex(key[:16]), "big", signed=True)
+
+
+@dataclass(frozen=True, slots=True)
+class PublishPage:
+    """One page to publish and what its ``BlockStored`` event says."""
+
+    key: str
+    host_page: int
+    block_id: int
+    parent_block_id: int | None
+    token_ids: list[int]
+
+
+@dataclass(slots=True)
+class TierProgress:
+    """How far one tier got along one group, and whether the rest is cut off."""
+
+    next_batch: int = 0
+    next_page: int = 0
+    #: A page of this group failed on the tier: nothing later in the group is announced.
+    broken: bool = False
+    #: Why a publish of this group was not sent to the tier (the stats counter): the rest of
+    #: the group is not sent either.
+    drop_reason: str | None = None
+
+
+@dataclass(slots=True)
+class PublishGroup:
+    """The batches of one write-through ack, in prefix order, and how far each tier got."""
+
+    id: int
+    batches: list[list[PublishPage]] = field(default_factory=list)
+    results: dict[tuple[str, int], list[PageStatus]] = field(default_factory=dict)
+    progress: dict[str, TierProgress] = field(default_factory=dict)
+    closed: bool = False
+    outstanding: int = 0
+
+    def settled(self) -> bool:
+        """Closed, nothing in flight, and every tier walked every batch."""
+        return (
+            self.closed
+            and self.outstanding == 0
+            and all(p.next_batch >= len(self.batches) for p in self.progress.values())
+        )
+
+
+class KnownBlocks:
+    """A bounded LRU set of block ids (forgetting one only ever withholds announcements)."""
+
+    __slots__ = ("_ids", "capacity")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._ids: OrderedDict[int, None] = OrderedDict()
+
+    def add(self, block_id: int) -> None:
+        self._ids[block_id] = None
+        self._ids.move_to_end(block_id)
+        if len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+
+    def discard(self, block_id: int) -> None:
+        self._ids.pop(block_id, None)
+
+    def __contains__(self, block_id: object) -> bool:
+        return block_id in self._ids
+
+
+class Announcer:
+    """Open publish groups and what each tier is known to hold (see the module docstring)."""
+
+    def __init__(
+        self,
+        tiers: list[Tier],
+        *,
+        page_size: int,
+        lora_id: int | None,
+        counters: dict[str, int],
+        known_capacity: int = DEFAULT_KNOWN_CAPACITY,
+    ) -> None:
+        self._tiers = {t.name: t for t in tiers}
+        self.page_size = page_size
+        self.lora_id = lora_id
+        #: The engine's counters: ``announced_pages`` and ``unannounced_pages`` move here.
+        self.counters = counters
+        self.groups: dict[int, PublishGroup] = {}
+        self._next_id = 1
+        self.known = {t.name: KnownBlocks(known_capacity) for t in tiers}
+        # pages published to a tier whose announcement is not decided yet (parent checks wait
+        # for these instead of giving up)
+        self.unresolved: dict[str, Counter[int]] = {t.name: Counter() for t in tiers}
+
+    def begin(self) -> PublishGroup:
+        """A new open group."""
+        group = PublishGroup(self._next_id)
+        self._next_id += 1
+        self.groups[group.id] = group
+        return group
+
+    def expect(self, tier: str, pages: list[PublishPage]) -> None:
+        """``pages`` were handed to (or dropped for) ``tier``: their announcement is pending."""
+        unresolved = self.unresolved[tier]
+        for p in pages:
+            unresolved[p.block_id] += 1
+
+    def record(self, group: int, tier: str, batch: int, statuses: list[PageStatus]) -> None:
+        """A put of ``group``'s ``batch`` on ``tier`` finished with ``statuses``."""
+        g = self.groups[group]
+        g.results[(tier, batch)] = statuses
+        g.outstanding -= 1
+
+    def mark_present(self, tier: str, block_ids: list[int]) -> None:
+        """These pages are on ``tier`` (read from it): children may be announced there."""
+        known = self.known[tier]
+        for bid in block_ids:
+            known.add(bid)
+
+    def removed(self, tier: str, block_ids: list[int]) -> None:
+        """These pages left ``tier`` (its own eviction)."""
+        known = self.known[tier]
+        for bid in block_ids:
+            known.discard(bid)
+
+    def pending(self) -> int:
+        """Groups not fully announced yet."""
+        return len(self.groups)
+
+    def announce_all(self, events: list[KVEvent]) -> None:
+        """Advance every open group as far as results and parents allow; append the events."""
+        # Groups wait for parents published in other groups, so walk them until nothing moves
+        # (in id order, parents usually settle in the same pass).
+        moved = True
+        while moved:
+            moved = False
+            for group in list(self.groups.values()):
+                if self._announce(group, events):
+                    moved = True
+                self.finish(group)
+
+    def _announce(self, group: PublishGroup, events: list[KVEvent]) -> bool:
+        """Advance every tier along ``group``'s batches, in order; return whether any moved."""
+        moved = False
+        for name, prog in group.progress.items():
+            known = self.known[name]
+            unresolved = self.unresolved[name]
+            tier = self._tiers[name]
+            while prog.next_batch < len(group.batches):
+                pages = group.batches[prog.next_batch]
+                statuses = group.results.get((name, prog.next_batch))
+                if statuses is None and pages:
+                    break  # this tier's result for the next batch is still in flight
+                waiting = False
+                while prog.next_page < len(pages):
+                    page = pages[prog.next_page]
+                    assert statuses is not None
+                    stored = statuses[prog.next_page].stored
+                    if stored and not prog.broken:
+                        parent = page.parent_block_id
+                        if parent is not None and parent not in known:
+                            if unresolved[parent] > 0:
+                                waiting = True  # the parent's own publish is still open
+                                break
+                            prog.broken = True  # the head is not on this tier
+                    unresolved[page.block_id] -= 1
+                    if unresolved[page.block_id] <= 0:
+                        del unresolved[page.block_id]
+                    prog.next_page += 1
+                    moved = True
+                    if prog.broken or not stored:
+                        prog.broken = True
+                        self.counters["unannounced_pages"] += 1
+                        tier.stats.add(unannounced_pages=1)
+                        continue
+                    if page.block_id in known:
+                        # already on the tier as far as events go (published again after an
+                        # L2 eviction, or read from it): a second BlockStored would say nothing
+                        known.add(page.block_id)
+                        continue
+                    events.append(
+                        BlockStored(
+                            [page.block_id],
+                            page.parent_block_id,
+                            page.token_ids,
+                            self.page_size,
+                            self.lora_id,
+                            tier.medium,
+                        )
+                    )
+                    known.add(page.block_id)
+                    self.counters["announced_pages"] += 1
+                    tier.stats.add(announced_pages=1)
+                if waiting:
+                    break
+                prog.next_batch += 1
+                prog.next_page = 0
+        return moved
+
+    def finish(self, group: PublishGroup) -> None:
+        """Forget ``group`` once it is settled."""
+        if group.settled():
+            self.groups.pop(group.id, None)
