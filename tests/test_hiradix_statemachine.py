@@ -75,8 +75,9 @@ class InjectingBackend(Backend):
         self.raise_calls = False
         #: Every call raises BackendUnavailableError before reaching storage (an outage).
         self.down = False
-        #: When set, puts block on it (past the tier's deadline) until it is set.
+        #: When set, puts (and reads, with ``hang_gets``) block on it past the tier's deadline.
         self.hang: threading.Event | None = None
+        self.hang_gets = False
         self.hung_now = 0
 
     @property
@@ -97,16 +98,19 @@ class InjectingBackend(Backend):
         self._check_down()
         return self.inner.exists(keys)
 
-    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
-        self._check_down()
+    def _maybe_hang(self, get: bool) -> None:
         with self.lock:
             hang = self.hang
-            if hang is not None:
-                self.hung_now += 1
-        if hang is not None:
-            hang.wait()
-            with self.lock:
-                self.hung_now -= 1
+            if hang is None or (get and not self.hang_gets):
+                return
+            self.hung_now += 1
+        hang.wait()
+        with self.lock:
+            self.hung_now -= 1
+
+    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
+        self._check_down()
+        self._maybe_hang(get=False)
         with self.lock:
             self.puts.update(keys)
             if self.raise_calls:
@@ -123,6 +127,7 @@ class InjectingBackend(Backend):
 
     def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
         self._check_down()
+        self._maybe_hang(get=True)
         return self.inner.get_into(keys, dsts)
 
     def _delete(self, keys: Sequence[str]) -> None:
@@ -355,9 +360,11 @@ class HiRadixMachine(RuleBasedStateMachine):
         self.flaky.down = down
 
     @precondition(lambda self: self.flaky.hang is None)
-    @rule()
-    def hang_flaky(self) -> None:
-        """The flaky tier's puts hang past their deadline until released."""
+    @rule(gets=st.booleans())
+    def hang_flaky(self, gets: bool) -> None:
+        """The flaky tier's puts (and reads) hang past their deadline until released: a read
+        that timed out keeps its host pages held until it returns."""
+        self.flaky.hang_gets = gets
         self.flaky.hang = threading.Event()
 
     @precondition(lambda self: self.flaky.hang is not None)
