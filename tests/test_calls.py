@@ -230,3 +230,50 @@ def test_bad_settings() -> None:
         TierCaller("t", deadline_s=1, threads=0)
     with pytest.raises(ValueError, match="attempts"):
         RetryPolicy(attempts=0)
+
+
+def test_a_call_hung_for_good_does_not_keep_the_process_alive() -> None:
+    """Worker threads are daemons: a backend call that never returns costs its thread, not the
+    process's exit (ThreadPoolExecutor would join it at interpreter exit, forever)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import threading\n"
+        "from hicache.storage.calls import FailureKind, TierCaller\n"
+        "c = TierCaller('t', deadline_s=0.05)\n"
+        "out = c.call(threading.Event().wait)\n"
+        "assert out.failure is FailureKind.TIMEOUT, out\n"
+        "c.close()\n"
+        "print('exiting')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0 and "exiting" in result.stdout, result.stderr
+
+
+def test_threads_are_started_on_demand_up_to_the_bound() -> None:
+    c = TierCaller("t", deadline_s=LONG, threads=3)
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def block() -> None:
+        started.release()
+        release.wait()
+
+    results: list[object] = []
+    callers = [threading.Thread(target=lambda: results.append(c.call(block))) for _ in range(5)]
+    try:
+        for t in callers:
+            t.start()
+        for _ in range(3):
+            assert started.acquire(timeout=LONG)  # three run at once ...
+        assert not started.acquire(timeout=0.05)  # ... and no fourth while they block
+        assert c.running == 5
+    finally:
+        release.set()
+        for t in callers:
+            t.join(LONG)
+        c.close(wait=True)
+    assert len(results) == 5 and c.running == 0

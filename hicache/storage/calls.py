@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import enum
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -173,6 +174,75 @@ class FailureCounts:
             }
 
 
+class _DaemonPool:
+    """A fixed set of daemon worker threads, started on demand.
+
+    Not ``ThreadPoolExecutor``: its threads are joined at interpreter exit, so one backend call
+    hung for good (a dead NFS mount) would keep the whole process from exiting. A call left
+    running here only ever costs its thread.
+    """
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._max = threads
+        self._name = name
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        # calls submitted and not finished (queued or running)
+        self._outstanding = 0
+        self._closed = False
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot submit after shutdown")
+            self._queue.put((future, fn))
+            self._outstanding += 1
+            if self._outstanding > len(self._threads) and len(self._threads) < self._max:
+                t = threading.Thread(
+                    target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
+                )
+                self._threads.append(t)
+                t.start()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, fn = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+            with self._lock:
+                self._outstanding -= 1
+
+    def shutdown(self, *, wait: bool = False, cancel_futures: bool = True) -> None:
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        while cancel_futures:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+                with self._lock:
+                    self._outstanding -= 1
+        for _ in threads:
+            self._queue.put(None)
+        if wait:
+            for t in threads:
+                t.join()
+
+
 class _Attempts(Generic[T]):
     """The retry loop run on a worker thread; remembers how it ended."""
 
@@ -237,9 +307,7 @@ class TierCaller:
         self.clock = clock
         self.sleep = sleep
         self.closed = False
-        self._executor = ThreadPoolExecutor(
-            max_workers=threads, thread_name_prefix=f"hicache-tier-{name}"
-        )
+        self._executor = _DaemonPool(threads, f"hicache-tier-{name}")
         self._running_lock = threading.Lock()
         self._running = 0
 
