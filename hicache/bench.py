@@ -115,6 +115,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     storage.add_argument("--threads", type=_ints, help="thread counts (default 1,4)")
     storage.add_argument("--batch", type=int, default=1, help="pages per put/get call")
+    storage.add_argument(
+        "--exists-keys",
+        type=int,
+        default=20_000,
+        help="keys asked per exists/exists_prefix figure (lower it for slow remote tiers)",
+    )
     storage.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     storage.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     storage.set_defaults(func=_run_storage)
@@ -145,7 +151,10 @@ def _spec_from_args(args: argparse.Namespace) -> BenchSpec:
     threads = args.threads or (QUICK_THREADS if quick else DEFAULT_THREADS)
     if args.batch < 1:
         raise HicacheError(f"--batch must be >= 1, got {args.batch}")
+    if args.exists_keys < 1:
+        raise HicacheError(f"--exists-keys must be >= 1, got {args.exists_keys}")
     return BenchSpec(
+        min_exists_keys=args.exists_keys,
         page_bytes=tuple(max(1, int(m * MIB)) for m in page_mib),
         total_bytes=max(1, int(total_gib * GIB)),
         threads=threads,
