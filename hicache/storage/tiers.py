@@ -23,6 +23,8 @@ and only then may the caller release the buffers it handed over.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -118,11 +120,60 @@ class Tier:
         )
         self.gate = InflightGate(s.max_inflight_bytes)
         self.admission: AdmissionPolicy = make_admission(s.admission)
-        #: False when ``open()`` failed: the cascade and publishing skip the tier.
-        self.available = True
+        self._clock = clock or time.monotonic
+        self._available = True
+        self._reopen_lock = threading.Lock()
+        self._reopening = False
+        self._next_open_attempt = 0.0
 
     def __repr__(self) -> str:
         return f"Tier({self.name!r}, {type(self.backend).__name__})"
+
+    # ------------------------------------------------------------------ availability
+
+    @property
+    def available(self) -> bool:
+        """False while the backend could not be opened: the cascade and publishing skip it.
+
+        An unavailable tier is opened again in the background once per breaker cool-down, so a
+        store that was down when the cache started (an S3 endpoint, a disk not yet mounted)
+        joins the cascade when it comes back, without a restart and without blocking a request.
+        """
+        if self._available:
+            return True
+        self._maybe_reopen()
+        return False
+
+    @available.setter
+    def available(self, value: bool) -> None:
+        self._available = value
+        if not value:
+            self._next_open_attempt = self._clock() + self.settings.breaker_cooldown_s
+
+    def _maybe_reopen(self) -> None:
+        with self._reopen_lock:
+            if self._reopening or self._clock() < self._next_open_attempt:
+                return
+            self._reopening = True
+        threading.Thread(
+            target=self._reopen, name=f"hicache-reopen-{self.name}", daemon=True
+        ).start()
+
+    def _reopen(self) -> None:
+        try:
+            self.backend.open()
+        except Exception as exc:
+            self.stats.error(exc, "open")
+            logger.warning("tier %s: still cannot open: %s", self.name, exc)
+            self._next_open_attempt = self._clock() + self.settings.breaker_cooldown_s
+        else:
+            logger.warning(
+                "tier %s: opened after an earlier failure; back in the cascade", self.name
+            )
+            self._available = True
+        finally:
+            with self._reopen_lock:
+                self._reopening = False
 
     @property
     def medium(self) -> str:
