@@ -171,6 +171,13 @@ class LocalDiskBackend(Backend):
         else:
             # A read-only instance never writes nor evicts: its bound only admits what is there.
             self._max_bytes = default_max_bytes(self._layout, used) if writable else max(used, 1)
+            if opts.shared and writable:
+                log.warning(
+                    "localdisk %s: shared without max_bytes: this process bounds usage at %d "
+                    "bytes (from free space now); set max_bytes so all processes agree",
+                    self._layout.ns_dir,
+                    self._max_bytes,
+                )
         if writable and self._max_bytes < self._stored:
             raise BackendCapacityError(
                 f"max_bytes={self._max_bytes} cannot hold one page of {self._stored} bytes "
