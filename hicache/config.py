@@ -155,8 +155,12 @@ class PrefetchConfig(_Section):
     policy: PrefetchPolicy = PrefetchPolicy.BEST_EFFORT
     #: Prefetch only when at least this many tokens would come from storage.
     threshold_tokens: int = Field(default=256, ge=0)
-    #: With policy ``timeout``: how long a request waits for its prefetch.
+    #: With policy ``timeout``: how long a request waits for its prefetch (the base) ...
     timeout_s: float = Field(default=2.0, gt=0)
+    #: ... plus this much per 1,000 tokens to read ...
+    timeout_per_1k_tokens_s: float = Field(default=0.25, ge=0)
+    #: ... capped here (unset: 4x the base).
+    timeout_max_s: float | None = Field(default=None, gt=0)
 
 
 class TierConfig(_Section):
@@ -183,6 +187,10 @@ class TierConfig(_Section):
     #: Consecutive failed calls that open the circuit breaker, and how long it stays open.
     breaker_failures: int = Field(default=5, ge=1)
     breaker_cooldown_s: float = Field(default=30.0, gt=0)
+    #: Attempts per call for retryable failures (endpoint down), with exponential backoff.
+    retry_attempts: int = Field(default=3, ge=1, le=20)
+    retry_backoff_s: float = Field(default=0.02, ge=0)
+    retry_backoff_max_s: float = Field(default=0.5, ge=0)
     #: The plugin's own options, validated in phase two by its ``config_model``.
     options: dict[str, Any] = Field(default_factory=dict)
 

@@ -281,3 +281,30 @@ def test_rejected_secret_values_are_not_echoed() -> None:
     assert "storage.tiers.s3.options.access_key" in joined
     assert "super-secret" not in joined
     assert "'deep'" in joined  # ordinary values are still shown
+
+
+def test_retry_and_prefetch_timeout_knobs_reach_the_tiers() -> None:
+    from hicache.config import HicacheConfig
+    from hicache.storage.prefetch import PrefetchRules
+    from hicache.storage.tiers import TierSettings
+
+    config = HicacheConfig(
+        storage={
+            "prefetch": {"policy": "timeout", "timeout_s": 1.0, "timeout_per_1k_tokens_s": 0.5},
+            "tiers": {
+                "ram": {
+                    "backend": "memory",
+                    "retry_attempts": 5,
+                    "retry_backoff_s": 0.1,
+                    "retry_backoff_max_s": 1.0,
+                }
+            },
+        }
+    )
+    settings = TierSettings.from_config(config.storage.tiers["ram"])
+    assert (settings.retry.attempts, settings.retry.backoff_s) == (5, 0.1)
+    assert settings.retry.delay(10) == 1.0
+    rules = PrefetchRules.from_config(config.storage.prefetch)
+    assert rules.timeout_per_1k_tokens_s == 0.5
+    assert rules.timeout_max_s == 4.0
+    assert rules.wait_budget(2000) == 2.0  # base 1.0 + 2 * 0.5

@@ -105,12 +105,12 @@ class PrefetchRules:
     @classmethod
     def from_config(cls, config: PrefetchConfig, **overrides: float) -> PrefetchRules:
         """Rules from ``storage.prefetch``; ``timeout_s`` is the base, the cap 4x the base
-        unless given."""
+        unless configured."""
         base = config.timeout_s
         values: dict[str, float] = {
             "timeout_base_s": base,
-            "timeout_per_1k_tokens_s": 0.25,
-            "timeout_max_s": 4 * base,
+            "timeout_per_1k_tokens_s": config.timeout_per_1k_tokens_s,
+            "timeout_max_s": config.timeout_max_s or 4 * base,
         }
         values.update(overrides)
         return cls(

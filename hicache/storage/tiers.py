@@ -80,6 +80,11 @@ class TierSettings:
             batch_pages=tier.batch_pages,
             breaker_failures=tier.breaker_failures,
             breaker_cooldown_s=tier.breaker_cooldown_s,
+            retry=RetryPolicy(
+                attempts=tier.retry_attempts,
+                backoff_s=tier.retry_backoff_s,
+                backoff_max_s=tier.retry_backoff_max_s,
+            ),
         )
 
 
