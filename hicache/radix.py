@@ -9,9 +9,18 @@ A :class:`RadixCache` maps page-aligned token sequences to KV pages in the devic
 - ``evict(num_pages)``       free least recently used unlocked device leaves first
 - ``inc_lock_ref(node)`` / ``dec_lock_ref(node)``   protect a node and its ancestors
 
-Keys are whole pages: a node's ``key`` holds ``len(value) * page_size`` tokens and its children
-are keyed by the tuple of their first page's tokens, so each step down the tree is one dict
-lookup. Node values are page indices (not token slots), which keeps splits and copies small.
+Keys are whole pages: a node holds ``len(value) * page_size`` tokens and its children are keyed
+by the tuple of their first page's tokens, so each step down the tree is one dict lookup. Node
+values are page indices (not token slots), which keeps splits and copies small.
+
+Nodes keep their tokens packed (``TreeNode.tokens``), laid out as ``keys.tokens_to_bytes`` does
+(uint32, little-endian), never as a ``list``. A ``bytes`` object holds no Python objects, so the
+garbage collector never walks it: with lists, walking every new leaf's 1,000-odd tokens in each
+young-generation collection cost more than the insert itself. A request is packed once (on
+insert; on a match, only once its first page hit), after which every node compare is a
+``memcmp``, and content hashes read the packed tokens as they are. Token ids are therefore
+uint32, as content hashes already require: ``insert`` raises ``ValueError`` for others, and a
+match stops before the first page holding one (no node can hold it).
 
 The tree also carries the fields the hierarchical cache (``hicache.hiradix``) needs — host pages,
 lazily computed content hashes, the pending write-through id — so a split here slices all of them
@@ -21,14 +30,17 @@ consistently; subclasses hook :meth:`RadixCache._split_node`, :meth:`RadixCache.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import logging
+import sys
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from hicache.events import BlockRemoved, BlockStored, EventQueue, KVEvent, Medium
-from hicache.keys import block_id, chain_hashes
+from hicache.keys import block_id, tokens_to_bytes
 
 __all__ = ["MatchResult", "RadixCache", "TreeNode"]
 
@@ -39,6 +51,53 @@ _node_ids = itertools.count()
 #: Frees device pages; usually ``DevicePool.free``.
 FreePages = Callable[[list[int]], None]
 
+#: Bytes per token in ``TreeNode.tokens`` (``keys.tokens_to_bytes``: uint32).
+TOKEN_BYTES = 4
+_ARRAY_CODE = "I" if array("I").itemsize == TOKEN_BYTES else "L"
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+def _pack(tokens: list[int]) -> bytes | None:
+    """``keys.tokens_to_bytes(tokens)``, or None when a token is not a uint32."""
+    arr = array(_ARRAY_CODE)
+    try:
+        arr.fromlist(tokens)  # measurably faster than array(code, tokens)
+    except (OverflowError, TypeError):
+        return None
+    if _BIG_ENDIAN:
+        arr.byteswap()
+    return arr.tobytes()
+
+
+def _unpack(packed: bytes) -> list[int]:
+    """The tokens of a packed run, as a new list."""
+    arr = array(_ARRAY_CODE, packed)
+    if _BIG_ENDIAN:
+        arr.byteswap()
+    return arr.tolist()
+
+
+def _pack_matchable(key: list[int], page_size: int) -> bytes:
+    """``key`` packed, cut before the first page holding a token that is not a uint32 (no node
+    holds one, so nothing from there on can match)."""
+    packed = _pack(key)
+    if packed is not None:
+        return packed
+    good = 0
+    while good < len(key) and _pack(key[good : good + 1]) is not None:
+        good += 1
+    return _pack(key[: good - good % page_size]) or b""
+
+
+def _common_pages(tokens: bytes, packed: bytes, offset: int, step: int) -> int:
+    """Whole pages (of ``step`` bytes) ``tokens`` shares with ``packed[offset:]``; >= 1, since
+    callers found the first page equal."""
+    n = min(len(tokens), len(packed) - offset)
+    off = step
+    while off + step <= n and packed.startswith(tokens[off : off + step], offset + off):
+        off += step
+    return off // step
+
 
 class TreeNode:
     """One radix node: a run of whole pages shared by every sequence below it.
@@ -46,6 +105,7 @@ class TreeNode:
     ``value`` is ``None`` when the node's pages are not on the device (L2-only, see
     ``hicache.hiradix``); ``host_value`` is ``None`` when they are not in host memory.
     ``hashes`` holds one content hash per page once computed; a split slices it.
+    ``tokens`` holds the node's tokens packed (see the module docstring); ``key`` decodes them.
     """
 
     __slots__ = (
@@ -55,24 +115,25 @@ class TreeNode:
         "host_lock_ref",
         "host_value",
         "id",
-        "key",
         "last_access",
         "lock_ref",
         "parent",
+        "tokens",
         "value",
         "write_through_pending_id",
     )
 
     def __init__(
         self,
-        key: list[int],
+        key: Sequence[int] | bytes,
         value: list[int] | None,
         parent: TreeNode | None,
     ) -> None:
         self.id = next(_node_ids)
         self.children: dict[tuple[int, ...], TreeNode] = {}
         self.parent = parent
-        self.key = key
+        # bytes are taken as already packed; tokens_to_bytes rejects non-uint32 ids
+        self.tokens = key if isinstance(key, bytes) else tokens_to_bytes(key)
         self.value = value
         self.host_value: list[int] | None = None
         self.hashes: list[bytes] | None = None
@@ -81,6 +142,16 @@ class TreeNode:
         self.last_access = 0
         self.hit_count = 0
         self.write_through_pending_id: int | None = None
+
+    @property
+    def key(self) -> list[int]:
+        """The node's tokens, decoded into a new list."""
+        return _unpack(self.tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in this node (``num_pages * page_size``)."""
+        return len(self.tokens) // TOKEN_BYTES
 
     @property
     def backed_up(self) -> bool:
@@ -104,7 +175,8 @@ class TreeNode:
     def __repr__(self) -> str:
         where = ("D" if self.value is not None else "") + ("H" if self.host_value else "")
         return (
-            f"TreeNode(id={self.id}, tokens={len(self.key)}, {where or '-'}, lock={self.lock_ref})"
+            f"TreeNode(id={self.id}, tokens={self.num_tokens}, {where or '-'}, "
+            f"lock={self.lock_ref})"
         )
 
 
@@ -215,6 +287,7 @@ class RadixCache:
         """
         key = self.page_aligned(key)
         ps = self.page_size
+        step = ps * TOKEN_BYTES
         self._tick += 1
         tick = self._tick
         node = self.root
@@ -222,35 +295,39 @@ class RadixCache:
         pages: list[int] = []
         host_hit = 0
         on_device = True
-        i = 0
         n = len(key)
-        while i < n:
-            child = node.children.get(tuple(key[i : i + ps]))
-            if child is None:
-                break
-            klen = len(child.key)
-            if key[i : i + klen] != child.key:
-                child = self._split_node(child, self._common_pages(child.key, key, i))
-                klen = len(child.key)
+        child = node.children.get(tuple(key[:ps])) if n else None
+        packed = b""  # key[start:], packed as far as a compare needed it
+        start = 0
+        i = 0
+        while child is not None:
+            tokens = child.tokens
+            end = i + len(tokens) // TOKEN_BYTES
+            below = child.children.get(tuple(key[end : end + ps])) if end < n else None
+            # a one-page node matched with the dict lookup; longer ones need the packed key
+            if len(tokens) > step:
+                if start + len(packed) // TOKEN_BYTES < min(end, n):
+                    # pack once up to where the walk can go: all of the rest when the node
+                    # below matches too (the common full hit), else this node's span
+                    start = i
+                    stop = n if below is not None else min(end, n)
+                    packed = _pack_matchable(key if stop - start == n else key[start:stop], ps)
+                offset = (i - start) * TOKEN_BYTES
+                if not packed.startswith(tokens, offset):
+                    child = self._split_node(child, _common_pages(tokens, packed, offset, step))
+                    end = i + child.num_tokens
+                    below = None  # the request goes on with another page, or ends here
             child.last_access = tick
             if on_device and child.value is not None:
                 pages += child.value
                 last_device = child
             else:
                 on_device = False
-                host_hit += klen // ps
+                host_hit += (end - i) // ps
             node = child
-            i += klen
+            i = end
+            child = below
         return MatchResult(pages, last_device, node, host_hit)
-
-    def _common_pages(self, node_key: list[int], key: list[int], start: int) -> int:
-        """Whole pages ``node_key`` shares with ``key[start:]`` (>= 1: the first page matched)."""
-        ps = self.page_size
-        n = min(len(node_key), len(key) - start)
-        off = ps
-        while off < n and key[start + off : start + off + ps] == node_key[off : off + ps]:
-            off += ps
-        return off // ps
 
     # ------------------------------------------------------------------ insert
 
@@ -260,7 +337,8 @@ class RadixCache:
         Returns how many leading tokens were already cached on the device: for that range the
         tree keeps its own pages and ignores ``pages``; the tree owns the rest of ``pages`` from
         now on. A caller that matched a prefix (and reused the tree's pages for it) frees only
-        its own pages between that prefix and the returned length.
+        its own pages between that prefix and the returned length. Token ids must be uint32
+        (``ValueError`` otherwise, before the tree changes).
         """
         key = key if type(key) is list else list(key)
         pages = pages if type(pages) is list else list(pages)
@@ -270,6 +348,10 @@ class RadixCache:
                 f"insert needs len(key) == len(pages) * page_size, got {len(key)} tokens for "
                 f"{len(pages)} pages of {ps}"
             )
+        packed = _pack(key)
+        if packed is None:
+            packed = tokens_to_bytes(key)  # raises, naming the bad token id
+        step = ps * TOKEN_BYTES
         self._tick += 1
         tick = self._tick
         node = self.root
@@ -277,14 +359,19 @@ class RadixCache:
         on_device = True
         i = 0
         n = len(key)
+        first: tuple[int, ...] = ()
         while i < n:
-            child = node.children.get(tuple(key[i : i + ps]))
+            first = tuple(key[i : i + ps])
+            child = node.children.get(first)
             if child is None:
                 break
-            klen = len(child.key)
-            if key[i : i + klen] != child.key:
-                child = self._split_node(child, self._common_pages(child.key, key, i))
-                klen = len(child.key)
+            tokens = child.tokens
+            # the dict hit proved the first page equal; one memcmp covers the rest
+            if len(tokens) > step and not packed.startswith(tokens, i * TOKEN_BYTES):
+                child = self._split_node(
+                    child, _common_pages(tokens, packed, i * TOKEN_BYTES, step)
+                )
+            klen = child.num_tokens
             child.last_access = tick
             if child.value is None:
                 on_device = False
@@ -295,18 +382,25 @@ class RadixCache:
             node = child
             i += klen
         if i < n:
-            self._add_leaf(node, key[i:], pages[i // ps :], tick)
+            rest = packed[i * TOKEN_BYTES :] if i else packed
+            self._add_leaf(node, first, rest, pages[i // ps :], tick)
         return dup
 
-    def _add_leaf(self, parent: TreeNode, key: list[int], pages: list[int], tick: int) -> TreeNode:
-        node = TreeNode(key, pages, parent)
+    def _add_leaf(
+        self, parent: TreeNode, first: tuple[int, ...], tokens: bytes, pages: list[int], tick: int
+    ) -> TreeNode:
+        node = TreeNode(tokens, pages, parent)
         node.last_access = tick
-        parent.children[tuple(key[: self.page_size])] = node
+        parent.children[first] = node
         self._evictable_pages += len(pages)
         if self.gpu_events:
             self._emit_stored(node, Medium.GPU)
         self._on_new_leaf(node)
         return node
+
+    def first_page(self, node: TreeNode) -> tuple[int, ...]:
+        """``node``'s key in its parent's ``children``: the tuple of its first page's tokens."""
+        return tuple(_unpack(node.tokens[: self.page_size * TOKEN_BYTES]))
 
     def _on_path(self, node: TreeNode) -> None:
         """Called for every existing node an insert walks through (hook for hit counting)."""
@@ -332,13 +426,14 @@ class RadixCache:
         The existing object becomes the suffix (so references to the deepest node, such as a
         write-through's lock node, stay valid); every per-page field is sliced, nothing rehashed.
         """
-        ps = self.page_size
-        cut = pages * ps
-        if not 0 < cut < len(child.key):
-            raise ValueError(f"cannot split a {len(child.key)}-token node at page {pages}")
+        tokens = child.tokens
+        cut = pages * self.page_size * TOKEN_BYTES
+        if not 0 < cut < len(tokens):
+            raise ValueError(f"cannot split a {child.num_tokens}-token node at page {pages}")
         parent = child.parent
         assert parent is not None
-        prefix = TreeNode(child.key[:cut], None, parent)
+        first = self.first_page(child)
+        prefix = TreeNode(tokens[:cut], None, parent)
         if child.value is not None:
             prefix.value = child.value[:pages]
             child.value = child.value[pages:]
@@ -353,10 +448,10 @@ class RadixCache:
         prefix.last_access = child.last_access
         prefix.hit_count = child.hit_count
         prefix.write_through_pending_id = child.write_through_pending_id
-        child.key = child.key[cut:]
+        child.tokens = tokens[cut:]
         child.parent = prefix
-        prefix.children[tuple(child.key[:ps])] = child
-        parent.children[tuple(prefix.key[:ps])] = prefix
+        prefix.children[self.first_page(child)] = child
+        parent.children[first] = prefix
         return prefix
 
     # ------------------------------------------------------------------ locks
@@ -445,7 +540,7 @@ class RadixCache:
     def _delete_leaf(self, node: TreeNode) -> None:
         parent = node.parent
         assert parent is not None
-        del parent.children[tuple(node.key[: self.page_size])]
+        del parent.children[self.first_page(node)]
         node.parent = None
 
     # ------------------------------------------------------------------ hashes and events
@@ -464,10 +559,17 @@ class RadixCache:
             missing.append(cur)
             cur = cur.parent
         hashes: list[bytes] = []
+        step = self.page_size * TOKEN_BYTES
+        sha256 = hashlib.sha256
         for n in reversed(missing):
-            hashes = chain_hashes(parent_hash, n.key, self.page_size)
+            # keys.chain_hashes over the packed tokens it would build itself (tests hold the two
+            # equal): the node's tokens are hashed as stored, without decoding them
+            packed = n.tokens
+            hashes = []
+            for start in range(0, len(packed), step):
+                parent_hash = sha256(parent_hash + packed[start : start + step]).digest()
+                hashes.append(parent_hash)
             n.hashes = hashes
-            parent_hash = hashes[-1]
         return hashes
 
     def parent_block_hash(self, node: TreeNode) -> int | None:
@@ -482,7 +584,7 @@ class RadixCache:
         hashes = self.node_hashes(node)
         parent = self.parent_block_hash(node)
         ps = self.page_size
-        key = node.key
+        key = node.key  # decoded once: event token ids are lists
         lora = self.lora_id
         from_bytes = int.from_bytes
         batch = []

@@ -1,0 +1,142 @@
+"""RadixCache keeps node tokens packed (uint32 bytes): what that must not change, and its edges.
+
+Matches and inserts must give the same answers as a plain prefix model whatever the split
+points and however far a match packs the request; nodes must hold no Python token objects (the
+point of packing) and no reference to the caller's list; ids outside uint32 are refused on
+insert and never matched.
+"""
+
+from __future__ import annotations
+
+import gc
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hicache.keys import tokens_to_bytes
+from hicache.radix import RadixCache, TreeNode
+
+PS = 4
+U32_MAX = 2**32 - 1
+
+#: Distinct page contents, with ids at both ends of the uint32 range (byte order matters there).
+PAGES = [
+    [0, 1, 2, 3],
+    [U32_MAX, 0, U32_MAX, 7],
+    [256, 65_536, 16_777_216, 2**31],
+    [5, 5, 5, 5],
+    [5, 5, 5, 6],
+]
+
+
+def tokens(page_ids: list[int]) -> list[int]:
+    return [t for p in page_ids for t in PAGES[p]]
+
+
+def model_match(content: dict[tuple[int, ...], int], key: list[int]) -> list[int]:
+    want = []
+    j = 0
+    while (j + 1) * PS <= len(key) and tuple(key[: (j + 1) * PS]) in content:
+        want.append(content[tuple(key[: (j + 1) * PS])])
+        j += 1
+    return want
+
+
+def test_nodes_hold_packed_tokens_untracked_by_gc() -> None:
+    cache = RadixCache(PS)
+    cache.insert(tokens([0, 1, 2]), [10, 11, 12])
+    cache.insert(tokens([0, 1, 3, 4]), [10, 11, 13, 14])  # splits after two pages
+    nodes = list(cache.iter_nodes())
+    assert len(nodes) == 3
+    for node in nodes:
+        assert type(node.tokens) is bytes and not gc.is_tracked(node.tokens)
+        assert node.tokens == tokens_to_bytes(node.key)
+        assert node.num_tokens == len(node.key) == len(node.value or []) * PS
+        assert cache.first_page(node) == tuple(node.key[:PS])
+        assert node.parent is not None and node.parent.children[cache.first_page(node)] is node
+
+
+def test_insert_keeps_no_reference_to_the_callers_list() -> None:
+    cache = RadixCache(PS)
+    key = tokens([1, 2, 3])
+    cache.insert(key, [0, 1, 2])
+    original = list(key)
+    key[5] = 99  # the caller reuses its list
+    assert cache.match_prefix(original).device_pages == [0, 1, 2]
+    assert cache.match_prefix(key).device_pages == [0]
+
+
+def test_ids_outside_uint32_are_refused_on_insert_and_never_matched() -> None:
+    cache = RadixCache(PS)
+    cache.insert(tokens([0, 1]), [0, 1])
+    for bad in (-1, 2**32):
+        try:
+            cache.insert([*tokens([0, 1]), 1, 2, bad, 3], [0, 1, 2])
+        except ValueError as exc:
+            assert str(bad) in str(exc)
+        else:
+            raise AssertionError(f"token id {bad} accepted")
+        # refused before the tree changed
+        assert [n.num_tokens for n in cache.iter_nodes()] == [2 * PS]
+        assert cache.evictable_pages == 2
+        # a match stops before the page holding it; one inside a cached node splits it there
+        assert cache.match_prefix([*tokens([0, 1]), bad, 0, 0, 0]).device_pages == [0, 1]
+        assert cache.match_prefix([*tokens([0]), 1, bad, 2, 3]).device_pages == [0]
+        assert cache.match_prefix([bad] * PS).device_pages == []
+        cache.reset()
+        cache.insert(tokens([0, 1]), [0, 1])
+
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["insert", "match"]),
+        st.lists(st.integers(0, len(PAGES) - 1), min_size=0, max_size=8),
+        st.integers(0, PS - 1),  # a partial trailing page, which matches ignore
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=80)
+@given(ops)
+def test_long_nodes_match_a_prefix_model(operations: list[tuple[str, list[int], int]]) -> None:
+    """Multi-page nodes, splits anywhere, matches that end inside, at or past a node: the tree
+    answers as a dict of cached page prefixes does."""
+    cache = RadixCache(PS)
+    content: dict[tuple[int, ...], int] = {}
+    next_page = 0
+    for op, page_ids, extra in operations:
+        key = tokens(page_ids)
+        if op == "insert":
+            if not page_ids:
+                continue
+            pages = list(range(next_page, next_page + len(page_ids)))
+            next_page += len(page_ids)
+            cached = len(model_match(content, key))
+            assert cache.insert(key, pages) == cached * PS
+            for j in range(cached, len(page_ids)):
+                content[tuple(key[: (j + 1) * PS])] = pages[j]
+        else:
+            want = model_match(content, key)
+            r = cache.match_prefix(key + [7] * extra)
+            assert r.device_pages == want
+            # the returned node ends exactly where the match does (a node was split if needed)
+            depth, node = 0, r.last_node
+            while node is not cache.root:
+                depth += node.num_tokens
+                assert node.parent is not None
+                node = node.parent
+            assert depth == len(want) * PS
+        # the tree's pages, read back through the packed tokens, are the model's
+        got: dict[tuple[int, ...], int] = {}
+        stack: list[tuple[TreeNode, tuple[int, ...]]] = [(cache.root, ())]
+        while stack:
+            node, prefix = stack.pop()
+            for child in node.children.values():
+                p: tuple[int, ...] = prefix
+                child_key = child.key
+                for j, page in enumerate(child.value or []):
+                    p = p + tuple(child_key[j * PS : (j + 1) * PS])
+                    got[p] = page
+                stack.append((child, p))
+        assert got == content
