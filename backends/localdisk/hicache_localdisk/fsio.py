@@ -2,8 +2,8 @@
 
 - ``write_fully(fd, bufs)``        ``pwritev`` until every byte is written
 - ``read_fully(fd, bufs)``         ``preadv`` until the buffers are full or the file ends
-- ``read_hashing(fd, hdr, payload)`` the same, hashing the payload chunk by chunk as it lands
-- ``write_hashing(fd, payload, off)`` ``pwritev`` in chunks, hashing each right after its copy
+- ``write_page(fd, hdr, payload)``  a page file in pieces, hashing each right after its copy
+- ``read_page(fd, hdr, payload)``   a page file in pieces, hashing each as it lands
 - ``publish_noreplace(tmp, dst)``  atomic create-only publish: ``renameat2(RENAME_NOREPLACE)``,
                                    else ``link`` + ``unlink``; ``False`` when ``dst`` exists
 - ``fsync_dir(path)``              make a directory's entries durable
@@ -20,6 +20,7 @@ import logging
 import mmap
 import os
 import threading
+from collections.abc import Callable
 
 import xxhash
 
@@ -32,9 +33,9 @@ __all__ = [
     "fsync_dir",
     "publish_noreplace",
     "read_fully",
-    "read_hashing",
+    "read_page",
     "write_fully",
-    "write_hashing",
+    "write_page",
 ]
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,12 @@ log = logging.getLogger(__name__)
 #: logical blocks).
 DIRECT_ALIGN = 4096
 O_DIRECT: int = getattr(os, "O_DIRECT", 0)
-#: Chunk of a verified read: fits the L2 cache, so hashing reads what the copy just wrote there.
-HASH_CHUNK = 256 << 10
-#: Chunk of a hashing write: half of a 2 MiB L2, measured best among 256 KiB..whole page.
-WRITE_HASH_CHUNK = 1 << 20
+#: Piece of a read: fits the L2 cache, so hashing reads what the copy just wrote there.
+READ_CHUNK = 256 << 10
+#: Piece of a write: half of a 2 MiB L2, measured best among 256 KiB..whole page.
+IO_CHUNK = 1 << 20
+#: Below this a page is written with one pwritev (a second system call would cost more).
+SMALL_IO = 64 << 10
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
@@ -77,39 +80,59 @@ def read_fully(fd: int, bufs: list[memoryview], offset: int = 0) -> int:
     return done
 
 
-def write_hashing(fd: int, payload: memoryview, offset: int) -> int:
-    """Write ``payload`` at ``offset`` in L2-sized chunks, hashing each chunk (xxh3_64, seed 0)
-    right after the kernel copied it, while it is still in cache; return the checksum.
+def write_page(
+    fd: int, header: memoryview, payload: memoryview, seal: Callable[[int], None] | None
+) -> None:
+    """Write a page file: ``header`` at offset 0, ``payload`` right after it.
 
-    About 10% cheaper in CPU than hashing the whole payload before one large write."""
-    digest = xxhash.xxh3_64()
-    for off in range(0, payload.nbytes, WRITE_HASH_CHUNK):
-        view = payload[off : off + WRITE_HASH_CHUNK]
-        write_fully(fd, [view], offset + off)
-        digest.update(view)
-    return digest.intdigest()
+    ``seal(checksum)`` fills ``header`` from the payload's xxh3_64 (seed 0) before the header is
+    written; ``None`` writes ``header`` as it is and hashes nothing (the raw baseline). Small
+    payloads go in one ``pwritev([header, payload])``, hashed first. Larger ones go payload
+    first in ``IO_CHUNK`` pieces, each hashed right after the kernel copied it (still in cache:
+    ~10% less CPU than hashing first), then the header: measured on Linux 6.18, one 8 MiB
+    buffered ``pwritev`` is several times slower than the same bytes in 1 MiB calls.
+    """
+    if payload.nbytes < SMALL_IO:
+        if seal is not None:
+            seal(xxhash.xxh3_64_intdigest(payload))
+        write_fully(fd, [header, payload])
+        return
+    digest = xxhash.xxh3_64() if seal is not None else None
+    for off in range(0, payload.nbytes, IO_CHUNK):
+        view = payload[off : off + IO_CHUNK]
+        write_fully(fd, [view], header.nbytes + off)
+        if digest is not None:
+            digest.update(view)
+    if seal is not None and digest is not None:
+        seal(digest.intdigest())
+    write_fully(fd, [header], 0)
 
 
-def read_hashing(fd: int, header: memoryview, payload: memoryview) -> tuple[int, int]:
-    """Read ``header`` then ``payload`` from offset 0, hashing the payload (xxh3_64, seed 0) in
-    cache-sized chunks right after each lands, while it is still in the CPU cache: a verified
-    read then costs about one pass over memory instead of two. Returns (bytes read, checksum);
-    the checksum is meaningless when fewer than ``header.nbytes + payload.nbytes`` were read."""
-    digest = xxhash.xxh3_64()
-    first = payload[:HASH_CHUNK]
+def read_page(
+    fd: int, header: memoryview, payload: memoryview, *, hash_payload: bool
+) -> tuple[int, int]:
+    """Read ``header`` then ``payload`` from offset 0 in ``READ_CHUNK`` pieces, hashing each
+    piece (xxh3_64, seed 0) right after it lands when ``hash_payload``: a verified read then
+    costs about one pass over memory instead of two, and cold reads of large pages run faster
+    in pieces than in one call. Returns (bytes read, checksum or 0); the checksum is
+    meaningless when fewer than ``header.nbytes + payload.nbytes`` were read."""
+    digest = xxhash.xxh3_64() if hash_payload else None
+    first = payload[:READ_CHUNK]
     n = read_fully(fd, [header, first])
     if n < header.nbytes + first.nbytes:
         return n, 0
-    digest.update(first)
+    if digest is not None:
+        digest.update(first)
     off = first.nbytes
     while off < payload.nbytes:
-        view = payload[off : off + HASH_CHUNK]
+        view = payload[off : off + READ_CHUNK]
         got = read_fully(fd, [view], header.nbytes + off)
         if got < view.nbytes:
             return header.nbytes + off + got, 0
-        digest.update(view)
+        if digest is not None:
+            digest.update(view)
         off += view.nbytes
-    return header.nbytes + payload.nbytes, digest.intdigest()
+    return header.nbytes + payload.nbytes, digest.intdigest() if digest is not None else 0
 
 
 def _after(bufs: list[memoryview], skip: int) -> list[memoryview]:

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
 
 from hicache.errors import PageCorruptError
 from hicache.storage.backend import PageStatus
@@ -29,14 +30,15 @@ from hicache.storage.pageformat import (
 )
 from hicache_localdisk.fsio import (
     DIRECT_ALIGN,
+    IO_CHUNK,
     O_DIRECT,
     aligned_buffer,
     buffer_address,
     publish_noreplace,
     read_fully,
-    read_hashing,
+    read_page,
     write_fully,
-    write_hashing,
+    write_page,
 )
 from hicache_localdisk.layout import Layout
 
@@ -48,7 +50,6 @@ log = logging.getLogger(__name__)
 #: (xxh3 releases the GIL); below it the hand-off costs more than it hides.
 PARALLEL_HASH_MIN_BYTES = 1 << 20
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-_SMALL_PAGE = 64 << 10
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 
@@ -120,22 +121,21 @@ class PageIO:
             parallel = hasher is not None and 4 * self._writers <= _CORES
         try:
             if not parallel or hasher is None:
-                if direct or src.nbytes < _SMALL_PAGE:
-                    # O_DIRECT copies nothing through the CPU cache (chunks would only split one
-                    # large device write), and a small page is not worth a second system call.
+                if direct:
+                    # O_DIRECT copies nothing through the CPU cache: pieces would only split
+                    # one large device write.
                     checksum = payload_checksum(src)
                     encode_header_into(header, self._ns, key, self._page_bytes, checksum)
                     write_fully(fd, [header, src])
                 else:
-                    checksum = write_hashing(fd, src, HEADER_SIZE)
-                    encode_header_into(header, self._ns, key, self._page_bytes, checksum)
-                    write_fully(fd, [header], 0)
+                    write_page(fd, header, src, partial(self._seal, header, key))
                 return
             # The checksum pass costs as much CPU as the copy into the page cache: run it on
             # another core while this thread writes the payload, then write the header.
             pending = hasher.submit(payload_checksum, src)
             try:
-                write_fully(fd, [src], HEADER_SIZE)
+                for off in range(0, src.nbytes, IO_CHUNK):  # pieces: see fsio.write_page
+                    write_fully(fd, [src[off : off + IO_CHUNK]], HEADER_SIZE + off)
             finally:
                 # Never return while a worker still reads the caller's buffer.
                 wait([pending])
@@ -144,6 +144,9 @@ class PageIO:
         finally:
             with self._writers_lock:
                 self._writers -= 1
+
+    def _seal(self, header: memoryview, key: str, checksum: int) -> None:
+        encode_header_into(header, self._ns, key, self._page_bytes, checksum)
 
     def _direct_ok(self, buf: memoryview) -> bool:
         return self.direct and buffer_address(buf) % DIRECT_ALIGN == 0
@@ -202,12 +205,12 @@ class PageIO:
             return ReadResult.FAILED, ""
         try:
             header = self._header()
-            # O_DIRECT reads stay whole: chunking would turn one large device read into many.
+            # O_DIRECT reads stay whole: pieces would turn one large device read into many.
             hashed = self._verify and not flags & O_DIRECT
-            if hashed:
-                n, checksum = read_hashing(fd, header, dst)
+            if flags & O_DIRECT:
+                n, checksum = read_fully(fd, [header, dst]), 0
             else:
-                n = read_fully(fd, [header, dst])
+                n, checksum = read_page(fd, header, dst, hash_payload=hashed)
             if n != self.stored_bytes:
                 raise PageCorruptError("length", f"file has {n} bytes, not {self.stored_bytes}")
             decoded = verify_page(

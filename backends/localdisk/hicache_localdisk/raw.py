@@ -1,9 +1,10 @@
 """The raw baseline ``hicache bench storage`` measures localdisk against.
 
 The same system calls outside hicache, one file per page in the same fan-out, the same bytes
-(a 4 KiB header and the payload): ``open(O_CREAT|O_EXCL)`` + ``pwritev`` + (``fsync``) +
+(a 4 KiB header and the payload) written and read in the same pieces
+(``fsio.write_page``/``read_page``): ``open(O_CREAT|O_EXCL)`` + ``pwritev`` + (``fsync``) +
 ``close`` + ``rename`` for a put, ``open`` + ``preadv`` + ``close`` for a get, ``stat`` for a
-presence check; no index, no checksum, no accounting. Its files live in
+presence check; no index, no checksum, no mtime, no accounting. Its files live in
 ``<root>/.bench-raw-<pid>/`` and are removed by ``teardown``.
 """
 
@@ -16,7 +17,7 @@ from typing import ClassVar
 
 from hicache.storage.benchmark import RawBaseline
 from hicache.storage.pageformat import HEADER_SIZE
-from hicache_localdisk.fsio import drop_cache, fsync_dir, read_fully, write_fully
+from hicache_localdisk.fsio import drop_cache, fsync_dir, read_page, write_page
 from hicache_localdisk.options import Durability, LocalDiskConfig
 
 __all__ = ["FileBaseline"]
@@ -50,7 +51,7 @@ class FileBaseline(RawBaseline):
             tmp = f"{path}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self._mode)
             try:
-                write_fully(fd, [self._header, src])
+                write_page(fd, self._header, src, None)
                 if self._fsync:
                     os.fsync(fd)
             finally:
@@ -67,7 +68,7 @@ class FileBaseline(RawBaseline):
         for i, dst in zip(indices, dsts, strict=True):
             fd = os.open(self._path(i), os.O_RDONLY | os.O_CLOEXEC)
             try:
-                read_fully(fd, [header, dst])
+                read_page(fd, header, dst, hash_payload=False)
             finally:
                 os.close(fd)
 

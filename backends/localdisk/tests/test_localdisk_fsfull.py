@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hicache_localdisk import LocalDiskBackend, pageio
+from hicache_localdisk import LocalDiskBackend, fsio, pageio
 from hicache_localdisk.layout import TEMP_PREFIX
 
 from hicache.errors import BackendError
@@ -64,7 +64,7 @@ def test_full_filesystem_fails_puts_cleanly(
     backend = make_backend(root=str(root), page_bytes=PAGE, max_bytes="1GiB", io_threads=1)
     backend.open()
     if tiny_fs is None:
-        real = pageio.write_fully
+        real = fsio.write_fully
         calls = {"n": 0}
 
         def filling_up(fd: int, bufs: list[memoryview], offset: int = 0) -> None:
@@ -74,6 +74,8 @@ def test_full_filesystem_fails_puts_cleanly(
                 raise OSError(errno.ENOSPC, "No space left on device (injected)")
             real(fd, bufs, offset)
 
+        # Every write of a page goes through fsio.write_fully (pageio imports it by name too).
+        monkeypatch.setattr(fsio, "write_fully", filling_up)
         monkeypatch.setattr(pageio, "write_fully", filling_up)
     stored: list[str] = []
     failed: list[str] = []
