@@ -36,17 +36,22 @@ consistently; subclasses hook :meth:`RadixCache._split_node`, :meth:`RadixCache.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import itertools
 import logging
-import sys
-from array import array
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 from hicache.events import BlockRemoved, BlockStored, EventQueue, KVEvent, Medium
 from hicache.keys import block_id, tokens_to_bytes
+from hicache.packed_tokens import (
+    TOKEN_BYTES,
+    chain_hashes_packed,
+    common_pages,
+    pack,
+    pack_matchable,
+    unpack,
+)
 
 __all__ = ["MatchResult", "RadixCache", "TreeNode"]
 
@@ -56,53 +61,6 @@ _node_ids = itertools.count()
 
 #: Frees device pages; usually ``DevicePool.free``.
 FreePages = Callable[[list[int]], None]
-
-#: Bytes per token in ``TreeNode.tokens`` (``keys.tokens_to_bytes``: uint32).
-TOKEN_BYTES = 4
-_ARRAY_CODE = "I" if array("I").itemsize == TOKEN_BYTES else "L"
-_BIG_ENDIAN = sys.byteorder == "big"
-
-
-def _pack(tokens: list[int]) -> bytes | None:
-    """``keys.tokens_to_bytes(tokens)``, or None when a token is not a uint32."""
-    arr = array(_ARRAY_CODE)
-    try:
-        arr.fromlist(tokens)  # measurably faster than array(code, tokens)
-    except (OverflowError, TypeError):
-        return None
-    if _BIG_ENDIAN:
-        arr.byteswap()
-    return arr.tobytes()
-
-
-def _unpack(packed: bytes) -> list[int]:
-    """The tokens of a packed run, as a new list."""
-    arr = array(_ARRAY_CODE, packed)
-    if _BIG_ENDIAN:
-        arr.byteswap()
-    return arr.tolist()
-
-
-def _pack_matchable(key: list[int], page_size: int) -> bytes:
-    """``key`` packed, cut before the first page holding a token that is not a uint32 (no node
-    holds one, so nothing from there on can match)."""
-    packed = _pack(key)
-    if packed is not None:
-        return packed
-    good = 0
-    while good < len(key) and _pack(key[good : good + 1]) is not None:
-        good += 1
-    return _pack(key[: good - good % page_size]) or b""
-
-
-def _common_pages(tokens: bytes, packed: bytes, offset: int, step: int) -> int:
-    """Whole pages (of ``step`` bytes) ``tokens`` shares with ``packed[offset:]``; >= 1, since
-    callers found the first page equal."""
-    n = min(len(tokens), len(packed) - offset)
-    off = step
-    while off + step <= n and packed.startswith(tokens[off : off + step], offset + off):
-        off += step
-    return off // step
 
 
 class TreeNode:
@@ -155,7 +113,7 @@ class TreeNode:
     @property
     def key(self) -> list[int]:
         """The node's tokens, decoded into a new list."""
-        return _unpack(self.tokens)
+        return unpack(self.tokens)
 
     @property
     def num_tokens(self) -> int:
@@ -326,10 +284,10 @@ class RadixCache:
                     # below matches too (the common full hit), else this node's span
                     start = i
                     stop = n if below is not None else min(end, n)
-                    packed = _pack_matchable(key if stop - start == n else key[start:stop], ps)
+                    packed = pack_matchable(key if stop - start == n else key[start:stop], ps)
                 offset = (i - start) * TOKEN_BYTES
                 if not packed.startswith(tokens, offset):
-                    child = self._split_node(child, _common_pages(tokens, packed, offset, step))
+                    child = self._split_node(child, common_pages(tokens, packed, offset, step))
                     end = i + child.num_tokens
                     below = None  # the request goes on with another page, or ends here
             child.last_access = tick
@@ -363,7 +321,7 @@ class RadixCache:
                 f"insert needs len(key) == len(pages) * page_size, got {len(key)} tokens for "
                 f"{len(pages)} pages of {ps}"
             )
-        packed = _pack(key)
+        packed = pack(key)
         if packed is None:
             packed = tokens_to_bytes(key)  # raises, naming the bad token id
         step = ps * TOKEN_BYTES
@@ -383,9 +341,7 @@ class RadixCache:
             tokens = child.tokens
             # the dict hit proved the first page equal; one memcmp covers the rest
             if len(tokens) > step and not packed.startswith(tokens, i * TOKEN_BYTES):
-                child = self._split_node(
-                    child, _common_pages(tokens, packed, i * TOKEN_BYTES, step)
-                )
+                child = self._split_node(child, common_pages(tokens, packed, i * TOKEN_BYTES, step))
             klen = child.num_tokens
             child.last_access = tick
             if child.value is None:
@@ -417,7 +373,7 @@ class RadixCache:
 
     def first_page(self, node: TreeNode) -> tuple[int, ...]:
         """``node``'s key in its parent's ``children``: the tuple of its first page's tokens."""
-        return tuple(_unpack(node.tokens[: self.page_size * TOKEN_BYTES]))
+        return tuple(unpack(node.tokens[: self.page_size * TOKEN_BYTES]))
 
     def _on_path(self, node: TreeNode) -> None:
         """Called for every existing node an insert walks through (hook for hit counting)."""
@@ -580,17 +536,10 @@ class RadixCache:
             missing.append(cur)
             cur = cur.parent
         hashes: list[bytes] = []
-        step = self.page_size * TOKEN_BYTES
-        sha256 = hashlib.sha256
         for n in reversed(missing):
-            # keys.chain_hashes over the packed tokens it would build itself (tests hold the two
-            # equal): the node's tokens are hashed as stored, without decoding them
-            packed = n.tokens
-            hashes = []
-            for start in range(0, len(packed), step):
-                parent_hash = sha256(parent_hash + packed[start : start + step]).digest()
-                hashes.append(parent_hash)
+            hashes = chain_hashes_packed(parent_hash, n.tokens, self.page_size)
             n.hashes = hashes
+            parent_hash = hashes[-1]
         return hashes
 
     def parent_block_hash(self, node: TreeNode) -> int | None:

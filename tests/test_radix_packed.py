@@ -13,7 +13,14 @@ import gc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hicache.keys import tokens_to_bytes
+from hicache.keys import chain_hashes, tokens_to_bytes
+from hicache.packed_tokens import (
+    chain_hashes_packed,
+    common_pages,
+    pack,
+    pack_matchable,
+    unpack,
+)
 from hicache.radix import RadixCache, TreeNode
 
 PS = 4
@@ -40,6 +47,27 @@ def model_match(content: dict[tuple[int, ...], int], key: list[int]) -> list[int
         want.append(content[tuple(key[: (j + 1) * PS])])
         j += 1
     return want
+
+
+@settings(max_examples=50)
+@given(st.lists(st.integers(0, U32_MAX), max_size=3 * PS).map(lambda t: t[: len(t) // PS * PS]))
+def test_packing_is_keys_layout_and_hashes_agree(toks: list[int]) -> None:
+    packed = pack(toks)
+    assert packed == tokens_to_bytes(toks) and unpack(packed) == toks
+    parent = bytes(range(32))
+    assert chain_hashes_packed(parent, packed, PS) == chain_hashes(parent, toks, PS)
+
+
+def test_pack_refuses_and_pack_matchable_cuts_at_ids_outside_uint32() -> None:
+    good = tokens([0, 1])
+    assert pack([*good, -1]) is None and pack([*good, 2**32]) is None
+    assert pack_matchable([*good, 9, 9, 2**32, 9, 9], PS) == tokens_to_bytes(good)
+    assert pack_matchable([1, -1, *good], PS) == b""
+    step = PS * 4
+    a, b = tokens_to_bytes(tokens([0, 1, 2])), tokens_to_bytes(tokens([3, 0, 1, 4]))
+    assert common_pages(a, b, step, step) == 2  # a vs b's pages 1..: [0, 1] shared, then 2 != 4
+    # at most the pages b has left; the first counts as shared (callers matched it already)
+    assert common_pages(a, b, 3 * step, step) == 1
 
 
 def test_nodes_hold_packed_tokens_untracked_by_gc() -> None:

@@ -1,0 +1,91 @@
+"""Token runs packed as ``keys.tokens_to_bytes`` lays them out: uint32, little-endian.
+
+The radix tree (``hicache.radix``) stores node tokens this way: a ``bytes`` object holds no
+Python objects, so the garbage collector never walks it, and two runs compare with one
+``memcmp``. Only token ids in the uint32 range can be packed, as content hashes already require.
+
+- ``pack(tokens)``               a list packed, or None when an id is not a uint32
+- ``unpack(packed)``             back to a new list
+- ``pack_matchable(tokens, ps)`` packed up to the first page holding an id that is not a uint32
+- ``common_pages(a, b, ...)``    whole pages two packed runs share
+- ``chain_hashes_packed(...)``   ``keys.chain_hashes`` of tokens that are already packed
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from array import array
+
+__all__ = [
+    "TOKEN_BYTES",
+    "chain_hashes_packed",
+    "common_pages",
+    "pack",
+    "pack_matchable",
+    "unpack",
+]
+
+#: Bytes per packed token.
+TOKEN_BYTES = 4
+_ARRAY_CODE = "I" if array("I").itemsize == TOKEN_BYTES else "L"
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+def pack(tokens: list[int]) -> bytes | None:
+    """``keys.tokens_to_bytes(tokens)`` for a list, or None when an id is not a uint32."""
+    arr = array(_ARRAY_CODE)
+    try:
+        arr.fromlist(tokens)  # measurably faster than array(code, tokens)
+    except (OverflowError, TypeError):
+        return None
+    if _BIG_ENDIAN:
+        arr.byteswap()
+    return arr.tobytes()
+
+
+def unpack(packed: bytes) -> list[int]:
+    """The tokens of a packed run, as a new list."""
+    arr = array(_ARRAY_CODE, packed)
+    if _BIG_ENDIAN:
+        arr.byteswap()
+    return arr.tolist()
+
+
+def pack_matchable(tokens: list[int], page_size: int) -> bytes:
+    """``tokens`` packed, cut before the first page holding an id that is not a uint32 (a
+    packed run never holds one, so nothing from that page on can equal one)."""
+    packed = pack(tokens)
+    if packed is not None:
+        return packed
+    good = 0
+    while good < len(tokens) and pack(tokens[good : good + 1]) is not None:
+        good += 1
+    return pack(tokens[: good - good % page_size]) or b""
+
+
+def common_pages(run: bytes, packed: bytes, offset: int, step: int) -> int:
+    """Whole pages (of ``step`` bytes) ``run`` shares with ``packed[offset:]``, counting the first
+    page as shared (callers found it equal already)."""
+    n = min(len(run), len(packed) - offset)
+    off = step
+    while off + step <= n and packed.startswith(run[off : off + step], offset + off):
+        off += step
+    return off // step
+
+
+def chain_hashes_packed(parent: bytes, packed: bytes, page_size: int) -> list[bytes]:
+    """``keys.chain_hashes(parent, tokens, page_size)`` where ``packed`` is
+    ``keys.tokens_to_bytes(tokens)``: the same hashes, without decoding and re-encoding.
+
+    ``parent`` must be a 32-byte hash and ``packed`` whole pages (the caller's invariants).
+    """
+    step = page_size * TOKEN_BYTES
+    sha256 = hashlib.sha256
+    out: list[bytes] = []
+    prev = parent
+    # as keys.chain_hashes: one concatenation and one-shot sha256 per page
+    for start in range(0, len(packed), step):
+        prev = sha256(prev + packed[start : start + step]).digest()
+        out.append(prev)
+    return out
