@@ -112,8 +112,8 @@ class TreeNode:
 
     @property
     def key(self) -> list[int]:
-        """The node's tokens, decoded into a new list."""
-        return unpack(self.tokens)
+        """The node's tokens, as a new list."""
+        return unpack(self.tokens) if self.key_list is None else self.key_list[:]
 
     @property
     def num_tokens(self) -> int:
