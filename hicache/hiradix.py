@@ -347,7 +347,7 @@ class HiRadixCache(RadixCache):
         """Record ``node`` as the only fragment of write ``ack_id`` and lock it until the ack."""
         node.write_through_pending_id = ack_id
         self.inc_lock_ref(node)
-        self.ongoing_write_through[ack_id] = PendingWrite(ack_id, node, [node], len(node.key))
+        self.ongoing_write_through[ack_id] = PendingWrite(ack_id, node, [node], node.num_tokens)
 
     def _split_node(self, child: TreeNode, pages: int) -> TreeNode:
         prefix = super()._split_node(child, pages)
@@ -717,7 +717,7 @@ class HiRadixCache(RadixCache):
                     node.host_value = keep
                     node.hashes = handle.hashes[j:ok]
                     node.last_access = self._tick
-                    base.children[tuple(node.key[:ps])] = node
+                    base.children[self.first_page(node)] = node
                     self._emit_stored(node, Medium.CPU_PINNED)
                     inserted = len(keep) * ps
         if drop:
