@@ -79,7 +79,7 @@ class LocalDiskBackend(Backend):
         self.options: LocalDiskConfig = config
         self._layout = Layout(os.fspath(config.root), context.namespace)
         self._stored = stored_size(context.page_bytes)
-        self._index = PageIndex(self._stored)
+        self._index = PageIndex(self._stored, self._unlink_page, self._on_disk)
         self._max_bytes = 0
         self._pool: ThreadPoolExecutor | None = None
         self._shared: SharedState | None = None
@@ -201,7 +201,7 @@ class LocalDiskBackend(Backend):
         if opts.shared:
             self._settle_shared(pages, alone)
         elif writable and used > self._max_bytes:
-            self._unlink_all(self._index.evict_to_capacity())
+            self._index.evict_to_capacity()
         elapsed = time.perf_counter() - started
         self._open_scan = {
             "pages": len(pages),
@@ -294,16 +294,14 @@ class LocalDiskBackend(Backend):
         if self._shared is not None:
             todo = self._plan_shared(keys, statuses)
         else:
-            todo, evicted = self._index.reserve(keys, statuses)
-            self._unlink_all(evicted)
+            todo = self._index.reserve(keys, statuses)
         now = time.time_ns()
         results = self._map(lambda i: io.write(keys[i], srcs[i], now - i * _MTIME_STEP_NS), todo)
         for i, status in zip(todo, results, strict=True):
             statuses[i] = status
         if self.options.durability is Durability.FSYNC:
             self._sync_dirs(keys, todo, statuses)
-        published, late = self._index.settle(keys, todo, statuses)
-        self._unlink_all(late)
+        published = self._index.settle(keys, todo, statuses)
         # Counted after the rename, so a concurrent eviction round can only over-count (it saw
         # the file, then we add it): the safe direction, corrected by the next round.
         shared = self._shared
@@ -403,8 +401,13 @@ class LocalDiskBackend(Backend):
             self._counters["corrupt"] += 1
             first = not self._corrupt_logged
             self._corrupt_logged = True
-        self._index.note_corrupt(key)
-        removed = not self.context.read_only and self._remove_pages([key]) == 1
+        writable = not self.context.read_only
+        if self._shared is not None:
+            self._index.note_corrupt(key, unlink=False)
+            removed = writable and self._remove_pages([key]) == 1
+        else:
+            # Unlinked under the index lock, like an eviction: see hicache_localdisk.index.
+            removed = self._index.note_corrupt(key, unlink=writable)
         (log.warning if first else log.debug)(
             "localdisk %s: page %s is corrupt (%s): %s",
             self._layout.ns_dir,
@@ -444,10 +447,17 @@ class LocalDiskBackend(Backend):
                     failed.append(path)
         return freed
 
-    def _unlink_all(self, keys: Sequence[str] | set[str]) -> None:
-        """Unlink the files of pages the index already forgot (evicted)."""
-        for key in keys:
-            remove(self._layout.page_path(key))
+    def _unlink_page(self, key: str) -> bool:
+        """Unlink the file of a page the index is forgetting (it calls this under its lock)."""
+        return remove(self._layout.page_path(key))
+
+    def _on_disk(self, key: str) -> bool:
+        """Whether ``key`` has a published file now (the index asks under its lock)."""
+        try:
+            os.stat(self._layout.page_path(key), follow_symlinks=False)
+        except OSError:
+            return False
+        return True
 
     def _enforce_shared(self, need: int) -> None:
         shared = self._shared

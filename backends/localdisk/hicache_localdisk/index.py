@@ -8,13 +8,17 @@
 - ``inflight``  reservation count per key (the same key may be written by two threads).
 - ``evicted``   keys dropped on the backend's own account since the last ``take_evicted``.
 
-Every method takes the lock; none does I/O (the backend unlinks what these return).
+Every method takes the lock. The only I/O under it goes through the two callables the backend
+passes in, ``unlink(key)`` and ``on_disk(key)``: a page file this index forgets is unlinked
+before the lock is released, and a file another writer of the same key published (or that a
+reader missed) is looked at under it. Otherwise a concurrent put of that key could find the
+doomed file (``ALREADY_EXISTS``), account for it, and then lose it to the pending unlink.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from hicache.storage.backend import PageStatus
 from hicache.storage.eviction import TailFirstLRU
@@ -25,8 +29,15 @@ __all__ = ["PageIndex"]
 class PageIndex:
     """Thread-safe index of one namespace's pages (see the module docstring)."""
 
-    def __init__(self, stored_bytes: int) -> None:
+    def __init__(
+        self,
+        stored_bytes: int,
+        unlink: Callable[[str], object],
+        on_disk: Callable[[str], bool],
+    ) -> None:
         self.stored_bytes = stored_bytes
+        self._unlink = unlink
+        self._on_disk = on_disk
         self.lock = threading.Lock()
         self.pages: dict[str, int] = {}
         self.policy: TailFirstLRU | None = None
@@ -61,19 +72,18 @@ class PageIndex:
     # ------------------------------------------------------------------ single-process puts
 
     def evict_to_capacity(self) -> set[str]:
-        """Drop least recent pages until the policy fits its capacity (after a smaller bound)."""
+        """Drop (and unlink) least recent pages until the policy fits its capacity (after a
+        smaller bound); return the keys whose files went."""
         policy = self.policy
         assert policy is not None
         with self.lock:
-            return self._forget(policy.evict_for(0))
+            return self._drop(policy.evict_for(0))
 
-    def reserve(
-        self, keys: Sequence[str], statuses: list[PageStatus | None]
-    ) -> tuple[list[int], set[str]]:
+    def reserve(self, keys: Sequence[str], statuses: list[PageStatus | None]) -> list[int]:
         """Decide which pages of a put to write and make room for them first.
 
         Fills ``statuses`` for pages already stored (and any refused); returns the indices to
-        write and the evicted keys whose files the caller must unlink.
+        write. Evicted pages are unlinked before this returns.
         """
         policy = self.policy
         assert policy is not None
@@ -106,25 +116,31 @@ class PageIndex:
                         statuses[i] = PageStatus.FAILED
             reserve = [keys[i] for i in todo]
             policy.add(reserve, [stored] * len(reserve))
+            # A key reserved by another put in flight was not counted as new, but evict_for may
+            # just have taken that reservation: re-adding it can pass the bound. Least recent
+            # first, so this batch's own reservations are the last to go.
+            victims += policy.evict_for(0)
             for key in reserve:
                 self._inflight[key] = self._inflight.get(key, 0) + 1
-            dropped = self._forget(victims)
+            dropped = self._drop(victims)
         for i, key in enumerate(keys):
             if key in dropped and statuses[i] is PageStatus.ALREADY_EXISTS:
                 statuses[i] = PageStatus.FAILED  # evicted by its own batch (tiny capacity)
-        return todo, dropped
+        return todo
 
     def settle(
         self, keys: Sequence[str], todo: Iterable[int], statuses: Sequence[PageStatus | None]
-    ) -> tuple[int, list[str]]:
-        """Record the outcome of written pages.
+    ) -> int:
+        """Record the outcome of written pages; return the bytes newly published (for the
+        shared counter).
 
-        Returns the bytes newly published (for the shared counter) and, single-process, the
-        keys evicted while their write was in flight, whose fresh files the caller unlinks.
+        Single-process, a page evicted while its write was in flight is unlinked here. A page
+        whose put met another writer of the same key (``ALREADY_EXISTS``, or a writer still in
+        flight) is accounted only if its file is on disk now: the file it met may be one that
+        a settle or an eviction has unlinked since.
         """
         stored = self.stored_bytes
         published = 0
-        late: list[str] = []
         with self.lock:
             policy = self.policy
             for i in todo:
@@ -141,18 +157,22 @@ class PageIndex:
                     self._inflight[key] = left
                 else:
                     self._inflight.pop(key, None)
-                if stored_ok:
-                    if key in policy:
+                if key in self.pages:
+                    continue  # accounted by another writer of this key (pages only hold files)
+                if stored_ok and key in policy:
+                    contended = left > 0 or status is PageStatus.ALREADY_EXISTS
+                    if not contended or self._on_disk(key):
                         self.pages[key] = stored
-                    elif key not in self.pages and status is PageStatus.OK:
-                        # Evicted while in flight: the file was never accounted; it goes, and
-                        # is reported like any other eviction.
-                        late.append(key)
-                        self._evicted.append(key)
-                        self.evictions += 1
-                elif not left and key not in self.pages:
-                    policy.remove(key)
-        return published, late
+                        continue
+                elif status is PageStatus.OK:
+                    # Evicted while in flight: the file was never accounted; it goes, and is
+                    # reported like any other eviction.
+                    self._unlink(key)
+                    self._evicted.append(key)
+                    self.evictions += 1
+                if not left:
+                    policy.remove(key)  # no file and no writer left: drop the reservation
+        return published
 
     # ------------------------------------------------------------------ what reads learn
 
@@ -162,21 +182,32 @@ class PageIndex:
             self.pages[key] = size
 
     def note_missing(self, keys: Iterable[str]) -> None:
-        """Pages that vanished behind our back (another process, an operator)."""
+        """Pages that vanished behind our back (another process, an operator) or were deleted.
+
+        A key whose file is on disk again (a concurrent put re-stored it since it was missed)
+        stays known.
+        """
         with self.lock:
             for key in keys:
+                if key in self.pages and self._on_disk(key):
+                    continue
                 self.pages.pop(key, None)
                 if self.policy is not None and key not in self._inflight:
                     self.policy.remove(key)
 
-    def note_corrupt(self, key: str) -> None:
-        """A page that failed verification: forgotten, and reported as evicted if known."""
+    def note_corrupt(self, key: str, unlink: bool) -> bool:
+        """A page that failed verification: forgotten, and reported as evicted if known.
+
+        With ``unlink`` its file is removed under the lock (single-process mode; see the module
+        docstring); returns whether this call removed it.
+        """
         with self.lock:
             known = self.pages.pop(key, None) is not None
-            if self.policy is not None:
+            if self.policy is not None and key not in self._inflight:
                 self.policy.remove(key)
             if known:
                 self._evicted.append(key)
+            return bool(self._unlink(key)) if unlink else False
 
     def note_evicted(self, keys: Sequence[str]) -> None:
         """Pages a shared eviction round of this process removed."""
@@ -198,11 +229,14 @@ class PageIndex:
             out, self._evicted = self._evicted, []
         return out
 
-    def _forget(self, victims: Sequence[str]) -> set[str]:
-        """Drop evicted keys (lock held); return those that had published files."""
+    def _drop(self, victims: Sequence[str]) -> set[str]:
+        """Forget evicted keys and unlink their files (lock held: see the module docstring);
+        return those that had published files. A victim that was only a reservation has no
+        file yet: its writer unlinks it when it settles."""
         dropped: set[str] = set()
         for key in victims:
             if self.pages.pop(key, None) is not None:
+                self._unlink(key)
                 dropped.add(key)
                 self._evicted.append(key)
         self.evictions += len(dropped)
