@@ -173,18 +173,37 @@ def test_concurrent_writers_keep_accounting_exact(
 ) -> None:
     backend = make_backend(max_bytes=24 * STORED, io_threads=3)
     backend.open()
+    keys = [key_of(i, "cc") for i in range(60)]
     errors: list[BaseException] = []
+    mismatches: list[str] = []
+    rounds = 15
+
+    def check(where: str) -> None:
+        """No call in flight: accounting, the files and exists() must all agree."""
+        on_disk = _disk_bytes(backend)
+        present = sum(backend.exists(keys))
+        if not (backend.used_bytes == on_disk == present * STORED <= backend.max_bytes):
+            mismatches.append(
+                f"{where}: used {backend.used_bytes}, on disk {on_disk}, "
+                f"{present} pages present, max {backend.max_bytes}"
+            )
+
+    # Every writer finishes a round before any starts the next: a check between rounds sees
+    # no put in flight, and a page miscounted late in any round cannot be evicted unnoticed.
+    between = threading.Barrier(4, action=lambda: check("between rounds"))
 
     def writer(t: int) -> None:
         try:
-            for r in range(15):
+            for r in range(rounds):
                 # Overlapping key ranges: the same page is often written by two threads at once.
-                keys = [key_of((t * 7 + r * 3 + i) % 60, "cc") for i in range(4)]
-                statuses = backend.put(keys, [memoryview(payload_of(k)) for k in keys])
+                batch = [keys[(t * 7 + r * 3 + i) % 60] for i in range(4)]
+                statuses = backend.put(batch, [memoryview(payload_of(k)) for k in batch])
                 assert all(s.stored for s in statuses), statuses
                 assert _disk_bytes(backend) <= backend.max_bytes + 4 * 4 * STORED
+                between.wait()
         except BaseException as exc:
             errors.append(exc)
+            between.abort()
 
     threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
     for th in threads:
@@ -192,10 +211,7 @@ def test_concurrent_writers_keep_accounting_exact(
     for th in threads:
         th.join()
     assert not errors, errors[0]
-    on_disk = _disk_bytes(backend)
-    assert on_disk <= backend.max_bytes
-    assert backend.used_bytes == on_disk
-    keys = [key_of(i, "cc") for i in range(60)]
-    present = [k for k, ok in zip(keys, backend.exists(keys), strict=True) if ok]
-    assert len(present) * STORED == on_disk
+    assert not mismatches, mismatches
+    check("at the end")
+    assert not mismatches, mismatches
     backend.close()
