@@ -135,6 +135,7 @@ def run_replay(
     import torch
 
     from hicache.hiradix import HiRadixCache
+    from hicache.keys import ModelIdentity
     from hicache.pools import DevicePool, HostPool, KVLayout
     from hicache.replay.runner import TraceDriver
     from hicache.storage.tiers import Tiers
@@ -185,8 +186,6 @@ def run_replay(
     for _ in range(settings.instances):
         dev = DevicePool(layout, l1_pages, "cpu")
         host = HostPool(layout, l2_pages, pin=False)
-        from hicache.keys import ModelIdentity
-
         caches.append(
             HiRadixCache(
                 dev,
