@@ -16,6 +16,8 @@ Schema, top level (``ReplayReport.model_json_schema()`` gives the full JSON Sche
 
 from __future__ import annotations
 
+import json
+
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "ThroughputReport",
     "TierReport",
     "VerificationReport",
+    "print_report",
 ]
 
 SCHEMA_VERSION = 1
@@ -118,3 +121,83 @@ class ReplayReport(_Model):
     storage: StorageReport
     verification: VerificationReport
     instances: list[InstanceReport]
+
+
+def print_report(report: ReplayReport) -> None:
+    """Render the report as rich tables on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if Console().is_terminal else 130)
+    s = report.scaling
+    console.print(
+        f"[bold]hicache replay[/bold]: {s.requests} requests of {s.trace}\n"
+        f"scaling: each {s.trace_block_tokens}-token trace block -> {s.block_tokens} tokens "
+        f"({s.pages_per_block} page(s) of {s.page_size}); model {s.model}; "
+        f"{s.page_bytes} B pages; L1 {s.device_pages} pages, L2 {s.host_pages} pages per "
+        f"instance; {s.instances} instance(s)"
+    )
+    table = Table(title="hits by tier")
+    for col in (
+        "tier",
+        "level",
+        "medium",
+        "capacity (pages)",
+        "hit pages",
+        "hit ratio",
+        "written",
+        "read",
+        "write GB/s",
+        "read GB/s",
+    ):
+        table.add_column(col, justify="right" if col not in ("tier", "level", "medium") else "left")
+    for t in report.tiers:
+        table.add_row(
+            t.name,
+            t.level,
+            t.medium,
+            str(t.capacity_pages or "-"),
+            f"{t.hit_pages:,}",
+            f"{t.hit_ratio:.1%}",
+            _mib(t.bytes_written),
+            _mib(t.bytes_read),
+            f"{t.write_gbps:.3f}",
+            f"{t.read_gbps:.3f}",
+        )
+    console.print(table)
+    o = report.overall
+    ref = Table(title="prefix hit ratio vs references (same requests)")
+    ref.add_column("measure")
+    ref.add_column("ratio", justify="right")
+    ref.add_row("hicache, all tiers", f"{o.hit_ratio:.2%}")
+    levels = ", ".join(f"{k} {v:.2%}" for k, v in o.same_policy_sim_levels.items())
+    ref.add_row("same policy simulated on block ids", f"{o.same_policy_sim_ratio:.2%} ({levels})")
+    ref.add_row(f"LRU at {o.largest_tier_capacity_pages} pages", f"{o.lru_ratio_largest_tier:.2%}")
+    ref.add_row(
+        f"Belady MIN at {o.largest_tier_capacity_pages} pages", f"{o.min_ratio_largest_tier:.2%}"
+    )
+    ref.add_row("infinite cache", f"{o.infinite_ratio:.2%}")
+    console.print(ref)
+    th = report.throughput
+    console.print(
+        f"throughput: {th.wall_seconds:.1f} s, {th.requests_per_second:,.0f} req/s, "
+        f"{th.tokens_per_second:,.0f} prompt tokens/s through the cache bookkeeping"
+    )
+    console.print(f"events: {json.dumps(report.events)}")
+    st = report.storage
+    console.print(
+        f"storage: backup failures {st.backup_failures}, publish drops {st.publish_drops}, "
+        f"prefetch {json.dumps(st.prefetch_outcomes)}"
+    )
+    v = report.verification
+    console.print(f"verification: {v.pages_verified:,} pages compared, {v.mismatches} mismatches")
+    if len(report.instances) > 1:
+        for inst in report.instances:
+            console.print(
+                f"instance {inst.index}: {inst.requests} requests, {inst.hit_pages:,} hit pages, "
+                f"{inst.pages_from_other_instances:,} pages computed by the other instance(s)"
+            )
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
