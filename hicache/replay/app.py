@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,47 +43,32 @@ TRACE_BLOCK_TOKENS = 512
 _HEADER = 4096  # the page header every L3 page carries (hicache.storage.pageformat)
 
 
+@dataclass(slots=True)
 class ReplaySettings:
     """Every knob of one replay, with the defaults that finish in about a minute on 2 cores."""
 
-    def __init__(
-        self,
-        *,
-        trace: Path | None = None,
-        config: Path | None = None,
-        limit: int | None = None,
-        block_tokens: int | None = None,
-        page_size: int = 16,
-        num_layers: int = 2,
-        num_kv_heads: int = 2,
-        head_dim: int = 32,
-        dtype: str = "float16",
-        l1_fraction: float = 0.01,
-        l2_fraction: float = 0.025,
-        l3_fraction: float = 0.05,
-        instances: int = 1,
-        data_dir: Path = Path("hicache-data"),
-        keep_storage: bool = False,
-        progress: bool = True,
-        sync_publish: bool = False,
-    ) -> None:
-        self.trace = trace
-        self.config = config
-        self.limit = limit
-        self.page_size = page_size
-        self.block_tokens = block_tokens or page_size
-        self.num_layers = num_layers
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.dtype = dtype
-        self.l1_fraction = l1_fraction
-        self.l2_fraction = l2_fraction
-        self.l3_fraction = l3_fraction
-        self.instances = instances
-        self.data_dir = data_dir
-        self.keep_storage = keep_storage
-        self.progress = progress
-        self.sync_publish = sync_publish
+    trace: Path | None = None
+    config: Path | None = None
+    limit: int | None = None
+    #: Tokens one trace block expands to; 0 = one page.
+    block_tokens: int = 0
+    page_size: int = 16
+    num_layers: int = 2
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    dtype: str = "float16"
+    l1_fraction: float = 0.01
+    l2_fraction: float = 0.025
+    l3_fraction: float = 0.05
+    instances: int = 1
+    data_dir: Path = Path("hicache-data")
+    keep_storage: bool = False
+    progress: bool = True
+    sync_publish: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.block_tokens:
+            self.block_tokens = self.page_size
 
 
 def default_config(settings: ReplaySettings, root: Path, l3_pages: int) -> HicacheConfig:
@@ -297,35 +283,36 @@ def _build_report(
     backup_pages = sum(int(s.get("backup_pages", 0)) for s in cstats)
     loaded = sum(int(s.get("loaded_back_pages", 0)) for s in cstats)
     computed = sum(c.computed for c in counters)
+
+    def row(
+        name: str,
+        level: str,
+        medium: str,
+        kind: str,
+        capacity: int | None,
+        hits: int,
+        written_pages: int,
+        read_pages: int,
+    ) -> TierReport:
+        return TierReport(
+            name=name,
+            level=level,
+            medium=medium,
+            kind=kind,
+            capacity_pages=capacity,
+            hit_pages=hits,
+            hit_tokens=hits * ps,
+            hit_ratio=hits / total_pages,
+            bytes_written=written_pages * page_bytes,
+            bytes_read=read_pages * page_bytes,
+            write_gbps=gbps(written_pages * page_bytes),
+            read_gbps=gbps(read_pages * page_bytes),
+        )
+
+    n = len(caches)
     tier_rows = [
-        TierReport(
-            name="device",
-            level="L1",
-            medium="GPU",
-            kind="device pool",
-            capacity_pages=l1_pages * len(caches),
-            hit_pages=hit["l1"],
-            hit_tokens=hit["l1"] * ps,
-            hit_ratio=hit["l1"] / total_pages,
-            bytes_written=computed * page_bytes,
-            bytes_read=0,
-            write_gbps=gbps(computed * page_bytes),
-            read_gbps=0.0,
-        ),
-        TierReport(
-            name="host",
-            level="L2",
-            medium="CPU_PINNED",
-            kind="host pool",
-            capacity_pages=l2_pages * len(caches),
-            hit_pages=hit["l2"],
-            hit_tokens=hit["l2"] * ps,
-            hit_ratio=hit["l2"] / total_pages,
-            bytes_written=backup_pages * page_bytes,
-            bytes_read=loaded * page_bytes,
-            write_gbps=gbps(backup_pages * page_bytes),
-            read_gbps=gbps(loaded * page_bytes),
-        ),
+        row("device", "L1", "GPU", "device pool", l1_pages * n, hit["l1"], computed, 0),
+        row("host", "L2", "CPU_PINNED", "host pool", l2_pages * n, hit["l2"], backup_pages, loaded),
     ]
     tier_counters: dict[str, dict[str, int | float | str | bool]] = {}
     l3_hit_remaining = hit["l3"]
@@ -338,23 +325,9 @@ def _build_report(
         read = int(st.get("get_ok", 0))
         tier_hits = int(st.get("hit_pages", 0)) if len(tiers) > 1 else l3_hit_remaining
         tier_hits = min(tier_hits, l3_hit_remaining) if i == len(tiers) - 1 else tier_hits
-        opts = config.storage.tiers[tier.name]
-        tier_rows.append(
-            TierReport(
-                name=tier.name,
-                level="L3",
-                medium=tier.medium,
-                kind=opts.backend,
-                capacity_pages=l3_pages if settings.config is None else None,
-                hit_pages=tier_hits,
-                hit_tokens=tier_hits * ps,
-                hit_ratio=tier_hits / total_pages,
-                bytes_written=stored * page_bytes,
-                bytes_read=read * page_bytes,
-                write_gbps=gbps(stored * page_bytes),
-                read_gbps=gbps(read * page_bytes),
-            )
-        )
+        capacity = l3_pages if settings.config is None else None
+        kind = config.storage.tiers[tier.name].backend
+        tier_rows.append(row(tier.name, "L3", tier.medium, kind, capacity, tier_hits, stored, read))
         l3_hit_remaining -= tier_hits
 
     sim = simulate_hierarchy(
@@ -492,7 +465,7 @@ def main(args: argparse.Namespace) -> int:
         config=args.config,
         limit=args.limit or None,
         page_size=args.page_size,
-        block_tokens=args.block_tokens,
+        block_tokens=args.block_tokens or 0,
         num_layers=args.num_layers,
         num_kv_heads=args.num_kv_heads,
         head_dim=args.head_dim,
