@@ -433,6 +433,11 @@ class HiRadixCache(RadixCache):
         own = group is None
         if group is None:
             group = self.storage.begin_publish()
+        first_parent = pages[0].parent_block_id if pages else None
+        if first_parent is not None:
+            for tier in self.storage.tiers.publishing if targets is None else targets:
+                if self.storage.needs_republish(group, tier, first_parent):
+                    self.storage.republish(group, self._lost_ancestor_pages(node, tier), tier)
         refused = self.storage.publish(group, pages, targets=targets)
         if own:
             self.storage.end_publish(group)
@@ -440,6 +445,35 @@ class HiRadixCache(RadixCache):
             self._reoffer[node.id] = (node, refused)
             if len(self._reoffer) > _REOFFER_LIMIT:
                 self._forget_stale_reoffers()
+
+    def _lost_ancestor_pages(self, node: TreeNode, tier: Tier) -> list[PublishPage]:
+        """The pages above ``node`` that ``tier`` is known to have lost, up to the nearest page
+        it holds (or the root), in prefix order; empty when the chain cannot be closed now.
+
+        A shared head that stays hot in L1/L2 is never touched on the tier, so the tier's own
+        LRU ages it out while chains below it are still published: put back ahead of them, the
+        chain is prefix-closed again and can be announced and found by a cold instance.
+        """
+        assert self.storage is not None
+        ps = self.page_size
+        out: list[PublishPage] = []  # tail first
+        cur = node.parent
+        while cur is not None and cur is not self.root:
+            # L2 is prefix-closed, so ancestors have host pages; an unacked one is not published
+            if cur.host_value is None or cur.write_through_pending_id is not None:
+                return []
+            ids = [block_id(h) for h in self.node_hashes(cur)]
+            parents = [self.parent_block_hash(cur), *ids[:-1]]
+            hashes = self.node_hashes(cur)
+            for j in reversed(range(len(ids))):
+                if not self.storage.missing_on(tier, ids[j]):
+                    return out[::-1]
+                key = cur.key[j * ps : (j + 1) * ps]
+                out.append(
+                    PublishPage(storage_key(hashes[j]), cur.host_value[j], ids[j], parents[j], key)
+                )
+            cur = cur.parent
+        return out[::-1]
 
     def _maybe_reoffer(self, node: TreeNode) -> None:
         """The pages of ``node`` are used again: offer them to the tiers that refused them."""

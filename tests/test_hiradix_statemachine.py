@@ -6,7 +6,9 @@ The first tier ("flaky") also goes down (``BackendUnavailableError``: retried, t
 breaker opens; a fake clock lets a probe close it) and hangs past its deadline (the engine stops
 waiting, the pages stay held until the call returns); the fragment invariants still hold, no
 tail is announced on a tier without its head, and every acked page reaches each tier at most
-once and is either handed over or counted as dropped."""
+once per residency there (a page a tier lost, or never announced, may be republished ahead of a
+fragment below it, never one announced on the tier and still there) and every page offered to
+a tier is either handed over or counted as dropped."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from hicache.pools import DevicePool, HostPool, KVLayout
 from hicache.radix import TreeNode
 from hicache.storage.backend import Backend, BackendConfig, BackendContext, Capabilities, PageStatus
 from hicache.storage.calls import RetryPolicy
-from hicache.storage.engine import key_block_id
+from hicache.storage.engine import EnginePoll, PublishGroup, PublishPage, key_block_id
 from hicache.storage.memory import MemoryBackend, MemoryConfig
 from hicache.storage.tiers import Tier, Tiers, TierSettings
 from hicache.transfer import ManualTransferEngine
@@ -70,6 +72,7 @@ class InjectingBackend(Backend):
         self.medium = medium
         self.lock = threading.Lock()
         self.puts: Counter[str] = Counter()
+        #: Keys stored now (put and not dropped since).
         self.stored: set[str] = set()
         self.fail_keys: set[str] = set()
         self.raise_calls = False
@@ -79,6 +82,10 @@ class InjectingBackend(Backend):
         self.hang: threading.Event | None = None
         self.hang_gets = False
         self.hung_now = 0
+        #: Keys this tier dropped on its own (like its capacity policy), not yet reported.
+        self.evicted: list[str] = []
+        #: Every key it ever dropped on its own.
+        self.ever_evicted: set[str] = set()
 
     @property
     def capabilities(self) -> Capabilities:
@@ -133,6 +140,19 @@ class InjectingBackend(Backend):
     def _delete(self, keys: Sequence[str]) -> None:
         self.inner.delete(keys)
 
+    def evict(self, keys: Sequence[str]) -> None:
+        """Drop ``keys`` as the tier's own policy would, reported through ``take_evicted``."""
+        with self.lock:
+            self.inner.delete(keys)
+            self.stored.difference_update(keys)
+            self.evicted += keys
+            self.ever_evicted.update(keys)
+
+    def take_evicted(self) -> list[str]:
+        with self.lock:
+            out, self.evicted = self.evicted, []
+        return out
+
 
 class Spy(HiRadixCache):
     """Records finished acks (their pages in order) for the model."""
@@ -144,6 +164,51 @@ class Spy(HiRadixCache):
         self.finish_count: Counter[int] = Counter()
         self.prefetch_events: list[tuple[int, int | None]] = []
         self._in_prefetch = False
+        # what the model sees of the storage side, recorded on the cache's thread as it happens
+        #: medium -> block ids announced on that tier and not removed since
+        self.tier_resident: dict[str, set[int]] = {}
+        self.acked_keys: set[str] = set()
+        #: keys of pages inserted into L2 by a prefetch (read from a tier, not acked here)
+        self.read_keys: set[str] = set()
+        #: (tier, key) -> publishes handed to the engine
+        self.tier_publishes: Counter[tuple[str, str]] = Counter()
+        #: publishes of pages not acked (nor read in) at that moment: must stay empty
+        self.early_publishes: list[str] = []
+        #: publishes of a page to a tier that announced it and still holds it: must stay empty
+        self.resident_publishes: list[tuple[str, str]] = []
+        assert self.storage is not None
+        storage = self.storage
+        real_publish, real_poll = storage.publish, storage.poll
+
+        def publish(
+            group: PublishGroup,
+            pages: Sequence[PublishPage],
+            *,
+            targets: Sequence[Tier] | None = None,
+            admit: bool = True,
+        ) -> list[Tier]:
+            for t in storage.tiers.publishing if targets is None else targets:
+                resident = self.tier_resident.get(t.medium, set())
+                for p in pages:
+                    self.tier_publishes[(t.name, p.key)] += 1
+                    if p.block_id in resident:
+                        self.resident_publishes.append((t.name, p.key))
+            self.early_publishes += [
+                p.key for p in pages if p.key not in self.acked_keys | self.read_keys
+            ]
+            return real_publish(group, pages, targets=targets, admit=admit)
+
+        def poll() -> EnginePoll:
+            out = real_poll()
+            for e in out.events:
+                if isinstance(e, BlockStored):
+                    self.tier_resident.setdefault(e.medium, set()).update(e.block_hashes)
+                elif isinstance(e, BlockRemoved):
+                    self.tier_resident.setdefault(e.medium, set()).difference_update(e.block_hashes)
+            return out
+
+        storage.publish = publish  # type: ignore[method-assign]
+        storage.poll = poll  # type: ignore[method-assign]
 
     def _insert_prefetched(self, handle: PrefetchHandle, ok: int) -> int:
         self._in_prefetch = True
@@ -156,6 +221,7 @@ class Spy(HiRadixCache):
         if self._in_prefetch and medium == Medium.CPU_PINNED:
             ids = [block_id(h) for h in self.node_hashes(node)]
             self.prefetch_events += zip(ids, [self.parent_block_hash(node), *ids[:-1]], strict=True)
+            self.read_keys.update(storage_key(h) for h in self.node_hashes(node))
         super()._emit_stored(node, medium)
 
     def _full_prefix(self, node: TreeNode) -> list[int]:
@@ -183,6 +249,7 @@ class Spy(HiRadixCache):
         hashes = [h for f in frags for h in self.node_hashes(f)]
         self.finished.append((ack_id, hashes, self.parent_block_hash(frags[0])))
         self.finish_count[ack_id] += 1
+        self.acked_keys.update(storage_key(h) for h in hashes)
         super()._finish_write_through_ack(ack_id)
 
 
@@ -228,6 +295,8 @@ class HiRadixMachine(RuleBasedStateMachine):
             gpu_events=True,
             io_workers=2,
         )
+        assert self.cache.storage is not None
+        self.cache.storage.evict_poll_interval_s = 0.0  # learn the tiers' evictions at every poll
         self.events: list[KVEvent] = []
         self.handles: list[PrefetchHandle] = []
         self.seen: list[list[int]] = []
@@ -373,6 +442,16 @@ class HiRadixMachine(RuleBasedStateMachine):
         hang, self.flaky.hang = self.flaky.hang, None
         assert hang is not None
         hang.set()
+
+    @precondition(lambda self: bool(self.flaky.stored))
+    @rule(data=st.data())
+    def tier_evicts(self, data: st.DataObject) -> None:
+        """The flaky tier ages pages out on its own (a head hot in L1/L2 is never touched
+        there): chains published below them later get the lost pages republished first."""
+        with self.flaky.lock:
+            stored = sorted(self.flaky.stored)
+        keys = data.draw(st.lists(st.sampled_from(stored), min_size=1, max_size=3, unique=True))
+        self.flaky.evict(keys)
 
     @rule()
     def cooldown_passes(self) -> None:
@@ -533,21 +612,41 @@ class HiRadixMachine(RuleBasedStateMachine):
         )
         assert got == expected
         assert all(c == 1 for c in cache.finish_count.values())
-        # nothing is published before its ack; each acked page at most once per tier so far
+        # nothing is published before its ack (or, as a republished ancestor, before it was
+        # read in from a tier); each acked page is published once per ack, and again to a
+        # tier only as a republished ancestor, never while announced on it and still there
+        assert cache.early_publishes == []
+        assert cache.resident_publishes == []
         acked = Counter(storage_key(h) for _, hs, _ in cache.finished for h in hs)
+        assert cache.storage is not None
+        counters = cache.storage.counters
+        assert counters["published_pages"] == sum(acked.values())
+        tiers = {t.name: t for t in cache.storage.tiers.tiers}
+        for name, t in tiers.items():
+            offered = sum(c for (tn, _), c in cache.tier_publishes.items() if tn == name)
+            assert offered == sum(acked.values()) + t.stats.republished_pages
+        assert counters["republished_pages"] == sum(
+            t.stats.republished_pages for t in tiers.values()
+        )
         for b in (self.flaky, self.steady):
             with b.lock:
                 puts = Counter(b.puts)
-            assert puts - acked == Counter()
+            assert set(puts) <= set(acked) | cache.read_keys
+        # the healthy tier never loses a page: it never gets a republish
+        with self.steady.lock:
+            assert Counter(self.steady.puts) - acked == Counter()
+        assert tiers["steady"].stats.republished_pages == 0
         # a tier announces only pages it stored, never twice, and never a tail without its
         # head: inside an ack the parent was announced before; an ack's first page chains to a
         # page announced before or stored there before (read back from that tier)
         firsts = {block_id(hs[0]) for _, hs, _ in cache.finished}
         for b in (self.flaky, self.steady):
             with b.lock:
-                stored = {key_block_id(k) for k in b.stored}
-            announced: set[int] = set()
+                stored = {key_block_id(k) for k in b.stored | b.ever_evicted}  # ever stored
+            announced: set[int] = set()  # announced on the tier and not removed since
             for e in self.events:
+                if isinstance(e, BlockRemoved) and e.medium == b.medium:
+                    announced.difference_update(e.block_hashes)
                 if isinstance(e, BlockStored) and e.medium == b.medium:
                     bid = e.block_hashes[0]
                     assert bid in stored
@@ -568,14 +667,18 @@ class HiRadixMachine(RuleBasedStateMachine):
         acked = Counter(storage_key(h) for _, hs, _ in cache.finished for h in hs)
         # the healthy tier got every acked page exactly once
         assert self.steady.puts == acked
-        # the flaky one at most as often (a call refused by an outage never reached it), and
-        # every acked page was either handed to it or counted as dropped
-        assert self.flaky.puts - acked == Counter()
+        # the flaky one at most as often plus its republishes (a call refused by an outage
+        # never reached it), and every page offered to it (acked or republished) was either
+        # handed to it or counted as dropped
         t = self.flaky_tier.stats.as_dict()
+        assert sum(self.flaky.puts.values()) <= sum(acked.values()) + t["republished_pages"]
         dropped = t["dropped_breaker"] + t["dropped_backpressure"] + t["dropped_admission"]
-        assert t["put_pages"] + dropped == sum(acked.values())
+        assert t["put_pages"] + dropped == sum(acked.values()) + t["republished_pages"]
         removed = [e for e in self.events if isinstance(e, BlockRemoved)]
-        assert all(e.medium in (Medium.GPU, Medium.CPU_PINNED) for e in removed)
+        assert all(e.medium in (Medium.GPU, Medium.CPU_PINNED, "DISK") for e in removed)
+        # the flaky tier's removals are exactly the pages it dropped on its own
+        dropped_ids = {key_block_id(k) for k in self.flaky.ever_evicted}
+        assert {i for e in removed if e.medium == "DISK" for i in e.block_hashes} == dropped_ids
 
 
 HiRadixMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)

@@ -156,7 +156,9 @@ def simulate_hierarchy(
       L2 holds every backed-up block, so it is at least as large as L1.
     - L3 (``None`` = unbounded) is a tail-first LRU touched only by its own traffic: blocks read
       from it (the prefix found after L1/L2 stopped) and blocks published to it (every block the
-      request computed, i.e. after the hit prefix).
+      request computed, i.e. after the hit prefix). When the computed suffix starts below a block
+      L3 lost (a head hot in L1/L2 is never touched there), the lost blocks above it, up to the
+      nearest one L3 holds, are republished with it, so L3 stays prefix-closed.
     - L3 is asked only when at least ``min_prefetch`` blocks follow the L1/L2 hit (the cache's
       prefetch threshold).
     """
@@ -185,8 +187,13 @@ def simulate_hierarchy(
                     lru[block] = None
             while len(lru) > cap:
                 lru.popitem(last=False)
-        # L3 sees the read prefix and the computed (published) suffix
-        for block in reversed(chain[b:]):
+        # L3 sees the blocks it lost above the computed suffix first (republished in a put of
+        # their own), then the read prefix and the computed (published) suffix
+        start = b
+        if c == b < len(chain):
+            while start > 0 and chain[start - 1] not in lru3:
+                start -= 1
+        for block in [*reversed(chain[start:b]), *reversed(chain[b:])]:
             if block in lru3:
                 lru3.move_to_end(block)
             else:

@@ -12,6 +12,8 @@ the tiers' put results into ``BlockStored(<tier medium>)`` events:
   is still open the page waits, and once the parent is known missing the page is not announced.
   So no tail is ever announced without its head
 - a page already announced on a tier (and not removed since) is not announced again
+- a batch may go to some tiers only (ancestors republished to a tier that lost them,
+  :meth:`Announcer.missing`); the other tiers skip it
 
 The announcer runs on the cache's thread only (the engine's ``poll``).
 """
@@ -76,6 +78,8 @@ class PublishGroup:
 
     id: int
     batches: list[list[PublishPage]] = field(default_factory=list)
+    #: Per batch, the tiers it was handed to (or dropped for): the others skip it.
+    targets: list[frozenset[str]] = field(default_factory=list)
     results: dict[tuple[str, int], list[PageStatus]] = field(default_factory=dict)
     progress: dict[str, TierProgress] = field(default_factory=dict)
     closed: bool = False
@@ -167,6 +171,11 @@ class Announcer:
         for bid in block_ids:
             known.discard(bid)
 
+    def missing(self, tier: str, block_id: int) -> bool:
+        """Whether ``block_id`` is not known on ``tier`` (never announced there, read from it,
+        or removed since) and no publish of it to ``tier`` is still undecided."""
+        return block_id not in self.known[tier] and self.unresolved[tier][block_id] <= 0
+
     def pending(self) -> int:
         """Groups not fully announced yet."""
         return len(self.groups)
@@ -191,6 +200,11 @@ class Announcer:
             unresolved = self.unresolved[name]
             tier = self._tiers[name]
             while prog.next_batch < len(group.batches):
+                if name not in group.targets[prog.next_batch]:
+                    prog.next_batch += 1  # a batch for other tiers only (a republish)
+                    prog.next_page = 0
+                    moved = True
+                    continue
                 pages = group.batches[prog.next_batch]
                 statuses = group.results.get((name, prog.next_batch))
                 if statuses is None and pages:

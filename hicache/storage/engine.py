@@ -2,6 +2,8 @@
 
 - ``begin_publish()`` / ``publish(group, pages)`` / ``end_publish(group)``  hand the fragments of
   one write-through ack to every publishing tier, in prefix order
+- ``needs_republish(group, tier, parent)`` / ``republish(group, pages, tier)``  put the ancestors
+  a tier lost back ahead of a fragment of the group (the tier's chain stays prefix-closed)
 - ``submit_prefetch(keys, None, token_ids=...)``  look a chain up through the tier cascade;
   ``poll`` reports how many pages the tiers hold (:class:`LookupResult`), the cache allocates
   host pages for exactly those and calls ``start_read(ticket, host_pages)`` (or
@@ -249,6 +251,7 @@ class StorageEngine:
             "unannounced_pages": 0,
             "dropped_pages": 0,
             "promoted_pages": 0,
+            "republished_pages": 0,
         }
         self.prefetch_outcomes: Counter[str] = Counter()
         self.announcer = Announcer(
@@ -285,6 +288,7 @@ class StorageEngine:
         batch = len(group.batches)
         group.batches.append(list(pages))
         tiers = self.tiers.publishing if targets is None else list(targets)
+        group.targets.append(frozenset(t.name for t in tiers))
         for tier in tiers:
             group.progress.setdefault(tier.name, TierProgress())
         if not pages:
@@ -311,6 +315,32 @@ class StorageEngine:
         if targets is None:
             self.counters["published_pages"] += len(pages)
         return [t for t in tiers if group.progress[t.name].drop_reason == "dropped_admission"]
+
+    def missing_on(self, tier: Tier, block_id: int) -> bool:
+        """Whether page ``block_id`` is known not to be on ``tier``: not announced there (or
+        removed since), not read from it, and no publish of it to ``tier`` still undecided."""
+        return self.announcer.missing(tier.name, block_id)
+
+    def needs_republish(self, group: PublishGroup, tier: Tier, parent_block_id: int) -> bool:
+        """Whether a fragment of ``group`` below page ``parent_block_id`` should have the
+        ancestors ``tier`` lost republished ahead of it: the parent is missing there and the
+        tier would take a put now (not while the group's pages are dropped for it or its
+        breaker refuses: the fragment itself is then dropped and counted, as always)."""
+        prog = group.progress.get(tier.name)
+        if prog is not None and prog.drop_reason is not None:
+            return False
+        return self.missing_on(tier, parent_block_id) and not tier.breaker.would_refuse()
+
+    def republish(self, group: PublishGroup, pages: Sequence[PublishPage], tier: Tier) -> None:
+        """Publish ``pages`` (ancestors ``tier`` lost, in prefix order) to ``tier`` alone, ahead
+        of the fragment below them in ``group``, so the tier's chain is prefix-closed again and
+        can be announced. Admission, backpressure and the breaker apply as to any publish; a
+        page still stored there is harmless (create-only puts answer ``ALREADY_EXISTS``)."""
+        if not pages:
+            return
+        self.publish(group, pages, targets=[tier])
+        tier.stats.add(republished_pages=len(pages))
+        self.counters["republished_pages"] += len(pages)
 
     def _sendable(self, tier: Tier, prog: TierProgress, keys: list[str], admit: bool) -> int:
         """How many leading pages of a fragment go to ``tier`` (drops are counted here)."""

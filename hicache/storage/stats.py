@@ -16,6 +16,8 @@ Counter names (all monotonic):
                         a failure in their chain, or with their head not on the tier)
 - ``evicted_pages``     pages the backend reported through ``take_evicted``
 - ``promoted_pages``    pages copied here from a later tier (promotion)
+- ``republished_pages`` ancestors published again ahead of a page whose parent the tier lost
+                        (keeps the tier's chains prefix-closed, so they can be announced)
 - ``dropped_backpressure``, ``dropped_breaker``, ``dropped_admission``   pages not published
 - ``call_errors``, ``errors_by_kind``   failed calls, by exception type
 - ``prefetch``          ``{outcome: count}`` (:class:`~hicache.storage.prefetch.PrefetchOutcome`)
@@ -54,6 +56,7 @@ class TierCounters:
     unannounced_pages: int = 0
     evicted_pages: int = 0
     promoted_pages: int = 0
+    republished_pages: int = 0
     dropped_backpressure: int = 0
     dropped_breaker: int = 0
     dropped_admission: int = 0
