@@ -157,20 +157,22 @@ class Tier:
 
     def _maybe_reopen(self) -> None:
         with self._reopen_lock:
-            if self._reopening or self._clock() < self._next_open_attempt:
+            now = self._clock()
+            if self._reopening or now < self._next_open_attempt:
                 return
             self._reopening = True
         threading.Thread(
-            target=self._reopen, name=f"hicache-reopen-{self.name}", daemon=True
+            target=self._reopen, args=(now,), name=f"hicache-reopen-{self.name}", daemon=True
         ).start()
 
-    def _reopen(self) -> None:
+    def _reopen(self, started: float) -> None:
         try:
             self.backend.open()
         except Exception as exc:
+            # the next attempt counts from this one's start, set before the failure is visible
+            self._next_open_attempt = started + self.settings.breaker_cooldown_s
             self.stats.error(exc, "open")
             logger.warning("tier %s: still cannot open: %s", self.name, exc)
-            self._next_open_attempt = self._clock() + self.settings.breaker_cooldown_s
         else:
             logger.warning(
                 "tier %s: opened after an earlier failure; back in the cascade", self.name
