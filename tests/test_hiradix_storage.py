@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def mem(
 
 
 def make(
-    tiers: Sequence[tuple[str, Backend]],
+    tiers: Sequence[tuple[str, Backend]] | Tiers,
     *,
     identity: ModelIdentity = IDENTITY,
     layout: KVLayout = LAYOUT,
@@ -44,7 +45,9 @@ def make(
     host_pages: int = 32,
     threshold: int = 0,
     policy: WritePolicy = WritePolicy.WRITE_THROUGH,
+    **extra: Any,
 ) -> HiRadixCache:
+    """A CPU cache over ``tiers``; ``extra`` goes to ``HiRadixCache`` (events, rank_sync...)."""
     dev = DevicePool(layout, device_pages, "cpu")
     host = HostPool(layout, host_pages, pin=False)
     return HiRadixCache(
@@ -52,10 +55,10 @@ def make(
         host,
         CpuTransferEngine(dev, host),
         identity=identity,
-        tiers=Tiers.from_backends(tiers),
+        tiers=tiers if isinstance(tiers, Tiers) else Tiers.from_backends(tiers),
         write_policy=policy,
         prefetch_threshold_tokens=threshold,
-        gpu_events=False,
+        **{"gpu_events": False, **extra},
     )
 
 
@@ -279,16 +282,7 @@ def test_cascade_reads_each_page_from_the_tier_that_has_it() -> None:
     tiers.open()
     ranges = [(r.tier.name, r.start, r.end) for r in tiers.lookup(keys)]
     assert ranges == [("fast", 0, 2), ("slow", 2, 6)]
-    dev = DevicePool(LAYOUT, 16, "cpu")
-    host = HostPool(LAYOUT, 16, pin=False)
-    b = HiRadixCache(
-        dev,
-        host,
-        CpuTransferEngine(dev, host),
-        identity=IDENTITY,
-        tiers=tiers,
-        prefetch_threshold_tokens=0,
-    )
+    b = make(tiers, device_pages=16, host_pages=16)
     handle = b.prefetch_from_storage(tokens)
     assert handle is not None and b.check_prefetch(handle, wait=True) == 6 * PS
     stats = b.stats()["storage"]["tiers"]  # type: ignore[index]
@@ -335,16 +329,7 @@ def test_from_config_builds_tiers_through_the_registry() -> None:
 
 def test_events_off_keeps_nothing_but_still_publishes() -> None:
     name = shared_name()
-    dev = DevicePool(LAYOUT, 8, "cpu")
-    host = HostPool(LAYOUT, 8, pin=False)
-    cache = HiRadixCache(
-        dev,
-        host,
-        CpuTransferEngine(dev, host),
-        identity=IDENTITY,
-        tiers=Tiers.from_backends([("mem", mem(name))]),
-        events=False,
-    )
+    cache = make([("mem", mem(name))], device_pages=8, host_pages=8, events=False)
     tokens = list(range(2 * PS))
     fill_and_insert(cache, tokens)
     publish_all(cache)
@@ -376,16 +361,11 @@ def test_rank_sync_agrees_on_acks_and_prefetch_lengths() -> None:
     fill_and_insert(a, tokens)
     publish_all(a)
     sync = OtherRank()
-    dev = DevicePool(LAYOUT, 16, "cpu")
-    host = HostPool(LAYOUT, 16, pin=False)
-    b = HiRadixCache(
-        dev,
-        host,
-        CpuTransferEngine(dev, host),
-        identity=IDENTITY,
-        tiers=Tiers.from_backends([("mem", mem(name))]),
-        write_policy=WritePolicy.MANUAL,
-        prefetch_threshold_tokens=0,
+    b = make(
+        [("mem", mem(name))],
+        device_pages=16,
+        host_pages=16,
+        policy=WritePolicy.MANUAL,
         rank_sync=sync,
     )
     # the sync is called on every writing_check, even with nothing pending
