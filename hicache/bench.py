@@ -46,6 +46,8 @@ DEFAULT_THREADS = (1, 4)
 QUICK_PAGE_MIB = (0.0625, 0.015625)  # 64 KiB and 16 KiB
 QUICK_TOTAL_GIB = 2 / 1024  # 2 MiB
 QUICK_THREADS = (1, 2)
+#: Rounds per pair: shared machines are noisy, so a figure is the median of several.
+DEFAULT_REPEAT = 3
 
 
 class _BenchParser(argparse.ArgumentParser):
@@ -121,6 +123,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=20_000,
         help="keys asked per exists/exists_prefix figure (lower it for slow remote tiers)",
     )
+    storage.add_argument(
+        "--repeat",
+        type=int,
+        help=f"rounds per page size and thread count, the side measured first alternating; "
+        f"figures are medians (default {DEFAULT_REPEAT}, 1 with --quick)",
+    )
     storage.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     storage.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     storage.set_defaults(func=_run_storage)
@@ -153,12 +161,16 @@ def _spec_from_args(args: argparse.Namespace) -> BenchSpec:
         raise HicacheError(f"--batch must be >= 1, got {args.batch}")
     if args.exists_keys < 1:
         raise HicacheError(f"--exists-keys must be >= 1, got {args.exists_keys}")
+    repeat = args.repeat if args.repeat is not None else (1 if quick else DEFAULT_REPEAT)
+    if repeat < 1:
+        raise HicacheError(f"--repeat must be >= 1, got {repeat}")
     return BenchSpec(
         min_exists_keys=args.exists_keys,
         page_bytes=tuple(max(1, int(m * MIB)) for m in page_mib),
         total_bytes=max(1, int(total_gib * GIB)),
         threads=threads,
         batch=args.batch,
+        repeat=repeat,
     )
 
 
@@ -203,14 +215,19 @@ def _fmt_value(value: float | None, unit: str) -> str:
 
 
 def format_figures(figures: Sequence[Figure], label: str = "figure") -> list[str]:
-    """Aligned ``name  value  limit  ratio`` lines."""
-    lines = [f"  {label:<16} {'value':>16} {'limit':>16} {'ratio':>7}"]
+    """Aligned ``name  value  limit  ratio`` lines (plus the rounds' ratios when several)."""
+    rounds = any(len(fig.round_ratios) > 1 for fig in figures)
+    head = f"  {label:<16} {'value':>16} {'limit':>16} {'ratio':>7}"
+    lines = [f"{head}  rounds" if rounds else head]
     for fig in figures:
         ratio = "n/a" if fig.ratio is None else f"{fig.ratio:.2f}"
-        lines.append(
+        line = (
             f"  {fig.name:<16} {_fmt_value(fig.value, fig.unit):>16} "
             f"{_fmt_value(fig.limit, fig.unit):>16} {ratio:>7}"
         )
+        if rounds and fig.round_ratios:
+            line += "  " + " ".join(f"{r:.2f}" for r in fig.round_ratios)
+        lines.append(line)
     return lines
 
 
@@ -228,6 +245,12 @@ def format_report(report: BenchReport) -> str:
         f"limit: {report.baseline}, same pages, threads and batches ({report.batch} page/call)",
         "ratio: throughput / limit, or limit latency / latency (1.00 = at the machine's limit)",
     ]
+    rounds = max((run.rounds for run in report.runs), default=1)
+    if rounds > 1:
+        lines.append(
+            f"{rounds} rounds per pair, the side measured first alternating: value and limit "
+            "are medians, ratio the median of the rounds' ratios"
+        )
     for run in report.runs:
         size = run.page_bytes * run.num_pages
         lines.append("")

@@ -111,6 +111,64 @@ def test_harness_uses_hooks_and_measures_cold_reads() -> None:
         assert run.problems == {}
 
 
+class OrderBaseline(MemcpyBaseline):
+    """Records when each side of a round starts (see OrderBackend)."""
+
+    log: ClassVar[list[str]] = []
+
+    def setup(self, page_bytes: int, num_pages: int) -> None:
+        self.log.append("raw")
+        super().setup(page_bytes, num_pages)
+
+
+class OrderBackend(MemoryBackend):
+    @classmethod
+    def bench_baseline(cls, config: BackendConfig, context: BackendContext) -> RawBaseline:
+        return OrderBaseline()
+
+    def _open(self) -> None:
+        OrderBaseline.log.append("ours")
+        super()._open()
+
+
+def test_repeat_alternates_sides_and_reports_median_ratios() -> None:
+    from hicache.bench import _baseline_for
+
+    OrderBaseline.log = []
+    spec = BenchSpec(page_bytes=(16384,), total_bytes=16384 * 8, threads=(2,), repeat=3)
+    done: list[int] = []
+    report = run_storage_bench(
+        make_backend=lambda pb, ns: OrderBackend(
+            MemoryConfig(), BackendContext(page_bytes=pb, namespace=ns)
+        ),
+        make_baseline=_baseline_for,
+        spec=spec,
+        tier="t",
+        backend_kind="memory",
+        progress=done.append,
+    )
+    # Round 0 measures the backend first, round 1 the raw side first, round 2 the backend.
+    assert OrderBaseline.log == ["ours", "raw", "raw", "ours", "ours", "raw"]
+    assert sum(done) == planned_units(spec)
+    (run,) = report.runs
+    assert run.rounds == 3 and run.pages_read == 8
+    for fig in run.figures:
+        if fig.name.startswith("get_cold"):  # memcpy has no page cache to drop
+            assert fig.ratio is None and fig.round_ratios == ()
+            continue
+        assert len(fig.round_ratios) == 3, fig
+        assert fig.ratio == sorted(fig.round_ratios)[1], fig
+    doc = report.to_json()["runs"][0]
+    assert doc["rounds"] == 3 and len(doc["figures"]["put"]["round_ratios"]) == 3
+
+
+def test_repeat_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    from hicache.bench import main
+
+    assert main(["storage", "--config", str(MEMORY_YAML), "--repeat", "0"]) == 2
+    assert "--repeat must be >= 1, got 0" in capsys.readouterr().err
+
+
 def _check_report(doc: dict[str, object], *, cold: bool) -> None:
     runs = doc["runs"]
     assert isinstance(runs, list)

@@ -14,6 +14,12 @@ same number of threads and the same batches, so each figure has a limit
 measured in the same run, and reports ``ratio``: throughput / limit, or limit latency / latency
 (1.0 = as fast as the machine allows with those system calls).
 
+With ``repeat`` > 1 every pair is measured that many times, the side measured first
+alternating from round to round (a disk's writeback, a neighbour's burst, a cold filesystem
+structure otherwise favour whichever side runs second). A figure then reports the median value,
+the median limit and the median of the per-round ratios: the paired ratios cancel the drift
+between rounds that a ratio of medians would keep.
+
 A backend plugs its raw baseline in with a classmethod ``bench_baseline(config, context)``
 returning a :class:`RawBaseline`, and makes cold reads possible with an instance method
 ``drop_page_cache() -> bool``; both are optional (see ``/work/INTERFACES.md``). Nothing here
@@ -25,14 +31,21 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import threading
-import time
+import statistics
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from hicache.storage.backend import Backend, PageStatus
+from hicache.storage.bench_phases import (
+    Phase,
+    Side,
+    fill_page,
+    measure_side,
+    settle,
+    side_phases,
+)
 
 __all__ = [
     "FIGURES",
@@ -133,6 +146,8 @@ class BenchSpec:
     exists_batch: int = 64
     #: Keys asked about per presence figure (the pages, repeated as needed).
     min_exists_keys: int = 20_000
+    #: Rounds per (page size, threads) pair, the side measured first alternating.
+    repeat: int = 1
 
     def num_pages(self, page_bytes: int, threads: int) -> int:
         """Pages written for one (page size, threads) pair: ``total_bytes`` worth, at least one
@@ -146,7 +161,7 @@ class BenchSpec:
 
 def planned_units(spec: BenchSpec) -> int:
     """Progress units a run reports: pages moved by every timed put/get phase (both sides)."""
-    per_pair = 2 * 3  # backend + baseline, x (put, cold get, hot get)
+    per_pair = 2 * 3 * spec.repeat  # backend + baseline, x (put, cold get, hot get), x rounds
     return sum(per_pair * spec.num_pages(p, t) for p in spec.page_bytes for t in spec.threads)
 
 
@@ -160,10 +175,15 @@ class Figure:
     limit: float | None
     #: True for throughputs (ratio = value / limit), False for latencies (ratio = limit / value).
     higher_is_better: bool = True
+    #: The ratio of each round when the pair was measured several times (see ``BenchSpec.repeat``).
+    round_ratios: tuple[float, ...] = ()
 
     @property
     def ratio(self) -> float | None:
-        """Fraction of the machine's limit achieved (1.0 = at the limit)."""
+        """Fraction of the machine's limit achieved (1.0 = at the limit); over several rounds,
+        the median of the rounds' ratios."""
+        if self.round_ratios:
+            return statistics.median(self.round_ratios)
         if self.value is None or self.limit is None or self.value <= 0 or self.limit <= 0:
             return None
         return self.value / self.limit if self.higher_is_better else self.limit / self.value
@@ -176,6 +196,7 @@ class Figure:
             "value": self.value,
             "limit": self.limit,
             "ratio": self.ratio,
+            "round_ratios": list(self.round_ratios),
         }
 
 
@@ -208,6 +229,8 @@ class BenchRun:
     #: Pages still stored after the puts, which the read and presence phases used (fewer than
     #: ``num_pages`` when the tier's capacity is smaller than the run).
     pages_read: int = 0
+    #: Rounds the figures are medians of.
+    rounds: int = 1
 
     def figure(self, name: str) -> Figure:
         """The figure called ``name``."""
@@ -240,6 +263,7 @@ class BenchReport:
                     "threads": run.threads,
                     "num_pages": run.num_pages,
                     "pages_read": run.pages_read,
+                    "rounds": run.rounds,
                     "figures": {fig.name: fig.to_json() for fig in run.figures},
                     "problems": run.problems,
                 }
@@ -257,142 +281,16 @@ def percentile(samples: Sequence[float], q: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
-# ----------------------------------------------------------------------------- timing machinery
-
-
-@dataclass(frozen=True, slots=True)
-class _Phase:
-    seconds: float
-    #: Pages or keys the phase went through.
-    units: int
-    latencies: list[float]
-    problems: dict[str, int]
-
-
-Work = Callable[[Sequence[int], int], Sequence[PageStatus] | None]
-
-
-def _parallel(
-    threads: int,
-    slices: Sequence[Sequence[int]],
-    step: int,
-    work: Work,
-    progress: Callable[[int], None] | None,
-) -> _Phase:
-    """Run ``work(indices, thread_no)`` over each thread's slice in chunks of ``step``, all
-    threads released together; time the whole phase and every call."""
-    barrier = threading.Barrier(threads + 1)
-    latencies: list[list[float]] = [[] for _ in range(threads)]
-    problems: dict[str, int] = {}
-    problems_lock = threading.Lock()
-    errors: list[BaseException] = []
-
-    def body(t: int) -> None:
-        mine = slices[t]
-        own = latencies[t]
-        barrier.wait()
-        try:
-            for start in range(0, len(mine), step):
-                chunk = mine[start : start + step]
-                began = time.perf_counter()
-                statuses = work(chunk, t)
-                own.append(time.perf_counter() - began)
-                if statuses is not None:
-                    bad = [s for s in statuses if s is not PageStatus.OK]
-                    if bad:
-                        with problems_lock:
-                            for status in bad:
-                                problems[status.value] = problems.get(status.value, 0) + 1
-                if progress is not None:
-                    progress(len(chunk))
-        except BaseException as exc:
-            errors.append(exc)
-
-    workers = [threading.Thread(target=body, args=(t,), daemon=True) for t in range(threads)]
-    for worker in workers:
-        worker.start()
-    barrier.wait()
-    began = time.perf_counter()
-    for worker in workers:
-        worker.join()
-    seconds = time.perf_counter() - began
-    if errors:
-        raise errors[0]
-    units = sum(len(own) for own in slices)
-    return _Phase(seconds, units, [x for own in latencies for x in own], problems)
-
-
-def _slices(indices: Sequence[int], threads: int) -> list[list[int]]:
-    """Contiguous, near-equal runs of ``indices``, one per thread."""
-    n = len(indices)
-    bounds = [n * t // threads for t in range(threads + 1)]
-    return [list(indices[bounds[t] : bounds[t + 1]]) for t in range(threads)]
-
-
-def _fill(buf: bytearray, seed: int) -> None:
-    # Incompressible, distinct per buffer; built from a hash chain so no page costs urandom time.
-    block = hashlib.sha256(seed.to_bytes(8, "little")).digest() * 2048  # 64 KiB
-    for off in range(0, len(buf), len(block)):
-        buf[off : off + len(block)] = block[: len(buf) - off]
-    buf[:8] = seed.to_bytes(8, "little")
-
-
-@dataclass(slots=True)
-class _Side:
-    """Measured phases of one side (the backend, or its raw baseline)."""
-
-    put: _Phase
-    get_cold: _Phase | None
-    get_hot: _Phase | None
-    exists: _Phase | None
-    exists_prefix: _Phase | None
-
-
-def _measure(
-    *,
-    put: Work,
-    get: Work,
-    exists: Work,
-    exists_prefix: Work,
-    drop_cache: Callable[[], bool],
-    num_pages: int,
-    readable: Callable[[], list[int]],
-    threads: int,
-    spec: BenchSpec,
-    progress: Callable[[int], None] | None,
-) -> tuple[_Side, list[int]]:
-    """Put every page, then read back (cold, hot) and ask about the pages ``readable()`` names
-    (a tier with less capacity than the run keeps only some); return them with the phases."""
-    put_phase = _parallel(threads, _slices(range(num_pages), threads), spec.batch, put, progress)
-    read = readable()
-    if progress is not None and len(read) < num_pages:
-        progress(2 * (num_pages - len(read)))  # reads skipped for pages the tier dropped
-    slices = _slices(read, threads)
-    cold: _Phase | None = None
-    if read and drop_cache():
-        cold = _parallel(threads, slices, spec.batch, get, progress)
-    elif progress is not None:
-        progress(len(read))
-    if not read:
-        return _Side(put_phase, None, None, None, None), read
-    hot = _parallel(threads, slices, spec.batch, get, progress)
-    # Presence checks are cheap: repeat them over the same keys so the timing is not noise.
-    repeated = [own * spec.exists_repeats(len(read)) for own in slices]
-    ex = _parallel(threads, repeated, spec.exists_batch, exists, None)
-    exp = _parallel(threads, repeated, spec.exists_batch, exists_prefix, None)
-    return _Side(put_phase, cold, hot, ex, exp), read
-
-
-def _figures(page_bytes: int, ours: _Side, raw: _Side) -> list[Figure]:
-    def gbps(phase: _Phase | None) -> float | None:
+def _figures(page_bytes: int, ours: Side, raw: Side) -> list[Figure]:
+    def gbps(phase: Phase | None) -> float | None:
         if phase is None or not phase.units:
             return None
         return phase.units * page_bytes / phase.seconds / GB
 
-    def keys_s(phase: _Phase | None) -> float | None:
+    def keys_s(phase: Phase | None) -> float | None:
         return None if phase is None or not phase.units else phase.units / phase.seconds
 
-    def ms(phase: _Phase | None, q: float) -> float | None:
+    def ms(phase: Phase | None, q: float) -> float | None:
         return (
             None if phase is None or not phase.latencies else percentile(phase.latencies, q) * 1e3
         )
@@ -433,22 +331,80 @@ def run_storage_bench(
 
     ``make_backend(page_bytes, namespace)`` returns a fresh, unopened backend for that page size
     and namespace; ``make_baseline(backend)`` its raw baseline. The backend's pages are deleted
-    and the baseline torn down after each pair.
+    and the baseline torn down after each round.
     """
+    if spec.repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {spec.repeat}")
     report: BenchReport | None = None
     for page_bytes in spec.page_bytes:
         for threads in spec.threads:
-            namespace = f"bench-{os.getpid()}-{page_bytes}-{threads}"
-            backend = make_backend(page_bytes, namespace)
-            baseline = make_baseline(backend)
-            if report is None:
-                report = BenchReport(tier, backend_kind, baseline.name, spec.batch)
-            report.runs.append(
-                _run_pair(backend, baseline, page_bytes, threads, namespace, spec, progress)
-            )
+            rounds: list[BenchRun] = []
+            read: list[int] | None = None
+            for r in range(spec.repeat):
+                namespace = f"bench-{os.getpid()}-{page_bytes}-{threads}-{r}"
+                backend = make_backend(page_bytes, namespace)
+                baseline = make_baseline(backend)
+                if report is None:
+                    report = BenchReport(tier, backend_kind, baseline.name, spec.batch)
+                # Odd rounds measure the raw side first, reading the pages the backend kept in
+                # the round before (round 0 always measures the backend first to learn them).
+                run, read = _run_pair(
+                    backend,
+                    baseline,
+                    page_bytes,
+                    threads,
+                    namespace,
+                    spec,
+                    progress,
+                    raw_first_reading=read if r % 2 else None,
+                )
+                rounds.append(run)
+            assert report is not None  # set in the first round
+            report.runs.append(_combine(rounds))
     if report is None:
         raise ValueError("the bench spec names no page size or thread count")
     return report
+
+
+def _combine(rounds: list[BenchRun]) -> BenchRun:
+    """One run from several rounds of a pair: median value, limit and per-round ratio."""
+    if len(rounds) == 1:
+        return rounds[0]
+    figures: list[Figure] = []
+    for i, (name, unit, higher) in enumerate(FIGURES):
+        measured = [run.figures[i] for run in rounds]
+        ratios = tuple(r for fig in measured if (r := fig.ratio) is not None)
+        values = [f.value for f in measured if f.value is not None and f.limit is not None]
+        limits = [f.limit for f in measured if f.value is not None and f.limit is not None]
+        if not ratios or not values:
+            figures.append(Figure(name, unit, None, None, higher))
+            continue
+        figures.append(
+            Figure(
+                name,
+                unit,
+                statistics.median(values),
+                statistics.median(limits),
+                higher,
+                ratios,
+            )
+        )
+    problems: dict[str, dict[str, int]] = {}
+    for run in rounds:
+        for phase, counts in run.problems.items():
+            merged = problems.setdefault(phase, {})
+            for status, n in counts.items():
+                merged[status] = merged.get(status, 0) + n
+    first = rounds[0]
+    return BenchRun(
+        first.page_bytes,
+        first.threads,
+        first.num_pages,
+        figures,
+        problems,
+        min(run.pages_read for run in rounds),
+        len(rounds),
+    )
 
 
 def _run_pair(
@@ -459,7 +415,12 @@ def _run_pair(
     namespace: str,
     spec: BenchSpec,
     progress: Callable[[int], None] | None,
-) -> BenchRun:
+    *,
+    raw_first_reading: list[int] | None = None,
+) -> tuple[BenchRun, list[int]]:
+    """One round of one pair: both sides, the backend first unless ``raw_first_reading`` (the
+    pages the raw side reads back, learnt from an earlier round) is given. Returns the run and
+    the pages the backend kept."""
     num_pages = spec.num_pages(page_bytes, threads)
     keys = [_page_key(namespace, i) for i in range(num_pages)]
     srcs: list[list[memoryview]] = []
@@ -468,7 +429,7 @@ def _run_pair(
         own_src, own_dst = [], []
         for b in range(spec.batch):
             src = bytearray(page_bytes)
-            _fill(src, t * spec.batch + b)
+            fill_page(src, t * spec.batch + b)
             own_src.append(memoryview(src))
             own_dst.append(memoryview(bytearray(page_bytes)))
         srcs.append(own_src)
@@ -500,27 +461,28 @@ def _run_pair(
         hook = getattr(backend, "drop_page_cache", None)
         return bool(hook()) if callable(hook) else False
 
-    _settle()
-    backend.open()
-    try:
-        ours, read = _measure(
-            put=our_put,
-            get=our_get,
-            exists=our_exists,
-            exists_prefix=our_exists_prefix,
-            drop_cache=drop,
-            num_pages=num_pages,
-            readable=resident,
-            threads=threads,
-            spec=spec,
-            progress=progress,
-        )
-    finally:
+    def measure_ours() -> tuple[Side, list[int]]:
+        settle()
+        backend.open()
         try:
-            for start in range(0, num_pages, 256):
-                backend.delete(keys[start : start + 256])
+            return measure_side(
+                put=our_put,
+                get=our_get,
+                exists=our_exists,
+                exists_prefix=our_exists_prefix,
+                drop_cache=drop,
+                num_pages=num_pages,
+                readable=resident,
+                threads=threads,
+                spec=spec,
+                progress=progress,
+            )
         finally:
-            backend.close()
+            try:
+                for start in range(0, num_pages, 256):
+                    backend.delete(keys[start : start + 256])
+            finally:
+                backend.close()
 
     def raw_put(idx: Sequence[int], t: int) -> None:
         baseline.put(idx, srcs[t][: len(idx)])
@@ -531,47 +493,39 @@ def _run_pair(
     def raw_exists(idx: Sequence[int], t: int) -> None:
         baseline.exists(idx)
 
-    baseline.setup(page_bytes, num_pages)
-    _settle()
-    try:
-        raw, _ = _measure(
-            put=raw_put,
-            get=raw_get,
-            exists=raw_exists,
-            # The raw limit of a prefix check is a presence check of the same chain.
-            exists_prefix=raw_exists,
-            drop_cache=baseline.drop_cache,
-            num_pages=num_pages,
-            readable=lambda: read,  # the same pages the backend read back
-            threads=threads,
-            spec=spec,
-            progress=progress,
-        )
-    finally:
-        baseline.teardown()
+    def measure_raw(read: list[int]) -> Side:
+        baseline.setup(page_bytes, num_pages)
+        settle()
+        try:
+            side, _ = measure_side(
+                put=raw_put,
+                get=raw_get,
+                exists=raw_exists,
+                # The raw limit of a prefix check is a presence check of the same chain.
+                exists_prefix=raw_exists,
+                drop_cache=baseline.drop_cache,
+                num_pages=num_pages,
+                readable=lambda: read,  # the same pages the backend read back
+                threads=threads,
+                spec=spec,
+                progress=progress,
+            )
+        finally:
+            baseline.teardown()
+        return side
+
+    if raw_first_reading is not None:
+        raw = measure_raw(raw_first_reading)
+        ours, read = measure_ours()
+    else:
+        ours, read = measure_ours()
+        raw = measure_raw(read)
     problems = {
         name: phase.problems
-        for name, phase in _phases(ours).items()
+        for name, phase in side_phases(ours).items()
         if phase is not None and phase.problems
     }
-    return BenchRun(
+    run = BenchRun(
         page_bytes, threads, num_pages, _figures(page_bytes, ours, raw), problems, len(read)
     )
-
-
-def _settle() -> None:
-    """Flush what the previous side left dirty (its writes, its deletes) before timing the next
-    one, so neither side pays for the other's writeback: without it the side measured second
-    ran up to several times slower on a fresh disk right after 2 GiB were deleted."""
-    if hasattr(os, "sync"):
-        os.sync()
-
-
-def _phases(side: _Side) -> dict[str, _Phase | None]:
-    return {
-        "put": side.put,
-        "get_cold": side.get_cold,
-        "get_hot": side.get_hot,
-        "exists": side.exists,
-        "exists_prefix": side.exists_prefix,
-    }
+    return run, read

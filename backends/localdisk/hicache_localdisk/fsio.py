@@ -8,7 +8,6 @@
                                    else ``link`` + ``unlink``; ``False`` when ``dst`` exists
 - ``fsync_dir(path)``              make a directory's entries durable
 - ``drop_cache(path)``             evict a file's pages from the page cache (cold reads)
-- ``buffer_address(buf)``          address of a buffer, to check ``O_DIRECT`` alignment
 - ``aligned_buffer(n)``            a page-aligned writable buffer (an anonymous mapping)
 """
 
@@ -28,7 +27,6 @@ __all__ = [
     "DIRECT_ALIGN",
     "O_DIRECT",
     "aligned_buffer",
-    "buffer_address",
     "drop_cache",
     "fsync_dir",
     "publish_noreplace",
@@ -219,41 +217,6 @@ def drop_cache(path: str) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-
-
-class _PyBuffer(ctypes.Structure):
-    _fields_ = [
-        ("buf", ctypes.c_void_p),
-        ("obj", ctypes.c_void_p),
-        ("len", ctypes.c_ssize_t),
-        ("itemsize", ctypes.c_ssize_t),
-        ("readonly", ctypes.c_int),
-        ("ndim", ctypes.c_int),
-        ("format", ctypes.c_char_p),
-        ("shape", ctypes.c_void_p),
-        ("strides", ctypes.c_void_p),
-        ("suboffsets", ctypes.c_void_p),
-        ("internal", ctypes.c_void_p),
-    ]
-
-
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_get_buffer.restype = ctypes.c_int
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
-_release_buffer.restype = None
-
-
-def buffer_address(buf: memoryview) -> int:
-    """Address of the first byte of a contiguous buffer (read-only buffers included)."""
-    view = _PyBuffer()
-    if _get_buffer(buf, ctypes.byref(view), 0) != 0:  # PyBUF_SIMPLE; raises on failure
-        raise ValueError("cannot get the address of a non-contiguous buffer")
-    try:
-        return view.buf or 0
-    finally:
-        _release_buffer(ctypes.byref(view))
 
 
 def aligned_buffer(nbytes: int) -> memoryview:

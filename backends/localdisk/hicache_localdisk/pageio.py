@@ -22,6 +22,7 @@ from functools import partial
 
 from hicache.errors import PageCorruptError
 from hicache.storage.backend import PageStatus
+from hicache.storage.buffers import buffer_address
 from hicache.storage.pageformat import (
     HEADER_SIZE,
     encode_header_into,
@@ -33,7 +34,6 @@ from hicache_localdisk.fsio import (
     IO_CHUNK,
     O_DIRECT,
     aligned_buffer,
-    buffer_address,
     publish_noreplace,
     read_fully,
     read_page,

@@ -7,10 +7,11 @@ from collections.abc import Callable
 
 import pytest
 from hicache_localdisk import LocalDiskBackend, pageio
-from hicache_localdisk.fsio import aligned_buffer, buffer_address
+from hicache_localdisk.fsio import aligned_buffer
 from hicache_localdisk.pageio import PARALLEL_HASH_MIN_BYTES
 
 from hicache.storage.backend import PageStatus
+from hicache.storage.buffers import buffer_address
 from hicache.storage.pageformat import HEADER_SIZE
 
 PAGE = 64 * 1024

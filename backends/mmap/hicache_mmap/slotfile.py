@@ -14,9 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import xxhash
-
 from hicache.errors import BackendError, BackendUnavailableError, PageCorruptError
+from hicache.storage.buffers import copy_and_hash, copy_bytes
 from hicache_mmap.layout import (
     BODY_OFFSET,
     GEN,
@@ -251,7 +250,10 @@ class SlotFile:
         n = src.nbytes
         if n > self.geo.slot_payload:
             raise ValueError(f"payload of {n} bytes exceeds the {self.geo.slot_payload}-byte slot")
-        checksum = copy_and_hash(self.view, off, src, into_view=True)
+        # The slice pins the mapping (close() fails with BufferError) while the copy, which
+        # works on raw addresses with the GIL released, runs.
+        region = self.view[off : off + n]
+        checksum = copy_and_hash(region, src, hash_dst=False)
         if durable:
             self.mm.flush(off, -(-n // mmap.PAGESIZE) * mmap.PAGESIZE)
         return checksum
@@ -263,10 +265,11 @@ class SlotFile:
         n = dst.nbytes
         if n > self.geo.slot_payload:
             raise ValueError(f"payload of {n} bytes exceeds the {self.geo.slot_payload}-byte slot")
+        region = self.view[off : off + n]  # pins the mapping: see write_payload
         if not verify:
-            dst[:] = self.view[off : off + n]
+            copy_bytes(dst, region)
             return None
-        return copy_and_hash(self.view, off, dst, into_view=False)
+        return copy_and_hash(dst, region, hash_dst=True)
 
     def finish_write(
         self,
@@ -299,30 +302,6 @@ class SlotFile:
         GEN.pack_into(self.mm, off, odd + 1)
         if durable:
             self.mm.flush(off, SLOT_HEADER_SIZE)
-
-
-#: Bytes copied per step when a copy is fused with its checksum: small enough that the hash
-#: reads the chunk from L2 right after the copy brought it there, large enough that the Python
-#: loop costs nothing next to the copy. One pass over memory instead of two.
-CHUNK = 128 * 1024
-
-
-def copy_and_hash(view: memoryview, off: int, buf: memoryview, *, into_view: bool) -> int:
-    """Copy ``buf`` into ``view[off:]`` (``into_view``) or ``view[off:]`` into ``buf``, chunk by
-    chunk, hashing each chunk of ``buf`` right after it was copied. Returns the xxh3_64 of
-    ``buf``, equal to ``pageformat.payload_checksum(buf)`` (streamed xxh3 equals one-shot)."""
-    hasher = xxhash.xxh3_64()
-    update = hasher.update
-    n = buf.nbytes
-    for start in range(0, n, CHUNK):
-        end = min(start + CHUNK, n)
-        part = buf[start:end]
-        if into_view:
-            view[off + start : off + end] = part
-        else:
-            part[:] = view[off + start : off + end]
-        update(part)
-    return int(hasher.intdigest())
 
 
 def _any_used(fd: int, geo: Geometry) -> bool:
