@@ -22,6 +22,14 @@ Read top to bottom, this is where a page goes:
                          decides how long a request waits, then it keeps the pages that landed
 - ``take_events``        drain every event
 
+The cache is built in layers, one module each, every one on top of the previous:
+:mod:`hicache.hiradix_host` (L1 eviction that keeps host copies, ``evict_host``, ``load_back``),
+:mod:`hicache.hiradix_writes` (insert hooks, write-through, splits, acks, L3 publishing and
+re-offers), :mod:`hicache.hiradix_prefetch` (L3 -> L2 prefetch); the records and protocols
+(``WritePolicy``, ``RankSync``, ``PendingWrite``, ``PrefetchHandle``) are in
+:mod:`hicache.hiradix_records`. This module builds the cache (``__init__``, ``from_config``),
+closes it and reports its ``stats``; import every name from here.
+
 Typical use by a serving loop::
 
     cache = HiRadixCache.from_config(load_config("hicache.yaml"), device_pages=4096)
@@ -46,21 +54,24 @@ schedules their free (``HostPool.free_when_released``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
-from itertools import islice
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from hicache.config import PrefetchPolicy
-from hicache.events import EventQueue, KVEvent, Medium
-from hicache.keys import ModelIdentity, block_id, chain_hashes, seed_hash, storage_key
+from hicache.hiradix_prefetch import PrefetchLayer
+from hicache.hiradix_records import (
+    NoRankSync,
+    PendingWrite,
+    PrefetchHandle,
+    RankSync,
+    WritePolicy,
+    _DiscardEvents,
+)
+from hicache.keys import ModelIdentity, seed_hash
 from hicache.pools import DevicePool, HostPool
-from hicache.radix import RadixCache, TreeNode
-from hicache.storage.engine import PublishGroup, PublishPage, StorageEngine
-from hicache.storage.prefetch import PrefetchOutcome, PrefetchRules, PrefetchWait
-from hicache.storage.tiers import Tier, Tiers
-from hicache.transfer import Direction, TransferEngine
+from hicache.storage.engine import StorageEngine
+from hicache.storage.prefetch import PrefetchRules
+from hicache.storage.tiers import Tiers
+from hicache.transfer import TransferEngine
 
 if TYPE_CHECKING:
     from hicache.config import HicacheConfig
@@ -76,74 +87,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Nodes remembered for a second offer to a refusing tier before stale entries are dropped.
-_REOFFER_LIMIT = 100_000
 
-
-class WritePolicy(StrEnum):
-    """When device nodes are backed up to host memory (values as in ``config.WritePolicy``)."""
-
-    WRITE_THROUGH = "write_through"
-    WRITE_THROUGH_SELECTIVE = "write_through_selective"
-    #: Nothing automatic: the caller decides with ``write_backup`` (tests, custom schedulers).
-    MANUAL = "manual"
-
-
-class RankSync(Protocol):
-    """Agreement between the tensor-parallel ranks of one model.
-
-    ``all_reduce_min`` is called at the same points on every rank, unconditionally; it returns
-    the element-wise minimum over ranks (a MIN all-reduce).
-    """
-
-    def all_reduce_min(self, values: list[int]) -> list[int]: ...
-
-
-class NoRankSync:
-    """A single rank: the minimum over one rank is its own value."""
-
-    def all_reduce_min(self, values: list[int]) -> list[int]:
-        return list(values)
-
-
-@dataclass(slots=True)
-class PendingWrite:
-    """One write-through in flight: the node locked for it and its fragments, prefix first."""
-
-    ack_id: int
-    lock_node: TreeNode
-    publish_nodes: list[TreeNode]
-    pages: int
-
-
-@dataclass(slots=True)
-class PrefetchHandle:
-    """A prefetch in flight; pass it to :meth:`HiRadixCache.check_prefetch`."""
-
-    ticket: int
-    tokens: list[int]
-    start: int
-    host_pages: list[int]
-    hashes: list[bytes]
-    base: TreeNode
-    result_pages: int | None = field(default=None)
-    done: bool = False
-    inserted_tokens: int = 0
-    #: The request's wait under the prefetch policy (None: no limit).
-    wait: PrefetchWait | None = None
-
-
-class _DiscardEvents(EventQueue):
-    """The event queue of a cache whose events are off: nothing is kept."""
-
-    def put(self, event: KVEvent) -> None:
-        return
-
-    def extend(self, events: Iterable[KVEvent]) -> None:
-        return
-
-
-class HiRadixCache(RadixCache):
+class HiRadixCache(PrefetchLayer):
     """Radix cache with host write-through, storage publishing and prefetch (module docstring).
 
     ``identity`` seeds the content hashes (pages of different identities never share keys);
@@ -193,19 +138,19 @@ class HiRadixCache(RadixCache):
             PrefetchPolicy.WAIT_COMPLETE, threshold_tokens=prefetch_threshold_tokens
         )
         self.prefetch_threshold_tokens = self.prefetch_rules.threshold_tokens
-        self.rank_sync: RankSync = rank_sync or NoRankSync()
-        self.ongoing_write_through: dict[int, PendingWrite] = {}
-        self._acked: set[int] = set()
+        self.rank_sync = rank_sync or NoRankSync()
+        self.ongoing_write_through = {}
+        self._acked = set()
         self.tiers = tiers
-        self.storage: StorageEngine | None = None
+        self.storage = None
         if tiers is not None and len(tiers):
             tiers.open()
             self.storage = StorageEngine(
                 tiers, host_pool, page_size=self.page_size, lora_id=lora_id, workers=io_workers
             )
-        self._prefetches: dict[int, PrefetchHandle] = {}
+        self._prefetches = {}
         #: Nodes whose pages a tier's admission refused, with those tiers (second_hit).
-        self._reoffer: dict[int, tuple[TreeNode, list[Tier]]] = {}
+        self._reoffer = {}
         self.counters = {
             "backups": 0,
             "backup_pages": 0,
@@ -293,484 +238,6 @@ class HiRadixCache(RadixCache):
             self.storage.close()
         if self.tiers is not None:
             self.tiers.close()
-
-    # ------------------------------------------------------------------ insert hooks
-
-    def _on_path(self, node: TreeNode) -> None:
-        node.hit_count += 1
-        self._maybe_backup(node)
-        if self._reoffer:
-            self._maybe_reoffer(node)
-
-    def _on_new_leaf(self, node: TreeNode) -> None:
-        node.hit_count = 1
-        self._maybe_backup(node)
-
-    def _maybe_backup(self, node: TreeNode) -> None:
-        if (
-            self.write_policy is not WritePolicy.MANUAL
-            and node.host_value is None
-            and node.hit_count >= self._backup_threshold
-        ):
-            self.write_backup(node)
-
-    # ------------------------------------------------------------------ write-through
-
-    def write_backup(self, node: TreeNode) -> int | None:
-        """Back ``node`` up to host memory; return the ack id, or None if not backed up now.
-
-        Only a device node under the root or a backed-up parent is backed up (so L2 stays
-        prefix-closed). From here on the node counts as backed up, but its pages are announced
-        and published only after the ack (:meth:`writing_check`).
-        """
-        if node is self.root or node.value is None or node.host_value is not None:
-            return None
-        parent = node.parent
-        if parent is None or (parent is not self.root and parent.host_value is None):
-            return None
-        n = len(node.value)
-        host = self.host_pool.alloc(n)
-        if host is None:
-            self.evict_host(n - self.host_pool.available)
-            host = self.host_pool.alloc(n)
-            if host is None:
-                self.counters["backup_skipped_no_host_pages"] += 1
-                return None
-        ack = self.transfer.submit(Direction.D2H, node.value, host)
-        node.host_value = host
-        self._track_write_through_node(node, ack)
-        self.counters["backups"] += 1
-        self.counters["backup_pages"] += n
-        return ack
-
-    def _track_write_through_node(self, node: TreeNode, ack_id: int) -> None:
-        """Record ``node`` as the only fragment of write ``ack_id`` and lock it until the ack."""
-        node.write_through_pending_id = ack_id
-        self.inc_lock_ref(node)
-        self.ongoing_write_through[ack_id] = PendingWrite(ack_id, node, [node], node.num_tokens)
-
-    def _split_node(self, child: TreeNode, pages: int) -> TreeNode:
-        prefix = super()._split_node(child, pages)
-        if child.write_through_pending_id is not None:
-            self._replace_pending_write_through_node(child, [prefix, child])
-        entry = self._reoffer.get(child.id)
-        if entry is not None:  # both fragments still wait for their second offer
-            self._reoffer[prefix.id] = (prefix, entry[1])
-        return prefix
-
-    def _replace_pending_write_through_node(self, old: TreeNode, new: list[TreeNode]) -> None:
-        """Replace fragment ``old`` of its pending write by ``new`` (prefix first), in place."""
-        ack = old.write_through_pending_id
-        assert ack is not None
-        record = self.ongoing_write_through[ack]
-        for i, frag in enumerate(record.publish_nodes):
-            if frag is old:
-                record.publish_nodes[i : i + 1] = new
-                break
-        else:  # pragma: no cover - a broken invariant, never silently ignored
-            raise RuntimeError(f"{old!r} is not a fragment of pending write {ack}")
-        for frag in new:
-            frag.write_through_pending_id = ack
-
-    def writing_check(self) -> int:
-        """Finish every acknowledged write-through that all ranks saw complete; return how many.
-
-        Acks are finished in submission order: a child's write never announces before its
-        parent's. The count is agreed through ``RankSync`` (always called, even for zero).
-        """
-        for ticket in self.transfer.poll():
-            if ticket in self.ongoing_write_through:
-                self._acked.add(ticket)
-        ready = 0
-        for ack in self.ongoing_write_through:
-            if ack not in self._acked:
-                break
-            ready += 1
-        ready = self.rank_sync.all_reduce_min([ready])[0]
-        for ack in list(islice(self.ongoing_write_through, ready)):
-            self._finish_write_through_ack(ack)
-        self._poll_storage()
-        return ready
-
-    def _finish_write_through_ack(self, ack_id: int) -> None:
-        """Announce and publish every fragment of ``ack_id`` in prefix order; unlock once."""
-        record = self.ongoing_write_through.pop(ack_id)
-        self._acked.discard(ack_id)
-        group = self.storage.begin_publish() if self.storage is not None else None
-        for frag in record.publish_nodes:
-            frag.write_through_pending_id = None
-            self._emit_stored(frag, Medium.CPU_PINNED)
-            self.write_backup_storage(frag, group)
-        if group is not None and self.storage is not None:
-            self.storage.end_publish(group)
-        self.dec_lock_ref(record.lock_node)
-        self.counters["acks"] += 1
-
-    def write_backup_storage(self, node: TreeNode, group: PublishGroup | None = None) -> None:
-        """Publish ``node``'s host pages to every publishing tier (asynchronously).
-
-        ``group`` ties the fragments of one ack together so each tier announces them in order;
-        without one the node is its own group. Tiers whose admission policy refused the pages
-        (``second_hit``) are offered them again the next time an insert walks through ``node``.
-        """
-        self._publish_node(node, group, None)
-
-    def _publish_node(
-        self, node: TreeNode, group: PublishGroup | None, targets: list[Tier] | None
-    ) -> None:
-        if self.storage is None or not self.storage.tiers.publishing:
-            return
-        assert node.host_value is not None
-        hashes = self.node_hashes(node)
-        parent = self.parent_block_hash(node)
-        ps = self.page_size
-        key = node.key
-        pages = []
-        for j, (h, hp) in enumerate(zip(hashes, node.host_value, strict=True)):
-            bid = block_id(h)
-            pages.append(PublishPage(storage_key(h), hp, bid, parent, key[j * ps : (j + 1) * ps]))
-            parent = bid
-        own = group is None
-        if group is None:
-            group = self.storage.begin_publish()
-        first_parent = pages[0].parent_block_id if pages else None
-        if first_parent is not None:
-            for tier in self.storage.tiers.publishing if targets is None else targets:
-                if self.storage.needs_republish(group, tier, first_parent):
-                    self.storage.republish(group, self._lost_ancestor_pages(node, tier), tier)
-        refused = self.storage.publish(group, pages, targets=targets)
-        if own:
-            self.storage.end_publish(group)
-        if refused:
-            self._reoffer[node.id] = (node, refused)
-            if len(self._reoffer) > _REOFFER_LIMIT:
-                self._forget_stale_reoffers()
-
-    def _lost_ancestor_pages(self, node: TreeNode, tier: Tier) -> list[PublishPage]:
-        """The pages above ``node`` that ``tier`` is known to have lost, up to the nearest page
-        it holds (or the root), in prefix order; empty when the chain cannot be closed now.
-
-        A shared head that stays hot in L1/L2 is never touched on the tier, so the tier's own
-        LRU ages it out while chains below it are still published: put back ahead of them, the
-        chain is prefix-closed again and can be announced and found by a cold instance.
-        """
-        assert self.storage is not None
-        ps = self.page_size
-        out: list[PublishPage] = []  # tail first
-        cur = node.parent
-        while cur is not None and cur is not self.root:
-            # L2 is prefix-closed, so ancestors have host pages; an unacked one is not published
-            if cur.host_value is None or cur.write_through_pending_id is not None:
-                return []
-            ids = [block_id(h) for h in self.node_hashes(cur)]
-            parents = [self.parent_block_hash(cur), *ids[:-1]]
-            hashes = self.node_hashes(cur)
-            for j in reversed(range(len(ids))):
-                if not self.storage.missing_on(tier, ids[j]):
-                    return out[::-1]
-                key = cur.key[j * ps : (j + 1) * ps]
-                out.append(
-                    PublishPage(storage_key(hashes[j]), cur.host_value[j], ids[j], parents[j], key)
-                )
-            cur = cur.parent
-        return out[::-1]
-
-    def _maybe_reoffer(self, node: TreeNode) -> None:
-        """The pages of ``node`` are used again: offer them to the tiers that refused them."""
-        entry = self._reoffer.pop(node.id, None)
-        if entry is None or node.host_value is None or node.write_through_pending_id is not None:
-            return
-        self._publish_node(node, None, [t for t in entry[1] if t.available])
-
-    def _forget_stale_reoffers(self) -> None:
-        for nid, (node, _) in list(self._reoffer.items()):
-            if node.host_value is None or node.parent is None:
-                del self._reoffer[nid]
-
-    def _poll_storage(self) -> None:
-        if self.storage is None:
-            return
-        result = self.storage.poll()
-        if result.events:
-            self.events.extend(result.events)
-        for lookup in result.lookups:
-            handle = self._prefetches.get(lookup.ticket)
-            if handle is None:
-                self.storage.cancel_prefetch(lookup.ticket)
-            else:
-                self._start_read(handle, lookup.found)
-        for r in result.prefetches:
-            handle = self._prefetches.get(r.ticket)
-            if handle is not None:
-                handle.result_pages = r.ok_pages
-
-    # ------------------------------------------------------------------ eviction
-
-    def _evict_node(self, node: TreeNode) -> int:
-        if node.host_value is None or node.write_through_pending_id is not None:
-            return super()._evict_node(node)
-        # backed up and acknowledged: the host copy stays, the node becomes L2-only
-        assert node.value is not None
-        n = len(node.value)
-        self.device_pool.free(node.value)
-        node.value = None
-        self._evictable_pages -= n
-        if self.gpu_events:
-            self._emit_removed(node, Medium.GPU)
-        self.counters["l1_evicted_pages"] += n
-        return n
-
-    def _host_evictable(self, node: TreeNode) -> bool:
-        return (
-            node is not self.root
-            and node.value is None
-            and node.host_value is not None
-            and node.host_lock_ref == 0
-            and not node.children
-        )
-
-    def evict_host(self, num_pages: int) -> int:
-        """Drop at least ``num_pages`` host pages of L2-only leaves, least recently used first.
-
-        Pages a storage worker still uses are freed when it lets go of them. Returns the number
-        of host pages given up.
-        """
-        if num_pages <= 0:
-            return 0
-        import heapq
-
-        heap = [(n.last_access, n.id, n) for n in self.iter_nodes() if self._host_evictable(n)]
-        heapq.heapify(heap)
-        freed = 0
-        while freed < num_pages and heap:
-            _, _, node = heapq.heappop(heap)
-            if not self._host_evictable(node):
-                continue
-            assert node.host_value is not None
-            parent = node.parent
-            self._emit_removed(node, Medium.CPU_PINNED)
-            self.host_pool.free_when_released(node.host_value)
-            freed += len(node.host_value)
-            node.host_value = None
-            self._delete_leaf(node)
-            if parent is not None and self._host_evictable(parent):
-                heapq.heappush(heap, (parent.last_access, parent.id, parent))
-        self.counters["l2_evicted_pages"] += freed
-        return freed
-
-    def _alloc_device(self, n: int) -> list[int] | None:
-        pages = self.device_pool.alloc(n)
-        if pages is None:
-            self.evict(n - self.device_pool.available)
-            pages = self.device_pool.alloc(n)
-        return pages
-
-    # ------------------------------------------------------------------ load back
-
-    def load_back(self, node: TreeNode) -> list[int] | None:
-        """Copy the host-only nodes from ``node`` up to the first device node back to L1.
-
-        Returns the device pages of the loaded nodes (prefix order; ``[]`` when ``node`` is
-        already on the device), or None when L1 has no room. Blocks until the copy finished.
-        """
-        path: list[TreeNode] = []
-        cur = node
-        while cur is not self.root and cur.value is None:
-            path.append(cur)
-            assert cur.parent is not None
-            cur = cur.parent
-        if not path:
-            return []
-        path.reverse()
-        host: list[int] = []
-        for n in path:
-            assert n.host_value is not None
-            host += n.host_value
-        # keep the device ancestor (and the path) out of the eviction that makes room
-        self.inc_lock_ref(cur)
-        for n in path:
-            n.host_lock_ref += 1
-        try:
-            dev = self._alloc_device(len(host))
-        finally:
-            for n in path:
-                n.host_lock_ref -= 1
-            self.dec_lock_ref(cur)
-        if dev is None:
-            return None
-        ticket = self.transfer.submit(Direction.H2D, host, dev)
-        self.transfer.wait(ticket)
-        off = 0
-        for n in path:
-            assert n.host_value is not None
-            k = len(n.host_value)
-            self._revive(n, dev[off : off + k])
-            off += k
-        self.counters["loaded_back_pages"] += len(dev)
-        return dev
-
-    # ------------------------------------------------------------------ prefetch
-
-    def prefetch_from_storage(self, tokens: Sequence[int]) -> PrefetchHandle | None:
-        """Start reading the pages of ``tokens`` after the cached prefix from the tiers into L2.
-
-        Returns None when there are no tiers or fewer than ``prefetch_threshold_tokens`` tokens
-        would come from storage. Finish it with :meth:`check_prefetch`.
-        """
-        if self.storage is None:
-            return None
-        key = self.page_aligned(tokens)
-        ps = self.page_size
-        r = self.match_prefix(key)
-        start = (len(r.device_pages) + r.host_hit_pages) * ps
-        n = (len(key) - start) // ps
-        if n <= 0 or n * ps < self.prefetch_threshold_tokens:
-            if n > 0:
-                self.storage.count_prefetch(PrefetchOutcome.SKIPPED)
-            return None
-        base = r.last_host_node
-        parent_hash = self.seed if base is self.root else self.node_hashes(base)[-1]
-        hashes = chain_hashes(parent_hash, key[start:], ps)
-        # the matched path must outlive the prefetch: its pages are the new pages' parents
-        self._host_lock(base, 1)
-        # Look the chain up first (on a worker); host pages are allocated in _poll_storage for
-        # exactly the pages the tiers hold, so a miss costs no L2 page and no L2 eviction.
-        ticket = self.storage.submit_prefetch(
-            [storage_key(h) for h in hashes],
-            None,
-            token_ids=[key[start + j * ps : start + (j + 1) * ps] for j in range(n)],
-            parent_block_id=None if base is self.root else block_id(parent_hash),
-        )
-        handle = PrefetchHandle(ticket, key[: start + n * ps], start, [], hashes, base)
-        handle.wait = self.prefetch_rules.start(n * ps)
-        self._prefetches[ticket] = handle
-        self.counters["prefetches"] += 1
-        return handle
-
-    def _start_read(self, handle: PrefetchHandle, found: int) -> None:
-        """The lookup of ``handle`` found ``found`` pages: allocate host pages for them (making
-        room in L2 if needed) and start the read, or finish the prefetch empty."""
-        assert self.storage is not None
-        n = found
-        host = self.host_pool.alloc(n) if n > 0 else None
-        if host is None and n > 0:
-            self.evict_host(n - self.host_pool.available)
-            n = min(n, self.host_pool.available)
-            host = self.host_pool.alloc(n) if n > 0 else None
-        if host is None:
-            self.storage.cancel_prefetch(handle.ticket)
-            handle.result_pages = 0
-            return
-        handle.host_pages = host
-        handle.hashes = handle.hashes[:n]
-        handle.tokens = handle.tokens[: handle.start + n * self.page_size]
-        self.storage.start_read(handle.ticket, host)
-
-    def _host_lock(self, node: TreeNode, delta: int) -> None:
-        """Pin ``node`` and its ancestors in the tree (L2 eviction skips them) by ``delta``."""
-        cur: TreeNode | None = node
-        while cur is not None and cur is not self.root:
-            cur.host_lock_ref += delta
-            if cur.host_lock_ref < 0:
-                raise RuntimeError(f"host lock below zero on {cur!r}")
-            cur = cur.parent
-
-    def _evictable(self, node: TreeNode) -> bool:
-        # Without a host copy, eviction deletes the node: never one a prefetch builds on, and
-        # never one with (host-only) children, which would be left without a parent.
-        if node.host_value is None and (node.host_lock_ref > 0 or node.children):
-            return False
-        return super()._evictable(node)
-
-    def check_prefetch(self, handle: PrefetchHandle, *, wait: bool = False) -> int | None:
-        """Finish ``handle`` if every rank's read completed or stopped; return the tokens it
-        added to L2.
-
-        Returns None while the request should keep waiting. The prefetch policy decides when it
-        stops waiting: ``wait_complete`` never, ``best_effort`` at the first check that finds
-        it unfinished, ``timeout`` once its budget passed; a stopped prefetch keeps the pages
-        that already landed (contiguously from the first) and the rest are freed once the
-        workers let go of them. With ``wait`` this blocks until the prefetch finished (under
-        ``timeout``, at most until the budget passed). The decision and the length, agreed
-        through ``RankSync`` (always called), become L2-only nodes.
-        """
-        if handle.done:
-            return handle.inserted_tokens
-        assert self.storage is not None
-        self._poll_storage()
-        # a prefetch is a lookup, then (host pages allocated here) a read: wait for each step
-        while wait and handle.result_pages is None:
-            limit = None
-            if self.prefetch_rules.policy is PrefetchPolicy.TIMEOUT and handle.wait is not None:
-                limit = handle.wait.remaining()
-            finished = self.storage.wait_prefetch(handle.ticket, limit)
-            self._poll_storage()
-            if not finished:
-                break
-        arrived = handle.result_pages is not None
-        stopped = not arrived and handle.wait is not None and handle.wait.expired()
-        if arrived:
-            local_len = handle.result_pages or 0
-        elif stopped:
-            local_len = self.storage.prefetch_progress(handle.ticket)
-        else:
-            local_len = 0
-        done, ok = self.rank_sync.all_reduce_min([int(arrived or stopped), local_len])
-        if not done:
-            return None
-        if not arrived:
-            self.storage.abandon_prefetch(handle.ticket)
-        self._prefetches.pop(handle.ticket, None)
-        handle.done = True
-        try:
-            handle.inserted_tokens = self._insert_prefetched(handle, ok)
-        finally:
-            self._host_lock(handle.base, -1)
-        return handle.inserted_tokens
-
-    def _insert_prefetched(self, handle: PrefetchHandle, ok: int) -> int:
-        """Insert the first ``ok`` prefetched pages as L2-only nodes; free the rest."""
-        ps = self.page_size
-        keep = handle.host_pages[:ok]
-        drop = handle.host_pages[ok:]
-        inserted = 0
-        if ok:
-            full = handle.tokens[: handle.start + ok * ps]
-            r = self.match_prefix(full)
-            present = (len(r.device_pages) + r.host_hit_pages) * ps
-            base = r.last_host_node
-            if present < handle.start or not self._backup_path(base):
-                drop = handle.host_pages  # the tree changed under us: nothing attaches
-                keep = []
-            else:
-                j = (present - handle.start) // ps
-                drop = handle.host_pages[:j] + drop
-                keep = handle.host_pages[j:ok]
-                if keep:
-                    node = TreeNode(full[present:], None, base)
-                    node.host_value = keep
-                    node.hashes = handle.hashes[j:ok]
-                    node.last_access = self._tick
-                    base.children[self.first_page(node)] = node
-                    self._emit_stored(node, Medium.CPU_PINNED)
-                    inserted = len(keep) * ps
-        if drop:
-            # a stopped prefetch's workers may still write into these: free at the last release
-            self.host_pool.free_when_released(drop)
-        self.counters["prefetched_pages"] += len(keep)
-        self.counters["prefetch_discarded_pages"] += len(drop)
-        return inserted
-
-    def _backup_path(self, node: TreeNode) -> bool:
-        """Make sure ``node`` and its ancestors are backed up (new host-only children may then
-        hang below it); return False when that is not possible now (no host pages)."""
-        path = []
-        cur = node
-        while cur is not self.root and cur.host_value is None:
-            path.append(cur)
-            assert cur.parent is not None
-            cur = cur.parent
-        return all(self.write_backup(n) is not None for n in reversed(path))
 
     # ------------------------------------------------------------------ introspection
 

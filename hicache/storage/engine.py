@@ -37,21 +37,21 @@ Rules the cache relies on:
   pages are published to the earlier publishing tiers only, never back to their source tier.
 
 All methods except the worker bodies run on the cache's thread.
+
+Where it lives: the publish side and ``poll`` (completion, announcements, promotion, tier
+evictions) are here; prefetch submission in :mod:`hicache.storage.engine_prefetch`; the worker
+pool and the holds on host pages in :mod:`hicache.storage.engine_workers`; the records in
+:mod:`hicache.storage.engine_records`. Import every public name from here.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
-import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
 
 from hicache.events import BlockRemoved, KVEvent
 from hicache.storage.announce import (
@@ -63,8 +63,20 @@ from hicache.storage.announce import (
     key_block_id,
 )
 from hicache.storage.backend import PageStatus
-from hicache.storage.inflight import InflightGate
-from hicache.storage.prefetch import PrefetchOutcome, classify, usable_prefix
+from hicache.storage.engine_prefetch import PrefetchJobs
+from hicache.storage.engine_records import (
+    EnginePoll,
+    HostPages,
+    LookupResult,
+    PrefetchResult,
+    _Evicted,
+    _GetDone,
+    _LookupDone,
+    _PrefetchJob,
+    _PutDone,
+)
+from hicache.storage.engine_workers import _Holds
+from hicache.storage.prefetch import usable_prefix
 from hicache.storage.tiers import Tier, TierRange, Tiers
 
 __all__ = [
@@ -81,136 +93,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class HostPages(Protocol):
-    """What the engine needs from the host pool (``hicache.pools.HostPool``)."""
-
-    def hold(self, pages: Iterable[int]) -> None: ...
-    def release(self, pages: Iterable[int]) -> None: ...
-    def page_view(self, page: int) -> memoryview: ...
-
-
-@dataclass(frozen=True, slots=True)
-class PrefetchResult:
-    """A finished prefetch: one status per requested page, and the tier each page came from."""
-
-    ticket: int
-    statuses: list[PageStatus]
-    host_pages: list[int]
-    #: Name of the tier each page was read from (None: not found in any tier).
-    sources: list[str | None] = field(default_factory=list)
-
-    @property
-    def ok_pages(self) -> int:
-        """Length of the contiguous ``OK`` prefix: the only pages the cache may use."""
-        return usable_prefix(self.statuses)
-
-    @property
-    def outcome(self) -> PrefetchOutcome:
-        """How the prefetch ended (complete, short, failed, miss)."""
-        return classify(len(self.statuses), self.statuses)
-
-
-@dataclass(frozen=True, slots=True)
-class LookupResult:
-    """The cascade lookup of a prefetch submitted without host pages finished."""
-
-    ticket: int
-    #: Leading pages the tiers hold together: allocate this many host pages (or fewer).
-    found: int
-
-
-@dataclass(slots=True)
-class EnginePoll:
-    """What one :meth:`StorageEngine.poll` collected."""
-
-    events: list[KVEvent] = field(default_factory=list)
-    prefetches: list[PrefetchResult] = field(default_factory=list)
-    lookups: list[LookupResult] = field(default_factory=list)
-
-
-class _Holds:
-    """Holds on host pages (and bytes of an in-flight gate) released at the last ``drop``."""
-
-    __slots__ = ("_count", "_engine", "_gate", "_lock", "_nbytes", "pages")
-
-    def __init__(
-        self,
-        engine: StorageEngine,
-        pages: list[int],
-        gate: InflightGate | None = None,
-        nbytes: int = 0,
-    ) -> None:
-        self._engine = engine
-        self.pages = pages
-        self._gate = gate
-        self._nbytes = nbytes
-        self._lock = threading.Lock()
-        self._count = 1
-        engine.host_pool.hold(pages)
-        engine._holds_changed(+1)
-
-    def add(self) -> None:
-        with self._lock:
-            if self._count <= 0:
-                raise RuntimeError("holds already released")
-            self._count += 1
-
-    def drop(self) -> None:
-        with self._lock:
-            self._count -= 1
-            last = self._count == 0
-        if last:
-            try:
-                self._engine.host_pool.release(self.pages)
-                if self._gate is not None:
-                    self._gate.release(self._nbytes)
-            finally:
-                self._engine._holds_changed(-1)
-
-
-@dataclass(slots=True)
-class _PrefetchJob:
-    ticket: int
-    keys: list[str]
-    token_ids: list[list[int]] | None
-    parent_block_id: int | None
-    host: list[int] = field(default_factory=list)
-    views: list[memoryview] = field(default_factory=list)
-    holds: _Holds | None = None
-    #: The cascade's answer, once looked up (None: look up in the read job).
-    ranges: list[TierRange] | None = None
-    progress: int = 0
-    abandoned: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class _PutDone:
-    group: int
-    tier: str
-    batch: int
-    statuses: list[PageStatus]
-
-
-@dataclass(frozen=True, slots=True)
-class _GetDone:
-    ticket: int
-    statuses: list[PageStatus]
-    ranges: list[TierRange]
-
-
-@dataclass(frozen=True, slots=True)
-class _LookupDone:
-    ticket: int
-    ranges: list[TierRange]
-
-
-@dataclass(frozen=True, slots=True)
-class _Evicted:
-    tier: str
-    keys: list[str]
-
-
-class StorageEngine:
+class StorageEngine(PrefetchJobs):
     """A small worker pool between one cache and its tiers (see the module docstring)."""
 
     def __init__(
@@ -225,23 +108,11 @@ class StorageEngine:
         evict_poll_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.tiers = tiers
-        self.host_pool = host_pool
+        super().__init__(tiers, host_pool, workers=workers)
         self.page_size = page_size
         self.lora_id = lora_id
         self.evict_poll_interval_s = evict_poll_interval_s
         self._clock = clock
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hicache-io")
-        self._done: queue.SimpleQueue[_PutDone | _GetDone | _LookupDone | _Evicted] = (
-            queue.SimpleQueue()
-        )
-        self._futures: set[Future[None]] = set()
-        self._futures_lock = threading.Lock()
-        self._holds_cv = threading.Condition()
-        self._holds_out = 0
-        self._tickets = itertools.count(1)
-        self._prefetch_jobs: dict[int, _PrefetchJob] = {}
-        self._prefetch_futures: dict[int, Future[None]] = {}
         self._tier_by_name = {t.name: t for t in tiers.tiers}
         self._evict_jobs: dict[str, Future[None]] = {}
         self._evict_polled: dict[str, float] = {}
@@ -253,7 +124,6 @@ class StorageEngine:
             "promoted_pages": 0,
             "republished_pages": 0,
         }
-        self.prefetch_outcomes: Counter[str] = Counter()
         self.announcer = Announcer(
             tiers.tiers,
             page_size=page_size,
@@ -261,7 +131,6 @@ class StorageEngine:
             counters=self.counters,
             known_capacity=known_capacity,
         )
-        self._closed = False
 
     # ------------------------------------------------------------------ publish
 
@@ -391,139 +260,6 @@ class StorageEngine:
         if evicted:
             self._done.put(_Evicted(tier.name, evicted))
 
-    # ------------------------------------------------------------------ prefetch
-
-    def submit_prefetch(
-        self,
-        keys: Sequence[str],
-        host_pages: Sequence[int] | None = None,
-        *,
-        token_ids: Sequence[Sequence[int]] | None = None,
-        parent_block_id: int | None = None,
-    ) -> int:
-        """Prefetch the chain ``keys`` through the cascade; return a ticket.
-
-        Without ``host_pages`` only the lookup runs now: ``poll`` reports a
-        :class:`LookupResult` and the cache continues with :meth:`start_read` or
-        :meth:`cancel_prefetch`, so host pages are spent only on pages a tier holds. With
-        ``host_pages`` (one per key) lookup and read run as one job. Pages are held until every
-        backend call reading them returned (possibly after the result was reported).
-        ``token_ids`` (one list per page) and ``parent_block_id`` (of the page before
-        ``keys[0]``) let pages found in a promoting tier be published, and announced, to the
-        earlier tiers.
-        """
-        if host_pages is not None and len(keys) != len(host_pages):
-            raise ValueError(f"{len(keys)} keys but {len(host_pages)} host pages")
-        if token_ids is not None and len(token_ids) != len(keys):
-            raise ValueError(f"{len(keys)} keys but {len(token_ids)} token lists")
-        ticket = next(self._tickets)
-        job = _PrefetchJob(
-            ticket,
-            list(keys),
-            [list(t) for t in token_ids] if token_ids is not None else None,
-            parent_block_id,
-        )
-        self._prefetch_jobs[ticket] = job
-        if host_pages is None:
-            self._prefetch_futures[ticket] = self._submit(self._lookup_job, job)
-        else:
-            self._start(job, list(host_pages))
-        return ticket
-
-    def _lookup_job(self, job: _PrefetchJob) -> None:
-        try:
-            ranges = self.tiers.lookup(job.keys)
-        except Exception:  # the tiers never raise; this guards against bugs
-            logger.exception("prefetch lookup failed")
-            ranges = []
-        self._done.put(_LookupDone(job.ticket, ranges))
-
-    def start_read(self, ticket: int, host_pages: Sequence[int]) -> None:
-        """Read the first ``len(host_pages)`` pages the lookup of ``ticket`` found into
-        ``host_pages`` (after its :class:`LookupResult`); the result comes through ``poll``."""
-        job = self._prefetch_jobs.get(ticket)
-        if job is None or job.ranges is None:
-            raise ValueError(f"prefetch {ticket} has no finished lookup to read after")
-        found = job.ranges[-1].end if job.ranges else 0
-        if not 0 < len(host_pages) <= found:
-            raise ValueError(f"{len(host_pages)} host pages for {found} pages found")
-        n = len(host_pages)
-        job.keys = job.keys[:n]
-        if job.token_ids is not None:
-            job.token_ids = job.token_ids[:n]
-        job.ranges = [TierRange(r.tier, r.start, min(r.end, n)) for r in job.ranges if r.start < n]
-        self._start(job, list(host_pages))
-
-    def cancel_prefetch(self, ticket: int) -> None:
-        """Forget ``ticket`` after its lookup (nothing to read, or no host pages for it)."""
-        job = self._prefetch_jobs.pop(ticket, None)
-        self._prefetch_futures.pop(ticket, None)
-        if job is not None and not job.abandoned:
-            found = job.ranges[-1].end if job.ranges else 0
-            self.count_prefetch(PrefetchOutcome.MISS if found == 0 else PrefetchOutcome.SKIPPED)
-
-    def _start(self, job: _PrefetchJob, host: list[int]) -> None:
-        job.host = host
-        job.holds = _Holds(self, host)
-        job.views = [self.host_pool.page_view(h) for h in host]
-        self._prefetch_futures[job.ticket] = self._submit(self._get_job, job)
-
-    def _get_job(self, job: _PrefetchJob) -> None:
-        statuses: list[PageStatus] = []
-        ranges: list[TierRange] = []
-        assert job.holds is not None
-        try:
-            ranges = job.ranges if job.ranges is not None else self.tiers.lookup(job.keys)
-            for r in ranges:
-                job.holds.add()
-                got = r.tier.get_into(
-                    job.keys[r.start : r.end], job.views[r.start : r.end], on_return=job.holds.drop
-                )
-                statuses += got
-                ok = usable_prefix(got)
-                job.progress = r.start + ok
-                if ok < len(got):
-                    break
-        except Exception:  # the tiers never raise; this guards against bugs
-            logger.exception("prefetch worker failed")
-            statuses = [PageStatus.FAILED] * len(job.keys)
-        statuses += [PageStatus.NOT_FOUND] * (len(job.keys) - len(statuses))
-        # the job's own hold goes first: without a late call, the pages are free of holds by
-        # the time the cache sees the result
-        job.holds.drop()
-        self._done.put(_GetDone(job.ticket, statuses, ranges))
-
-    def count_prefetch(self, outcome: PrefetchOutcome) -> None:
-        """Count a prefetch outcome decided by the cache (e.g. ``skipped`` below the threshold)."""
-        self.prefetch_outcomes[outcome.value] += 1
-
-    def drain_timeout_s(self) -> float:
-        """How long finishing the jobs in flight can take: the longest deadline of any tier,
-        times the calls one job makes (a cascade asks every tier, then reads), plus slack."""
-        deadlines = [t.settings.deadline_s for t in self.tiers.tiers] or [0.0]
-        return 2 * len(deadlines) * max(deadlines) + 1.0
-
-    def prefetch_progress(self, ticket: int) -> int:
-        """Pages of prefetch ``ticket`` that landed ``OK``, contiguously from the first."""
-        job = self._prefetch_jobs.get(ticket)
-        return job.progress if job is not None else 0
-
-    def abandon_prefetch(self, ticket: int) -> None:
-        """The cache stopped waiting for ``ticket``: its result will be dropped (no promotion);
-        its pages stay held until the workers return (free them with ``free_when_released``)."""
-        job = self._prefetch_jobs.get(ticket)
-        if job is not None:
-            job.abandoned = True
-            self.prefetch_outcomes[PrefetchOutcome.TIMED_OUT.value] += 1
-
-    def wait_prefetch(self, ticket: int, timeout: float | None = None) -> bool:
-        """Block until prefetch ``ticket`` finished (it is still reported by ``poll``)."""
-        fut = self._prefetch_futures.get(ticket)
-        if fut is None:
-            return True
-        done, _ = wait_futures([fut], timeout=timeout)
-        return bool(done)
-
     # ------------------------------------------------------------------ completion
 
     def poll(self) -> EnginePoll:
@@ -628,57 +364,17 @@ class StorageEngine:
         if evicted:
             self._done.put(_Evicted(tier.name, evicted))
 
-    # ------------------------------------------------------------------ plumbing
+    # ------------------------------------------------------------------ introspection
 
-    def _submit(self, fn: Callable[..., None], *args: object) -> Future[None]:
-        fut: Future[None] = self._executor.submit(fn, *args)
-        with self._futures_lock:
-            self._futures.add(fut)
-        fut.add_done_callback(self._forget)
-        return fut
-
-    def _forget(self, fut: Future[None]) -> None:
-        with self._futures_lock:
-            self._futures.discard(fut)
-
-    def _holds_changed(self, delta: int) -> None:
-        with self._holds_cv:
-            self._holds_out += delta
-            if self._holds_out == 0:
-                self._holds_cv.notify_all()
-
-    def in_flight(self) -> int:
-        """Jobs submitted and not finished by their worker yet."""
-        with self._futures_lock:
-            return len(self._futures)
-
-    def holds_outstanding(self) -> int:
-        """Sets of host-page holds not released yet (late backend calls included)."""
-        with self._holds_cv:
-            return self._holds_out
+    def drain_timeout_s(self) -> float:
+        """How long finishing the jobs in flight can take: the longest deadline of any tier,
+        times the calls one job makes (a cascade asks every tier, then reads), plus slack."""
+        deadlines = [t.settings.deadline_s for t in self.tiers.tiers] or [0.0]
+        return 2 * len(deadlines) * max(deadlines) + 1.0
 
     def pending_groups(self) -> int:
         """Publish groups not fully announced yet."""
         return self.announcer.pending()
-
-    def wait_idle(self, timeout: float | None = None, *, holds: bool = True) -> bool:
-        """Block until every submitted job finished and (with ``holds``) every hold was released
-        (results still wait for ``poll``); ``False`` if that did not happen within ``timeout``.
-
-        Jobs finish within their calls' deadlines; holds of a call hung in a backend last until
-        it returns, so pass ``holds=False`` (or a timeout) when a backend may hang.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._futures_lock:
-            futures = list(self._futures)
-        _, not_done = wait_futures(futures, timeout=timeout)
-        if not_done:
-            return False
-        if not holds:
-            return True
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        with self._holds_cv:
-            return self._holds_cv.wait_for(lambda: self._holds_out == 0, left)
 
     def stats(self) -> dict[str, Any]:
         """Engine and per-tier counters as plain data."""
@@ -690,11 +386,3 @@ class StorageEngine:
             "prefetch": dict(self.prefetch_outcomes),
             "tiers": self.tiers.stats(),
         }
-
-    def close(self) -> None:
-        """Wait for the workers and stop them (results not polled are dropped). A backend call
-        hung past its deadline is not waited for; its holds go when it returns."""
-        if self._closed:
-            return
-        self._closed = True
-        self._executor.shutdown(wait=True)

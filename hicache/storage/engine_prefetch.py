@@ -1,0 +1,173 @@
+"""Prefetch jobs of :class:`~hicache.storage.engine.StorageEngine` (no torch).
+
+- ``submit_prefetch(keys, None, token_ids=...)``  look a chain up through the tier cascade on a
+  worker; with host pages given at once, lookup and read run as one job
+- ``start_read(ticket, host_pages)`` / ``cancel_prefetch(ticket)``   continue after the lookup
+  with host pages for what the tiers hold, or forget it
+- ``prefetch_progress(ticket)`` / ``abandon_prefetch(ticket)`` / ``wait_prefetch(ticket)``
+  early termination and waiting
+- ``count_prefetch(outcome)``   outcomes decided by the cache
+
+Finished lookups and reads are reported through the engine's ``poll``
+(``_finish_lookup`` / ``_finish_prefetch`` in :mod:`hicache.storage.engine`, which also
+promotes). :class:`PrefetchJobs` is a layer of the engine, between
+:class:`~hicache.storage.engine_workers.EngineWorkers` and ``StorageEngine``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+
+from hicache.storage.backend import PageStatus
+from hicache.storage.engine_records import HostPages, _GetDone, _LookupDone, _PrefetchJob
+from hicache.storage.engine_workers import EngineWorkers, _Holds
+from hicache.storage.prefetch import PrefetchOutcome, usable_prefix
+from hicache.storage.tiers import TierRange, Tiers
+
+__all__ = ["PrefetchJobs"]
+
+logger = logging.getLogger(__name__)
+
+
+class PrefetchJobs(EngineWorkers):
+    """Prefetch lookups and reads on the workers (module docstring)."""
+
+    def __init__(self, tiers: Tiers, host_pool: HostPages, *, workers: int) -> None:
+        super().__init__(host_pool, workers=workers)
+        self.tiers = tiers
+        self._tickets = itertools.count(1)
+        self._prefetch_jobs: dict[int, _PrefetchJob] = {}
+        self._prefetch_futures: dict[int, Future[None]] = {}
+        self.prefetch_outcomes: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ prefetch
+
+    def submit_prefetch(
+        self,
+        keys: Sequence[str],
+        host_pages: Sequence[int] | None = None,
+        *,
+        token_ids: Sequence[Sequence[int]] | None = None,
+        parent_block_id: int | None = None,
+    ) -> int:
+        """Prefetch the chain ``keys`` through the cascade; return a ticket.
+
+        Without ``host_pages`` only the lookup runs now: ``poll`` reports a
+        :class:`LookupResult` and the cache continues with :meth:`start_read` or
+        :meth:`cancel_prefetch`, so host pages are spent only on pages a tier holds. With
+        ``host_pages`` (one per key) lookup and read run as one job. Pages are held until every
+        backend call reading them returned (possibly after the result was reported).
+        ``token_ids`` (one list per page) and ``parent_block_id`` (of the page before
+        ``keys[0]``) let pages found in a promoting tier be published, and announced, to the
+        earlier tiers.
+        """
+        if host_pages is not None and len(keys) != len(host_pages):
+            raise ValueError(f"{len(keys)} keys but {len(host_pages)} host pages")
+        if token_ids is not None and len(token_ids) != len(keys):
+            raise ValueError(f"{len(keys)} keys but {len(token_ids)} token lists")
+        ticket = next(self._tickets)
+        job = _PrefetchJob(
+            ticket,
+            list(keys),
+            [list(t) for t in token_ids] if token_ids is not None else None,
+            parent_block_id,
+        )
+        self._prefetch_jobs[ticket] = job
+        if host_pages is None:
+            self._prefetch_futures[ticket] = self._submit(self._lookup_job, job)
+        else:
+            self._start(job, list(host_pages))
+        return ticket
+
+    def _lookup_job(self, job: _PrefetchJob) -> None:
+        try:
+            ranges = self.tiers.lookup(job.keys)
+        except Exception:  # the tiers never raise; this guards against bugs
+            logger.exception("prefetch lookup failed")
+            ranges = []
+        self._done.put(_LookupDone(job.ticket, ranges))
+
+    def start_read(self, ticket: int, host_pages: Sequence[int]) -> None:
+        """Read the first ``len(host_pages)`` pages the lookup of ``ticket`` found into
+        ``host_pages`` (after its :class:`LookupResult`); the result comes through ``poll``."""
+        job = self._prefetch_jobs.get(ticket)
+        if job is None or job.ranges is None:
+            raise ValueError(f"prefetch {ticket} has no finished lookup to read after")
+        found = job.ranges[-1].end if job.ranges else 0
+        if not 0 < len(host_pages) <= found:
+            raise ValueError(f"{len(host_pages)} host pages for {found} pages found")
+        n = len(host_pages)
+        job.keys = job.keys[:n]
+        if job.token_ids is not None:
+            job.token_ids = job.token_ids[:n]
+        job.ranges = [TierRange(r.tier, r.start, min(r.end, n)) for r in job.ranges if r.start < n]
+        self._start(job, list(host_pages))
+
+    def cancel_prefetch(self, ticket: int) -> None:
+        """Forget ``ticket`` after its lookup (nothing to read, or no host pages for it)."""
+        job = self._prefetch_jobs.pop(ticket, None)
+        self._prefetch_futures.pop(ticket, None)
+        if job is not None and not job.abandoned:
+            found = job.ranges[-1].end if job.ranges else 0
+            self.count_prefetch(PrefetchOutcome.MISS if found == 0 else PrefetchOutcome.SKIPPED)
+
+    def _start(self, job: _PrefetchJob, host: list[int]) -> None:
+        job.host = host
+        job.holds = _Holds(self, host)
+        job.views = [self.host_pool.page_view(h) for h in host]
+        self._prefetch_futures[job.ticket] = self._submit(self._get_job, job)
+
+    def _get_job(self, job: _PrefetchJob) -> None:
+        statuses: list[PageStatus] = []
+        ranges: list[TierRange] = []
+        assert job.holds is not None
+        try:
+            ranges = job.ranges if job.ranges is not None else self.tiers.lookup(job.keys)
+            for r in ranges:
+                job.holds.add()
+                got = r.tier.get_into(
+                    job.keys[r.start : r.end], job.views[r.start : r.end], on_return=job.holds.drop
+                )
+                statuses += got
+                ok = usable_prefix(got)
+                job.progress = r.start + ok
+                if ok < len(got):
+                    break
+        except Exception:  # the tiers never raise; this guards against bugs
+            logger.exception("prefetch worker failed")
+            statuses = [PageStatus.FAILED] * len(job.keys)
+        statuses += [PageStatus.NOT_FOUND] * (len(job.keys) - len(statuses))
+        # the job's own hold goes first: without a late call, the pages are free of holds by
+        # the time the cache sees the result
+        job.holds.drop()
+        self._done.put(_GetDone(job.ticket, statuses, ranges))
+
+    def count_prefetch(self, outcome: PrefetchOutcome) -> None:
+        """Count a prefetch outcome decided by the cache (e.g. ``skipped`` below the threshold)."""
+        self.prefetch_outcomes[outcome.value] += 1
+
+    def prefetch_progress(self, ticket: int) -> int:
+        """Pages of prefetch ``ticket`` that landed ``OK``, contiguously from the first."""
+        job = self._prefetch_jobs.get(ticket)
+        return job.progress if job is not None else 0
+
+    def abandon_prefetch(self, ticket: int) -> None:
+        """The cache stopped waiting for ``ticket``: its result will be dropped (no promotion);
+        its pages stay held until the workers return (free them with ``free_when_released``)."""
+        job = self._prefetch_jobs.get(ticket)
+        if job is not None:
+            job.abandoned = True
+            self.prefetch_outcomes[PrefetchOutcome.TIMED_OUT.value] += 1
+
+    def wait_prefetch(self, ticket: int, timeout: float | None = None) -> bool:
+        """Block until prefetch ``ticket`` finished (it is still reported by ``poll``)."""
+        fut = self._prefetch_futures.get(ticket)
+        if fut is None:
+            return True
+        done, _ = wait_futures([fut], timeout=timeout)
+        return bool(done)

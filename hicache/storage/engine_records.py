@@ -1,0 +1,121 @@
+"""The records of :class:`~hicache.storage.engine.StorageEngine` (no torch).
+
+- :class:`HostPages`       what the engine needs from the host pool
+- :class:`PrefetchResult`  a finished prefetch: a status and a source tier per page
+- :class:`LookupResult`    the cascade lookup of a prefetch without host pages finished
+- :class:`EnginePoll`      what one ``poll`` collected
+- ``_PrefetchJob``         one prefetch in flight (:mod:`hicache.storage.engine_prefetch`)
+- ``_PutDone`` / ``_GetDone`` / ``_LookupDone`` / ``_Evicted``   what a worker finished, on the
+  engine's completion queue (``_Done``), taken by ``poll`` on the cache's thread
+
+The public ones are re-exported by :mod:`hicache.storage.engine`; import them from there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from hicache.events import KVEvent
+from hicache.storage.backend import PageStatus
+from hicache.storage.prefetch import PrefetchOutcome, classify, usable_prefix
+from hicache.storage.tiers import TierRange
+
+if TYPE_CHECKING:
+    from hicache.storage.engine_workers import _Holds
+
+__all__ = ["EnginePoll", "HostPages", "LookupResult", "PrefetchResult"]
+
+
+class HostPages(Protocol):
+    """What the engine needs from the host pool (``hicache.pools.HostPool``)."""
+
+    def hold(self, pages: Iterable[int]) -> None: ...
+    def release(self, pages: Iterable[int]) -> None: ...
+    def page_view(self, page: int) -> memoryview: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchResult:
+    """A finished prefetch: one status per requested page, and the tier each page came from."""
+
+    ticket: int
+    statuses: list[PageStatus]
+    host_pages: list[int]
+    #: Name of the tier each page was read from (None: not found in any tier).
+    sources: list[str | None] = field(default_factory=list)
+
+    @property
+    def ok_pages(self) -> int:
+        """Length of the contiguous ``OK`` prefix: the only pages the cache may use."""
+        return usable_prefix(self.statuses)
+
+    @property
+    def outcome(self) -> PrefetchOutcome:
+        """How the prefetch ended (complete, short, failed, miss)."""
+        return classify(len(self.statuses), self.statuses)
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    """The cascade lookup of a prefetch submitted without host pages finished."""
+
+    ticket: int
+    #: Leading pages the tiers hold together: allocate this many host pages (or fewer).
+    found: int
+
+
+@dataclass(slots=True)
+class EnginePoll:
+    """What one :meth:`StorageEngine.poll` collected."""
+
+    events: list[KVEvent] = field(default_factory=list)
+    prefetches: list[PrefetchResult] = field(default_factory=list)
+    lookups: list[LookupResult] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _PrefetchJob:
+    ticket: int
+    keys: list[str]
+    token_ids: list[list[int]] | None
+    parent_block_id: int | None
+    host: list[int] = field(default_factory=list)
+    views: list[memoryview] = field(default_factory=list)
+    holds: _Holds | None = None
+    #: The cascade's answer, once looked up (None: look up in the read job).
+    ranges: list[TierRange] | None = None
+    progress: int = 0
+    abandoned: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _PutDone:
+    group: int
+    tier: str
+    batch: int
+    statuses: list[PageStatus]
+
+
+@dataclass(frozen=True, slots=True)
+class _GetDone:
+    ticket: int
+    statuses: list[PageStatus]
+    ranges: list[TierRange]
+
+
+@dataclass(frozen=True, slots=True)
+class _LookupDone:
+    ticket: int
+    ranges: list[TierRange]
+
+
+@dataclass(frozen=True, slots=True)
+class _Evicted:
+    tier: str
+    keys: list[str]
+
+
+#: What a worker puts on the engine's completion queue.
+_Done = _PutDone | _GetDone | _LookupDone | _Evicted

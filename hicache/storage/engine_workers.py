@@ -1,0 +1,135 @@
+"""The worker plumbing under :class:`~hicache.storage.engine.StorageEngine` (no torch).
+
+- ``_submit(fn, *args)``   run a job on a worker thread; it counts as in flight until it returns
+- ``_Holds``               holds on the host pages of one job (and bytes of an in-flight gate),
+                           released at the last ``drop``: a page under a worker is never freed
+- ``in_flight()`` / ``holds_outstanding()``   jobs still running / sets of holds still out
+- ``wait_idle()``          block until nothing is in flight and every hold is released
+- ``close()``              wait for the workers and stop them
+
+Workers put what they finished on ``_done``; the engine's ``poll`` takes it on the cache's
+thread. :class:`EngineWorkers` is the base class of the engine (through
+:class:`~hicache.storage.engine_prefetch.PrefetchJobs`).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+
+from hicache.storage.engine_records import HostPages, _Done
+from hicache.storage.inflight import InflightGate
+
+__all__ = ["EngineWorkers"]
+
+
+class _Holds:
+    """Holds on host pages (and bytes of an in-flight gate) released at the last ``drop``."""
+
+    __slots__ = ("_count", "_engine", "_gate", "_lock", "_nbytes", "pages")
+
+    def __init__(
+        self,
+        engine: EngineWorkers,
+        pages: list[int],
+        gate: InflightGate | None = None,
+        nbytes: int = 0,
+    ) -> None:
+        self._engine = engine
+        self.pages = pages
+        self._gate = gate
+        self._nbytes = nbytes
+        self._lock = threading.Lock()
+        self._count = 1
+        engine.host_pool.hold(pages)
+        engine._holds_changed(+1)
+
+    def add(self) -> None:
+        with self._lock:
+            if self._count <= 0:
+                raise RuntimeError("holds already released")
+            self._count += 1
+
+    def drop(self) -> None:
+        with self._lock:
+            self._count -= 1
+            last = self._count == 0
+        if last:
+            try:
+                self._engine.host_pool.release(self.pages)
+                if self._gate is not None:
+                    self._gate.release(self._nbytes)
+            finally:
+                self._engine._holds_changed(-1)
+
+
+class EngineWorkers:
+    """A thread pool whose jobs hold host pages and report on a queue (module docstring)."""
+
+    def __init__(self, host_pool: HostPages, *, workers: int) -> None:
+        self.host_pool = host_pool
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hicache-io")
+        self._done: queue.SimpleQueue[_Done] = queue.SimpleQueue()
+        self._futures: set[Future[None]] = set()
+        self._futures_lock = threading.Lock()
+        self._holds_cv = threading.Condition()
+        self._holds_out = 0
+        self._closed = False
+
+    def _submit(self, fn: Callable[..., None], *args: object) -> Future[None]:
+        fut: Future[None] = self._executor.submit(fn, *args)
+        with self._futures_lock:
+            self._futures.add(fut)
+        fut.add_done_callback(self._forget)
+        return fut
+
+    def _forget(self, fut: Future[None]) -> None:
+        with self._futures_lock:
+            self._futures.discard(fut)
+
+    def _holds_changed(self, delta: int) -> None:
+        with self._holds_cv:
+            self._holds_out += delta
+            if self._holds_out == 0:
+                self._holds_cv.notify_all()
+
+    def in_flight(self) -> int:
+        """Jobs submitted and not finished by their worker yet."""
+        with self._futures_lock:
+            return len(self._futures)
+
+    def holds_outstanding(self) -> int:
+        """Sets of host-page holds not released yet (late backend calls included)."""
+        with self._holds_cv:
+            return self._holds_out
+
+    def wait_idle(self, timeout: float | None = None, *, holds: bool = True) -> bool:
+        """Block until every submitted job finished and (with ``holds``) every hold was released
+        (results still wait for ``poll``); ``False`` if that did not happen within ``timeout``.
+
+        Jobs finish within their calls' deadlines; holds of a call hung in a backend last until
+        it returns, so pass ``holds=False`` (or a timeout) when a backend may hang.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._futures_lock:
+            futures = list(self._futures)
+        _, not_done = wait_futures(futures, timeout=timeout)
+        if not_done:
+            return False
+        if not holds:
+            return True
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        with self._holds_cv:
+            return self._holds_cv.wait_for(lambda: self._holds_out == 0, left)
+
+    def close(self) -> None:
+        """Wait for the workers and stop them (results not polled are dropped). A backend call
+        hung past its deadline is not waited for; its holds go when it returns."""
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.shutdown(wait=True)
