@@ -218,7 +218,7 @@ def format_figures(figures: Sequence[Figure], label: str = "figure") -> list[str
     """Aligned ``name  value  limit  ratio`` lines (plus the rounds' ratios when several)."""
     rounds = any(len(fig.round_ratios) > 1 for fig in figures)
     head = f"  {label:<16} {'value':>16} {'limit':>16} {'ratio':>7}"
-    lines = [f"{head}  rounds" if rounds else head]
+    lines = [f"{head} {'best':>6}  rounds" if rounds else head]
     for fig in figures:
         ratio = "n/a" if fig.ratio is None else f"{fig.ratio:.2f}"
         line = (
@@ -226,7 +226,8 @@ def format_figures(figures: Sequence[Figure], label: str = "figure") -> list[str
             f"{_fmt_value(fig.limit, fig.unit):>16} {ratio:>7}"
         )
         if rounds and fig.round_ratios:
-            line += "  " + " ".join(f"{r:.2f}" for r in fig.round_ratios)
+            best = "n/a" if fig.best_ratio is None else f"{fig.best_ratio:.2f}"
+            line += f" {best:>6}  " + " ".join(f"{r:.2f}" for r in fig.round_ratios)
         lines.append(line)
     return lines
 
@@ -249,7 +250,8 @@ def format_report(report: BenchReport) -> str:
     if rounds > 1:
         lines.append(
             f"{rounds} rounds per pair, the side measured first alternating: value and limit "
-            "are medians, ratio the median of the rounds' ratios"
+            "are medians, ratio the median of the rounds' ratios, best each side's best round "
+            "against the other's"
         )
     for run in report.runs:
         size = run.page_bytes * run.num_pages

@@ -158,6 +158,7 @@ def test_repeat_alternates_sides_and_reports_median_ratios() -> None:
             continue
         assert len(fig.round_ratios) == 3, fig
         assert fig.ratio == sorted(fig.round_ratios)[1], fig
+        assert fig.best_ratio is not None and fig.best_ratio > 0, fig
     doc = report.to_json()["runs"][0]
     assert doc["rounds"] == 3 and len(doc["figures"]["put"]["round_ratios"]) == 3
 

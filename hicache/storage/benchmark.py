@@ -17,8 +17,9 @@ measured in the same run, and reports ``ratio``: throughput / limit, or limit la
 With ``repeat`` > 1 every pair is measured that many times, the side measured first
 alternating from round to round (a disk's writeback, a neighbour's burst, a cold filesystem
 structure otherwise favour whichever side runs second). A figure then reports the median value,
-the median limit and the median of the per-round ratios: the paired ratios cancel the drift
-between rounds that a ratio of medians would keep.
+the median limit and the median of the per-round ratios (the paired ratios cancel the drift
+between rounds that a ratio of medians would keep), and ``best_ratio``: each side's best round
+against the other's best, the figure least touched by interference from outside.
 
 A backend plugs its raw baseline in with a classmethod ``bench_baseline(config, context)``
 returning a :class:`RawBaseline`, and makes cold reads possible with an instance method
@@ -177,6 +178,9 @@ class Figure:
     higher_is_better: bool = True
     #: The ratio of each round when the pair was measured several times (see ``BenchSpec.repeat``).
     round_ratios: tuple[float, ...] = ()
+    #: Over several rounds: each side's best round against the other's (what ``timeit`` reports:
+    #: interference only ever slows a round down, so the best round is the least disturbed).
+    best_ratio: float | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -197,6 +201,7 @@ class Figure:
             "limit": self.limit,
             "ratio": self.ratio,
             "round_ratios": list(self.round_ratios),
+            "best_ratio": self.best_ratio,
         }
 
 
@@ -379,6 +384,8 @@ def _combine(rounds: list[BenchRun]) -> BenchRun:
         if not ratios or not values:
             figures.append(Figure(name, unit, None, None, higher))
             continue
+        best = max if higher else min
+        best_ratio = Figure(name, unit, best(values), best(limits), higher).ratio
         figures.append(
             Figure(
                 name,
@@ -387,6 +394,7 @@ def _combine(rounds: list[BenchRun]) -> BenchRun:
                 statistics.median(limits),
                 higher,
                 ratios,
+                best_ratio,
             )
         )
     problems: dict[str, dict[str, int]] = {}
