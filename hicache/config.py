@@ -231,8 +231,9 @@ class EventsConfig(_Section):
     #: Optional publisher (``zmq`` with an endpoint); unset = drain with ``take_events()``.
     publisher: str | None = None
     endpoint: str | None = None
-    #: Events kept in memory before the oldest are dropped (counted).
-    max_queue: int = Field(default=100_000, ge=1)
+    #: Events kept between two ``take_events()``; beyond it the backlog is discarded (counted)
+    #: and replaced by ``AllBlocksCleared``, so a consumer never keeps a stale block.
+    max_queue: int = Field(default=100_000, ge=2)
 
 
 class HicacheConfig(BaseSettings):

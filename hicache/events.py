@@ -6,13 +6,15 @@ fields come in the same order, and new fields only ever go at the end.
 - ``BlockStored`` - pages became available on a medium (one per page or per contiguous run).
 - ``BlockRemoved`` - pages left a medium.
 - ``AllBlocksCleared`` - a medium (or the whole cache) was reset.
-- ``EventQueue`` - a thread-safe in-process queue; ``take()`` drains it.
+- ``EventQueue`` - a thread-safe in-process queue; ``take()`` drains it; bounded, an overflow
+  turns into ``AllBlocksCleared`` rather than a silent gap.
 
 Block hashes are event block ids (``hicache.keys.block_id``): signed int64.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ __all__ = [
     "KVEvent",
     "Medium",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class Medium(StrEnum):
@@ -97,31 +101,67 @@ KVEvent: TypeAlias = BlockStored | BlockRemoved | AllBlocksCleared
 class EventQueue:
     """A thread-safe FIFO of events; ``take()`` returns and removes everything queued.
 
-    Unbounded on purpose: the cache calls ``take()`` once per scheduler step, and dropping an
-    event would desynchronise a router's view of the cache.
+    ``max_events`` bounds the backlog of a consumer that stopped draining. Dropping single
+    events would be worse than useless: a lost ``BlockRemoved`` leaves a router believing a
+    block is still here, and it routes requests to a cache that no longer holds it. So on
+    overflow the queue discards its whole backlog and starts again with ``AllBlocksCleared``:
+    the consumer forgets this cache's blocks and relearns them from the events that follow,
+    which can only under-state what is cached (a missed hit), never over-state it. Every
+    discarded event is counted (``dropped``), and the first overflow is logged as a warning.
     """
 
-    __slots__ = ("_events", "_lock")
+    __slots__ = ("_events", "_lock", "_logged", "_marked", "dropped", "max_events", "overflows")
 
-    def __init__(self) -> None:
+    def __init__(self, max_events: int | None = None) -> None:
+        if max_events is not None and max_events < 2:
+            raise ValueError(f"max_events must be >= 2 (a marker and one event), got {max_events}")
         self._lock = threading.Lock()
         self._events: list[KVEvent] = []
+        self._logged = False
+        #: The backlog starts with the marker of an overflow since the last take().
+        self._marked = False
+        #: The bound (``None``: unbounded).
+        self.max_events = max_events
+        #: Events discarded by overflows, and how many overflows there were.
+        self.dropped = 0
+        self.overflows = 0
 
     def put(self, event: KVEvent) -> None:
         """Append one event."""
-        with self._lock:
-            self._events.append(event)
+        self.extend((event,))
 
     def extend(self, events: Iterable[KVEvent]) -> None:
         """Append several events, keeping their order and adjacency."""
         batch = list(events)
         with self._lock:
             self._events.extend(batch)
+            limit = self.max_events
+            if limit is not None and len(self._events) > limit:
+                self._overflow(limit)
+
+    def _overflow(self, limit: int) -> None:
+        # Keep the newest events after the marker: a suffix of the stream replayed after a
+        # clear never makes a consumer believe in a block that is gone.
+        body = self._events[1:] if self._marked else self._events
+        keep = body[len(body) - (limit - 1) :]
+        self.dropped += len(body) - len(keep)
+        self.overflows += 1
+        self._events = [AllBlocksCleared(), *keep]
+        self._marked = True
+        if not self._logged:
+            self._logged = True
+            log.warning(
+                "KV event queue overflowed (max_events=%d): %d events discarded and replaced "
+                "by AllBlocksCleared; drain take_events() more often or raise events.max_queue",
+                limit,
+                self.dropped,
+            )
 
     def take(self) -> list[KVEvent]:
         """Return every queued event in order and empty the queue."""
         with self._lock:
             events, self._events = self._events, []
+            self._marked = False
         return events
 
     def __len__(self) -> int:

@@ -57,6 +57,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from hicache.config import PrefetchPolicy
+from hicache.events import EventQueue
 from hicache.hiradix_prefetch import PrefetchLayer
 from hicache.hiradix_records import (
     NoRankSync,
@@ -93,7 +94,8 @@ class HiRadixCache(PrefetchLayer):
 
     ``identity`` seeds the content hashes (pages of different identities never share keys);
     ``tiers`` may be None (no L3). ``gpu_events`` adds ``BlockStored``/``BlockRemoved(GPU)``;
-    ``events=False`` drops every event (nobody calls ``take_events``). The storage namespace
+    ``events=False`` drops every event (nobody calls ``take_events``); ``max_queued_events``
+    bounds the backlog between two ``take_events`` (see ``EventQueue``). The storage namespace
     is baked into the tiers' backends (``BackendContext.namespace``), see :meth:`from_config`.
     Not thread-safe: the serving loop owns it; only the storage engine's workers run elsewhere.
     """
@@ -113,6 +115,7 @@ class HiRadixCache(PrefetchLayer):
         rank_sync: RankSync | None = None,
         gpu_events: bool = True,
         events: bool = True,
+        max_queued_events: int | None = None,
         lora_id: int | None = None,
         io_workers: int = 4,
     ) -> None:
@@ -126,6 +129,8 @@ class HiRadixCache(PrefetchLayer):
         )
         if not events:
             self.events = _DiscardEvents()
+        elif max_queued_events is not None:
+            self.events = EventQueue(max_queued_events)
         self.device_pool = device_pool
         self.host_pool = host_pool
         self.transfer = transfer
@@ -226,6 +231,7 @@ class HiRadixCache(PrefetchLayer):
             rank_sync=rank_sync,
             gpu_events=config.events.enabled,
             events=config.events.enabled,
+            max_queued_events=config.events.max_queue,
         )
 
     def close(self) -> None:
@@ -249,6 +255,8 @@ class HiRadixCache(PrefetchLayer):
             host_pages_free=self.host_pool.available,
             host_holds=self.host_pool.total_holds(),
             pending_writes=len(self.ongoing_write_through),
+            events_dropped=self.events.dropped,
+            events_overflows=self.events.overflows,
         )
         if self.storage is not None:
             out["storage"] = self.storage.stats()

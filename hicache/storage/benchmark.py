@@ -101,6 +101,12 @@ class RawBaseline(ABC):
     def teardown(self) -> None:
         """Remove everything ``setup`` and ``put`` created."""
 
+    def cleanup(self) -> None:
+        """Called once per round after both sides finished (and the backend deleted its pages):
+        remove what the baseline shares with the backend, e.g. a directory tree both wrote into.
+        The default does nothing."""
+        return
+
 
 class MemcpyBaseline(RawBaseline):
     """memcpy into and out of preallocated bytearrays: the limit of any in-memory tier."""
@@ -522,12 +528,15 @@ def _run_pair(
             baseline.teardown()
         return side
 
-    if raw_first_reading is not None:
-        raw = measure_raw(raw_first_reading)
-        ours, read = measure_ours()
-    else:
-        ours, read = measure_ours()
-        raw = measure_raw(read)
+    try:
+        if raw_first_reading is not None:
+            raw = measure_raw(raw_first_reading)
+            ours, read = measure_ours()
+        else:
+            ours, read = measure_ours()
+            raw = measure_raw(read)
+    finally:
+        baseline.cleanup()
     problems = {
         name: phase.problems
         for name, phase in side_phases(ours).items()

@@ -126,7 +126,7 @@ class LocalDiskBackend(Backend):
         from hicache_localdisk.raw import FileBaseline  # the bench machinery loads lazily
 
         assert isinstance(config, LocalDiskConfig)
-        return FileBaseline(config)
+        return FileBaseline(config, context.namespace)
 
     # ------------------------------------------------------------------ lifecycle
 
