@@ -23,7 +23,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -31,6 +31,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -228,12 +229,25 @@ class EventsConfig(_Section):
     """``events:`` KV events (BlockStored / BlockRemoved / AllBlocksCleared)."""
 
     enabled: bool = True
-    #: Optional publisher (``zmq`` with an endpoint); unset = drain with ``take_events()``.
-    publisher: str | None = None
+    #: ``zmq``: publish batches (``HiRadixCache.publish_events()``) on a PUB socket bound at
+    #: ``endpoint``, in vLLM's wire format (docs/events.md); unset = drain with ``take_events()``.
+    publisher: Literal["zmq"] | None = None
     endpoint: str | None = None
+    #: ROUTER socket answering replay requests from the last ``buffer_batches`` batches.
+    replay_endpoint: str | None = None
+    topic: str = ""
+    buffer_batches: int = Field(default=10_000, ge=1)
     #: Events kept between two ``take_events()``; beyond it the backlog is discarded (counted)
     #: and replaced by ``AllBlocksCleared``, so a consumer never keeps a stale block.
     max_queue: int = Field(default=100_000, ge=2)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _publisher_needs_endpoint(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # ``publisher`` is declared first, so it is validated (and in info.data) by now.
+        if info.data.get("publisher") == "zmq" and not value:
+            raise ValueError("required with publisher zmq: where to bind, e.g. tcp://*:5557")
+        return value
 
 
 class HicacheConfig(BaseSettings):

@@ -20,7 +20,8 @@ Read top to bottom, this is where a page goes:
 - ``prefetch_from_storage`` / ``check_prefetch``   L3 -> L2 for the pages after a match; the
                          prefetch policy (``best_effort`` / ``wait_complete`` / ``timeout``)
                          decides how long a request waits, then it keeps the pages that landed
-- ``take_events``        drain every event
+- ``take_events``        drain every event; ``publish_events`` hands them to the configured
+                         publisher instead (``events.publisher: zmq``, see docs/events.md)
 
 The cache is built in layers, one module each, every one on top of the previous:
 :mod:`hicache.hiradix_host` (L1 eviction that keeps host copies, ``evict_host``, ``load_back``),
@@ -76,6 +77,7 @@ from hicache.transfer import TransferEngine
 
 if TYPE_CHECKING:
     from hicache.config import HicacheConfig
+    from hicache.event_publisher import EventPublisher
 
 __all__ = [
     "HiRadixCache",
@@ -95,7 +97,8 @@ class HiRadixCache(PrefetchLayer):
     ``identity`` seeds the content hashes (pages of different identities never share keys);
     ``tiers`` may be None (no L3). ``gpu_events`` adds ``BlockStored``/``BlockRemoved(GPU)``;
     ``events=False`` drops every event (nobody calls ``take_events``); ``max_queued_events``
-    bounds the backlog between two ``take_events`` (see ``EventQueue``). The storage namespace
+    bounds the backlog between two ``take_events`` (see ``EventQueue``); ``event_publisher``
+    receives them from ``publish_events`` and is closed with the cache. The storage namespace
     is baked into the tiers' backends (``BackendContext.namespace``), see :meth:`from_config`.
     Not thread-safe: the serving loop owns it; only the storage engine's workers run elsewhere.
     """
@@ -118,6 +121,7 @@ class HiRadixCache(PrefetchLayer):
         max_queued_events: int | None = None,
         lora_id: int | None = None,
         io_workers: int = 4,
+        event_publisher: EventPublisher | None = None,
     ) -> None:
         self.identity = identity or ModelIdentity("default")
         super().__init__(
@@ -131,6 +135,7 @@ class HiRadixCache(PrefetchLayer):
             self.events = _DiscardEvents()
         elif max_queued_events is not None:
             self.events = EventQueue(max_queued_events)
+        self.event_publisher = event_publisher
         self.device_pool = device_pool
         self.host_pool = host_pool
         self.transfer = transfer
@@ -187,9 +192,12 @@ class HiRadixCache(PrefetchLayer):
         ``config.cache.device_pool`` bytes); L2 is ``config.cache.host_pool`` bytes.
         ``transfer`` defaults to the CUDA engine on a CUDA device pool, else the CPU engine.
         The storage namespace comes from the model shape, page size and TP rank/size.
+        ``events.publisher: zmq`` binds an event publisher (needs ``hicache[zmq]``) on TP rank 0
+        only: ranks agree on every event, so the other ranks discard theirs.
         """
         import torch
 
+        from hicache.event_publisher import publisher_from_config
         from hicache.pools import KVLayout
         from hicache.transfer import CpuTransferEngine, CudaTransferEngine
 
@@ -220,22 +228,45 @@ class HiRadixCache(PrefetchLayer):
         tiers = Tiers.from_config(
             config, namespace, page_bytes=layout.page_bytes, rank=tp_rank, world_size=tp_size
         )
-        return cls(
-            dev_pool,
-            host_pool,
-            transfer(dev_pool, host_pool),
-            identity=ModelIdentity(m.name, m.revision, m.tenant_salt),
-            tiers=tiers,
-            write_policy=str(c.write_policy),
-            prefetch_rules=PrefetchRules.from_config(config.storage.prefetch),
-            rank_sync=rank_sync,
-            gpu_events=config.events.enabled,
-            events=config.events.enabled,
-            max_queued_events=config.events.max_queue,
-        )
+        publisher = publisher_from_config(config.events) if tp_rank == 0 else None
+        events = config.events.enabled and (tp_rank == 0 or config.events.publisher is None)
+        try:
+            return cls(
+                dev_pool,
+                host_pool,
+                transfer(dev_pool, host_pool),
+                identity=ModelIdentity(m.name, m.revision, m.tenant_salt),
+                tiers=tiers,
+                write_policy=str(c.write_policy),
+                prefetch_rules=PrefetchRules.from_config(config.storage.prefetch),
+                rank_sync=rank_sync,
+                gpu_events=events,
+                events=events,
+                max_queued_events=config.events.max_queue,
+                event_publisher=publisher,
+            )
+        except BaseException:
+            if publisher is not None:
+                publisher.close()
+            raise
+
+    def publish_events(self) -> int:
+        """Drain the queued events into the event publisher as one batch; returns how many.
+
+        Without a publisher it raises, unless events are off (0: nothing to publish)."""
+        if self.event_publisher is None:
+            if isinstance(self.events, _DiscardEvents):
+                return 0
+            raise RuntimeError(
+                "no event publisher (set events.publisher: zmq); drain events with take_events()"
+            )
+        events = self.take_events()
+        self.event_publisher.publish(events)
+        return len(events)
 
     def close(self) -> None:
-        """Finish storage I/O (announcing what completed), stop the workers, close the tiers."""
+        """Finish storage I/O (announcing what completed), stop the workers, close the tiers,
+        then publish the last events and close the event publisher, if there is one."""
         if self.storage is not None:
             # bounded: a call hung in a backend past its deadline is not waited for (its
             # pages stay held until it returns, then they are freed)
@@ -244,6 +275,9 @@ class HiRadixCache(PrefetchLayer):
             self.storage.close()
         if self.tiers is not None:
             self.tiers.close()
+        if self.event_publisher is not None and not self.event_publisher.closed:
+            self.publish_events()
+            self.event_publisher.close()
 
     # ------------------------------------------------------------------ introspection
 
@@ -260,4 +294,6 @@ class HiRadixCache(PrefetchLayer):
         )
         if self.storage is not None:
             out["storage"] = self.storage.stats()
+        if self.event_publisher is not None:
+            out["publisher"] = self.event_publisher.stats()
         return out
