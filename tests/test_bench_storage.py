@@ -15,6 +15,7 @@ import pytest
 from hicache.storage.backend import BackendConfig, BackendContext
 from hicache.storage.benchmark import (
     FIGURES,
+    BenchReport,
     BenchSpec,
     Figure,
     MemcpyBaseline,
@@ -79,15 +80,14 @@ class DroppingMemoryBackend(MemoryBackend):
         return True
 
 
-def test_harness_uses_hooks_and_measures_cold_reads() -> None:
+def _bench(kind: type[MemoryBackend], spec: BenchSpec) -> tuple[BenchReport, list[int]]:
+    """Run the harness over memory backends of class ``kind``; return the report and the
+    progress units it reported."""
     from hicache.bench import _baseline_for
 
-    CountingBaseline.calls = {}
-    DroppingMemoryBackend.dropped = 0
-    spec = BenchSpec(page_bytes=(16384,), total_bytes=16384 * 12, threads=(1, 3), batch=2)
     done: list[int] = []
     report = run_storage_bench(
-        make_backend=lambda pb, ns: DroppingMemoryBackend(
+        make_backend=lambda pb, ns: kind(
             MemoryConfig(), BackendContext(page_bytes=pb, namespace=ns)
         ),
         make_baseline=_baseline_for,
@@ -96,6 +96,15 @@ def test_harness_uses_hooks_and_measures_cold_reads() -> None:
         backend_kind="memory",
         progress=done.append,
     )
+    return report, done
+
+
+def test_harness_uses_hooks_and_measures_cold_reads() -> None:
+
+    CountingBaseline.calls = {}
+    DroppingMemoryBackend.dropped = 0
+    spec = BenchSpec(page_bytes=(16384,), total_bytes=16384 * 12, threads=(1, 3), batch=2)
+    report, done = _bench(DroppingMemoryBackend, spec)
     assert report.baseline == "counting memcpy"
     assert [(r.threads, r.num_pages) for r in report.runs] == [(1, 12), (3, 12)]
     assert DroppingMemoryBackend.dropped == 2
@@ -132,21 +141,10 @@ class OrderBackend(MemoryBackend):
 
 
 def test_repeat_alternates_sides_and_reports_median_ratios() -> None:
-    from hicache.bench import _baseline_for
 
     OrderBaseline.log = []
     spec = BenchSpec(page_bytes=(16384,), total_bytes=16384 * 8, threads=(2,), repeat=3)
-    done: list[int] = []
-    report = run_storage_bench(
-        make_backend=lambda pb, ns: OrderBackend(
-            MemoryConfig(), BackendContext(page_bytes=pb, namespace=ns)
-        ),
-        make_baseline=_baseline_for,
-        spec=spec,
-        tier="t",
-        backend_kind="memory",
-        progress=done.append,
-    )
+    report, done = _bench(OrderBackend, spec)
     # Round 0 measures the backend first, round 1 the raw side first, round 2 the backend.
     assert OrderBaseline.log == ["ours", "raw", "raw", "ours", "ours", "raw"]
     assert sum(done) == planned_units(spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from collections.abc import Callable
 
@@ -16,6 +17,9 @@ from hicache.errors import (
 )
 from hicache.storage.breaker import BreakerState, CircuitBreaker
 from hicache.storage.calls import FailureKind, RetryPolicy, TierCaller, classify
+
+#: The ``run_python`` fixture of tests/conftest.py.
+RunPython = Callable[..., "subprocess.CompletedProcess[str]"]
 
 LONG = 30.0  # a deadline no healthy call in these tests gets near, even on a loaded machine
 SHORT = 0.05  # only ever used where the call is made to hang
@@ -232,12 +236,9 @@ def test_bad_settings() -> None:
         RetryPolicy(attempts=0)
 
 
-def test_a_call_hung_for_good_does_not_keep_the_process_alive() -> None:
+def test_a_call_hung_for_good_does_not_keep_the_process_alive(run_python: RunPython) -> None:
     """Worker threads are daemons: a backend call that never returns costs its thread, not the
     process's exit (ThreadPoolExecutor would join it at interpreter exit, forever)."""
-    import subprocess
-    import sys
-
     code = (
         "import threading\n"
         "from hicache.storage.calls import FailureKind, TierCaller\n"
@@ -247,9 +248,7 @@ def test_a_call_hung_for_good_does_not_keep_the_process_alive() -> None:
         "c.close()\n"
         "print('exiting')\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
+    result = run_python(code)
     assert result.returncode == 0 and "exiting" in result.stdout, result.stderr
 
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -25,6 +24,9 @@ from hicache.event_publisher import (  # noqa: E402  (after the optional-depende
     decode_batch,
     encode_batch,
 )
+
+#: The ``run_python`` fixture of tests/conftest.py.
+RunPython = Callable[..., "subprocess.CompletedProcess[str]"]
 
 pytestmark = pytest.mark.timeout(30)
 LOCAL = "tcp://127.0.0.1:*"
@@ -224,7 +226,9 @@ def test_bind_failure_names_the_endpoint(publisher: ZmqEventPublisher) -> None:
         ZmqEventPublisher(publisher.endpoint)
 
 
-def test_without_pyzmq_hicache_imports_torch_free_and_the_publisher_says_what_to_install() -> None:
+def test_without_pyzmq_hicache_imports_torch_free_and_the_publisher_says_what_to_install(
+    run_python: RunPython,
+) -> None:
     code = (
         "import sys\n"
         "sys.modules['zmq'] = None\n"
@@ -236,9 +240,7 @@ def test_without_pyzmq_hicache_imports_torch_free_and_the_publisher_says_what_to
         "except ImportError as exc:\n"
         "    print(exc)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
-    )
+    result = run_python(code, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "pip install 'hicache[zmq]'" in result.stdout
 

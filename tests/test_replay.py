@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import jsonschema
@@ -15,6 +16,9 @@ from hicache.replay.report import ReplayReport
 from hicache.replay.runner import ReplayError
 from hicache.replay.simulate import simulate_hierarchy, simulate_infinite, simulate_lru
 from hicache.replay.trace import expand_block, load_trace
+
+#: The ``run_python`` fixture of tests/conftest.py.
+RunPython = Callable[..., "subprocess.CompletedProcess[str]"]
 
 ROOT = Path(__file__).resolve().parents[1]
 # With --sync-publish the replay matches the block simulation exactly, request by request and
@@ -145,12 +149,13 @@ def test_corrupted_host_page_is_a_loud_failure(
         run_replay(_settings(tmp_path))
 
 
-def test_block_expansion_is_deterministic_and_distinct() -> None:
+def test_block_expansion_is_deterministic_and_distinct(run_python: RunPython) -> None:
     assert expand_block(7, 16) == expand_block(7, 16)
     assert expand_block(7, 16) != expand_block(8, 16)
     assert len(set(expand_block(123, 512))) > 400
     code = "from hicache.replay.trace import expand_block; print(expand_block(99, 8))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(expand_block(99, 8))
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from collections.abc import Callable
 
 import pytest
 
@@ -27,6 +29,9 @@ OK, NF, CORRUPT, FAILED = (
     PageStatus.CORRUPT,
     PageStatus.FAILED,
 )
+
+#: The ``run_python`` fixture of tests/conftest.py.
+RunPython = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
 # ---------------------------------------------------------------------- backpressure
@@ -158,10 +163,7 @@ def test_counters_and_snapshot_are_plain_json() -> None:
     assert json.loads(json.dumps(snap)) == snap
 
 
-def test_hardening_modules_import_no_torch() -> None:
-    import subprocess
-    import sys
-
+def test_hardening_modules_import_no_torch(run_python: RunPython) -> None:
     mods = [
         "hicache.storage.breaker",
         "hicache.storage.admission",
@@ -179,7 +181,5 @@ def test_hardening_modules_import_no_torch() -> None:
         f"for m in {mods!r}: importlib.import_module(m)\n"
         "sys.exit(1 if 'torch' in sys.modules else 0)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=False
-    )
+    result = run_python(code)
     assert result.returncode == 0, result.stdout + result.stderr

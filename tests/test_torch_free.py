@@ -4,13 +4,17 @@ interpreter, so nothing another test imported can hide a regression."""
 from __future__ import annotations
 
 import subprocess
-import sys
+from collections.abc import Callable
 
 import pytest
+
+#: The ``run_python`` fixture of tests/conftest.py.
+RunPython = Callable[..., "subprocess.CompletedProcess[str]"]
 
 _MODULES = [
     "hicache",
     "hicache.storage",
+    "hicache.event_publisher",
     "hicache.storage.registry",
     "hicache.storage.memory",
     "hicache.config",
@@ -21,7 +25,7 @@ _MODULES = [
 
 
 @pytest.mark.parametrize("module", _MODULES)
-def test_import_does_not_import_torch(module: str) -> None:
+def test_import_does_not_import_torch(module: str, run_python: RunPython) -> None:
     code = (
         "import importlib, sys\n"
         f"importlib.import_module({module!r})\n"
@@ -29,13 +33,11 @@ def test_import_does_not_import_torch(module: str) -> None:
         "print(len(bad), bad[:3])\n"
         "sys.exit(1 if bad else 0)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
+    result = run_python(code)
     assert result.returncode == 0, f"{module} imported torch: {result.stdout}{result.stderr}"
 
 
-def test_loading_every_installed_backend_does_not_import_torch() -> None:
+def test_loading_every_installed_backend_does_not_import_torch(run_python: RunPython) -> None:
     code = (
         "import sys\n"
         "from hicache.storage.registry import installed_backends\n"
@@ -43,7 +45,5 @@ def test_loading_every_installed_backend_does_not_import_torch() -> None:
         "assert any(i.kind == 'memory' for i in infos), infos\n"
         "sys.exit(1 if 'torch' in sys.modules else 0)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
+    result = run_python(code)
     assert result.returncode == 0, result.stdout + result.stderr
