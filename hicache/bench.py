@@ -279,32 +279,26 @@ def _run_storage(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     show_progress = not args.json and not args.no_progress and sys.stderr.isatty()
+
+    def run(progress: Callable[[int], None] | None) -> BenchReport:
+        return run_storage_bench(
+            make_backend=make_backend,
+            make_baseline=_baseline_for,
+            spec=spec,
+            tier=tier,
+            backend_kind=kind,
+            progress=progress,
+        )
+
     try:
         if show_progress:
             from rich.progress import Progress
 
             with Progress(transient=True) as bar:
                 task = bar.add_task(f"bench {tier}", total=planned_units(spec))
-
-                def advance(n: int) -> None:
-                    bar.advance(task, n)
-
-                report = run_storage_bench(
-                    make_backend=make_backend,
-                    make_baseline=_baseline_for,
-                    spec=spec,
-                    tier=tier,
-                    backend_kind=kind,
-                    progress=advance,
-                )
+                report = run(lambda n: bar.advance(task, n))
         else:
-            report = run_storage_bench(
-                make_backend=make_backend,
-                make_baseline=_baseline_for,
-                spec=spec,
-                tier=tier,
-                backend_kind=kind,
-            )
+            report = run(None)
     except HicacheError as exc:
         print(f"error: tier {tier!r}: {exc}", file=sys.stderr)
         return 1
