@@ -334,3 +334,19 @@ def test_corrupt_page_is_freed_and_can_be_stored_again(tmp_path: Path) -> None:
         assert backend.stats()["corrupt"] == 1
     finally:
         backend.close()
+
+
+def test_scanbench_reopens_a_filled_file_and_reports_its_scan_rate(tmp_path: Path) -> None:
+    from hicache_mmap.scanbench import main, measure
+
+    figures = measure(str(tmp_path / "scan.slots"), 64 * 8192, 4096, reopens=2)
+    assert figures["slots"] > 0
+    assert 0 < figures["used_slots"] <= figures["slots"]
+    assert len(figures["scan_slots_per_second_each"]) == 2
+    assert figures["scan_slots_per_second"] > 0
+    # The command prints the same figures and leaves no scratch file behind.
+    scratch = tmp_path / "cli"
+    scratch.mkdir()
+    argv = ["--capacity", str(64 * 8192), "--page-bytes", "4096", "--reopens", "1"]
+    assert main([*argv, "--dir", str(scratch)]) == 0
+    assert list(scratch.iterdir()) == []
