@@ -15,6 +15,9 @@ has changed.
   read (``NOT_FOUND`` after one retry), a checksum mismatch is ``CORRUPT``. Wrong bytes are never
   reported ``OK``.
 - **open** scans every header to rebuild the local view; odd or torn slots count as free.
+
+The local view (index, per-set versions, CLOCK) and how it is kept current are in
+:mod:`hicache_mmap.view`; this module holds the protocol: locking, reads, writes and counts.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ from hicache.storage.backend import (
     StoredPage,
 )
 from hicache.storage.benchmark import RawBaseline
-from hicache.storage.eviction import ClockSlots
 from hicache_mmap.layout import (
     BODY_OFFSET,
     GEN,
@@ -58,12 +60,12 @@ from hicache_mmap.locks import LockTimeoutError
 from hicache_mmap.options import MmapOptions, MsyncMode
 from hicache_mmap.rawbench import MmapRawBaseline
 from hicache_mmap.slotfile import OpenRequest, SlotFile
+from hicache_mmap.view import LocalView
 
 __all__ = ["MmapBackend"]
 
 logger = logging.getLogger(__name__)
 
-_UNSEEN: Final[int] = -1
 #: CPUs whose store/load ordering (TSO) makes the fence-free seqlock read sound.
 _TSO_MACHINES: Final = frozenset({"x86_64", "AMD64", "i686", "i386"})
 
@@ -86,12 +88,9 @@ class MmapBackend(Backend):
         self._ns_field = namespace_field(context.namespace)
         self._durable = config.msync is MsyncMode.ON_PUT
         self._pid = 0
-        # key -> (slot, generation at which that slot held it): one atomic dict value, so a
-        # reader never pairs a slot from one observation with a generation from another.
-        self._index: dict[str, tuple[int, int]] = {}
-        self._slot_key: list[str | None] = []
-        self._seen: list[int] = []
-        self._clock: ClockSlots | None = None
+        # Kept for the backend's life (a close only empties its index): a call still in flight
+        # when the backend closes goes on with the view it started with.
+        self._view = LocalView(self._ns_field)
         self._evicted: list[str] = []
         self._evicted_lock = threading.Lock()
         self._logged_corrupt: set[tuple[int, int]] = set()
@@ -127,7 +126,7 @@ class MmapBackend(Backend):
             self._empty = True
             return
         self._empty = False
-        self._file = SlotFile.open(
+        self._file = file = SlotFile.open(
             OpenRequest(
                 path=opts.path,
                 page_bytes=self.context.page_bytes,
@@ -148,7 +147,7 @@ class MmapBackend(Backend):
                 self.context.tier_name,
                 platform.machine(),
             )
-        self._scan()
+        self._scan(file)
 
     def _close(self) -> None:
         self._empty = False
@@ -164,45 +163,19 @@ class MmapBackend(Backend):
                 time.sleep(0.005)
         else:
             logger.warning("slot file %s still in use at close; left mapped", file.path)
-        self._index.clear()
+        self._view.index.clear()
 
-    def _scan(self) -> None:
-        """Rebuild the local view from every slot header (torn or odd slots count as free)."""
-        file = self._req_file()
+    def _scan(self, file: SlotFile) -> None:
+        """Rebuild the local view from every slot header, and log how long that took."""
+        self._scan_seconds = self._view.scan(file)
         geo = file.geo
-        self._index = {}
-        self._slot_key = [None] * geo.num_slots
-        self._seen = [_UNSEEN] * geo.num_sets
-        self._clock = clock = ClockSlots(geo.num_slots)
-        started = time.perf_counter()
-        mm, payload = file.mm, geo.slot_payload
-        base, size, assoc = geo.slots_offset, geo.slot_size, geo.associativity
-        index, slot_key, seen, ours = self._index, self._slot_key, self._seen, self._ns_field
-        set_version = file.set_version
-        for s in range(geo.num_sets):
-            version = set_version(s)
-            for slot in range(s * assoc, (s + 1) * assoc):
-                off = base + slot * size
-                if mm[off + BODY_OFFSET : off + BODY_OFFSET + 8] != SLOT_MAGIC:
-                    continue  # free (the common case in a fresh file): skip the full check
-                found = used_slot(mm[off : off + HEADER_USED], payload)
-                if found is None:
-                    continue  # odd (a writer died in it) or torn: free
-                clock.mark_used(slot)
-                if found[2] == ours:
-                    key = found[1].hex()
-                    index[key] = (slot, found[0])
-                    slot_key[slot] = key
-            # A writer racing this scan bumps the version after it, which makes us rescan.
-            seen[s] = version
-        self._scan_seconds = time.perf_counter() - started
         logger.info(
             "opened %s: %d slots scanned in %.3fs (%.0f slots/s), %d pages of namespace %s",
             file.path,
             geo.num_slots,
             self._scan_seconds,
             geo.num_slots / max(self._scan_seconds, 1e-9),
-            len(self._index),
+            len(self._view.index),
             self.context.namespace,
         )
 
@@ -214,93 +187,10 @@ class MmapBackend(Backend):
 
     # ------------------------------------------------------------------ lookup
 
-    def _observe(self, slot: int, key: str | None, generation: int) -> None:
-        """Record what ``slot`` holds (one of our keys, or not); set's thread lock held."""
-        old = self._slot_key[slot]
-        if old is not None and old != key:
-            entry = self._index.get(old)
-            if entry is not None and entry[0] == slot:
-                del self._index[old]
-        self._slot_key[slot] = key
-        if key is not None:
-            self._index[key] = (slot, generation)
-
-    def _rescan_set(self, file: SlotFile, s: int, *, writer: bool = False) -> None:
-        """Refresh the local view of set ``s`` from its headers, if the set changed.
-
-        Called with the set's thread lock held; ``writer`` means its OFD lock is held too, so no
-        writer is active anywhere and an odd generation was left by a dead one: that slot is
-        free. Without the OFD lock an odd slot is someone's write in progress: left as it is.
-        """
-        version = file.set_version(s)
-        if version == self._seen[s]:
-            return
-        geo = file.geo
-        mm, payload, ours = file.mm, geo.slot_payload, self._ns_field
-        clock = self._clock
-        assert clock is not None
-        base, size = geo.slots_offset, geo.slot_size
-        for slot in range(s * geo.associativity, (s + 1) * geo.associativity):
-            off = base + slot * size
-            raw = mm[off : off + HEADER_USED]
-            found = used_slot(raw, payload)
-            if found is not None:
-                if not clock.is_used(slot):
-                    clock.mark_used(slot)
-                self._observe(slot, found[1].hex() if found[2] == ours else None, found[0])
-            elif writer or not GEN.unpack_from(raw, 0)[0] & 1:
-                clock.release(slot)
-                self._observe(slot, None, 0)
-        # Only a scan no writer overlapped describes the set completely.
-        if file.set_version(s) == version:
-            self._seen[s] = version
-
-    def _locate(self, file: SlotFile, key: str) -> tuple[int, int] | None:
-        """Slot and generation of ``key``, validated against the file; ``None`` if absent."""
-        entry = self._index.get(key)
-        mm = file.mm
-        geo = file.geo
-        if entry is not None:
-            (gen,) = GEN.unpack_from(mm, geo.slots_offset + entry[0] * geo.slot_size)
-            if gen == entry[1]:
-                return entry
-        s = int(key[:16], 16) % geo.num_sets
-        if entry is None and file.set_version(s) == self._seen[s]:
-            return None  # nothing changed in the set since we last saw all of it
-        with file.locks.thread_lock(s):
-            self._rescan_set(file, s)
-        entry = self._index.get(key)
-        if entry is not None:
-            (gen,) = GEN.unpack_from(mm, geo.slots_offset + entry[0] * geo.slot_size)
-            if gen == entry[1]:
-                return entry
-        return None
-
     def _exists(self, keys: Sequence[str]) -> list[bool]:
         if self._empty:
             return [False] * len(keys)
-        file = self._req_file()
-        mm, geo, index, seen = file.mm, file.geo, self._index, self._seen
-        base, size, num_sets = geo.slots_offset, geo.slot_size, geo.num_sets
-        table = geo.set_table_offset
-        unpack = GEN.unpack_from
-        out: list[bool] = []
-        append = out.append
-        for key in keys:
-            # The two common answers inline: a validated index hit, and a miss in a set that has
-            # not changed since we last read all of it.
-            entry = index.get(key)
-            if entry is not None:
-                if unpack(mm, base + entry[0] * size)[0] == entry[1]:
-                    append(True)
-                    continue
-            else:
-                s = int(key[:16], 16) % num_sets
-                if unpack(mm, table + 8 * s)[0] == seen[s]:
-                    append(False)
-                    continue
-            append(self._locate(file, key) is not None)
-        return out
+        return self._view.exists(self._req_file(), keys)
 
     # ------------------------------------------------------------------ get
 
@@ -317,8 +207,9 @@ class MmapBackend(Backend):
     def _get_one(self, file: SlotFile, key: str, dst: memoryview) -> PageStatus:
         if dst.format != "B" or dst.ndim != 1:
             dst = dst.cast("B")
+        view = self._view
         for _attempt in range(2):
-            entry = self._locate(file, key)
+            entry = view.locate(file, key)
             if entry is None:
                 return PageStatus.NOT_FOUND
             try:
@@ -328,7 +219,7 @@ class MmapBackend(Backend):
                 continue
             if status is PageStatus.OK:
                 self._counts["hits"] += 1
-                clock = self._clock
+                clock = view.clock
                 if clock is not None:
                     clock.touch(entry[0])
             return status
@@ -397,11 +288,12 @@ class MmapBackend(Backend):
             if file.generation(slot) != gen:
                 return  # already replaced by a writer
             file.clear(slot, self._durable)
-            clock = self._clock
+            view = self._view
+            clock = view.clock
             if clock is not None:
                 clock.release(slot)
-            self._observe(slot, None, gen + 2)
-            self._seen[s] = file.bump_set_version(s)
+            view.observe(slot, None, gen + 2)
+            view.seen[s] = file.bump_set_version(s)
         finally:
             file.locks.release(s)
 
@@ -437,7 +329,8 @@ class MmapBackend(Backend):
         s = int(key[:16], 16) % geo.num_sets
         first = s * geo.associativity
         end = first + geo.associativity
-        clock = self._clock
+        view = self._view
+        clock = view.clock
         assert clock is not None
         victim_key: str | None = None
         evicted = False
@@ -446,25 +339,25 @@ class MmapBackend(Backend):
         try:
             # Under the writer lock the set is stable: after a refresh (skipped when the set's
             # version shows nothing changed since we last saw it) the local view is exact.
-            self._rescan_set(file, s, writer=True)
-            entry = self._index.get(key)
+            view.rescan_set(file, s, writer=True)
+            entry = view.index.get(key)
             if entry is not None and file.generation(entry[0]) == entry[1]:
                 clock.touch(entry[0])
                 return PageStatus.ALREADY_EXISTS
             slot = clock.choose(first, end)
             if clock.is_used(slot):
                 evicted = True
-                victim_key = self._slot_key[slot]
+                victim_key = view.slot_key[slot]
             odd = file.begin_write(slot, durable)
-            self._observe(slot, None, odd)
+            view.observe(slot, None, odd)
             checksum = file.write_payload(slot, src, durable)
             final = file.finish_write(
                 slot, odd, bytes.fromhex(key), self._ns_field, src.nbytes, checksum, durable
             )
             if not clock.is_used(slot):
                 clock.mark_used(slot)
-            self._observe(slot, key, final)
-            self._seen[s] = file.bump_set_version(s)
+            view.observe(slot, key, final)
+            view.seen[s] = file.bump_set_version(s)
         finally:
             file.locks.release(s)
         if evicted:
@@ -478,14 +371,15 @@ class MmapBackend(Backend):
         file = self._req_file()
         self._check_pid()
         geo = file.geo
-        clock = self._clock
+        view = self._view
+        clock = view.clock
         assert clock is not None
         for key in keys:
             s = int(key[:16], 16) % geo.num_sets
             file.locks.acquire(s)
             try:
-                self._rescan_set(file, s, writer=True)
-                entry = self._index.get(key)
+                view.rescan_set(file, s, writer=True)
+                entry = view.index.get(key)
                 if entry is None:
                     continue
                 slot = entry[0]
@@ -494,8 +388,8 @@ class MmapBackend(Backend):
                     continue
                 file.clear(slot, self._durable)
                 clock.release(slot)
-                self._observe(slot, None, hdr.generation + 2)
-                self._seen[s] = file.bump_set_version(s)
+                view.observe(slot, None, hdr.generation + 2)
+                view.seen[s] = file.bump_set_version(s)
             finally:
                 file.locks.release(s)
 
@@ -555,7 +449,7 @@ class MmapBackend(Backend):
         out: dict[str, Any] = dict(self._counts)
         if file is not None:
             geo = file.geo
-            clock = self._clock
+            clock = self._view.clock
             out.update(
                 path=file.path,
                 num_slots=geo.num_slots,
@@ -565,7 +459,7 @@ class MmapBackend(Backend):
                 capacity_bytes=geo.num_slots * geo.slot_size,
                 used_slots=clock.num_used if clock is not None else 0,
                 used_bytes=(clock.num_used if clock is not None else 0) * geo.slot_size,
-                pages=len(self._index),
+                pages=len(self._view.index),
                 scan_seconds=self._scan_seconds,
                 scan_slots_per_s=geo.num_slots / max(self._scan_seconds, 1e-9),
             )
