@@ -90,7 +90,12 @@ def test_two_processes_write_and_read_one_file(tmp_path: Path) -> None:
     start.set()
     for peer in peers:
         peer.join(60)
-        assert peer.exitcode == 0
+    hung = [me for me, peer in enumerate(peers) if peer.exitcode is None]
+    for me in hung:  # never leave a stuck child behind; say which one stuck
+        peers[me].kill()
+        peers[me].join(10)
+    assert not hung, f"peers {hung} still running after 60 s (forked from a threaded pytest?)"
+    assert [peer.exitcode for peer in peers] == [0, 0]
     reports = [json.loads(out.read_text()) for out in outs]
     print({k: [r[k] for r in reports] for k in ("puts", "reads", "seen_other")})
     for me, report in enumerate(reports):
