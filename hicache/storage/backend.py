@@ -352,18 +352,30 @@ class Backend(ABC):
     # ------------------------------------------------------------------ optional listing
 
     def iter_pages(self) -> Iterator[StoredPage]:
-        """Yield every page stored in this instance's namespace (``capabilities.listable``).
+        """Iterate over every page stored in this instance's namespace (``capabilities.listable``).
 
         Used by the storage operations (``hicache storage du|verify|purge``), never on the serving
-        path. The default raises ``NotImplementedError``.
+        path. Raises ``BackendClosedError`` at the call (not at the first item) when the instance
+        is not open, and ``NotImplementedError`` when the backend does not list.
         """
-        raise NotImplementedError(f"{type(self).__name__} cannot list its pages")
+        self._check_call([])
+        return self._iter_pages()
 
     def iter_namespaces(self) -> Iterator[str]:
-        """Yield every namespace present in the underlying storage (``capabilities.listable``)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot list namespaces")
+        """Iterate over every namespace present in the underlying storage (``listable``); raises
+        like :meth:`iter_pages`."""
+        self._check_call([])
+        return self._iter_namespaces()
 
     # ------------------------------------------------------------------ hooks to implement
+
+    def _iter_pages(self) -> Iterator[StoredPage]:
+        """Yield the namespace's pages (optional; called on an open instance). Default: none."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its pages")
+
+    def _iter_namespaces(self) -> Iterator[str]:
+        """Yield the namespaces present (optional; called on an open instance). Default: none."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list namespaces")
 
     @abstractmethod
     def _open(self) -> None:

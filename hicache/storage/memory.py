@@ -301,7 +301,7 @@ class MemoryBackend(Backend):
 
     # ------------------------------------------------------------------ listing
 
-    def iter_pages(self) -> Iterator[StoredPage]:
+    def _iter_pages(self) -> Iterator[StoredPage]:
         store = self._require_store()
         with store.lock:
             snapshot = [
@@ -310,7 +310,7 @@ class MemoryBackend(Backend):
             ]
         yield from snapshot
 
-    def iter_namespaces(self) -> Iterator[str]:
+    def _iter_namespaces(self) -> Iterator[str]:
         store = self._require_store()
         with store.lock:
             names = sorted(ns for ns, pages in store.pages.items() if pages)

@@ -420,6 +420,9 @@ class BackendTests:
             lambda: instance.put([key], [page]),
             lambda: instance.get_into([key], [dst]),
             lambda: instance.delete([key]),
+            # Listing refuses at the call, listable or not: not at the first item.
+            instance.iter_pages,
+            instance.iter_namespaces,
         ]
         for call in calls:
             with pytest.raises(BackendClosedError):

@@ -494,15 +494,13 @@ class LocalDiskBackend(Backend):
             "open_scan": dict(self._open_scan),
         }
 
-    def iter_pages(self) -> Iterator[StoredPage]:
+    def _iter_pages(self) -> Iterator[StoredPage]:
         # docstring inherited
-        self._check_call([])
         for page in self._layout.scan().pages:
             yield StoredPage(page.key, page.size)
 
-    def iter_namespaces(self) -> Iterator[str]:
+    def _iter_namespaces(self) -> Iterator[str]:
         # docstring inherited
-        self._check_call([])
         for name in self._layout.namespaces():
             try:
                 yield check_namespace(name)

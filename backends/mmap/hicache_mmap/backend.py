@@ -412,14 +412,14 @@ class MmapBackend(Backend):
             out, self._evicted = self._evicted, []
         return out
 
-    def iter_pages(self) -> Iterator[StoredPage]:
+    def _iter_pages(self) -> Iterator[StoredPage]:
         # docstring inherited
         ours = self._ns_field
         for _slot, slot_size, key_raw, ns, payload_len in self._iter_used():
             if ns == ours:
                 yield StoredPage(key_raw.hex(), slot_size, payload_len)
 
-    def iter_namespaces(self) -> Iterator[str]:
+    def _iter_namespaces(self) -> Iterator[str]:
         # docstring inherited
         seen: set[bytes] = set()
         for _slot, _size, _key, ns, _len in self._iter_used():

@@ -476,9 +476,8 @@ class S3Backend(Backend):
         except Exception as exc:
             raise self._translate(exc, "ListObjectsV2") from exc
 
-    def iter_pages(self) -> Iterator[StoredPage]:
+    def _iter_pages(self) -> Iterator[StoredPage]:
         # docstring inherited
-        self._check_call([])
         start = len(self._key_prefix)
         for page in self._list(Prefix=self._key_prefix):
             for item in page.get("Contents", ()):
@@ -486,9 +485,8 @@ class S3Backend(Backend):
                 if len(key) == 64 and all(c in "0123456789abcdef" for c in key):
                     yield StoredPage(key=key, stored_bytes=int(item.get("Size", 0)))
 
-    def iter_namespaces(self) -> Iterator[str]:
+    def _iter_namespaces(self) -> Iterator[str]:
         # docstring inherited
-        self._check_call([])
         root = f"{self.options.prefix}/" if self.options.prefix else ""
         for page in self._list(Prefix=root, Delimiter="/"):
             for common in page.get("CommonPrefixes", ()):

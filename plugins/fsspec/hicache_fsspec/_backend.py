@@ -214,7 +214,7 @@ class FsspecBackend(Backend):
 
     # ------------------------------------------------------------------ listing
 
-    def iter_pages(self) -> Iterator[StoredPage]:
+    def _iter_pages(self) -> Iterator[StoredPage]:
         # docstring inherited
         fs = self._require_fs()
         try:
@@ -233,7 +233,7 @@ class FsspecBackend(Backend):
                 continue
             yield StoredPage(key=name, stored_bytes=int(info.get("size") or 0))
 
-    def iter_namespaces(self) -> Iterator[str]:
+    def _iter_namespaces(self) -> Iterator[str]:
         # docstring inherited
         fs = self._require_fs()
         try:
