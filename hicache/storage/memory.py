@@ -34,8 +34,14 @@ from hicache.storage.backend import (
     PageStatus,
     StoredPage,
 )
+from hicache.storage.buffers import copy_and_hash, copy_bytes
 from hicache.storage.eviction import TailFirstLRU
-from hicache.storage.pageformat import encode_header, verify_page
+from hicache.storage.pageformat import (
+    HEADER_SIZE,
+    encode_header_into,
+    payload_checksum,
+    verify_page,
+)
 from hicache.storage.sizes import Size
 
 __all__ = ["MemoryBackend", "MemoryConfig"]
@@ -189,16 +195,25 @@ class MemoryBackend(Backend):
                     return i
             return len(keys)
 
+    def _build_page(self, key: str, src: memoryview) -> _Page:
+        """A stored copy of ``src`` and its header.
+
+        ``bytearray(src)`` copies into fresh, unzeroed memory in one pass. A GIL-free copy
+        (``buffers.copy_and_hash``) needs a zeroed buffer first, one more pass over the page: it
+        measured no faster (0.22-0.43 of memcpy either way, fresh allocations dominate).
+        """
+        payload = bytearray(src)
+        header = bytearray(HEADER_SIZE)
+        encode_header_into(header, self._ns, key, len(payload), payload_checksum(payload))
+        return _Page(header, payload)
+
     def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
         store = self._require_store()
         # Build whole pages before taking the lock: a reader can only ever find a complete page.
         with store.lock:
             pages = store.namespace(self._ns)
             fresh_idx = [i for i, key in enumerate(keys) if key not in pages]
-        fresh = {
-            i: _Page(bytearray(encode_header(self._ns, keys[i], srcs[i])), bytearray(srcs[i]))
-            for i in fresh_idx
-        }
+        fresh = {i: self._build_page(keys[i], srcs[i]) for i in fresh_idx}
         statuses: list[PageStatus] = []
         evicted: list[str] = []
         with store.lock:
@@ -254,21 +269,22 @@ class MemoryBackend(Backend):
                 misses += 1
                 continue
             try:
-                verify_page(
-                    page.header,
-                    page.payload,
-                    namespace=self._ns,
-                    key=key,
-                    check_payload=self._cfg.verify,
+                header = verify_page(
+                    page.header, page.payload, namespace=self._ns, key=key, check_payload=False
                 )
+                # One pass, GIL released: the payload is hashed as it lands in ``dst``.
+                payload = memoryview(page.payload)
+                if not self._cfg.verify:
+                    copy_bytes(dst, payload)
+                elif (got := copy_and_hash(dst, payload, hash_dst=True)) != header.checksum:
+                    raise PageCorruptError(
+                        "checksum", f"stored {header.checksum:#018x}, computed {got:#018x}"
+                    )
             except PageCorruptError as exc:
                 logger.warning("memory tier %r: page %s is corrupt: %s", self._tier, key, exc)
                 statuses.append(PageStatus.CORRUPT)
                 corrupt += 1
                 continue
-            if dst.format != "B":  # e.g. a typed view of a host page; same bytes, no copy
-                dst = dst.cast("B")
-            dst[:] = page.payload  # memoryview slice assignment: one copy, straight in
             statuses.append(PageStatus.OK)
             hits += 1
         self._count(hits=hits, misses=misses, corrupt=corrupt)
