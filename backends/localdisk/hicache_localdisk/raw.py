@@ -42,7 +42,6 @@ class FileBaseline(RawBaseline):
         self._mode = config.file_mode
         self._num_pages = 0
         self._header = memoryview(bytearray(HEADER_SIZE))
-        self._headers: dict[int, memoryview] = {}
 
     def _path(self, i: int) -> str:
         # A dot name in the same fan-out directories: never mistaken for a page by the backend
