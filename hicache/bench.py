@@ -157,21 +157,18 @@ def _spec_from_args(args: argparse.Namespace) -> BenchSpec:
     page_mib = args.page_mib or (QUICK_PAGE_MIB if quick else DEFAULT_PAGE_MIB)
     total_gib = args.total_gib or (QUICK_TOTAL_GIB if quick else DEFAULT_TOTAL_GIB)
     threads = args.threads or (QUICK_THREADS if quick else DEFAULT_THREADS)
-    if args.batch < 1:
-        raise HicacheError(f"--batch must be >= 1, got {args.batch}")
-    if args.exists_keys < 1:
-        raise HicacheError(f"--exists-keys must be >= 1, got {args.exists_keys}")
     repeat = args.repeat if args.repeat is not None else (1 if quick else DEFAULT_REPEAT)
-    if repeat < 1:
-        raise HicacheError(f"--repeat must be >= 1, got {repeat}")
-    return BenchSpec(
-        min_exists_keys=args.exists_keys,
-        page_bytes=tuple(max(1, int(m * MIB)) for m in page_mib),
-        total_bytes=max(1, int(total_gib * GIB)),
-        threads=threads,
-        batch=args.batch,
-        repeat=repeat,
-    )
+    try:
+        return BenchSpec(
+            min_exists_keys=args.exists_keys,
+            page_bytes=tuple(max(1, int(m * MIB)) for m in page_mib),
+            total_bytes=max(1, int(total_gib * GIB)),
+            threads=threads,
+            batch=args.batch,
+            repeat=repeat,
+        )
+    except ValueError as exc:  # the spec checks itself and names the field
+        raise HicacheError(f"bad benchmark options: {exc}") from exc
 
 
 def _build_tier(

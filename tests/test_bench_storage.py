@@ -165,7 +165,9 @@ def test_repeat_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
     from hicache.bench import main
 
     assert main(["storage", "--config", str(MEMORY_YAML), "--repeat", "0"]) == 2
-    assert "--repeat must be >= 1, got 0" in capsys.readouterr().err
+    assert "bad benchmark options: repeat must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="batch must be >= 1, got 0"):
+        BenchSpec(batch=0)
 
 
 def _check_report(doc: dict[str, object], *, cold: bool) -> None:

@@ -29,6 +29,7 @@ imports torch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -155,6 +156,11 @@ class BenchSpec:
     min_exists_keys: int = 20_000
     #: Rounds per (page size, threads) pair, the side measured first alternating.
     repeat: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "exists_batch", "min_exists_keys", "repeat"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def num_pages(self, page_bytes: int, threads: int) -> int:
         """Pages written for one (page size, threads) pair: ``total_bytes`` worth, at least one
@@ -344,8 +350,6 @@ def run_storage_bench(
     and namespace; ``make_baseline(backend)`` its raw baseline. The backend's pages are deleted
     and the baseline torn down after each round.
     """
-    if spec.repeat < 1:
-        raise ValueError(f"repeat must be >= 1, got {spec.repeat}")
     report: BenchReport | None = None
     for page_bytes in spec.page_bytes:
         for threads in spec.threads:
@@ -475,21 +479,22 @@ def _run_pair(
         hook = getattr(backend, "drop_page_cache", None)
         return bool(hook()) if callable(hook) else False
 
+    # Both sides run the same phases over the same pages, threads and batches.
+    measure = functools.partial(
+        measure_side, num_pages=num_pages, threads=threads, spec=spec, progress=progress
+    )
+
     def measure_ours() -> tuple[Side, list[int]]:
         settle()
         backend.open()
         try:
-            return measure_side(
+            return measure(
                 put=our_put,
                 get=our_get,
                 exists=our_exists,
                 exists_prefix=our_exists_prefix,
                 drop_cache=drop,
-                num_pages=num_pages,
                 readable=resident,
-                threads=threads,
-                spec=spec,
-                progress=progress,
             )
         finally:
             try:
@@ -511,18 +516,14 @@ def _run_pair(
         baseline.setup(page_bytes, num_pages)
         settle()
         try:
-            side, _ = measure_side(
+            side, _ = measure(
                 put=raw_put,
                 get=raw_get,
                 exists=raw_exists,
                 # The raw limit of a prefix check is a presence check of the same chain.
                 exists_prefix=raw_exists,
                 drop_cache=baseline.drop_cache,
-                num_pages=num_pages,
                 readable=lambda: read,  # the same pages the backend read back
-                threads=threads,
-                spec=spec,
-                progress=progress,
             )
         finally:
             baseline.teardown()

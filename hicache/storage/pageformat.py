@@ -49,6 +49,7 @@ __all__ = [
     "MAGIC",
     "Buffer",
     "PageHeader",
+    "check_checksum",
     "decode_header",
     "encode_header",
     "encode_header_into",
@@ -204,11 +205,16 @@ def verify_payload(header: PageHeader, payload: Buffer, *, check_payload: bool =
             "length", f"payload has {nbytes} bytes, header says {header.payload_len}"
         )
     if check_payload:
-        actual = payload_checksum(payload)
-        if actual != header.checksum:
-            raise PageCorruptError(
-                "checksum", f"stored {header.checksum:#018x}, computed {actual:#018x}"
-            )
+        check_checksum(header, payload_checksum(payload))
+
+
+def check_checksum(header: PageHeader, computed: int) -> None:
+    """Raise ``PageCorruptError("checksum")`` unless ``computed`` is the header's payload
+    checksum (for readers that hash the payload while copying it)."""
+    if computed != header.checksum:
+        raise PageCorruptError(
+            "checksum", f"stored {header.checksum:#018x}, computed {computed:#018x}"
+        )
 
 
 def verify_page(

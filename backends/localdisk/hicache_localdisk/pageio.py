@@ -25,6 +25,7 @@ from hicache.storage.backend import PageStatus
 from hicache.storage.buffers import buffer_address
 from hicache.storage.pageformat import (
     HEADER_SIZE,
+    check_checksum,
     encode_header_into,
     payload_checksum,
     verify_page,
@@ -216,10 +217,8 @@ class PageIO:
             decoded = verify_page(
                 header, dst, namespace=self._ns, key=key, check_payload=self._verify and not hashed
             )
-            if hashed and checksum != decoded.checksum:
-                raise PageCorruptError(
-                    "checksum", f"stored {decoded.checksum:#018x}, computed {checksum:#018x}"
-                )
+            if hashed:
+                check_checksum(decoded, checksum)
             if touch_ns is not None and not self._touch_off:
                 self._touch(fd, touch_ns)
         except PageCorruptError as exc:
