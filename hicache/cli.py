@@ -7,8 +7,8 @@
                                       1 with one ``yaml.path: problem`` line per error
 - ``hicache config show FILE``        the merged configuration (file + ``HICACHE_*``) as JSON
 
-Optional modules add their own subcommands when present: ``hicache.bench`` (``bench``),
-``hicache.storage.ops`` (``storage``) and ``hicache.replay`` (``replay``), each through an
+Optional modules add their own subcommands when present: ``hicache.tools.bench`` (``bench``),
+``hicache.tools.ops`` (``storage``) and ``hicache.replay`` (``replay``), each through an
 ``add_parser(subparsers)`` function that sets ``func`` (``args -> exit code``). Importing this
 module is cheap: subcommand modules load when the parser is built, backends when a command needs
 them.
@@ -31,7 +31,7 @@ __all__ = ["build_parser", "main"]
 logger = logging.getLogger(__name__)
 
 #: Modules that contribute subcommands when they exist (each defines ``add_parser``).
-OPTIONAL_COMMAND_MODULES = ("hicache.bench", "hicache.storage.ops", "hicache.replay")
+OPTIONAL_COMMAND_MODULES = ("hicache.tools.bench", "hicache.tools.ops", "hicache.replay")
 
 _Handler = Callable[[argparse.Namespace], int]
 

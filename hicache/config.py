@@ -40,6 +40,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from hicache.errors import ConfigError, PluginError
 from hicache.storage.backend import BackendConfig
 from hicache.storage.sizes import Size, parse_size
+from hicache.tiering.admission import Admission
+from hicache.tiering.prefetch import PrefetchPolicy
 
 __all__ = [
     "Admission",
@@ -74,29 +76,12 @@ DTYPE_BYTES: Mapping[str, int] = {
 _TIER_NAME_RE = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*\Z")
 
 
-class Admission(enum.StrEnum):
-    """Which published pages a tier accepts."""
-
-    #: Every page handed to the tier.
-    ALWAYS = "always"
-    #: Only pages whose prefix was already seen once (filters one-off prompts).
-    SECOND_HIT = "second_hit"
-
-
 class WritePolicy(enum.StrEnum):
     """When device pages are backed up to host memory (and from there published)."""
 
     WRITE_THROUGH = "write_through"
     #: Back up a node only on its second hit.
     WRITE_THROUGH_SELECTIVE = "write_through_selective"
-
-
-class PrefetchPolicy(enum.StrEnum):
-    """How long a request waits for pages being prefetched from storage (SGLang's names)."""
-
-    BEST_EFFORT = "best_effort"
-    WAIT_COMPLETE = "wait_complete"
-    TIMEOUT = "timeout"
 
 
 class _Section(BaseModel):

@@ -57,7 +57,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from hicache.config import PrefetchPolicy
 from hicache.events import EventQueue
 from hicache.hiradix_prefetch import PrefetchLayer
 from hicache.hiradix_records import (
@@ -70,9 +69,9 @@ from hicache.hiradix_records import (
 )
 from hicache.keys import ModelIdentity, seed_hash
 from hicache.pools import DevicePool, HostPool
-from hicache.storage.engine import StorageEngine
-from hicache.storage.prefetch import PrefetchRules
-from hicache.storage.tiers import Tiers
+from hicache.tiering.engine import StorageEngine
+from hicache.tiering.prefetch import PrefetchPolicy, PrefetchRules
+from hicache.tiering.tiers import Tiers
 from hicache.transfer import TransferEngine
 
 if TYPE_CHECKING:

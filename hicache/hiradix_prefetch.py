@@ -15,14 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hicache.config import PrefetchPolicy
 from hicache.events import Medium
 from hicache.hiradix_records import PrefetchHandle
 from hicache.hiradix_writes import WriteThroughLayer
 from hicache.keys import block_id, chain_hashes, storage_key
 from hicache.radix import TreeNode
-from hicache.storage.engine import EnginePoll
-from hicache.storage.prefetch import PrefetchOutcome, PrefetchRules
+from hicache.tiering.engine import EnginePoll
+from hicache.tiering.prefetch import PrefetchOutcome, PrefetchPolicy, PrefetchRules
 
 __all__ = ["PrefetchLayer"]
 

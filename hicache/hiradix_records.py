@@ -18,7 +18,7 @@ from typing import Protocol
 
 from hicache.events import EventQueue, KVEvent
 from hicache.radix import TreeNode
-from hicache.storage.prefetch import PrefetchWait
+from hicache.tiering.prefetch import PrefetchWait
 
 __all__ = [
     "NoRankSync",

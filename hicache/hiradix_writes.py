@@ -27,8 +27,8 @@ from hicache.hiradix_host import HostLayer
 from hicache.hiradix_records import PendingWrite, RankSync, WritePolicy
 from hicache.keys import block_id, storage_key
 from hicache.radix import TreeNode
-from hicache.storage.engine import EnginePoll, PublishGroup, PublishPage, StorageEngine
-from hicache.storage.tiers import Tier
+from hicache.tiering.engine import EnginePoll, PublishGroup, PublishPage, StorageEngine
+from hicache.tiering.tiers import Tier
 from hicache.transfer import Direction
 
 __all__ = ["WriteThroughLayer"]

@@ -28,10 +28,10 @@ from hicache.hiradix import HiRadixCache, WritePolicy
 from hicache.keys import ModelIdentity, chain_hashes, seed_hash, storage_key
 from hicache.pools import DevicePool, HostPool, KVLayout
 from hicache.storage.backend import BackendContext, PageStatus
-from hicache.storage.calls import RetryPolicy
 from hicache.storage.memory import MemoryBackend, MemoryConfig
-from hicache.storage.tiers import Tier, Tiers, TierSettings
 from hicache.testing.faults import FaultOp, FaultyBackend
+from hicache.tiering.calls import RetryPolicy
+from hicache.tiering.tiers import Tier, Tiers, TierSettings
 from hicache.transfer import CpuTransferEngine
 
 PS = 16

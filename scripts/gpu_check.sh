@@ -12,7 +12,7 @@
 #   GPU_TEST_PATHS   test files to run with -m cuda (default: the torch-only cache-side tests;
 #                    pydantic/stevedore may be missing on a GPU image, so storage tests are not
 #                    collected here)
-#   BENCH_ARGS       extra arguments for python -m hicache.transfer_bench
+#   BENCH_ARGS       extra arguments for python -m hicache.tools.transfer_bench
 #   ALLOW_CPU=1      run anyway without a GPU (a smoke test of this script; CUDA tests skip)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -86,11 +86,11 @@ TEST_RC=${PIPESTATUS[0]}
 #    bf16: 8 MiB), then an MLA-shaped one (DeepSeek-V3: 61 layers, latent 576, 64 tokens).
 say "transfer benchmark"
 # shellcheck disable=SC2086
-timeout 90 "$PY" -m hicache.transfer_bench --json "$OUTDIR/transfer_bench.json" ${BENCH_ARGS:-} \
+timeout 90 "$PY" -m hicache.tools.transfer_bench --json "$OUTDIR/transfer_bench.json" ${BENCH_ARGS:-} \
     | tee "$OUTDIR/transfer_bench.txt"
 BENCH_RC=${PIPESTATUS[0]}
 # shellcheck disable=SC2086
-timeout 60 "$PY" -m hicache.transfer_bench --mla --layers 61 --kv-heads 1 --head-dim 576 \
+timeout 60 "$PY" -m hicache.tools.transfer_bench --mla --layers 61 --kv-heads 1 --head-dim 576 \
     --json "$OUTDIR/transfer_bench_mla.json" ${BENCH_ARGS:-} | tee "$OUTDIR/transfer_bench_mla.txt"
 MLA_RC=${PIPESTATUS[0]}
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hicache.config import Admission, TierConfig
-from hicache.storage.admission import AlwaysAdmit, SecondHitAdmit, make_admission
+from hicache.config import TierConfig
+from hicache.tiering.admission import Admission, AlwaysAdmit, SecondHitAdmit, make_admission
 
 
 def k(i: int) -> str:

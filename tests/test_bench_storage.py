@@ -13,18 +13,18 @@ from typing import ClassVar
 import pytest
 
 from hicache.storage.backend import BackendConfig, BackendContext
-from hicache.storage.benchmark import (
+from hicache.storage.baseline import RawBaseline
+from hicache.storage.memory import MemoryBackend, MemoryConfig
+from hicache.tools.benchmark import (
     FIGURES,
     BenchReport,
     BenchSpec,
     Figure,
     MemcpyBaseline,
-    RawBaseline,
     percentile,
     planned_units,
     run_storage_bench,
 )
-from hicache.storage.memory import MemoryBackend, MemoryConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY_YAML = ROOT / "configs" / "memory.yaml"
@@ -83,7 +83,7 @@ class DroppingMemoryBackend(MemoryBackend):
 def _bench(kind: type[MemoryBackend], spec: BenchSpec) -> tuple[BenchReport, list[int]]:
     """Run the harness over memory backends of class ``kind``; return the report and the
     progress units it reported."""
-    from hicache.bench import _baseline_for
+    from hicache.tools.bench import _baseline_for
 
     done: list[int] = []
     report = run_storage_bench(
@@ -162,7 +162,7 @@ def test_repeat_alternates_sides_and_reports_median_ratios() -> None:
 
 
 def test_repeat_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
-    from hicache.bench import main
+    from hicache.tools.bench import main
 
     assert main(["storage", "--config", str(MEMORY_YAML), "--repeat", "0"]) == 2
     assert "bad benchmark options: repeat must be >= 1, got 0" in capsys.readouterr().err
@@ -197,7 +197,7 @@ def test_cli_quick_json_on_memory_config() -> None:
         [
             sys.executable,
             "-m",
-            "hicache.bench",
+            "hicache.tools.bench",
             "storage",
             "--config",
             str(MEMORY_YAML),
@@ -219,7 +219,7 @@ def test_cli_quick_json_on_memory_config() -> None:
 
 def test_cli_quick_text_on_memory_config(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("hicache.config")
-    from hicache.bench import main
+    from hicache.tools.bench import main
 
     assert main(["storage", "--config", str(MEMORY_YAML), "--quick", "--threads", "2"]) == 0
     out = capsys.readouterr().out
@@ -232,14 +232,14 @@ def test_cli_quick_text_on_memory_config(capsys: pytest.CaptureFixture[str]) -> 
 
 def test_cli_reports_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("hicache.config")
-    from hicache.bench import main
+    from hicache.tools.bench import main
 
     assert main(["storage", "--config", str(MEMORY_YAML), "--quick", "--tier", "nope"]) == 2
     assert "'nope'" in capsys.readouterr().err
 
 
 def test_eviction_bench_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    from hicache.bench import main
+    from hicache.tools.bench import main
 
     assert main(["eviction", "--keys", "2000", "--rounds", "20", "--json"]) == 0
     figures = json.loads(capsys.readouterr().out)["figures"]
@@ -255,7 +255,7 @@ def test_eviction_bench_cli(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_radix_subcommand_delegates_or_explains(capsys: pytest.CaptureFixture[str]) -> None:
-    from hicache.bench import main
+    from hicache.tools.bench import main
 
     with pytest.raises(SystemExit) as info:
         main(["radix", "--help"])
@@ -266,16 +266,16 @@ def test_radix_subcommand_delegates_or_explains(capsys: pytest.CaptureFixture[st
 def test_radix_subcommand_without_its_module_exits_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from hicache.bench import main
+    from hicache.tools.bench import main
 
     # A None entry in sys.modules makes the import fail, as on an install without the module.
-    monkeypatch.setitem(sys.modules, "hicache.radix_bench", None)
+    monkeypatch.setitem(sys.modules, "hicache.tools.radix_bench", None)
     assert main(["radix"]) == 2
     assert "hicache bench radix is not available" in capsys.readouterr().err
 
 
 def test_tier_smaller_than_the_run_reads_what_it_kept() -> None:
-    from hicache.bench import _baseline_for, format_report
+    from hicache.tools.bench import _baseline_for, format_report
 
     page = 16384
     spec = BenchSpec(page_bytes=(page,), total_bytes=page * 40, threads=(2,))

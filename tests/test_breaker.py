@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from hicache.storage.breaker import BreakerState, CircuitBreaker
+from hicache.tiering.breaker import BreakerState, CircuitBreaker
 
 
 class FakeClock:

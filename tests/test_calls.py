@@ -15,8 +15,8 @@ from hicache.errors import (
     BackendReadOnlyError,
     BackendUnavailableError,
 )
-from hicache.storage.breaker import BreakerState, CircuitBreaker
-from hicache.storage.calls import FailureKind, RetryPolicy, TierCaller, classify
+from hicache.tiering.breaker import BreakerState, CircuitBreaker
+from hicache.tiering.calls import FailureKind, RetryPolicy, TierCaller, classify
 
 #: The ``run_python`` fixture of tests/conftest.py.
 RunPython = Callable[..., "subprocess.CompletedProcess[str]"]
@@ -241,7 +241,7 @@ def test_a_call_hung_for_good_does_not_keep_the_process_alive(run_python: RunPyt
     process's exit (ThreadPoolExecutor would join it at interpreter exit, forever)."""
     code = (
         "import threading\n"
-        "from hicache.storage.calls import FailureKind, TierCaller\n"
+        "from hicache.tiering.calls import FailureKind, TierCaller\n"
         "c = TierCaller('t', deadline_s=0.05)\n"
         "out = c.call(threading.Event().wait)\n"
         "assert out.failure is FailureKind.TIMEOUT, out\n"

@@ -285,8 +285,8 @@ def test_rejected_secret_values_are_not_echoed() -> None:
 
 def test_retry_and_prefetch_timeout_knobs_reach_the_tiers() -> None:
     from hicache.config import HicacheConfig
-    from hicache.storage.prefetch import PrefetchRules
-    from hicache.storage.tiers import TierSettings
+    from hicache.tiering.prefetch import PrefetchRules
+    from hicache.tiering.tiers import TierSettings
 
     config = HicacheConfig(
         storage={

@@ -11,18 +11,17 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from hicache.config import PrefetchPolicy
 from hicache.events import BlockRemoved, BlockStored, KVEvent, Medium
 from hicache.hiradix import HiRadixCache, WritePolicy
 from hicache.keys import ModelIdentity, chain_hashes, seed_hash, storage_key
 from hicache.pools import DevicePool, HostPool, KVLayout
 from hicache.storage.backend import BackendContext, PageStatus
-from hicache.storage.breaker import BreakerState
-from hicache.storage.calls import RetryPolicy
 from hicache.storage.memory import MemoryBackend, MemoryConfig
-from hicache.storage.prefetch import PrefetchRules
-from hicache.storage.tiers import Tier, Tiers, TierSettings
 from hicache.testing.faults import FaultOp, FaultyBackend
+from hicache.tiering.breaker import BreakerState
+from hicache.tiering.calls import RetryPolicy
+from hicache.tiering.prefetch import PrefetchPolicy, PrefetchRules
+from hicache.tiering.tiers import Tier, Tiers, TierSettings
 from hicache.transfer import CpuTransferEngine
 
 PS = 2
@@ -395,7 +394,7 @@ def test_prefetch_allocates_host_pages_only_for_pages_a_tier_holds() -> None:
 def test_second_hit_tier_stores_a_prefix_when_it_is_used_again() -> None:
     """A ``second_hit`` tier refuses a prefix the first time it is published and takes it when
     a later request uses it again; single-use pages never reach it."""
-    from hicache.config import Admission
+    from hicache.tiering.admission import Admission
 
     picky = FaultyBackend(backend())
     eager = FaultyBackend(backend())

@@ -16,8 +16,8 @@ from hicache.keys import ModelIdentity, block_id, chain_hashes, seed_hash, stora
 from hicache.pools import DevicePool, HostPool, KVLayout
 from hicache.storage.backend import BackendContext
 from hicache.storage.memory import MemoryBackend, MemoryConfig
-from hicache.storage.tiers import Tiers
 from hicache.testing.faults import FaultyBackend
+from hicache.tiering.tiers import Tiers
 from hicache.transfer import CpuTransferEngine
 
 PS = 4

@@ -30,10 +30,10 @@ from hicache.keys import ModelIdentity, block_id, chain_hashes, seed_hash, stora
 from hicache.pools import DevicePool, HostPool, KVLayout
 from hicache.radix import TreeNode
 from hicache.storage.backend import Backend, BackendConfig, BackendContext, Capabilities, PageStatus
-from hicache.storage.calls import RetryPolicy
-from hicache.storage.engine import EnginePoll, PublishGroup, PublishPage, key_block_id
 from hicache.storage.memory import MemoryBackend, MemoryConfig
-from hicache.storage.tiers import Tier, Tiers, TierSettings
+from hicache.tiering.calls import RetryPolicy
+from hicache.tiering.engine import EnginePoll, PublishGroup, PublishPage, key_block_id
+from hicache.tiering.tiers import Tier, Tiers, TierSettings
 from hicache.transfer import ManualTransferEngine
 
 PS = 2

@@ -16,7 +16,7 @@ from hicache.keys import ModelIdentity, chain_hashes, seed_hash, storage_key
 from hicache.pools import DevicePool, HostPool, KVLayout
 from hicache.storage.backend import Backend, BackendConfig, BackendContext, Capabilities, PageStatus
 from hicache.storage.memory import MemoryBackend, MemoryConfig
-from hicache.storage.tiers import Tiers, TierSettings
+from hicache.tiering.tiers import Tiers, TierSettings
 from hicache.transfer import CpuTransferEngine
 
 PS = 4

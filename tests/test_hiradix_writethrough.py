@@ -16,7 +16,7 @@ from hicache.pools import DevicePool, HostPool, KVLayout
 from hicache.radix import TreeNode
 from hicache.storage.backend import Backend, BackendConfig, BackendContext, Capabilities, PageStatus
 from hicache.storage.memory import MemoryBackend, MemoryConfig
-from hicache.storage.tiers import Tiers
+from hicache.tiering.tiers import Tiers
 from hicache.transfer import ManualTransferEngine
 
 PS = 2

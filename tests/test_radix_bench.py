@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from hicache import radix_bench
+from hicache.tools import radix_bench
 
 
 def test_radix_bench_reports_every_phase_and_gc_share(capsys: pytest.CaptureFixture[str]) -> None:

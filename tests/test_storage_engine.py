@@ -12,17 +12,17 @@ from collections.abc import Sequence
 
 import torch
 
-from hicache.config import Admission
 from hicache.events import BlockRemoved, BlockStored, KVEvent
 from hicache.pools import HostPool, KVLayout
 from hicache.storage.backend import BackendContext, PageStatus
-from hicache.storage.breaker import BreakerState
-from hicache.storage.calls import RetryPolicy
-from hicache.storage.engine import PublishPage, StorageEngine, key_block_id
 from hicache.storage.memory import MemoryBackend, MemoryConfig
-from hicache.storage.prefetch import PrefetchOutcome
-from hicache.storage.tiers import Tier, Tiers, TierSettings
 from hicache.testing.faults import FaultOp, FaultyBackend
+from hicache.tiering.admission import Admission
+from hicache.tiering.breaker import BreakerState
+from hicache.tiering.calls import RetryPolicy
+from hicache.tiering.engine import PublishPage, StorageEngine, key_block_id
+from hicache.tiering.prefetch import PrefetchOutcome
+from hicache.tiering.tiers import Tier, Tiers, TierSettings
 
 PS = 2
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, page_size=PS, dtype=torch.float32)

@@ -13,14 +13,14 @@ import pytest
 
 from hicache.storage.backend import Backend, BackendContext, PageStatus
 from hicache.storage.memory import MemoryBackend, MemoryConfig
-from hicache.storage.ops import (
+from hicache.storage.pageformat import HEADER_SIZE
+from hicache.tools.ops import (
     TierHandle,
     disk_usage,
     list_namespaces,
     purge_namespace,
     verify_namespace,
 )
-from hicache.storage.pageformat import HEADER_SIZE
 
 PAGE = 4096
 
@@ -146,7 +146,7 @@ def _cli(argv: list[str]) -> int:
     pytest.importorskip("hicache.config")
     import argparse
 
-    from hicache.storage.ops import add_parser
+    from hicache.tools.ops import add_parser
 
     parser = argparse.ArgumentParser(prog="hicache")
     add_parser(parser.add_subparsers(dest="command", required=True))

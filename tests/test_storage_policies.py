@@ -8,20 +8,21 @@ from collections.abc import Callable
 
 import pytest
 
-from hicache.config import PrefetchConfig, PrefetchPolicy
-from hicache.storage.admission import SecondHitAdmit
+from hicache.config import PrefetchConfig
 from hicache.storage.backend import PageStatus
-from hicache.storage.breaker import CircuitBreaker
-from hicache.storage.calls import FailureCounts, FailureKind
-from hicache.storage.inflight import InflightGate
-from hicache.storage.prefetch import (
+from hicache.tiering.admission import SecondHitAdmit
+from hicache.tiering.breaker import CircuitBreaker
+from hicache.tiering.calls import FailureCounts, FailureKind
+from hicache.tiering.inflight import InflightGate
+from hicache.tiering.prefetch import (
     PrefetchOutcome,
+    PrefetchPolicy,
     PrefetchRules,
     PrefetchWait,
     classify,
     usable_prefix,
 )
-from hicache.storage.stats import TierCounters, tier_snapshot
+from hicache.tiering.stats import TierCounters, tier_snapshot
 
 OK, NF, CORRUPT, FAILED = (
     PageStatus.OK,
@@ -165,15 +166,15 @@ def test_counters_and_snapshot_are_plain_json() -> None:
 
 def test_hardening_modules_import_no_torch(run_python: RunPython) -> None:
     mods = [
-        "hicache.storage.breaker",
-        "hicache.storage.admission",
-        "hicache.storage.calls",
-        "hicache.storage.inflight",
-        "hicache.storage.prefetch",
-        "hicache.storage.stats",
-        "hicache.storage.announce",
-        "hicache.storage.tiers",
-        "hicache.storage.engine",
+        "hicache.tiering.breaker",
+        "hicache.tiering.admission",
+        "hicache.tiering.calls",
+        "hicache.tiering.inflight",
+        "hicache.tiering.prefetch",
+        "hicache.tiering.stats",
+        "hicache.tiering.announce",
+        "hicache.tiering.tiers",
+        "hicache.tiering.engine",
         "hicache.testing.faults",
     ]
     code = (

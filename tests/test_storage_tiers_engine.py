@@ -12,9 +12,9 @@ from hicache.config import HicacheConfig
 from hicache.events import BlockRemoved, BlockStored
 from hicache.pools import HostPool, KVLayout
 from hicache.storage.backend import Backend, BackendConfig, BackendContext, Capabilities, PageStatus
-from hicache.storage.engine import PublishPage, StorageEngine, key_block_id
 from hicache.storage.memory import MemoryBackend, MemoryConfig
-from hicache.storage.tiers import Tiers, TierSettings
+from hicache.tiering.engine import PublishPage, StorageEngine, key_block_id
+from hicache.tiering.tiers import Tiers, TierSettings
 
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, page_size=2, dtype=torch.float32)
 PB = LAYOUT.page_bytes

@@ -8,7 +8,7 @@ import time
 from hicache.errors import BackendUnavailableError
 from hicache.storage.backend import BackendContext
 from hicache.storage.memory import MemoryBackend, MemoryConfig
-from hicache.storage.tiers import Tier, Tiers, TierSettings
+from hicache.tiering.tiers import Tier, Tiers, TierSettings
 
 PAGE = 4096
 

@@ -222,7 +222,7 @@ def test_cuda_engine_orders_after_compute_stream_and_many_tickets() -> None:
 
 
 def test_transfer_bench_smoke_on_cpu() -> None:
-    from hicache.transfer_bench import run_bench
+    from hicache.tools.transfer_bench import run_bench
 
     report = run_bench(
         LAYOUTS["fp16"], batch_pages=3, iters=1, warmup=0, device=torch.device("cpu")

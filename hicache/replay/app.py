@@ -125,7 +125,7 @@ def run_replay(
     from hicache.keys import ModelIdentity
     from hicache.pools import DevicePool, HostPool, KVLayout
     from hicache.replay.runner import TraceDriver
-    from hicache.storage.tiers import Tiers
+    from hicache.tiering.tiers import Tiers
     from hicache.transfer import CpuTransferEngine
 
     # Pages here are small: torch's intra-op threads only spin against each other (and against

@@ -1,4 +1,17 @@
-"""The storage side of hicache: the plugin contract and the machinery every backend shares.
+"""The storage plugin contract: everything a backend author imports, and nothing else.
+
+A backend imports from this face (``from hicache.storage import Backend, PageStatus, ...``) and
+from :mod:`hicache.errors`, never from the private modules below it or from the L3 runtime
+(:mod:`hicache.tiering`) that drives backends.
+
+- :mod:`~hicache.storage.backend`     the ``Backend`` ABC, its config, context and statuses
+- :mod:`~hicache.storage.pageformat`  the versioned on-storage page header
+- :mod:`~hicache.storage.sizes`       ``8GiB``-style sizes for options
+- :mod:`~hicache.storage.eviction`    capacity policies shared by backends
+- :mod:`~hicache.storage.buffers`     GIL-free copies between page buffers
+- :mod:`~hicache.storage.baseline`    what a backend provides to ``hicache bench storage``
+- :mod:`~hicache.storage.registry`    entry-point discovery and contract checks
+- :mod:`~hicache.storage.memory`      ``MemoryBackend``, the reference backend
 
 Nothing here imports torch: a plugin author needs only this package (and pydantic).
 """
@@ -14,15 +27,61 @@ from hicache.storage.backend import (
     check_key,
     check_namespace,
 )
+from hicache.storage.baseline import RawBaseline
+from hicache.storage.buffers import COPY_CHUNK, buffer_address, copy_and_hash, copy_bytes
+from hicache.storage.eviction import CapacityPolicy, ClockSlots, TailFirstLRU
+from hicache.storage.memory import MemoryBackend, MemoryConfig
+from hicache.storage.pageformat import (
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    PageHeader,
+    check_checksum,
+    decode_header,
+    encode_header,
+    encode_header_into,
+    payload_checksum,
+    stored_size,
+    verify_page,
+    verify_payload,
+)
+from hicache.storage.registry import create_backend, installed_backends, load_backend_class
+from hicache.storage.sizes import Size, format_size, parse_size
 
 __all__ = [
     "API_VERSION",
+    "COPY_CHUNK",
+    "FORMAT_VERSION",
+    "HEADER_SIZE",
     "Backend",
     "BackendConfig",
     "BackendContext",
     "Capabilities",
+    "CapacityPolicy",
+    "ClockSlots",
+    "MemoryBackend",
+    "MemoryConfig",
+    "PageHeader",
     "PageStatus",
+    "RawBaseline",
+    "Size",
     "StoredPage",
+    "TailFirstLRU",
+    "buffer_address",
+    "check_checksum",
     "check_key",
     "check_namespace",
+    "copy_and_hash",
+    "copy_bytes",
+    "create_backend",
+    "decode_header",
+    "encode_header",
+    "encode_header_into",
+    "format_size",
+    "installed_backends",
+    "load_backend_class",
+    "parse_size",
+    "payload_checksum",
+    "stored_size",
+    "verify_page",
+    "verify_payload",
 ]

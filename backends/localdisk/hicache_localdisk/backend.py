@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from hicache.errors import BackendCapacityError, BackendError
-from hicache.storage.backend import (
+from hicache.storage import (
     Backend,
     BackendConfig,
     BackendContext,
@@ -26,8 +26,8 @@ from hicache.storage.backend import (
     PageStatus,
     StoredPage,
     check_namespace,
+    stored_size,
 )
-from hicache.storage.pageformat import stored_size
 from hicache_localdisk.fsio import DIRECT_ALIGN, drop_cache, fsync_dir
 from hicache_localdisk.index import PageIndex
 from hicache_localdisk.layout import Layout, ScannedPage
@@ -43,7 +43,7 @@ from hicache_localdisk.startup import (
 )
 
 if TYPE_CHECKING:
-    from hicache.storage.benchmark import RawBaseline
+    from hicache.storage import RawBaseline
 
 __all__ = ["LocalDiskBackend"]
 

@@ -20,8 +20,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
-from hicache.storage.backend import PageStatus
-from hicache.storage.eviction import TailFirstLRU
+from hicache.storage import PageStatus, TailFirstLRU
 
 __all__ = ["PageIndex"]
 

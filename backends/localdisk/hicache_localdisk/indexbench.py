@@ -16,8 +16,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from hicache.storage.backend import BackendContext
-from hicache.storage.pageformat import stored_size
+from hicache.storage import BackendContext, stored_size
 from hicache_localdisk.backend import LocalDiskBackend
 from hicache_localdisk.options import LocalDiskConfig
 

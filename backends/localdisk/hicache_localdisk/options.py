@@ -8,8 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, field_validator
 
-from hicache.storage.backend import BackendConfig
-from hicache.storage.sizes import Size
+from hicache.storage import BackendConfig, Size
 
 __all__ = ["DEFAULT_FREE_FRACTION", "Durability", "LocalDiskConfig"]
 

@@ -21,10 +21,10 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
 
 from hicache.errors import PageCorruptError
-from hicache.storage.backend import PageStatus
-from hicache.storage.buffers import buffer_address
-from hicache.storage.pageformat import (
+from hicache.storage import (
     HEADER_SIZE,
+    PageStatus,
+    buffer_address,
     check_checksum,
     encode_header_into,
     payload_checksum,

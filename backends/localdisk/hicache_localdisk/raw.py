@@ -16,8 +16,7 @@ import os
 from collections.abc import Sequence
 from typing import ClassVar
 
-from hicache.storage.benchmark import RawBaseline
-from hicache.storage.pageformat import HEADER_SIZE
+from hicache.storage import HEADER_SIZE, RawBaseline
 from hicache_localdisk.fsio import drop_cache, fsync_dir, read_page, write_page
 from hicache_localdisk.layout import FANOUT_DIRS, Layout
 from hicache_localdisk.options import Durability, LocalDiskConfig

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from hicache.storage.eviction import TailFirstLRU
+from hicache.storage import TailFirstLRU
 from hicache_localdisk.layout import Layout
 
 __all__ = ["SharedState"]

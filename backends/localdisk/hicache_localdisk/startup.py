@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from hicache.errors import BackendUnavailableError, PageCorruptError
-from hicache.storage.pageformat import HEADER_SIZE, decode_header, stored_size
+from hicache.storage import HEADER_SIZE, decode_header, stored_size
 from hicache_localdisk.fsio import DIRECT_ALIGN, O_DIRECT, fsync_dir
 from hicache_localdisk.layout import FANOUT_DIRS, Layout, ScannedPage
 from hicache_localdisk.options import DEFAULT_FREE_FRACTION

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from hicache_localdisk import LocalDiskBackend, LocalDiskConfig
 
-from hicache.storage.backend import BackendContext
+from hicache.storage import BackendContext
 
 PAGE_BYTES = 16384
 

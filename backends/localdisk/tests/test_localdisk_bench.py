@@ -7,8 +7,8 @@ from pathlib import Path
 from hicache_localdisk import LocalDiskBackend, LocalDiskConfig
 from hicache_localdisk.raw import FileBaseline
 
-from hicache.storage.backend import BackendContext
-from hicache.storage.benchmark import BenchSpec, run_storage_bench
+from hicache.storage import BackendContext
+from hicache.tools.benchmark import BenchSpec, run_storage_bench
 
 
 def test_bench_quick_run_measures_every_figure_against_files(tmp_path: Path) -> None:

@@ -10,8 +10,7 @@ from pathlib import Path
 
 from hicache_localdisk import LocalDiskBackend
 
-from hicache.storage.backend import PageStatus
-from hicache.storage.pageformat import HEADER_SIZE
+from hicache.storage import HEADER_SIZE, PageStatus
 
 PAGE = 16384
 STORED = PAGE + HEADER_SIZE

@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 from hicache_localdisk import LocalDiskBackend
 
-from hicache.storage.backend import Backend
-from hicache.storage.pageformat import HEADER_SIZE
+from hicache.storage import HEADER_SIZE, Backend
 from hicache.testing.kit import BackendTests
 
 

@@ -13,8 +13,7 @@ from pathlib import Path
 from hicache_localdisk import LocalDiskBackend, LocalDiskConfig
 from hicache_localdisk.layout import TEMP_PREFIX
 
-from hicache.storage.backend import BackendContext, PageStatus
-from hicache.storage.pageformat import HEADER_SIZE
+from hicache.storage import HEADER_SIZE, BackendContext, PageStatus
 
 PAGE = 64 * 1024
 KEYSPACE = 240

@@ -10,9 +10,7 @@ from hicache_localdisk import LocalDiskBackend, pageio
 from hicache_localdisk.fsio import aligned_buffer
 from hicache_localdisk.pageio import PARALLEL_HASH_MIN_BYTES
 
-from hicache.storage.backend import PageStatus
-from hicache.storage.buffers import buffer_address
-from hicache.storage.pageformat import HEADER_SIZE
+from hicache.storage import HEADER_SIZE, PageStatus, buffer_address
 
 PAGE = 64 * 1024
 

@@ -16,7 +16,7 @@ from hicache_localdisk import LocalDiskBackend, fsio, pageio
 from hicache_localdisk.layout import TEMP_PREFIX
 
 from hicache.errors import BackendError
-from hicache.storage.backend import PageStatus
+from hicache.storage import PageStatus
 
 PAGE = 64 * 1024
 

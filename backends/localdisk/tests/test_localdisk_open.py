@@ -11,8 +11,7 @@ from hicache_localdisk import LocalDiskBackend
 from hicache_localdisk.layout import TEMP_PREFIX
 
 from hicache.errors import BackendUnavailableError
-from hicache.storage.backend import PageStatus
-from hicache.storage.pageformat import HEADER_SIZE
+from hicache.storage import HEADER_SIZE, PageStatus
 
 PAGE = 16384
 

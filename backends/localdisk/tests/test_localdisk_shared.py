@@ -12,8 +12,7 @@ from typing import Any
 
 from hicache_localdisk import LocalDiskBackend, LocalDiskConfig
 
-from hicache.storage.backend import BackendContext, PageStatus
-from hicache.storage.pageformat import HEADER_SIZE
+from hicache.storage import HEADER_SIZE, BackendContext, PageStatus
 
 PAGE = 32 * 1024
 STORED = PAGE + HEADER_SIZE

@@ -33,15 +33,15 @@ from typing import Any, ClassVar, Final
 import xxhash
 
 from hicache.errors import BackendCapacityError, BackendClosedError, BackendError
-from hicache.storage.backend import (
+from hicache.storage import (
     Backend,
     BackendConfig,
     BackendContext,
     Capabilities,
     PageStatus,
+    RawBaseline,
     StoredPage,
 )
-from hicache.storage.benchmark import RawBaseline
 from hicache_mmap.layout import (
     BODY_OFFSET,
     GEN,

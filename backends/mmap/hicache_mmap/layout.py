@@ -38,7 +38,7 @@ from typing import Final
 import xxhash
 
 from hicache.errors import PageCorruptError
-from hicache.storage.pageformat import HEADER_SIZE
+from hicache.storage import HEADER_SIZE
 
 __all__ = [
     "FILE_VERSION",

@@ -6,8 +6,7 @@ import enum
 
 from pydantic import Field
 
-from hicache.storage.backend import BackendConfig
-from hicache.storage.sizes import Size
+from hicache.storage import BackendConfig, Size
 
 __all__ = ["MmapOptions", "MsyncMode"]
 

@@ -10,7 +10,7 @@ import struct
 
 import xxhash
 
-from hicache.storage.backend import Backend
+from hicache.storage import Backend
 from hicache_mmap.backend import MmapBackend
 from hicache_mmap.layout import (
     BODY_OFFSET,

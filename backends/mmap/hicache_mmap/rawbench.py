@@ -12,8 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
-from hicache.storage.benchmark import RawBaseline
-from hicache.storage.buffers import copy_bytes
+from hicache.storage import RawBaseline, copy_bytes
 
 __all__ = ["MmapRawBaseline"]
 

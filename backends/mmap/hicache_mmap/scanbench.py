@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from hicache.storage.backend import BackendContext
+from hicache.storage import BackendContext
 from hicache_mmap.backend import MmapBackend
 from hicache_mmap.options import MmapOptions
 

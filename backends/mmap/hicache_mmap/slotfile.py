@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hicache.errors import BackendError, BackendUnavailableError, PageCorruptError
-from hicache.storage.buffers import copy_and_hash, copy_bytes
+from hicache.storage import copy_and_hash, copy_bytes
 from hicache_mmap.layout import (
     BODY_OFFSET,
     GEN,

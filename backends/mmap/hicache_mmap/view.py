@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
-from hicache.storage.eviction import ClockSlots
+from hicache.storage import ClockSlots
 from hicache_mmap.layout import BODY_OFFSET, GEN, HEADER_USED, SLOT_MAGIC, used_slot
 from hicache_mmap.slotfile import SlotFile
 

@@ -9,7 +9,7 @@ import pytest
 from hicache_mmap import MmapBackend
 from hicache_mmap.raw import flip_header_byte, flip_payload_byte, rewrite_header
 
-from hicache.storage.backend import Backend
+from hicache.storage import Backend
 from hicache.testing.kit import BackendTests
 
 

@@ -21,7 +21,7 @@ from hicache_mmap import MmapBackend, MmapOptions
 from hicache_mmap.layout import GEN
 from hicache_mmap.raw import leave_generation_odd, slot_file
 
-from hicache.storage.backend import BackendContext, PageStatus
+from hicache.storage import BackendContext, PageStatus
 from hicache.testing.kit import kit_key, page_pattern
 
 PAGE = 256 * 1024

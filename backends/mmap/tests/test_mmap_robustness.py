@@ -21,9 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hicache.errors import BackendError
-from hicache.storage.backend import BackendContext, PageStatus
-from hicache.storage.benchmark import BenchSpec, run_storage_bench
+from hicache.storage import BackendContext, PageStatus
 from hicache.testing.kit import kit_key, page_pattern
+from hicache.tools.benchmark import BenchSpec, run_storage_bench
 
 PAGE = 16 * 1024
 _U64 = struct.Struct("<Q")
@@ -294,7 +294,7 @@ def test_bench_quick_run_against_raw_mapping(tmp_path: Path) -> None:
 def test_stored_checksum_is_the_page_format_checksum(tmp_path: Path) -> None:
     from hicache_mmap.layout import SlotState, decode_slot_header
 
-    from hicache.storage.pageformat import payload_checksum
+    from hicache.storage import payload_checksum
 
     # A page larger than one copy chunk and not a multiple of it: the fused copy+hash must
     # still produce the one-shot xxh3 of the whole page.

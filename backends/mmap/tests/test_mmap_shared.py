@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from hicache_mmap import MmapBackend, MmapOptions
 
-from hicache.storage.backend import BackendContext, PageStatus
+from hicache.storage import BackendContext, PageStatus
 from hicache.testing.kit import kit_key, page_pattern
 
 PAGE = 64 * 1024

@@ -26,7 +26,8 @@ from hicache.errors import (
     BackendUnavailableError,
     PageCorruptError,
 )
-from hicache.storage.backend import (
+from hicache.storage import (
+    HEADER_SIZE,
     Backend,
     BackendConfig,
     BackendContext,
@@ -34,8 +35,9 @@ from hicache.storage.backend import (
     PageStatus,
     StoredPage,
     check_namespace,
+    encode_header,
+    verify_page,
 )
-from hicache.storage.pageformat import HEADER_SIZE, encode_header, verify_page
 from hicache_s3 import errors
 from hicache_s3.batch import gather, ordered_prefix
 from hicache_s3.body import PageBody, read_exact
@@ -43,7 +45,7 @@ from hicache_s3.client import checksum_params, make_client, sse_params
 from hicache_s3.options import ChecksumAlgorithm, ConditionalPut, S3Options, redact_url
 
 if TYPE_CHECKING:
-    from hicache.storage.benchmark import RawBaseline
+    from hicache.storage import RawBaseline
 
 __all__ = ["S3Backend"]
 

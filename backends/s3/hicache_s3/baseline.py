@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
-from hicache.storage.benchmark import RawBaseline
+from hicache.storage import RawBaseline
 from hicache_s3 import errors
 from hicache_s3.body import read_exact
 from hicache_s3.client import make_client

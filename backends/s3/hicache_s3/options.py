@@ -8,7 +8,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
 
-from hicache.storage.backend import BackendConfig
+from hicache.storage import BackendConfig
 
 __all__ = [
     "AddressingStyle",

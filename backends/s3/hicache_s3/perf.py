@@ -3,7 +3,7 @@
 ``python -m hicache_s3.perf`` starts a local S3 server in a child process (or uses
 ``--endpoint``), then
 
-1. runs the generic storage benchmark (:func:`hicache.storage.benchmark.run_storage_bench`, the
+1. runs the generic storage benchmark (:func:`hicache.tools.benchmark.run_storage_bench`, the
    same code as ``hicache bench storage``) on the tier of ``--config``, against the raw boto3
    baseline, with ``exists_prefix`` asked over 512-page chains and a HEAD budget a local
    Python server can serve in minutes;
@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hicache.bench import format_report
-from hicache.storage.backend import Backend, BackendContext, PageStatus
-from hicache.storage.benchmark import BenchSpec, run_storage_bench
+from hicache.storage import Backend, BackendContext, PageStatus
+from hicache.tools.bench import format_report
+from hicache.tools.benchmark import BenchSpec, run_storage_bench
 from hicache_s3.backend import S3Backend
 from hicache_s3.client import inject_latency
 from hicache_s3.devserver import DevServer, create_bucket, dummy_aws_env

@@ -11,7 +11,7 @@ import itertools
 import os
 from typing import Any
 
-from hicache.storage.backend import BackendContext
+from hicache.storage import BackendContext
 from hicache_s3.backend import S3Backend
 from hicache_s3.client import new_client
 from hicache_s3.options import S3Options

@@ -19,8 +19,7 @@ from hicache_s3.testing import (
 )
 
 from hicache.errors import BackendClosedError, BackendError
-from hicache.storage.backend import PageStatus
-from hicache.storage.pageformat import HEADER_SIZE, decode_header
+from hicache.storage import HEADER_SIZE, PageStatus, decode_header
 
 
 def _get(backend: S3Backend, keys: list[str]) -> tuple[list[PageStatus], list[bytearray]]:

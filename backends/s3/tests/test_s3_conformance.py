@@ -9,8 +9,7 @@ from hicache_s3 import S3Backend
 from hicache_s3.devserver import DevServer
 from hicache_s3.testing import fast_options
 
-from hicache.storage.backend import Backend, PageStatus
-from hicache.storage.pageformat import HEADER_SIZE
+from hicache.storage import HEADER_SIZE, Backend, PageStatus
 from hicache.testing.kit import BackendTests
 
 

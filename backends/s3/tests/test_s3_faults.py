@@ -30,7 +30,7 @@ from hicache_s3.testing import (
 )
 
 from hicache.errors import BackendError, BackendUnavailableError
-from hicache.storage.backend import PageStatus
+from hicache.storage import PageStatus
 
 # Hang detection only (never a speed assertion): every faulty call must come back well within
 # this, given the 1 s connect / 2 s read timeouts and 2 attempts of `fast_options`.

@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from hicache.config import load_config, validate_tiers
-from hicache.storage.backend import BackendContext
-from hicache.storage.registry import load_backend_class
+from hicache.storage import BackendContext, load_backend_class
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 

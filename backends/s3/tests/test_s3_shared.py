@@ -23,9 +23,9 @@ from hicache_s3.testing import (
     raw_client,
 )
 
-from hicache.storage.backend import PageStatus
-from hicache.storage.breaker import BreakerState, CircuitBreaker
-from hicache.storage.calls import FailureKind, TierCaller
+from hicache.storage import PageStatus
+from hicache.tiering.breaker import BreakerState, CircuitBreaker
+from hicache.tiering.calls import FailureKind, TierCaller
 
 PEER = Path(__file__).with_name("s3_cache_peer.py")
 

@@ -9,8 +9,8 @@ from typing import Any
 from hicache_s3 import S3Backend
 from hicache_s3.testing import make_s3_backend
 
-from hicache.storage.backend import Backend
-from hicache.storage.benchmark import BenchSpec, run_storage_bench
+from hicache.storage import Backend
+from hicache.tools.benchmark import BenchSpec, run_storage_bench
 
 
 def test_bench_measures_every_figure_against_raw_boto3(s3_options: dict[str, Any], s3: Any) -> None:
@@ -53,7 +53,7 @@ def test_storage_operations_on_an_s3_tier(
     delete-corrupt and purge, on the real endpoint."""
     from hicache_s3.testing import page_keys, page_payloads
 
-    from hicache.storage.ops import (
+    from hicache.tools.ops import (
         disk_usage,
         list_namespaces,
         purge_namespace,

@@ -27,19 +27,17 @@ from hicache.errors import (
     BackendUnavailableError,
     PageCorruptError,
 )
-from hicache.storage.backend import (
+from hicache.storage import (
+    HEADER_SIZE,
     Backend,
     BackendConfig,
     BackendContext,
     Capabilities,
+    PageHeader,
     PageStatus,
     StoredPage,
     check_key,
     check_namespace,
-)
-from hicache.storage.pageformat import (
-    HEADER_SIZE,
-    PageHeader,
     decode_header,
     encode_header,
     verify_page,

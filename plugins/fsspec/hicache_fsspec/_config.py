@@ -8,7 +8,7 @@ from typing import Any
 import fsspec
 from pydantic import Field, field_validator
 
-from hicache.storage.backend import BackendConfig
+from hicache.storage import BackendConfig
 
 __all__ = ["FsspecConfig", "WriteMode", "redact_url"]
 

@@ -26,9 +26,15 @@ from hicache_fsspec._config import redact_url
 
 from hicache.config import load_config
 from hicache.errors import BackendUnavailableError, ConfigError
-from hicache.storage import Backend, BackendContext, PageStatus
-from hicache.storage.pageformat import HEADER_SIZE
-from hicache.storage.registry import create_backend, installed_backends, load_backend_class
+from hicache.storage import (
+    HEADER_SIZE,
+    Backend,
+    BackendContext,
+    PageStatus,
+    create_backend,
+    installed_backends,
+    load_backend_class,
+)
 from hicache.testing import BackendTests
 
 PAGE = 16384

@@ -27,8 +27,7 @@ from typing import Any, NoReturn
 import pytest
 from hicache_fsspec import FsspecBackend, FsspecConfig
 
-from hicache.storage import BackendContext, PageStatus
-from hicache.storage.pageformat import HEADER_SIZE
+from hicache.storage import HEADER_SIZE, BackendContext, PageStatus
 
 PAGE = 64 * 1024
 KEYSPACE = 200

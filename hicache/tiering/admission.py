@@ -15,18 +15,26 @@ Policies are thread-safe; ``admit`` is called once per page on the publish path.
 
 from __future__ import annotations
 
+import enum
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from hicache.config import Admission
-
-__all__ = ["AdmissionPolicy", "AlwaysAdmit", "SecondHitAdmit", "make_admission"]
+__all__ = ["Admission", "AdmissionPolicy", "AlwaysAdmit", "SecondHitAdmit", "make_admission"]
 
 #: Keys a second-hit policy remembers by default (~100 bytes each: ~10 MB).
 DEFAULT_SEEN_CAPACITY = 100_000
+
+
+class Admission(enum.StrEnum):
+    """Which published pages a tier accepts."""
+
+    #: Every page handed to the tier.
+    ALWAYS = "always"
+    #: Only pages whose prefix was already seen once (filters one-off prompts).
+    SECOND_HIT = "second_hit"
 
 
 class AdmissionPolicy(ABC):

@@ -2,9 +2,10 @@
 
 - ``storage``   a configured tier's put / cold get / hot get GB/s, exists and exists_prefix
                 keys/s and latency percentiles, each with the raw limit measured in the same run
-                (:mod:`hicache.storage.benchmark`)
-- ``eviction``  capacity policy operations per second (:mod:`hicache.storage.eviction_bench`)
-- ``radix``     radix tree throughput (:mod:`hicache.radix_bench`, imported only when asked for)
+                (:mod:`hicache.tools.benchmark`)
+- ``eviction``  capacity policy operations per second (:mod:`hicache.tools.eviction_bench`)
+- ``radix``     radix tree throughput (:mod:`hicache.tools.radix_bench`, imported only when
+                asked for)
 
 ``add_parser(subparsers)`` registers the ``bench`` command on the ``hicache`` command line; every
 leaf parser sets ``func``, a handler taking the parsed namespace and returning the exit status.
@@ -21,12 +22,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hicache.errors import HicacheError
-from hicache.storage.benchmark import (
+from hicache.storage.baseline import RawBaseline
+from hicache.tools.benchmark import (
     BenchReport,
     BenchSpec,
     Figure,
     MemcpyBaseline,
-    RawBaseline,
     planned_units,
     run_storage_bench,
 )
@@ -176,7 +177,7 @@ def _build_tier(
 ) -> tuple[str, str, Callable[[int, str], Any]]:
     """Return (tier name, backend kind, make_backend) for a tier of a config file."""
     from hicache.errors import ConfigError
-    from hicache.storage.ops import tier_handle
+    from hicache.tools.ops import tier_handle
 
     handle = tier_handle(config_path, tier_name)
     if handle.read_only:
@@ -196,7 +197,7 @@ def _baseline_for(backend: Any) -> RawBaseline:
     if not isinstance(baseline, RawBaseline):
         raise TypeError(
             f"{type(backend).__name__}.bench_baseline returned {type(baseline).__name__}, "
-            "expected a hicache.storage.benchmark.RawBaseline"
+            "expected a hicache.storage.RawBaseline"
         )
     return baseline
 
@@ -310,7 +311,7 @@ def _run_storage(args: argparse.Namespace) -> int:
 
 
 def _run_eviction(args: argparse.Namespace) -> int:
-    from hicache.storage.eviction_bench import run_eviction_bench
+    from hicache.tools.eviction_bench import run_eviction_bench
 
     if args.keys < 1000 or args.rounds < 1:
         print("error: --keys must be >= 1000 and --rounds >= 1", file=sys.stderr)
@@ -330,11 +331,11 @@ def _run_eviction(args: argparse.Namespace) -> int:
 
 def _run_radix(args: argparse.Namespace) -> int:
     try:
-        radix_bench = importlib.import_module("hicache.radix_bench")
+        radix_bench = importlib.import_module("hicache.tools.radix_bench")
     except ImportError as exc:
         print(
             f"error: hicache bench radix is not available ({exc}); it needs the cache side "
-            "(`pip install hicache[cache]`) and hicache.radix_bench",
+            "(`pip install hicache[cache]`) and hicache.tools.radix_bench",
             file=sys.stderr,
         )
         return 2
@@ -347,7 +348,7 @@ def _run_radix(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``bench ...`` on its own (``python -m hicache.bench storage ...``)."""
+    """Run ``bench ...`` on its own (``python -m hicache.tools.bench storage ...``)."""
     parser = argparse.ArgumentParser(prog="hicache")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])

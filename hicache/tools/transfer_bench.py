@@ -1,6 +1,6 @@
 """Device <-> host transfer benchmark: the engine against a plain ``copy_`` of the same bytes.
 
-Run ``python -m hicache.transfer_bench [--json PATH]``. For each direction it measures:
+Run ``python -m hicache.tools.transfer_bench [--json PATH]``. For each direction it measures:
 
 - ``raw``: one ``copy_`` of a contiguous device buffer to (from) a page-locked host buffer of
   the same size as a batch: what the link gives, the limit the engine is compared with;
@@ -152,7 +152,7 @@ def run_bench(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run the benchmark, print the figures; exit 1 if the bytes were wrong."""
-    ap = argparse.ArgumentParser(prog="python -m hicache.transfer_bench", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m hicache.tools.transfer_bench", description=__doc__)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)

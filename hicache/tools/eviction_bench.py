@@ -18,8 +18,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from hicache.storage.benchmark import Figure
 from hicache.storage.eviction import ClockSlots, TailFirstLRU
+from hicache.tools.benchmark import Figure
 
 __all__ = ["run_eviction_bench"]
 

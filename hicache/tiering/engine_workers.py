@@ -1,4 +1,4 @@
-"""The worker plumbing under :class:`~hicache.storage.engine.StorageEngine` (no torch).
+"""The worker plumbing under :class:`~hicache.tiering.engine.StorageEngine` (no torch).
 
 - ``_submit(fn, *args)``   run a job on a worker thread; it counts as in flight until it returns
 - ``_Holds``               holds on the host pages of one job (and bytes of an in-flight gate),
@@ -9,7 +9,7 @@
 
 Workers put what they finished on ``_done``; the engine's ``poll`` takes it on the cache's
 thread. :class:`EngineWorkers` is the base class of the engine (through
-:class:`~hicache.storage.engine_prefetch.PrefetchJobs`).
+:class:`~hicache.tiering.engine_prefetch.PrefetchJobs`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 
-from hicache.storage.engine_records import HostPages, _Done
-from hicache.storage.inflight import InflightGate
+from hicache.tiering.engine_records import HostPages, _Done
+from hicache.tiering.inflight import InflightGate
 
 __all__ = ["EngineWorkers"]
 

@@ -26,15 +26,24 @@ from typing import TYPE_CHECKING
 from hicache.storage.backend import PageStatus
 
 if TYPE_CHECKING:
-    from hicache.config import PrefetchConfig, PrefetchPolicy
+    from hicache.config import PrefetchConfig
 
 __all__ = [
     "PrefetchOutcome",
+    "PrefetchPolicy",
     "PrefetchRules",
     "PrefetchWait",
     "classify",
     "usable_prefix",
 ]
+
+
+class PrefetchPolicy(enum.StrEnum):
+    """How long a request waits for pages being prefetched from storage (SGLang's names)."""
+
+    BEST_EFFORT = "best_effort"
+    WAIT_COMPLETE = "wait_complete"
+    TIMEOUT = "timeout"
 
 
 class PrefetchOutcome(enum.StrEnum):
@@ -127,8 +136,6 @@ class PrefetchRules:
 
     def wait_budget(self, num_tokens: int) -> float | None:
         """Seconds to wait for a prefetch of ``num_tokens`` tokens; ``None`` = until done."""
-        from hicache.config import PrefetchPolicy
-
         if self.policy is PrefetchPolicy.BEST_EFFORT:
             return 0.0
         if self.policy is PrefetchPolicy.WAIT_COMPLETE:

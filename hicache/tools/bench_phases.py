@@ -5,7 +5,7 @@
 - :func:`settle`        flush what the previous side left dirty before timing the next
 - :func:`fill_page`     incompressible, distinct page contents at no urandom cost
 
-:mod:`hicache.storage.benchmark` pairs two sides into figures and ratios.
+:mod:`hicache.tools.benchmark` pairs two sides into figures and ratios.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from hicache.storage.backend import PageStatus
 
 if TYPE_CHECKING:
-    from hicache.storage.benchmark import BenchSpec
+    from hicache.tools.benchmark import BenchSpec
 
 __all__ = [
     "Phase",

@@ -1,6 +1,5 @@
 """The generic storage benchmark: a backend's figures next to the machine's own limits.
 
-- :class:`RawBaseline`      the hook a backend provides to measure its raw limit outside hicache
 - :class:`MemcpyBaseline`   the default: memcpy into / out of preallocated bytearrays
 - :class:`BenchSpec`        page sizes, total bytes, thread counts, batch size
 - :func:`run_storage_bench` run every (page size, thread count) pair; return a :class:`BenchReport`
@@ -34,13 +33,13 @@ import hashlib
 import math
 import os
 import statistics
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from hicache.storage.backend import Backend, PageStatus
-from hicache.storage.bench_phases import (
+from hicache.storage.baseline import RawBaseline
+from hicache.tools.bench_phases import (
     Phase,
     Side,
     fill_page,
@@ -56,57 +55,12 @@ __all__ = [
     "BenchSpec",
     "Figure",
     "MemcpyBaseline",
-    "RawBaseline",
     "percentile",
     "planned_units",
     "run_storage_bench",
 ]
 
 GB = 1e9
-
-
-class RawBaseline(ABC):
-    """The machine's limit for one backend's access pattern, measured outside hicache.
-
-    Notes for implementers: use the same system calls the backend uses (files: create + write +
-    rename with the same fsync policy; a mapping: memcpy into and out of a prefaulted mapping; S3:
-    raw client calls). ``put``/``get``/``exists`` are called from several threads at once, on
-    disjoint index sets; indices run from 0 to ``num_pages - 1``. ``teardown`` removes whatever
-    ``setup`` and ``put`` created, and is called even after a failure.
-    """
-
-    #: One line naming what is measured, shown in the report.
-    name: ClassVar[str] = "raw"
-
-    @abstractmethod
-    def setup(self, page_bytes: int, num_pages: int) -> None:
-        """Prepare for ``num_pages`` pages of ``page_bytes`` (not timed)."""
-
-    @abstractmethod
-    def put(self, indices: Sequence[int], srcs: Sequence[memoryview]) -> None:
-        """Store ``srcs[j]`` as page ``indices[j]``."""
-
-    @abstractmethod
-    def get(self, indices: Sequence[int], dsts: Sequence[memoryview]) -> None:
-        """Read page ``indices[j]`` into ``dsts[j]``."""
-
-    @abstractmethod
-    def exists(self, indices: Sequence[int]) -> list[bool]:
-        """Raw presence check of each page."""
-
-    def drop_cache(self) -> bool:
-        """Make the next ``get`` cold; return False when that is impossible (the default)."""
-        return False
-
-    @abstractmethod
-    def teardown(self) -> None:
-        """Remove everything ``setup`` and ``put`` created."""
-
-    def cleanup(self) -> None:
-        """Called once per round after both sides finished (and the backend deleted its pages):
-        remove what the baseline shares with the backend, e.g. a directory tree both wrote into.
-        The default does nothing."""
-        return
 
 
 class MemcpyBaseline(RawBaseline):

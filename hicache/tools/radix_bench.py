@@ -114,7 +114,7 @@ def _bench_tree(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     share of each best run the garbage collector took."""
     import torch
 
-    from hicache._radix_baseline import BaselineRadix
+    from hicache.tools._radix_baseline import BaselineRadix
 
     rng = np.random.default_rng(args.seed)
     ps = args.page_size
@@ -336,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    """Run standalone: ``python -m hicache.radix_bench``."""
+    """Run standalone: ``python -m hicache.tools.radix_bench``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args())

@@ -45,7 +45,7 @@ from hicache.errors import (
     BackendReadOnlyError,
     BackendUnavailableError,
 )
-from hicache.storage.breaker import CircuitBreaker
+from hicache.tiering.breaker import CircuitBreaker
 
 __all__ = [
     "CallOutcome",

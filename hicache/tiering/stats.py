@@ -1,9 +1,9 @@
 """Per-tier counters a dashboard needs, as plain data (no torch).
 
 ``TierCounters`` is one tier's page and byte counters plus its prefetch outcomes and drops;
-``tier_snapshot(...)`` merges it with the tier's failure counts (:mod:`~hicache.storage.calls`),
-breaker state (:mod:`~hicache.storage.breaker`), backpressure gate
-(:mod:`~hicache.storage.inflight`) and admission policy into one JSON-able dict, so a metrics
+``tier_snapshot(...)`` merges it with the tier's failure counts (:mod:`~hicache.tiering.calls`),
+breaker state (:mod:`~hicache.tiering.breaker`), backpressure gate
+(:mod:`~hicache.tiering.inflight`) and admission policy into one JSON-able dict, so a metrics
 layer exports ``{tier: snapshot}`` without knowing any of those classes.
 
 Counter names (all monotonic):
@@ -20,7 +20,7 @@ Counter names (all monotonic):
                         (keeps the tier's chains prefix-closed, so they can be announced)
 - ``dropped_backpressure``, ``dropped_breaker``, ``dropped_admission``   pages not published
 - ``call_errors``, ``errors_by_kind``   failed calls, by exception type
-- ``prefetch``          ``{outcome: count}`` (:class:`~hicache.storage.prefetch.PrefetchOutcome`)
+- ``prefetch``          ``{outcome: count}`` (:class:`~hicache.tiering.prefetch.PrefetchOutcome`)
 """
 
 from __future__ import annotations

@@ -9,12 +9,12 @@
 
 Each :class:`Tier` owns the hardening of its backend: its own I/O threads with a deadline per
 call, retries with backoff for retryable errors and a circuit breaker
-(:class:`~hicache.storage.calls.TierCaller`), a bound on publish bytes in flight
-(:class:`~hicache.storage.inflight.InflightGate`), an admission policy
-(:mod:`~hicache.storage.admission`) and counters (:class:`~hicache.storage.stats.TierCounters`).
+(:class:`~hicache.tiering.calls.TierCaller`), a bound on publish bytes in flight
+(:class:`~hicache.tiering.inflight.InflightGate`), an admission policy
+(:mod:`~hicache.tiering.admission`) and counters (:class:`~hicache.tiering.stats.TierCounters`).
 
 Every ``Tier`` data method is synchronous, meant for the I/O workers of
-:mod:`hicache.storage.engine`, and never raises because of the backend: a failed, refused or
+:mod:`hicache.tiering.engine`, and never raises because of the backend: a failed, refused or
 late call turns into misses or ``FAILED`` statuses, counted on the tier. A method that gives up
 waiting leaves the call running; its ``on_return`` callback fires when the call really returned,
 and only then may the caller release the buffers it handed over.
@@ -29,13 +29,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hicache.config import Admission
-from hicache.storage.admission import AdmissionPolicy, make_admission
 from hicache.storage.backend import Backend, BackendContext, PageStatus
-from hicache.storage.breaker import CircuitBreaker
-from hicache.storage.calls import CallOutcome, FailureKind, RetryPolicy, TierCaller
-from hicache.storage.inflight import InflightGate
-from hicache.storage.stats import TierCounters, tier_snapshot
+from hicache.tiering.admission import Admission, AdmissionPolicy, make_admission
+from hicache.tiering.breaker import CircuitBreaker
+from hicache.tiering.calls import CallOutcome, FailureKind, RetryPolicy, TierCaller
+from hicache.tiering.inflight import InflightGate
+from hicache.tiering.stats import TierCounters, tier_snapshot
 
 if TYPE_CHECKING:
     from hicache.config import HicacheConfig, TierConfig

@@ -1,14 +1,14 @@
-"""The records of :class:`~hicache.storage.engine.StorageEngine` (no torch).
+"""The records of :class:`~hicache.tiering.engine.StorageEngine` (no torch).
 
 - :class:`HostPages`       what the engine needs from the host pool
 - :class:`PrefetchResult`  a finished prefetch: a status and a source tier per page
 - :class:`LookupResult`    the cascade lookup of a prefetch without host pages finished
 - :class:`EnginePoll`      what one ``poll`` collected
-- ``_PrefetchJob``         one prefetch in flight (:mod:`hicache.storage.engine_prefetch`)
+- ``_PrefetchJob``         one prefetch in flight (:mod:`hicache.tiering.engine_prefetch`)
 - ``_PutDone`` / ``_GetDone`` / ``_LookupDone`` / ``_Evicted``   what a worker finished, on the
   engine's completion queue (``_Done``), taken by ``poll`` on the cache's thread
 
-The public ones are re-exported by :mod:`hicache.storage.engine`; import them from there.
+The public ones are re-exported by :mod:`hicache.tiering.engine`; import them from there.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Protocol
 
 from hicache.events import KVEvent
 from hicache.storage.backend import PageStatus
-from hicache.storage.prefetch import PrefetchOutcome, classify, usable_prefix
-from hicache.storage.tiers import TierRange
+from hicache.tiering.prefetch import PrefetchOutcome, classify, usable_prefix
+from hicache.tiering.tiers import TierRange
 
 if TYPE_CHECKING:
-    from hicache.storage.engine_workers import _Holds
+    from hicache.tiering.engine_workers import _Holds
 
 __all__ = ["EnginePoll", "HostPages", "LookupResult", "PrefetchResult"]
 

@@ -1,4 +1,4 @@
-"""Prefetch jobs of :class:`~hicache.storage.engine.StorageEngine` (no torch).
+"""Prefetch jobs of :class:`~hicache.tiering.engine.StorageEngine` (no torch).
 
 - ``submit_prefetch(keys, None, token_ids=...)``  look a chain up through the tier cascade on a
   worker; with host pages given at once, lookup and read run as one job
@@ -9,9 +9,9 @@
 - ``count_prefetch(outcome)``   outcomes decided by the cache
 
 Finished lookups and reads are reported through the engine's ``poll``
-(``_finish_lookup`` / ``_finish_prefetch`` in :mod:`hicache.storage.engine`, which also
+(``_finish_lookup`` / ``_finish_prefetch`` in :mod:`hicache.tiering.engine`, which also
 promotes). :class:`PrefetchJobs` is a layer of the engine, between
-:class:`~hicache.storage.engine_workers.EngineWorkers` and ``StorageEngine``.
+:class:`~hicache.tiering.engine_workers.EngineWorkers` and ``StorageEngine``.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 
 from hicache.storage.backend import PageStatus
-from hicache.storage.engine_records import HostPages, _GetDone, _LookupDone, _PrefetchJob
-from hicache.storage.engine_workers import EngineWorkers, _Holds
-from hicache.storage.prefetch import PrefetchOutcome, usable_prefix
-from hicache.storage.tiers import TierRange, Tiers
+from hicache.tiering.engine_records import HostPages, _GetDone, _LookupDone, _PrefetchJob
+from hicache.tiering.engine_workers import EngineWorkers, _Holds
+from hicache.tiering.prefetch import PrefetchOutcome, usable_prefix
+from hicache.tiering.tiers import TierRange, Tiers
 
 __all__ = ["PrefetchJobs"]
 

@@ -18,7 +18,7 @@
 Rules the cache relies on:
 
 - **Holds per page**: every host page a worker reads or writes carries one hold per job from
-  submit until the backend call really returned (:class:`~hicache.storage.calls.TierCaller`'s
+  submit until the backend call really returned (:class:`~hicache.tiering.calls.TierCaller`'s
   ``on_return``), so evicting or splitting a node meanwhile cannot free the page under a
   worker, even when the engine stopped waiting for a hung call at its deadline. The cache frees
   pages with ``HostPool.free_when_released``.
@@ -28,7 +28,7 @@ Rules the cache relies on:
   is announced on that tier, even if it was stored. Across groups, a page is announced only
   when its parent is known to be on the tier (announced, or read from it); while the parent's
   own publish is still in flight the page waits. So no tail is ever announced without its head.
-  (The bookkeeping lives in :mod:`hicache.storage.announce`.)
+  (The bookkeeping lives in :mod:`hicache.tiering.announce`.)
 - **Never hurt the serving path**: a tier whose breaker is open, whose bytes in flight are at
   their bound, or whose admission policy refuses a page gets no put: the pages are dropped and
   counted (and the rest of that group is dropped for that tier, which must stay prefix-closed).
@@ -39,9 +39,9 @@ Rules the cache relies on:
 All methods except the worker bodies run on the cache's thread.
 
 Where it lives: the publish side and ``poll`` (completion, announcements, promotion, tier
-evictions) are here; prefetch submission in :mod:`hicache.storage.engine_prefetch`; the worker
-pool and the holds on host pages in :mod:`hicache.storage.engine_workers`; the records in
-:mod:`hicache.storage.engine_records`. Import every public name from here.
+evictions) are here; prefetch submission in :mod:`hicache.tiering.engine_prefetch`; the worker
+pool and the holds on host pages in :mod:`hicache.tiering.engine_workers`; the records in
+:mod:`hicache.tiering.engine_records`. Import every public name from here.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ from concurrent.futures import Future
 from typing import Any
 
 from hicache.events import BlockRemoved, KVEvent
-from hicache.storage.announce import (
+from hicache.storage.backend import PageStatus
+from hicache.tiering.announce import (
     DEFAULT_KNOWN_CAPACITY,
     Announcer,
     PublishGroup,
@@ -62,9 +63,8 @@ from hicache.storage.announce import (
     TierProgress,
     key_block_id,
 )
-from hicache.storage.backend import PageStatus
-from hicache.storage.engine_prefetch import PrefetchJobs
-from hicache.storage.engine_records import (
+from hicache.tiering.engine_prefetch import PrefetchJobs
+from hicache.tiering.engine_records import (
     EnginePoll,
     HostPages,
     LookupResult,
@@ -75,9 +75,9 @@ from hicache.storage.engine_records import (
     _PrefetchJob,
     _PutDone,
 )
-from hicache.storage.engine_workers import _Holds
-from hicache.storage.prefetch import usable_prefix
-from hicache.storage.tiers import Tier, TierRange, Tiers
+from hicache.tiering.engine_workers import _Holds
+from hicache.tiering.prefetch import usable_prefix
+from hicache.tiering.tiers import Tier, TierRange, Tiers
 
 __all__ = [
     "EnginePoll",

@@ -28,7 +28,7 @@ from hicache.events import BlockStored, KVEvent
 from hicache.storage.backend import PageStatus
 
 if TYPE_CHECKING:
-    from hicache.storage.tiers import Tier
+    from hicache.tiering.tiers import Tier
 
 __all__ = [
     "Announcer",
