@@ -23,7 +23,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -53,6 +53,7 @@ __all__ = [
     "PrefetchPolicy",
     "StorageConfig",
     "TierConfig",
+    "TierSettings",
     "WritePolicy",
     "env_ignored",
     "env_overrides",
@@ -82,6 +83,9 @@ class WritePolicy(enum.StrEnum):
     WRITE_THROUGH = "write_through"
     #: Back up a node only on its second hit.
     WRITE_THROUGH_SELECTIVE = "write_through_selective"
+    #: Nothing automatic: the caller decides with ``write_backup`` (tests, custom schedulers).
+    #: Not offered in a config file (``cache.write_policy`` accepts the other two).
+    MANUAL = "manual"
 
 
 class _Section(BaseModel):
@@ -97,7 +101,9 @@ class CacheConfig(_Section):
         default=None, description="L1 size; unset = sized by the engine"
     )
     host_pool: Size = Field(default=8 << 30, gt=0, description="L2 (host memory) size")
-    write_policy: WritePolicy = WritePolicy.WRITE_THROUGH
+    write_policy: Literal[WritePolicy.WRITE_THROUGH, WritePolicy.WRITE_THROUGH_SELECTIVE] = (
+        WritePolicy.WRITE_THROUGH
+    )
 
     @field_validator("device")
     @classmethod
@@ -149,11 +155,10 @@ class PrefetchConfig(_Section):
     timeout_max_s: float | None = Field(default=None, gt=0)
 
 
-class TierConfig(_Section):
-    """One storage tier: the envelope the core validates; ``options`` belong to the plugin."""
+class TierSettings(_Section):
+    """What the cache needs from a tier's configuration: :class:`TierConfig` without the
+    backend and its options (tests and hand-built tiers give these alone)."""
 
-    #: Entry-point name of the backend (``memory``, ``localdisk``, ``mmap``, ``s3``, ...).
-    backend: str = Field(min_length=1)
     #: Receive published pages. A read-only tier does not publish unless told to (an error).
     publish: bool = True
     read_only: bool = False
@@ -177,16 +182,23 @@ class TierConfig(_Section):
     retry_attempts: int = Field(default=3, ge=1, le=20)
     retry_backoff_s: float = Field(default=0.02, ge=0)
     retry_backoff_max_s: float = Field(default=0.5, ge=0)
-    #: The plugin's own options, validated in phase two by its ``config_model``.
-    options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _read_only_does_not_publish(self) -> TierConfig:
+    def _read_only_does_not_publish(self) -> Self:
         if self.read_only and self.publish:
             if "publish" in self.model_fields_set:
                 raise ValueError("a read_only tier cannot publish: set publish: false")
             self.publish = False
         return self
+
+
+class TierConfig(TierSettings):
+    """One storage tier: the envelope the core validates; ``options`` belong to the plugin."""
+
+    #: Entry-point name of the backend (``memory``, ``localdisk``, ``mmap``, ``s3``, ...).
+    backend: str = Field(min_length=1)
+    #: The plugin's own options, validated in phase two by its ``config_model``.
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
 def _check_tier_name(name: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "BackendCapacityError",
     "BackendClosedError",
+    "BackendConflictError",
     "BackendContractError",
     "BackendError",
     "BackendLoadError",
@@ -36,6 +37,10 @@ class PluginError(HicacheError):
 
 class BackendNotFoundError(PluginError, LookupError):
     """No installed distribution provides the requested backend kind."""
+
+
+class BackendConflictError(PluginError, LookupError):
+    """Several installed distributions register the same backend kind."""
 
 
 class BackendLoadError(PluginError, ImportError):

@@ -124,8 +124,8 @@ class HostLayer(RadixCache):
             self.dec_lock_ref(cur)
         if dev is None:
             return None
-        ticket = self.transfer.submit(Direction.H2D, host, dev)
-        self.transfer.wait(ticket)
+        ack_id = self.transfer.submit(Direction.H2D, host, dev)
+        self.transfer.wait(ack_id)
         off = 0
         for n in path:
             assert n.host_value is not None

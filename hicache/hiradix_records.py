@@ -1,6 +1,7 @@
 """The records and small protocols of :class:`~hicache.hiradix.HiRadixCache` (no tree logic).
 
-- :class:`WritePolicy`     when device nodes are backed up to host memory
+- ``WritePolicy``          when device nodes are backed up to host memory (defined in
+  :mod:`hicache.config`, re-exported here for the cache's callers)
 - :class:`RankSync`        agreement between tensor-parallel ranks (:class:`NoRankSync`: one rank)
 - :class:`PendingWrite`    one write-through in flight and its fragments
   (:mod:`hicache.hiradix_writes`)
@@ -13,9 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Protocol
 
+from hicache.config import WritePolicy
 from hicache.events import EventQueue, KVEvent
 from hicache.radix import TreeNode
 from hicache.tiering.prefetch import PrefetchWait
@@ -27,15 +28,6 @@ __all__ = [
     "RankSync",
     "WritePolicy",
 ]
-
-
-class WritePolicy(StrEnum):
-    """When device nodes are backed up to host memory (values as in ``config.WritePolicy``)."""
-
-    WRITE_THROUGH = "write_through"
-    WRITE_THROUGH_SELECTIVE = "write_through_selective"
-    #: Nothing automatic: the caller decides with ``write_backup`` (tests, custom schedulers).
-    MANUAL = "manual"
 
 
 class RankSync(Protocol):

@@ -132,9 +132,9 @@ class WriteThroughLayer(HostLayer):
         Acks are finished in submission order: a child's write never announces before its
         parent's. The count is agreed through ``RankSync`` (always called, even for zero).
         """
-        for ticket in self.transfer.poll():
-            if ticket in self.ongoing_write_through:
-                self._acked.add(ticket)
+        for ack_id in self.transfer.poll():
+            if ack_id in self.ongoing_write_through:
+                self._acked.add(ack_id)
         ready = 0
         for ack in self.ongoing_write_through:
             if ack not in self._acked:

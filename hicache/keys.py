@@ -171,8 +171,11 @@ def chain_hashes(parent: bytes, tokens: Sequence[int], page_size: int) -> list[b
     return out
 
 
-def block_id(h: bytes) -> int:
-    """Return the event block id of a content hash: its first 8 bytes as a signed int64."""
+def block_id(h: bytes | str) -> int:
+    """Return the event block id of a content hash, or of its page key (the hash in hex, see
+    :func:`storage_key`): the hash's first 8 bytes as a signed int64."""
+    if isinstance(h, str):
+        h = bytes.fromhex(h[:16])
     if len(h) < 8:
         raise ValueError(f"content hash too short for a block id: {len(h)} bytes")
     return int.from_bytes(h[:8], "big", signed=True)

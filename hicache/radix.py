@@ -446,11 +446,10 @@ class RadixCache:
         ps = self.page_size
         key = node.key  # decoded once: event token ids are lists
         lora = self.lora_id
-        from_bytes = int.from_bytes
         batch = []
         off = 0
         for h in hashes:
-            bid = from_bytes(h[:8], "big", signed=True)  # keys.block_id, inlined: hot loop
+            bid = block_id(h)
             batch.append(BlockStored([bid], parent, key[off : off + ps], ps, lora, medium))
             parent = bid
             off += ps

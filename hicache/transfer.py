@@ -1,26 +1,26 @@
-"""L1 <-> L2 page copies that complete asynchronously, acknowledged by ticket (torch only).
+"""L1 <-> L2 page copies that complete asynchronously, acknowledged by ack id (torch only).
 
 - ``TransferEngine.submit(direction, src_pages, dst_pages)`` - start copying pages between the
-  device pool (L1, layer-first) and the host pool (L2, page-first); returns a ticket (ack id).
-- ``TransferEngine.poll()`` - tickets that completed since the last poll, without blocking;
-  every ticket is reported exactly once, whether or not it was also waited for.
-- ``TransferEngine.wait(ticket)`` - block until ``ticket`` completed.
+  device pool (L1, layer-first) and the host pool (L2, page-first); returns its ack id.
+- ``TransferEngine.poll()`` - ack ids that completed since the last poll, without blocking;
+  every ack id is reported exactly once, whether or not it was also waited for.
+- ``TransferEngine.wait(ack_id)`` - block until ``ack_id`` completed.
 
 Engines:
 
 - ``CudaTransferEngine`` - on a dedicated CUDA stream: one gather kernel packs the pages into a
   contiguous staging buffer, then one asynchronous copy per run of consecutive host pages (one per
   batch when the host allocator handed out a run) moves it to page-locked memory; one CUDA event
-  per ticket, so ``poll`` is ``event.query()``. H2D is the mirror image (copy, then one scatter).
+  per ack id, so ``poll`` is ``event.query()``. H2D is the mirror image (copy, then one scatter).
 - ``CpuTransferEngine`` - copies synchronously inside ``submit`` (``index_select`` /
-  ``index_copy_``); the ticket is reported by the next ``poll``. For machines without a GPU.
-- ``ManualTransferEngine`` - copies only when a test calls ``complete(ticket)`` (in any order),
+  ``index_copy_``); the ack id is reported by the next ``poll``. For machines without a GPU.
+- ``ManualTransferEngine`` - copies only when a test calls ``complete(ack_id)`` (in any order),
   so tests decide exactly when each ack arrives.
 
 Contract for callers: the pages of a submitted copy (source and destination, on both pools) must
-stay allocated and unmodified by others until the ticket completes; a D2H destination is
+stay allocated and unmodified by others until the ack id completes; a D2H destination is
 undefined until then. For H2D on CUDA, kernels that read the loaded pages must be ordered after
-the ticket (``wait`` it, or ``CudaTransferEngine.stream_wait(ticket)`` on the consumer stream).
+the ack id (``wait`` it, or ``CudaTransferEngine.stream_wait(ack_id)`` on the consumer stream).
 """
 
 from __future__ import annotations
@@ -98,11 +98,11 @@ def copy_pages_sync(
 
 class TransferEngine(ABC):
     """Moves pages between one device pool and one host pool; completion is acknowledged by
-    ticket. Tickets are positive ints, increasing in submission order.
+    ack id. Ack ids are positive ints, increasing in submission order.
 
     Notes for implementers: implement ``_start`` (begin one copy) and ``_collect`` (finished
-    tickets, non-blocking) and ``_wait`` (block until one ticket finished); the base class
-    validates arguments, numbers tickets and makes ``poll`` report each ticket once.
+    ack ids, non-blocking) and ``_wait`` (block until one ack id finished); the base class
+    validates arguments, numbers ack ids and makes ``poll`` report each ack id once.
     """
 
     def __init__(self, device_pool: DevicePool, host_pool: HostPool) -> None:
@@ -114,24 +114,24 @@ class TransferEngine(ABC):
         self.device_pool = device_pool
         self.host_pool = host_pool
         self._lock = threading.Lock()
-        self._next_ticket = 1
+        self._next_ack_id = 1
         self._pending: set[int] = set()
         self._finished: list[int] = []  # completed, not yet reported by poll
 
     def submit(
         self, direction: Direction, src_pages: Sequence[int], dst_pages: Sequence[int]
     ) -> int:
-        """Start copying ``src_pages[i]`` to ``dst_pages[i]``; return the ticket (ack id)."""
+        """Start copying ``src_pages[i]`` to ``dst_pages[i]``; return its ack id."""
         src, dst = self._validate(direction, src_pages, dst_pages)
         with self._lock:
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            self._pending.add(ticket)
-        self._start(ticket, direction, src, dst)
-        return ticket
+            ack_id = self._next_ack_id
+            self._next_ack_id += 1
+            self._pending.add(ack_id)
+        self._start(ack_id, direction, src, dst)
+        return ack_id
 
     def poll(self) -> list[int]:
-        """Tickets completed since the last ``poll``, in ticket order; never blocks."""
+        """Ack ids completed since the last ``poll``, in ack id order; never blocks."""
         done = self._collect()
         with self._lock:
             for t in done:
@@ -141,39 +141,39 @@ class TransferEngine(ABC):
             out, self._finished = sorted(self._finished), []
         return out
 
-    def wait(self, ticket: int) -> None:
-        """Block until ``ticket`` completed (it is still reported by the next ``poll``)."""
+    def wait(self, ack_id: int) -> None:
+        """Block until ``ack_id`` completed (it is still reported by the next ``poll``)."""
         with self._lock:
-            if not 0 < ticket < self._next_ticket:
-                raise ValueError(f"unknown transfer ticket {ticket}")
-            if ticket not in self._pending:
+            if not 0 < ack_id < self._next_ack_id:
+                raise ValueError(f"unknown transfer ack id {ack_id}")
+            if ack_id not in self._pending:
                 return
-        self._wait(ticket)
+        self._wait(ack_id)
         with self._lock:
-            if ticket in self._pending:
-                self._pending.discard(ticket)
-                self._finished.append(ticket)
+            if ack_id in self._pending:
+                self._pending.discard(ack_id)
+                self._finished.append(ack_id)
 
     def in_flight(self) -> int:
-        """Tickets submitted and not yet completed."""
+        """Ack ids submitted and not yet completed."""
         with self._lock:
             return len(self._pending)
 
     def close(self) -> None:
-        """Wait for every copy in flight (their tickets are still reported by ``poll``)."""
+        """Wait for every copy in flight (their ack ids are still reported by ``poll``)."""
         with self._lock:
             pending = sorted(self._pending)
         for t in pending:
             self.wait(t)
 
     @abstractmethod
-    def _start(self, ticket: int, direction: Direction, src: list[int], dst: list[int]) -> None: ...
+    def _start(self, ack_id: int, direction: Direction, src: list[int], dst: list[int]) -> None: ...
 
     @abstractmethod
     def _collect(self) -> list[int]: ...
 
     @abstractmethod
-    def _wait(self, ticket: int) -> None: ...
+    def _wait(self, ack_id: int) -> None: ...
 
     def _validate(
         self, direction: Direction, src_pages: Sequence[int], dst_pages: Sequence[int]
@@ -203,7 +203,7 @@ class TransferEngine(ABC):
 
 
 class CpuTransferEngine(TransferEngine):
-    """Copies synchronously inside ``submit``; the next ``poll`` reports the ticket.
+    """Copies synchronously inside ``submit``; the next ``poll`` reports the ack id.
 
     Works with a device pool on any device (a CUDA pool is copied through blocking copies).
     """
@@ -212,17 +212,17 @@ class CpuTransferEngine(TransferEngine):
         super().__init__(device_pool, host_pool)
         self._done: list[int] = []
 
-    def _start(self, ticket: int, direction: Direction, src: list[int], dst: list[int]) -> None:
+    def _start(self, ack_id: int, direction: Direction, src: list[int], dst: list[int]) -> None:
         copy_pages_sync(self.device_pool, self.host_pool, direction, src, dst)
         with self._lock:
-            self._done.append(ticket)
+            self._done.append(ack_id)
 
     def _collect(self) -> list[int]:
         with self._lock:
             done, self._done = self._done, []
         return done
 
-    def _wait(self, ticket: int) -> None:
+    def _wait(self, ack_id: int) -> None:
         return  # already copied in submit
 
 
@@ -234,9 +234,9 @@ class _ManualJob:
 
 
 class ManualTransferEngine(TransferEngine):
-    """Copies nothing until the test calls ``complete(ticket)``; any order is allowed.
+    """Copies nothing until the test calls ``complete(ack_id)``; any order is allowed.
 
-    ``wait(ticket)`` completes a pending ticket on the spot (as if the copy had just finished),
+    ``wait(ack_id)`` completes a pending ack id on the spot (as if the copy had just finished),
     so code paths that must block on a load back still work under this engine.
     """
 
@@ -246,49 +246,49 @@ class ManualTransferEngine(TransferEngine):
         self._done: list[int] = []
 
     def pending(self) -> list[int]:
-        """Tickets submitted and not yet completed, in submission order."""
+        """Ack ids submitted and not yet completed, in submission order."""
         with self._lock:
             return list(self._jobs)
 
-    def job(self, ticket: int) -> tuple[Direction, list[int], list[int]]:
-        """What pending ``ticket`` will copy: ``(direction, src_pages, dst_pages)``."""
+    def job(self, ack_id: int) -> tuple[Direction, list[int], list[int]]:
+        """What pending ``ack_id`` will copy: ``(direction, src_pages, dst_pages)``."""
         with self._lock:
-            j = self._jobs.get(ticket)
+            j = self._jobs.get(ack_id)
         if j is None:
-            raise ValueError(f"transfer ticket {ticket} is not pending")
+            raise ValueError(f"transfer ack id {ack_id} is not pending")
         return j.direction, list(j.src), list(j.dst)
 
-    def complete(self, ticket: int) -> None:
-        """Perform pending ``ticket``'s copy now; the next ``poll`` reports it."""
+    def complete(self, ack_id: int) -> None:
+        """Perform pending ``ack_id``'s copy now; the next ``poll`` reports it."""
         with self._lock:
-            j = self._jobs.pop(ticket, None)
+            j = self._jobs.pop(ack_id, None)
         if j is None:
-            raise ValueError(f"transfer ticket {ticket} is not pending")
+            raise ValueError(f"transfer ack id {ack_id} is not pending")
         copy_pages_sync(self.device_pool, self.host_pool, j.direction, j.src, j.dst)
         with self._lock:
-            self._done.append(ticket)
+            self._done.append(ack_id)
 
     def complete_all(self) -> list[int]:
-        """Complete every pending ticket in submission order; return them."""
-        tickets = self.pending()
-        for t in tickets:
+        """Complete every pending ack id in submission order; return them."""
+        ack_ids = self.pending()
+        for t in ack_ids:
             self.complete(t)
-        return tickets
+        return ack_ids
 
-    def _start(self, ticket: int, direction: Direction, src: list[int], dst: list[int]) -> None:
+    def _start(self, ack_id: int, direction: Direction, src: list[int], dst: list[int]) -> None:
         with self._lock:
-            self._jobs[ticket] = _ManualJob(direction, src, dst)
+            self._jobs[ack_id] = _ManualJob(direction, src, dst)
 
     def _collect(self) -> list[int]:
         with self._lock:
             done, self._done = self._done, []
         return done
 
-    def _wait(self, ticket: int) -> None:
+    def _wait(self, ack_id: int) -> None:
         with self._lock:
-            pending = ticket in self._jobs
+            pending = ack_id in self._jobs
         if pending:
-            self.complete(ticket)
+            self.complete(ack_id)
 
 
 @dataclass(slots=True)
@@ -299,7 +299,7 @@ class _CudaJob:
 
 
 class CudaTransferEngine(TransferEngine):
-    """Asynchronous copies on a dedicated CUDA stream, one CUDA event per ticket.
+    """Asynchronous copies on a dedicated CUDA stream, one CUDA event per ack id.
 
     D2H: ``index_select`` gathers the pages (page-major, host layout) into a contiguous device
     staging buffer, then one ``non_blocking`` copy per run of consecutive destination host pages
@@ -329,10 +329,10 @@ class CudaTransferEngine(TransferEngine):
         self.stream = stream
         self._jobs: dict[int, _CudaJob] = {}
 
-    def stream_wait(self, ticket: int, stream: torch.cuda.Stream | None = None) -> None:
-        """Order later work on ``stream`` (default: the current one) after ``ticket``, no block."""
+    def stream_wait(self, ack_id: int, stream: torch.cuda.Stream | None = None) -> None:
+        """Order later work on ``stream`` (default: the current one) after ``ack_id``, no block."""
         with self._lock:
-            job = self._jobs.get(ticket)
+            job = self._jobs.get(ack_id)
         if job is not None:
             (stream or torch.cuda.current_stream(self.device)).wait_event(job.event)
 
@@ -340,7 +340,7 @@ class CudaTransferEngine(TransferEngine):
         host = torch.tensor(pages, dtype=torch.int64, pin_memory=True)
         return host, host.to(self.device, non_blocking=True)
 
-    def _start(self, ticket: int, direction: Direction, src: list[int], dst: list[int]) -> None:
+    def _start(self, ack_id: int, direction: Direction, src: list[int], dst: list[int]) -> None:
         producer = torch.cuda.current_stream(self.device)
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         keep: list[torch.Tensor] = []
@@ -366,7 +366,7 @@ class CudaTransferEngine(TransferEngine):
                 keep += [idx_host, idx_dev, staging]
             event.record(self.stream)
         with self._lock:
-            self._jobs[ticket] = _CudaJob(event, keep)
+            self._jobs[ack_id] = _CudaJob(event, keep)
 
     def _collect(self) -> list[int]:
         with self._lock:
@@ -377,13 +377,13 @@ class CudaTransferEngine(TransferEngine):
                 self._jobs.pop(t, None)
         return done
 
-    def _wait(self, ticket: int) -> None:
+    def _wait(self, ack_id: int) -> None:
         with self._lock:
-            job = self._jobs.get(ticket)
+            job = self._jobs.get(ack_id)
         if job is not None:
             job.event.synchronize()
             with self._lock:
-                self._jobs.pop(ticket, None)
+                self._jobs.pop(ack_id, None)
 
 
 def default_engine(device_pool: DevicePool, host_pool: HostPool) -> TransferEngine:

@@ -24,14 +24,14 @@ from typing import Any
 
 import torch
 
+from hicache.config import TierSettings
 from hicache.hiradix import HiRadixCache, WritePolicy
 from hicache.keys import ModelIdentity, chain_hashes, seed_hash, storage_key
 from hicache.pools import DevicePool, HostPool, KVLayout
 from hicache.storage.backend import BackendContext, PageStatus
 from hicache.storage.memory import MemoryBackend, MemoryConfig
 from hicache.testing.faults import FaultOp, FaultyBackend
-from hicache.tiering.calls import RetryPolicy
-from hicache.tiering.tiers import Tier, Tiers, TierSettings
+from hicache.tiering.tiers import Tier, Tiers
 from hicache.transfer import CpuTransferEngine
 
 PS = 16
@@ -60,7 +60,8 @@ def build(names: dict[str, str], remote_wrapper: list[FaultyBackend]) -> HiRadix
                     breaker_failures=3,
                     breaker_cooldown_s=0.2,
                     max_inflight_bytes=24 * LAYOUT.page_bytes,
-                    retry=RetryPolicy(attempts=2, backoff_s=0.001),
+                    retry_attempts=2,
+                    retry_backoff_s=0.001,
                     promote=True,
                 ),
             ),

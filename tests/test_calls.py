@@ -16,7 +16,7 @@ from hicache.errors import (
     BackendUnavailableError,
 )
 from hicache.tiering.breaker import BreakerState, CircuitBreaker
-from hicache.tiering.calls import FailureKind, RetryPolicy, TierCaller, classify
+from hicache.tiering.calls import FailureKind, RetryPolicy, TierCaller, failure_kind
 
 #: The ``run_python`` fixture of tests/conftest.py.
 RunPython = Callable[..., "subprocess.CompletedProcess[str]"]
@@ -111,9 +111,9 @@ def test_non_retryable_errors_fail_at_once(
 
 def test_classify_builtins() -> None:
     # untranslated builtins break the contract: counted as unexpected, never retried
-    assert classify(ConnectionResetError()) is FailureKind.UNEXPECTED
-    assert classify(TimeoutError()) is FailureKind.UNEXPECTED
-    assert classify(ValueError()) is FailureKind.UNEXPECTED
+    assert failure_kind(ConnectionResetError()) is FailureKind.UNEXPECTED
+    assert failure_kind(TimeoutError()) is FailureKind.UNEXPECTED
+    assert failure_kind(ValueError()) is FailureKind.UNEXPECTED
 
 
 def test_no_retry_past_the_deadline() -> None:

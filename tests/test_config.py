@@ -285,8 +285,9 @@ def test_rejected_secret_values_are_not_echoed() -> None:
 
 def test_retry_and_prefetch_timeout_knobs_reach_the_tiers() -> None:
     from hicache.config import HicacheConfig
+    from hicache.storage import BackendContext, MemoryBackend, MemoryConfig
     from hicache.tiering.prefetch import PrefetchRules
-    from hicache.tiering.tiers import TierSettings
+    from hicache.tiering.tiers import Tier
 
     config = HicacheConfig(
         storage={
@@ -301,9 +302,10 @@ def test_retry_and_prefetch_timeout_knobs_reach_the_tiers() -> None:
             },
         }
     )
-    settings = TierSettings.from_config(config.storage.tiers["ram"])
-    assert (settings.retry.attempts, settings.retry.backoff_s) == (5, 0.1)
-    assert settings.retry.delay(10) == 1.0
+    backend = MemoryBackend(MemoryConfig(), BackendContext(page_bytes=64, namespace="n"))
+    retry = Tier("ram", backend, config.storage.tiers["ram"]).caller.retry
+    assert (retry.attempts, retry.backoff_s) == (5, 0.1)
+    assert retry.delay(10) == 1.0
     rules = PrefetchRules.from_config(config.storage.prefetch)
     assert rules.timeout_per_1k_tokens_s == 0.5
     assert rules.timeout_max_s == 4.0

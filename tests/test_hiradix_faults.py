@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
+from hicache.config import TierSettings
 from hicache.events import BlockRemoved, BlockStored, KVEvent, Medium
 from hicache.hiradix import HiRadixCache, WritePolicy
 from hicache.keys import ModelIdentity, chain_hashes, seed_hash, storage_key
@@ -19,9 +20,8 @@ from hicache.storage.backend import BackendContext, PageStatus
 from hicache.storage.memory import MemoryBackend, MemoryConfig
 from hicache.testing.faults import FaultOp, FaultyBackend
 from hicache.tiering.breaker import BreakerState
-from hicache.tiering.calls import RetryPolicy
 from hicache.tiering.prefetch import PrefetchPolicy, PrefetchRules
-from hicache.tiering.tiers import Tier, Tiers, TierSettings
+from hicache.tiering.tiers import Tier, Tiers
 from hicache.transfer import CpuTransferEngine
 
 PS = 2
@@ -47,7 +47,7 @@ def backend(shared: str | None = None) -> MemoryBackend:
 
 
 def settings(**kw: object) -> TierSettings:
-    base: dict[str, object] = {"retry": RetryPolicy(attempts=1), "deadline_s": WAIT}
+    base: dict[str, object] = {"retry_attempts": 1, "deadline_s": WAIT}
     base.update(kw)
     return TierSettings(**base)  # type: ignore[arg-type]
 

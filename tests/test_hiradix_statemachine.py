@@ -23,6 +23,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from hicache.config import TierSettings
 from hicache.errors import BackendUnavailableError
 from hicache.events import BlockRemoved, BlockStored, KVEvent, Medium
 from hicache.hiradix import HiRadixCache, PrefetchHandle, WritePolicy
@@ -31,9 +32,8 @@ from hicache.pools import DevicePool, HostPool, KVLayout
 from hicache.radix import TreeNode
 from hicache.storage.backend import Backend, BackendConfig, BackendContext, Capabilities, PageStatus
 from hicache.storage.memory import MemoryBackend, MemoryConfig
-from hicache.tiering.calls import RetryPolicy
-from hicache.tiering.engine import EnginePoll, PublishGroup, PublishPage, key_block_id
-from hicache.tiering.tiers import Tier, Tiers, TierSettings
+from hicache.tiering.engine import EnginePoll, PublishGroup, PublishPage
+from hicache.tiering.tiers import Tier, Tiers
 from hicache.transfer import ManualTransferEngine
 
 PS = 2
@@ -280,7 +280,8 @@ class HiRadixMachine(RuleBasedStateMachine):
                 deadline_s=FLAKY_DEADLINE_S,
                 breaker_failures=2,
                 breaker_cooldown_s=BREAKER_COOLDOWN_S,
-                retry=RetryPolicy(attempts=2, backoff_s=0.0),
+                retry_attempts=2,
+                retry_backoff_s=0.0,
             ),
             clock=self.clock,
         )
@@ -642,7 +643,7 @@ class HiRadixMachine(RuleBasedStateMachine):
         firsts = {block_id(hs[0]) for _, hs, _ in cache.finished}
         for b in (self.flaky, self.steady):
             with b.lock:
-                stored = {key_block_id(k) for k in b.stored | b.ever_evicted}  # ever stored
+                stored = {block_id(k) for k in b.stored | b.ever_evicted}  # ever stored
             announced: set[int] = set()  # announced on the tier and not removed since
             for e in self.events:
                 if isinstance(e, BlockRemoved) and e.medium == b.medium:
@@ -677,7 +678,7 @@ class HiRadixMachine(RuleBasedStateMachine):
         removed = [e for e in self.events if isinstance(e, BlockRemoved)]
         assert all(e.medium in (Medium.GPU, Medium.CPU_PINNED, "DISK") for e in removed)
         # the flaky tier's removals are exactly the pages it dropped on its own
-        dropped_ids = {key_block_id(k) for k in self.flaky.ever_evicted}
+        dropped_ids = {block_id(k) for k in self.flaky.ever_evicted}
         assert {i for e in removed if e.medium == "DISK" for i in e.block_hashes} == dropped_ids
 
 

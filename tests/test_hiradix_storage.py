@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 import torch
 
-from hicache.config import HicacheConfig
+from hicache.config import HicacheConfig, TierSettings
 from hicache.events import BlockStored, Medium
 from hicache.hiradix import HiRadixCache, WritePolicy
 from hicache.keys import ModelIdentity, chain_hashes, seed_hash, storage_key
 from hicache.pools import DevicePool, HostPool, KVLayout
 from hicache.storage.backend import Backend, BackendConfig, BackendContext, Capabilities, PageStatus
 from hicache.storage.memory import MemoryBackend, MemoryConfig
-from hicache.tiering.tiers import Tiers, TierSettings
+from hicache.tiering.tiers import Tiers
 from hicache.transfer import CpuTransferEngine
 
 PS = 4

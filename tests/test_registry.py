@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from hicache.errors import (
+    BackendConflictError,
     BackendContractError,
     BackendLoadError,
     BackendNotFoundError,
@@ -220,7 +221,7 @@ def test_two_distributions_claiming_one_kind_is_an_error(site: FakeSite) -> None
     site.dist("fake-a", "1.0", {kind: f"{mod_a}:GoodBackend"})
     site.dist("fake-b", "2.0", {kind: f"{mod_b}:GoodBackend"})
 
-    with pytest.raises(registry.BackendConflictError) as exc:
+    with pytest.raises(BackendConflictError) as exc:
         registry.load_backend_class(kind)
     message = str(exc.value)
     assert "fake-a 1.0" in message and "fake-b 2.0" in message

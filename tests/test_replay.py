@@ -138,8 +138,8 @@ def test_corrupted_host_page_is_a_loud_failure(
 
     original = CpuTransferEngine._start
 
-    def corrupting(self, ticket, direction, src, dst):  # type: ignore[no-untyped-def]
-        original(self, ticket, direction, src, dst)
+    def corrupting(self, ack_id, direction, src, dst):  # type: ignore[no-untyped-def]
+        original(self, ack_id, direction, src, dst)
         if direction is Direction.H2D:
             page = self.device_pool.kv.select(self.device_pool.page_dim, dst[0])
             page[(0,) * page.dim()] += 1

@@ -12,17 +12,18 @@ from collections.abc import Sequence
 
 import torch
 
+from hicache.config import TierSettings
 from hicache.events import BlockRemoved, BlockStored, KVEvent
+from hicache.keys import block_id
 from hicache.pools import HostPool, KVLayout
 from hicache.storage.backend import BackendContext, PageStatus
 from hicache.storage.memory import MemoryBackend, MemoryConfig
 from hicache.testing.faults import FaultOp, FaultyBackend
 from hicache.tiering.admission import Admission
 from hicache.tiering.breaker import BreakerState
-from hicache.tiering.calls import RetryPolicy
-from hicache.tiering.engine import PublishPage, StorageEngine, key_block_id
+from hicache.tiering.engine import PublishPage, StorageEngine
 from hicache.tiering.prefetch import PrefetchOutcome
-from hicache.tiering.tiers import Tier, Tiers, TierSettings
+from hicache.tiering.tiers import Tier, Tiers
 
 PS = 2
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, page_size=PS, dtype=torch.float32)
@@ -52,7 +53,7 @@ def mem(medium_name: str = "mem") -> MemoryBackend:
 
 
 def settings(**kw: object) -> TierSettings:
-    base: dict[str, object] = {"retry": RetryPolicy(attempts=1), "deadline_s": WAIT}
+    base: dict[str, object] = {"retry_attempts": 1, "deadline_s": WAIT}
     base.update(kw)
     return TierSettings(**base)  # type: ignore[arg-type]
 
@@ -73,7 +74,7 @@ class Rig:
         out = []
         for i, (k, h) in enumerate(zip(keys, host, strict=True)):
             self.host.page_view(h)[:] = bytes([i % 251 + 1]) * LAYOUT.page_bytes
-            bid = key_block_id(k)
+            bid = block_id(k)
             out.append(PublishPage(k, h, bid, parent, [i, i]))
             parent = bid
         return out
@@ -127,11 +128,11 @@ def test_announces_per_tier_only_the_acknowledged_prefix() -> None:
     rig = Rig([Tier("good", good, settings(medium="A")), Tier("bad", bad, settings(medium="B"))])
     keys = keys_for(5)
     frag1, frag2 = rig.pages(keys[:3]), []
-    frag2 = rig.pages(keys[3:], parent=key_block_id(keys[2]))
+    frag2 = rig.pages(keys[3:], parent=block_id(keys[2]))
     bad.fail_keys([keys[1]], PageStatus.FAILED, ops=[FaultOp.PUT])
     rig.publish(frag1, frag2)
     rig.settle()
-    ids = [key_block_id(k) for k in keys]
+    ids = [block_id(k) for k in keys]
     assert rig.stored("A") == ids
     assert rig.stored("B") == ids[:1]  # the failed page stops the tier's announcements
     assert bad.inner.exists(keys) == [True, False, True, True, True]  # stored, not announced
@@ -149,9 +150,9 @@ def test_child_of_a_failed_head_in_another_group_is_not_announced() -> None:
     fb.fail_keys([keys[1]], PageStatus.FAILED, ops=[FaultOp.PUT])
     rig.publish(rig.pages(keys[:2]))
     rig.settle()
-    rig.publish(rig.pages(keys[2:], parent=key_block_id(keys[1])))  # a later ack, the child
+    rig.publish(rig.pages(keys[2:], parent=block_id(keys[1])))  # a later ack, the child
     rig.settle()
-    assert rig.stored("T") == [key_block_id(keys[0])]
+    assert rig.stored("T") == [block_id(keys[0])]
     assert fb.inner.exists(keys[2:]) == [True, True]
     assert_no_tail_without_head(rig.events)
     rig.close()
@@ -164,7 +165,7 @@ def test_child_waits_for_its_parents_publish_in_flight() -> None:
     release = fb.hang(ops=[FaultOp.PUT], count=1)  # the parent's put hangs, not the child's
     rig.publish(rig.pages(keys[:2]))
     assert fb.wait_hung(1)
-    rig.publish(rig.pages(keys[2:], parent=key_block_id(keys[1])))
+    rig.publish(rig.pages(keys[2:], parent=block_id(keys[1])))
     assert fb.wait_finished(FaultOp.PUT, 1)  # the child's put is done first
     assert fb.inner.exists(keys[2:]) == [True, True]
     for _ in range(3):
@@ -173,7 +174,7 @@ def test_child_waits_for_its_parents_publish_in_flight() -> None:
     assert rig.stored("T") == []
     release.set()
     rig.settle()
-    assert rig.stored("T") == [key_block_id(k) for k in keys]
+    assert rig.stored("T") == [block_id(k) for k in keys]
     assert_no_tail_without_head(rig.events)
     rig.close()
 
@@ -183,12 +184,12 @@ def test_child_waits_for_its_parents_publish_in_flight() -> None:
 
 def test_retryable_errors_are_retried_and_recover() -> None:
     fb = FaultyBackend(mem())
-    rig = Rig([Tier("t", fb, settings(medium="T", retry=RetryPolicy(attempts=3, backoff_s=0)))])
+    rig = Rig([Tier("t", fb, settings(medium="T", retry_attempts=3, retry_backoff_s=0))])
     fb.fail_calls(2, ops=[FaultOp.PUT])
     keys = keys_for(2)
     rig.publish(rig.pages(keys))
     rig.settle()
-    assert rig.stored("T") == [key_block_id(k) for k in keys]
+    assert rig.stored("T") == [block_id(k) for k in keys]
     snap = rig.tiers["t"].snapshot()
     assert snap["retries"] == 2 and snap["failures"] == {}
     assert fb.calls["put"] == 3
@@ -224,7 +225,7 @@ def test_breaker_opens_drops_publishes_and_closes_after_cooldown() -> None:
     rig.publish(rig.pages(keys))  # the half-open probe
     rig.settle()
     assert tier.breaker.state is BreakerState.CLOSED
-    assert rig.stored("T") == [key_block_id(k) for k in keys]
+    assert rig.stored("T") == [block_id(k) for k in keys]
     assert tier.snapshot()["breaker"]["closed_after_probe"] == 1
     assert rig.host.total_holds() == 0
     rig.close()
@@ -279,7 +280,7 @@ def test_second_hit_admission_publishes_on_the_second_offer() -> None:
     assert rig.tiers["t"].snapshot()["dropped_admission"] == 3
     rig.publish(rig.pages(keys))
     rig.settle()
-    assert rig.stored("T") == [key_block_id(k) for k in keys]
+    assert rig.stored("T") == [block_id(k) for k in keys]
     rig.close()
 
 
@@ -293,10 +294,10 @@ def test_backend_evictions_become_block_removed() -> None:
     rig.engine.poll()  # schedules the eviction check
     rig.settle()
     removed = [e for e in rig.events if isinstance(e, BlockRemoved)]
-    assert removed == [BlockRemoved([key_block_id(k) for k in keys[1:]], "T")]
+    assert removed == [BlockRemoved([block_id(k) for k in keys[1:]], "T")]
     assert rig.tiers["t"].snapshot()["evicted_pages"] == 2
     # a child of an evicted page is not announced: its head is gone
-    rig.publish(rig.pages(keys_for(1, "child"), parent=key_block_id(keys[2])))
+    rig.publish(rig.pages(keys_for(1, "child"), parent=block_id(keys[2])))
     rig.settle()
     assert len(rig.stored("T")) == 3
     assert_no_tail_without_head(rig.events)
@@ -350,10 +351,10 @@ def test_cascade_reads_each_page_from_the_tier_that_has_it_and_promotes() -> Non
     # promotion: the slow tier's pages went to the fast tier, never back to the slow one
     assert slow.put_log == [] and fast.put_log == keys[2:]
     assert fast_mem.exists(keys) == [True] * 6
-    assert rig.stored("F") == [key_block_id(k) for k in keys[2:]]
+    assert rig.stored("F") == [block_id(k) for k in keys[2:]]
     assert rig.tiers["fast"].snapshot()["promoted_pages"] == 4
     assert rig.host.total_holds() == 0
-    assert_no_tail_without_head(rig.events, {"F": {key_block_id(k) for k in keys[:2]}})
+    assert_no_tail_without_head(rig.events, {"F": {block_id(k) for k in keys[:2]}})
     rig.close()
     for name in ("eng-fast", "eng-slow"):
         MemoryBackend.drop_shared_store(name)
@@ -458,13 +459,13 @@ def test_a_page_published_again_is_not_announced_twice() -> None:
     rig.settle()
     rig.publish(rig.pages(keys))  # e.g. recomputed after an L2 eviction: ALREADY_EXISTS
     rig.settle()
-    assert rig.stored("T") == [key_block_id(k) for k in keys]
+    assert rig.stored("T") == [block_id(k) for k in keys]
     assert fb.put_log == keys + keys
     fb.evict(keys[1:])
     rig.engine.poll()
     rig.settle()
     rig.publish(rig.pages(keys))  # the tail came back after its eviction: announced again
     rig.settle()
-    assert rig.stored("T") == [key_block_id(k) for k in [*keys, keys[1]]]
+    assert rig.stored("T") == [block_id(k) for k in [*keys, keys[1]]]
     assert_no_tail_without_head(rig.events)
     rig.close()

@@ -19,7 +19,7 @@ from hicache.tiering.prefetch import (
     PrefetchPolicy,
     PrefetchRules,
     PrefetchWait,
-    classify,
+    prefetch_outcome,
     usable_prefix,
 )
 from hicache.tiering.stats import TierCounters, tier_snapshot
@@ -69,15 +69,15 @@ def test_gate_lets_one_oversized_publish_through_when_idle() -> None:
 def test_usable_prefix_and_outcomes() -> None:
     assert usable_prefix([OK, OK, NF, OK]) == 2
     assert usable_prefix([]) == 0
-    assert classify(3, [OK, OK, OK]) is PrefetchOutcome.COMPLETE
+    assert prefetch_outcome(3, [OK, OK, OK]) is PrefetchOutcome.COMPLETE
     # a page that vanished between exists and get: shorter, not an error
-    assert classify(3, [OK, NF, OK]) is PrefetchOutcome.SHORT
-    assert classify(3, [OK, CORRUPT, OK]) is PrefetchOutcome.FAILED
-    assert classify(3, [FAILED, OK, OK]) is PrefetchOutcome.FAILED
-    assert classify(3, [OK], timed_out=True) is PrefetchOutcome.TIMED_OUT
-    assert classify(0, []) is PrefetchOutcome.MISS
+    assert prefetch_outcome(3, [OK, NF, OK]) is PrefetchOutcome.SHORT
+    assert prefetch_outcome(3, [OK, CORRUPT, OK]) is PrefetchOutcome.FAILED
+    assert prefetch_outcome(3, [FAILED, OK, OK]) is PrefetchOutcome.FAILED
+    assert prefetch_outcome(3, [OK], timed_out=True) is PrefetchOutcome.TIMED_OUT
+    assert prefetch_outcome(0, []) is PrefetchOutcome.MISS
     # fewer statuses than requested (the cascade found less): short
-    assert classify(4, [OK, OK]) is PrefetchOutcome.SHORT
+    assert prefetch_outcome(4, [OK, OK]) is PrefetchOutcome.SHORT
 
 
 def test_wait_budget_per_policy() -> None:

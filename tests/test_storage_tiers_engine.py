@@ -8,13 +8,14 @@ from collections.abc import Sequence
 
 import torch
 
-from hicache.config import HicacheConfig
+from hicache.config import HicacheConfig, TierSettings
 from hicache.events import BlockRemoved, BlockStored
+from hicache.keys import block_id
 from hicache.pools import HostPool, KVLayout
 from hicache.storage.backend import Backend, BackendConfig, BackendContext, Capabilities, PageStatus
 from hicache.storage.memory import MemoryBackend, MemoryConfig
-from hicache.tiering.engine import PublishPage, StorageEngine, key_block_id
-from hicache.tiering.tiers import Tiers, TierSettings
+from hicache.tiering.engine import PublishPage, StorageEngine
+from hicache.tiering.tiers import Tiers
 
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, page_size=2, dtype=torch.float32)
 PB = LAYOUT.page_bytes
@@ -114,7 +115,7 @@ def pages_for(host: HostPool, ids: Sequence[int], first_host_page: int) -> list[
     parent = None
     for j, i in enumerate(ids):
         host.page_view(first_host_page + j)[:] = bytes([i % 256]) * PB
-        bid = key_block_id(key(i))
+        bid = block_id(key(i))
         out.append(PublishPage(key(i), first_host_page + j, bid, parent, [i, i]))
         parent = bid
     return out

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import time
 
+from hicache.config import TierSettings
 from hicache.errors import BackendUnavailableError
 from hicache.storage.backend import BackendContext
 from hicache.storage.memory import MemoryBackend, MemoryConfig
-from hicache.tiering.tiers import Tier, Tiers, TierSettings
+from hicache.tiering.tiers import Tier, Tiers
 
 PAGE = 4096
 

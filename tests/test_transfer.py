@@ -1,4 +1,4 @@
-"""Transfer engines: byte-identical L1 <-> L2 round trips, tickets, manual completion order."""
+"""Transfer engines: byte-identical L1 <-> L2 round trips, ack ids, manual completion order."""
 
 from __future__ import annotations
 
@@ -45,10 +45,10 @@ def _make(layout: KVLayout, device: str, pin: bool) -> tuple[DevicePool, HostPoo
     return DevicePool(layout, num_pages=8, device=device), HostPool(layout, num_pages=10, pin=pin)
 
 
-def _finish(engine: TransferEngine, ticket: int) -> None:
+def _finish(engine: TransferEngine, ack_id: int) -> None:
     if isinstance(engine, ManualTransferEngine):
-        engine.complete(ticket)
-    engine.wait(ticket)
+        engine.complete(ack_id)
+    engine.wait(ack_id)
 
 
 ENGINES: list[object] = [
@@ -113,7 +113,7 @@ def test_cpu_engine_tickets_and_wait() -> None:
     assert engine.poll() == [t1, t2]
     assert engine.poll() == []
     engine.wait(t1)  # already reported: returns at once
-    with pytest.raises(ValueError, match="ticket 99"):
+    with pytest.raises(ValueError, match="ack id 99"):
         engine.wait(99)
 
 
@@ -144,7 +144,7 @@ def test_manual_engine_copies_only_on_complete_in_any_order() -> None:
     engine.complete(t1)
     assert _raw(host.page_tensor(3)) == _raw(c)
     assert engine.poll() == [t1]
-    with pytest.raises(ValueError, match=f"ticket {t1} is not pending"):
+    with pytest.raises(ValueError, match=f"ack id {t1} is not pending"):
         engine.complete(t1)
     assert engine.in_flight() == 0
 
@@ -152,11 +152,11 @@ def test_manual_engine_copies_only_on_complete_in_any_order() -> None:
 def test_manual_engine_wait_completes_and_complete_all() -> None:
     dev, host = _make(LAYOUTS["mla"], "cpu", pin=False)
     engine = ManualTransferEngine(dev, host)
-    tickets = [engine.submit(Direction.H2D, [i], [i]) for i in range(3)]
-    engine.wait(tickets[1])
-    assert engine.pending() == [tickets[0], tickets[2]]
-    assert engine.complete_all() == [tickets[0], tickets[2]]
-    assert engine.poll() == tickets
+    ack_ids = [engine.submit(Direction.H2D, [i], [i]) for i in range(3)]
+    engine.wait(ack_ids[1])
+    assert engine.pending() == [ack_ids[0], ack_ids[2]]
+    assert engine.complete_all() == [ack_ids[0], ack_ids[2]]
+    assert engine.poll() == ack_ids
     assert engine.pending() == []
 
 
@@ -199,17 +199,17 @@ def test_cuda_engine_orders_after_compute_stream_and_many_tickets() -> None:
     assert dev.kv.is_cuda and host.kv.is_pinned()
     engine = CudaTransferEngine(dev, host)
     assert isinstance(default_engine(dev, host), CudaTransferEngine)
-    tickets = []
+    ack_ids = []
     for i in range(8):
         # Written by a kernel on the compute stream right before the submit: the engine's
         # stream must wait for it.
         dev.kv.select(dev.page_dim, i).fill_(float(i + 1))
-        tickets.append(engine.submit(Direction.D2H, [i], [63 - i]))
+        ack_ids.append(engine.submit(Direction.D2H, [i], [63 - i]))
     seen: list[int] = []
-    while len(seen) < len(tickets):
+    while len(seen) < len(ack_ids):
         seen += engine.poll()
         torch.cuda.synchronize()
-    assert sorted(seen) == tickets
+    assert sorted(seen) == ack_ids
     for i in range(8):
         assert bool((host.page_tensor(63 - i).float() == i + 1).all())
     # H2D, consumed through stream_wait rather than a host-side wait.

@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 from pydantic import BaseModel, ValidationError
 
 from hicache.errors import (
+    BackendConflictError,
     BackendContractError,
     BackendLoadError,
     BackendNotFoundError,
@@ -41,7 +42,6 @@ from hicache.storage.backend import API_VERSION, Backend, BackendConfig, Backend
 __all__ = [
     "ENTRY_POINT_GROUP",
     "KNOWN_DISTRIBUTIONS",
-    "BackendConflictError",
     "PluginInfo",
     "clear_caches",
     "create_backend",
@@ -63,10 +63,6 @@ KNOWN_DISTRIBUTIONS: Mapping[str, str] = {
     "s3": "hicache-s3",
     "fsspec": "hicache-fsspec",
 }
-
-
-class BackendConflictError(PluginError, LookupError):
-    """Several installed distributions register the same backend kind."""
 
 
 @dataclass(frozen=True, slots=True)

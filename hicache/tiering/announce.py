@@ -36,16 +36,10 @@ __all__ = [
     "PublishGroup",
     "PublishPage",
     "TierProgress",
-    "key_block_id",
 ]
 
 #: Block ids remembered per tier as "stored there" (for parent checks), ~100 bytes each.
 DEFAULT_KNOWN_CAPACITY = 1 << 20
-
-
-def key_block_id(key: str) -> int:
-    """Event block id of a page key: the hash's first 8 bytes as a signed int64."""
-    return int.from_bytes(bytes.fromhex(key[:16]), "big", signed=True)
 
 
 @dataclass(frozen=True, slots=True)

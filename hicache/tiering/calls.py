@@ -3,7 +3,7 @@
 - ``TierCaller(name, deadline_s=..., threads=..., breaker=..., retry=...)``  one per tier
 - ``caller.call(fn, on_return=...)``  run ``fn()`` on the tier's own threads, wait at most the
   deadline, return a :class:`CallOutcome` (value or failure kind), never raise
-- ``classify(exc)``  the :class:`FailureKind` of an exception
+- ``failure_kind(exc)``  the :class:`FailureKind` of an exception
 - ``RetryPolicy``    how often and how long to back off before retrying a retryable failure
 
 Why a thread per call in flight: a backend call is synchronous and may block far past any
@@ -53,7 +53,7 @@ __all__ = [
     "FailureKind",
     "RetryPolicy",
     "TierCaller",
-    "classify",
+    "failure_kind",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class FailureKind(enum.StrEnum):
 RETRYABLE: frozenset[FailureKind] = frozenset({FailureKind.UNAVAILABLE})
 
 
-def classify(exc: BaseException) -> FailureKind:
+def failure_kind(exc: BaseException) -> FailureKind:
     """The failure kind of an exception raised by a backend call."""
     if isinstance(exc, BackendUnavailableError):
         return FailureKind.UNAVAILABLE
@@ -263,7 +263,7 @@ class _Attempts(Generic[T]):
             try:
                 return self.fn()
             except Exception as exc:
-                kind = classify(exc)
+                kind = failure_kind(exc)
                 retry = self.attempts
                 if (
                     kind not in RETRYABLE
@@ -359,7 +359,7 @@ class TierCaller:
         except CancelledError as exc:  # close() cancelled it while queued
             return self._failed(FailureKind.CLOSED, exc, 0, breaker)
         except Exception as exc:
-            return self._failed(classify(exc), exc, attempts.attempts, breaker)
+            return self._failed(failure_kind(exc), exc, attempts.attempts, breaker)
         if breaker is not None:
             breaker.record_success()
         return CallOutcome(value=value, attempts=attempts.attempts)

@@ -54,6 +54,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from hicache.events import BlockRemoved, KVEvent
+from hicache.keys import block_id
 from hicache.storage.backend import PageStatus
 from hicache.tiering.announce import (
     DEFAULT_KNOWN_CAPACITY,
@@ -61,7 +62,6 @@ from hicache.tiering.announce import (
     PublishGroup,
     PublishPage,
     TierProgress,
-    key_block_id,
 )
 from hicache.tiering.engine_prefetch import PrefetchJobs
 from hicache.tiering.engine_records import (
@@ -87,7 +87,6 @@ __all__ = [
     "PublishGroup",
     "PublishPage",
     "StorageEngine",
-    "key_block_id",
 ]
 
 logger = logging.getLogger(__name__)
@@ -303,9 +302,7 @@ class StorageEngine(PrefetchJobs):
         for r in item.ranges:
             end = min(r.end, ok)
             sources[r.start : end] = [r.tier.name] * max(0, end - r.start)
-            self.announcer.mark_present(
-                r.tier.name, [key_block_id(k) for k in job.keys[r.start : end]]
-            )
+            self.announcer.mark_present(r.tier.name, [block_id(k) for k in job.keys[r.start : end]])
         result = PrefetchResult(item.ticket, item.statuses, job.host, sources)
         for tier in {r.tier for r in item.ranges}:
             tier.stats.count_prefetch(result.outcome if not job.abandoned else "timed_out")
@@ -325,10 +322,10 @@ class StorageEngine(PrefetchJobs):
             targets = self.tiers.earlier_publishing(r.tier)
             if not targets:
                 continue
-            parent = job.parent_block_id if r.start == 0 else key_block_id(job.keys[r.start - 1])
+            parent = job.parent_block_id if r.start == 0 else block_id(job.keys[r.start - 1])
             pages = []
             for i in range(r.start, end):
-                bid = key_block_id(job.keys[i])
+                bid = block_id(job.keys[i])
                 pages.append(PublishPage(job.keys[i], job.host[i], bid, parent, job.token_ids[i]))
                 parent = bid
             group = self.begin_publish()
@@ -340,7 +337,7 @@ class StorageEngine(PrefetchJobs):
 
     def _evicted(self, item: _Evicted, events: list[KVEvent]) -> None:
         tier = self._tier_by_name[item.tier]
-        ids = [key_block_id(k) for k in item.keys]
+        ids = [block_id(k) for k in item.keys]
         self.announcer.removed(item.tier, ids)
         events.append(BlockRemoved(ids, tier.medium))
 

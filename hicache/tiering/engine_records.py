@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from hicache.events import KVEvent
 from hicache.storage.backend import PageStatus
-from hicache.tiering.prefetch import PrefetchOutcome, classify, usable_prefix
+from hicache.tiering.prefetch import PrefetchOutcome, prefetch_outcome, usable_prefix
 from hicache.tiering.tiers import TierRange
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class PrefetchResult:
     @property
     def outcome(self) -> PrefetchOutcome:
         """How the prefetch ended (complete, short, failed, miss)."""
-        return classify(len(self.statuses), self.statuses)
+        return prefetch_outcome(len(self.statuses), self.statuses)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@
     ``timeout``        ``base + per_1k_tokens * num_tokens / 1000``, capped at ``max``
 - ``PrefetchWait``   a started wait (``expired()``, ``remaining()``), with an injectable clock
 - ``usable_prefix(statuses)``  the longest contiguous ``OK`` prefix: the only pages the cache uses
-- ``classify(requested, statuses, ...)``  the :class:`PrefetchOutcome` counted in the stats
+- ``prefetch_outcome(requested, statuses, ...)``  the :class:`PrefetchOutcome` counted in the stats
 
 A page can vanish between ``exists`` and ``get_into`` (another process, the tier's own eviction):
 its ``NOT_FOUND`` just shortens the prefetch (outcome ``short``), it is not an error.
@@ -33,7 +33,7 @@ __all__ = [
     "PrefetchPolicy",
     "PrefetchRules",
     "PrefetchWait",
-    "classify",
+    "prefetch_outcome",
     "usable_prefix",
 ]
 
@@ -74,7 +74,7 @@ def usable_prefix(statuses: Sequence[PageStatus]) -> int:
     return n
 
 
-def classify(
+def prefetch_outcome(
     requested: int, statuses: Sequence[PageStatus], *, timed_out: bool = False
 ) -> PrefetchOutcome:
     """The outcome of a prefetch of ``requested`` pages that produced ``statuses``."""

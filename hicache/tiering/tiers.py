@@ -26,69 +26,23 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from hicache.config import TierSettings
 from hicache.storage.backend import Backend, BackendContext, PageStatus
-from hicache.tiering.admission import Admission, AdmissionPolicy, make_admission
+from hicache.tiering.admission import AdmissionPolicy, make_admission
 from hicache.tiering.breaker import CircuitBreaker
 from hicache.tiering.calls import CallOutcome, FailureKind, RetryPolicy, TierCaller
 from hicache.tiering.inflight import InflightGate
 from hicache.tiering.stats import TierCounters, tier_snapshot
 
 if TYPE_CHECKING:
-    from hicache.config import HicacheConfig, TierConfig
+    from hicache.config import HicacheConfig
 
-__all__ = ["Tier", "TierRange", "TierSettings", "TierStats", "Tiers"]
+__all__ = ["Tier", "TierRange", "Tiers"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class TierSettings:
-    """What the cache needs from a tier's configuration (``config.TierConfig`` without options)."""
-
-    publish: bool = True
-    read_only: bool = False
-    #: Medium announced in ``BlockStored`` events; None = the backend's ``default_medium``.
-    medium: str | None = None
-    admission: Admission = Admission.ALWAYS
-    #: Copy pages found in this tier into the earlier tiers that publish (opt-in).
-    promote: bool = False
-    deadline_s: float = 5.0
-    max_inflight_bytes: int = 1 << 30
-    io_threads: int = 4
-    #: Pages per backend call; None = the backend's ``max_batch``.
-    batch_pages: int | None = None
-    breaker_failures: int = 5
-    breaker_cooldown_s: float = 30.0
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-
-    @classmethod
-    def from_config(cls, tier: TierConfig) -> TierSettings:
-        """The settings of one configured tier."""
-        return cls(
-            publish=tier.publish,
-            read_only=tier.read_only,
-            medium=tier.medium,
-            admission=tier.admission,
-            promote=tier.promote,
-            deadline_s=tier.deadline_s,
-            max_inflight_bytes=tier.max_inflight_bytes,
-            io_threads=tier.io_threads,
-            batch_pages=tier.batch_pages,
-            breaker_failures=tier.breaker_failures,
-            breaker_cooldown_s=tier.breaker_cooldown_s,
-            retry=RetryPolicy(
-                attempts=tier.retry_attempts,
-                backoff_s=tier.retry_backoff_s,
-                backoff_max_s=tier.retry_backoff_max_s,
-            ),
-        )
-
-
-#: The counters of one tier (kept under this name for the cache's callers).
-TierStats = TierCounters
 
 
 class Tier:
@@ -107,7 +61,7 @@ class Tier:
         self.name = name
         self.backend = backend
         self.settings = s = settings or TierSettings()
-        self.stats = TierStats()
+        self.stats = TierCounters()
         extra: dict[str, Any] = {}
         if clock is not None:
             extra["clock"] = clock
@@ -119,7 +73,11 @@ class Tier:
             deadline_s=s.deadline_s,
             threads=s.io_threads,
             breaker=self.breaker,
-            retry=s.retry,
+            retry=RetryPolicy(
+                attempts=s.retry_attempts,
+                backoff_s=s.retry_backoff_s,
+                backoff_max_s=s.retry_backoff_max_s,
+            ),
             **extra,
         )
         self.gate = InflightGate(s.max_inflight_bytes)
@@ -388,7 +346,7 @@ class Tiers:
             backend = create_backend(
                 tier.backend, tier.options, context, path=f"storage.tiers.{name}.options"
             )
-            tiers.append(Tier(name, backend, TierSettings.from_config(tier)))
+            tiers.append(Tier(name, backend, tier))
         return cls(tiers)
 
     # ------------------------------------------------------------------ lifecycle
