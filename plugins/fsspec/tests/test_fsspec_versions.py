@@ -21,9 +21,10 @@ def test_newer_page_survives_a_reader_in_another_process(tmp_path: Path) -> None
     writer.open()
     try:
         newer, shorter, corrupt, _intact = keys = [kit_key(i, "versions") for i in range(4)]
-        assert writer.put(keys, [memoryview(page_pattern(k, PAGE)) for k in keys]) == [
-            PageStatus.OK
-        ] * 4
+        assert (
+            writer.put(keys, [memoryview(page_pattern(k, PAGE)) for k in keys])
+            == [PageStatus.OK] * 4
+        )
         paths = {k: Path(writer.page_path(k)) for k in keys}
         paths[newer].write_bytes(as_newer_version(paths[newer].read_bytes()))
         paths[shorter].write_bytes(as_newer_version(paths[shorter].read_bytes())[:-100])
