@@ -24,13 +24,15 @@ logger = logging.getLogger(__name__)
 class CallGate:
     """Counts the calls using a resource; closed until :meth:`open`."""
 
-    __slots__ = ("_active", "_cond", "_is_open", "_name", "_pending")
+    __slots__ = ("_active", "_drained", "_is_open", "_lock", "_name", "_pending")
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self._cond = threading.Condition(threading.Lock())
+        # A plain lock (not a Condition) keeps enter/leave cheap: they run on every data call.
+        self._lock = threading.Lock()
         self._active = 0
         self._is_open = False
+        self._drained = threading.Event()
         self._pending: list[Callable[[], None]] = []
 
     @property
@@ -39,23 +41,23 @@ class CallGate:
         return self._active
 
     def open(self) -> None:
-        with self._cond:
+        with self._lock:
             self._is_open = True
 
     def enter(self) -> None:
         """Count one more call in flight; ``BackendClosedError`` once the gate is shut."""
-        with self._cond:
+        with self._lock:
             if not self._is_open:
                 raise BackendClosedError(f"{self._name} is not open")
             self._active += 1
 
     def leave(self) -> None:
         """The call that entered is done with the resource."""
-        with self._cond:
+        with self._lock:
             self._active -= 1
             if self._active:
                 return
-            self._cond.notify_all()
+            self._drained.set()
             pending, self._pending = self._pending, []
         for release in pending:
             release()
@@ -63,9 +65,14 @@ class CallGate:
     def close(self, release: Callable[[], None], timeout_s: float) -> None:
         """Shut the gate, wait up to ``timeout_s`` for the calls in flight, then ``release``
         (now, or when the last of them leaves)."""
-        with self._cond:
+        with self._lock:
             self._is_open = False
-            if not self._cond.wait_for(lambda: self._active == 0, timeout_s):
+            drained = self._drained = threading.Event()
+            if not self._active:
+                drained.set()
+        drained.wait(timeout_s)
+        with self._lock:
+            if self._active:
                 logger.warning(
                     "%s: %d call(s) still in flight %.0fs after close; released when they end",
                     self._name,

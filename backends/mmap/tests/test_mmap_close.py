@@ -162,3 +162,20 @@ def test_listing_paused_by_its_consumer_does_not_hold_up_close(tmp_path: Path) -
     rest = list(pages)  # the rest of its chunk was read before close: no error, no mapping
     assert {first.key, *(p.key for p in rest)} == set(keys)
     assert backend.stats()["calls_in_flight"] == 0
+
+
+def test_gate_hands_a_late_release_to_the_last_call_out() -> None:
+    from hicache_mmap.calls import CallGate
+
+    gate = CallGate("test gate")
+    released: list[str] = []
+    gate.open()
+    gate.enter()  # a call that outlives close()'s wait
+    gate.close(lambda: released.append("now"), timeout_s=0.01)
+    assert released == []  # never while a call is inside
+    with pytest.raises(BackendClosedError):
+        gate.enter()
+    gate.leave()
+    assert released == ["now"]  # by the last call out, exactly once
+    gate.close(lambda: released.append("again"), timeout_s=0.01)
+    assert released == ["now", "again"]  # nothing in flight: at once
