@@ -19,6 +19,7 @@ __all__ = [
     "ConfigError",
     "HicacheError",
     "PageCorruptError",
+    "PageVersionError",
     "PluginError",
 ]
 
@@ -77,4 +78,15 @@ class PageCorruptError(HicacheError, ValueError):
     def __init__(self, field: str, detail: str) -> None:
         super().__init__(f"corrupt page: {field} mismatch ({detail})")
         self.field = field
+        self.detail = detail
+
+
+class PageVersionError(HicacheError, ValueError):
+    """A stored page is in a format this reader does not know: a newer writer's page version or
+    feature flags. Not corruption: the page is a miss for this reader and stays where it is (a
+    newer reader sharing the tier may need it, as in a rolling upgrade)."""
+
+    def __init__(self, version: int, detail: str) -> None:
+        super().__init__(f"unknown page format: {detail}")
+        self.version = version
         self.detail = detail

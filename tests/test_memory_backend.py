@@ -145,3 +145,28 @@ def test_key_repeated_within_one_batch_is_stored_once() -> None:
         assert backend.stats()["pages"] == 1
     finally:
         backend.close()
+
+
+def test_newer_writers_page_is_a_miss_that_stays() -> None:
+    from hicache.testing.peer import as_newer_version
+
+    backend = MemoryBackend(MemoryConfig(), _ctx())
+    backend.open()
+    try:
+        keys = [_key(1), _key(2)]
+        assert backend.put(keys, [_page(1), _page(2)]) == [PageStatus.OK] * 2
+        page = _stored(backend, keys[0])
+        original = bytes(page.header)
+        page.header[:] = as_newer_version(original)
+        dst = memoryview(bytearray(4096))
+        assert backend.get_into(keys, [dst, memoryview(bytearray(4096))]) == [
+            PageStatus.NOT_FOUND,
+            PageStatus.OK,
+        ]
+        stats = backend.stats()
+        assert (stats["unknown_version"], stats["corrupt"], stats["pages"]) == (1, 0, 2)
+        page.header[:] = as_newer_version(bytes(page.header), version=1)  # still there, intact
+        assert backend.get_into(keys[:1], [dst]) == [PageStatus.OK]
+        assert bytes(dst) == bytes(_page(1))
+    finally:
+        backend.close()

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hicache.errors import PageCorruptError
+from hicache.errors import PageCorruptError, PageVersionError
 from hicache.storage import pageformat as pf
 
 DATA = Path(__file__).parent / "data" / "pageformat"
@@ -60,18 +60,52 @@ def test_golden_vectors_encode_byte_exact(vec: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("ref", VECTORS["refused"], ids=lambda r: str(r["header_file"]))
-def test_future_version_refused_by_version(ref: dict[str, Any]) -> None:
+def test_future_version_refused_as_unknown_not_corrupt(ref: dict[str, Any]) -> None:
     header = (DATA / ref["header_file"]).read_bytes()
-    with pytest.raises(PageCorruptError) as info:
+    with pytest.raises(PageVersionError) as info:
         pf.decode_header(header)
-    assert info.value.field == ref["field"] == "version"
+    assert not isinstance(info.value, PageCorruptError)
+    assert info.value.version == ref["version"]
     assert str(ref["version"]) in str(info.value)
 
 
-@pytest.mark.parametrize("version", [0, 2, 3, 0xFFFF])
-def test_any_other_version_refused_even_with_valid_header_checksum(version: int) -> None:
+@pytest.mark.parametrize("version", [2, 3, 0xFFFF])
+def test_newer_version_with_its_own_checksum_is_unknown(version: int) -> None:
     header = bytearray(pf.encode_header(NS, KEY, b"payload"))
     struct.pack_into("<H", header, 8, version)
+    struct.pack_into("<Q", header, pf.HEADER_SIZE - 8, _header_checksum(header))
+    with pytest.raises(PageVersionError) as info:
+        pf.decode_header(header)
+    assert info.value.version == version
+
+
+def test_newer_version_of_another_size_is_unknown_however_short() -> None:
+    # A newer format may have a shorter header: the version decides before the length does.
+    header = bytearray(pf.encode_header(NS, KEY, b"payload"))
+    struct.pack_into("<H", header, 8, 2)
+    for cut in (10, 100, pf.HEADER_SIZE - 1):
+        with pytest.raises(PageVersionError):
+            pf.check_version(header[:cut])
+        with pytest.raises(PageVersionError):
+            pf.decode_header(header[:cut])
+    pf.check_version(pf.encode_header(NS, KEY, b"payload")[:100])  # ours: no opinion
+    with pytest.raises(PageCorruptError, match="length"):
+        pf.decode_header(pf.encode_header(NS, KEY, b"payload")[:100])
+
+
+@pytest.mark.parametrize("version", [2, 3, 0x8001])
+def test_damaged_version_field_of_a_v1_page_is_corrupt(version: int) -> None:
+    # The header checksum still describes version 1: a flipped bit, not a newer writer.
+    header = bytearray(pf.encode_header(NS, KEY, b"payload"))
+    struct.pack_into("<H", header, 8, version)
+    with pytest.raises(PageCorruptError) as info:
+        pf.decode_header(header)
+    assert info.value.field == "version"
+
+
+def test_older_version_is_corrupt() -> None:
+    header = bytearray(pf.encode_header(NS, KEY, b"payload"))
+    struct.pack_into("<H", header, 8, 0)
     struct.pack_into("<Q", header, pf.HEADER_SIZE - 8, _header_checksum(header))
     with pytest.raises(PageCorruptError) as info:
         pf.decode_header(header)
@@ -84,13 +118,14 @@ def _header_checksum(header: bytearray) -> int:
     return xxhash.xxh3_64_intdigest(bytes(header[: pf.HEADER_SIZE - 8]))
 
 
-def test_unknown_flags_refused_as_version() -> None:
+@pytest.mark.parametrize(("offset", "value"), [(10, 1), (14, 1)], ids=["flags", "reserved"])
+def test_unknown_flags_are_a_newer_writers_page(offset: int, value: int) -> None:
     header = bytearray(pf.encode_header(NS, KEY, b"payload"))
-    header[10] = 1
+    header[offset] = value
     struct.pack_into("<Q", header, pf.HEADER_SIZE - 8, _header_checksum(header))
-    with pytest.raises(PageCorruptError) as info:
+    with pytest.raises(PageVersionError) as info:
         pf.decode_header(header)
-    assert info.value.field == "version"
+    assert info.value.version == pf.FORMAT_VERSION
 
 
 def test_every_single_byte_header_corruption_detected() -> None:

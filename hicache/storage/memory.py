@@ -25,7 +25,12 @@ from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
-from hicache.errors import BackendCapacityError, BackendClosedError, PageCorruptError
+from hicache.errors import (
+    BackendCapacityError,
+    BackendClosedError,
+    PageCorruptError,
+    PageVersionError,
+)
 from hicache.storage.backend import (
     Backend,
     BackendConfig,
@@ -118,7 +123,9 @@ class MemoryBackend(Backend):
         self._store: _Store | None = None
         self._evicted: list[str] = []
         self._counters_lock = threading.Lock()
-        self._counters = {"hits": 0, "misses": 0, "corrupt": 0, "puts": 0, "evictions": 0}
+        self._counters = dict.fromkeys(
+            ("hits", "misses", "corrupt", "unknown_version", "puts", "evictions"), 0
+        )
 
     @classmethod
     def drop_shared_store(cls, shared_name: str) -> bool:
@@ -250,7 +257,7 @@ class MemoryBackend(Backend):
                 )
         # Pages are never modified once stored, so they are read outside the lock.
         statuses: list[PageStatus] = []
-        hits = misses = corrupt = 0
+        hits = misses = corrupt = unknown = 0
         for key, page, dst in zip(keys, found, dsts, strict=True):
             if page is None:
                 statuses.append(PageStatus.NOT_FOUND)
@@ -271,9 +278,17 @@ class MemoryBackend(Backend):
                 statuses.append(PageStatus.CORRUPT)
                 corrupt += 1
                 continue
+            except PageVersionError as exc:
+                # A newer writer's page (only planted bytes here): a miss, and it stays.
+                (logger.debug if unknown else logger.warning)(
+                    "memory tier %r: page %s: %s; a miss", self._tier, key, exc
+                )
+                statuses.append(PageStatus.NOT_FOUND)
+                unknown += 1
+                continue
             statuses.append(PageStatus.OK)
             hits += 1
-        self._count(hits=hits, misses=misses, corrupt=corrupt)
+        self._count(hits=hits, misses=misses, corrupt=corrupt, unknown_version=unknown)
         return statuses
 
     def _delete(self, keys: Sequence[str]) -> None:

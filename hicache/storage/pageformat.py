@@ -30,6 +30,16 @@ Layout of version 1 (integers little-endian)::
 Magic and version sit at the same offsets in every version, so a reader refuses a page of a
 version it does not know by its version number instead of misreading it. The header checksum
 covers everything else, padding included: any single corrupted header byte is detected.
+
+What a reader may do with a page it cannot use is decided here, once, for every backend:
+
+- :class:`~hicache.errors.PageCorruptError`: proven damage to a page of this version (a checksum
+  that does not match, a length that disagrees, a bad magic). The backend may delete it.
+- :class:`~hicache.errors.PageVersionError`: a page of a newer format version, or one of this
+  version with feature flags this reader does not know, written on purpose by a newer writer
+  (rolling upgrades share tiers between versions). A miss, counted apart (``unknown_version``)
+  and left in place. A version field that a flipped bit turned into another number is told
+  apart by the header checksum: with the version put back, it matches.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ from typing import Final
 
 import xxhash
 
-from hicache.errors import PageCorruptError
+from hicache.errors import PageCorruptError, PageVersionError
 from hicache.storage.backend import check_key, check_namespace
 
 __all__ = [
@@ -50,6 +60,7 @@ __all__ = [
     "Buffer",
     "PageHeader",
     "check_checksum",
+    "check_version",
     "decode_header",
     "encode_header",
     "encode_header_into",
@@ -63,7 +74,8 @@ Buffer = bytes | bytearray | memoryview
 
 #: Size of the header in bytes; the payload starts at this offset (4 KiB keeps it O_DIRECT-aligned).
 HEADER_SIZE: Final[int] = 4096
-#: The format version this module writes and the only one it reads.
+#: The format version this module writes and the only one it reads; a page of a higher version is
+#: a newer writer's (:class:`~hicache.errors.PageVersionError`), never corruption.
 FORMAT_VERSION: Final[int] = 1
 #: First 8 bytes of every stored page. The high bit and CR LF catch 7-bit and newline-mangling
 #: transfers, the way PNG's signature does.
@@ -171,11 +183,14 @@ def decode_header(header: Buffer) -> PageHeader:
     """Parse and check the header at the start of ``header`` (which may hold more bytes).
 
     Checks run in a fixed order so the reported field is the first thing that is wrong:
-    ``length`` (fewer than ``HEADER_SIZE`` bytes), ``magic``, ``version`` (an unknown version or
-    unknown flags: refused, never misread), ``header_checksum``, then ``namespace``/``key`` for
-    undecodable names. Raises :class:`~hicache.errors.PageCorruptError` naming that field.
+    ``length`` (fewer than ``HEADER_SIZE`` bytes), ``magic``, ``version`` (a version below this
+    one, or a damaged version field), ``header_checksum``, then ``namespace``/``key`` for
+    undecodable names. Raises :class:`~hicache.errors.PageCorruptError` naming that field, or
+    :class:`~hicache.errors.PageVersionError` for a newer writer's page (a higher version, or
+    feature flags this reader does not know): refused, never misread, never corruption.
     """
     view = _as_bytes_view(header)
+    check_version(view)  # first: a newer writer's header may be of another size
     if view.nbytes < HEADER_SIZE:
         raise PageCorruptError("length", f"header has {view.nbytes} bytes, expected {HEADER_SIZE}")
     if view[: len(MAGIC)] != MAGIC:
@@ -191,10 +206,40 @@ def decode_header(header: Buffer) -> PageHeader:
         raise PageCorruptError("header_checksum", f"stored {stored:#018x}, computed {actual:#018x}")
     _, _, flags, ns_len, key_len, reserved, payload_len, checksum = _PREFIX.unpack_from(view, 0)
     if flags or reserved:
-        raise PageCorruptError("version", f"unknown flags {flags:#x} / reserved {reserved:#x}")
+        # The header checksum matched: a writer set these on purpose, i.e. a newer one.
+        raise PageVersionError(
+            version,
+            f"version {version} page with unknown flags {flags:#x} / reserved {reserved:#x}",
+        )
     namespace = _decode_name(view[_NS_OFFSET:_KEY_OFFSET], ns_len, "namespace")
     key = _decode_name(view[_KEY_OFFSET:_END_OF_FIELDS], key_len, "key")
     return PageHeader(FORMAT_VERSION, namespace, key, payload_len, checksum)
+
+
+def check_version(header: Buffer) -> None:
+    """Raise :class:`~hicache.errors.PageVersionError` when ``header`` (a stored page's first
+    bytes, however many were read) begins a newer writer's page; return otherwise.
+
+    :func:`decode_header` calls it first; a reader that refuses a page by its size before it
+    decodes the header calls it before calling that page corrupt (a newer version may have
+    another size).
+    """
+    view = _as_bytes_view(header)
+    if view.nbytes < len(MAGIC) + _VERSION.size or view[: len(MAGIC)] != MAGIC:
+        return
+    (version,) = _VERSION.unpack_from(view, len(MAGIC))
+    if version <= FORMAT_VERSION:
+        return
+    if view.nbytes >= HEADER_SIZE:
+        # One of our pages whose version field was damaged is not a newer writer's: its header
+        # checksum matches once the version is put back.
+        ours = bytearray(view[:_CHECKSUM_OFFSET])
+        _VERSION.pack_into(ours, len(MAGIC), FORMAT_VERSION)
+        if _U64.unpack_from(view, _CHECKSUM_OFFSET)[0] == xxhash.xxh3_64_intdigest(ours):
+            return
+    raise PageVersionError(
+        version, f"page format version {version}, this reader knows {FORMAT_VERSION}"
+    )
 
 
 def verify_payload(header: PageHeader, payload: Buffer, *, check_payload: bool = True) -> None:
@@ -223,7 +268,8 @@ def verify_page(
     """Decode ``header`` and check it describes ``payload`` stored under ``namespace``/``key``.
 
     Raises :class:`~hicache.errors.PageCorruptError` with ``field`` in ``magic``, ``version``,
-    ``header_checksum``, ``namespace``, ``key``, ``length``, ``checksum``. With
+    ``header_checksum``, ``namespace``, ``key``, ``length``, ``checksum``, or
+    :class:`~hicache.errors.PageVersionError` for a newer writer's page. With
     ``check_payload=False`` the payload bytes are not hashed (only its length is checked).
     """
     decoded = decode_header(header)

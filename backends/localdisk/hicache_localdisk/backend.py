@@ -62,6 +62,7 @@ _COUNTERS = (
     "gets_missing",
     "gets_failed",
     "corrupt",
+    "unknown_version",
     "dead_temps_removed",
     "bad_size_removed",
     "other_size_pages",
@@ -85,6 +86,7 @@ class LocalDiskBackend(Backend):
         self._shared: SharedState | None = None
         self._io: PageIO | None = None
         self._corrupt_logged = False
+        self._unknown_logged = False
         self._counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self._counters_lock = threading.Lock()
         self._open_scan: dict[str, float] = {}
@@ -381,6 +383,8 @@ class LocalDiskBackend(Backend):
             elif result is ReadResult.CORRUPT:
                 statuses[i] = PageStatus.CORRUPT
                 corrupt.append((key, field))
+            elif result is ReadResult.UNKNOWN_VERSION:
+                self._on_unknown_version(key, field)  # NOT_FOUND, and the file stays
             else:
                 statuses[i] = PageStatus.FAILED
         if missing:
@@ -394,6 +398,17 @@ class LocalDiskBackend(Backend):
         for key, field in corrupt:
             self._on_corrupt(key, field)
         return statuses
+
+    def _on_unknown_version(self, key: str, detail: str) -> None:
+        with self._counters_lock:
+            self._counters["unknown_version"] += 1
+            first, self._unknown_logged = not self._unknown_logged, True
+        (log.warning if first else log.debug)(
+            "localdisk %s: page %s is a newer writer's (%s): a miss, left in place",
+            self._layout.ns_dir,
+            key,
+            detail,
+        )
 
     def _on_corrupt(self, key: str, field: str) -> None:
         """Count, log (once at warning level), forget and remove a page that failed checks."""

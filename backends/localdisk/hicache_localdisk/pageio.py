@@ -20,12 +20,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
 
-from hicache.errors import PageCorruptError
+from hicache.errors import PageCorruptError, PageVersionError
 from hicache.storage import (
     HEADER_SIZE,
     PageStatus,
     buffer_address,
     check_checksum,
+    check_version,
     encode_header_into,
     payload_checksum,
     verify_page,
@@ -61,6 +62,8 @@ class ReadResult(enum.Enum):
     OK = "ok"
     MISSING = "missing"
     CORRUPT = "corrupt"
+    #: A newer writer's page (see ``pageformat.check_version``): a miss, left in place.
+    UNKNOWN_VERSION = "unknown_version"
     FAILED = "failed"
 
 
@@ -213,6 +216,7 @@ class PageIO:
             else:
                 n, checksum = read_page(fd, header, dst, hash_payload=hashed)
             if n != self.stored_bytes:
+                check_version(header[: min(n, HEADER_SIZE)])  # a newer page may be sized apart
                 raise PageCorruptError("length", f"file has {n} bytes, not {self.stored_bytes}")
             decoded = verify_page(
                 header, dst, namespace=self._ns, key=key, check_payload=self._verify and not hashed
@@ -223,6 +227,8 @@ class PageIO:
                 self._touch(fd, touch_ns)
         except PageCorruptError as exc:
             return ReadResult.CORRUPT, exc.field
+        except PageVersionError as exc:
+            return ReadResult.UNKNOWN_VERSION, exc.detail
         except OSError as exc:
             self._log_failure("get", key, exc)
             return ReadResult.FAILED, ""

@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from hicache.errors import BackendUnavailableError, PageCorruptError
+from hicache.errors import BackendUnavailableError, PageCorruptError, PageVersionError
 from hicache.storage import HEADER_SIZE, decode_header, stored_size
 from hicache_localdisk.fsio import DIRECT_ALIGN, O_DIRECT, fsync_dir
 from hicache_localdisk.layout import FANOUT_DIRS, Layout, ScannedPage
@@ -123,6 +123,8 @@ def _is_damaged(layout: Layout, page: ScannedPage) -> bool:
             header = decode_header(f.read(HEADER_SIZE))
     except PageCorruptError:
         return True
+    except PageVersionError:
+        return False  # a newer writer's page: not ours to read, nor to delete
     except OSError:
         return False  # unreadable now; a later read decides
     if header.namespace != layout.namespace or header.key != page.key:

@@ -26,7 +26,6 @@ import logging
 import os
 import platform
 import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Final
 
@@ -42,6 +41,7 @@ from hicache.storage import (
     RawBaseline,
     StoredPage,
 )
+from hicache_mmap.calls import CallGate
 from hicache_mmap.layout import (
     BODY_OFFSET,
     GEN,
@@ -66,6 +66,8 @@ __all__ = ["MmapBackend"]
 
 logger = logging.getLogger(__name__)
 
+#: Slots whose headers a listing reads per visit to the mapping.
+_LIST_CHUNK: Final = 4096
 #: CPUs whose store/load ordering (TSO) makes the fence-free seqlock read sound.
 _TSO_MACHINES: Final = frozenset({"x86_64", "AMD64", "i686", "i386"})
 
@@ -85,6 +87,8 @@ class MmapBackend(Backend):
             raise TypeError(f"MmapBackend expects MmapOptions, got {type(config).__name__}")
         self.options: MmapOptions = config
         self._file: SlotFile | None = None
+        # Every data call holds the gate while it touches the mapping: close() waits for them.
+        self._calls = CallGate(f"mmap tier {context.tier_name!r}")
         self._ns_field = namespace_field(context.namespace)
         self._durable = config.msync is MsyncMode.ON_PUT
         self._pid = 0
@@ -124,6 +128,7 @@ class MmapBackend(Backend):
             )
             self._pid = os.getpid()
             self._empty = True
+            self._calls.open()
             return
         self._empty = False
         self._file = file = SlotFile.open(
@@ -148,22 +153,28 @@ class MmapBackend(Backend):
                 platform.machine(),
             )
         self._scan(file)
+        self._calls.open()
 
     def _close(self) -> None:
-        self._empty = False
-        file, self._file = self._file, None
-        if file is None:
-            return
-        # A call still in flight holds a slice of the view for a moment; wait it out.
-        for _ in range(200):
+        file = self._file
+
+        def release() -> None:
+            # Runs once no call is in flight (see CallGate), possibly after a reopen: it
+            # releases this file only.
+            self._empty = False
+            if file is None:
+                return
+            if self._file is file:
+                self._file = None
+                self._view.index.clear()
             try:
                 file.close()
-                break
-            except BufferError:
-                time.sleep(0.005)
-        else:
-            logger.warning("slot file %s still in use at close; left mapped", file.path)
-        self._view.index.clear()
+            except BufferError:  # pragma: no cover - every slice dies with its call
+                logger.warning("slot file %s still in use at close; left mapped", file.path)
+
+        # Calls in flight are bounded by their lock waits; the gate hands the release to the
+        # last of them should this wait run out.
+        self._calls.close(release, timeout_s=max(30.0, 4 * self.options.lock_timeout_s))
 
     def _scan(self, file: SlotFile) -> None:
         """Rebuild the local view from every slot header, and log how long that took."""
@@ -188,21 +199,29 @@ class MmapBackend(Backend):
     # ------------------------------------------------------------------ lookup
 
     def _exists(self, keys: Sequence[str]) -> list[bool]:
-        if self._empty:
-            return [False] * len(keys)
-        return self._view.exists(self._req_file(), keys)
+        self._calls.enter()
+        try:
+            if self._empty:
+                return [False] * len(keys)
+            return self._view.exists(self._req_file(), keys)
+        finally:
+            self._calls.leave()
 
     # ------------------------------------------------------------------ get
 
     def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
-        if self._empty:
-            return [PageStatus.NOT_FOUND] * len(keys)
-        file = self._req_file()
-        out: list[PageStatus] = []
-        for key, dst in zip(keys, dsts, strict=True):
-            out.append(self._get_one(file, key, dst))
-        self._counts["gets"] += len(keys)
-        return out
+        self._calls.enter()
+        try:
+            if self._empty:
+                return [PageStatus.NOT_FOUND] * len(keys)
+            file = self._req_file()
+            out: list[PageStatus] = []
+            for key, dst in zip(keys, dsts, strict=True):
+                out.append(self._get_one(file, key, dst))
+            self._counts["gets"] += len(keys)
+            return out
+        finally:
+            self._calls.leave()
 
     def _get_one(self, file: SlotFile, key: str, dst: memoryview) -> PageStatus:
         if dst.format != "B" or dst.ndim != 1:
@@ -308,7 +327,15 @@ class MmapBackend(Backend):
             )
 
     def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
-        file = self._req_file()
+        self._calls.enter()
+        try:
+            return self._put_all(self._req_file(), keys, srcs)
+        finally:
+            self._calls.leave()
+
+    def _put_all(
+        self, file: SlotFile, keys: Sequence[str], srcs: Sequence[memoryview]
+    ) -> list[PageStatus]:
         self._check_pid()
         out: list[PageStatus] = []
         for key, src in zip(keys, srcs, strict=True):
@@ -368,7 +395,13 @@ class MmapBackend(Backend):
         return PageStatus.OK
 
     def _delete(self, keys: Sequence[str]) -> None:
-        file = self._req_file()
+        self._calls.enter()
+        try:
+            self._delete_all(self._req_file(), keys)
+        finally:
+            self._calls.leave()
+
+    def _delete_all(self, file: SlotFile, keys: Sequence[str]) -> None:
         self._check_pid()
         geo = file.geo
         view = self._view
@@ -429,13 +462,34 @@ class MmapBackend(Backend):
                 yield name
 
     def _iter_used(self) -> Iterator[tuple[int, int, bytes, bytes, int]]:
-        """``(slot, slot_size, key_raw, ns_field, payload_len)`` of every used slot (no locks)."""
-        if self._empty:
-            return
-        file = self._req_file()
+        """``(slot, slot_size, key_raw, ns_field, payload_len)`` of every used slot (no locks).
+
+        Read in chunks, each under the call gate: a listing paused by its consumer never holds
+        up ``close()``, and one resumed after it raises ``BackendClosedError``.
+        """
+        start = 0
+        while True:
+            self._calls.enter()
+            try:
+                if self._empty:
+                    return
+                file = self._req_file()
+                end = min(start + _LIST_CHUNK, file.geo.num_slots)
+                chunk = list(self._used_in(file, start, end))
+            finally:
+                self._calls.leave()
+            yield from chunk
+            if end >= file.geo.num_slots:
+                return
+            start = end
+
+    @staticmethod
+    def _used_in(
+        file: SlotFile, start: int, end: int
+    ) -> Iterator[tuple[int, int, bytes, bytes, int]]:
         geo = file.geo
         mm, payload, base, size = file.mm, geo.slot_payload, geo.slots_offset, geo.slot_size
-        for slot in range(geo.num_slots):
+        for slot in range(start, end):
             off = base + slot * size
             if mm[off + BODY_OFFSET : off + BODY_OFFSET + 8] != SLOT_MAGIC:
                 continue
@@ -447,6 +501,7 @@ class MmapBackend(Backend):
     def _stats(self) -> Mapping[str, Any]:
         file = self._file
         out: dict[str, Any] = dict(self._counts)
+        out["calls_in_flight"] = self._calls.active
         if file is not None:
             geo = file.geo
             clock = self._view.clock

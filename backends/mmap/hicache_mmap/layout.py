@@ -2,7 +2,9 @@
 
 File (integers little-endian)::
 
-    0                 superblock (SUPERBLOCK_SIZE = 4 KiB)
+    0                 superblock (SUPERBLOCK_SIZE = 4 KiB): the file version and the geometry
+                      (page size, slot payload and size, sets, associativity, offsets, file
+                      size), with an xxh3 of them all
     SUPERBLOCK_SIZE   set table: one u64 version per set, bumped after every change to the set
                       (lets a reader that missed a key skip rescanning an unchanged set);
                       padded to 4 KiB
@@ -37,7 +39,7 @@ from typing import Final
 
 import xxhash
 
-from hicache.errors import PageCorruptError
+from hicache.errors import PageCorruptError, PageVersionError
 from hicache.storage import HEADER_SIZE
 
 __all__ = [
@@ -58,14 +60,16 @@ __all__ = [
 SUPERBLOCK_SIZE: Final[int] = 4096
 #: Slot headers are padded like every hicache page header, so payloads stay 4 KiB aligned.
 SLOT_HEADER_SIZE: Final[int] = HEADER_SIZE
-FILE_VERSION: Final[int] = 1
+#: Version 2 added the page size to the superblock (version 1 files are refused, never read).
+FILE_VERSION: Final[int] = 2
 FILE_MAGIC: Final[bytes] = b"\x89HICMMAP"
 SLOT_MAGIC: Final[bytes] = b"\x89HICSLOT"
 _ALIGN: Final[int] = 4096
 
-# magic, version, slot header size, slot payload, slot size, num sets, associativity, reserved,
-# set table offset, slots offset, file size; then an xxh3_64 of those bytes.
-_SUPER = struct.Struct("<8sIIQQQIIQQQ")
+# magic, version, slot header size, page bytes, slot payload, slot size, num sets,
+# associativity, reserved, set table offset, slots offset, file size; then an xxh3_64 of those.
+_SUPER = struct.Struct("<8sIIQQQQIIQQQ")
+_VERSION_AT: Final[int] = 8
 _SUPER_SUM = struct.Struct("<Q")
 
 GEN: Final = struct.Struct("<Q")
@@ -88,21 +92,28 @@ def _round_up(n: int, align: int = _ALIGN) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Geometry:
-    """Where everything lives in one slot file; derived once, checked against the file size."""
+    """Where everything lives in one slot file; derived once, checked against the file size.
 
-    slot_payload: int
+    ``page_bytes`` is part of it: every page in the file has exactly that payload length, so a
+    reader with another page size would take every page for a damaged one.
+    """
+
+    page_bytes: int
     num_sets: int
     associativity: int
     # Derived once (hot paths read them per call); see __post_init__.
+    slot_payload: int = field(init=False)
     slot_size: int = field(init=False)
     num_slots: int = field(init=False)
     slots_offset: int = field(init=False)
     file_size: int = field(init=False)
 
     def __post_init__(self) -> None:
-        slot_size = SLOT_HEADER_SIZE + self.slot_payload
+        slot_payload = _round_up(self.page_bytes)
+        slot_size = SLOT_HEADER_SIZE + slot_payload
         num_slots = self.num_sets * self.associativity
         slots_offset = SUPERBLOCK_SIZE + _round_up(8 * self.num_sets)
+        object.__setattr__(self, "slot_payload", slot_payload)
         object.__setattr__(self, "slot_size", slot_size)
         object.__setattr__(self, "num_slots", num_slots)
         object.__setattr__(self, "slots_offset", slots_offset)
@@ -124,7 +135,14 @@ class Geometry:
                 f"(a {page_bytes}-byte page plus its {SLOT_HEADER_SIZE}-byte header)"
             )
         assoc = min(associativity, num_slots)
-        return cls(slot_payload, num_slots // assoc, assoc)
+        return cls(page_bytes, num_slots // assoc, assoc)
+
+    def describe(self) -> str:
+        """One line naming what defines the layout (for errors that compare two geometries)."""
+        return (
+            f"page_bytes={self.page_bytes}, {self.num_sets} sets x {self.associativity} slots "
+            f"({self.file_size} bytes)"
+        )
 
     @property
     def set_table_offset(self) -> int:
@@ -146,6 +164,7 @@ def encode_superblock(geo: Geometry) -> bytes:
         FILE_MAGIC,
         FILE_VERSION,
         SLOT_HEADER_SIZE,
+        geo.page_bytes,
         geo.slot_payload,
         geo.slot_size,
         geo.num_sets,
@@ -160,24 +179,26 @@ def encode_superblock(geo: Geometry) -> bytes:
 
 
 def decode_superblock(raw: bytes, file_size: int) -> Geometry:
-    """Parse and check a superblock; ``PageCorruptError`` names the first field that is wrong."""
+    """Parse and check a superblock; ``PageCorruptError`` names the first field that is wrong,
+    ``PageVersionError`` reports a file of another version (magic intact, version differs)."""
     if len(raw) < _SUPER.size + _SUPER_SUM.size:
         raise PageCorruptError("length", f"superblock of {len(raw)} bytes")
-    body = raw[: _SUPER.size]
-    (magic, version, hdr, payload, slot_size, sets, assoc, _, table, slots, size) = _SUPER.unpack(
-        body
-    )
-    if magic != FILE_MAGIC:
-        raise PageCorruptError("magic", f"{magic!r} is not a hicache slot file")
+    if raw[: len(FILE_MAGIC)] != FILE_MAGIC:
+        raise PageCorruptError("magic", f"{raw[: len(FILE_MAGIC)]!r} is not a hicache slot file")
+    (version,) = struct.unpack_from("<I", raw, _VERSION_AT)
     if version != FILE_VERSION:
-        raise PageCorruptError("version", f"file version {version}, this reader knows 1")
+        # Checked before the rest: another version's superblock has another layout.
+        raise PageVersionError(version, f"file version {version}, this reader knows {FILE_VERSION}")
+    body = raw[: _SUPER.size]
+    (_, _, hdr, page, payload, slot_size, sets, assoc, _, table, slots, size) = _SUPER.unpack(body)
     (stored_sum,) = _SUPER_SUM.unpack_from(raw, _SUPER.size)
     if stored_sum != xxhash.xxh3_64_intdigest(body):
         raise PageCorruptError("header_checksum", "superblock checksum mismatch")
-    if hdr != SLOT_HEADER_SIZE or payload <= 0 or payload % _ALIGN or sets < 1 or assoc < 1:
-        raise PageCorruptError("length", f"bad geometry {hdr}/{payload}/{sets}/{assoc}")
-    geo = Geometry(payload, sets, assoc)
-    if (slot_size, table, slots, size) != (
+    if hdr != SLOT_HEADER_SIZE or page <= 0 or sets < 1 or assoc < 1:
+        raise PageCorruptError("length", f"bad geometry {hdr}/{page}/{sets}/{assoc}")
+    geo = Geometry(page, sets, assoc)
+    if (payload, slot_size, table, slots, size) != (
+        geo.slot_payload,
         geo.slot_size,
         geo.set_table_offset,
         geo.slots_offset,

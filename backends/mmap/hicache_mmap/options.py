@@ -28,7 +28,8 @@ class MmapOptions(BackendConfig):
     #: same file shares its pages.
     path: str = Field(min_length=1)
     #: Bytes of the file given to slots (headers included), rounded down to whole sets of
-    #: ``associativity`` slots. An existing file keeps the geometry it was created with.
+    #: ``associativity`` slots, reserved on the filesystem when the file is created. An existing
+    #: file in use or holding pages must have been created with the same geometry.
     capacity: Size = Field(gt=0)
     #: Create the file when it does not exist (otherwise ``open()`` fails).
     create: bool = True
@@ -38,7 +39,8 @@ class MmapOptions(BackendConfig):
     associativity: int = Field(default=8, ge=1, le=1024)
     #: Verify each page's xxh3 checksum on ``get_into`` (the header is always verified).
     verify_checksum: bool = True
-    #: Populate the mapping at open (``MAP_POPULATE``) so puts and gets pay no page faults.
+    #: Populate the mapping at open (``MAP_POPULATE``) so puts and gets pay no page faults. (The
+    #: file's blocks are reserved at creation either way.)
     prefault: bool = True
     #: Longest wait, in seconds, for another process's lock on a set; past it the put FAILS.
     lock_timeout_s: float = Field(default=5.0, gt=0)

@@ -8,16 +8,24 @@ slot's payload capacity, so no header content can make an access leave the mappi
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hicache.errors import BackendError, BackendUnavailableError, PageCorruptError
+from hicache.errors import (
+    BackendCapacityError,
+    BackendError,
+    BackendUnavailableError,
+    PageCorruptError,
+    PageVersionError,
+)
 from hicache.storage import copy_and_hash, copy_bytes
 from hicache_mmap.layout import (
     BODY_OFFSET,
+    FILE_VERSION,
     GEN,
     HEADER_USED,
     SLOT_HEADER_SIZE,
@@ -36,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 _ZERO_BODY = bytes(HEADER_USED - BODY_OFFSET)
 _MAP_POPULATE: int = getattr(mmap, "MAP_POPULATE", 0)
+#: fallocate(2) is not available for this file (filesystem or libc): reserve by writing zeros.
+_NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
+_ZERO_CHUNK = bytes(1 << 20)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,11 +145,6 @@ class SlotFile:
             raise BackendUnavailableError(f"cannot initialise slot file {req.path}: {exc}") from exc
         finally:
             locks.unlock_init()
-        if geo.slot_payload < req.page_bytes:
-            raise BackendError(
-                f"slot file {req.path} has {geo.slot_payload}-byte slots, too small for "
-                f"{req.page_bytes}-byte pages; use another path or delete the file"
-            )
         return geo
 
     @staticmethod
@@ -151,31 +157,33 @@ class SlotFile:
             return SlotFile._create(fd, req)
         try:
             geo = decode_superblock(raw, os.fstat(fd).st_size)
+        except PageVersionError as exc:
+            by = "a newer" if exc.version > FILE_VERSION else "an older"
+            raise BackendError(
+                f"slot file {req.path} was written by {by} hicache ({exc.detail}); refusing to "
+                "overwrite it: use another path, or delete it once no process uses it"
+            ) from exc
         except PageCorruptError as exc:
             raise BackendError(
                 f"{req.path} is not a usable slot file ({exc}); refusing to overwrite it"
             ) from exc
-        if not req.writable:
-            return geo
         wanted = SlotFile._wanted(req)
         if geo == wanted:
             return geo
         # Another geometry was asked for (capacity, page size, associativity changed). Rebuild
         # the file only when that loses nothing: no other process has it open and no slot holds
-        # a page; otherwise keep the file's geometry, which every user must share.
-        if locks.users_idle() and not _any_used(fd, geo):
+        # a page. Otherwise refuse: a reader with another page size would take every page of
+        # the others for a damaged one and free it.
+        if req.writable and locks.users_idle() and not _any_used(fd, geo):
             logger.info("slot file %s is empty and unused: re-creating it", req.path)
             os.ftruncate(fd, 0)
             return SlotFile._create(fd, req)
-        logger.warning(
-            "slot file %s keeps its geometry (%d sets x %d slots of %d payload bytes): it is "
-            "in use or holds pages",
-            req.path,
-            geo.num_sets,
-            geo.associativity,
-            geo.slot_payload,
+        raise BackendError(
+            f"slot file {req.path} has geometry {geo.describe()}, this tier asks for "
+            f"{wanted.describe()}: every user of a slot file needs the same page_bytes, capacity "
+            "and associativity, and one in use or holding pages is never rebuilt; use the "
+            "file's options or another path"
         )
-        return geo
 
     @staticmethod
     def _wanted(req: OpenRequest) -> Geometry:
@@ -188,6 +196,8 @@ class SlotFile:
     def _create(fd: int, req: OpenRequest) -> Geometry:
         geo = SlotFile._wanted(req)
         os.ftruncate(fd, geo.file_size)
+        _reserve(fd, req, geo)
+        # Written last: a creator that dies before this leaves a file the next opener re-creates.
         os.pwrite(fd, encode_superblock(geo), 0)
         if req.durable:
             os.fsync(fd)
@@ -311,6 +321,46 @@ def _any_used(fd: int, geo: Geometry) -> bool:
         if os.pread(fd, len(SLOT_MAGIC), magic_at) == SLOT_MAGIC:
             return True
     return False
+
+
+def _reserve(fd: int, req: OpenRequest, geo: Geometry) -> None:
+    """Give the new file all its blocks now.
+
+    ``ftruncate`` leaves the file sparse, and a store into a page of a shared mapping that the
+    filesystem cannot back (a full tmpfs) is a SIGBUS that kills the process: running out of
+    room must happen here, as an error, instead.
+    """
+    st = os.fstatvfs(fd)
+    free = st.f_bavail * st.f_frsize
+    try:
+        try:
+            os.posix_fallocate(fd, 0, geo.file_size)
+        except OSError as exc:
+            if exc.errno not in _NO_FALLOCATE:
+                raise
+            _write_zeros(fd, geo.file_size)
+    except OSError as exc:
+        os.ftruncate(fd, 0)  # give back whatever was reserved; the next opener starts over
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise BackendCapacityError(
+                f"slot file {req.path}: no room for capacity {req.capacity} bytes (a "
+                f"{geo.file_size}-byte file) on its filesystem, {free} bytes free; lower "
+                "capacity or free space"
+            ) from exc
+        raise BackendUnavailableError(
+            f"cannot reserve {geo.file_size} bytes for slot file {req.path}: {exc}"
+        ) from exc
+
+
+def _write_zeros(fd: int, size: int) -> None:
+    # The file is new and all zero: writing zeros changes nothing but gives every page a block,
+    # and a write that finds no room fails with ENOSPC where a store would have been a SIGBUS.
+    off = 0
+    while off < size:
+        n = os.pwrite(fd, memoryview(_ZERO_CHUNK)[: min(len(_ZERO_CHUNK), size - off)], off)
+        if n == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        off += n
 
 
 def _touch_pages(mm: mmap.mmap) -> None:

@@ -218,20 +218,39 @@ def test_geometry_rebuilt_only_when_idle_and_empty(tmp_path: Path) -> None:
     first = _backend(path)
     slots = first.stats()["num_slots"]
     bigger = {"capacity": 64 * (4096 + PAGE)}
-    second = _backend(path, **bigger)  # the first still has it open: geometry kept
-    assert second.stats()["num_slots"] == slots
-    second.close()
+    with pytest.raises(BackendError, match=r"has geometry .* sets x 8 slots .* asks for"):
+        _backend(path, **bigger)  # the first still has it open: refused, not rebuilt
+    assert first.stats()["num_slots"] == slots
     first.close()
     third = _backend(path, **bigger)  # idle and empty: rebuilt as asked
     assert third.stats()["num_slots"] == 64
     keys = _fill(third, 4, "geometry")
     third.close()
-    fourth = _backend(path)  # idle but holding pages: kept, and the pages with it
+    with pytest.raises(BackendError, match="never rebuilt"):
+        _backend(path)  # idle but holding pages: refused, and the pages kept
+    with pytest.raises(BackendError, match="never rebuilt"):
+        _backend(path, **bigger, associativity=4)
+    fourth = _backend(path, **bigger)
     try:
         assert fourth.stats()["num_slots"] == 64
         assert fourth.exists(keys) == [True] * len(keys)
     finally:
         fourth.close()
+
+
+def test_slot_file_of_another_version_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "version.slots"
+    _backend(path).close()
+    for version, who in ((1, "an older"), (3, "a newer")):
+        with open(path, "r+b") as f:
+            f.seek(8)
+            f.write(struct.pack("<I", version))
+        before = path.read_bytes()
+        with pytest.raises(
+            BackendError, match=f"written by {who} hicache .*file version {version}"
+        ):
+            _backend(path)
+        assert path.read_bytes() == before
 
 
 def test_read_only_instance_over_missing_file_reads_empty(tmp_path: Path) -> None:

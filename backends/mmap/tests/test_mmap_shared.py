@@ -209,3 +209,71 @@ def test_reads_racing_eviction_never_return_wrong_bytes(tmp_path: Path) -> None:
     assert outcomes["ok"] > 0 and outcomes["not_found"] > 0, outcomes
     assert stats["evictions"] > 0
     print(f"race outcomes {outcomes}, detected races {stats['races']}")
+
+
+def _reader_with_page_size(path: Path, page_bytes: int, keys: list[str], out: Path) -> None:
+    """Another process opens the file with another page size and reads the keys (forked)."""
+    report: dict[str, Any] = {}
+    try:
+        options = MmapOptions(path=str(path), capacity=96 * (4096 + PAGE), prefault=False)
+        backend = MmapBackend(options, BackendContext(page_bytes, "shared"))
+        try:
+            backend.open()
+        except Exception as exc:
+            report["open_error"] = f"{type(exc).__name__}: {exc}"
+        else:
+            dst = memoryview(bytearray(page_bytes))
+            report["statuses"] = [backend.get_into([k], [dst])[0].value for k in keys]
+            backend.close()
+        # With the file's own page size this process reads every page.
+        right = _backend(path, 96)
+        whole = bytearray(PAGE)
+        report["intact"] = [
+            right.get_into([k], [memoryview(whole)]) == [PageStatus.OK]
+            and whole == page_pattern(k, PAGE)
+            for k in keys
+        ]
+        right.close()
+    except BaseException as exc:
+        report["crash"] = repr(exc)
+    out.write_text(json.dumps(report))
+
+
+@pytest.mark.parametrize("page_bytes", [PAGE - 100, PAGE // 2], ids=["same-slot", "smaller"])
+def test_reader_with_another_page_size_is_refused_and_destroys_nothing(
+    tmp_path: Path, page_bytes: int
+) -> None:
+    path = tmp_path / "geometry.slots"
+    writer = _backend(path, 96)
+    try:
+        keys = [kit_key(i, "geometry") for i in range(16)]
+        assert writer.put(keys, [memoryview(page_pattern(k, PAGE)) for k in keys]) == [
+            PageStatus.OK
+        ] * len(keys)
+        out = tmp_path / "reader.json"
+        reader = _FORK.Process(target=_reader_with_page_size, args=(path, page_bytes, keys, out))
+        reader.start()
+        reader.join(60)
+        if reader.exitcode is None:
+            reader.kill()
+            reader.join(10)
+        assert reader.exitcode == 0
+        report = json.loads(out.read_text())
+        assert "open_error" in report, f"opened with page_bytes={page_bytes}: {report}"
+        message = report["open_error"]
+        assert message.startswith("BackendError: ")
+        assert f"page_bytes={PAGE}" in message and f"page_bytes={page_bytes}" in message
+        assert report["intact"] == [True] * len(keys)
+        # Every page of the writer is still there and reads back intact, in both processes.
+        dst = bytearray(PAGE)
+        for key in keys:
+            assert writer.get_into([key], [memoryview(dst)]) == [PageStatus.OK]
+            assert dst == page_pattern(key, PAGE)
+        assert writer.stats()["corrupt"] == 0
+    finally:
+        writer.close()
+    again = _backend(path, 96)
+    try:
+        assert again.exists(keys) == [True] * len(keys)
+    finally:
+        again.close()

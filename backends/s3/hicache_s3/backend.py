@@ -25,6 +25,7 @@ from hicache.errors import (
     BackendError,
     BackendUnavailableError,
     PageCorruptError,
+    PageVersionError,
 )
 from hicache.storage import (
     HEADER_SIZE,
@@ -35,6 +36,7 @@ from hicache.storage import (
     PageStatus,
     StoredPage,
     check_namespace,
+    check_version,
     encode_header,
     verify_page,
 )
@@ -93,6 +95,7 @@ class S3Backend(Backend):
                 "get_bytes",
                 "not_found",
                 "corrupt",
+                "unknown_version",
                 "heads",
                 "exists_cache_hits",
                 "refreshes",
@@ -234,6 +237,16 @@ class S3Backend(Backend):
             if len(self._exists_cache) >= _EXISTS_CACHE_MAX:
                 self._exists_cache.clear()
             self._exists_cache[key] = time.monotonic() + self.options.exists_cache_ttl
+
+    def _unknown_version(self, key: str, exc: PageVersionError) -> PageStatus:
+        """A newer writer's page: a miss for this reader, counted apart and left in place."""
+        self._count(unknown_version=1, not_found=1)
+        with self._lock:
+            first = self._counts["unknown_version"] == 1
+        (log.warning if first else log.debug)(
+            "page %s in %r: %s (a miss, left in place)", key, self, exc
+        )
+        return PageStatus.NOT_FOUND
 
     def _corrupt(self, key: str, why: str) -> PageStatus:
         self._count(corrupt=1)
@@ -378,10 +391,14 @@ class S3Backend(Backend):
 
     def _stream_page(self, key: str, body: Any, length: int, dst: memoryview) -> PageStatus:
         expected = HEADER_SIZE + self.context.page_bytes
+        chunk = self.options.read_chunk_bytes
         if length != expected:
+            # A newer writer's page may have another size: its version decides, not its size.
+            newer = _newer_version(body, length, chunk)
+            if newer is not None:
+                return self._unknown_version(key, newer)
             return self._corrupt(key, f"object has {length} bytes, expected {expected}")
         header = bytearray(HEADER_SIZE)
-        chunk = self.options.read_chunk_bytes
         try:
             got = read_exact(body, memoryview(header), chunk)
             got += read_exact(body, dst, chunk)
@@ -403,6 +420,8 @@ class S3Backend(Backend):
             verify_page(header, dst, namespace=self.context.namespace, key=key)
         except PageCorruptError as exc:
             return self._corrupt(key, str(exc))
+        except PageVersionError as exc:
+            return self._unknown_version(key, exc)
         return PageStatus.OK
 
     # ------------------------------------------------------------------ refresh
@@ -512,3 +531,15 @@ class S3Backend(Backend):
             "refreshes_in_flight": refreshing,
             **counts,
         }
+
+
+def _newer_version(body: Any, length: int, chunk: int) -> PageVersionError | None:
+    """Why an object of the wrong size is a newer writer's page, or ``None`` if it is not."""
+    start = bytearray(min(max(length, 0), HEADER_SIZE))
+    try:
+        check_version(start[: read_exact(body, memoryview(start), chunk)])
+    except PageVersionError as exc:
+        return exc
+    except Exception as exc:
+        log.debug("cannot read the start of an object of the wrong size: %s", exc)
+    return None

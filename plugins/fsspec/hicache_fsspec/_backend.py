@@ -26,6 +26,7 @@ from hicache.errors import (
     BackendError,
     BackendUnavailableError,
     PageCorruptError,
+    PageVersionError,
 )
 from hicache.storage import (
     HEADER_SIZE,
@@ -373,6 +374,9 @@ class FsspecBackend(Backend):
             self._report_corrupt(key, exc)
             self._drop_corrupt(fs, path, key)
             return PageStatus.CORRUPT
+        except PageVersionError as exc:
+            self._report_unknown_version(key, exc)  # a newer writer's page: left in place
+            return PageStatus.NOT_FOUND
         except (ConnectionError, TimeoutError) as exc:
             raise _unavailable(f"reading {key}", self._url, exc) from exc
         except Exception as exc:
@@ -510,6 +514,18 @@ class FsspecBackend(Backend):
         with self._counts_lock:
             for name in names:
                 self._counts[name] += amount
+
+    def _report_unknown_version(self, key: str, exc: PageVersionError) -> None:
+        with self._counts_lock:
+            self._counts["unknown_version"] += 1
+            first = self._counts["unknown_version"] == 1
+        (logger.warning if first else logger.debug)(
+            "fsspec %s: page %s of namespace %s: %s; a miss, left in place",
+            self._url,
+            key,
+            self.context.namespace,
+            exc,
+        )
 
     def _report_corrupt(self, key: str, exc: PageCorruptError) -> None:
         with self._counts_lock:
