@@ -7,31 +7,28 @@
                                       1 with one ``yaml.path: problem`` line per error
 - ``hicache config show FILE``        the merged configuration (file + ``HICACHE_*``) as JSON
 
-Optional modules add their own subcommands when present: ``hicache.tools.bench`` (``bench``),
-``hicache.tools.ops`` (``storage``) and ``hicache.replay`` (``replay``), each through an
-``add_parser(subparsers)`` function that sets ``func`` (``args -> exit code``). Importing this
-module is cheap: subcommand modules load when the parser is built, backends when a command needs
-them.
+``hicache.tools.bench`` (``bench``), ``hicache.tools.ops`` (``storage``) and ``hicache.replay``
+(``replay``) add their subcommands, each through an ``add_parser(subparsers)`` function that
+sets ``func`` (``args -> exit code``). None of them imports torch or a backend: backends load
+when a command needs them.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from hicache import replay
 from hicache.errors import HicacheError
+from hicache.tools import bench, ops
 
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger(__name__)
-
-#: Modules that contribute subcommands when they exist (each defines ``add_parser``).
-OPTIONAL_COMMAND_MODULES = ("hicache.tools.bench", "hicache.tools.ops", "hicache.replay")
 
 _Handler = Callable[[argparse.Namespace], int]
 
@@ -121,28 +118,8 @@ def _config_show(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- parser
 
 
-def _add_optional_commands(subparsers: Any) -> None:
-    for name in OPTIONAL_COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            # Only the module's own absence is expected; a missing dependency inside it is a bug
-            # that should surface, not silently drop a subcommand.
-            if exc.name != name:
-                raise
-            logger.debug("optional command module %s is not present", name)
-            continue
-        add_parser = getattr(module, "add_parser", None)
-        if add_parser is None:
-            # A package still being written (e.g. a namespace package without __init__.py)
-            # must not take every other subcommand down with it.
-            logger.warning("%s has no add_parser(subparsers); its subcommand is unavailable", name)
-            continue
-        add_parser(subparsers)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The full ``hicache`` argument parser (optional subcommand modules included)."""
+    """The full ``hicache`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="hicache", description="Hierarchical KV cache with pluggable storage backends."
     )
@@ -172,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("file", help="YAML configuration file")
     show.set_defaults(func=_config_show)
 
-    _add_optional_commands(sub)
+    for module in (bench, ops, replay):
+        module.add_parser(sub)
     return parser
 
 

@@ -135,6 +135,9 @@ class OrderBackend(MemoryBackend):
     def bench_baseline(cls, config: BackendConfig, context: BackendContext) -> RawBaseline:
         return OrderBaseline()
 
+    def drop_page_cache(self) -> bool:
+        return False  # memcpy has no page cache to drop
+
     def _open(self) -> None:
         OrderBaseline.log.append("ours")
         super()._open()

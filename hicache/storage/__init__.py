@@ -27,7 +27,7 @@ from hicache.storage.backend import (
     check_key,
     check_namespace,
 )
-from hicache.storage.baseline import RawBaseline
+from hicache.storage.baseline import Benchmarkable, RawBaseline
 from hicache.storage.buffers import COPY_CHUNK, buffer_address, copy_and_hash, copy_bytes
 from hicache.storage.eviction import CapacityPolicy, ClockSlots, TailFirstLRU
 from hicache.storage.memory import MemoryBackend, MemoryConfig
@@ -56,6 +56,7 @@ __all__ = [
     "Backend",
     "BackendConfig",
     "BackendContext",
+    "Benchmarkable",
     "Capabilities",
     "CapacityPolicy",
     "ClockSlots",

@@ -1,18 +1,27 @@
 """What a backend provides so ``hicache bench storage`` can put its figures next to the machine's.
 
-- :class:`RawBaseline`   the machine's limit for the backend's access pattern, measured with the
-                         same system calls outside hicache
+- :class:`Benchmarkable`  the protocol: ``bench_baseline(config, context)`` (a classmethod) and
+                          ``drop_page_cache()``; a backend that has both is measured against its
+                          own raw limit, with cold reads; any other against memcpy, cold reads
+                          shown as ``n/a``
+- :class:`RawBaseline`    the machine's limit for the backend's access pattern, measured with the
+                          same system calls outside hicache
 
-Nothing here imports torch or the benchmark itself: a backend's serving path never loads the tools.
+A backend implements its :class:`RawBaseline` in a module of its own (``raw.py``, ``baseline.py``)
+that imports only this module, and imports that module inside ``bench_baseline``: serving never
+loads benchmark code. Nothing here imports torch or the benchmark itself.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
-__all__ = ["RawBaseline"]
+if TYPE_CHECKING:
+    from hicache.storage.backend import BackendConfig, BackendContext
+
+__all__ = ["Benchmarkable", "RawBaseline"]
 
 
 class RawBaseline(ABC):
@@ -57,3 +66,24 @@ class RawBaseline(ABC):
         remove what the baseline shares with the backend, e.g. a directory tree both wrote into.
         The default does nothing."""
         return
+
+
+@runtime_checkable
+class Benchmarkable(Protocol):
+    """A backend ``hicache bench storage`` measures against its own raw limit.
+
+    Notes for implementers: both members are optional as a pair; a backend without them is
+    measured against :class:`~hicache.tools.benchmark.MemcpyBaseline` and shows no cold reads.
+    ``isinstance(backend, Benchmarkable)`` checks only that both exist.
+    """
+
+    @classmethod
+    def bench_baseline(cls, config: BackendConfig, context: BackendContext) -> RawBaseline:
+        """A fresh, not yet set up :class:`RawBaseline` for a backend built with ``config`` and
+        ``context``: the same system calls, the same durability, the same endpoint."""
+        ...
+
+    def drop_page_cache(self) -> bool:
+        """Make the next reads of this instance's pages cold (written back and dropped from
+        every cache the backend controls); return False when that is impossible."""
+        ...

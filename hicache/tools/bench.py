@@ -22,7 +22,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hicache.errors import HicacheError
-from hicache.storage.baseline import RawBaseline
+from hicache.storage.backend import Backend
+from hicache.storage.baseline import Benchmarkable, RawBaseline
 from hicache.tools.benchmark import (
     BenchReport,
     BenchSpec,
@@ -125,6 +126,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="keys asked per exists/exists_prefix figure (lower it for slow remote tiers)",
     )
     storage.add_argument(
+        "--exists-batch",
+        type=int,
+        help="keys per exists/exists_prefix call, the chain length asked at once (default 64)",
+    )
+    storage.add_argument(
         "--repeat",
         type=int,
         help=f"rounds per page size and thread count, the side measured first alternating; "
@@ -159,8 +165,11 @@ def _spec_from_args(args: argparse.Namespace) -> BenchSpec:
     total_gib = args.total_gib or (QUICK_TOTAL_GIB if quick else DEFAULT_TOTAL_GIB)
     threads = args.threads or (QUICK_THREADS if quick else DEFAULT_THREADS)
     repeat = args.repeat if args.repeat is not None else (1 if quick else DEFAULT_REPEAT)
+    # Unset: the spec's own default.
+    chain = {} if args.exists_batch is None else {"exists_batch": args.exists_batch}
     try:
         return BenchSpec(
+            **chain,
             min_exists_keys=args.exists_keys,
             page_bytes=tuple(max(1, int(m * MIB)) for m in page_mib),
             total_bytes=max(1, int(total_gib * GIB)),
@@ -189,11 +198,10 @@ def _build_tier(
     return handle.name, handle.kind, make_backend
 
 
-def _baseline_for(backend: Any) -> RawBaseline:
-    hook = getattr(type(backend), "bench_baseline", None)
-    if hook is None:
+def _baseline_for(backend: Backend) -> RawBaseline:
+    if not isinstance(backend, Benchmarkable):
         return MemcpyBaseline()
-    baseline = hook(backend.config, backend.context)
+    baseline = type(backend).bench_baseline(backend.config, backend.context)
     if not isinstance(baseline, RawBaseline):
         raise TypeError(
             f"{type(backend).__name__}.bench_baseline returned {type(baseline).__name__}, "

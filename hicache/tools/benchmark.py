@@ -20,10 +20,9 @@ the median limit and the median of the per-round ratios (the paired ratios cance
 between rounds that a ratio of medians would keep), and ``best_ratio``: each side's best round
 against the other's best, the figure least touched by interference from outside.
 
-A backend plugs its raw baseline in with a classmethod ``bench_baseline(config, context)``
-returning a :class:`RawBaseline`, and makes cold reads possible with an instance method
-``drop_page_cache() -> bool``; both are optional (see ``/work/INTERFACES.md``). Nothing here
-imports torch.
+A backend plugs its raw baseline in and makes cold reads possible by implementing
+:class:`~hicache.storage.baseline.Benchmarkable` (``bench_baseline`` and ``drop_page_cache``);
+it is optional. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from hicache.storage.backend import Backend, PageStatus
-from hicache.storage.baseline import RawBaseline
+from hicache.storage.baseline import Benchmarkable, RawBaseline
 from hicache.tools.bench_phases import (
     Phase,
     Side,
@@ -430,8 +429,7 @@ def _run_pair(
         return out
 
     def drop() -> bool:
-        hook = getattr(backend, "drop_page_cache", None)
-        return bool(hook()) if callable(hook) else False
+        return isinstance(backend, Benchmarkable) and backend.drop_page_cache()
 
     # Both sides run the same phases over the same pages, threads and batches.
     measure = functools.partial(

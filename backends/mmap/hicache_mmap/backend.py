@@ -27,7 +27,7 @@ import os
 import platform
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import xxhash
 
@@ -38,7 +38,6 @@ from hicache.storage import (
     BackendContext,
     Capabilities,
     PageStatus,
-    RawBaseline,
     StoredPage,
 )
 from hicache_mmap.calls import CallGate
@@ -58,9 +57,11 @@ from hicache_mmap.layout import (
 )
 from hicache_mmap.locks import LockTimeoutError
 from hicache_mmap.options import MmapOptions, MsyncMode
-from hicache_mmap.rawbench import MmapRawBaseline
 from hicache_mmap.slotfile import OpenRequest, SlotFile
 from hicache_mmap.view import LocalView
+
+if TYPE_CHECKING:
+    from hicache.storage import RawBaseline
 
 __all__ = ["MmapBackend"]
 
@@ -431,6 +432,8 @@ class MmapBackend(Backend):
     @classmethod
     def bench_baseline(cls, config: BackendConfig, context: BackendContext) -> RawBaseline:
         """The raw limit for ``hicache bench storage``: memcpy through a prefaulted mapping."""
+        from hicache_mmap.rawbench import MmapRawBaseline  # the bench code loads lazily
+
         if not isinstance(config, MmapOptions):
             raise TypeError(f"MmapBackend expects MmapOptions, got {type(config).__name__}")
         return MmapRawBaseline(config.path, prefault=config.prefault)

@@ -3,10 +3,10 @@
 ``python -m hicache_s3.perf`` starts a local S3 server in a child process (or uses
 ``--endpoint``), then
 
-1. runs the generic storage benchmark (:func:`hicache.tools.benchmark.run_storage_bench`, the
-   same code as ``hicache bench storage``) on the tier of ``--config``, against the raw boto3
-   baseline, with ``exists_prefix`` asked over 512-page chains and a HEAD budget a local
-   Python server can serve in minutes;
+1. runs ``hicache bench storage`` (in a child process: this module imports no benchmark code)
+   on the tier of ``--config``, against the raw boto3 baseline
+   (:meth:`~hicache_s3.backend.S3Backend.bench_baseline`), with ``exists_prefix`` asked over
+   512-page chains and a HEAD budget a local Python server can serve in minutes;
 2. injects a fixed per-request delay (a botocore ``before-send`` hook, like a distant endpoint)
    and reports get GB/s of one large ``get_into`` batch against ``max_concurrency``: the delay is
    hidden when throughput grows with concurrency.
@@ -20,6 +20,7 @@ spends almost nothing per request, so the ratios show the client-side overhead o
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -28,9 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hicache.storage import Backend, BackendContext, PageStatus
-from hicache.tools.bench import format_report
-from hicache.tools.benchmark import BenchSpec, run_storage_bench
+from hicache.storage import BackendContext, PageStatus
 from hicache_s3.backend import S3Backend
 from hicache_s3.client import inject_latency
 from hicache_s3.devserver import DevServer, create_bucket, dummy_aws_env
@@ -47,40 +46,56 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _hicache(*argv: str, env: dict[str, str] | None = None, capture: bool = False) -> str:
+    """Run the ``hicache`` command in a child process (this module imports none of its code)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "hicache.cli", *argv],
+        env=env,
+        stdout=subprocess.PIPE if capture else None,
+        text=True,
+        check=True,
+    )
+    return done.stdout or ""
+
+
 def _tier_options(config: str, tier: str | None) -> tuple[str, dict[str, Any]]:
-    from hicache.config import load_config
-
-    tiers = load_config(config).storage.tiers
+    """The tier's name and options from ``config`` merged with ``HICACHE_*`` variables."""
+    tiers = json.loads(_hicache("config", "show", config, capture=True))["storage"]["tiers"]
     name = tier or next(iter(tiers))
-    return name, dict(tiers[name].options)
+    return name, dict(tiers[name]["options"])
 
 
-def storage_figures(options: dict[str, Any], tier: str, args: argparse.Namespace) -> str:
-    """The generic bench on this tier; returns the formatted report."""
-    spec = BenchSpec(
-        page_bytes=tuple(int(m * MIB) for m in args.page_mib),
-        total_bytes=int(args.total_mib * MIB),
-        threads=tuple(args.threads),
-        batch=args.batch,
-        exists_batch=args.exists_chain,
-        min_exists_keys=args.exists_keys,
+def storage_figures(
+    config: str, options: dict[str, Any], tier: str, args: argparse.Namespace
+) -> None:
+    """``hicache bench storage`` on this tier; its report goes straight to stdout."""
+    # The endpoint (a local server's port) reaches the child as a config override.
+    variable = f"HICACHE_STORAGE__TIERS__{tier.upper()}__OPTIONS__ENDPOINT_URL"
+    env = {**os.environ, variable: options["endpoint_url"]}
+    _hicache(
+        "bench",
+        "storage",
+        "--config",
+        config,
+        "--tier",
+        tier,
+        "--page-mib",
+        ",".join(repr(m) for m in args.page_mib),
+        "--total-gib",
+        repr(args.total_mib / 1024),
+        "--threads",
+        ",".join(str(t) for t in args.threads),
+        "--batch",
+        str(args.batch),
+        "--exists-batch",
+        str(args.exists_chain),
+        "--exists-keys",
+        str(args.exists_keys),
+        "--repeat",
+        "1",
+        "--no-progress",
+        env=env,
     )
-
-    def make_backend(page_bytes: int, namespace: str) -> Backend:
-        context = BackendContext(page_bytes=page_bytes, namespace=namespace, tier_name=tier)
-        return S3Backend(S3Options(**options), context)
-
-    def make_baseline(backend: Backend) -> Any:
-        return S3Backend.bench_baseline(backend.config, backend.context)
-
-    report = run_storage_bench(
-        make_backend=make_backend,
-        make_baseline=make_baseline,
-        spec=spec,
-        tier=tier,
-        backend_kind="s3",
-    )
-    return format_report(report)
 
 
 def latency_sweep(options: dict[str, Any], args: argparse.Namespace) -> list[str]:
@@ -167,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(f"endpoint {options['endpoint_url']}, bucket {options['bucket']!r}", flush=True)
             if not args.skip_bench:
-                print(storage_figures(options, tier, args), flush=True)
+                storage_figures(args.config, options, tier, args)
                 print(flush=True)
             print("\n".join(latency_sweep(options, args)), flush=True)
         finally:
