@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 from hicache_fsspec import FsspecBackend, FsspecConfig, WriteMode
-from hicache_fsspec._config import redact_url
 
 from hicache.config import load_config
 from hicache.errors import BackendUnavailableError, ConfigError
 from hicache.storage import Backend, BackendContext, PageStatus
 from hicache.storage.pageformat import HEADER_SIZE
+from hicache.storage.redact import redact_url
 from hicache.storage.registry import create_backend, installed_backends, load_backend_class
 from hicache.testing import BackendTests
 
