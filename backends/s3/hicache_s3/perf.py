@@ -31,6 +31,7 @@ from typing import Any
 from hicache.bench import format_report
 from hicache.storage.backend import Backend, BackendContext, PageStatus
 from hicache.storage.benchmark import BenchSpec, run_storage_bench
+from hicache.storage.redact import redact_url
 from hicache_s3.backend import S3Backend
 from hicache_s3.client import inject_latency
 from hicache_s3.devserver import DevServer, create_bucket, dummy_aws_env
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             options["endpoint_url"] = server.endpoint_url
             create_bucket(server.endpoint_url, options["bucket"])
         try:
-            print(f"endpoint {options['endpoint_url']}, bucket {options['bucket']!r}", flush=True)
+            endpoint = redact_url(options["endpoint_url"])
+            print(f"endpoint {endpoint}, bucket {options['bucket']!r}", flush=True)
             if not args.skip_bench:
                 print(storage_figures(options, tier, args), flush=True)
                 print(flush=True)
