@@ -76,7 +76,9 @@ class _NotRegularError(OSError):
 
 
 def _unavailable(what: str, url: str, exc: BaseException) -> BackendUnavailableError:
-    return BackendUnavailableError(f"fsspec {url}: {what} failed: {type(exc).__name__}: {exc}")
+    # The client library's text may quote the URL it was given, userinfo included.
+    detail = redact_url(str(exc))
+    return BackendUnavailableError(f"fsspec {url}: {what} failed: {type(exc).__name__}: {detail}")
 
 
 class FsspecBackend(Backend):
