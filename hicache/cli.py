@@ -5,7 +5,9 @@
 - ``hicache backends schema KIND``    JSON schema of a kind's ``options``
 - ``hicache config check FILE``       both validation phases, no storage I/O; exit 0 when valid,
                                       1 with one ``yaml.path: problem`` line per error
-- ``hicache config show FILE``        the merged configuration (file + ``HICACHE_*``) as JSON
+- ``hicache config show FILE``        the merged configuration (file + ``HICACHE_*``) as JSON,
+                                      each tier's options as its plugin validated them, secrets
+                                      masked
 
 ``hicache.tools.bench`` (``bench``), ``hicache.tools.ops`` (``storage``) and ``hicache.replay``
 (``replay``) add their subcommands, each through an ``add_parser(subparsers)`` function that
@@ -24,11 +26,17 @@ from typing import Any
 
 from hicache import replay
 from hicache.errors import HicacheError
+from hicache.storage import redact, redact_url
 from hicache.tools import bench, ops
 
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger(__name__)
+
+#: Client libraries that log request headers (signed credentials, session tokens) at DEBUG:
+#: ``-vv`` raises our loggers to DEBUG, never these.
+_CHATTY_CLIENT_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "aiobotocore", "s3fs")
+
 
 _Handler = Callable[[argparse.Namespace], int]
 
@@ -46,7 +54,7 @@ def _console(stderr: bool = False) -> Any:
 
 
 def _backends_list(args: argparse.Namespace) -> int:
-    from hicache.storage.registry import installed_backends
+    from hicache.storage import installed_backends
 
     infos = installed_backends()
     if args.json:
@@ -77,7 +85,7 @@ def _backends_list(args: argparse.Namespace) -> int:
 
 
 def _backends_schema(args: argparse.Namespace) -> int:
-    from hicache.storage.registry import load_backend_class
+    from hicache.storage import load_backend_class
 
     cls = load_backend_class(args.kind)
     schema = cls.config_model.model_json_schema()
@@ -108,10 +116,18 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _config_show(args: argparse.Namespace) -> int:
-    from hicache.config import load_config
+    from pathlib import Path
 
-    config = load_config(args.file)
-    print(config.model_dump_json(indent=2))
+    from hicache.config import load_config, validate_tiers
+
+    config = load_config(args.file, check_tiers=False)
+    validated = validate_tiers(config, origin=str(Path(args.file)))
+    shown = config.model_dump(mode="json")
+    for name, options in validated.items():
+        # The plugin's model knows which fields are secrets (SecretStr dumps masked).
+        dumped = options.model_dump(mode="json", exclude_unset=True)
+        shown["storage"]["tiers"][name]["options"] = dumped
+    print(json.dumps(redact(shown), indent=2))
     return 0
 
 
@@ -160,14 +176,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for name in _CHATTY_CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.INFO))
+    for log_handler in logging.getLogger().handlers:
+        log_handler.addFilter(_redact_record)
     handler: _Handler = args.func
     try:
         return handler(args)
     except HicacheError as exc:
-        print(f"hicache: error: {exc}", file=sys.stderr)
+        print(f"hicache: error: {redact_url(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _redact_record(record: logging.LogRecord) -> bool:
+    """Mask URL userinfo in every log line (client libraries put endpoints in messages)."""
+    message = record.getMessage()
+    masked = redact_url(message)
+    if masked != message:
+        record.msg, record.args = masked, None
+    return True
 
 
 if __name__ == "__main__":

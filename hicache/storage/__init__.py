@@ -9,6 +9,8 @@ from :mod:`hicache.errors`, never from the private modules below it or from the 
 - :mod:`~hicache.storage.sizes`       ``8GiB``-style sizes for options
 - :mod:`~hicache.storage.eviction`    capacity policies shared by backends
 - :mod:`~hicache.storage.buffers`     GIL-free copies between page buffers
+- :mod:`~hicache.storage.localfiles`  owner-only file creation, regular-file-only opens
+- :mod:`~hicache.storage.redact`      masking of secrets in output
 - :mod:`~hicache.storage.baseline`    what a backend provides to ``hicache bench storage``
 - :mod:`~hicache.storage.registry`    entry-point discovery and contract checks
 - :mod:`~hicache.storage.memory`      ``MemoryBackend``, the reference backend
@@ -30,6 +32,15 @@ from hicache.storage.backend import (
 from hicache.storage.baseline import Benchmarkable, RawBaseline
 from hicache.storage.buffers import COPY_CHUNK, buffer_address, copy_and_hash, copy_bytes
 from hicache.storage.eviction import CapacityPolicy, ClockSlots, TailFirstLRU
+from hicache.storage.localfiles import (
+    DEFAULT_DIR_MODE,
+    DEFAULT_FILE_MODE,
+    DirMode,
+    FileMode,
+    create_file,
+    make_dirs,
+    open_regular,
+)
 from hicache.storage.memory import MemoryBackend, MemoryConfig
 from hicache.storage.pageformat import (
     FORMAT_VERSION,
@@ -45,14 +56,25 @@ from hicache.storage.pageformat import (
     verify_page,
     verify_payload,
 )
+from hicache.storage.redact import (
+    MASK,
+    RedactedUrl,
+    is_secret_name,
+    redact,
+    redact_url,
+    reveal,
+)
 from hicache.storage.registry import create_backend, installed_backends, load_backend_class
 from hicache.storage.sizes import Size, format_size, parse_size
 
 __all__ = [
     "API_VERSION",
     "COPY_CHUNK",
+    "DEFAULT_DIR_MODE",
+    "DEFAULT_FILE_MODE",
     "FORMAT_VERSION",
     "HEADER_SIZE",
+    "MASK",
     "Backend",
     "BackendConfig",
     "BackendContext",
@@ -60,11 +82,14 @@ __all__ = [
     "Capabilities",
     "CapacityPolicy",
     "ClockSlots",
+    "DirMode",
+    "FileMode",
     "MemoryBackend",
     "MemoryConfig",
     "PageHeader",
     "PageStatus",
     "RawBaseline",
+    "RedactedUrl",
     "Size",
     "StoredPage",
     "TailFirstLRU",
@@ -76,14 +101,21 @@ __all__ = [
     "copy_and_hash",
     "copy_bytes",
     "create_backend",
+    "create_file",
     "decode_header",
     "encode_header",
     "encode_header_into",
     "format_size",
     "installed_backends",
+    "is_secret_name",
     "load_backend_class",
+    "make_dirs",
+    "open_regular",
     "parse_size",
     "payload_checksum",
+    "redact",
+    "redact_url",
+    "reveal",
     "stored_size",
     "verify_page",
     "verify_payload",

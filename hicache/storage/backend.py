@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from hicache.errors import BackendClosedError, BackendReadOnlyError
+from hicache.storage.redact import redact
 
 __all__ = [
     "API_VERSION",
@@ -138,9 +139,19 @@ class BackendConfig(BaseModel):
 
     Subclass it with one field per option; unknown options are rejected (``extra="forbid"``) so a
     typo in YAML is an error at its path, not a silently ignored setting.
+
+    Secrets never leave the instance: credential fields are :class:`pydantic.SecretStr`, the
+    ``repr`` passes every value through :func:`hicache.storage.redact.redact` (URL userinfo,
+    secret-looking mapping keys), and validation errors never carry the rejected input.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # pydantic's own error text echoes each rejected value; callers report errors through
+    # registry.validation_messages, which shows only what redact() lets through.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, redact(value, name)
 
 
 def check_key(key: str) -> str:

@@ -23,6 +23,7 @@ import difflib
 import importlib.metadata
 import inspect
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -38,6 +39,7 @@ from hicache.errors import (
     PluginError,
 )
 from hicache.storage.backend import API_VERSION, Backend, BackendConfig, BackendContext
+from hicache.storage.redact import is_secret_name, redact
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -273,17 +275,13 @@ def _format_loc(path: str, loc: tuple[int | str, ...]) -> str:
     return out
 
 
-_SECRET_HINTS = ("key", "secret", "token", "password", "credential", "auth")
-
-
 def _show_input(value: object, where: str = "") -> str:
     # Scalars only: echoing a whole mapping back buries the problem. Never echo what may be a
-    # secret: the message reaches logs and terminals.
-    leaf = where.rsplit(".", 1)[-1].lower()
-    if any(hint in leaf for hint in _SECRET_HINTS):
+    # secret (by name, type or URL userinfo): the message reaches logs and terminals.
+    if any(is_secret_name(part) for part in re.split(r"[.\[\]]", where)):
         return ""
     if isinstance(value, str | int | float | bool) or value is None:
-        text = repr(value)
+        text = repr(redact(value))
         if len(text) <= 80:
             return f" (got {text})"
     return ""
@@ -334,7 +332,9 @@ def _validate_with(
     cls: type[Backend], kind: str, options: Mapping[str, Any], path: str
 ) -> BackendConfig:
     if not isinstance(options, Mapping):
-        raise ConfigError(f"{path}: expected a mapping of {kind} options, got {options!r}")
+        raise ConfigError(
+            f"{path}: expected a mapping of {kind} options, got {type(options).__name__}"
+        )
     try:
         return cls.config_model.model_validate(dict(options))
     except ValidationError as exc:

@@ -24,6 +24,7 @@ from typing import Any
 from hicache.errors import HicacheError
 from hicache.storage.backend import Backend
 from hicache.storage.baseline import Benchmarkable, RawBaseline
+from hicache.storage.redact import redact_url
 from hicache.tools.benchmark import (
     BenchReport,
     BenchSpec,
@@ -282,7 +283,7 @@ def _run_storage(args: argparse.Namespace) -> int:
         spec = _spec_from_args(args)
         tier, kind, make_backend = _build_tier(args.config, args.tier)
     except HicacheError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_url(str(exc))}", file=sys.stderr)
         return 2
     show_progress = not args.json and not args.no_progress and sys.stderr.isatty()
 
@@ -306,7 +307,7 @@ def _run_storage(args: argparse.Namespace) -> int:
         else:
             report = run(None)
     except HicacheError as exc:
-        print(f"error: tier {tier!r}: {exc}", file=sys.stderr)
+        print(f"error: tier {tier!r}: {redact_url(str(exc))}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(report.to_json(), indent=2))

@@ -25,6 +25,7 @@ from typing import Any
 from hicache.errors import BackendError, ConfigError, HicacheError
 from hicache.storage.backend import Backend, BackendContext, PageStatus, StoredPage
 from hicache.storage.pageformat import HEADER_SIZE
+from hicache.storage.redact import redact_url
 
 __all__ = [
     "LISTING_NAMESPACE",
@@ -343,7 +344,7 @@ def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
         try:
             return run(args)
         except (HicacheError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {redact_url(str(exc))}", file=sys.stderr)
             return 2
 
     return wrapper

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from stat import S_ISREG
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from hicache.errors import BackendCapacityError, BackendError
@@ -63,6 +64,7 @@ _COUNTERS = (
     "gets_failed",
     "corrupt",
     "unknown_version",
+    "not_regular",
     "dead_temps_removed",
     "bad_size_removed",
     "other_size_pages",
@@ -87,6 +89,7 @@ class LocalDiskBackend(Backend):
         self._io: PageIO | None = None
         self._corrupt_logged = False
         self._unknown_logged = False
+        self._not_regular_logged = False
         self._counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self._counters_lock = threading.Lock()
         self._open_scan: dict[str, float] = {}
@@ -371,6 +374,7 @@ class LocalDiskBackend(Backend):
         hits: list[str] = []
         missing: list[str] = []
         corrupt: list[tuple[str, str]] = []
+        not_regular: list[str] = []
         for i, (result, field) in zip(todo, results, strict=True):
             key = keys[i]
             if result is ReadResult.OK:
@@ -380,6 +384,8 @@ class LocalDiskBackend(Backend):
                     self._index.note_present(key, self._stored)
             elif result is ReadResult.MISSING:
                 missing.append(key)  # deleted or evicted behind our back
+            elif result is ReadResult.NOT_REGULAR:
+                not_regular.append(key)
             elif result is ReadResult.CORRUPT:
                 statuses[i] = PageStatus.CORRUPT
                 corrupt.append((key, field))
@@ -387,8 +393,10 @@ class LocalDiskBackend(Backend):
                 self._on_unknown_version(key, field)  # NOT_FOUND, and the file stays
             else:
                 statuses[i] = PageStatus.FAILED
-        if missing:
-            self._index.note_missing(missing)
+        if not_regular:
+            self._on_not_regular(not_regular)
+        if missing or not_regular:
+            self._index.note_missing(missing + not_regular)
         self._index.touch(hits)
         self._count(
             gets_ok=len(hits),
@@ -431,6 +439,19 @@ class LocalDiskBackend(Backend):
             "removed" if removed else "left in place",
         )
 
+    def _on_not_regular(self, keys: list[str]) -> None:
+        """Count and log (once at warning level) names held by something that is not a page."""
+        with self._counters_lock:
+            self._counters["not_regular"] += len(keys)
+            first = not self._not_regular_logged
+            self._not_regular_logged = True
+        (log.warning if first else log.debug)(
+            "localdisk %s: %s is not a regular file (a FIFO, socket, device, directory or "
+            "symlink): treated as a miss and left in place",
+            self._layout.ns_dir,
+            self._layout.page_path(keys[0]),
+        )
+
     # ------------------------------------------------------------------ delete, eviction
 
     def _delete(self, keys: Sequence[str]) -> None:
@@ -469,10 +490,10 @@ class LocalDiskBackend(Backend):
     def _on_disk(self, key: str) -> bool:
         """Whether ``key`` has a published file now (the index asks under its lock)."""
         try:
-            os.stat(self._layout.page_path(key), follow_symlinks=False)
+            st = os.stat(self._layout.page_path(key), follow_symlinks=False)
         except OSError:
             return False
-        return True
+        return S_ISREG(st.st_mode)
 
     def _enforce_shared(self, need: int) -> None:
         shared = self._shared

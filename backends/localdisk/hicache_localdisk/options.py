@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import Field, field_validator
 
-from hicache.storage import BackendConfig, Size
+from hicache.storage import (
+    DEFAULT_DIR_MODE,
+    DEFAULT_FILE_MODE,
+    BackendConfig,
+    DirMode,
+    FileMode,
+    Size,
+)
 
 __all__ = ["DEFAULT_FREE_FRACTION", "Durability", "LocalDiskConfig"]
 
@@ -25,20 +31,6 @@ class Durability(enum.StrEnum):
     NONE = "none"
     #: Also survives a power loss: the file and its directory entry are synced before ``OK``.
     FSYNC = "fsync"
-
-
-def _mode(value: Any) -> Any:
-    # YAML reads `0600` as the int 600 (decimal) or the string "0600": accept octal strings and
-    # reject decimal look-alikes instead of silently creating world-writable files.
-    if isinstance(value, str):
-        try:
-            return int(value, 8)
-        except ValueError as exc:
-            raise ValueError(f"invalid permission mode {value!r}: expected octal, '0600'") from exc
-    return value
-
-
-Mode = Annotated[int, BeforeValidator(_mode), Field(ge=0, le=0o777)]
 
 
 class LocalDiskConfig(BackendConfig):
@@ -79,8 +71,14 @@ class LocalDiskConfig(BackendConfig):
         default=True,
         description="Verify the payload checksum on every read (the header is always verified).",
     )
-    file_mode: Mode = Field(default=0o600, description="Permission bits of page files (octal).")
-    dir_mode: Mode = Field(default=0o700, description="Permission bits of directories (octal).")
+    file_mode: FileMode = Field(
+        default=DEFAULT_FILE_MODE,
+        description="Permission bits of page and state files, octal ('0640': share with a group).",
+    )
+    dir_mode: DirMode = Field(
+        default=DEFAULT_DIR_MODE,
+        description="Permission bits of the directories it creates, octal ('0750' for a group).",
+    )
 
     @field_validator("root")
     @classmethod

@@ -19,6 +19,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
+from stat import S_ISREG
 
 from hicache.errors import PageCorruptError, PageVersionError
 from hicache.storage import (
@@ -28,6 +29,7 @@ from hicache.storage import (
     check_checksum,
     check_version,
     encode_header_into,
+    open_regular,
     payload_checksum,
     verify_page,
 )
@@ -53,7 +55,6 @@ log = logging.getLogger(__name__)
 PARALLEL_HASH_MIN_BYTES = 1 << 20
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 class ReadResult(enum.Enum):
@@ -65,6 +66,9 @@ class ReadResult(enum.Enum):
     #: A newer writer's page (see ``pageformat.check_version``): a miss, left in place.
     UNKNOWN_VERSION = "unknown_version"
     FAILED = "failed"
+    #: Something else under the page's name (FIFO, socket, device, directory, symlink): a miss
+    #: that is never read, followed or removed.
+    NOT_REGULAR = "not_regular"
 
 
 class PageIO:
@@ -197,16 +201,17 @@ class PageIO:
         Returns the outcome and, for ``CORRUPT``, the field that failed verification.
         """
         path = self._layout.page_path(key)
-        flags = _READ_FLAGS | (O_DIRECT if self._direct_ok(dst) else 0)
+        flags = O_DIRECT if self._direct_ok(dst) else 0
         try:
-            fd = os.open(path, flags)
+            opened = open_regular(path, flags)
         except FileNotFoundError:
             return ReadResult.MISSING, ""
         except OSError as exc:
-            if exc.errno == errno.ELOOP:  # a symlink planted in place of a page
-                return ReadResult.CORRUPT, "symlink"
             self._log_failure("get", key, exc)
             return ReadResult.FAILED, ""
+        if opened is None:
+            return ReadResult.NOT_REGULAR, ""
+        fd = opened
         try:
             header = self._header()
             # O_DIRECT reads stay whole: pieces would turn one large device read into many.
@@ -253,11 +258,13 @@ class PageIO:
                 log.info("cannot update page mtimes (%s): recency is kept in memory only", exc)
 
     def page_size_on_disk(self, key: str) -> int | None:
-        """Size of the published file of ``key``, ``None`` when there is none."""
+        """Size of the published file of ``key``, ``None`` when there is none (or what is
+        there is not a regular file)."""
         try:
-            return os.stat(self._layout.page_path(key), follow_symlinks=False).st_size
+            st = os.stat(self._layout.page_path(key), follow_symlinks=False)
         except OSError:
             return None
+        return st.st_size if S_ISREG(st.st_mode) else None
 
 
 def _unlink_quiet(path: str) -> None:

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from hicache.storage import TailFirstLRU
+from hicache.storage import TailFirstLRU, create_file
 from hicache_localdisk.layout import Layout
 
 __all__ = ["SharedState"]
@@ -63,11 +63,11 @@ class SharedState:
         opener that gets it exclusively is alone: nothing is in flight, so it may re-anchor the
         counter on a scan (:meth:`set`) before calling :meth:`admit_others`.
         """
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
         path = os.path.join
-        self._usage_fd = os.open(path(self._ns_dir, USAGE_FILE), flags, self._file_mode)
-        self._evict_fd = os.open(path(self._ns_dir, EVICT_FILE), flags, self._file_mode)
-        self._members_fd = os.open(path(self._ns_dir, MEMBERS_FILE), flags, self._file_mode)
+        self._usage_fd = create_file(path(self._ns_dir, USAGE_FILE), flags, self._file_mode)
+        self._evict_fd = create_file(path(self._ns_dir, EVICT_FILE), flags, self._file_mode)
+        self._members_fd = create_file(path(self._ns_dir, MEMBERS_FILE), flags, self._file_mode)
         try:
             fcntl.flock(self._members_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass
 
 from hicache.errors import BackendUnavailableError, PageCorruptError, PageVersionError
-from hicache.storage import HEADER_SIZE, decode_header, stored_size
+from hicache.storage import HEADER_SIZE, decode_header, open_regular, stored_size
+from hicache.storage import make_dirs as make_private_dir
 from hicache_localdisk.fsio import DIRECT_ALIGN, O_DIRECT, fsync_dir
 from hicache_localdisk.layout import FANOUT_DIRS, Layout, ScannedPage
 from hicache_localdisk.options import DEFAULT_FREE_FRACTION
@@ -46,9 +47,8 @@ def make_dirs(layout: Layout, mode: int, fsync: bool) -> None:
     ns_dir = layout.ns_dir
     try:
         created = not os.path.isdir(ns_dir)
-        # makedirs gives `mode` to the leaf only: create root and namespace explicitly so both
-        # are owner-only (the root's parents are not ours to restrict).
-        os.makedirs(layout.root, mode=mode, exist_ok=True)
+        # Root and namespace are created explicitly so both get `mode` whatever the umask.
+        make_private_dir(layout.root, mode)
         for path in [ns_dir, *(f"{ns_dir}/{sub}" for sub in FANOUT_DIRS)]:
             try:
                 os.mkdir(path, mode)
@@ -119,8 +119,13 @@ def _is_damaged(layout: Layout, page: ScannedPage) -> bool:
     if page.size < HEADER_SIZE:
         return True
     try:
-        with open(layout.page_path(page.key), "rb") as f:
-            header = decode_header(f.read(HEADER_SIZE))
+        fd = open_regular(layout.page_path(page.key))
+        if fd is None:
+            return False  # replaced by a FIFO, a symlink...: not a page, and not ours to remove
+        try:
+            header = decode_header(os.pread(fd, HEADER_SIZE, 0))
+        finally:
+            os.close(fd)
     except PageCorruptError:
         return True
     except PageVersionError:

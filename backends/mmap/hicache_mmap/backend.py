@@ -143,6 +143,8 @@ class MmapBackend(Backend):
                 prefault=opts.prefault,
                 lock_timeout_s=opts.lock_timeout_s,
                 durable=self._durable,
+                file_mode=opts.file_mode,
+                dir_mode=opts.dir_mode,
             )
         )
         self._pid = os.getpid()

@@ -6,7 +6,14 @@ import enum
 
 from pydantic import Field
 
-from hicache.storage import BackendConfig, Size
+from hicache.storage import (
+    DEFAULT_DIR_MODE,
+    DEFAULT_FILE_MODE,
+    BackendConfig,
+    DirMode,
+    FileMode,
+    Size,
+)
 
 __all__ = ["MmapOptions", "MsyncMode"]
 
@@ -44,3 +51,8 @@ class MmapOptions(BackendConfig):
     prefault: bool = True
     #: Longest wait, in seconds, for another process's lock on a set; past it the put FAILS.
     lock_timeout_s: float = Field(default=5.0, gt=0)
+    #: Permission bits of a slot file this tier creates (an existing file keeps its own) and of
+    #: the parent directories it creates. Owner-only by default; ``"0660"`` / ``"0770"`` let
+    #: the processes of one group share the file.
+    file_mode: FileMode = DEFAULT_FILE_MODE
+    dir_mode: DirMode = DEFAULT_DIR_MODE

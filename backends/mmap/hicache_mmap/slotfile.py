@@ -13,7 +13,6 @@ import logging
 import mmap
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from hicache.errors import (
     BackendCapacityError,
@@ -22,7 +21,14 @@ from hicache.errors import (
     PageCorruptError,
     PageVersionError,
 )
-from hicache.storage import copy_and_hash, copy_bytes
+from hicache.storage import (
+    DEFAULT_DIR_MODE,
+    DEFAULT_FILE_MODE,
+    copy_and_hash,
+    copy_bytes,
+    create_file,
+    make_dirs,
+)
 from hicache_mmap.layout import (
     BODY_OFFSET,
     FILE_VERSION,
@@ -62,6 +68,8 @@ class OpenRequest:
     prefault: bool
     lock_timeout_s: float
     durable: bool = False
+    file_mode: int = DEFAULT_FILE_MODE
+    dir_mode: int = DEFAULT_DIR_MODE
 
 
 class SlotFile:
@@ -118,11 +126,11 @@ class SlotFile:
     @staticmethod
     def _open_fd(req: OpenRequest) -> int:
         flags = (os.O_RDWR if req.writable else os.O_RDONLY) | os.O_CLOEXEC
-        if req.create and req.writable:
-            flags |= os.O_CREAT
-            Path(req.path).parent.mkdir(parents=True, exist_ok=True)
         try:
-            return os.open(req.path, flags, 0o660)
+            if req.create and req.writable:
+                make_dirs(os.path.dirname(os.path.abspath(req.path)), req.dir_mode)
+                return create_file(req.path, flags, req.file_mode)
+            return os.open(req.path, flags)
         except FileNotFoundError as exc:
             why = "create is false" if req.writable else "the tier is read-only"
             raise BackendUnavailableError(f"slot file {req.path} does not exist and {why}") from exc

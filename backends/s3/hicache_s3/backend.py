@@ -38,13 +38,14 @@ from hicache.storage import (
     check_namespace,
     check_version,
     encode_header,
+    redact_url,
     verify_page,
 )
 from hicache_s3 import errors
 from hicache_s3.batch import gather, ordered_prefix
 from hicache_s3.body import PageBody, read_exact
 from hicache_s3.client import checksum_params, make_client, sse_params
-from hicache_s3.options import ChecksumAlgorithm, ConditionalPut, S3Options, redact_url
+from hicache_s3.options import ChecksumAlgorithm, ConditionalPut, S3Options
 
 if TYPE_CHECKING:
     from hicache.storage import RawBaseline
@@ -76,7 +77,8 @@ class S3Backend(Backend):
     def __init__(self, config: BackendConfig, context: BackendContext) -> None:
         super().__init__(config, context)  # checks that config is an S3Options
         self.options = cast(S3Options, config)
-        self._endpoint = redact_url(self.options.endpoint_url) or "AWS S3"
+        endpoint = self.options.endpoint_url
+        self._endpoint = redact_url(endpoint) if endpoint else "AWS S3"
         self._key_prefix = self.options.object_prefix(context.namespace)
         self._client: Any = None
         self._pool: ThreadPoolExecutor | None = None

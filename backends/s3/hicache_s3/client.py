@@ -1,6 +1,7 @@
 """boto3 client setup for the ``s3`` backend: one place that turns options into a botocore Config.
 
-Credentials are never passed here: the session resolves them through boto3's default chain.
+Credentials are passed only when the options carry them; otherwise the session resolves them
+through boto3's default chain.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import boto3
 import botocore.session
 from botocore.config import Config
 
-from hicache_s3.options import AddressingStyle, ChecksumAlgorithm, S3Options
+from hicache_s3.options import AddressingStyle, ChecksumAlgorithm, S3Options, strip_userinfo
 
 __all__ = ["DEFAULT_REGION", "inject_latency", "make_client", "new_client", "sse_params"]
 
@@ -64,8 +65,14 @@ def make_client(options: S3Options) -> Any:
         response_checksum_validation="when_required",
         user_agent_extra="hicache-s3",
     )
-    extra = {"region_name": options.region} if options.region else {}
-    return new_client("s3", endpoint_url=options.endpoint_url, config=config, **extra)
+    extra: dict[str, Any] = {"region_name": options.region} if options.region else {}
+    if options.access_key_id is not None and options.secret_access_key is not None:
+        extra["aws_access_key_id"] = options.access_key_id.get_secret_value()
+        extra["aws_secret_access_key"] = options.secret_access_key.get_secret_value()
+        if options.session_token is not None:
+            extra["aws_session_token"] = options.session_token.get_secret_value()
+    endpoint = strip_userinfo(options.endpoint_url) if options.endpoint_url else None
+    return new_client("s3", endpoint_url=endpoint, config=config, **extra)
 
 
 def sse_params(options: S3Options) -> dict[str, Any]:

@@ -6,9 +6,9 @@ import enum
 import re
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
-from hicache.storage import BackendConfig
+from hicache.storage import BackendConfig, RedactedUrl, redact_url
 
 __all__ = [
     "AddressingStyle",
@@ -17,7 +17,7 @@ __all__ = [
     "RetryMode",
     "S3Options",
     "ServerSideEncryption",
-    "redact_url",
+    "strip_userinfo",
 ]
 
 # S3's own rules for bucket names (the strict, DNS-compatible set every S3-compatible store takes).
@@ -84,24 +84,23 @@ def parse_duration(value: object) -> float | None:
     raise ValueError(f"invalid duration {value!r}: use seconds or e.g. '250ms', '30s', '12h', '7d'")
 
 
-def redact_url(url: str | None) -> str | None:
-    """Drop any ``user:password@`` part so an endpoint can be logged and shown safely."""
-    if not url:
-        return url
+def strip_userinfo(url: str) -> str:
+    """``url`` without its ``user:password@`` part: what botocore gets (S3 signs requests with
+    keys; userinfo would only end up in botocore's error messages)."""
     parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
+    if "@" not in parts.netloc:
         return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
+    netloc = parts.netloc.rsplit("@", 1)[1]
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 class S3Options(BackendConfig):
     """Options of an S3 tier.
 
-    Credentials are deliberately absent: boto3's default chain (environment, shared config and
-    credential files, SSO, container or instance roles) provides them, so they never appear in a
-    config file, a log line, an error, ``stats()`` or ``repr``.
+    Credentials come from boto3's default chain (environment, shared config and credential
+    files, SSO, container or instance roles) unless ``access_key_id`` and ``secret_access_key``
+    are set. Those are ``SecretStr``: they never appear in a log line, an error, ``stats()``,
+    ``repr`` or ``hicache config show``; nor does userinfo in ``endpoint_url``.
     """
 
     bucket: str = Field(
@@ -110,9 +109,18 @@ class S3Options(BackendConfig):
     prefix: str = Field(
         default="", description="key prefix: objects are <prefix>/<namespace>/<page key>"
     )
-    endpoint_url: str | None = Field(
+    endpoint_url: RedactedUrl | None = Field(
         default=None,
         description="S3-compatible endpoint (MinIO, Ceph RGW, a local server); null = AWS",
+    )
+    access_key_id: SecretStr | None = Field(
+        default=None, description="access key id; null = boto3's credential chain"
+    )
+    secret_access_key: SecretStr | None = Field(
+        default=None, description="secret access key, set together with access_key_id"
+    )
+    session_token: SecretStr | None = Field(
+        default=None, description="session token of temporary credentials (optional)"
     )
     region: str | None = Field(
         default=None, description="signing region; null = boto3's chain, else us-east-1"
@@ -195,6 +203,17 @@ class S3Options(BackendConfig):
                 f"invalid endpoint_url {redact_url(value)!r}: expected http(s)://host[:port]"
             )
         return value
+
+    @model_validator(mode="after")
+    def _keys_come_in_pairs(self) -> S3Options:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError(
+                "access_key_id and secret_access_key are set together (or neither: boto3's "
+                "credential chain)"
+            )
+        if self.session_token is not None and self.access_key_id is None:
+            raise ValueError("session_token needs access_key_id and secret_access_key")
+        return self
 
     @field_validator("refresh_after", mode="before")
     @classmethod

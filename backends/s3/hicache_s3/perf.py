@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hicache.storage import BackendContext, PageStatus
+from hicache.storage import BackendContext, PageStatus, redact_url
 from hicache_s3.backend import S3Backend
 from hicache_s3.client import inject_latency
 from hicache_s3.devserver import DevServer, create_bucket, dummy_aws_env
@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             options["endpoint_url"] = server.endpoint_url
             create_bucket(server.endpoint_url, options["bucket"])
         try:
-            print(f"endpoint {options['endpoint_url']}, bucket {options['bucket']!r}", flush=True)
+            endpoint = redact_url(options["endpoint_url"])
+            print(f"endpoint {endpoint}, bucket {options['bucket']!r}", flush=True)
             if not args.skip_bench:
                 storage_figures(args.config, options, tier, args)
                 print(flush=True)

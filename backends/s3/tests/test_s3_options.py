@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hicache_s3 import S3Backend, S3Options
 from hicache_s3.body import PageBody, read_exact
-from hicache_s3.options import parse_duration, redact_url
+from hicache_s3.options import parse_duration, strip_userinfo
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -60,16 +60,37 @@ def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-def test_redact_url_drops_user_info() -> None:
-    assert redact_url("http://user:pw@host:9000/x") == "http://host:9000/x"
-    assert redact_url("https://s3.example.com") == "https://s3.example.com"
+def test_userinfo_never_reaches_botocore() -> None:
+    assert strip_userinfo("http://user:p@ss@host:9000/x") == "http://host:9000/x"
+    assert strip_userinfo("https://s3.example.com") == "https://s3.example.com"
+
+
+def test_credentials_are_secret_and_come_in_pairs() -> None:
+    marker = "MARKER-7f3a"
+    options = S3Options(
+        bucket="kvs",
+        endpoint_url=f"http://ak:{marker}@127.0.0.1:1",
+        access_key_id=marker,
+        secret_access_key=marker,
+        session_token=marker,
+    )
+    assert options.secret_access_key is not None
+    assert options.secret_access_key.get_secret_value() == marker
+    assert marker not in repr(options) and marker not in str(options)
+    assert marker not in options.model_dump_json()
+    with pytest.raises(ValidationError, match="set together") as caught:
+        S3Options(bucket="kvs", secret_access_key=marker)
+    assert marker not in str(caught.value)
+    with pytest.raises(ValidationError) as caught:
+        S3Options(bucket="kvs", access_key_id=[marker], secret_access_key={"x": marker})
+    assert marker not in str(caught.value)
 
 
 def test_repr_names_location_not_secrets() -> None:
     context = BackendContext(page_bytes=4096, namespace="ns", tier_name="t")
     backend = S3Backend(S3Options(bucket="kvs", endpoint_url="http://k:s@127.0.0.1:1"), context)
     assert repr(backend) == (
-        "S3Backend(bucket='kvs', prefix='', namespace='ns', endpoint='http://127.0.0.1:1')"
+        "S3Backend(bucket='kvs', prefix='', namespace='ns', endpoint='http://***@127.0.0.1:1')"
     )
 
 

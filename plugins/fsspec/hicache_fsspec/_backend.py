@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
+import stat
 import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -39,12 +41,17 @@ from hicache.storage import (
     StoredPage,
     check_key,
     check_namespace,
+    create_file,
     decode_header,
     encode_header,
+    make_dirs,
+    open_regular,
+    redact_url,
+    reveal,
     verify_page,
     verify_payload,
 )
-from hicache_fsspec._config import FsspecConfig, WriteMode, redact_url
+from hicache_fsspec._config import FsspecConfig, WriteMode
 
 __all__ = ["FsspecBackend"]
 
@@ -66,8 +73,14 @@ def _key_lock(key: str) -> threading.Lock:
     return _KEY_LOCKS[int(key[:4], 16) % len(_KEY_LOCKS)]
 
 
+class _NotRegularError(OSError):
+    """A local page name held by a FIFO, socket, device, directory or symlink."""
+
+
 def _unavailable(what: str, url: str, exc: BaseException) -> BackendUnavailableError:
-    return BackendUnavailableError(f"fsspec {url}: {what} failed: {type(exc).__name__}: {exc}")
+    # The client library's text may quote the URL it was given, userinfo included.
+    detail = redact_url(str(exc))
+    return BackendUnavailableError(f"fsspec {url}: {what} failed: {type(exc).__name__}: {detail}")
 
 
 class FsspecBackend(Backend):
@@ -121,6 +134,7 @@ class FsspecBackend(Backend):
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self._corrupt_logged: set[str] = set()
+        self._not_regular_logged = False
         self._evicted: list[str] = []
 
     @property
@@ -141,7 +155,7 @@ class FsspecBackend(Backend):
     # ------------------------------------------------------------------ lifecycle
 
     def _open(self) -> None:
-        options = dict(self._options.storage_options)
+        options = reveal(self._options.storage_options)
         # fsspec caches filesystem instances per process by their arguments; a private instance
         # keeps one tier's client state (sessions, credentials) from leaking into another's.
         options.setdefault("skip_instance_cache", True)
@@ -153,7 +167,7 @@ class FsspecBackend(Backend):
         root = f"{base}/{self.context.namespace}" if base else self.context.namespace
         if not self.context.read_only:
             try:
-                fs.makedirs(root, exist_ok=True)
+                self._makedirs(fs, root)
             except Exception as exc:
                 raise _unavailable(f"creating {root!r}", self._url, exc) from exc
         self._fs, self._base, self._root = fs, base, root
@@ -226,6 +240,8 @@ class FsspecBackend(Backend):
             shard, _, name = path.rstrip("/").rpartition("/")
             if len(name) != 64 or shard.rpartition("/")[2] != name[:2]:
                 continue
+            if info.get("type") != "file" or info.get("islink"):
+                continue  # a FIFO, socket or symlink under a page's name is no page
             try:
                 check_key(name)
             except ValueError:
@@ -255,13 +271,16 @@ class FsspecBackend(Backend):
     def _is_stored(self, fs: fsspec.AbstractFileSystem, key: str) -> bool:
         path = f"{self._root}/{key[:2]}/{key}"
         try:
-            if self._in_process or self._local:
+            if self._local:
+                # lstat: a symlink (which may lead out of the root) or a FIFO is no page.
+                return stat.S_ISREG(os.lstat(path).st_mode)
+            if self._in_process:
                 # O(1) there; memory's info() scans the whole process-wide store.
                 return bool(fs.isfile(path))
             # The generic isfile() swallows every error as False; info() lets an unreachable
             # endpoint surface as a whole-call failure instead of a silent miss.
             return bool(fs.info(path).get("type") == "file")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return False
         except Exception as exc:
             raise _unavailable(f"checking {key}", self._url, exc) from exc
@@ -295,6 +314,11 @@ class FsspecBackend(Backend):
             if started:
                 self._discard(fs, target)
             raise _unavailable(f"writing {key}", self._url, exc) from exc
+        except FileExistsError as exc:
+            # A local create-only open met something that is not a page (a FIFO, a directory)
+            # under the name: this call created nothing, so it removes nothing.
+            logger.warning("fsspec %s: put of %s failed: %s", self._url, key, exc)
+            return PageStatus.FAILED
         except Exception as exc:  # per-page failure: full disk, permissions, client errors
             if started:
                 self._discard(fs, target)
@@ -310,18 +334,33 @@ class FsspecBackend(Backend):
         self, fs: fsspec.AbstractFileSystem, shard: str, path: str, header: bytes, src: memoryview
     ) -> None:
         if shard not in self._made_dirs:
-            fs.makedirs(shard, exist_ok=True)
+            self._makedirs(fs, shard)
             self._made_dirs.add(shard)
         try:
-            handle = fs.open(path, "wb")
+            handle = self._open_for_write(fs, path)
         except FileNotFoundError:
             # The shard directory vanished under us (someone cleaned the cache): recreate once.
-            fs.makedirs(shard, exist_ok=True)
-            handle = fs.open(path, "wb")
+            self._makedirs(fs, shard)
+            handle = self._open_for_write(fs, path)
         with handle:
             # Two writes, never header + payload concatenated: the payload is written in place.
             handle.write(header)
             handle.write(src)
+
+    def _open_for_write(self, fs: fsspec.AbstractFileSystem, path: str) -> IO[bytes]:
+        """A new file at ``path``; a local one is created with the configured mode (fsspec's
+        ``open()`` leaves 0666 minus the umask), create-only, never through a symlink."""
+        if not self._local:
+            handle: IO[bytes] = fs.open(path, "wb")
+            return handle
+        flags = os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        return os.fdopen(create_file(path, flags, self._options.file_mode), "wb")
+
+    def _makedirs(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
+        if self._local:
+            make_dirs(path, self._options.dir_mode)  # owner-only unless configured
+        else:
+            fs.makedirs(path, exist_ok=True)
 
     def _publish(self, fs: fsspec.AbstractFileSystem, tmp: str, path: str, key: str) -> PageStatus:
         """Make the fully written ``tmp`` visible as ``path``, create-only; removes ``tmp``."""
@@ -370,6 +409,9 @@ class FsspecBackend(Backend):
                 self._read_into(fs, path, key, dst)
         except FileNotFoundError:
             return PageStatus.NOT_FOUND
+        except _NotRegularError:
+            self._report_not_regular(path)
+            return PageStatus.NOT_FOUND
         except PageCorruptError as exc:
             self._report_corrupt(key, exc)
             self._drop_corrupt(fs, path, key)
@@ -405,7 +447,12 @@ class FsspecBackend(Backend):
         self, fs: fsspec.AbstractFileSystem, path: str, key: str, dst: memoryview
     ) -> None:
         """Header first, then the payload straight into ``dst`` (no copy in Python)."""
-        with fs.open(path, "rb") as handle:
+        # Not fs.open(): a FIFO under the page's name would block it forever, and it follows
+        # symlinks out of the root.
+        fd = open_regular(path)
+        if fd is None:
+            raise _NotRegularError(errno.EINVAL, "not a regular file", path)
+        with os.fdopen(fd, "rb") as handle:
             header = handle.read(HEADER_SIZE)
             # Checked before the payload is read, so a bad header never touches ``dst``.
             decoded = self._check_header(header, key, dst)
@@ -525,6 +572,17 @@ class FsspecBackend(Backend):
             key,
             self.context.namespace,
             exc,
+        )
+
+    def _report_not_regular(self, path: str) -> None:
+        with self._counts_lock:
+            self._counts["not_regular"] += 1
+            first, self._not_regular_logged = not self._not_regular_logged, True
+        (logger.warning if first else logger.debug)(
+            "fsspec %s: %s is not a regular file (a FIFO, socket, device, directory or "
+            "symlink): treated as a miss and left in place",
+            self._url,
+            path,
         )
 
     def _report_corrupt(self, key: str, exc: PageCorruptError) -> None:

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from typing import Any
 
 import fsspec
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
-from hicache.storage import BackendConfig
+from hicache.storage import (
+    DEFAULT_DIR_MODE,
+    DEFAULT_FILE_MODE,
+    BackendConfig,
+    DirMode,
+    FileMode,
+    RedactedUrl,
+    is_secret_name,
+    redact_url,
+)
 
-__all__ = ["FsspecConfig", "WriteMode", "redact_url"]
+__all__ = ["FsspecConfig", "WriteMode"]
 
 
 class WriteMode(enum.StrEnum):
@@ -42,11 +52,13 @@ class FsspecConfig(BackendConfig):
 
     #: Where pages live: ``memory://hicache``, ``file:///var/cache/hicache``, ``gcs://bucket/kv``.
     #: Pages go to ``<url>/<namespace>/<key[:2]>/<key>``.
-    url: str = Field(
+    url: RedactedUrl = Field(
         min_length=1, description="fsspec URL of the root: memory://hicache, file:///var/cache/kv"
     )
-    #: Passed unchanged to the fsspec filesystem constructor (credentials, endpoints, ...).
-    #: Never logged and never reported by ``stats()``.
+    #: Passed to the fsspec filesystem constructor (credentials, endpoints, ...). String values
+    #: under secret-looking keys (``secret``, ``token``, ``password``, ``key``, ``credential``,
+    #: at any depth) are held as ``SecretStr`` and unwrapped only for the constructor. Never
+    #: logged and never reported by ``stats()``; ``hicache config show`` masks them.
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         repr=False,
@@ -75,6 +87,20 @@ class FsspecConfig(BackendConfig):
     )
     #: Largest batch the engine should hand over in one call.
     max_batch: int = Field(default=256, ge=1, le=65536, description="preferred batch size per call")
+    #: ``file://`` only: permission bits of page files and of the directories this tier creates.
+    #: Owner-only by default; widen (``"0640"`` / ``"0750"``) to share a tier with a group.
+    file_mode: FileMode = Field(
+        default=DEFAULT_FILE_MODE, description="file:// page files' permission bits (octal)"
+    )
+    dir_mode: DirMode = Field(
+        default=DEFAULT_DIR_MODE, description="file:// directories' permission bits (octal)"
+    )
+
+    @field_validator("storage_options")
+    @classmethod
+    def _hide_secrets(cls, options: dict[str, Any]) -> dict[str, Any]:
+        wrapped: dict[str, Any] = _wrap_secrets(options)
+        return wrapped
 
     @field_validator("url")
     @classmethod
@@ -95,12 +121,12 @@ class FsspecConfig(BackendConfig):
         return url
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any ``user:password@`` part replaced, fit for logs and error messages."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    authority, slash, path = rest.partition("/")
-    if "@" in authority:
-        authority = "***@" + authority.rsplit("@", 1)[1]
-    return f"{scheme}{sep}{authority}{slash}{path}"
+def _wrap_secrets(value: Any, secret: bool = False) -> Any:
+    """Strings under secret-looking keys (at any depth) as ``SecretStr``."""
+    if isinstance(value, str) and secret:
+        return SecretStr(value)
+    if isinstance(value, Mapping):
+        return {k: _wrap_secrets(v, secret or is_secret_name(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_wrap_secrets(v, secret) for v in value)
+    return value

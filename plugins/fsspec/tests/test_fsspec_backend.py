@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 from hicache_fsspec import FsspecBackend, FsspecConfig, WriteMode
-from hicache_fsspec._config import redact_url
 
 from hicache.config import load_config
 from hicache.errors import BackendUnavailableError, ConfigError
@@ -34,6 +33,7 @@ from hicache.storage import (
     create_backend,
     installed_backends,
     load_backend_class,
+    redact_url,
 )
 from hicache.testing import BackendTests
 

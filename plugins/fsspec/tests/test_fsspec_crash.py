@@ -82,17 +82,16 @@ class _StopAfterHeader:
 
 def _arm(backend: FsspecBackend, after_writes: int, report_fd: int) -> None:
     """Make the ``after_writes``-th page write of ``backend`` stop mid-write (see above)."""
-    fs = backend.filesystem
-    real_open = fs.open
+    real_open = backend._open_for_write
     opened = itertools.count()  # next() on it is atomic: the I/O threads share it
 
-    def open_(path: str, mode: str = "rb", **kwargs: Any) -> Any:
-        handle = real_open(path, mode, **kwargs)
-        if "w" in mode and next(opened) == after_writes:
+    def open_(fs: Any, path: str) -> Any:
+        handle = real_open(fs, path)
+        if next(opened) == after_writes:
             return _StopAfterHeader(handle, report_fd)
         return handle
 
-    fs.open = open_  # this instance's filesystem is private (skip_instance_cache)
+    backend._open_for_write = open_  # type: ignore[method-assign]  # this instance only
 
 
 def _writer(root: Path, write_mode: str, seed: int, armed: bool, report_fd: int) -> None:
