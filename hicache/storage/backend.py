@@ -140,7 +140,8 @@ class BackendConfig(BaseModel):
     typo in YAML is an error at its path, not a silently ignored setting.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: an infinite timeout or NaN size passes `gt=0` checks and overflows later.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def check_key(key: str) -> str:

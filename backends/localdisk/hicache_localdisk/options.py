@@ -52,6 +52,7 @@ class LocalDiskConfig(BackendConfig):
     root: Path = Field(description="Directory holding every namespace; created owner-only.")
     max_bytes: Size | None = Field(
         default=None,
+        gt=0,
         description="Bound on the bytes this namespace keeps on disk, headers included "
         "(default: half of the free space plus what the namespace already holds).",
     )
@@ -83,9 +84,15 @@ class LocalDiskConfig(BackendConfig):
     file_mode: Mode = Field(default=0o600, description="Permission bits of page files (octal).")
     dir_mode: Mode = Field(default=0o700, description="Permission bits of directories (octal).")
 
+    @field_validator("root", mode="before")
+    @classmethod
+    def _root_not_empty(cls, value: object) -> object:
+        # Checked before Path() turns '' into '.': pages would land in the working directory.
+        if isinstance(value, str) and value.strip() == "":
+            raise ValueError(f"root must be a directory path, got {value!r}")
+        return value
+
     @field_validator("root")
     @classmethod
-    def _root_not_empty(cls, value: Path) -> Path:
-        if str(value).strip() == "":
-            raise ValueError("root must be a directory path, got an empty string")
+    def _expand(cls, value: Path) -> Path:
         return value.expanduser()

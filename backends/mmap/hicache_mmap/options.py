@@ -27,7 +27,7 @@ class MmapOptions(BackendConfig):
 
     #: The slot file (e.g. ``/dev/shm/hicache.slots``); every process of a node that names the
     #: same file shares its pages.
-    path: str = Field(min_length=1)
+    path: str = Field(min_length=1, pattern=r"\S")
     #: Bytes of the file given to slots (headers included), rounded down to whole sets of
     #: ``associativity`` slots. An existing file keeps the geometry it was created with.
     capacity: Size = Field(gt=0)
@@ -42,4 +42,4 @@ class MmapOptions(BackendConfig):
     #: Populate the mapping at open (``MAP_POPULATE``) so puts and gets pay no page faults.
     prefault: bool = True
     #: Longest wait, in seconds, for another process's lock on a set; past it the put FAILS.
-    lock_timeout_s: float = Field(default=5.0, gt=0)
+    lock_timeout_s: float = Field(default=5.0, gt=0, le=3600)
