@@ -76,6 +76,11 @@ CASES = [
         expect=("storage.tiers.disk.options.root:", "'  '"),
     ),
     Case(
+        "mmap blank path",
+        _tier("shm", "{backend: mmap, options: {path: ' ', capacity: 1MiB}}"),
+        expect=("storage.tiers.shm.options.path:", "' '"),
+    ),
+    Case(
         "fsspec file url without a path",
         _tier("fs", "{backend: fsspec, options: {url: 'file://'}}"),
         expect=("storage.tiers.fs.options.url:", "'file://'", "names no directory"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from hicache.storage.backend import BackendConfig
 from hicache.storage.sizes import Size
@@ -27,7 +27,7 @@ class MmapOptions(BackendConfig):
 
     #: The slot file (e.g. ``/dev/shm/hicache.slots``); every process of a node that names the
     #: same file shares its pages.
-    path: str = Field(min_length=1, pattern=r"\S")
+    path: str = Field(min_length=1)
     #: Bytes of the file given to slots (headers included), rounded down to whole sets of
     #: ``associativity`` slots. An existing file keeps the geometry it was created with.
     capacity: Size = Field(gt=0)
@@ -43,3 +43,10 @@ class MmapOptions(BackendConfig):
     prefault: bool = True
     #: Longest wait, in seconds, for another process's lock on a set; past it the put FAILS.
     lock_timeout_s: float = Field(default=5.0, gt=0, le=3600)
+
+    @field_validator("path")
+    @classmethod
+    def _path_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(f"path must name the slot file, got {value!r}")
+        return value
