@@ -4,7 +4,7 @@
                                       and broken plugins with the reason
 - ``hicache backends schema KIND``    JSON schema of a kind's ``options``
 - ``hicache config check FILE``       both validation phases, no storage I/O; exit 0 when valid,
-                                      1 with one ``yaml.path: problem`` line per error
+                                      2 with one ``yaml.path: problem`` line per error
 - ``hicache config show FILE``        the merged configuration (file + ``HICACHE_*``) as JSON,
                                       each tier's options as its plugin validated them, secrets
                                       masked
@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hicache import replay
-from hicache.errors import HicacheError
+from hicache.errors import ConfigError, HicacheError
 from hicache.storage import redact, redact_url
 from hicache.tools import bench, ops
 
@@ -183,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: _Handler = args.func
     try:
         return handler(args)
+    except ConfigError as exc:
+        # Exit status 2, as argparse uses for bad arguments: the input, not the run, is wrong.
+        print(f"hicache: error: {exc}", file=sys.stderr)
+        return 2
     except HicacheError as exc:
         print(f"hicache: error: {redact_url(str(exc))}", file=sys.stderr)
         return 1

@@ -19,8 +19,10 @@ are case-insensitive, which is why tier names are lowercase identifiers.
 from __future__ import annotations
 
 import enum
+import json
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -35,7 +37,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from hicache.errors import ConfigError, PluginError
 from hicache.storage.backend import BackendConfig
@@ -73,6 +80,16 @@ DTYPE_BYTES: Mapping[str, int] = {
     "float8_e4m3fn": 1,
     "float8_e5m2": 1,
 }
+#: Longest wait any setting may ask for: a call, a prefetch or a backoff that may take longer
+#: than an hour is a hang, and unbounded seconds overflow the timers they feed.
+_MAX_WAIT_S = 3600.0
+#: Longest a breaker may keep a tier out (a day).
+_MAX_COOLDOWN_S = 86400.0
+#: Nesting a configuration file may have. Real ones stay under ten levels; the limit keeps a
+#: hostile or generated file from exhausting the recursion of the YAML composer.
+MAX_YAML_DEPTH = 64
+#: Largest configuration file read.
+MAX_FILE_BYTES = 16 << 20
 # Lowercase (environment names are case-insensitive), no "__" (the nesting delimiter).
 _TIER_NAME_RE = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*\Z")
 
@@ -89,7 +106,8 @@ class WritePolicy(enum.StrEnum):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # Infinity and NaN pass `gt=0`; refused here they cannot overflow a timer or a count later.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class CacheConfig(_Section):
@@ -98,7 +116,7 @@ class CacheConfig(_Section):
     page_size: int = Field(default=64, ge=1, le=65536, description="tokens per page")
     device: str = Field(default="auto", description="'auto' (cuda when available), 'cpu', 'cuda:N'")
     device_pool: Size | None = Field(
-        default=None, description="L1 size; unset = sized by the engine"
+        default=None, gt=0, description="L1 size; unset = sized by the engine"
     )
     host_pool: Size = Field(default=8 << 30, gt=0, description="L2 (host memory) size")
     write_policy: Literal[WritePolicy.WRITE_THROUGH, WritePolicy.WRITE_THROUGH_SELECTIVE] = (
@@ -120,9 +138,10 @@ class ModelConfig(_Section):
     revision: str = ""
     #: Salt mixed into the first page hash (LoRA adapter, cache salt): different salt, no sharing.
     tenant_salt: str = ""
-    num_layers: int = Field(default=32, ge=1)
-    num_kv_heads: int = Field(default=8, ge=1)
-    head_dim: int = Field(default=128, ge=1)
+    # Bounds far above any real model, low enough that a page's byte count stays a sane int.
+    num_layers: int = Field(default=32, ge=1, le=4096)
+    num_kv_heads: int = Field(default=8, ge=1, le=4096)
+    head_dim: int = Field(default=128, ge=1, le=65536)
     dtype: str = "bfloat16"
     #: Multi-head latent attention: one latent vector per token, no separate K and V.
     mla: bool = False
@@ -146,13 +165,13 @@ class PrefetchConfig(_Section):
 
     policy: PrefetchPolicy = PrefetchPolicy.BEST_EFFORT
     #: Prefetch only when at least this many tokens would come from storage.
-    threshold_tokens: int = Field(default=256, ge=0)
+    threshold_tokens: int = Field(default=256, ge=0, le=1 << 30)
     #: With policy ``timeout``: how long a request waits for its prefetch (the base) ...
-    timeout_s: float = Field(default=2.0, gt=0)
+    timeout_s: float = Field(default=2.0, gt=0, le=_MAX_WAIT_S)
     #: ... plus this much per 1,000 tokens to read ...
-    timeout_per_1k_tokens_s: float = Field(default=0.25, ge=0)
+    timeout_per_1k_tokens_s: float = Field(default=0.25, ge=0, le=_MAX_WAIT_S)
     #: ... capped here (unset: 4x the base).
-    timeout_max_s: float | None = Field(default=None, gt=0)
+    timeout_max_s: float | None = Field(default=None, gt=0, le=_MAX_WAIT_S)
 
 
 class TierSettings(_Section):
@@ -167,21 +186,28 @@ class TierSettings(_Section):
     admission: Admission = Admission.ALWAYS
     #: Copy pages found here into earlier tiers (opt-in).
     promote: bool = False
-    #: Stop waiting for one call after this long; the call counts as failed.
-    deadline_s: float = Field(default=5.0, gt=0)
+    #: Stop waiting for one call (and for ``open`` at start-up) after this long; the call counts
+    #: as failed.
+    deadline_s: float = Field(default=5.0, gt=0, le=_MAX_WAIT_S)
+    #: What a tier that cannot open at start-up (or not within ``deadline_s``) does: ``false``
+    #: starts the cache without it (every lookup a miss, opened again in the background after
+    #: each ``breaker_cooldown_s``); ``true`` fails the start-up with an error naming the tier.
+    #: Off by default because storage is an accelerator: a store that is down should cost hits,
+    #: not the serving process.
+    required: bool = False
     #: Publishes beyond this many bytes in flight are dropped and counted (backpressure).
     max_inflight_bytes: Size = Field(default=1 << 30, gt=0)
     #: I/O worker threads calling this tier.
     io_threads: int = Field(default=4, ge=1, le=256)
     #: Pages per backend call; unset = the backend's ``max_batch``.
-    batch_pages: int | None = Field(default=None, ge=1)
+    batch_pages: int | None = Field(default=None, ge=1, le=65536)
     #: Consecutive failed calls that open the circuit breaker, and how long it stays open.
-    breaker_failures: int = Field(default=5, ge=1)
-    breaker_cooldown_s: float = Field(default=30.0, gt=0)
+    breaker_failures: int = Field(default=5, ge=1, le=1_000_000)
+    breaker_cooldown_s: float = Field(default=30.0, gt=0, le=_MAX_COOLDOWN_S)
     #: Attempts per call for retryable failures (endpoint down), with exponential backoff.
     retry_attempts: int = Field(default=3, ge=1, le=20)
-    retry_backoff_s: float = Field(default=0.02, ge=0)
-    retry_backoff_max_s: float = Field(default=0.5, ge=0)
+    retry_backoff_s: float = Field(default=0.02, ge=0, le=_MAX_WAIT_S)
+    retry_backoff_max_s: float = Field(default=0.5, ge=0, le=_MAX_WAIT_S)
 
     @model_validator(mode="after")
     def _read_only_does_not_publish(self) -> Self:
@@ -233,10 +259,10 @@ class EventsConfig(_Section):
     #: ROUTER socket answering replay requests from the last ``buffer_batches`` batches.
     replay_endpoint: str | None = None
     topic: str = ""
-    buffer_batches: int = Field(default=10_000, ge=1)
+    buffer_batches: int = Field(default=10_000, ge=1, le=100_000_000)
     #: Events kept between two ``take_events()``; beyond it the backlog is discarded (counted)
     #: and replaced by ``AllBlocksCleared``, so a consumer never keeps a stale block.
-    max_queue: int = Field(default=100_000, ge=2)
+    max_queue: int = Field(default=100_000, ge=2, le=1_000_000_000)
 
     @field_validator("endpoint")
     @classmethod
@@ -260,6 +286,7 @@ class HicacheConfig(BaseSettings):
         case_sensitive=False,
         extra="forbid",
         validate_default=True,
+        allow_inf_nan=False,
         nested_model_default_partial_update=False,
     )
 
@@ -296,6 +323,55 @@ def _yaml_error(path: Path, exc: Exception) -> ConfigError:
     return ConfigError(f"{where}: invalid YAML: {detail}")
 
 
+def _read_text(path: Path) -> str:
+    # O_NONBLOCK: a FIFO under the config's name is refused below instead of blocking the open.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ConfigError(f"cannot read config file {path}: it is a directory")
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"cannot read config file {path}: not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise ConfigError(
+                f"cannot read config file {path}: {info.st_size} bytes, "
+                f"more than the {MAX_FILE_BYTES} a configuration may have"
+            )
+        with os.fdopen(os.dup(fd), "rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
+
+
+def _check_depth(path: Path, text: str) -> None:
+    import yaml
+
+    # The parser is a state machine (the composer that builds objects is what recurses), so
+    # walking its events bounds the nesting before anything deep is built.
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                mark = event.start_mark
+                where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+                raise ConfigError(f"{where}: nested deeper than {MAX_YAML_DEPTH} levels")
+        elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+            depth -= 1
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml  # only needed when a file is read
 
@@ -315,11 +391,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         return dict(loader.construct_mapping(node))
 
     _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    text = _read_text(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
-    try:
+        _check_depth(path, text)
         data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise _yaml_error(path, exc) from exc
@@ -342,10 +416,11 @@ def _messages(exc: ValidationError, prefix: str = "") -> list[str]:
 
 
 def _raise_all(problems: list[str], origin: str) -> None:
+    if len(problems) == 1:
+        raise ConfigError(f"{origin}: {problems[0]}")
     if problems:
-        count = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
         body = "\n".join(f"  {line}" for line in problems)
-        raise ConfigError(f"{count} in {origin}:\n{body}")
+        raise ConfigError(f"{len(problems)} problems in {origin}:\n{body}")
 
 
 def validate_tiers(config: HicacheConfig, *, origin: str = "config") -> dict[str, BackendConfig]:
@@ -391,9 +466,32 @@ def load_config(path: str | Path | None = None, *, check_tiers: bool = True) -> 
     except ValidationError as exc:
         _raise_all(_messages(exc), origin)
         raise  # unreachable: _raise_all raised
+    except (SettingsError, RecursionError) as exc:
+        # pydantic-settings decodes variables of structured settings as JSON and names only the
+        # section when one fails: find the variable, so the message says what to fix.
+        raise _env_json_error(exc) from None
     if check_tiers:
         validate_tiers(config, origin=origin)
     return config
+
+
+def _env_json_error(exc: Exception) -> ConfigError:
+    # Variables are never echoed: one may hold a credential.
+    for name, value in sorted(env_overrides().items()):
+        if not value.lstrip().startswith(("{", "[")):
+            continue
+        where = f"{name} ({_env_yaml_path(name)})"
+        try:
+            json.loads(value)
+        except json.JSONDecodeError as err:
+            return ConfigError(f"{where}: invalid JSON: {err.msg} at character {err.pos}")
+        except RecursionError:
+            return ConfigError(f"{where}: JSON nested too deeply")
+    return ConfigError(f"HICACHE_* environment: {exc}")
+
+
+def _env_yaml_path(name: str) -> str:
+    return ".".join(name[len(ENV_PREFIX) :].lower().split(ENV_DELIMITER))
 
 
 def env_overrides() -> dict[str, str]:

@@ -92,7 +92,7 @@ def test_config_check_reports_yaml_syntax_with_line(
 ) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("storage:\n  tiers: [\n")
-    assert cli.main(["config", "check", str(bad)]) == 1
+    assert cli.main(["config", "check", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:3:" in err and "invalid YAML" in err
 
@@ -101,7 +101,7 @@ def test_config_check_sees_environment_overrides(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("HICACHE_STORAGE__TIERS__RAM__OPTIONS__CAPACITY", "not-a-size")
-    assert cli.main(["config", "check", str(_MEMORY_YAML)]) == 1
+    assert cli.main(["config", "check", str(_MEMORY_YAML)]) == 2
     assert "storage.tiers.ram.options.capacity: invalid size" in capsys.readouterr().err
 
 

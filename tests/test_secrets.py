@@ -135,7 +135,7 @@ def test_config_errors_never_echo_a_secret(
     config = _config(tmp_path, dead_port, **overrides)
     for command in (["config", "check"], ["config", "show"]):
         proc = _run(tmp_path, *command, str(config))
-        assert proc.returncode == 1, (case, proc.stdout, proc.stderr)
+        assert proc.returncode == 2, (case, proc.stdout, proc.stderr)
         assert "storage.tiers.s3.options" in proc.stderr, (case, proc.stderr)
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
+from collections.abc import Callable
 
 from hicache.config import TierSettings
 from hicache.errors import BackendUnavailableError
@@ -80,4 +82,112 @@ def test_a_failed_reopen_waits_another_cooldown() -> None:
     while not tier.available:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    tiers.close()
+
+
+class HangsAtStart(MemoryBackend):
+    """A memory tier whose ``open`` blocks until ``release`` is set (a frozen endpoint)."""
+
+    def __init__(self, config: MemoryConfig, context: BackendContext) -> None:
+        super().__init__(config, context)
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.closed = threading.Event()
+
+    def _open(self) -> None:
+        self.entered.set()
+        assert self.release.wait(JOIN_S), "the test never released the open"
+        super()._open()
+
+    def _close(self) -> None:
+        super()._close()
+        self.closed.set()
+
+
+# Hang detection only, never a speed assertion.
+JOIN_S = 60.0
+
+
+def _bounded(fn: Callable[[], object]) -> object:
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(JOIN_S)
+    assert not thread.is_alive(), "waited past the deadline"
+    return box.get("error", box.get("result"))
+
+
+def _wait_for(predicate: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + JOIN_S
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.01)
+
+
+def _ctx() -> BackendContext:
+    return BackendContext(page_bytes=PAGE, namespace="reopen")
+
+
+def test_open_stops_waiting_at_the_deadline_and_a_late_open_joins_the_cascade() -> None:
+    hung = HangsAtStart(MemoryConfig(), _ctx())
+    fine = MemoryBackend(MemoryConfig(), _ctx())
+    slow = Tier("slow", hung, TierSettings(deadline_s=0.2, breaker_cooldown_s=3600))
+    tiers = Tiers([slow, Tier("fine", fine)])
+    assert _bounded(tiers.open) == ["slow"]
+    assert hung.entered.is_set() and not slow.available and fine.is_open
+    assert [t.name for t in tiers.publishing] == ["fine"]
+    assert tiers.stats()["slow"]["available"] is False
+    assert tiers.stats()["slow"]["errors_by_kind"] == {"open_timeout": 1}
+    # the open that outlived the deadline finishes: the tier joins without waiting a cool-down
+    hung.release.set()
+    _wait_for(lambda: slow.available)
+    assert hung.is_open and [t.name for t in tiers.publishing] == ["slow", "fine"]
+    tiers.close()
+    assert not hung.is_open and not fine.is_open
+
+
+def test_close_during_a_hung_open_returns_and_the_open_closes_after_itself() -> None:
+    hung = HangsAtStart(MemoryConfig(), _ctx())
+    tier = Tier("slow", hung, TierSettings(deadline_s=0.2, breaker_cooldown_s=3600))
+    tiers = Tiers([tier])
+    assert _bounded(tiers.open) == ["slow"]
+    _bounded(tiers.close)  # does not wait for the open
+    hung.release.set()
+    assert hung.closed.wait(JOIN_S)
+    assert not hung.is_open and not tier.available
+
+
+def test_required_tier_that_cannot_open_fails_the_start_up_naming_it() -> None:
+    down = DownAtStart(MemoryConfig(), _ctx())
+    other = MemoryBackend(MemoryConfig(), _ctx())
+    tiers = Tiers([Tier("remote", down, TierSettings(required=True)), Tier("local", other)])
+    error = _bounded(tiers.open)
+    assert isinstance(error, BackendUnavailableError)
+    assert "tier 'remote'" in str(error) and "127.0.0.1:9 refused" in str(error)
+    assert not other.is_open  # the tiers that did open are closed again
+
+
+def test_required_tier_that_hangs_fails_the_start_up_within_its_deadline() -> None:
+    hung = HangsAtStart(MemoryConfig(), _ctx())
+    tiers = Tiers([Tier("slow", hung, TierSettings(deadline_s=0.2, required=True))])
+    error = _bounded(tiers.open)
+    assert isinstance(error, BackendUnavailableError)
+    assert "tier 'slow'" in str(error) and "deadline_s of 0.2 s" in str(error)
+    hung.release.set()
+    assert hung.closed.wait(JOIN_S)  # opened late, then closed: start-up had given up on it
+    assert not hung.is_open
+
+
+def test_required_tier_that_opens_starts_normally() -> None:
+    backend = MemoryBackend(MemoryConfig(), _ctx())
+    tiers = Tiers([Tier("local", backend, TierSettings(required=True))])
+    assert tiers.open() == []
+    assert backend.is_open and tiers["local"].available
     tiers.close()

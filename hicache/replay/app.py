@@ -128,6 +128,8 @@ def run_replay(
     from hicache.tiering.tiers import Tiers
     from hicache.transfer import CpuTransferEngine
 
+    # A bad config file fails here, before the data directory is created.
+    file_config = load_config(settings.config) if settings.config else None
     # Pages here are small: torch's intra-op threads only spin against each other (and against
     # the storage workers) on a small machine, making each copy ~100x slower.
     torch.set_num_threads(1)
@@ -150,11 +152,7 @@ def run_replay(
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="replay-", dir=settings.data_dir))
-    config = (
-        load_config(settings.config)
-        if settings.config
-        else default_config(settings, root, l3_pages)
-    )
+    config = file_config or default_config(settings, root, l3_pages)
     m, ps = config.model, config.cache.page_size
     if ps != settings.page_size:
         settings.page_size = ps

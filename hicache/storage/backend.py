@@ -147,7 +147,10 @@ class BackendConfig(BaseModel):
 
     # pydantic's own error text echoes each rejected value; callers report errors through
     # registry.validation_messages, which shows only what redact() lets through.
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    # allow_inf_nan: an infinite timeout or NaN size passes `gt=0` checks and overflows later.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, hide_input_in_errors=True, allow_inf_nan=False
+    )
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():

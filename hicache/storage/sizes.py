@@ -6,7 +6,9 @@
 Binary units (``KiB``, ``MiB``, ``GiB``, ``TiB``) are powers of 1024, decimal units (``kB``,
 ``MB``, ``GB``, ``TB``) powers of 1000. A bare letter (``8G``, as ``dd`` and ``docker -m`` write
 it) means the binary unit, because cache and page sizes are powers of two in practice. Units are
-case-insensitive; fractions are accepted when they come out as whole bytes (``1.5GiB``).
+case-insensitive; fractions are accepted when they come out as whole bytes (``1.5GiB``). Sizes
+stop at :data:`MAX_SIZE` (4 EiB): larger ones cannot be a file offset, an mmap length or a
+C ``size_t`` of a 64-bit machine, and would fail deep inside a backend instead of in the config.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
-__all__ = ["Size", "format_size", "parse_size"]
+__all__ = ["MAX_SIZE", "Size", "format_size", "parse_size"]
+
+#: The largest size accepted: 2**62 bytes, a quarter of what a signed 64-bit offset reaches.
+MAX_SIZE = 1 << 62
 
 _UNITS: dict[str, int] = {
     "": 1,
@@ -48,9 +53,7 @@ def parse_size(value: str | int) -> int:
     if isinstance(value, bool):
         raise ValueError(f"invalid size {value!r}: expected a byte count or a string like '8GiB'")
     if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"invalid size {value!r}: must not be negative")
-        return value
+        return _bounded(value, value)
     if not isinstance(value, str):
         raise ValueError(f"invalid size {value!r}: expected a byte count or a string like '8GiB'")
     match = _SIZE_RE.match(value)
@@ -66,7 +69,15 @@ def parse_size(value: str | int) -> int:
         raise ValueError(f"invalid size {value!r}") from exc
     if amount != amount.to_integral_value():
         raise ValueError(f"invalid size {value!r}: not a whole number of bytes")
-    return int(amount)
+    return _bounded(int(amount), value)
+
+
+def _bounded(nbytes: int, value: str | int) -> int:
+    if nbytes < 0:
+        raise ValueError(f"invalid size {value!r}: must not be negative")
+    if nbytes > MAX_SIZE:
+        raise ValueError(f"invalid size {value!r}: larger than the maximum of 2**62 bytes")
+    return nbytes
 
 
 def format_size(nbytes: int) -> str:
@@ -94,7 +105,7 @@ Size = Annotated[
     WithJsonSchema(
         {
             "anyOf": [
-                {"type": "integer", "minimum": 0},
+                {"type": "integer", "minimum": 0, "maximum": MAX_SIZE},
                 {"type": "string", "pattern": r"^\s*[0-9.]+\s*[a-zA-Z]*\s*$"},
             ],
             "description": "bytes, or a string such as '8GiB', '512MiB', '100MB'",

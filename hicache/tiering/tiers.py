@@ -11,7 +11,8 @@ Each :class:`Tier` owns the hardening of its backend: its own I/O threads with a
 call, retries with backoff for retryable errors and a circuit breaker
 (:class:`~hicache.tiering.calls.TierCaller`), a bound on publish bytes in flight
 (:class:`~hicache.tiering.inflight.InflightGate`), an admission policy
-(:mod:`~hicache.tiering.admission`) and counters (:class:`~hicache.tiering.stats.TierCounters`).
+(:mod:`~hicache.tiering.admission`), counters (:class:`~hicache.tiering.stats.TierCounters`)
+and its opening within the deadline at start-up (:class:`~hicache.tiering.opening.TierOpener`).
 
 Every ``Tier`` data method is synchronous, meant for the I/O workers of
 :mod:`hicache.tiering.engine`, and never raises because of the backend: a failed, refused or
@@ -23,18 +24,19 @@ and only then may the caller release the buffers it handed over.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hicache.config import TierSettings
+from hicache.errors import BackendUnavailableError
 from hicache.storage.backend import Backend, BackendContext, PageStatus
 from hicache.tiering.admission import AdmissionPolicy, make_admission
 from hicache.tiering.breaker import CircuitBreaker
 from hicache.tiering.calls import CallOutcome, FailureKind, RetryPolicy, TierCaller
 from hicache.tiering.inflight import InflightGate
+from hicache.tiering.opening import TierOpener
 from hicache.tiering.stats import TierCounters, tier_snapshot
 
 if TYPE_CHECKING:
@@ -82,11 +84,14 @@ class Tier:
         )
         self.gate = InflightGate(s.max_inflight_bytes)
         self.admission: AdmissionPolicy = make_admission(s.admission)
-        self._clock = clock or time.monotonic
-        self._available = True
-        self._reopen_lock = threading.Lock()
-        self._reopening = False
-        self._next_open_attempt = 0.0
+        self.opener = TierOpener(
+            name,
+            backend,
+            deadline_s=s.deadline_s,
+            cooldown_s=s.breaker_cooldown_s,
+            stats=self.stats,
+            clock=clock or time.monotonic,
+        )
 
     def __repr__(self) -> str:
         return f"Tier({self.name!r}, {type(self.backend).__name__})"
@@ -101,43 +106,16 @@ class Tier:
         store that was down when the cache started (an S3 endpoint, a disk not yet mounted)
         joins the cascade when it comes back, without a restart and without blocking a request.
         """
-        if self._available:
-            return True
-        self._maybe_reopen()
-        return False
+        return self.opener.available
 
     @available.setter
     def available(self, value: bool) -> None:
-        self._available = value
-        if not value:
-            self._next_open_attempt = self._clock() + self.settings.breaker_cooldown_s
+        self.opener.set_available(value)
 
-    def _maybe_reopen(self) -> None:
-        with self._reopen_lock:
-            now = self._clock()
-            if self._reopening or now < self._next_open_attempt:
-                return
-            self._reopening = True
-        threading.Thread(
-            target=self._reopen, args=(now,), name=f"hicache-reopen-{self.name}", daemon=True
-        ).start()
-
-    def _reopen(self, started: float) -> None:
-        try:
-            self.backend.open()
-        except Exception as exc:
-            # the next attempt counts from this one's start, set before the failure is visible
-            self._next_open_attempt = started + self.settings.breaker_cooldown_s
-            self.stats.error(exc, "open")
-            logger.warning("tier %s: still cannot open: %s", self.name, exc)
-        else:
-            logger.warning(
-                "tier %s: opened after an earlier failure; back in the cascade", self.name
-            )
-            self._available = True
-        finally:
-            with self._reopen_lock:
-                self._reopening = False
+    def close(self) -> None:
+        """Stop the I/O threads and close the backend (idempotent; never raises)."""
+        self.close_calls(wait=False)
+        self.opener.close()
 
     @property
     def medium(self) -> str:
@@ -269,14 +247,17 @@ class Tier:
         return out.value
 
     def snapshot(self) -> dict[str, Any]:
-        """Counters, failures by kind, breaker, in-flight gate and admission as plain data."""
-        return tier_snapshot(
+        """Counters, failures by kind, breaker, in-flight gate, admission and whether the tier is
+        in the cascade (``available``: false while it could not be opened) as plain data."""
+        out = tier_snapshot(
             self.stats,
             failures=self.caller.failures,
             breaker=self.breaker,
             gate=self.gate,
             admission=self.admission,
         )
+        out["available"] = self.opener.is_available
+        return out
 
     def close_calls(self, *, wait: bool = False) -> None:
         """Stop this tier's I/O threads (queued calls are cancelled)."""
@@ -352,33 +333,50 @@ class Tiers:
     # ------------------------------------------------------------------ lifecycle
 
     def open(self) -> list[str]:
-        """Open every backend (idempotent); return the names of tiers that failed to open.
+        """Open every backend (idempotent), all at once, each within its tier's ``deadline_s``;
+        return the names of tiers that did not open.
 
-        A tier that cannot open is logged, counted and left out (``available`` false): storage
-        is an accelerator, so a missing bucket or disk never stops the cache from starting.
+        A tier that fails to open, or is still opening at its deadline, is logged, counted and
+        left out (``available`` false, so every lookup skips it and nothing is published to it)
+        and opened again in the background once per ``breaker_cooldown_s``: storage is an
+        accelerator, so a missing bucket or a frozen endpoint never stops the cache from
+        starting. A tier with ``required`` set is the exception: when it does not open, every
+        tier is closed and :class:`~hicache.errors.BackendUnavailableError` names it.
         """
-        failed = []
-        for t in self.tiers:
-            try:
-                t.backend.open()
-            except Exception as exc:
-                t.available = False
-                t.stats.error(exc, "open")
-                failed.append(t.name)
-                logger.error("tier %s: cannot open, left out: %s", t.name, exc)
+        began = time.monotonic()
+        attempts = [(t, t.opener.start()) for t in self.tiers]
+        failed: list[str] = []
+        fatal: list[str] = []
+        for t, attempt in attempts:
+            # one clock for all: the tiers open side by side, so each waits its own deadline
+            left = max(0.0, began + t.settings.deadline_s - time.monotonic())
+            problem = t.opener.settle(attempt, left)
+            if problem is None:
+                continue
+            failed.append(t.name)
+            if t.settings.required:
+                fatal.append(f"tier {t.name!r} ({type(t.backend).__name__}) {problem}")
+                logger.error("tier %s: required, %s", t.name, problem)
             else:
-                t.available = True
+                logger.error(
+                    "tier %s: %s; started without it (every lookup a miss), opening it again "
+                    "every %.3g s",
+                    t.name,
+                    problem,
+                    t.settings.breaker_cooldown_s,
+                )
+        if fatal:
+            self.close()
+            raise BackendUnavailableError(
+                f"required storage {'; '.join(fatal)} (set required: false to start without it)"
+            )
         return failed
 
     def close(self) -> None:
         """Stop the tiers' I/O threads and close every backend (idempotent); a failing close is
         logged, not raised. A call still hung in a backend keeps its thread until it returns."""
         for t in self.tiers:
-            t.close_calls(wait=False)
-            try:
-                t.backend.close()
-            except Exception as exc:
-                logger.warning("tier %s: close failed: %r", t.name, exc)
+            t.close()
 
     # ------------------------------------------------------------------ queries
 

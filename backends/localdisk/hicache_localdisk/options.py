@@ -43,6 +43,7 @@ class LocalDiskConfig(BackendConfig):
     root: Path = Field(description="Directory holding every namespace; created owner-only.")
     max_bytes: Size | None = Field(
         default=None,
+        gt=0,
         description="Bound on the bytes this namespace keeps on disk, headers included "
         "(default: half of the free space plus what the namespace already holds).",
     )
@@ -80,9 +81,15 @@ class LocalDiskConfig(BackendConfig):
         description="Permission bits of the directories it creates, octal ('0750' for a group).",
     )
 
+    @field_validator("root", mode="before")
+    @classmethod
+    def _root_not_empty(cls, value: object) -> object:
+        # Checked before Path() turns '' into '.': pages would land in the working directory.
+        if isinstance(value, str) and value.strip() == "":
+            raise ValueError(f"root must be a directory path, got {value!r}")
+        return value
+
     @field_validator("root")
     @classmethod
-    def _root_not_empty(cls, value: Path) -> Path:
-        if str(value).strip() == "":
-            raise ValueError("root must be a directory path, got an empty string")
+    def _expand(cls, value: Path) -> Path:
         return value.expanduser()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from hicache.storage import (
     DEFAULT_DIR_MODE,
@@ -50,9 +50,16 @@ class MmapOptions(BackendConfig):
     #: file's blocks are reserved at creation either way.)
     prefault: bool = True
     #: Longest wait, in seconds, for another process's lock on a set; past it the put FAILS.
-    lock_timeout_s: float = Field(default=5.0, gt=0)
+    lock_timeout_s: float = Field(default=5.0, gt=0, le=3600)
     #: Permission bits of a slot file this tier creates (an existing file keeps its own) and of
     #: the parent directories it creates. Owner-only by default; ``"0660"`` / ``"0770"`` let
     #: the processes of one group share the file.
     file_mode: FileMode = DEFAULT_FILE_MODE
     dir_mode: DirMode = DEFAULT_DIR_MODE
+
+    @field_validator("path")
+    @classmethod
+    def _path_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(f"path must name the slot file, got {value!r}")
+        return value

@@ -24,6 +24,10 @@ __all__ = [
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
 _DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*\Z")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+#: Longest network timeout: a request silent for an hour is a hang.
+_MAX_TIMEOUT_S = 3600.0
+#: Longest age an option may name (ten years): beyond it a duration is a typo.
+_MAX_AGE_S = 3650 * 86400.0
 
 
 class AddressingStyle(enum.StrEnum):
@@ -76,7 +80,10 @@ class ServerSideEncryption(enum.StrEnum):
 def parse_duration(value: object) -> float | None:
     """``"12h"``, ``"7d"``, ``"30s"``, ``"250ms"`` or a number of seconds -> seconds."""
     if value is None or isinstance(value, int | float):
-        return None if value is None else float(value)
+        try:
+            return None if value is None else float(value)
+        except OverflowError:  # an int beyond any float
+            raise ValueError(f"invalid duration {value!r}: too large") from None
     if isinstance(value, str):
         match = _DURATION_RE.match(value)
         if match:
@@ -135,9 +142,14 @@ class S3Options(BackendConfig):
         le=1024,
         description="requests in flight: sizes the worker threads and botocore's pool together",
     )
-    connect_timeout: float = Field(default=2.0, gt=0, description="seconds to connect")
+    connect_timeout: float = Field(
+        default=2.0, gt=0, le=_MAX_TIMEOUT_S, description="seconds to connect"
+    )
     read_timeout: float = Field(
-        default=10.0, gt=0, description="seconds to wait for the next bytes of a response"
+        default=10.0,
+        gt=0,
+        le=_MAX_TIMEOUT_S,
+        description="seconds to wait for the next bytes of a response",
     )
     retry_mode: RetryMode = Field(
         default=RetryMode.STANDARD, description="botocore retry mode: standard | adaptive"
@@ -163,15 +175,20 @@ class S3Options(BackendConfig):
     exists_cache_ttl: float = Field(
         default=0.0,
         ge=0,
+        le=_MAX_AGE_S,
         description="seconds a positive exists answer is trusted (0 = off); never negatives",
     )
     refresh_after: float | None = Field(
         default=None,
+        le=_MAX_AGE_S,
         description="re-copy an object in place when a hit finds it older than this "
         "(seconds or e.g. '3d'), so expiry by creation time spares hot prefixes; null = off",
     )
     read_chunk_bytes: int = Field(
-        default=1 << 20, ge=4096, description="bytes per read when streaming into a page"
+        default=1 << 20,
+        ge=4096,
+        le=1 << 30,
+        description="bytes per read when streaming into a page",
     )
 
     @field_validator("bucket")

@@ -30,7 +30,14 @@ from hicache.tiering.calls import FailureKind, TierCaller
 PEER = Path(__file__).with_name("s3_cache_peer.py")
 
 
-def _config(tmp_path: Path, endpoint: str, bucket: str, tier_extra: str = "") -> Path:
+# Opening runs under the tier's deadline (5 s by default): a loaded machine may take longer to
+# build a boto3 client, and these tests are about sharing pages, not about a degraded start.
+_GENEROUS_DEADLINE = "\n                  deadline_s: 60.0"
+
+
+def _config(
+    tmp_path: Path, endpoint: str, bucket: str, tier_extra: str = _GENEROUS_DEADLINE
+) -> Path:
     path = tmp_path / "shared.yaml"
     path.write_text(
         textwrap.dedent(

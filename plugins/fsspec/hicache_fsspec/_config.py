@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from pydantic import Field, SecretStr, field_validator
 
 from hicache.storage import (
@@ -107,7 +108,7 @@ class FsspecConfig(BackendConfig):
     def _known_protocol(cls, url: str) -> str:
         protocol = fsspec.utils.get_protocol(url)
         try:
-            fsspec.get_filesystem_class(protocol)
+            fs_cls = fsspec.get_filesystem_class(protocol)
         except ImportError as exc:
             # fsspec's message is the install hint ("Please install gcsfs to access ...").
             raise ValueError(
@@ -118,6 +119,12 @@ class FsspecConfig(BackendConfig):
             raise ValueError(
                 f"unknown fsspec protocol {protocol!r} in url {redact_url(url)!r} (known: {known})"
             ) from None
+        path = url.split("://", 1)[1] if "://" in url else url
+        if issubclass(fs_cls, LocalFileSystem) and not path.strip():
+            # fsspec resolves an empty local path to the working directory.
+            raise ValueError(
+                f"url {redact_url(url)!r} names no directory: pages would land in the cwd"
+            )
         return url
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hicache.tools.ops import TierHandle, disk_usage, verify_namespace
 from hicache_fsspec import FsspecBackend, FsspecConfig
 
 from hicache.storage import MASK, BackendContext, PageStatus
 from hicache.testing.planted import NOT_REGULAR_KINDS, PlantRefused, plant, release, run_bounded
+from hicache.tools.ops import TierHandle, disk_usage, verify_namespace
 
 PAGE = 16384
 #: Generous: a loaded CI machine may stall a thread for seconds; a hang never ends.
