@@ -1,0 +1,544 @@
+"""``ValkeyBackend``: pages in a Valkey or Redis (>= 7) server that a fleet of serving nodes shares.
+
+Every page carries the 4 KiB header of :mod:`hicache.storage.pageformat` and is verified on read.
+Puts are create-only (``SET key value NX``, or one Lua script for a page split into chunks);
+exists, get and put of a batch go down one connection as pipelines of at most
+``pipeline_depth`` commands / ``pipeline_bytes`` bytes before their replies are read. Gets read
+values straight into the caller's page buffer (see :mod:`hicache_valkey.resp`). Keys the server
+evicts or expires come back through ``take_evicted()`` (see :mod:`hicache_valkey.notify`).
+No socket or protocol exception leaves this module: a server that is down, restarting or hung
+raises :class:`~hicache.errors.BackendUnavailableError` within the configured timeouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from hicache.errors import BackendClosedError, BackendUnavailableError, PageCorruptError
+from hicache.storage.backend import (
+    Backend,
+    BackendConfig,
+    BackendContext,
+    Capabilities,
+    PageStatus,
+    StoredPage,
+    check_namespace,
+)
+from hicache.storage.pageformat import HEADER_SIZE, decode_header, encode_header, verify_page
+from hicache_valkey.layout import (
+    DELETE_SCRIPT,
+    GET_CHUNKED_SCRIPT,
+    PUT_CHUNKED_SCRIPT,
+    KeySpace,
+    chunk_layout,
+)
+from hicache_valkey.notify import EvictionListener, ensure_notifications
+from hicache_valkey.options import ValkeyOptions
+from hicache_valkey.resp import Connection, Packer, Pool, ProtocolError, ServerError
+
+if TYPE_CHECKING:
+    from hicache.storage.benchmark import RawBaseline
+
+__all__ = ["ValkeyBackend"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Item = TypeVar("Item")
+
+# Error replies that mean "this server cannot serve now" (loading after a restart, a failover,
+# a busy script), as opposed to one command failing (OOM for a put): the whole call fails.
+_UNAVAILABLE_CODES = frozenset(
+    {"LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOAUTH", "WRONGPASS", "NOPERM"}
+)
+_CORRUPT_LOG_MAX = 10_000
+_EVICTED_MAX = 1_000_000
+_SCAN_COUNT = 1000
+
+
+class _Unavailable(Exception):
+    """An error reply of :data:`_UNAVAILABLE_CODES`, raised once the pipeline is drained."""
+
+
+class ValkeyBackend(Backend):
+    """Pages in a Valkey/Redis server, shared by every instance pointing at it.
+
+    Capabilities: persistent (pages outlive this process; the server's own persistence decides
+    whether they outlive a server restart), shared, manages capacity (the server's ``maxmemory``
+    policy evicts; evictions are reported), listable, medium ``EXTERNAL``.
+    """
+
+    config_model = ValkeyOptions
+
+    def __init__(self, config: BackendConfig, context: BackendContext) -> None:
+        super().__init__(config, context)  # checks that config is a ValkeyOptions
+        self.options = cast(ValkeyOptions, config)
+        self.keyspace = KeySpace(self.options.key_prefix, context.namespace)
+        self._chunks, self._chunk_bytes = chunk_layout(
+            context.page_bytes, self.options.max_value_bytes
+        )
+        self._ttl_ms = round(self.options.ttl_s * 1000) if self.options.ttl_s else 0
+        self._pool: Pool | None = None
+        self._listener: EvictionListener | None = None
+        self._lock = threading.Lock()
+        self._evicted: dict[str, None] = {}  # insertion-ordered set
+        self._corrupt_logged: set[str] = set()
+        self._damaged: set[str] = set()  # proven damaged or incomplete, deleted after the call
+        self._counts: dict[str, int] = dict.fromkeys(
+            (
+                "puts",
+                "put_bytes",
+                "already_exists",
+                "gets",
+                "get_bytes",
+                "not_found",
+                "corrupt",
+                "failed_pages",
+                "deletes",
+                "evicted",
+            ),
+            0,
+        )
+        self._notifications = "off"
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(server={self.options.address!r}, db={self.options.db}, "
+            f"namespace={self.context.namespace!r})"
+        )
+
+    @property
+    def capabilities(self) -> Capabilities:
+        # docstring inherited
+        return Capabilities(
+            persistent=True,
+            shared=True,
+            manages_capacity=True,
+            max_batch=self.options.max_batch,
+            alignment=1,
+            listable=True,
+            default_medium="EXTERNAL",
+        )
+
+    # ------------------------------------------------------------------ bench hooks
+
+    def drop_page_cache(self) -> bool:
+        """Nothing to drop: no page bytes are cached client-side; every get reaches the server."""
+        return True
+
+    @classmethod
+    def bench_baseline(cls, config: BackendConfig, context: BackendContext) -> RawBaseline:
+        """redis-py SET/GET of the same bytes on the same server (see ``baseline.py``)."""
+        from hicache_valkey.baseline import ValkeyRawBaseline  # bench machinery loads lazily
+
+        return ValkeyRawBaseline(cast(ValkeyOptions, config))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _open(self) -> None:
+        pool = Pool(self.options)
+        notifications = "off"
+        try:
+            with self._io("open", pool), pool.connection() as conn:
+                if conn.call("PING") != "PONG":
+                    raise ProtocolError("PING did not answer PONG")
+                if self.options.notify_evictions and self.options.configure_notifications:
+                    problem = ensure_notifications(conn)
+                    notifications = "configured" if problem is None else "not configured"
+                    if problem is not None:
+                        log.warning(
+                            "%r: cannot enable keyspace notifications (%s); evictions are "
+                            "reported only if the server has notify-keyspace-events 'Eex'",
+                            self,
+                            problem,
+                        )
+        except BaseException:
+            pool.close()
+            raise
+        self._pool = pool
+        if self.options.notify_evictions:
+            listener = EvictionListener(self.options, self.keyspace, self._record_evicted)
+            if not listener.start(self.options.connect_timeout_s + self.options.socket_timeout_s):
+                log.warning("%r: eviction listener not subscribed yet; retrying", self)
+            self._listener = listener
+            if notifications == "off":
+                notifications = "assumed"
+        self._notifications = notifications
+
+    def _close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.stop()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    @contextlib.contextmanager
+    def _io(self, operation: str, pool: Pool | None = None) -> Iterator[None]:
+        """Turn socket, protocol and availability errors into ``BackendUnavailableError``."""
+        try:
+            yield
+        except (OSError, ProtocolError, _Unavailable, ValueError) as exc:
+            target = pool or self._pool
+            if target is not None:
+                target.discard_idle()  # they most likely point at the same dead server
+            kind = "timed out" if isinstance(exc, TimeoutError) else "failed"
+            raise BackendUnavailableError(
+                f"valkey {operation} on {self.options.address} {kind}: {type(exc).__name__}: {exc}"
+            ) from None
+
+    def _connection(self) -> contextlib.AbstractContextManager[Connection]:
+        pool = self._pool
+        if pool is None:
+            raise BackendClosedError(f"{self!r} is not open")
+        return pool.connection()
+
+    def _pipeline(
+        self,
+        operation: str,
+        items: Sequence[Item],
+        send: Callable[[Packer, Item], None],
+        receive: Callable[[Connection, Item], T],
+    ) -> list[T]:
+        """Pack ``send`` for a window of items, send it, read the window's replies in order with
+        ``receive``; windows are bounded by ``pipeline_depth`` commands and ``pipeline_bytes``."""
+        depth, max_bytes = self.options.pipeline_depth, self.options.pipeline_bytes
+        results: list[T] = []
+        unavailable: ServerError | None = None
+        with self._io(operation), self._connection() as conn:
+            start = 0
+            while start < len(items):
+                packer = Packer()
+                end = start
+                while end < len(items) and end - start < depth:
+                    send(packer, items[end])
+                    end += 1
+                    if packer.value_bytes >= max_bytes:
+                        break
+                conn.send(packer.take())
+                for item in items[start:end]:
+                    try:
+                        results.append(receive(conn, item))
+                    except _Unavailable as exc:  # keep reading: the connection stays in step
+                        unavailable = ServerError(str(exc))
+                        results.append(cast(T, PageStatus.FAILED))
+                start = end
+            if unavailable is not None:
+                raise _Unavailable(unavailable.message)
+        return results
+
+    def _error_reply(self, reply: ServerError, key: str, operation: str) -> PageStatus:
+        if reply.code in _UNAVAILABLE_CODES:
+            raise _Unavailable(reply.message)
+        self._count(failed_pages=1)
+        log.warning("%s of page %s failed in %r: %s", operation, key, self, reply.message)
+        return PageStatus.FAILED
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                self._counts[name] += delta
+
+    def _corrupt(self, key: str, why: str) -> PageStatus:
+        self._count(corrupt=1)
+        with self._lock:
+            first = key not in self._corrupt_logged and len(self._corrupt_logged) < _CORRUPT_LOG_MAX
+            if first:
+                self._corrupt_logged.add(key)
+        if first:
+            log.warning("corrupt page %s in %r: %s (treated as a miss)", key, self, why)
+        return PageStatus.CORRUPT
+
+    def _record_evicted(self, key: str) -> None:
+        with self._lock:
+            if len(self._evicted) < _EVICTED_MAX:
+                self._evicted[key] = None
+            self._counts["evicted"] += 1
+
+    # ------------------------------------------------------------------ exists
+
+    def _exists(self, keys: Sequence[str]) -> list[bool]:
+        def send(packer: Packer, key: str) -> None:
+            packer.command("EXISTS", self.keyspace.page(key))
+
+        def receive(conn: Connection, key: str) -> bool:
+            reply = conn.read_reply()
+            if isinstance(reply, ServerError):
+                self._error_reply(reply, key, "EXISTS")
+                raise ProtocolError(f"EXISTS failed: {reply.message}")
+            return reply == 1
+
+        return self._pipeline("EXISTS", keys, send, receive)
+
+    # ------------------------------------------------------------------ put
+
+    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
+        namespace = self.context.namespace
+        # headers are built before anything is sent: hashing runs outside the pipeline's window
+        items = [
+            (key, src, encode_header(namespace, key, src))
+            for key, src in zip(keys, srcs, strict=True)
+        ]
+        statuses = self._pipeline("put", items, self._send_put, self._receive_put)
+        ok = sum(1 for s in statuses if s is PageStatus.OK)
+        self._count(
+            puts=ok,
+            put_bytes=ok * self.context.page_bytes,
+            already_exists=sum(1 for s in statuses if s is PageStatus.ALREADY_EXISTS),
+        )
+        return statuses
+
+    def _send_put(self, packer: Packer, item: tuple[str, memoryview, bytes]) -> None:
+        key, src, header = item
+        page_key = self.keyspace.page(key)
+        if not self._chunks:
+            ttl: tuple[str | int, ...] = ("PX", self._ttl_ms) if self._ttl_ms else ()
+            packer.command("SET", page_key, (header, src), "NX", *ttl)
+            return
+        size = self._chunk_bytes
+        chunks = [src[i * size : (i + 1) * size] for i in range(self._chunks)]
+        packer.command(
+            "EVAL",
+            PUT_CHUNKED_SCRIPT,
+            1 + self._chunks,
+            page_key,
+            *self.keyspace.chunks(page_key, self._chunks),
+            header,
+            *chunks,
+            self._ttl_ms,
+        )
+
+    def _receive_put(self, conn: Connection, item: tuple[str, memoryview, bytes]) -> PageStatus:
+        reply = conn.read_reply()
+        if isinstance(reply, ServerError):
+            return self._error_reply(reply, item[0], "put")
+        if reply == "OK" or reply == 1:
+            return PageStatus.OK
+        if reply is None or reply == 0:
+            return PageStatus.ALREADY_EXISTS
+        raise ProtocolError(f"unexpected reply to a put: {reply!r}")
+
+    # ------------------------------------------------------------------ get
+
+    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+        items = list(zip(keys, dsts, strict=True))
+        send = self._send_get_chunked if self._chunks else self._send_get
+        statuses = self._pipeline("get", items, send, self._receive_get)
+        # a page another writer split into chunks (a smaller max_value_bytes) needs the script
+        retry = [i for i, s in enumerate(statuses) if s is None]
+        if retry:
+            again = self._pipeline(
+                "get", [items[i] for i in retry], self._send_get_chunked, self._receive_get
+            )
+            for i, status in zip(retry, again, strict=True):
+                statuses[i] = status
+        final = [PageStatus.NOT_FOUND if s is None else s for s in statuses]
+        ok = sum(1 for s in final if s is PageStatus.OK)
+        self._count(
+            gets=ok,
+            get_bytes=ok * self.context.page_bytes,
+            not_found=sum(1 for s in final if s is PageStatus.NOT_FOUND),
+        )
+        self._drop_damaged(keys, final)
+        return final
+
+    def _send_get(self, packer: Packer, item: tuple[str, memoryview]) -> None:
+        packer.command("GET", self.keyspace.page(item[0]))
+
+    def _send_get_chunked(self, packer: Packer, item: tuple[str, memoryview]) -> None:
+        packer.command("EVAL", GET_CHUNKED_SCRIPT, 1, self.keyspace.page(item[0]))
+
+    def _receive_get(self, conn: Connection, item: tuple[str, memoryview]) -> PageStatus | None:
+        """Read one GET or script reply into the page; None: a header-only value (chunked)."""
+        key, dst = item
+        head = conn.read_head()
+        kind, rest = head[:1], head[1:]
+        if kind == b"-":
+            return self._error_reply(ServerError(rest.decode("utf-8", "replace")), key, "get")
+        if (kind == b"$" and int(rest) < 0) or (kind == b"*" and int(rest) <= 0):
+            return PageStatus.NOT_FOUND
+        if kind == b"$":
+            return self._read_page(conn, key, dst, kind, 1, int(rest))
+        if kind != b"*":
+            raise ProtocolError(f"unexpected reply to a get: {head[:20]!r}")
+        first = conn.read_head()
+        if first[:1] != b"$" or int(first[1:]) < 0:
+            raise ProtocolError(f"unexpected part of a page reply: {first[:20]!r}")
+        return self._read_page(conn, key, dst, kind, int(rest), int(first[1:]))
+
+    def _read_page(
+        self, conn: Connection, key: str, dst: memoryview, kind: bytes, parts: int, first: int
+    ) -> PageStatus | None:
+        """Read ``parts`` bulk values (the first of ``first`` bytes, its length line already
+        read) as one stream: 4 KiB of header, then the payload straight into ``dst``."""
+        header = bytearray(HEADER_SIZE)
+        targets = [memoryview(header), dst]
+        expected = HEADER_SIZE + dst.nbytes
+        total = 0
+        overflow = False
+        length = first
+        for index in range(parts):
+            if index:
+                line = conn.read_head()
+                if line[:1] != b"$" or int(line[1:]) < 0:
+                    raise ProtocolError(f"unexpected part of a page reply: {line[:20]!r}")
+                length = int(line[1:])
+            left = length
+            while left:
+                if total >= expected:
+                    conn.skip(left)
+                    overflow = True
+                    break
+                target = targets[0] if total < HEADER_SIZE else targets[1]
+                offset = total if total < HEADER_SIZE else total - HEADER_SIZE
+                take = min(left, target.nbytes - offset)
+                conn.read_into(target[offset : offset + take])
+                total += take
+                left -= take
+            conn.read_crlf()
+        if total == HEADER_SIZE and not overflow:
+            if kind == b"$":
+                return None  # the header of a chunked page: read it again with the script
+            return self._incomplete(key, header)
+        if overflow or total != expected:
+            return self._corrupt(key, f"stored value has {total}+ bytes, expected {expected}")
+        try:
+            verify_page(header, dst, namespace=self.context.namespace, key=key)
+        except PageCorruptError as exc:
+            status = self._corrupt(key, str(exc))
+            if exc.field == "checksum":
+                self._mark_damaged(key)
+            return status
+        return PageStatus.OK
+
+    def _incomplete(self, key: str, header: bytearray) -> PageStatus:
+        """A chunked page whose chunk is gone (evicted, expired): a miss, removed and reported."""
+        try:
+            decode_header(header)
+        except PageCorruptError as exc:
+            return self._corrupt(key, str(exc))
+        self._mark_damaged(key)
+        return PageStatus.NOT_FOUND
+
+    def _mark_damaged(self, key: str) -> None:
+        with self._lock:
+            self._damaged.add(key)
+
+    def _drop_damaged(self, keys: Sequence[str], statuses: Sequence[PageStatus]) -> None:
+        """Delete pages proven damaged or incomplete, and report them as dropped: create-only
+        puts would otherwise answer ALREADY_EXISTS for them forever."""
+        with self._lock:
+            damaged = [k for k in keys if k in self._damaged]
+            self._damaged.difference_update(damaged)
+        if not damaged or self.context.read_only:
+            return
+        try:
+            self._delete(damaged)
+        except BackendUnavailableError as exc:
+            log.warning("%r: could not remove %d damaged pages: %s", self, len(damaged), exc)
+            return
+        for key in damaged:
+            self._record_evicted(key)
+
+    # ------------------------------------------------------------------ delete
+
+    def _delete(self, keys: Sequence[str]) -> None:
+        def send(packer: Packer, key: str) -> None:
+            packer.command("EVAL", DELETE_SCRIPT, 1, self.keyspace.page(key), self._chunks)
+
+        def receive(conn: Connection, key: str) -> None:
+            reply = conn.read_reply()
+            if isinstance(reply, ServerError):
+                self._error_reply(reply, key, "delete")
+                raise ProtocolError(f"delete failed: {reply.message}")
+
+        self._pipeline("delete", keys, send, receive)
+        self._count(deletes=len(keys))
+
+    # ------------------------------------------------------------------ evictions
+
+    def take_evicted(self) -> list[str]:
+        # docstring inherited
+        with self._lock:
+            keys, self._evicted = list(self._evicted), {}
+        return keys
+
+    # ------------------------------------------------------------------ listing
+
+    def _scan(self, pattern: bytes) -> Iterator[bytes]:
+        cursor = b"0"
+        while True:
+            with self._io("SCAN"), self._connection() as conn:
+                reply = conn.call("SCAN", cursor, "MATCH", pattern, "COUNT", _SCAN_COUNT)
+            if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[0], bytes)):
+                raise BackendUnavailableError(f"valkey SCAN on {self.options.address}: {reply!r}")
+            names = reply[1] if isinstance(reply[1], list) else []
+            yield from (n for n in names if isinstance(n, bytes))
+            cursor = reply[0]
+            if cursor == b"0":
+                return
+
+    def _iter_pages(self) -> Iterator[StoredPage]:
+        # docstring inherited
+        seen: set[str] = set()
+        for name in self._scan(self.keyspace.pattern):
+            found = self.keyspace.page_key_of(name)
+            if found is None or not found[1] or found[0] in seen:
+                continue  # SCAN may return a key twice; chunks are counted with their header
+            seen.add(found[0])
+            page = self._describe(found[0])
+            if page is not None:
+                yield page
+
+    def _describe(self, key: str) -> StoredPage | None:
+        """Size of a listed page from its header (None when it vanished meanwhile)."""
+        with self._io("GETRANGE"), self._connection() as conn:
+            reply = conn.call("GETRANGE", self.keyspace.page(key), 0, HEADER_SIZE - 1)
+        if not isinstance(reply, bytes) or not reply:
+            return None
+        try:
+            header = decode_header(reply)
+        except PageCorruptError:
+            return StoredPage(key=key, stored_bytes=len(reply))  # verify reports it
+        return StoredPage(
+            key=key,
+            stored_bytes=HEADER_SIZE + header.payload_len,
+            payload_bytes=header.payload_len,
+        )
+
+    def _iter_namespaces(self) -> Iterator[str]:
+        # docstring inherited
+        seen: set[str] = set()
+        for name in self._scan(self.keyspace.root + b"*"):
+            namespace = self.keyspace.namespace_of(name)
+            if namespace is None or namespace in seen:
+                continue
+            seen.add(namespace)
+            with contextlib.suppress(ValueError):  # another tool's keys under the same prefix
+                yield check_namespace(namespace)
+
+    # ------------------------------------------------------------------ stats
+
+    def _stats(self) -> Mapping[str, Any]:
+        with self._lock:
+            counts = dict(self._counts)
+            pending = len(self._evicted)
+        listener = self._listener
+        pool = self._pool
+        return {
+            "server": self.options.address,
+            "db": self.options.db,
+            "chunks_per_page": self._chunks,
+            "notifications": self._notifications,
+            "listener_subscribed": listener is not None and listener.subscribed,
+            "listener_reconnects": 0 if listener is None else listener.reconnects,
+            "evicted_pending": pending,
+            "connects": 0 if pool is None else pool.connects,
+            **counts,
+        }
