@@ -45,21 +45,31 @@ end
 return 1
 """
 
-# KEYS = header key. Returns nil, or {header} when the value holds the whole page or a chunk is
-# missing, or {header, chunk 0, chunk 1, ...}: one atomic read whatever chunk size the writer used.
-GET_CHUNKED_SCRIPT = b"""
+# KEYS = header key. Returns nil, or {value} when the value holds the whole page (or is not a
+# header), or {header, chunk 0, chunk 1, ...} covering the payload length the header states
+# (bytes 16..23, little-endian), or {header} when a chunk is missing (evicted, expired): one
+# atomic read, whatever chunk size the writer used.
+GET_CHUNKED_SCRIPT = (
+    b"""
 local h = redis.call('GET', KEYS[1])
 if not h then return false end
+if #h ~= %d then return {h} end
+local want = 0
+for b = 24, 17, -1 do want = want * 256 + string.byte(h, b) end
 local out = {h}
+local got = 0
 local i = 0
-while true do
+while got < want do
   local c = redis.call('GET', KEYS[1] .. ':' .. i)
-  if not c then break end
+  if not c then return {h} end
   out[#out + 1] = c
+  got = got + #c
   i = i + 1
 end
 return out
 """
+    % HEADER_SIZE
+)
 
 # KEYS = header key; ARGV = chunks this writer would use. Deletes the header and every chunk,
 # whatever chunk size wrote them (it keeps going while chunk keys exist).

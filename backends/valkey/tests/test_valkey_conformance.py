@@ -90,7 +90,21 @@ class TestValkeyConformance(BackendTests):
 
 
 class TestValkeyChunkedConformance(TestValkeyConformance):
-    """Pages of 16 KiB with values of at most 8 KiB: a header key and two chunk keys."""
+    """Pages of 16 KiB with values of at most 8 KiB: a header key and two chunk keys.
+
+    A chunk list shorter than the header says is what an evicted chunk looks like, so it reads
+    as a miss (``test_chunk_eviction_loses_the_whole_page``); the truncation hook here cuts the
+    header value, the one part whose length alone proves damage.
+    """
+
+    def truncate_page(self, backend: Backend, key: str) -> None:
+        assert isinstance(backend, ValkeyBackend)
+        client = redis_client(backend)
+        try:
+            page_key = backend.keyspace.page(key)
+            client.set(page_key, (client.get(page_key) or b"")[:-1])
+        finally:
+            client.close()
 
     @pytest.fixture
     def backend_options(self, valkey_server: DevServer) -> dict[str, Any]:
