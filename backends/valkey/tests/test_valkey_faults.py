@@ -188,3 +188,32 @@ def test_pool_bounds_connections_in_flight(options: dict[str, Any]) -> None:
             thread.join()
         assert not errors, errors[0]
         assert backend.stats()["connects"] <= 2
+
+
+def test_dead_server_is_a_miss_for_the_tier(server_factory: StartServer) -> None:
+    """Through the tier runtime: a server killed under an open backend turns lookups into
+    misses and puts into FAILED statuses (never an exception), and the breaker opens."""
+    from hicache.storage.tiers import Tiers, TierSettings
+
+    server = server_factory()
+    keys = _keys(4, "tier-miss")
+    backend = make_backend(fast_options(server.port, socket_timeout_s=1.0))
+    settings = TierSettings(deadline_s=3.0, breaker_failures=2, breaker_cooldown_s=600.0)
+    tiers = Tiers.from_backends([("fleet", backend, settings)])
+    assert tiers.open() == []
+    try:
+        tier = tiers["fleet"]
+        assert tier.put(keys, _pages(keys)) == [PageStatus.OK] * 4
+        assert [(r.start, r.end) for r in tiers.lookup(keys)] == [(0, 4)]
+        server.kill()
+        for _ in range(3):
+            assert tiers.lookup(keys) == []
+            assert tier.put(keys, _pages(keys)) == [PageStatus.FAILED] * 4
+        bufs = [memoryview(bytearray(PAGE_BYTES)) for _ in keys]
+        assert tiers.get_into(keys, bufs) == [PageStatus.NOT_FOUND] * 4
+        snapshot = tier.snapshot()
+        assert "BackendUnavailableError" in snapshot["errors_by_kind"], snapshot
+        assert snapshot["breaker"]["state"] == "open", snapshot["breaker"]
+        assert snapshot["dropped_breaker"] >= 4, "puts kept reaching a dead server"
+    finally:
+        tiers.close()
