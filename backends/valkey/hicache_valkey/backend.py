@@ -205,9 +205,12 @@ class ValkeyBackend(Backend):
         items: Sequence[Item],
         send: Callable[[Packer, Item], None],
         receive: Callable[[Connection, Item], T],
+        reply_bytes: int = 0,
     ) -> list[T]:
         """Pack ``send`` for a window of items, send it, read the window's replies in order with
-        ``receive``; windows are bounded by ``pipeline_depth`` commands and ``pipeline_bytes``."""
+        ``receive``. A window holds at most ``pipeline_depth`` commands and ``pipeline_bytes``
+        of values, sent ones plus ``reply_bytes`` per command for replies: replies waiting in
+        the server's output buffer count against its ``maxmemory`` and would evict pages."""
         depth, max_bytes = self.options.pipeline_depth, self.options.pipeline_bytes
         results: list[T] = []
         unavailable: ServerError | None = None
@@ -219,7 +222,7 @@ class ValkeyBackend(Backend):
                 while end < len(items) and end - start < depth:
                     send(packer, items[end])
                     end += 1
-                    if packer.value_bytes >= max_bytes:
+                    if packer.value_bytes + (end - start) * reply_bytes >= max_bytes:
                         break
                 conn.send(packer.take())
                 for item in items[start:end]:
@@ -329,12 +332,13 @@ class ValkeyBackend(Backend):
     def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
         items = list(zip(keys, dsts, strict=True))
         send = self._send_get_chunked if self._chunks else self._send_get
-        statuses = self._pipeline("get", items, send, self._receive_get)
+        size = HEADER_SIZE + self.context.page_bytes
+        statuses = self._pipeline("get", items, send, self._receive_get, size)
         # a page another writer split into chunks (a smaller max_value_bytes) needs the script
         retry = [i for i, s in enumerate(statuses) if s is None]
         if retry:
             again = self._pipeline(
-                "get", [items[i] for i in retry], self._send_get_chunked, self._receive_get
+                "get", [items[i] for i in retry], self._send_get_chunked, self._receive_get, size
             )
             for i, status in zip(retry, again, strict=True):
                 statuses[i] = status

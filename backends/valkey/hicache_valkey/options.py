@@ -60,7 +60,7 @@ class ValkeyOptions(BackendConfig):
         default=64 << 20,
         ge=1 << 16,
         le=1 << 32,
-        description="bytes of values sent before their replies are read",
+        description="bytes of values in flight per connection (sent, or asked for by gets)",
     )
     max_value_bytes: Size = Field(
         default=32 << 20,

@@ -74,6 +74,24 @@ class TestValkeyConformance(BackendTests):
         assert bufs[1] == self.page(donor)
         assert backend.stats()["corrupt"] == 1
 
+    def test_small_pipeline_windows_keep_order(self, backend_options: dict[str, Any]) -> None:
+        """Batches far larger than one pipeline window (3 commands, 64 KiB) come back whole
+        and in order, for puts, gets, exists and deletes."""
+        opts = {**backend_options, "pipeline_depth": 3, "pipeline_bytes": 65536}
+        instance = self.make_backend(opts)
+        instance.open()
+        try:
+            keys = self.keys(50, "windows")
+            assert self.put_pages(instance, keys[::2]) == [PageStatus.OK] * 25
+            assert instance.exists(keys) == [i % 2 == 0 for i in range(50)]
+            statuses, bufs = self.read_pages(instance, keys)
+            assert statuses == [PageStatus.OK, PageStatus.NOT_FOUND] * 25
+            assert all(bufs[i] == self.page(keys[i]) for i in range(0, 50, 2))
+            instance.delete(keys)
+            assert instance.exists(keys) == [False] * 50
+        finally:
+            instance.close()
+
     def test_payload_checksum_mismatch_deletes_and_reports(self, backend: Backend) -> None:
         """A proven checksum mismatch is removed (so the next put repairs it) and reported."""
         damaged, intact = self.keys(2, "repair")
