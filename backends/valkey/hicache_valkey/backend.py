@@ -87,6 +87,7 @@ class ValkeyBackend(Backend):
         self._lock = threading.Lock()
         self._evicted: dict[str, None] = {}  # insertion-ordered set
         self._corrupt_logged: set[str] = set()
+        self._logged_codes: set[str] = set()
         self._damaged: set[str] = set()  # proven damaged or incomplete, deleted after the call
         self._counts: dict[str, int] = dict.fromkeys(
             (
@@ -240,7 +241,17 @@ class ValkeyBackend(Backend):
         if reply.code in _UNAVAILABLE_CODES:
             raise _Unavailable(reply.message)
         self._count(failed_pages=1)
-        log.warning("%s of page %s failed in %r: %s", operation, key, self, reply.message)
+        with self._lock:  # one warning per error code: an OOM server fails every put alike
+            first = reply.code not in self._logged_codes
+            self._logged_codes.add(reply.code)
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "%s of page %s failed in %r: %s",
+            operation,
+            key,
+            self,
+            reply.message,
+        )
         return PageStatus.FAILED
 
     def _count(self, **deltas: int) -> None:

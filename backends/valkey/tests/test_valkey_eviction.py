@@ -100,3 +100,24 @@ def test_chunk_eviction_loses_the_whole_page(options: dict[str, Any]) -> None:
         assert backend.put([key], _pages([key])) == [PageStatus.OK]
         assert backend.get_into([key], [memoryview(dst)]) == [PageStatus.OK]
         assert dst == page_pattern(key, PAGE_BYTES)
+
+
+def test_full_server_without_eviction_fails_puts_not_calls(server_factory: StartServer) -> None:
+    """``noeviction`` at ``maxmemory``: puts come back FAILED (the call itself succeeds) and
+    the pages already stored still read back."""
+    server = server_factory(extra=[("maxmemory-policy", "noeviction")])
+    client = server.client()
+    client.config_set("maxmemory", int(client.info("memory")["used_memory"]) + (1 << 20))
+    client.close()
+    keys = _keys(200, "oom")
+    with make_backend(fast_options(server.port), namespace="oom") as backend:
+        statuses = backend.put(keys, _pages(keys))
+        stored = [k for k, s in zip(keys, statuses, strict=True) if s is PageStatus.OK]
+        assert PageStatus.FAILED in statuses and stored, statuses
+        assert set(statuses) == {PageStatus.OK, PageStatus.FAILED}
+        bufs = [bytearray(PAGE_BYTES) for _ in stored]
+        assert backend.get_into(stored, [memoryview(b) for b in bufs]) == [PageStatus.OK] * len(
+            stored
+        )
+        assert backend.stats()["failed_pages"] == statuses.count(PageStatus.FAILED)
+        assert backend.take_evicted() == []
