@@ -15,10 +15,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from hicache.errors import BackendClosedError, BackendUnavailableError, PageCorruptError
+from hicache.errors import BackendUnavailableError, PageCorruptError
 from hicache.storage.backend import (
     Backend,
     BackendConfig,
@@ -29,6 +29,7 @@ from hicache.storage.backend import (
     check_namespace,
 )
 from hicache.storage.pageformat import HEADER_SIZE, decode_header, encode_header, verify_page
+from hicache_valkey.dispatch import Dispatcher, raise_for_code
 from hicache_valkey.layout import (
     DELETE_SCRIPT,
     GET_CHUNKED_SCRIPT,
@@ -36,8 +37,10 @@ from hicache_valkey.layout import (
     KeySpace,
     chunk_layout,
 )
+from hicache_valkey.nodes import Nodes
 from hicache_valkey.notify import EvictionListener, ensure_notifications
 from hicache_valkey.options import ValkeyOptions
+from hicache_valkey.pagereader import read_page_parts
 from hicache_valkey.resp import Connection, Packer, Pool, ProtocolError, ServerError
 
 if TYPE_CHECKING:
@@ -50,18 +53,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Item = TypeVar("Item")
 
-# Error replies that mean "this server cannot serve now" (loading after a restart, a failover,
-# a busy script), as opposed to one command failing (OOM for a put): the whole call fails.
-_UNAVAILABLE_CODES = frozenset(
-    {"LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOAUTH", "WRONGPASS", "NOPERM"}
-)
 _CORRUPT_LOG_MAX = 10_000
 _EVICTED_MAX = 1_000_000
-_SCAN_COUNT = 1000
-
-
-class _Unavailable(Exception):
-    """An error reply of :data:`_UNAVAILABLE_CODES`, raised once the pipeline is drained."""
 
 
 class ValkeyBackend(Backend):
@@ -82,8 +75,8 @@ class ValkeyBackend(Backend):
             context.page_bytes, self.options.max_value_bytes
         )
         self._ttl_ms = round(self.options.ttl_s * 1000) if self.options.ttl_s else 0
-        self._pool: Pool | None = None
-        self._listener: EvictionListener | None = None
+        self._dispatch = Dispatcher(self.options)
+        self._listeners: list[EvictionListener] = []
         self._lock = threading.Lock()
         self._evicted: dict[str, None] = {}  # insertion-ordered set
         self._corrupt_logged: set[str] = set()
@@ -141,105 +134,54 @@ class ValkeyBackend(Backend):
     # ------------------------------------------------------------------ lifecycle
 
     def _open(self) -> None:
-        pool = Pool(self.options)
+        nodes = Nodes(self.options)
         notifications = "off"
         try:
-            with self._io("open", pool), pool.connection() as conn:
-                if conn.call("PING") != "PONG":
-                    raise ProtocolError("PING did not answer PONG")
+            with self._dispatch.io("open", nodes):
+                nodes.open()
                 if self.options.notify_evictions and self.options.configure_notifications:
-                    problem = ensure_notifications(conn)
-                    notifications = "configured" if problem is None else "not configured"
-                    if problem is not None:
+                    problems = [p for p in map(self._configure_events, nodes.masters()) if p]
+                    notifications = "not configured" if problems else "configured"
+                    if problems:
                         log.warning(
                             "%r: cannot enable keyspace notifications (%s); evictions are "
                             "reported only if the server has notify-keyspace-events 'Eex'",
                             self,
-                            problem,
+                            problems[0],
                         )
         except BaseException:
-            pool.close()
+            nodes.close()
             raise
-        self._pool = pool
+        self._dispatch.nodes = nodes
         if self.options.notify_evictions:
-            listener = EvictionListener(self.options, self.keyspace, self._record_evicted)
-            if not listener.start(self.options.connect_timeout_s + self.options.socket_timeout_s):
-                log.warning("%r: eviction listener not subscribed yet; retrying", self)
-            self._listener = listener
+            # keyspace events are local to a node: one listener per master
+            wait_s = self.options.connect_timeout_s + self.options.socket_timeout_s
+            for pool in nodes.masters():
+                listener = EvictionListener(pool.options, self.keyspace, self._record_evicted)
+                if not listener.start(wait_s):
+                    log.warning("%r: eviction listener not subscribed yet; retrying", self)
+                self._listeners.append(listener)
             if notifications == "off":
                 notifications = "assumed"
         self._notifications = notifications
 
+    @staticmethod
+    def _configure_events(pool: Pool) -> str | None:
+        with pool.connection() as conn:
+            return ensure_notifications(conn)
+
     def _close(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
             listener.stop()
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.close()
+        nodes, self._dispatch.nodes = self._dispatch.nodes, None
+        if nodes is not None:
+            nodes.close()
 
     # ------------------------------------------------------------------ plumbing
 
-    @contextlib.contextmanager
-    def _io(self, operation: str, pool: Pool | None = None) -> Iterator[None]:
-        """Turn socket, protocol and availability errors into ``BackendUnavailableError``."""
-        try:
-            yield
-        except (OSError, ProtocolError, _Unavailable, ValueError) as exc:
-            target = pool or self._pool
-            if target is not None:
-                target.discard_idle()  # they most likely point at the same dead server
-            kind = "timed out" if isinstance(exc, TimeoutError) else "failed"
-            raise BackendUnavailableError(
-                f"valkey {operation} on {self.options.address} {kind}: {type(exc).__name__}: {exc}"
-            ) from None
-
-    def _connection(self) -> contextlib.AbstractContextManager[Connection]:
-        pool = self._pool
-        if pool is None:
-            raise BackendClosedError(f"{self!r} is not open")
-        return pool.connection()
-
-    def _pipeline(
-        self,
-        operation: str,
-        items: Sequence[Item],
-        send: Callable[[Packer, Item], None],
-        receive: Callable[[Connection, Item], T],
-        reply_bytes: int = 0,
-    ) -> list[T]:
-        """Pack ``send`` for a window of items, send it, read the window's replies in order with
-        ``receive``. A window holds at most ``pipeline_depth`` commands and ``pipeline_bytes``
-        of values, sent ones plus ``reply_bytes`` per command for replies: replies waiting in
-        the server's output buffer count against its ``maxmemory`` and would evict pages."""
-        depth, max_bytes = self.options.pipeline_depth, self.options.pipeline_bytes
-        results: list[T] = []
-        unavailable: ServerError | None = None
-        with self._io(operation), self._connection() as conn:
-            start = 0
-            while start < len(items):
-                packer = Packer()
-                end = start
-                while end < len(items) and end - start < depth:
-                    send(packer, items[end])
-                    end += 1
-                    if packer.value_bytes + (end - start) * reply_bytes >= max_bytes:
-                        break
-                conn.send(packer.take())
-                for item in items[start:end]:
-                    try:
-                        results.append(receive(conn, item))
-                    except _Unavailable as exc:  # keep reading: the connection stays in step
-                        unavailable = ServerError(str(exc))
-                        results.append(cast(T, PageStatus.FAILED))
-                start = end
-            if unavailable is not None:
-                raise _Unavailable(unavailable.message)
-        return results
-
     def _error_reply(self, reply: ServerError, key: str, operation: str) -> PageStatus:
-        if reply.code in _UNAVAILABLE_CODES:
-            raise _Unavailable(reply.message)
+        raise_for_code(reply)
         self._count(failed_pages=1)
         with self._lock:  # one warning per error code: an OOM server fails every put alike
             first = reply.code not in self._logged_codes
@@ -253,6 +195,10 @@ class ValkeyBackend(Backend):
             reply.message,
         )
         return PageStatus.FAILED
+
+    def _name(self, item: tuple[Any, ...]) -> bytes:
+        """Header key of a put or get item (its first field is the page key)."""
+        return self.keyspace.page(item[0])
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
@@ -288,7 +234,7 @@ class ValkeyBackend(Backend):
                 raise ProtocolError(f"EXISTS failed: {reply.message}")
             return reply == 1
 
-        return self._pipeline("EXISTS", keys, send, receive)
+        return self._dispatch.run("EXISTS", keys, send, receive, self.keyspace.page)
 
     # ------------------------------------------------------------------ put
 
@@ -299,7 +245,7 @@ class ValkeyBackend(Backend):
             (key, src, encode_header(namespace, key, src))
             for key, src in zip(keys, srcs, strict=True)
         ]
-        statuses = self._pipeline("put", items, self._send_put, self._receive_put)
+        statuses = self._dispatch.run("put", items, self._send_put, self._receive_put, self._name)
         ok = sum(1 for s in statuses if s is PageStatus.OK)
         self._count(
             puts=ok,
@@ -344,12 +290,17 @@ class ValkeyBackend(Backend):
         items = list(zip(keys, dsts, strict=True))
         send = self._send_get_chunked if self._chunks else self._send_get
         size = HEADER_SIZE + self.context.page_bytes
-        statuses = self._pipeline("get", items, send, self._receive_get, size)
+        statuses = self._dispatch.run("get", items, send, self._receive_get, self._name, size)
         # a page another writer split into chunks (a smaller max_value_bytes) needs the script
         retry = [i for i, s in enumerate(statuses) if s is None]
         if retry:
-            again = self._pipeline(
-                "get", [items[i] for i in retry], self._send_get_chunked, self._receive_get, size
+            again = self._dispatch.run(
+                "get",
+                [items[i] for i in retry],
+                self._send_get_chunked,
+                self._receive_get,
+                self._name,
+                size,
             )
             for i, status in zip(retry, again, strict=True):
                 statuses[i] = status
@@ -393,30 +344,8 @@ class ValkeyBackend(Backend):
         """Read ``parts`` bulk values (the first of ``first`` bytes, its length line already
         read) as one stream: 4 KiB of header, then the payload straight into ``dst``."""
         header = bytearray(HEADER_SIZE)
-        targets = [memoryview(header), dst]
         expected = HEADER_SIZE + dst.nbytes
-        total = 0
-        overflow = False
-        length = first
-        for index in range(parts):
-            if index:
-                line = conn.read_head()
-                if line[:1] != b"$" or int(line[1:]) < 0:
-                    raise ProtocolError(f"unexpected part of a page reply: {line[:20]!r}")
-                length = int(line[1:])
-            left = length
-            while left:
-                if total >= expected:
-                    conn.skip(left)
-                    overflow = True
-                    break
-                target = targets[0] if total < HEADER_SIZE else targets[1]
-                offset = total if total < HEADER_SIZE else total - HEADER_SIZE
-                take = min(left, target.nbytes - offset)
-                conn.read_into(target[offset : offset + take])
-                total += take
-                left -= take
-            conn.read_crlf()
+        total, overflow = read_page_parts(conn, parts, first, memoryview(header), dst)
         if total == HEADER_SIZE and not overflow:
             if kind == b"$":
                 return None  # the header of a chunked page: read it again with the script
@@ -473,7 +402,7 @@ class ValkeyBackend(Backend):
                 self._error_reply(reply, key, "delete")
                 raise ProtocolError(f"delete failed: {reply.message}")
 
-        self._pipeline("delete", keys, send, receive)
+        self._dispatch.run("delete", keys, send, receive, self.keyspace.page)
         self._count(deletes=len(keys))
 
     # ------------------------------------------------------------------ evictions
@@ -486,23 +415,10 @@ class ValkeyBackend(Backend):
 
     # ------------------------------------------------------------------ listing
 
-    def _scan(self, pattern: bytes) -> Iterator[bytes]:
-        cursor = b"0"
-        while True:
-            with self._io("SCAN"), self._connection() as conn:
-                reply = conn.call("SCAN", cursor, "MATCH", pattern, "COUNT", _SCAN_COUNT)
-            if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[0], bytes)):
-                raise BackendUnavailableError(f"valkey SCAN on {self.options.address}: {reply!r}")
-            names = reply[1] if isinstance(reply[1], list) else []
-            yield from (n for n in names if isinstance(n, bytes))
-            cursor = reply[0]
-            if cursor == b"0":
-                return
-
     def _iter_pages(self) -> Iterator[StoredPage]:
         # docstring inherited
         seen: set[str] = set()
-        for name in self._scan(self.keyspace.pattern):
+        for name in self._dispatch.scan(self.keyspace.pattern):
             found = self.keyspace.page_key_of(name)
             if found is None or not found[1] or found[0] in seen:
                 continue  # SCAN may return a key twice; chunks are counted with their header
@@ -513,8 +429,8 @@ class ValkeyBackend(Backend):
 
     def _describe(self, key: str) -> StoredPage | None:
         """Size of a listed page from its header (None when it vanished meanwhile)."""
-        with self._io("GETRANGE"), self._connection() as conn:
-            reply = conn.call("GETRANGE", self.keyspace.page(key), 0, HEADER_SIZE - 1)
+        name = self.keyspace.page(key)
+        reply = self._dispatch.call(name, "GETRANGE", name, 0, HEADER_SIZE - 1)
         if not isinstance(reply, bytes) or not reply:
             return None
         try:
@@ -530,7 +446,7 @@ class ValkeyBackend(Backend):
     def _iter_namespaces(self) -> Iterator[str]:
         # docstring inherited
         seen: set[str] = set()
-        for name in self._scan(self.keyspace.root + b"*"):
+        for name in self._dispatch.scan(self.keyspace.root + b"*"):
             namespace = self.keyspace.namespace_of(name)
             if namespace is None or namespace in seen:
                 continue
@@ -544,16 +460,17 @@ class ValkeyBackend(Backend):
         with self._lock:
             counts = dict(self._counts)
             pending = len(self._evicted)
-        listener = self._listener
-        pool = self._pool
+        listeners = list(self._listeners)
+        nodes = self._dispatch.nodes
         return {
             "server": self.options.address,
             "db": self.options.db,
             "chunks_per_page": self._chunks,
             "notifications": self._notifications,
-            "listener_subscribed": listener is not None and listener.subscribed,
-            "listener_reconnects": 0 if listener is None else listener.reconnects,
+            "nodes": 0 if nodes is None else len(nodes.masters()),
+            "listener_subscribed": bool(listeners) and all(x.subscribed for x in listeners),
+            "listener_reconnects": sum(x.reconnects for x in listeners),
             "evicted_pending": pending,
-            "connects": 0 if pool is None else pool.connects,
+            "connects": 0 if nodes is None else nodes.connects,
             **counts,
         }

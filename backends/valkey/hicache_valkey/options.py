@@ -30,6 +30,10 @@ class ValkeyOptions(BackendConfig):
     """
 
     host: str = Field(default="127.0.0.1", description="server host name or address")
+    cluster: bool = Field(
+        default=False,
+        description="host:port is a seed node of a cluster; the slot map comes from CLUSTER SLOTS",
+    )
     port: int = Field(default=6379, ge=1, le=65535)
     db: int = Field(default=0, ge=0, le=10_000, description="logical database (SELECT)")
     username: str | None = Field(
@@ -105,6 +109,8 @@ class ValkeyOptions(BackendConfig):
             raise ValueError("tls_ca_file/tls_cert_file/tls_key_file given but tls is false")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together (client certificate)")
+        if self.cluster and self.db:
+            raise ValueError(f"db {self.db} with cluster: true (a cluster has database 0 only)")
         if self.username is not None and self.password is None:
             raise ValueError("username needs a password (ACL users authenticate with both)")
         return self
