@@ -468,6 +468,7 @@ class ValkeyBackend(Backend):
             "chunks_per_page": self._chunks,
             "notifications": self._notifications,
             "nodes": 0 if nodes is None else len(nodes.masters()),
+            "slot_map_refreshes": 0 if nodes is None else max(0, nodes.refreshes),
             "listener_subscribed": bool(listeners) and all(x.subscribed for x in listeners),
             "listener_reconnects": sum(x.reconnects for x in listeners),
             "evicted_pending": pending,

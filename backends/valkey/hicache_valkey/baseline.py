@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import redis
+import redis.cluster
 
 from hicache.storage.benchmark import RawBaseline
 from hicache_valkey.options import ValkeyOptions
@@ -21,8 +22,9 @@ from hicache_valkey.options import ValkeyOptions
 __all__ = ["ValkeyRawBaseline", "redis_client"]
 
 
-def redis_client(options: ValkeyOptions) -> redis.Redis:
-    """A redis-py client with the backend's server, credentials, TLS and timeouts."""
+def redis_client(options: ValkeyOptions) -> Any:
+    """A redis-py client (``RedisCluster`` with ``cluster: true``) with the backend's server,
+    credentials, TLS and timeouts."""
     kwargs: dict[str, Any] = {
         "host": options.host,
         "port": options.port,
@@ -33,6 +35,8 @@ def redis_client(options: ValkeyOptions) -> redis.Redis:
         "socket_connect_timeout": options.connect_timeout_s,
         "max_connections": options.max_connections,
     }
+    if options.cluster:
+        del kwargs["db"]
     if options.tls:
         kwargs.update(
             ssl=True,
@@ -44,6 +48,8 @@ def redis_client(options: ValkeyOptions) -> redis.Redis:
             ),
             ssl_check_hostname=options.tls_check_hostname,
         )
+    if options.cluster:
+        return redis.cluster.RedisCluster(**kwargs)
     return redis.Redis(**kwargs)
 
 
@@ -56,12 +62,12 @@ class ValkeyRawBaseline(RawBaseline):
         self.options = options
         # '.' rather than ':' after the prefix: never parsed as a namespace by listings
         self._prefix = f"{options.key_prefix}.bench-raw-{os.getpid()}:".encode()
-        self._client: redis.Redis | None = None
+        self._client: Any = None
 
     def _key(self, index: int) -> bytes:
         return self._prefix + b"%08d" % index
 
-    def _live(self) -> redis.Redis:
+    def _live(self) -> Any:
         assert self._client is not None, "setup() was not called"
         return self._client
 

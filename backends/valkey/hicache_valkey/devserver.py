@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import redis
 
-__all__ = ["DevServer", "free_port", "server_binary"]
+__all__ = ["DevCluster", "DevServer", "free_port", "server_binary"]
 
 _START_TIMEOUT_S = 30.0
 
@@ -39,6 +40,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGKILL it when the process that started it dies, so a
+    killed test run leaves no server behind (Linux ``PR_SET_PDEATHSIG``)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
 
 
 def server_binary() -> str:
@@ -109,7 +117,10 @@ class DevServer:
     def start(self) -> None:
         for _ in range(5):
             self.process = subprocess.Popen(
-                self._args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                self._args(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,  # only a prctl before exec: fork-safe
             )
             if self._wait_ready():
                 return
@@ -158,6 +169,79 @@ class DevServer:
             self._tmp.cleanup()
 
     def __enter__(self) -> DevServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class DevCluster:
+    """``nodes`` cluster-enabled servers on loopback ports, the 16384 slots split evenly between
+    them (no replicas); ``port`` is the first node's, a seed for ``cluster: true``."""
+
+    def __init__(self, directory: Path, nodes: int = 3) -> None:
+        # explicit bus ports: the default (port + 10000) is out of range for high ports
+        self.bus_ports = [free_port() for _ in range(nodes)]
+        self.servers = [
+            DevServer(
+                directory / f"node-{i}",
+                extra=[
+                    ("cluster-enabled", "yes"),
+                    ("cluster-config-file", "nodes.conf"),
+                    ("cluster-port", str(self.bus_ports[i])),
+                    ("cluster-require-full-coverage", "no"),
+                ],
+            )
+            for i in range(nodes)
+        ]
+
+    @property
+    def port(self) -> int:
+        return self.servers[0].port
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.close()  # no server outlives a failed start
+            raise
+
+    def _start(self) -> None:
+        for server in self.servers:
+            server.directory.mkdir(parents=True, exist_ok=True)
+            server.start()
+        clients = [server.client() for server in self.servers]
+        try:
+            share = 16384 // len(clients)
+            for i, client in enumerate(clients):
+                last = 16383 if i == len(clients) - 1 else (i + 1) * share - 1
+                client.cluster("ADDSLOTSRANGE", i * share, last)
+            for client in clients[1:]:
+                client.cluster("MEET", "127.0.0.1", self.port, self.bus_ports[0])
+            self.wait_ok(clients)
+        finally:
+            for client in clients:
+                client.close()
+
+    def wait_ok(self, clients: Sequence[redis.Redis]) -> None:
+        """Wait until every node sees every other and the whole slot map."""
+        deadline = time.monotonic() + _START_TIMEOUT_S * 2
+        while time.monotonic() < deadline:
+            infos = [c.cluster("INFO") for c in clients]
+            if all(
+                i["cluster_state"] == "ok" and int(i["cluster_known_nodes"]) == len(self.servers)
+                for i in infos
+            ):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the local cluster did not converge")
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    def __enter__(self) -> DevCluster:
         self.start()
         return self
 

@@ -34,6 +34,8 @@ class Nodes:
         self._pools: dict[Address, Pool] = {}
         self._slots: list[Address] | None = None
         self._seed: Address = (options.host, options.port)
+        #: Slot maps read after the first (each one follows a MOVED/ASK redirection).
+        self.refreshes = -1
 
     def _pool(self, address: Address) -> Pool:
         with self._lock:
@@ -68,6 +70,7 @@ class Nodes:
             table = _slot_table(reply)
             with self._lock:
                 self._slots = table
+                self.refreshes += 1
             for address in set(table):
                 self._pool(address)
             return

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from hicache_valkey import ValkeyBackend
-from hicache_valkey.devserver import DevServer
+from hicache_valkey.devserver import DevCluster, DevServer
 from hicache_valkey.testing import fast_options, make_backend
 
 
@@ -18,6 +18,13 @@ def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServe
     """One server for the session, no persistence (tests that kill a server start their own)."""
     with DevServer(tmp_path_factory.mktemp("valkey")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def valkey_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevCluster]:
+    """A three-node cluster for the session (started only by the tests that ask for it)."""
+    with DevCluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
 
 
 @pytest.fixture
