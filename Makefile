@@ -24,6 +24,9 @@ $(VENV)/.installed: pyproject.toml $(wildcard backends/*/pyproject.toml plugins/
 		$(PY) -c 'import torch' 2>/dev/null || $(PIP) install -q 'torch==2.13.0'; \
 	fi
 	$(PIP) install -q -e '.[cache,test,plot]' $(foreach d,$(DISTS),-e ./$(d)[test])
+	# backends/valkey's tests start a real server: Debian's redis-server where none is installed
+	command -v valkey-server >/dev/null 2>&1 || command -v redis-server >/dev/null 2>&1 || \
+		(apt-get update && apt-get install -y redis-server)
 	touch $@
 
 run: venv
