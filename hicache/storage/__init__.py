@@ -20,6 +20,7 @@ Nothing here imports torch: a plugin author needs only this package (and pydanti
 
 from hicache.storage.backend import (
     API_VERSION,
+    PAGE_KEY_LEN,
     Backend,
     BackendConfig,
     BackendContext,
@@ -75,6 +76,7 @@ __all__ = [
     "FORMAT_VERSION",
     "HEADER_SIZE",
     "MASK",
+    "PAGE_KEY_LEN",
     "Backend",
     "BackendConfig",
     "BackendContext",

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 import torch
-from hicache.tiering.tiers import Tiers
 
 from hicache.config import HicacheConfig
 from hicache.errors import BackendUnavailableError
 from hicache.hiradix import HiRadixCache
+from hicache.tiering.tiers import Tiers
 
 # Hang detection only, never a speed assertion: without the deadline, opening would wait for
 # the client's read timeout below (600 s), far past this.

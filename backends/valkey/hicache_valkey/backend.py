@@ -19,7 +19,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from hicache.errors import BackendUnavailableError, PageCorruptError
-from hicache.storage.backend import (
+from hicache.storage import (
+    HEADER_SIZE,
     Backend,
     BackendConfig,
     BackendContext,
@@ -27,8 +28,10 @@ from hicache.storage.backend import (
     PageStatus,
     StoredPage,
     check_namespace,
+    decode_header,
+    encode_header,
+    verify_page,
 )
-from hicache.storage.pageformat import HEADER_SIZE, decode_header, encode_header, verify_page
 from hicache_valkey.dispatch import Dispatcher, raise_for_code
 from hicache_valkey.layout import (
     DELETE_SCRIPT,
@@ -44,7 +47,7 @@ from hicache_valkey.pagereader import read_page_parts
 from hicache_valkey.resp import Connection, Packer, Pool, ProtocolError, ServerError
 
 if TYPE_CHECKING:
-    from hicache.storage.benchmark import RawBaseline
+    from hicache.storage import RawBaseline
 
 __all__ = ["ValkeyBackend"]
 

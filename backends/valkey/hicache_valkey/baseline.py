@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import redis
 import redis.cluster
 
-from hicache.storage.benchmark import RawBaseline
+from hicache.storage import RawBaseline
 from hicache_valkey.options import ValkeyOptions
 
 __all__ = ["ValkeyRawBaseline", "redis_client"]

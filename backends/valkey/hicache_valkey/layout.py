@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import math
 
-from hicache.storage.backend import PAGE_KEY_LEN
-from hicache.storage.pageformat import HEADER_SIZE
+from hicache.storage import HEADER_SIZE, PAGE_KEY_LEN
 
 __all__ = [
     "DELETE_SCRIPT",

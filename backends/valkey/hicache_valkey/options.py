@@ -10,8 +10,7 @@ import re
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from hicache.storage.backend import BackendConfig
-from hicache.storage.sizes import Size
+from hicache.storage import BackendConfig, Size
 
 __all__ = ["ValkeyOptions"]
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hicache.storage.backend import BackendContext
+from hicache.storage import BackendContext
 from hicache_valkey.backend import ValkeyBackend
 from hicache_valkey.options import ValkeyOptions
 

@@ -11,7 +11,7 @@ from hicache_valkey.devserver import DevCluster
 from hicache_valkey.testing import PAGE_BYTES, fast_options, make_backend, wait_for
 from redis.crc import key_slot
 
-from hicache.storage.backend import PageStatus
+from hicache.storage import PageStatus
 from hicache.testing import kit_key, page_pattern
 
 

@@ -10,8 +10,7 @@ from hicache_valkey import ValkeyBackend
 from hicache_valkey.devserver import DevCluster, DevServer
 from hicache_valkey.testing import fast_options
 
-from hicache.storage.backend import Backend, PageStatus
-from hicache.storage.pageformat import HEADER_SIZE
+from hicache.storage import HEADER_SIZE, Backend, PageStatus
 from hicache.testing.kit import BackendTests
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from hicache_valkey.devserver import DevServer
 from hicache_valkey.testing import PAGE_BYTES, fast_options, make_backend, wait_for
 
-from hicache.storage.backend import PageStatus
+from hicache.storage import PageStatus
 from hicache.testing import kit_key, page_pattern
 
 StartServer = Callable[..., DevServer]

@@ -16,7 +16,7 @@ from hicache_valkey.devserver import DevServer, free_port
 from hicache_valkey.testing import PAGE_BYTES, fast_options, make_backend, wait_for
 
 from hicache.errors import BackendUnavailableError
-from hicache.storage.backend import Backend, PageStatus
+from hicache.storage import Backend, PageStatus
 from hicache.testing import kit_key, page_pattern
 
 StartServer = Callable[..., DevServer]
@@ -193,7 +193,8 @@ def test_pool_bounds_connections_in_flight(options: dict[str, Any]) -> None:
 def test_dead_server_is_a_miss_for_the_tier(server_factory: StartServer) -> None:
     """Through the tier runtime: a server killed under an open backend turns lookups into
     misses and puts into FAILED statuses (never an exception), and the breaker opens."""
-    from hicache.storage.tiers import Tiers, TierSettings
+    from hicache.config import TierSettings
+    from hicache.tiering.tiers import Tiers
 
     server = server_factory()
     keys = _keys(4, "tier-miss")

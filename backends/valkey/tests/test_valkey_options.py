@@ -14,8 +14,7 @@ from hicache_valkey.devserver import DevServer
 from hicache_valkey.testing import fast_options, make_backend
 
 from hicache.errors import BackendUnavailableError, ConfigError
-from hicache.storage.backend import BackendContext, PageStatus
-from hicache.storage.registry import create_backend
+from hicache.storage import BackendContext, PageStatus, create_backend
 from hicache.testing import kit_key
 
 SECRET = "hunter2-not-for-logs"

@@ -10,7 +10,7 @@ from typing import Any
 
 from hicache_valkey.testing import PAGE_BYTES, make_backend
 
-from hicache.storage.backend import PageStatus
+from hicache.storage import PageStatus
 from hicache.testing import kit_key, page_pattern
 
 _PEER = """

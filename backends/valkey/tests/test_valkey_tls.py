@@ -17,7 +17,7 @@ from hicache_valkey.devserver import DevServer, free_port
 from hicache_valkey.testing import PAGE_BYTES, fast_options, make_backend
 
 from hicache.errors import BackendUnavailableError
-from hicache.storage.backend import PageStatus
+from hicache.storage import PageStatus
 from hicache.testing import kit_key, page_pattern
 
 StartServer = Callable[..., DevServer]

@@ -11,9 +11,9 @@ from hicache_valkey import ValkeyBackend
 from hicache_valkey.devserver import DevServer
 from hicache_valkey.testing import PAGE_BYTES, make_backend
 
-from hicache.storage.backend import Backend, PageStatus
-from hicache.storage.benchmark import BenchSpec, run_storage_bench
+from hicache.storage import Backend, PageStatus
 from hicache.testing import kit_key, page_pattern
+from hicache.tools.benchmark import BenchSpec, run_storage_bench
 
 
 def test_bench_measures_every_figure_against_raw_client(
@@ -50,7 +50,7 @@ def test_bench_measures_every_figure_against_raw_client(
 
 
 def test_storage_operations_on_a_valkey_tier(options: dict[str, Any], tmp_path: Path) -> None:
-    from hicache.storage.ops import (
+    from hicache.tools.ops import (
         disk_usage,
         list_namespaces,
         purge_namespace,
