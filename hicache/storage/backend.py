@@ -49,6 +49,7 @@ __all__ = [
     "PageStatus",
     "StoredPage",
     "check_key",
+    "check_keys",
     "check_namespace",
 ]
 
@@ -178,6 +179,11 @@ def _check_keys(keys: Sequence[str]) -> None:
     if joined.translate(None, _HEX_DIGITS):
         for key in keys:
             check_key(key)
+
+
+def check_keys(keys: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming the first invalid key of ``keys`` (fast when all are valid)."""
+    _check_keys(keys)
 
 
 def check_namespace(namespace: str) -> str:
