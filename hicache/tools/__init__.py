@@ -1,0 +1,1 @@
+"""Operator tools and benchmarks (``hicache bench ...``); never imported on the serving path."""
