@@ -24,7 +24,9 @@ breakers and deadlines. With ``interface_v1: 1`` SGLang calls ``batch_exists`` a
 host pool and the tiers as one scatter-gather page: no copy in Python.
 
 No data method raises into SGLang: a storage failure is a miss or ``False``, counted and logged
-at most once per ``LOG_EVERY_S`` per kind.
+at most once per ``LOG_EVERY_S`` per kind. A read that outlives its tier's deadline is reported
+as missed while its backend call may still finish writing into the host slots SGLang was given;
+SGLang frees those slots for reuse, so keep tier deadlines above the backend's own timeouts.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ __all__ = [
     "AdapterOptions",
     "HicacheStorage",
     "StorageStats",
+    "address_view",
 ]
 
 logger = logging.getLogger(__name__)
@@ -154,19 +157,20 @@ class _LogLimiter:
             logger.warning("hicache adapter: %s failed (%d so far): %r", kind, count, exc)
 
 
+def address_view(address: int, nbytes: int) -> memoryview:
+    """A writable byte view of ``nbytes`` of host memory at ``address`` (a host-pool region or
+    a tensor's storage); whoever owns that memory must keep it alive while the view is used."""
+    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
+
+
 def _regions(ptrs: Sequence[int], sizes: Sequence[int], start: int, count: int) -> tuple[Any, ...]:
-    # A writable byte view of host-pool memory at a raw address; the pool owns and outlives it.
-    return tuple(
-        memoryview((ctypes.c_char * sizes[i]).from_address(ptrs[i])).cast("B")
-        for i in range(start, start + count)
-    )
+    return tuple(address_view(ptrs[i], sizes[i]) for i in range(start, start + count))
 
 
 def _tensor_view(tensor: torch.Tensor) -> memoryview:
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         raise ValueError(f"expected a contiguous CPU tensor, got {tensor.device} {tensor.shape}")
-    nbytes = tensor.numel() * tensor.element_size()
-    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
+    return address_view(tensor.data_ptr(), tensor.numel() * tensor.element_size())
 
 
 class HicacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang ships no type hints

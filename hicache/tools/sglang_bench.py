@@ -173,6 +173,8 @@ class _Bench:
         return put_gbps, get_gbps
 
     def raw_tier(self, where: Path, keys: list[str]) -> tuple[float, float]:
+        from hicache.integrations.sglang import address_view
+
         context = BackendContext(page_bytes=self.page_bytes, namespace="bench", tier_name="raw")
         backend: Backend = create_backend("localdisk", {"root": str(where)}, context)
         backend.open()
@@ -182,7 +184,7 @@ class _Bench:
             def regions(pages: list[int]) -> list[tuple[memoryview, ...]]:
                 ptrs, sizes = self.pool.get_page_buffer_meta(host_indices(self.pool, pages))
                 return [
-                    tuple(_view(ptrs[j], sizes[j]) for j in (2 * k, 2 * k + 1))
+                    tuple(address_view(ptrs[j], sizes[j]) for j in (2 * k, 2 * k + 1))
                     for k in range(len(pages))
                 ]
 
@@ -249,12 +251,6 @@ class _Bench:
             )
             for side, rows in figures.items()
         }
-
-
-def _view(ptr: int, size: int) -> memoryview:
-    import ctypes
-
-    return memoryview((ctypes.c_char * size).from_address(ptr)).cast("B")
 
 
 def run(args: argparse.Namespace) -> int:
