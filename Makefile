@@ -12,7 +12,17 @@ export HYPOTHESIS_PROFILE ?= ci
 
 .PHONY: venv run test lint typecheck pytest bench gpu-check clean
 
-venv: $(VENV)/.installed
+# SGLang, for the tests of hicache.integrations.sglang against its own code (HiCacheStorage, the
+# dynamic backend factory, HiCacheFile). The wheel and the packages importing its storage modules
+# needs, all without their dependency trees (the serving stack is several GB of CUDA packages).
+# triton is GPU-only and ~1 GB: tests/sglang_stubs.py stands in for its import.
+SGLANG_PKGS := sglang==0.5.23 orjson==3.13.0 psutil==7.2.2 pybase64==1.5.1 starlette==1.10.0 \
+	anyio==4.16.0 msgspec==0.23.0 tqdm==4.70.1 ipython==9.19.1 traitlets==5.16.1 aiohttp==3.14.5 \
+	multidict==7.2.1 yarl==1.25.1 propcache==0.5.4 aiohappyeyeballs==2.7.1 aiosignal==1.4.0 \
+	frozenlist==1.8.0 transformers==5.25.0 huggingface_hub==2.4.0 httpx2==2.17.0 \
+	httpcore2==2.17.0 truststore==0.10.5 h11==0.16.0 safetensors==0.8.0
+
+venv: $(VENV)/.installed $(VENV)/.sglang
 
 $(VENV)/.installed: pyproject.toml $(wildcard backends/*/pyproject.toml plugins/*/pyproject.toml)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +37,10 @@ $(VENV)/.installed: pyproject.toml $(wildcard backends/*/pyproject.toml plugins/
 	# backends/valkey's tests start a real server: Debian's redis-server where none is installed
 	command -v valkey-server >/dev/null 2>&1 || command -v redis-server >/dev/null 2>&1 || \
 		(apt-get update && apt-get install -y redis-server)
+	touch $@
+
+$(VENV)/.sglang: $(VENV)/.installed Makefile
+	$(PIP) install -q --no-deps $(SGLANG_PKGS)
 	touch $@
 
 run: venv

@@ -22,6 +22,10 @@ encoded and prefixed with its byte length as ``u32``):
   u32(num_layers) || u32(num_kv_heads) || u32(head_dim) || u32(page_size) || str(layout) ||
   u32(mla) || u32(tp_rank) || u32(tp_size)).hexdigest()[:16]``, with ``tp_rank = 0`` and
   ``tp_size = 1`` for MLA models (their ranks hold identical KV, so they share pages).
+- engine namespace (``engine_namespace``), for engines whose page keys carry no model identity
+  (SGLang's): ``"kv-" + sha256(b"hicache/engine-namespace\x00" || u32(1) || str(base) ||
+  str(engine) || str(model_id) || str(revision) || u32(pp_rank) || u32(pp_size)).hexdigest()[:16]``
+  where ``base`` is ``NamespaceSpec.namespace()``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ __all__ = [
     "NamespaceSpec",
     "block_id",
     "chain_hashes",
+    "engine_namespace",
     "parent_block_id",
     "seed_hash",
     "storage_key",
@@ -56,6 +61,7 @@ collides with pages stored under an old one."""
 _SEED_TAG = b"hicache/seed\x00"
 _NAMESPACE_TAG = b"hicache/namespace\x00"
 _NAMESPACE_FORMAT = 1
+_ENGINE_NAMESPACE_TAG = b"hicache/engine-namespace\x00"
 _U32_MAX = 0xFFFFFFFF
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}
 
@@ -254,3 +260,35 @@ class NamespaceSpec:
             )
         )
         return "kv-" + hashlib.sha256(payload).hexdigest()[:16]
+
+
+def engine_namespace(
+    spec: NamespaceSpec,
+    *,
+    engine: str,
+    model_id: str,
+    revision: str = "",
+    pp_rank: int = 0,
+    pp_size: int = 1,
+) -> str:
+    """The namespace of pages whose keys an engine hashed without any model identity.
+
+    SGLang's page keys are hashes of tokens alone, so the model (and its revision or weights
+    digest) and the pipeline stage must enter the namespace instead: two models never read
+    each other's pages, and neither do two stages holding different layers.
+    """
+    if not 0 <= pp_rank < pp_size <= _U32_MAX:
+        raise ValueError(f"pp_rank must be in [0, pp_size={pp_size}), got {pp_rank!r}")
+    payload = b"".join(
+        (
+            _ENGINE_NAMESPACE_TAG,
+            _u32(1),
+            _str(spec.namespace()),
+            _str(engine),
+            _str(model_id),
+            _str(revision),
+            _u32(pp_rank),
+            _u32(pp_size),
+        )
+    )
+    return "kv-" + hashlib.sha256(payload).hexdigest()[:16]

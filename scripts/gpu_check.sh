@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: on a machine with an NVIDIA GPU, run the CUDA-marked tests of the cache side and the
-# device<->host transfer benchmark (engine vs a plain copy_ of the same bytes). < 5 minutes.
+# device<->host transfer benchmark (engine vs a plain copy_ of the same bytes), and, with
+# SGLANG_MODEL set on a machine with SGLang, an SGLang server using hicache tiers as its L3.
 #
 #   bash scripts/gpu_check.sh            # figures on stdout; JSON in $GPU_CHECK_OUT (default /tmp)
 #
@@ -13,6 +14,8 @@
 #                    pydantic/stevedore may be missing on a GPU image, so storage tests are not
 #                    collected here)
 #   BENCH_ARGS       extra arguments for python -m hicache.tools.transfer_bench
+#   SGLANG_MODEL     a local model path (or cached name) for the SGLang serving run: SGLang with
+#                    hicache tiers as its L3 (step 5); skipped when unset or SGLang is missing
 #   ALLOW_CPU=1      run anyway without a GPU (a smoke test of this script; CUDA tests skip)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -94,5 +97,48 @@ timeout 60 "$PY" -m hicache.tools.transfer_bench --mla --layers 61 --kv-heads 1 
     --json "$OUTDIR/transfer_bench_mla.json" ${BENCH_ARGS:-} | tee "$OUTDIR/transfer_bench_mla.txt"
 MLA_RC=${PIPESTATUS[0]}
 
-say "done: pytest rc=$TEST_RC, bench rc=$BENCH_RC, mla bench rc=$MLA_RC; outputs in $OUTDIR"
-[ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ] && [ "$MLA_RC" = 0 ]
+# 5. SGLang serving with hicache tiers as its L3 (hicache.integrations.sglang): the same long
+#    prompt twice with the GPU and host caches flushed in between, so the second request can only
+#    reuse KV through the localdisk tier. Needs a full SGLang install and a local model.
+SGLANG_RC=0
+if [ -n "${SGLANG_MODEL:-}" ] && "$PY" -c 'import sglang' 2>/dev/null; then
+    say "SGLang serving run with the hicache adapter ($SGLANG_MODEL)"
+    L3="$OUTDIR/sglang-l3"; rm -rf "$L3"; mkdir -p "$L3"
+    PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    EXTRA=$(printf '{"backend_name": "hicache", "module_path": "hicache.integrations.sglang", "class_name": "HicacheStorage", "interface_v1": 1, "tiers": {"nvme": {"backend": "localdisk", "options": {"root": "%s", "shared": true, "max_bytes": "8GiB"}}}}' "$L3")
+    "$PY" -m sglang.launch_server --model-path "$SGLANG_MODEL" --host 127.0.0.1 --port "$PORT" \
+        --page-size 64 --enable-hierarchical-cache --hicache-mem-layout page_first \
+        --hicache-storage-backend dynamic --hicache-storage-backend-extra-config "$EXTRA" \
+        >"$OUTDIR/sglang_server.log" 2>&1 &
+    SERVER=$!
+    up=0
+    for _ in $(seq 1 240); do
+        if curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; then up=1; break; fi
+        kill -0 "$SERVER" 2>/dev/null || break
+        sleep 1
+    done
+    if [ "$up" = 1 ]; then
+        PROMPT=$("$PY" -c 'print(" ".join(f"word{i}" for i in range(3000)))')
+        BODY=$("$PY" -c 'import json, sys; print(json.dumps({"text": sys.argv[1],
+            "sampling_params": {"max_new_tokens": 16, "temperature": 0}}))' "$PROMPT")
+        first=$(curl -sf -H 'Content-Type: application/json' -d "$BODY" "http://127.0.0.1:$PORT/generate")
+        sleep 5  # write-through to L3 is asynchronous
+        curl -sf -X POST "http://127.0.0.1:$PORT/flush_cache" >/dev/null || true
+        second=$(curl -sf -H 'Content-Type: application/json' -d "$BODY" "http://127.0.0.1:$PORT/generate")
+        pages=$(find "$L3" -type f | wc -l)
+        say "L3 page files: $pages; same output twice: $([ "$first" = "$second" ] && echo yes || echo no)"
+        grep -i "hicache adapter" "$OUTDIR/sglang_server.log" | tail -5
+        if [ "$pages" -eq 0 ] || [ -z "$first" ] || [ "$first" != "$second" ] \
+            || grep -q "hicache adapter: .* failed" "$OUTDIR/sglang_server.log"; then
+            SGLANG_RC=1
+        fi
+    else
+        say "SGLang server did not come up: see $OUTDIR/sglang_server.log"; SGLANG_RC=1
+    fi
+    kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null
+else
+    say "SGLang serving run skipped (set SGLANG_MODEL and install sglang to run it)"
+fi
+
+say "done: pytest rc=$TEST_RC, bench rc=$BENCH_RC, mla bench rc=$MLA_RC, sglang rc=$SGLANG_RC; outputs in $OUTDIR"
+[ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ] && [ "$MLA_RC" = 0 ] && [ "$SGLANG_RC" = 0 ]

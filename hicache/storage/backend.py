@@ -7,6 +7,10 @@ calls it from I/O worker threads, in batches, synchronously:
 - ``exists_prefix(keys)``  how many leading pages are all stored (the chain stops at the first gap)
 - ``put(keys, srcs)``      store pages, create-only: ``OK`` or ``ALREADY_EXISTS`` per key
 - ``get_into(keys, dsts)`` read pages straight into caller-owned page buffers
+
+A page's bytes come as one buffer or as a sequence of buffers (its regions in order, e.g. the K
+and V regions of a host-pool page): either way it is one stored page with one header and one
+checksum, written and read with scatter-gather I/O, never through a staging copy.
 - ``delete(keys)``         forget pages (missing keys are not an error)
 - ``stats()``              counters as plain data
 - ``take_evicted()``       keys the backend dropped on its own since the last call
@@ -41,9 +45,12 @@ __all__ = [
     "BackendConfig",
     "BackendContext",
     "Capabilities",
+    "PageBuffers",
+    "PageParts",
     "PageStatus",
     "StoredPage",
     "check_key",
+    "check_keys",
     "check_namespace",
 ]
 
@@ -53,6 +60,12 @@ API_VERSION = 1
 #: A page key is the lowercase hex of a 32-byte content hash (see ``hicache.keys``).
 PAGE_KEY_LEN = 64
 _KEY_RE = re.compile(r"[0-9a-f]{64}\Z")
+#: One page as a caller passes it: a single buffer, or its regions in order (scatter-gather).
+PageBuffers = memoryview | Sequence[memoryview]
+#: One page as the hooks receive it: its regions in order, at least one, none empty, summing to
+#: ``page_bytes``. The single-buffer form arrives as a one-element tuple.
+PageParts = tuple[memoryview, ...]
+
 #: A namespace is a short lowercase identifier, safe as a path or object-key component.
 _NAMESPACE_RE = re.compile(r"[0-9a-z][0-9a-z_-]{0,63}\Z")
 
@@ -182,6 +195,11 @@ def _check_keys(keys: Sequence[str]) -> None:
             check_key(key)
 
 
+def check_keys(keys: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming the first invalid key of ``keys`` (fast when all are valid)."""
+    _check_keys(keys)
+
+
 def check_namespace(namespace: str) -> str:
     """Return ``namespace`` if it is valid, else raise ``ValueError`` naming it."""
     if not isinstance(namespace, str) or _NAMESPACE_RE.match(namespace) is None:
@@ -203,9 +221,13 @@ class Backend(ABC):
       your own locks; the base class holds none around the hooks.
     - **Batches**: hooks receive non-empty lists of valid keys on an open backend; the public
       methods already checked lengths, key syntax and buffer sizes.
-    - **Buffers** are ``memoryview`` objects of ``context.page_bytes`` bytes (format ``B``,
-      C-contiguous), owned by the caller. Read from ``srcs`` and write into ``dsts`` directly (no
-      staging copies in Python) and keep no reference to either after returning.
+    - **Buffers**: each page reaches ``_put``/``_get_into`` as :data:`PageParts`, a tuple of
+      C-contiguous ``memoryview`` regions owned by the caller whose sizes sum to
+      ``context.page_bytes`` (one region for a caller's single buffer). Store them as one page
+      (one header, one checksum over the regions in order), read from ``srcs`` and write into
+      ``dsts`` directly (``pwritev``/``preadv``, piecewise copies; no staging copies in Python)
+      and keep no reference to any region after returning. Regions may have any item format:
+      ``cast("B")`` before slicing by bytes.
     - **Per-page problems are statuses**, whole-call failures are exceptions: a missing page is
       ``NOT_FOUND``, a page that fails verification is ``CORRUPT``; an endpoint that is down or a
       disk that vanished raises :class:`~hicache.errors.BackendError` (or a subclass). Translate
@@ -298,8 +320,10 @@ class Backend(ABC):
             raise RuntimeError(f"{type(self).__name__}._exists_prefix returned {n} for {len(keys)}")
         return n
 
-    def put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
+    def put(self, keys: Sequence[str], srcs: Sequence[PageBuffers]) -> list[PageStatus]:
         """Store ``srcs[i]`` under ``keys[i]``; return one status per key.
+
+        ``srcs[i]`` is one buffer or a list/tuple of buffers stored back to back as one page.
 
         - **Create-only and idempotent**: a key that is already stored is left unchanged and
           reported ``ALREADY_EXISTS``. Both ``OK`` and ``ALREADY_EXISTS`` mean "stored".
@@ -308,21 +332,30 @@ class Backend(ABC):
         - A backend that manages capacity may evict other pages to make room; it reports them
           through ``take_evicted()``.
 
-        Raises ``ValueError`` before any I/O for mismatched lengths, bad keys or wrong buffer
-        sizes, and ``BackendReadOnlyError`` on a read-only instance.
+        Raises ``ValueError`` before any I/O for mismatched lengths, bad keys or a page whose
+        buffers do not sum to ``page_bytes``, and ``BackendReadOnlyError`` on a read-only
+        instance.
         """
         self._check_call(keys)
         if self.context.read_only:
             raise BackendReadOnlyError(f"tier {self.context.tier_name!r} is read-only")
-        self._check_buffers(keys, srcs, writable=False)
+        pages = self._page_parts(keys, srcs, writable=False)
         if not keys:
             return []
-        result = self._put(keys, srcs)
+        for i, parts in enumerate(pages):
+            if parts is None:
+                size = sum(part.nbytes for part in _as_parts(srcs[i]))
+                raise ValueError(
+                    f"page {i} has {size} bytes, expected page_bytes={self.context.page_bytes}"
+                )
+        result = self._put(keys, [p for p in pages if p is not None])
         self._check_result_len("put", result, keys)
         return result
 
-    def get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+    def get_into(self, keys: Sequence[str], dsts: Sequence[PageBuffers]) -> list[PageStatus]:
         """Read the page of ``keys[i]`` into ``dsts[i]``; return one status per key.
+
+        ``dsts[i]`` is one buffer or a list/tuple of buffers filled back to back.
 
         - ``OK``: ``dsts[i]`` holds exactly the stored bytes, verified.
         - ``NOT_FOUND``: ``dsts[i]`` was not touched — unless the page was evicted or replaced by
@@ -330,17 +363,30 @@ class Backend(ABC):
           (the cache uses only ``OK`` pages).
         - ``CORRUPT`` / ``FAILED``: the contents of ``dsts[i]`` are undefined; the cache never
           uses them.
+        - A destination whose buffers do not sum to ``page_bytes`` cannot hold a page of this
+          namespace: ``NOT_FOUND``, untouched, the backend not asked (so a caller whose page
+          geometry drifted gets misses, not a crash).
 
-        Raises ``ValueError`` before any I/O for mismatched lengths, bad keys, read-only or
-        wrongly sized buffers.
+        Raises ``ValueError`` before any I/O for mismatched lengths, bad keys or read-only
+        buffers.
         """
         self._check_call(keys)
-        self._check_buffers(keys, dsts, writable=True)
+        pages = self._page_parts(keys, dsts, writable=True)
         if not keys:
             return []
-        result = self._get_into(keys, dsts)
-        self._check_result_len("get_into", result, keys)
-        return result
+        asked = [(i, parts) for i, parts in enumerate(pages) if parts is not None]
+        if len(asked) == len(keys):
+            result = self._get_into(keys, [parts for _, parts in asked])
+            self._check_result_len("get_into", result, keys)
+            return result
+        out = [PageStatus.NOT_FOUND] * len(keys)
+        if asked:
+            some_keys = [keys[i] for i, _ in asked]
+            some = self._get_into(some_keys, [parts for _, parts in asked])
+            self._check_result_len("get_into", some, some_keys)
+            for (i, _), status in zip(asked, some, strict=True):
+                out[i] = status
+        return out
 
     def delete(self, keys: Sequence[str]) -> None:
         """Forget the pages of ``keys``; keys that are not stored are ignored."""
@@ -416,12 +462,12 @@ class Backend(ABC):
         return done
 
     @abstractmethod
-    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
-        """Implement :meth:`put` for a non-empty, validated batch."""
+    def _put(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:
+        """Implement :meth:`put` for a non-empty, validated batch (pages as regions)."""
 
     @abstractmethod
-    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
-        """Implement :meth:`get_into` for a non-empty, validated batch."""
+    def _get_into(self, keys: Sequence[str], dsts: Sequence[PageParts]) -> list[PageStatus]:
+        """Implement :meth:`get_into` for a non-empty, validated batch (pages as regions)."""
 
     @abstractmethod
     def _delete(self, keys: Sequence[str]) -> None:
@@ -440,24 +486,48 @@ class Backend(ABC):
             )
         _check_keys(keys)
 
-    def _check_buffers(
-        self, keys: Sequence[str], bufs: Sequence[memoryview], *, writable: bool
-    ) -> None:
+    def _page_parts(
+        self, keys: Sequence[str], bufs: Sequence[PageBuffers], *, writable: bool
+    ) -> list[PageParts | None]:
+        """Every page as its non-empty regions, ``None`` where the sizes do not sum to
+        ``page_bytes``; raises for everything else a caller can get wrong."""
         if len(keys) != len(bufs):
             raise ValueError(f"{len(keys)} keys but {len(bufs)} buffers")
         want = self.context.page_bytes
+        pages: list[PageParts | None] = []
         for i, buf in enumerate(bufs):
-            if not isinstance(buf, memoryview):
-                raise TypeError(f"buffer {i} is a {type(buf).__name__}, expected a memoryview")
-            if buf.nbytes != want:
-                raise ValueError(f"buffer {i} has {buf.nbytes} bytes, expected page_bytes={want}")
-            if not buf.c_contiguous:
-                raise ValueError(f"buffer {i} is not C-contiguous")
-            if writable and buf.readonly:
-                raise ValueError(f"buffer {i} is read-only but get_into writes into it")
+            parts = _as_parts(buf)
+            total = 0
+            for j, part in enumerate(parts):
+                where = f"buffer {i}" if len(parts) == 1 else f"buffer {i} part {j}"
+                if not isinstance(part, memoryview):
+                    raise TypeError(f"{where} is a {type(part).__name__}, expected a memoryview")
+                if not part.c_contiguous:
+                    raise ValueError(f"{where} is not C-contiguous")
+                if writable and part.readonly:
+                    raise ValueError(f"{where} is read-only but get_into writes into it")
+                total += part.nbytes
+            if total != want:
+                pages.append(None)
+            elif len(parts) == 1:
+                pages.append(parts)
+            else:
+                pages.append(tuple(p for p in parts if p.nbytes))
+        return pages
 
     def _check_result_len(self, call: str, result: Sequence[object], keys: Sequence[str]) -> None:
         if len(result) != len(keys):
             raise RuntimeError(
                 f"{type(self).__name__}.{call} returned {len(result)} results for {len(keys)} keys"
             )
+
+
+def _as_parts(buf: PageBuffers) -> PageParts:
+    """A page's buffers as a tuple; a bare memoryview is the one-region form."""
+    if isinstance(buf, memoryview):
+        return (buf,)
+    if isinstance(buf, list | tuple) and buf:
+        return tuple(buf)
+    raise TypeError(
+        f"a page is a memoryview or a non-empty list/tuple of memoryviews, got {buf!r:.60}"
+    )

@@ -3,6 +3,10 @@
 - ``buffer_address(buf, writable=False)``  address of a contiguous buffer's first byte
 - ``copy_bytes(dst, src)``                 ``memcpy`` between two equal-sized buffers
 - ``copy_and_hash(dst, src, hash_dst=...)`` the same in pieces, xxh3-hashing each piece as it lands
+- ``iter_pieces(parts, chunk)``            a page's regions as ``(offset, view)`` pieces
+
+Either side of a copy may be one buffer or a page's regions in order (a scatter-gather page,
+``hicache.storage.backend.PageParts``): the bytes are copied region by region, never staged.
 
 A slice assignment (``dst[:] = src``) holds the GIL for the whole copy: an 8 MiB page keeps
 every other thread of the serving process (the scheduler among them) waiting for ~0.3 ms, and
@@ -19,10 +23,14 @@ of the call: the copies work on raw addresses.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterator, Sequence
 
 import xxhash
 
-__all__ = ["COPY_CHUNK", "buffer_address", "copy_and_hash", "copy_bytes"]
+__all__ = ["COPY_CHUNK", "Regions", "buffer_address", "copy_and_hash", "copy_bytes", "iter_pieces"]
+
+#: One buffer, or a page's regions in order.
+Regions = memoryview | Sequence[memoryview]
 
 #: Piece of a hashed copy: hashing reads what the copy just wrote while it is still in cache,
 #: and each piece costs two GIL hand-offs, which several threads copying at once contend for
@@ -77,33 +85,67 @@ def buffer_address(buf: memoryview, writable: bool = False) -> int:
         _release_buffer(ctypes.byref(view))
 
 
-def _addresses(dst: memoryview, src: memoryview) -> tuple[int, int, int]:
-    n = dst.nbytes
-    if src.nbytes != n:
-        raise ValueError(f"copy of {src.nbytes} bytes into a buffer of {n} bytes")
-    return buffer_address(dst, writable=True), buffer_address(src), n
+def _flat(buf: memoryview) -> memoryview:
+    return buf if buf.format == "B" and buf.ndim == 1 else buf.cast("B")
 
 
-def copy_bytes(dst: memoryview, src: memoryview) -> None:
-    """Copy ``src`` into ``dst`` (same size, both contiguous) with the GIL released."""
-    d, s, n = _addresses(dst, src)
-    if n:
-        ctypes.memmove(d, s, n)
+def _regions(bufs: Regions) -> Sequence[memoryview]:
+    return (bufs,) if isinstance(bufs, memoryview) else bufs
 
 
-def copy_and_hash(dst: memoryview, src: memoryview, *, hash_dst: bool) -> int:
+def iter_pieces(parts: Regions, chunk: int) -> Iterator[tuple[int, memoryview]]:
+    """Yield ``(offset in the page, byte view)`` pieces of at most ``chunk`` bytes, region by
+    region; a piece never spans two regions (each is one ``iovec``, one ``memmove``)."""
+    offset = 0
+    for region in _regions(parts):
+        view = _flat(region)
+        for start in range(0, view.nbytes, chunk):
+            piece = view[start : start + chunk]
+            yield offset + start, piece
+        offset += view.nbytes
+
+
+def _segments(bufs: Regions, *, writable: bool) -> list[tuple[int, memoryview]]:
+    return [(buffer_address(b, writable=writable), _flat(b)) for b in _regions(bufs) if b.nbytes]
+
+
+def copy_bytes(dst: Regions, src: Regions) -> None:
+    """Copy ``src`` into ``dst`` (same total size, contiguous regions) with the GIL released."""
+    _copy(dst, src, None, hash_dst=False)
+
+
+def copy_and_hash(dst: Regions, src: Regions, *, hash_dst: bool) -> int:
     """Copy ``src`` into ``dst`` piece by piece and return the xxh3_64 (seed 0) of the bytes
     copied, taken from ``dst`` (``hash_dst``: what a reader received) or from ``src`` (what a
-    writer meant to store). Equal to ``pageformat.payload_checksum`` of that buffer."""
-    d, s, n = _addresses(dst, src)
-    hashed = dst if hash_dst else src
-    if hashed.format != "B" or hashed.ndim != 1:
-        hashed = hashed.cast("B")
+    writer meant to store). Equal to ``pageformat.payload_checksum`` of that side."""
     hasher = xxhash.xxh3_64()
-    update = hasher.update
-    memmove = ctypes.memmove
-    for start in range(0, n, COPY_CHUNK):
-        size = min(COPY_CHUNK, n - start)
-        memmove(d + start, s + start, size)
-        update(hashed[start : start + size])
+    _copy(dst, src, hasher, hash_dst=hash_dst)
     return int(hasher.intdigest())
+
+
+def _copy(dst: Regions, src: Regions, hasher: xxhash.xxh3_64 | None, *, hash_dst: bool) -> None:
+    dsegs = _segments(dst, writable=True)
+    ssegs = _segments(src, writable=False)
+    total = sum(v.nbytes for _, v in dsegs)
+    if sum(v.nbytes for _, v in ssegs) != total:
+        raise ValueError(
+            f"copy of {sum(v.nbytes for _, v in ssegs)} bytes into a buffer of {total} bytes"
+        )
+    memmove = ctypes.memmove
+    di = si = doff = soff = 0
+    # Walk both region lists at once; a hashed copy goes in COPY_CHUNK pieces (see COPY_CHUNK),
+    # a plain one in the largest piece both current regions allow.
+    limit = COPY_CHUNK if hasher is not None else total
+    while di < len(dsegs):
+        daddr, dview = dsegs[di]
+        saddr, sview = ssegs[si]
+        n = min(limit, dview.nbytes - doff, sview.nbytes - soff)
+        memmove(daddr + doff, saddr + soff, n)
+        if hasher is not None:
+            hasher.update(dview[doff : doff + n] if hash_dst else sview[soff : soff + n])
+        doff += n
+        soff += n
+        if doff == dview.nbytes:
+            di, doff = di + 1, 0
+        if soff == sview.nbytes:
+            si, soff = si + 1, 0

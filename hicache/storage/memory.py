@@ -36,6 +36,7 @@ from hicache.storage.backend import (
     BackendConfig,
     BackendContext,
     Capabilities,
+    PageParts,
     PageStatus,
     StoredPage,
 )
@@ -197,16 +198,20 @@ class MemoryBackend(Backend):
                     return i
             return len(keys)
 
-    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
+    def _put(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:
         store = self._require_store()
         # Build whole pages before taking the lock: a reader can only ever find a complete page.
         with store.lock:
             pages = store.namespace(self._ns)
             fresh_idx = [i for i, key in enumerate(keys) if key not in pages]
-        # bytearray(src) copies into fresh, unzeroed memory in one pass; a GIL-free copy
-        # (buffers.copy_and_hash) needs a zeroed buffer first and measured no faster.
+        # bytearray(src) copies into fresh, unzeroed memory in one pass (join: region by
+        # region); a GIL-free copy (buffers.copy_and_hash) needs a zeroed buffer first and
+        # measured no faster.
         fresh = {
-            i: _Page(bytearray(encode_header(self._ns, keys[i], srcs[i])), bytearray(srcs[i]))
+            i: _Page(
+                bytearray(encode_header(self._ns, keys[i], srcs[i])),
+                bytearray(srcs[i][0]) if len(srcs[i]) == 1 else bytearray().join(srcs[i]),
+            )
             for i in fresh_idx
         }
         statuses: list[PageStatus] = []
@@ -246,7 +251,7 @@ class MemoryBackend(Backend):
         self._count(puts=len(admitted), evictions=len(evicted))
         return statuses
 
-    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+    def _get_into(self, keys: Sequence[str], dsts: Sequence[PageParts]) -> list[PageStatus]:
         store = self._require_store()
         with store.lock:
             pages = store.pages.get(self._ns, {})

@@ -45,6 +45,7 @@ What a reader may do with a page it cannot use is decided here, once, for every 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -59,18 +60,22 @@ __all__ = [
     "MAGIC",
     "Buffer",
     "PageHeader",
+    "Payload",
     "check_checksum",
     "check_version",
     "decode_header",
     "encode_header",
     "encode_header_into",
     "payload_checksum",
+    "payload_nbytes",
     "stored_size",
     "verify_page",
     "verify_payload",
 ]
 
 Buffer = bytes | bytearray | memoryview
+#: A payload as one buffer or as a page's regions in order (checksummed as their concatenation).
+Payload = Buffer | Sequence[Buffer]
 
 #: Size of the header in bytes; the payload starts at this offset (4 KiB keeps it O_DIRECT-aligned).
 HEADER_SIZE: Final[int] = 4096
@@ -111,9 +116,22 @@ def _as_bytes_view(buf: Buffer) -> memoryview:
     return view
 
 
-def payload_checksum(payload: Buffer) -> int:
-    """Return the xxh3_64 checksum of ``payload``, hashed in place (no copy)."""
-    return xxhash.xxh3_64_intdigest(payload)
+def payload_checksum(payload: Payload) -> int:
+    """Return the xxh3_64 checksum of ``payload``, hashed in place (no copy); regions hash as
+    the bytes they hold back to back (xxh3's streaming form equals its one-shot form)."""
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return xxhash.xxh3_64_intdigest(payload)
+    hasher = xxhash.xxh3_64()
+    for region in payload:
+        hasher.update(region)
+    return int(hasher.intdigest())
+
+
+def payload_nbytes(payload: Payload) -> int:
+    """Length of ``payload`` in bytes (of all its regions)."""
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return _as_bytes_view(payload).nbytes
+    return sum(_as_bytes_view(region).nbytes for region in payload)
 
 
 def stored_size(payload_len: int) -> int:
@@ -152,13 +170,13 @@ def encode_header_into(
 
 
 def encode_header(
-    namespace: str, key: str, payload: Buffer, *, checksum: int | None = None
+    namespace: str, key: str, payload: Payload, *, checksum: int | None = None
 ) -> bytes:
     """Return the ``HEADER_SIZE``-byte header of ``payload`` stored under ``namespace``/``key``.
 
     ``checksum`` skips hashing the payload when the caller already knows it.
     """
-    payload_len = _as_bytes_view(payload).nbytes
+    payload_len = payload_nbytes(payload)
     if checksum is None:
         checksum = payload_checksum(payload)
     out = bytearray(HEADER_SIZE)
@@ -242,9 +260,9 @@ def check_version(header: Buffer) -> None:
     )
 
 
-def verify_payload(header: PageHeader, payload: Buffer, *, check_payload: bool = True) -> None:
+def verify_payload(header: PageHeader, payload: Payload, *, check_payload: bool = True) -> None:
     """Check ``payload`` against a decoded header: its length, then (optionally) its checksum."""
-    nbytes = _as_bytes_view(payload).nbytes
+    nbytes = payload_nbytes(payload)
     if nbytes != header.payload_len:
         raise PageCorruptError(
             "length", f"payload has {nbytes} bytes, header says {header.payload_len}"
@@ -263,7 +281,7 @@ def check_checksum(header: PageHeader, computed: int) -> None:
 
 
 def verify_page(
-    header: Buffer, payload: Buffer, *, namespace: str, key: str, check_payload: bool = True
+    header: Buffer, payload: Payload, *, namespace: str, key: str, check_payload: bool = True
 ) -> PageHeader:
     """Decode ``header`` and check it describes ``payload`` stored under ``namespace``/``key``.
 

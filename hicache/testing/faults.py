@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from hicache.errors import BackendUnavailableError
-from hicache.storage.backend import Backend, BackendConfig, Capabilities, PageStatus
+from hicache.storage.backend import Backend, BackendConfig, Capabilities, PageParts, PageStatus
 
 __all__ = ["FaultOp", "FaultyBackend"]
 
@@ -236,13 +236,13 @@ class FaultyBackend(Backend):
         finally:
             self._exit(FaultOp.EXISTS)
 
-    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
+    def _put(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:
         try:
             return self._put_faulty(keys, srcs)
         finally:
             self._exit(FaultOp.PUT)
 
-    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+    def _get_into(self, keys: Sequence[str], dsts: Sequence[PageParts]) -> list[PageStatus]:
         try:
             return self._get_faulty(keys, dsts)
         finally:
@@ -255,11 +255,11 @@ class FaultyBackend(Backend):
         finally:
             self._exit(FaultOp.DELETE)
 
-    def _put_faulty(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
+    def _put_faulty(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:
         self._enter(FaultOp.PUT)
         out: list[PageStatus | None] = [None] * len(keys)
         pass_keys: list[str] = []
-        pass_srcs: list[memoryview] = []
+        pass_srcs: list[PageParts] = []
         where: list[int] = []
         with self._lock:
             self.put_log.extend(keys)
@@ -276,7 +276,7 @@ class FaultyBackend(Backend):
                 out[i] = status
         return [s if s is not None else PageStatus.FAILED for s in out]
 
-    def _get_faulty(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+    def _get_faulty(self, keys: Sequence[str], dsts: Sequence[PageParts]) -> list[PageStatus]:
         self._enter(FaultOp.GET)
         out: list[PageStatus | None] = [None] * len(keys)
         with self._lock:
@@ -299,7 +299,8 @@ class FaultyBackend(Backend):
                 out[i] = status
         for i, status in enumerate(out):
             if status is PageStatus.CORRUPT or status is PageStatus.FAILED:
-                dsts[i][:] = bytes([GARBAGE]) * len(dsts[i])  # "undefined" contents
+                for region in dsts[i]:  # "undefined" contents
+                    region.cast("B")[:] = bytes([GARBAGE]) * region.nbytes
         return [s if s is not None else PageStatus.FAILED for s in out]
 
     def take_evicted(self) -> list[str]:

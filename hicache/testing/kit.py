@@ -47,6 +47,7 @@ from hicache.storage.backend import (
     PageStatus,
     check_key,
 )
+from hicache.testing.kit_parts import ScatterGatherTests
 from hicache.testing.pages import (
     CANARY,
     CANARY_WIDTH,
@@ -65,7 +66,7 @@ _RUN_SALT = f"{time.time_ns()}"
 _namespace_counter = itertools.count()
 
 
-class BackendTests:
+class BackendTests(ScatterGatherTests):
     """Conformance tests for one backend class; subclass it in the backend's test module.
 
     Set ``backend_cls``, override the ``backend_options`` fixture, and implement the raw hooks
@@ -366,11 +367,16 @@ class BackendTests:
                 backend.put([good, bad], [memoryview(self.page(good)), wrong])
         assert backend.exists([good, bad]) == [False, False], "a rejected put stored a page"
         assert self.put_pages(backend, [good]) == [PageStatus.OK]
-        raw, dst = canary_buffer(self.page_bytes)
+        # A destination of another size cannot hold a page of this namespace: a miss, untouched.
         for wrong in (small, big):
-            with pytest.raises(ValueError):
-                backend.get_into([good, good], [dst, wrong])
-        assert raw.count(CANARY) == len(raw), "a rejected get_into wrote into a buffer"
+            wrong[:] = bytes([CANARY]) * wrong.nbytes
+            _raw, dst = canary_buffer(self.page_bytes)
+            assert backend.get_into([good, good], [wrong, dst]) == [
+                PageStatus.NOT_FOUND,
+                PageStatus.OK,
+            ]
+            assert bytes(dst) == self.page(good)
+            assert wrong.tobytes().count(CANARY) == wrong.nbytes, "a missized buffer was written"
         with pytest.raises(ValueError):
             backend.get_into([good], [memoryview(bytes(self.page_bytes))])  # read-only dst
         with pytest.raises(ValueError):

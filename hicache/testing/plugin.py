@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-pytest.register_assert_rewrite("hicache.testing.kit")
+pytest.register_assert_rewrite("hicache.testing.kit", "hicache.testing.kit_parts")
 
 #: Examples per hypothesis test under the ``ci`` and ``dev`` profiles.
 CI_MAX_EXAMPLES = 30

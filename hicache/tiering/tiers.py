@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from hicache.config import TierSettings
 from hicache.errors import BackendUnavailableError
-from hicache.storage.backend import Backend, BackendContext, PageStatus
+from hicache.storage.backend import Backend, BackendContext, PageBuffers, PageStatus
 from hicache.tiering.admission import AdmissionPolicy, make_admission
 from hicache.tiering.breaker import CircuitBreaker
 from hicache.tiering.calls import CallOutcome, FailureKind, RetryPolicy, TierCaller
@@ -171,7 +171,7 @@ class Tier:
     def get_into(
         self,
         keys: Sequence[str],
-        dsts: Sequence[memoryview],
+        dsts: Sequence[PageBuffers],
         *,
         on_return: Callable[[], None] | None = None,
     ) -> list[PageStatus]:
@@ -206,7 +206,7 @@ class Tier:
     def put(
         self,
         keys: Sequence[str],
-        srcs: Sequence[memoryview],
+        srcs: Sequence[PageBuffers],
         *,
         on_return: Callable[[], None] | None = None,
     ) -> list[PageStatus]:
@@ -426,7 +426,7 @@ class Tiers:
                 pos += n
         return ranges
 
-    def get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+    def get_into(self, keys: Sequence[str], dsts: Sequence[PageBuffers]) -> list[PageStatus]:
         """Read the chain ``keys`` into ``dsts`` through the cascade; one status per key.
 
         Synchronous convenience (tools, tests): it waits for each call's deadline but not for

@@ -1,4 +1,4 @@
-"""``hicache bench storage|eviction|radix``: figures next to the machine's own limits.
+"""``hicache bench storage|eviction|radix|sglang``: figures next to the machine's own limits.
 
 - ``storage``   a configured tier's put / cold get / hot get GB/s, exists and exists_prefix
                 keys/s and latency percentiles, each with the raw limit measured in the same run
@@ -6,6 +6,8 @@
 - ``eviction``  capacity policy operations per second (:mod:`hicache.tools.eviction_bench`)
 - ``radix``     radix tree throughput (:mod:`hicache.tools.radix_bench`, imported only when
                 asked for)
+- ``sglang``    SGLang's zero-copy storage calls through the adapter vs the raw tier and SGLang's
+                ``HiCacheFile`` (:mod:`hicache.tools.sglang_bench`; needs SGLang installed)
 
 ``add_parser(subparsers)`` registers the ``bench`` command on the ``hicache`` command line; every
 leaf parser sets ``func``, a handler taking the parsed namespace and returning the exit status.
@@ -154,6 +156,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         passthrough=True,
     )
     radix.set_defaults(func=_run_radix)
+
+    sglang = sub.add_parser(
+        "sglang",
+        help="SGLang batch_set_v1/batch_get_v1 GB/s through the adapter vs raw tier and "
+        "HiCacheFile (options: hicache bench sglang --help)",
+        add_help=False,
+        passthrough=True,
+    )
+    sglang.set_defaults(func=_run_sglang)
     return parser
 
 
@@ -354,6 +365,24 @@ def _run_radix(args: argparse.Namespace) -> int:
     radix_bench.add_arguments(parser)
     radix_args = parser.parse_args(getattr(args, "passthrough_argv", []))
     return int(radix_bench.run(radix_args))
+
+
+def _run_sglang(args: argparse.Namespace) -> int:
+    try:
+        sglang_bench = importlib.import_module("hicache.tools.sglang_bench")
+        importlib.import_module("sglang.srt.mem_cache.hicache_storage")
+    except ImportError as exc:
+        print(
+            f"error: hicache bench sglang is not available ({exc}); it needs SGLang "
+            "(`pip install sglang`) and the cache side (`pip install hicache[cache]`)",
+            file=sys.stderr,
+        )
+        return 2
+    parser = argparse.ArgumentParser(
+        prog="hicache bench sglang", description="SGLang storage calls through the adapter"
+    )
+    sglang_bench.add_arguments(parser)
+    return int(sglang_bench.run(parser.parse_args(getattr(args, "passthrough_argv", []))))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from hicache.storage import (
     BackendConfig,
     BackendContext,
     Capabilities,
+    PageParts,
     PageStatus,
     StoredPage,
     check_namespace,
@@ -292,9 +293,9 @@ class LocalDiskBackend(Backend):
 
     # ------------------------------------------------------------------ put
 
-    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
+    def _put(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:
         io = self._require_io()
-        srcs = [_bytes_view(s) for s in srcs]
+        srcs = [_bytes_views(s) for s in srcs]
         statuses: list[PageStatus | None] = [None] * len(keys)
         if self._shared is not None:
             todo = self._plan_shared(keys, statuses)
@@ -359,9 +360,9 @@ class LocalDiskBackend(Backend):
 
     # ------------------------------------------------------------------ get
 
-    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+    def _get_into(self, keys: Sequence[str], dsts: Sequence[PageParts]) -> list[PageStatus]:
         io = self._require_io()
-        dsts = [_bytes_view(d) for d in dsts]
+        dsts = [_bytes_views(d) for d in dsts]
         shared = self.options.shared
         pages = self._index.pages
         now = None if self.context.read_only else time.time_ns()
@@ -558,6 +559,6 @@ class LocalDiskBackend(Backend):
         return list(pool.map(fn, items))
 
 
-def _bytes_view(buf: memoryview) -> memoryview:
+def _bytes_views(parts: PageParts) -> PageParts:
     # Slicing for short reads/writes must count bytes, whatever the caller's item format.
-    return buf if buf.format == "B" and buf.ndim == 1 else buf.cast("B")
+    return tuple(b if b.format == "B" and b.ndim == 1 else b.cast("B") for b in parts)

@@ -4,6 +4,7 @@
 - ``read_fully(fd, bufs)``         ``preadv`` until the buffers are full or the file ends
 - ``write_page(fd, hdr, payload)``  a page file in pieces, hashing each right after its copy
 - ``read_page(fd, hdr, payload)``   a page file in pieces, hashing each as it lands
+  (``payload`` of both: one buffer or a page's regions, written/read back to back)
 - ``publish_noreplace(tmp, dst)``  atomic create-only publish: ``renameat2(RENAME_NOREPLACE)``,
                                    else ``link`` + ``unlink``; ``False`` when ``dst`` exists
 - ``fsync_dir(path)``              make a directory's entries durable
@@ -22,6 +23,8 @@ import threading
 from collections.abc import Callable
 
 import xxhash
+
+from hicache.storage import Regions, iter_pieces
 
 __all__ = [
     "DIRECT_ALIGN",
@@ -79,58 +82,63 @@ def read_fully(fd: int, bufs: list[memoryview], offset: int = 0) -> int:
 
 
 def write_page(
-    fd: int, header: memoryview, payload: memoryview, seal: Callable[[int], None] | None
+    fd: int, header: memoryview, payload: Regions, seal: Callable[[int], None] | None
 ) -> None:
-    """Write a page file: ``header`` at offset 0, ``payload`` right after it.
+    """Write a page file: ``header`` at offset 0, ``payload`` (its regions back to back) after it.
 
     ``seal(checksum)`` fills ``header`` from the payload's xxh3_64 (seed 0) before the header is
     written; ``None`` writes ``header`` as it is and hashes nothing (the raw baseline). Small
-    payloads go in one ``pwritev([header, payload])``, hashed first. Larger ones go payload
+    payloads go in one ``pwritev([header, *regions])``, hashed first. Larger ones go payload
     first in ``IO_CHUNK`` pieces, each hashed right after the kernel copied it (still in cache:
     ~10% less CPU than hashing first), then the header: measured on Linux 6.18, one 8 MiB
     buffered ``pwritev`` is several times slower than the same bytes in 1 MiB calls.
     """
-    if payload.nbytes < SMALL_IO:
+    regions = [payload] if isinstance(payload, memoryview) else list(payload)
+    if sum(r.nbytes for r in regions) < SMALL_IO:
         if seal is not None:
-            seal(xxhash.xxh3_64_intdigest(payload))
-        write_fully(fd, [header, payload])
+            digest = xxhash.xxh3_64()
+            for region in regions:
+                digest.update(region)
+            seal(digest.intdigest())
+        write_fully(fd, [header, *regions])
         return
-    digest = xxhash.xxh3_64() if seal is not None else None
-    for off in range(0, payload.nbytes, IO_CHUNK):
-        view = payload[off : off + IO_CHUNK]
+    hasher = xxhash.xxh3_64() if seal is not None else None
+    for off, view in iter_pieces(regions, IO_CHUNK):
         write_fully(fd, [view], header.nbytes + off)
-        if digest is not None:
-            digest.update(view)
-    if seal is not None and digest is not None:
-        seal(digest.intdigest())
+        if hasher is not None:
+            hasher.update(view)
+    if seal is not None and hasher is not None:
+        seal(hasher.intdigest())
     write_fully(fd, [header], 0)
 
 
 def read_page(
-    fd: int, header: memoryview, payload: memoryview, *, hash_payload: bool
+    fd: int, header: memoryview, payload: Regions, *, hash_payload: bool
 ) -> tuple[int, int]:
-    """Read ``header`` then ``payload`` from offset 0 in ``READ_CHUNK`` pieces, hashing each
-    piece (xxh3_64, seed 0) right after it lands when ``hash_payload``: a verified read then
-    costs about one pass over memory instead of two, and cold reads of large pages run faster
-    in pieces than in one call. Returns (bytes read, checksum or 0); the checksum is
-    meaningless when fewer than ``header.nbytes + payload.nbytes`` were read."""
+    """Read ``header`` then ``payload`` (its regions back to back) from offset 0 in
+    ``READ_CHUNK`` pieces, hashing each piece (xxh3_64, seed 0) right after it lands when
+    ``hash_payload``: a verified read then costs about one pass over memory instead of two, and
+    cold reads of large pages run faster in pieces than in one call. Returns (bytes read,
+    checksum or 0); the checksum is meaningless when the file was shorter than the page."""
     digest = xxhash.xxh3_64() if hash_payload else None
-    first = payload[:READ_CHUNK]
-    n = read_fully(fd, [header, first])
-    if n < header.nbytes + first.nbytes:
-        return n, 0
+    pieces = iter_pieces(payload, READ_CHUNK)
+    first = next(pieces, None)
+    got = read_fully(fd, [header] + ([first[1]] if first is not None else []))
+    if first is None:
+        return got, digest.intdigest() if digest is not None else 0
+    if got < header.nbytes + first[1].nbytes:
+        return got, 0
     if digest is not None:
-        digest.update(first)
-    off = first.nbytes
-    while off < payload.nbytes:
-        view = payload[off : off + READ_CHUNK]
-        got = read_fully(fd, [view], header.nbytes + off)
-        if got < view.nbytes:
-            return header.nbytes + off + got, 0
+        digest.update(first[1])
+    end = header.nbytes + first[1].nbytes
+    for off, view in pieces:
+        n = read_fully(fd, [view], header.nbytes + off)
+        if n < view.nbytes:
+            return header.nbytes + off + n, 0
         if digest is not None:
             digest.update(view)
-        off += view.nbytes
-    return header.nbytes + payload.nbytes, digest.intdigest() if digest is not None else 0
+        end = header.nbytes + off + view.nbytes
+    return end, digest.intdigest() if digest is not None else 0
 
 
 def _after(bufs: list[memoryview], skip: int) -> list[memoryview]:

@@ -24,11 +24,13 @@ from stat import S_ISREG
 from hicache.errors import PageCorruptError, PageVersionError
 from hicache.storage import (
     HEADER_SIZE,
+    PageParts,
     PageStatus,
     buffer_address,
     check_checksum,
     check_version,
     encode_header_into,
+    iter_pieces,
     open_regular,
     payload_checksum,
     verify_page,
@@ -118,7 +120,7 @@ class PageIO:
             self._hasher.shutdown(wait=True)
             self._hasher = None
 
-    def _write_page(self, fd: int, key: str, src: memoryview, direct: bool) -> None:
+    def _write_page(self, fd: int, key: str, src: PageParts, direct: bool) -> None:
         header = self._header()
         hasher = self._hasher
         with self._writers_lock:
@@ -134,7 +136,7 @@ class PageIO:
                     # one large device write.
                     checksum = payload_checksum(src)
                     encode_header_into(header, self._ns, key, self._page_bytes, checksum)
-                    write_fully(fd, [header, src])
+                    write_fully(fd, [header, *src])
                 else:
                     write_page(fd, header, src, partial(self._seal, header, key))
                 return
@@ -142,8 +144,8 @@ class PageIO:
             # another core while this thread writes the payload, then write the header.
             pending = hasher.submit(payload_checksum, src)
             try:
-                for off in range(0, src.nbytes, IO_CHUNK):  # pieces: see fsio.write_page
-                    write_fully(fd, [src[off : off + IO_CHUNK]], HEADER_SIZE + off)
+                for off, piece in iter_pieces(src, IO_CHUNK):  # pieces: see fsio.write_page
+                    write_fully(fd, [piece], HEADER_SIZE + off)
             finally:
                 # Never return while a worker still reads the caller's buffer.
                 wait([pending])
@@ -156,12 +158,18 @@ class PageIO:
     def _seal(self, header: memoryview, key: str, checksum: int) -> None:
         encode_header_into(header, self._ns, key, self._page_bytes, checksum)
 
-    def _direct_ok(self, buf: memoryview) -> bool:
-        return self.direct and buffer_address(buf) % DIRECT_ALIGN == 0
+    def _direct_ok(self, parts: PageParts) -> bool:
+        # Every iovec of an O_DIRECT transfer must start aligned, and every one but the last
+        # must end aligned too.
+        return self.direct and all(
+            buffer_address(part) % DIRECT_ALIGN == 0
+            and (i == len(parts) - 1 or part.nbytes % DIRECT_ALIGN == 0)
+            for i, part in enumerate(parts)
+        )
 
     # ------------------------------------------------------------------ put
 
-    def write(self, key: str, src: memoryview, mtime_ns: int) -> PageStatus:
+    def write(self, key: str, src: PageParts, mtime_ns: int) -> PageStatus:
         """Store one page create-only: ``OK``, ``ALREADY_EXISTS`` or ``FAILED`` (logged)."""
         tmp = self._layout.temp_path(key)
         direct = self._direct_ok(src)
@@ -195,7 +203,7 @@ class PageIO:
 
     # ------------------------------------------------------------------ get
 
-    def read(self, key: str, dst: memoryview, touch_ns: int | None) -> tuple[ReadResult, str]:
+    def read(self, key: str, dst: PageParts, touch_ns: int | None) -> tuple[ReadResult, str]:
         """Read and verify one page into ``dst``; ``dst`` is untouched when ``MISSING``.
 
         Returns the outcome and, for ``CORRUPT``, the field that failed verification.
@@ -217,7 +225,7 @@ class PageIO:
             # O_DIRECT reads stay whole: pieces would turn one large device read into many.
             hashed = self._verify and not flags & O_DIRECT
             if flags & O_DIRECT:
-                n, checksum = read_fully(fd, [header, dst]), 0
+                n, checksum = read_fully(fd, [header, *dst]), 0
             else:
                 n, checksum = read_page(fd, header, dst, hash_payload=hashed)
             if n != self.stored_bytes:

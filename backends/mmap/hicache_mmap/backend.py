@@ -37,6 +37,7 @@ from hicache.storage import (
     BackendConfig,
     BackendContext,
     Capabilities,
+    PageParts,
     PageStatus,
     StoredPage,
 )
@@ -212,7 +213,7 @@ class MmapBackend(Backend):
 
     # ------------------------------------------------------------------ get
 
-    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+    def _get_into(self, keys: Sequence[str], dsts: Sequence[PageParts]) -> list[PageStatus]:
         self._calls.enter()
         try:
             if self._empty:
@@ -226,9 +227,7 @@ class MmapBackend(Backend):
         finally:
             self._calls.leave()
 
-    def _get_one(self, file: SlotFile, key: str, dst: memoryview) -> PageStatus:
-        if dst.format != "B" or dst.ndim != 1:
-            dst = dst.cast("B")
+    def _get_one(self, file: SlotFile, key: str, dst: PageParts) -> PageStatus:
         view = self._view
         for _attempt in range(2):
             entry = view.locate(file, key)
@@ -249,7 +248,7 @@ class MmapBackend(Backend):
         # some of the replacement's bytes; the cache never uses a buffer that is not OK.
         return PageStatus.NOT_FOUND
 
-    def _read_slot(self, file: SlotFile, slot: int, key: str, dst: memoryview) -> PageStatus:
+    def _read_slot(self, file: SlotFile, slot: int, key: str, dst: PageParts) -> PageStatus:
         """Seqlock read of one slot into ``dst``; raises ``_Race`` when the slot changed."""
         geo = file.geo
         mm = file.mm
@@ -272,7 +271,7 @@ class MmapBackend(Backend):
             raise _Race  # the slot now holds another page; the index was stale
         (payload_len,) = GEN.unpack_from(raw, 16)
         (checksum,) = GEN.unpack_from(raw, 24)
-        if payload_len != dst.nbytes or payload_len > geo.slot_payload:
+        if payload_len != self.context.page_bytes or payload_len > geo.slot_payload:
             return self._corrupt(slot, gen, key, f"payload length {payload_len}")
         copied_sum = file.read_payload(slot, dst, self.options.verify_checksum)
         if GEN.unpack_from(mm, off)[0] != gen:
@@ -329,7 +328,7 @@ class MmapBackend(Backend):
                 "mmap backend used in a forked child; open a new instance after fork"
             )
 
-    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
+    def _put(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:
         self._calls.enter()
         try:
             return self._put_all(self._req_file(), keys, srcs)
@@ -337,7 +336,7 @@ class MmapBackend(Backend):
             self._calls.leave()
 
     def _put_all(
-        self, file: SlotFile, keys: Sequence[str], srcs: Sequence[memoryview]
+        self, file: SlotFile, keys: Sequence[str], srcs: Sequence[PageParts]
     ) -> list[PageStatus]:
         self._check_pid()
         out: list[PageStatus] = []
@@ -354,7 +353,8 @@ class MmapBackend(Backend):
         self._counts["puts"] += len(keys)
         return out
 
-    def _put_one(self, file: SlotFile, key: str, src: memoryview) -> PageStatus:
+    def _put_one(self, file: SlotFile, key: str, src: PageParts) -> PageStatus:
+        page_bytes = self.context.page_bytes
         geo = file.geo
         s = int(key[:16], 16) % geo.num_sets
         first = s * geo.associativity
@@ -382,7 +382,7 @@ class MmapBackend(Backend):
             view.observe(slot, None, odd)
             checksum = file.write_payload(slot, src, durable)
             final = file.finish_write(
-                slot, odd, bytes.fromhex(key), self._ns_field, src.nbytes, checksum, durable
+                slot, odd, bytes.fromhex(key), self._ns_field, page_bytes, checksum, durable
             )
             if not clock.is_used(slot):
                 clock.mark_used(slot)

@@ -24,10 +24,12 @@ from hicache.errors import (
 from hicache.storage import (
     DEFAULT_DIR_MODE,
     DEFAULT_FILE_MODE,
+    Regions,
     copy_and_hash,
     copy_bytes,
     create_file,
     make_dirs,
+    payload_nbytes,
 )
 from hicache_mmap.layout import (
     BODY_OFFSET,
@@ -261,11 +263,11 @@ class SlotFile:
             self.mm.flush(off, SLOT_HEADER_SIZE)
         return odd
 
-    def write_payload(self, slot: int, src: memoryview, durable: bool) -> int:
-        """Copy ``src`` into the slot's payload area (the one copy of a put); return its
-        checksum (the value of ``pageformat.payload_checksum``)."""
+    def write_payload(self, slot: int, src: Regions, durable: bool) -> int:
+        """Copy ``src`` (a buffer or a page's regions, piecewise) into the slot's payload area
+        (the one copy of a put); return its checksum (``pageformat.payload_checksum``)."""
         off = self.geo.slot_offset(slot) + SLOT_HEADER_SIZE
-        n = src.nbytes
+        n = payload_nbytes(src)
         if n > self.geo.slot_payload:
             raise ValueError(f"payload of {n} bytes exceeds the {self.geo.slot_payload}-byte slot")
         # The slice pins the mapping (close() fails with BufferError) while the copy, which
@@ -276,11 +278,11 @@ class SlotFile:
             self.mm.flush(off, -(-n // mmap.PAGESIZE) * mmap.PAGESIZE)
         return checksum
 
-    def read_payload(self, slot: int, dst: memoryview, verify: bool) -> int | None:
-        """Copy the slot's first ``dst.nbytes`` payload bytes into ``dst``; return the checksum
-        of what was copied when ``verify``, else ``None``."""
+    def read_payload(self, slot: int, dst: Regions, verify: bool) -> int | None:
+        """Copy the slot's first payload bytes into ``dst`` (a buffer or a page's regions, filled
+        piecewise); return the checksum of what was copied when ``verify``, else ``None``."""
         off = self.geo.slot_offset(slot) + SLOT_HEADER_SIZE
-        n = dst.nbytes
+        n = payload_nbytes(dst)
         if n > self.geo.slot_payload:
             raise ValueError(f"payload of {n} bytes exceeds the {self.geo.slot_payload}-byte slot")
         region = self.view[off : off + n]  # pins the mapping: see write_payload

@@ -33,6 +33,7 @@ from hicache.storage import (
     BackendConfig,
     BackendContext,
     Capabilities,
+    PageParts,
     PageStatus,
     StoredPage,
     check_namespace,
@@ -290,7 +291,7 @@ class S3Backend(Backend):
 
     # ------------------------------------------------------------------ put
 
-    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
+    def _put(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:
         return gather(
             self._workers(),
             self._put_one,
@@ -299,7 +300,7 @@ class S3Backend(Backend):
             what="PutObject",
         )
 
-    def _put_one(self, key: str, src: memoryview) -> PageStatus:
+    def _put_one(self, key: str, src: PageParts) -> PageStatus:
         if self._conditional is ConditionalPut.NEVER and self._head(key):
             self._count(already_exists=1)
             return PageStatus.ALREADY_EXISTS
@@ -332,11 +333,11 @@ class S3Backend(Backend):
             log.warning("put of page %s failed in %r: %s", key, self, error)
             self._count(failed_pages=1)
             return PageStatus.FAILED
-        self._count(puts=1, put_bytes=src.nbytes)
+        self._count(puts=1, put_bytes=self.context.page_bytes)
         self._remember_present(key)
         return PageStatus.OK
 
-    def _conditional_unsupported(self, key: str, src: memoryview) -> PageStatus:
+    def _conditional_unsupported(self, key: str, src: PageParts) -> PageStatus:
         """The server refused ``If-None-Match``: fall back (``auto``) or fail the page."""
         if self.options.conditional_put is ConditionalPut.ALWAYS:
             log.error("%r: the server rejects conditional puts (If-None-Match)", self)
@@ -355,7 +356,7 @@ class S3Backend(Backend):
 
     # ------------------------------------------------------------------ get
 
-    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+    def _get_into(self, keys: Sequence[str], dsts: Sequence[PageParts]) -> list[PageStatus]:
         return gather(
             self._workers(),
             self._get_one,
@@ -364,7 +365,7 @@ class S3Backend(Backend):
             what="GetObject",
         )
 
-    def _get_one(self, key: str, dst: memoryview) -> PageStatus:
+    def _get_one(self, key: str, dst: PageParts) -> PageStatus:
         params: dict[str, Any] = {"Bucket": self.options.bucket, "Key": self.object_key(key)}
         if self.options.checksum is not ChecksumAlgorithm.NONE:
             params["ChecksumMode"] = "ENABLED"
@@ -386,12 +387,12 @@ class S3Backend(Backend):
         finally:
             body.close()
         if status is PageStatus.OK:
-            self._count(gets=1, get_bytes=dst.nbytes)
+            self._count(gets=1, get_bytes=self.context.page_bytes)
             self._remember_present(key)
             self._maybe_refresh(key, response.get("LastModified"))
         return status
 
-    def _stream_page(self, key: str, body: Any, length: int, dst: memoryview) -> PageStatus:
+    def _stream_page(self, key: str, body: Any, length: int, dst: PageParts) -> PageStatus:
         expected = HEADER_SIZE + self.context.page_bytes
         chunk = self.options.read_chunk_bytes
         if length != expected:

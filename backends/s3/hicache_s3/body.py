@@ -9,8 +9,13 @@
 
 from __future__ import annotations
 
+import bisect
 import io
+import itertools
+from collections.abc import Sequence
 from typing import Any
+
+from hicache.storage import iter_pieces
 
 __all__ = ["PageBody", "read_exact"]
 
@@ -18,16 +23,20 @@ __all__ = ["PageBody", "read_exact"]
 class PageBody:
     """``header + payload`` as a read-only, seekable stream, without concatenating them.
 
-    ``read(n)`` returns a ``memoryview`` of at most ``n`` bytes that never spans the two parts
-    (a short read, which every consumer of file-like bodies handles); only ``read()`` of
-    everything copies. The object keeps a reference to ``payload`` until it is dropped, so it
-    must not outlive the call that received the payload.
+    ``payload`` is one buffer or a page's regions in order. ``read(n)`` returns a ``memoryview``
+    of at most ``n`` bytes that never spans two parts (a short read, which every consumer of
+    file-like bodies handles); only ``read()`` of everything copies. The object keeps
+    references to the payload until it is dropped, so it must not outlive the call that
+    received the payload.
     """
 
-    def __init__(self, header: bytes, payload: memoryview) -> None:
-        self._parts = (memoryview(header), payload.cast("B") if payload.format != "B" else payload)
-        self._split = len(header)
-        self._size = self._split + self._parts[1].nbytes
+    def __init__(self, header: bytes, payload: memoryview | Sequence[memoryview]) -> None:
+        regions = (payload,) if isinstance(payload, memoryview) else tuple(payload)
+        flat = (r.cast("B") if r.format != "B" or r.ndim != 1 else r for r in regions if r.nbytes)
+        self._parts = (memoryview(header), *flat)
+        # Start offset of every part, and the total size as the last entry.
+        self._starts = list(itertools.accumulate((p.nbytes for p in self._parts), initial=0))
+        self._size = self._starts[-1]
         self._pos = 0
 
     def __len__(self) -> int:
@@ -59,16 +68,15 @@ class PageBody:
     def read(self, size: int | None = -1) -> Any:
         """Up to ``size`` bytes (a memoryview); ``b""`` at the end; everything as bytes if -1."""
         if size is None or size < 0:
-            # a read never spans the two parts, so two reads drain whatever is left
-            first = bytes(self.read(self._size))
-            return first + bytes(self.read(self._size))
+            rest = bytearray()
+            while chunk := self.read(self._size):
+                rest += chunk
+            return bytes(rest)
         if self._pos >= self._size or size == 0:
             return b""
-        if self._pos < self._split:
-            part, start, end = self._parts[0], self._pos, self._split
-        else:
-            part, start, end = self._parts[1], self._pos - self._split, self._size - self._split
-        stop = min(end, start + size)
+        index = bisect.bisect_right(self._starts, self._pos) - 1
+        part, start = self._parts[index], self._pos - self._starts[index]
+        stop = min(part.nbytes, start + size)
         self._pos += stop - start
         return part[start:stop]
 
@@ -76,25 +84,26 @@ class PageBody:
         """Nothing to release; present because some consumers close file-like bodies."""
 
 
-def read_exact(body: Any, dst: memoryview, chunk_bytes: int) -> int:
-    """Read from a botocore ``StreamingBody`` into ``dst`` until it is full or the body ends.
+def read_exact(body: Any, dst: memoryview | Sequence[memoryview], chunk_bytes: int) -> int:
+    """Read from a botocore ``StreamingBody`` into ``dst`` (one buffer or a page's regions, in
+    order) until it is full or the body ends.
 
     Uses ``readinto`` on slices of ``dst`` where the body has it, else ``read(chunk)`` into
     slices; never a whole-object ``bytes``. Returns the bytes read.
     """
-    view = dst.cast("B") if dst.format != "B" else dst
-    total = view.nbytes
     pos = 0
     readinto = getattr(body, "readinto", None)
-    while pos < total:
-        end = min(total, pos + chunk_bytes)
-        if readinto is not None:
-            n = readinto(view[pos:end])
-        else:  # bodies without readinto: one chunk-sized bytes at a time, never the whole object
-            chunk = body.read(end - pos)
-            n = len(chunk)
-            view[pos : pos + n] = chunk
-        if not n:
-            break
-        pos += n
+    for _, view in iter_pieces(dst, chunk_bytes):
+        got = 0
+        while got < view.nbytes:
+            if readinto is not None:
+                n = readinto(view[got:])
+            else:  # bodies without readinto: one chunk-sized bytes at a time, never the whole
+                chunk = body.read(view.nbytes - got)
+                n = len(chunk)
+                view[got : got + n] = chunk
+            if not n:
+                return pos + got
+            got += n
+        pos += got
     return pos

@@ -25,9 +25,11 @@ from hicache.storage import (
     BackendConfig,
     BackendContext,
     Capabilities,
+    PageParts,
     PageStatus,
     StoredPage,
     check_namespace,
+    copy_bytes,
     decode_header,
     encode_header,
     verify_page,
@@ -241,12 +243,15 @@ class ValkeyBackend(Backend):
 
     # ------------------------------------------------------------------ put
 
-    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
+    def _put(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:
         namespace = self.context.namespace
+        # TODO(scatter-gather): a page of several regions is joined once here; the RESP packer
+        # could send the regions as they are.
+        pages = [parts[0] if len(parts) == 1 else memoryview(b"".join(parts)) for parts in srcs]
         # headers are built before anything is sent: hashing runs outside the pipeline's window
         items = [
             (key, src, encode_header(namespace, key, src))
-            for key, src in zip(keys, srcs, strict=True)
+            for key, src in zip(keys, pages, strict=True)
         ]
         statuses = self._dispatch.run("put", items, self._send_put, self._receive_put, self._name)
         ok = sum(1 for s in statuses if s is PageStatus.OK)
@@ -289,8 +294,13 @@ class ValkeyBackend(Backend):
 
     # ------------------------------------------------------------------ get
 
-    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
-        items = list(zip(keys, dsts, strict=True))
+    def _get_into(self, keys: Sequence[str], dsts: Sequence[PageParts]) -> list[PageStatus]:
+        # TODO(scatter-gather): a page of several regions is read into one buffer, then copied.
+        pages = [
+            parts[0] if len(parts) == 1 else memoryview(bytearray(self.context.page_bytes))
+            for parts in dsts
+        ]
+        items = list(zip(keys, pages, strict=True))
         send = self._send_get_chunked if self._chunks else self._send_get
         size = HEADER_SIZE + self.context.page_bytes
         statuses = self._dispatch.run("get", items, send, self._receive_get, self._name, size)
@@ -315,6 +325,9 @@ class ValkeyBackend(Backend):
             not_found=sum(1 for s in final if s is PageStatus.NOT_FOUND),
         )
         self._drop_damaged(keys, final)
+        for parts, page, status in zip(dsts, pages, final, strict=True):
+            if len(parts) > 1 and status is PageStatus.OK:
+                copy_bytes(parts, page)
         return final
 
     def _send_get(self, packer: Packer, item: tuple[str, memoryview]) -> None:

@@ -37,10 +37,12 @@ from hicache.storage import (
     BackendContext,
     Capabilities,
     PageHeader,
+    PageParts,
     PageStatus,
     StoredPage,
     check_key,
     check_namespace,
+    copy_bytes,
     create_file,
     decode_header,
     encode_header,
@@ -196,14 +198,14 @@ class FsspecBackend(Backend):
         fs = self._require_fs()
         return self._fan_out(lambda key: self._is_stored(fs, key), list(keys))
 
-    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
+    def _put(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:
         fs = self._require_fs()
         work = list(zip(keys, srcs, strict=True))
         statuses = self._fan_out(lambda page: self._put_one(fs, *page), work)
         self._count(f"put_{s.value}" for s in statuses)
         return statuses
 
-    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
+    def _get_into(self, keys: Sequence[str], dsts: Sequence[PageParts]) -> list[PageStatus]:
         fs = self._require_fs()
         work = list(zip(keys, dsts, strict=True))
         statuses = self._fan_out(lambda page: self._get_one(fs, *page), work)
@@ -285,7 +287,7 @@ class FsspecBackend(Backend):
         except Exception as exc:
             raise _unavailable(f"checking {key}", self._url, exc) from exc
 
-    def _put_one(self, fs: fsspec.AbstractFileSystem, key: str, src: memoryview) -> PageStatus:
+    def _put_one(self, fs: fsspec.AbstractFileSystem, key: str, src: PageParts) -> PageStatus:
         if self._is_stored(fs, key):
             return PageStatus.ALREADY_EXISTS
         shard = f"{self._root}/{key[:2]}"
@@ -327,11 +329,11 @@ class FsspecBackend(Backend):
             )
             return PageStatus.FAILED
         if status is PageStatus.OK:
-            self._count(("bytes_written",), HEADER_SIZE + src.nbytes)
+            self._count(("bytes_written",), HEADER_SIZE + self.context.page_bytes)
         return status
 
     def _write(
-        self, fs: fsspec.AbstractFileSystem, shard: str, path: str, header: bytes, src: memoryview
+        self, fs: fsspec.AbstractFileSystem, shard: str, path: str, header: bytes, src: PageParts
     ) -> None:
         if shard not in self._made_dirs:
             self._makedirs(fs, shard)
@@ -343,9 +345,10 @@ class FsspecBackend(Backend):
             self._makedirs(fs, shard)
             handle = self._open_for_write(fs, path)
         with handle:
-            # Two writes, never header + payload concatenated: the payload is written in place.
+            # One write per part, never header + payload concatenated: written in place.
             handle.write(header)
-            handle.write(src)
+            for region in src:
+                handle.write(region)
 
     def _open_for_write(self, fs: fsspec.AbstractFileSystem, path: str) -> IO[bytes]:
         """A new file at ``path``; a local one is created with the configured mode (fsspec's
@@ -400,7 +403,7 @@ class FsspecBackend(Backend):
         with contextlib.suppress(Exception):
             fs.rm_file(path)
 
-    def _get_one(self, fs: fsspec.AbstractFileSystem, key: str, dst: memoryview) -> PageStatus:
+    def _get_one(self, fs: fsspec.AbstractFileSystem, key: str, dst: PageParts) -> PageStatus:
         path = f"{self._root}/{key[:2]}/{key}"
         try:
             if self._in_process or not self._local:
@@ -426,10 +429,10 @@ class FsspecBackend(Backend):
                 "fsspec %s: get of %s failed: %s: %s", self._url, key, type(exc).__name__, exc
             )
             return PageStatus.FAILED
-        self._count(("bytes_read",), HEADER_SIZE + dst.nbytes)
+        self._count(("bytes_read",), HEADER_SIZE + self.context.page_bytes)
         return PageStatus.OK
 
-    def _check_header(self, header: bytes | memoryview, key: str, dst: memoryview) -> PageHeader:
+    def _check_header(self, header: bytes | memoryview, key: str) -> PageHeader:
         decoded = decode_header(header)
         if decoded.namespace != self.context.namespace:
             raise PageCorruptError(
@@ -437,16 +440,17 @@ class FsspecBackend(Backend):
             )
         if decoded.key != key:
             raise PageCorruptError("key", f"stored {decoded.key!r}, expected {key!r}")
-        if decoded.payload_len != dst.nbytes:
+        want = self.context.page_bytes
+        if decoded.payload_len != want:
             raise PageCorruptError(
-                "length", f"header says {decoded.payload_len} bytes, page_bytes is {dst.nbytes}"
+                "length", f"header says {decoded.payload_len} bytes, page_bytes is {want}"
             )
         return decoded
 
     def _read_into(
-        self, fs: fsspec.AbstractFileSystem, path: str, key: str, dst: memoryview
+        self, fs: fsspec.AbstractFileSystem, path: str, key: str, dst: PageParts
     ) -> None:
-        """Header first, then the payload straight into ``dst`` (no copy in Python)."""
+        """Header first, then the payload straight into ``dst``'s regions (no copy in Python)."""
         # Not fs.open(): a FIFO under the page's name would block it forever, and it follows
         # symlinks out of the root.
         fd = open_regular(path)
@@ -455,21 +459,29 @@ class FsspecBackend(Backend):
         with os.fdopen(fd, "rb") as handle:
             header = handle.read(HEADER_SIZE)
             # Checked before the payload is read, so a bad header never touches ``dst``.
-            decoded = self._check_header(header, key, dst)
+            decoded = self._check_header(header, key)
             got = 0
-            while got < dst.nbytes:
-                n = handle.readinto(dst[got:])
-                if not n:
+            for region in dst:
+                view = region.cast("B") if region.format != "B" or region.ndim != 1 else region
+                filled = 0
+                while filled < view.nbytes:
+                    n = handle.readinto(view[filled:])
+                    if not n:
+                        break
+                    filled += n
+                got += filled
+                if filled != view.nbytes:
                     break
-                got += n
-            if got != dst.nbytes:
-                raise PageCorruptError("length", f"payload cut short at {got} of {dst.nbytes}")
+            if got != decoded.payload_len:
+                raise PageCorruptError(
+                    "length", f"payload cut short at {got} of {decoded.payload_len}"
+                )
             if handle.read(1):
                 raise PageCorruptError("length", "bytes after the payload")
         verify_payload(decoded, dst, check_payload=self._options.verify_checksum)
 
     def _read_whole(
-        self, fs: fsspec.AbstractFileSystem, path: str, key: str, dst: memoryview
+        self, fs: fsspec.AbstractFileSystem, path: str, key: str, dst: PageParts
     ) -> None:
         """One ``cat_file`` of the whole object, verified, then one copy of the payload."""
         data = memoryview(fs.cat_file(path))
@@ -480,11 +492,12 @@ class FsspecBackend(Backend):
             key=key,
             check_payload=self._options.verify_checksum,
         )
-        if data.nbytes - HEADER_SIZE != dst.nbytes:
+        want = self.context.page_bytes
+        if data.nbytes - HEADER_SIZE != want:
             raise PageCorruptError(
-                "length", f"payload has {data.nbytes - HEADER_SIZE} bytes, expected {dst.nbytes}"
+                "length", f"payload has {data.nbytes - HEADER_SIZE} bytes, expected {want}"
             )
-        dst[:] = data[HEADER_SIZE:]
+        copy_bytes(dst, data[HEADER_SIZE:])
 
     def _drop_corrupt(self, fs: fsspec.AbstractFileSystem, path: str, key: str) -> None:
         # A direct write on a filesystem is visible while in progress: what reads as damaged

@@ -1,0 +1,308 @@
+"""``hicache bench sglang``: SGLang's zero-copy storage calls through the hicache adapter, beside
+the same tier's raw ``put``/``get_into`` and SGLang's own ``HiCacheFile``, in one run.
+
+Every round writes the same host pages three ways, each into a fresh directory, then drops
+the written files from the OS page cache and reads them back (cold get):
+
+- ``adapter``     ``batch_set_v1`` / ``batch_get_v1`` of :class:`hicache.integrations.sglang.
+                  HicacheStorage`, built by SGLang's ``StorageBackendFactory`` (``dynamic``)
+                  over one localdisk tier, moving each page's K and V regions in place
+- ``raw tier``    the same localdisk backend's ``put`` / ``get_into`` of the same K and V
+                  regions, without the adapter, tiers, deadlines or breaker
+- ``HiCacheFile`` SGLang's ``file`` backend: ``batch_set`` / ``batch_get`` of whole-page tensors
+                  (its generic path; the page copies SGLang adds around it are not timed)
+
+The side measured first rotates every round; figures are medians over the rounds, and the
+ratios compare medians of the same run. The page defaults to Llama-3-8B at page size 64: 32
+layers x 64 tokens x 8 KV heads x 128 dims x bf16 = 4 MiB per region, K + V = 8 MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hicache.storage.backend import Backend, BackendContext, PageStatus
+from hicache.storage.registry import create_backend
+from hicache.testing.sglang_pool import PageFirstHostPool, host_indices, page_keys
+
+__all__ = ["SideFigures", "add_arguments", "run"]
+
+SIDES = ("adapter", "raw tier", "HiCacheFile")
+
+
+@dataclass(frozen=True, slots=True)
+class SideFigures:
+    """Median GB/s of one side over the rounds (and every round's figures)."""
+
+    put_gbps: float
+    cold_get_gbps: float
+    rounds_put: list[float]
+    rounds_cold_get: list[float]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``hicache bench sglang``."""
+    parser.add_argument("--root", help="directory for the tiers (default: a fresh temp dir)")
+    parser.add_argument("--pages", type=int, default=32, help="pages written per side and round")
+    parser.add_argument("--batch", type=int, default=16, help="pages per storage call")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds; figures are medians")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--page-size", type=int, default=64, help="tokens per page")
+    parser.add_argument("--heads", type=int, default=8, help="KV heads (this rank)")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument("--quick", action="store_true", help="tiny pages and rounds (smoke test)")
+
+
+def _drop_files(root: Path) -> None:
+    """Write back and drop HiCacheFile's files from the page cache (hicache backends drop their
+    own pages through the ``drop_page_cache`` hook of the benchmark protocol)."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)  # DONTNEED skips dirty pages
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _drop_backend(backend: Backend) -> None:
+    hook = getattr(backend, "drop_page_cache", None)
+    if hook is None or not hook():
+        raise RuntimeError(f"{type(backend).__name__} cannot drop its pages: no cold reads")
+
+
+def _gbps(nbytes: int, fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return nbytes / max(time.perf_counter() - started, 1e-9) / 1e9
+
+
+def _check(ok: bool, side: str, what: str) -> None:
+    if not ok:
+        raise RuntimeError(f"{side}: {what} did not store/read every page")
+
+
+class _Bench:
+    def __init__(self, args: argparse.Namespace, root: Path) -> None:
+        self.args = args
+        self.root = root
+        n = args.pages
+        self.pool = PageFirstHostPool(
+            pages=2 * n,
+            page_size=args.page_size,
+            layer_num=args.layers,
+            head_num=args.heads,
+            head_dim=args.head_dim,
+        )
+        raw = self.pool.kv_buffer.view(torch.uint8).numpy().reshape(-1)
+        raw[:] = np.random.default_rng(0).integers(0, 256, raw.size, dtype=np.uint8)
+        self.src, self.dst = list(range(n)), list(range(n, 2 * n))
+        self.page_bytes = 2 * self.pool.region_bytes
+        self.total = n * self.page_bytes
+        # HiCacheFile's generic path hands it one tensor per page (copied out beforehand).
+        self.flat = [torch.frombuffer(bytearray(self.pool.page_bytes_of(p)), dtype=torch.uint8)
+                     for p in self.src]  # fmt: skip
+        self.flat_dst = [torch.empty(self.page_bytes, dtype=torch.uint8) for _ in self.src]
+
+    def _batches(self) -> range:
+        return range(0, self.args.pages, self.args.batch)
+
+    def _storage_config(self, extra: dict[str, Any] | None) -> Any:
+        from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
+
+        return HiCacheStorageConfig(
+            tp_rank=0,
+            tp_size=1,
+            pp_rank=0,
+            pp_size=1,
+            attn_cp_rank=0,
+            attn_cp_size=1,
+            is_mla_model=False,
+            enable_storage_metrics=False,
+            is_page_first_layout=True,
+            model_name="meta-llama/Meta-Llama-3-8B-Instruct",
+            extra_config=extra,
+        )
+
+    def adapter(self, where: Path, keys: list[str]) -> tuple[float, float]:
+        from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+
+        extra = {
+            "backend_name": "hicache",
+            "module_path": "hicache.integrations.sglang",
+            "class_name": "HicacheStorage",
+            "interface_v1": 1,
+            "tiers": {"nvme": {"backend": "localdisk", "options": {"root": str(where)}}},
+        }
+        config = self._storage_config(extra)
+        storage = StorageBackendFactory.create_backend("dynamic", config, self.pool)
+        storage.register_mem_pool_host(self.pool)
+        b = self.args.batch
+        try:
+
+            def put() -> None:
+                for i in self._batches():
+                    idx = host_indices(self.pool, self.src[i : i + b])
+                    _check(all(storage.batch_set_v1(keys[i : i + b], idx)), "adapter", "put")
+
+            def get() -> None:
+                for i in self._batches():
+                    idx = host_indices(self.pool, self.dst[i : i + b])
+                    _check(all(storage.batch_get_v1(keys[i : i + b], idx)), "adapter", "get")
+
+            put_gbps = _gbps(self.total, put)
+            _drop_backend(storage.tiers["nvme"].backend)
+            get_gbps = _gbps(self.total, get)
+        finally:
+            storage.close()
+        return put_gbps, get_gbps
+
+    def raw_tier(self, where: Path, keys: list[str]) -> tuple[float, float]:
+        from hicache.integrations.sglang import address_view
+
+        context = BackendContext(page_bytes=self.page_bytes, namespace="bench", tier_name="raw")
+        backend: Backend = create_backend("localdisk", {"root": str(where)}, context)
+        backend.open()
+        b = self.args.batch
+        try:
+
+            def regions(pages: list[int]) -> list[tuple[memoryview, ...]]:
+                ptrs, sizes = self.pool.get_page_buffer_meta(host_indices(self.pool, pages))
+                return [
+                    tuple(address_view(ptrs[j], sizes[j]) for j in (2 * k, 2 * k + 1))
+                    for k in range(len(pages))
+                ]
+
+            def put() -> None:
+                for i in self._batches():
+                    got = backend.put(keys[i : i + b], regions(self.src[i : i + b]))
+                    _check(all(s.stored for s in got), "raw tier", "put")
+
+            def get() -> None:
+                for i in self._batches():
+                    got = backend.get_into(keys[i : i + b], regions(self.dst[i : i + b]))
+                    _check(all(s is PageStatus.OK for s in got), "raw tier", "get")
+
+            put_gbps = _gbps(self.total, put)
+            _drop_backend(backend)
+            get_gbps = _gbps(self.total, get)
+        finally:
+            backend.close()
+        return put_gbps, get_gbps
+
+    def hicache_file(self, where: Path, keys: list[str]) -> tuple[float, float]:
+        from sglang.srt.mem_cache.hicache_storage import HiCacheFile
+
+        where.mkdir(parents=True, exist_ok=True)
+        storage = HiCacheFile(self._storage_config(None), file_path=str(where))
+        b = self.args.batch
+
+        def put() -> None:
+            for i in self._batches():
+                ok = storage.batch_set(keys[i : i + b], self.flat[i : i + b])
+                _check(bool(ok), "HiCacheFile", "put")
+
+        def get() -> None:
+            for i in self._batches():
+                got = storage.batch_get(keys[i : i + b], self.flat_dst[i : i + b])
+                _check(all(t is not None for t in got), "HiCacheFile", "get")
+
+        put_gbps = _gbps(self.total, put)
+        _drop_files(where)
+        return put_gbps, _gbps(self.total, get)
+
+    def run(self) -> dict[str, SideFigures]:
+        measure = {
+            "adapter": self.adapter,
+            "raw tier": self.raw_tier,
+            "HiCacheFile": self.hicache_file,
+        }
+        figures: dict[str, list[tuple[float, float]]] = {side: [] for side in SIDES}
+        for r in range(self.args.rounds):
+            order = SIDES[r % len(SIDES) :] + SIDES[: r % len(SIDES)]
+            for side in order:
+                where = self.root / f"round{r}-{side.replace(' ', '-')}"
+                keys = page_keys(self.args.pages, f"{r}:{side}")
+                try:
+                    figures[side].append(measure[side](where, keys))
+                finally:
+                    shutil.rmtree(where, ignore_errors=True)
+        return {
+            side: SideFigures(
+                put_gbps=statistics.median(p for p, _ in rows),
+                cold_get_gbps=statistics.median(g for _, g in rows),
+                rounds_put=[round(p, 3) for p, _ in rows],
+                rounds_cold_get=[round(g, 3) for _, g in rows],
+            )
+            for side, rows in figures.items()
+        }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; print a table (or JSON) of medians and same-run ratios."""
+    if args.quick:
+        args.pages, args.batch, args.rounds = 4, 2, 1
+        args.layers, args.page_size, args.heads, args.head_dim = 2, 8, 2, 64
+    made = args.root is None
+    root = Path(tempfile.mkdtemp(prefix="hicache-bench-sglang-") if made else args.root)
+    try:
+        bench = _Bench(args, root)
+        figures = bench.run()
+    finally:
+        if made:
+            shutil.rmtree(root, ignore_errors=True)
+    a, raw, hf = figures["adapter"], figures["raw tier"], figures["HiCacheFile"]
+    ratios = {
+        "adapter/raw put": a.put_gbps / raw.put_gbps,
+        "adapter/raw cold get": a.cold_get_gbps / raw.cold_get_gbps,
+        "adapter/HiCacheFile put": a.put_gbps / hf.put_gbps,
+        "adapter/HiCacheFile cold get": a.cold_get_gbps / hf.cold_get_gbps,
+    }
+    shape = {
+        "page_bytes": bench.page_bytes,
+        "pages": args.pages,
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "root": str(root),
+    }
+    if args.json:
+        out = {"shape": shape, "sides": {k: asdict(v) for k, v in figures.items()}}
+        print(json.dumps({**out, "ratios": ratios}, indent=2))
+        return 0
+    mib = bench.page_bytes / (1 << 20)
+    print(
+        f"hicache bench sglang: {args.pages} pages of {mib:g} MiB (K+V) per side and round, "
+        f"{args.batch} per call, median of {args.rounds} rounds, localdisk at {root}"
+    )
+    print(f"{'side':<12} {'put GB/s':>9} {'cold get GB/s':>14}")
+    for side, fig in figures.items():
+        print(f"{side:<12} {fig.put_gbps:>9.2f} {fig.cold_get_gbps:>14.2f}")
+    for name, value in ratios.items():
+        print(f"{name:<30} {value:5.2f}x")
+    return 0
+
+
+def main() -> int:
+    """Run standalone: ``python -m hicache.tools.sglang_bench``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    add_arguments(parser)
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
