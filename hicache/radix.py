@@ -89,6 +89,12 @@ class RadixCache:
         self.lora_id = lora_id
         self.events = EventQueue()
         self._tick = 0
+        #: ``match_prefix`` calls, the whole pages they asked for, and how many of those were
+        #: found on the device (L1) and in host memory only (L2); monotonic, for stats().
+        self.match_calls = 0
+        self.match_pages = 0
+        self.match_device_pages = 0
+        self.match_host_pages = 0
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -190,6 +196,10 @@ class RadixCache:
             node = child
             i = end
             child = below
+        self.match_calls += 1
+        self.match_pages += n // ps
+        self.match_device_pages += len(pages)
+        self.match_host_pages += host_hit
         return MatchResult(pages, last_device, node, host_hit)
 
     # ------------------------------------------------------------------ insert
