@@ -22,7 +22,6 @@ application gave, by default the position in ``caches``).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -244,14 +243,14 @@ class _Families:
             assert not isinstance(fam, HistogramMetricFamily), name
             fam.add_metric(list(labels), number)
 
-    def histogram(
-        self, name: str, labels: Sequence[str], buckets: list[tuple[float, int]], sum_s: float
-    ) -> None:
+    def histogram(self, name: str, labels: Sequence[str], hist: Mapping[str, Any]) -> None:
+        """One histogram from :meth:`LatencyHistogram.as_dict` data."""
         fam = self._family(name)
         assert isinstance(fam, HistogramMetricFamily)
-        fam.add_metric(
-            list(labels), [(_le(le), float(n)) for le, n in buckets], sum_value=float(sum_s)
-        )
+        pairs = zip(hist["le_s"], hist["cumulative"], strict=True)
+        buckets = [(repr(float(le)), float(n)) for le, n in pairs]
+        buckets.append(("+Inf", float(hist["count"])))
+        fam.add_metric(list(labels), buckets, sum_value=float(hist["sum_s"]))
 
     def _family(self, name: str) -> _Family:
         fam = self._fams.get(name)
@@ -271,10 +270,6 @@ class _Families:
         for name in METRICS:
             if name in self._fams:
                 yield self._fams[name]
-
-
-def _le(bound: float) -> str:
-    return "+Inf" if math.isinf(bound) else repr(bound)
 
 
 def _num(value: object) -> float | None:
@@ -403,12 +398,7 @@ def _tier_metrics(fams: _Families, lab: tuple[str, str, str], tier: Tier, page_s
     fams.add("hicache_tier_written_bytes_total", lab, snap["bytes_written"])
     for op in _OPS:
         hist = snap["latency"].get(op) or _EMPTY_HISTOGRAM
-        fams.histogram(
-            "hicache_tier_operation_duration_seconds",
-            (*lab, op),
-            hist["buckets"],
-            hist["sum_s"],
-        )
+        fams.histogram("hicache_tier_operation_duration_seconds", (*lab, op), hist)
     failures = snap.get("failures", {})
     for kind in FailureKind:
         fams.add("hicache_tier_failures_total", (*lab, kind.value), failures.get(kind.value, 0))

@@ -21,8 +21,8 @@ Counter names (all monotonic):
 - ``dropped_backpressure``, ``dropped_breaker``, ``dropped_admission``   pages not published
 - ``call_errors``, ``errors_by_kind``   failed calls, by exception type
 - ``prefetch``          ``{outcome: count}`` (:class:`~hicache.tiering.prefetch.PrefetchOutcome`)
-- ``latency``           ``{op: {"buckets": [...], "sum_s": s, "count": n}}`` per call kind
-                        (``exists``, ``get``, ``put``): :class:`LatencyHistogram`
+- ``latency``           ``{op: {"le_s": [...], "cumulative": [...], "count": n, "sum_s": s}}``
+                        per call kind (``exists``, ``get``, ``put``): :class:`LatencyHistogram`
 
 Latencies are counted in fixed buckets (``LATENCY_BUCKETS_S``) under the counters' own lock:
 one ``bisect`` and three additions per backend call, so a metrics layer exports a histogram
@@ -69,7 +69,8 @@ class LatencyHistogram:
     owning :class:`TierCounters` updates it under its lock).
 
     ``counts[i]`` counts calls of at most ``LATENCY_BUCKETS_S[i]`` seconds and more than the
-    bound before (the last entry: slower than every bound); ``as_dict`` makes them cumulative.
+    bound before (the last entry: slower than every bound); ``as_dict`` makes them cumulative,
+    as Prometheus histograms are.
     """
 
     counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
@@ -81,14 +82,19 @@ class LatencyHistogram:
         self.sum_s += seconds
 
     def as_dict(self) -> dict[str, Any]:
-        """``{"buckets": [(le, cumulative count), ...], "sum_s": s, "count": n}``; the last
-        bucket's ``le`` is ``inf``."""
-        buckets: list[tuple[float, int]] = []
+        """Plain JSON data: ``{"le_s": bounds, "cumulative": [calls <= each bound], "count": n,
+        "sum_s": s}`` (``count`` is the implicit ``+Inf`` bucket)."""
+        cumulative: list[int] = []
         total = 0
-        for le, n in zip((*LATENCY_BUCKETS_S, float("inf")), self.counts, strict=True):
+        for n in self.counts[:-1]:
             total += n
-            buckets.append((le, total))
-        return {"buckets": buckets, "sum_s": self.sum_s, "count": total}
+            cumulative.append(total)
+        return {
+            "le_s": list(LATENCY_BUCKETS_S),
+            "cumulative": cumulative,
+            "count": total + self.counts[-1],
+            "sum_s": self.sum_s,
+        }
 
 
 @dataclass(slots=True)
