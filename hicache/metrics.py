@@ -83,8 +83,12 @@ METRICS: dict[str, MetricSpec] = {
     s.name: s
     for s in (
         # ---- per cache
-        _c("match_calls", _CACHE, "match_prefix calls (an engine that matches twice counts twice)"),
-        _c("match_tokens", _CACHE, "Tokens (whole pages) asked for by match_prefix calls"),
+        _c(
+            "match_tokens",
+            _CACHE,
+            "Tokens (whole pages) asked for by match_prefix (an engine that matches a request "
+            "twice counts it twice)",
+        ),
         _c(
             "hit_tokens",
             (*_CACHE, "level"),
@@ -325,8 +329,7 @@ class HicacheCollector(Collector):
 def _cache_metrics(fams: _Families, name: str, s: Mapping[str, object]) -> None:
     lab = (name,)
     ps = _num(s.get("page_size")) or 0.0
-    fams.add("hicache_match_calls_total", lab, s.get("match_calls"))
-    fams.add("hicache_match_tokens_total", lab, (_num(s.get("match_pages")) or 0.0) * ps)
+    fams.add("hicache_match_tokens_total", lab, s.get("match_tokens"))
     for level, key in (("l1", "match_device_pages"), ("l2", "match_host_pages")):
         fams.add("hicache_hit_tokens_total", (name, level), (_num(s.get(key)) or 0.0) * ps)
     fams.add("hicache_evicted_pages_total", (name, "l1"), s.get("l1_evicted_pages"))
