@@ -22,7 +22,9 @@ import enum
 import json
 import os
 import re
+import socket
 import stat
+import string
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -54,6 +56,7 @@ __all__ = [
     "Admission",
     "CacheConfig",
     "EventsConfig",
+    "EventsMode",
     "HicacheConfig",
     "ModelConfig",
     "PrefetchConfig",
@@ -248,17 +251,50 @@ class StorageConfig(_Section):
     tiers: dict[TierName, TierConfig] = Field(default_factory=dict)
 
 
+class EventsMode(enum.StrEnum):
+    """Which side of the event socket binds."""
+
+    #: The publisher binds ``endpoint``; subscribers (routers) connect to every pod.
+    BIND = "bind"
+    #: The subscriber (the router, e.g. llm-d's indexer) binds ``endpoint``; every pod connects.
+    CONNECT = "connect"
+
+
+#: The placeholders ``events.topic`` may use.
+TOPIC_FIELDS = ("instance", "model")
+
+
+def _check_topic(topic: str) -> str:
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(topic) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"invalid template {topic!r}: {exc}") from None
+    unknown = sorted(names - set(TOPIC_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"unknown placeholder {{{unknown[0]}}} in {topic!r}; use {{instance}} and {{model}}"
+        )
+    return topic
+
+
 class EventsConfig(_Section):
     """``events:`` KV events (BlockStored / BlockRemoved / AllBlocksCleared)."""
 
     enabled: bool = True
-    #: ``zmq``: publish batches (``HiRadixCache.publish_events()``) on a PUB socket bound at
+    #: ``zmq``: publish batches (``HiRadixCache.publish_events()``) on a PUB socket at
     #: ``endpoint``, in vLLM's wire format (docs/events.md); unset = drain with ``take_events()``.
     publisher: Literal["zmq"] | None = None
     endpoint: str | None = None
-    #: ROUTER socket answering replay requests from the last ``buffer_batches`` batches.
+    #: ``bind``: the PUB socket binds ``endpoint``; ``connect``: it connects to the router's.
+    mode: EventsMode = EventsMode.BIND
+    #: ROUTER socket answering replay requests from the last ``buffer_batches`` batches (always
+    #: bound: it is this instance's service, whichever side binds ``endpoint``).
     replay_endpoint: str | None = None
-    topic: str = ""
+    #: First frame of every message, a template: ``{instance}`` and ``{model}`` (``model.name``)
+    #: are filled in. llm-d's indexer only reads ``kv@{instance}@{model}``.
+    topic: Annotated[str, AfterValidator(_check_topic)] = ""
+    #: This instance's name in the topic; unset = the host name (a Kubernetes pod's name).
+    instance: str | None = Field(default=None, min_length=1)
     buffer_batches: int = Field(default=10_000, ge=1, le=100_000_000)
     #: Events kept between two ``take_events()``; beyond it the backlog is discarded (counted)
     #: and replaced by ``AllBlocksCleared``, so a consumer never keeps a stale block.
@@ -271,6 +307,24 @@ class EventsConfig(_Section):
         if info.data.get("publisher") == "zmq" and not value:
             raise ValueError("required with publisher zmq: where to bind, e.g. tcp://*:5557")
         return value
+
+    def topic_for(self, model: str) -> str:
+        """The topic with ``{instance}`` and ``{model}`` filled in.
+
+        Raises :class:`~hicache.errors.ConfigError` when a filled-in value contains ``@``
+        while the template uses ``@`` as a separator (llm-d splits the topic on it).
+        """
+        instance = self.instance or socket.gethostname()
+        values = {"instance": instance, "model": model}
+        if "@" in self.topic:
+            for name, value in values.items():
+                if "@" in value and "{" + name + "}" in self.topic:
+                    where = "events.instance" if name == "instance" else "model.name"
+                    raise ConfigError(
+                        f"events.topic: {where} {value!r} contains '@', which separates the "
+                        f"fields of {self.topic!r}"
+                    )
+        return self.topic.format(**values)
 
 
 class HicacheConfig(BaseSettings):

@@ -4,7 +4,8 @@
 - ``decode_batch(payload)``              back to ``(ts, events, dp_rank)`` with our dataclasses
 - ``ZmqEventPublisher``                  a PUB socket fed by a background thread; ``publish()``
                                          never blocks; a ROUTER socket replays missed batches
-- ``publisher_from_config(events)``      the publisher an ``events:`` section asks for, or None
+- ``publisher_from_config(events, model=...)``  the publisher an ``events:`` section asks for
+                                         (its topic template filled in), or None
 
 Wire format (what routers reading vLLM's ZMQ events, llm-d or Dynamo, already parse): each
 message is ``[topic, seq, payload]``; ``seq`` is an 8-byte big-endian signed integer, consecutive
@@ -26,6 +27,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from hicache.config import EventsMode
 from hicache.errors import ConfigError
 from hicache.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
@@ -129,7 +131,9 @@ class ZmqEventPublisher:
     ``buffer_batches`` for replay and answers replay requests on ``replay_endpoint``. A batch
     that finds the queue full is dropped and counted, and the next one starts with
     ``AllBlocksCleared``: a subscriber forgets this cache's blocks and relearns them rather than
-    keep one that is gone. Endpoints are bound; ``endpoint`` / ``replay_endpoint`` hold the
+    keep one that is gone. With ``mode="bind"`` the PUB socket binds ``endpoint``; with
+    ``mode="connect"`` it connects to a subscriber that bound it (a router that receives from
+    every pod). The replay socket is always bound. ``endpoint`` / ``replay_endpoint`` hold the
     bound addresses (a ``tcp://host:*`` or port 0 endpoint gets its real port there).
     """
 
@@ -138,6 +142,7 @@ class ZmqEventPublisher:
         endpoint: str,
         *,
         replay_endpoint: str | None = None,
+        mode: EventsMode | str = EventsMode.BIND,
         topic: str = "",
         buffer_batches: int = 10_000,
         max_pending: int = 1024,
@@ -146,6 +151,8 @@ class ZmqEventPublisher:
     ) -> None:
         if buffer_batches < 1 or max_pending < 1:
             raise ValueError("buffer_batches and max_pending must be >= 1")
+        if mode not in tuple(EventsMode):
+            raise ValueError(f"mode must be one of {[str(m) for m in EventsMode]}, got {mode!r}")
         try:
             import zmq
         except ImportError as exc:
@@ -163,12 +170,19 @@ class ZmqEventPublisher:
         #: The next batch must start with AllBlocksCleared (one was dropped since the last).
         self._reset = False
         self._seq = 0
+        # batches queued and not yet sent or dropped by the thread (flush() waits for 0)
+        self._unsent = 0
+        self._sent_cond = threading.Condition(self._lock)
         self.counters = {"batches": 0, "events": 0, "dropped": 0, "dropped_events": 0, "replays": 0}
         self._ctx = zmq.Context()
         self._pub = self._ctx.socket(zmq.PUB)
         self._router: Any = None
         try:
-            self.endpoint = self._bind(self._pub, endpoint, "events.endpoint")
+            if mode == EventsMode.CONNECT:
+                self._connect(self._pub, endpoint)
+                self.endpoint = endpoint
+            else:
+                self.endpoint = self._bind(self._pub, endpoint, "events.endpoint")
             self.replay_endpoint: str | None = None
             if replay_endpoint is not None:
                 self._router = self._ctx.socket(zmq.ROUTER)
@@ -193,6 +207,14 @@ class ZmqEventPublisher:
         bound: bytes = sock.getsockopt(self._zmq.LAST_ENDPOINT)
         return bound.decode()
 
+    def _connect(self, sock: Any, endpoint: str) -> None:
+        # connect() returns at once and ZMQ reconnects on its own: a router that is not up yet
+        # only means the first batches are missed (the replay socket serves them)
+        try:
+            sock.connect(endpoint)
+        except self._zmq.ZMQError as exc:
+            raise OSError(exc.errno, f"cannot connect events.endpoint {endpoint!r}: {exc}") from exc
+
     @property
     def closed(self) -> bool:
         """``close()`` was called: ``publish()`` refuses batches."""
@@ -213,7 +235,13 @@ class ZmqEventPublisher:
             except queue.Full:
                 self._drop(len(batch) - int(self._reset))
                 return
+            self._unsent += 1
             self._reset = False
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every batch queued so far is sent (or dropped); False on timeout."""
+        with self._sent_cond:
+            return self._sent_cond.wait_for(lambda: self._unsent == 0, timeout_s)
 
     def _drop(self, events: int) -> None:
         # under self._lock
@@ -262,7 +290,12 @@ class ZmqEventPublisher:
                     if self._router is not None and poller.poll(10):
                         self._serve_replay()
                     continue
-                self._send(ts, batch)
+                try:
+                    self._send(ts, batch)
+                finally:
+                    with self._sent_cond:
+                        self._unsent -= 1
+                        self._sent_cond.notify_all()
         except Exception:
             log.exception("KV event publisher thread failed; events are no longer published")
         finally:
@@ -307,9 +340,12 @@ class ZmqEventPublisher:
 
 
 def publisher_from_config(
-    events: EventsConfig, *, dp_rank: int | None = 0
+    events: EventsConfig, *, model: str, dp_rank: int | None = 0
 ) -> EventPublisher | None:
-    """The publisher an ``events:`` section asks for (None: events are drained in-process)."""
+    """The publisher an ``events:`` section asks for (None: events are drained in-process).
+
+    ``model`` (``model.name``) fills the topic template's ``{model}``.
+    """
     if not events.enabled or events.publisher is None:
         return None
     if events.endpoint is None:
@@ -317,7 +353,8 @@ def publisher_from_config(
     return ZmqEventPublisher(
         events.endpoint,
         replay_endpoint=events.replay_endpoint,
-        topic=events.topic,
+        mode=events.mode,
+        topic=events.topic_for(model),
         buffer_batches=events.buffer_batches,
         dp_rank=dp_rank,
     )

@@ -5,7 +5,10 @@ fields come in the same order, and new fields only ever go at the end.
 
 - ``BlockStored`` - pages became available on a medium (one per page or per contiguous run).
 - ``BlockRemoved`` - pages left a medium.
-- ``AllBlocksCleared`` - a medium (or the whole cache) was reset.
+- ``AllBlocksCleared`` - forget every block of this cache on every medium: sent only on an
+  event overflow (llm-d wipes every tier of the pod on it), never for one tier's wipe.
+- ``removed_in_batches(ids, medium)`` - ``BlockRemoved`` events of at most
+  ``REMOVED_BATCH`` ids each (a wiped or shrunk tier never makes one unbounded message).
 - ``EventQueue`` - a thread-safe in-process queue; ``take()`` drains it; bounded, an overflow
   turns into ``AllBlocksCleared`` rather than a silent gap.
 
@@ -16,19 +19,24 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeAlias
 
 __all__ = [
+    "REMOVED_BATCH",
     "AllBlocksCleared",
     "BlockRemoved",
     "BlockStored",
     "EventQueue",
     "KVEvent",
     "Medium",
+    "removed_in_batches",
 ]
+
+#: Most block ids in one ``BlockRemoved`` (about 9 KiB of msgpack).
+REMOVED_BATCH = 1024
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +104,18 @@ class AllBlocksCleared:
 
 
 KVEvent: TypeAlias = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+def removed_in_batches(
+    block_ids: Sequence[int], medium: str, max_ids: int = REMOVED_BATCH
+) -> list[BlockRemoved]:
+    """``BlockRemoved(medium)`` events covering ``block_ids`` in order, ``max_ids`` at most each."""
+    if max_ids < 1:
+        raise ValueError(f"max_ids must be >= 1, got {max_ids}")
+    return [
+        BlockRemoved(list(block_ids[i : i + max_ids]), medium)
+        for i in range(0, len(block_ids), max_ids)
+    ]
 
 
 class EventQueue:

@@ -57,7 +57,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from hicache.events import EventQueue
+from hicache.events import EventQueue, KVEvent
 from hicache.hiradix_prefetch import PrefetchLayer
 from hicache.hiradix_records import (
     NoRankSync,
@@ -227,7 +227,7 @@ class HiRadixCache(PrefetchLayer):
         tiers = Tiers.from_config(
             config, namespace, page_bytes=layout.page_bytes, rank=tp_rank, world_size=tp_size
         )
-        publisher = publisher_from_config(config.events) if tp_rank == 0 else None
+        publisher = publisher_from_config(config.events, model=m.name) if tp_rank == 0 else None
         events = config.events.enabled and (tp_rank == 0 or config.events.publisher is None)
         try:
             return cls(
@@ -263,6 +263,26 @@ class HiRadixCache(PrefetchLayer):
         self.event_publisher.publish(events)
         return len(events)
 
+    def clear_storage_tier(self, name: str) -> int:
+        """Delete every page of storage tier ``name`` in this cache's namespace; return how many.
+
+        Routers learn it through ``BlockRemoved(<tier medium>)`` events in bounded batches,
+        never ``AllBlocksCleared`` (which would wipe the other media too; see
+        :mod:`hicache.tiering.clear`). An operator action: it first waits for the storage I/O
+        in flight (and announces it), so call it between serving steps.
+        """
+        from hicache.tiering.clear import clear_tier
+
+        if self.storage is None:
+            raise KeyError(f"no storage tier named {name!r}: this cache has no storage tiers")
+        self.storage.wait_idle(self.storage.drain_timeout_s(), holds=False)
+        self._poll_storage()
+        events: list[KVEvent] = []
+        try:
+            return clear_tier(self.storage, name, events)
+        finally:
+            self.events.extend(events)
+
     def close(self) -> None:
         """Finish storage I/O (announcing what completed), stop the workers, close the tiers,
         then publish the last events and close the event publisher, if there is one."""
@@ -288,6 +308,11 @@ class HiRadixCache(PrefetchLayer):
             host_pages_free=self.host_pool.available,
             host_holds=self.host_pool.total_holds(),
             pending_writes=len(self.ongoing_write_through),
+            page_size=self.page_size,
+            match_tokens=self.match_tokens,
+            match_device_pages=self.match_device_pages,
+            match_host_pages=self.match_host_pages,
+            events_queued=len(self.events),
             events_dropped=self.events.dropped,
             events_overflows=self.events.overflows,
         )

@@ -1,4 +1,5 @@
-"""Shared pytest set-up for the core tests: hypothesis profiles, and ``run_python``.
+"""Shared pytest set-up for the core tests: hypothesis profiles, ``run_python`` and a small
+replay trace (``reuse_trace``).
 
 ``HYPOTHESIS_PROFILE=ci`` (the Makefile's default) bounds examples so the whole suite stays well
 under 15 minutes on 2 cores; ``dev`` is the same unless a developer edits it locally. The
@@ -8,9 +9,11 @@ too; loading them here as well keeps this directory right even with ``-p no:hica
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +38,26 @@ def run_python() -> Callable[..., subprocess.CompletedProcess[str]]:
         )
 
     return run
+
+
+@pytest.fixture
+def reuse_trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small Mooncake-format trace (one 8-block prompt per conversation) whose requests hit
+    every level of a replay at the usual fractions: each new conversation is followed by a
+    revisit of the one 4 back (gone from L1, still in L2) and of the one 16 back (only in L3)."""
+    path = tmp_path_factory.mktemp("trace") / "reuse.jsonl"
+    rows = []
+    for i in range(40):
+        for conv in (i, i - 4, i - 16):
+            if conv >= 0:
+                ids = [0, *range(1 + 8 * conv, 8 + 8 * conv)]  # a shared first block
+                rows.append(
+                    {
+                        "timestamp": len(rows),
+                        "input_length": 4096,
+                        "output_length": 1,
+                        "hash_ids": ids,
+                    }
+                )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

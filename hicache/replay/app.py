@@ -8,12 +8,14 @@ import argparse
 import json
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hicache.config import HicacheConfig, ModelConfig, load_config
 from hicache.replay.report import (
@@ -35,7 +37,10 @@ from hicache.replay.simulate import (
 )
 from hicache.replay.trace import TraceRequest, default_trace_path, load_trace
 
-__all__ = ["ReplaySettings", "default_config", "run_replay"]
+if TYPE_CHECKING:
+    from hicache.hiradix import HiRadixCache
+
+__all__ = ["ReplayHooks", "ReplaySettings", "default_config", "run_replay"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +70,25 @@ class ReplaySettings:
     keep_storage: bool = False
     progress: bool = True
     sync_publish: bool = False
+    #: Serve Prometheus ``/metrics`` on this port while the replay runs (0: a free port).
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if not self.block_tokens:
             self.block_tokens = self.page_size
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayHooks:
+    """Callbacks into a running replay (for tools and tests that watch it from outside)."""
+
+    #: The caches are built, nothing replayed yet; the ``/metrics`` URL when metrics are served.
+    started: Callable[[Sequence[HiRadixCache], str | None], None] | None = None
+    #: Request ``i`` (0-based) is done and its events are taken (and published).
+    request_done: Callable[[int], None] | None = None
+    #: Everything is replayed and drained, the last events taken; the caches are still open.
+    finished: Callable[[Sequence[HiRadixCache]], None] | None = None
 
 
 def default_config(settings: ReplaySettings, root: Path, l3_pages: int) -> HicacheConfig:
@@ -115,12 +135,17 @@ def _chains(requests: list[TraceRequest], pages_per_block: int) -> list[list[int
 
 
 def run_replay(
-    settings: ReplaySettings,
+    settings: ReplaySettings, hooks: ReplayHooks | None = None
 ) -> tuple[ReplayReport, list[tuple[int, int, int, int, int]]]:
     """Replay; return the report and a timeline of ``(timestamp_ms, pages, l1, l2, l3)`` per
-    request (raises ``ReplayError`` on a verification failure)."""
+    request (raises ``ReplayError`` on a verification failure).
+
+    With ``events.publisher`` in the configuration, the (single) instance publishes its events
+    after every request; with ``settings.metrics_port``, ``/metrics`` is served meanwhile.
+    """
     import torch
 
+    from hicache.event_publisher import publisher_from_config
     from hicache.hiradix import HiRadixCache
     from hicache.keys import ModelIdentity
     from hicache.pools import DevicePool, HostPool, KVLayout
@@ -166,37 +191,52 @@ def run_replay(
         mla=m.mla,
     )
     namespace = layout.namespace_spec().namespace()
+    if config.events.publisher is not None and settings.instances > 1:
+        raise ValueError("events.publisher: the replay publishes events of one instance only")
     tiers = Tiers.from_config(config, namespace, page_bytes=layout.page_bytes)
-    caches = []
-    for _ in range(settings.instances):
-        dev = DevicePool(layout, l1_pages, "cpu")
-        host = HostPool(layout, l2_pages, pin=False)
-        caches.append(
-            HiRadixCache(
-                dev,
-                host,
-                CpuTransferEngine(dev, host),
-                identity=ModelIdentity(m.name, m.revision, m.tenant_salt),
-                tiers=tiers,
-                prefetch_threshold_tokens=config.storage.prefetch.threshold_tokens,
-            )
-        )
-    events: Counter[tuple[str, str]] = Counter()
+    caches: list[HiRadixCache] = []
+    metrics_server: Any = None
     try:
+        for _ in range(settings.instances):
+            dev = DevicePool(layout, l1_pages, "cpu")
+            host = HostPool(layout, l2_pages, pin=False)
+            caches.append(
+                HiRadixCache(
+                    dev,
+                    host,
+                    CpuTransferEngine(dev, host),
+                    identity=ModelIdentity(m.name, m.revision, m.tenant_salt),
+                    tiers=tiers,
+                    prefetch_threshold_tokens=config.storage.prefetch.threshold_tokens,
+                    event_publisher=publisher_from_config(config.events, model=m.name),
+                )
+            )
+        url = None
+        if settings.metrics_port is not None:
+            url, metrics_server = _serve_metrics(caches, settings)
+        if hooks is not None and hooks.started is not None:
+            hooks.started(caches, url)
         started = time.perf_counter()
         with _progress(settings.progress, len(requests)) as advance:
+            done = iter(range(len(requests)))
+
+            def on_request() -> None:
+                advance()
+                if hooks is not None and hooks.request_done is not None:
+                    hooks.request_done(next(done))
+
             driver = TraceDriver(
                 caches,
                 block_tokens=settings.block_tokens,
-                on_request=advance,
+                on_request=on_request,
                 sync_publish=settings.sync_publish,
             )
             driver.run(requests)
             driver.drain()
         wall = time.perf_counter() - started
-        for cache in caches:
-            for ev in cache.take_events():
-                events[(type(ev).__name__, str(getattr(ev, "medium", "-")))] += 1
+        if hooks is not None and hooks.finished is not None:
+            hooks.finished(caches)
+        events: Counter[tuple[str, str]] = driver.events
         report = _build_report(
             settings,
             config,
@@ -215,10 +255,24 @@ def run_replay(
     finally:
         for cache in caches:
             cache.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         if not settings.keep_storage:
             shutil.rmtree(root, ignore_errors=True)
     timeline = _timeline(requests, driver)
     return report, timeline
+
+
+def _serve_metrics(caches: list[HiRadixCache], settings: ReplaySettings) -> tuple[str, Any]:
+    from prometheus_client import CollectorRegistry
+
+    from hicache.metrics import HicacheCollector, serve_metrics
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(HicacheCollector(caches))
+    assert settings.metrics_port is not None
+    return serve_metrics(registry, settings.metrics_port, settings.metrics_addr)
 
 
 def _timeline(requests: list[TraceRequest], driver: Any) -> list[tuple[int, int, int, int, int]]:
@@ -449,6 +503,15 @@ def add_parser(subparsers: Any) -> None:
         help="finish each request's publishes before the next request (exactly the "
         "block simulation's order; slower)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus /metrics on this port while the replay runs (0: a free port; "
+        "needs hicache[metrics])",
+    )
+    p.add_argument(
+        "--metrics-addr", default="127.0.0.1", help="address /metrics binds (default 127.0.0.1)"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--print-schema", action="store_true", help="print the JSON schema and exit")
     p.set_defaults(func=main)
@@ -475,8 +538,15 @@ def main(args: argparse.Namespace) -> int:
         keep_storage=args.keep_storage,
         progress=not args.no_progress,
         sync_publish=args.sync_publish,
+        metrics_port=args.metrics_port,
+        metrics_addr=args.metrics_addr,
     )
-    report, timeline = run_replay(settings)
+
+    def started(_caches: Sequence[HiRadixCache], url: str | None) -> None:
+        if url is not None:
+            print(f"serving Prometheus metrics at {url}", file=sys.stderr, flush=True)
+
+    report, timeline = run_replay(settings, ReplayHooks(started=started))
     print_report(report)
     if args.json:
         args.json.write_text(report.model_dump_json(indent=2))

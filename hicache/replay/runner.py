@@ -9,12 +9,15 @@ One request, as a serving engine would run it:
    with the content their tokens determine (``PageContent``): a mismatch is a loud failure
 4. the engine "computes" the rest: fresh device pages filled with their expected content
 5. ``insert`` (write-through backs the new nodes up), ``writing_check`` (acks -> publish)
+6. the request's events are taken (and handed to the cache's event publisher, if it has one),
+   as a serving loop does every step
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -85,6 +88,8 @@ class TraceDriver:
         self._block_cache: dict[int, list[int]] = {}
         #: which instance first computed (and so published) each page, by content hash
         self._origin: dict[bytes, int] = {}
+        #: events taken from the caches, by (event type, medium)
+        self.events: Counter[tuple[str, str]] = Counter()
 
     def tokens_of(self, block_ids: Sequence[int]) -> list[int]:
         out: list[int] = []
@@ -100,6 +105,7 @@ class TraceDriver:
         for i, req in enumerate(requests):
             who = i % len(self.caches)
             self.replay_one(who, req.block_ids)
+            self.take_events(self.caches[who])
             if self._on_request is not None:
                 self._on_request()
 
@@ -179,6 +185,14 @@ class TraceDriver:
         c.per_request.append((n_pages, l1, l2, l3))
         return RequestOutcome(n_pages, l1, l2, l3, from_other)
 
+    def take_events(self, cache: HiRadixCache) -> None:
+        """Count the cache's queued events and hand them to its publisher, if it has one."""
+        events = cache.take_events()
+        for ev in events:
+            self.events[(type(ev).__name__, str(getattr(ev, "medium", "-")))] += 1
+        if events and cache.event_publisher is not None:
+            cache.event_publisher.publish(events)
+
     def drain(self) -> None:
         """Let every pending write and publish finish, and collect its events."""
         deadline = time.monotonic() + 60
@@ -188,3 +202,4 @@ class TraceDriver:
             if cache.storage is not None:
                 cache.storage.wait_idle()
             cache.writing_check()
+            self.take_events(cache)

@@ -53,7 +53,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from hicache.events import BlockRemoved, KVEvent
+from hicache.events import KVEvent, removed_in_batches
 from hicache.keys import block_id
 from hicache.storage.backend import PageStatus
 from hicache.tiering.announce import (
@@ -339,7 +339,7 @@ class StorageEngine(PrefetchJobs):
         tier = self._tier_by_name[item.tier]
         ids = [block_id(k) for k in item.keys]
         self.announcer.removed(item.tier, ids)
-        events.append(BlockRemoved(ids, tier.medium))
+        events.extend(removed_in_batches(ids, tier.medium))
 
     def _poll_evictions(self) -> None:
         """Ask each tier for its own evictions now and then, off this thread."""

@@ -21,18 +21,80 @@ Counter names (all monotonic):
 - ``dropped_backpressure``, ``dropped_breaker``, ``dropped_admission``   pages not published
 - ``call_errors``, ``errors_by_kind``   failed calls, by exception type
 - ``prefetch``          ``{outcome: count}`` (:class:`~hicache.tiering.prefetch.PrefetchOutcome`)
+- ``latency``           ``{op: {"le_s": [...], "cumulative": [...], "count": n, "sum_s": s}}``
+                        per call kind (``exists``, ``get``, ``put``): :class:`LatencyHistogram`
+
+Latencies are counted in fixed buckets (``LATENCY_BUCKETS_S``) under the counters' own lock:
+one ``bisect`` and three additions per backend call, so a metrics layer exports a histogram
+without the serving path calling into it.
 """
 
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hicache.storage.backend import PageStatus
 
-__all__ = ["TierCounters", "tier_snapshot"]
+__all__ = ["LATENCY_BUCKETS_S", "LatencyHistogram", "TierCounters", "tier_snapshot"]
+
+#: Upper bounds (seconds, inclusive) of the latency buckets: 100 us (a page in the page cache)
+#: to 10 s (past any sane deadline); anything slower lands in the implicit ``+Inf`` bucket.
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+@dataclass(slots=True)
+class LatencyHistogram:
+    """Call latencies in the fixed ``LATENCY_BUCKETS_S`` buckets (not thread-safe alone: the
+    owning :class:`TierCounters` updates it under its lock).
+
+    ``counts[i]`` counts calls of at most ``LATENCY_BUCKETS_S[i]`` seconds and more than the
+    bound before (the last entry: slower than every bound); ``as_dict`` makes them cumulative,
+    as Prometheus histograms are.
+    """
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    sum_s: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Count one call of ``seconds``."""
+        self.counts[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+        self.sum_s += seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON data: ``{"le_s": bounds, "cumulative": [calls <= each bound], "count": n,
+        "sum_s": s}`` (``count`` is the implicit ``+Inf`` bucket)."""
+        cumulative: list[int] = []
+        total = 0
+        for n in self.counts[:-1]:
+            total += n
+            cumulative.append(total)
+        return {
+            "le_s": list(LATENCY_BUCKETS_S),
+            "cumulative": cumulative,
+            "count": total + self.counts[-1],
+            "sum_s": self.sum_s,
+        }
 
 
 @dataclass(slots=True)
@@ -64,6 +126,8 @@ class TierCounters:
     #: Failed calls, and the same by exception type (or failure kind when there was none).
     call_errors: int = 0
     errors_by_kind: dict[str, int] = field(default_factory=dict)
+    #: Call latencies as the cache saw them, by call kind (see :meth:`observe`).
+    latency: dict[str, LatencyHistogram] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: int) -> None:
@@ -108,6 +172,18 @@ class TierCounters:
         with self._lock:
             self.prefetch[key] = self.prefetch.get(key, 0) + 1
 
+    def observe(self, op: str, seconds: float) -> None:
+        """Count one ``op`` call (``exists``, ``get``, ``put``) that took ``seconds``.
+
+        Measured around the whole tier call: queueing on the tier's threads and retries
+        included, and a call the cache stopped waiting for counts at its deadline.
+        """
+        with self._lock:
+            hist = self.latency.get(op)
+            if hist is None:
+                hist = self.latency[op] = LatencyHistogram()
+            hist.observe(seconds)
+
     def error(self, exc: BaseException | None, kind: str) -> None:
         """Count one failed call under its exception's type name (``kind`` when none)."""
         name = type(exc).__name__ if exc is not None else str(kind)
@@ -123,6 +199,7 @@ class TierCounters:
             }
             out["prefetch"] = dict(self.prefetch)
             out["errors_by_kind"] = dict(self.errors_by_kind)
+            out["latency"] = {op: h.as_dict() for op, h in self.latency.items()}
         return out
 
 

@@ -139,6 +139,12 @@ class Tier:
         """Bytes of one page payload."""
         return self.backend.context.page_bytes
 
+    def _observe(self, op: str, started: float, out: CallOutcome[Any]) -> None:
+        # a call the breaker refused never reached the backend: its ~0 s would only hide the
+        # real latencies
+        if out.failure is not FailureKind.BREAKER_OPEN:
+            self.stats.observe(op, time.perf_counter() - started)
+
     def _failed(self, out: CallOutcome[Any], what: str) -> None:
         assert out.failure is not None
         if out.failure is not FailureKind.BREAKER_OPEN:
@@ -161,7 +167,9 @@ class Tier:
                     break
             return done
 
+        started = time.perf_counter()
         out = self.caller.call(run)
+        self._observe("exists", started, out)
         found = out.value if out.ok and out.value is not None else 0
         if not out.ok:
             self._failed(out, "exists_prefix")
@@ -194,7 +202,9 @@ class Tier:
                     break
             return got + [PageStatus.NOT_FOUND] * (len(keys) - len(got))
 
+        started = time.perf_counter()
         out = self.caller.call(run, on_return=on_return)
+        self._observe("get", started, out)
         if out.ok and out.value is not None:
             statuses = out.value
         else:
@@ -220,11 +230,13 @@ class Tier:
                 got += self.backend.put(keys[start : start + step], srcs[start : start + step])
             return got
 
+        started = time.perf_counter()
         out = self.caller.call(run, on_return=on_return)
         if out.failure is FailureKind.BREAKER_OPEN:
             # never attempted: a drop, not a failed put
             self.stats.add(dropped_breaker=len(keys))
             return [PageStatus.FAILED] * len(keys)
+        self._observe("put", started, out)
         if out.ok and out.value is not None:
             statuses = out.value
         else:
