@@ -101,9 +101,10 @@ def test_two_instances_share_l3(tmp_path: Path) -> None:
     chains = [r.block_ids for r in load_trace(limit=400)]
     l3 = report.tiers[2].capacity_pages
     two = simulate_hierarchy(chains, s.device_pages, s.host_pages, l3, instances=2)
-    assert [row[4] for row in timeline] == list(two.l3)
+    assert [row[2] for row in timeline] == list(two.l1)
     assert [row[3] for row in timeline] == list(two.l2)
-    assert report.overall.hit_ratio == report.overall.same_policy_sim_ratio
+    # the shared L3 (a localdisk root in shared mode) agrees in total, not request by request
+    _check(report)
     # one hierarchy with twice the L1/L2 (the old reference) is a different answer
     one = simulate_hierarchy(chains, 2 * s.device_pages, 2 * s.host_pages, l3)
     assert list(one.l2) != list(two.l2)
