@@ -170,6 +170,7 @@ def _time_report(
         prefill_tokens_per_s=tps,
         prefill_source=source,
         speed=s.speed,
+        breakeven_read_gbps=plan.model.bytes_per_token * tps / 1e9,
         calibration=[
             CalibrationReport(
                 tier=c.tier,

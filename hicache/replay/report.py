@@ -136,6 +136,10 @@ class TimeReport(_Model):
     prefill_tokens_per_s: float
     prefill_source: str
     speed: float | None = Field(description="arrival speed-up; null = no queueing modeled")
+    breakeven_read_gbps: float = Field(
+        description="L3 read GB/s above which fetching a token's KV beats recomputing it "
+        "(KV bytes per token x prefill tokens/s)"
+    )
     calibration: list[CalibrationReport]
     with_l3: TtftReport | None = Field(description="null when no tier could be calibrated")
     without_l3: TtftReport
@@ -312,6 +316,10 @@ def _print_time(console: Any, tm: TimeReport) -> None:
             f"{t.mean_prefill_s * 1e3:,.0f} ms",
         )
     console.print(table)
+    console.print(
+        f"break-even: an L3 hit saves time only when the tier reads faster than "
+        f"{tm.breakeven_read_gbps:.2f} GB/s (KV bytes per token x prefill tokens/s)"
+    )
     console.print(f"measured: {'; '.join(tm.measured)}\nmodeled: {'; '.join(tm.modeled)}")
 
 
