@@ -162,7 +162,9 @@ def plan_replay(
             return plan
         if problem is not None:
             last = DoesNotFit(
-                f"hicache replay ({m.value} bytes) does not fit this machine: {problem}; change "
+                f"hicache replay ({m.value} bytes) does not fit this machine: {problem}"
+                + "".join(f" ({note})" for note in plan.notes)
+                + "; change "
                 "--l1/--l2/--l3 (or the config's cache.device_pool, cache.host_pool and tier "
                 "max_bytes/capacity), --limit, --model or --bytes scaled"
             )
