@@ -118,7 +118,7 @@ def _write_config(tmp_path: Path, *, publisher: bool) -> Path:
         "  prefetch: {policy: wait_complete, threshold_tokens: 16}\n"
         "  tiers:\n"
         f"    disk: {{backend: localdisk, options: {{root: '{tmp_path / 'l3'}', "
-        "max_bytes: 4MiB, durability: none}}\n" + events
+        "max_bytes: 48MiB, durability: none}}\n" + events
     )
     return path
 
@@ -132,7 +132,10 @@ def test_every_family_parses_follows_the_conventions_and_moves_in_a_replay(
     pytest.importorskip("zmq")
     watch = _Watch()
     config = _write_config(tmp_path, publisher=True)
-    report, _ = run_replay(_settings(tmp_path, reuse_trace, config=config), watch.hooks())
+    # the config's max_bytes sizes L3 (an explicit --l3-fraction would override it)
+    report, _ = run_replay(
+        _settings(tmp_path, reuse_trace, config=config, l3_fraction=None), watch.hooks()
+    )
     assert report.verification.mismatches == 0
 
     exported = {f.name for f in watch.families}
@@ -177,7 +180,11 @@ def test_every_family_parses_follows_the_conventions_and_moves_in_a_replay(
     # read and written bytes are whole pages of this shape (8 KiB payloads)
     assert value(a, "hicache_tier_written_bytes_total") % 8192 == 0
     assert value(a, "hicache_tier_used_bytes", tier="disk") > 0
-    assert value(a, "hicache_tier_capacity_bytes", tier="disk") == 4 * 2**20
+    # the replay sizes the tier to hold 48 MiB of payload; the tier counts each page's 4 KiB
+    # header too
+    assert (
+        value(a, "hicache_tier_capacity_bytes", tier="disk") == 48 * 2**20 * (8192 + 4096) // 8192
+    )
     assert value(a, "hicache_tier_info", tier="disk", backend="localdisk", medium="DISK") == 1
     assert value(a, "hicache_tier_breaker_state", tier="disk", state="closed") == 1
     assert value(a, "hicache_tier_breaker_state", tier="disk", state="open") == 0

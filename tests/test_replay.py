@@ -91,11 +91,23 @@ def test_replay_on_memory_tier(tmp_path: Path) -> None:
 
 
 def test_two_instances_share_l3(tmp_path: Path) -> None:
-    report, _ = run_replay(_settings(tmp_path, instances=2))
+    report, timeline = run_replay(_settings(tmp_path, instances=2, sync_publish=True))
     assert report.verification.mismatches == 0
     assert [i.requests for i in report.instances] == [200, 200]
     # alternating requests: each instance reuses prefixes the other one computed and published
     assert all(i.pages_from_other_instances > 0 for i in report.instances)
+    # the reference models two hierarchies (own L1/L2 each) sharing one L3, request by request
+    s = report.scaling
+    chains = [r.block_ids for r in load_trace(limit=400)]
+    l3 = report.tiers[2].capacity_pages
+    two = simulate_hierarchy(chains, s.device_pages, s.host_pages, l3, instances=2)
+    assert [row[2] for row in timeline] == list(two.l1)
+    assert [row[3] for row in timeline] == list(two.l2)
+    # the shared L3 (a localdisk root in shared mode) agrees in total, not request by request
+    _check(report)
+    # one hierarchy with twice the L1/L2 (the old reference) is a different answer
+    one = simulate_hierarchy(chains, 2 * s.device_pages, 2 * s.host_pages, l3)
+    assert list(one.l2) != list(two.l2)
 
 
 def test_json_report_validates_against_its_schema(tmp_path: Path) -> None:

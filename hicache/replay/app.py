@@ -13,29 +13,33 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hicache.config import HicacheConfig, ModelConfig, load_config
-from hicache.replay.report import (
-    InstanceReport,
-    OverallReport,
-    ReplayReport,
-    ScalingReport,
-    StorageReport,
-    ThroughputReport,
-    TierReport,
-    VerificationReport,
-    print_report,
+from hicache.config import HicacheConfig, load_config
+from hicache.replay.build import ReplayRun, build_report, prompt_tokens
+from hicache.replay.models import (
+    DEFAULT_MFU,
+    MODEL_PRESETS,
+    GpuClass,
+    ModelShape,
+    resolve_gpu,
+    resolve_model,
 )
-from hicache.replay.simulate import (
-    simulate_hierarchy,
-    simulate_infinite,
-    simulate_lru,
-    simulate_min,
+from hicache.replay.plan import (
+    CAPACITY_OPTIONS,
+    SCALED_PAGE_TOKENS,
+    ByteMode,
+    DoesNotFit,
+    ReplayPlan,
+    SizeRequest,
+    plan_replay,
 )
-from hicache.replay.trace import TraceRequest, default_trace_path, load_trace
+from hicache.replay.report import ReplayReport, print_report
+from hicache.replay.timing import calibrate_tier
+from hicache.replay.trace import TraceRequest, load_trace
+from hicache.storage.sizes import parse_size
 
 if TYPE_CHECKING:
     from hicache.hiradix import HiRadixCache
@@ -44,27 +48,36 @@ __all__ = ["ReplayHooks", "ReplaySettings", "default_config", "run_replay"]
 
 logger = logging.getLogger(__name__)
 
-TRACE_BLOCK_TOKENS = 512
-_HEADER = 4096  # the page header every L3 page carries (hicache.storage.pageformat)
-
 
 @dataclass(slots=True)
 class ReplaySettings:
-    """Every knob of one replay, with the defaults that finish in about a minute on 2 cores."""
+    """Every knob of one replay. Sizes in bytes of the real model; ``None`` = not given (then
+    the fractions, the config, or the defaults of :mod:`hicache.replay.plan` decide)."""
 
     trace: Path | None = None
     config: Path | None = None
     limit: int | None = None
-    #: Tokens one trace block expands to; 0 = one page.
-    block_tokens: int = 0
+    #: a preset of :mod:`hicache.replay.models` or a Hugging Face config.json; None = the
+    #: config's model (with --config) or llama-3-8b
+    model: str | None = None
+    gpu: str = "h100"
+    #: the model's tokens per page (a config's cache.page_size wins)
     page_size: int = 16
+    #: the stand-in page of scaled mode
     num_layers: int = 2
     num_kv_heads: int = 2
     head_dim: int = 32
-    dtype: str = "float16"
-    l1_fraction: float = 0.01
-    l2_fraction: float = 0.025
-    l3_fraction: float = 0.05
+    l1: int | None = None
+    l2: int | None = None
+    l3: dict[str, int] = field(default_factory=dict)
+    l1_fraction: float | None = None
+    l2_fraction: float | None = None
+    l3_fraction: float | None = None
+    bytes_mode: ByteMode = ByteMode.AUTO
+    prefill_tokens_per_s: float | None = None
+    mfu: float = DEFAULT_MFU
+    speed: float | None = None
+    calibrate: bool = True
     instances: int = 1
     data_dir: Path = Path("hicache-data")
     keep_storage: bool = False
@@ -74,9 +87,9 @@ class ReplaySettings:
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
 
-    def __post_init__(self) -> None:
-        if not self.block_tokens:
-            self.block_tokens = self.page_size
+    @property
+    def scaled_page_bytes(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * SCALED_PAGE_TOKENS * 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,20 +104,11 @@ class ReplayHooks:
     finished: Callable[[Sequence[HiRadixCache]], None] | None = None
 
 
-def default_config(settings: ReplaySettings, root: Path, l3_pages: int) -> HicacheConfig:
-    """The embedded default: one local-disk L3 tier under ``root``, sized to ``l3_pages``."""
-    model: dict[str, Any] = {
-        "name": "replay/tiny",
-        "revision": "v1",
-        "num_layers": settings.num_layers,
-        "num_kv_heads": settings.num_kv_heads,
-        "head_dim": settings.head_dim,
-        "dtype": settings.dtype,
-    }
-    page_bytes = ModelConfig(**model).page_bytes(settings.page_size)
+def default_config(settings: ReplaySettings, root: Path) -> HicacheConfig:
+    """The embedded default: one local-disk L3 tier under ``root`` (sized by the plan)."""
     data: dict[str, Any] = dict(
-        cache={"page_size": settings.page_size, "device": "cpu", "host_pool": 1 << 30},
-        model=model,
+        cache={"page_size": settings.page_size, "device": "cpu"},
+        model={"name": "replay/model", "revision": "v1"},
         storage={
             "prefetch": {"policy": "wait_complete", "threshold_tokens": settings.page_size},
             "tiers": {
@@ -113,7 +117,6 @@ def default_config(settings: ReplaySettings, root: Path, l3_pages: int) -> Hicac
                     "medium": "DISK",
                     "options": {
                         "root": str(root),
-                        "max_bytes": max(1, l3_pages) * (page_bytes + _HEADER),
                         "durability": "none",
                         "shared": settings.instances > 1,
                     },
@@ -124,82 +127,154 @@ def default_config(settings: ReplaySettings, root: Path, l3_pages: int) -> Hicac
     return HicacheConfig(**data)
 
 
-def _chains(requests: list[TraceRequest], pages_per_block: int) -> list[list[int]]:
-    if pages_per_block == 1:
-        return [list(r.block_ids) for r in requests]
-    # a block spanning several pages: page j of block b is the pair (b, j), flattened
-    return [
-        [b * pages_per_block + j for b in r.block_ids for j in range(pages_per_block)]
-        for r in requests
-    ]
+def _model_of(settings: ReplaySettings, config: HicacheConfig) -> ModelShape:
+    if settings.model is not None:
+        return resolve_model(settings.model)
+    if settings.config is None:
+        return MODEL_PRESETS["llama-3-8b"]
+    m = config.model
+    for preset in MODEL_PRESETS.values():
+        same = (preset.num_layers, preset.num_kv_heads, preset.head_dim, preset.mla)
+        if preset.hf_id == m.name and same == (m.num_layers, m.num_kv_heads, m.head_dim, m.mla):
+            return preset
+    # a shape without a preset: no parameter count, so no prefill estimate unless given
+    return ModelShape(
+        m.name, m.name, m.num_layers, m.num_kv_heads, m.head_dim, m.dtype, m.mla, 0.0, 0.0
+    )
+
+
+def _sized_config(config: HicacheConfig, plan: ReplayPlan, root: Path | None) -> HicacheConfig:
+    """The config with every bounded tier holding exactly its planned pages as moved."""
+    data = config.model_dump(mode="json")
+    for name, cap in plan.l3.items():
+        options = data["storage"]["tiers"][name]["options"]
+        if root is not None and "root" in options:
+            options["root"] = str(root)
+        if cap is None:
+            continue
+        opt = next((o for o in CAPACITY_OPTIONS if options.get(o) is not None), None)
+        if opt is None:
+            kind = data["storage"]["tiers"][name]["backend"]
+            opt = "max_bytes" if kind == "localdisk" else "capacity"
+        options[opt] = plan.tier_option_bytes(cap.pages)
+    return HicacheConfig(**data)
 
 
 def run_replay(
     settings: ReplaySettings, hooks: ReplayHooks | None = None
 ) -> tuple[ReplayReport, list[tuple[int, int, int, int, int]]]:
     """Replay; return the report and a timeline of ``(timestamp_ms, pages, l1, l2, l3)`` per
-    request (raises ``ReplayError`` on a verification failure).
+    request. Raises ``DoesNotFit`` before allocating anything when the run cannot fit this
+    machine, and ``ReplayError`` on a verification failure.
 
     With ``events.publisher`` in the configuration, the (single) instance publishes its events
     after every request; with ``settings.metrics_port``, ``/metrics`` is served meanwhile.
     """
+    requests = load_trace(settings.trace, settings.limit)
+    if not requests:
+        raise ValueError("the trace has no requests")
+    base = (
+        load_config(settings.config)
+        if settings.config
+        else default_config(settings, settings.data_dir)
+    )
+    model = _model_of(settings, base)
+    gpu = resolve_gpu(settings.gpu)
+    plan = plan_replay(
+        model=model,
+        gpu=gpu,
+        config=base,
+        config_given=settings.config is not None,
+        sizes=SizeRequest(
+            settings.l1,
+            settings.l2,
+            settings.l3,
+            settings.l1_fraction,
+            settings.l2_fraction,
+            settings.l3_fraction,
+        ),
+        mode=settings.bytes_mode,
+        real_page_size=base.cache.page_size,
+        scaled_page_bytes=settings.scaled_page_bytes,
+        distinct_blocks=len({b for r in requests for b in r.block_ids}),
+        longest_blocks=max(len(r.block_ids) for r in requests),
+        instances=settings.instances,
+    )
+    return _run_planned(settings, requests, base, plan, gpu, hooks)
+
+
+def _run_planned(
+    settings: ReplaySettings,
+    requests: list[TraceRequest],
+    base: HicacheConfig,
+    plan: ReplayPlan,
+    gpu: GpuClass,
+    hooks: ReplayHooks | None,
+) -> tuple[ReplayReport, list[tuple[int, int, int, int, int]]]:
     import torch
 
     from hicache.event_publisher import publisher_from_config
     from hicache.hiradix import HiRadixCache
-    from hicache.keys import ModelIdentity
+    from hicache.keys import ModelIdentity, NamespaceSpec
     from hicache.pools import DevicePool, HostPool, KVLayout
     from hicache.replay.runner import TraceDriver
     from hicache.tiering.tiers import Tiers
     from hicache.transfer import CpuTransferEngine
 
-    # A bad config file fails here, before the data directory is created.
-    file_config = load_config(settings.config) if settings.config else None
     # Pages here are small: torch's intra-op threads only spin against each other (and against
     # the storage workers) on a small machine, making each copy ~100x slower.
     torch.set_num_threads(1)
-    requests = load_trace(settings.trace, settings.limit)
-    if not requests:
-        raise ValueError("the trace has no requests")
-    if settings.block_tokens % settings.page_size:
-        raise ValueError(
-            f"--block-tokens ({settings.block_tokens}) must be a multiple of --page-size "
-            f"({settings.page_size})"
-        )
-    ppb = settings.block_tokens // settings.page_size
+    ppb = plan.pages_per_block
     chains = _chains(requests, ppb)
-    unique = len({p for c in chains for p in c})
-    # A request must fit on the device, as in a serving engine: L1 holds at least two of the
-    # longest prompts (its locked prefix plus its computed pages, with room to spare).
-    l1_pages = max(16, 2 * max(len(c) for c in chains), int(unique * settings.l1_fraction))
-    l2_pages = max(l1_pages + 16, int(unique * settings.l2_fraction))
-    l3_pages = max(l2_pages, int(unique * settings.l3_fraction))
-
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="replay-", dir=settings.data_dir))
-    config = file_config or default_config(settings, root, l3_pages)
-    m, ps = config.model, config.cache.page_size
-    if ps != settings.page_size:
-        settings.page_size = ps
-        settings.block_tokens = ps * ppb
-    layout = KVLayout(
-        num_layers=m.num_layers,
-        num_kv_heads=m.num_kv_heads,
-        head_dim=m.head_dim,
-        page_size=ps,
-        dtype=getattr(torch, m.dtype),
-        mla=m.mla,
-    )
+    config = _sized_config(base, plan, None if settings.config else root)
+    model = plan.model
+    if plan.mode is ByteMode.REAL:
+        layout = KVLayout(
+            model.num_layers,
+            model.num_kv_heads,
+            model.head_dim,
+            plan.page_size,
+            getattr(torch, model.dtype),
+            mla=model.mla,
+        )
+    else:
+        layout = KVLayout(
+            settings.num_layers,
+            settings.num_kv_heads,
+            settings.head_dim,
+            plan.page_size,
+            torch.float16,
+        )
     namespace = layout.namespace_spec().namespace()
+    m = config.model
     if config.events.publisher is not None and settings.instances > 1:
         raise ValueError("events.publisher: the replay publishes events of one instance only")
-    tiers = Tiers.from_config(config, namespace, page_bytes=layout.page_bytes)
     caches: list[HiRadixCache] = []
+    tiers = None
     metrics_server: Any = None
     try:
+        calibrations = []
+        if settings.calibrate:
+            spec = NamespaceSpec(
+                model.dtype,
+                model.num_layers,
+                model.num_kv_heads,
+                model.head_dim,
+                plan.real_page_size,
+                layout="calibration",
+            )
+            for name in config.storage.tiers:
+                cal = calibrate_tier(
+                    config, name, model.page_bytes(plan.real_page_size), spec.namespace()
+                )
+                if cal is not None:
+                    calibrations.append(cal)
+        tiers = Tiers.from_config(config, namespace, page_bytes=layout.page_bytes)
         for _ in range(settings.instances):
-            dev = DevicePool(layout, l1_pages, "cpu")
-            host = HostPool(layout, l2_pages, pin=False)
+            dev = DevicePool(layout, plan.l1.pages, "cpu")
+            host = HostPool(layout, plan.l2.pages, pin=False)
             caches.append(
                 HiRadixCache(
                     dev,
@@ -227,7 +302,7 @@ def run_replay(
 
             driver = TraceDriver(
                 caches,
-                block_tokens=settings.block_tokens,
+                block_tokens=plan.block_tokens,
                 on_request=on_request,
                 sync_publish=settings.sync_publish,
             )
@@ -237,24 +312,27 @@ def run_replay(
         if hooks is not None and hooks.finished is not None:
             hooks.finished(caches)
         events: Counter[tuple[str, str]] = driver.events
-        report = _build_report(
-            settings,
-            config,
-            requests,
-            chains,
-            driver,
-            caches,
-            tiers,
-            events,
-            wall,
-            l1_pages=l1_pages,
-            l2_pages=l2_pages,
-            l3_pages=l3_pages,
-            page_bytes=layout.page_bytes,
+        report = build_report(
+            ReplayRun(
+                settings=settings,
+                config=config,
+                plan=plan,
+                gpu=gpu,
+                requests=requests,
+                chains=chains,
+                counters=driver.counters,
+                cache_stats=[c.stats() for c in caches],
+                tier_stats=[(t.name, t.medium, t.stats.as_dict()) for t in tiers],
+                events=events,
+                wall=wall,
+                calibrations=calibrations,
+            )
         )
     finally:
         for cache in caches:
             cache.close()
+        if tiers is not None and not caches:
+            tiers.close()
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
@@ -273,6 +351,16 @@ def _serve_metrics(caches: list[HiRadixCache], settings: ReplaySettings) -> tupl
     registry.register(HicacheCollector(caches))
     assert settings.metrics_port is not None
     return serve_metrics(registry, settings.metrics_port, settings.metrics_addr)
+
+
+def _chains(requests: list[TraceRequest], pages_per_block: int) -> list[list[int]]:
+    if pages_per_block == 1:
+        return [list(r.block_ids) for r in requests]
+    # a block spanning several pages: page j of block b is the pair (b, j), flattened
+    return [
+        [b * pages_per_block + j for b in r.block_ids for j in range(pages_per_block)]
+        for r in requests
+    ]
 
 
 def _timeline(requests: list[TraceRequest], driver: Any) -> list[tuple[int, int, int, int, int]]:
@@ -307,196 +395,81 @@ class _progress:
             self._bar.stop()
 
 
-def _build_report(
-    settings: ReplaySettings,
-    config: HicacheConfig,
-    requests: list[TraceRequest],
-    chains: list[list[int]],
-    driver: Any,
-    caches: list[Any],
-    tiers: Any,
-    events: Counter[tuple[str, str]],
-    wall: float,
-    *,
-    l1_pages: int,
-    l2_pages: int,
-    l3_pages: int,
-    page_bytes: int,
-) -> ReplayReport:
-    ps = settings.page_size
-    counters = driver.counters
-    total_pages = sum(c.pages for c in counters)
-    hit = {lvl: sum(getattr(c, lvl) for c in counters) for lvl in ("l1", "l2", "l3")}
+def _l3_sizes(value: str) -> dict[str, int]:
+    """``1TiB`` (every tier) or ``nvme=500GiB,s3=4TiB`` (per tier name)."""
+    out: dict[str, int] = {}
+    for part in value.split(","):
+        name, _, size = part.rpartition("=")
+        try:
+            out[name.strip()] = parse_size(size.strip())
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"--l3 {value!r}: {exc}") from exc
+    return out
 
-    def gbps(nbytes: int) -> float:
-        return nbytes / wall / 1e9 if wall > 0 else 0.0
 
-    cstats = [c.stats() for c in caches]
-    backup_pages = sum(int(s.get("backup_pages", 0)) for s in cstats)
-    loaded = sum(int(s.get("loaded_back_pages", 0)) for s in cstats)
-    computed = sum(c.computed for c in counters)
-
-    def row(
-        name: str,
-        level: str,
-        medium: str,
-        kind: str,
-        capacity: int | None,
-        hits: int,
-        written_pages: int,
-        read_pages: int,
-    ) -> TierReport:
-        return TierReport(
-            name=name,
-            level=level,
-            medium=medium,
-            kind=kind,
-            capacity_pages=capacity,
-            hit_pages=hits,
-            hit_tokens=hits * ps,
-            hit_ratio=hits / total_pages,
-            bytes_written=written_pages * page_bytes,
-            bytes_read=read_pages * page_bytes,
-            write_gbps=gbps(written_pages * page_bytes),
-            read_gbps=gbps(read_pages * page_bytes),
-        )
-
-    n = len(caches)
-    tier_rows = [
-        row("device", "L1", "GPU", "device pool", l1_pages * n, hit["l1"], computed, 0),
-        row("host", "L2", "CPU_PINNED", "host pool", l2_pages * n, hit["l2"], backup_pages, loaded),
-    ]
-    tier_counters: dict[str, dict[str, int | float | str | bool]] = {}
-    l3_hit_remaining = hit["l3"]
-    for i, tier in enumerate(tiers):
-        st = tier.stats.as_dict()
-        tier_counters[tier.name] = {
-            k: v for k, v in st.items() if isinstance(v, int | float | str | bool)
-        }
-        stored = int(st.get("put_stored", 0))
-        read = int(st.get("get_ok", 0))
-        tier_hits = int(st.get("hit_pages", 0)) if len(tiers) > 1 else l3_hit_remaining
-        tier_hits = min(tier_hits, l3_hit_remaining) if i == len(tiers) - 1 else tier_hits
-        capacity = l3_pages if settings.config is None else None
-        kind = config.storage.tiers[tier.name].backend
-        tier_rows.append(row(tier.name, "L3", tier.medium, kind, capacity, tier_hits, stored, read))
-        l3_hit_remaining -= tier_hits
-
-    sim = simulate_hierarchy(
-        chains,
-        l1_pages * len(caches),
-        l2_pages * len(caches),
-        l3_pages if settings.config is None else None,
-        min_prefetch=max(1, -(-config.storage.prefetch.threshold_tokens // ps)),
-    )
-    largest = l3_pages
-    overall_hits = hit["l1"] + hit["l2"] + hit["l3"]
-    overall = OverallReport(
-        prompt_pages=total_pages,
-        prompt_tokens=total_pages * ps,
-        hit_pages=overall_hits,
-        hit_ratio=overall_hits / total_pages,
-        same_policy_sim_ratio=sim.overall_ratio,
-        same_policy_sim_levels={
-            "L1": sim.ratio("l1"),
-            "L2": sim.ratio("l2"),
-            "L3": sim.ratio("l3"),
-        },
-        lru_ratio_largest_tier=simulate_lru(chains, largest).hit_ratio,
-        min_ratio_largest_tier=simulate_min(chains, largest).hit_ratio,
-        infinite_ratio=simulate_infinite(chains).hit_ratio,
-        largest_tier_capacity_pages=largest,
-    )
-    ev: dict[str, dict[str, int]] = {}
-    for (kind, medium), n in sorted(events.items()):
-        ev.setdefault(kind, {})[medium] = n
-    engine = [s.get("storage", {}) for s in cstats]
-    drops = sum(int(e.get("publish_dropped_pages", e.get("dropped_pages", 0))) for e in engine)
-    failures = sum(int(v.get("put_failed", 0)) for v in tier_counters.values())
-    outcomes: Counter[str] = Counter()
-    for s in cstats:
-        outcomes["prefetches"] += int(s.get("prefetches", 0))
-        outcomes["prefetched_pages"] += int(s.get("prefetched_pages", 0))
-        outcomes["discarded_pages"] += int(s.get("prefetch_discarded_pages", 0))
-    return ReplayReport(
-        scaling=ScalingReport(
-            trace=str(settings.trace or default_trace_path()),
-            requests=len(requests),
-            trace_block_tokens=TRACE_BLOCK_TOKENS,
-            block_tokens=settings.block_tokens,
-            page_size=ps,
-            pages_per_block=settings.block_tokens // ps,
-            partial_blocks="every block id expands to a full block (the partial tail of a "
-            "prompt counts as a whole block, as in the trace's hash_ids)",
-            model={
-                "name": config.model.name,
-                "num_layers": config.model.num_layers,
-                "num_kv_heads": config.model.num_kv_heads,
-                "head_dim": config.model.head_dim,
-                "dtype": config.model.dtype,
-            },
-            page_bytes=page_bytes,
-            device_pages=l1_pages,
-            host_pages=l2_pages,
-            instances=len(caches),
-        ),
-        tiers=tier_rows,
-        overall=overall,
-        throughput=ThroughputReport(
-            wall_seconds=wall,
-            requests_per_second=len(requests) / wall,
-            tokens_per_second=total_pages * ps / wall,
-        ),
-        events=ev,
-        storage=StorageReport(
-            backup_failures=failures,
-            publish_drops=drops,
-            prefetch_outcomes=dict(outcomes),
-            tier_counters=tier_counters,
-        ),
-        verification=VerificationReport(
-            pages_verified=sum(c.verified for c in counters),
-            mismatches=sum(c.mismatches for c in counters),
-        ),
-        instances=[
-            InstanceReport(
-                index=i,
-                requests=c.requests,
-                hit_pages=c.l1 + c.l2 + c.l3,
-                pages_from_other_instances=c.from_other,
-            )
-            for i, c in enumerate(counters)
-        ],
-    )
+def _size(value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def add_parser(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
         "replay",
-        help="replay a production trace through the whole hierarchy",
+        help="replay a production trace through the whole hierarchy (`replay sweep`: L3 sizing)",
         description=__doc__,
     )
-    p.add_argument("trace", nargs="?", type=Path, help="JSONL trace (default: shipped Mooncake)")
+    p.add_argument(
+        "words",
+        nargs="*",
+        metavar="[sweep] [TRACE]",
+        help="`sweep` for the simulated L3 capacity sweep; a JSONL trace (default: shipped "
+        "Mooncake)",
+    )
     p.add_argument("--config", type=Path, help="YAML config (default: embedded local-disk L3)")
     p.add_argument("--limit", type=int, default=0, help="first N requests (default 0 = all)")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--block-tokens", type=int, help="tokens per trace block (default: page size)")
-    p.add_argument("--num-layers", type=int, default=2)
-    p.add_argument("--num-kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=32)
     p.add_argument(
-        "--l1-fraction",
-        type=float,
-        default=0.01,
-        help="L1 pages as a fraction of the distinct pages replayed",
+        "--model",
+        help=f"a preset ({', '.join(MODEL_PRESETS)}) or a Hugging Face config.json (default: "
+        "the config's model, else llama-3-8b)",
     )
-    p.add_argument("--l2-fraction", type=float, default=0.025)
-    p.add_argument("--l3-fraction", type=float, default=0.05)
+    p.add_argument("--gpu", default="h100", help="GPU class for default L1 and prefill estimate")
+    p.add_argument("--page-size", type=int, default=16, help="the model's tokens per page")
+    p.add_argument("--l1", type=_size, help="L1 (device) bytes per instance, e.g. 40GiB")
+    p.add_argument("--l2", type=_size, help="L2 (host) bytes per instance (default 2x L1)")
+    p.add_argument(
+        "--l3", type=_l3_sizes, default={}, help="L3 bytes: 1TiB, or per tier nvme=500GiB,s3=4TiB"
+    )
+    p.add_argument("--l1-fraction", type=float, help="L1 pages as a fraction of distinct pages")
+    p.add_argument("--l2-fraction", type=float)
+    p.add_argument("--l3-fraction", type=float)
+    p.add_argument(
+        "--bytes",
+        dest="bytes_mode",
+        type=ByteMode,
+        choices=list(ByteMode),
+        default=ByteMode.AUTO,
+        help="real: move the model's real page bytes; scaled: small stand-in pages; auto: real "
+        "when it fits and writes at most 2 GiB",
+    )
+    p.add_argument("--num-layers", type=int, default=2, help="stand-in page shape (scaled)")
+    p.add_argument("--num-kv-heads", type=int, default=2, help="stand-in page shape (scaled)")
+    p.add_argument("--head-dim", type=int, default=32, help="stand-in page shape (scaled)")
+    p.add_argument("--prefill-tokens-per-s", type=float, help="replaces the prefill estimate")
+    p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="MFU of the prefill estimate")
+    p.add_argument(
+        "--speed", type=float, help="arrivals at trace time / X: model queueing (default: none)"
+    )
+    p.add_argument("--no-calibrate", action="store_true", help="skip measuring the tiers")
     p.add_argument("--instances", type=int, default=1, choices=(1, 2))
     p.add_argument("--data-dir", type=Path, default=Path("hicache-data"))
     p.add_argument("--keep-storage", action="store_true")
     p.add_argument("--json", type=Path, help="write the report as JSON to this file")
-    p.add_argument("--plot", type=Path, help="hit ratio per tier over trace time, as PNG")
+    p.add_argument(
+        "--plot", type=Path, help="PNG: hit ratio per tier over trace time (sweep: the curves)"
+    )
+    p.add_argument("--points", type=int, default=10, help="sweep: L3 capacities on the grid")
     p.add_argument(
         "--sync-publish",
         action="store_true",
@@ -517,22 +490,28 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=main)
 
 
-def main(args: argparse.Namespace) -> int:
-    if args.print_schema:
-        print(json.dumps(ReplayReport.model_json_schema(), indent=2))
-        return 0
-    settings = ReplaySettings(
-        trace=args.trace,
+def settings_from_args(args: argparse.Namespace, trace: Path | None) -> ReplaySettings:
+    return ReplaySettings(
+        trace=trace,
         config=args.config,
         limit=args.limit or None,
+        model=args.model,
+        gpu=args.gpu,
         page_size=args.page_size,
-        block_tokens=args.block_tokens or 0,
         num_layers=args.num_layers,
         num_kv_heads=args.num_kv_heads,
         head_dim=args.head_dim,
+        l1=args.l1,
+        l2=args.l2,
+        l3=args.l3,
         l1_fraction=args.l1_fraction,
         l2_fraction=args.l2_fraction,
         l3_fraction=args.l3_fraction,
+        bytes_mode=args.bytes_mode,
+        prefill_tokens_per_s=args.prefill_tokens_per_s,
+        mfu=args.mfu,
+        speed=args.speed,
+        calibrate=not args.no_calibrate,
         instances=args.instances,
         data_dir=args.data_dir,
         keep_storage=args.keep_storage,
@@ -542,17 +521,55 @@ def main(args: argparse.Namespace) -> int:
         metrics_addr=args.metrics_addr,
     )
 
-    def started(_caches: Sequence[HiRadixCache], url: str | None) -> None:
-        if url is not None:
-            print(f"serving Prometheus metrics at {url}", file=sys.stderr, flush=True)
 
-    report, timeline = run_replay(settings, ReplayHooks(started=started))
+def main(args: argparse.Namespace) -> int:
+    if args.print_schema:
+        print(json.dumps(ReplayReport.model_json_schema(), indent=2))
+        return 0
+    words = list(args.words)
+    sweep = bool(words) and words[0] == "sweep"
+    if sweep:
+        words.pop(0)
+    if len(words) > 1:
+        print(f"hicache replay: one trace expected, got {words}", file=sys.stderr)
+        return 2
+    settings = settings_from_args(args, Path(words[0]) if words else None)
+    try:
+        if sweep:
+            from hicache.replay.sweep_command import run_sweep_command
+
+            return run_sweep_command(settings, points=args.points, plot=args.plot, out=args.json)
+        report, timeline = run_replay(settings, ReplayHooks(started=_announce_metrics))
+    except DoesNotFit as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
     print_report(report)
     if args.json:
         args.json.write_text(report.model_dump_json(indent=2))
     if args.plot:
         from hicache.replay.plot import plot_hits
 
-        plot_hits(timeline, args.plot)
+        plot_hits(timeline, args.plot, lru_min=_lru_min_series(report, settings))
         print(f"plot written to {args.plot}")
     return 0
+
+
+def _announce_metrics(_caches: Sequence[HiRadixCache], url: str | None) -> None:
+    if url is not None:
+        print(f"serving Prometheus metrics at {url}", file=sys.stderr, flush=True)
+
+
+def _lru_min_series(
+    report: ReplayReport, settings: ReplaySettings
+) -> tuple[int, list[int], dict[str, list[int]]]:
+    """Per-request prefix hits of LRU and MIN at the largest tier's capacity, for the plot."""
+    from hicache.replay.simulate import simulate_lru, simulate_min
+
+    requests = load_trace(settings.trace, settings.limit)
+    chains = _chains(requests, report.scaling.pages_per_block)
+    cap = report.overall.largest_tier_capacity_pages
+    refs: dict[str, list[int]] = {}
+    if cap:
+        refs[f"LRU at {cap:,} pages"] = list(simulate_lru(chains, cap).hits)
+        refs[f"Belady MIN at {cap:,} pages"] = list(simulate_min(chains, cap).hits)
+    return report.scaling.unit_tokens, prompt_tokens(requests), refs

@@ -149,33 +149,39 @@ def simulate_hierarchy(
     l3: int | None,
     *,
     min_prefetch: int = 1,
+    instances: int = 1,
 ) -> HierarchySimResult:
     """The replay's policy on block ids alone: inclusive write-through L1 ⊆ L2 and an L3.
 
     - L1 and L2 are tail-first LRUs touched by every request (a match touches the whole path);
       L2 holds every backed-up block, so it is at least as large as L1.
-    - L3 (``None`` = unbounded) is a tail-first LRU touched only by its own traffic: blocks read
-      from it (the prefix found after L1/L2 stopped) and blocks published to it (every block the
-      request computed, i.e. after the hit prefix). When the computed suffix starts below a block
-      L3 lost (a head hot in L1/L2 is never touched there), the lost blocks above it, up to the
-      nearest one L3 holds, are republished with it, so L3 stays prefix-closed.
+    - L3 (``None`` = unbounded, ``0`` = no L3) is a tail-first LRU touched only by its own
+      traffic: blocks read from it (the prefix found after L1/L2 stopped) and blocks published to
+      it (every block the request computed, i.e. after the hit prefix). When the computed suffix
+      starts below a block L3 lost (a head hot in L1/L2 is never touched there), the lost blocks
+      above it, up to the nearest one L3 holds, are republished with it, so L3 stays
+      prefix-closed.
     - L3 is asked only when at least ``min_prefetch`` blocks follow the L1/L2 hit (the cache's
       prefetch threshold).
+    - ``instances``: request ``i`` goes to hierarchy ``i % instances``; each has its own L1 and
+      L2 of the given sizes, and all share the one L3.
     """
-    lru1: OrderedDict[int, None] = OrderedDict()
-    lru2: OrderedDict[int, None] = OrderedDict()
+    tiers = [(OrderedDict[int, None](), OrderedDict[int, None]()) for _ in range(instances)]
     lru3: OrderedDict[int, None] = OrderedDict()
+    use_l3 = l3 is None or l3 > 0
     h1: list[int] = []
     h2: list[int] = []
     h3: list[int] = []
-    for chain in chains:
+    for i, chain in enumerate(chains):
+        lru1, lru2 = tiers[i % instances]
         a = _prefix_hits(chain, lru1)
         b = a
         while b < len(chain) and chain[b] in lru2:
             b += 1
         c = b
-        while len(chain) - b >= min_prefetch and c < len(chain) and chain[c] in lru3:
-            c += 1
+        if use_l3 and len(chain) - b >= min_prefetch:
+            while c < len(chain) and chain[c] in lru3:
+                c += 1
         h1.append(a)
         h2.append(b - a)
         h3.append(c - b)
@@ -187,6 +193,8 @@ def simulate_hierarchy(
                     lru[block] = None
             while len(lru) > cap:
                 lru.popitem(last=False)
+        if not use_l3:
+            continue
         # L3 sees the blocks it lost above the computed suffix first (republished in a put of
         # their own), then the read prefix and the computed (published) suffix
         start = b
