@@ -38,17 +38,19 @@ Rules the cache relies on:
 
 All methods except the worker bodies run on the cache's thread.
 
-Where it lives: the publish side and ``poll`` (completion, announcements, promotion, tier
-evictions) are here; prefetch submission in :mod:`hicache.tiering.engine_prefetch`; the worker
-pool and the holds on host pages in :mod:`hicache.tiering.engine_workers`; the records in
+Where it lives: the engine composes what it owns. The publish side and ``poll`` (completion,
+announcements, promotion, tier evictions) are here; it owns its worker pool and the holds on
+host pages (:class:`~hicache.tiering.engine_workers.EngineWorkers`), its prefetch jobs
+(:class:`~hicache.tiering.engine_prefetch.PrefetchJobs`, whose methods it offers as its own) and
+its :class:`~hicache.tiering.announce.Announcer`; the records are in
 :mod:`hicache.tiering.engine_records`. Import every public name from here.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -75,8 +77,8 @@ from hicache.tiering.engine_records import (
     _PrefetchJob,
     _PutDone,
 )
-from hicache.tiering.engine_workers import _Holds
-from hicache.tiering.prefetch import usable_prefix
+from hicache.tiering.engine_workers import EngineWorkers, _Holds
+from hicache.tiering.prefetch import PrefetchOutcome
 from hicache.tiering.tiers import Tier, TierRange, Tiers
 
 __all__ = [
@@ -92,7 +94,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class StorageEngine(PrefetchJobs):
+class StorageEngine:
     """A small worker pool between one cache and its tiers (see the module docstring)."""
 
     def __init__(
@@ -107,7 +109,10 @@ class StorageEngine(PrefetchJobs):
         evict_poll_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(tiers, host_pool, workers=workers)
+        self.tiers = tiers
+        self.host_pool = host_pool
+        self.workers = EngineWorkers(host_pool, workers=workers)
+        self.prefetch_jobs = PrefetchJobs(tiers, self.workers)
         self.page_size = page_size
         self.lora_id = lora_id
         self.evict_poll_interval_s = evict_poll_interval_s
@@ -176,10 +181,12 @@ class StorageEngine(PrefetchJobs):
                 group.results[(tier.name, batch)] = [PageStatus.FAILED] * len(pages)
                 continue
             host = [p.host_page for p in pages[:n]]
-            holds = _Holds(self, host, tier.gate, nbytes)
+            holds = self.workers.hold(host, tier.gate, nbytes)
             views = [self.host_pool.page_view(h) for h in host]
             group.outstanding += 1
-            self._submit(self._put_job, group.id, tier, batch, keys[:n], views, holds, len(keys))
+            self.workers.submit(
+                self._put_job, group.id, tier, batch, keys[:n], views, holds, len(keys)
+            )
         if targets is None:
             self.counters["published_pages"] += len(pages)
         return [t for t in tiers if group.progress[t.name].drop_reason == "dropped_admission"]
@@ -255,20 +262,16 @@ class StorageEngine(PrefetchJobs):
             statuses = [PageStatus.FAILED] * len(keys)
         statuses = statuses + [PageStatus.FAILED] * (total - len(keys))  # refused by admission
         evicted = tier.take_evicted()
-        self._done.put(_PutDone(group, tier.name, batch, statuses))
+        self.workers.report(_PutDone(group, tier.name, batch, statuses))
         if evicted:
-            self._done.put(_Evicted(tier.name, evicted))
+            self.workers.report(_Evicted(tier.name, evicted))
 
     # ------------------------------------------------------------------ completion
 
     def poll(self) -> EnginePoll:
         """Collect finished jobs: announce, report evictions, return prefetch results."""
         out = EnginePoll()
-        while True:
-            try:
-                item = self._done.get_nowait()
-            except queue.Empty:
-                break
+        for item in self.workers.take_reports():
             if isinstance(item, _GetDone):
                 self._finish_prefetch(item, out)
             elif isinstance(item, _LookupDone):
@@ -282,33 +285,21 @@ class StorageEngine(PrefetchJobs):
         return out
 
     def _finish_lookup(self, item: _LookupDone, out: EnginePoll) -> None:
-        job = self._prefetch_jobs.get(item.ticket)
-        if job is None:
-            return
-        job.ranges = item.ranges
-        if job.abandoned:  # the request stopped waiting during the lookup: nothing to read
-            self._prefetch_jobs.pop(item.ticket, None)
-            self._prefetch_futures.pop(item.ticket, None)
-            return
-        out.lookups.append(LookupResult(item.ticket, item.ranges[-1].end if item.ranges else 0))
+        lookup = self.prefetch_jobs.finish_lookup(item)
+        if lookup is not None:
+            out.lookups.append(lookup)
 
     def _finish_prefetch(self, item: _GetDone, out: EnginePoll) -> None:
-        self._prefetch_futures.pop(item.ticket, None)
-        job = self._prefetch_jobs.pop(item.ticket, None)
-        if job is None:
+        finished = self.prefetch_jobs.finish_read(item)
+        if finished is None:
             return
-        ok = usable_prefix(item.statuses)
-        sources: list[str | None] = [None] * len(item.statuses)
+        job, result = finished
+        ok = result.ok_pages
         for r in item.ranges:
             end = min(r.end, ok)
-            sources[r.start : end] = [r.tier.name] * max(0, end - r.start)
             self.announcer.mark_present(r.tier.name, [block_id(k) for k in job.keys[r.start : end]])
-        result = PrefetchResult(item.ticket, item.statuses, job.host, sources)
-        for tier in {r.tier for r in item.ranges}:
-            tier.stats.count_prefetch(result.outcome if not job.abandoned else "timed_out")
         if job.abandoned:
             return
-        self.prefetch_outcomes[result.outcome.value] += 1
         self._promote(job, item.ranges, ok)
         out.prefetches.append(result)
 
@@ -354,12 +345,74 @@ class StorageEngine(PrefetchJobs):
             if last is not None and now - last < self.evict_poll_interval_s:
                 continue
             self._evict_polled[tier.name] = now
-            self._evict_jobs[tier.name] = self._submit(self._evict_job, tier)
+            self._evict_jobs[tier.name] = self.workers.submit(self._evict_job, tier)
 
     def _evict_job(self, tier: Tier) -> None:
         evicted = tier.take_evicted()
         if evicted:
-            self._done.put(_Evicted(tier.name, evicted))
+            self.workers.report(_Evicted(tier.name, evicted))
+
+    # ------------------------------------------------------------------ prefetch (owned jobs)
+
+    def submit_prefetch(
+        self,
+        keys: Sequence[str],
+        host_pages: Sequence[int] | None = None,
+        *,
+        token_ids: Sequence[Sequence[int]] | None = None,
+        parent_block_id: int | None = None,
+    ) -> int:
+        """See :meth:`PrefetchJobs.submit_prefetch`; the result comes through :meth:`poll`."""
+        return self.prefetch_jobs.submit_prefetch(
+            keys, host_pages, token_ids=token_ids, parent_block_id=parent_block_id
+        )
+
+    def start_read(self, ticket: int, host_pages: Sequence[int]) -> None:
+        """See :meth:`PrefetchJobs.start_read`."""
+        self.prefetch_jobs.start_read(ticket, host_pages)
+
+    def cancel_prefetch(self, ticket: int) -> None:
+        """See :meth:`PrefetchJobs.cancel_prefetch`."""
+        self.prefetch_jobs.cancel_prefetch(ticket)
+
+    def prefetch_progress(self, ticket: int) -> int:
+        """See :meth:`PrefetchJobs.prefetch_progress`."""
+        return self.prefetch_jobs.prefetch_progress(ticket)
+
+    def abandon_prefetch(self, ticket: int) -> None:
+        """See :meth:`PrefetchJobs.abandon_prefetch`."""
+        self.prefetch_jobs.abandon_prefetch(ticket)
+
+    def wait_prefetch(self, ticket: int, timeout: float | None = None) -> bool:
+        """See :meth:`PrefetchJobs.wait_prefetch`."""
+        return self.prefetch_jobs.wait_prefetch(ticket, timeout)
+
+    def count_prefetch(self, outcome: PrefetchOutcome) -> None:
+        """See :meth:`PrefetchJobs.count_prefetch`."""
+        self.prefetch_jobs.count_prefetch(outcome)
+
+    @property
+    def prefetch_outcomes(self) -> Counter[str]:
+        """Prefetches counted per :class:`PrefetchOutcome` value."""
+        return self.prefetch_jobs.prefetch_outcomes
+
+    # ------------------------------------------------------------------ workers (owned)
+
+    def in_flight(self) -> int:
+        """See :meth:`EngineWorkers.in_flight`."""
+        return self.workers.in_flight()
+
+    def holds_outstanding(self) -> int:
+        """See :meth:`EngineWorkers.holds_outstanding`."""
+        return self.workers.holds_outstanding()
+
+    def wait_idle(self, timeout: float | None = None, *, holds: bool = True) -> bool:
+        """See :meth:`EngineWorkers.wait_idle` (results still wait for :meth:`poll`)."""
+        return self.workers.wait_idle(timeout, holds=holds)
+
+    def close(self) -> None:
+        """See :meth:`EngineWorkers.close` (results not polled are dropped)."""
+        self.workers.close()
 
     # ------------------------------------------------------------------ introspection
 
