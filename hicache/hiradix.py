@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from hicache.config import WritePolicy
@@ -307,12 +307,10 @@ class HiRadixCache(RadixCache):
         own = group is None
         if group is None:
             group = storage.begin_publish()
-        first_parent = pages[0].parent_block_id if pages else None
-        if first_parent is not None:
-            for tier in storage.tiers.publishing if targets is None else targets:
-                if storage.needs_republish(group, tier, first_parent):
-                    storage.republish(group, self._lost_ancestor_pages(node, tier), tier)
-        refused = storage.publish(group, pages, targets=targets)
+        # the engine decides, per tier, which of the pages above it must be put back first
+        refused = storage.publish_fragment(
+            group, pages, self._ancestor_pages(node), targets=targets
+        )
         if own:
             storage.end_publish(group)
         if refused:
@@ -333,27 +331,16 @@ class HiRadixCache(RadixCache):
             parent = bid
         return pages
 
-    def _lost_ancestor_pages(self, node: TreeNode, tier: Tier) -> list[PublishPage]:
-        """The pages above ``node`` that ``tier`` is known to have lost, up to the nearest page
-        it holds (or the root), in prefix order; empty when the chain cannot be closed now.
-
-        A shared head that stays hot in L1/L2 is never touched on the tier, so the tier's own
-        LRU ages it out while chains below it are still published: put back ahead of them, the
-        chain is prefix-closed again and can be announced and found by a cold instance.
-        """
-        assert self.storage is not None
-        out: list[PublishPage] = []  # tail first
+    def _ancestor_pages(self, node: TreeNode) -> Iterator[PublishPage]:
+        """The pages above ``node``, nearest first, up to the root; stops at an ancestor whose
+        pages cannot be published now (its write not acked yet)."""
         cur = node.parent
         while cur is not None and cur is not self.root:
             # L2 is prefix-closed, so ancestors have host pages; an unacked one is not published
             if cur.host_value is None or cur.write_through_pending_id is not None:
-                return []
-            for page in reversed(self._node_pages(cur)):
-                if not self.storage.missing_on(tier, page.block_id):
-                    return out[::-1]
-                out.append(page)
+                return
+            yield from reversed(self._node_pages(cur))
             cur = cur.parent
-        return out[::-1]
 
     def _maybe_reoffer(self, node: TreeNode) -> None:
         """The pages of ``node`` are used again: offer them to the tiers that refused them."""

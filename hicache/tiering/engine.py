@@ -2,8 +2,9 @@
 
 - ``begin_publish()`` / ``publish(group, pages)`` / ``end_publish(group)``  hand the fragments of
   one write-through ack to every publishing tier, in prefix order
-- ``needs_republish(group, tier, parent)`` / ``republish(group, pages, tier)``  put the ancestors
-  a tier lost back ahead of a fragment of the group (the tier's chain stays prefix-closed)
+- ``publish_fragment(group, pages, ancestors)``  the same for a fragment of a tree node, given a
+  lazy iterator of the pages above it: the engine decides per tier whether that tier lost some
+  of them and puts those back ahead of the fragment (the tier's chain stays prefix-closed)
 - ``submit_prefetch(keys, None, token_ids=...)``  look a chain up through the tier cascade;
   ``poll`` reports how many pages the tiers hold (:class:`LookupResult`), the cache allocates
   host pages for exactly those and calls ``start_read(ticket, host_pages)`` (or
@@ -48,10 +49,11 @@ its :class:`~hicache.tiering.announce.Announcer`; the records are in
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -191,31 +193,60 @@ class StorageEngine:
             self.counters["published_pages"] += len(pages)
         return [t for t in tiers if group.progress[t.name].drop_reason == "dropped_admission"]
 
-    def missing_on(self, tier: Tier, block_id: int) -> bool:
-        """Whether page ``block_id`` is known not to be on ``tier``: not announced there (or
-        removed since), not read from it, and no publish of it to ``tier`` still undecided."""
-        return self.announcer.missing(tier.name, block_id)
+    def publish_fragment(
+        self,
+        group: PublishGroup,
+        pages: Sequence[PublishPage],
+        ancestors: Iterable[PublishPage],
+        *,
+        targets: Sequence[Tier] | None = None,
+    ) -> list[Tier]:
+        """Publish a fragment as :meth:`publish` does, first putting back, per tier, the pages
+        above it that the tier lost.
 
-    def needs_republish(self, group: PublishGroup, tier: Tier, parent_block_id: int) -> bool:
-        """Whether a fragment of ``group`` below page ``parent_block_id`` should have the
-        ancestors ``tier`` lost republished ahead of it: the parent is missing there and the
-        tier would take a put now (not while the group's pages are dropped for it or its
-        breaker refuses: the fragment itself is then dropped and counted, as always)."""
+        ``ancestors`` yields the pages above the fragment, nearest first, up to the root or up
+        to the first page that cannot be published now (it then just stops); it is read lazily,
+        only as far as some tier needs: up to the nearest page that tier holds. A shared head
+        that stays hot in L1/L2 is never touched on a tier, so the tier's own LRU ages it out
+        while chains below it are still published: put back ahead of them (in prefix order, to
+        that tier alone), the chain is prefix-closed again and can be announced and found by a
+        cold instance. Admission, backpressure and the breaker apply as to any publish; a page
+        still stored there is harmless (create-only puts answer ``ALREADY_EXISTS``).
+        """
+        parent = pages[0].parent_block_id if pages else None
+        tiers = self.tiers.publishing if targets is None else list(targets)
+        if parent is not None and tiers:
+            for tier, above in zip(tiers, itertools.tee(ancestors, len(tiers)), strict=True):
+                if self._lost_parent(group, tier, parent):
+                    lost = self._lost_ancestors(tier, above)
+                    if lost:
+                        self.publish(group, lost, targets=[tier])
+                        tier.stats.add(republished_pages=len(lost))
+                        self.counters["republished_pages"] += len(lost)
+        return self.publish(group, pages, targets=targets)
+
+    def _lost_parent(self, group: PublishGroup, tier: Tier, parent_block_id: int) -> bool:
+        """Whether page ``parent_block_id`` is missing on ``tier`` and the tier would take a put
+        now (not while ``group``'s pages are dropped for it or its breaker refuses: the fragment
+        itself is then dropped and counted, as always)."""
         prog = group.progress.get(tier.name)
         if prog is not None and prog.drop_reason is not None:
             return False
-        return self.missing_on(tier, parent_block_id) and not tier.breaker.would_refuse()
+        return self.announcer.missing(tier.name, parent_block_id) and not (
+            tier.breaker.would_refuse()
+        )
 
-    def republish(self, group: PublishGroup, pages: Sequence[PublishPage], tier: Tier) -> None:
-        """Publish ``pages`` (ancestors ``tier`` lost, in prefix order) to ``tier`` alone, ahead
-        of the fragment below them in ``group``, so the tier's chain is prefix-closed again and
-        can be announced. Admission, backpressure and the breaker apply as to any publish; a
-        page still stored there is harmless (create-only puts answer ``ALREADY_EXISTS``)."""
-        if not pages:
-            return
-        self.publish(group, pages, targets=[tier])
-        tier.stats.add(republished_pages=len(pages))
-        self.counters["republished_pages"] += len(pages)
+    def _lost_ancestors(self, tier: Tier, ancestors: Iterable[PublishPage]) -> list[PublishPage]:
+        """The pages of ``ancestors`` (nearest first) that ``tier`` lost, up to the nearest one
+        it holds or the root, in prefix order; empty when the chain cannot be closed now."""
+        lost: list[PublishPage] = []
+        for page in ancestors:
+            if not self.announcer.missing(tier.name, page.block_id):
+                return lost[::-1]
+            lost.append(page)
+        if lost and lost[-1].parent_block_id is None:  # reached the root
+            return lost[::-1]
+        return []  # stopped below a page that cannot be published now
 
     def _sendable(self, tier: Tier, prog: TierProgress, keys: list[str], admit: bool) -> int:
         """How many leading pages of a fragment go to ``tier`` (drops are counted here)."""
