@@ -56,7 +56,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from hicache.config import WritePolicy
-from hicache.events import EventQueue, KVEvent, Medium
+from hicache.events import BlockRemoved, EventQueue, KVEvent, Medium
 from hicache.keys import ModelIdentity, block_id, chain_hashes, seed_hash, storage_key
 from hicache.pending_writes import PendingWrite, PendingWrites
 from hicache.pools import DevicePool, HostPool
@@ -281,6 +281,8 @@ class HiRadixCache(RadixCache):
         for frag in record.publish_nodes:
             self._emit_stored(frag, Medium.CPU_PINNED)
             self.write_backup_storage(frag, group)
+        # prefetched pages inserted below the fragments meanwhile, now that their parents are
+        self.events.extend(record.deferred)
         if group is not None and self.storage is not None:
             self.storage.end_publish(group)
         self.dec_lock_ref(record.lock_node)
@@ -613,6 +615,27 @@ class HiRadixCache(RadixCache):
         return result
 
     # ------------------------------------------------------------------ events, close, stats
+
+    def _emit_stored(self, node: TreeNode, medium: str) -> None:
+        # On the host a block is announced only after its parent: below a node whose write is
+        # pending (a prefetch inserted there), it waits for that write's ack.
+        if medium == Medium.CPU_PINNED:
+            wait = self.ongoing_write_through.waits_for(node.parent, self.parent_block_hash(node))
+            if wait is not None:
+                self.ongoing_write_through.defer(wait, self._stored_events(node, medium))
+                return
+        super()._emit_stored(node, medium)
+
+    def _emit_removed(self, node: TreeNode, medium: str) -> None:
+        # a removal of blocks whose announcement still waits for an ack follows it
+        ids = [block_id(h) for h in self.node_hashes(node)]
+        wait = (
+            self.ongoing_write_through.deferred_for(ids[0]) if medium == Medium.CPU_PINNED else None
+        )
+        if wait is None:
+            self.events.put(BlockRemoved(ids, medium))
+        else:
+            self.ongoing_write_through.defer(wait, [BlockRemoved(ids, medium)])
 
     def publish_events(self) -> int:
         """Drain the queued events into the event publisher as one batch; returns how many.

@@ -12,6 +12,11 @@ both halves in place, so fragments always concatenate to the original range.
                              write never finishes before its parent's
 - ``finish(ack_id)``         take the oldest write's record to announce and publish it; its
                              fragments lose their stamp
+- ``waits_for(parent, parent_block)`` / ``defer(ack_id, events)``   host events that must wait
+                             for an ack: pages a prefetch inserts below a node whose write is
+                             pending (or below such pages) are announced ``CPU_PINNED`` only
+                             after that node, so they wait in the write's record
+                             (``PendingWrite.deferred``) and follow its fragments' events
 
 It is a read-only mapping ``ack id -> PendingWrite`` in submission order.
 """
@@ -19,8 +24,9 @@ It is a read-only mapping ``ack id -> PendingWrite`` in submission order.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from hicache.events import BlockStored, KVEvent
 from hicache.radix_node import TreeNode
 
 __all__ = ["PendingWrite", "PendingWrites"]
@@ -35,6 +41,8 @@ class PendingWrite:
     publish_nodes: list[TreeNode]
     #: Tokens of the whole write (the fragments' tokens add up to it).
     pages: int
+    #: Host events of pages below the fragments, announced after them (``defer``).
+    deferred: list[KVEvent] = field(default_factory=list)
 
 
 class PendingWrites(Mapping[int, PendingWrite]):
@@ -43,6 +51,8 @@ class PendingWrites(Mapping[int, PendingWrite]):
     def __init__(self) -> None:
         self._writes: dict[int, PendingWrite] = {}
         self._acked: set[int] = set()
+        #: Block id -> the write its deferred ``BlockStored(CPU_PINNED)`` waits for.
+        self._deferred_blocks: dict[int, int] = {}
 
     def __getitem__(self, ack_id: int) -> PendingWrite:
         return self._writes[ack_id]
@@ -102,4 +112,34 @@ class PendingWrites(Mapping[int, PendingWrite]):
         self._acked.discard(ack_id)
         for frag in record.publish_nodes:
             frag.write_through_pending_id = None
+        for e in record.deferred:
+            for bid in e.block_hashes if isinstance(e, BlockStored) else ():
+                if self._deferred_blocks.get(bid) == ack_id:
+                    del self._deferred_blocks[bid]
         return record
+
+    def waits_for(self, parent: TreeNode | None, parent_block: int | None) -> int | None:
+        """The write a host announcement below ``parent`` (whose last page is
+        ``parent_block``) must wait for: the parent's pending write, or the one its own
+        deferred announcement waits for; None when it may be announced now."""
+        if parent is not None and parent.write_through_pending_id is not None:
+            return parent.write_through_pending_id
+        return None if parent_block is None else self._deferred_blocks.get(parent_block)
+
+    def defer(self, ack_id: int, events: list[KVEvent]) -> None:
+        """Hold ``events`` until write ``ack_id`` finished (then ``finish`` returns them after
+        its fragments). A ``BlockStored`` makes its blocks wait too; a removal of blocks whose
+        announcement still waits is held behind it."""
+        self._writes[ack_id].deferred += events
+        for e in events:
+            for bid in e.block_hashes if isinstance(e, BlockStored) else ():
+                self._deferred_blocks[bid] = ack_id
+
+    def deferred_for(self, block: int) -> int | None:
+        """The write whose finish announces ``block`` on the host, if it still waits."""
+        return self._deferred_blocks.get(block)
+
+    def deferred_events(self) -> Iterator[KVEvent]:
+        """Every event held back, oldest write first."""
+        for record in self._writes.values():
+            yield from record.deferred

@@ -326,9 +326,11 @@ class StorageEngine:
             return
         job, result = finished
         ok = result.ok_pages
-        for r in item.ranges:
-            end = min(r.end, ok)
-            self.announcer.mark_present(r.tier.name, [block_id(k) for k in job.keys[r.start : end]])
+        if job.token_ids is not None:
+            for r in item.ranges:
+                # what was read from a tier is on it: announced there (once per residency)
+                pages = self._chain_pages(job, r.start, min(r.end, ok))
+                self.announcer.read_back(r.tier.name, pages, out.events)
         if job.abandoned:
             return
         self._promote(job, item.ranges, ok)
@@ -344,18 +346,25 @@ class StorageEngine:
             targets = self.tiers.earlier_publishing(r.tier)
             if not targets:
                 continue
-            parent = job.parent_block_id if r.start == 0 else block_id(job.keys[r.start - 1])
-            pages = []
-            for i in range(r.start, end):
-                bid = block_id(job.keys[i])
-                pages.append(PublishPage(job.keys[i], job.host[i], bid, parent, job.token_ids[i]))
-                parent = bid
+            pages = self._chain_pages(job, r.start, end)
             group = self.begin_publish()
             self.publish(group, pages, targets=targets, admit=False)
             self.end_publish(group)
             for t in targets:
                 t.stats.add(promoted_pages=len(pages))
             self.counters["promoted_pages"] += len(pages)
+
+    @staticmethod
+    def _chain_pages(job: _PrefetchJob, start: int, end: int) -> list[PublishPage]:
+        """Pages ``start:end`` of a prefetch (with token ids), chained, prefix first."""
+        assert job.token_ids is not None
+        parent = job.parent_block_id if start == 0 else block_id(job.keys[start - 1])
+        pages = []
+        for i in range(start, end):
+            bid = block_id(job.keys[i])
+            pages.append(PublishPage(job.keys[i], job.host[i], bid, parent, job.token_ids[i]))
+            parent = bid
+        return pages
 
     def _evicted(self, item: _Evicted, events: list[KVEvent]) -> None:
         tier = self._tier_by_name[item.tier]
