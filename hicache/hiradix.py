@@ -2,13 +2,12 @@
 
 Read top to bottom, this is where a page goes:
 
-- ``insert``             new device nodes (``BlockStored(GPU)``); with ``write_through`` every
-                         new node is backed up at once, with ``write_through_selective`` on its
-                         second hit
+- ``insert``             new device nodes (``BlockStored(GPU)``, in :class:`RadixCache`); the
+                         insert hooks back them up as the write policy says
 - ``write_backup``       L1 -> L2 copy submitted; the node is locked and counts as backed up,
                          but nothing is announced or published before the ack
 - ``_split_node``        a node whose write is pending is replaced by its fragments (prefix
-                         first) in that write's ``publish_nodes``; splits compose
+                         first) in that write's record; splits compose
 - ``writing_check``      for each finished ack (agreed across ranks through ``RankSync``):
                          ``_finish_write_through_ack`` announces every fragment's pages as
                          ``BlockStored(CPU_PINNED)``, chained, publishes every fragment with
@@ -23,13 +22,10 @@ Read top to bottom, this is where a page goes:
 - ``take_events``        drain every event; ``publish_events`` hands them to the configured
                          publisher instead (``events.publisher: zmq``, see docs/events.md)
 
-The cache is built in layers, one module each, every one on top of the previous:
-:mod:`hicache.hiradix_host` (L1 eviction that keeps host copies, ``evict_host``, ``load_back``),
-:mod:`hicache.hiradix_writes` (insert hooks, write-through, splits, acks, L3 publishing and
-re-offers), :mod:`hicache.hiradix_prefetch` (L3 -> L2 prefetch); the records and protocols
-(``WritePolicy``, ``RankSync``, ``PendingWrite``, ``PrefetchHandle``) are in
-:mod:`hicache.hiradix_records`. This module builds the cache (``__init__``, ``from_config``),
-closes it and reports its ``stats``; import every name from here.
+The cache is one class on the tree (the tree calls its hooks on insert, split and evict); the
+tree-free bookkeeping is composed: the pending-writes table (:mod:`hicache.pending_writes`:
+acks, fragments), the prefetch table (:mod:`hicache.prefetches`) and the storage engine
+(:mod:`hicache.tiering.engine`: L3 I/O on worker threads, announcements, republishing).
 
 Typical use by a serving loop::
 
@@ -54,25 +50,23 @@ schedules their free (``HostPool.free_when_released``).
 
 from __future__ import annotations
 
+import heapq
 import logging
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from hicache.events import EventQueue, KVEvent
-from hicache.hiradix_prefetch import PrefetchLayer
-from hicache.hiradix_records import (
-    NoRankSync,
-    PendingWrite,
-    PrefetchHandle,
-    RankSync,
-    WritePolicy,
-    _DiscardEvents,
-)
-from hicache.keys import ModelIdentity, seed_hash
+from hicache.config import WritePolicy
+from hicache.events import BlockRemoved, EventQueue, KVEvent, Medium
+from hicache.keys import ModelIdentity, block_id, chain_hashes, seed_hash, storage_key
+from hicache.pending_writes import PendingWrite, PendingWrites
 from hicache.pools import DevicePool, HostPool
-from hicache.tiering.engine import StorageEngine
-from hicache.tiering.prefetch import PrefetchPolicy, PrefetchRules
-from hicache.tiering.tiers import Tiers
-from hicache.transfer import TransferEngine
+from hicache.prefetches import Prefetches, PrefetchHandle
+from hicache.radix import RadixCache, TreeNode
+from hicache.rank_sync import NoRankSync, RankSync
+from hicache.tiering.engine import EnginePoll, PublishGroup, PublishPage, StorageEngine
+from hicache.tiering.prefetch import PrefetchOutcome, PrefetchPolicy, PrefetchRules
+from hicache.tiering.tiers import Tier, Tiers
+from hicache.transfer import Direction, TransferEngine
 
 if TYPE_CHECKING:
     from hicache.config import HicacheConfig
@@ -89,8 +83,27 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: The cache's own counters (``stats``).
+_COUNTERS = (
+    *("backups", "backup_pages", "backup_skipped_no_host_pages", "acks", "loaded_back_pages"),
+    *("l1_evicted_pages", "l2_evicted_pages"),
+    *("prefetches", "prefetched_pages", "prefetch_discarded_pages"),
+)
+#: Nodes remembered for a second offer to a refusing tier before stale entries are dropped.
+_REOFFER_LIMIT = 100_000
 
-class HiRadixCache(PrefetchLayer):
+
+class _DiscardEvents(EventQueue):
+    """The event queue of a cache whose events are off: nothing is kept."""
+
+    def put(self, event: KVEvent) -> None:
+        return
+
+    def extend(self, events: Iterable[KVEvent]) -> None:
+        return
+
+
+class HiRadixCache(RadixCache):
     """Radix cache with host write-through, storage publishing and prefetch (module docstring).
 
     ``identity`` seeds the content hashes (pages of different identities never share keys);
@@ -148,30 +161,21 @@ class HiRadixCache(PrefetchLayer):
         )
         self.prefetch_threshold_tokens = self.prefetch_rules.threshold_tokens
         self.rank_sync = rank_sync or NoRankSync()
-        self.ongoing_write_through = {}
-        self._acked = set()
+        #: Write-throughs between submit and ack: ``ack id -> PendingWrite``.
+        self.ongoing_write_through = PendingWrites()
         self.tiers = tiers
-        self.storage = None
+        self.storage: StorageEngine | None = None
+        #: Prefetches in flight (with tiers only).
+        self.prefetches: Prefetches | None = None
         if tiers is not None and len(tiers):
             tiers.open()
             self.storage = StorageEngine(
                 tiers, host_pool, page_size=self.page_size, lora_id=lora_id, workers=io_workers
             )
-        self._prefetches = {}
+            self.prefetches = Prefetches(self.storage, self.prefetch_rules, self.rank_sync)
         #: Nodes whose pages a tier's admission refused, with those tiers (second_hit).
-        self._reoffer = {}
-        self.counters = {
-            "backups": 0,
-            "backup_pages": 0,
-            "backup_skipped_no_host_pages": 0,
-            "acks": 0,
-            "l1_evicted_pages": 0,
-            "l2_evicted_pages": 0,
-            "loaded_back_pages": 0,
-            "prefetches": 0,
-            "prefetched_pages": 0,
-            "prefetch_discarded_pages": 0,
-        }
+        self._reoffer: dict[int, tuple[TreeNode, list[Tier]]] = {}
+        self.counters = dict.fromkeys(_COUNTERS, 0)
 
     @classmethod
     def from_config(
@@ -185,69 +189,453 @@ class HiRadixCache(PrefetchLayer):
         rank_sync: RankSync | None = None,
         transfer: type[TransferEngine] | None = None,
     ) -> HiRadixCache:
-        """Build pools, transfer engine, tiers and the cache from a validated configuration.
+        """Build pools, transfer engine, tiers and the cache from a validated configuration
+        (see :func:`hicache.cache_parts.cache_parts`)."""
+        from hicache.cache_parts import cache_parts
 
-        ``device_pages`` sizes L1 (the serving engine decides it; default
-        ``config.cache.device_pool`` bytes); L2 is ``config.cache.host_pool`` bytes.
-        ``transfer`` defaults to the CUDA engine on a CUDA device pool, else the CPU engine.
-        The storage namespace comes from the model shape, page size and TP rank/size.
-        ``events.publisher: zmq`` binds an event publisher (needs ``hicache[zmq]``) on TP rank 0
-        only: ranks agree on every event, so the other ranks discard theirs.
-        """
-        import torch
-
-        from hicache.event_publisher import publisher_from_config
-        from hicache.pools import KVLayout
-        from hicache.transfer import CpuTransferEngine, CudaTransferEngine
-
-        m, c = config.model, config.cache
-        layout = KVLayout(
-            num_layers=m.num_layers,
-            num_kv_heads=m.num_kv_heads,
-            head_dim=m.head_dim,
-            page_size=c.page_size,
-            dtype=getattr(torch, m.dtype),
-            mla=m.mla,
-        )
-        if device_pages is None:
-            if c.device_pool is None:
-                raise ValueError("give device_pages or set cache.device_pool in the config")
-            device_pages = c.device_pool // layout.page_bytes
-        dev = device or c.device
-        dev_pool = DevicePool(layout, device_pages, None if dev == "auto" else dev)
-        host_pages = c.host_pool // layout.page_bytes
-        if host_pages <= 0:
-            raise ValueError(
-                f"cache.host_pool ({c.host_pool} bytes) holds no page of {layout.page_bytes} bytes"
-            )
-        host_pool = HostPool(layout, host_pages)
-        if transfer is None:
-            transfer = CudaTransferEngine if dev_pool.kv.is_cuda else CpuTransferEngine
-        namespace = layout.namespace_spec(tp_rank=tp_rank, tp_size=tp_size).namespace()
-        tiers = Tiers.from_config(
-            config, namespace, page_bytes=layout.page_bytes, rank=tp_rank, world_size=tp_size
-        )
-        publisher = publisher_from_config(config.events, model=m.name) if tp_rank == 0 else None
-        events = config.events.enabled and (tp_rank == 0 or config.events.publisher is None)
+        parts = cache_parts(config, device_pages, device, tp_rank, tp_size, transfer)
         try:
-            return cls(
-                dev_pool,
-                host_pool,
-                transfer(dev_pool, host_pool),
-                identity=ModelIdentity(m.name, m.revision, m.tenant_salt),
-                tiers=tiers,
-                write_policy=str(c.write_policy),
-                prefetch_rules=PrefetchRules.from_config(config.storage.prefetch),
-                rank_sync=rank_sync,
-                gpu_events=events,
-                events=events,
-                max_queued_events=config.events.max_queue,
-                event_publisher=publisher,
-            )
+            return cls(*parts.args, rank_sync=rank_sync, **parts.kwargs)
         except BaseException:
-            if publisher is not None:
-                publisher.close()
+            if parts.publisher is not None:
+                parts.publisher.close()
             raise
+
+    # ------------------------------------------------------------------ insert hooks
+
+    def _on_path(self, node: TreeNode) -> None:
+        node.hit_count += 1
+        self._maybe_backup(node)
+        if self._reoffer:
+            self._maybe_reoffer(node)
+
+    def _on_new_leaf(self, node: TreeNode) -> None:
+        node.hit_count = 1
+        self._maybe_backup(node)
+
+    def _maybe_backup(self, node: TreeNode) -> None:
+        if (
+            self.write_policy is not WritePolicy.MANUAL
+            and node.host_value is None
+            and node.hit_count >= self._backup_threshold
+        ):
+            self.write_backup(node)
+
+    # ------------------------------------------------------------------ write-through (L1 -> L2)
+
+    def write_backup(self, node: TreeNode) -> int | None:
+        """Back ``node`` up to host memory; return the ack id, or None if not backed up now.
+
+        Only a device node under the root or a backed-up parent is backed up (so L2 stays
+        prefix-closed). From here on the node counts as backed up, but its pages are announced
+        and published only after the ack (:meth:`writing_check`).
+        """
+        if node is self.root or node.value is None or node.host_value is not None:
+            return None
+        parent = node.parent
+        if parent is None or (parent is not self.root and parent.host_value is None):
+            return None
+        n = len(node.value)
+        host = self.host_pool.alloc(n)
+        if host is None:
+            self.evict_host(n - self.host_pool.available)
+            host = self.host_pool.alloc(n)
+            if host is None:
+                self.counters["backup_skipped_no_host_pages"] += 1
+                return None
+        ack = self.transfer.submit(Direction.D2H, node.value, host)
+        node.host_value = host
+        self.ongoing_write_through.add(ack, node)
+        self.inc_lock_ref(node)  # until the ack
+        self.counters["backups"] += 1
+        self.counters["backup_pages"] += n
+        return ack
+
+    def _split_node(self, child: TreeNode, pages: int) -> TreeNode:
+        prefix = super()._split_node(child, pages)
+        if child.write_through_pending_id is not None:
+            self.ongoing_write_through.replace(child, [prefix, child])
+        entry = self._reoffer.get(child.id)
+        if entry is not None:  # both fragments still wait for their second offer
+            self._reoffer[prefix.id] = (prefix, entry[1])
+        return prefix
+
+    def writing_check(self) -> int:
+        """Finish every acknowledged write-through that all ranks saw complete; return how many.
+
+        Acks are finished in submission order: a child's write never announces before its
+        parent's. The count is agreed through ``RankSync`` (always called, even for zero).
+        """
+        pending = self.ongoing_write_through
+        pending.mark_acked(self.transfer.poll())
+        ready = self.rank_sync.all_reduce_min([pending.ready()])[0]
+        for ack in pending.oldest(ready):
+            self._finish_write_through_ack(ack)
+        self._poll_storage()
+        return ready
+
+    def _finish_write_through_ack(self, ack_id: int) -> None:
+        """Announce and publish every fragment of ``ack_id`` in prefix order; unlock once."""
+        record = self.ongoing_write_through.finish(ack_id)
+        group = self.storage.begin_publish() if self.storage is not None else None
+        for frag in record.publish_nodes:
+            self._emit_stored(frag, Medium.CPU_PINNED)
+            self.write_backup_storage(frag, group)
+        # prefetched pages inserted below the fragments meanwhile, now that their parents are
+        self.events.extend(record.deferred)
+        if group is not None and self.storage is not None:
+            self.storage.end_publish(group)
+        self.dec_lock_ref(record.lock_node)
+        self.counters["acks"] += 1
+
+    # ------------------------------------------------------------------ publish (L2 -> L3)
+
+    def write_backup_storage(self, node: TreeNode, group: PublishGroup | None = None) -> None:
+        """Publish ``node``'s host pages to every publishing tier (asynchronously).
+
+        ``group`` ties the fragments of one ack together so each tier announces them in order;
+        without one the node is its own group. Tiers whose admission policy refused the pages
+        (``second_hit``) are offered them again the next time an insert walks through ``node``.
+        """
+        self._publish_node(node, group, None)
+
+    def _publish_node(
+        self, node: TreeNode, group: PublishGroup | None, targets: list[Tier] | None
+    ) -> None:
+        storage = self.storage
+        if storage is None or not storage.tiers.publishing:
+            return
+        pages = self._node_pages(node)
+        own = group is None
+        if group is None:
+            group = storage.begin_publish()
+        # the engine decides, per tier, which of the pages above it must be put back first
+        refused = storage.publish_fragment(
+            group, pages, self._ancestor_pages(node), targets=targets
+        )
+        if own:
+            storage.end_publish(group)
+        if refused:
+            self._reoffer[node.id] = (node, refused)
+            if len(self._reoffer) > _REOFFER_LIMIT:
+                self._forget_stale_reoffers()
+
+    def _node_pages(self, node: TreeNode) -> list[PublishPage]:
+        """``node``'s host pages as the engine publishes them, chained, in prefix order."""
+        assert node.host_value is not None
+        ps = self.page_size
+        key = node.key
+        parent = self.parent_block_hash(node)
+        pages = []
+        for j, (h, hp) in enumerate(zip(self.node_hashes(node), node.host_value, strict=True)):
+            bid = block_id(h)
+            pages.append(PublishPage(storage_key(h), hp, bid, parent, key[j * ps : (j + 1) * ps]))
+            parent = bid
+        return pages
+
+    def _ancestor_pages(self, node: TreeNode) -> Iterator[PublishPage]:
+        """The pages above ``node``, nearest first, up to the root; stops at an ancestor whose
+        pages cannot be published now (its write not acked yet)."""
+        cur = node.parent
+        while cur is not None and cur is not self.root:
+            # L2 is prefix-closed, so ancestors have host pages; an unacked one is not published
+            if cur.host_value is None or cur.write_through_pending_id is not None:
+                return
+            yield from reversed(self._node_pages(cur))
+            cur = cur.parent
+
+    def _maybe_reoffer(self, node: TreeNode) -> None:
+        """The pages of ``node`` are used again: offer them to the tiers that refused them."""
+        entry = self._reoffer.pop(node.id, None)
+        if entry is None or node.host_value is None or node.write_through_pending_id is not None:
+            return
+        self._publish_node(node, None, [t for t in entry[1] if t.available])
+
+    def _forget_stale_reoffers(self) -> None:
+        for nid, (node, _) in list(self._reoffer.items()):
+            if node.host_value is None or node.parent is None:
+                del self._reoffer[nid]
+
+    # ------------------------------------------------------------------ eviction (L1, L2)
+
+    def _evict_node(self, node: TreeNode) -> int:
+        if node.host_value is None or node.write_through_pending_id is not None:
+            return super()._evict_node(node)
+        # backed up and acknowledged: the host copy stays, the node becomes L2-only
+        assert node.value is not None
+        n = len(node.value)
+        self.device_pool.free(node.value)
+        node.value = None
+        self._evictable_pages -= n
+        if self.gpu_events:
+            self._emit_removed(node, Medium.GPU)
+        self.counters["l1_evicted_pages"] += n
+        return n
+
+    def _evictable(self, node: TreeNode) -> bool:
+        # Without a host copy, eviction deletes the node: never one a prefetch builds on, and
+        # never one with (host-only) children, which would be left without a parent.
+        if node.host_value is None and (node.host_lock_ref > 0 or node.children):
+            return False
+        return super()._evictable(node)
+
+    def _host_evictable(self, node: TreeNode) -> bool:
+        return (
+            node is not self.root
+            and node.value is None
+            and node.host_value is not None
+            and node.host_lock_ref == 0
+            and not node.children
+        )
+
+    def evict_host(self, num_pages: int) -> int:
+        """Drop at least ``num_pages`` host pages of L2-only leaves, least recently used first.
+
+        Pages a storage worker still uses are freed when it lets go of them. Returns the number
+        of host pages given up.
+        """
+        if num_pages <= 0:
+            return 0
+        heap = [(n.last_access, n.id, n) for n in self.iter_nodes() if self._host_evictable(n)]
+        heapq.heapify(heap)
+        freed = 0
+        while freed < num_pages and heap:
+            _, _, node = heapq.heappop(heap)
+            if not self._host_evictable(node):
+                continue
+            assert node.host_value is not None
+            parent = node.parent
+            self._emit_removed(node, Medium.CPU_PINNED)
+            self.host_pool.free_when_released(node.host_value)
+            freed += len(node.host_value)
+            node.host_value = None
+            self._delete_leaf(node)
+            if parent is not None and self._host_evictable(parent):
+                heapq.heappush(heap, (parent.last_access, parent.id, parent))
+        self.counters["l2_evicted_pages"] += freed
+        return freed
+
+    # ------------------------------------------------------------------ load back (L2 -> L1)
+
+    def load_back(self, node: TreeNode) -> list[int] | None:
+        """Copy the host-only nodes from ``node`` up to the first device node back to L1.
+
+        Returns the device pages of the loaded nodes (prefix order; ``[]`` when ``node`` is
+        already on the device), or None when L1 has no room. Blocks until the copy finished.
+        """
+        path: list[TreeNode] = []
+        cur = node
+        while cur is not self.root and cur.value is None:
+            path.append(cur)
+            assert cur.parent is not None
+            cur = cur.parent
+        if not path:
+            return []
+        path.reverse()
+        host: list[int] = []
+        for n in path:
+            assert n.host_value is not None
+            host += n.host_value
+        # keep the device ancestor (and the path) out of the eviction that makes room
+        self.inc_lock_ref(cur)
+        for n in path:
+            n.host_lock_ref += 1
+        try:
+            dev = self.device_pool.alloc(len(host))
+            if dev is None:
+                self.evict(len(host) - self.device_pool.available)
+                dev = self.device_pool.alloc(len(host))
+        finally:
+            for n in path:
+                n.host_lock_ref -= 1
+            self.dec_lock_ref(cur)
+        if dev is None:
+            return None
+        self.transfer.wait(self.transfer.submit(Direction.H2D, host, dev))
+        off = 0
+        for n in path:
+            assert n.host_value is not None
+            k = len(n.host_value)
+            self._revive(n, dev[off : off + k])
+            off += k
+        self.counters["loaded_back_pages"] += len(dev)
+        return dev
+
+    # ------------------------------------------------------------------ prefetch (L3 -> L2)
+
+    def prefetch_from_storage(self, tokens: Sequence[int]) -> PrefetchHandle | None:
+        """Start reading the pages of ``tokens`` after the cached prefix from the tiers into L2.
+
+        Returns None when there are no tiers or fewer than ``prefetch_threshold_tokens`` tokens
+        would come from storage. Finish it with :meth:`check_prefetch`.
+        """
+        if self.storage is None or self.prefetches is None:
+            return None
+        key = self.page_aligned(tokens)
+        ps = self.page_size
+        r = self.match_prefix(key)
+        start = (len(r.device_pages) + r.host_hit_pages) * ps
+        n = (len(key) - start) // ps
+        if n <= 0 or n * ps < self.prefetch_threshold_tokens:
+            if n > 0:
+                self.storage.count_prefetch(PrefetchOutcome.SKIPPED)
+            return None
+        base = r.last_host_node
+        parent_hash = self.seed if base is self.root else self.node_hashes(base)[-1]
+        hashes = chain_hashes(parent_hash, key[start:], ps)
+        # the matched path must outlive the prefetch: its pages are the new pages' parents
+        self._host_lock(base, 1)
+        handle = self.prefetches.start(
+            [storage_key(h) for h in hashes],
+            [key[start + j * ps : start + (j + 1) * ps] for j in range(n)],
+            None if base is self.root else block_id(parent_hash),
+            tokens=key[: start + n * ps],
+            start=start,
+            hashes=hashes,
+            base=base,
+        )
+        self.counters["prefetches"] += 1
+        return handle
+
+    def _start_read(self, handle: PrefetchHandle, found: int) -> None:
+        """The lookup of ``handle`` found ``found`` pages: allocate host pages for them (making
+        room in L2 if needed) and start the read, or finish the prefetch empty."""
+        assert self.storage is not None
+        n = found
+        host = self.host_pool.alloc(n) if n > 0 else None
+        if host is None and n > 0:
+            self.evict_host(n - self.host_pool.available)
+            n = min(n, self.host_pool.available)
+            host = self.host_pool.alloc(n) if n > 0 else None
+        if host is None:
+            self.storage.cancel_prefetch(handle.ticket)
+            handle.result_pages = 0
+            return
+        handle.host_pages = host
+        handle.hashes = handle.hashes[:n]
+        handle.tokens = handle.tokens[: handle.start + n * self.page_size]
+        self.storage.start_read(handle.ticket, host)
+
+    def _host_lock(self, node: TreeNode, delta: int) -> None:
+        """Pin ``node`` and its ancestors in the tree (L2 eviction skips them) by ``delta``."""
+        cur: TreeNode | None = node
+        while cur is not None and cur is not self.root:
+            cur.host_lock_ref += delta
+            if cur.host_lock_ref < 0:
+                raise RuntimeError(f"host lock below zero on {cur!r}")
+            cur = cur.parent
+
+    def check_prefetch(self, handle: PrefetchHandle, *, wait: bool = False) -> int | None:
+        """Finish ``handle`` if every rank's read completed or stopped; return the tokens it
+        added to L2.
+
+        Returns None while the request should keep waiting. The prefetch policy decides when it
+        stops waiting: ``wait_complete`` never, ``best_effort`` at the first check that finds
+        it unfinished, ``timeout`` once its budget passed; a stopped prefetch keeps the pages
+        that already landed (contiguously from the first) and the rest are freed once the
+        workers let go of them. With ``wait`` this blocks until the prefetch finished (under
+        ``timeout``, at most until the budget passed). The decision and the length, agreed
+        through ``RankSync`` (always called), become L2-only nodes.
+        """
+        if handle.done:
+            return handle.inserted_tokens
+        assert self.prefetches is not None
+        self._poll_storage()
+        # a prefetch is a lookup, then (host pages allocated here) a read: wait for each step
+        if wait:
+            self.prefetches.wait(handle, self._poll_storage)
+        ok = self.prefetches.decide(handle)
+        if ok is None:
+            return None
+        try:
+            handle.inserted_tokens = self._insert_prefetched(handle, ok)
+        finally:
+            self._host_lock(handle.base, -1)
+        return handle.inserted_tokens
+
+    def _insert_prefetched(self, handle: PrefetchHandle, ok: int) -> int:
+        """Insert the first ``ok`` prefetched pages as L2-only nodes; free the rest."""
+        ps = self.page_size
+        keep = handle.host_pages[:ok]
+        drop = handle.host_pages[ok:]
+        inserted = 0
+        if ok:
+            full = handle.tokens[: handle.start + ok * ps]
+            r = self.match_prefix(full)
+            present = (len(r.device_pages) + r.host_hit_pages) * ps
+            base = r.last_host_node
+            if present < handle.start or not self._backup_path(base):
+                drop = handle.host_pages  # the tree changed under us: nothing attaches
+                keep = []
+            else:
+                j = (present - handle.start) // ps
+                drop = handle.host_pages[:j] + drop
+                keep = handle.host_pages[j:ok]
+                if keep:
+                    node = TreeNode(full[present:], None, base)
+                    node.host_value = keep
+                    node.hashes = handle.hashes[j:ok]
+                    node.last_access = self._tick
+                    base.children[self.first_page(node)] = node
+                    self._emit_stored(node, Medium.CPU_PINNED)
+                    inserted = len(keep) * ps
+        if drop:
+            # a stopped prefetch's workers may still write into these: free at the last release
+            self.host_pool.free_when_released(drop)
+        self.counters["prefetched_pages"] += len(keep)
+        self.counters["prefetch_discarded_pages"] += len(drop)
+        return inserted
+
+    def _backup_path(self, node: TreeNode) -> bool:
+        """Make sure ``node`` and its ancestors are backed up (new host-only children may then
+        hang below it); return False when that is not possible now (no host pages)."""
+        path = []
+        cur = node
+        while cur is not self.root and cur.host_value is None:
+            path.append(cur)
+            assert cur.parent is not None
+            cur = cur.parent
+        return all(self.write_backup(n) is not None for n in reversed(path))
+
+    # ------------------------------------------------------------------ storage completions
+
+    def _poll_storage(self) -> EnginePoll | None:
+        """Collect finished storage work: tier events join the event queue; prefetches whose
+        lookup finished start their read, finished reads record how many pages landed."""
+        if self.storage is None or self.prefetches is None:
+            return None
+        result = self.storage.poll()
+        if result.events:
+            self.events.extend(result.events)
+        for handle, lookup in self.prefetches.collect(result):
+            if handle is None:
+                self.storage.cancel_prefetch(lookup.ticket)
+            else:
+                self._start_read(handle, lookup.found)
+        return result
+
+    # ------------------------------------------------------------------ events, close, stats
+
+    def _emit_stored(self, node: TreeNode, medium: str) -> None:
+        # On the host a block is announced only after its parent: below a node whose write is
+        # pending (a prefetch inserted there), it waits for that write's ack.
+        if medium == Medium.CPU_PINNED:
+            wait = self.ongoing_write_through.waits_for(node.parent, self.parent_block_hash(node))
+            if wait is not None:
+                self.ongoing_write_through.defer(wait, self._stored_events(node, medium))
+                return
+        super()._emit_stored(node, medium)
+
+    def _emit_removed(self, node: TreeNode, medium: str) -> None:
+        # a removal of blocks whose announcement still waits for an ack follows it
+        ids = [block_id(h) for h in self.node_hashes(node)]
+        wait = (
+            self.ongoing_write_through.deferred_for(ids[0]) if medium == Medium.CPU_PINNED else None
+        )
+        if wait is None:
+            self.events.put(BlockRemoved(ids, medium))
+        else:
+            self.ongoing_write_through.defer(wait, [BlockRemoved(ids, medium)])
 
     def publish_events(self) -> int:
         """Drain the queued events into the event publisher as one batch; returns how many.
@@ -297,8 +685,6 @@ class HiRadixCache(PrefetchLayer):
         if self.event_publisher is not None and not self.event_publisher.closed:
             self.publish_events()
             self.event_publisher.close()
-
-    # ------------------------------------------------------------------ introspection
 
     def stats(self) -> dict[str, object]:
         """Counters of the cache and its storage engine as plain data."""

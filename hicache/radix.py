@@ -452,19 +452,23 @@ class RadixCache:
 
     def _emit_stored(self, node: TreeNode, medium: str) -> None:
         """One ``BlockStored`` per page of ``node``, chained to the page before it."""
+        self.events.extend(self._stored_events(node, medium))
+
+    def _stored_events(self, node: TreeNode, medium: str) -> list[KVEvent]:
+        """The ``BlockStored`` events of ``node``'s pages (see :meth:`_emit_stored`)."""
         hashes = self.node_hashes(node)
         parent = self.parent_block_hash(node)
         ps = self.page_size
         key = node.key  # decoded once: event token ids are lists
         lora = self.lora_id
-        batch = []
+        batch: list[KVEvent] = []
         off = 0
         for h in hashes:
             bid = block_id(h)
             batch.append(BlockStored([bid], parent, key[off : off + ps], ps, lora, medium))
             parent = bid
             off += ps
-        self.events.extend(batch)
+        return batch
 
     def _emit_removed(self, node: TreeNode, medium: str) -> None:
         hashes = self.node_hashes(node)

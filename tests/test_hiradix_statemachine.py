@@ -25,7 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from hicache.config import TierSettings
 from hicache.errors import BackendUnavailableError
-from hicache.events import BlockRemoved, BlockStored, KVEvent, Medium
+from hicache.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, Medium
 from hicache.hiradix import HiRadixCache, PrefetchHandle, WritePolicy
 from hicache.keys import ModelIdentity, block_id, chain_hashes, seed_hash, storage_key
 from hicache.pools import DevicePool, HostPool, KVLayout
@@ -176,9 +176,40 @@ class Spy(HiRadixCache):
         self.early_publishes: list[str] = []
         #: publishes of a page to a tier that announced it and still holds it: must stay empty
         self.resident_publishes: list[tuple[str, str]] = []
+        #: (tier, block id) -> page a tier acknowledged (a put result with a stored status)
+        #: whose announcement the model still waits for (its parent's is undecided)
+        self.awaiting_announce: dict[tuple[str, int], PublishPage] = {}
+        #: acknowledged pages whose parent is announced on the tier but which are not: empty
+        self.unannounced_acks: list[tuple[str, int]] = []
         assert self.storage is not None
         storage = self.storage
         real_publish, real_poll = storage.publish, storage.poll
+        announcer = storage.announcer
+        real_record = announcer.record
+        recorded: list[tuple[str, list[PublishPage], list[PageStatus]]] = []
+
+        def record(group: int, tier: str, batch: int, statuses: list[PageStatus]) -> None:
+            recorded.append((tier, announcer.groups[group].batches[batch], statuses))
+            real_record(group, tier, batch, statuses)
+
+        def check_acks_announced() -> None:
+            """After a poll: every page a tier acknowledged is announced there in this
+            residency unless its parent is not (its announcement is cut, in prefix order)."""
+            for tier, pages, statuses in recorded:
+                for p, status in zip(pages, statuses, strict=False):
+                    if status.stored:
+                        self.awaiting_announce[(tier, p.block_id)] = p
+            recorded.clear()
+            medium = {t.name: t.medium for t in storage.tiers.tiers}
+            for (tier, bid), p in list(self.awaiting_announce.items()):
+                resident = self.tier_resident.get(medium[tier], set())
+                parent = p.parent_block_id
+                if bid not in resident:
+                    if parent is not None and announcer.unresolved[tier][parent] > 0:
+                        continue  # the parent's own publish is undecided: so is this page
+                    if parent is None or parent in resident:
+                        self.unannounced_acks.append((tier, bid))
+                del self.awaiting_announce[(tier, bid)]
 
         def publish(
             group: PublishGroup,
@@ -205,10 +236,12 @@ class Spy(HiRadixCache):
                     self.tier_resident.setdefault(e.medium, set()).update(e.block_hashes)
                 elif isinstance(e, BlockRemoved):
                     self.tier_resident.setdefault(e.medium, set()).difference_update(e.block_hashes)
+            check_acks_announced()
             return out
 
         storage.publish = publish  # type: ignore[method-assign]
         storage.poll = poll  # type: ignore[method-assign]
+        announcer.record = record  # type: ignore[method-assign]
 
     def _insert_prefetched(self, handle: PrefetchHandle, ok: int) -> int:
         self._in_prefetch = True
@@ -606,9 +639,10 @@ class HiRadixMachine(RuleBasedStateMachine):
         for _, hashes, parent in cache.finished:
             ids = [block_id(h) for h in hashes]
             expected.update(zip(ids, [parent, *ids[:-1]], strict=True))
+        # (a prefetched page below a pending write is announced after its ack: count it now)
         got = Counter(
             (e.block_hashes[0], e.parent_block_hash)
-            for e in self.events
+            for e in [*self.events, *cache.ongoing_write_through.deferred_events()]
             if isinstance(e, BlockStored) and e.medium == Medium.CPU_PINNED
         )
         assert got == expected
@@ -658,6 +692,37 @@ class HiRadixMachine(RuleBasedStateMachine):
                     elif parent is not None:
                         assert parent in announced or parent in stored
                     announced.add(bid)
+
+    @invariant()
+    def events_in_prefix_order_once_per_residency(self) -> None:
+        """On every medium a block is announced only after its parent (an earlier event of the
+        same batch included) and not removed since, and never twice in one residency."""
+        if not hasattr(self, "cache"):
+            return
+        self.quiesce()
+        self.drain()
+        resident: dict[str, set[int]] = {}
+        for e in self.events:
+            if isinstance(e, AllBlocksCleared):
+                resident.clear()
+            elif isinstance(e, BlockRemoved):
+                resident.setdefault(e.medium, set()).difference_update(e.block_hashes)
+            elif isinstance(e, BlockStored):
+                on = resident.setdefault(e.medium, set())
+                parent = e.parent_block_hash
+                for bid in e.block_hashes:
+                    assert parent is None or parent in on, (e.medium, bid, parent)
+                    assert bid not in on, (e.medium, bid)
+                    on.add(bid)
+                    parent = bid
+
+    @invariant()
+    def tier_acks_announced_once_per_residency(self) -> None:
+        """Every page a tier acknowledged is announced there (once per residency: see the
+        invariant above), unless its parent is not announced there."""
+        if not hasattr(self, "cache"):
+            return
+        assert self.cache.unannounced_acks == []
 
     def final_checks(self) -> None:
         cache = self.cache

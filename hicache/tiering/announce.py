@@ -7,11 +7,16 @@ the tiers' put results into ``BlockStored(<tier medium>)`` events:
 - along one group, a tier is announced only for the contiguous prefix it stored (``OK`` or
   ``ALREADY_EXISTS``); after the first page that failed (or was dropped) nothing later in the
   group is announced on that tier, even if it was stored
-- across groups, a page is announced only when its parent is known to be on the tier
-  (announced, or read from it: :meth:`Announcer.mark_present`); while the parent's own publish
-  is still open the page waits, and once the parent is known missing the page is not announced.
-  So no tail is ever announced without its head
-- a page already announced on a tier (and not removed since) is not announced again
+- across groups, a page is announced only when its parent is announced on the tier (and not
+  removed since); while the parent's own publish is still open the page waits, and once the
+  parent is known missing the page is not announced. So no tail is ever announced without its
+  head
+- a page read back from a tier is on it: it is announced there at once
+  (:meth:`Announcer.read_back`), under the same rule, whether or not a put of it is still on its
+  way (that put's result then finds it announced)
+- a page already announced on a tier (and not removed since) is not announced again: on every
+  tier a page is announced exactly once per residency, so ``known`` (what children may chain
+  to) is exactly what was announced
 - a batch may go to some tiers only (ancestors republished to a tier that lost them,
   :meth:`Announcer.missing`); the other tiers skip it
 
@@ -153,11 +158,17 @@ class Announcer:
         g.results[(tier, batch)] = statuses
         g.outstanding -= 1
 
-    def mark_present(self, tier: str, block_ids: list[int]) -> None:
-        """These pages are on ``tier`` (read from it): children may be announced there."""
+    def read_back(self, tier: str, pages: list[PublishPage], events: list[KVEvent]) -> None:
+        """``pages`` (a chain, prefix first) were read from ``tier``, so they are on it: announce
+        those not announced yet, as far as their parent is announced there."""
         known = self.known[tier]
-        for bid in block_ids:
-            known.add(bid)
+        for page in pages:
+            if page.block_id in known:
+                continue
+            parent = page.parent_block_id
+            if parent is not None and parent not in known:
+                return  # the head is not announced there: a child may not be either
+            self._stored(tier, page, events)
 
     def removed(self, tier: str, block_ids: list[int]) -> None:
         """These pages left ``tier`` (its own eviction)."""
@@ -226,28 +237,33 @@ class Announcer:
                         tier.stats.add(unannounced_pages=1)
                         continue
                     if page.block_id in known:
-                        # already on the tier as far as events go (published again after an
-                        # L2 eviction, or read from it): a second BlockStored would say nothing
+                        # announced before and still there (published again after an L2
+                        # eviction, or read back from the tier): once per residency
                         known.add(page.block_id)
                         continue
-                    events.append(
-                        BlockStored(
-                            [page.block_id],
-                            page.parent_block_id,
-                            page.token_ids,
-                            self.page_size,
-                            self.lora_id,
-                            tier.medium,
-                        )
-                    )
-                    known.add(page.block_id)
-                    self.counters["announced_pages"] += 1
-                    tier.stats.add(announced_pages=1)
+                    self._stored(name, page, events)
                 if waiting:
                     break
                 prog.next_batch += 1
                 prog.next_page = 0
         return moved
+
+    def _stored(self, name: str, page: PublishPage, events: list[KVEvent]) -> None:
+        """Announce ``page`` on tier ``name``."""
+        tier = self._tiers[name]
+        events.append(
+            BlockStored(
+                [page.block_id],
+                page.parent_block_id,
+                page.token_ids,
+                self.page_size,
+                self.lora_id,
+                tier.medium,
+            )
+        )
+        self.known[name].add(page.block_id)
+        self.counters["announced_pages"] += 1
+        tier.stats.add(announced_pages=1)
 
     def finish(self, group: PublishGroup) -> None:
         """Forget ``group`` once it is settled."""

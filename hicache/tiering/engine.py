@@ -2,8 +2,9 @@
 
 - ``begin_publish()`` / ``publish(group, pages)`` / ``end_publish(group)``  hand the fragments of
   one write-through ack to every publishing tier, in prefix order
-- ``needs_republish(group, tier, parent)`` / ``republish(group, pages, tier)``  put the ancestors
-  a tier lost back ahead of a fragment of the group (the tier's chain stays prefix-closed)
+- ``publish_fragment(group, pages, ancestors)``  the same for a fragment of a tree node, given a
+  lazy iterator of the pages above it: the engine decides per tier whether that tier lost some
+  of them and puts those back ahead of the fragment (the tier's chain stays prefix-closed)
 - ``submit_prefetch(keys, None, token_ids=...)``  look a chain up through the tier cascade;
   ``poll`` reports how many pages the tiers hold (:class:`LookupResult`), the cache allocates
   host pages for exactly those and calls ``start_read(ticket, host_pages)`` (or
@@ -38,18 +39,21 @@ Rules the cache relies on:
 
 All methods except the worker bodies run on the cache's thread.
 
-Where it lives: the publish side and ``poll`` (completion, announcements, promotion, tier
-evictions) are here; prefetch submission in :mod:`hicache.tiering.engine_prefetch`; the worker
-pool and the holds on host pages in :mod:`hicache.tiering.engine_workers`; the records in
+Where it lives: the engine composes what it owns. The publish side and ``poll`` (completion,
+announcements, promotion, tier evictions) are here; it owns its worker pool and the holds on
+host pages (:class:`~hicache.tiering.engine_workers.EngineWorkers`), its prefetch jobs
+(:class:`~hicache.tiering.engine_prefetch.PrefetchJobs`, whose methods it offers as its own) and
+its :class:`~hicache.tiering.announce.Announcer`; the records are in
 :mod:`hicache.tiering.engine_records`. Import every public name from here.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-import queue
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -75,8 +79,8 @@ from hicache.tiering.engine_records import (
     _PrefetchJob,
     _PutDone,
 )
-from hicache.tiering.engine_workers import _Holds
-from hicache.tiering.prefetch import usable_prefix
+from hicache.tiering.engine_workers import EngineWorkers, _Holds
+from hicache.tiering.prefetch import PrefetchOutcome
 from hicache.tiering.tiers import Tier, TierRange, Tiers
 
 __all__ = [
@@ -92,7 +96,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class StorageEngine(PrefetchJobs):
+class StorageEngine:
     """A small worker pool between one cache and its tiers (see the module docstring)."""
 
     def __init__(
@@ -107,7 +111,10 @@ class StorageEngine(PrefetchJobs):
         evict_poll_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(tiers, host_pool, workers=workers)
+        self.tiers = tiers
+        self.host_pool = host_pool
+        self.workers = EngineWorkers(host_pool, workers=workers)
+        self.prefetch_jobs = PrefetchJobs(tiers, self.workers)
         self.page_size = page_size
         self.lora_id = lora_id
         self.evict_poll_interval_s = evict_poll_interval_s
@@ -176,39 +183,70 @@ class StorageEngine(PrefetchJobs):
                 group.results[(tier.name, batch)] = [PageStatus.FAILED] * len(pages)
                 continue
             host = [p.host_page for p in pages[:n]]
-            holds = _Holds(self, host, tier.gate, nbytes)
+            holds = self.workers.hold(host, tier.gate, nbytes)
             views = [self.host_pool.page_view(h) for h in host]
             group.outstanding += 1
-            self._submit(self._put_job, group.id, tier, batch, keys[:n], views, holds, len(keys))
+            self.workers.submit(
+                self._put_job, group.id, tier, batch, keys[:n], views, holds, len(keys)
+            )
         if targets is None:
             self.counters["published_pages"] += len(pages)
         return [t for t in tiers if group.progress[t.name].drop_reason == "dropped_admission"]
 
-    def missing_on(self, tier: Tier, block_id: int) -> bool:
-        """Whether page ``block_id`` is known not to be on ``tier``: not announced there (or
-        removed since), not read from it, and no publish of it to ``tier`` still undecided."""
-        return self.announcer.missing(tier.name, block_id)
+    def publish_fragment(
+        self,
+        group: PublishGroup,
+        pages: Sequence[PublishPage],
+        ancestors: Iterable[PublishPage],
+        *,
+        targets: Sequence[Tier] | None = None,
+    ) -> list[Tier]:
+        """Publish a fragment as :meth:`publish` does, first putting back, per tier, the pages
+        above it that the tier lost.
 
-    def needs_republish(self, group: PublishGroup, tier: Tier, parent_block_id: int) -> bool:
-        """Whether a fragment of ``group`` below page ``parent_block_id`` should have the
-        ancestors ``tier`` lost republished ahead of it: the parent is missing there and the
-        tier would take a put now (not while the group's pages are dropped for it or its
-        breaker refuses: the fragment itself is then dropped and counted, as always)."""
+        ``ancestors`` yields the pages above the fragment, nearest first, up to the root or up
+        to the first page that cannot be published now (it then just stops); it is read lazily,
+        only as far as some tier needs: up to the nearest page that tier holds. A shared head
+        that stays hot in L1/L2 is never touched on a tier, so the tier's own LRU ages it out
+        while chains below it are still published: put back ahead of them (in prefix order, to
+        that tier alone), the chain is prefix-closed again and can be announced and found by a
+        cold instance. Admission, backpressure and the breaker apply as to any publish; a page
+        still stored there is harmless (create-only puts answer ``ALREADY_EXISTS``).
+        """
+        parent = pages[0].parent_block_id if pages else None
+        tiers = self.tiers.publishing if targets is None else list(targets)
+        if parent is not None and tiers:
+            for tier, above in zip(tiers, itertools.tee(ancestors, len(tiers)), strict=True):
+                if self._lost_parent(group, tier, parent):
+                    lost = self._lost_ancestors(tier, above)
+                    if lost:
+                        self.publish(group, lost, targets=[tier])
+                        tier.stats.add(republished_pages=len(lost))
+                        self.counters["republished_pages"] += len(lost)
+        return self.publish(group, pages, targets=targets)
+
+    def _lost_parent(self, group: PublishGroup, tier: Tier, parent_block_id: int) -> bool:
+        """Whether page ``parent_block_id`` is missing on ``tier`` and the tier would take a put
+        now (not while ``group``'s pages are dropped for it or its breaker refuses: the fragment
+        itself is then dropped and counted, as always)."""
         prog = group.progress.get(tier.name)
         if prog is not None and prog.drop_reason is not None:
             return False
-        return self.missing_on(tier, parent_block_id) and not tier.breaker.would_refuse()
+        return self.announcer.missing(tier.name, parent_block_id) and not (
+            tier.breaker.would_refuse()
+        )
 
-    def republish(self, group: PublishGroup, pages: Sequence[PublishPage], tier: Tier) -> None:
-        """Publish ``pages`` (ancestors ``tier`` lost, in prefix order) to ``tier`` alone, ahead
-        of the fragment below them in ``group``, so the tier's chain is prefix-closed again and
-        can be announced. Admission, backpressure and the breaker apply as to any publish; a
-        page still stored there is harmless (create-only puts answer ``ALREADY_EXISTS``)."""
-        if not pages:
-            return
-        self.publish(group, pages, targets=[tier])
-        tier.stats.add(republished_pages=len(pages))
-        self.counters["republished_pages"] += len(pages)
+    def _lost_ancestors(self, tier: Tier, ancestors: Iterable[PublishPage]) -> list[PublishPage]:
+        """The pages of ``ancestors`` (nearest first) that ``tier`` lost, up to the nearest one
+        it holds or the root, in prefix order; empty when the chain cannot be closed now."""
+        lost: list[PublishPage] = []
+        for page in ancestors:
+            if not self.announcer.missing(tier.name, page.block_id):
+                return lost[::-1]
+            lost.append(page)
+        if lost and lost[-1].parent_block_id is None:  # reached the root
+            return lost[::-1]
+        return []  # stopped below a page that cannot be published now
 
     def _sendable(self, tier: Tier, prog: TierProgress, keys: list[str], admit: bool) -> int:
         """How many leading pages of a fragment go to ``tier`` (drops are counted here)."""
@@ -255,20 +293,16 @@ class StorageEngine(PrefetchJobs):
             statuses = [PageStatus.FAILED] * len(keys)
         statuses = statuses + [PageStatus.FAILED] * (total - len(keys))  # refused by admission
         evicted = tier.take_evicted()
-        self._done.put(_PutDone(group, tier.name, batch, statuses))
+        self.workers.report(_PutDone(group, tier.name, batch, statuses))
         if evicted:
-            self._done.put(_Evicted(tier.name, evicted))
+            self.workers.report(_Evicted(tier.name, evicted))
 
     # ------------------------------------------------------------------ completion
 
     def poll(self) -> EnginePoll:
         """Collect finished jobs: announce, report evictions, return prefetch results."""
         out = EnginePoll()
-        while True:
-            try:
-                item = self._done.get_nowait()
-            except queue.Empty:
-                break
+        for item in self.workers.take_reports():
             if isinstance(item, _GetDone):
                 self._finish_prefetch(item, out)
             elif isinstance(item, _LookupDone):
@@ -282,33 +316,23 @@ class StorageEngine(PrefetchJobs):
         return out
 
     def _finish_lookup(self, item: _LookupDone, out: EnginePoll) -> None:
-        job = self._prefetch_jobs.get(item.ticket)
-        if job is None:
-            return
-        job.ranges = item.ranges
-        if job.abandoned:  # the request stopped waiting during the lookup: nothing to read
-            self._prefetch_jobs.pop(item.ticket, None)
-            self._prefetch_futures.pop(item.ticket, None)
-            return
-        out.lookups.append(LookupResult(item.ticket, item.ranges[-1].end if item.ranges else 0))
+        lookup = self.prefetch_jobs.finish_lookup(item)
+        if lookup is not None:
+            out.lookups.append(lookup)
 
     def _finish_prefetch(self, item: _GetDone, out: EnginePoll) -> None:
-        self._prefetch_futures.pop(item.ticket, None)
-        job = self._prefetch_jobs.pop(item.ticket, None)
-        if job is None:
+        finished = self.prefetch_jobs.finish_read(item)
+        if finished is None:
             return
-        ok = usable_prefix(item.statuses)
-        sources: list[str | None] = [None] * len(item.statuses)
-        for r in item.ranges:
-            end = min(r.end, ok)
-            sources[r.start : end] = [r.tier.name] * max(0, end - r.start)
-            self.announcer.mark_present(r.tier.name, [block_id(k) for k in job.keys[r.start : end]])
-        result = PrefetchResult(item.ticket, item.statuses, job.host, sources)
-        for tier in {r.tier for r in item.ranges}:
-            tier.stats.count_prefetch(result.outcome if not job.abandoned else "timed_out")
+        job, result = finished
+        ok = result.ok_pages
+        if job.token_ids is not None:
+            for r in item.ranges:
+                # what was read from a tier is on it: announced there (once per residency)
+                pages = self._chain_pages(job, r.start, min(r.end, ok))
+                self.announcer.read_back(r.tier.name, pages, out.events)
         if job.abandoned:
             return
-        self.prefetch_outcomes[result.outcome.value] += 1
         self._promote(job, item.ranges, ok)
         out.prefetches.append(result)
 
@@ -322,18 +346,25 @@ class StorageEngine(PrefetchJobs):
             targets = self.tiers.earlier_publishing(r.tier)
             if not targets:
                 continue
-            parent = job.parent_block_id if r.start == 0 else block_id(job.keys[r.start - 1])
-            pages = []
-            for i in range(r.start, end):
-                bid = block_id(job.keys[i])
-                pages.append(PublishPage(job.keys[i], job.host[i], bid, parent, job.token_ids[i]))
-                parent = bid
+            pages = self._chain_pages(job, r.start, end)
             group = self.begin_publish()
             self.publish(group, pages, targets=targets, admit=False)
             self.end_publish(group)
             for t in targets:
                 t.stats.add(promoted_pages=len(pages))
             self.counters["promoted_pages"] += len(pages)
+
+    @staticmethod
+    def _chain_pages(job: _PrefetchJob, start: int, end: int) -> list[PublishPage]:
+        """Pages ``start:end`` of a prefetch (with token ids), chained, prefix first."""
+        assert job.token_ids is not None
+        parent = job.parent_block_id if start == 0 else block_id(job.keys[start - 1])
+        pages = []
+        for i in range(start, end):
+            bid = block_id(job.keys[i])
+            pages.append(PublishPage(job.keys[i], job.host[i], bid, parent, job.token_ids[i]))
+            parent = bid
+        return pages
 
     def _evicted(self, item: _Evicted, events: list[KVEvent]) -> None:
         tier = self._tier_by_name[item.tier]
@@ -354,12 +385,74 @@ class StorageEngine(PrefetchJobs):
             if last is not None and now - last < self.evict_poll_interval_s:
                 continue
             self._evict_polled[tier.name] = now
-            self._evict_jobs[tier.name] = self._submit(self._evict_job, tier)
+            self._evict_jobs[tier.name] = self.workers.submit(self._evict_job, tier)
 
     def _evict_job(self, tier: Tier) -> None:
         evicted = tier.take_evicted()
         if evicted:
-            self._done.put(_Evicted(tier.name, evicted))
+            self.workers.report(_Evicted(tier.name, evicted))
+
+    # ------------------------------------------------------------------ prefetch (owned jobs)
+
+    def submit_prefetch(
+        self,
+        keys: Sequence[str],
+        host_pages: Sequence[int] | None = None,
+        *,
+        token_ids: Sequence[Sequence[int]] | None = None,
+        parent_block_id: int | None = None,
+    ) -> int:
+        """See :meth:`PrefetchJobs.submit_prefetch`; the result comes through :meth:`poll`."""
+        return self.prefetch_jobs.submit_prefetch(
+            keys, host_pages, token_ids=token_ids, parent_block_id=parent_block_id
+        )
+
+    def start_read(self, ticket: int, host_pages: Sequence[int]) -> None:
+        """See :meth:`PrefetchJobs.start_read`."""
+        self.prefetch_jobs.start_read(ticket, host_pages)
+
+    def cancel_prefetch(self, ticket: int) -> None:
+        """See :meth:`PrefetchJobs.cancel_prefetch`."""
+        self.prefetch_jobs.cancel_prefetch(ticket)
+
+    def prefetch_progress(self, ticket: int) -> int:
+        """See :meth:`PrefetchJobs.prefetch_progress`."""
+        return self.prefetch_jobs.prefetch_progress(ticket)
+
+    def abandon_prefetch(self, ticket: int) -> None:
+        """See :meth:`PrefetchJobs.abandon_prefetch`."""
+        self.prefetch_jobs.abandon_prefetch(ticket)
+
+    def wait_prefetch(self, ticket: int, timeout: float | None = None) -> bool:
+        """See :meth:`PrefetchJobs.wait_prefetch`."""
+        return self.prefetch_jobs.wait_prefetch(ticket, timeout)
+
+    def count_prefetch(self, outcome: PrefetchOutcome) -> None:
+        """See :meth:`PrefetchJobs.count_prefetch`."""
+        self.prefetch_jobs.count_prefetch(outcome)
+
+    @property
+    def prefetch_outcomes(self) -> Counter[str]:
+        """Prefetches counted per :class:`PrefetchOutcome` value."""
+        return self.prefetch_jobs.prefetch_outcomes
+
+    # ------------------------------------------------------------------ workers (owned)
+
+    def in_flight(self) -> int:
+        """See :meth:`EngineWorkers.in_flight`."""
+        return self.workers.in_flight()
+
+    def holds_outstanding(self) -> int:
+        """See :meth:`EngineWorkers.holds_outstanding`."""
+        return self.workers.holds_outstanding()
+
+    def wait_idle(self, timeout: float | None = None, *, holds: bool = True) -> bool:
+        """See :meth:`EngineWorkers.wait_idle` (results still wait for :meth:`poll`)."""
+        return self.workers.wait_idle(timeout, holds=holds)
+
+    def close(self) -> None:
+        """See :meth:`EngineWorkers.close` (results not polled are dropped)."""
+        self.workers.close()
 
     # ------------------------------------------------------------------ introspection
 

@@ -1,4 +1,4 @@
-"""Prefetch jobs of :class:`~hicache.tiering.engine.StorageEngine` (no torch).
+"""The prefetch jobs a :class:`~hicache.tiering.engine.StorageEngine` owns (no torch).
 
 - ``submit_prefetch(keys, None, token_ids=...)``  look a chain up through the tier cascade on a
   worker; with host pages given at once, lookup and read run as one job
@@ -7,11 +7,8 @@
 - ``prefetch_progress(ticket)`` / ``abandon_prefetch(ticket)`` / ``wait_prefetch(ticket)``
   early termination and waiting
 - ``count_prefetch(outcome)``   outcomes decided by the cache
-
-Finished lookups and reads are reported through the engine's ``poll``
-(``_finish_lookup`` / ``_finish_prefetch`` in :mod:`hicache.tiering.engine`, which also
-promotes). :class:`PrefetchJobs` is a layer of the engine, between
-:class:`~hicache.tiering.engine_workers.EngineWorkers` and ``StorageEngine``.
+- ``finish_lookup(report)`` / ``finish_read(report)``   the engine's ``poll`` hands each
+  finished job here and gets the result to report (it announces and promotes what was read)
 """
 
 from __future__ import annotations
@@ -24,8 +21,14 @@ from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 
 from hicache.storage.backend import PageStatus
-from hicache.tiering.engine_records import HostPages, _GetDone, _LookupDone, _PrefetchJob
-from hicache.tiering.engine_workers import EngineWorkers, _Holds
+from hicache.tiering.engine_records import (
+    LookupResult,
+    PrefetchResult,
+    _GetDone,
+    _LookupDone,
+    _PrefetchJob,
+)
+from hicache.tiering.engine_workers import EngineWorkers
 from hicache.tiering.prefetch import PrefetchOutcome, usable_prefix
 from hicache.tiering.tiers import TierRange, Tiers
 
@@ -34,12 +37,12 @@ __all__ = ["PrefetchJobs"]
 logger = logging.getLogger(__name__)
 
 
-class PrefetchJobs(EngineWorkers):
-    """Prefetch lookups and reads on the workers (module docstring)."""
+class PrefetchJobs:
+    """Prefetch lookups and reads on the engine's workers (module docstring)."""
 
-    def __init__(self, tiers: Tiers, host_pool: HostPages, *, workers: int) -> None:
-        super().__init__(host_pool, workers=workers)
+    def __init__(self, tiers: Tiers, workers: EngineWorkers) -> None:
         self.tiers = tiers
+        self.workers = workers
         self._tickets = itertools.count(1)
         self._prefetch_jobs: dict[int, _PrefetchJob] = {}
         self._prefetch_futures: dict[int, Future[None]] = {}
@@ -79,7 +82,7 @@ class PrefetchJobs(EngineWorkers):
         )
         self._prefetch_jobs[ticket] = job
         if host_pages is None:
-            self._prefetch_futures[ticket] = self._submit(self._lookup_job, job)
+            self._prefetch_futures[ticket] = self.workers.submit(self._lookup_job, job)
         else:
             self._start(job, list(host_pages))
         return ticket
@@ -90,7 +93,7 @@ class PrefetchJobs(EngineWorkers):
         except Exception:  # the tiers never raise; this guards against bugs
             logger.exception("prefetch lookup failed")
             ranges = []
-        self._done.put(_LookupDone(job.ticket, ranges))
+        self.workers.report(_LookupDone(job.ticket, ranges))
 
     def start_read(self, ticket: int, host_pages: Sequence[int]) -> None:
         """Read the first ``len(host_pages)`` pages the lookup of ``ticket`` found into
@@ -118,9 +121,9 @@ class PrefetchJobs(EngineWorkers):
 
     def _start(self, job: _PrefetchJob, host: list[int]) -> None:
         job.host = host
-        job.holds = _Holds(self, host)
-        job.views = [self.host_pool.page_view(h) for h in host]
-        self._prefetch_futures[job.ticket] = self._submit(self._get_job, job)
+        job.holds = self.workers.hold(host)
+        job.views = [self.workers.host_pool.page_view(h) for h in host]
+        self._prefetch_futures[job.ticket] = self.workers.submit(self._get_job, job)
 
     def _get_job(self, job: _PrefetchJob) -> None:
         statuses: list[PageStatus] = []
@@ -145,7 +148,7 @@ class PrefetchJobs(EngineWorkers):
         # the job's own hold goes first: without a late call, the pages are free of holds by
         # the time the cache sees the result
         job.holds.drop()
-        self._done.put(_GetDone(job.ticket, statuses, ranges))
+        self.workers.report(_GetDone(job.ticket, statuses, ranges))
 
     def count_prefetch(self, outcome: PrefetchOutcome) -> None:
         """Count a prefetch outcome decided by the cache (e.g. ``skipped`` below the threshold)."""
@@ -171,3 +174,37 @@ class PrefetchJobs(EngineWorkers):
             return True
         done, _ = wait_futures([fut], timeout=timeout)
         return bool(done)
+
+    # ------------------------------------------------------------------ completion
+
+    def finish_lookup(self, item: _LookupDone) -> LookupResult | None:
+        """The lookup of ``item.ticket`` finished: what to report (None: nothing to read)."""
+        job = self._prefetch_jobs.get(item.ticket)
+        if job is None:
+            return None
+        job.ranges = item.ranges
+        if job.abandoned:  # the request stopped waiting during the lookup: nothing to read
+            self._prefetch_jobs.pop(item.ticket, None)
+            self._prefetch_futures.pop(item.ticket, None)
+            return None
+        return LookupResult(item.ticket, item.ranges[-1].end if item.ranges else 0)
+
+    def finish_read(self, item: _GetDone) -> tuple[_PrefetchJob, PrefetchResult] | None:
+        """The read of ``item.ticket`` finished: its job and result (None: already forgotten).
+
+        The per-tier outcome is counted here; an abandoned job's result is not reported."""
+        self._prefetch_futures.pop(item.ticket, None)
+        job = self._prefetch_jobs.pop(item.ticket, None)
+        if job is None:
+            return None
+        ok = usable_prefix(item.statuses)
+        sources: list[str | None] = [None] * len(item.statuses)
+        for r in item.ranges:
+            end = min(r.end, ok)
+            sources[r.start : end] = [r.tier.name] * max(0, end - r.start)
+        result = PrefetchResult(item.ticket, item.statuses, job.host, sources)
+        for tier in {r.tier for r in item.ranges}:
+            tier.stats.count_prefetch(result.outcome if not job.abandoned else "timed_out")
+        if not job.abandoned:
+            self.prefetch_outcomes[result.outcome.value] += 1
+        return job, result

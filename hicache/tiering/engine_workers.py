@@ -1,15 +1,13 @@
-"""The worker plumbing under :class:`~hicache.tiering.engine.StorageEngine` (no torch).
+"""The worker pool a :class:`~hicache.tiering.engine.StorageEngine` owns (no torch).
 
-- ``_submit(fn, *args)``   run a job on a worker thread; it counts as in flight until it returns
-- ``_Holds``               holds on the host pages of one job (and bytes of an in-flight gate),
+- ``submit(fn, *args)``    run a job on a worker thread; it counts as in flight until it returns
+- ``hold(pages, ...)``     holds on the host pages of one job (and bytes of an in-flight gate),
                            released at the last ``drop``: a page under a worker is never freed
+- ``report(item)`` / ``take_reports()``   a worker reports what it finished; the engine's
+                           ``poll`` takes the reports on the cache's thread, in order
 - ``in_flight()`` / ``holds_outstanding()``   jobs still running / sets of holds still out
 - ``wait_idle()``          block until nothing is in flight and every hold is released
 - ``close()``              wait for the workers and stop them
-
-Workers put what they finished on ``_done``; the engine's ``poll`` takes it on the cache's
-thread. :class:`EngineWorkers` is the base class of the engine (through
-:class:`~hicache.tiering.engine_prefetch.PrefetchJobs`).
 """
 
 from __future__ import annotations
@@ -30,23 +28,23 @@ __all__ = ["EngineWorkers"]
 class _Holds:
     """Holds on host pages (and bytes of an in-flight gate) released at the last ``drop``."""
 
-    __slots__ = ("_count", "_engine", "_gate", "_lock", "_nbytes", "pages")
+    __slots__ = ("_count", "_gate", "_lock", "_nbytes", "_workers", "pages")
 
     def __init__(
         self,
-        engine: EngineWorkers,
+        workers: EngineWorkers,
         pages: list[int],
         gate: InflightGate | None = None,
         nbytes: int = 0,
     ) -> None:
-        self._engine = engine
+        self._workers = workers
         self.pages = pages
         self._gate = gate
         self._nbytes = nbytes
         self._lock = threading.Lock()
         self._count = 1
-        engine.host_pool.hold(pages)
-        engine._holds_changed(+1)
+        workers.host_pool.hold(pages)
+        workers._holds_changed(+1)
 
     def add(self) -> None:
         with self._lock:
@@ -60,11 +58,11 @@ class _Holds:
             last = self._count == 0
         if last:
             try:
-                self._engine.host_pool.release(self.pages)
+                self._workers.host_pool.release(self.pages)
                 if self._gate is not None:
                     self._gate.release(self._nbytes)
             finally:
-                self._engine._holds_changed(-1)
+                self._workers._holds_changed(-1)
 
 
 class EngineWorkers:
@@ -80,12 +78,30 @@ class EngineWorkers:
         self._holds_out = 0
         self._closed = False
 
-    def _submit(self, fn: Callable[..., None], *args: object) -> Future[None]:
+    def submit(self, fn: Callable[..., None], *args: object) -> Future[None]:
+        """Run ``fn(*args)`` on a worker; it counts as in flight until it returns."""
         fut: Future[None] = self._executor.submit(fn, *args)
         with self._futures_lock:
             self._futures.add(fut)
         fut.add_done_callback(self._forget)
         return fut
+
+    def hold(self, pages: list[int], gate: InflightGate | None = None, nbytes: int = 0) -> _Holds:
+        """One hold on each of ``pages`` (and ``nbytes`` of ``gate``) until the last ``drop``."""
+        return _Holds(self, pages, gate, nbytes)
+
+    def report(self, item: _Done) -> None:
+        """A worker finished ``item`` (any thread)."""
+        self._done.put(item)
+
+    def take_reports(self) -> list[_Done]:
+        """Every report so far, oldest first; never blocks."""
+        out: list[_Done] = []
+        while True:
+            try:
+                out.append(self._done.get_nowait())
+            except queue.Empty:
+                return out
 
     def _forget(self, fut: Future[None]) -> None:
         with self._futures_lock:
