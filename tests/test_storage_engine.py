@@ -23,6 +23,7 @@ from hicache.storage.memory import MemoryBackend, MemoryConfig
 from hicache.storage.prefetch import PrefetchOutcome
 from hicache.storage.tiers import Tier, Tiers, TierSettings
 from hicache.testing.faults import FaultOp, FaultyBackend
+from hicache.testing.wait import wait_for
 
 PS = 2
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, page_size=PS, dtype=torch.float32)
@@ -167,8 +168,9 @@ def test_child_waits_for_its_parents_publish_in_flight() -> None:
     rig.publish(rig.pages(keys[2:], parent=key_block_id(keys[1])))
     assert fb.wait_finished(FaultOp.PUT, 1)  # the child's put is done first
     assert fb.inner.exists(keys[2:]) == [True, True]
-    for _ in range(3):
-        rig.engine.wait_prefetch(0, 0.01)  # let its worker report back
+    # its job has reported back (a job leaves in_flight after queueing its result): only the
+    # parent's hung put is still out, so this poll sees the child's ack
+    wait_for(lambda: rig.engine.in_flight() == 1, what="the child's put job reported")
     rig.events += rig.engine.poll().events
     assert rig.stored("T") == []
     release.set()
@@ -245,12 +247,12 @@ def test_hung_put_keeps_holds_until_it_returns_and_backpressure_drops() -> None:
     assert rig.engine.wait_prefetch(0)  # no-op; the put is what we wait for
     assert fb.wait_hung(1)
     # the engine stops waiting at the deadline, but the pages stay held: the call still runs
-    for _ in range(400):
+
+    def group_done() -> bool:
         rig.events += rig.engine.poll().events
-        if rig.engine.pending_groups() == 0:
-            break
-        rig.engine.wait_idle(0.01)
-    assert rig.engine.pending_groups() == 0
+        return rig.engine.pending_groups() == 0
+
+    wait_for(group_done, WAIT, what="the publish group finished at the deadline")
     assert rig.host.total_holds() == 3
     assert tier.gate.inflight_bytes == 3 * page
     # the bound is reached: the next publish is dropped, never queued

@@ -15,6 +15,7 @@ from hicache.storage.backend import Backend, BackendConfig, BackendContext, Capa
 from hicache.storage.engine import PublishPage, StorageEngine, key_block_id
 from hicache.storage.memory import MemoryBackend, MemoryConfig
 from hicache.storage.tiers import Tiers, TierSettings
+from hicache.testing.wait import WAIT_S, wait_for
 
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, page_size=2, dtype=torch.float32)
 PB = LAYOUT.page_bytes
@@ -60,7 +61,7 @@ class Switchboard(Backend):
         for k in keys:
             gate = self.gates.get(k)
             if gate is not None:
-                assert gate.wait(timeout=30)
+                assert gate.wait(timeout=WAIT_S)
         out = []
         for k, s in zip(keys, srcs, strict=True):
             out.append(PageStatus.FAILED if k in self.fail else self.inner.put([k], [s])[0])
@@ -126,7 +127,8 @@ def announced(events: list[object], medium: str) -> list[list[int]]:
 
 def test_announcements_follow_fragment_order_not_completion_order() -> None:
     disk = Switchboard("DISK")
-    tiers = Tiers.from_backends([("disk", disk)])
+    # the head's put waits for this test: a deadline no loaded machine reaches meanwhile
+    tiers = Tiers.from_backends([("disk", disk, TierSettings(deadline_s=WAIT_S))])
     tiers.open()
     host = HostPool(LAYOUT, 8, pin=False)
     assert host.alloc(4) == [0, 1, 2, 3]
@@ -138,11 +140,14 @@ def test_announcements_follow_fragment_order_not_completion_order() -> None:
     engine.end_publish(group)
     # the tail finishes first: its result is collected (its holds released), nothing announced
     events: list[object] = []
-    for _ in range(3000):
-        events += engine.poll().events
-        if host.total_holds() == 2:
-            break
-        threading.Event().wait(0.01)
+
+    def tail_collected() -> bool:
+        # a job leaves in_flight after queueing its result: seen first, the poll collects it
+        done = engine.in_flight() == 1 and host.total_holds() == 2
+        events.extend(engine.poll().events)
+        return done
+
+    wait_for(tail_collected, what="the tail's result collected")
     assert host.total_holds() == 2  # only the head's pages are still under I/O
     assert announced(events, "DISK") == []
     disk.gates[key(1)].set()
