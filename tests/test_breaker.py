@@ -7,18 +7,11 @@ import threading
 import pytest
 
 from hicache.storage.breaker import BreakerState, CircuitBreaker
+from hicache.testing.clock import ManualClock
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make(threshold: int = 3, cooldown: float = 10.0) -> tuple[CircuitBreaker, FakeClock]:
-    clock = FakeClock()
+def make(threshold: int = 3, cooldown: float = 10.0) -> tuple[CircuitBreaker, ManualClock]:
+    clock = ManualClock(100.0)
     return CircuitBreaker(threshold, cooldown, name="t", clock=clock), clock
 
 

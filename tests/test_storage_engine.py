@@ -22,6 +22,8 @@ from hicache.storage.engine import PublishPage, StorageEngine, key_block_id
 from hicache.storage.memory import MemoryBackend, MemoryConfig
 from hicache.storage.prefetch import PrefetchOutcome
 from hicache.storage.tiers import Tier, Tiers, TierSettings
+from hicache.testing.backends import memory_backend
+from hicache.testing.clock import ManualClock
 from hicache.testing.faults import FaultOp, FaultyBackend
 from hicache.testing.wait import wait_for
 
@@ -29,14 +31,6 @@ PS = 2
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, page_size=PS, dtype=torch.float32)
 WAIT = 30.0  # generous bound for waits that only guard against a hung test
 SHORT = 0.05  # deadline for tiers whose calls the test makes hang
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def keys_for(n: int, salt: str = "") -> list[str]:
@@ -48,8 +42,7 @@ def keys_for(n: int, salt: str = "") -> list[str]:
 
 
 def mem(medium_name: str = "mem") -> MemoryBackend:
-    ctx = BackendContext(page_bytes=LAYOUT.page_bytes, namespace="eng", tier_name=medium_name)
-    return MemoryBackend(MemoryConfig(), ctx)
+    return memory_backend(LAYOUT.page_bytes, namespace="eng", tier_name=medium_name)
 
 
 def settings(**kw: object) -> TierSettings:
@@ -198,7 +191,7 @@ def test_retryable_errors_are_retried_and_recover() -> None:
 
 
 def test_breaker_opens_drops_publishes_and_closes_after_cooldown() -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     fb = FaultyBackend(mem())
     tier = Tier(
         "t",
@@ -434,7 +427,7 @@ def test_hung_prefetch_reports_failure_but_holds_pages_until_the_read_returns() 
 
 
 def test_open_breaker_on_first_tier_cascades_to_the_next() -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     keys = keys_for(2)
     a, b = FaultyBackend(mem()), FaultyBackend(mem())
     fill_tier(a.inner, keys, 7)  # type: ignore[arg-type]

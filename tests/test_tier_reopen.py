@@ -9,6 +9,7 @@ from hicache.errors import BackendUnavailableError
 from hicache.storage.backend import BackendContext
 from hicache.storage.memory import MemoryBackend, MemoryConfig
 from hicache.storage.tiers import Tier, Tiers, TierSettings
+from hicache.testing.clock import ManualClock
 from hicache.testing.wait import wait_for
 
 PAGE = 4096
@@ -41,19 +42,19 @@ def _key(i: int) -> str:
 
 
 def test_unavailable_tier_is_reopened_after_the_cooldown() -> None:
-    now = [0.0]
+    clock = ManualClock(0.0)
     backend = DownAtStart(MemoryConfig(), BackendContext(page_bytes=PAGE, namespace="reopen"))
-    tier = Tier("remote", backend, TierSettings(breaker_cooldown_s=10.0), clock=lambda: now[0])
+    tier = Tier("remote", backend, TierSettings(breaker_cooldown_s=10.0), clock=clock)
     tiers = Tiers([tier])
     assert tiers.open() == ["remote"]
     assert tiers.publishing == []
 
     backend.down = False
-    now[0] = 5.0  # before the cool-down: no new attempt, still out of the cascade
+    clock.now = 5.0  # before the cool-down: no new attempt, still out of the cascade
     assert not tier.available
     assert_no_attempt_started(backend, 1)
 
-    now[0] = 11.0  # after it: one background attempt, the request path never waits for it
+    clock.now = 11.0  # after it: one background attempt, the request path never waits for it
     assert not tier.available
     wait_for(lambda: tier.available, what="the tier back in the cascade")
     assert backend.is_open and backend.attempts == 2
@@ -66,12 +67,12 @@ def test_unavailable_tier_is_reopened_after_the_cooldown() -> None:
 
 
 def test_a_failed_reopen_waits_another_cooldown() -> None:
-    now = [0.0]
+    clock = ManualClock(0.0)
     backend = DownAtStart(MemoryConfig(), BackendContext(page_bytes=PAGE, namespace="reopen"))
-    tier = Tier("remote", backend, TierSettings(breaker_cooldown_s=10.0), clock=lambda: now[0])
+    tier = Tier("remote", backend, TierSettings(breaker_cooldown_s=10.0), clock=clock)
     tiers = Tiers([tier])
     tiers.open()
-    now[0] = 10.0
+    clock.now = 10.0
     assert not tier.available  # starts an attempt, which fails
     # the attempt's thread is gone once it has counted the error and cleared its flag
     wait_for(
@@ -82,10 +83,10 @@ def test_a_failed_reopen_waits_another_cooldown() -> None:
         what="the failed reopen",
     )
     backend.down = False
-    now[0] = 15.0
+    clock.now = 15.0
     assert not tier.available
     assert_no_attempt_started(backend, 2)  # the next attempt waits until 20.0
-    now[0] = 20.0
+    clock.now = 20.0
     tier.available  # noqa: B018 - the property starts the attempt
     wait_for(lambda: tier.available, what="the tier back in the cascade")
     assert backend.attempts == 3
