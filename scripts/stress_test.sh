@@ -50,7 +50,8 @@ stop_busy() {
     for pid in "${busy[@]}"; do kill "$pid" 2>/dev/null; done
     for pid in "${busy[@]}"; do wait "$pid" 2>/dev/null; done
 }
-trap stop_busy EXIT INT TERM
+trap stop_busy EXIT
+trap 'exit 130' INT TERM  # stop here (the EXIT trap kills the busy processes)
 for _ in $(seq "$BUSY"); do
     "$PY" -c 'while True: pass' &
     busy+=($!)
