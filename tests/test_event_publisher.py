@@ -63,7 +63,9 @@ def subscribe(ctx: Any, pub: ZmqEventPublisher) -> tuple[Any, int]:
     """A SUB socket whose subscription is live, and the next seq it will receive.
 
     ZMQ's slow joiner: a PUB drops messages until the subscription reaches it, so publish
-    markers until one arrives (bounded), then read up to the last marker sent.
+    markers until one arrives (bounded), then read up to the last marker sent. Each marker is
+    sent before the next is queued: a slow publisher thread with a small queue must not drop
+    one (it would never get a seq, and the next batch would start with a clear).
     """
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVTIMEO, int(DEADLINE_S * 1000))
@@ -75,6 +77,7 @@ def subscribe(ctx: Any, pub: ZmqEventPublisher) -> tuple[Any, int]:
         assert time.monotonic() < deadline, "subscription never became live"
         pub.publish([AllBlocksCleared()])
         sent += 1
+        wait_for(lambda n=sent: pub.stats()["batches"] == n, what=f"marker {sent} sent")
     seq = -1
     while seq < sent - 1:  # every marker takes one seq, from 0
         seq, _ = recv(sub)
