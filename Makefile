@@ -10,7 +10,7 @@ DISTS := $(patsubst %/pyproject.toml,%,$(wildcard backends/*/pyproject.toml plug
 MYPY_TARGETS := hicache $(filter-out %.egg-info,$(wildcard backends/*/hicache_* plugins/*/hicache_*))
 export HYPOTHESIS_PROFILE ?= ci
 
-.PHONY: venv run test lint typecheck pytest bench gpu-check clean
+.PHONY: venv run test lint typecheck pytest stress-test bench gpu-check clean
 
 # SGLang, for the tests of hicache.integrations.sglang against its own code (HiCacheStorage, the
 # dynamic backend factory, HiCacheFile). The wheel and the packages importing its storage modules
@@ -57,6 +57,12 @@ typecheck: venv
 
 pytest: venv
 	$(VENV)/bin/pytest -q
+
+# Not part of `test`: every concurrency-sensitive test file (listed in the script) STRESS_COUNT
+# times over while two busy processes load the cores. STRESS_FILES picks files or test ids.
+STRESS_COUNT ?= 200
+stress-test: venv
+	STRESS_COUNT=$(STRESS_COUNT) PYTHON=$(PY) bash scripts/stress_test.sh $(STRESS_FILES)
 
 bench: venv
 	$(VENV)/bin/hicache bench storage --config configs/memory.yaml

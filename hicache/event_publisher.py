@@ -327,9 +327,11 @@ class ZmqEventPublisher:
                     self._router.send_multipart([identity, b"", _seq_bytes(seq), payload])
         else:
             log.warning("malformed KV event replay request (%d frames) ignored", len(frames))
-        self._router.send_multipart([identity, b"", _seq_bytes(END_SEQ), b""])
+        # counted before the end marker goes out: a client that has the marker sees its replay
+        # in stats()
         with self._lock:
             self.counters["replays"] += 1
+        self._router.send_multipart([identity, b"", _seq_bytes(END_SEQ), b""])
 
     def _close_sockets(self) -> None:
         for sock in (self._pub, self._router):

@@ -6,19 +6,12 @@ import threading
 
 import pytest
 
+from hicache.testing.clock import ManualClock
 from hicache.tiering.breaker import BreakerState, CircuitBreaker
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make(threshold: int = 3, cooldown: float = 10.0) -> tuple[CircuitBreaker, FakeClock]:
-    clock = FakeClock()
+def make(threshold: int = 3, cooldown: float = 10.0) -> tuple[CircuitBreaker, ManualClock]:
+    clock = ManualClock(100.0)
     return CircuitBreaker(threshold, cooldown, name="t", clock=clock), clock
 
 

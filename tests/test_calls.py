@@ -15,6 +15,7 @@ from hicache.errors import (
     BackendReadOnlyError,
     BackendUnavailableError,
 )
+from hicache.testing.clock import ManualClock
 from hicache.tiering.breaker import BreakerState, CircuitBreaker
 from hicache.tiering.calls import FailureKind, RetryPolicy, TierCaller, failure_kind
 
@@ -117,12 +118,12 @@ def test_classify_builtins() -> None:
 
 
 def test_no_retry_past_the_deadline() -> None:
-    now = [0.0]
+    clock = ManualClock(0.0)
     c = TierCaller(
         "t",
         deadline_s=LONG,
         retry=RetryPolicy(attempts=5, backoff_s=LONG, backoff_max_s=LONG),  # pause > deadline
-        clock=lambda: now[0],
+        clock=clock,
         sleep=lambda s: None,
     )
     try:
@@ -180,8 +181,8 @@ def test_call_queued_behind_a_hung_one_is_cancelled_and_never_runs() -> None:
 
 
 def test_breaker_opens_skips_calls_and_closes_after_probe() -> None:
-    now = [0.0]
-    breaker = CircuitBreaker(2, 10.0, clock=lambda: now[0])
+    clock = ManualClock(0.0)
+    breaker = CircuitBreaker(2, 10.0, clock=clock)
     c = TierCaller("t", deadline_s=LONG, breaker=breaker, retry=RetryPolicy(attempts=1))
     ran = []
     try:
@@ -194,7 +195,7 @@ def test_breaker_opens_skips_calls_and_closes_after_probe() -> None:
         out = c.call(lambda: ran.append(1), on_return=done)
         assert out.failure is FailureKind.BREAKER_OPEN and done.count == 1 and ran == []
         assert c.failures.get(FailureKind.BREAKER_OPEN) == 1
-        now[0] += 10
+        clock.advance(10)
         assert c.call(lambda: "probe").ok
         assert breaker.state is BreakerState.CLOSED
         # housekeeping calls neither ask nor tell the breaker

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from hicache.config import HicacheConfig, load_config
 from hicache.errors import ConfigError
 from hicache.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, Medium
+from hicache.testing.wait import wait_for
 
 zmq = pytest.importorskip("zmq")
 msgpack = pytest.importorskip("msgpack")
@@ -28,9 +29,9 @@ from hicache.event_publisher import (  # noqa: E402  (after the optional-depende
 #: The ``run_python`` fixture of tests/conftest.py.
 RunPython = Callable[..., "subprocess.CompletedProcess[str]"]
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(120)
 LOCAL = "tcp://127.0.0.1:*"
-DEADLINE_S = 5.0
+DEADLINE_S = 30.0  # bounds only a test that already fails; a loaded machine needs room
 
 
 def stored(i: int, medium: str = "GPU") -> BlockStored:
@@ -62,7 +63,9 @@ def subscribe(ctx: Any, pub: ZmqEventPublisher) -> tuple[Any, int]:
     """A SUB socket whose subscription is live, and the next seq it will receive.
 
     ZMQ's slow joiner: a PUB drops messages until the subscription reaches it, so publish
-    markers until one arrives (bounded), then read up to the last marker sent.
+    markers until one arrives (bounded), then read up to the last marker sent. Each marker is
+    sent before the next is queued: a slow publisher thread with a small queue must not drop
+    one (it would never get a seq, and the next batch would start with a clear).
     """
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVTIMEO, int(DEADLINE_S * 1000))
@@ -74,17 +77,11 @@ def subscribe(ctx: Any, pub: ZmqEventPublisher) -> tuple[Any, int]:
         assert time.monotonic() < deadline, "subscription never became live"
         pub.publish([AllBlocksCleared()])
         sent += 1
+        wait_for(lambda n=sent: pub.stats()["batches"] == n, what=f"marker {sent} sent")
     seq = -1
     while seq < sent - 1:  # every marker takes one seq, from 0
         seq, _ = recv(sub)
     return sub, sent
-
-
-def wait_for(predicate: Any) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 def replay(ctx: Any, endpoint: str, start: int) -> list[tuple[int, list[KVEvent]]]:
@@ -183,7 +180,9 @@ def test_late_subscriber_recovers_missed_batches_through_replay(
 class _GatedTokens(list[int]):
     """Token ids whose encoding waits for ``gate``: holds the publisher thread mid-batch."""
 
-    gate = threading.Event()
+    def __init__(self, tokens: list[int], gate: threading.Event) -> None:
+        super().__init__(tokens)
+        self.gate = gate  # one per test: a repeated run must stall again
 
     def __iter__(self) -> Iterator[int]:
         assert self.gate.wait(DEADLINE_S), "gate never opened"
@@ -191,10 +190,11 @@ class _GatedTokens(list[int]):
 
 
 def test_overflow_is_counted_and_the_next_batch_starts_with_a_clear(ctx: Any) -> None:
+    gate = threading.Event()
     pub = ZmqEventPublisher(LOCAL, topic="kv", max_pending=1)
     try:
         sub, first = subscribe(ctx, pub)
-        gated = BlockStored([1], None, _GatedTokens([1, 2]), 2, None, "GPU")
+        gated = BlockStored([1], None, _GatedTokens([1, 2], gate), 2, None, "GPU")
         pub.publish([gated])  # the thread takes it and stalls encoding it
         wait_for(lambda: pub.stats()["pending"] == 0)
         pub.publish([stored(2)])  # fills the queue (max_pending=1)
@@ -202,7 +202,7 @@ def test_overflow_is_counted_and_the_next_batch_starts_with_a_clear(ctx: Any) ->
         pub.publish([stored(5)])  # dropped
         stats = pub.stats()
         assert (stats["dropped"], stats["dropped_events"]) == (2, 3)
-        _GatedTokens.gate.set()
+        gate.set()
         wait_for(lambda: pub.stats()["pending"] == 0)
         pub.publish([stored(6)])
         got = [recv(sub) for _ in range(3)]
@@ -214,7 +214,7 @@ def test_overflow_is_counted_and_the_next_batch_starts_with_a_clear(ctx: Any) ->
         pub.publish([stored(7)])
         assert recv(sub) == (first + 3, [stored(7)])
     finally:
-        _GatedTokens.gate.set()
+        gate.set()
         pub.close()
     assert pub.closed
     with pytest.raises(RuntimeError, match="closed"):

@@ -9,7 +9,9 @@ import pytest
 from hicache.errors import BackendCapacityError, BackendUnavailableError
 from hicache.storage.backend import BackendContext, PageStatus
 from hicache.storage.memory import MemoryBackend, MemoryConfig
+from hicache.testing.clock import ManualClock
 from hicache.testing.faults import GARBAGE, FaultOp, FaultyBackend
+from hicache.testing.wait import wait_for
 
 PAGE = 64
 
@@ -151,3 +153,65 @@ def test_hang_only_the_next_count_calls_and_wait_finished(faulty: FaultyBackend)
     assert faulty.wait_finished(FaultOp.EXISTS, 2)
     t.join(30)
     assert faulty.calls["exists"] == 2
+
+
+def test_hang_only_calls_naming_the_given_keys(faulty: FaultyBackend) -> None:
+    release = faulty.hang(ops=[FaultOp.PUT], keys=[k(1)])
+    t = threading.Thread(target=lambda: faulty.put([k(0), k(1)], [page(0), page(1)]))
+    t.start()
+    assert faulty.wait_hung(1)
+    assert faulty.put([k(2)], [page(2)]) == [PageStatus.OK]  # names no hung key: not held
+    assert faulty.hung_now == 1 and faulty.exists([k(1)]) == [False]
+    release.set()
+    t.join(30)
+    assert faulty.exists([k(0), k(1)]) == [True, True]
+
+
+def test_clear_key_faults_keeps_the_other_knobs(faulty: FaultyBackend) -> None:
+    faulty.fail_keys([k(1)], PageStatus.FAILED, ops=[FaultOp.PUT])
+    faulty.fail_calls(None, ops=[FaultOp.EXISTS])
+    faulty.clear_key_faults()
+    assert faulty.put([k(1)], [page(1)]) == [PageStatus.OK]
+    with pytest.raises(BackendUnavailableError):
+        faulty.exists([k(1)])
+
+
+def test_put_counts_and_the_calls_an_injected_error_refused(faulty: FaultyBackend) -> None:
+    faulty.put([k(1), k(2)], [page(1), page(2)])
+    faulty.put([k(1)], [page(1)])
+    faulty.fail_calls(1, ops=[FaultOp.PUT])
+    with pytest.raises(BackendUnavailableError):
+        faulty.put([k(3)], [page(3)])
+    assert faulty.put_counts() == {k(1): 2, k(2): 1}  # the refused call logged no key
+    assert faulty.calls["put"] == 3
+
+
+def test_capabilities_and_open_failures_are_the_tests_choice() -> None:
+    from hicache.storage.backend import Capabilities
+
+    inner = MemoryBackend(MemoryConfig(), BackendContext(page_bytes=PAGE, namespace="f"))
+    fb = FaultyBackend(inner, capabilities=Capabilities(max_batch=2, default_medium="DISK"))
+    assert (fb.capabilities.max_batch, fb.capabilities.default_medium) == (2, "DISK")
+    fb.fail_open(lambda: ConnectionError("bucket missing"))
+    with pytest.raises(ConnectionError, match="bucket missing"):
+        fb.open()
+    assert not fb.is_open and not inner.is_open
+    fb.fail_open(None)
+    fb.open()
+    assert fb.is_open and inner.is_open
+    fb.close()
+
+
+def test_manual_clock_moves_only_when_told() -> None:
+    clock = ManualClock(5.0)
+    assert clock() == 5.0 == clock()
+    assert clock.advance(2.5) == 7.5 and clock() == 7.5
+
+
+def test_wait_for_returns_once_the_condition_holds_and_names_it_on_timeout() -> None:
+    flag = threading.Event()
+    threading.Timer(0.05, flag.set).start()
+    wait_for(flag.is_set, what="the flag")
+    assert flag.is_set()
+    with pytest.raises(AssertionError, match=r"never true not reached within 0\.05s"):
+        wait_for(lambda: False, 0.05, what="never true")

@@ -5,7 +5,6 @@ promotion copies into the earlier tier only when enabled, nothing goes back to i
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 
 import pytest
@@ -16,8 +15,10 @@ from hicache.events import BlockRemoved, BlockStored, KVEvent, Medium
 from hicache.hiradix import HiRadixCache, WritePolicy
 from hicache.keys import ModelIdentity, chain_hashes, seed_hash, storage_key
 from hicache.pools import DevicePool, HostPool, KVLayout
-from hicache.storage.backend import BackendContext, PageStatus
-from hicache.storage.memory import MemoryBackend, MemoryConfig
+from hicache.storage.backend import PageStatus
+from hicache.storage.memory import MemoryBackend
+from hicache.testing.backends import memory_backend, shared_store_name
+from hicache.testing.clock import ManualClock
 from hicache.testing.faults import FaultOp, FaultyBackend
 from hicache.tiering.breaker import BreakerState
 from hicache.tiering.prefetch import PrefetchPolicy, PrefetchRules
@@ -30,20 +31,14 @@ IDENTITY = ModelIdentity("faults-model")
 SEED = seed_hash(IDENTITY)
 NS = LAYOUT.namespace_spec().namespace()
 WAIT = 30.0
-SHORT = 0.05
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+# Deadline of tiers whose calls the test makes hang (and the prefetch budget of those tests).
+# It bounds every call of that tier, so it is long enough for a healthy call on a loaded
+# machine: only the hung call may reach it.
+SHORT = 2.0
 
 
 def backend(shared: str | None = None) -> MemoryBackend:
-    ctx = BackendContext(page_bytes=LAYOUT.page_bytes, namespace=NS, tier_name="t")
-    return MemoryBackend(MemoryConfig(shared_name=shared), ctx)
+    return memory_backend(LAYOUT.page_bytes, namespace=NS, shared=shared)
 
 
 def settings(**kw: object) -> TierSettings:
@@ -164,7 +159,7 @@ def test_publish_under_each_fault_never_reaches_the_caller(fault: str) -> None:
 
 
 def test_breaker_opens_and_closes_through_the_cache() -> None:
-    clock = Clock()
+    clock = ManualClock()
     fb = FaultyBackend(backend())
     tier = Tier(
         "t", fb, settings(medium="DISK", breaker_failures=2, breaker_cooldown_s=5), clock=clock
@@ -230,7 +225,7 @@ def published_store(tokens: list[int], name: str) -> None:
 
 @pytest.mark.parametrize("fault", ["corrupt", "failed", "vanish", "call_error"])
 def test_prefetch_under_faults_yields_the_usable_prefix(fault: str) -> None:
-    name = "f" + uuid.uuid4().hex[:12]
+    name = shared_store_name("f")
     published_store(TOKENS, name)
     keys = keys_of(TOKENS)
     fb = FaultyBackend(backend(name))
@@ -262,7 +257,7 @@ def test_prefetch_under_faults_yields_the_usable_prefix(fault: str) -> None:
 def test_hung_prefetch_stops_waiting_and_frees_pages_when_the_read_returns(
     policy: PrefetchPolicy,
 ) -> None:
-    name = "f" + uuid.uuid4().hex[:12]
+    name = shared_store_name("f")
     published_store(TOKENS, name)
     fb = FaultyBackend(backend(name))
     rules = PrefetchRules(policy, threshold_tokens=0, timeout_base_s=SHORT, timeout_max_s=SHORT)
@@ -297,7 +292,7 @@ def test_hung_prefetch_stops_waiting_and_frees_pages_when_the_read_returns(
 
 @pytest.mark.parametrize("promote", [False, True])
 def test_two_tiers_cascade_and_promotion(promote: bool) -> None:
-    fast_name, slow_name = ("f" + uuid.uuid4().hex[:12] for _ in range(2))
+    fast_name, slow_name = (shared_store_name("f") for _ in range(2))
     published_store(TOKENS, slow_name)  # the slow tier holds the whole chain
     published_store(TOKENS[:4], fast_name)  # the fast one its first two pages
     keys = keys_of(TOKENS)
@@ -341,7 +336,7 @@ def test_two_tiers_cascade_and_promotion(promote: bool) -> None:
 
 def test_published_children_of_prefetched_pages_are_announced() -> None:
     """A page read from a tier is on it: it is announced there, then its children below it."""
-    name = "f" + uuid.uuid4().hex[:12]
+    name = shared_store_name("f")
     published_store(TOKENS[:4], name)
     cache = make([Tier("mem", FaultyBackend(backend(name)), settings(medium="DISK"))])
     handle = cache.prefetch_from_storage(TOKENS[:4])
@@ -373,7 +368,7 @@ def test_stats_are_plain_data() -> None:
 
 def test_prefetch_allocates_host_pages_only_for_pages_a_tier_holds() -> None:
     """Lookup first: a miss costs no L2 page, a partial hit exactly the pages found."""
-    name = "f" + uuid.uuid4().hex[:12]
+    name = shared_store_name("f")
     published_store(TOKENS[:6], name)  # 3 of the 6 pages are stored
     fb = FaultyBackend(backend(name))
     cache = make([Tier("mem", fb, settings())])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 
@@ -24,14 +23,16 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from hicache.config import TierSettings
-from hicache.errors import BackendUnavailableError
 from hicache.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, Medium
 from hicache.hiradix import HiRadixCache, PrefetchHandle, WritePolicy
 from hicache.keys import ModelIdentity, block_id, chain_hashes, seed_hash, storage_key
 from hicache.pools import DevicePool, HostPool, KVLayout
 from hicache.radix import TreeNode
-from hicache.storage.backend import Backend, BackendConfig, BackendContext, Capabilities, PageStatus
-from hicache.storage.memory import MemoryBackend, MemoryConfig
+from hicache.storage.backend import Capabilities, PageStatus
+from hicache.storage.memory import MemoryBackend
+from hicache.testing.backends import faulty_memory, shared_store_name
+from hicache.testing.clock import ManualClock
+from hicache.testing.faults import FaultOp, FaultyBackend
 from hicache.tiering.engine import EnginePoll, PublishGroup, PublishPage
 from hicache.tiering.tiers import Tier, Tiers
 from hicache.transfer import ManualTransferEngine
@@ -48,14 +49,6 @@ FLAKY_DEADLINE_S = 0.05
 BREAKER_COOLDOWN_S = 10.0
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def kv_for(prefix: Sequence[int]) -> torch.Tensor:
     """The KV a model computes for the last page of ``prefix``: a function of the whole prefix."""
     h = hash(tuple(prefix)) & 0xFFFF_FFFF_FFFF_FFFF
@@ -63,95 +56,9 @@ def kv_for(prefix: Sequence[int]) -> torch.Tensor:
     return torch.tensor(vals, dtype=torch.float32).view(LAYOUT.page_shape)
 
 
-class InjectingBackend(Backend):
-    """A MemoryBackend behind a switchboard: failing keys, failing calls; counts every put."""
-
-    def __init__(self, inner: MemoryBackend, medium: str) -> None:
-        super().__init__(BackendConfig(), inner.context)
-        self.inner = inner
-        self.medium = medium
-        self.lock = threading.Lock()
-        self.puts: Counter[str] = Counter()
-        #: Keys stored now (put and not dropped since).
-        self.stored: set[str] = set()
-        self.fail_keys: set[str] = set()
-        self.raise_calls = False
-        #: Every call raises BackendUnavailableError before reaching storage (an outage).
-        self.down = False
-        #: When set, puts (and reads, with ``hang_gets``) block on it past the tier's deadline.
-        self.hang: threading.Event | None = None
-        self.hang_gets = False
-        self.hung_now = 0
-        #: Keys this tier dropped on its own (like its capacity policy), not yet reported.
-        self.evicted: list[str] = []
-        #: Every key it ever dropped on its own.
-        self.ever_evicted: set[str] = set()
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(max_batch=2, default_medium=self.medium)
-
-    def _open(self) -> None:
-        self.inner.open()
-
-    def _close(self) -> None:
-        self.inner.close()
-
-    def _check_down(self) -> None:
-        if self.down:
-            raise BackendUnavailableError("injected outage")
-
-    def _exists(self, keys: Sequence[str]) -> list[bool]:
-        self._check_down()
-        return self.inner.exists(keys)
-
-    def _maybe_hang(self, get: bool) -> None:
-        with self.lock:
-            hang = self.hang
-            if hang is None or (get and not self.hang_gets):
-                return
-            self.hung_now += 1
-        hang.wait()
-        with self.lock:
-            self.hung_now -= 1
-
-    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
-        self._check_down()
-        self._maybe_hang(get=False)
-        with self.lock:
-            self.puts.update(keys)
-            if self.raise_calls:
-                raise ConnectionError("injected")
-            fail = set(self.fail_keys)
-        out = []
-        for k, src in zip(keys, srcs, strict=True):
-            st_ = PageStatus.FAILED if k in fail else self.inner.put([k], [src])[0]
-            if st_.stored:
-                with self.lock:
-                    self.stored.add(k)
-            out.append(st_)
-        return out
-
-    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
-        self._check_down()
-        self._maybe_hang(get=True)
-        return self.inner.get_into(keys, dsts)
-
-    def _delete(self, keys: Sequence[str]) -> None:
-        self.inner.delete(keys)
-
-    def evict(self, keys: Sequence[str]) -> None:
-        """Drop ``keys`` as the tier's own policy would, reported through ``take_evicted``."""
-        with self.lock:
-            self.inner.delete(keys)
-            self.stored.difference_update(keys)
-            self.evicted += keys
-            self.ever_evicted.update(keys)
-
-    def take_evicted(self) -> list[str]:
-        with self.lock:
-            out, self.evicted = self.evicted, []
-        return out
+def stored_keys(backend: FaultyBackend) -> set[str]:
+    """Keys the tier holds now (its store is this tier's alone: put and not dropped since)."""
+    return {page.key for page in backend.inner.iter_pages()}
 
 
 class Spy(HiRadixCache):
@@ -294,18 +201,31 @@ tokens_st = st.lists(st.integers(0, 2), min_size=1, max_size=5).map(
 class HiRadixMachine(RuleBasedStateMachine):
     @initialize()
     def setup(self) -> None:
-        self.names = [f"sm{uuid.uuid4().hex[:10]}" for _ in range(2)]
-        ctx = BackendContext(page_bytes=LAYOUT.page_bytes, namespace=NS, tier_name="t")
-        self.flaky = InjectingBackend(
-            MemoryBackend(MemoryConfig(shared_name=self.names[0]), ctx), "DISK"
+        self.names = [shared_store_name("sm") for _ in range(2)]
+        self.flaky, self.steady = (
+            faulty_memory(
+                LAYOUT.page_bytes,
+                namespace=NS,
+                shared=name,
+                capabilities=Capabilities(max_batch=2, default_medium=medium),
+            )
+            for name, medium in zip(self.names, ("DISK", "EXTERNAL"), strict=True)
         )
-        self.steady = InjectingBackend(
-            MemoryBackend(MemoryConfig(shared_name=self.names[1]), ctx), "EXTERNAL"
-        )
+        # the faults the rules turned on for the flaky tier (the model's view of them)
+        #: every call but deletes raises BackendUnavailableError before reaching storage
+        self.flaky_down = False
+        #: puts raise ConnectionError (an untranslated error: counted, never retried)
+        self.flaky_raise_calls = False
+        #: keys whose puts fail
+        self.flaky_fail_keys: set[str] = set()
+        #: while set, puts (and reads, when the rule said so) block past the tier's deadline
+        self.flaky_hang: threading.Event | None = None
+        #: every key the flaky tier dropped on its own
+        self.flaky_evicted: set[str] = set()
         dev = DevicePool(LAYOUT, DEVICE_PAGES, "cpu")
         host = HostPool(LAYOUT, HOST_PAGES, pin=False)
         self.engine = ManualTransferEngine(dev, host)
-        self.clock = FakeClock()
+        self.clock = ManualClock()
         self.flaky_tier = Tier(
             "flaky",
             self.flaky,
@@ -339,7 +259,7 @@ class HiRadixMachine(RuleBasedStateMachine):
         cache = getattr(self, "cache", None)
         if cache is None:
             return
-        self.flaky.raise_calls = False
+        self.flaky_raise_calls = False
         self.heal_flaky()
         self.engine.complete_all()
         for h in self.handles:
@@ -369,24 +289,35 @@ class HiRadixMachine(RuleBasedStateMachine):
         self.cache.writing_check()
         assert self.cache.storage is not None
         # with a hang in place the holds of hung calls stay: wait for the jobs only
-        assert self.cache.storage.wait_idle(timeout=30, holds=self.flaky.hang is None)
+        assert self.cache.storage.wait_idle(timeout=30, holds=self.flaky_hang is None)
         self.cache.writing_check()
         self.drain()
 
     def heal_flaky(self) -> None:
         """End every outage and hang; let the breaker probe again."""
-        self.flaky.down = False
-        hang, self.flaky.hang = self.flaky.hang, None
+        self.flaky_down = False
+        self.apply_call_faults()
+        hang, self.flaky_hang = self.flaky_hang, None
         if hang is not None:
             hang.set()
-        self.clock.now += BREAKER_COOLDOWN_S
+        self.clock.advance(BREAKER_COOLDOWN_S)
+
+    def apply_call_faults(self) -> None:
+        """Hand the flaky tier the whole-call fault the flags ask for (an outage first: its
+        calls never reach storage)."""
+        if self.flaky_down:
+            self.flaky.fail_calls(None, ops=[FaultOp.EXISTS, FaultOp.GET, FaultOp.PUT])
+        elif self.flaky_raise_calls:
+            self.flaky.fail_calls(None, lambda: ConnectionError("injected"), [FaultOp.PUT])
+        else:
+            self.flaky.fail_calls(0)
 
     def faults_active(self) -> bool:
         return bool(
-            self.flaky.down
-            or self.flaky.hang is not None
-            or self.flaky.fail_keys
-            or self.flaky.raise_calls
+            self.flaky_down
+            or self.flaky_hang is not None
+            or self.flaky_fail_keys
+            or self.flaky_raise_calls
             or self.flaky_tier.breaker.would_refuse()
         )
 
@@ -447,50 +378,53 @@ class HiRadixMachine(RuleBasedStateMachine):
     @rule(data=st.data(), keys=st.booleans(), calls=st.booleans())
     def inject_failures(self, data: st.DataObject, keys: bool, calls: bool) -> None:
         """Failing puts on the first tier: some keys, or whole calls, or neither."""
-        self.flaky.raise_calls = calls
-        self.flaky.fail_keys = set()
+        self.flaky_raise_calls = calls
+        self.apply_call_faults()
+        self.flaky.clear_key_faults()
+        self.flaky_fail_keys = set()
         if keys:
             known = {storage_key(h) for _, hs, _ in self.cache.finished for h in hs}
             for toks in self.cache.submitted.values():
                 known |= {storage_key(h) for h in chain_hashes(SEED, toks, PS)}
             if known:
-                self.flaky.fail_keys = data.draw(st.sets(st.sampled_from(sorted(known))))
+                self.flaky_fail_keys = data.draw(st.sets(st.sampled_from(sorted(known))))
+                self.flaky.fail_keys(self.flaky_fail_keys, PageStatus.FAILED, [FaultOp.PUT])
 
     @rule(down=st.booleans())
     def outage(self, down: bool) -> None:
         """The flaky tier goes down (whole calls fail, retried, then its breaker opens), or
         comes back."""
-        self.flaky.down = down
+        self.flaky_down = down
+        self.apply_call_faults()
 
-    @precondition(lambda self: self.flaky.hang is None)
+    @precondition(lambda self: self.flaky_hang is None)
     @rule(gets=st.booleans())
     def hang_flaky(self, gets: bool) -> None:
         """The flaky tier's puts (and reads) hang past their deadline until released: a read
         that timed out keeps its host pages held until it returns."""
-        self.flaky.hang_gets = gets
-        self.flaky.hang = threading.Event()
+        self.flaky_hang = self.flaky.hang([FaultOp.PUT, FaultOp.GET] if gets else [FaultOp.PUT])
 
-    @precondition(lambda self: self.flaky.hang is not None)
+    @precondition(lambda self: self.flaky_hang is not None)
     @rule()
     def release_hang(self) -> None:
-        hang, self.flaky.hang = self.flaky.hang, None
+        hang, self.flaky_hang = self.flaky_hang, None
         assert hang is not None
         hang.set()
 
-    @precondition(lambda self: bool(self.flaky.stored))
+    @precondition(lambda self: bool(stored_keys(self.flaky)))
     @rule(data=st.data())
     def tier_evicts(self, data: st.DataObject) -> None:
         """The flaky tier ages pages out on its own (a head hot in L1/L2 is never touched
         there): chains published below them later get the lost pages republished first."""
-        with self.flaky.lock:
-            stored = sorted(self.flaky.stored)
+        stored = sorted(stored_keys(self.flaky))
         keys = data.draw(st.lists(st.sampled_from(stored), min_size=1, max_size=3, unique=True))
         self.flaky.evict(keys)
+        self.flaky_evicted.update(keys)
 
     @rule()
     def cooldown_passes(self) -> None:
         """Time passes: an open breaker lets its next call through as a probe."""
-        self.clock.now += BREAKER_COOLDOWN_S
+        self.clock.advance(BREAKER_COOLDOWN_S)
 
     @rule(n=st.integers(1, 20))
     def evict_l1(self, n: int) -> None:
@@ -513,9 +447,10 @@ class HiRadixMachine(RuleBasedStateMachine):
             return
         keys = [storage_key(h) for h in handle.hashes]
         n = 0
-        while n < len(keys) and keys[n] in self.flaky.stored:
+        flaky_stored, steady_stored = stored_keys(self.flaky), stored_keys(self.steady)
+        while n < len(keys) and keys[n] in flaky_stored:
             n += 1
-        while n < len(keys) and keys[n] in self.steady.stored:
+        while n < len(keys) and keys[n] in steady_stored:
             n += 1
         base_backed = handle.base is self.cache.root or handle.base.host_value is not None
         faulty = self.faults_active()
@@ -555,7 +490,7 @@ class HiRadixMachine(RuleBasedStateMachine):
         release) wait for the next poll by the cache, so every run of a step sequence sees
         the same state (hypothesis needs determinism)."""
         assert self.cache.storage is not None
-        assert self.cache.storage.wait_idle(timeout=30, holds=self.flaky.hang is None)
+        assert self.cache.storage.wait_idle(timeout=30, holds=self.flaky_hang is None)
 
     @invariant()
     def tree_is_consistent(self) -> None:
@@ -664,25 +599,22 @@ class HiRadixMachine(RuleBasedStateMachine):
             t.stats.republished_pages for t in tiers.values()
         )
         for b in (self.flaky, self.steady):
-            with b.lock:
-                puts = Counter(b.puts)
-            assert set(puts) <= set(acked) | cache.read_keys
+            assert set(b.put_counts()) <= set(acked) | cache.read_keys
         # the healthy tier never loses a page: it never gets a republish
-        with self.steady.lock:
-            assert Counter(self.steady.puts) - acked == Counter()
+        assert self.steady.put_counts() - acked == Counter()
         assert tiers["steady"].stats.republished_pages == 0
         # a tier announces only pages it stored, never twice, and never a tail without its
         # head: inside an ack the parent was announced before; an ack's first page chains to a
         # page announced before or stored there before (read back from that tier)
         firsts = {block_id(hs[0]) for _, hs, _ in cache.finished}
-        for b in (self.flaky, self.steady):
-            with b.lock:
-                stored = {block_id(k) for k in b.stored | b.ever_evicted}  # ever stored
+        for b, evicted in ((self.flaky, self.flaky_evicted), (self.steady, set[str]())):
+            stored = {block_id(k) for k in stored_keys(b) | evicted}  # ever stored
+            medium = b.capabilities.default_medium
             announced: set[int] = set()  # announced on the tier and not removed since
             for e in self.events:
-                if isinstance(e, BlockRemoved) and e.medium == b.medium:
+                if isinstance(e, BlockRemoved) and e.medium == medium:
                     announced.difference_update(e.block_hashes)
-                if isinstance(e, BlockStored) and e.medium == b.medium:
+                if isinstance(e, BlockStored) and e.medium == medium:
                     bid = e.block_hashes[0]
                     assert bid in stored
                     assert bid not in announced
@@ -732,18 +664,18 @@ class HiRadixMachine(RuleBasedStateMachine):
         assert cache.host_pool.pending_frees() == 0
         acked = Counter(storage_key(h) for _, hs, _ in cache.finished for h in hs)
         # the healthy tier got every acked page exactly once
-        assert self.steady.puts == acked
+        assert self.steady.put_counts() == acked
         # the flaky one at most as often plus its republishes (a call refused by an outage
         # never reached it), and every page offered to it (acked or republished) was either
         # handed to it or counted as dropped
         t = self.flaky_tier.stats.as_dict()
-        assert sum(self.flaky.puts.values()) <= sum(acked.values()) + t["republished_pages"]
+        assert sum(self.flaky.put_counts().values()) <= sum(acked.values()) + t["republished_pages"]
         dropped = t["dropped_breaker"] + t["dropped_backpressure"] + t["dropped_admission"]
         assert t["put_pages"] + dropped == sum(acked.values()) + t["republished_pages"]
         removed = [e for e in self.events if isinstance(e, BlockRemoved)]
         assert all(e.medium in (Medium.GPU, Medium.CPU_PINNED, "DISK") for e in removed)
         # the flaky tier's removals are exactly the pages it dropped on its own
-        dropped_ids = {block_id(k) for k in self.flaky.ever_evicted}
+        dropped_ids = {block_id(k) for k in self.flaky_evicted}
         assert {i for e in removed if e.medium == "DISK" for i in e.block_hashes} == dropped_ids
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,8 +13,10 @@ from hicache.events import BlockStored, Medium
 from hicache.hiradix import HiRadixCache, WritePolicy
 from hicache.keys import ModelIdentity, chain_hashes, seed_hash, storage_key
 from hicache.pools import DevicePool, HostPool, KVLayout
-from hicache.storage.backend import Backend, BackendConfig, BackendContext, Capabilities, PageStatus
-from hicache.storage.memory import MemoryBackend, MemoryConfig
+from hicache.storage.backend import Backend, Capabilities, PageStatus
+from hicache.storage.memory import MemoryBackend
+from hicache.testing.backends import memory_backend, shared_store_name
+from hicache.testing.faults import FaultOp, FaultyBackend
 from hicache.tiering.tiers import Tiers
 from hicache.transfer import CpuTransferEngine
 
@@ -24,16 +25,14 @@ LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=4, page_size=PS, dtype=
 IDENTITY = ModelIdentity("m", revision="r1")
 
 
-def shared_name() -> str:
-    return "t" + uuid.uuid4().hex[:12]
+shared_name = shared_store_name
 
 
 def mem(
     shared: str | None, *, layout: KVLayout = LAYOUT, tp_rank: int = 0, tp_size: int = 1
 ) -> MemoryBackend:
     ns = layout.namespace_spec(tp_rank=tp_rank, tp_size=tp_size).namespace()
-    ctx = BackendContext(page_bytes=layout.page_bytes, namespace=ns, tier_name="mem")
-    return MemoryBackend(MemoryConfig(shared_name=shared), ctx)
+    return memory_backend(layout.page_bytes, namespace=ns, tier_name="mem", shared=shared)
 
 
 def make(
@@ -213,37 +212,6 @@ def test_namespace_isolation(
     MemoryBackend.drop_shared_store(name)
 
 
-class FlakyGets(Backend):
-    """A MemoryBackend whose get_into reports chosen keys CORRUPT (a vanished or bad page)."""
-
-    def __init__(self, inner: MemoryBackend, bad: set[str]) -> None:
-        super().__init__(BackendConfig(), inner.context)
-        self.inner, self.bad = inner, bad
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(default_medium="EXTERNAL")
-
-    def _open(self) -> None:
-        self.inner.open()
-
-    def _close(self) -> None:
-        self.inner.close()
-
-    def _exists(self, keys: Sequence[str]) -> list[bool]:
-        return self.inner.exists(keys)
-
-    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
-        return self.inner.put(keys, srcs)
-
-    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
-        got = self.inner.get_into(keys, dsts)
-        return [PageStatus.CORRUPT if k in self.bad else s for k, s in zip(keys, got, strict=True)]
-
-    def _delete(self, keys: Sequence[str]) -> None:
-        self.inner.delete(keys)
-
-
 def test_prefetch_stops_at_first_page_that_is_not_ok() -> None:
     name = shared_name()
     a = make([("mem", mem(name))])
@@ -251,7 +219,9 @@ def test_prefetch_stops_at_first_page_that_is_not_ok() -> None:
     fill_and_insert(a, tokens)
     publish_all(a)
     keys = [storage_key(h) for h in chain_hashes(seed_hash(IDENTITY), tokens, PS)]
-    b = make([("flaky", FlakyGets(mem(name), {keys[3]}))])
+    flaky = FaultyBackend(mem(name), capabilities=Capabilities(default_medium="EXTERNAL"))
+    flaky.fail_keys([keys[3]], PageStatus.CORRUPT, ops=[FaultOp.GET])  # a vanished or bad page
+    b = make([("flaky", flaky)])
     handle = b.prefetch_from_storage(tokens)
     assert handle is not None and b.check_prefetch(handle, wait=True) == 3 * PS
     assert b.host_pool.available == 32 - 3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from collections.abc import Sequence
 
@@ -14,8 +13,10 @@ from hicache.hiradix import HiRadixCache, WritePolicy
 from hicache.keys import ModelIdentity, block_id, chain_hashes, seed_hash, storage_key
 from hicache.pools import DevicePool, HostPool, KVLayout
 from hicache.radix import TreeNode
-from hicache.storage.backend import Backend, BackendConfig, BackendContext, Capabilities, PageStatus
-from hicache.storage.memory import MemoryBackend, MemoryConfig
+from hicache.storage.backend import Backend, Capabilities, PageStatus
+from hicache.storage.memory import MemoryBackend
+from hicache.testing.backends import memory_backend as new_memory_backend
+from hicache.testing.faults import FaultOp, FaultyBackend
 from hicache.tiering.tiers import Tiers
 from hicache.transfer import ManualTransferEngine
 
@@ -26,51 +27,17 @@ SEED = seed_hash(IDENTITY)
 NAMESPACE = LAYOUT.namespace_spec().namespace()
 
 
-class CountingBackend(Backend):
-    """Delegates to a MemoryBackend, counting puts per key; can fail chosen keys or whole calls."""
-
-    def __init__(self, inner: MemoryBackend) -> None:
-        super().__init__(BackendConfig(), inner.context)
-        self.inner = inner
-        self.puts: Counter[str] = Counter()
-        self.fail_keys: set[str] = set()
-        self.raise_calls = False
-        self.gate = threading.Event()
-        self.gate.set()
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(max_batch=3, default_medium="DISK")
-
-    def _open(self) -> None:
-        self.inner.open()
-
-    def _close(self) -> None:
-        self.inner.close()
-
-    def _exists(self, keys: Sequence[str]) -> list[bool]:
-        return self.inner.exists(keys)
-
-    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
-        self.puts.update(keys)
-        assert self.gate.wait(timeout=30), "test gate never opened"
-        if self.raise_calls:
-            raise ConnectionError("injected whole-call failure")
-        out = []
-        for k, s in zip(keys, srcs, strict=True):
-            out.append(PageStatus.FAILED if k in self.fail_keys else self.inner.put([k], [s])[0])
-        return out
-
-    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
-        return self.inner.get_into(keys, dsts)
-
-    def _delete(self, keys: Sequence[str]) -> None:
-        self.inner.delete(keys)
+def counting_backend() -> FaultyBackend:
+    """A memory tier that logs every put (``put_counts``), batches of 3 pages, medium DISK."""
+    return FaultyBackend(
+        memory_backend(), capabilities=Capabilities(max_batch=3, default_medium="DISK")
+    )
 
 
 def memory_backend(shared: str | None = None, namespace: str = NAMESPACE) -> MemoryBackend:
-    ctx = BackendContext(page_bytes=LAYOUT.page_bytes, namespace=namespace, tier_name="mem")
-    return MemoryBackend(MemoryConfig(shared_name=shared), ctx)
+    return new_memory_backend(
+        LAYOUT.page_bytes, namespace=namespace, tier_name="mem", shared=shared
+    )
 
 
 class SpyCache(HiRadixCache):
@@ -164,7 +131,7 @@ def node_at(cache: HiRadixCache, tokens: list[int]) -> TreeNode:
 
 
 def check_invariants(
-    cache: SpyCache, events: list[KVEvent], counting: Sequence[CountingBackend] = ()
+    cache: SpyCache, events: list[KVEvent], counting: Sequence[FaultyBackend] = ()
 ) -> None:
     """What issue 5 demands of finished writes, checked once the cache is idle."""
     assert not cache.ongoing_write_through
@@ -184,7 +151,7 @@ def check_invariants(
     # ... and was handed exactly once to each publishing tier
     want_puts = Counter(storage_key(h) for hs in cache.ack_hashes.values() for h in hs)
     for b in counting:
-        assert b.puts == want_puts
+        assert b.put_counts() == want_puts
     assert cache.protected_pages == 0
     assert cache.host_pool.total_holds() == 0
 
@@ -242,7 +209,7 @@ def collect(cache: HiRadixCache, events: list[KVEvent]) -> None:
 
 
 def test_seed_scenario_invariants() -> None:
-    counting = CountingBackend(memory_backend())
+    counting = counting_backend()
     cache, engine = make_cache([("disk", counting)])
     insert(cache, [1, 2, 3, 4])
     ack = cache.write_backup(node_at(cache, [1, 2, 3, 4]))
@@ -250,7 +217,7 @@ def test_seed_scenario_invariants() -> None:
     insert(cache, [1, 2, 5, 6])
     events: list[KVEvent] = []
     collect(cache, events)
-    assert counting.puts == Counter()
+    assert counting.put_counts() == Counter()
     engine.complete_all()
     collect(cache, events)
     check_invariants(cache, events, [counting])
@@ -259,7 +226,7 @@ def test_seed_scenario_invariants() -> None:
 
 @pytest.mark.parametrize("order", ["prefix_then_suffix", "suffix_then_prefix"])
 def test_nested_splits_on_either_side(order: str) -> None:
-    counting = CountingBackend(memory_backend())
+    counting = counting_backend()
     cache, engine = make_cache([("disk", counting)])
     seq = [1, 2, 3, 4, 5, 6, 7, 8]
     insert(cache, seq)
@@ -288,7 +255,7 @@ def test_nested_splits_on_either_side(order: str) -> None:
 
 
 def test_split_caused_by_match_prefix() -> None:
-    counting = CountingBackend(memory_backend())
+    counting = counting_backend()
     cache, engine = make_cache([("disk", counting)])
     insert(cache, [1, 2, 3, 4, 5, 6])
     ack = cache.write_backup(node_at(cache, [1, 2, 3, 4, 5, 6]))
@@ -306,7 +273,7 @@ def test_split_caused_by_match_prefix() -> None:
 
 
 def test_several_writes_pending_finish_in_submission_order() -> None:
-    counting = CountingBackend(memory_backend())
+    counting = counting_backend()
     cache, engine = make_cache([("disk", counting)])
     insert(cache, [1, 2, 3, 4])
     a = cache.write_backup(node_at(cache, [1, 2, 3, 4]))
@@ -322,7 +289,7 @@ def test_several_writes_pending_finish_in_submission_order() -> None:
     engine.complete(c)
     collect(cache, events)
     # b and c are acked but wait for a: a child never announces before its parent
-    assert cpu_events(events) == [] and counting.puts == Counter()
+    assert cpu_events(events) == [] and counting.put_counts() == Counter()
     engine.complete(a)
     collect(cache, events)
     assert [e.token_ids for e in cpu_events(events)] == [
@@ -353,7 +320,7 @@ def test_write_backup_needs_backed_up_parent() -> None:
 
 
 def test_l1_and_l2_evictions_race_pending_writes() -> None:
-    counting = CountingBackend(memory_backend())
+    counting = counting_backend()
     cache, engine = make_cache([("disk", counting)], device_pages=16, host_pages=16)
     cache.gpu_events = True
     insert(cache, [1, 2, 3, 4])
@@ -368,7 +335,7 @@ def test_l1_and_l2_evictions_race_pending_writes() -> None:
     cache.evict(100)
     cache.evict_host(100)
     engine.complete(ack)
-    counting.gate.clear()  # storage workers now hang inside put()
+    release = counting.hang(ops=[FaultOp.PUT])  # storage workers now hang inside put()
     cache.writing_check()  # publishes; the puts are in flight
     assert cache.host_pool.total_holds() == 2
     # L1 then L2 eviction of the just-acked fragments while storage may hold their pages
@@ -380,7 +347,7 @@ def test_l1_and_l2_evictions_race_pending_writes() -> None:
     # the workers still read those host pages: their free waits for the last release
     assert cache.host_pool.pending_frees() == 2
     assert cache.host_pool.total_holds() == 2
-    counting.gate.set()
+    release.set()
     events: list[KVEvent] = []
     collect(cache, events)
     check_invariants(cache, events, [counting])
@@ -393,7 +360,7 @@ def test_l1_and_l2_evictions_race_pending_writes() -> None:
 
 
 def test_failed_head_is_never_followed_by_an_announced_tail() -> None:
-    counting = CountingBackend(memory_backend())
+    counting = counting_backend()
     cache, engine = make_cache([("disk", counting)])
     tokens = [1, 2, 3, 4, 5, 6]
     insert(cache, tokens)
@@ -401,7 +368,8 @@ def test_failed_head_is_never_followed_by_an_announced_tail() -> None:
     assert ack is not None
     insert(cache, [1, 2, 3, 4, 0, 0])  # two fragments: [1..4] and [5, 6]
     h = chain_hashes(SEED, tokens, PS)
-    counting.fail_keys = {storage_key(h[1])}  # the second page fails, its neighbours do not
+    # the second page fails, its neighbours do not
+    counting.fail_keys([storage_key(h[1])], PageStatus.FAILED, ops=[FaultOp.PUT])
     engine.complete(ack)
     events: list[KVEvent] = []
     collect(cache, events)
@@ -416,8 +384,8 @@ def test_failed_head_is_never_followed_by_an_announced_tail() -> None:
 
 
 def test_whole_call_failure_is_counted_not_raised() -> None:
-    counting = CountingBackend(memory_backend())
-    counting.raise_calls = True
+    counting = counting_backend()
+    counting.fail_calls(None, lambda: ConnectionError("injected whole-call failure"), ["put"])
     cache, engine = make_cache([("disk", counting)])
     insert(cache, [1, 2, 3, 4])
     ack = cache.write_backup(node_at(cache, [1, 2, 3, 4]))
@@ -425,7 +393,9 @@ def test_whole_call_failure_is_counted_not_raised() -> None:
     engine.complete(ack)
     events: list[KVEvent] = []
     collect(cache, events)
-    check_invariants(cache, events, [counting])
+    check_invariants(cache, events)
+    # both pages were handed over once, in the one call that failed (it logs no keys)
+    assert counting.calls["put"] == 1 and counting.put_log == []
     assert [e for e in events if isinstance(e, BlockStored) and e.medium == "DISK"] == []
     assert cache.storage is not None
     stats = cache.storage.stats()["tiers"]["disk"]  # type: ignore[index]
@@ -495,7 +465,7 @@ def test_cuda_write_through_split_evict_and_load_back() -> None:
 
     dev = DevicePool(LAYOUT, 16, "cuda")
     host = HostPool(LAYOUT, 16)
-    counting = CountingBackend(memory_backend())
+    counting = counting_backend()
     cache = SpyCache(
         dev,
         host,

@@ -18,7 +18,10 @@ from hicache.keys import block_id
 from hicache.pools import HostPool, KVLayout
 from hicache.storage.backend import BackendContext, PageStatus
 from hicache.storage.memory import MemoryBackend, MemoryConfig
+from hicache.testing.backends import memory_backend
+from hicache.testing.clock import ManualClock
 from hicache.testing.faults import FaultOp, FaultyBackend
+from hicache.testing.wait import wait_for
 from hicache.tiering.admission import Admission
 from hicache.tiering.breaker import BreakerState
 from hicache.tiering.engine import PublishPage, StorageEngine
@@ -28,15 +31,10 @@ from hicache.tiering.tiers import Tier, Tiers
 PS = 2
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, page_size=PS, dtype=torch.float32)
 WAIT = 30.0  # generous bound for waits that only guard against a hung test
-SHORT = 0.05  # deadline for tiers whose calls the test makes hang
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+# Deadline of tiers whose calls the test makes hang. It bounds every call of that tier (the
+# housekeeping take_evicted too), so it is long enough for a healthy call on a loaded machine:
+# only the hung call may reach it.
+SHORT = 2.0
 
 
 def keys_for(n: int, salt: str = "") -> list[str]:
@@ -48,8 +46,7 @@ def keys_for(n: int, salt: str = "") -> list[str]:
 
 
 def mem(medium_name: str = "mem") -> MemoryBackend:
-    ctx = BackendContext(page_bytes=LAYOUT.page_bytes, namespace="eng", tier_name=medium_name)
-    return MemoryBackend(MemoryConfig(), ctx)
+    return memory_backend(LAYOUT.page_bytes, namespace="eng", tier_name=medium_name)
 
 
 def settings(**kw: object) -> TierSettings:
@@ -168,8 +165,9 @@ def test_child_waits_for_its_parents_publish_in_flight() -> None:
     rig.publish(rig.pages(keys[2:], parent=block_id(keys[1])))
     assert fb.wait_finished(FaultOp.PUT, 1)  # the child's put is done first
     assert fb.inner.exists(keys[2:]) == [True, True]
-    for _ in range(3):
-        rig.engine.wait_prefetch(0, 0.01)  # let its worker report back
+    # its job has reported back (a job leaves in_flight after queueing its result): only the
+    # parent's hung put is still out, so this poll sees the child's ack
+    wait_for(lambda: rig.engine.in_flight() == 1, what="the child's put job reported")
     rig.events += rig.engine.poll().events
     assert rig.stored("T") == []
     release.set()
@@ -197,7 +195,7 @@ def test_retryable_errors_are_retried_and_recover() -> None:
 
 
 def test_breaker_opens_drops_publishes_and_closes_after_cooldown() -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     fb = FaultyBackend(mem())
     tier = Tier(
         "t",
@@ -246,12 +244,12 @@ def test_hung_put_keeps_holds_until_it_returns_and_backpressure_drops() -> None:
     assert rig.engine.wait_prefetch(0)  # no-op; the put is what we wait for
     assert fb.wait_hung(1)
     # the engine stops waiting at the deadline, but the pages stay held: the call still runs
-    for _ in range(400):
+
+    def group_done() -> bool:
         rig.events += rig.engine.poll().events
-        if rig.engine.pending_groups() == 0:
-            break
-        rig.engine.wait_idle(0.01)
-    assert rig.engine.pending_groups() == 0
+        return rig.engine.pending_groups() == 0
+
+    wait_for(group_done, WAIT, what="the publish group finished at the deadline")
     assert rig.host.total_holds() == 3
     assert tier.gate.inflight_bytes == 3 * page
     # the bound is reached: the next publish is dropped, never queued
@@ -434,7 +432,7 @@ def test_hung_prefetch_reports_failure_but_holds_pages_until_the_read_returns() 
 
 
 def test_open_breaker_on_first_tier_cascades_to_the_next() -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     keys = keys_for(2)
     a, b = FaultyBackend(mem()), FaultyBackend(mem())
     fill_tier(a.inner, keys, 7)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ import pytest
 
 from hicache.config import PrefetchConfig
 from hicache.storage.backend import PageStatus
+from hicache.testing.clock import ManualClock
 from hicache.tiering.admission import SecondHitAdmit
 from hicache.tiering.breaker import CircuitBreaker
 from hicache.tiering.calls import FailureCounts, FailureKind
@@ -113,18 +114,18 @@ def test_rules_from_config() -> None:
 
 
 def test_prefetch_wait_with_fake_clock() -> None:
-    now = [5.0]
+    clock = ManualClock(5.0)
     rules = PrefetchRules(PrefetchPolicy.TIMEOUT, timeout_base_s=1.0, timeout_per_1k_tokens_s=0)
-    wait = rules.start(1000, clock=lambda: now[0])
+    wait = rules.start(1000, clock=clock)
     assert wait.remaining() == 1.0 and not wait.expired()
-    now[0] += 0.75
+    clock.advance(0.75)
     assert wait.remaining() == pytest.approx(0.25)
-    now[0] += 1
+    clock.advance(1)
     assert wait.remaining() == 0.0 and wait.expired()
-    forever = PrefetchWait(None, clock=lambda: now[0])
-    now[0] += 1e6
+    forever = PrefetchWait(None, clock=clock)
+    clock.advance(1e6)
     assert forever.remaining() is None and not forever.expired()
-    assert PrefetchWait(0.0, clock=lambda: now[0]).expired()  # best effort: never waits
+    assert PrefetchWait(0.0, clock=clock).expired()  # best effort: never waits
 
 
 # ---------------------------------------------------------------------- stats

@@ -3,7 +3,6 @@ per-page holds, evictions announced), driven with real MemoryBackends and a real
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 
 import torch
@@ -12,8 +11,10 @@ from hicache.config import HicacheConfig, TierSettings
 from hicache.events import BlockRemoved, BlockStored
 from hicache.keys import block_id
 from hicache.pools import HostPool, KVLayout
-from hicache.storage.backend import Backend, BackendConfig, BackendContext, Capabilities, PageStatus
-from hicache.storage.memory import MemoryBackend, MemoryConfig
+from hicache.storage.backend import Backend, Capabilities, PageStatus
+from hicache.testing.backends import memory_backend
+from hicache.testing.faults import FaultOp, FaultyBackend
+from hicache.testing.wait import wait_for
 from hicache.tiering.engine import PublishPage, StorageEngine
 from hicache.tiering.tiers import Tiers
 
@@ -21,57 +22,17 @@ LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, page_size=2, dtype=t
 PB = LAYOUT.page_bytes
 
 
-def ctx(name: str = "t") -> BackendContext:
-    return BackendContext(page_bytes=PB, namespace="kv-test", tier_name=name)
-
-
 def key(i: int) -> str:
     # the event block id is the key's first 16 hex digits: distinct per page, as real hashes are
     return f"{i:016x}" * 4
 
 
-class Switchboard(Backend):
-    """MemoryBackend with per-key gates (put blocks until opened), failing keys, failing calls."""
-
-    def __init__(self, medium: str = "DISK") -> None:
-        inner = MemoryBackend(MemoryConfig(), ctx())
-        super().__init__(BackendConfig(), inner.context)
-        self.inner = inner
-        self.medium = medium
-        self.gates: dict[str, threading.Event] = {}
-        self.fail: set[str] = set()
-        self.raise_exists = False
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(max_batch=2, default_medium=self.medium)
-
-    def _open(self) -> None:
-        self.inner.open()
-
-    def _close(self) -> None:
-        self.inner.close()
-
-    def _exists(self, keys: Sequence[str]) -> list[bool]:
-        if self.raise_exists:
-            raise ConnectionError("endpoint down")
-        return self.inner.exists(keys)
-
-    def _put(self, keys: Sequence[str], srcs: Sequence[memoryview]) -> list[PageStatus]:
-        for k in keys:
-            gate = self.gates.get(k)
-            if gate is not None:
-                assert gate.wait(timeout=30)
-        out = []
-        for k, s in zip(keys, srcs, strict=True):
-            out.append(PageStatus.FAILED if k in self.fail else self.inner.put([k], [s])[0])
-        return out
-
-    def _get_into(self, keys: Sequence[str], dsts: Sequence[memoryview]) -> list[PageStatus]:
-        return self.inner.get_into(keys, dsts)
-
-    def _delete(self, keys: Sequence[str]) -> None:
-        self.inner.delete(keys)
+def switchboard(medium: str = "DISK") -> FaultyBackend:
+    """A memory tier whose faults the test turns on: hung puts, failing keys, failing calls."""
+    return FaultyBackend(
+        memory_backend(PB, namespace="kv-test"),
+        capabilities=Capabilities(max_batch=2, default_medium=medium),
+    )
 
 
 def fill(b: Backend, keys: Sequence[str]) -> None:
@@ -80,7 +41,7 @@ def fill(b: Backend, keys: Sequence[str]) -> None:
 
 
 def test_cascade_asks_later_tiers_only_after_earlier_ones_stop() -> None:
-    first, second, third = Switchboard(), Switchboard(), Switchboard()
+    first, second, third = switchboard(), switchboard(), switchboard()
     tiers = Tiers.from_backends([("a", first), ("b", second), ("c", third)])
     tiers.open()
     keys = [key(i) for i in range(6)]
@@ -99,12 +60,12 @@ def test_cascade_asks_later_tiers_only_after_earlier_ones_stop() -> None:
 
 
 def test_a_failing_tier_is_a_miss_and_counted() -> None:
-    bad, good = Switchboard(), Switchboard()
+    bad, good = switchboard(), switchboard()
     tiers = Tiers.from_backends([("bad", bad), ("good", good)])
     tiers.open()
     keys = [key(i) for i in range(3)]
     fill(good, keys)
-    bad.raise_exists = True
+    bad.fail_calls(None, lambda: ConnectionError("endpoint down"), [FaultOp.EXISTS])
     assert [(r.tier.name, r.start, r.end) for r in tiers.lookup(keys)] == [("good", 0, 3)]
     assert tiers.stats()["bad"]["errors_by_kind"] == {"ConnectionError": 1}
     tiers.close()
@@ -126,27 +87,31 @@ def announced(events: list[object], medium: str) -> list[list[int]]:
 
 
 def test_announcements_follow_fragment_order_not_completion_order() -> None:
-    disk = Switchboard("DISK")
-    tiers = Tiers.from_backends([("disk", disk)])
+    disk = switchboard("DISK")
+    # the head's put waits for this test: a deadline no loaded machine reaches meanwhile
+    tiers = Tiers.from_backends([("disk", disk, TierSettings(deadline_s=30.0))])
     tiers.open()
     host = HostPool(LAYOUT, 8, pin=False)
     assert host.alloc(4) == [0, 1, 2, 3]
     engine = StorageEngine(tiers, host, page_size=2, workers=4)
-    disk.gates[key(1)] = threading.Event()  # the head fragment's put hangs
+    release = disk.hang([FaultOp.PUT], keys=[key(1)])  # the head fragment's put hangs
     group = engine.begin_publish()
     engine.publish(group, pages_for(host, [1, 2], 0))
     engine.publish(group, pages_for(host, [3, 4], 2))
     engine.end_publish(group)
     # the tail finishes first: its result is collected (its holds released), nothing announced
     events: list[object] = []
-    for _ in range(3000):
-        events += engine.poll().events
-        if host.total_holds() == 2:
-            break
-        threading.Event().wait(0.01)
+
+    def tail_collected() -> bool:
+        # a job leaves in_flight after queueing its result: seen first, the poll collects it
+        done = engine.in_flight() == 1 and host.total_holds() == 2
+        events.extend(engine.poll().events)
+        return done
+
+    wait_for(tail_collected, what="the tail's result collected")
     assert host.total_holds() == 2  # only the head's pages are still under I/O
     assert announced(events, "DISK") == []
-    disk.gates[key(1)].set()
+    release.set()
     assert engine.wait_idle(timeout=30)
     events += engine.poll().events
     assert announced(events, "DISK") == [[1, 1], [2, 2], [3, 3], [4, 4]]
@@ -156,15 +121,15 @@ def test_announcements_follow_fragment_order_not_completion_order() -> None:
 
 
 def test_failed_head_stops_announcements_on_that_tier_only() -> None:
-    disk, ext = Switchboard("DISK"), Switchboard("EXTERNAL")
+    disk, ext = switchboard("DISK"), switchboard("EXTERNAL")
     tiers = Tiers.from_backends(
-        [("disk", disk), ("ext", ext), ("ro", Switchboard("RO"), TierSettings(publish=False))]
+        [("disk", disk), ("ext", ext), ("ro", switchboard("RO"), TierSettings(publish=False))]
     )
     tiers.open()
     host = HostPool(LAYOUT, 8, pin=False)
     host.alloc(4)
     engine = StorageEngine(tiers, host, page_size=2)
-    disk.fail = {key(2)}
+    disk.fail_keys([key(2)], PageStatus.FAILED, [FaultOp.PUT])
     group = engine.begin_publish()
     engine.publish(group, pages_for(host, [1, 2], 0))
     engine.publish(group, pages_for(host, [3, 4], 2))
@@ -183,7 +148,7 @@ def test_failed_head_stops_announcements_on_that_tier_only() -> None:
 
 
 def test_prefetch_result_and_backend_evictions() -> None:
-    capped = MemoryBackend(MemoryConfig(capacity=2 * (PB + 4096)), ctx("capped"))
+    capped = memory_backend(PB, namespace="kv-test", tier_name="capped", capacity=2 * (PB + 4096))
     tiers = Tiers.from_backends([("capped", capped, TierSettings(medium="SHM"))])
     tiers.open()
     host = HostPool(LAYOUT, 8, pin=False)
@@ -232,13 +197,9 @@ def test_tiers_from_config_settings() -> None:
     assert tiers.tiers[1].backend.context.namespace == "kv-abc"
 
 
-class CannotOpen(Switchboard):
-    def _open(self) -> None:
-        raise ConnectionError("bucket missing")
-
-
 def test_a_tier_that_cannot_open_is_left_out() -> None:
-    broken, good = CannotOpen(), Switchboard()
+    broken, good = switchboard(), switchboard()
+    broken.fail_open(lambda: ConnectionError("bucket missing"))
     tiers = Tiers.from_backends([("broken", broken), ("good", good)])
     assert tiers.open() == ["broken"]
     assert [t.name for t in tiers.publishing] == ["good"]

@@ -9,14 +9,21 @@ knob can be turned while calls are in flight; all are thread-safe.
                                        (a failed put leaves no key behind, as the contract says)
 - ``fail_calls(n, error, ops)``        the next ``n`` calls (``None`` = all, until cleared) raise
                                        ``error()`` (default ``BackendUnavailableError``)
-- ``hang(ops, count)``                 calls block until the returned ``threading.Event`` is set
+- ``hang(ops, count, keys)``           calls block until the returned ``threading.Event`` is set
                                        (past any deadline); only the next ``count`` calls when
-                                       given; ``wait_hung(n)`` waits until n are in
+                                       given, only calls naming one of ``keys`` when given;
+                                       ``wait_hung(n)`` waits until n are in
+- ``clear_key_faults()``               forget every ``fail_keys`` fault (the other knobs stay)
+- ``fail_open(error)``                 ``open()`` raises ``error()`` until ``fail_open(None)``
 - ``evict(keys)``                      drop pages now and report them through ``take_evicted``
 - ``vanish_on_get(keys)``              ``exists`` still says yes, then ``get_into`` finds the page
                                        gone (it is dropped first): a page that vanished between
                                        the lookup and the read
-- ``calls``, ``put_log``, ``get_log``  what reached the wrapper (per op count; keys put/read)
+- ``calls``, ``put_log``, ``get_log``  what reached the wrapper (per op count; keys put/read;
+                                       a call that raised an injected error logs no keys)
+- ``put_counts()``                     ``put_log`` as a ``Counter``, read under the lock
+- ``capabilities=``                    constructor option: report these instead of the inner's
+                                       (a batch size or medium of the test's choosing)
 - ``finished``, ``wait_finished(op, n)``  calls that returned (or raised), per op
 """
 
@@ -59,10 +66,18 @@ class FaultyBackend(Backend):
 
     config_model = BackendConfig
 
-    def __init__(self, inner: Backend, *, latency_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        inner: Backend,
+        *,
+        latency_s: float = 0.0,
+        capabilities: Capabilities | None = None,
+    ) -> None:
         super().__init__(BackendConfig(), inner.context)
         self.inner = inner
         self.latency_s = latency_s
+        self._capabilities = capabilities
+        self._open_error: Callable[[], Exception] | None = None
         self._lock = threading.Condition()
         self._key_faults: dict[str, tuple[PageStatus, frozenset[FaultOp]]] = {}
         self._call_fail_left: int | None = 0
@@ -71,6 +86,7 @@ class FaultyBackend(Backend):
         self._hang_event: threading.Event | None = None
         self._hang_ops: frozenset[FaultOp] = ALL_OPS
         self._hang_left: int | None = None
+        self._hang_keys: frozenset[str] | None = None
         self._hung_now = 0
         self._vanish: set[str] = set()
         self._evicted: list[str] = []
@@ -109,16 +125,36 @@ class FaultyBackend(Backend):
             self._call_error = error or _unavailable
 
     def hang(
-        self, ops: Iterable[FaultOp | str] | None = None, count: int | None = None
+        self,
+        ops: Iterable[FaultOp | str] | None = None,
+        count: int | None = None,
+        keys: Iterable[str] | None = None,
     ) -> threading.Event:
-        """Block calls on ``ops`` (only the next ``count`` ones when given) until the returned
-        event is set (then they proceed)."""
+        """Block calls on ``ops`` (only the next ``count`` ones, only those naming one of
+        ``keys``, when given) until the returned event is set (then they proceed)."""
         event = threading.Event()
         with self._lock:
             self._hang_event = event
             self._hang_ops = _ops(ops)
             self._hang_left = count
+            self._hang_keys = None if keys is None else frozenset(keys)
         return event
+
+    def clear_key_faults(self) -> None:
+        """Forget every fault set with :meth:`fail_keys`."""
+        with self._lock:
+            self._key_faults.clear()
+
+    def fail_open(self, error: Callable[[], Exception] | None) -> None:
+        """Make ``open()`` raise ``error()`` (before the inner backend is opened); ``None``
+        lets it open again."""
+        with self._lock:
+            self._open_error = error
+
+    def put_counts(self) -> Counter[str]:
+        """How often each key was put (``put_log`` counted under the lock: workers may put)."""
+        with self._lock:
+            return Counter(self.put_log)
 
     def wait_finished(self, op: FaultOp | str, n: int, timeout: float = 30.0) -> bool:
         """Wait until ``n`` calls on ``op`` returned or raised; ``False`` on timeout."""
@@ -156,10 +192,11 @@ class FaultyBackend(Backend):
             self._vanish.update(keys)
 
     def heal(self) -> None:
-        """Clear every fault (latency, key faults, call failures, vanishing keys) and release
-        any hang."""
+        """Clear every fault (latency, key faults, call and open failures, vanishing keys) and
+        release any hang."""
         with self._lock:
             self.latency_s = 0.0
+            self._open_error = None
             self._key_faults.clear()
             self._call_fail_left = 0
             self._vanish.clear()
@@ -169,11 +206,13 @@ class FaultyBackend(Backend):
 
     # ------------------------------------------------------------------ the injection
 
-    def _enter(self, op: FaultOp) -> None:
+    def _enter(self, op: FaultOp, keys: Sequence[str]) -> None:
         with self._lock:
             self.calls[op.value] += 1
             latency = self.latency_s
             event = self._hang_event if op in self._hang_ops else None
+            if self._hang_keys is not None and self._hang_keys.isdisjoint(keys):
+                event = None  # a hang for chosen keys: this call names none of them
             if event is not None and self._hang_left is not None:
                 if self._hang_left <= 0:
                     event = None
@@ -213,9 +252,13 @@ class FaultyBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        return self.inner.capabilities
+        return self._capabilities or self.inner.capabilities
 
     def _open(self) -> None:
+        with self._lock:
+            error = self._open_error
+        if error is not None:
+            raise error()
         self.inner.open()
 
     def _close(self) -> None:
@@ -224,14 +267,14 @@ class FaultyBackend(Backend):
 
     def _exists(self, keys: Sequence[str]) -> list[bool]:
         try:
-            self._enter(FaultOp.EXISTS)
+            self._enter(FaultOp.EXISTS, keys)
             return self.inner.exists(keys)
         finally:
             self._exit(FaultOp.EXISTS)
 
     def _exists_prefix(self, keys: Sequence[str]) -> int:
         try:
-            self._enter(FaultOp.EXISTS)
+            self._enter(FaultOp.EXISTS, keys)
             return self.inner.exists_prefix(keys)
         finally:
             self._exit(FaultOp.EXISTS)
@@ -250,13 +293,13 @@ class FaultyBackend(Backend):
 
     def _delete(self, keys: Sequence[str]) -> None:
         try:
-            self._enter(FaultOp.DELETE)
+            self._enter(FaultOp.DELETE, keys)
             self.inner.delete(keys)
         finally:
             self._exit(FaultOp.DELETE)
 
     def _put_faulty(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:
-        self._enter(FaultOp.PUT)
+        self._enter(FaultOp.PUT, keys)
         out: list[PageStatus | None] = [None] * len(keys)
         pass_keys: list[str] = []
         pass_srcs: list[PageParts] = []
@@ -277,7 +320,7 @@ class FaultyBackend(Backend):
         return [s if s is not None else PageStatus.FAILED for s in out]
 
     def _get_faulty(self, keys: Sequence[str], dsts: Sequence[PageParts]) -> list[PageStatus]:
-        self._enter(FaultOp.GET)
+        self._enter(FaultOp.GET, keys)
         out: list[PageStatus | None] = [None] * len(keys)
         with self._lock:
             self.get_log.extend(keys)

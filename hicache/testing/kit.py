@@ -57,6 +57,7 @@ from hicache.testing.pages import (
     page_pattern,
 )
 from hicache.testing.statemachine import backend_state_machine
+from hicache.testing.wait import wait_for
 
 __all__ = ["CANARY", "BackendTests", "kit_key", "page_pattern"]
 
@@ -350,13 +351,13 @@ class BackendTests(ScatterGatherTests):
     @staticmethod
     def _eventually(check: Callable[[], bool], message: str) -> None:
         # A thread pool's worker drops its reference to a work item a moment after the future
-        # completed, so the caller may run first: allow a short grace, then fail.
-        deadline = time.monotonic() + 2.0
-        while not check():
-            if time.monotonic() > deadline:
-                raise AssertionError(message)
+        # completed, so the caller may run first: wait (a loaded machine may starve that worker
+        # for a while), collecting cycles between looks, then fail.
+        def collected_check() -> bool:
             gc.collect()
-            time.sleep(0.01)
+            return check()
+
+        wait_for(collected_check, interval=0.01, what=message)
 
     def test_wrong_size_buffers_rejected_before_io(self, backend: Backend) -> None:
         good, bad = self.keys(2, "wrong-size")

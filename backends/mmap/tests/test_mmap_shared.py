@@ -19,6 +19,7 @@ from hicache_mmap import MmapBackend, MmapOptions
 
 from hicache.storage import BackendContext, PageStatus
 from hicache.testing.kit import kit_key, page_pattern
+from hicache.testing.wait import wait_for
 
 PAGE = 64 * 1024
 _FORK = multiprocessing.get_context("fork")
@@ -52,7 +53,7 @@ def _peer(path: Path, me: int, seconds: float, out: Path, start: Any) -> None:
         deadline = began + seconds
         # On a loaded machine one peer may get the CPU late: go on (bounded) until this one
         # has read at least one page the other wrote, which is what the test is about.
-        hard_deadline = began + 10 * seconds
+        hard_deadline = began + max(10 * seconds, 60.0)
         i = 0
         dst = memoryview(bytearray(PAGE))
         while time.monotonic() < deadline or (
@@ -95,12 +96,12 @@ def test_two_processes_write_and_read_one_file(tmp_path: Path) -> None:
         peer.start()
     start.set()
     for peer in peers:
-        peer.join(60)
+        peer.join(120)
     hung = [me for me, peer in enumerate(peers) if peer.exitcode is None]
     for me in hung:  # never leave a stuck child behind; say which one stuck
         peers[me].kill()
         peers[me].join(10)
-    assert not hung, f"peers {hung} still running after 60 s (forked from a threaded pytest?)"
+    assert not hung, f"peers {hung} still running after 120 s (forked from a threaded pytest?)"
     assert [peer.exitcode for peer in peers] == [0, 0]
     reports = [json.loads(out.read_text()) for out in outs]
     print({k: [r[k] for r in reports] for k in ("puts", "reads", "seen_other")})
@@ -197,10 +198,27 @@ def test_reads_racing_eviction_never_return_wrong_bytes(tmp_path: Path) -> None:
 
     threads = [threading.Thread(target=writer, args=(t,)) for t in range(2)]
     threads += [threading.Thread(target=reader, args=(t,)) for t in range(3)]
+    began = time.monotonic()
     for thread in threads:
         thread.start()
-    time.sleep(2.0)
-    stop.set()
+    try:
+        # Race for at least two seconds and until reads have met both outcomes and evictions
+        # happened (a loaded machine may starve some thread for a while); stop at an error.
+        wait_for(
+            lambda: (
+                bool(errors)
+                or (
+                    time.monotonic() - began >= 2.0
+                    and outcomes["ok"] >= 100
+                    and outcomes["not_found"] >= 20
+                    and backend.stats()["evictions"] > 0
+                )
+            ),
+            timeout=120,
+            what=f"both read outcomes under eviction (so far {outcomes})",
+        )
+    finally:
+        stop.set()
     for thread in threads:
         thread.join()
     stats = backend.stats()

@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,15 +78,21 @@ def test_server_killed_mid_batch_then_back(private_server: DevServer) -> None:
         assert isinstance(backend, S3Backend)
         assert backend.put(keys[:4], payloads[:4]) == [PageStatus.OK] * 4
 
-        def kill_when_started() -> None:
-            while backend.stats()["puts"] < 20:
-                time.sleep(0.005)
-            private_server.kill()
+        # The server dies as the batch's 16th request is about to be sent: mid-batch however
+        # the threads are scheduled (a killer thread polling a counter may run too late).
+        sent = [0]
+        sent_lock = threading.Lock()
 
-        killer = threading.Thread(target=kill_when_started)
-        killer.start()
+        def kill_before_16th(**_: Any) -> None:
+            with sent_lock:
+                sent[0] += 1
+                if sent[0] == 16:
+                    private_server.kill()
+
+        backend.client.meta.events.register("before-send.s3.PutObject", kill_before_16th)
         outcome = _run_bounded(lambda: backend.put(keys[4:], payloads[4:]))
-        killer.join()
+        backend.client.meta.events.unregister("before-send.s3.PutObject", kill_before_16th)
+        assert sent[0] >= 16
         # failures are reported: an exception for the whole call or FAILED pages, never "stored"
         if isinstance(outcome, BaseException):
             assert isinstance(outcome, BackendUnavailableError), outcome
