@@ -3,8 +3,10 @@
 Every page carries the 4 KiB header of :mod:`hicache.storage.pageformat` and is verified on read.
 Puts are create-only (``SET key value NX``, or one Lua script for a page split into chunks);
 exists, get and put of a batch go down one connection as pipelines of at most
-``pipeline_depth`` commands / ``pipeline_bytes`` bytes before their replies are read. Gets read
-values straight into the caller's page buffer (see :mod:`hicache_valkey.resp`). Keys the server
+``pipeline_depth`` commands / ``pipeline_bytes`` bytes before their replies are read. A page of
+several regions (scatter-gather) is one value, one header, one checksum: puts send the regions
+as they are and gets read values straight into them (see :mod:`hicache_valkey.resp` and
+:mod:`hicache_valkey.pagereader`); no page is staged in a buffer of its own. Keys the server
 evicts or expires come back through ``take_evicted()`` (see :mod:`hicache_valkey.notify`).
 No socket or protocol exception leaves this module: a server that is down, restarting or hung
 raises :class:`~hicache.errors.BackendUnavailableError` within the configured timeouts.
@@ -29,7 +31,6 @@ from hicache.storage import (
     PageStatus,
     StoredPage,
     check_namespace,
-    copy_bytes,
     decode_header,
     encode_header,
     verify_page,
@@ -41,6 +42,7 @@ from hicache_valkey.layout import (
     PUT_CHUNKED_SCRIPT,
     KeySpace,
     chunk_layout,
+    chunk_regions,
 )
 from hicache_valkey.nodes import Nodes
 from hicache_valkey.notify import EvictionListener, ensure_notifications
@@ -245,14 +247,13 @@ class ValkeyBackend(Backend):
 
     def _put(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:
         namespace = self.context.namespace
-        # TODO(scatter-gather): a page of several regions is joined once here; the RESP packer
-        # could send the regions as they are.
-        pages = [parts[0] if len(parts) == 1 else memoryview(b"".join(parts)) for parts in srcs]
-        # headers are built before anything is sent: hashing runs outside the pipeline's window
-        items = [
-            (key, src, encode_header(namespace, key, src))
-            for key, src in zip(keys, pages, strict=True)
-        ]
+        # headers are built before anything is sent: hashing runs outside the pipeline's window;
+        # one checksum over the regions in order, whatever the split
+        items = []
+        for key, parts in zip(keys, srcs, strict=True):
+            regions = _flat(parts)
+            payload = regions[0] if len(regions) == 1 else regions  # one buffer: one-shot hash
+            items.append((key, regions, encode_header(namespace, key, payload)))
         statuses = self._dispatch.run("put", items, self._send_put, self._receive_put, self._name)
         ok = sum(1 for s in statuses if s is PageStatus.OK)
         self._count(
@@ -262,15 +263,18 @@ class ValkeyBackend(Backend):
         )
         return statuses
 
-    def _send_put(self, packer: Packer, item: tuple[str, memoryview, bytes]) -> None:
-        key, src, header = item
+    def _send_put(self, packer: Packer, item: tuple[str, PageParts, bytes]) -> None:
+        # The packer writes one bulk value from several buffers: the regions go out as they
+        # are, never joined into one page-sized buffer.
+        key, regions, header = item
         page_key = self.keyspace.page(key)
         if not self._chunks:
             ttl: tuple[str | int, ...] = ("PX", self._ttl_ms) if self._ttl_ms else ()
-            packer.command("SET", page_key, (header, src), "NX", *ttl)
+            packer.command("SET", page_key, (header, *regions), "NX", *ttl)
             return
-        size = self._chunk_bytes
-        chunks = [src[i * size : (i + 1) * size] for i in range(self._chunks)]
+        chunks: list[tuple[memoryview, ...]] = chunk_regions(regions, self._chunk_bytes)
+        # the script pairs KEYS with ARGV: a page always sends as many chunks as it has keys
+        chunks += [()] * (self._chunks - len(chunks))
         packer.command(
             "EVAL",
             PUT_CHUNKED_SCRIPT,
@@ -282,7 +286,7 @@ class ValkeyBackend(Backend):
             self._ttl_ms,
         )
 
-    def _receive_put(self, conn: Connection, item: tuple[str, memoryview, bytes]) -> PageStatus:
+    def _receive_put(self, conn: Connection, item: tuple[str, PageParts, bytes]) -> PageStatus:
         reply = conn.read_reply()
         if isinstance(reply, ServerError):
             return self._error_reply(reply, item[0], "put")
@@ -295,12 +299,8 @@ class ValkeyBackend(Backend):
     # ------------------------------------------------------------------ get
 
     def _get_into(self, keys: Sequence[str], dsts: Sequence[PageParts]) -> list[PageStatus]:
-        # TODO(scatter-gather): a page of several regions is read into one buffer, then copied.
-        pages = [
-            parts[0] if len(parts) == 1 else memoryview(bytearray(self.context.page_bytes))
-            for parts in dsts
-        ]
-        items = list(zip(keys, pages, strict=True))
+        # each reply is read straight into the page's regions (see pagereader): no staging
+        items = [(key, _flat(parts)) for key, parts in zip(keys, dsts, strict=True)]
         send = self._send_get_chunked if self._chunks else self._send_get
         size = HEADER_SIZE + self.context.page_bytes
         statuses = self._dispatch.run("get", items, send, self._receive_get, self._name, size)
@@ -325,19 +325,17 @@ class ValkeyBackend(Backend):
             not_found=sum(1 for s in final if s is PageStatus.NOT_FOUND),
         )
         self._drop_damaged(keys, final)
-        for parts, page, status in zip(dsts, pages, final, strict=True):
-            if len(parts) > 1 and status is PageStatus.OK:
-                copy_bytes(parts, page)
         return final
 
-    def _send_get(self, packer: Packer, item: tuple[str, memoryview]) -> None:
+    def _send_get(self, packer: Packer, item: tuple[str, PageParts]) -> None:
         packer.command("GET", self.keyspace.page(item[0]))
 
-    def _send_get_chunked(self, packer: Packer, item: tuple[str, memoryview]) -> None:
+    def _send_get_chunked(self, packer: Packer, item: tuple[str, PageParts]) -> None:
         packer.command("EVAL", GET_CHUNKED_SCRIPT, 1, self.keyspace.page(item[0]))
 
-    def _receive_get(self, conn: Connection, item: tuple[str, memoryview]) -> PageStatus | None:
-        """Read one GET or script reply into the page; None: a header-only value (chunked)."""
+    def _receive_get(self, conn: Connection, item: tuple[str, PageParts]) -> PageStatus | None:
+        """Read one GET or script reply into the page's regions; None: a header-only value
+        (chunked)."""
         key, dst = item
         head = conn.read_head()
         kind, rest = head[:1], head[1:]
@@ -355,12 +353,13 @@ class ValkeyBackend(Backend):
         return self._read_page(conn, key, dst, kind, int(rest), int(first[1:]))
 
     def _read_page(
-        self, conn: Connection, key: str, dst: memoryview, kind: bytes, parts: int, first: int
+        self, conn: Connection, key: str, dst: PageParts, kind: bytes, parts: int, first: int
     ) -> PageStatus | None:
         """Read ``parts`` bulk values (the first of ``first`` bytes, its length line already
-        read) as one stream: 4 KiB of header, then the payload straight into ``dst``."""
+        read) as one stream: 4 KiB of header, then the payload straight into ``dst``'s regions;
+        the checksum covers the regions in order."""
         header = bytearray(HEADER_SIZE)
-        expected = HEADER_SIZE + dst.nbytes
+        expected = HEADER_SIZE + self.context.page_bytes
         total, overflow = read_page_parts(conn, parts, first, memoryview(header), dst)
         if total == HEADER_SIZE and not overflow:
             if kind == b"$":
@@ -369,7 +368,8 @@ class ValkeyBackend(Backend):
         if overflow or total != expected:
             return self._corrupt(key, f"stored value has {total}+ bytes, expected {expected}")
         try:
-            verify_page(header, dst, namespace=self.context.namespace, key=key)
+            payload = dst[0] if len(dst) == 1 else dst
+            verify_page(header, payload, namespace=self.context.namespace, key=key)
         except PageCorruptError as exc:
             status = self._corrupt(key, str(exc))
             if exc.field == "checksum":
@@ -491,3 +491,8 @@ class ValkeyBackend(Backend):
             "connects": 0 if nodes is None else nodes.connects,
             **counts,
         }
+
+
+def _flat(parts: PageParts) -> PageParts:
+    """A page's regions as flat byte views (regions may arrive typed, e.g. a uint16 tensor's)."""
+    return tuple(p if p.format == "B" and p.ndim == 1 else p.cast("B") for p in parts)

@@ -16,6 +16,7 @@ A page of namespace ``ns`` and key ``k`` is stored under::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from hicache.storage import HEADER_SIZE, PAGE_KEY_LEN
 
@@ -25,6 +26,7 @@ __all__ = [
     "PUT_CHUNKED_SCRIPT",
     "KeySpace",
     "chunk_layout",
+    "chunk_regions",
 ]
 
 # KEYS = header key, chunk keys; ARGV = header, chunks..., ttl in ms (0 = none).
@@ -91,6 +93,27 @@ def chunk_layout(page_bytes: int, max_value_bytes: int) -> tuple[int, int]:
         return 0, 0
     chunks = math.ceil(page_bytes / max_value_bytes)
     return chunks, math.ceil(page_bytes / chunks)
+
+
+def chunk_regions(regions: Sequence[memoryview], size: int) -> list[tuple[memoryview, ...]]:
+    """A page's regions (flat byte views, in order) cut into chunks of ``size`` bytes (the last
+    one may be shorter), each chunk the views of the regions it spans: nothing is copied."""
+    chunks: list[tuple[memoryview, ...]] = []
+    current: list[memoryview] = []
+    room = size
+    for region in regions:
+        start = 0
+        while start < region.nbytes:
+            take = min(room, region.nbytes - start)
+            current.append(region[start : start + take])
+            start += take
+            room -= take
+            if not room:
+                chunks.append(tuple(current))
+                current, room = [], size
+    if current:
+        chunks.append(tuple(current))
+    return chunks
 
 
 class KeySpace:

@@ -1,12 +1,16 @@
 """Reading a page reply off a connection: one or more bulk values seen as one byte stream.
 
 A page comes back as one value (header + payload, from ``GET``) or as several (header, then
-chunks, from the read script). ``read_page_parts`` lays the stream over two targets, the 4 KiB
-header buffer and then the caller's page buffer, reading each part straight into place; bytes
-beyond the page are drained and reported, never written anywhere.
+chunks, from the read script). ``read_page_parts`` lays the stream over its targets in order,
+the 4 KiB header buffer and then each region of the caller's page (one buffer, or the K and V
+regions of a scatter-gather page), reading every piece straight into place: value boundaries
+and region boundaries need not line up. Bytes beyond the page are drained and reported, never
+written anywhere.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from hicache_valkey.resp import Connection, ProtocolError
 
@@ -14,12 +18,14 @@ __all__ = ["read_page_parts"]
 
 
 def read_page_parts(
-    conn: Connection, parts: int, first: int, header: memoryview, dst: memoryview
+    conn: Connection, parts: int, first: int, header: memoryview, regions: Sequence[memoryview]
 ) -> tuple[int, bool]:
     """Read ``parts`` bulk values (the first of ``first`` bytes, its length line already read)
-    into ``header`` then ``dst``; return (bytes placed, whether more bytes came than fit)."""
-    targets = (header, dst)
-    expected = header.nbytes + dst.nbytes
+    into ``header`` then ``regions`` (flat byte views, in order); return (bytes placed, whether
+    more bytes came than fit)."""
+    targets = [t for t in (header, *regions) if t.nbytes]
+    target = 0  # index of the target being filled
+    offset = 0  # bytes already placed in it
     total = 0
     overflow = False
     length = first
@@ -31,16 +37,17 @@ def read_page_parts(
             length = int(line[1:])
         left = length
         while left:
-            if total >= expected:
+            if target == len(targets):
                 conn.skip(left)
                 overflow = True
                 break
-            in_header = total < header.nbytes
-            target = targets[0] if in_header else targets[1]
-            offset = total if in_header else total - header.nbytes
-            take = min(left, target.nbytes - offset)
-            conn.read_into(target[offset : offset + take])
+            view = targets[target]
+            take = min(left, view.nbytes - offset)
+            conn.read_into(view[offset : offset + take])
             total += take
             left -= take
+            offset += take
+            if offset == view.nbytes:
+                target, offset = target + 1, 0
         conn.read_crlf()
     return total, overflow
