@@ -14,7 +14,10 @@ has changed.
   caller's buffer, re-read the generation; a change means the page was replaced while being
   read (``NOT_FOUND`` after one retry), a checksum mismatch is ``CORRUPT``. Wrong bytes are never
   reported ``OK``.
-- **open** scans every header to rebuild the local view; odd or torn slots count as free.
+- **open** scans every header to rebuild the local view; odd or torn slots count as free. A
+  writable open needs the file's geometry (page size, capacity, associativity); a read-only one
+  (the ``hicache storage`` tools) adopts the file's own, lists its pages, and reads a page of
+  another size as ``NOT_FOUND`` (counted as ``other_size_reads``), never as damage.
 
 The local view (index, per-set versions, CLOCK) and how it is kept current are in
 :mod:`hicache_mmap.view`; this module holds the protocol: locking, reads, writes and counts.
@@ -101,7 +104,17 @@ class MmapBackend(Backend):
         self._evicted_lock = threading.Lock()
         self._logged_corrupt: set[tuple[int, int]] = set()
         self._counts: dict[str, int] = dict.fromkeys(
-            ("puts", "gets", "hits", "evictions", "corrupt", "races", "lock_timeouts"), 0
+            (
+                "puts",
+                "gets",
+                "hits",
+                "evictions",
+                "corrupt",
+                "races",
+                "lock_timeouts",
+                "other_size_reads",
+            ),
+            0,
         )
         self._scan_seconds = 0.0
         self._empty = False
@@ -207,7 +220,12 @@ class MmapBackend(Backend):
         try:
             if self._empty:
                 return [False] * len(keys)
-            return self._view.exists(self._req_file(), keys)
+            file = self._req_file()
+            if file.geo.page_bytes != self.context.page_bytes:
+                # a read-only open that adopted the file's geometry: every page in the file
+                # has the file's page size, so none is a page of ours
+                return [False] * len(keys)
+            return self._view.exists(file, keys)
         finally:
             self._calls.leave()
 
@@ -271,6 +289,11 @@ class MmapBackend(Backend):
             raise _Race  # the slot now holds another page; the index was stale
         (payload_len,) = GEN.unpack_from(raw, 16)
         (checksum,) = GEN.unpack_from(raw, 24)
+        if payload_len == geo.page_bytes != self.context.page_bytes:
+            # a read-only open of a file of another geometry: the page is intact but not of
+            # our size, a miss that stays in place
+            self._counts["other_size_reads"] += 1
+            return PageStatus.NOT_FOUND
         if payload_len != self.context.page_bytes or payload_len > geo.slot_payload:
             return self._corrupt(slot, gen, key, f"payload length {payload_len}")
         copied_sum = file.read_payload(slot, dst, self.options.verify_checksum)
@@ -523,4 +546,6 @@ class MmapBackend(Backend):
                 scan_seconds=self._scan_seconds,
                 scan_slots_per_s=geo.num_slots / max(self._scan_seconds, 1e-9),
             )
+            if geo.page_bytes != self.context.page_bytes:  # an adopted geometry: none is ours
+                out.update(pages=0, other_size_pages=len(self._view.index))
         return out

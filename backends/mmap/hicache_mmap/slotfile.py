@@ -177,14 +177,27 @@ class SlotFile:
             raise BackendError(
                 f"{req.path} is not a usable slot file ({exc}); refusing to overwrite it"
             ) from exc
+        if not req.writable:
+            # A read-only instance never writes or frees a slot, so it can map any geometry as
+            # the file records it (the operator tools open tiers this way, with whatever page
+            # size they were given); its reads of a page of another size are misses.
+            if geo.page_bytes != req.page_bytes:
+                logger.info(
+                    "slot file %s has geometry %s; read-only, adopting it (this tier's "
+                    "%d-byte pages read as misses)",
+                    req.path,
+                    geo.describe(),
+                    req.page_bytes,
+                )
+            return geo
         wanted = SlotFile._wanted(req)
         if geo == wanted:
             return geo
         # Another geometry was asked for (capacity, page size, associativity changed). Rebuild
         # the file only when that loses nothing: no other process has it open and no slot holds
-        # a page. Otherwise refuse: a reader with another page size would take every page of
+        # a page. Otherwise refuse: a writer with another page size would take every page of
         # the others for a damaged one and free it.
-        if req.writable and locks.users_idle() and not _any_used(fd, geo):
+        if locks.users_idle() and not _any_used(fd, geo):
             logger.info("slot file %s is empty and unused: re-creating it", req.path)
             os.ftruncate(fd, 0)
             return SlotFile._create(fd, req)

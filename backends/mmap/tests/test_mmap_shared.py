@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from hicache_mmap import MmapBackend, MmapOptions
 
+from hicache.errors import BackendError
 from hicache.storage import BackendContext, PageStatus
 from hicache.testing.kit import kit_key, page_pattern
 from hicache.testing.wait import wait_for
@@ -290,6 +291,97 @@ def test_reader_with_another_page_size_is_refused_and_destroys_nothing(
         assert writer.stats()["corrupt"] == 0
     finally:
         writer.close()
+    again = _backend(path, 96)
+    try:
+        assert again.exists(keys) == [True] * len(keys)
+    finally:
+        again.close()
+
+
+def _read_only_with_page_size(path: Path, page_bytes: int, keys: list[str], out: Path) -> None:
+    """Another process opens the file read-only with another page size, as ``hicache storage
+    du|verify`` do: it lists and verifies the pages, and its own gets miss (forked)."""
+    from hicache.tools.ops import TierHandle, disk_usage, list_namespaces, verify_namespace
+
+    report: dict[str, Any] = {}
+    try:
+        # capacity and associativity differ from the writer's too: the file's own are adopted
+        options = MmapOptions(path=str(path), capacity=32 * (4096 + page_bytes), associativity=4)
+
+        def make(size: int, namespace: str, read_only: bool) -> MmapBackend:
+            return MmapBackend(options, BackendContext(size, namespace, read_only=read_only))
+
+        reader = make(page_bytes, "shared", True)
+        reader.open()
+        try:
+            dst = bytearray([0xA5]) * page_bytes
+            report["exists"] = reader.exists(keys)
+            scratch = [memoryview(bytearray(page_bytes)) for _ in keys]
+            report["statuses"] = [s.value for s in reader.get_into(keys, scratch)]
+            report["single"] = reader.get_into(keys[:1], [memoryview(dst)])[0].value
+            report["dst_untouched"] = dst == bytearray([0xA5]) * page_bytes
+            report["listed"] = sorted((p.key, p.payload_bytes) for p in reader.iter_pages())
+            stats = reader.stats()
+            report["other_size"] = [stats["other_size_reads"], stats["other_size_pages"]]
+            report["pages"] = stats["pages"]
+            report["corrupt"] = stats["corrupt"]
+            report["num_slots"] = stats["num_slots"]
+        finally:
+            reader.close()
+        handle = TierHandle("shm", "mmap", True, make, page_bytes)
+        report["namespaces"] = list_namespaces(handle)
+        usage = disk_usage(handle, ["shared"])
+        report["du"] = [usage[0].pages, usage[0].stored_bytes]
+        verified = verify_namespace(handle, "shared")
+        report["verify"] = [verified.ok, len(verified.corrupt), verified.vanished]
+    except BaseException as exc:
+        report["crash"] = repr(exc)
+    out.write_text(json.dumps(report))
+
+
+def test_read_only_open_of_another_page_size_adopts_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "geometry.slots"
+    writer = _backend(path, 96)
+    try:
+        slots = writer.stats()["num_slots"]
+        keys = [kit_key(i, "adopt") for i in range(16)]
+        pages = [page_pattern(k, PAGE) for k in keys]
+        assert writer.put(keys, [memoryview(p) for p in pages]) == [PageStatus.OK] * len(keys)
+        out = tmp_path / "reader.json"
+        reader = _FORK.Process(target=_read_only_with_page_size, args=(path, PAGE // 2, keys, out))
+        reader.start()
+        reader.join(120)
+        if reader.exitcode is None:
+            reader.kill()
+            reader.join(10)
+        assert reader.exitcode == 0
+        report = json.loads(out.read_text())
+        assert "crash" not in report, report
+        assert report["num_slots"] == slots, "the file's geometry was not adopted"
+        assert report["exists"] == [False] * len(keys)
+        assert report["statuses"] == [PageStatus.NOT_FOUND.value] * len(keys)
+        assert report["single"] == PageStatus.NOT_FOUND.value and report["dst_untouched"]
+        assert report["other_size"] == [len(keys) + 1, len(keys)] and report["pages"] == 0
+        assert report["corrupt"] == 0
+        assert report["listed"] == sorted([k, PAGE] for k in keys)
+        assert report["namespaces"] == ["shared"]
+        assert report["du"] == [len(keys), len(keys) * writer.stats()["slot_bytes"]]
+        assert report["verify"] == [len(keys), 0, 0]  # read back at the pages' own size
+        # The writer's pages are all still there and intact.
+        dst = bytearray(PAGE)
+        for key, page in zip(keys, pages, strict=True):
+            assert writer.get_into([key], [memoryview(dst)]) == [PageStatus.OK]
+            assert dst == page
+        assert writer.stats()["corrupt"] == 0
+    finally:
+        writer.close()
+    # A writable open with another page size is still refused, naming both geometries.
+    options = MmapOptions(path=str(path), capacity=96 * (4096 + PAGE), prefault=False)
+    other = MmapBackend(options, BackendContext(PAGE // 2, "shared"))
+    with pytest.raises(
+        BackendError, match=rf"page_bytes={PAGE}, .* asks for page_bytes={PAGE // 2}"
+    ):
+        other.open()
     again = _backend(path, 96)
     try:
         assert again.exists(keys) == [True] * len(keys)
