@@ -331,7 +331,9 @@ def _cache_metrics(fams: _Families, name: str, s: Mapping[str, object]) -> None:
     ps = _num(s.get("page_size")) or 0.0
     fams.add("hicache_match_tokens_total", lab, s.get("match_tokens"))
     for level, key in (("l1", "match_device_pages"), ("l2", "match_host_pages")):
-        fams.add("hicache_hit_tokens_total", (name, level), (_num(s.get(key)) or 0.0) * ps)
+        pages = _num(s.get(key))
+        if pages is not None:  # a source without a tree (the SGLang adapter) reports none
+            fams.add("hicache_hit_tokens_total", (name, level), pages * ps)
     fams.add("hicache_evicted_pages_total", (name, "l1"), s.get("l1_evicted_pages"))
     fams.add("hicache_evicted_pages_total", (name, "l2"), s.get("l2_evicted_pages"))
     fams.add("hicache_loaded_back_pages_total", lab, s.get("loaded_back_pages"))

@@ -451,3 +451,58 @@ def test_get_stats_has_sglangs_metrics_shape(tmp_path: Path, close_after: Any) -
 
 def test_adapter_targets_the_installed_sglang() -> None:
     assert sglang.__version__ == adapter.SGLANG_VERSION
+
+
+def _scrape(registry: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of ``registry`` as prometheus_client's own parser reads it back."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = generate_latest(registry).decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_collector_exports_the_tiers(tmp_path: Path, close_after: Any) -> None:
+    from prometheus_client import CollectorRegistry
+
+    pool = make_pool(False)
+    config = storage_config(user_extra(localdisk_tiers(tmp_path)))
+    backend = StorageBackendFactory.create_backend("dynamic", config, pool)
+    assert isinstance(backend, adapter.HicacheStorage)
+    close_after(backend)
+    registry = CollectorRegistry()  # the host's own registry
+    registry.register(backend.metrics_collector())  # before the host pool is attached
+    assert not any(name.startswith("hicache_tier") for name, _ in _scrape(registry))
+    backend.register_mem_pool_host(pool)
+    assert backend.namespace is not None
+    lab = (("backend", "localdisk"), ("namespace", backend.namespace), ("tier", "nvme"))
+
+    def value(name: str, **extra: str) -> float:
+        return samples.get((name, tuple(sorted((*lab, *extra.items())))), -1.0)
+
+    samples = _scrape(registry)
+    assert value("hicache_tier_available") == 1.0
+    assert value("hicache_tier_lookups_total") == 0.0
+    assert value("hicache_tier_put_pages_total", status="stored") == 0.0
+    keys = page_keys(PAGES, "metrics")
+    run_sequence(backend, pool, keys, seed=5)
+    assert backend.batch_exists(keys + page_keys(2, "metrics-missing")) == PAGES
+    samples = _scrape(registry)
+    page_bytes = float(backend.page_bytes)
+    assert value("hicache_tier_put_pages_total", status="stored") == PAGES
+    assert value("hicache_tier_written_bytes_total") == PAGES * page_bytes
+    assert value("hicache_tier_get_pages_total", status="ok") == PAGES
+    assert value("hicache_tier_read_bytes_total") == PAGES * page_bytes
+    # three batch_exists calls (none, all, all but the 2 unknown) and batch_get_v1's cascade
+    assert value("hicache_tier_lookups_total") == 4.0
+    assert value("hicache_tier_hit_pages_total") == 3 * PAGES
+    assert value("hicache_tier_miss_pages_total") == PAGES + 2
+    assert value("hicache_tier_hit_tokens_total") == 3 * PAGES * pool.page_size
+    assert value("hicache_tier_operation_duration_seconds_count", op="put") >= 1.0
+    assert value("hicache_tier_stored_pages") == PAGES
+    # the adapter has no tree: no cache-level hit families with made-up zeros
+    assert not any(name.startswith("hicache_hit_tokens") for name, _ in samples)

@@ -23,6 +23,9 @@ breakers and deadlines. With ``interface_v1: 1`` SGLang calls ``batch_exists`` a
 ``batch_get_v1``/``batch_set_v1``, which move each page's K and V regions straight between the
 host pool and the tiers as one scatter-gather page: no copy in Python.
 
+Prometheus: ``metrics_collector()`` returns a :class:`~hicache.metrics.HicacheCollector` of the
+adapter's tiers for the host to register on its own registry (nothing is registered globally).
+
 No data method raises into SGLang: a storage failure is a miss or ``False``, counted and logged
 at most once per ``LOG_EVERY_S`` per kind. A read that outlives its tier's deadline is reported
 as missed while its backend call may still finish writing into the host slots SGLang was given;
@@ -39,7 +42,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -54,6 +57,9 @@ from hicache.errors import ConfigError
 from hicache.keys import NamespaceSpec, engine_namespace
 from hicache.storage.backend import PageStatus, check_keys
 from hicache.tiering.tiers import Tiers
+
+if TYPE_CHECKING:
+    from hicache.metrics import HicacheCollector
 
 __all__ = [
     "SGLANG_VERSION",
@@ -467,6 +473,22 @@ class HicacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang ships no t
             backup_bandwidth=record.backup_bandwidth,
         )
 
+    def metrics_collector(self, name: str = "sglang") -> HicacheCollector:
+        """A Prometheus collector of this adapter's tiers (``hicache_tier_*`` families, labelled
+        by tier, backend kind and namespace), for the host to register on its own registry::
+
+            registry.register(storage.metrics_collector())
+
+        Nothing is registered anywhere by this call or by importing this module. The collector
+        reads the tiers' counters at scrape time, so it may be created before SGLang attaches
+        the host pool (until then a scrape has no tier families). ``name`` is the ``cache``
+        label of the cache-level families, of which the adapter reports none: SGLang's radix
+        tree keeps its own. Needs ``prometheus-client`` (``pip install 'hicache[metrics]'``).
+        """
+        from hicache.metrics import HicacheCollector  # prometheus-client is an optional extra
+
+        return HicacheCollector({name: _AdapterStats(self)})
+
     def hicache_stats(self) -> dict[str, Any]:
         """hicache's own view: namespace, per-tier counters and the adapter's failure counts."""
         tiers = self.tiers.stats() if self.tiers is not None else {}
@@ -475,3 +497,21 @@ class HicacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang ships no t
             "tiers": tiers,
             "failures": dict(self.failures.counts),
         }
+
+
+class _AdapterStats:
+    """What :class:`~hicache.metrics.HicacheCollector` reads of a cache, for the adapter: its
+    tiers (read at every scrape: they exist once the host pool is attached) and its page size
+    in tokens (for the tier token counters)."""
+
+    def __init__(self, storage: HicacheStorage) -> None:
+        self._storage = storage
+
+    @property
+    def tiers(self) -> Tiers | None:
+        return self._storage.tiers
+
+    def stats(self) -> dict[str, object]:
+        if self._storage.tiers is None:
+            return {}
+        return {"page_size": int(getattr(self._storage, "page_size", 0))}
