@@ -1,8 +1,12 @@
 """The layering of docs/architecture.md, checked over the source tree with :mod:`ast`.
 
 - the core (``hicache``) never imports a backend (``hicache_*``);
+- the core never imports an engine adapter (``hicache.integrations``): adapters use the core,
+  never the other way round; the one exception is the benchmark that measures an adapter
+  (``hicache.tools.sglang_bench``);
 - ``hicache.storage`` (the plugin contract) imports neither the L3 runtime (``hicache.tiering``),
-  the cache (radix, hiradix*, pools, transfer) nor the tools;
+  the cache (radix, hiradix, its tables, pools, transfer), the metrics layer
+  (``hicache.metrics``), the tools, the replay nor an adapter;
 - nothing on the serving path imports ``hicache.tools`` or ``hicache.replay``;
 - a backend or plugin package imports from hicache only the ``hicache.storage`` face and
   ``hicache.errors`` (its ``testing`` module may also use ``hicache.testing``). Its tests may
@@ -22,11 +26,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CACHE_MODULES = ("hicache.radix", "hicache.hiradix", "hicache.pools", "hicache.transfer")
+CACHE_MODULES = (
+    "hicache.radix",
+    "hicache.hiradix",
+    "hicache.pending_writes",
+    "hicache.prefetches",
+    "hicache.rank_sync",
+    "hicache.cache_parts",
+    "hicache.pools",
+    "hicache.transfer",
+)
+#: Modules that may import an adapter: the adapters, and the benchmark that measures one.
+INTEGRATION_USERS = ("hicache.integrations", "hicache.tools.sglang_bench")
 SERVING_PATH = (
     "hicache.storage",
     "hicache.tiering",
     "hicache.hiradix",
+    "hicache.pending_writes",
+    "hicache.prefetches",
+    "hicache.rank_sync",
+    "hicache.cache_parts",
+    "hicache.metrics",
+    "hicache.integrations",
     "hicache.radix",
     "hicache.packed_tokens",
     "hicache.pools",
@@ -38,6 +59,14 @@ SERVING_PATH = (
     "hicache.errors",
 )
 BACKEND_ALLOWED = ("hicache.storage", "hicache.errors")
+STORAGE_FORBIDDEN = (
+    "hicache.tiering",
+    "hicache.metrics",
+    "hicache.tools",
+    "hicache.replay",
+    "hicache.integrations",
+    *CACHE_MODULES,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,10 +141,12 @@ def check_file(path: Path, root: Path) -> list[Violation]:
         if in_core:
             if top.startswith("hicache_"):
                 bad(line, name, "the core never imports a backend")
-            if _within(module, ("hicache.storage",)) and _within(
-                name, ("hicache.tiering", "hicache.tools", *CACHE_MODULES)
+            if _within_exact(name, ("hicache.integrations",)) and not _within_exact(
+                module, INTEGRATION_USERS
             ):
-                bad(line, name, "the storage contract imports no runtime, cache or tools")
+                bad(line, name, "the core never imports an adapter")
+            if _within(module, ("hicache.storage",)) and _within(name, STORAGE_FORBIDDEN):
+                bad(line, name, "the storage contract imports no runtime, cache, metrics or tools")
             if _within(module, SERVING_PATH) and _within(name, ("hicache.tools", "hicache.replay")):
                 bad(line, name, "the serving path imports no tools or replay")
         elif (in_backend or backend_test) and top == "hicache":
@@ -179,6 +210,26 @@ def test_each_rule_catches_a_planted_violation(tmp_path: Path) -> None:
     _plant(tmp_path, "hicache/config.py", "def f():\n    import hicache.replay.app\n")
     _plant(tmp_path, "hicache/cli.py", "import hicache_s3\n")
     _plant(tmp_path, "hicache/tools/bench.py", "from hicache import hiradix\n")  # allowed
+    # the cache's tables, the metrics layer, the tiering runtime and the adapters serve too
+    _plant(tmp_path, "hicache/pending_writes.py", "import hicache.tools.ops\n")
+    _plant(tmp_path, "hicache/prefetches.py", "from hicache.replay import plan\n")
+    _plant(tmp_path, "hicache/rank_sync.py", "def f():\n    from hicache.tools import ops\n")
+    _plant(tmp_path, "hicache/cache_parts.py", "import hicache.replay\n")
+    _plant(tmp_path, "hicache/metrics.py", "from hicache.replay.app import main\n")
+    _plant(
+        tmp_path,
+        "hicache/tiering/opening.py",
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import hicache.tools.bench\n",
+    )
+    _plant(tmp_path, "hicache/tiering/clear.py", "from hicache import metrics\n")  # allowed
+    _plant(tmp_path, "hicache/integrations/sglang.py", "import hicache.tools.ops\n")
+    # the core never imports an adapter, except the benchmark that measures it
+    _plant(tmp_path, "hicache/replay/app.py", "from hicache.integrations import sglang\n")
+    _plant(tmp_path, "hicache/tools/sglang_bench.py", "import hicache.integrations.sglang\n")
+    # the storage contract imports no metrics, cache table, replay or adapter
+    _plant(tmp_path, "hicache/storage/redact.py", "def f():\n    import hicache.metrics\n")
+    _plant(tmp_path, "hicache/storage/localfiles.py", "from hicache.pending_writes import P\n")
+    _plant(tmp_path, "hicache/storage/sizes.py", "import hicache.integrations.sglang\n")
     _plant(tmp_path, "backends/x/hicache_x/__init__.py", "from hicache.storage import Backend\n")
     _plant(tmp_path, "backends/x/hicache_x/raw.py", "from hicache.storage.pageformat import f\n")
     _plant(tmp_path, "backends/x/hicache_x/perf.py", "from hicache.tools import benchmark\n")
@@ -194,6 +245,22 @@ def test_each_rule_catches_a_planted_violation(tmp_path: Path) -> None:
         ("hicache/storage/backend.py", "hicache.tiering.tiers"),
         ("hicache/config.py", "hicache.replay.app"),
         ("hicache/cli.py", "hicache_s3"),
+        ("hicache/pending_writes.py", "hicache.tools.ops"),
+        ("hicache/prefetches.py", "hicache.replay"),
+        ("hicache/prefetches.py", "hicache.replay.plan"),
+        ("hicache/rank_sync.py", "hicache.tools"),
+        ("hicache/rank_sync.py", "hicache.tools.ops"),
+        ("hicache/cache_parts.py", "hicache.replay"),
+        ("hicache/metrics.py", "hicache.replay.app"),
+        ("hicache/metrics.py", "hicache.replay.app.main"),
+        ("hicache/tiering/opening.py", "hicache.tools.bench"),
+        ("hicache/integrations/sglang.py", "hicache.tools.ops"),
+        ("hicache/replay/app.py", "hicache.integrations"),
+        ("hicache/replay/app.py", "hicache.integrations.sglang"),
+        ("hicache/storage/redact.py", "hicache.metrics"),
+        ("hicache/storage/localfiles.py", "hicache.pending_writes"),
+        ("hicache/storage/localfiles.py", "hicache.pending_writes.P"),
+        ("hicache/storage/sizes.py", "hicache.integrations.sglang"),
         ("backends/x/hicache_x/raw.py", "hicache.storage.pageformat"),
         ("backends/x/hicache_x/raw.py", "hicache.storage.pageformat.f"),
         ("backends/x/hicache_x/perf.py", "hicache.tools"),
