@@ -15,7 +15,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-# The concurrency-sensitive files: background threads, worker pools, sockets, subprocesses.
+# The concurrency-sensitive files: background threads, worker pools, sockets, subprocesses,
+# bounded waits.
 STRESS_FILES=(
     tests/test_event_publisher.py
     tests/test_event_overflow.py
@@ -35,6 +36,16 @@ STRESS_FILES=(
     backends/localdisk/tests/test_localdisk_shared.py
     backends/localdisk/tests/test_localdisk_crash.py
     plugins/fsspec/tests/test_fsspec_crash.py
+    tests/test_hiradix_event_order.py
+    tests/test_events_router.py
+    tests/test_tier_clear.py
+    tests/test_metrics.py
+    tests/test_sglang_adapter.py
+    backends/mmap/tests/test_mmap_close.py
+    backends/s3/tests/test_s3_startup.py
+    backends/valkey/tests/test_valkey_faults.py
+    backends/valkey/tests/test_valkey_shared.py
+    backends/localdisk/tests/test_localdisk_not_regular.py
 )
 
 COUNT=${STRESS_COUNT:-200}

@@ -6,8 +6,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import uuid
 from typing import Any
 
+import pytest
 from hicache_valkey.testing import PAGE_BYTES, make_backend
 
 from hicache.storage import PageStatus
@@ -43,9 +45,16 @@ def _peer(port: int, salt: str, count: int, action: str) -> None:
     assert done.returncode == 0 and "peer done" in done.stdout, done.stderr[-3000:]
 
 
-def test_two_instances_find_each_others_pages(options: dict[str, Any]) -> None:
-    mine = [kit_key(i, "mine") for i in range(10)]
-    theirs = [kit_key(i, "theirs") for i in range(10)]
+@pytest.fixture
+def salt() -> str:
+    """Fresh per test run: the session server keeps earlier runs' pages (``pytest --count``),
+    and a put of a key already there answers ALREADY_EXISTS, not the OK these tests expect."""
+    return uuid.uuid4().hex
+
+
+def test_two_instances_find_each_others_pages(options: dict[str, Any], salt: str) -> None:
+    mine = [kit_key(i, f"mine-{salt}") for i in range(10)]
+    theirs = [kit_key(i, f"theirs-{salt}") for i in range(10)]
     with make_backend(options, namespace="two") as a, make_backend(options, namespace="two") as b:
         assert (
             a.put(mine, [memoryview(page_pattern(k, PAGE_BYTES)) for k in mine])
@@ -67,10 +76,10 @@ def test_two_instances_find_each_others_pages(options: dict[str, Any]) -> None:
         ]
 
 
-def test_racing_instances_keep_one_writer(options: dict[str, Any]) -> None:
+def test_racing_instances_keep_one_writer(options: dict[str, Any], salt: str) -> None:
     """Two instances put different bytes under the same keys at once: every key ends up with
     exactly one writer's whole page, and both instances read that same page."""
-    keys = [kit_key(i, "race") for i in range(64)]
+    keys = [kit_key(i, f"race-{salt}") for i in range(64)]
     with make_backend(options, namespace="race") as a, make_backend(options, namespace="race") as b:
         barrier = threading.Barrier(2)
         results: dict[int, list[PageStatus]] = {}
@@ -98,17 +107,17 @@ def test_racing_instances_keep_one_writer(options: dict[str, Any]) -> None:
             assert seen[0][i] == page_pattern(key, PAGE_BYTES, winner)
 
 
-def test_peer_processes_share_pages(options: dict[str, Any]) -> None:
+def test_peer_processes_share_pages(options: dict[str, Any], salt: str) -> None:
     port = options["port"]
-    _peer(port, "from-peer", 8, "put")
-    keys = [kit_key(i, "from-peer") for i in range(8)]
+    _peer(port, f"from-peer-{salt}", 8, "put")
+    keys = [kit_key(i, f"from-peer-{salt}") for i in range(8)]
     with make_backend(options, namespace="shared") as backend:
         bufs = [bytearray(PAGE_BYTES) for _ in keys]
         assert backend.get_into(keys, [memoryview(x) for x in bufs]) == [PageStatus.OK] * 8
         assert all(buf == page_pattern(k, PAGE_BYTES) for k, buf in zip(keys, bufs, strict=True))
-        mine = [kit_key(i, "to-peer") for i in range(8)]
+        mine = [kit_key(i, f"to-peer-{salt}") for i in range(8)]
         assert (
             backend.put(mine, [memoryview(page_pattern(k, PAGE_BYTES)) for k in mine])
             == [PageStatus.OK] * 8
         )
-    _peer(port, "to-peer", 8, "get")
+    _peer(port, f"to-peer-{salt}", 8, "get")
