@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from collections.abc import Callable
+from typing import Any
 
 from hicache.config import TierSettings
 from hicache.errors import BackendUnavailableError
 from hicache.storage.backend import BackendContext
 from hicache.storage.memory import MemoryBackend, MemoryConfig
 from hicache.testing.clock import ManualClock
-from hicache.testing.wait import wait_for
+from hicache.testing.wait import run_bounded, wait_for
 from hicache.tiering.tiers import Tier, Tiers
 
 PAGE = 4096
@@ -119,27 +119,11 @@ class HangsAtStart(MemoryBackend):
 JOIN_S = 60.0
 
 
-def _bounded(fn: Callable[[], object]) -> object:
-    box: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(JOIN_S)
-    assert not thread.is_alive(), "waited past the deadline"
-    return box.get("error", box.get("result"))
-
-
-def _wait_for(predicate: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + JOIN_S
-    while not predicate():
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.01)
+def _bounded(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on a thread, joined with a generous timeout; its result or its exception."""
+    finished, outcome = run_bounded(fn, JOIN_S)
+    assert finished, "waited past the deadline"
+    return outcome
 
 
 def _ctx() -> BackendContext:
@@ -158,7 +142,7 @@ def test_open_stops_waiting_at_the_deadline_and_a_late_open_joins_the_cascade() 
     assert tiers.stats()["slow"]["errors_by_kind"] == {"open_timeout": 1}
     # the open that outlived the deadline finishes: the tier joins without waiting a cool-down
     hung.release.set()
-    _wait_for(lambda: slow.available)
+    wait_for(lambda: slow.available, JOIN_S, what="the late open joining the cascade")
     assert hung.is_open and [t.name for t in tiers.publishing] == ["slow", "fine"]
     tiers.close()
     assert not hung.is_open and not fine.is_open

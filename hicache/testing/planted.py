@@ -16,9 +16,10 @@ import os
 import socket
 import stat
 import tempfile
-import threading
 from collections.abc import Callable
 from typing import Any
+
+from hicache.testing import wait
 
 __all__ = ["NOT_REGULAR_KINDS", "PlantRefused", "plant", "release", "run_bounded"]
 
@@ -76,22 +77,9 @@ def release(path: str) -> None:
 def run_bounded(fn: Callable[[], Any], timeout: float = 30.0) -> tuple[bool, Any]:
     """Run ``fn()`` on a daemon thread and wait up to ``timeout`` seconds for it.
 
-    Returns ``(finished, result)``; an exception raised by ``fn`` is re-raised here. A thread
-    that never finishes is left behind (daemon: it cannot keep the interpreter alive).
+    Returns ``(finished, result)``; an exception raised by ``fn`` is re-raised here.
     """
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True, name="hicache-bounded")
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        return False, None
-    if "error" in box:
-        raise box["error"]
-    return True, box.get("result")
+    finished, outcome = wait.run_bounded(fn, timeout)
+    if finished and isinstance(outcome, BaseException):
+        raise outcome
+    return finished, outcome

@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from hicache_s3.testing import (
 
 from hicache.errors import BackendError, BackendUnavailableError
 from hicache.storage import PageStatus
+from hicache.testing.wait import run_bounded
 
 # Hang detection only (never a speed assertion): every faulty call must come back well within
 # this, given the 1 s connect / 2 s read timeouts and 2 attempts of `fast_options`.
@@ -53,21 +54,11 @@ def _get(backend: Any, keys: list[str]) -> tuple[list[PageStatus], list[bytearra
     return backend.get_into(keys, [memoryview(b) for b in bufs]), bufs
 
 
-def _run_bounded(fn: Any) -> Any:
-    """Run ``fn`` in a thread; fail the test if it hangs. Returns its result or exception."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(HANG_LIMIT_S)
-    assert not thread.is_alive(), "backend call hung past every deadline"
-    return box.get("error", box.get("result"))
+def _run_bounded(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on a thread, joined with a generous timeout; its result or its exception."""
+    finished, outcome = run_bounded(fn, HANG_LIMIT_S)
+    assert finished, "backend call hung past every deadline"
+    return outcome
 
 
 def test_server_killed_mid_batch_then_back(private_server: DevServer) -> None:

@@ -17,6 +17,7 @@ import torch
 from hicache.config import HicacheConfig
 from hicache.errors import BackendUnavailableError
 from hicache.hiradix import HiRadixCache
+from hicache.testing.wait import run_bounded
 from hicache.tiering.tiers import Tiers
 
 # Hang detection only, never a speed assertion: without the deadline, opening would wait for
@@ -93,19 +94,9 @@ def _config(endpoint: FrozenEndpoint, **tier: Any) -> HicacheConfig:
 
 def _bounded(fn: Callable[[], Any]) -> Any:
     """``fn()`` on a thread, joined with a generous timeout; its result or its exception."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(JOIN_S)
-    assert not thread.is_alive(), "open waited for the frozen endpoint past its deadline"
-    return box.get("error", box.get("result"))
+    finished, outcome = run_bounded(fn, JOIN_S)
+    assert finished, "open waited for the frozen endpoint past its deadline"
+    return outcome
 
 
 def test_frozen_endpoint_starts_the_tier_degraded(frozen: FrozenEndpoint) -> None:
