@@ -59,7 +59,8 @@ pytest: venv
 	$(VENV)/bin/pytest -q
 
 # Not part of `test`: every concurrency-sensitive test file (listed in the script) STRESS_COUNT
-# times over while two busy processes load the cores. STRESS_FILES picks files or test ids.
+# times over while two busy processes load the cores. STRESS_FILES picks files or test ids; a
+# 'file::-k EXPR' target (a space inside) goes to scripts/stress_test.sh directly.
 STRESS_COUNT ?= 200
 stress-test: venv
 	STRESS_COUNT=$(STRESS_COUNT) PYTHON=$(PY) bash scripts/stress_test.sh $(STRESS_FILES)

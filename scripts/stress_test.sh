@@ -3,32 +3,55 @@
 # the cores, so a test that only passes when a thread runs "soon enough" shows up. Not part of
 # `make test` (it takes long); `make stress-test` runs it.
 #
-#   bash scripts/stress_test.sh                      # every file of STRESS_FILES below
-#   bash scripts/stress_test.sh tests/test_calls.py  # chosen files or test ids
+#   bash scripts/stress_test.sh                      # every target of STRESS_FILES below
+#   bash scripts/stress_test.sh tests/test_calls.py  # chosen targets
+#
+# A target is one of
+#   path/test_x.py                  the whole file
+#   path/test_x.py::test_name       one test (a pytest node id; parametrised ids work too)
+#   'path/test_x.py::-k EXPR'       the tests of the file that `pytest -k EXPR` selects
+# What a target names is exactly what runs: a target that selects nothing, or whose tests skip,
+# fails (a skipped test was not stressed).
 #
 # Environment:
 #   STRESS_COUNT   runs of each test (pytest-repeat --count; default 200)
 #   STRESS_BUSY    busy-looping processes started for the run and killed after (default 2)
 #   PYTHON         interpreter of the venv (default .venv/bin/python)
-#   STRESS_LOG     folder for one pytest log per file (default /tmp/hicache-stress)
-# Prints one line per file (runs passed/failed) and exits non-zero if any run failed.
+#   STRESS_LOG     folder for one pytest log per target (default /tmp/hicache-stress); each
+#                  pytest gets its own --basetemp under STRESS_LOG/tmp, removed after the target
+#                  (passed tests' tmp_path folders are removed as they finish, failed ones kept
+#                  until then), so the run never sweeps a /tmp/pytest-of-* folder shared with
+#                  other pytest runs
+# Prints one line per target (runs passed/failed, seconds, 1-minute load average at start and
+# end) and exits non-zero if any run failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # The concurrency-sensitive files: background threads, worker pools, sockets, subprocesses,
-# bounded waits.
+# bounded waits. A slow file is narrowed to its concurrency-sensitive tests; what the rest of it
+# checks (codecs, config, arithmetic, single-threaded logic) cannot depend on timing.
 STRESS_FILES=(
-    tests/test_event_publisher.py
-    tests/test_event_overflow.py
-    tests/test_calls.py
+    # the PUB socket, the replay server and subscriber threads, an overflow under a gated
+    # publisher, a cache publishing its own events; left out: codec and config checks, the
+    # bind error, the torch-free import in a subprocess
+    'tests/test_event_publisher.py::-k subscriber or overflow or publishes'
+    # left out: the 20-seed property test of the queue (single-threaded, no timing)
+    'tests/test_event_overflow.py::-k not consumer_view'
+    # worker threads against deadlines, a hung call with one queued behind it, the breaker fed
+    # by deadline misses, close, threads started on demand; left out: retry/classify logic run
+    # on the caller's thread and the subprocess exit test
+    'tests/test_calls.py::-k deadline or hung_one or breaker or on_demand or closed_caller'
     tests/test_breaker.py
     tests/test_tier_reopen.py
     tests/test_storage_engine.py
-    tests/test_storage_tiers_engine.py
+    # left out: the settings read from a config (no tier runs)
+    'tests/test_storage_tiers_engine.py::-k not from_config_settings'
     tests/test_hiradix_faults.py
     tests/test_hiradix_storage.py
     tests/test_faults.py
-    backends/s3/tests/test_s3_backend.py
+    # the refresh race of issue 15, the shared worker pool, racing conditional puts, close
+    # during calls; left out: object layout, listing and option checks against the server
+    'backends/s3/tests/test_s3_backend.py::-k refresh or concurrent or racing or close_during'
     backends/s3/tests/test_s3_faults.py
     backends/s3/tests/test_s3_shared.py
     backends/mmap/tests/test_mmap_shared.py
@@ -39,8 +62,11 @@ STRESS_FILES=(
     tests/test_hiradix_event_order.py
     tests/test_events_router.py
     tests/test_tier_clear.py
-    tests/test_metrics.py
-    tests/test_sglang_adapter.py
+    # the scrape of a live replay's metrics server; the rest parses and formats offline
+    tests/test_metrics.py::test_replay_serves_metrics_while_it_runs
+    # every backend's worker pool under SGLang's call sequence, two TP ranks on one tier, a
+    # tier that is down; left out: pool arithmetic, config and stats shape
+    'tests/test_sglang_adapter.py::-k round_trips or tp_ranks or tier_down'
     backends/mmap/tests/test_mmap_close.py
     backends/s3/tests/test_s3_startup.py
     backends/valkey/tests/test_valkey_faults.py
@@ -69,14 +95,35 @@ for _ in $(seq "$BUSY"); do
 done
 echo "stress: ${#targets[@]} target(s), --count $COUNT, $BUSY busy process(es), logs in $LOG"
 
+# "N passed, M failed, ..." of a pytest summary line -> the count of one outcome (0 if absent)
+outcome() { grep -oE "[0-9]+ $1" <<<"$2" | grep -oE '^[0-9]+' || echo 0; }
+load1() { cut -d' ' -f1 /proc/loadavg; }
+
 failed=0
 for target in "${targets[@]}"; do
-    name=$(echo "$target" | tr '/:' '__')
-    start=$SECONDS
-    "$PY" -m pytest -q -p no:cacheprovider --count "$COUNT" "$target" >"$LOG/$name.log" 2>&1
+    if [[ "$target" == *"::-k "* ]]; then
+        args=("${target%%::-k *}" -k "${target#*::-k }")
+    else
+        args=("$target")
+    fi
+    name=$(printf '%s' "$target" | tr -c 'A-Za-z0-9_.=-' '_' | cut -c1-150)
+    tmp="$LOG/tmp/$name"
+    start=$SECONDS load_start=$(load1)
+    "$PY" -m pytest -q -p no:cacheprovider --count "$COUNT" --basetemp "$tmp" \
+        -o tmp_path_retention_policy=failed "${args[@]}" >"$LOG/$name.log" 2>&1
     rc=$?
-    summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed)|no tests ran|error' "$LOG/$name.log" | tail -1)
-    printf '%-70s rc=%d %4ds  %s\n' "$target" "$rc" $((SECONDS - start)) "$summary"
+    rm -rf "$tmp"
+    summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed|skipped|deselected)|no tests ran|error' \
+        "$LOG/$name.log" | tail -1)
+    passed=$(outcome passed "$summary")
+    # every selected test ran COUNT times and passed: nothing failed, skipped or errored
+    if [ "$rc" -eq 0 ] && { [ "$passed" -eq 0 ] || [ $((passed % COUNT)) -ne 0 ] ||
+        [ "$(outcome skipped "$summary")" -ne 0 ] || [ "$(outcome xfailed "$summary")" -ne 0 ]; }; then
+        rc=1
+        summary="$summary (NOT every selected test ran $COUNT times)"
+    fi
+    printf '%-70s rc=%d %4ds load %s-%s  %s\n' "$target" "$rc" $((SECONDS - start)) \
+        "$load_start" "$(load1)" "$summary"
     [ "$rc" -eq 0 ] || failed=1
 done
 exit "$failed"
