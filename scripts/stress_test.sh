@@ -78,7 +78,7 @@ COUNT=${STRESS_COUNT:-200}
 BUSY=${STRESS_BUSY:-2}
 PY=${PYTHON:-.venv/bin/python}
 LOG=${STRESS_LOG:-/tmp/hicache-stress}
-mkdir -p "$LOG"
+mkdir -p "$LOG/tmp"  # pytest makes --basetemp itself but not its parent
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=("${STRESS_FILES[@]}")
 
