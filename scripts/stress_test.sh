@@ -18,10 +18,10 @@
 #   STRESS_BUSY    busy-looping processes started for the run and killed after (default 2)
 #   PYTHON         interpreter of the venv (default .venv/bin/python)
 #   STRESS_LOG     folder for one pytest log per target (default /tmp/hicache-stress); each
-#                  pytest gets its own --basetemp under STRESS_LOG/tmp, removed after the target
-#                  (passed tests' tmp_path folders are removed as they finish, failed ones kept
-#                  until then), so the run never sweeps a /tmp/pytest-of-* folder shared with
-#                  other pytest runs
+#                  pytest gets its own --basetemp under STRESS_LOG/tmp, so the run never sweeps a
+#                  /tmp/pytest-of-* folder shared with other pytest runs. Passed tests' tmp_path
+#                  folders are removed as they finish, the target's folder once it passed; a
+#                  failed target keeps its failed tests' folders for a look (until it runs again)
 # Prints one line per target (runs passed/failed, seconds, 1-minute load average at start and
 # end) and exits non-zero if any run failed.
 set -uo pipefail
@@ -120,7 +120,7 @@ for target in "${targets[@]}"; do
     "$PY" -m pytest -q -p no:cacheprovider --count "$COUNT" --basetemp "$tmp" \
         -o tmp_path_retention_policy=failed "${args[@]}" >"$LOG/$name.log" 2>&1
     rc=$?
-    rm -rf "$tmp"
+    [ "$rc" -ne 0 ] || rm -rf "$tmp"
     summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed|skipped|deselected)|no tests ran|error' \
         "$LOG/$name.log" | tail -1)
     passed=$(outcome passed "$summary")
