@@ -21,7 +21,8 @@
 #                  pytest gets its own --basetemp under STRESS_LOG/tmp, so the run never sweeps a
 #                  /tmp/pytest-of-* folder shared with other pytest runs. Passed tests' tmp_path
 #                  folders are removed as they finish, the target's folder once it passed; a
-#                  failed target keeps its failed tests' folders for a look (until it runs again)
+#                  failed target's log and failed tests' folders are kept under STRESS_LOG/failed
+#                  (a later run of the target does not overwrite them)
 # Prints one line per target (runs passed/failed, seconds, 1-minute load average at start and
 # end) and exits non-zero if any run failed.
 set -uo pipefail
@@ -120,7 +121,13 @@ for target in "${targets[@]}"; do
     "$PY" -m pytest -q -p no:cacheprovider --count "$COUNT" --basetemp "$tmp" \
         -o tmp_path_retention_policy=failed "${args[@]}" >"$LOG/$name.log" 2>&1
     rc=$?
-    [ "$rc" -ne 0 ] || rm -rf "$tmp"
+    if [ "$rc" -eq 0 ]; then
+        rm -rf "$tmp"
+    else
+        kept="$LOG/failed/$name.$(date +%Y%m%dT%H%M%S)"
+        mkdir -p "$kept" && cp "$LOG/$name.log" "$kept/pytest.log"
+        [ ! -d "$tmp" ] || mv "$tmp" "$kept/tmp"
+    fi
     summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed|skipped|deselected)|no tests ran|error' \
         "$LOG/$name.log" | tail -1)
     passed=$(outcome passed "$summary")
