@@ -42,8 +42,9 @@ def _variant_of(key: str, buf: bytes | bytearray, variants: range) -> int | None
     return None
 
 
-def _peer(path: Path, me: int, seconds: float, out: Path, start: Any) -> None:
-    """One of two processes: put own keys and shared keys, read the other's (forked child)."""
+def _peer(path: Path, me: int, seconds: float, out: Path, start: Any, seen: list[Any]) -> None:
+    """One of two processes: put own keys and shared keys, read the other's (forked child).
+    ``seen[p]`` is set once peer ``p`` has read a page the other wrote."""
     report: dict[str, Any] = {"errors": [], "seen_other": 0, "puts": 0, "reads": 0}
     try:
         backend = _backend(path, 96)
@@ -52,13 +53,15 @@ def _peer(path: Path, me: int, seconds: float, out: Path, start: Any) -> None:
         start.wait(30)
         began = time.monotonic()
         deadline = began + seconds
-        # On a loaded machine one peer may get the CPU late: go on (bounded) until this one
-        # has read at least one page the other wrote, which is what the test is about.
+        # On a loaded machine one peer may get the CPU late: go on (bounded) until both have
+        # read at least one page the other wrote, which is what the test is about. A peer that
+        # stopped at its own deadline would leave the other nothing to read: the other's own
+        # puts soon evict the stopped peer's pages from the small file.
         hard_deadline = began + max(10 * seconds, 60.0)
         i = 0
         dst = memoryview(bytearray(PAGE))
         while time.monotonic() < deadline or (
-            report["seen_other"] == 0 and time.monotonic() < hard_deadline
+            not all(s.is_set() for s in seen) and time.monotonic() < hard_deadline
         ):
             # Own key, and a key both processes race to create (each with its own variant).
             own = kit_key(i, f"peer-{me}")
@@ -78,6 +81,7 @@ def _peer(path: Path, me: int, seconds: float, out: Path, start: Any) -> None:
                     report["errors"].append(f"{key}: {status}, variant {variant}")
                 elif key == kit_key(j, f"peer-{other}"):
                     report["seen_other"] += 1
+                    seen[me].set()
                     if variant != other:
                         report["errors"].append(f"{key}: written by {other}, read variant {me}")
             i += 1
@@ -91,8 +95,11 @@ def test_two_processes_write_and_read_one_file(tmp_path: Path) -> None:
     path = tmp_path / "shared.slots"
     _backend(path, 96).close()  # create it once so both peers map the same geometry
     start = _FORK.Event()
+    seen = [_FORK.Event(), _FORK.Event()]
     outs = [tmp_path / f"peer{me}.json" for me in (0, 1)]
-    peers = [_FORK.Process(target=_peer, args=(path, me, 2.0, outs[me], start)) for me in (0, 1)]
+    peers = [
+        _FORK.Process(target=_peer, args=(path, me, 2.0, outs[me], start, seen)) for me in (0, 1)
+    ]
     for peer in peers:
         peer.start()
     start.set()
