@@ -392,7 +392,8 @@ class HiRadixCache(RadixCache):
         )
 
     def evict_host(self, num_pages: int) -> int:
-        """Drop at least ``num_pages`` host pages of L2-only leaves, least recently used first.
+        """Drop ``num_pages`` host pages of L2-only leaves, least recently used first (a longer
+        leaf gives up only its tail pages, as in :meth:`evict`).
 
         Pages a storage worker still uses are freed when it lets go of them. Returns the number
         of host pages given up.
@@ -407,6 +408,7 @@ class HiRadixCache(RadixCache):
             if not self._host_evictable(node):
                 continue
             assert node.host_value is not None
+            self._trim_to_tail(node, len(node.host_value), num_pages - freed)
             parent = node.parent
             self._emit_removed(node, Medium.CPU_PINNED)
             self.host_pool.free_when_released(node.host_value)

@@ -6,7 +6,8 @@ A :class:`RadixCache` maps page-aligned token sequences to KV pages in the devic
                              a match that ends inside a node splits it at the page boundary
 - ``insert(tokens, pages)``  add a sequence whose KV sits in ``pages`` (one index per page);
                              returns how many leading tokens were already cached on the device
-- ``evict(num_pages)``       free least recently used unlocked device leaves first
+- ``evict(num_pages)``       free least recently used unlocked device leaves first (only the
+                             tail pages of a leaf longer than needed)
 - ``inc_lock_ref(node)`` / ``dec_lock_ref(node)``   protect a node and its ancestors
 
 Keys are whole pages: a node holds ``len(value) * page_size`` tokens and its children are keyed
@@ -383,9 +384,10 @@ class RadixCache:
         return heap
 
     def evict(self, num_pages: int) -> int:
-        """Free at least ``num_pages`` device pages if possible, least recently used leaves first.
+        """Free ``num_pages`` device pages if possible, least recently used leaves first.
 
-        Returns the number of device pages freed.
+        A leaf longer than what is still needed gives up only its tail pages (it is split): no
+        more is evicted than asked for. Returns the number of device pages freed.
         """
         if num_pages <= 0:
             return 0
@@ -395,11 +397,21 @@ class RadixCache:
             _, _, node = heapq.heappop(heap)
             if not self._evictable(node):
                 continue
+            assert node.value is not None
+            self._trim_to_tail(node, len(node.value), num_pages - freed)
             parent = node.parent
             freed += self._evict_node(node)
             if parent is not None and self._evictable(parent):
                 heapq.heappush(heap, (parent.last_access, parent.id, parent))
         return freed
+
+    def _trim_to_tail(self, node: TreeNode, pages: int, need: int) -> None:
+        """Split the head off ``node`` (of ``pages`` pages) when it has more than ``need``, so
+        that ``node`` holds only its last ``need`` pages: eviction then drops exactly what is
+        needed, tail first (a chain's tail is its least recently used part), and the head
+        stays cached as a new parent node."""
+        if pages > need > 0:
+            self._split_node(node, pages - need)
 
     def _evict_node(self, node: TreeNode) -> int:
         """Drop ``node``'s device pages; return how many. The base tree deletes the leaf."""

@@ -495,3 +495,31 @@ def test_cuda_write_through_split_evict_and_load_back() -> None:
     for p, want in zip(pages, before, strict=True):
         assert torch.equal(dev.read_page(p).cpu(), want)
     cache.close()
+
+
+def test_eviction_gives_up_only_the_tail_pages_it_needs() -> None:
+    """L1 and L2 evict page by page, tail first: a longer leaf is split, its head stays cached
+    (the policy the replay's block simulation models, so the two agree request by request)."""
+    cache, engine = make_cache(device_pages=8, host_pages=8)
+    tokens = [1, 2, 3, 4, 5, 6]
+    insert(cache, tokens)
+    node = node_at(cache, tokens)
+    assert node.value is not None
+    before = [cache.device_pool.read_page(p) for p in node.value]
+    assert cache.write_backup(node) is not None
+    engine.complete_all()
+    cache.writing_check()
+    assert cache.evict(1) == 1
+    r = cache.match_prefix(tokens)
+    assert len(r.device_pages) == 2 and r.host_hit_pages == 1
+    assert cache.device_pool.available == 8 - 2
+    assert cache.evict(100) == 2
+    assert cache.evict_host(1) == 1
+    r = cache.match_prefix(tokens)
+    assert r.device_pages == [] and r.host_hit_pages == 2
+    assert cache.host_pool.available == 8 - 2
+    # the head that stayed in L2 comes back with its own bytes
+    dev = cache.load_back(r.last_host_node)
+    assert dev is not None and len(dev) == 2
+    for p, want in zip(dev, before[:2], strict=True):
+        assert torch.equal(cache.device_pool.read_page(p), want)

@@ -152,8 +152,12 @@ def test_evict_is_leaf_first_lru() -> None:
     assert freed == [13]
     assert cache.evict(1) == 1
     assert freed == [13, 12]
-    # the shared prefix went last, as one node
-    assert cache.evict(1) == 2
+    # the shared prefix went last, and only as much of it as asked for: its tail page first
+    assert cache.evict(1) == 1
+    assert freed == [13, 12, 11]
+    check_tree(cache)
+    assert cache.match_prefix(seq(1, 2)).device_pages == [10]
+    assert cache.evict(5) == 1
     assert sorted(freed) == [10, 11, 12, 13]
     assert cache.root.children == {}
     assert cache.total_device_pages() == 0
