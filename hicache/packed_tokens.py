@@ -4,7 +4,7 @@ The radix tree (``hicache.radix``) stores node tokens this way: a ``bytes`` obje
 Python objects, so the garbage collector never walks it, and two runs compare with one
 ``memcmp``. Only token ids in the uint32 range can be packed, as content hashes already require.
 
-- ``pack(tokens)``               a list packed, or None when an id is not a uint32
+- ``pack(tokens)``               a list or ``array`` packed, or None when an id is not a uint32
 - ``unpack(packed)``             back to a new list
 - ``pack_matchable(tokens, ps)`` packed up to the first page holding an id that is not a uint32
 - ``common_pages(a, b, ...)``    whole pages two packed runs share
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from array import array
+from collections.abc import Sequence
 
 __all__ = [
     "TOKEN_BYTES",
@@ -32,8 +33,13 @@ _ARRAY_CODE = "I" if array("I").itemsize == TOKEN_BYTES else "L"
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
-def pack(tokens: list[int]) -> bytes | None:
-    """``keys.tokens_to_bytes(tokens)`` for a list, or None when an id is not a uint32."""
+def pack(tokens: Sequence[int]) -> bytes | None:
+    """``keys.tokens_to_bytes(tokens)`` for a list or an ``array``, or None when an id is not a
+    uint32."""
+    if type(tokens) is array:
+        return _pack_array(tokens)
+    if type(tokens) is not list:
+        tokens = list(tokens)
     arr = array(_ARRAY_CODE)
     try:
         arr.fromlist(tokens)  # measurably faster than array(code, tokens)
@@ -44,6 +50,24 @@ def pack(tokens: list[int]) -> bytes | None:
     return arr.tobytes()
 
 
+def _pack_array(tokens: array[int]) -> bytes | None:
+    """``pack`` of an array, without a Python int per token where the layout allows."""
+    if _BIG_ENDIAN or not tokens:
+        return pack(tokens.tolist())
+    if tokens.itemsize == 8 and tokens.typecode in "qQlL":
+        import numpy as np  # the cache side has it; only array inputs need it
+
+        # little-endian 64-bit ids as 32-bit words: low, high, low, high, ... An id is a uint32
+        # exactly when its high word is 0 (a negative one has all its high bits set).
+        words = np.frombuffer(tokens, dtype="<u4")
+        if words[1::2].any():
+            return None
+        return words[0::2].tobytes()
+    if tokens.itemsize == TOKEN_BYTES and tokens.typecode in "IL":
+        return tokens.tobytes()
+    return pack(tokens.tolist())
+
+
 def unpack(packed: bytes) -> list[int]:
     """The tokens of a packed run, as a new list."""
     arr = array(_ARRAY_CODE, packed)
@@ -52,7 +76,7 @@ def unpack(packed: bytes) -> list[int]:
     return arr.tolist()
 
 
-def pack_matchable(tokens: list[int], page_size: int) -> bytes:
+def pack_matchable(tokens: Sequence[int], page_size: int) -> bytes:
     """``tokens`` packed, cut before the first page holding an id that is not a uint32 (a
     packed run never holds one, so nothing from that page on can equal one)."""
     packed = pack(tokens)

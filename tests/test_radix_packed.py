@@ -82,23 +82,16 @@ def test_nodes_hold_packed_tokens_untracked_by_gc() -> None:
         assert node.num_tokens == len(node.key) == len(node.value or []) * PS
         assert cache.first_page(node) == tuple(node.key[:PS])
         assert node.parent is not None and node.parent.children[cache.first_page(node)] is node
-    # only the shared prefix, which the second insert walked through, keeps a list as well
-    shared = cache.match_prefix(tokens([0, 1])).last_node
-    assert shared.key_list == tokens([0, 1]) and shared.children
-    assert [n.key_list for n in nodes if n is not shared] == [None, None]
 
 
-def test_matches_ending_at_a_shared_prefix_compare_its_list() -> None:
+def test_matches_ending_at_a_shared_prefix_compare_packed_tokens() -> None:
     cache = RadixCache(PS)
     cache.insert(tokens([0, 1, 2]), [10, 11, 12])
     cache.insert(tokens([0, 1, 3]), [10, 11, 13])
-    shared = cache.match_prefix(tokens([0, 1])).last_node
-    assert shared.key_list == tokens([0, 1])
     assert cache.match_prefix(tokens([0, 1, 4])).device_pages == [10, 11]
-    # same first page, another second one: the list compare fails and the node is split
+    # same first page, another second one: the packed compare fails and the node is split
     r = cache.match_prefix(tokens([0, 4]))
     assert r.device_pages == [10] and r.last_node.key == tokens([0])
-    assert r.last_node.key_list == tokens([0]) and shared.key_list == tokens([1])
     assert cache.match_prefix(tokens([0, 1, 3])).device_pages == [10, 11, 13]
 
 
@@ -181,7 +174,6 @@ def test_long_nodes_match_a_prefix_model(operations: list[tuple[str, list[int], 
             for child in node.children.values():
                 p: tuple[int, ...] = prefix
                 child_key = child.key
-                assert child.key_list is None or child.key_list == unpack(child.tokens)
                 for j, page in enumerate(child.value or []):
                     p = p + tuple(child_key[j * PS : (j + 1) * PS])
                     got[p] = page
