@@ -33,13 +33,15 @@ _ARRAY_CODE = "I" if array("I").itemsize == TOKEN_BYTES else "L"
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
-def pack(tokens: Sequence[int]) -> bytes | None:
-    """``keys.tokens_to_bytes(tokens)`` for a list or an ``array``, or None when an id is not a
-    uint32."""
+def pack(tokens: Sequence[int], start: int = 0, stop: int | None = None) -> bytes | None:
+    """``keys.tokens_to_bytes(tokens[start:stop])`` for a list or an ``array``, or None when an
+    id is not a uint32. An array's range is read in place (no slice copy); ``start >= 0``."""
+    if stop is None:
+        stop = len(tokens)
     if type(tokens) is array:
-        return _pack_array(tokens)
-    if type(tokens) is not list:
-        tokens = list(tokens)
+        return _pack_array(tokens, start, stop)
+    if type(tokens) is not list or start or stop != len(tokens):
+        tokens = list(tokens[start:stop])
     arr = array(_ARRAY_CODE)
     try:
         arr.fromlist(tokens)  # measurably faster than array(code, tokens)
@@ -50,22 +52,25 @@ def pack(tokens: Sequence[int]) -> bytes | None:
     return arr.tobytes()
 
 
-def _pack_array(tokens: array[int]) -> bytes | None:
-    """``pack`` of an array, without a Python int per token where the layout allows."""
-    if _BIG_ENDIAN or not tokens:
-        return pack(tokens.tolist())
-    if tokens.itemsize == 8 and tokens.typecode in "qQlL":
+def _pack_array(tokens: array[int], start: int, stop: int) -> bytes | None:
+    """``pack`` of an array's range, without a Python int per token where the layout allows."""
+    stop = min(stop, len(tokens))  # as a slice would
+    if stop <= start:
+        return b""
+    size = tokens.itemsize
+    if _BIG_ENDIAN:
+        return pack(tokens[start:stop].tolist())
+    if size == 8 and tokens.typecode in "qQlL":
         import numpy as np  # the cache side has it; only array inputs need it
 
-        # little-endian 64-bit ids as 32-bit words: low, high, low, high, ... An id is a uint32
-        # exactly when its high word is 0 (a negative one has all its high bits set).
-        words = np.frombuffer(tokens, dtype="<u4")
-        if words[1::2].any():
-            return None
-        return words[0::2].tobytes()
-    if tokens.itemsize == TOKEN_BYTES and tokens.typecode in "IL":
-        return tokens.tobytes()
-    return pack(tokens.tolist())
+        wide = np.frombuffer(tokens, dtype="<u8", count=stop - start, offset=start * size)
+        narrow = wide.astype("<u4")
+        # an id is a uint32 exactly when narrowing keeps it (a negative one reads as > 2**63);
+        # measured faster than checking the high words or the maximum first
+        return narrow.tobytes() if np.array_equal(wide, narrow) else None
+    if size == TOKEN_BYTES and tokens.typecode in "IL":
+        return memoryview(tokens)[start:stop].tobytes()
+    return pack(tokens[start:stop].tolist())
 
 
 def unpack(packed: bytes) -> list[int]:
@@ -76,12 +81,15 @@ def unpack(packed: bytes) -> list[int]:
     return arr.tolist()
 
 
-def pack_matchable(tokens: Sequence[int], page_size: int) -> bytes:
-    """``tokens`` packed, cut before the first page holding an id that is not a uint32 (a
-    packed run never holds one, so nothing from that page on can equal one)."""
-    packed = pack(tokens)
+def pack_matchable(
+    tokens: Sequence[int], page_size: int, start: int = 0, stop: int | None = None
+) -> bytes:
+    """``tokens[start:stop]`` packed, cut before the first page holding an id that is not a
+    uint32 (a packed run never holds one, so nothing from that page on can equal one)."""
+    packed = pack(tokens, start, stop)
     if packed is not None:
         return packed
+    tokens = tokens[start:stop]
     good = 0
     while good < len(tokens) and pack(tokens[good : good + 1]) is not None:
         good += 1

@@ -182,7 +182,7 @@ class RadixCache:
                     # below matches too (the common full hit), else this node's span
                     start = i
                     stop = n if below is not None else min(end, n)
-                    packed = pack_matchable(key if stop - start == n else key[start:stop], ps)
+                    packed = pack_matchable(key, ps, start, stop)
                 offset = (i - start) * TOKEN_BYTES
                 if not packed.startswith(tokens, offset):
                     child = self._split_node(child, common_pages(tokens, packed, offset, step))

@@ -39,6 +39,15 @@ PAGES = [
 ]
 
 
+#: The forms a request's tokens come in: a list (a tokenizer's), SGLang's ``array('q')``, and
+#: an already 4-byte ``array('I')``; each must give the same answers.
+FORMS: list[Callable[[list[int]], Sequence[int]]] = [
+    list,
+    lambda t: array("q", t),
+    lambda t: array("I", t),
+]
+
+
 def tokens(page_ids: list[int]) -> list[int]:
     return [t for p in page_ids for t in PAGES[p]]
 
@@ -59,6 +68,23 @@ def test_packing_is_keys_layout_and_hashes_agree(toks: list[int]) -> None:
     assert packed == tokens_to_bytes(toks) and unpack(packed) == toks
     parent = bytes(range(32))
     assert chain_hashes_packed(parent, packed, PS) == chain_hashes(parent, toks, PS)
+
+
+@settings(max_examples=60)
+@given(
+    st.lists(st.integers(-(2**63), 2**63 - 1) | st.integers(0, U32_MAX), max_size=40),
+    st.integers(0, 45),
+    st.integers(0, 45),
+    st.sampled_from(range(len(FORMS))),
+)
+def test_pack_of_a_range_in_every_form(toks: list[int], start: int, stop: int, form: int) -> None:
+    """``pack(tokens, start, stop)`` of a list or an array (read in place) is ``pack`` of the
+    slice: the keys layout, or None as soon as one id in the range is not a uint32."""
+    part = toks[start:stop]
+    want = tokens_to_bytes(part) if all(0 <= t <= U32_MAX for t in part) else None
+    if form == 2 and not all(0 <= t <= U32_MAX for t in toks):
+        return  # array('I') cannot hold them at all
+    assert pack(FORMS[form](toks), start, stop) == want
 
 
 def test_pack_refuses_and_pack_matchable_cuts_at_ids_outside_uint32() -> None:
@@ -127,15 +153,6 @@ def test_ids_outside_uint32_are_refused_on_insert_and_never_matched() -> None:
         assert cache.match_prefix([bad] * PS).device_pages == []
         cache.reset()
         cache.insert(tokens([0, 1]), [0, 1])
-
-
-#: The forms a request's tokens come in: a list (a tokenizer's), SGLang's ``array('q')``, and
-#: an already 4-byte ``array('I')``; each must give the same answers.
-FORMS: list[Callable[[list[int]], Sequence[int]]] = [
-    list,
-    lambda t: array("q", t),
-    lambda t: array("I", t),
-]
 
 
 @pytest.mark.parametrize("form", FORMS, ids=["list", "array_q", "array_I"])
