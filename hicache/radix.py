@@ -23,10 +23,10 @@ uint32, as content hashes already require: ``insert`` raises ``ValueError`` for 
 match stops before the first page holding one (no node can hold it).
 
 A request may also come as an ``array`` of token ids (``array('q')`` is what SGLang's scheduler
-holds); it is then packed through numpy without creating a Python int per token. A list is
-packed with ``array.fromlist``, several times faster than comparing a list of
-fresh ints (a tokenizer's output shares no int objects with the tree) element by element, so a
-match packs and compares bytes even when it ends at a shared prefix.
+holds); it is then packed through numpy, in place, without a Python int per token: the form to
+hand over for long prompts. A list is packed with ``array.fromlist``, several times faster than
+comparing a list of fresh ints (a tokenizer's output shares no int objects with the tree) element
+by element, so a match packs and compares bytes even when it ends at a shared prefix.
 
 The tree also carries the fields the hierarchical cache (``hicache.hiradix``) needs — host pages,
 lazily computed content hashes, the pending write-through id — so a split here slices all of them
