@@ -17,6 +17,7 @@ import hashlib
 import sys
 from array import array
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "TOKEN_BYTES",
@@ -52,6 +53,20 @@ def pack(tokens: Sequence[int], start: int = 0, stop: int | None = None) -> byte
     return arr.tobytes()
 
 
+_np: Any = None
+
+
+def _numpy() -> Any:
+    """numpy, imported on first use: the cache side has it, and only array requests need it
+    (an import statement per call cost a microsecond)."""
+    global _np
+    if _np is None:
+        import numpy
+
+        _np = numpy
+    return _np
+
+
 def _pack_array(tokens: array[int], start: int, stop: int) -> bytes | None:
     """``pack`` of an array's range, without a Python int per token where the layout allows."""
     stop = min(stop, len(tokens))  # as a slice would
@@ -61,14 +76,14 @@ def _pack_array(tokens: array[int], start: int, stop: int) -> bytes | None:
     if _BIG_ENDIAN:
         return pack(tokens[start:stop].tolist())
     if size == 8 and tokens.typecode in "qQlL":
-        import numpy as np  # the cache side has it; only array inputs need it
-
+        np = _numpy()
         wide = np.frombuffer(tokens, dtype="<u8", count=stop - start, offset=start * size)
         # read as unsigned, a negative id is above 2**63: one maximum checks the whole range
         # (measured 3x cheaper than testing the high words, and than comparing after narrowing)
-        if wide.max() > 0xFFFFFFFF:
+        if np.maximum.reduce(wide) > 0xFFFFFFFF:
             return None
-        return wide.astype("<u4").tobytes()
+        packed: bytes = wide.astype("<u4").tobytes()
+        return packed
     if size == TOKEN_BYTES and tokens.typecode in "IL":
         return memoryview(tokens)[start:stop].tobytes()
     return pack(tokens[start:stop].tolist())
