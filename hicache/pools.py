@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
 import torch
 
 from hicache.keys import NamespaceSpec
@@ -120,15 +122,20 @@ class PageAllocator:
     Not thread-safe on its own; the pools lock around it.
     """
 
-    __slots__ = ("_allocated", "_free", "num_pages")
+    __slots__ = ("_allocated", "_flags", "_free", "num_pages")
 
     def __init__(self, num_pages: int) -> None:
         if num_pages <= 0:
             raise ValueError(f"num_pages must be positive, got {num_pages}")
         self.num_pages = num_pages
         # A stack popped from the end: reversed so the first allocations are 0, 1, 2, ...
-        self._free: list[int] = list(range(num_pages - 1, -1, -1))
+        # An array, not a list: a list would keep one Python int per free page alive (36 bytes
+        # each) and the garbage collector would walk all of them in every full collection;
+        # typecode "Q" because its conversions from and to ints are the fast ones.
+        self._free = array("Q")
+        self._free.frombytes(np.arange(num_pages - 1, -1, -1, dtype=np.uint64).tobytes())
         self._allocated = bytearray(num_pages)
+        self._flags = np.frombuffer(self._allocated, dtype=np.uint8)  # same memory, for batches
 
     @property
     def available(self) -> int:
@@ -147,12 +154,19 @@ class PageAllocator:
             return None
         if n == 0:
             return []
-        pages = self._free[-n:]
+        taken = self._free[-n:]
         del self._free[-n:]
-        pages.reverse()
-        for p in pages:
-            self._allocated[p] = 1
-        return pages
+        self._mark(taken, 1)
+        taken.reverse()
+        return taken.tolist()
+
+    def _mark(self, pages: array[int], flag: int) -> None:
+        if len(pages) < _VECTOR_MIN:
+            allocated = self._allocated
+            for p in pages:
+                allocated[p] = flag
+        else:  # one numpy scatter instead of a Python loop over many pages
+            self._flags[np.frombuffer(pages, dtype=np.uint64)] = flag
 
     def check_allocated(self, pages: Iterable[int], what: str = "free") -> list[int]:
         """Return ``pages`` as a list after checking each is allocated and listed once."""
@@ -171,9 +185,14 @@ class PageAllocator:
     def free(self, pages: Iterable[int]) -> None:
         """Return ``pages`` to the free list (all or nothing; see the class docstring)."""
         batch = self.check_allocated(pages)
-        for p in batch:
-            self._allocated[p] = 0
-        self._free.extend(reversed(batch))
+        back = array("Q")
+        back.fromlist(batch[::-1])
+        self._mark(back, 0)
+        self._free.extend(back)
+
+
+#: Batches of at least this many pages are marked with numpy rather than a Python loop.
+_VECTOR_MIN = 64
 
 
 class DevicePool:
@@ -285,7 +304,9 @@ class HostPool:
         self.pinned = torch.cuda.is_available() if pin is None else pin
         self._lock = threading.Lock()
         self._allocator = PageAllocator(num_pages)
-        self._holds = [0] * num_pages
+        # per-page counts in an array: a list would be one more num_pages-long list for the
+        # garbage collector to walk in every full collection
+        self._holds = array("l", bytes(num_pages * array("l").itemsize))
         self._total_holds = 0
         self._deferred: set[int] = set()
         page_bytes = self._page_bytes = layout.page_bytes

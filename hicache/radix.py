@@ -23,11 +23,11 @@ insert; on a match, only once its first page hit), after which every node compar
 uint32, as content hashes already require: ``insert`` raises ``ValueError`` for others, and a
 match stops before the first page holding one (no node can hold it).
 
-Packing costs about as much per token as a list compare of fresh tokens, so a match that ends at
-a shared prefix (a system prompt followed by a new question: the usual hit) would pack a span
-only to compare it once. Nodes an insert walks through to something below (shared prefixes:
-few, and matched often) therefore also keep their tokens as a list (``TreeNode.key_list``),
-which such a match compares instead.
+A request may also come as an ``array`` of token ids (``array('q')`` is what SGLang's scheduler
+holds); it is then packed through numpy, in place, without a Python int per token: the form to
+hand over for long prompts. A list is packed with ``array.fromlist``, several times faster than
+comparing a list of fresh ints (a tokenizer's output shares no int objects with the tree) element
+by element, so a match packs and compares bytes even when it ends at a shared prefix.
 
 The tree also carries the fields the hierarchical cache (``hicache.hiradix``) needs — host pages,
 lazily computed content hashes, the pending write-through id — so a split here slices all of them
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 
 from hicache.events import BlockRemoved, BlockStored, EventQueue, KVEvent, Medium
@@ -102,7 +103,7 @@ class RadixCache:
 
     def reset(self) -> None:
         """Forget every node (without freeing pages: the pool is reset with the cache)."""
-        self.root = TreeNode([], [], None)
+        self.root = TreeNode(b"", [], None)
         self.root.lock_ref = 1  # the root is never evicted
         self._evictable_pages = 0
         self._protected_pages = 0
@@ -152,8 +153,12 @@ class RadixCache:
         Nodes on the path are touched for LRU. A match ending inside a node splits it, so the
         returned nodes cover exactly the matched pages.
         """
-        key = self.page_aligned(key)
         ps = self.page_size
+        if isinstance(key, array):  # packed without a Python int per token (see above)
+            cut = len(key) % ps
+            key = key[: len(key) - cut] if cut else key
+        else:
+            key = self.page_aligned(key)
         step = ps * TOKEN_BYTES
         self._tick += 1
         tick = self._tick
@@ -172,16 +177,13 @@ class RadixCache:
             end = i + len(tokens) // TOKEN_BYTES
             below = child.children.get(tuple(key[end : end + ps])) if end < n else None
             # a one-page node matched with the dict lookup; longer ones need a compare
-            if len(tokens) > step and not (
-                # a walk ending at a shared prefix compares its list: nothing to pack
-                below is None and child.key_list is not None and key[i:end] == child.key_list
-            ):
+            if len(tokens) > step:
                 if start + len(packed) // TOKEN_BYTES < min(end, n):
                     # pack once up to where the walk can go: all of the rest when the node
                     # below matches too (the common full hit), else this node's span
                     start = i
                     stop = n if below is not None else min(end, n)
-                    packed = pack_matchable(key if stop - start == n else key[start:stop], ps)
+                    packed = pack_matchable(key, ps, start, stop)
                 offset = (i - start) * TOKEN_BYTES
                 if not packed.startswith(tokens, offset):
                     child = self._split_node(child, common_pages(tokens, packed, offset, step))
@@ -215,7 +217,8 @@ class RadixCache:
         its own pages between that prefix and the returned length. Token ids must be uint32
         (``ValueError`` otherwise, before the tree changes).
         """
-        key = key if type(key) is list else list(key)
+        if type(key) is not list and type(key) is not array:
+            key = list(key)
         pages = pages if type(pages) is list else list(pages)
         ps = self.page_size
         if len(key) != len(pages) * ps:
@@ -225,7 +228,7 @@ class RadixCache:
             )
         packed = pack(key)
         if packed is None:
-            packed = tokens_to_bytes(key)  # raises, naming the bad token id
+            packed = tokens_to_bytes(list(key))  # raises, naming the bad token id
         step = ps * TOKEN_BYTES
         self._tick += 1
         tick = self._tick
@@ -254,8 +257,6 @@ class RadixCache:
             self._on_path(child)
             node = child
             i += klen
-            if i < n and child.key_list is None:
-                child.key_list = key[i - klen : i]  # a shared prefix (see the module docstring)
         if i < n:
             rest = packed[i * TOKEN_BYTES :] if i else packed
             self._add_leaf(node, first, rest, pages[i // ps :], tick)
@@ -323,10 +324,6 @@ class RadixCache:
         prefix.last_access = child.last_access
         prefix.hit_count = child.hit_count
         prefix.write_through_pending_id = child.write_through_pending_id
-        if child.key_list is not None:
-            cut_tokens = pages * self.page_size
-            prefix.key_list = child.key_list[:cut_tokens]
-            child.key_list = child.key_list[cut_tokens:]
         child.tokens = tokens[cut:]
         child.parent = prefix
         prefix.children[self.first_page(child)] = child

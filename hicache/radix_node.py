@@ -30,7 +30,6 @@ class TreeNode:
     ``hicache.hiradix``); ``host_value`` is ``None`` when they are not in host memory.
     ``hashes`` holds one content hash per page once computed; a split slices it.
     ``tokens`` holds the node's tokens packed (see :mod:`hicache.radix`); ``key`` decodes them.
-    ``key_list``, when not None, holds the same tokens as a list (shared prefixes only).
     """
 
     __slots__ = (
@@ -40,7 +39,6 @@ class TreeNode:
         "host_lock_ref",
         "host_value",
         "id",
-        "key_list",
         "last_access",
         "lock_ref",
         "parent",
@@ -68,12 +66,11 @@ class TreeNode:
         self.last_access = 0
         self.hit_count = 0
         self.write_through_pending_id: int | None = None
-        self.key_list: list[int] | None = None
 
     @property
     def key(self) -> list[int]:
         """The node's tokens, as a new list."""
-        return unpack(self.tokens) if self.key_list is None else self.key_list[:]
+        return unpack(self.tokens)
 
     @property
     def num_tokens(self) -> int:

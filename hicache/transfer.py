@@ -189,16 +189,19 @@ class TransferEngine(ABC):
         else:
             src_n, dst_n = self.host_pool.num_pages, self.device_pool.num_pages
             src_name, dst_name = "host", "device"
-        for p in src:
-            if not 0 <= p < src_n:
-                raise ValueError(f"source {src_name} page {p} is not in [0, {src_n})")
-        seen: set[int] = set()
-        for p in dst:
-            if not 0 <= p < dst_n:
-                raise ValueError(f"destination {dst_name} page {p} is not in [0, {dst_n})")
-            if p in seen:
-                raise ValueError(f"destination {dst_name} page {p} is listed twice")
-            seen.add(p)
+        # min, max and set run in C; the per-page loops below only find the page to name
+        if src and (min(src) < 0 or max(src) >= src_n):
+            for p in src:
+                if not 0 <= p < src_n:
+                    raise ValueError(f"source {src_name} page {p} is not in [0, {src_n})")
+        if dst and (min(dst) < 0 or max(dst) >= dst_n or len(set(dst)) != len(dst)):
+            seen: set[int] = set()
+            for p in dst:
+                if not 0 <= p < dst_n:
+                    raise ValueError(f"destination {dst_name} page {p} is not in [0, {dst_n})")
+                if p in seen:
+                    raise ValueError(f"destination {dst_name} page {p} is listed twice")
+                seen.add(p)
         return src, dst
 
 

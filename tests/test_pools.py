@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
@@ -55,24 +56,50 @@ def test_allocator_double_free_names_the_page_and_changes_nothing() -> None:
     assert a.available == 4
 
 
-@settings(max_examples=50)
-@given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 5)), max_size=40))
-def test_allocator_matches_a_set_model(ops: list[tuple[bool, int]]) -> None:
-    a = PageAllocator(8)
+def _check_allocator_model(num_pages: int, ops: list[tuple[bool, int]]) -> None:
+    a = PageAllocator(num_pages)
     held: set[int] = set()
     for is_alloc, n in ops:
         if is_alloc:
             got = a.alloc(n)
-            if n > 8 - len(held):
+            if n > num_pages - len(held):
                 assert got is None
             else:
                 assert got is not None and len(set(got)) == n and not set(got) & held
+                assert all(type(p) is int for p in got)
                 held.update(got)
         else:
             batch = sorted(held)[:n]
             a.free(batch)
             held.difference_update(batch)
-        assert a.available == 8 - len(held)
+        assert a.available == num_pages - len(held)
+        assert all(a.is_allocated(p) == (p in held) for p in range(num_pages))
+
+
+@settings(max_examples=50)
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 5)), max_size=40))
+def test_allocator_matches_a_set_model(ops: list[tuple[bool, int]]) -> None:
+    _check_allocator_model(8, ops)
+
+
+@settings(max_examples=25)
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 160)), max_size=20))
+def test_allocator_matches_a_set_model_in_large_batches(ops: list[tuple[bool, int]]) -> None:
+    """Batches past the size where pages are marked with numpy instead of a loop."""
+    _check_allocator_model(300, ops)
+
+
+def test_allocator_keeps_no_python_int_per_free_page() -> None:
+    a = PageAllocator(100_000)
+    # the free list is one buffer, so the garbage collector has no int per page to walk
+    assert not any(isinstance(r, (int, list)) for r in gc.get_referents(a._free))
+    assert a.alloc(3) == [0, 1, 2]
+    big = a.alloc(200)
+    assert big == list(range(3, 203))
+    a.free(big)
+    with pytest.raises(ValueError, match="page 150: it is not allocated"):
+        a.free([150])
+    assert a.alloc(200) == big  # freed pages come back first, in the same order
 
 
 @pytest.mark.parametrize("layout", [LAYOUT, MLA], ids=["mha", "mla"])

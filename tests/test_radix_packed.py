@@ -9,7 +9,10 @@ insert and never matched.
 from __future__ import annotations
 
 import gc
+from array import array
+from collections.abc import Callable, Sequence
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,6 +39,15 @@ PAGES = [
 ]
 
 
+#: The forms a request's tokens come in: a list (a tokenizer's), SGLang's ``array('q')``, and
+#: an already 4-byte ``array('I')``; each must give the same answers.
+FORMS: list[Callable[[list[int]], Sequence[int]]] = [
+    list,
+    lambda t: array("q", t),
+    lambda t: array("I", t),
+]
+
+
 def tokens(page_ids: list[int]) -> list[int]:
     return [t for p in page_ids for t in PAGES[p]]
 
@@ -56,6 +68,23 @@ def test_packing_is_keys_layout_and_hashes_agree(toks: list[int]) -> None:
     assert packed == tokens_to_bytes(toks) and unpack(packed) == toks
     parent = bytes(range(32))
     assert chain_hashes_packed(parent, packed, PS) == chain_hashes(parent, toks, PS)
+
+
+@settings(max_examples=60)
+@given(
+    st.lists(st.integers(-(2**63), 2**63 - 1) | st.integers(0, U32_MAX), max_size=40),
+    st.integers(0, 45),
+    st.integers(0, 45),
+    st.sampled_from(range(len(FORMS))),
+)
+def test_pack_of_a_range_in_every_form(toks: list[int], start: int, stop: int, form: int) -> None:
+    """``pack(tokens, start, stop)`` of a list or an array (read in place) is ``pack`` of the
+    slice: the keys layout, or None as soon as one id in the range is not a uint32."""
+    part = toks[start:stop]
+    want = tokens_to_bytes(part) if all(0 <= t <= U32_MAX for t in part) else None
+    if form == 2 and not all(0 <= t <= U32_MAX for t in toks):
+        return  # array('I') cannot hold them at all
+    assert pack(FORMS[form](toks), start, stop) == want
 
 
 def test_pack_refuses_and_pack_matchable_cuts_at_ids_outside_uint32() -> None:
@@ -82,23 +111,16 @@ def test_nodes_hold_packed_tokens_untracked_by_gc() -> None:
         assert node.num_tokens == len(node.key) == len(node.value or []) * PS
         assert cache.first_page(node) == tuple(node.key[:PS])
         assert node.parent is not None and node.parent.children[cache.first_page(node)] is node
-    # only the shared prefix, which the second insert walked through, keeps a list as well
-    shared = cache.match_prefix(tokens([0, 1])).last_node
-    assert shared.key_list == tokens([0, 1]) and shared.children
-    assert [n.key_list for n in nodes if n is not shared] == [None, None]
 
 
-def test_matches_ending_at_a_shared_prefix_compare_its_list() -> None:
+def test_matches_ending_at_a_shared_prefix_compare_packed_tokens() -> None:
     cache = RadixCache(PS)
     cache.insert(tokens([0, 1, 2]), [10, 11, 12])
     cache.insert(tokens([0, 1, 3]), [10, 11, 13])
-    shared = cache.match_prefix(tokens([0, 1])).last_node
-    assert shared.key_list == tokens([0, 1])
     assert cache.match_prefix(tokens([0, 1, 4])).device_pages == [10, 11]
-    # same first page, another second one: the list compare fails and the node is split
+    # same first page, another second one: the packed compare fails and the node is split
     r = cache.match_prefix(tokens([0, 4]))
     assert r.device_pages == [10] and r.last_node.key == tokens([0])
-    assert r.last_node.key_list == tokens([0]) and shared.key_list == tokens([1])
     assert cache.match_prefix(tokens([0, 1, 3])).device_pages == [10, 11, 13]
 
 
@@ -133,11 +155,57 @@ def test_ids_outside_uint32_are_refused_on_insert_and_never_matched() -> None:
         cache.insert(tokens([0, 1]), [0, 1])
 
 
+@pytest.mark.parametrize("form", FORMS, ids=["list", "array_q", "array_I"])
+@pytest.mark.parametrize("ps", [1, PS])
+def test_chunked_compare_edges(form: Callable[[list[int]], Sequence[int]], ps: int) -> None:
+    """A 6-page node, then requests differing inside a page, at a page border, in the last
+    token, with a partial last page: each splits (or not) exactly at the last equal page."""
+    conv = form
+    node_tokens = [1000 + t for t in range(6 * ps)]
+    for where, want_pages in [
+        (2 * ps + ps // 2, 2),  # inside page 2 (its first token when ps == 1)
+        (3 * ps, 3),  # the first token of page 3: a page border
+        (6 * ps - 1, 5),  # the node's very last token
+    ]:
+        cache = RadixCache(ps)
+        cache.insert(node_tokens, list(range(6)))
+        req = node_tokens[:]
+        req[where] = 7
+        r = cache.match_prefix(conv(req))
+        assert r.device_pages == list(range(want_pages))
+        assert r.last_node.num_tokens == want_pages * ps  # split at the last equal page
+        # the request inserted from the same form shares exactly those pages
+        assert cache.insert(conv(req), list(range(10, 16))) == want_pages * ps
+    cache = RadixCache(ps)
+    cache.insert(node_tokens, list(range(6)))
+    # equal throughout, then a partial page (ignored) or one more differing page
+    assert cache.match_prefix(conv([*node_tokens, 5][: 6 * ps + (ps - 1)])).device_pages == list(
+        range(6)
+    )
+    assert cache.match_prefix(conv([*node_tokens, *[9] * ps])).device_pages == list(range(6))
+    assert [n.num_tokens for n in cache.iter_nodes()] == [6 * ps]  # nothing was split
+
+
+def test_array_requests_with_ids_outside_uint32_stop_before_that_page() -> None:
+    cache = RadixCache(PS)
+    cache.insert(tokens([0, 1]), [0, 1])
+    for bad in (-1, 2**32, -(2**40)):
+        assert cache.match_prefix(array("q", [*tokens([0, 1]), bad, 0, 0, 0])).device_pages == [
+            0,
+            1,
+        ]
+        assert cache.match_prefix(array("q", [*tokens([0]), 1, bad, 2, 3])).device_pages == [0]
+        with pytest.raises(ValueError, match=str(bad)):
+            cache.insert(array("q", [*tokens([0, 1]), 1, 2, bad, 3]), [0, 1, 2])
+        assert cache.evictable_pages == 2  # refused before the tree changed
+
+
 ops = st.lists(
     st.tuples(
         st.sampled_from(["insert", "match"]),
         st.lists(st.integers(0, len(PAGES) - 1), min_size=0, max_size=8),
         st.integers(0, PS - 1),  # a partial trailing page, which matches ignore
+        st.sampled_from(range(len(FORMS))),  # the form the request comes in
     ),
     max_size=30,
 )
@@ -145,26 +213,29 @@ ops = st.lists(
 
 @settings(max_examples=80)
 @given(ops)
-def test_long_nodes_match_a_prefix_model(operations: list[tuple[str, list[int], int]]) -> None:
+def test_long_nodes_match_a_prefix_model(
+    operations: list[tuple[str, list[int], int, int]],
+) -> None:
     """Multi-page nodes, splits anywhere, matches that end inside, at or past a node: the tree
     answers as a dict of cached page prefixes does."""
     cache = RadixCache(PS)
     content: dict[tuple[int, ...], int] = {}
     next_page = 0
-    for op, page_ids, extra in operations:
+    for op, page_ids, extra, form in operations:
         key = tokens(page_ids)
+        conv = FORMS[form]
         if op == "insert":
             if not page_ids:
                 continue
             pages = list(range(next_page, next_page + len(page_ids)))
             next_page += len(page_ids)
             cached = len(model_match(content, key))
-            assert cache.insert(key, pages) == cached * PS
+            assert cache.insert(conv(key), pages) == cached * PS
             for j in range(cached, len(page_ids)):
                 content[tuple(key[: (j + 1) * PS])] = pages[j]
         else:
             want = model_match(content, key)
-            r = cache.match_prefix(key + [7] * extra)
+            r = cache.match_prefix(conv(key + [7] * extra))
             assert r.device_pages == want
             # the returned node ends exactly where the match does (a node was split if needed)
             depth, node = 0, r.last_node
@@ -181,7 +252,6 @@ def test_long_nodes_match_a_prefix_model(operations: list[tuple[str, list[int], 
             for child in node.children.values():
                 p: tuple[int, ...] = prefix
                 child_key = child.key
-                assert child.key_list is None or child.key_list == unpack(child.tokens)
                 for j, page in enumerate(child.value or []):
                     p = p + tuple(child_key[j * PS : (j + 1) * PS])
                     got[p] = page
