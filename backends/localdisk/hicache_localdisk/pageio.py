@@ -53,7 +53,8 @@ __all__ = ["PARALLEL_HASH_MIN_BYTES", "PageIO", "ReadResult"]
 log = logging.getLogger(__name__)
 
 #: Pages at least this large are checksummed on a helper thread while the payload is written
-#: (xxh3 releases the GIL); below it the hand-off costs more than it hides.
+#: (xxh3 releases the GIL), and read in pieces by helper threads when read alone; below it the
+#: hand-off costs more than it hides.
 PARALLEL_HASH_MIN_BYTES = 1 << 20
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -203,9 +204,13 @@ class PageIO:
 
     # ------------------------------------------------------------------ get
 
-    def read(self, key: str, dst: PageParts, touch_ns: int | None) -> tuple[ReadResult, str]:
+    def read(
+        self, key: str, dst: PageParts, touch_ns: int | None, *, split: bool = False
+    ) -> tuple[ReadResult, str]:
         """Read and verify one page into ``dst``; ``dst`` is untouched when ``MISSING``.
 
+        ``split``: read a large page's pieces on the helper threads while this thread hashes
+        them (for a page read alone; a batch already spreads its pages over the I/O threads).
         Returns the outcome and, for ``CORRUPT``, the field that failed verification.
         """
         path = self._layout.page_path(key)
@@ -227,7 +232,8 @@ class PageIO:
             if flags & O_DIRECT:
                 n, checksum = read_fully(fd, [header, *dst]), 0
             else:
-                n, checksum = read_page(fd, header, dst, hash_payload=hashed)
+                helpers = self._hasher if split else None
+                n, checksum = read_page(fd, header, dst, hash_payload=hashed, helpers=helpers)
             if n != self.stored_bytes:
                 check_version(header[: min(n, HEADER_SIZE)])  # a newer page may be sized apart
                 raise PageCorruptError("length", f"file has {n} bytes, not {self.stored_bytes}")
