@@ -32,7 +32,7 @@ from hicache.storage.backend import (
     check_key,
     check_namespace,
 )
-from hicache.storage.baseline import Benchmarkable, RawBaseline
+from hicache.storage.baseline import Benchmarkable, RawBaseline, RemoteBenchHooks, ToolLimit
 from hicache.storage.buffers import (
     COPY_CHUNK,
     Regions,
@@ -107,9 +107,11 @@ __all__ = [
     "RawBaseline",
     "RedactedUrl",
     "Regions",
+    "RemoteBenchHooks",
     "Size",
     "StoredPage",
     "TailFirstLRU",
+    "ToolLimit",
     "buffer_address",
     "check_checksum",
     "check_key",
