@@ -10,6 +10,7 @@ mapping) and read the payload straight into the caller's buffer: nothing here co
 - ``decode_header(header)``                     parse and check a header -> :class:`PageHeader`
 - ``verify_page(header, payload, ...)``         decode, then check namespace, key, length, checksum
 - ``payload_checksum(payload)``                 xxh3_64 of a payload, read in place
+- ``payload_hasher()``                          the same, fed piece by piece as bytes land
 
 Layout of version 1 (integers little-endian)::
 
@@ -67,6 +68,7 @@ __all__ = [
     "encode_header",
     "encode_header_into",
     "payload_checksum",
+    "payload_hasher",
     "payload_nbytes",
     "stored_size",
     "verify_page",
@@ -134,6 +136,13 @@ def payload_checksum(payload: Payload) -> int:
     for region in payload:
         hasher.update(region)
     return int(hasher.intdigest())
+
+
+def payload_hasher() -> xxhash.xxh3_64:
+    """A fresh streaming hasher of payload bytes: ``update`` it with the payload's pieces in
+    order (each call releases the GIL); its ``intdigest()`` is then their
+    :func:`payload_checksum`."""
+    return xxhash.xxh3_64()
 
 
 def payload_nbytes(payload: Payload) -> int:

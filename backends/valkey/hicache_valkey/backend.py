@@ -31,9 +31,11 @@ from hicache.storage import (
     PageStatus,
     RemoteBenchHooks,
     StoredPage,
+    check_checksum,
     check_namespace,
     decode_header,
     encode_header,
+    payload_hasher,
     verify_page,
 )
 from hicache_valkey.dispatch import Dispatcher, raise_for_code
@@ -347,7 +349,9 @@ class ValkeyBackend(RemoteBenchHooks, Backend):
         the checksum covers the regions in order."""
         header = bytearray(HEADER_SIZE)
         expected = HEADER_SIZE + self.context.page_bytes
-        total, overflow = read_page_parts(conn, parts, first, memoryview(header), dst)
+        # Verified while it lands: each piece is hashed as soon as it is received (one pass).
+        digest = payload_hasher()
+        total, overflow = read_page_parts(conn, parts, first, memoryview(header), dst, digest)
         if total == HEADER_SIZE and not overflow:
             if kind == b"$":
                 return None  # the header of a chunked page: read it again with the script
@@ -356,7 +360,10 @@ class ValkeyBackend(RemoteBenchHooks, Backend):
             return self._corrupt(key, f"stored value has {total}+ bytes, expected {expected}")
         try:
             payload = dst[0] if len(dst) == 1 else dst
-            verify_page(header, payload, namespace=self.context.namespace, key=key)
+            decoded = verify_page(
+                header, payload, namespace=self.context.namespace, key=key, check_payload=False
+            )
+            check_checksum(decoded, digest.intdigest())
         except PageCorruptError as exc:
             status = self._corrupt(key, str(exc))
             if exc.field == "checksum":
