@@ -375,8 +375,8 @@ def _combine(rounds: list[BenchRun]) -> BenchRun:
     tools: list[ToolLimit] = []
     for i, tool in enumerate(rounds[0].tool_limits):
         same = [run.tool_limits[i] for run in rounds if len(run.tool_limits) > i]
-        measured = [t.gbps for t in same if t.gbps is not None]
-        gbps = statistics.median(measured) if measured else None
+        speeds = [t.gbps for t in same if t.gbps is not None]
+        gbps = statistics.median(speeds) if speeds else None
         tools.append(ToolLimit(tool.name, tool.figure, gbps, tool.note))
     first = rounds[0]
     return BenchRun(

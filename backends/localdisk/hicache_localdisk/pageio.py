@@ -105,6 +105,8 @@ class PageIO:
         self._hasher: ThreadPoolExecutor | None = None
         self._writers = 0
         self._writers_lock = threading.Lock()
+        #: A read holds the helper threads (see ``_claim_helpers``).
+        self._splitting = False
         if page_bytes >= PARALLEL_HASH_MIN_BYTES:
             self._hasher = ThreadPoolExecutor(hash_threads, thread_name_prefix="hicache-xxh3")
 
@@ -231,9 +233,16 @@ class PageIO:
             hashed = self._verify and not flags & O_DIRECT
             if flags & O_DIRECT:
                 n, checksum = read_fully(fd, [header, *dst]), 0
+            elif split and self._claim_helpers():
+                try:
+                    n, checksum = read_page(
+                        fd, header, dst, hash_payload=hashed, helpers=self._hasher
+                    )
+                finally:
+                    with self._writers_lock:
+                        self._splitting = False
             else:
-                helpers = self._hasher if split else None
-                n, checksum = read_page(fd, header, dst, hash_payload=hashed, helpers=helpers)
+                n, checksum = read_page(fd, header, dst, hash_payload=hashed)
             if n != self.stored_bytes:
                 check_version(header[: min(n, HEADER_SIZE)])  # a newer page may be sized apart
                 raise PageCorruptError("length", f"file has {n} bytes, not {self.stored_bytes}")
@@ -254,6 +263,16 @@ class PageIO:
         finally:
             os.close(fd)
         return ReadResult.OK, ""
+
+    def _claim_helpers(self) -> bool:
+        """Whether this read may spread over the helper threads: they exist and no other read
+        holds them (single-page reads from several threads are parallel already; splitting each
+        would only queue their pieces behind one another)."""
+        with self._writers_lock:
+            if self._hasher is None or self._splitting:
+                return False
+            self._splitting = True
+            return True
 
     def _log_failure(self, op: str, key: str, exc: OSError) -> None:
         # A full or read-only disk fails every put: warn once per (operation, errno), then

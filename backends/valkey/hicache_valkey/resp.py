@@ -194,8 +194,11 @@ class Connection:
             return
         # One gathered sendmsg for the whole window instead of a send per part: a put of one
         # page was three system calls, and the server woke up for its first few bytes alone.
-        views = [v if v.format == "B" else v.cast("B") for v in map(memoryview, parts)]
-        views = [v for v in views if v.nbytes]
+        views: list[memoryview] = []
+        for part in parts:
+            view = memoryview(part)
+            if view.nbytes:
+                views.append(view if view.format == "B" else view.cast("B"))
         while views:
             sent = sock.sendmsg(views[:_IOV_MAX])
             while sent and views:
