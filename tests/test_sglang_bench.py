@@ -28,12 +28,15 @@ def test_bench_sglang_quick_reports_every_side(
     report = json.loads(capsys.readouterr().out)
     assert set(report["sides"]) == {"adapter", "raw tier", "HiCacheFile"}
     for side in report["sides"].values():
-        assert side["put_gbps"] > 0 and side["cold_get_gbps"] > 0
-        assert len(side["rounds_put"]) == report["shape"]["rounds"] == 1
+        assert side["put_gbps"] > 0 and side["cold_get_gbps"] > 0 and side["hot_get_gbps"] > 0
+        assert len(side["rounds_put"]) == len(side["rounds_hot_get"]) == 1
+        assert report["shape"]["rounds"] == 1
     assert set(report["ratios"]) == {
         "adapter/raw put",
         "adapter/raw cold get",
         "adapter/HiCacheFile put",
         "adapter/HiCacheFile cold get",
+        "adapter/HiCacheFile hot get",
+        "raw tier/HiCacheFile hot get",
     }
     assert list(root.iterdir()) == [], "a round left its files behind"

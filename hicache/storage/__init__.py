@@ -32,7 +32,7 @@ from hicache.storage.backend import (
     check_key,
     check_namespace,
 )
-from hicache.storage.baseline import Benchmarkable, RawBaseline
+from hicache.storage.baseline import Benchmarkable, RawBaseline, RemoteBenchHooks, ToolLimit
 from hicache.storage.buffers import (
     COPY_CHUNK,
     Regions,
@@ -63,6 +63,7 @@ from hicache.storage.pageformat import (
     encode_header,
     encode_header_into,
     payload_checksum,
+    payload_hasher,
     payload_nbytes,
     stored_size,
     verify_page,
@@ -107,9 +108,11 @@ __all__ = [
     "RawBaseline",
     "RedactedUrl",
     "Regions",
+    "RemoteBenchHooks",
     "Size",
     "StoredPage",
     "TailFirstLRU",
+    "ToolLimit",
     "buffer_address",
     "check_checksum",
     "check_key",
@@ -131,6 +134,7 @@ __all__ = [
     "open_regular",
     "parse_size",
     "payload_checksum",
+    "payload_hasher",
     "payload_nbytes",
     "redact",
     "redact_url",

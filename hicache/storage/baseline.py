@@ -6,6 +6,10 @@
                           shown as ``n/a``
 - :class:`RawBaseline`    the machine's limit for the backend's access pattern, measured with the
                           same system calls outside hicache
+- :class:`ToolLimit`      a figure the service's own benchmark tool measured in the same run
+                          (``redis-benchmark``), shown beside the raw limit
+- :class:`RemoteBenchHooks` both members of :class:`Benchmarkable` for a backend whose pages live
+                          in a server and which keeps no page bytes itself (S3, Valkey)
 
 A backend implements its :class:`RawBaseline` in a module of its own (``raw.py``, ``baseline.py``)
 that imports only this module, and imports that module inside ``bench_baseline``: serving never
@@ -14,14 +18,30 @@ loads benchmark code. Nothing here imports torch or the benchmark itself.
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from hicache.storage.backend import BackendConfig, BackendContext
 
-__all__ = ["Benchmarkable", "RawBaseline"]
+__all__ = ["Benchmarkable", "RawBaseline", "RemoteBenchHooks", "ToolLimit"]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolLimit:
+    """A throughput the service's own benchmark tool reached on the same server in the same run.
+
+    ``figure`` names the figure it bounds (``put`` or ``get_hot``); ``gbps`` is ``None`` when the
+    tool could not measure here, ``note`` then says why (else the command, secrets left out).
+    """
+
+    name: str
+    figure: str
+    gbps: float | None
+    note: str
 
 
 class RawBaseline(ABC):
@@ -67,6 +87,14 @@ class RawBaseline(ABC):
         The default does nothing."""
         return
 
+    def tool_limits(
+        self, page_bytes: int, threads: int, pages: int, batch: int
+    ) -> Sequence[ToolLimit]:
+        """Run the service's own benchmark tool with ``pages`` requests of ``page_bytes`` over
+        ``threads`` connections, ``batch`` in flight on each, once per round after both sides
+        (not set up); the default measures nothing."""
+        return ()
+
 
 @runtime_checkable
 class Benchmarkable(Protocol):
@@ -87,3 +115,29 @@ class Benchmarkable(Protocol):
         """Make the next reads of this instance's pages cold (written back and dropped from
         every cache the backend controls); return False when that is impossible."""
         ...
+
+
+class RemoteBenchHooks:
+    """:class:`Benchmarkable` for a backend whose pages live in a server it reaches over the
+    network and which caches no page bytes itself, so every read reaches the server.
+
+    Notes for implementers: set ``bench_baseline_ref`` to ``"module:Class"`` of the backend's
+    :class:`RawBaseline`, a class built from the backend's config alone; the module is imported
+    only when a benchmark asks for it.
+    """
+
+    #: ``"package.module:ClassName"`` of the backend's :class:`RawBaseline`.
+    bench_baseline_ref: ClassVar[str]
+
+    def drop_page_cache(self) -> bool:
+        """Nothing to drop: no page bytes are kept client-side (always True)."""
+        return True
+
+    @classmethod
+    def bench_baseline(cls, config: BackendConfig, context: BackendContext) -> RawBaseline:
+        """The baseline class named by ``bench_baseline_ref``, built with ``config``."""
+        module, _, name = cls.bench_baseline_ref.partition(":")
+        baseline = getattr(importlib.import_module(module), name)(config)
+        if not isinstance(baseline, RawBaseline):
+            raise TypeError(f"{cls.bench_baseline_ref} built {type(baseline).__name__}")
+        return baseline

@@ -25,10 +25,11 @@ from typing import Any
 
 from hicache.errors import HicacheError
 from hicache.storage.backend import Backend
-from hicache.storage.baseline import Benchmarkable, RawBaseline
+from hicache.storage.baseline import Benchmarkable, RawBaseline, ToolLimit
 from hicache.storage.redact import redact_url
 from hicache.tools.benchmark import (
     BenchReport,
+    BenchRun,
     BenchSpec,
     Figure,
     MemcpyBaseline,
@@ -284,9 +285,23 @@ def format_report(report: BenchReport) -> str:
                 "capacity); reads and presence checks use those, on both sides"
             )
         lines.extend(format_figures(run.figures))
+        for tool in run.tool_limits:
+            lines.append(_format_tool(run, tool))
         for phase, counts in run.problems.items():
             lines.append(f"  warning: {phase}: {counts} (figures count these pages too)")
     return "\n".join(lines)
+
+
+def _format_tool(run: BenchRun, tool: ToolLimit) -> str:
+    """``  tool limit: NAME  x GB/s, FIGURE / it: r  (how)``."""
+    if tool.gbps is None:
+        return f"  tool limit: {tool.name} n/a ({tool.note})"
+    value = run.figure(tool.figure).value
+    ratio = "n/a" if value is None or tool.gbps <= 0 else f"{value / tool.gbps:.2f}"
+    return (
+        f"  tool limit: {tool.name} {tool.gbps:.2f} GB/s, {tool.figure} / it: {ratio}"
+        f"  ({tool.note})"
+    )
 
 
 def _run_storage(args: argparse.Namespace) -> int:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from hicache.storage.backend import Backend, PageStatus
-from hicache.storage.baseline import Benchmarkable, RawBaseline
+from hicache.storage.baseline import Benchmarkable, RawBaseline, ToolLimit
 from hicache.tools.bench_phases import (
     Phase,
     Side,
@@ -201,6 +201,8 @@ class BenchRun:
     pages_read: int = 0
     #: Rounds the figures are medians of.
     rounds: int = 1
+    #: What the service's own benchmark tool reached in the same rounds (medians).
+    tool_limits: list[ToolLimit] = field(default_factory=list)
 
     def figure(self, name: str) -> Figure:
         """The figure called ``name``."""
@@ -236,6 +238,10 @@ class BenchReport:
                     "rounds": run.rounds,
                     "figures": {fig.name: fig.to_json() for fig in run.figures},
                     "problems": run.problems,
+                    "tool_limits": [
+                        {"name": t.name, "figure": t.figure, "gbps": t.gbps, "note": t.note}
+                        for t in run.tool_limits
+                    ],
                 }
                 for run in self.runs
             ],
@@ -366,6 +372,12 @@ def _combine(rounds: list[BenchRun]) -> BenchRun:
             merged = problems.setdefault(phase, {})
             for status, n in counts.items():
                 merged[status] = merged.get(status, 0) + n
+    tools: list[ToolLimit] = []
+    for i, tool in enumerate(rounds[0].tool_limits):
+        same = [run.tool_limits[i] for run in rounds if len(run.tool_limits) > i]
+        speeds = [t.gbps for t in same if t.gbps is not None]
+        gbps = statistics.median(speeds) if speeds else None
+        tools.append(ToolLimit(tool.name, tool.figure, gbps, tool.note))
     first = rounds[0]
     return BenchRun(
         first.page_bytes,
@@ -375,6 +387,7 @@ def _combine(rounds: list[BenchRun]) -> BenchRun:
         problems,
         min(run.pages_read for run in rounds),
         len(rounds),
+        tools,
     )
 
 
@@ -488,6 +501,7 @@ def _run_pair(
         else:
             ours, read = measure_ours()
             raw = measure_raw(read)
+        tools = list(baseline.tool_limits(page_bytes, threads, num_pages, spec.batch))
     finally:
         baseline.cleanup()
     problems = {
@@ -496,6 +510,12 @@ def _run_pair(
         if phase is not None and phase.problems
     }
     run = BenchRun(
-        page_bytes, threads, num_pages, _figures(page_bytes, ours, raw), problems, len(read)
+        page_bytes,
+        threads,
+        num_pages,
+        _figures(page_bytes, ours, raw),
+        problems,
+        len(read),
+        tool_limits=tools,
     )
     return run, read

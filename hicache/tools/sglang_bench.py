@@ -2,7 +2,8 @@
 the same tier's raw ``put``/``get_into`` and SGLang's own ``HiCacheFile``, in one run.
 
 Every round writes the same host pages three ways, each into a fresh directory, then drops
-the written files from the OS page cache and reads them back (cold get):
+the written files from the OS page cache and reads them back (cold get), then reads them again
+from the page cache (hot get: hicache verifies every page's checksum, ``HiCacheFile`` does not):
 
 - ``adapter``     ``batch_set_v1`` / ``batch_get_v1`` of :class:`hicache.integrations.sglang.
                   HicacheStorage`, built by SGLang's ``StorageBackendFactory`` (``dynamic``)
@@ -12,9 +13,10 @@ the written files from the OS page cache and reads them back (cold get):
 - ``HiCacheFile`` SGLang's ``file`` backend: ``batch_set`` / ``batch_get`` of whole-page tensors
                   (its generic path; the page copies SGLang adds around it are not timed)
 
-The side measured first rotates every round; figures are medians over the rounds, and the
-ratios compare medians of the same run. The page defaults to Llama-3-8B at page size 64: 32
-layers x 64 tokens x 8 KV heads x 128 dims x bf16 = 4 MiB per region, K + V = 8 MiB.
+The side measured first rotates every round; figures are medians over the rounds, and each
+ratio is the median of the rounds' ratios (the sides of one round ran back to back). The page
+defaults to Llama-3-8B at page size 64: 32 layers x 64 tokens x 8 KV heads x 128 dims x bf16 =
+4 MiB per region, K + V = 8 MiB.
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ class SideFigures:
 
     put_gbps: float
     cold_get_gbps: float
+    hot_get_gbps: float
     rounds_put: list[float]
     rounds_cold_get: list[float]
+    rounds_hot_get: list[float]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +88,10 @@ def _drop_backend(backend: Backend) -> None:
     hook = getattr(backend, "drop_page_cache", None)
     if hook is None or not hook():
         raise RuntimeError(f"{type(backend).__name__} cannot drop its pages: no cold reads")
+
+
+#: Put, cold get and hot get GB/s of one side in one round.
+Round = tuple[float, float, float]
 
 
 def _gbps(nbytes: int, fn: Callable[[], object]) -> float:
@@ -139,7 +147,7 @@ class _Bench:
             extra_config=extra,
         )
 
-    def adapter(self, where: Path, keys: list[str]) -> tuple[float, float]:
+    def adapter(self, where: Path, keys: list[str]) -> Round:
         from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
 
         extra = {
@@ -168,11 +176,12 @@ class _Bench:
             put_gbps = _gbps(self.total, put)
             _drop_backend(storage.tiers["nvme"].backend)
             get_gbps = _gbps(self.total, get)
+            hot_gbps = _gbps(self.total, get)
         finally:
             storage.close()
-        return put_gbps, get_gbps
+        return put_gbps, get_gbps, hot_gbps
 
-    def raw_tier(self, where: Path, keys: list[str]) -> tuple[float, float]:
+    def raw_tier(self, where: Path, keys: list[str]) -> Round:
         from hicache.integrations.sglang import address_view
 
         context = BackendContext(page_bytes=self.page_bytes, namespace="bench", tier_name="raw")
@@ -201,11 +210,12 @@ class _Bench:
             put_gbps = _gbps(self.total, put)
             _drop_backend(backend)
             get_gbps = _gbps(self.total, get)
+            hot_gbps = _gbps(self.total, get)
         finally:
             backend.close()
-        return put_gbps, get_gbps
+        return put_gbps, get_gbps, hot_gbps
 
-    def hicache_file(self, where: Path, keys: list[str]) -> tuple[float, float]:
+    def hicache_file(self, where: Path, keys: list[str]) -> Round:
         from sglang.srt.mem_cache.hicache_storage import HiCacheFile
 
         where.mkdir(parents=True, exist_ok=True)
@@ -224,7 +234,8 @@ class _Bench:
 
         put_gbps = _gbps(self.total, put)
         _drop_files(where)
-        return put_gbps, _gbps(self.total, get)
+        get_gbps = _gbps(self.total, get)
+        return put_gbps, get_gbps, _gbps(self.total, get)
 
     def run(self) -> dict[str, SideFigures]:
         measure = {
@@ -232,7 +243,7 @@ class _Bench:
             "raw tier": self.raw_tier,
             "HiCacheFile": self.hicache_file,
         }
-        figures: dict[str, list[tuple[float, float]]] = {side: [] for side in SIDES}
+        figures: dict[str, list[Round]] = {side: [] for side in SIDES}
         for r in range(self.args.rounds):
             order = SIDES[r % len(SIDES) :] + SIDES[: r % len(SIDES)]
             for side in order:
@@ -244,13 +255,21 @@ class _Bench:
                     shutil.rmtree(where, ignore_errors=True)
         return {
             side: SideFigures(
-                put_gbps=statistics.median(p for p, _ in rows),
-                cold_get_gbps=statistics.median(g for _, g in rows),
-                rounds_put=[round(p, 3) for p, _ in rows],
-                rounds_cold_get=[round(g, 3) for _, g in rows],
+                put_gbps=statistics.median(p for p, _, _ in rows),
+                cold_get_gbps=statistics.median(g for _, g, _ in rows),
+                hot_get_gbps=statistics.median(h for _, _, h in rows),
+                rounds_put=[p for p, _, _ in rows],
+                rounds_cold_get=[g for _, g, _ in rows],
+                rounds_hot_get=[h for _, _, h in rows],
             )
             for side, rows in figures.items()
         }
+
+
+def _paired(ours: list[float], theirs: list[float]) -> float:
+    """Median of the rounds' ratios: each round measures every side back to back, so pairing
+    within a round cancels the drift between rounds that a ratio of medians keeps."""
+    return statistics.median(o / t for o, t in zip(ours, theirs, strict=True) if t > 0)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -268,10 +287,12 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(root, ignore_errors=True)
     a, raw, hf = figures["adapter"], figures["raw tier"], figures["HiCacheFile"]
     ratios = {
-        "adapter/raw put": a.put_gbps / raw.put_gbps,
-        "adapter/raw cold get": a.cold_get_gbps / raw.cold_get_gbps,
-        "adapter/HiCacheFile put": a.put_gbps / hf.put_gbps,
-        "adapter/HiCacheFile cold get": a.cold_get_gbps / hf.cold_get_gbps,
+        "adapter/raw put": _paired(a.rounds_put, raw.rounds_put),
+        "adapter/raw cold get": _paired(a.rounds_cold_get, raw.rounds_cold_get),
+        "adapter/HiCacheFile put": _paired(a.rounds_put, hf.rounds_put),
+        "adapter/HiCacheFile cold get": _paired(a.rounds_cold_get, hf.rounds_cold_get),
+        "adapter/HiCacheFile hot get": _paired(a.rounds_hot_get, hf.rounds_hot_get),
+        "raw tier/HiCacheFile hot get": _paired(raw.rounds_hot_get, hf.rounds_hot_get),
     }
     shape = {
         "page_bytes": bench.page_bytes,
@@ -279,6 +300,8 @@ def run(args: argparse.Namespace) -> int:
         "batch": args.batch,
         "rounds": args.rounds,
         "root": str(root),
+        # The machine's load while measuring: a shared machine's figures mean little without it.
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     if args.json:
         out = {"shape": shape, "sides": {k: asdict(v) for k, v in figures.items()}}
@@ -287,11 +310,14 @@ def run(args: argparse.Namespace) -> int:
     mib = bench.page_bytes / (1 << 20)
     print(
         f"hicache bench sglang: {args.pages} pages of {mib:g} MiB (K+V) per side and round, "
-        f"{args.batch} per call, median of {args.rounds} rounds, localdisk at {root}"
+        f"{args.batch} per call, median of {args.rounds} rounds, localdisk at {root} "
+        f"(verifying checksums), load average {shape['load_avg_1m']}"
     )
-    print(f"{'side':<12} {'put GB/s':>9} {'cold get GB/s':>14}")
+    print(f"{'side':<12} {'put GB/s':>9} {'cold get GB/s':>14} {'hot get GB/s':>13}")
     for side, fig in figures.items():
-        print(f"{side:<12} {fig.put_gbps:>9.2f} {fig.cold_get_gbps:>14.2f}")
+        print(
+            f"{side:<12} {fig.put_gbps:>9.2f} {fig.cold_get_gbps:>14.2f} {fig.hot_get_gbps:>13.2f}"
+        )
     for name, value in ratios.items():
         print(f"{name:<30} {value:5.2f}x")
     return 0

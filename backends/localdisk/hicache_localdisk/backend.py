@@ -367,8 +367,12 @@ class LocalDiskBackend(Backend):
         pages = self._index.pages
         now = None if self.context.read_only else time.time_ns()
         todo = [i for i, key in enumerate(keys) if shared or key in pages]
+        # A page read alone has the I/O threads to itself: its pieces are read on them.
+        split = len(todo) == 1
         results = self._map(
-            lambda i: io.read(keys[i], dsts[i], None if now is None else now - i * _MTIME_STEP_NS),
+            lambda i: io.read(
+                keys[i], dsts[i], None if now is None else now - i * _MTIME_STEP_NS, split=split
+            ),
             todo,
         )
         statuses = [PageStatus.NOT_FOUND] * len(keys)

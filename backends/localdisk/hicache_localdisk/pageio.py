@@ -53,7 +53,8 @@ __all__ = ["PARALLEL_HASH_MIN_BYTES", "PageIO", "ReadResult"]
 log = logging.getLogger(__name__)
 
 #: Pages at least this large are checksummed on a helper thread while the payload is written
-#: (xxh3 releases the GIL); below it the hand-off costs more than it hides.
+#: (xxh3 releases the GIL), and read in pieces by helper threads when read alone; below it the
+#: hand-off costs more than it hides.
 PARALLEL_HASH_MIN_BYTES = 1 << 20
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -104,6 +105,8 @@ class PageIO:
         self._hasher: ThreadPoolExecutor | None = None
         self._writers = 0
         self._writers_lock = threading.Lock()
+        #: A read holds the helper threads (see ``_claim_helpers``).
+        self._splitting = False
         if page_bytes >= PARALLEL_HASH_MIN_BYTES:
             self._hasher = ThreadPoolExecutor(hash_threads, thread_name_prefix="hicache-xxh3")
 
@@ -203,9 +206,13 @@ class PageIO:
 
     # ------------------------------------------------------------------ get
 
-    def read(self, key: str, dst: PageParts, touch_ns: int | None) -> tuple[ReadResult, str]:
+    def read(
+        self, key: str, dst: PageParts, touch_ns: int | None, *, split: bool = False
+    ) -> tuple[ReadResult, str]:
         """Read and verify one page into ``dst``; ``dst`` is untouched when ``MISSING``.
 
+        ``split``: read a large page's pieces on the helper threads while this thread hashes
+        them (for a page read alone; a batch already spreads its pages over the I/O threads).
         Returns the outcome and, for ``CORRUPT``, the field that failed verification.
         """
         path = self._layout.page_path(key)
@@ -226,6 +233,14 @@ class PageIO:
             hashed = self._verify and not flags & O_DIRECT
             if flags & O_DIRECT:
                 n, checksum = read_fully(fd, [header, *dst]), 0
+            elif split and self._claim_helpers():
+                try:
+                    n, checksum = read_page(
+                        fd, header, dst, hash_payload=hashed, helpers=self._hasher
+                    )
+                finally:
+                    with self._writers_lock:
+                        self._splitting = False
             else:
                 n, checksum = read_page(fd, header, dst, hash_payload=hashed)
             if n != self.stored_bytes:
@@ -248,6 +263,16 @@ class PageIO:
         finally:
             os.close(fd)
         return ReadResult.OK, ""
+
+    def _claim_helpers(self) -> bool:
+        """Whether this read may spread over the helper threads: they exist and no other read
+        holds them (single-page reads from several threads are parallel already; splitting each
+        would only queue their pieces behind one another)."""
+        with self._writers_lock:
+            if self._hasher is None or self._splitting:
+                return False
+            self._splitting = True
+            return True
 
     def _log_failure(self, op: str, key: str, exc: OSError) -> None:
         # A full or read-only disk fails every put: warn once per (operation, errno), then

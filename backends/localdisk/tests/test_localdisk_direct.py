@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hicache_localdisk import LocalDiskBackend, pageio
-from hicache_localdisk.fsio import aligned_buffer
+from hicache_localdisk.fsio import SPLIT_CHUNK, aligned_buffer
 from hicache_localdisk.pageio import PARALLEL_HASH_MIN_BYTES
 
 from hicache.storage import HEADER_SIZE, PageStatus, buffer_address
@@ -104,4 +106,50 @@ def test_large_pages_written_payload_first(
         f.seek(HEADER_SIZE + size - 1)
         f.write(b"\x01" if payload_of(keys[0], size)[-1] != 1 else b"\x02")
     assert backend.get_into(keys[:1], dsts[:1]) == [PageStatus.CORRUPT]
+    backend.close()
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_large_page_read_alone_is_split_over_helpers(
+    verify: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    make_backend: Callable[..., LocalDiskBackend],
+    key_of: Callable[..., str],
+    payload_of: Callable[..., bytes],
+) -> None:
+    helpers_seen: list[object] = []
+    real_read_page = pageio.read_page
+
+    def read_page(*args: Any, **kwargs: Any) -> tuple[int, int]:
+        helpers_seen.append(kwargs.get("helpers"))
+        return real_read_page(*args, **kwargs)
+
+    monkeypatch.setattr(pageio, "read_page", read_page)
+    # A large page read alone goes in pieces over the helper threads, hashed in order: its bytes
+    # land whole, and damage in any piece (here the last, read by a helper) is still found.
+    size = 3 * SPLIT_CHUNK + 4096  # a short last piece
+    backend = make_backend(page_bytes=size, io_threads=2, verify_checksums=verify)
+    backend.open()
+    keys = [key_of(i, "split") for i in range(2)]
+    srcs = [memoryview(payload_of(k, size)) for k in keys]
+    assert backend.put(keys, srcs) == [PageStatus.OK] * 2
+    dst = bytearray(size)
+    assert backend.get_into(keys[:1], [memoryview(dst)]) == [PageStatus.OK]
+    assert dst == payload_of(keys[0], size)
+    assert len(helpers_seen) == 1 and helpers_seen[0] is not None
+    # A batch spreads its pages over the I/O threads instead: no page of it is split.
+    helpers_seen.clear()
+    both = [memoryview(bytearray(size)) for _ in keys]
+    assert backend.get_into(keys, both) == [PageStatus.OK] * 2
+    assert helpers_seen == [None, None]
+    helpers_seen.clear()
+    with open(backend.page_path(keys[0]), "r+b") as f:
+        f.seek(HEADER_SIZE + size - 10)
+        f.write(b"\x01" if payload_of(keys[0], size)[-10] != 1 else b"\x02")
+    expected = PageStatus.CORRUPT if verify else PageStatus.OK
+    assert backend.get_into(keys[:1], [memoryview(bytearray(size))]) == [expected]
+    # A file cut short inside a helper's piece is corrupt whatever the verify setting.
+    os.truncate(backend.page_path(keys[1]), HEADER_SIZE + 2 * SPLIT_CHUNK + 100)
+    assert backend.get_into(keys[1:], [memoryview(bytearray(size))]) == [PageStatus.CORRUPT]
+    assert len(helpers_seen) == 2 and all(h is not None for h in helpers_seen)
     backend.close()

@@ -55,8 +55,8 @@ class CallGate:
         """The call that entered is done with the resource."""
         with self._lock:
             self._active -= 1
-            if self._active:
-                return
+            if self._active or self._is_open:
+                return  # only a close() waits on the drain: no Event.set on every call
             self._drained.set()
             pending, self._pending = self._pending, []
         for release in pending:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from botocore.exceptions import ClientError
 
@@ -35,6 +35,7 @@ from hicache.storage import (
     Capabilities,
     PageParts,
     PageStatus,
+    RemoteBenchHooks,
     StoredPage,
     check_namespace,
     check_version,
@@ -47,9 +48,6 @@ from hicache_s3.batch import gather, ordered_prefix
 from hicache_s3.body import PageBody, read_exact
 from hicache_s3.client import checksum_params, make_client, sse_params
 from hicache_s3.options import ChecksumAlgorithm, ConditionalPut, S3Options
-
-if TYPE_CHECKING:
-    from hicache.storage import RawBaseline
 
 __all__ = ["S3Backend"]
 
@@ -65,7 +63,7 @@ def _has_crt() -> bool:
     return importlib.util.find_spec("awscrt") is not None
 
 
-class S3Backend(Backend):
+class S3Backend(RemoteBenchHooks, Backend):
     """Pages in an S3 bucket (AWS, MinIO, Ceph RGW, any S3-compatible store).
 
     Capabilities: persistent and shared (no negative cache: other instances add pages at any
@@ -74,6 +72,8 @@ class S3Backend(Backend):
     """
 
     config_model = S3Options
+    #: raw client calls on the same server (see ``baseline.py``), loaded only when benchmarked
+    bench_baseline_ref = "hicache_s3.baseline:S3RawBaseline"
 
     def __init__(self, config: BackendConfig, context: BackendContext) -> None:
         super().__init__(config, context)  # checks that config is an S3Options
@@ -142,19 +142,6 @@ class S3Backend(Backend):
     def object_key(self, key: str) -> str:
         """Object key of page ``key`` in this instance's namespace."""
         return self._key_prefix + key
-
-    # ------------------------------------------------------------------ bench hooks
-
-    def drop_page_cache(self) -> bool:
-        """Nothing to drop: the backend keeps no page bytes, so every get reaches the endpoint."""
-        return True
-
-    @classmethod
-    def bench_baseline(cls, config: BackendConfig, context: BackendContext) -> RawBaseline:
-        """Raw boto3 calls on the same endpoint and bucket with the same client settings."""
-        from hicache_s3.baseline import S3RawBaseline  # the bench machinery loads lazily
-
-        return S3RawBaseline(cast(S3Options, config))
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from hicache.errors import BackendUnavailableError, PageCorruptError
 from hicache.storage import (
@@ -29,10 +29,13 @@ from hicache.storage import (
     Capabilities,
     PageParts,
     PageStatus,
+    RemoteBenchHooks,
     StoredPage,
+    check_checksum,
     check_namespace,
     decode_header,
     encode_header,
+    payload_hasher,
     verify_page,
 )
 from hicache_valkey.dispatch import Dispatcher, raise_for_code
@@ -50,9 +53,6 @@ from hicache_valkey.options import ValkeyOptions
 from hicache_valkey.pagereader import read_page_parts
 from hicache_valkey.resp import Connection, Packer, Pool, ProtocolError, ServerError
 
-if TYPE_CHECKING:
-    from hicache.storage import RawBaseline
-
 __all__ = ["ValkeyBackend"]
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ _CORRUPT_LOG_MAX = 10_000
 _EVICTED_MAX = 1_000_000
 
 
-class ValkeyBackend(Backend):
+class ValkeyBackend(RemoteBenchHooks, Backend):
     """Pages in a Valkey/Redis server, shared by every instance pointing at it.
 
     Capabilities: persistent (pages outlive this process; the server's own persistence decides
@@ -73,6 +73,8 @@ class ValkeyBackend(Backend):
     """
 
     config_model = ValkeyOptions
+    #: raw client calls on the same server (see ``baseline.py``), loaded only when benchmarked
+    bench_baseline_ref = "hicache_valkey.baseline:ValkeyRawBaseline"
 
     def __init__(self, config: BackendConfig, context: BackendContext) -> None:
         super().__init__(config, context)  # checks that config is a ValkeyOptions
@@ -124,19 +126,6 @@ class ValkeyBackend(Backend):
             listable=True,
             default_medium="EXTERNAL",
         )
-
-    # ------------------------------------------------------------------ bench hooks
-
-    def drop_page_cache(self) -> bool:
-        """Nothing to drop: no page bytes are cached client-side; every get reaches the server."""
-        return True
-
-    @classmethod
-    def bench_baseline(cls, config: BackendConfig, context: BackendContext) -> RawBaseline:
-        """redis-py SET/GET of the same bytes on the same server (see ``baseline.py``)."""
-        from hicache_valkey.baseline import ValkeyRawBaseline  # bench machinery loads lazily
-
-        return ValkeyRawBaseline(cast(ValkeyOptions, config))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -360,7 +349,9 @@ class ValkeyBackend(Backend):
         the checksum covers the regions in order."""
         header = bytearray(HEADER_SIZE)
         expected = HEADER_SIZE + self.context.page_bytes
-        total, overflow = read_page_parts(conn, parts, first, memoryview(header), dst)
+        # Verified while it lands: each piece is hashed as soon as it is received (one pass).
+        digest = payload_hasher()
+        total, overflow = read_page_parts(conn, parts, first, memoryview(header), dst, digest)
         if total == HEADER_SIZE and not overflow:
             if kind == b"$":
                 return None  # the header of a chunked page: read it again with the script
@@ -369,7 +360,10 @@ class ValkeyBackend(Backend):
             return self._corrupt(key, f"stored value has {total}+ bytes, expected {expected}")
         try:
             payload = dst[0] if len(dst) == 1 else dst
-            verify_page(header, payload, namespace=self.context.namespace, key=key)
+            decoded = verify_page(
+                header, payload, namespace=self.context.namespace, key=key, check_payload=False
+            )
+            check_checksum(decoded, digest.intdigest())
         except PageCorruptError as exc:
             status = self._corrupt(key, str(exc))
             if exc.field == "checksum":

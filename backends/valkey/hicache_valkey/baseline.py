@@ -5,21 +5,35 @@ connection bound: pipelined ``SET`` / ``GET`` / ``EXISTS`` of the bare page byte
 header, no ``NX``, no verification. A ``GET`` returns a new ``bytes`` object that is then copied
 into the destination page, because that is what a plain client makes a caller do. It is the limit
 the backend's figures are divided by.
+
+Beside it, ``tool_limits`` runs ``redis-benchmark`` (or ``valkey-benchmark``) against the same
+server in the same round: ``SET``/``GET`` of values of the page size over as many connections as
+the benchmark has threads, pipelined as deep as its batch, i.e. what the server and loopback
+allow with a C client. It writes and then removes the tool's own key ``key:__rand_int__``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import os
+import shutil
+import subprocess
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import redis
 import redis.cluster
 
-from hicache.storage import RawBaseline
+from hicache.storage import RawBaseline, ToolLimit
 from hicache_valkey.options import ValkeyOptions
 
-__all__ = ["ValkeyRawBaseline", "redis_client"]
+__all__ = ["ValkeyRawBaseline", "redis_client", "server_benchmark"]
+
+#: The tool's key for SET/GET tests without ``-r``.
+_TOOL_KEY = "key:__rand_int__"
+_TOOL_TIMEOUT_S = 600.0
 
 
 def redis_client(options: ValkeyOptions) -> Any:
@@ -96,6 +110,12 @@ class ValkeyRawBaseline(RawBaseline):
     def drop_cache(self) -> bool:
         return True  # the client caches no values: every get reaches the server
 
+    def tool_limits(
+        self, page_bytes: int, threads: int, pages: int, batch: int
+    ) -> Sequence[ToolLimit]:
+        # docstring inherited
+        return server_benchmark(self.options, page_bytes, threads, pages, batch)
+
     def teardown(self) -> None:
         client, self._client = self._client, None
         if client is None:
@@ -111,3 +131,57 @@ class ValkeyRawBaseline(RawBaseline):
                 client.unlink(*batch)
         finally:
             client.close()
+
+
+def server_benchmark(
+    options: ValkeyOptions, page_bytes: int, clients: int, requests: int, pipeline: int = 1
+) -> list[ToolLimit]:
+    """``SET`` and ``GET`` GB/s that ``redis-benchmark`` reaches on the server of ``options``:
+    ``requests`` values of ``page_bytes`` over ``clients`` connections. Figures are ``None``
+    (with the reason) where it cannot run: not installed, a cluster, TLS, or a password (which
+    would show on its command line)."""
+    names = ("redis-benchmark SET", "redis-benchmark GET")
+    figures = ("put", "get_hot")
+    tool = shutil.which("valkey-benchmark") or shutil.which("redis-benchmark")
+    why = (
+        "not installed (Debian: redis-tools)" if tool is None
+        else "cluster mode" if options.cluster
+        else "TLS" if options.tls
+        else "the server needs a password" if options.password is not None
+        else None
+    )  # fmt: skip
+    if tool is None or why is not None:
+        return [ToolLimit(n, f, None, why or "") for n, f in zip(names, figures, strict=True)]
+    args = [
+        tool,
+        "-h", options.host,
+        "-p", str(options.port),
+        "--dbnum", str(options.db),
+        "-d", str(page_bytes),
+        "-t", "set,get",
+        "-n", str(max(requests, clients)),
+        "-c", str(clients),
+        "-P", str(pipeline),
+        "--csv",
+    ]  # fmt: skip
+    note = " ".join([os.path.basename(tool), *args[5:]])  # host and port are the tier's
+    try:
+        done = subprocess.run(
+            args, capture_output=True, text=True, timeout=_TOOL_TIMEOUT_S, check=True
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        reason = f"{os.path.basename(tool)} failed: {type(exc).__name__}"
+        return [ToolLimit(n, f, None, reason) for n, f in zip(names, figures, strict=True)]
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            client = redis_client(options)
+            try:
+                client.delete(_TOOL_KEY)
+            finally:
+                client.close()
+    rps = {row[0]: float(row[1]) for row in csv.reader(io.StringIO(done.stdout)) if len(row) > 1
+           and row[0] in ("SET", "GET")}  # fmt: skip
+    return [
+        ToolLimit(n, f, rps[op] * page_bytes / 1e9 if op in rps else None, f"{note}")
+        for n, f, op in zip(names, figures, ("SET", "GET"), strict=True)
+    ]

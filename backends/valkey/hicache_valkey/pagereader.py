@@ -11,18 +11,33 @@ written anywhere.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from hicache_valkey.resp import Connection, ProtocolError
 
-__all__ = ["read_page_parts"]
+if TYPE_CHECKING:
+    import xxhash
+
+__all__ = ["HASH_PIECE", "read_page_parts"]
+
+#: Payload bytes received before they are hashed: hashing reads them while they are still in
+#: cache (one pass over memory), and the piece stays above glibc's ``rep movsb`` ceiling for the
+#: copy of already-buffered bytes (see ``hicache.storage.buffers.COPY_CHUNK``).
+HASH_PIECE = 1 << 20
 
 
 def read_page_parts(
-    conn: Connection, parts: int, first: int, header: memoryview, regions: Sequence[memoryview]
+    conn: Connection,
+    parts: int,
+    first: int,
+    header: memoryview,
+    regions: Sequence[memoryview],
+    digest: xxhash.xxh3_64 | None = None,
 ) -> tuple[int, bool]:
     """Read ``parts`` bulk values (the first of ``first`` bytes, its length line already read)
     into ``header`` then ``regions`` (flat byte views, in order); return (bytes placed, whether
-    more bytes came than fit)."""
+    more bytes came than fit). ``digest`` is fed the regions' bytes (not the header's) in
+    pieces as they land."""
     targets = [t for t in (header, *regions) if t.nbytes]
     target = 0  # index of the target being filled
     offset = 0  # bytes already placed in it
@@ -43,7 +58,13 @@ def read_page_parts(
                 break
             view = targets[target]
             take = min(left, view.nbytes - offset)
-            conn.read_into(view[offset : offset + take])
+            if digest is not None and view is not header:
+                take = min(take, HASH_PIECE)
+                piece = view[offset : offset + take]
+                conn.read_into(piece)
+                digest.update(piece)
+            else:
+                conn.read_into(view[offset : offset + take])
             total += take
             left -= take
             offset += take

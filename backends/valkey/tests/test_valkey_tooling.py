@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from hicache_valkey import ValkeyBackend
+from hicache_valkey.baseline import server_benchmark
 from hicache_valkey.devserver import DevServer
+from hicache_valkey.options import ValkeyOptions
 from hicache_valkey.testing import PAGE_BYTES, make_backend
 
 from hicache.storage import Backend, PageStatus
@@ -43,10 +45,27 @@ def test_bench_measures_every_figure_against_raw_client(
     for figure in run.figures:
         assert figure.value is not None and figure.value > 0, figure
         assert figure.limit is not None and figure.limit > 0, figure
+    # redis-benchmark ran against the same server in the same round, beside put and hot get
+    assert [(t.name, t.figure) for t in run.tool_limits] == [
+        ("redis-benchmark SET", "put"),
+        ("redis-benchmark GET", "get_hot"),
+    ]
+    for tool in run.tool_limits:
+        assert tool.gbps is not None and tool.gbps > 0, tool
+        assert f"-d {PAGE_BYTES} " in tool.note and "-c 2 -P 2" in tool.note, tool
     client = valkey_server.client()
     leftovers = list(client.scan_iter(match=b"hicache.bench-raw-*"))
+    leftovers += list(client.scan_iter(match=b"key:*"))
     client.close()
-    assert leftovers == [], "the baseline left its keys behind"
+    assert leftovers == [], "the baseline or the tool left keys behind"
+
+
+def test_tool_limit_is_not_measured_with_a_password(options: dict[str, Any]) -> None:
+    # A password would show on redis-benchmark's command line: no figure, a reason, no secret.
+    guarded = ValkeyOptions.model_validate({**options, "password": "s3cret-pw"})
+    limits = server_benchmark(guarded, PAGE_BYTES, 1, 4)
+    assert [t.gbps for t in limits] == [None, None]
+    assert all("password" in t.note and "s3cret" not in t.note for t in limits)
 
 
 def test_storage_operations_on_a_valkey_tier(options: dict[str, Any], tmp_path: Path) -> None:
