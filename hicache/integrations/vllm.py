@@ -360,7 +360,8 @@ class HicacheTierManager(SecondaryTierManager):  # type: ignore[misc]  # vLLM is
             done.ok = [False] * len(keys)
         done.seconds = time.perf_counter() - started
         if not all(done.ok):
-            self.failures.failed("store", f"{done.ok.count(False)} chunks not stored", 0)
+            missed = done.ok.count(False)
+            self.failures.failed("store", f"{missed} of {len(keys)} chunks not stored", missed)
         calls.done()
 
     def _load_job(self, job_id: int, keys: list[OffloadKey], views: list[memoryview]) -> None:
@@ -386,7 +387,7 @@ class HicacheTierManager(SecondaryTierManager):  # type: ignore[misc]  # vLLM is
         failed = done.ok.count(False)
         if failed:
             done.counts[("load_failed", _ALL_TIERS)] += failed
-            self.failures.failed("load", f"{failed} of {len(keys)} chunks not read", 0)
+            self.failures.failed("load", f"{failed} of {len(keys)} chunks not read", failed)
         calls.done()
 
     def _job_started(self) -> None:
