@@ -3,8 +3,9 @@ subprocess by tests/vllm/test_vllm_e2e.py (vLLM spawns processes: hence the ``__
 
     python driver.py SCENARIO.json
 
-The scenario names the model folder, the ``secondary_tiers`` entries, the output file and the
-steps, each one of:
+The scenario names the model folder, the offloading spec (``spec_name`` and, for the test-only
+CPU spec, ``spec_module_path``), the ``secondary_tiers`` entries, the output file and the steps,
+each one of:
 
 - ``{"op": "gen", "name": N, "prompt": [token ids]}``  greedy generation; the output records
   the tokens, each token's logprob and ``num_cached_tokens`` under ``N``
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 MAX_TOKENS = 8
+#: The test-only spec of tests/vllm/cpu_spec.py (vLLM refuses offloading on CPU otherwise).
+CPU_SPEC = {"spec_name": "CpuSlicingTieringSpec", "spec_module_path": "cpu_spec"}
 
 
 def run(scenario: dict[str, Any]) -> dict[str, Any]:
@@ -44,8 +47,7 @@ def run(scenario: dict[str, Any]) -> dict[str, Any]:
             kv_connector="OffloadingConnector",
             kv_role="kv_both",
             kv_connector_extra_config={
-                "spec_name": scenario.get("spec_name", "CpuSlicingTieringSpec"),
-                "spec_module_path": scenario.get("spec_module_path", "cpu_spec"),
+                **scenario.get("spec", CPU_SPEC),
                 "cpu_bytes_to_use": 64 << 20,
                 "secondary_tiers": scenario["secondary_tiers"],
             },

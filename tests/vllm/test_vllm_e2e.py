@@ -34,6 +34,13 @@ pytest.importorskip(
 from hicache.integrations.vllm_parts import page_key
 
 HERE = Path(__file__).resolve().parent
+#: ``HICACHE_VLLM_SPEC=stock`` (scripts/gpu_check.sh on a GPU machine) runs the same engines
+#: with vLLM's own TieringOffloadingSpec and its GPU copy path instead of the test-only one.
+SPEC = (
+    {"spec_name": "TieringOffloadingSpec"}
+    if os.environ.get("HICACHE_VLLM_SPEC") == "stock"
+    else {"spec_name": "CpuSlicingTieringSpec", "spec_module_path": "cpu_spec"}
+)
 #: One engine process (imports, start, a few generations) under a loaded 2-core machine.
 ENGINE_TIMEOUT_S = 480
 PROMPT_TOKENS = 200
@@ -62,6 +69,7 @@ def _observed(name: str, work: Path, tiers: dict[str, Any], **extra: Any) -> dic
 def _engine(scenario: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
     path = work / f"{name}.scenario.json"
     scenario["out"] = str(work / f"{name}.out.json")
+    scenario["spec"] = SPEC
     path.write_text(json.dumps(scenario))
     env = dict(os.environ)
     env.update(
