@@ -48,7 +48,6 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vllm.v1.kv_offload.base import (
@@ -67,10 +66,13 @@ from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, Tra
 from hicache.errors import ConfigError
 from hicache.integrations.common import AdapterStats, LogLimiter, load_tiers_config
 from hicache.integrations.vllm_parts import (
+    METRICS,
     UNSTABLE_HASH_HELP,
     CallsLeft,
+    Checked,
     ChunkLayout,
     HashStability,
+    JobDone,
     PrimaryRows,
     TierOptions,
     chunk_namespace,
@@ -84,44 +86,14 @@ from hicache.tiering.tiers import Tier, Tiers
 if TYPE_CHECKING:
     from hicache.metrics import HicacheCollector
 
-__all__ = ["METRICS", "VLLM_VERSION", "HicacheTierManager"]
+__all__ = ["VLLM_VERSION", "HicacheTierManager"]
 
 logger = logging.getLogger(__name__)
 
 #: The vLLM release this tier is written and tested against (the Makefile's pin).
 VLLM_VERSION = "0.32.0"
 
-#: vLLM metric names this tier reports through ``get_stats``, all labelled by hicache tier.
-METRICS = {
-    "stored": "vllm:kv_offload_hicache_stored_chunks",
-    "store_failed": "vllm:kv_offload_hicache_store_failed_chunks",
-    "loaded": "vllm:kv_offload_hicache_loaded_chunks",
-    "load_failed": "vllm:kv_offload_hicache_load_failed_chunks",
-    "lookup_hits": "vllm:kv_offload_hicache_lookup_hits",
-    "lookup_misses": "vllm:kv_offload_hicache_lookup_misses",
-}
 _ALL_TIERS = "*"
-
-
-@dataclass(frozen=True, slots=True)
-class _Checked:
-    keys: list[OffloadKey]
-    found: int
-
-
-@dataclass(slots=True)
-class _JobDone:
-    job_id: int
-    load: bool
-    keys: list[OffloadKey]
-    ok: list[bool]
-    nbytes: int = 0
-    seconds: float = 0.0
-    #: Keys newly stored, and keys the backend evicted, per tier name.
-    stored: dict[str, list[OffloadKey]] = field(default_factory=dict)
-    evicted: dict[str, list[str]] = field(default_factory=dict)
-    #: Chunks per tier name that loaded / failed.
-    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
 class HicacheTierManager(SecondaryTierManager):  # type: ignore[misc]  # vLLM is untyped here
@@ -177,8 +149,11 @@ class HicacheTierManager(SecondaryTierManager):  # type: ignore[misc]  # vLLM is
         self._stores = EngineWorkers(self.rows, workers=self.options.store_workers)
         self._checks = EngineWorkers(self.rows, workers=1)
         # what the workers finished, taken on the scheduler's thread by _poll
-        self._reports: queue.SimpleQueue[_Checked | _JobDone] = queue.SimpleQueue()
-        self._known: OrderedDict[OffloadKey, None] = OrderedDict()
+        self._reports: queue.SimpleQueue[Checked | JobDone] = queue.SimpleQueue()
+        # keys known present, oldest first, with their page keys (a backend reports evictions
+        # by page key)
+        self._known: OrderedDict[OffloadKey, str] = OrderedDict()
+        self._by_page: dict[str, OffloadKey] = {}
         self._absent: dict[OffloadKey, float] = {}
         self._checking: set[OffloadKey] = set()
         self._to_check: dict[str, list[OffloadKey]] = {}
@@ -294,19 +269,25 @@ class HicacheTierManager(SecondaryTierManager):  # type: ignore[misc]  # vLLM is
             found = ranges[-1].end if ranges else 0
         except Exception as exc:  # the tiers never raise; this guards against bugs
             self.failures.failed("lookup", exc)
-        self._reports.put(_Checked(keys, found))
+        self._reports.put(Checked(keys, found))
 
     def _remember(self, keys: Iterable[OffloadKey]) -> None:
         for key in keys:
-            self._known[key] = None
+            if key not in self._known:
+                pkey = page_key(key)
+                self._known[key] = pkey
+                self._by_page[pkey] = key
             self._known.move_to_end(key)
             self._absent.pop(key, None)
         while len(self._known) > self.options.known_keys:
-            self._known.popitem(last=False)
+            _, pkey = self._known.popitem(last=False)
+            self._by_page.pop(pkey, None)
 
     def _forget(self, keys: Iterable[OffloadKey]) -> None:
         for key in keys:
-            self._known.pop(key, None)
+            pkey = self._known.pop(key, None)
+            if pkey is not None:
+                self._by_page.pop(pkey, None)
 
     # ------------------------------------------------------------------ jobs
 
@@ -316,7 +297,7 @@ class HicacheTierManager(SecondaryTierManager):  # type: ignore[misc]  # vLLM is
         chunks = [int(c) for c in job_metadata.chunk_ids]
         self._job_started()
         if self._refused or self._closed or len(chunks) != len(keys):
-            self._job_done(_JobDone(job_metadata.job_id, False, keys, [False] * len(keys)))
+            self._job_done(JobDone(job_metadata.job_id, False, keys, [False] * len(keys)))
             return
         views = [self.rows.page_view(c) for c in chunks]
         self._stores.submit(self._store_job, job_metadata.job_id, keys, views)
@@ -327,13 +308,13 @@ class HicacheTierManager(SecondaryTierManager):  # type: ignore[misc]  # vLLM is
         chunks = [int(c) for c in job_metadata.chunk_ids]
         self._job_started()
         if self._refused or self._closed or len(chunks) != len(keys):
-            self._job_done(_JobDone(job_metadata.job_id, True, keys, [False] * len(keys)))
+            self._job_done(JobDone(job_metadata.job_id, True, keys, [False] * len(keys)))
             return
         views = [self.rows.page_view(c) for c in chunks]
         self._loads.submit(self._load_job, job_metadata.job_id, keys, views)
 
     def _store_job(self, job_id: int, keys: list[OffloadKey], views: list[memoryview]) -> None:
-        done = _JobDone(job_id, False, keys, [False] * len(keys))
+        done = JobDone(job_id, False, keys, [False] * len(keys))
         calls = CallsLeft(lambda: self._job_done(done))
         started = time.perf_counter()
         try:
@@ -365,7 +346,7 @@ class HicacheTierManager(SecondaryTierManager):  # type: ignore[misc]  # vLLM is
         calls.done()
 
     def _load_job(self, job_id: int, keys: list[OffloadKey], views: list[memoryview]) -> None:
-        done = _JobDone(job_id, True, keys, [False] * len(keys))
+        done = JobDone(job_id, True, keys, [False] * len(keys))
         calls = CallsLeft(lambda: self._job_done(done))
         started = time.perf_counter()
         try:
@@ -394,7 +375,7 @@ class HicacheTierManager(SecondaryTierManager):  # type: ignore[misc]  # vLLM is
         with self._jobs_cv:
             self._jobs_out += 1
 
-    def _job_done(self, done: _JobDone) -> None:
+    def _job_done(self, done: JobDone) -> None:
         # the report goes first: once drain_jobs sees no job out, every result is queued
         self._reports.put(done)
         with self._jobs_cv:
@@ -410,19 +391,19 @@ class HicacheTierManager(SecondaryTierManager):  # type: ignore[misc]  # vLLM is
                 item = self._reports.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(item, _Checked):
+            if isinstance(item, Checked):
                 self._checked(item)
             else:
                 self._finish(item)
 
-    def _checked(self, item: _Checked) -> None:
+    def _checked(self, item: Checked) -> None:
         until = time.monotonic() + self.options.absent_ttl_s
         self._remember(item.keys[: item.found])
         for key in item.keys[item.found :]:
             self._absent[key] = until
         self._checking.difference_update(item.keys)
 
-    def _finish(self, done: _JobDone) -> None:
+    def _finish(self, done: JobDone) -> None:
         self._stats.update(done.counts)
         ok_keys = [k for k, ok in zip(done.keys, done.ok, strict=True) if ok]
         if done.load:
@@ -432,7 +413,9 @@ class HicacheTierManager(SecondaryTierManager):  # type: ignore[misc]  # vLLM is
         for name, keys in done.stored.items():
             self._event(name, keys, removed=False)
         for name, pkeys in done.evicted.items():
-            self._stats[("evicted", name)] += len(pkeys)
+            gone = [self._by_page[p] for p in pkeys if p in self._by_page]
+            self._forget(gone)
+            self._event(name, gone, removed=True)
         success = all(done.ok)
         self._finished.append(
             JobResult(
@@ -491,17 +474,9 @@ class HicacheTierManager(SecondaryTierManager):  # type: ignore[misc]  # vLLM is
     def build_metric_definitions(
         cls, extra_config: dict[str, Any]
     ) -> dict[str, OffloadingMetricMetadata]:
-        what = {
-            "stored": "Chunks stored (or already present) in a hicache tier.",
-            "store_failed": "Chunks a hicache tier did not store (failed, refused or dropped).",
-            "loaded": "Chunks read from a hicache tier into vLLM's primary tier.",
-            "load_failed": "Chunks vLLM asked for that no hicache tier could read (misses).",
-            "lookup_hits": "Chunk lookups answered present by the hicache tiers.",
-            "lookup_misses": "Chunk lookups answered absent by the hicache tiers.",
-        }
         return {
-            METRICS[k]: OffloadingCounterMetadata(documentation=doc, labelnames=("tier",))
-            for k, doc in what.items()
+            name: OffloadingCounterMetadata(documentation=doc, labelnames=("tier",))
+            for name, doc in METRICS.values()
         }
 
     def get_stats(self) -> Any:
@@ -516,7 +491,7 @@ class HicacheTierManager(SecondaryTierManager):  # type: ignore[misc]  # vLLM is
 
         stats = OffloadingConnectorStats()
         for (what, tier), value in counts.items():
-            stats.increase_counter(METRICS[what], value, (tier,))
+            stats.increase_counter(METRICS[what][0], value, (tier,))
         return stats
 
     def metrics_collector(self, name: str = "vllm") -> HicacheCollector:
@@ -549,6 +524,7 @@ class HicacheTierManager(SecondaryTierManager):  # type: ignore[misc]  # vLLM is
         for workers in (self._checks, self._loads, self._stores):
             workers.close()
         self.tiers.close()
+        self.rows.release_view()
 
 
 def _medium(tier: Tier) -> Medium:

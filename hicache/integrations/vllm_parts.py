@@ -8,15 +8,19 @@
                            to set when they are not
 - :class:`PrimaryRows`     the primary tier's rows as zero-copy page buffers for the I/O workers
 - :class:`CallsLeft`       a job's result is reported only once every backend call returned
+- ``METRICS``               the vLLM metric names the tier reports, with their documentation
+- ``Checked`` / ``JobDone``  what the I/O workers hand back to the scheduler's thread
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -26,9 +30,12 @@ from hicache.integrations.common import check_one_source
 from hicache.keys import NamespaceSpec, engine_namespace
 
 __all__ = [
+    "METRICS",
     "CallsLeft",
+    "Checked",
     "ChunkLayout",
     "HashStability",
+    "JobDone",
     "PrimaryRows",
     "TierOptions",
     "chunk_namespace",
@@ -200,6 +207,12 @@ class PrimaryRows:
         self.chunk_bytes = int(strides[0])
         self._flat = primary_kv_view.cast("B")
 
+    def release_view(self) -> None:
+        """Let go of the primary view (vLLM closes its mmap after the tiers shut down); a row
+        view still referenced keeps it (then vLLM only logs that it could not close)."""
+        with contextlib.suppress(BufferError):
+            self._flat.release()
+
     def hold(self, pages: Iterable[int]) -> None:
         return None
 
@@ -238,3 +251,58 @@ class CallsLeft:
             self._report()
 
     done = drop
+
+
+#: vLLM metric names reported through ``get_stats`` (all labelled by hicache tier), with their
+#: documentation.
+METRICS: dict[str, tuple[str, str]] = {
+    "stored": (
+        "vllm:kv_offload_hicache_stored_chunks",
+        "Chunks stored (or already present) in a hicache tier.",
+    ),
+    "store_failed": (
+        "vllm:kv_offload_hicache_store_failed_chunks",
+        "Chunks a hicache tier did not store (failed, refused or dropped).",
+    ),
+    "loaded": (
+        "vllm:kv_offload_hicache_loaded_chunks",
+        "Chunks read from a hicache tier into vLLM's primary tier.",
+    ),
+    "load_failed": (
+        "vllm:kv_offload_hicache_load_failed_chunks",
+        "Chunks vLLM asked for that no hicache tier could read (misses).",
+    ),
+    "lookup_hits": (
+        "vllm:kv_offload_hicache_lookup_hits",
+        "Chunk lookups answered present by the hicache tiers.",
+    ),
+    "lookup_misses": (
+        "vllm:kv_offload_hicache_lookup_misses",
+        "Chunk lookups answered absent by the hicache tiers.",
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """An existence check of one request's keys: the first ``found`` are stored."""
+
+    keys: list[bytes]
+    found: int
+
+
+@dataclass(slots=True)
+class JobDone:
+    """A finished store or load job, per key, filled in by its worker."""
+
+    job_id: int
+    load: bool
+    keys: list[bytes]
+    ok: list[bool]
+    nbytes: int = 0
+    seconds: float = 0.0
+    #: Keys newly stored per tier name, and page keys the backend evicted per tier name.
+    stored: dict[str, list[bytes]] = field(default_factory=dict)
+    evicted: dict[str, list[str]] = field(default_factory=dict)
+    #: Chunks counted per (``METRICS`` key, tier name).
+    counts: Counter[tuple[str, str]] = field(default_factory=Counter)

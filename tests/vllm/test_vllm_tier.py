@@ -41,7 +41,13 @@ from vllm.v1.kv_offload.tiering.base import TransferJob
 
 from hicache.errors import ConfigError
 from hicache.integrations import vllm as adapter
-from hicache.integrations.vllm_parts import HashStability, hash_stability, page_key
+from hicache.integrations.vllm_parts import (
+    METRICS,
+    UNSTABLE_HASH_HELP,
+    HashStability,
+    hash_stability,
+    page_key,
+)
 from hicache.storage.backend import PageStatus
 from hicache.testing.faults import FaultOp
 from hicache.testing.wait import wait_for
@@ -147,8 +153,8 @@ def test_store_lookup_load_round_trip_zero_copy_with_events_and_stats(
     assert (event.medium, event.locality) == (Medium.CPU, Locality.LOCAL)
     assert event.ownership == "HicacheTierManager/ram/CPU"
     values = tier.get_stats().data["data"]
-    assert values[adapter.METRICS["stored"]] == {("ram",): 3}
-    assert values[adapter.METRICS["loaded"]] == {("ram",): 3}
+    assert values[METRICS["stored"][0]] == {("ram",): 3}
+    assert values[METRICS["loaded"][0]] == {("ram",): 3}
     assert tier.get_stats() is None  # reset by the call
     from prometheus_client import CollectorRegistry, generate_latest
 
@@ -228,7 +234,7 @@ def test_per_process_hashing_refuses_a_persistent_tier(
     assert hash_stability("xxhash", "0") is HashStability.STABLE
     assert hash_stability("sha256", None) is HashStability.STABLE
     assert hash_stability(None, None, "vllm-none-hash", "vllm-none-hash") is HashStability.STABLE
-    assert "PYTHONHASHSEED" in adapter.UNSTABLE_HASH_HELP
+    assert "PYTHONHASHSEED" in UNSTABLE_HASH_HELP
 
 
 def test_bad_tier_kwargs_name_the_key(tmp_path: Path) -> None:
