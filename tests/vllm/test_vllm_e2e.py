@@ -34,6 +34,9 @@ pytest.importorskip(
 from hicache.integrations.vllm_parts import page_key
 
 HERE = Path(__file__).resolve().parent
+#: Two engine processes run in the module's fixture: bounded per engine (``ENGINE_TIMEOUT_S``),
+#: not by the suite's 300 s per test.
+pytestmark = pytest.mark.timeout(1100)
 #: ``HICACHE_VLLM_SPEC=stock`` (scripts/gpu_check.sh on a GPU machine) runs the same engines
 #: with vLLM's own TieringOffloadingSpec and its GPU copy path instead of the test-only one.
 SPEC = (
