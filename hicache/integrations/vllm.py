@@ -397,7 +397,10 @@ class HicacheTierManager(SecondaryTierManager):  # type: ignore[misc]  # vLLM is
                 self._finish(item)
 
     def _checked(self, item: Checked) -> None:
-        until = time.monotonic() + self.options.absent_ttl_s
+        now = time.monotonic()
+        until = now + self.options.absent_ttl_s
+        if len(self._absent) > self.options.known_keys:  # keys never asked again: let them go
+            self._absent = {k: t for k, t in self._absent.items() if t > now}
         self._remember(item.keys[: item.found])
         for key in item.keys[item.found :]:
             self._absent[key] = until
