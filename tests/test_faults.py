@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from hicache.errors import BackendCapacityError, BackendUnavailableError
-from hicache.storage.backend import BackendContext, PageStatus
+from hicache.storage.backend import Backend, BackendContext, PageStatus
 from hicache.storage.memory import MemoryBackend, MemoryConfig
 from hicache.testing.clock import ManualClock
 from hicache.testing.faults import GARBAGE, FaultOp, FaultyBackend
@@ -133,6 +133,32 @@ def test_vanish_between_exists_and_get(faulty: FaultyBackend) -> None:
     assert faulty.get_into([k(1), k(2)], [dst(), d]) == [PageStatus.OK, PageStatus.NOT_FOUND]
     assert bytes(d) == before  # NOT_FOUND leaves the destination untouched
     assert faulty.exists([k(2)]) == [False]
+
+
+def test_damage_on_get_harms_each_stored_page_once_before_it_is_read(
+    faulty: FaultyBackend,
+) -> None:
+    faulty.put([k(1), k(2)], [page(1), page(2)])
+    damaged: list[str] = []
+
+    def rot(inner: Backend, key: str) -> None:
+        # a raw hook: rewrite the stored bytes behind the backend's API
+        assert isinstance(inner, MemoryBackend)
+        damaged.append(key)
+        inner.delete([key])
+        inner.put([key], [memoryview(bytearray([0x5A]) * PAGE)])
+
+    faulty.damage_on_get(rot)
+    d1, d2, d3 = dst(), dst(), dst()
+    assert faulty.get_into([k(1), k(3)], [d1, d3]) == [PageStatus.OK, PageStatus.NOT_FOUND]
+    assert bytes(d1) == bytes([0x5A]) * PAGE  # damaged where it rests, then read
+    assert faulty.get_into([k(1), k(2)], [d1, d2]) == [PageStatus.OK] * 2
+    assert damaged == [k(1), k(2)]  # once per key; a missing key is not damaged
+    assert faulty.injected["damaged"] == 2
+    faulty.heal()
+    faulty.put([k(4)], [page(4)])
+    d4 = dst()
+    assert faulty.get_into([k(4)], [d4]) == [PageStatus.OK] and bytes(d4) == bytes(page(4))
 
 
 def test_latency_is_applied(faulty: FaultyBackend) -> None:

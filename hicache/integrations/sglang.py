@@ -27,21 +27,19 @@ Prometheus: ``metrics_collector()`` returns a :class:`~hicache.metrics.HicacheCo
 adapter's tiers for the host to register on its own registry (nothing is registered globally).
 
 No data method raises into SGLang: a storage failure is a miss or ``False``, counted and logged
-at most once per ``LOG_EVERY_S`` per kind. A read that outlives its tier's deadline is reported
-as missed while its backend call may still finish writing into the host slots SGLang was given;
-SGLang frees those slots for reuse, so keep tier deadlines above the backend's own timeouts.
+at most once per ``LOG_EVERY_S`` (:mod:`hicache.integrations.common`) per kind. A read that
+outlives its tier's deadline is reported as missed while its backend call may still finish
+writing into the host slots SGLang was given; SGLang frees those slots for reuse, so keep tier
+deadlines above the backend's own timeouts.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -52,8 +50,15 @@ from sglang.srt.mem_cache.hicache_storage import (
     HiCacheStorageExtraInfo,
 )
 
-from hicache.config import HicacheConfig, load_config, validate_tiers
+from hicache.config import HicacheConfig
 from hicache.errors import ConfigError
+from hicache.integrations.common import (
+    AdapterStats,
+    LogLimiter,
+    address_view,
+    check_one_source,
+    load_tiers_config,
+)
 from hicache.keys import NamespaceSpec, engine_namespace
 from hicache.storage.backend import PageStatus, check_keys
 from hicache.tiering.tiers import Tiers
@@ -79,8 +84,6 @@ SUPPORTED_LAYOUTS = ("page_first", "page_first_direct", "page_head")
 _MLA_LAYOUTS = ("page_first", "page_first_direct")
 #: Extra-config keys SGLang itself reads for a dynamic backend.
 _SGLANG_KEYS = frozenset({"backend_name", "module_path", "class_name", "interface_v1"})
-#: At most one log line per kind of failure this often.
-LOG_EVERY_S = 30.0
 
 _T = TypeVar("_T")
 
@@ -108,28 +111,12 @@ class AdapterOptions(BaseModel):
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise ConfigError(f"extra_config.{where}: {first['msg']}") from None
-        if (options.hicache_config is None) == (options.tiers is None):
-            raise ConfigError(
-                "extra_config: give exactly one of 'hicache_config' (a hicache YAML file) "
-                "and 'tiers' (the tiers inline)"
-            )
+        check_one_source(options.hicache_config, options.tiers, origin="extra_config")
         return options
 
     def load(self) -> HicacheConfig:
         """The hicache configuration these options name, with every tier's options validated."""
-        if self.hicache_config is not None:
-            return load_config(Path(self.hicache_config))
-        try:
-            data: dict[str, Any] = {"storage": {"tiers": self.tiers}}
-            config = HicacheConfig(**data)
-        except ValidationError as exc:
-            lines = [
-                f"extra_config.{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}"
-                for e in exc.errors()
-            ]
-            raise ConfigError("\n".join(lines)) from None
-        validate_tiers(config, origin="extra_config")
-        return config
+        return load_tiers_config(self.hicache_config, self.tiers, origin="extra_config")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,32 +128,6 @@ class StorageStats:
     backup_pgs: list[int] = field(default_factory=list)
     prefetch_bandwidth: list[float] = field(default_factory=list)
     backup_bandwidth: list[float] = field(default_factory=list)
-
-
-class _LogLimiter:
-    """Counts failures by kind and logs each kind at most once per ``LOG_EVERY_S``."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-        self._last: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def failed(self, kind: str, exc: BaseException) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self.counts[kind] += 1
-            due = now - self._last.get(kind, -LOG_EVERY_S) >= LOG_EVERY_S
-            if due:
-                self._last[kind] = now
-            count = self.counts[kind]
-        if due:
-            logger.warning("hicache adapter: %s failed (%d so far): %r", kind, count, exc)
-
-
-def address_view(address: int, nbytes: int) -> memoryview:
-    """A writable byte view of ``nbytes`` of host memory at ``address`` (a host-pool region or
-    a tensor's storage); whoever owns that memory must keep it alive while the view is used."""
-    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
 
 
 def _regions(ptrs: Sequence[int], sizes: Sequence[int], start: int, count: int) -> tuple[Any, ...]:
@@ -200,7 +161,7 @@ class HicacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang ships no t
         self.namespace: str | None = None
         self.page_bytes = 0
         self.regions_per_page = 0
-        self.failures = _LogLimiter()
+        self.failures = LogLimiter()
         self._metrics_lock = threading.Lock()
         self._metrics: dict[str, list[float]] = {
             "prefetch_pgs": [],
@@ -487,7 +448,9 @@ class HicacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang ships no t
         """
         from hicache.metrics import HicacheCollector  # prometheus-client is an optional extra
 
-        return HicacheCollector({name: _AdapterStats(self)})
+        return HicacheCollector(
+            {name: AdapterStats(lambda: self.tiers, lambda: int(getattr(self, "page_size", 0)))}
+        )
 
     def hicache_stats(self) -> dict[str, Any]:
         """hicache's own view: namespace, per-tier counters and the adapter's failure counts."""
@@ -497,21 +460,3 @@ class HicacheStorage(HiCacheStorage):  # type: ignore[misc]  # SGLang ships no t
             "tiers": tiers,
             "failures": dict(self.failures.counts),
         }
-
-
-class _AdapterStats:
-    """What :class:`~hicache.metrics.HicacheCollector` reads of a cache, for the adapter: its
-    tiers (read at every scrape: they exist once the host pool is attached) and its page size
-    in tokens (for the tier token counters)."""
-
-    def __init__(self, storage: HicacheStorage) -> None:
-        self._storage = storage
-
-    @property
-    def tiers(self) -> Tiers | None:
-        return self._storage.tiers
-
-    def stats(self) -> dict[str, object]:
-        if self._storage.tiers is None:
-            return {}
-        return {"page_size": int(getattr(self._storage, "page_size", 0))}

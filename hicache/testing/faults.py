@@ -14,6 +14,10 @@ knob can be turned while calls are in flight; all are thread-safe.
                                        given, only calls naming one of ``keys`` when given;
                                        ``wait_hung(n)`` waits until n are in
 - ``clear_key_faults()``               forget every ``fail_keys`` fault (the other knobs stay)
+- ``damage_on_get(damage)``            before a key is first read, ``damage(inner, key)`` harms
+                                       the page where it rests (a raw hook such as the kit's
+                                       ``corrupt_payload``): bytes rotted in storage, which only
+                                       the inner backend's checksums can tell
 - ``fail_open(error)``                 ``open()`` raises ``error()`` until ``fail_open(None)``
 - ``evict(keys)``                      drop pages now and report them through ``take_evicted``
 - ``vanish_on_get(keys)``              ``exists`` still says yes, then ``get_into`` finds the page
@@ -89,6 +93,8 @@ class FaultyBackend(Backend):
         self._hang_keys: frozenset[str] | None = None
         self._hung_now = 0
         self._vanish: set[str] = set()
+        self._damage: Callable[[Backend, str], None] | None = None
+        self._damaged: set[str] = set()
         self._evicted: list[str] = []
         self.calls: Counter[str] = Counter()
         self.finished: Counter[str] = Counter()
@@ -191,11 +197,19 @@ class FaultyBackend(Backend):
         with self._lock:
             self._vanish.update(keys)
 
+    def damage_on_get(self, damage: Callable[[Backend, str], None] | None) -> None:
+        """Before each key is first read, call ``damage(inner, key)`` (once per key) to harm
+        the stored page in place; ``None`` stops it."""
+        with self._lock:
+            self._damage = damage
+            self._damaged.clear()
+
     def heal(self) -> None:
-        """Clear every fault (latency, key faults, call and open failures, vanishing keys) and
-        release any hang."""
+        """Clear every fault (latency, key faults, call and open failures, vanishing keys,
+        damage on get) and release any hang."""
         with self._lock:
             self.latency_s = 0.0
+            self._damage = None
             self._open_error = None
             self._key_faults.clear()
             self._call_fail_left = 0
@@ -335,6 +349,7 @@ class FaultyBackend(Backend):
             self.inner.delete(vanished)
             with self._lock:
                 self.injected["vanished"] += len(vanished)
+        self._damage_stored(keys)
         where = [i for i, s in enumerate(out) if s is None]
         if where:
             got = self.inner.get_into([keys[i] for i in where], [dsts[i] for i in where])
@@ -345,6 +360,20 @@ class FaultyBackend(Backend):
                 for region in dsts[i]:  # "undefined" contents
                     region.cast("B")[:] = bytes([GARBAGE]) * region.nbytes
         return [s if s is not None else PageStatus.FAILED for s in out]
+
+    def _damage_stored(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            damage = self._damage
+            fresh = [k for k in keys if k not in self._damaged] if damage is not None else []
+            self._damaged.update(fresh)
+        if damage is None:
+            return
+        present = self.inner.exists(fresh) if fresh else []
+        for key, there in zip(fresh, present, strict=True):
+            if there:
+                damage(self.inner, key)
+                with self._lock:
+                    self.injected["damaged"] += 1
 
     def take_evicted(self) -> list[str]:
         with self._lock:
