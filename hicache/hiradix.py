@@ -135,7 +135,7 @@ class HiRadixCache(RadixCache):
         events: bool = True,
         max_queued_events: int | None = None,
         lora_id: int | None = None,
-        io_workers: int = 4,
+        io_workers: int | None = None,
         event_publisher: EventPublisher | None = None,
     ) -> None:
         self.identity = identity or ModelIdentity("default")

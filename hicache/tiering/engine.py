@@ -78,8 +78,11 @@ from hicache.tiering.engine_records import (
     _LookupDone,
     _PrefetchJob,
     _PutDone,
+    _PutJob,
+    _PutPart,
 )
-from hicache.tiering.engine_workers import EngineWorkers, _Holds
+from hicache.tiering.engine_workers import EngineWorkers
+from hicache.tiering.lanes import Lane
 from hicache.tiering.prefetch import PrefetchOutcome
 from hicache.tiering.tiers import Tier, TierRange, Tiers
 
@@ -95,6 +98,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Upper bound of the default worker count (the workers mostly wait on tier calls).
+_MAX_WORKERS = 32
+
 
 class StorageEngine:
     """A small worker pool between one cache and its tiers (see the module docstring)."""
@@ -106,13 +112,18 @@ class StorageEngine:
         *,
         page_size: int,
         lora_id: int | None = None,
-        workers: int = 4,
+        workers: int | None = None,
         known_capacity: int = DEFAULT_KNOWN_CAPACITY,
         evict_poll_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tiers = tiers
         self.host_pool = host_pool
+        if workers is None:
+            # a job makes one tier call at a time: as many jobs as the tiers take calls at once
+            workers = max(2, min(sum(t.caller.threads for t in tiers.tiers), _MAX_WORKERS))
+        elif workers < 1:
+            raise ValueError(f"storage engine workers must be >= 1, got {workers}")
         self.workers = EngineWorkers(host_pool, workers=workers)
         self.prefetch_jobs = PrefetchJobs(tiers, self.workers)
         self.page_size = page_size
@@ -122,6 +133,11 @@ class StorageEngine:
         self._tier_by_name = {t.name: t for t in tiers.tiers}
         self._evict_jobs: dict[str, Future[None]] = {}
         self._evict_polled: dict[str, float] = {}
+        #: Publishes not handed to a worker yet, per tier, in order (sent as one put call).
+        self._unsent: dict[str, list[_PutPart]] = {}
+        #: Put calls sent and not seen finished by ``poll``; the latest one of each page.
+        self._sent: list[_PutJob] = []
+        self._putting: dict[str, _PutJob] = {}
         self.counters: dict[str, int] = {
             "published_pages": 0,
             "announced_pages": 0,
@@ -186,9 +202,10 @@ class StorageEngine:
             holds = self.workers.hold(host, tier.gate, nbytes)
             views = [self.host_pool.page_view(h) for h in host]
             group.outstanding += 1
-            self.workers.submit(
-                self._put_job, group.id, tier, batch, keys[:n], views, holds, len(keys)
-            )
+            parts = self._unsent.setdefault(tier.name, [])
+            parts.append(_PutPart(group.id, batch, keys[:n], views, holds, len(keys)))
+            if sum(len(p.keys) for p in parts) >= tier.max_batch:
+                self._send(tier)
         if targets is None:
             self.counters["published_pages"] += len(pages)
         return [t for t in tiers if group.progress[t.name].drop_reason == "dropped_admission"]
@@ -271,29 +288,87 @@ class StorageEngine:
             self.counters["dropped_pages"] += n
 
     def end_publish(self, group: PublishGroup) -> None:
-        """No more fragments for ``group``; it is forgotten once every tier finished it."""
+        """No more fragments for ``group``; it is forgotten once every tier finished it.
+
+        The group's pages go out now: all its fragments (and ancestors put back) in one put
+        call per tier, so the small pages of one write-through cost one request (and, on a
+        durable local tier, one round of directory syncs), not one per fragment.
+        """
         group.closed = True
         self.announcer.finish(group)
+        self.send_unsent()
 
-    def _put_job(
-        self,
-        group: int,
-        tier: Tier,
-        batch: int,
-        keys: list[str],
-        views: list[memoryview],
-        holds: _Holds,
-        total: int,
-    ) -> None:
+    def send_unsent(self) -> None:
+        """Hand every publish not sent yet to the workers (one put job per tier)."""
+        for name in list(self._unsent):
+            self._send(self._tier_by_name[name])
+
+    def _send(self, tier: Tier) -> None:
+        parts = self._unsent.pop(tier.name, None)
+        if not parts:
+            return
+        job = _PutJob(tier, parts)
+        job.future = self.workers.submit(self._put_job, job, ticket=job.ticket)
+        self._sent.append(job)
+        putting = self._putting
+        for p in parts:
+            for k in p.keys:
+                putting[k] = job
+
+    def _puts_before_lookup(self, keys: Sequence[str]) -> list[Future[None]]:
+        """The put calls still carrying any of ``keys``, promoted to the read lane: a lookup
+        waits for exactly these (its pages are on their way), never for other publishes."""
+        self.send_unsent()
+        jobs: dict[int, _PutJob] = {}
+        putting = self._putting
+        for k in keys:
+            job = putting.get(k)
+            if job is not None and job.future is not None and not job.future.done():
+                jobs[id(job)] = job
+        for job in jobs.values():
+            job.ticket.lane = Lane.READ  # first: a submit after this reads it
+            self.workers.promote(job.ticket)
+            job.tier.caller.promote(job.ticket)
+        return [job.future for job in jobs.values() if job.future is not None]
+
+    def _forget_sent(self) -> None:
+        """Drop finished put calls from the page -> put map (on the cache's thread)."""
+        if not self._sent:
+            return
+        still: list[_PutJob] = []
+        putting = self._putting
+        for job in self._sent:
+            if job.future is not None and not job.future.done():
+                still.append(job)
+                continue
+            for p in job.parts:
+                for k in p.keys:
+                    if putting.get(k) is job:
+                        del putting[k]
+        self._sent = still
+
+    def _put_job(self, job: _PutJob) -> None:
+        tier, parts = job.tier, job.parts
+        keys = [k for p in parts for k in p.keys]
+        views = [v for p in parts for v in p.views]
+
+        def returned() -> None:
+            for p in parts:
+                p.holds.drop()
+
         try:
-            statuses = tier.put(keys, views, on_return=holds.drop)
+            statuses = tier.put(keys, views, on_return=returned, ticket=job.ticket)
         except Exception as exc:  # Tier.put never raises; this guards against bugs
             logger.exception("tier %s: publish worker failed", tier.name)
             tier.stats.error(exc, "unexpected")
             statuses = [PageStatus.FAILED] * len(keys)
-        statuses = statuses + [PageStatus.FAILED] * (total - len(keys))  # refused by admission
         evicted = tier.take_evicted()
-        self.workers.report(_PutDone(group, tier.name, batch, statuses))
+        start = 0
+        for p in parts:
+            got = statuses[start : start + len(p.keys)]
+            start += len(p.keys)
+            got += [PageStatus.FAILED] * (p.total - len(got))  # refused by admission
+            self.workers.report(_PutDone(p.group, tier.name, p.batch, got))
         if evicted:
             self.workers.report(_Evicted(tier.name, evicted))
 
@@ -302,6 +377,8 @@ class StorageEngine:
     def poll(self) -> EnginePoll:
         """Collect finished jobs: announce, report evictions, return prefetch results."""
         out = EnginePoll()
+        self.send_unsent()
+        self._forget_sent()
         for item in self.workers.take_reports():
             if isinstance(item, _GetDone):
                 self._finish_prefetch(item, out)
@@ -402,9 +479,19 @@ class StorageEngine:
         token_ids: Sequence[Sequence[int]] | None = None,
         parent_block_id: int | None = None,
     ) -> int:
-        """See :meth:`PrefetchJobs.submit_prefetch`; the result comes through :meth:`poll`."""
+        """See :meth:`PrefetchJobs.submit_prefetch`; the result comes through :meth:`poll`.
+
+        Lookups go ahead of queued publishes, except those of the pages looked up: a page
+        whose put is still on its way would be a miss now and a hit a moment later, so the
+        lookup waits for those puts (moved ahead of the other publishes), and the hits do not
+        depend on how busy the workers are.
+        """
         return self.prefetch_jobs.submit_prefetch(
-            keys, host_pages, token_ids=token_ids, parent_block_id=parent_block_id
+            keys,
+            host_pages,
+            token_ids=token_ids,
+            parent_block_id=parent_block_id,
+            after=self._puts_before_lookup(keys),
         )
 
     def start_read(self, ticket: int, host_pages: Sequence[int]) -> None:
@@ -447,11 +534,14 @@ class StorageEngine:
         return self.workers.holds_outstanding()
 
     def wait_idle(self, timeout: float | None = None, *, holds: bool = True) -> bool:
-        """See :meth:`EngineWorkers.wait_idle` (results still wait for :meth:`poll`)."""
+        """See :meth:`EngineWorkers.wait_idle` (results still wait for :meth:`poll`); publishes
+        not sent yet are sent first."""
+        self.send_unsent()
         return self.workers.wait_idle(timeout, holds=holds)
 
     def close(self) -> None:
         """See :meth:`EngineWorkers.close` (results not polled are dropped)."""
+        self.send_unsent()
         self.workers.close()
 
     # ------------------------------------------------------------------ introspection

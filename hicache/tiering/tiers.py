@@ -36,6 +36,7 @@ from hicache.tiering.admission import AdmissionPolicy, make_admission
 from hicache.tiering.breaker import CircuitBreaker
 from hicache.tiering.calls import CallOutcome, FailureKind, RetryPolicy, TierCaller
 from hicache.tiering.inflight import InflightGate
+from hicache.tiering.lanes import Lane, LaneTicket, default_io_threads
 from hicache.tiering.opening import TierOpener
 from hicache.tiering.stats import TierCounters, tier_snapshot
 
@@ -45,6 +46,9 @@ if TYPE_CHECKING:
 __all__ = ["Tier", "TierRange", "Tiers"]
 
 logger = logging.getLogger(__name__)
+
+#: The medium of a store reached over the network: its calls mostly wait, so more threads.
+_REMOTE_MEDIUM = "EXTERNAL"
 
 
 class Tier:
@@ -73,7 +77,7 @@ class Tier:
         self.caller = TierCaller(
             name,
             deadline_s=s.deadline_s,
-            threads=s.io_threads,
+            threads=s.io_threads or default_io_threads(remote=self.medium == _REMOTE_MEDIUM),
             breaker=self.breaker,
             retry=RetryPolicy(
                 attempts=s.retry_attempts,
@@ -168,7 +172,7 @@ class Tier:
             return done
 
         started = time.perf_counter()
-        out = self.caller.call(run)
+        out = self.caller.call(run, lane=Lane.READ)
         self._observe("exists", started, out)
         found = out.value if out.ok and out.value is not None else 0
         if not out.ok:
@@ -203,7 +207,7 @@ class Tier:
             return got + [PageStatus.NOT_FOUND] * (len(keys) - len(got))
 
         started = time.perf_counter()
-        out = self.caller.call(run, on_return=on_return)
+        out = self.caller.call(run, on_return=on_return, lane=Lane.READ)
         self._observe("get", started, out)
         if out.ok and out.value is not None:
             statuses = out.value
@@ -219,9 +223,11 @@ class Tier:
         srcs: Sequence[PageBuffers],
         *,
         on_return: Callable[[], None] | None = None,
+        ticket: LaneTicket | None = None,
     ) -> list[PageStatus]:
         """Store ``srcs`` under ``keys``; a failed, refused or late call makes its pages
-        ``FAILED``. ``on_return`` runs when the backend really finished with ``srcs``."""
+        ``FAILED``. ``on_return`` runs when the backend really finished with ``srcs``. Puts
+        queue in the write lane, unless ``ticket`` is promoted (a lookup waits for them)."""
         step = self.max_batch
 
         def run() -> list[PageStatus]:
@@ -231,7 +237,7 @@ class Tier:
             return got
 
         started = time.perf_counter()
-        out = self.caller.call(run, on_return=on_return)
+        out = self.caller.call(run, on_return=on_return, ticket=ticket)
         if out.failure is FailureKind.BREAKER_OPEN:
             # never attempted: a drop, not a failed put
             self.stats.add(dropped_breaker=len(keys))
@@ -248,9 +254,10 @@ class Tier:
     def take_evicted(self) -> list[str]:
         """Keys the backend dropped on its own; ``[]`` when the call fails (never raises).
 
-        Bypasses the breaker (housekeeping must not use up its probe) but keeps the deadline.
+        Bypasses the breaker (housekeeping must not use up its probe) but keeps the deadline;
+        goes in the read lane: a cheap call that must not queue behind a hung put.
         """
-        out = self.caller.call(self.backend.take_evicted, use_breaker=False)
+        out = self.caller.call(self.backend.take_evicted, use_breaker=False, lane=Lane.READ)
         if not out.ok or out.value is None:
             self._failed(out, "take_evicted")
             return []
