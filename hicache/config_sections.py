@@ -170,9 +170,9 @@ class TierSettings(_Section):
     #: Publishes beyond this many bytes in flight are dropped and counted (backpressure).
     max_inflight_bytes: Size = Field(default=1 << 30, gt=0)
     #: I/O worker threads calling this tier; unset = what this machine's cores and the tier
-    #: can use (:func:`hicache.tiering.lanes.default_io_threads`: the core count for a local
-    #: tier, 4 per core for an ``EXTERNAL`` one, at least 2). One thread is always kept free
-    #: for lookups and reads, so they never queue behind publishes.
+    #: can use (:func:`hicache.tiering.lanes.default_io_threads`: 2 per core for a local
+    #: tier, 8 per core for an ``EXTERNAL`` one, at least 3, at most 32). One thread is
+    #: always kept free for lookups and reads, so they never queue behind publishes.
     io_threads: int | None = Field(default=None, ge=1, le=256)
     #: Pages per backend call; unset = the backend's ``max_batch``.
     batch_pages: int | None = Field(default=None, ge=1, le=65536)

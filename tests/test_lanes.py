@@ -101,10 +101,11 @@ def test_shutdown_cancels_queued_jobs_and_refuses_new_ones() -> None:
 
 
 def test_default_io_threads_follow_cores_and_tier_kind() -> None:
-    assert default_io_threads(remote=False, cores=1) == 2  # a thread kept free for reads
-    assert default_io_threads(remote=False, cores=2) == 2
-    assert default_io_threads(remote=False, cores=12) == 12
-    assert default_io_threads(remote=True, cores=2) == 8
+    assert default_io_threads(remote=False, cores=1) == 3  # a read thread and two writes
+    assert default_io_threads(remote=False, cores=2) == 4
+    assert default_io_threads(remote=False, cores=12) == 24
+    assert default_io_threads(remote=False, cores=64) == 32
+    assert default_io_threads(remote=True, cores=2) == 16
     assert default_io_threads(remote=True, cores=64) == 32
     with pytest.raises(ValueError, match="cores must be >= 1, got 0"):
         default_io_threads(remote=False, cores=0)

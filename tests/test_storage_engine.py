@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -541,4 +542,49 @@ def test_lookup_waits_only_for_the_put_of_its_own_pages() -> None:
     rig.settle()
     assert sorted(rig.stored("T")) == sorted(block_id(k) for k in blocker + wanted)
     assert rig.host.total_holds() == 0
+    rig.close()
+
+
+def test_memory_lookups_run_on_the_calling_thread_while_puts_block() -> None:
+    inner = mem()
+    fb = FaultyBackend(inner, capabilities=replace(inner.capabilities, memory_lookups=True))
+    rig = Rig([Tier("t", fb, settings(medium="T"))], host_pages=64)
+    stored = keys_for(3, "stored")
+    rig.publish(rig.pages(stored))
+    rig.settle()
+    release = fb.hang(ops=[FaultOp.PUT])
+    for i in range(6):  # every write thread of the tier blocked, more queued
+        rig.publish(rig.pages(keys_for(2, f"blocked{i}")))
+    assert fb.wait_hung(1)
+    seen = fb.calls["exists"]
+    hit = rig.engine.submit_prefetch(stored)
+    miss = rig.engine.submit_prefetch(keys_for(2, "never"))
+    assert fb.calls["exists"] == seen + 2  # asked before submit_prefetch returned
+    # no worker was involved: the very next poll has both answers
+    found = {r.ticket: r.found for r in rig.engine.poll().lookups}
+    assert found == {hit: 3, miss: 0}
+    assert fb.hung_now >= 1
+    rig.engine.cancel_prefetch(hit)
+    rig.engine.cancel_prefetch(miss)
+    release.set()
+    rig.settle()
+    assert rig.host.total_holds() == 0
+    rig.close()
+
+
+def test_a_lookup_whose_puts_are_on_their_way_still_waits_for_them() -> None:
+    inner = mem()
+    fb = FaultyBackend(inner, capabilities=replace(inner.capabilities, memory_lookups=True))
+    rig = Rig([Tier("t", fb, settings(medium="T"))], host_pages=64)
+    wanted = keys_for(2, "wanted")
+    release = fb.hang(ops=[FaultOp.PUT], keys=wanted)
+    rig.publish(rig.pages(wanted))
+    assert fb.wait_hung(1)
+    ticket = rig.engine.submit_prefetch(wanted)  # not answered here: it would be a miss
+    assert rig.engine.poll().lookups == []
+    release.set()
+    assert rig.engine.wait_prefetch(ticket, WAIT)
+    assert [(r.ticket, r.found) for r in rig.engine.poll().lookups] == [(ticket, 2)]
+    rig.engine.cancel_prefetch(ticket)
+    rig.settle()
     rig.close()

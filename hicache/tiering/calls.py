@@ -309,6 +309,23 @@ class TierCaller:
             breaker.record_success()
         return CallOutcome(value=value, attempts=attempts.attempts)
 
+    def call_here(self, fn: Callable[[], T], *, use_breaker: bool = True) -> CallOutcome[T]:
+        """Run ``fn()`` on this thread, with retries and the breaker as :meth:`call`, but no
+        deadline: only for calls that cannot block (a backend's ``memory_lookups``)."""
+        breaker = self.breaker if use_breaker else None
+        if self.closed or (breaker is not None and not breaker.allow()):
+            kind = FailureKind.CLOSED if self.closed else FailureKind.BREAKER_OPEN
+            self.failures.add(kind)
+            return CallOutcome(failure=kind)
+        attempts = _Attempts(self, fn, self.clock() + self.deadline_s)
+        try:
+            value = attempts()
+        except Exception as exc:
+            return self._failed(failure_kind(exc), exc, attempts.attempts, breaker)
+        if breaker is not None:
+            breaker.record_success()
+        return CallOutcome(value=value, attempts=attempts.attempts)
+
     def _failed(
         self,
         kind: FailureKind,

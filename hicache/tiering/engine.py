@@ -481,17 +481,24 @@ class StorageEngine:
     ) -> int:
         """See :meth:`PrefetchJobs.submit_prefetch`; the result comes through :meth:`poll`.
 
-        Lookups go ahead of queued publishes, except those of the pages looked up: a page
+        When every tier answers lookups from memory (``Capabilities.memory_lookups``) and no
+        put of these pages is on its way, the lookup runs right here: its result is in the
+        next ``poll``. Otherwise lookups go ahead of queued publishes, except those of the
+        pages looked up: a page
         whose put is still on its way would be a miss now and a hit a moment later, so the
         lookup waits for those puts (moved ahead of the other publishes), and the hits do not
         depend on how busy the workers are.
         """
+        after = self._puts_before_lookup(keys)
+        # a lookup every tier answers from memory costs less than the hand-off to a worker
+        here = host_pages is None and not after and self.tiers.lookups_here()
         return self.prefetch_jobs.submit_prefetch(
             keys,
             host_pages,
             token_ids=token_ids,
             parent_block_id=parent_block_id,
-            after=self._puts_before_lookup(keys),
+            after=after,
+            here=here,
         )
 
     def start_read(self, ticket: int, host_pages: Sequence[int]) -> None:

@@ -59,9 +59,12 @@ class PrefetchJobs:
         token_ids: Sequence[Sequence[int]] | None = None,
         parent_block_id: int | None = None,
         after: Sequence[Future[None]] = (),
+        here: bool = False,
     ) -> int:
         """Prefetch the chain ``keys`` through the cascade; return a ticket. The lookup starts
-        once the jobs ``after`` finished (puts of these pages still on their way).
+        once the jobs ``after`` finished (puts of these pages still on their way); ``here``
+        (no host pages, nothing ``after``) runs it on this thread (every tier answers it from
+        memory), reported at the next ``poll`` all the same.
 
         Without ``host_pages`` only the lookup runs now: ``poll`` reports a
         :class:`LookupResult` and the cache continues with :meth:`start_read` or
@@ -84,7 +87,12 @@ class PrefetchJobs:
             parent_block_id,
         )
         self._prefetch_jobs[ticket] = job
-        if host_pages is None:
+        if here and host_pages is None and not after:
+            done: Future[None] = Future()
+            self._lookup_job(job, here=True)
+            done.set_result(None)
+            self._prefetch_futures[ticket] = done
+        elif host_pages is None:
             self._prefetch_futures[ticket] = self.workers.submit_after(
                 list(after), self._lookup_job, job, lane=Lane.READ
             )
@@ -92,9 +100,9 @@ class PrefetchJobs:
             self._start(job, list(host_pages), list(after))
         return ticket
 
-    def _lookup_job(self, job: _PrefetchJob) -> None:
+    def _lookup_job(self, job: _PrefetchJob, *, here: bool = False) -> None:
         try:
-            ranges = self.tiers.lookup(job.keys)
+            ranges = self.tiers.lookup(job.keys, here=here)
         except Exception:  # the tiers never raise; this guards against bugs
             logger.exception("prefetch lookup failed")
             ranges = []

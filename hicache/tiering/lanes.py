@@ -61,16 +61,17 @@ def default_io_threads(*, remote: bool, cores: int | None = None) -> int:
     """Threads worth giving one tier's calls on this machine.
 
     A local tier (disk, memory, a mapped file) is bound by the CPU: checksums, copies and
-    system calls all want a core, and more threads than cores only trade the GIL back and forth.
-    A remote tier (object store, key-value server) mostly waits on the network, so several
-    calls per core overlap their round trips. At least 2, so a read always has a thread while a
-    write runs (:class:`LanedPool` keeps one back for reads).
+    system calls all want a core; two calls per core let one call's system time (the GIL
+    released) overlap another's Python, more only trade the GIL back and forth. A remote tier
+    (object store, key-value server) mostly waits on the network, so several calls per core
+    overlap their round trips. At least 3: :class:`LanedPool` keeps one thread back for reads,
+    and two writes in flight keep a tier's puts draining while one waits for the disk.
     """
     n = cores if cores is not None else (os.cpu_count() or 1)
     if n < 1:
         raise ValueError(f"cores must be >= 1, got {n}")
-    wanted = 4 * n if remote else n
-    return max(2, min(wanted, _MAX_DEFAULT_THREADS))
+    wanted = 8 * n if remote else 2 * n
+    return max(3, min(wanted, _MAX_DEFAULT_THREADS))
 
 
 class LanedPool:

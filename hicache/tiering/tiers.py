@@ -156,9 +156,14 @@ class Tier:
 
     # ------------------------------------------------------------------ data calls
 
-    def exists_prefix(self, keys: Sequence[str]) -> int:
+    @property
+    def lookups_here(self) -> bool:
+        """Whether lookups may run on the calling thread (the backend's ``memory_lookups``)."""
+        return self.backend.capabilities.memory_lookups
+
+    def exists_prefix(self, keys: Sequence[str], *, here: bool = False) -> int:
         """Longest stored prefix of ``keys`` here; 0 (counted) when the call fails or the
-        breaker is open."""
+        breaker is open. ``here``: on the calling thread (only when :attr:`lookups_here`)."""
         step = self.max_batch
 
         def run() -> int:
@@ -172,7 +177,7 @@ class Tier:
             return done
 
         started = time.perf_counter()
-        out = self.caller.call(run, lane=Lane.READ)
+        out = self.caller.call_here(run) if here else self.caller.call(run, lane=Lane.READ)
         self._observe("exists", started, out)
         found = out.value if out.ok and out.value is not None else 0
         if not out.ok:
@@ -426,11 +431,16 @@ class Tiers:
                 out.append(t)
         raise ValueError(f"{tier!r} is not one of these tiers")
 
-    def lookup(self, keys: Sequence[str]) -> list[TierRange]:
+    def lookups_here(self) -> bool:
+        """Whether every tier in the cascade answers lookups from memory (see ``lookup``)."""
+        return all(t.lookups_here for t in self.tiers if t.available)
+
+    def lookup(self, keys: Sequence[str], *, here: bool = False) -> list[TierRange]:
         """Cascade lookup: contiguous ranges from ``0``, each stored in the tier named.
 
         The ranges cover ``[0, n)`` where ``n`` is how far the tiers together hold the chain. A
         tier whose breaker is open (or whose call fails) finds nothing: the next one is asked.
+        ``here``: on the calling thread (only when :meth:`lookups_here`).
         """
         ranges: list[TierRange] = []
         pos = 0
@@ -439,7 +449,7 @@ class Tiers:
                 break
             if not t.available:
                 continue
-            n = t.exists_prefix(keys[pos:])
+            n = t.exists_prefix(keys[pos:], here=here)
             if n:
                 ranges.append(TierRange(t, pos, pos + n))
                 pos += n
