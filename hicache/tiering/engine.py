@@ -1,7 +1,8 @@
 """Storage I/O off the serving thread: publish batches and prefetch reads on worker threads.
 
 - ``begin_publish()`` / ``publish(group, pages)`` / ``end_publish(group)``  hand the fragments of
-  one write-through ack to every publishing tier, in prefix order
+  one write-through ack to every publishing tier, in prefix order: one put call per tier for
+  the whole group, sent at ``end_publish`` (or ``poll``, ``wait_idle``, ``send_unsent``)
 - ``publish_fragment(group, pages, ancestors)``  the same for a fragment of a tree node, given a
   lazy iterator of the pages above it: the engine decides per tier whether that tier lost some
   of them and puts those back ahead of the fragment (the tier's chain stays prefix-closed)
@@ -17,6 +18,12 @@
 - ``wait_idle()``     block until nothing is in flight and every hold is released (tests, shutdown)
 
 Rules the cache relies on:
+
+- **Reads first** (:mod:`hicache.tiering.lanes`): lookups and prefetch reads go ahead of queued
+  puts on the engine's workers and on each tier's threads, and puts never take the last
+  thread. A lookup waits for the puts still carrying its own pages (promoted ahead of the
+  others), so what it finds does not depend on how busy the workers are; with every tier
+  answering lookups from memory it runs on the caller's thread.
 
 - **Holds per page**: every host page a worker reads or writes carries one hold per job from
   submit until the backend call really returned (:class:`~hicache.tiering.calls.TierCaller`'s
@@ -41,7 +48,8 @@ All methods except the worker bodies run on the cache's thread.
 
 Where it lives: the engine composes what it owns. The publish side and ``poll`` (completion,
 announcements, promotion, tier evictions) are here; it owns its worker pool and the holds on
-host pages (:class:`~hicache.tiering.engine_workers.EngineWorkers`), its prefetch jobs
+host pages (:class:`~hicache.tiering.engine_workers.EngineWorkers`), its put calls
+(:class:`~hicache.tiering.engine_puts.PutCalls`), its prefetch jobs
 (:class:`~hicache.tiering.engine_prefetch.PrefetchJobs`, whose methods it offers as its own) and
 its :class:`~hicache.tiering.announce.Announcer`; the records are in
 :mod:`hicache.tiering.engine_records`. Import every public name from here.
@@ -68,6 +76,7 @@ from hicache.tiering.announce import (
     TierProgress,
 )
 from hicache.tiering.engine_prefetch import PrefetchJobs
+from hicache.tiering.engine_puts import PutCalls
 from hicache.tiering.engine_records import (
     EnginePoll,
     HostPages,
@@ -77,12 +86,9 @@ from hicache.tiering.engine_records import (
     _GetDone,
     _LookupDone,
     _PrefetchJob,
-    _PutDone,
-    _PutJob,
     _PutPart,
 )
 from hicache.tiering.engine_workers import EngineWorkers
-from hicache.tiering.lanes import Lane
 from hicache.tiering.prefetch import PrefetchOutcome
 from hicache.tiering.tiers import Tier, TierRange, Tiers
 
@@ -133,11 +139,7 @@ class StorageEngine:
         self._tier_by_name = {t.name: t for t in tiers.tiers}
         self._evict_jobs: dict[str, Future[None]] = {}
         self._evict_polled: dict[str, float] = {}
-        #: Publishes not handed to a worker yet, per tier, in order (sent as one put call).
-        self._unsent: dict[str, list[_PutPart]] = {}
-        #: Put calls sent and not seen finished by ``poll``; the latest one of each page.
-        self._sent: list[_PutJob] = []
-        self._putting: dict[str, _PutJob] = {}
+        self.puts = PutCalls(self.workers)
         self.counters: dict[str, int] = {
             "published_pages": 0,
             "announced_pages": 0,
@@ -202,10 +204,7 @@ class StorageEngine:
             holds = self.workers.hold(host, tier.gate, nbytes)
             views = [self.host_pool.page_view(h) for h in host]
             group.outstanding += 1
-            parts = self._unsent.setdefault(tier.name, [])
-            parts.append(_PutPart(group.id, batch, keys[:n], views, holds, len(keys)))
-            if sum(len(p.keys) for p in parts) >= tier.max_batch:
-                self._send(tier)
+            self.puts.add(tier, _PutPart(group.id, batch, keys[:n], views, holds, len(keys)))
         if targets is None:
             self.counters["published_pages"] += len(pages)
         return [t for t in tiers if group.progress[t.name].drop_reason == "dropped_admission"]
@@ -299,86 +298,16 @@ class StorageEngine:
         self.send_unsent()
 
     def send_unsent(self) -> None:
-        """Hand every publish not sent yet to the workers (one put job per tier)."""
-        for name in list(self._unsent):
-            self._send(self._tier_by_name[name])
-
-    def _send(self, tier: Tier) -> None:
-        parts = self._unsent.pop(tier.name, None)
-        if not parts:
-            return
-        job = _PutJob(tier, parts)
-        job.future = self.workers.submit(self._put_job, job, ticket=job.ticket)
-        self._sent.append(job)
-        putting = self._putting
-        for p in parts:
-            for k in p.keys:
-                putting[k] = job
-
-    def _puts_before_lookup(self, keys: Sequence[str]) -> list[Future[None]]:
-        """The put calls still carrying any of ``keys``, promoted to the read lane: a lookup
-        waits for exactly these (its pages are on their way), never for other publishes."""
-        self.send_unsent()
-        jobs: dict[int, _PutJob] = {}
-        putting = self._putting
-        for k in keys:
-            job = putting.get(k)
-            if job is not None and job.future is not None and not job.future.done():
-                jobs[id(job)] = job
-        for job in jobs.values():
-            job.ticket.lane = Lane.READ  # first: a submit after this reads it
-            self.workers.promote(job.ticket)
-            job.tier.caller.promote(job.ticket)
-        return [job.future for job in jobs.values() if job.future is not None]
-
-    def _forget_sent(self) -> None:
-        """Drop finished put calls from the page -> put map (on the cache's thread)."""
-        if not self._sent:
-            return
-        still: list[_PutJob] = []
-        putting = self._putting
-        for job in self._sent:
-            if job.future is not None and not job.future.done():
-                still.append(job)
-                continue
-            for p in job.parts:
-                for k in p.keys:
-                    if putting.get(k) is job:
-                        del putting[k]
-        self._sent = still
-
-    def _put_job(self, job: _PutJob) -> None:
-        tier, parts = job.tier, job.parts
-        keys = [k for p in parts for k in p.keys]
-        views = [v for p in parts for v in p.views]
-
-        def returned() -> None:
-            for p in parts:
-                p.holds.drop()
-
-        try:
-            statuses = tier.put(keys, views, on_return=returned, ticket=job.ticket)
-        except Exception as exc:  # Tier.put never raises; this guards against bugs
-            logger.exception("tier %s: publish worker failed", tier.name)
-            tier.stats.error(exc, "unexpected")
-            statuses = [PageStatus.FAILED] * len(keys)
-        evicted = tier.take_evicted()
-        start = 0
-        for p in parts:
-            got = statuses[start : start + len(p.keys)]
-            start += len(p.keys)
-            got += [PageStatus.FAILED] * (p.total - len(got))  # refused by admission
-            self.workers.report(_PutDone(p.group, tier.name, p.batch, got))
-        if evicted:
-            self.workers.report(_Evicted(tier.name, evicted))
+        """Hand every publish not sent yet to the workers (one put call per tier)."""
+        self.puts.send_all()
 
     # ------------------------------------------------------------------ completion
 
     def poll(self) -> EnginePoll:
         """Collect finished jobs: announce, report evictions, return prefetch results."""
         out = EnginePoll()
-        self.send_unsent()
-        self._forget_sent()
+        self.puts.send_all()
+        self.puts.forget_finished()
         for item in self.workers.take_reports():
             if isinstance(item, _GetDone):
                 self._finish_prefetch(item, out)
@@ -489,7 +418,7 @@ class StorageEngine:
         lookup waits for those puts (moved ahead of the other publishes), and the hits do not
         depend on how busy the workers are.
         """
-        after = self._puts_before_lookup(keys)
+        after = self.puts.before_lookup(keys)
         # a lookup every tier answers from memory costs less than the hand-off to a worker
         here = host_pages is None and not after and self.tiers.lookups_here()
         return self.prefetch_jobs.submit_prefetch(
