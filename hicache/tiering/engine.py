@@ -301,6 +301,12 @@ class StorageEngine:
         """Hand every publish not sent yet to the workers (one put call per tier)."""
         self.puts.send_all()
 
+    def throttle_publishes(self) -> int:
+        """Send what waits, then wait until no tier has put calls queued behind its threads
+        (see :meth:`PutCalls.throttle`); return how many calls were waited for."""
+        self.puts.send_all()
+        return self.puts.throttle()
+
     # ------------------------------------------------------------------ completion
 
     def poll(self) -> EnginePoll:

@@ -7,6 +7,7 @@
 - ``before_lookup(keys)``  the put calls still carrying any of ``keys``, promoted to the read
                            lane; a lookup waits for exactly these
 - ``forget_finished()``    drop finished calls from the page -> call map (``poll``)
+- ``throttle()``           wait for the oldest calls of a tier with more in flight than it runs
 
 The worker body reports one ``_PutDone`` per batch (and the tier's evictions), as the engine's
 ``poll`` expects. Everything but the worker body runs on the cache's thread.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 
 from hicache.storage.backend import PageStatus
 from hicache.tiering.engine_records import _Evicted, _PutDone, _PutJob, _PutPart
@@ -97,6 +99,27 @@ class PutCalls:
                     if putting.get(k) is job:
                         del putting[k]
         self._sent = still
+
+    def throttle(self) -> int:
+        """Wait until no tier has more put calls in flight than it runs at once (each wait at
+        most the tier's deadline); return how many calls were waited for.
+
+        Puts then never pile up in a queue: the tiers' state stays within one round of calls
+        of what the cache published (what a later lookup finds, what a tier evicts), and a
+        tier slower than the cache slows the cache instead of drifting behind it."""
+        running: dict[str, list[_PutJob]] = {}
+        for job in self._sent:
+            if job.future is not None and not job.future.done():
+                running.setdefault(job.tier.name, []).append(job)
+        waited = 0
+        for jobs in running.values():
+            tier = jobs[0].tier
+            over = len(jobs) - max(1, tier.caller.threads - 1)
+            for job in jobs[: max(0, over)]:
+                assert job.future is not None
+                wait_futures([job.future], timeout=tier.settings.deadline_s)
+                waited += 1
+        return waited
 
     def _put_job(self, job: _PutJob) -> None:
         tier, parts = job.tier, job.parts
