@@ -169,8 +169,11 @@ class TierSettings(_Section):
     required: bool = False
     #: Publishes beyond this many bytes in flight are dropped and counted (backpressure).
     max_inflight_bytes: Size = Field(default=1 << 30, gt=0)
-    #: I/O worker threads calling this tier.
-    io_threads: int = Field(default=4, ge=1, le=256)
+    #: I/O worker threads calling this tier; unset = what this machine's cores and the tier
+    #: can use (:func:`hicache.tiering.lanes.default_io_threads`: 2 per core for a local
+    #: tier, 8 per core for an ``EXTERNAL`` one, at least 3, at most 32). One thread is
+    #: always kept free for lookups and reads, so they never queue behind publishes.
+    io_threads: int | None = Field(default=None, ge=1, le=256)
     #: Pages per backend call; unset = the backend's ``max_batch``.
     batch_pages: int | None = Field(default=None, ge=1, le=65536)
     #: Consecutive failed calls that open the circuit breaker, and how long it stays open.

@@ -89,6 +89,7 @@ logger = logging.getLogger(__name__)
 #: The cache's own counters (``stats``).
 _COUNTERS = (
     *("backups", "backup_pages", "backup_skipped_no_host_pages", "acks", "loaded_back_pages"),
+    "backup_waited_for_publishes",
     *("l1_evicted_pages", "l2_evicted_pages"),
     *("prefetches", "prefetched_pages", "prefetch_discarded_pages"),
 )
@@ -135,7 +136,7 @@ class HiRadixCache(RadixCache):
         events: bool = True,
         max_queued_events: int | None = None,
         lora_id: int | None = None,
-        io_workers: int = 4,
+        io_workers: int | None = None,
         event_publisher: EventPublisher | None = None,
     ) -> None:
         self.identity = identity or ModelIdentity("default")
@@ -243,6 +244,9 @@ class HiRadixCache(RadixCache):
         if host is None:
             self.evict_host(n - self.host_pool.available)
             host = self.host_pool.alloc(n)
+            if host is None and self._wait_for_publishes():
+                self.evict_host(n - self.host_pool.available)
+                host = self.host_pool.alloc(n)
             if host is None:
                 self.counters["backup_skipped_no_host_pages"] += 1
                 return None
@@ -253,6 +257,18 @@ class HiRadixCache(RadixCache):
         self.counters["backups"] += 1
         self.counters["backup_pages"] += n
         return ack
+
+    def _wait_for_publishes(self) -> bool:
+        """L2 is full of pages still being published: wait (at most one tier deadline) for
+        the storage jobs in flight, whose pages then come free. The only wait on publishes on
+        this thread, and only when the tiers write slower than the cache backs up: skipping
+        the backup instead would cost the hits its pages would have served."""
+        storage = self.storage
+        if storage is None or storage.in_flight() == 0:
+            return False  # nothing running: what is still held waits for a hung call
+        self.counters["backup_waited_for_publishes"] += 1
+        deadline = max(t.settings.deadline_s for t in storage.tiers.tiers)
+        return storage.wait_idle(deadline)
 
     def _split_node(self, child: TreeNode, pages: int) -> TreeNode:
         prefix = super()._split_node(child, pages)
@@ -274,6 +290,10 @@ class HiRadixCache(RadixCache):
         ready = self.rank_sync.all_reduce_min([pending.ready()])[0]
         for ack in pending.oldest(ready):
             self._finish_write_through_ack(ack)
+        if ready and self.storage is not None:
+            # publishes never queue behind a tier's threads: a tier slower than the cache
+            # slows the cache rather than drift behind it (hits and evictions stay in step)
+            self.counters["backup_waited_for_publishes"] += self.storage.throttle_publishes()
         self._poll_storage()
         return ready
 

@@ -18,6 +18,7 @@ from hicache.errors import (
 from hicache.testing.clock import ManualClock
 from hicache.tiering.breaker import BreakerState, CircuitBreaker
 from hicache.tiering.calls import FailureKind, RetryPolicy, TierCaller, failure_kind
+from hicache.tiering.lanes import Lane
 
 #: The ``run_python`` fixture of tests/conftest.py.
 RunPython = Callable[..., "subprocess.CompletedProcess[str]"]
@@ -263,7 +264,11 @@ def test_threads_are_started_on_demand_up_to_the_bound() -> None:
         release.wait()
 
     results: list[object] = []
-    callers = [threading.Thread(target=lambda: results.append(c.call(block))) for _ in range(5)]
+    # reads may use every thread (writes leave one free for them)
+    callers = [
+        threading.Thread(target=lambda: results.append(c.call(block, lane=Lane.READ)))
+        for _ in range(5)
+    ]
     try:
         for t in callers:
             t.start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -467,4 +468,123 @@ def test_a_page_published_again_is_not_announced_twice() -> None:
     rig.settle()
     assert rig.stored("T") == [block_id(k) for k in [*keys, keys[1]]]
     assert_no_tail_without_head(rig.events)
+    rig.close()
+
+
+# ---------------------------------------------------------------------- lanes and batches
+
+
+def test_lookup_and_read_complete_while_puts_are_blocked() -> None:
+    fb = FaultyBackend(mem())
+    rig = Rig([Tier("t", fb, settings(medium="T", io_threads=2))], host_pages=64)
+    stored = keys_for(3, "stored")
+    # pages the lookup will find, put before any put hangs
+    rig.publish(rig.pages(stored))
+    rig.settle()
+    release = fb.hang(ops=[FaultOp.PUT])
+    for i in range(6):  # more publishes than every thread of the engine and the tier together
+        rig.publish(rig.pages(keys_for(2, f"blocked{i}")))
+    assert fb.wait_hung(1)
+    lookup = rig.engine.submit_prefetch(stored)
+    assert rig.engine.wait_prefetch(lookup, WAIT)
+    found = rig.engine.poll().lookups
+    assert [(r.ticket, r.found) for r in found] == [(lookup, 3)]
+    host = rig.host.alloc(3)
+    assert host is not None
+    rig.engine.start_read(lookup, host)
+    assert rig.engine.wait_prefetch(lookup, WAIT)
+    results = rig.engine.poll().prefetches
+    assert [r.ok_pages for r in results] == [3]
+    assert fb.hung_now >= 1  # every put is still blocked: the reads went ahead of them
+    assert fb.finished["put"] == 1  # only the first publish's put came back
+    release.set()
+    rig.settle()
+    assert len(rig.stored("T")) == 3 + 6 * 2
+    rig.host.free(host)
+    assert rig.host.total_holds() == 0
+    rig.close()
+
+
+def test_fragments_of_one_group_are_one_put_call() -> None:
+    fb = FaultyBackend(mem())
+    rig = Rig([Tier("t", fb, settings(medium="T"))])
+    keys = keys_for(6)
+    frags = [rig.pages(keys[:2])]
+    frags.append(rig.pages(keys[2:4], parent=block_id(keys[1])))
+    frags.append(rig.pages(keys[4:], parent=block_id(keys[3])))
+    rig.publish(*frags)
+    rig.settle()
+    assert fb.calls["put"] == 1
+    assert rig.stored("T") == [block_id(k) for k in keys]
+    assert rig.host.total_holds() == 0
+    rig.close()
+
+
+def test_lookup_waits_only_for_the_put_of_its_own_pages() -> None:
+    fb = FaultyBackend(mem())
+    rig = Rig([Tier("t", fb, settings(medium="T", io_threads=2))], host_pages=64)
+    blocker = keys_for(2, "blocker")
+    wanted = keys_for(3, "wanted")
+    release = fb.hang(ops=[FaultOp.PUT], keys=blocker)
+    rig.publish(rig.pages(blocker))
+    assert fb.wait_hung(1)  # holds the only thread the tier gives writes
+    rig.publish(rig.pages(wanted))  # queued behind it
+    ticket = rig.engine.submit_prefetch(wanted)
+    # the put of the looked-up pages went ahead of the hung one, then the lookup found them
+    assert rig.engine.wait_prefetch(ticket, WAIT)
+    polled = rig.engine.poll()
+    rig.events += polled.events
+    assert [(r.ticket, r.found) for r in polled.lookups] == [(ticket, 3)]
+    assert fb.hung_now == 1
+    assert rig.stored("T") == [block_id(k) for k in wanted]
+    rig.engine.cancel_prefetch(ticket)
+    release.set()
+    rig.settle()
+    assert sorted(rig.stored("T")) == sorted(block_id(k) for k in blocker + wanted)
+    assert rig.host.total_holds() == 0
+    rig.close()
+
+
+def test_memory_lookups_run_on_the_calling_thread_while_puts_block() -> None:
+    inner = mem()
+    fb = FaultyBackend(inner, capabilities=replace(inner.capabilities, memory_lookups=True))
+    rig = Rig([Tier("t", fb, settings(medium="T"))], host_pages=64)
+    stored = keys_for(3, "stored")
+    rig.publish(rig.pages(stored))
+    rig.settle()
+    release = fb.hang(ops=[FaultOp.PUT])
+    for i in range(6):  # every write thread of the tier blocked, more queued
+        rig.publish(rig.pages(keys_for(2, f"blocked{i}")))
+    assert fb.wait_hung(1)
+    seen = fb.calls["exists"]
+    hit = rig.engine.submit_prefetch(stored)
+    miss = rig.engine.submit_prefetch(keys_for(2, "never"))
+    assert fb.calls["exists"] == seen + 2  # asked before submit_prefetch returned
+    # no worker was involved: the very next poll has both answers
+    found = {r.ticket: r.found for r in rig.engine.poll().lookups}
+    assert found == {hit: 3, miss: 0}
+    assert fb.hung_now >= 1
+    rig.engine.cancel_prefetch(hit)
+    rig.engine.cancel_prefetch(miss)
+    release.set()
+    rig.settle()
+    assert rig.host.total_holds() == 0
+    rig.close()
+
+
+def test_a_lookup_whose_puts_are_on_their_way_still_waits_for_them() -> None:
+    inner = mem()
+    fb = FaultyBackend(inner, capabilities=replace(inner.capabilities, memory_lookups=True))
+    rig = Rig([Tier("t", fb, settings(medium="T"))], host_pages=64)
+    wanted = keys_for(2, "wanted")
+    release = fb.hang(ops=[FaultOp.PUT], keys=wanted)
+    rig.publish(rig.pages(wanted))
+    assert fb.wait_hung(1)
+    ticket = rig.engine.submit_prefetch(wanted)  # not answered here: it would be a miss
+    assert rig.engine.poll().lookups == []
+    release.set()
+    assert rig.engine.wait_prefetch(ticket, WAIT)
+    assert [(r.ticket, r.found) for r in rig.engine.poll().lookups] == [(ticket, 2)]
+    rig.engine.cancel_prefetch(ticket)
+    rig.settle()
     rig.close()

@@ -88,8 +88,12 @@ def announced(events: list[object], medium: str) -> list[list[int]]:
 
 def test_announcements_follow_fragment_order_not_completion_order() -> None:
     disk = switchboard("DISK")
-    # the head's put waits for this test: a deadline no loaded machine reaches meanwhile
-    tiers = Tiers.from_backends([("disk", disk, TierSettings(deadline_s=30.0))])
+    # the head's put waits for this test: a deadline no loaded machine reaches meanwhile;
+    # 2-page calls and threads for two puts at once, so the fragments are two calls that can
+    # finish out of order (one group's fragments otherwise travel in one call)
+    tiers = Tiers.from_backends(
+        [("disk", disk, TierSettings(deadline_s=30.0, batch_pages=2, io_threads=4))]
+    )
     tiers.open()
     host = HostPool(LAYOUT, 8, pin=False)
     assert host.alloc(4) == [0, 1, 2, 3]

@@ -110,6 +110,11 @@ class Capabilities:
     listable: bool = False
     #: Medium announced in ``BlockStored`` events when the tier config does not name one.
     default_medium: str = "DISK"
+    #: ``exists``/``exists_prefix`` answer from this process's memory: no I/O, and never a
+    #: wait behind another call (a put in flight included). The cache then looks chains up on
+    #: its serving thread, without a hand-off to a worker and back. Claim it only when true:
+    #: such a call is not bounded by the tier's deadline.
+    memory_lookups: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,9 @@
 """Backend calls with a deadline, retries with backoff and a circuit breaker (no torch).
 
 - ``TierCaller(name, deadline_s=..., threads=..., breaker=..., retry=...)``  one per tier
-- ``caller.call(fn, on_return=...)``  run ``fn()`` on the tier's own threads, wait at most the
-  deadline, return a :class:`CallOutcome` (value or failure kind), never raise
+- ``caller.call(fn, on_return=..., lane=...)``  run ``fn()`` on the tier's own threads, wait at
+  most the deadline, return a :class:`CallOutcome` (value or failure kind), never raise; reads
+  (``Lane.READ``) go ahead of queued writes (:mod:`hicache.tiering.lanes`)
 - ``failure_kind(exc)``  the :class:`FailureKind` of an exception
 - ``RetryPolicy``    how often and how long to back off before retrying a retryable failure
 
@@ -29,11 +30,10 @@ from __future__ import annotations
 
 import enum
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -46,6 +46,7 @@ from hicache.errors import (
     BackendUnavailableError,
 )
 from hicache.tiering.breaker import CircuitBreaker
+from hicache.tiering.lanes import Lane, LanedPool, LaneTicket
 
 __all__ = [
     "CallOutcome",
@@ -174,75 +175,6 @@ class FailureCounts:
             }
 
 
-class _DaemonPool:
-    """A fixed set of daemon worker threads, started on demand.
-
-    Not ``ThreadPoolExecutor``: its threads are joined at interpreter exit, so one backend call
-    hung for good (a dead NFS mount) would keep the whole process from exiting. A call left
-    running here only ever costs its thread.
-    """
-
-    def __init__(self, threads: int, name: str) -> None:
-        self._max = threads
-        self._name = name
-        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        # calls submitted and not finished (queued or running)
-        self._outstanding = 0
-        self._closed = False
-
-    def submit(self, fn: Callable[[], T]) -> Future[T]:
-        future: Future[T] = Future()
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("cannot submit after shutdown")
-            self._queue.put((future, fn))
-            self._outstanding += 1
-            if self._outstanding > len(self._threads) and len(self._threads) < self._max:
-                t = threading.Thread(
-                    target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
-                )
-                self._threads.append(t)
-                t.start()
-        return future
-
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            future, fn = item
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:
-                    future.set_exception(exc)
-            with self._lock:
-                self._outstanding -= 1
-
-    def shutdown(self, *, wait: bool = False, cancel_futures: bool = True) -> None:
-        with self._lock:
-            self._closed = True
-            threads = list(self._threads)
-        while cancel_futures:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                item[0].cancel()
-                with self._lock:
-                    self._outstanding -= 1
-        for _ in threads:
-            self._queue.put(None)
-        if wait:
-            for t in threads:
-                t.join()
-
-
 class _Attempts(Generic[T]):
     """The retry loop run on a worker thread; remembers how it ended."""
 
@@ -307,9 +239,18 @@ class TierCaller:
         self.clock = clock
         self.sleep = sleep
         self.closed = False
-        self._executor = _DaemonPool(threads, f"hicache-tier-{name}")
+        self._executor = LanedPool(threads, f"hicache-tier-{name}")
         self._running_lock = threading.Lock()
         self._running = 0
+
+    @property
+    def threads(self) -> int:
+        """The most calls this tier runs at once."""
+        return self._executor.threads
+
+    def promote(self, ticket: LaneTicket) -> int:
+        """Move calls queued with ``ticket`` ahead of the queued writes (see ``LanedPool``)."""
+        return self._executor.promote(ticket)
 
     @property
     def running(self) -> int:
@@ -324,11 +265,15 @@ class TierCaller:
         on_return: Callable[[], None] | None = None,
         deadline_s: float | None = None,
         use_breaker: bool = True,
+        lane: Lane = Lane.WRITE,
+        ticket: LaneTicket | None = None,
     ) -> CallOutcome[T]:
         """Run ``fn()`` with retries; wait at most the deadline; never raise.
 
         ``on_return`` runs exactly once, when ``fn`` is really done (or will never run). With
         ``use_breaker=False`` the breaker is neither asked nor told (housekeeping calls).
+        ``lane=Lane.READ`` (lookups, reads a request waits for) goes ahead of queued writes;
+        a ``ticket`` lets :meth:`promote` move the call there while it is queued.
         """
         breaker = self.breaker if use_breaker else None
         if self.closed or (breaker is not None and not breaker.allow()):
@@ -341,7 +286,7 @@ class TierCaller:
         with self._running_lock:
             self._running += 1
         try:
-            future = self._executor.submit(attempts)
+            future = self._executor.submit(attempts, lane, ticket)
         except RuntimeError as exc:  # shut down between the check above and here
             self._finished(on_return)
             self.failures.add(FailureKind.CLOSED)
@@ -358,6 +303,23 @@ class TierCaller:
             return self._failed(FailureKind.TIMEOUT, None, attempts.attempts, breaker)
         except CancelledError as exc:  # close() cancelled it while queued
             return self._failed(FailureKind.CLOSED, exc, 0, breaker)
+        except Exception as exc:
+            return self._failed(failure_kind(exc), exc, attempts.attempts, breaker)
+        if breaker is not None:
+            breaker.record_success()
+        return CallOutcome(value=value, attempts=attempts.attempts)
+
+    def call_here(self, fn: Callable[[], T], *, use_breaker: bool = True) -> CallOutcome[T]:
+        """Run ``fn()`` on this thread, with retries and the breaker as :meth:`call`, but no
+        deadline: only for calls that cannot block (a backend's ``memory_lookups``)."""
+        breaker = self.breaker if use_breaker else None
+        if self.closed or (breaker is not None and not breaker.allow()):
+            kind = FailureKind.CLOSED if self.closed else FailureKind.BREAKER_OPEN
+            self.failures.add(kind)
+            return CallOutcome(failure=kind)
+        attempts = _Attempts(self, fn, self.clock() + self.deadline_s)
+        try:
+            value = attempts()
         except Exception as exc:
             return self._failed(failure_kind(exc), exc, attempts.attempts, breaker)
         if breaker is not None:

@@ -1,7 +1,8 @@
 """Storage I/O off the serving thread: publish batches and prefetch reads on worker threads.
 
 - ``begin_publish()`` / ``publish(group, pages)`` / ``end_publish(group)``  hand the fragments of
-  one write-through ack to every publishing tier, in prefix order
+  one write-through ack to every publishing tier, in prefix order: one put call per tier for
+  the whole group, sent at ``end_publish`` (or ``poll``, ``wait_idle``, ``send_unsent``)
 - ``publish_fragment(group, pages, ancestors)``  the same for a fragment of a tree node, given a
   lazy iterator of the pages above it: the engine decides per tier whether that tier lost some
   of them and puts those back ahead of the fragment (the tier's chain stays prefix-closed)
@@ -17,6 +18,12 @@
 - ``wait_idle()``     block until nothing is in flight and every hold is released (tests, shutdown)
 
 Rules the cache relies on:
+
+- **Reads first** (:mod:`hicache.tiering.lanes`): lookups and prefetch reads go ahead of queued
+  puts on the engine's workers and on each tier's threads, and puts never take the last
+  thread. A lookup waits for the puts still carrying its own pages (promoted ahead of the
+  others), so what it finds does not depend on how busy the workers are; with every tier
+  answering lookups from memory it runs on the caller's thread.
 
 - **Holds per page**: every host page a worker reads or writes carries one hold per job from
   submit until the backend call really returned (:class:`~hicache.tiering.calls.TierCaller`'s
@@ -41,7 +48,8 @@ All methods except the worker bodies run on the cache's thread.
 
 Where it lives: the engine composes what it owns. The publish side and ``poll`` (completion,
 announcements, promotion, tier evictions) are here; it owns its worker pool and the holds on
-host pages (:class:`~hicache.tiering.engine_workers.EngineWorkers`), its prefetch jobs
+host pages (:class:`~hicache.tiering.engine_workers.EngineWorkers`), its put calls
+(:class:`~hicache.tiering.engine_puts.PutCalls`), its prefetch jobs
 (:class:`~hicache.tiering.engine_prefetch.PrefetchJobs`, whose methods it offers as its own) and
 its :class:`~hicache.tiering.announce.Announcer`; the records are in
 :mod:`hicache.tiering.engine_records`. Import every public name from here.
@@ -68,6 +76,7 @@ from hicache.tiering.announce import (
     TierProgress,
 )
 from hicache.tiering.engine_prefetch import PrefetchJobs
+from hicache.tiering.engine_puts import PutCalls
 from hicache.tiering.engine_records import (
     EnginePoll,
     HostPages,
@@ -77,9 +86,9 @@ from hicache.tiering.engine_records import (
     _GetDone,
     _LookupDone,
     _PrefetchJob,
-    _PutDone,
+    _PutPart,
 )
-from hicache.tiering.engine_workers import EngineWorkers, _Holds
+from hicache.tiering.engine_workers import EngineWorkers
 from hicache.tiering.prefetch import PrefetchOutcome
 from hicache.tiering.tiers import Tier, TierRange, Tiers
 
@@ -95,6 +104,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Upper bound of the default worker count (the workers mostly wait on tier calls).
+_MAX_WORKERS = 32
+
 
 class StorageEngine:
     """A small worker pool between one cache and its tiers (see the module docstring)."""
@@ -106,13 +118,18 @@ class StorageEngine:
         *,
         page_size: int,
         lora_id: int | None = None,
-        workers: int = 4,
+        workers: int | None = None,
         known_capacity: int = DEFAULT_KNOWN_CAPACITY,
         evict_poll_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tiers = tiers
         self.host_pool = host_pool
+        if workers is None:
+            # a job makes one tier call at a time: as many jobs as the tiers take calls at once
+            workers = max(2, min(sum(t.caller.threads for t in tiers.tiers), _MAX_WORKERS))
+        elif workers < 1:
+            raise ValueError(f"storage engine workers must be >= 1, got {workers}")
         self.workers = EngineWorkers(host_pool, workers=workers)
         self.prefetch_jobs = PrefetchJobs(tiers, self.workers)
         self.page_size = page_size
@@ -122,6 +139,7 @@ class StorageEngine:
         self._tier_by_name = {t.name: t for t in tiers.tiers}
         self._evict_jobs: dict[str, Future[None]] = {}
         self._evict_polled: dict[str, float] = {}
+        self.puts = PutCalls(self.workers)
         self.counters: dict[str, int] = {
             "published_pages": 0,
             "announced_pages": 0,
@@ -186,9 +204,7 @@ class StorageEngine:
             holds = self.workers.hold(host, tier.gate, nbytes)
             views = [self.host_pool.page_view(h) for h in host]
             group.outstanding += 1
-            self.workers.submit(
-                self._put_job, group.id, tier, batch, keys[:n], views, holds, len(keys)
-            )
+            self.puts.add(tier, _PutPart(group.id, batch, keys[:n], views, holds, len(keys)))
         if targets is None:
             self.counters["published_pages"] += len(pages)
         return [t for t in tiers if group.progress[t.name].drop_reason == "dropped_admission"]
@@ -271,37 +287,33 @@ class StorageEngine:
             self.counters["dropped_pages"] += n
 
     def end_publish(self, group: PublishGroup) -> None:
-        """No more fragments for ``group``; it is forgotten once every tier finished it."""
+        """No more fragments for ``group``; it is forgotten once every tier finished it.
+
+        The group's pages go out now: all its fragments (and ancestors put back) in one put
+        call per tier, so the small pages of one write-through cost one request (and, on a
+        durable local tier, one round of directory syncs), not one per fragment.
+        """
         group.closed = True
         self.announcer.finish(group)
+        self.send_unsent()
 
-    def _put_job(
-        self,
-        group: int,
-        tier: Tier,
-        batch: int,
-        keys: list[str],
-        views: list[memoryview],
-        holds: _Holds,
-        total: int,
-    ) -> None:
-        try:
-            statuses = tier.put(keys, views, on_return=holds.drop)
-        except Exception as exc:  # Tier.put never raises; this guards against bugs
-            logger.exception("tier %s: publish worker failed", tier.name)
-            tier.stats.error(exc, "unexpected")
-            statuses = [PageStatus.FAILED] * len(keys)
-        statuses = statuses + [PageStatus.FAILED] * (total - len(keys))  # refused by admission
-        evicted = tier.take_evicted()
-        self.workers.report(_PutDone(group, tier.name, batch, statuses))
-        if evicted:
-            self.workers.report(_Evicted(tier.name, evicted))
+    def send_unsent(self) -> None:
+        """Hand every publish not sent yet to the workers (one put call per tier)."""
+        self.puts.send_all()
+
+    def throttle_publishes(self) -> int:
+        """Send what waits, then wait until no tier has put calls queued behind its threads
+        (see :meth:`PutCalls.throttle`); return how many calls were waited for."""
+        self.puts.send_all()
+        return self.puts.throttle()
 
     # ------------------------------------------------------------------ completion
 
     def poll(self) -> EnginePoll:
         """Collect finished jobs: announce, report evictions, return prefetch results."""
         out = EnginePoll()
+        self.puts.send_all()
+        self.puts.forget_finished()
         for item in self.workers.take_reports():
             if isinstance(item, _GetDone):
                 self._finish_prefetch(item, out)
@@ -402,9 +414,26 @@ class StorageEngine:
         token_ids: Sequence[Sequence[int]] | None = None,
         parent_block_id: int | None = None,
     ) -> int:
-        """See :meth:`PrefetchJobs.submit_prefetch`; the result comes through :meth:`poll`."""
+        """See :meth:`PrefetchJobs.submit_prefetch`; the result comes through :meth:`poll`.
+
+        When every tier answers lookups from memory (``Capabilities.memory_lookups``) and no
+        put of these pages is on its way, the lookup runs right here: its result is in the
+        next ``poll``. Otherwise lookups go ahead of queued publishes, except those of the
+        pages looked up: a page
+        whose put is still on its way would be a miss now and a hit a moment later, so the
+        lookup waits for those puts (moved ahead of the other publishes), and the hits do not
+        depend on how busy the workers are.
+        """
+        after = self.puts.before_lookup(keys)
+        # a lookup every tier answers from memory costs less than the hand-off to a worker
+        here = host_pages is None and not after and self.tiers.lookups_here()
         return self.prefetch_jobs.submit_prefetch(
-            keys, host_pages, token_ids=token_ids, parent_block_id=parent_block_id
+            keys,
+            host_pages,
+            token_ids=token_ids,
+            parent_block_id=parent_block_id,
+            after=after,
+            here=here,
         )
 
     def start_read(self, ticket: int, host_pages: Sequence[int]) -> None:
@@ -447,11 +476,14 @@ class StorageEngine:
         return self.workers.holds_outstanding()
 
     def wait_idle(self, timeout: float | None = None, *, holds: bool = True) -> bool:
-        """See :meth:`EngineWorkers.wait_idle` (results still wait for :meth:`poll`)."""
+        """See :meth:`EngineWorkers.wait_idle` (results still wait for :meth:`poll`); publishes
+        not sent yet are sent first."""
+        self.send_unsent()
         return self.workers.wait_idle(timeout, holds=holds)
 
     def close(self) -> None:
         """See :meth:`EngineWorkers.close` (results not polled are dropped)."""
+        self.send_unsent()
         self.workers.close()
 
     # ------------------------------------------------------------------ introspection

@@ -29,6 +29,7 @@ from hicache.tiering.engine_records import (
     _PrefetchJob,
 )
 from hicache.tiering.engine_workers import EngineWorkers
+from hicache.tiering.lanes import Lane
 from hicache.tiering.prefetch import PrefetchOutcome, usable_prefix
 from hicache.tiering.tiers import TierRange, Tiers
 
@@ -57,8 +58,13 @@ class PrefetchJobs:
         *,
         token_ids: Sequence[Sequence[int]] | None = None,
         parent_block_id: int | None = None,
+        after: Sequence[Future[None]] = (),
+        here: bool = False,
     ) -> int:
-        """Prefetch the chain ``keys`` through the cascade; return a ticket.
+        """Prefetch the chain ``keys`` through the cascade; return a ticket. The lookup starts
+        once the jobs ``after`` finished (puts of these pages still on their way); ``here``
+        (no host pages, nothing ``after``) runs it on this thread (every tier answers it from
+        memory), reported at the next ``poll`` all the same.
 
         Without ``host_pages`` only the lookup runs now: ``poll`` reports a
         :class:`LookupResult` and the cache continues with :meth:`start_read` or
@@ -81,15 +87,22 @@ class PrefetchJobs:
             parent_block_id,
         )
         self._prefetch_jobs[ticket] = job
-        if host_pages is None:
-            self._prefetch_futures[ticket] = self.workers.submit(self._lookup_job, job)
+        if here and host_pages is None and not after:
+            done: Future[None] = Future()
+            self._lookup_job(job, here=True)
+            done.set_result(None)
+            self._prefetch_futures[ticket] = done
+        elif host_pages is None:
+            self._prefetch_futures[ticket] = self.workers.submit_after(
+                list(after), self._lookup_job, job, lane=Lane.READ
+            )
         else:
-            self._start(job, list(host_pages))
+            self._start(job, list(host_pages), list(after))
         return ticket
 
-    def _lookup_job(self, job: _PrefetchJob) -> None:
+    def _lookup_job(self, job: _PrefetchJob, *, here: bool = False) -> None:
         try:
-            ranges = self.tiers.lookup(job.keys)
+            ranges = self.tiers.lookup(job.keys, here=here)
         except Exception:  # the tiers never raise; this guards against bugs
             logger.exception("prefetch lookup failed")
             ranges = []
@@ -119,11 +132,15 @@ class PrefetchJobs:
             found = job.ranges[-1].end if job.ranges else 0
             self.count_prefetch(PrefetchOutcome.MISS if found == 0 else PrefetchOutcome.SKIPPED)
 
-    def _start(self, job: _PrefetchJob, host: list[int]) -> None:
+    def _start(
+        self, job: _PrefetchJob, host: list[int], after: list[Future[None]] | None = None
+    ) -> None:
         job.host = host
         job.holds = self.workers.hold(host)
         job.views = [self.workers.host_pool.page_view(h) for h in host]
-        self._prefetch_futures[job.ticket] = self.workers.submit(self._get_job, job)
+        self._prefetch_futures[job.ticket] = self.workers.submit_after(
+            after or [], self._get_job, job, lane=Lane.READ
+        )
 
     def _get_job(self, job: _PrefetchJob) -> None:
         statuses: list[PageStatus] = []

@@ -5,6 +5,7 @@
 - :class:`LookupResult`    the cascade lookup of a prefetch without host pages finished
 - :class:`EnginePoll`      what one ``poll`` collected
 - ``_PrefetchJob``         one prefetch in flight (:mod:`hicache.tiering.engine_prefetch`)
+- ``_PutPart`` / ``_PutJob``  a batch waiting for its tier's next put call / one put call
 - ``_PutDone`` / ``_GetDone`` / ``_LookupDone`` / ``_Evicted``   what a worker finished, on the
   engine's completion queue (``_Done``), taken by ``poll`` on the cache's thread
 
@@ -14,13 +15,15 @@ The public ones are re-exported by :mod:`hicache.tiering.engine`; import them fr
 from __future__ import annotations
 
 from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from hicache.events import KVEvent
 from hicache.storage.backend import PageStatus
+from hicache.tiering.lanes import LaneTicket
 from hicache.tiering.prefetch import PrefetchOutcome, prefetch_outcome, usable_prefix
-from hicache.tiering.tiers import TierRange
+from hicache.tiering.tiers import Tier, TierRange
 
 if TYPE_CHECKING:
     from hicache.tiering.engine_workers import _Holds
@@ -96,6 +99,30 @@ class _PutDone:
     tier: str
     batch: int
     statuses: list[PageStatus]
+
+
+@dataclass(frozen=True, slots=True)
+class _PutPart:
+    """One batch of a group, bound for one tier, waiting to join that tier's next put call."""
+
+    group: int
+    batch: int
+    keys: list[str]
+    views: list[memoryview]
+    holds: _Holds
+    #: Pages of the batch, those admission refused (not in ``keys``) included.
+    total: int
+
+
+@dataclass(slots=True)
+class _PutJob:
+    """One put call on its way to a tier: the batches it carries and its lane, which a lookup
+    of one of its pages promotes (the lookup waits for it, nothing else)."""
+
+    tier: Tier
+    parts: list[_PutPart]
+    ticket: LaneTicket = field(default_factory=LaneTicket)
+    future: Future[None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

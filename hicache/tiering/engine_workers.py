@@ -1,6 +1,8 @@
 """The worker pool a :class:`~hicache.tiering.engine.StorageEngine` owns (no torch).
 
-- ``submit(fn, *args)``    run a job on a worker thread; it counts as in flight until it returns
+- ``submit(fn, *args, lane=...)``  run a job on a worker thread; it counts as in flight until
+                           it returns; ``Lane.READ`` jobs (lookups, prefetch reads) go ahead of
+                           queued ``Lane.WRITE`` ones (publishes, housekeeping)
 - ``hold(pages, ...)``     holds on the host pages of one job (and bytes of an in-flight gate),
                            released at the last ``drop``: a page under a worker is never freed
 - ``report(item)`` / ``take_reports()``   a worker reports what it finished; the engine's
@@ -16,11 +18,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 
 from hicache.tiering.engine_records import HostPages, _Done
 from hicache.tiering.inflight import InflightGate
+from hicache.tiering.lanes import Lane, LanedPool, LaneTicket
 
 __all__ = ["EngineWorkers"]
 
@@ -70,7 +73,7 @@ class EngineWorkers:
 
     def __init__(self, host_pool: HostPages, *, workers: int) -> None:
         self.host_pool = host_pool
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hicache-io")
+        self._executor = LanedPool(workers, "hicache-io")
         self._done: queue.SimpleQueue[_Done] = queue.SimpleQueue()
         self._futures: set[Future[None]] = set()
         self._futures_lock = threading.Lock()
@@ -78,13 +81,59 @@ class EngineWorkers:
         self._holds_out = 0
         self._closed = False
 
-    def submit(self, fn: Callable[..., None], *args: object) -> Future[None]:
-        """Run ``fn(*args)`` on a worker; it counts as in flight until it returns."""
-        fut: Future[None] = self._executor.submit(fn, *args)
+    def submit(
+        self,
+        fn: Callable[..., None],
+        *args: object,
+        lane: Lane = Lane.WRITE,
+        ticket: LaneTicket | None = None,
+    ) -> Future[None]:
+        """Run ``fn(*args)`` on a worker, in ``lane`` (or ``ticket``'s, see :meth:`promote`);
+        it counts as in flight until it returns."""
+        fut: Future[None] = self._executor.submit(lambda: fn(*args), lane, ticket)
+        self._track(fut)
+        return fut
+
+    def submit_after(
+        self,
+        after: list[Future[None]],
+        fn: Callable[..., None],
+        *args: object,
+        lane: Lane = Lane.WRITE,
+    ) -> Future[None]:
+        """Like :meth:`submit`, but queue the job only once every job of ``after`` finished
+        (without holding a worker meanwhile); it counts as in flight from now on."""
+        if not after:
+            return self.submit(fn, *args, lane=lane)
+        outer: Future[None] = Future()
+        self._track(outer)
+        left = [len(after)]
+        lock = threading.Lock()
+
+        def ready(_: Future[None]) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            try:
+                inner = self._executor.submit(lambda: fn(*args), lane)
+            except RuntimeError as exc:  # closed meanwhile
+                outer.set_exception(exc)
+                return
+            inner.add_done_callback(lambda f: _settle(f, outer))
+
+        for dep in after:
+            dep.add_done_callback(ready)
+        return outer
+
+    def promote(self, ticket: LaneTicket) -> int:
+        """Move the jobs queued with ``ticket`` to the read lane (set ``ticket.lane`` first)."""
+        return self._executor.promote(ticket)
+
+    def _track(self, fut: Future[None]) -> None:
         with self._futures_lock:
             self._futures.add(fut)
         fut.add_done_callback(self._forget)
-        return fut
 
     def hold(self, pages: list[int], gate: InflightGate | None = None, nbytes: int = 0) -> _Holds:
         """One hold on each of ``pages`` (and ``nbytes`` of ``gate``) until the last ``drop``."""
@@ -148,4 +197,16 @@ class EngineWorkers:
         if self._closed:
             return
         self._closed = True
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=True, cancel_futures=False)
+
+
+def _settle(inner: Future[None], outer: Future[None]) -> None:
+    """Give ``outer`` the outcome of ``inner``."""
+    if inner.cancelled():
+        outer.cancel()
+        return
+    exc = inner.exception()
+    if exc is not None:
+        outer.set_exception(exc)
+    else:
+        outer.set_result(None)

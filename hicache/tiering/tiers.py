@@ -36,6 +36,7 @@ from hicache.tiering.admission import AdmissionPolicy, make_admission
 from hicache.tiering.breaker import CircuitBreaker
 from hicache.tiering.calls import CallOutcome, FailureKind, RetryPolicy, TierCaller
 from hicache.tiering.inflight import InflightGate
+from hicache.tiering.lanes import Lane, LaneTicket, default_io_threads
 from hicache.tiering.opening import TierOpener
 from hicache.tiering.stats import TierCounters, tier_snapshot
 
@@ -45,6 +46,9 @@ if TYPE_CHECKING:
 __all__ = ["Tier", "TierRange", "Tiers"]
 
 logger = logging.getLogger(__name__)
+
+#: The medium of a store reached over the network: its calls mostly wait, so more threads.
+_REMOTE_MEDIUM = "EXTERNAL"
 
 
 class Tier:
@@ -73,7 +77,7 @@ class Tier:
         self.caller = TierCaller(
             name,
             deadline_s=s.deadline_s,
-            threads=s.io_threads,
+            threads=s.io_threads or default_io_threads(remote=self.medium == _REMOTE_MEDIUM),
             breaker=self.breaker,
             retry=RetryPolicy(
                 attempts=s.retry_attempts,
@@ -152,9 +156,14 @@ class Tier:
 
     # ------------------------------------------------------------------ data calls
 
-    def exists_prefix(self, keys: Sequence[str]) -> int:
+    @property
+    def lookups_here(self) -> bool:
+        """Whether lookups may run on the calling thread (the backend's ``memory_lookups``)."""
+        return self.backend.capabilities.memory_lookups
+
+    def exists_prefix(self, keys: Sequence[str], *, here: bool = False) -> int:
         """Longest stored prefix of ``keys`` here; 0 (counted) when the call fails or the
-        breaker is open."""
+        breaker is open. ``here``: on the calling thread (only when :attr:`lookups_here`)."""
         step = self.max_batch
 
         def run() -> int:
@@ -168,7 +177,7 @@ class Tier:
             return done
 
         started = time.perf_counter()
-        out = self.caller.call(run)
+        out = self.caller.call_here(run) if here else self.caller.call(run, lane=Lane.READ)
         self._observe("exists", started, out)
         found = out.value if out.ok and out.value is not None else 0
         if not out.ok:
@@ -203,7 +212,7 @@ class Tier:
             return got + [PageStatus.NOT_FOUND] * (len(keys) - len(got))
 
         started = time.perf_counter()
-        out = self.caller.call(run, on_return=on_return)
+        out = self.caller.call(run, on_return=on_return, lane=Lane.READ)
         self._observe("get", started, out)
         if out.ok and out.value is not None:
             statuses = out.value
@@ -219,9 +228,11 @@ class Tier:
         srcs: Sequence[PageBuffers],
         *,
         on_return: Callable[[], None] | None = None,
+        ticket: LaneTicket | None = None,
     ) -> list[PageStatus]:
         """Store ``srcs`` under ``keys``; a failed, refused or late call makes its pages
-        ``FAILED``. ``on_return`` runs when the backend really finished with ``srcs``."""
+        ``FAILED``. ``on_return`` runs when the backend really finished with ``srcs``. Puts
+        queue in the write lane, unless ``ticket`` is promoted (a lookup waits for them)."""
         step = self.max_batch
 
         def run() -> list[PageStatus]:
@@ -231,7 +242,7 @@ class Tier:
             return got
 
         started = time.perf_counter()
-        out = self.caller.call(run, on_return=on_return)
+        out = self.caller.call(run, on_return=on_return, ticket=ticket)
         if out.failure is FailureKind.BREAKER_OPEN:
             # never attempted: a drop, not a failed put
             self.stats.add(dropped_breaker=len(keys))
@@ -248,9 +259,10 @@ class Tier:
     def take_evicted(self) -> list[str]:
         """Keys the backend dropped on its own; ``[]`` when the call fails (never raises).
 
-        Bypasses the breaker (housekeeping must not use up its probe) but keeps the deadline.
+        Bypasses the breaker (housekeeping must not use up its probe) but keeps the deadline;
+        goes in the read lane: a cheap call that must not queue behind a hung put.
         """
-        out = self.caller.call(self.backend.take_evicted, use_breaker=False)
+        out = self.caller.call(self.backend.take_evicted, use_breaker=False, lane=Lane.READ)
         if not out.ok or out.value is None:
             self._failed(out, "take_evicted")
             return []
@@ -419,11 +431,16 @@ class Tiers:
                 out.append(t)
         raise ValueError(f"{tier!r} is not one of these tiers")
 
-    def lookup(self, keys: Sequence[str]) -> list[TierRange]:
+    def lookups_here(self) -> bool:
+        """Whether every tier in the cascade answers lookups from memory (see ``lookup``)."""
+        return all(t.lookups_here for t in self.tiers if t.available)
+
+    def lookup(self, keys: Sequence[str], *, here: bool = False) -> list[TierRange]:
         """Cascade lookup: contiguous ranges from ``0``, each stored in the tier named.
 
         The ranges cover ``[0, n)`` where ``n`` is how far the tiers together hold the chain. A
         tier whose breaker is open (or whose call fails) finds nothing: the next one is asked.
+        ``here``: on the calling thread (only when :meth:`lookups_here`).
         """
         ranges: list[TierRange] = []
         pos = 0
@@ -432,7 +449,7 @@ class Tiers:
                 break
             if not t.available:
                 continue
-            n = t.exists_prefix(keys[pos:])
+            n = t.exists_prefix(keys[pos:], here=here)
             if n:
                 ranges.append(TierRange(t, pos, pos + n))
                 pos += n

@@ -146,6 +146,8 @@ class LocalDiskBackend(Backend):
             alignment=DIRECT_ALIGN if self._io is not None and self._io.direct else 1,
             listable=True,
             default_medium="DISK",
+            # the index answers alone; shared mode asks the filesystem on a miss
+            memory_lookups=not self.options.shared,
         )
 
     def _open(self) -> None:

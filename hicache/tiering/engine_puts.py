@@ -1,0 +1,147 @@
+"""The put calls a :class:`~hicache.tiering.engine.StorageEngine` owns (no torch).
+
+- ``add(tier, part)``      a batch bound for ``tier`` waits for that tier's next put call (sent
+                           at once when it reaches the tier's ``max_batch`` pages)
+- ``send_all()``           one put call per tier for everything waiting: the fragments of one
+                           write-through become one request per tier
+- ``before_lookup(keys)``  the put calls still carrying any of ``keys``, promoted to the read
+                           lane; a lookup waits for exactly these
+- ``forget_finished()``    drop finished calls from the page -> call map (``poll``)
+- ``throttle()``           wait for the oldest calls of a tier with more in flight than it runs
+
+The worker body reports one ``_PutDone`` per batch (and the tier's evictions), as the engine's
+``poll`` expects. Everything but the worker body runs on the cache's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+
+from hicache.storage.backend import PageStatus
+from hicache.tiering.engine_records import _Evicted, _PutDone, _PutJob, _PutPart
+from hicache.tiering.engine_workers import EngineWorkers
+from hicache.tiering.lanes import Lane
+from hicache.tiering.tiers import Tier
+
+__all__ = ["PutCalls"]
+
+logger = logging.getLogger(__name__)
+
+
+class PutCalls:
+    """Batches waiting per tier, put calls on their way, and which call carries each page."""
+
+    def __init__(self, workers: EngineWorkers) -> None:
+        self.workers = workers
+        self._tiers: dict[str, Tier] = {}
+        #: Batches not handed to a worker yet, per tier, in order (sent as one put call).
+        self._unsent: dict[str, list[_PutPart]] = {}
+        #: Put calls sent and not seen finished yet; the latest one of each page.
+        self._sent: list[_PutJob] = []
+        self._putting: dict[str, _PutJob] = {}
+
+    def add(self, tier: Tier, part: _PutPart) -> None:
+        """Queue ``part`` for ``tier``'s next put call."""
+        self._tiers[tier.name] = tier
+        parts = self._unsent.setdefault(tier.name, [])
+        parts.append(part)
+        if sum(len(p.keys) for p in parts) >= tier.max_batch:
+            self._send(tier)
+
+    def send_all(self) -> None:
+        """Hand every batch waiting to the workers (one put call per tier)."""
+        for name in list(self._unsent):
+            self._send(self._tiers[name])
+
+    def _send(self, tier: Tier) -> None:
+        parts = self._unsent.pop(tier.name, None)
+        if not parts:
+            return
+        job = _PutJob(tier, parts)
+        job.future = self.workers.submit(self._put_job, job, ticket=job.ticket)
+        self._sent.append(job)
+        putting = self._putting
+        for p in parts:
+            for k in p.keys:
+                putting[k] = job
+
+    def before_lookup(self, keys: Sequence[str]) -> list[Future[None]]:
+        """The put calls still carrying any of ``keys``, promoted to the read lane: a lookup
+        waits for exactly these (its pages are on their way), never for other publishes."""
+        self.send_all()
+        jobs: dict[int, _PutJob] = {}
+        putting = self._putting
+        for k in keys:
+            job = putting.get(k)
+            if job is not None and job.future is not None and not job.future.done():
+                jobs[id(job)] = job
+        for job in jobs.values():
+            job.ticket.lane = Lane.READ  # first: a submit after this reads it
+            self.workers.promote(job.ticket)
+            job.tier.caller.promote(job.ticket)
+        return [job.future for job in jobs.values() if job.future is not None]
+
+    def forget_finished(self) -> None:
+        """Drop finished put calls from the page -> call map (on the cache's thread)."""
+        if not self._sent:
+            return
+        still: list[_PutJob] = []
+        putting = self._putting
+        for job in self._sent:
+            if job.future is not None and not job.future.done():
+                still.append(job)
+                continue
+            for p in job.parts:
+                for k in p.keys:
+                    if putting.get(k) is job:
+                        del putting[k]
+        self._sent = still
+
+    def throttle(self) -> int:
+        """Wait until no tier has more put calls in flight than it runs at once (each wait at
+        most the tier's deadline); return how many calls were waited for.
+
+        Puts then never pile up in a queue: the tiers' state stays within one round of calls
+        of what the cache published (what a later lookup finds, what a tier evicts), and a
+        tier slower than the cache slows the cache instead of drifting behind it."""
+        running: dict[str, list[_PutJob]] = {}
+        for job in self._sent:
+            if job.future is not None and not job.future.done():
+                running.setdefault(job.tier.name, []).append(job)
+        waited = 0
+        for jobs in running.values():
+            tier = jobs[0].tier
+            over = len(jobs) - max(1, tier.caller.threads - 1)
+            for job in jobs[: max(0, over)]:
+                assert job.future is not None
+                wait_futures([job.future], timeout=tier.settings.deadline_s)
+                waited += 1
+        return waited
+
+    def _put_job(self, job: _PutJob) -> None:
+        tier, parts = job.tier, job.parts
+        keys = [k for p in parts for k in p.keys]
+        views = [v for p in parts for v in p.views]
+
+        def returned() -> None:
+            for p in parts:
+                p.holds.drop()
+
+        try:
+            statuses = tier.put(keys, views, on_return=returned, ticket=job.ticket)
+        except Exception as exc:  # Tier.put never raises; this guards against bugs
+            logger.exception("tier %s: publish worker failed", tier.name)
+            tier.stats.error(exc, "unexpected")
+            statuses = [PageStatus.FAILED] * len(keys)
+        evicted = tier.take_evicted()
+        start = 0
+        for p in parts:
+            got = statuses[start : start + len(p.keys)]
+            start += len(p.keys)
+            got += [PageStatus.FAILED] * (p.total - len(got))  # refused by admission
+            self.workers.report(_PutDone(p.group, tier.name, p.batch, got))
+        if evicted:
+            self.workers.report(_Evicted(tier.name, evicted))
