@@ -65,12 +65,12 @@ class _StandInModule(types.ModuleType):
 
 def _imported_by_sglang() -> bool:
     """True when the import being resolved comes from one of SGLang's own modules."""
-    frame = sys._getframe(2)
+    frame: types.FrameType | None = sys._getframe(2)
     while frame is not None:
-        name = frame.f_globals.get("__name__", "")
+        name = str(frame.f_globals.get("__name__", ""))
         if name != __name__ and not name.startswith("importlib"):
-            return str(name).startswith("sglang.")
-        frame = frame.f_back  # type: ignore[assignment]
+            return name.startswith("sglang.")
+        frame = frame.f_back
     return False
 
 
@@ -128,7 +128,7 @@ def load_peer() -> SglangPeer | PeerMissing:
         radix = importlib.import_module("sglang.srt.mem_cache.radix_cache")
         base = importlib.import_module("sglang.srt.mem_cache.base_prefix_cache")
         version = str(getattr(importlib.import_module("sglang"), "__version__", "?"))
-    except Exception as exc:  # noqa: BLE001 - any import failure means: no peer here
+    except Exception as exc:  # any import failure means: no peer here
         return PeerMissing(f"SGLang's radix module does not import here: {exc!r}")
     finally:
         if missing:
