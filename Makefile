@@ -21,6 +21,13 @@ SGLANG_PKGS := sglang==0.5.23 orjson==3.13.0 psutil==7.2.2 pybase64==1.5.1 starl
 	multidict==7.2.1 yarl==1.25.1 propcache==0.5.4 aiohappyeyeballs==2.7.1 aiosignal==1.4.0 \
 	frozenlist==1.8.0 transformers==5.25.0 huggingface_hub==2.4.0 httpx2==2.17.0 \
 	httpcore2==2.17.0 truststore==0.10.5 h11==0.16.0 safetensors==0.8.0
+# What importing SGLang's own RadixCache needs besides (for `hicache bench radix`, which runs it
+# as its same-run peer): the radix module's import chain reaches its triton kernels, torch.compile
+# decorators and model configs. The real triton (its CPU import works; no kernel runs) unless the
+# machine already has one (a CUDA torch brings its own): a stand-in would leak into torch.compile.
+SGLANG_RADIX_PKGS := tokenizers==0.23.3 dill==0.4.1 apache-tvm-ffi==0.1.15.post2 \
+	sentencepiece==0.2.3 compressed-tensors==0.20.1 loguru==0.7.3 gguf==0.19.0
+SGLANG_TRITON := triton==3.9.0
 
 venv: $(VENV)/.installed $(VENV)/.sglang
 
@@ -40,7 +47,8 @@ $(VENV)/.installed: pyproject.toml $(wildcard backends/*/pyproject.toml plugins/
 	touch $@
 
 $(VENV)/.sglang: $(VENV)/.installed Makefile
-	$(PIP) install -q --no-deps $(SGLANG_PKGS)
+	$(PIP) install -q --no-deps $(SGLANG_PKGS) $(SGLANG_RADIX_PKGS)
+	$(PY) -c 'import triton' 2>/dev/null || $(PIP) install -q --no-deps $(SGLANG_TRITON)
 	touch $@
 
 # vLLM, for the end-to-end tests of hicache.integrations.vllm inside a real CPU engine, in an

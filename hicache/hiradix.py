@@ -59,8 +59,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from hicache.config import WritePolicy
-from hicache.events import BlockRemoved, EventQueue, KVEvent, Medium
-from hicache.keys import ModelIdentity, block_id, chain_hashes, seed_hash, storage_key
+from hicache.events import BlockRemoved, EventQueue, KVEvent, Medium, QueuedEvent
+from hicache.keys import (
+    ModelIdentity,
+    block_id,
+    block_ids,
+    chain_hashes,
+    seed_hash,
+    storage_key,
+)
 from hicache.pending_writes import PendingWrite, PendingWrites
 from hicache.pools import DevicePool, HostPool
 from hicache.prefetches import Prefetches, PrefetchHandle
@@ -98,12 +105,15 @@ _REOFFER_LIMIT = 100_000
 
 
 class _DiscardEvents(EventQueue):
-    """The event queue of a cache whose events are off: nothing is kept."""
+    """The event queue of a cache whose events are off: nothing is kept (nor built)."""
 
-    def put(self, event: KVEvent) -> None:
+    def wants(self, medium: str) -> bool:
+        return False
+
+    def put(self, event: QueuedEvent) -> None:
         return
 
-    def extend(self, events: Iterable[KVEvent]) -> None:
+    def extend(self, events: Iterable[QueuedEvent]) -> None:
         return
 
 
@@ -642,6 +652,8 @@ class HiRadixCache(RadixCache):
     # ------------------------------------------------------------------ events, close, stats
 
     def _emit_stored(self, node: TreeNode, medium: str) -> None:
+        if not self.events.wants(medium):
+            return
         # On the host a block is announced only after its parent: below a node whose write is
         # pending (a prefetch inserted there), it waits for that write's ack.
         if medium == Medium.CPU_PINNED:
@@ -652,8 +664,10 @@ class HiRadixCache(RadixCache):
         super()._emit_stored(node, medium)
 
     def _emit_removed(self, node: TreeNode, medium: str) -> None:
+        if not self.events.wants(medium):
+            return
         # a removal of blocks whose announcement still waits for an ack follows it
-        ids = [block_id(h) for h in self.node_hashes(node)]
+        ids = block_ids(self.node_hashes(node))
         wait = (
             self.ongoing_write_through.deferred_for(ids[0]) if medium == Medium.CPU_PINNED else None
         )

@@ -6,6 +6,7 @@ Primitives, one line each:
 - ``chain_hashes(parent, tokens, page_size)`` - ``h_i = sha256(h_{i-1} || page_i tokens as
   little-endian uint32)``, one 32-byte digest per page.
 - ``block_id(h)`` - the event block id: the first 8 bytes of ``h`` as a signed big-endian int64.
+- ``block_ids(hashes)`` - ``block_id`` of each 32-byte content hash, in one pass.
 - ``storage_key(h)`` - the page key handed to backends: ``h.hex()`` (64 lowercase hex chars).
 - ``NamespaceSpec.namespace()`` - the storage namespace: a fingerprint of everything that makes
   KV bytes incompatible (dtype, shape, page size, host layout, tensor-parallel rank and size).
@@ -30,6 +31,7 @@ encoded and prefixed with its byte length as ``u32``):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 import sys
@@ -43,6 +45,7 @@ __all__ = [
     "ModelIdentity",
     "NamespaceSpec",
     "block_id",
+    "block_ids",
     "chain_hashes",
     "engine_namespace",
     "parent_block_id",
@@ -185,6 +188,22 @@ def block_id(h: bytes | str) -> int:
     if len(h) < 8:
         raise ValueError(f"content hash too short for a block id: {len(h)} bytes")
     return int.from_bytes(h[:8], "big", signed=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _ids_struct(n: int) -> struct.Struct:
+    # one signed big-endian int64 from the head of each of n 32-byte hashes
+    return struct.Struct(">" + "q24x" * n)
+
+
+def block_ids(hashes: Sequence[bytes]) -> list[int]:
+    """``[block_id(h) for h in hashes]`` for 32-byte content hashes, decoded in one call."""
+    if not hashes:
+        return []
+    raw = b"".join(hashes)
+    if len(raw) != HASH_LEN * len(hashes):
+        raise ValueError(f"content hashes must be {HASH_LEN} bytes each")
+    return list(_ids_struct(len(hashes)).unpack(raw))
 
 
 def parent_block_id(parent: bytes | None, seed: bytes) -> int | None:

@@ -43,8 +43,8 @@ import logging
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 
-from hicache.events import BlockRemoved, BlockStored, EventQueue, KVEvent, Medium
-from hicache.keys import block_id, tokens_to_bytes
+from hicache.events import BlockRemoved, EventQueue, KVEvent, Medium, StoredRun
+from hicache.keys import block_id, block_ids, tokens_to_bytes
 from hicache.packed_tokens import (
     TOKEN_BYTES,
     chain_hashes_packed,
@@ -460,28 +460,29 @@ class RadixCache:
         return block_id(self.node_hashes(parent)[-1])
 
     def _emit_stored(self, node: TreeNode, medium: str) -> None:
-        """One ``BlockStored`` per page of ``node``, chained to the page before it."""
-        self.events.extend(self._stored_events(node, medium))
+        """One ``BlockStored`` per page of ``node``, chained to the page before it: queued as
+        a run, built when taken; nothing is hashed for a medium the queue does not keep."""
+        if self.events.wants(medium):
+            self.events.put(self._stored_run(node, medium))
+
+    def _stored_run(self, node: TreeNode, medium: str) -> StoredRun:
+        return StoredRun(
+            self.node_hashes(node),
+            self.parent_block_hash(node),
+            node.tokens,
+            self.page_size,
+            self.lora_id,
+            medium,
+        )
 
     def _stored_events(self, node: TreeNode, medium: str) -> list[KVEvent]:
         """The ``BlockStored`` events of ``node``'s pages (see :meth:`_emit_stored`)."""
-        hashes = self.node_hashes(node)
-        parent = self.parent_block_hash(node)
-        ps = self.page_size
-        key = node.key  # decoded once: event token ids are lists
-        lora = self.lora_id
-        batch: list[KVEvent] = []
-        off = 0
-        for h in hashes:
-            bid = block_id(h)
-            batch.append(BlockStored([bid], parent, key[off : off + ps], ps, lora, medium))
-            parent = bid
-            off += ps
-        return batch
+        return list(self._stored_run(node, medium).build())
 
     def _emit_removed(self, node: TreeNode, medium: str) -> None:
-        hashes = self.node_hashes(node)
-        self.events.put(BlockRemoved([block_id(h) for h in hashes], medium))
+        if self.events.wants(medium):
+            hashes = self.node_hashes(node)
+            self.events.put(BlockRemoved(block_ids(hashes), medium))
 
     def take_events(self) -> list[KVEvent]:
         """Drain the queued events, oldest first."""

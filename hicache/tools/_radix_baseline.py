@@ -1,115 +1,199 @@
-"""A same-run baseline for ``hicache bench radix``: the algorithm of SGLang's pure-Python
-``RadixCache`` (paged key match, tuple child keys, token-index tensors as node values,
-``time.monotonic()`` touches, ``torch.cat`` of the matched values), re-implemented in a few lines.
+"""The two sides ``hicache bench radix`` times: hicache's trees and SGLang's own ``RadixCache``.
 
-It exists only so the benchmark can report a ratio measured on the same machine, in the same
-process, on the same token lists, instead of comparing against figures from another run. It is
-not used by the cache.
+- :class:`Workload`        one shared prefix followed by a unique suffix per request
+- :func:`hicache_sides`    hicache's plain :class:`~hicache.radix.RadixCache` and
+                           :class:`~hicache.hiradix.HiRadixCache` as it is served
+- :func:`sglang_sides`     SGLang's ``RadixCache`` with events off and on (the real class, see
+                           :mod:`hicache.tools._sglang_radix`)
+
+Every side builds its inputs in the form it takes, outside the timer, from fresh int objects
+per request (what a tokenizer hands over): hicache a ``list[int]`` of tokens and a list of page
+indices; SGLang an ``InsertParams``/``MatchPrefixParams`` around a ``RadixKey`` of an
+``array('q')`` and an int64 tensor of token slots. A side's ``step`` is what the serving loop
+calls for one request; the bench calls it for each prepared input.
 """
 
 from __future__ import annotations
 
-import time
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["BaselineRadix"]
+from hicache.hiradix import HiRadixCache
+from hicache.pools import DevicePool, HostPool, KVLayout
+from hicache.radix import RadixCache
+from hicache.tools._sglang_radix import SglangPeer
+from hicache.transfer import Direction, TransferEngine
+
+__all__ = ["Side", "Workload", "hicache_sides", "sglang_sides"]
+
+_VOCAB = 128_000
 
 
-class _Node:
-    __slots__ = ("children", "key", "last_access_time", "lock_ref", "parent", "value")
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """``requests`` requests of one ``prefix_tokens`` shared prefix + ``unique_tokens`` each."""
 
-    def __init__(self) -> None:
-        self.children: dict[tuple[int, ...], _Node] = {}
-        self.parent: _Node | None = None
-        self.key: list[int] = []
-        self.value: Any = None
-        self.lock_ref = 0
-        self.last_access_time = time.monotonic()
+    page_size: int
+    prefix_tokens: int
+    unique_tokens: int
+    requests: int
+    seed: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.prefix_tokens + self.unique_tokens
+
+    @property
+    def pages_per_request(self) -> int:
+        return self.tokens // self.page_size
+
+    @property
+    def cached_pages(self) -> int:
+        """Pages a tree holds once every request is inserted."""
+        return (self.prefix_tokens + self.requests * self.unique_tokens) // self.page_size
+
+    def arrays(self, what: str) -> list[np.ndarray[Any, Any]]:
+        """Token arrays of one phase: ``requests`` (the inserted sequences), ``prefix_hits``
+        (the shared prefix and a new suffix)."""
+        rng = np.random.default_rng(self.seed)
+        prefix = rng.integers(0, _VOCAB, size=self.prefix_tokens)
+        suffixes = rng.integers(0, _VOCAB, size=(self.requests, self.unique_tokens))
+        if what == "prefix_hits":  # ids above the vocabulary: no inserted suffix starts so
+            suffixes = rng.integers(_VOCAB, 2 * _VOCAB, size=suffixes.shape)
+        return [np.concatenate((prefix, s)) for s in suffixes]
 
 
-class BaselineRadix:
-    """Insert and match only: the paths the benchmark times."""
+#: One request's work for a side: called with one prepared input.
+Step = Callable[[Any], object]
 
-    def __init__(self, page_size: int) -> None:
-        self.page_size = page_size
-        self.root = _Node()
-        self.root.value = torch.empty(0, dtype=torch.int64)
-        self.evictable_size = 0
 
-    def _child_key(self, key: list[int]) -> tuple[int, ...]:
-        return tuple(key[: self.page_size])
+@dataclass(slots=True)
+class Side:
+    """One tree of one implementation in one configuration."""
 
-    def _key_match(self, key0: list[int], key1: list[int]) -> int:
-        ps = self.page_size
-        n = min(len(key0), len(key1))
-        i = 0
-        while i < n:
-            if key0[i : i + ps] != key1[i : i + ps]:
-                break
-            i += ps
-        return i
+    name: str
+    tree: Any
+    #: input for an insert / a match of one token array (built outside the timer)
+    insert_input: Callable[[np.ndarray[Any, Any], int], Any]
+    match_input: Callable[[np.ndarray[Any, Any]], Any]
+    insert: Step
+    match: Step
+    #: tokens a match result covers
+    matched: Callable[[Any], int]
 
-    def match_prefix(self, key: list[int]) -> torch.Tensor:
-        """Token indices of the longest cached prefix (one int64 tensor)."""
-        key = key[: len(key) // self.page_size * self.page_size]
-        node = self.root
-        node.last_access_time = time.monotonic()
-        values = []
-        while key:
-            child = node.children.get(self._child_key(key))
-            if child is None:
-                break
-            child.last_access_time = time.monotonic()
-            n = self._key_match(child.key, key)
-            if n < len(child.key):
-                node = self._split(child, n)
-                values.append(node.value)
-                break
-            values.append(child.value)
-            node = child
-            key = key[n:]
-        if not values:
-            return torch.empty(0, dtype=torch.int64)
-        return torch.cat(values)
 
-    def _split(self, child: _Node, n: int) -> _Node:
-        new = _Node()
-        new.children = {self._child_key(child.key[n:]): child}
-        new.parent = child.parent
-        new.lock_ref = child.lock_ref
-        new.key = child.key[:n]
-        new.value = child.value[:n]
-        child.parent = new
-        child.key = child.key[n:]
-        child.value = child.value[n:]
-        assert new.parent is not None
-        new.parent.children[self._child_key(new.key)] = new
-        return new
+class _AckOnly(TransferEngine):
+    """A transfer engine whose copies finish at once without moving bytes: bookkeeping only."""
 
-    def insert(self, key: list[int], value: torch.Tensor) -> int:
-        """Insert ``key`` with per-token ``value``; return the cached prefix length."""
-        node = self.root
-        node.last_access_time = time.monotonic()
-        total = 0
-        while key:
-            child = node.children.get(self._child_key(key))
-            if child is None:
-                break
-            node = child
-            node.last_access_time = time.monotonic()
-            n = self._key_match(node.key, key)
-            total += n
-            key = key[n:]
-            value = value[n:]
-            if n < len(node.key):
-                node = self._split(node, n)
-        if key:
-            new = _Node()
-            new.parent = node
-            new.key = key
-            new.value = value
-            node.children[self._child_key(key)] = new
-            self.evictable_size += len(value)
-        return total
+    def __init__(self, device_pool: DevicePool, host_pool: HostPool) -> None:
+        super().__init__(device_pool, host_pool)
+        self._done: list[int] = []
+
+    def _start(self, ack_id: int, direction: Direction, src: list[int], dst: list[int]) -> None:
+        self._done.append(ack_id)
+
+    def _collect(self) -> list[int]:
+        done, self._done = self._done, []
+        return done
+
+    def _wait(self, ack_id: int) -> None:
+        return
+
+
+def _hicache_inputs(ps: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    def insert_input(tokens: np.ndarray[Any, Any], i: int) -> tuple[list[int], list[int]]:
+        n = len(tokens) // ps
+        return tokens.tolist(), list(range(i * n, (i + 1) * n))
+
+    def match_input(tokens: np.ndarray[Any, Any]) -> list[int]:
+        return tokens.tolist()  # type: ignore[no-any-return]
+
+    return insert_input, match_input
+
+
+def hicache_sides(w: Workload) -> dict[str, Side]:
+    """``hicache``: the plain tree; ``hicache_served``: ``HiRadixCache`` as served (write-through,
+    events on for GPU and CPU_PINNED, ``writing_check`` and ``take_events`` after each insert)."""
+    ps = w.page_size
+    insert_input, match_input = _hicache_inputs(ps)
+    plain = RadixCache(ps)
+    pages = w.requests * w.pages_per_request + 1
+    layout = KVLayout(1, 1, 1, ps, torch.float32)  # tiny pages: no KV bytes to speak of
+    dev = DevicePool(layout, pages, "cpu")
+    host = HostPool(layout, pages, pin=False)
+    served = HiRadixCache(dev, host, _AckOnly(dev, host))
+
+    def served_insert(a: tuple[list[int], list[int]]) -> int:
+        dup = served.insert(a[0], a[1])
+        served.writing_check()
+        served.take_events()
+        return dup
+
+    def matched(r: Any) -> int:
+        return len(r.device_pages) * ps
+
+    return {
+        "hicache": Side(
+            "hicache",
+            plain,
+            insert_input,
+            match_input,
+            lambda a: plain.insert(a[0], a[1]),
+            plain.match_prefix,
+            matched,
+        ),
+        "hicache_served": Side(
+            "hicache_served",
+            served,
+            insert_input,
+            match_input,
+            served_insert,
+            served.match_prefix,
+            matched,
+        ),
+    }
+
+
+def sglang_sides(w: Workload, peer: SglangPeer) -> dict[str, Side]:
+    """``sglang``: SGLang's ``RadixCache`` with events off; ``sglang_events``: with events on,
+    ``take_events`` after each insert."""
+    ps = w.page_size
+
+    def insert_input(tokens: np.ndarray[Any, Any], i: int) -> Any:
+        n = len(tokens)
+        slots = torch.arange(i * n, (i + 1) * n, dtype=torch.int64)
+        return peer.insert_params(key=peer.radix_key(array("q", tokens.tolist())), value=slots)
+
+    def match_input(tokens: np.ndarray[Any, Any]) -> Any:
+        return peer.match_params(key=peer.radix_key(array("q", tokens.tolist())))
+
+    def matched(r: Any) -> int:
+        return int(r.device_prefix_len)
+
+    sides = {}
+    for name, events in (("sglang", False), ("sglang_events", True)):
+        tree = peer.radix_cache.create_simulated(page_size=ps, enable_kv_cache_events=events)
+        insert: Step = tree.insert
+        if events:
+
+            def insert_take(params: Any, tree: Any = tree) -> object:
+                result = tree.insert(params)
+                tree.take_events()
+                return result
+
+            insert = insert_take
+        match = tree.match_prefix
+        sides[name] = Side(name, tree, insert_input, match_input, insert, match, matched)
+    return sides
+
+
+def prepared(side: Side, arrays: Sequence[np.ndarray[Any, Any]], insert: bool) -> list[Any]:
+    """``side``'s inputs for ``arrays`` (fresh objects for each request)."""
+    if insert:
+        return [side.insert_input(a, i) for i, a in enumerate(arrays)]
+    return [side.match_input(a) for a in arrays]

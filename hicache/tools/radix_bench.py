@@ -1,30 +1,27 @@
-"""``hicache bench radix``: radix tree throughput on a shared-system-prompt workload.
+"""``hicache bench radix``: hicache's radix trees beside SGLang's own ``RadixCache``, same run.
 
-Workload (issue 5): 10,000 requests of 2,048 tokens = one of 100 shared 1,024-token system
-prompts + a random 1,024-token suffix, page size 64. Measured, in requests per second:
+Workloads: one shared prefix (``--prefix-tokens``, default 1k and 32k) followed by a unique
+suffix per request, at every ``--page-sizes`` (default 1, 16, 64). Phases, in requests per
+second of this process's CPU time (other tenants of a shared machine do not count):
 
-- ``insert``       every request inserted into an empty tree
-- ``match_full``   the same requests matched again (every page hits)
-- ``match_prefix`` the system prompt followed by a new suffix (half the pages hit)
-- ``match_miss``   entirely new tokens (the first page misses)
+- ``insert``         every request inserted into an empty tree
+- ``match_full``     the same sequences matched again (every page hits)
+- ``match_prefix``   the shared prefix followed by a new suffix (only the prefix hits)
+- ``served_insert``  hicache: ``HiRadixCache`` as it is served (write-through, GPU and CPU_PINNED
+                     events on, a transfer engine that acks at once, ``writing_check`` and
+                     ``take_events`` after each insert); SGLang: ``RadixCache`` with events on,
+                     ``take_events`` after each insert
 
-Every match returns the device page indices the engine puts in its page table (a ``list[int]``;
-``match_full_tensor`` also converts them to an int64 tensor). Token lists are built outside the
-timed region. As in the reference measurement, a full hit matches the very lists that were
-inserted (and prompts are shared lists), so equal tokens are often the same int objects, which a
-list compare (the baseline's) skips; ``match_full_fresh_ints`` repeats the full hit with fresh
-int objects, as a tokenizer would hand them over, where every token comparison costs a real
-integer compare. hicache's tree packs tokens (``hicache.radix``), which costs the same either way.
+The peer is SGLang's real ``RadixCache`` (:mod:`hicache.tools._sglang_radix`), run in this
+process; without SGLang the bench says so and prints hicache's figures alone. Inputs are fresh
+objects per request, each side's in the form it takes, built outside the timer
+(:mod:`hicache.tools._radix_baseline`). Each round builds fresh trees, the sides alternating;
+figures are medians over ``--rounds``. Every match result is checked against the workload.
 
-Times are CPU time of this process (``time.process_time``), so other tenants of a shared
-machine do not count; each phase is the best of ``--repeat`` runs, the two trees alternating.
-The garbage collector runs as it would in a server (only the harness's own lists are frozen out
-of it, before timing) and its time is inside the figures; ``gc_share`` says how much of each
-best run it took.
-
-Separately, per page: the cost of the content hash (``keys.chain_hashes``) and of the
-write-through bookkeeping in ``HiRadixCache`` (backup submit, ack, CPU_PINNED events), measured
-with a transfer engine that completes instantly without copying.
+Also printed: the garbage collector's share of each side's insert time (the collector runs as in
+a server, only the harness's inputs are frozen out of it), and the Python memory per cached page
+(``tracemalloc``: tree and bookkeeping, no KV bytes; torch tensor storage is invisible to it, so
+SGLang's per-token slot tensors count only as objects).
 """
 
 from __future__ import annotations
@@ -32,67 +29,59 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import time
+import tracemalloc
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from hicache.keys import ModelIdentity, chain_hashes, seed_hash
-from hicache.radix import RadixCache
+from hicache.tools._radix_baseline import Side, Workload, hicache_sides, prepared, sglang_sides
+from hicache.tools._sglang_radix import PeerMissing, SglangPeer, load_peer
 
 __all__ = ["add_arguments", "run"]
 
-#: SGLang's pure-Python RadixCache on the same workload and machine class (issue 5).
-SGLANG_REFERENCE = {
-    "insert": 16_800.0,
-    "match_full": 24_800.0,
-    "match_prefix": 33_700.0,
-    "match_miss": 125_000.0,
+#: hicache side -> the SGLang side it is compared with, per phase.
+_PAIRS = {
+    "insert": ("hicache", "sglang"),
+    "match_full": ("hicache", "sglang"),
+    "match_prefix": ("hicache", "sglang"),
+    "served_insert": ("hicache_served", "sglang_events"),
 }
 
-_VOCAB = 128_000
-Fn = Callable[[list[int], int], object]
-_CHUNK = 500  # fresh-int requests converted per timed chunk (bounds memory)
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of integers: {text!r}"
+        ) from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"need positive integers, got {text!r}")
+    return values
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench radix`` options to ``parser``."""
-    parser.add_argument("--requests", type=int, default=10_000, help="requests (default 10000)")
-    parser.add_argument("--prompts", type=int, default=100, help="shared system prompts")
-    parser.add_argument("--prompt-tokens", type=int, default=1024, help="system prompt length")
-    parser.add_argument("--suffix-tokens", type=int, default=1024, help="random suffix length")
-    parser.add_argument("--page-size", type=int, default=64, help="tokens per page")
+    parser.add_argument("--page-sizes", type=_ints, default=[1, 16, 64], help="e.g. 1,16,64")
+    parser.add_argument(
+        "--prefix-tokens", type=_ints, default=[1024, 32768], help="shared prefix lengths"
+    )
+    parser.add_argument("--unique-tokens", type=int, default=1024, help="suffix per request")
+    parser.add_argument(
+        "--requests", type=int, default=1000, help="requests per workload (default 1000)"
+    )
+    parser.add_argument(
+        "--long-requests",
+        type=int,
+        default=100,
+        help="requests of workloads with a prefix over 4k tokens (default 100)",
+    )
+    parser.add_argument("--memory-requests", type=int, default=200, help="requests traced")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the median counts")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--repeat", type=int, default=3, help="repetitions; the best counts")
+    parser.add_argument("--no-peer", action="store_true", help="do not import SGLang")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _timed(lists: Sequence[list[int]], fn: Callable[[list[int], int], object]) -> float:
-    """Seconds spent calling ``fn(tokens, i)`` for every list."""
-    t0 = time.process_time()
-    for i, toks in enumerate(lists):
-        fn(toks, i)
-    return time.process_time() - t0
-
-
-def _timed_fresh(
-    arrays: Sequence[np.ndarray[Any, Any]], fn: Callable[[list[int], int], object]
-) -> float:
-    """Like :func:`_timed` on fresh int objects (as a tokenizer hands them over), in chunks;
-    the list conversion is not timed."""
-    total = 0.0
-    for start in range(0, len(arrays), _CHUNK):
-        lists = [a.tolist() for a in arrays[start : start + _CHUNK]]
-        total += _timed(lists, lambda toks, j, s=start: fn(toks, s + j))  # type: ignore[misc]
-    return total
-
-
-@dataclass(slots=True)
-class _Trees:
-    ours: RadixCache
-    base: Any
 
 
 class _GcClock:
@@ -109,230 +98,188 @@ class _GcClock:
             self.total += time.process_time() - self._start
 
 
-def _bench_tree(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Requests per second of each phase, for hicache's tree and the same-run baseline, and the
-    share of each best run the garbage collector took."""
-    import torch
-
-    from hicache.tools._radix_baseline import BaselineRadix
-
-    rng = np.random.default_rng(args.seed)
-    ps = args.page_size
-    n = args.requests
-    prompt_arrays = rng.integers(0, _VOCAB, size=(args.prompts, args.prompt_tokens))
-    prompts = [p.tolist() for p in prompt_arrays]
-    which = rng.integers(0, args.prompts, size=n).tolist()
-    suffix_arrays = rng.integers(0, _VOCAB, size=(n, args.suffix_tokens))
-    suffixes = [a.tolist() for a in suffix_arrays]
-    reqs = [prompts[which[i]] + suffixes[i] for i in range(n)]
-    # new lists over existing int objects (memory stays bounded): a reversed suffix is a new
-    # random suffix (prefix hit); two suffixes back to back start with no cached page (miss)
-    prefix_hits = [prompts[which[i]] + suffixes[i][::-1] for i in range(n)]
-    misses = [suffixes[i] + suffixes[(i + 1) % n] for i in range(n)]
-    per_req = len(reqs[0]) // ps
-    tokens = len(reqs[0])
-    trees = _Trees(RadixCache(ps), BaselineRadix(ps))
-    base_values = torch.arange(n * tokens, dtype=torch.int64)
-    base_slices = [base_values[i * tokens : (i + 1) * tokens] for i in range(n)]
-    # the harness's own lists are not the trees' business: keep them out of GC scans
+def _timed(
+    step: Callable[[Any], object], inputs: Sequence[Any], clock: _GcClock
+) -> tuple[float, float, list[Any]]:
+    """(seconds, GC seconds, results) of calling ``step`` on every input."""
     gc.collect()
-    gc.freeze()
-    got: list[int] = []
-
-    def match(toks: list[int], i: int) -> None:
-        got.append(len(trees.ours.match_prefix(toks).device_pages))
-
-    def match_base(toks: list[int], i: int) -> None:
-        got.append(len(trees.base.match_prefix(toks)) // ps)
-
-    def expect(pages: int, what: str) -> None:
-        if set(got) != {pages}:
-            raise RuntimeError(f"{what} match returned {sorted(set(got))} pages, not {pages}")
-        got.clear()
-
-    r: dict[str, float] = {}
-    b: dict[str, float] = {}
-    gc_r: dict[str, float] = {}
-    gc_b: dict[str, float] = {}
-    clock = _GcClock()
-
-    def best(into: dict[str, float], phase: str, lists: Sequence[list[int]], fn: Fn) -> None:
+    gc.freeze()  # the prepared inputs are the harness's, not the tree's
+    try:
         in_gc = clock.total
-        elapsed = _timed(lists, fn)
-        if n / elapsed > into.get(phase, 0.0):
-            into[phase] = n / elapsed
-            (gc_r if into is r else gc_b)[phase] = (clock.total - in_gc) / elapsed
+        out = []
+        t0 = time.process_time()
+        for a in inputs:
+            out.append(step(a))
+        elapsed = time.process_time() - t0
+        return elapsed, clock.total - in_gc, out
+    finally:
+        gc.unfreeze()
 
+
+def _check(side: Side, results: list[Any], want: int, what: str) -> None:
+    got = {side.matched(r) for r in results}
+    if got != {want}:
+        raise RuntimeError(f"{side.name} {what}: matched {sorted(got)[:5]} tokens, not {want}")
+
+
+def _round(
+    w: Workload, sides: dict[str, Side], order: list[str], clock: _GcClock
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """One round on fresh trees: ``{side: {phase: (req/s, gc share)}}``."""
+    out: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in sides}
+    arrays = w.arrays("requests")
+    for name in order:
+        side = sides[name]
+        inputs = prepared(side, arrays, insert=True)
+        elapsed, in_gc, _ = _timed(side.insert, inputs, clock)
+        phase = "served_insert" if name in ("hicache_served", "sglang_events") else "insert"
+        out[name][phase] = (w.requests / elapsed, in_gc / elapsed)
+        del inputs
+    hits = w.arrays("prefix_hits")
+    for name in order:
+        side = sides[name]
+        if name not in ("hicache", "sglang"):
+            continue
+        for phase, source, want in (
+            ("match_full", arrays, w.tokens - w.tokens % w.page_size),
+            ("match_prefix", hits, w.prefix_tokens - w.prefix_tokens % w.page_size),
+        ):
+            inputs = prepared(side, source, insert=False)
+            elapsed, in_gc, results = _timed(side.match, inputs, clock)
+            _check(side, results, want, phase)
+            out[name][phase] = (w.requests / elapsed, in_gc / elapsed)
+            del inputs, results
+    return out
+
+
+def _memory(
+    w: Workload, build: Callable[[], dict[str, Side]], names: list[str]
+) -> dict[str, float]:
+    """Python bytes per cached page of each side once ``w.requests`` requests are inserted."""
+    out: dict[str, float] = {}
+    arrays = w.arrays("requests")
+    for name in names:
+        side = build()[name]
+        inputs = prepared(side, arrays, insert=True)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for a in inputs:
+                side.insert(a)
+            del inputs
+            gc.collect()
+            out[name] = round((tracemalloc.get_traced_memory()[0] - before) / w.cached_pages, 1)
+        finally:
+            tracemalloc.stop()
+    return out
+
+
+def _workload_figures(
+    w: Workload, peer: SglangPeer | None, rounds: int, memory_requests: int
+) -> dict[str, Any]:
+    clock = _GcClock()
+    per_round: list[dict[str, dict[str, tuple[float, float]]]] = []
     gc.callbacks.append(clock)
     try:
-        # fresh trees per repetition, the two implementations alternating; the best of the
-        # repetitions counts (the machine is shared: the best run is the least disturbed one)
-        # warm both code paths (and the allocator) before anything is timed
-        warm = reqs[: min(n, 200)]
-        _timed(warm, lambda t, i: RadixCache(ps).insert(t, range(per_req)))
-        _timed(warm, lambda t, i: BaselineRadix(ps).insert(t, base_slices[i]))
-        for rep in range(args.repeat):
-            trees.ours, trees.base = RadixCache(ps), BaselineRadix(ps)
-            inserts = [
-                (r, lambda t, i: trees.ours.insert(t, range(i * per_req, (i + 1) * per_req))),
-                (b, lambda t, i: trees.base.insert(t, base_slices[i])),
-            ]
-            for into, fn in inserts if rep % 2 == 0 else inserts[::-1]:
-                best(into, "insert", reqs, fn)
-            for name, lists, want in (
-                ("match_full", reqs, per_req),
-                ("match_prefix", prefix_hits, args.prompt_tokens // ps),
-                ("match_miss", misses, 0),
-            ):
-                best(r, name, lists, match)
-                expect(want, name)
-                best(b, name, lists, match_base)
-                expect(want, f"{name} (baseline)")
-            best(
-                r,
-                "match_full_tensor",
-                reqs,
-                lambda t, i: torch.tensor(
-                    trees.ours.match_prefix(t).device_pages, dtype=torch.int64
-                ),
-            )
-            if rep == 0:
-                full_arrays = [
-                    np.concatenate((prompt_arrays[which[i]], suffix_arrays[i])) for i in range(n)
-                ]
-                r["match_full_fresh_ints"] = n / _timed_fresh(full_arrays, match)
-                expect(per_req, "full-hit (fresh ints)")
-                b["match_full_fresh_ints"] = n / _timed_fresh(full_arrays, match_base)
-                expect(per_req, "full-hit (fresh ints, baseline)")
-                del full_arrays
-            gc.collect()
+        for r in range(rounds):
+            sides = hicache_sides(w)
+            if peer is not None:
+                sides.update(sglang_sides(w, peer))
+            order = list(sides)
+            per_round.append(_round(w, sides, order if r % 2 == 0 else order[::-1], clock))
+            del sides
     finally:
         gc.callbacks.remove(clock)
-        gc.unfreeze()
-    return {"hicache": r, "baseline": b, "hicache_gc": gc_r, "baseline_gc": gc_b}
-
-
-def _bench_hashing(page_size: int, pages: int = 20_000) -> float:
-    """Microseconds per page of ``chain_hashes`` over 32-page requests."""
-    rng = np.random.default_rng(1)
-    per_req = 32
-    seqs = [
-        rng.integers(0, _VOCAB, size=per_req * page_size).tolist() for _ in range(pages // per_req)
-    ]
-    seed = seed_hash(ModelIdentity("bench"))
-    t0 = time.process_time()
-    for s in seqs:
-        chain_hashes(seed, s, page_size)
-    return (time.process_time() - t0) / (len(seqs) * per_req) * 1e6
-
-
-def _bench_writethrough(page_size: int, requests: int = 1000, pages_per_req: int = 32) -> float:
-    """Microseconds per page of write-through bookkeeping: ``write_backup`` (host allocation,
-    submit, lock, tracking) + ``writing_check`` (ack, one ``BlockStored(CPU_PINNED)`` per page,
-    unlock) + ``take_events``. Copies cost nothing here (a transfer engine that only acks) and
-    the content hashes are computed before timing (they are :func:`_bench_hashing`'s part).
-    """
-    import torch
-
-    from hicache.hiradix import HiRadixCache, WritePolicy
-    from hicache.pools import DevicePool, HostPool, KVLayout
-    from hicache.transfer import Direction, TransferEngine
-
-    class _AckOnly(TransferEngine):
-        def __init__(self, dev: DevicePool, host: HostPool) -> None:
-            super().__init__(dev, host)
-            self._done: list[int] = []
-
-        def _start(self, ticket: int, direction: Direction, src: list[int], dst: list[int]) -> None:
-            self._done.append(ticket)
-
-        def _collect(self) -> list[int]:
-            done, self._done = self._done, []
-            return done
-
-        def _wait(self, ticket: int) -> None:
-            return
-
-    layout = KVLayout(1, 1, 1, page_size, torch.float32)  # tiny pages: bookkeeping only
-    total = requests * pages_per_req
-    dev = DevicePool(layout, total, "cpu")
-    host = HostPool(layout, total, pin=False)
-    cache = HiRadixCache(
-        dev, host, _AckOnly(dev, host), write_policy=WritePolicy.MANUAL, gpu_events=False
-    )
-    rng = np.random.default_rng(2)
-    nodes = []
-    for _ in range(requests):
-        toks = rng.integers(0, _VOCAB, size=pages_per_req * page_size).tolist()
-        pages = dev.alloc(pages_per_req)
-        assert pages is not None
-        cache.insert(toks, pages)
-        node = cache.match_prefix(toks).last_node
-        cache.node_hashes(node)
-        nodes.append(node)
-    events = 0
-    t0 = time.process_time()
-    for node in nodes:
-        cache.write_backup(node)
-        cache.writing_check()
-        events += len(cache.take_events())
-    elapsed = time.process_time() - t0
-    if events != total or cache.protected_pages:
-        raise RuntimeError(f"write-through bench: {events} events for {total} pages")
-    return elapsed / total * 1e6
+    rates: dict[str, dict[str, float]] = {}
+    gc_share: dict[str, dict[str, float]] = {}
+    for name in per_round[0]:
+        for phase in per_round[0][name]:
+            vals = [rd[name][phase] for rd in per_round]
+            rates.setdefault(name, {})[phase] = round(statistics.median(v[0] for v in vals), 1)
+            gc_share.setdefault(name, {})[phase] = round(statistics.median(v[1] for v in vals), 3)
+    ratios = {
+        phase: round(rates[ours][phase] / rates[theirs][phase], 2)
+        for phase, (ours, theirs) in _PAIRS.items()
+        if theirs in rates and phase in rates.get(ours, {})
+    }
+    mw = Workload(w.page_size, w.prefix_tokens, w.unique_tokens, min(w.requests, memory_requests))
+    names = ["hicache", "hicache_served"]
+    memory = _memory(mw, lambda: hicache_sides(mw), names)
+    if peer is not None:
+        memory.update(_memory(mw, lambda: sglang_sides(mw, peer), ["sglang", "sglang_events"]))
+    return {
+        "page_size": w.page_size,
+        "prefix_tokens": w.prefix_tokens,
+        "unique_tokens": w.unique_tokens,
+        "requests": w.requests,
+        "req_per_s": rates,
+        "vs_sglang_same_run": ratios,
+        "gc_share": gc_share,
+        "bytes_per_cached_page": memory,
+        "memory_requests": mw.requests,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print figures (one JSON object with ``--json``); return 0."""
-    rates = _bench_tree(args)
-    ours, base = rates["hicache"], rates["baseline"]
+    loaded: SglangPeer | PeerMissing = (
+        PeerMissing("not imported (--no-peer)") if args.no_peer else load_peer()
+    )
+    peer = loaded if isinstance(loaded, SglangPeer) else None
     result: dict[str, Any] = {
-        "workload": {
-            "requests": args.requests,
-            "prompts": args.prompts,
-            "prompt_tokens": args.prompt_tokens,
-            "suffix_tokens": args.suffix_tokens,
-            "page_size": args.page_size,
-            "device_indices": "list[int] of device page indices per match",
-        },
-        "req_per_s": {k: round(v, 1) for k, v in ours.items()},
-        "baseline_req_per_s": {k: round(v, 1) for k, v in base.items()},
-        "vs_baseline_same_run": {k: round(ours[k] / v, 2) for k, v in base.items()},
-        "vs_sglang_reference": {
-            k: round(ours[k] / ref, 2) for k, ref in SGLANG_REFERENCE.items() if k in ours
-        },
-        "sglang_reference_req_per_s": SGLANG_REFERENCE,
-        "gc_share": {
-            "hicache": {k: round(v, 3) for k, v in rates["hicache_gc"].items()},
-            "baseline": {k: round(v, 3) for k, v in rates["baseline_gc"].items()},
-        },
-        "hash_us_per_page": round(_bench_hashing(args.page_size), 3),
-        "writethrough_us_per_page": round(_bench_writethrough(args.page_size), 3),
+        "timer": "process CPU time; medians of rounds",
+        "rounds": args.rounds,
+        "peer": (
+            {"name": "sglang.srt.mem_cache.radix_cache.RadixCache", "version": peer.version}
+            | {"stand_ins": peer.stand_ins}
+            if peer is not None
+            else {"missing": loaded.reason if isinstance(loaded, PeerMissing) else ""}
+        ),
+        "workloads": [],
     }
+    for ps in args.page_sizes:
+        for prefix in args.prefix_tokens:
+            n = args.long_requests if prefix > 4096 else args.requests
+            w = Workload(ps, prefix, args.unique_tokens, n, args.seed)
+            figures = _workload_figures(w, peer, args.rounds, args.memory_requests)
+            result["workloads"].append(figures)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"radix bench: {args.requests} requests, page size {args.page_size}")
-        print(f"  {'phase':22s} {'hicache':>10s} {'baseline':>10s} {'ratio':>6s} {'vs ref':>6s}")
-        for k, v in result["req_per_s"].items():
-            bv = result["baseline_req_per_s"].get(k)
-            ratio = result["vs_baseline_same_run"].get(k)
-            ref = result["vs_sglang_reference"].get(k)
-            print(
-                f"  {k:22s} {v:10,.0f} {'' if bv is None else f'{bv:10,.0f}':>10s} "
-                f"{'' if ratio is None else f'{ratio:.2f}x':>6s} "
-                f"{'' if ref is None else f'{ref:.2f}x':>6s}"
-            )
-        gc_ours, gc_base = result["gc_share"]["hicache"], result["gc_share"]["baseline"]
-        print(
-            f"  garbage collector  {gc_ours.get('insert', 0):.0%} of hicache's insert time, "
-            f"{gc_base.get('insert', 0):.0%} of the baseline's"
-        )
-        print(f"  hashing            {result['hash_us_per_page']:.3f} us/page")
-        if "writethrough_us_per_page" in result:
-            wt = result["writethrough_us_per_page"]
-            print(f"  write-through      {wt} us/page (ack + events)")
+        _print_table(result)
     return 0
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    peer = result["peer"]
+    if "missing" in peer:
+        print(f"SGLang peer not installed: {peer['missing']}; hicache's figures alone")
+    else:
+        print(f"peer: SGLang {peer['version']} RadixCache, same process, same inputs")
+        for name, why in peer["stand_ins"].items():
+            print(f"  import-only stand-in for {name} (raises if called): {why}")
+    print(f"requests/s, {result['timer']} ({result['rounds']} rounds)")
+    head = f"{'ps':>3s} {'prefix':>6s} {'phase':14s} {'hicache':>10s} {'sglang':>10s} {'ratio':>6s}"
+    print(head)
+    for wl in result["workloads"]:
+        rates = wl["req_per_s"]
+        for phase, (ours, theirs) in _PAIRS.items():
+            mine = rates.get(ours, {}).get(phase)
+            peer_rate = rates.get(theirs, {}).get(phase)
+            ratio = wl["vs_sglang_same_run"].get(phase)
+            print(
+                f"{wl['page_size']:3d} {wl['prefix_tokens']:6d} {phase:14s} "
+                f"{mine:10,.0f} {'-' if peer_rate is None else f'{peer_rate:,.0f}':>10s} "
+                f"{'-' if ratio is None else f'{ratio:.2f}x':>6s}"
+            )
+        shares = ", ".join(
+            f"{name} {phases.get('insert', phases.get('served_insert', 0.0)):.0%}"
+            for name, phases in wl["gc_share"].items()
+        )
+        print(f"          GC share of insert: {shares}")
+        mem = ", ".join(f"{k} {v:,.0f}" for k, v in wl["bytes_per_cached_page"].items())
+        print(f"          Python bytes per cached page: {mem}")
 
 
 def main() -> int:

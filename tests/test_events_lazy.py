@@ -1,0 +1,117 @@
+"""Events are built lazily: nothing is hashed for a medium nobody keeps, and a queued run of
+pages builds, when taken, exactly the events it would have built when it was queued."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hicache.events import BlockStored, EventQueue, Medium, StoredRun, build_events
+from hicache.hiradix import HiRadixCache
+from hicache.keys import ModelIdentity, block_id, block_ids, chain_hashes, seed_hash
+from hicache.packed_tokens import pack
+from hicache.pools import DevicePool, HostPool, KVLayout
+from hicache.radix import RadixCache
+from hicache.transfer import CpuTransferEngine
+
+PS = 4
+SEED = seed_hash(ModelIdentity("lazy-events"))
+
+
+def _cache(events: bool) -> HiRadixCache:
+    layout = KVLayout(1, 1, 2, PS, torch.float32)
+    dev = DevicePool(layout, 64, "cpu")
+    host = HostPool(layout, 64, pin=False)
+    return HiRadixCache(
+        dev,
+        host,
+        CpuTransferEngine(dev, host),
+        identity=ModelIdentity("lazy-events"),
+        events=events,
+    )
+
+
+def _expected(tokens: list[int], medium: str, parent: bytes = SEED) -> list[BlockStored]:
+    hashes = chain_hashes(parent, tokens, PS)
+    out, prev = [], None if parent == SEED else block_id(parent)
+    for j, h in enumerate(hashes):
+        out.append(
+            BlockStored([block_id(h)], prev, tokens[j * PS : (j + 1) * PS], PS, None, medium)
+        )
+        prev = block_id(h)
+    return out
+
+
+def test_events_off_hash_nothing() -> None:
+    cache = _cache(events=False)
+    tokens = list(range(100, 100 + 4 * PS))
+    pages = cache.device_pool.alloc(4)
+    assert pages is not None
+    cache.insert(tokens, pages)
+    cache.writing_check()  # the CPU engine copied in submit: this finishes the write
+    node = cache.match_prefix(tokens).last_node
+    assert node.host_value is not None and not cache.ongoing_write_through  # acked
+    assert node.hashes is None  # no event wanted them, no tier published them
+    assert cache.take_events() == [] and len(cache.events) == 0
+
+
+def test_events_on_build_every_page_once_per_medium() -> None:
+    cache = _cache(events=True)
+    tokens = list(range(7, 7 + 3 * PS))
+    pages = cache.device_pool.alloc(3)
+    assert pages is not None
+    cache.insert(tokens, pages)
+    assert len(cache.events) == 3  # counted per page while still a run
+    cache.writing_check()
+    assert len(cache.events) == 6
+    got = cache.take_events()
+    assert got == _expected(tokens, Medium.GPU) + _expected(tokens, Medium.CPU_PINNED)
+    # one list per event: a consumer that extends one event's tokens changes no other
+    assert len({id(e.token_ids) for e in got if isinstance(e, BlockStored)}) == len(got)
+
+
+def test_a_run_queued_before_a_split_builds_what_it_held_then() -> None:
+    tree = RadixCache(PS, gpu_events=True, seed=SEED)
+    tokens = list(range(1, 1 + 4 * PS))
+    tree.insert(tokens, [0, 1, 2, 3])
+    # a match ending inside the node splits it before the run is built
+    tree.match_prefix(tokens[: 2 * PS] + [999] * PS)
+    assert len(tree.root.children) == 1
+    prefix = next(iter(tree.root.children.values()))
+    assert prefix.num_tokens == 2 * PS
+    assert tree.take_events() == _expected(tokens, Medium.GPU)
+
+
+def test_runs_over_the_same_pages_share_their_decoding() -> None:
+    tokens = list(range(50, 50 + 2 * PS))
+    hashes = chain_hashes(SEED, tokens, PS)
+    packed = pack(tokens)
+    assert packed is not None
+    runs = [StoredRun(hashes, None, packed, PS, 3, m) for m in (Medium.GPU, Medium.CPU_PINNED)]
+    built = build_events(runs)
+    assert [e.medium for e in built if isinstance(e, BlockStored)] == ["GPU"] * 2 + [
+        "CPU_PINNED"
+    ] * 2
+    assert built[:2] == runs[0].build() and built[2:] == runs[1].build()
+    assert all(isinstance(e, BlockStored) and e.lora_id == 3 for e in built)
+
+
+def test_overflow_counts_the_pages_of_runs() -> None:
+    tokens = list(range(10, 10 + 3 * PS))
+    packed = pack(tokens)
+    assert packed is not None
+    q = EventQueue(max_events=3)
+    q.put(StoredRun(chain_hashes(SEED, tokens, PS), None, packed, PS, None, "GPU"))
+    assert len(q) == 3 and q.overflows == 0
+    q.put(StoredRun(chain_hashes(SEED, tokens, PS), None, packed, PS, None, "CPU_PINNED"))
+    got = q.take()
+    assert q.overflows == 1 and q.dropped == 4 and len(got) == 3
+    assert got[1:] == _expected(tokens, Medium.CPU_PINNED)[1:]
+
+
+def test_block_ids_match_block_id_and_refuse_short_hashes() -> None:
+    hashes = chain_hashes(SEED, list(range(8 * PS)), PS)
+    assert block_ids(hashes) == [block_id(h) for h in hashes]
+    assert block_ids([]) == []
+    with pytest.raises(ValueError, match="32 bytes each"):
+        block_ids([hashes[0][:16]])
