@@ -1,0 +1,266 @@
+"""``PredictedReuse``: evict the stored page least likely to be read again, learned online.
+
+Why not plain LRU: on conversation traffic most stored pages are never read again (a
+conversation that does not come back, the partial last page of a prompt), and recency alone
+cannot tell them from the pages of a conversation that will. Whether a page is read again
+depends strongly on what is already known about it:
+
+- how many times it was used before (a page used once, twice, three times or more is more and
+  more likely to be used again: a document reread across turns, a shared system prompt), and
+- whether it was the last page of the batch that stored it (a prompt's tail, rarely reused:
+  the next turn extends the prompt, so its last page differs).
+
+So every resident key is in one of a few *classes* (uses so far x tail flag), each a tail-first
+LRU queue. For each class the policy learns, from the requests it sees, the share of its keys
+used again and the distribution of the idle time before that reuse (a histogram in octaves of
+the policy's own clock, which counts key references, not seconds: nothing is tied to a trace's
+timestamps or key values). The probability that a key idle for ``a`` is still used again is
+``p S(a) / (1 - p + p S(a))`` (``p`` the class's reuse share, ``S`` the survival of its reuse
+idle times): it falls with idle time, so within a class the least recent key is the least
+likely, and eviction compares only the least recent key of each class (O(classes) per victim).
+Ties (before anything is learned) go to the least recent key: the policy starts as LRU.
+
+Keys dropped by eviction are remembered (keys only, a bounded FIFO "ghost" of a few times the
+resident count), so a page stored again after its eviction keeps its use count and its reuse
+is learned even when the tier was too small to keep it.
+
+Chains stay prefix-closed as with :class:`~hicache.storage.eviction.TailFirstLRU`: a key is
+used at least as often as its suffixes and is never the tail of a batch its suffixes are in, so
+its class is at least as likely, and within a class heads are more recent than their tails.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+
+from hicache.errors import BackendCapacityError
+from hicache.storage.eviction import CapacityPolicy
+
+__all__ = ["PredictedReuse"]
+
+#: Uses counted per key before they saturate.
+MAX_USES = 3
+#: Classes: 0 = never used again, not a batch's tail; 1 = never used again, a batch's tail;
+#: 1 + u = used again u times (1 <= u <= MAX_USES; a key used again is no longer "a tail").
+NUM_CLASSES = MAX_USES + 2
+#: The classes in the order their keep probabilities are made non-decreasing (see _refresh).
+_BY_USES = (0, *range(2, NUM_CLASSES))
+#: Idle-time histogram buckets: one per power of two of the key clock.
+NUM_BUCKETS = 64
+#: Ghost keys kept per resident key (at its peak count).
+GHOST_FACTOR = 4
+#: Weight kept by old observations at each refresh, so the estimates follow a drifting workload.
+DECAY = 0.95
+#: Refresh the per-class tables after this share of the peak resident count entered (at least
+#: MIN_PERIOD keys): often enough to adapt, rare enough to cost nothing per key.
+PERIOD_SHARE = 4
+MIN_PERIOD = 256
+
+
+def _uses(cls: int) -> int:
+    return 0 if cls < 2 else cls - 1
+
+
+class PredictedReuse(CapacityPolicy):
+    """Capacity policy evicting the key least likely to be used again (see module docstring).
+
+    Keys are any hashable values (the cache and backends use page key strings; the replay's
+    simulation uses trace block ids), so the simulation runs this very class.
+    """
+
+    def __init__(self, capacity_bytes: int, *, tail_class: bool = True) -> None:
+        super().__init__(capacity_bytes)
+        # False: classes by uses only (the study's ablation of the tail flag)
+        self._tail_class = tail_class
+        self._lock = threading.Lock()
+        # key -> (class, stamp of its last use, size)
+        self._meta: dict[Hashable, tuple[int, int, int]] = {}
+        self._queues: list[OrderedDict[Hashable, None]] = [
+            OrderedDict() for _ in range(NUM_CLASSES)
+        ]
+        # evicted key -> (class it left, stamp of its last use); least recently evicted first
+        self._ghost: OrderedDict[Hashable, tuple[int, int]] = OrderedDict()
+        self._used = 0
+        self._clock = 0
+        self._peak = 0
+        self._since_refresh = 0
+        self._entered = [1.0] * NUM_CLASSES
+        self._reused = [0.5] * NUM_CLASSES
+        self._idle = [[0.0] * NUM_BUCKETS for _ in range(NUM_CLASSES)]
+        self._keep = [[0.5] * NUM_BUCKETS for _ in range(NUM_CLASSES)]
+
+    # ------------------------------------------------------------------ CapacityPolicy
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._meta
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def add(self, keys: Sequence[Hashable], sizes: Sequence[int]) -> None:
+        # docstring inherited
+        if len(keys) != len(sizes):
+            raise ValueError(f"{len(keys)} keys but {len(sizes)} sizes")
+        for size in sizes:
+            if size < 0:
+                raise ValueError(f"sizes must be >= 0, got {size}")
+        with self._lock:
+            self._clock += 1
+            last = len(keys) - 1 if self._tail_class else -1
+            for i in range(len(keys) - 1, -1, -1):
+                self._use(keys[i], sizes[i], 1 if i == last else 0)
+            self._after_entries()
+
+    def touch(self, keys: Sequence[Hashable]) -> None:
+        # docstring inherited
+        with self._lock:
+            self._clock += 1
+            meta = self._meta
+            for i in range(len(keys) - 1, -1, -1):
+                key = keys[i]
+                found = meta.get(key)
+                if found is not None:
+                    self._use(key, found[2], 0)
+
+    def remove(self, key: Hashable) -> bool:
+        # docstring inherited
+        with self._lock:
+            found = self._meta.pop(key, None)
+            if found is None:
+                return False
+            del self._queues[found[0]][key]
+            self._used -= found[2]
+            return True
+
+    def evict_for(self, nbytes: int) -> list[str]:
+        # docstring inherited
+        if nbytes > self._capacity:
+            raise BackendCapacityError(
+                f"cannot make room for {nbytes} bytes: capacity is {self._capacity} bytes"
+            )
+        victims: list[str] = []
+        with self._lock:
+            while self._meta and self._used + nbytes > self._capacity:
+                victims.append(self._evict_one())  # type: ignore[arg-type]
+        return victims
+
+    # ------------------------------------------------------------------ tools
+
+    def keys_by_eviction_order(self) -> list[Hashable]:
+        """Snapshot of the resident keys in the order eviction would take them now."""
+        with self._lock:
+            saved = (dict(self._meta), [OrderedDict(q) for q in self._queues], self._used)
+            ghost = OrderedDict(self._ghost)
+            order = []
+            while self._meta:
+                order.append(self._evict_one())
+            self._meta, self._queues, self._used = saved
+            self._ghost = ghost
+            return order
+
+    def reuse_estimates(self) -> list[float]:
+        """The learned share of keys used again, per class (uses x tail flag), for reports."""
+        with self._lock:
+            return [r / e for r, e in zip(self._reused, self._entered, strict=True)]
+
+    def clear(self) -> None:
+        """Forget every key (the learned estimates stay)."""
+        with self._lock:
+            self._meta.clear()
+            for q in self._queues:
+                q.clear()
+            self._ghost.clear()
+            self._used = 0
+
+    # ------------------------------------------------------------------ internals (locked)
+
+    def _use(self, key: Hashable, size: int, tail: int) -> None:
+        """Record a use of ``key`` (resident, ghost or new) as its class's most recent key."""
+        clock = self._clock
+        found = self._meta.get(key)
+        if found is not None:
+            old_class, stamp, old_size = found
+            del self._queues[old_class][key]
+            self._used -= old_size
+            uses = min(MAX_USES, _uses(old_class) + 1)
+            self._learn(old_class, clock - stamp)
+        else:
+            gone = self._ghost.pop(key, None)
+            if gone is not None:
+                old_class, stamp = gone
+                uses = min(MAX_USES, _uses(old_class) + 1)
+                self._learn(old_class, clock - stamp)
+            else:
+                uses = 0
+            self._since_refresh += 1
+        cls = tail if uses == 0 else uses + 1
+        self._entered[cls] += 1.0
+        self._meta[key] = (cls, clock, size)
+        self._queues[cls][key] = None
+        self._used += size
+
+    def _learn(self, cls: int, idle: int) -> None:
+        self._reused[cls] += 1.0
+        self._idle[cls][min(NUM_BUCKETS - 1, idle.bit_length())] += 1.0
+
+    def _after_entries(self) -> None:
+        n = len(self._meta)
+        if n > self._peak:
+            self._peak = n
+        ghost = self._ghost
+        limit = GHOST_FACTOR * self._peak
+        while len(ghost) > limit:
+            ghost.popitem(last=False)
+        if self._since_refresh >= max(MIN_PERIOD, self._peak // PERIOD_SHARE):
+            self._since_refresh = 0
+            self._refresh()
+
+    def _refresh(self) -> None:
+        """Recompute P(used again | class, idle bucket) and age the observations."""
+        for cls in range(NUM_CLASSES):
+            share = min(1.0, self._reused[cls] / self._entered[cls])
+            hist = self._idle[cls]
+            total = sum(hist)
+            above = total
+            row = self._keep[cls]
+            for b in range(NUM_BUCKETS):
+                survive = above / total if total > 0 else 1.0
+                above -= hist[b]
+                still = share * survive
+                denom = 1.0 - share + still
+                row[b] = still / denom if denom > 0 else 1.0
+                hist[b] *= DECAY
+            self._reused[cls] *= DECAY
+            self._entered[cls] *= DECAY
+        # A key is used at least as often as its suffixes and is at most as idle: keeping the
+        # probabilities non-decreasing in uses makes eviction take suffixes before their heads
+        # (chains stay prefix-closed), whatever the estimates' noise.
+        keep = self._keep
+        for lower, upper in itertools.pairwise(_BY_USES):
+            keep[upper] = [max(a, b) for a, b in zip(keep[lower], keep[upper], strict=True)]
+
+    def _evict_one(self) -> Hashable:
+        clock = self._clock
+        best_cls = -1
+        best = (2.0, 0)
+        meta = self._meta
+        for cls, queue in enumerate(self._queues):
+            if not queue:
+                continue
+            head = next(iter(queue))
+            stamp = meta[head][1]
+            value = (self._keep[cls][min(NUM_BUCKETS - 1, (clock - stamp).bit_length())], stamp)
+            if value < best:
+                best, best_cls = value, cls
+        key, _ = self._queues[best_cls].popitem(last=False)
+        _, stamp, size = meta.pop(key)
+        self._used -= size
+        self._ghost[key] = (best_cls, stamp)
+        return key
