@@ -13,7 +13,7 @@ depends strongly on what is already known about it:
 So every resident key is in one of a few *classes* (uses so far x tail flag), each a tail-first
 LRU queue. For each class the policy learns, from the requests it sees, the share of its keys
 used again and the distribution of the idle time before that reuse (a histogram in octaves of
-the policy's own clock, which counts key references, not seconds: nothing is tied to a trace's
+the policy's own clock, which counts key uses, not seconds: nothing is tied to a trace's
 timestamps or key values). The probability that a key idle for ``a`` is still used again is
 ``p S(a) / (1 - p + p S(a))`` (``p`` the class's reuse share, ``S`` the survival of its reuse
 idle times): it falls with idle time, so within a class the least recent key is the least
@@ -24,9 +24,11 @@ Keys dropped by eviction are remembered (keys only, a bounded FIFO "ghost" of a 
 resident count), so a page stored again after its eviction keeps its use count and its reuse
 is learned even when the tier was too small to keep it.
 
-Chains stay prefix-closed as with :class:`~hicache.storage.eviction.TailFirstLRU`: a key is
-used at least as often as its suffixes and is never the tail of a batch its suffixes are in, so
-its class is at least as likely, and within a class heads are more recent than their tails.
+Chains stay prefix-closed as with :class:`~hicache.storage.eviction.TailFirstLRU` (when adds
+and touches are whole chain prefixes): a key is used at least as often as its suffixes, is more
+recent than them, and is never the tail of a batch its suffixes are in; the estimates are kept
+non-decreasing in uses (and a tail's at most its batch's other new keys'), and within a class
+the older key goes first, so a suffix always goes before its head.
 """
 
 from __future__ import annotations
@@ -71,8 +73,14 @@ class PredictedReuse(CapacityPolicy):
     simulation uses trace block ids), so the simulation runs this very class.
     """
 
-    def __init__(self, capacity_bytes: int, *, tail_class: bool = True) -> None:
+    def __init__(
+        self, capacity_bytes: int, *, tail_class: bool = True, min_period: int = MIN_PERIOD
+    ) -> None:
         super().__init__(capacity_bytes)
+        if min_period <= 0:
+            raise ValueError(f"min_period must be positive, got {min_period}")
+        # keys entering between two refreshes of the estimates, at least (tests use few)
+        self._min_period = min_period
         # False: classes by uses only (the study's ablation of the tail flag)
         self._tail_class = tail_class
         self._lock = threading.Lock()
@@ -112,7 +120,6 @@ class PredictedReuse(CapacityPolicy):
             if size < 0:
                 raise ValueError(f"sizes must be >= 0, got {size}")
         with self._lock:
-            self._clock += 1
             last = len(keys) - 1 if self._tail_class else -1
             for i in range(len(keys) - 1, -1, -1):
                 self._use(keys[i], sizes[i], 1 if i == last else 0)
@@ -121,7 +128,6 @@ class PredictedReuse(CapacityPolicy):
     def touch(self, keys: Sequence[Hashable]) -> None:
         # docstring inherited
         with self._lock:
-            self._clock += 1
             meta = self._meta
             for i in range(len(keys) - 1, -1, -1):
                 key = keys[i]
@@ -165,6 +171,13 @@ class PredictedReuse(CapacityPolicy):
             self._ghost = ghost
             return order
 
+    def eviction_value(self, key: Hashable) -> tuple[float, int]:
+        """What eviction compares for a resident ``key``: (the estimated probability that it is
+        used again, its stamp); the smallest goes first. ``KeyError`` if not resident."""
+        with self._lock:
+            cls, stamp, _ = self._meta[key]
+            return self._value(cls, stamp), stamp
+
     def reuse_estimates(self) -> list[float]:
         """The learned share of keys used again, per class (uses x tail flag), for reports."""
         with self._lock:
@@ -183,7 +196,9 @@ class PredictedReuse(CapacityPolicy):
 
     def _use(self, key: Hashable, size: int, tail: int) -> None:
         """Record a use of ``key`` (resident, ghost or new) as its class's most recent key."""
-        clock = self._clock
+        # The clock counts key uses: every key gets its own stamp, so within a batch recorded
+        # tail first the tail is the oldest, and equal estimates evict it first.
+        self._clock = clock = self._clock + 1
         found = self._meta.get(key)
         if found is not None:
             old_class, stamp, old_size = found
@@ -218,7 +233,7 @@ class PredictedReuse(CapacityPolicy):
         limit = GHOST_FACTOR * self._peak
         while len(ghost) > limit:
             ghost.popitem(last=False)
-        if self._since_refresh >= max(MIN_PERIOD, self._peak // PERIOD_SHARE):
+        if self._since_refresh >= max(self._min_period, self._peak // PERIOD_SHARE):
             self._since_refresh = 0
             self._refresh()
 
@@ -242,9 +257,15 @@ class PredictedReuse(CapacityPolicy):
         # A key is used at least as often as its suffixes and is at most as idle: keeping the
         # probabilities non-decreasing in uses makes eviction take suffixes before their heads
         # (chains stay prefix-closed), whatever the estimates' noise.
+        # A batch's tail (class 1) is the suffix of the batch's other new keys (class 0): it may
+        # not be more likely than them.
         keep = self._keep
         for lower, upper in itertools.pairwise(_BY_USES):
             keep[upper] = [max(a, b) for a, b in zip(keep[lower], keep[upper], strict=True)]
+        keep[1] = [min(a, b) for a, b in zip(keep[0], keep[1], strict=True)]
+
+    def _value(self, cls: int, stamp: int) -> float:
+        return self._keep[cls][min(NUM_BUCKETS - 1, (self._clock - stamp).bit_length())]
 
     def _evict_one(self) -> Hashable:
         clock = self._clock
@@ -254,8 +275,7 @@ class PredictedReuse(CapacityPolicy):
         for cls, queue in enumerate(self._queues):
             if not queue:
                 continue
-            head = next(iter(queue))
-            stamp = meta[head][1]
+            stamp = meta[next(iter(queue))][1]
             value = (self._keep[cls][min(NUM_BUCKETS - 1, (clock - stamp).bit_length())], stamp)
             if value < best:
                 best, best_cls = value, cls
