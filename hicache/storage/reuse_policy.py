@@ -66,6 +66,10 @@ def _uses(cls: int) -> int:
     return 0 if cls < 2 else cls - 1
 
 
+#: The class of a key after one more use.
+_NEXT_CLASS = tuple(min(MAX_USES, _uses(c) + 1) + 1 for c in range(NUM_CLASSES))
+
+
 class PredictedReuse(CapacityPolicy):
     """Capacity policy evicting the key least likely to be used again (see module docstring).
 
@@ -84,20 +88,20 @@ class PredictedReuse(CapacityPolicy):
         # False: classes by uses only (the study's ablation of the tail flag)
         self._tail_class = tail_class
         self._lock = threading.Lock()
-        # key -> (class, stamp of its last use, size)
-        self._meta: dict[Hashable, tuple[int, int, int]] = {}
-        self._queues: list[OrderedDict[Hashable, None]] = [
-            OrderedDict() for _ in range(NUM_CLASSES)
-        ]
+        self._class: dict[Hashable, int] = {}
+        self._sizes: dict[Hashable, int] = {}
+        # per class: key -> stamp of its last use, least recent first
+        self._queues: list[OrderedDict[Hashable, int]] = [OrderedDict() for _ in range(NUM_CLASSES)]
         # evicted key -> (class it left, stamp of its last use); least recently evicted first
         self._ghost: OrderedDict[Hashable, tuple[int, int]] = OrderedDict()
         self._used = 0
         self._clock = 0
         self._peak = 0
         self._since_refresh = 0
-        self._entered = [1.0] * NUM_CLASSES
-        self._reused = [0.5] * NUM_CLASSES
-        self._idle = [[0.0] * NUM_BUCKETS for _ in range(NUM_CLASSES)]
+        # keys that entered class 0 / 1 as new keys (the other classes' entries are reuses)
+        self._fresh = [1.0, 1.0]
+        # idle time before each reuse, per class: row ``cls`` is [cls * NUM_BUCKETS, ...)
+        self._idle = [0.0] * (NUM_CLASSES * NUM_BUCKETS)
         self._keep = [[0.5] * NUM_BUCKETS for _ in range(NUM_CLASSES)]
 
     # ------------------------------------------------------------------ CapacityPolicy
@@ -107,10 +111,10 @@ class PredictedReuse(CapacityPolicy):
         return self._used
 
     def __contains__(self, key: object) -> bool:
-        return key in self._meta
+        return key in self._class
 
     def __len__(self) -> int:
-        return len(self._meta)
+        return len(self._class)
 
     def add(self, keys: Sequence[Hashable], sizes: Sequence[int]) -> None:
         # docstring inherited
@@ -127,22 +131,33 @@ class PredictedReuse(CapacityPolicy):
 
     def touch(self, keys: Sequence[Hashable]) -> None:
         # docstring inherited
+        # The hot path (every read hit): _use's resident branch inlined, locals bound once; the
+        # keys entering each class are counted from the reuse histograms (see _entries).
         with self._lock:
-            meta = self._meta
+            class_of, queues, nxt, idle = self._class, self._queues, _NEXT_CLASS, self._idle
+            clock = self._clock
             for i in range(len(keys) - 1, -1, -1):
                 key = keys[i]
-                found = meta.get(key)
-                if found is not None:
-                    self._use(key, found[2], 0)
+                cls = class_of.get(key)
+                if cls is None:
+                    continue
+                clock += 1
+                # bit_length < NUM_BUCKETS for any clock below 2**63
+                idle[cls * NUM_BUCKETS + (clock - queues[cls].pop(key)).bit_length()] += 1.0
+                new = nxt[cls]
+                queues[new][key] = clock
+                if new != cls:
+                    class_of[key] = new
+            self._clock = clock
 
     def remove(self, key: Hashable) -> bool:
         # docstring inherited
         with self._lock:
-            found = self._meta.pop(key, None)
-            if found is None:
+            cls = self._class.pop(key, None)
+            if cls is None:
                 return False
-            del self._queues[found[0]][key]
-            self._used -= found[2]
+            del self._queues[cls][key]
+            self._used -= self._sizes.pop(key)
             return True
 
     def evict_for(self, nbytes: int) -> list[str]:
@@ -153,7 +168,7 @@ class PredictedReuse(CapacityPolicy):
             )
         victims: list[str] = []
         with self._lock:
-            while self._meta and self._used + nbytes > self._capacity:
+            while self._class and self._used + nbytes > self._capacity:
                 victims.append(self._evict_one())  # type: ignore[arg-type]
         return victims
 
@@ -162,31 +177,38 @@ class PredictedReuse(CapacityPolicy):
     def keys_by_eviction_order(self) -> list[Hashable]:
         """Snapshot of the resident keys in the order eviction would take them now."""
         with self._lock:
-            saved = (dict(self._meta), [OrderedDict(q) for q in self._queues], self._used)
-            ghost = OrderedDict(self._ghost)
+            saved = (
+                dict(self._class),
+                dict(self._sizes),
+                [OrderedDict(q) for q in self._queues],
+                OrderedDict(self._ghost),
+                self._used,
+            )
             order = []
-            while self._meta:
+            while self._class:
                 order.append(self._evict_one())
-            self._meta, self._queues, self._used = saved
-            self._ghost = ghost
+            self._class, self._sizes, self._queues, self._ghost, self._used = saved
             return order
 
     def eviction_value(self, key: Hashable) -> tuple[float, int]:
         """What eviction compares for a resident ``key``: (the estimated probability that it is
         used again, its stamp); the smallest goes first. ``KeyError`` if not resident."""
         with self._lock:
-            cls, stamp, _ = self._meta[key]
+            cls = self._class[key]
+            stamp = self._queues[cls][key]
             return self._value(cls, stamp), stamp
 
     def reuse_estimates(self) -> list[float]:
         """The learned share of keys used again, per class (uses x tail flag), for reports."""
         with self._lock:
-            return [r / e for r, e in zip(self._reused, self._entered, strict=True)]
+            entered = self._entries()
+            return [self._reused(cls) / entered[cls] for cls in range(NUM_CLASSES)]
 
     def clear(self) -> None:
         """Forget every key (the learned estimates stay)."""
         with self._lock:
-            self._meta.clear()
+            self._class.clear()
+            self._sizes.clear()
             for q in self._queues:
                 q.clear()
             self._ghost.clear()
@@ -199,34 +221,41 @@ class PredictedReuse(CapacityPolicy):
         # The clock counts key uses: every key gets its own stamp, so within a batch recorded
         # tail first the tail is the oldest, and equal estimates evict it first.
         self._clock = clock = self._clock + 1
-        found = self._meta.get(key)
-        if found is not None:
-            old_class, stamp, old_size = found
-            del self._queues[old_class][key]
-            self._used -= old_size
-            uses = min(MAX_USES, _uses(old_class) + 1)
-            self._learn(old_class, clock - stamp)
+        old = self._class.get(key)
+        if old is not None:
+            stamp = self._queues[old].pop(key)
+            self._used -= self._sizes[key]
+            self._idle[old * NUM_BUCKETS + (clock - stamp).bit_length()] += 1.0
+            cls = _NEXT_CLASS[old]
         else:
             gone = self._ghost.pop(key, None)
             if gone is not None:
-                old_class, stamp = gone
-                uses = min(MAX_USES, _uses(old_class) + 1)
-                self._learn(old_class, clock - stamp)
+                old, stamp = gone
+                self._idle[old * NUM_BUCKETS + (clock - stamp).bit_length()] += 1.0
+                cls = _NEXT_CLASS[old]
             else:
-                uses = 0
+                cls = tail
+                self._fresh[tail] += 1.0
             self._since_refresh += 1
-        cls = tail if uses == 0 else uses + 1
-        self._entered[cls] += 1.0
-        self._meta[key] = (cls, clock, size)
-        self._queues[cls][key] = None
+        self._class[key] = cls
+        self._sizes[key] = size
+        self._queues[cls][key] = clock
         self._used += size
 
-    def _learn(self, cls: int, idle: int) -> None:
-        self._reused[cls] += 1.0
-        self._idle[cls][min(NUM_BUCKETS - 1, idle.bit_length())] += 1.0
+    def _reused(self, cls: int) -> float:
+        # every reuse adds one to its class's idle histogram; 0.5 is the prior's
+        return 0.5 + sum(self._idle[cls * NUM_BUCKETS : (cls + 1) * NUM_BUCKETS])
+
+    def _entries(self) -> list[float]:
+        """Keys that entered each class: new keys, or reuses of the class below (or itself)."""
+        reused = [self._reused(cls) - 0.5 for cls in range(NUM_CLASSES)]
+        entered = [*self._fresh, *([0.0] * (NUM_CLASSES - 2))]
+        for cls in range(NUM_CLASSES):
+            entered[_NEXT_CLASS[cls]] += reused[cls]
+        return [max(1.0, e) for e in entered]
 
     def _after_entries(self) -> None:
-        n = len(self._meta)
+        n = len(self._class)
         if n > self._peak:
             self._peak = n
         ghost = self._ghost
@@ -239,9 +268,11 @@ class PredictedReuse(CapacityPolicy):
 
     def _refresh(self) -> None:
         """Recompute P(used again | class, idle bucket) and age the observations."""
+        entered = self._entries()
         for cls in range(NUM_CLASSES):
-            share = min(1.0, self._reused[cls] / self._entered[cls])
-            hist = self._idle[cls]
+            share = min(1.0, self._reused(cls) / entered[cls])
+            base = cls * NUM_BUCKETS
+            hist = self._idle[base : base + NUM_BUCKETS]
             total = sum(hist)
             above = total
             row = self._keep[cls]
@@ -251,9 +282,8 @@ class PredictedReuse(CapacityPolicy):
                 still = share * survive
                 denom = 1.0 - share + still
                 row[b] = still / denom if denom > 0 else 1.0
-                hist[b] *= DECAY
-            self._reused[cls] *= DECAY
-            self._entered[cls] *= DECAY
+                self._idle[base + b] = hist[b] * DECAY
+        self._fresh = [f * DECAY for f in self._fresh]
         # A key is used at least as often as its suffixes and is at most as idle: keeping the
         # probabilities non-decreasing in uses makes eviction take suffixes before their heads
         # (chains stay prefix-closed), whatever the estimates' noise.
@@ -265,22 +295,22 @@ class PredictedReuse(CapacityPolicy):
         keep[1] = [min(a, b) for a, b in zip(keep[0], keep[1], strict=True)]
 
     def _value(self, cls: int, stamp: int) -> float:
-        return self._keep[cls][min(NUM_BUCKETS - 1, (self._clock - stamp).bit_length())]
+        return self._keep[cls][(self._clock - stamp).bit_length()]
 
     def _evict_one(self) -> Hashable:
         clock = self._clock
+        keep = self._keep
         best_cls = -1
         best = (2.0, 0)
-        meta = self._meta
         for cls, queue in enumerate(self._queues):
             if not queue:
                 continue
-            stamp = meta[next(iter(queue))][1]
-            value = (self._keep[cls][min(NUM_BUCKETS - 1, (clock - stamp).bit_length())], stamp)
+            stamp = queue[next(iter(queue))]
+            value = (keep[cls][(clock - stamp).bit_length()], stamp)
             if value < best:
                 best, best_cls = value, cls
-        key, _ = self._queues[best_cls].popitem(last=False)
-        _, stamp, size = meta.pop(key)
-        self._used -= size
+        key, stamp = self._queues[best_cls].popitem(last=False)
+        del self._class[key]
+        self._used -= self._sizes.pop(key)
         self._ghost[key] = (best_cls, stamp)
         return key
