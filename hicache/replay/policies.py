@@ -5,12 +5,14 @@ the request's chain is unbroken), like :mod:`hicache.replay.simulate`:
 
 - ``simulate_capacity_policy(chains, policy)``  one cache run by a real
   :class:`~hicache.storage.eviction.CapacityPolicy` (``TailFirstLRU``, ``PredictedReuse``): each
-  request adds its whole chain as one batch (its hit prefix is used again), then the policy
-  evicts to its capacity; the very classes the backends run, on block ids instead of page keys.
+  request touches its hit prefix, then puts the rest (room made for its new blocks first, as
+  the backends' reservations do); the very classes the backends run, on block ids.
 - ``simulate_second_hit(chains, capacity)``  tail-first LRU that admits a block only at its
   second reference (the first is remembered in a bounded ghost list).
 - ``simulate_arc(chains, capacity)``  ARC with tail-first recording: a recency list, a list of
   blocks used twice or more, their ghosts, and the adaptive split between them.
+
+- ``l3_policy_of(tiers)``  the policy a replay's L3 tiers run, for its same-policy simulation.
 
 The study itself (capacities, table, plot) is :mod:`hicache.replay.policy_study`.
 """
@@ -18,18 +20,23 @@ The study itself (capacities, table, plot) is :mod:`hicache.replay.policy_study`
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from hicache.replay.simulate import _prefix_hits
-from hicache.storage.eviction import CapacityPolicy, TailFirstLRU
-from hicache.storage.reuse_policy import PredictedReuse
+from hicache.replay.simulate import _prefix_hits, put_blocks
+from hicache.storage.eviction import (
+    DEFAULT_EVICTION,
+    CapacityPolicy,
+    EvictionPolicy,
+    make_capacity_policy,
+)
 
 __all__ = [
     "GHOST_FACTOR",
+    "l3_policy_of",
     "simulate_arc",
     "simulate_capacity_policy",
     "simulate_second_hit",
-    "simulate_tiered_policy",
 ]
 
 #: Ghost entries per cached block for the admission policies (as ``PredictedReuse`` keeps).
@@ -41,12 +48,15 @@ def simulate_capacity_policy(
 ) -> tuple[int, ...]:
     """One cache run by ``policy`` (sizes of one per block: capacity counts blocks)."""
     hits = []
-    add, evict = policy.add, policy.evict_for
+    touch = policy.touch
     for chain in chains:
-        hits.append(_prefix_hits(chain, policy))
-        # The whole chain in one batch: resident keys are used again, the rest stored.
-        add(chain, [1] * len(chain))  # type: ignore[arg-type]
-        evict(0)
+        h = _prefix_hits(chain, policy)
+        hits.append(h)
+        # as a backend sees it: the hit prefix read (touched), then a put of the rest that makes
+        # room for its new pages (reservations) before adding them
+        if h:
+            touch(chain[:h])  # type: ignore[arg-type]
+        put_blocks(policy, chain[h:])
     return tuple(hits)
 
 
@@ -118,54 +128,20 @@ def simulate_arc(chains: Sequence[Sequence[int]], capacity: int) -> tuple[int, .
     return tuple(hits)
 
 
-def simulate_tiered_policy(
-    chains: Sequence[Sequence[int]],
-    l1: int,
-    l2: int,
-    l3: int,
-    l3_policy: Callable[[int], CapacityPolicy],
-    *,
-    min_prefetch: int = 1,
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """Inclusive write-through L1 ⊆ L2 (tail-first LRUs touched by every request) over an L3 run
-    by ``l3_policy(l3)``, touched only by its own traffic: its read prefix and the published
-    computed suffix (with the ancestors it lost republished first), as
-    :func:`hicache.replay.simulate.simulate_hierarchy` models the replay. Returns the hits per
-    request of L1, L2 and L3."""
-    lru1, lru2 = TailFirstLRU(l1), TailFirstLRU(l2)
-    pol3 = l3_policy(l3)
-    h1: list[int] = []
-    h2: list[int] = []
-    h3: list[int] = []
-    for chain in chains:
-        a = _prefix_hits(chain, lru1)
-        b = a
-        while b < len(chain) and chain[b] in lru2:
-            b += 1
-        c = b
-        if len(chain) - b >= min_prefetch:
-            while c < len(chain) and chain[c] in pol3:
-                c += 1
-        h1.append(a)
-        h2.append(b - a)
-        h3.append(c - b)
-        for lru in (lru1, lru2):
-            lru.add(chain, [1] * len(chain))  # type: ignore[arg-type]
-            lru.evict_for(0)
-        start = b
-        if c == b < len(chain):
-            while start > 0 and chain[start - 1] not in pol3:
-                start -= 1
-        if start < b:
-            pol3.add(chain[start:b], [1] * (b - start))  # type: ignore[arg-type]
-        if c > b:
-            pol3.touch(chain[b:c])  # type: ignore[arg-type]
-        if c < len(chain):
-            pol3.add(chain[c:], [1] * (len(chain) - c))  # type: ignore[arg-type]
-        pol3.evict_for(0)
-    return tuple(h1), tuple(h2), tuple(h3)
+#: Backends whose capacity is kept by the core's policies (``options.eviction``).
+_CORE_POLICY_BACKENDS = ("memory", "localdisk")
 
 
-def predicted_reuse(capacity: int) -> CapacityPolicy:
-    """Factory for ``simulate_tiered_policy`` (sizes count blocks)."""
-    return PredictedReuse(capacity)
+def l3_policy_of(tiers: Mapping[str, Any]) -> Callable[[int], CapacityPolicy] | None:
+    """The policy the L3 ``tiers`` (name -> tier config) run, as a factory of a capacity in
+    blocks: their ``options.eviction`` when each is a backend the core's policies serve and
+    they agree; ``None`` (tail-first LRU, the simulation's default) otherwise."""
+    kinds = set()
+    for tier in tiers.values():
+        if tier.backend not in _CORE_POLICY_BACKENDS:
+            return None
+        kinds.add(EvictionPolicy(tier.options.get("eviction", DEFAULT_EVICTION)))
+    if len(kinds) != 1:
+        return None
+    kind = kinds.pop()
+    return lambda capacity: make_capacity_policy(kind, capacity)

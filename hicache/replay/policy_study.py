@@ -23,7 +23,6 @@ from hicache.replay.policies import (
     simulate_arc,
     simulate_capacity_policy,
     simulate_second_hit,
-    simulate_tiered_policy,
 )
 from hicache.replay.simulate import simulate_hierarchy, simulate_infinite, simulate_min
 from hicache.replay.sweep import token_ratio
@@ -56,8 +55,8 @@ def _hicache_today(chains: Chains, cap: int, l1: int, l2: int) -> Sequence[int]:
 
 
 def _tiered_reuse(chains: Chains, cap: int, l1: int, l2: int) -> Sequence[int]:
-    a, b, c = simulate_tiered_policy(chains, l1, max(l1 + 1, l2), cap, PredictedReuse)
-    return [x + y + z for x, y, z in zip(a, b, c, strict=True)]
+    r = simulate_hierarchy(chains, l1, max(l1 + 1, l2), cap, l3_policy=PredictedReuse)
+    return [a + b + c for a, b, c in zip(r.l1, r.l2, r.l3, strict=True)]
 
 
 def _exclusive(make: Callable[[int], object]) -> Runner:
