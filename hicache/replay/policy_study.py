@@ -1,7 +1,8 @@
 """The cache-efficiency study: token hit ratio of each policy across capacities, on a trace.
 
 ``python -m hicache.replay.policy_study [TRACE] --plot docs/cache-efficiency.png`` prints the
-table (Markdown, as in ``docs/cache-efficiency.md``) and draws hit ratio against capacity.
+table (Markdown, as in ``docs/cache-efficiency.md``) and draws hit ratio against capacity;
+``--workload NAME`` runs a synthetic workload of :mod:`hicache.replay.workloads` instead.
 
 Capacities are shares of the trace's distinct blocks (one block = one replay page of 512
 tokens). Single-cache policies hold that many blocks; "hicache today" is the replay's hierarchy
@@ -27,6 +28,7 @@ from hicache.replay.policies import (
 from hicache.replay.simulate import simulate_hierarchy, simulate_infinite, simulate_min
 from hicache.replay.sweep import token_ratio
 from hicache.replay.trace import load_trace
+from hicache.replay.workloads import WORKLOADS
 from hicache.storage.eviction import TailFirstLRU
 from hicache.storage.reuse_policy import PredictedReuse
 
@@ -170,13 +172,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hicache.replay.policy_study", description=__doc__)
     p.add_argument("trace", nargs="?", help="JSONL trace (default: the shipped Mooncake trace)")
     p.add_argument("--limit", type=int, help="first N requests only")
+    p.add_argument(
+        "--workload", choices=list(WORKLOADS), help="a synthetic workload instead of a trace"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of --workload")
     p.add_argument("--plot", type=Path, help="PNG of hit ratio against capacity")
     p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     p.add_argument("--policies", nargs="+", choices=list(POLICIES), help="default: all")
     args = p.parse_args(argv)
-    trace = load_trace(args.trace, args.limit)
-    chains = [r.block_ids for r in trace]
-    prompts = [r.input_length for r in trace]
+    if args.workload is not None:
+        chains, prompts = WORKLOADS[args.workload](args.seed)
+    else:
+        trace = load_trace(args.trace, args.limit)
+        chains = [r.block_ids for r in trace]
+        prompts = [r.input_length for r in trace]
     rows, infinite = run_study(
         chains,
         prompts,
