@@ -163,14 +163,27 @@ def test_learned_estimates_keep_every_added_chain_prefix_closed(
 # ----------------------------------------------------------------------------- what it learns
 
 
-def test_learns_that_tails_are_not_reused_and_evicts_them_first() -> None:
+def _tails_workload(policy: CapacityPolicy) -> None:
     # Requests extend a previous prompt by one page and end with a page of their own (a
     # prompt's partial last page): the tails are never used again, the rest is.
-    policy = PredictedReuse(10_000, min_period=16)
     for conv in range(400):
         prefix = [f"c{conv}-{j}" for j in range(3)]
         policy.add([*prefix, f"c{conv}-tail0"], [1] * 4)
         policy.add([*prefix, f"c{conv}-3", f"c{conv}-tail1"], [1] * 5)
+
+
+def test_tiers_policy_has_no_tail_class() -> None:
+    # A tier splits a put into batches of max_batch pages: a batch's last page is not always a
+    # prompt's, so the policy the tiers build never puts a key in the tail class.
+    policy = make_capacity_policy(EvictionPolicy.PREDICTED_REUSE, 10_000)
+    assert isinstance(policy, PredictedReuse)
+    _tails_workload(policy)
+    assert policy.reuse_estimates()[1] == 0.5  # the prior: no key ever entered the class
+
+
+def test_learns_that_tails_are_not_reused_and_evicts_them_first() -> None:
+    policy = PredictedReuse(10_000, min_period=16)
+    _tails_workload(policy)
     estimates = policy.reuse_estimates()
     assert estimates[1] < 0.05 < estimates[0]  # tails vs other new keys
     policy.add(["fresh-0", "fresh-1", "fresh-tail"], [1, 1, 1])
@@ -248,7 +261,9 @@ def _ratios(workload: object, fraction: float) -> tuple[float, float]:
     chains, tokens = workload(seed=7, requests=3000)  # type: ignore[operator]
     capacity = max(1, int(len({b for c in chains for b in c}) * fraction))
     lru = token_ratio(simulate_capacity_policy(chains, TailFirstLRU(capacity)), 512, tokens)
-    ours = token_ratio(simulate_capacity_policy(chains, PredictedReuse(capacity)), 512, tokens)
+    # the policy the tiers run (classes by uses, see test_tiers_policy_has_no_tail_class)
+    tiers = make_capacity_policy(EvictionPolicy.PREDICTED_REUSE, capacity)
+    ours = token_ratio(simulate_capacity_policy(chains, tiers), 512, tokens)
     return ours, lru
 
 

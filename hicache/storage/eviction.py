@@ -189,8 +189,8 @@ class EvictionPolicy(enum.StrEnum):
 
     #: :class:`TailFirstLRU`: least recently used first.
     LRU = "lru"
-    #: :class:`~hicache.storage.reuse_policy.PredictedReuse`: least likely to be used again
-    #: first, learned online per reuse class (the winner of docs/cache-efficiency.md).
+    #: :class:`~hicache.storage.reuse_policy.PredictedReuse` (classes by uses): least likely
+    #: to be used again first, learned online per class (docs/cache-efficiency.md).
     PREDICTED_REUSE = "predicted_reuse"
 
 
@@ -205,7 +205,10 @@ def make_capacity_policy(kind: EvictionPolicy, capacity_bytes: int) -> CapacityP
     # Imported here: reuse_policy builds on this module's CapacityPolicy.
     from hicache.storage.reuse_policy import PredictedReuse
 
-    return PredictedReuse(capacity_bytes)
+    # Without the tail class: the tiers split a put into batches of max_batch pages, so the
+    # last page of a batch is not always the last of its prompt, and taking it for a tail would
+    # evict it early and strand the next batch (docs/cache-efficiency.md).
+    return PredictedReuse(capacity_bytes, tail_class=False)
 
 
 class ClockSlots:
