@@ -8,7 +8,9 @@ depends strongly on what is already known about it:
 - how many times it was used before (a page used once, twice, three times or more is more and
   more likely to be used again: a document reread across turns, a shared system prompt), and
 - whether it was the last page of the batch that stored it (a prompt's tail, rarely reused:
-  the next turn extends the prompt, so its last page differs).
+  the next turn extends the prompt, so its last page differs). Only for callers that store
+  whole chains (``tail_class=True``, the study's default): the tiers split puts into batches,
+  so they run without it (:func:`~hicache.storage.eviction.make_capacity_policy`).
 
 So every resident key is in one of a few *classes* (uses so far x tail flag), each a tail-first
 LRU queue. For each class the policy learns, from the requests it sees, the share of its keys
