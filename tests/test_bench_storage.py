@@ -250,6 +250,9 @@ def test_eviction_bench_cli(capsys: pytest.CaptureFixture[str]) -> None:
         "lru_touch_chain",
         "lru_touch_single",
         "lru_churn",
+        "reuse_touch_chain",
+        "reuse_touch_single",
+        "reuse_churn",
         "clock_touch",
         "clock_claim",
     }

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from hicache.storage.backend import Backend, BackendContext, PageStatus
+from hicache.storage.eviction import EvictionPolicy
 from hicache.storage.memory import MemoryBackend, MemoryConfig
 from hicache.storage.pageformat import HEADER_SIZE
 from hicache.testing import BackendTests
@@ -88,9 +89,11 @@ def test_private_store_is_dropped_on_close() -> None:
     backend.close()
 
 
-def test_capacity_evicts_tail_first_and_reports_evictions() -> None:
+@pytest.mark.parametrize("eviction", list(EvictionPolicy))
+def test_capacity_evicts_tail_first_and_reports_evictions(eviction: EvictionPolicy) -> None:
+    # Both policies: PredictedReuse acts as tail-first LRU until it has learned anything.
     stored = HEADER_SIZE + 4096
-    backend = MemoryBackend(MemoryConfig(capacity=4 * stored), _ctx())
+    backend = MemoryBackend(MemoryConfig(capacity=4 * stored, eviction=eviction), _ctx())
     backend.open()
     try:
         chain_a = [_key(i) for i in range(3)]

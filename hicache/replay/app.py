@@ -78,6 +78,8 @@ class ReplaySettings:
     keep_storage: bool = False
     progress: bool = True
     sync_publish: bool = False
+    #: The embedded L3 tier's ``options.eviction`` (None: the backend's default)
+    eviction: str | None = None
     #: Serve Prometheus ``/metrics`` on this port while the replay runs (0: a free port).
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
@@ -114,6 +116,7 @@ def default_config(settings: ReplaySettings, root: Path) -> HicacheConfig:
                         "root": str(root),
                         "durability": "none",
                         "shared": settings.instances > 1,
+                        **({"eviction": settings.eviction} if settings.eviction else {}),
                     },
                 }
             },

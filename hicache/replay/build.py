@@ -17,6 +17,7 @@ from typing import Any
 from hicache.config import HicacheConfig
 from hicache.replay.models import GpuClass, prefill_tokens_per_s
 from hicache.replay.plan import TRACE_BLOCK_TOKENS, ReplayPlan
+from hicache.replay.policies import l3_policy_of
 from hicache.replay.report import (
     CalibrationReport,
     InstanceReport,
@@ -303,6 +304,7 @@ def build_report(run: ReplayRun) -> ReplayReport:
         l3_cap,
         min_prefetch=max(1, -(-config.storage.prefetch.threshold_tokens // plan.page_size)),
         instances=n,
+        l3_policy=l3_policy_of(config.storage.tiers),
     )
     sim_rows = list(zip(sim.l1, sim.l2, sim.l3, strict=True))
     s1 = token_ratio([a for a, _, _ in sim_rows], unit, prompts)

@@ -19,6 +19,7 @@ from hicache.replay.models import DEFAULT_MFU, MODEL_PRESETS
 from hicache.replay.plan import ByteMode, DoesNotFit
 from hicache.replay.report import ReplayReport, print_report
 from hicache.replay.trace import load_trace
+from hicache.storage.eviction import EvictionPolicy
 from hicache.storage.sizes import parse_size
 
 if TYPE_CHECKING:
@@ -109,6 +110,11 @@ def add_parser(subparsers: Any) -> None:
         "block simulation's order; slower)",
     )
     p.add_argument(
+        "--eviction",
+        choices=[e.value for e in EvictionPolicy],
+        help="the embedded L3 tier's eviction policy (default: predicted_reuse)",
+    )
+    p.add_argument(
         "--metrics-port",
         type=int,
         help="serve Prometheus /metrics on this port while the replay runs (0: a free port; "
@@ -149,6 +155,7 @@ def settings_from_args(args: argparse.Namespace, trace: Path | None) -> ReplaySe
         keep_storage=args.keep_storage,
         progress=not args.no_progress,
         sync_publish=args.sync_publish,
+        eviction=args.eviction,
         metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr,
     )

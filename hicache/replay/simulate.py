@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from hicache.storage.eviction import CapacityPolicy
 
 __all__ = [
     "HierarchySimResult",
     "SimResult",
+    "put_blocks",
     "simulate_hierarchy",
     "simulate_infinite",
     "simulate_lru",
@@ -123,6 +126,22 @@ def simulate_min(chains: Sequence[Sequence[int]], capacity: int) -> SimResult:
     return SimResult("min", capacity, tuple(hits), refs)
 
 
+def put_blocks(policy: CapacityPolicy, blocks: Sequence[int]) -> None:
+    """A put of ``blocks`` (head first, one unit each) as a backend's reservations do it: room
+    for the new blocks first, then the batch added; new blocks beyond the whole capacity (the
+    batch's tail) are refused."""
+    if not blocks:
+        return
+    new = [block for block in blocks if block not in policy]
+    fit = min(len(new), policy.capacity_bytes)
+    policy.evict_for(fit)
+    room = max(0, policy.capacity_bytes - policy.used_bytes)
+    refused = set(new[min(fit, room) :])
+    kept = [block for block in blocks if block not in refused]
+    policy.add(kept, [1] * len(kept))  # type: ignore[arg-type]
+    policy.evict_for(0)
+
+
 @dataclass(frozen=True, slots=True)
 class HierarchySimResult:
     """Per-request prefix hits of a simulated L1/L2/L3 hierarchy, in blocks."""
@@ -150,6 +169,7 @@ def simulate_hierarchy(
     *,
     min_prefetch: int = 1,
     instances: int = 1,
+    l3_policy: Callable[[int], CapacityPolicy] | None = None,
 ) -> HierarchySimResult:
     """The replay's policy on block ids alone: inclusive write-through L1 ⊆ L2 and an L3.
 
@@ -165,10 +185,15 @@ def simulate_hierarchy(
       prefetch threshold).
     - ``instances``: request ``i`` goes to hierarchy ``i % instances``; each has its own L1 and
       L2 of the given sizes, and all share the one L3.
+    - ``l3_policy``: the bounded L3 runs ``l3_policy(l3)`` (a tier's ``options.eviction``, e.g.
+      :class:`~hicache.storage.reuse_policy.PredictedReuse`) instead of tail-first LRU, fed what
+      the backend sees: a touch of the read prefix, then the put of the republished ancestors and
+      the put of the computed suffix, each making room for its new pages before adding them.
     """
     tiers = [(OrderedDict[int, None](), OrderedDict[int, None]()) for _ in range(instances)]
     lru3: OrderedDict[int, None] = OrderedDict()
     use_l3 = l3 is None or l3 > 0
+    pol3 = l3_policy(l3) if l3_policy is not None and l3 is not None and l3 > 0 else None
     h1: list[int] = []
     h2: list[int] = []
     h3: list[int] = []
@@ -180,7 +205,7 @@ def simulate_hierarchy(
             b += 1
         c = b
         if use_l3 and len(chain) - b >= min_prefetch:
-            while c < len(chain) and chain[c] in lru3:
+            while c < len(chain) and chain[c] in (lru3 if pol3 is None else pol3):
                 c += 1
         h1.append(a)
         h2.append(b - a)
@@ -199,8 +224,16 @@ def simulate_hierarchy(
         # their own), then the read prefix and the computed (published) suffix
         start = b
         if c == b < len(chain):
-            while start > 0 and chain[start - 1] not in lru3:
+            while start > 0 and chain[start - 1] not in (lru3 if pol3 is None else pol3):
                 start -= 1
+        if pol3 is not None:
+            # as the backends see it: the read pages touched, then each put makes room for its
+            # new pages (its reservations) before adding them
+            if c > b:
+                pol3.touch(chain[b:c])  # type: ignore[arg-type]
+            put_blocks(pol3, chain[start:b])
+            put_blocks(pol3, chain[c:])
+            continue
         for block in [*reversed(chain[start:b]), *reversed(chain[b:])]:
             if block in lru3:
                 lru3.move_to_end(block)

@@ -14,7 +14,7 @@ MIN are one cache of the L3 size alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from hicache.replay.simulate import (
     simulate_lru,
     simulate_min,
 )
+from hicache.storage.eviction import CapacityPolicy
 
 __all__ = ["SweepPoint", "SweepResult", "hit_tokens", "plot_sweep", "run_sweep", "token_ratio"]
 
@@ -71,6 +72,7 @@ def run_sweep(
     instances: int = 1,
     points: int = 10,
     refine: int = 5,
+    l3_policy: Callable[[int], CapacityPolicy] | None = None,
 ) -> SweepResult:
     """Sweep L3 from L2's size to the trace's footprint on a geometric grid of ``points``, then
     bisect ``refine`` times between grid points for each target."""
@@ -81,7 +83,13 @@ def run_sweep(
 
     def hicache_at(pages: int) -> float:
         sim = simulate_hierarchy(
-            chains, l1_pages, l2_pages, pages, min_prefetch=min_prefetch, instances=instances
+            chains,
+            l1_pages,
+            l2_pages,
+            pages,
+            min_prefetch=min_prefetch,
+            instances=instances,
+            l3_policy=l3_policy,
         )
         per_req = [a + b + c for a, b, c in zip(sim.l1, sim.l2, sim.l3, strict=True)]
         return token_ratio(per_req, unit_tokens, prompt_tokens)

@@ -12,6 +12,7 @@ from hicache.config import load_config
 from hicache.replay.build import prompt_tokens
 from hicache.replay.models import resolve_gpu
 from hicache.replay.plan import ByteMode, SizeRequest, plan_replay
+from hicache.replay.policies import l3_policy_of
 from hicache.replay.sweep import SweepResult, plot_sweep, run_sweep
 from hicache.replay.trace import load_trace
 from hicache.storage.sizes import format_size
@@ -63,6 +64,7 @@ def sweep_for(settings: ReplaySettings, points: int = 10) -> tuple[SweepResult, 
         min_prefetch=max(1, -(-threshold // plan.page_size)),
         instances=settings.instances,
         points=points,
+        l3_policy=l3_policy_of(base.storage.tiers),
     )
     title = (
         f"{model.name}: L3 sweep, L1 {format_size(plan.l1.real_bytes)} + L2 "

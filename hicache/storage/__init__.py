@@ -41,7 +41,14 @@ from hicache.storage.buffers import (
     copy_bytes,
     iter_pieces,
 )
-from hicache.storage.eviction import CapacityPolicy, ClockSlots, TailFirstLRU
+from hicache.storage.eviction import (
+    DEFAULT_EVICTION,
+    CapacityPolicy,
+    ClockSlots,
+    EvictionPolicy,
+    TailFirstLRU,
+    make_capacity_policy,
+)
 from hicache.storage.localfiles import (
     DEFAULT_DIR_MODE,
     DEFAULT_FILE_MODE,
@@ -84,6 +91,7 @@ __all__ = [
     "API_VERSION",
     "COPY_CHUNK",
     "DEFAULT_DIR_MODE",
+    "DEFAULT_EVICTION",
     "DEFAULT_FILE_MODE",
     "FORMAT_VERSION",
     "HEADER_SIZE",
@@ -97,6 +105,7 @@ __all__ = [
     "CapacityPolicy",
     "ClockSlots",
     "DirMode",
+    "EvictionPolicy",
     "FileMode",
     "MemoryBackend",
     "MemoryConfig",
@@ -130,6 +139,7 @@ __all__ = [
     "is_secret_name",
     "iter_pieces",
     "load_backend_class",
+    "make_capacity_policy",
     "make_dirs",
     "open_regular",
     "parse_size",

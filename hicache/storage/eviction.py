@@ -3,6 +3,9 @@
 - :class:`CapacityPolicy`  the interface: track resident keys with their sizes, pick victims
 - :class:`TailFirstLRU`    LRU in which a chain is recorded tail first, so heads outlive suffixes
 - :class:`ClockSlots`      CLOCK (second chance) over a fixed set of slots, one hand per range
+- :class:`EvictionPolicy`  the policies a tier may choose in YAML (``options.eviction``), and
+  :func:`make_capacity_policy` to build one (``predicted_reuse``, the default, is
+  :class:`~hicache.storage.reuse_policy.PredictedReuse`; see docs/cache-efficiency.md)
 
 Why tail first: a request's pages form a chain ``k0, k1, ..., kn`` and a reader can only use
 ``kj`` if ``k0..kj-1`` are stored too. Plain LRU over puts makes ``k0`` the *least* recent page of
@@ -16,6 +19,7 @@ All classes are thread-safe (one lock each) and cost O(1) per key.
 
 from __future__ import annotations
 
+import enum
 import threading
 from abc import ABC, abstractmethod
 from array import array
@@ -24,7 +28,14 @@ from collections.abc import Sequence
 
 from hicache.errors import BackendCapacityError
 
-__all__ = ["CapacityPolicy", "ClockSlots", "TailFirstLRU"]
+__all__ = [
+    "DEFAULT_EVICTION",
+    "CapacityPolicy",
+    "ClockSlots",
+    "EvictionPolicy",
+    "TailFirstLRU",
+    "make_capacity_policy",
+]
 
 
 class CapacityPolicy(ABC):
@@ -171,6 +182,33 @@ class TailFirstLRU(CapacityPolicy):
         with self._lock:
             self._sizes.clear()
             self._used = 0
+
+
+class EvictionPolicy(enum.StrEnum):
+    """Which :class:`CapacityPolicy` a tier runs (its ``options.eviction`` in YAML)."""
+
+    #: :class:`TailFirstLRU`: least recently used first.
+    LRU = "lru"
+    #: :class:`~hicache.storage.reuse_policy.PredictedReuse` (classes by uses): least likely
+    #: to be used again first, learned online per class (docs/cache-efficiency.md).
+    PREDICTED_REUSE = "predicted_reuse"
+
+
+#: What a tier runs when its options name no policy.
+DEFAULT_EVICTION = EvictionPolicy.PREDICTED_REUSE
+
+
+def make_capacity_policy(kind: EvictionPolicy, capacity_bytes: int) -> CapacityPolicy:
+    """Build the policy ``kind`` for ``capacity_bytes``."""
+    if kind is EvictionPolicy.LRU:
+        return TailFirstLRU(capacity_bytes)
+    # Imported here: reuse_policy builds on this module's CapacityPolicy.
+    from hicache.storage.reuse_policy import PredictedReuse
+
+    # Without the tail class: the tiers split a put into batches of max_batch pages, so the
+    # last page of a batch is not always the last of its prompt, and taking it for a tail would
+    # evict it early and strand the next batch (docs/cache-efficiency.md).
+    return PredictedReuse(capacity_bytes, tail_class=False)
 
 
 class ClockSlots:

@@ -7,8 +7,10 @@ corrupt stored bytes and watch them come back ``CORRUPT``.
 
 Options (``storage.tiers.<name>.options``):
 
-- ``capacity``     optional size (``"2GiB"``); beyond it pages are evicted tail-first LRU and
+- ``capacity``     optional size (``"2GiB"``); beyond it pages are evicted (by ``eviction``) and
                    reported by ``take_evicted()``. Unset: unbounded.
+- ``eviction``     which pages go first at capacity: ``predicted_reuse`` (default) or ``lru``
+                   (:class:`~hicache.storage.eviction.EvictionPolicy`).
 - ``shared_name``  optional; instances with the same name in one process share one store (each
                    still sees only its own namespace), e.g. two caches sharing a tier in a test.
                    A named store lives until :meth:`MemoryBackend.drop_shared_store`.
@@ -41,7 +43,12 @@ from hicache.storage.backend import (
     StoredPage,
 )
 from hicache.storage.buffers import copy_and_hash, copy_bytes
-from hicache.storage.eviction import TailFirstLRU
+from hicache.storage.eviction import (
+    DEFAULT_EVICTION,
+    CapacityPolicy,
+    EvictionPolicy,
+    make_capacity_policy,
+)
 from hicache.storage.pageformat import check_checksum, encode_header, verify_page
 from hicache.storage.sizes import Size
 
@@ -61,6 +68,11 @@ class MemoryConfig(BackendConfig):
         min_length=1,
         max_length=64,
         description="instances with the same name in one process share one store",
+    )
+    eviction: EvictionPolicy = Field(
+        default=DEFAULT_EVICTION,
+        description="which pages go first at capacity: predicted_reuse (least likely to be "
+        "read again, learned online) or lru",
     )
     verify: bool = Field(default=True, description="verify the payload checksum on every read")
     max_batch: int = Field(default=256, ge=1, le=65536, description="preferred batch size")
@@ -90,11 +102,13 @@ class _Page:
 class _Store:
     """Pages of every namespace of one store, and the open instances to tell about evictions."""
 
-    def __init__(self, capacity: int | None) -> None:
+    def __init__(self, capacity: int | None, eviction: EvictionPolicy = DEFAULT_EVICTION) -> None:
         self.lock = threading.Lock()
         self.pages: dict[str, dict[str, _Page]] = {}
         # Policy keys are "namespace/key": one budget covers every namespace of the store.
-        self.policy = TailFirstLRU(capacity) if capacity is not None else None
+        self.policy: CapacityPolicy | None = (
+            make_capacity_policy(eviction, capacity) if capacity is not None else None
+        )
         self.capacity = capacity
         self.listeners: dict[str, set[MemoryBackend]] = {}
 
@@ -152,11 +166,13 @@ class MemoryBackend(Backend):
         name = self._cfg.shared_name
         store: _Store
         if name is None:
-            store = _Store(self._cfg.capacity)
+            store = _Store(self._cfg.capacity, self._cfg.eviction)
         else:
             with _shared_lock:
                 known = _shared_stores.get(name)
-                store = known if known is not None else _Store(self._cfg.capacity)
+                store = (
+                    known if known is not None else _Store(self._cfg.capacity, self._cfg.eviction)
+                )
                 _shared_stores[name] = store
             if store.capacity != self._cfg.capacity:
                 raise BackendCapacityError(

@@ -7,6 +7,9 @@ structure with no policy, no lock and no bookkeeping (``OrderedDict.move_to_end`
 - ``lru_touch_chain``   ``TailFirstLRU.touch`` of 64-key chains, keys/s
 - ``lru_touch_single``  ``TailFirstLRU.touch`` of one key per call, touches/s
 - ``lru_churn``         ``evict_for`` + ``add`` of 64-key chains at full capacity, keys/s
+- ``reuse_touch_chain``, ``reuse_touch_single``, ``reuse_churn``  the same three operations of
+  ``PredictedReuse`` (the default policy) against the same raw loops: its ``value`` over the
+  ``lru_`` figure's is what choosing it costs per operation
 - ``clock_touch``       ``ClockSlots.touch``, touches/s
 - ``clock_claim``       ``ClockSlots.claim`` in full 16-way sets (a victim every time), claims/s
 """
@@ -18,7 +21,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from hicache.storage.eviction import ClockSlots, TailFirstLRU
+from hicache.storage.eviction import CapacityPolicy, ClockSlots, TailFirstLRU
+from hicache.storage.reuse_policy import PredictedReuse
 from hicache.tools.benchmark import Figure
 
 __all__ = ["run_eviction_bench"]
@@ -52,56 +56,9 @@ def run_eviction_bench(num_keys: int = 100_000, rounds: int = 2_000, seed: int =
     singles = [keys[rng.randrange(num_keys)] for _ in range(rounds * CHAIN)]
     figures: list[Figure] = []
 
-    lru = TailFirstLRU(num_keys)
-    for start in range(0, num_keys, CHAIN):
-        lru.add(keys[start : start + CHAIN], [1] * len(keys[start : start + CHAIN]))
-    raw: OrderedDict[str, int] = OrderedDict((k, 1) for k in keys)
-
-    def lru_chains() -> None:
-        for chain in chains:
-            lru.touch(chain)
-
-    def raw_chains() -> None:
-        move = raw.move_to_end
-        for chain in chains:
-            for k in reversed(chain):
-                move(k)
-
+    figures += _policy_figures("lru", TailFirstLRU(num_keys), keys, chains, singles, rounds)
+    figures += _policy_figures("reuse", PredictedReuse(num_keys), keys, chains, singles, rounds)
     n = rounds * CHAIN
-    figures.append(_figure("lru_touch_chain", "keys/s", n, lru_chains, raw_chains))
-
-    def lru_singles() -> None:
-        touch = lru.touch
-        for k in singles:
-            touch((k,))
-
-    def raw_singles() -> None:
-        move = raw.move_to_end
-        for k in singles:
-            move(k)
-
-    figures.append(_figure("lru_touch_single", "touches/s", n, lru_singles, raw_singles))
-
-    # Every churn run inserts keys never seen before (each run takes the next batch).
-    fresh = [
-        [[f"f{rep}-{r}-{j}" for j in range(CHAIN)] for r in range(rounds)] for rep in range(REPEATS)
-    ]
-    sizes = [1] * CHAIN
-    runs = {"ours": iter(fresh), "raw": iter(fresh)}
-
-    def lru_churn() -> None:
-        for chain in next(runs["ours"]):
-            lru.evict_for(CHAIN)
-            lru.add(chain, sizes)
-
-    def raw_churn() -> None:
-        for chain in next(runs["raw"]):
-            for _ in range(CHAIN):
-                raw.popitem(last=False)
-            for k in reversed(chain):
-                raw[k] = 1
-
-    figures.append(_figure("lru_churn", "keys/s", n, lru_churn, raw_churn))
 
     clock = ClockSlots(num_keys)
     for slot in range(num_keys):
@@ -138,4 +95,69 @@ def run_eviction_bench(num_keys: int = 100_000, rounds: int = 2_000, seed: int =
                     break
 
     figures.append(_figure("clock_claim", "claims/s", n, clock_claim, raw_claim))
+    return figures
+
+
+def _policy_figures(
+    prefix: str,
+    policy: CapacityPolicy,
+    keys: list[str],
+    chains: list[list[str]],
+    singles: list[str],
+    rounds: int,
+) -> list[Figure]:
+    """Touches of chains and of single keys, then churn, of ``policy`` full of ``keys``."""
+    num_keys = len(keys)
+    figures: list[Figure] = []
+    for start in range(0, num_keys, CHAIN):
+        policy.add(keys[start : start + CHAIN], [1] * len(keys[start : start + CHAIN]))
+    raw: OrderedDict[str, int] = OrderedDict((k, 1) for k in keys)
+
+    def ours_chains() -> None:
+        for chain in chains:
+            policy.touch(chain)
+
+    def raw_chains() -> None:
+        move = raw.move_to_end
+        for chain in chains:
+            for k in reversed(chain):
+                move(k)
+
+    n = rounds * CHAIN
+    figures.append(_figure(f"{prefix}_touch_chain", "keys/s", n, ours_chains, raw_chains))
+
+    def ours_singles() -> None:
+        touch = policy.touch
+        for k in singles:
+            touch((k,))
+
+    def raw_singles() -> None:
+        move = raw.move_to_end
+        for k in singles:
+            move(k)
+
+    figures.append(_figure(f"{prefix}_touch_single", "touches/s", n, ours_singles, raw_singles))
+
+    # Every churn run inserts keys never seen before (each run takes the next batch).
+    fresh = [
+        [[f"f{prefix}{rep}-{r}-{j}" for j in range(CHAIN)] for r in range(rounds)]
+        for rep in range(REPEATS)
+    ]
+    sizes = [1] * CHAIN
+    runs = {"ours": iter(fresh), "raw": iter(fresh)}
+
+    def ours_churn() -> None:
+        for chain in next(runs["ours"]):
+            policy.evict_for(CHAIN)
+            policy.add(chain, sizes)
+
+    def raw_churn() -> None:
+        for chain in next(runs["raw"]):
+            for _ in range(CHAIN):
+                raw.popitem(last=False)
+            for k in reversed(chain):
+                raw[k] = 1
+
+    figures.append(_figure(f"{prefix}_churn", "keys/s", n, ours_churn, raw_churn))
+
     return figures

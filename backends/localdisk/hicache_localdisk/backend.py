@@ -196,6 +196,7 @@ class LocalDiskBackend(Backend):
             [p.key for p in pages],
             [p.size for p in pages],
             None if opts.shared else self._max_bytes,
+            opts.eviction,
         )
         self._io = PageIO(
             self._layout,

@@ -2,9 +2,10 @@
 
 - ``pages``     published pages this process knows: key -> bytes on disk. ``exists`` reads it
                 without a lock (a dict lookup is atomic).
-- ``policy``    the core's tail-first LRU over published pages *and* reservations of puts in
-                flight, so room is made before a page's bytes hit the disk and usage never
-                passes the bound. ``None`` in shared mode, where capacity is global.
+- ``policy``    the core's capacity policy (``options.eviction``) over published pages *and*
+                reservations of puts in flight, so room is made before a page's bytes hit the
+                disk and usage never passes the bound. ``None`` in shared mode, where capacity
+                is global.
 - ``inflight``  reservation count per key (the same key may be written by two threads).
 - ``evicted``   keys dropped on the backend's own account since the last ``take_evicted``.
 
@@ -20,7 +21,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
-from hicache.storage import PageStatus, TailFirstLRU
+from hicache.storage import (
+    DEFAULT_EVICTION,
+    CapacityPolicy,
+    EvictionPolicy,
+    PageStatus,
+    make_capacity_policy,
+)
 
 __all__ = ["PageIndex"]
 
@@ -39,21 +46,27 @@ class PageIndex:
         self._on_disk = on_disk
         self.lock = threading.Lock()
         self.pages: dict[str, int] = {}
-        self.policy: TailFirstLRU | None = None
+        self.policy: CapacityPolicy | None = None
         self._inflight: dict[str, int] = {}
         self._evicted: list[str] = []
         self.evictions = 0
 
-    def load(self, keys: Sequence[str], sizes: Sequence[int], capacity: int | None) -> None:
+    def load(
+        self,
+        keys: Sequence[str],
+        sizes: Sequence[int],
+        capacity: int | None,
+        eviction: EvictionPolicy = DEFAULT_EVICTION,
+    ) -> None:
         """Replace the contents with pages found on disk, newest first; ``capacity`` (bytes)
-        enables the local policy."""
+        enables the local policy ``eviction``."""
         with self.lock:
             self.pages = dict(zip(keys, sizes, strict=True))
             self._inflight = {}
             self.policy = None
             if capacity is not None:
                 # Newest first: the policy records a batch tail-first, so the head ends newest.
-                self.policy = TailFirstLRU(capacity)
+                self.policy = make_capacity_policy(eviction, capacity)
                 self.policy.add(keys, sizes)
 
     def clear(self) -> None:

@@ -9,9 +9,11 @@ from pydantic import Field, field_validator
 
 from hicache.storage import (
     DEFAULT_DIR_MODE,
+    DEFAULT_EVICTION,
     DEFAULT_FILE_MODE,
     BackendConfig,
     DirMode,
+    EvictionPolicy,
     FileMode,
     Size,
 )
@@ -46,6 +48,11 @@ class LocalDiskConfig(BackendConfig):
         gt=0,
         description="Bound on the bytes this namespace keeps on disk, headers included "
         "(default: half of the free space plus what the namespace already holds).",
+    )
+    eviction: EvictionPolicy = Field(
+        default=DEFAULT_EVICTION,
+        description="Which pages go first beyond max_bytes: predicted_reuse (least likely to be "
+        "read again, learned online per reuse class) or lru (least recently used).",
     )
     durability: Durability = Field(
         default=Durability.NONE,

@@ -8,9 +8,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from hicache_localdisk import LocalDiskBackend
 
-from hicache.storage import HEADER_SIZE, PageStatus
+from hicache.storage import HEADER_SIZE, EvictionPolicy, PageStatus
 
 PAGE = 16384
 STORED = PAGE + HEADER_SIZE
@@ -33,13 +34,15 @@ def _assert_prefix_closed(backend: LocalDiskBackend, chain: list[str]) -> int:
     return n
 
 
+@pytest.mark.parametrize("eviction", list(EvictionPolicy))
 def test_three_times_capacity_stays_bounded_and_chains_keep_their_heads(
     make_backend: Callable[..., LocalDiskBackend],
     key_of: Callable[..., str],
     payload_of: Callable[..., bytes],
+    eviction: EvictionPolicy,
 ) -> None:
     cap_pages = 5 * CHAIN + 3  # not a whole number of chains: some chain is always cut
-    backend = make_backend(max_bytes=cap_pages * STORED)
+    backend = make_backend(max_bytes=cap_pages * STORED, eviction=eviction.value)
     backend.open()
     chains = [[key_of(i, f"chain{c}") for i in range(CHAIN)] for c in range(17)]
     assert len(chains) * CHAIN >= 3 * cap_pages

@@ -1,0 +1,284 @@
+"""PredictedReuse: LRU before it learns, the eviction order it documents once it has, prefix
+closure, exact accounting under threads, the per-tier YAML choice, and its hit ratio against
+LRU on synthetic workloads of other reuse shapes."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from hicache.errors import BackendCapacityError, ConfigError
+from hicache.replay.policies import simulate_capacity_policy
+from hicache.replay.sweep import token_ratio
+from hicache.replay.workloads import conversations, few_shot, shared_prompts
+from hicache.storage import (
+    DEFAULT_EVICTION,
+    BackendContext,
+    EvictionPolicy,
+    MemoryConfig,
+    create_backend,
+    make_capacity_policy,
+)
+from hicache.storage.eviction import CapacityPolicy, TailFirstLRU
+from hicache.storage.reuse_policy import PredictedReuse
+from tests.test_eviction import ListLRU, chain_of, path_st
+
+KEYS = [f"k{i}" for i in range(12)]
+key_st = st.sampled_from(KEYS)
+chain_st = st.lists(key_st, min_size=1, max_size=6, unique=True)
+CAPACITY = 40
+
+
+class UnlearnedMachine(RuleBasedStateMachine):
+    """Before its first refresh every estimate is equal: the policy is exactly tail-first LRU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.policy = PredictedReuse(CAPACITY, min_period=10**9)
+        self.model = ListLRU(CAPACITY)
+
+    @rule(chain=chain_st, data=st.data())
+    def add(self, chain: list[str], data: st.DataObject) -> None:
+        sizes = data.draw(st.lists(st.integers(0, 9), min_size=len(chain), max_size=len(chain)))
+        self.policy.add(chain, sizes)
+        self.model.add(chain, sizes)
+
+    @rule(chain=chain_st)
+    def touch(self, chain: list[str]) -> None:
+        self.policy.touch(chain)
+        self.model.touch(chain)
+
+    @rule(key=key_st)
+    def remove(self, key: str) -> None:
+        assert self.policy.remove(key) == self.model.remove(key)
+
+    @rule(nbytes=st.integers(0, CAPACITY))
+    def evict_for(self, nbytes: int) -> None:
+        assert self.policy.evict_for(nbytes) == self.model.evict_for(nbytes)
+
+    @precondition(lambda self: len(self.policy) > 0)
+    @rule(nbytes=st.integers(CAPACITY + 1, 2 * CAPACITY))
+    def evict_too_much_refused(self, nbytes: int) -> None:
+        before = self.policy.keys_by_eviction_order()
+        with pytest.raises(BackendCapacityError):
+            self.policy.evict_for(nbytes)
+        assert self.policy.keys_by_eviction_order() == before
+
+    @invariant()
+    def matches_model(self) -> None:
+        assert self.policy.keys_by_eviction_order() == [k for k, _ in self.model.items]
+        assert self.policy.used_bytes == self.model.used
+        assert len(self.policy) == len(self.model.items)
+
+
+TestPredictedReuseUnlearned = UnlearnedMachine.TestCase
+
+
+class LearningMachine(RuleBasedStateMachine):
+    """Refreshing its estimates every few keys: resident keys and bytes match a plain dict, and
+    eviction takes keys in the order of the documented value (estimate, then stamp), found by a
+    scan of every resident key instead of the policy's per-class heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.policy = PredictedReuse(CAPACITY, min_period=3)
+        self.sizes: dict[str, int] = {}
+
+    @rule(chain=chain_st, data=st.data())
+    def add(self, chain: list[str], data: st.DataObject) -> None:
+        sizes = data.draw(st.lists(st.integers(0, 9), min_size=len(chain), max_size=len(chain)))
+        self.policy.add(chain, sizes)
+        self.sizes.update(zip(chain, sizes, strict=True))
+
+    @rule(chain=chain_st)
+    def touch(self, chain: list[str]) -> None:
+        self.policy.touch(chain)
+
+    @rule(key=key_st)
+    def remove(self, key: str) -> None:
+        assert self.policy.remove(key) == (self.sizes.pop(key, None) is not None)
+
+    @rule(nbytes=st.integers(0, CAPACITY))
+    def evict_for(self, nbytes: int) -> None:
+        expected = sorted(self.sizes, key=self.policy.eviction_value)
+        victims = self.policy.evict_for(nbytes)
+        assert victims == expected[: len(victims)]
+        last_size = self.sizes[victims[-1]] if victims else 0
+        for victim in victims:
+            del self.sizes[victim]
+        left = sum(self.sizes.values())
+        assert left + nbytes <= CAPACITY or not self.sizes
+        if victims:  # it stopped as soon as there was room
+            assert left + last_size + nbytes > CAPACITY
+
+    @invariant()
+    def matches_model(self) -> None:
+        assert self.policy.used_bytes == sum(self.sizes.values())
+        assert sorted(self.policy.keys_by_eviction_order(), key=str) == sorted(self.sizes)
+        for key in KEYS:
+            assert (key in self.policy) == (key in self.sizes)
+
+
+TestPredictedReuseLearning = LearningMachine.TestCase
+
+
+# ----------------------------------------------------------------------------- prefix closure
+
+op_st = st.one_of(
+    st.tuples(st.just("add"), path_st),
+    st.tuples(st.just("touch"), path_st),
+    st.tuples(st.just("evict"), st.integers(0, 30)),
+)
+
+
+@given(ops=st.lists(op_st, max_size=80), capacity=st.integers(1, 30))
+def test_learned_estimates_keep_every_added_chain_prefix_closed(
+    ops: list[tuple[str, object]], capacity: int
+) -> None:
+    policy = PredictedReuse(capacity, min_period=2)
+    batches: list[list[str]] = []
+    for op, arg in ops:
+        if op == "add":
+            chain = chain_of(arg)  # type: ignore[arg-type]
+            policy.add(chain, [1] * len(chain))
+            batches.append(chain)
+        elif op == "touch":
+            chain = chain_of(arg)  # type: ignore[arg-type]
+            stored = 0
+            while stored < len(chain) and chain[stored] in policy:
+                stored += 1
+            policy.touch(chain[:stored])
+        else:
+            policy.evict_for(min(int(arg), capacity))  # type: ignore[call-overload]
+        for batch in batches:
+            alive = [key in policy for key in batch]
+            survivors = sum(alive)
+            assert alive == [True] * survivors + [False] * (len(batch) - survivors), (batch, alive)
+
+
+# ----------------------------------------------------------------------------- what it learns
+
+
+def _tails_workload(policy: CapacityPolicy) -> None:
+    # Requests extend a previous prompt by one page and end with a page of their own (a
+    # prompt's partial last page): the tails are never used again, the rest is.
+    for conv in range(400):
+        prefix = [f"c{conv}-{j}" for j in range(3)]
+        policy.add([*prefix, f"c{conv}-tail0"], [1] * 4)
+        policy.add([*prefix, f"c{conv}-3", f"c{conv}-tail1"], [1] * 5)
+
+
+def test_tiers_policy_has_no_tail_class() -> None:
+    # A tier splits a put into batches of max_batch pages: a batch's last page is not always a
+    # prompt's, so the policy the tiers build never puts a key in the tail class.
+    policy = make_capacity_policy(EvictionPolicy.PREDICTED_REUSE, 10_000)
+    assert isinstance(policy, PredictedReuse)
+    _tails_workload(policy)
+    assert policy.reuse_estimates()[1] == 0.5  # the prior: no key ever entered the class
+
+
+def test_learns_that_tails_are_not_reused_and_evicts_them_first() -> None:
+    policy = PredictedReuse(10_000, min_period=16)
+    _tails_workload(policy)
+    estimates = policy.reuse_estimates()
+    assert estimates[1] < 0.05 < estimates[0]  # tails vs other new keys
+    policy.add(["fresh-0", "fresh-1", "fresh-tail"], [1, 1, 1])
+    order = policy.keys_by_eviction_order()
+    # The newest tail goes before the recent keys that are not tails (LRU would keep it longest
+    # but two); keys idle longer than any reuse seen may go before it, as dead as a tail.
+    recent = ["fresh-0", "fresh-1", *(f"c399-{j}" for j in range(4))]
+    assert all(order.index("fresh-tail") < order.index(k) for k in recent)
+
+
+@pytest.mark.parametrize("kind", list(EvictionPolicy))
+def test_concurrent_use_keeps_accounting_exact(kind: EvictionPolicy) -> None:
+    policy = make_capacity_policy(kind, 1000)
+    errors: list[BaseException] = []
+
+    def worker(tid: int) -> None:
+        try:
+            for i in range(2000):
+                chain = [f"t{tid}-{i % 50}-{j}" for j in range(4)]
+                policy.evict_for(16)
+                policy.add(chain, [4, 4, 4, 4])
+                policy.touch(chain[:2])
+                if i % 7 == 0:
+                    policy.remove(chain[3])
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert policy.used_bytes == 4 * len(policy) <= 1000 + 16
+
+
+def test_argument_checks_and_factory() -> None:
+    with pytest.raises(ValueError, match="capacity_bytes"):
+        PredictedReuse(0)
+    with pytest.raises(ValueError, match="min_period"):
+        PredictedReuse(10, min_period=0)
+    policy = PredictedReuse(10)
+    with pytest.raises(ValueError, match="sizes"):
+        policy.add(["a"], [1, 2])
+    with pytest.raises(ValueError, match=">= 0"):
+        policy.add(["a"], [-1])
+    assert isinstance(make_capacity_policy(EvictionPolicy.LRU, 5), TailFirstLRU)
+    assert isinstance(make_capacity_policy(EvictionPolicy.PREDICTED_REUSE, 5), PredictedReuse)
+    assert DEFAULT_EVICTION is EvictionPolicy.PREDICTED_REUSE
+    assert isinstance(policy, CapacityPolicy)
+
+
+# ----------------------------------------------------------------------------- per-tier YAML
+
+
+def _memory(options: dict[str, object]) -> object:
+    context = BackendContext(namespace="ns", page_bytes=64, tier_name="mem")
+    return create_backend("memory", options, context)
+
+
+def test_tier_chooses_its_policy_and_a_bad_name_is_one_clear_error() -> None:
+    assert MemoryConfig.model_validate({"capacity": "1KiB"}).eviction is DEFAULT_EVICTION
+    cfg = MemoryConfig.model_validate({"capacity": "1KiB", "eviction": "lru"})
+    assert cfg.eviction is EvictionPolicy.LRU
+    with pytest.raises(ConfigError) as err:
+        _memory({"capacity": "1KiB", "eviction": "mru"})
+    line = str(err.value)
+    assert "eviction" in line and "mru" in line and "\n" not in line
+
+
+# ----------------------------------------------------------------------------- other workloads
+
+
+def _ratios(workload: object, fraction: float) -> tuple[float, float]:
+    chains, tokens = workload(seed=7, requests=3000)  # type: ignore[operator]
+    capacity = max(1, int(len({b for c in chains for b in c}) * fraction))
+    lru = token_ratio(simulate_capacity_policy(chains, TailFirstLRU(capacity)), 512, tokens)
+    # the policy the tiers run (classes by uses, see test_tiers_policy_has_no_tail_class)
+    tiers = make_capacity_policy(EvictionPolicy.PREDICTED_REUSE, capacity)
+    ours = token_ratio(simulate_capacity_policy(chains, tiers), 512, tokens)
+    return ours, lru
+
+
+@pytest.mark.parametrize("workload", [shared_prompts, few_shot])
+@pytest.mark.parametrize("fraction", [0.01, 0.05, 0.2])
+def test_no_worse_than_lru_on_other_reuse_shapes(workload: object, fraction: float) -> None:
+    # Shared system prompts with independent questions; few-shot templates: all reuse is in
+    # shared heads, nothing like the shipped trace's conversations.
+    ours, lru = _ratios(workload, fraction)
+    assert ours >= lru, (workload, fraction, ours, lru)
+
+
+@pytest.mark.parametrize("fraction", [0.02, 0.05])
+def test_better_than_lru_on_synthetic_conversations(fraction: float) -> None:
+    # (at 1% and 20% of this workload the two are within 0.1 point of each other, either way:
+    # see docs/cache-efficiency.md)
+    ours, lru = _ratios(conversations, fraction)
+    assert ours > lru, (fraction, ours, lru)
