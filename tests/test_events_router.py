@@ -100,8 +100,11 @@ def test_router_relearns_a_gap_and_ends_with_the_cache_s_blocks(
         "storage:\n"
         "  prefetch: {policy: wait_complete, threshold_tokens: 16}\n"
         "  tiers:\n"
+        # a put past its deadline is a counted failure whose page may still land unannounced
+        # (tests/test_faults.py covers deadlines): generous here, so a loaded machine's slow
+        # put is not one
         f"    disk: {{backend: localdisk, options: {{root: '{tmp_path / 'l3'}', "
-        "max_bytes: 1GiB, durability: none}}\n"
+        "max_bytes: 1GiB, durability: none}, deadline_s: 600}\n"
         # the router binds; the pod connects (llm-d's indexer layout) and serves replays
         f"events: {{publisher: zmq, mode: connect, endpoint: '{bound}', "
         "replay_endpoint: 'tcp://127.0.0.1:*', topic: 'kv@{instance}@{model}', "

@@ -117,8 +117,11 @@ def _write_config(tmp_path: Path, *, publisher: bool) -> Path:
         "storage:\n"
         "  prefetch: {policy: wait_complete, threshold_tokens: 16}\n"
         "  tiers:\n"
+        # a put past its deadline is a counted failure whose page may still land unannounced
+        # (tests/test_faults.py covers deadlines): generous here, so a loaded machine's slow
+        # put is not one
         f"    disk: {{backend: localdisk, options: {{root: '{tmp_path / 'l3'}', "
-        "max_bytes: 48MiB, durability: none}}\n" + events
+        "max_bytes: 48MiB, durability: none}, deadline_s: 600}\n" + events
     )
     return path
 
