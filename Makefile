@@ -15,7 +15,8 @@ export HYPOTHESIS_PROFILE ?= ci
 # SGLang, for the tests of hicache.integrations.sglang against its own code (HiCacheStorage, the
 # dynamic backend factory, HiCacheFile). The wheel and the packages importing its storage modules
 # needs, all without their dependency trees (the serving stack is several GB of CUDA packages).
-# triton is GPU-only and ~1 GB: tests/sglang_stubs.py stands in for its import.
+# triton: installed below (SGLANG_TRITON); tests/sglang_stubs.py stands in for its import only
+# where it is absent.
 SGLANG_PKGS := sglang==0.5.23 orjson==3.13.0 psutil==7.2.2 pybase64==1.5.1 starlette==1.10.0 \
 	anyio==4.16.0 msgspec==0.23.0 tqdm==4.70.1 ipython==9.19.1 traitlets==5.16.1 aiohttp==3.14.5 \
 	multidict==7.2.1 yarl==1.25.1 propcache==0.5.4 aiohappyeyeballs==2.7.1 aiosignal==1.4.0 \
