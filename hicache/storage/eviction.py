@@ -56,6 +56,15 @@ class CapacityPolicy(ABC):
         """The byte budget ``evict_for`` enforces."""
         return self._capacity
 
+    @staticmethod
+    def _check_batch(keys: Sequence[object], sizes: Sequence[int]) -> None:
+        """The argument checks every ``add`` makes before it changes anything."""
+        if len(keys) != len(sizes):
+            raise ValueError(f"{len(keys)} keys but {len(sizes)} sizes")
+        for size in sizes:
+            if size < 0:
+                raise ValueError(f"sizes must be >= 0, got {size}")
+
     @property
     @abstractmethod
     def used_bytes(self) -> int:
@@ -122,11 +131,7 @@ class TailFirstLRU(CapacityPolicy):
 
     def add(self, keys: Sequence[str], sizes: Sequence[int]) -> None:
         # docstring inherited
-        if len(keys) != len(sizes):
-            raise ValueError(f"{len(keys)} keys but {len(sizes)} sizes")
-        for size in sizes:
-            if size < 0:
-                raise ValueError(f"sizes must be >= 0, got {size}")
+        self._check_batch(keys, sizes)
         with self._lock:
             table = self._sizes
             for i in range(len(keys) - 1, -1, -1):

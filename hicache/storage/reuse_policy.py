@@ -120,11 +120,7 @@ class PredictedReuse(CapacityPolicy):
 
     def add(self, keys: Sequence[Hashable], sizes: Sequence[int]) -> None:
         # docstring inherited
-        if len(keys) != len(sizes):
-            raise ValueError(f"{len(keys)} keys but {len(sizes)} sizes")
-        for size in sizes:
-            if size < 0:
-                raise ValueError(f"sizes must be >= 0, got {size}")
+        self._check_batch(keys, sizes)
         with self._lock:
             last = len(keys) - 1 if self._tail_class else -1
             for i in range(len(keys) - 1, -1, -1):
