@@ -158,6 +158,22 @@ def _sized_config(config: HicacheConfig, plan: ReplayPlan, root: Path | None) ->
     return HicacheConfig(**data)
 
 
+def replay_inputs(
+    settings: ReplaySettings,
+) -> tuple[list[TraceRequest], HicacheConfig, ModelShape, GpuClass]:
+    """What a replay and its sweep start from: the trace's requests, the configuration (the
+    given file, or the default one), the model shape and the GPU class."""
+    requests = load_trace(settings.trace, settings.limit)
+    if not requests:
+        raise ValueError("the trace has no requests")
+    base = (
+        load_config(settings.config)
+        if settings.config
+        else default_config(settings, settings.data_dir)
+    )
+    return requests, base, _model_of(settings, base), resolve_gpu(settings.gpu)
+
+
 def run_replay(
     settings: ReplaySettings, hooks: ReplayHooks | None = None
 ) -> tuple[ReplayReport, list[tuple[int, int, int, int, int]]]:
@@ -168,16 +184,7 @@ def run_replay(
     With ``events.publisher`` in the configuration, the (single) instance publishes its events
     after every request; with ``settings.metrics_port``, ``/metrics`` is served meanwhile.
     """
-    requests = load_trace(settings.trace, settings.limit)
-    if not requests:
-        raise ValueError("the trace has no requests")
-    base = (
-        load_config(settings.config)
-        if settings.config
-        else default_config(settings, settings.data_dir)
-    )
-    model = _model_of(settings, base)
-    gpu = resolve_gpu(settings.gpu)
+    requests, base, model, gpu = replay_inputs(settings)
     plan = plan_replay(
         model=model,
         gpu=gpu,

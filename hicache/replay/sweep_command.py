@@ -8,13 +8,10 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hicache.config import load_config
 from hicache.replay.build import prompt_tokens
-from hicache.replay.models import resolve_gpu
 from hicache.replay.plan import ByteMode, SizeRequest, plan_replay
 from hicache.replay.policies import l3_policy_of
 from hicache.replay.sweep import SweepResult, plot_sweep, run_sweep
-from hicache.replay.trace import load_trace
 from hicache.storage.sizes import format_size
 
 if TYPE_CHECKING:
@@ -25,18 +22,9 @@ __all__ = ["print_sweep", "run_sweep_command", "sweep_for"]
 
 def sweep_for(settings: ReplaySettings, points: int = 10) -> tuple[SweepResult, str]:
     """The sweep for a replay's settings (L1/L2 as the replay would size them); its title."""
-    from hicache.replay.app import _model_of, default_config
+    from hicache.replay.app import replay_inputs
 
-    requests = load_trace(settings.trace, settings.limit)
-    if not requests:
-        raise ValueError("the trace has no requests")
-    base = (
-        load_config(settings.config)
-        if settings.config
-        else default_config(settings, settings.data_dir)
-    )
-    model = _model_of(settings, base)
-    gpu = resolve_gpu(settings.gpu)
+    requests, base, model, gpu = replay_inputs(settings)
     chains = [list(r.block_ids) for r in requests]
     # the sweep moves no bytes: the scaled plan gives the sizes in trace blocks
     plan = plan_replay(
