@@ -432,23 +432,21 @@ class HiRadixCache(RadixCache):
             return 0
         heap = [(n.last_access, n.id, n) for n in self.iter_nodes() if self._host_evictable(n)]
         heapq.heapify(heap)
-        freed = 0
-        while freed < num_pages and heap:
-            _, _, node = heapq.heappop(heap)
-            if not self._host_evictable(node):
-                continue
-            assert node.host_value is not None
-            self._trim_to_tail(node, len(node.host_value), num_pages - freed)
-            parent = node.parent
-            self._emit_removed(node, Medium.CPU_PINNED)
-            self.host_pool.free_when_released(node.host_value)
-            freed += len(node.host_value)
-            node.host_value = None
-            self._delete_leaf(node)
-            if parent is not None and self._host_evictable(parent):
-                heapq.heappush(heap, (parent.last_access, parent.id, parent))
+        freed = self._evict_leaves(
+            heap, num_pages, self._host_evictable, _host_pages, self._drop_host_leaf
+        )
         self.counters["l2_evicted_pages"] += freed
         return freed
+
+    def _drop_host_leaf(self, node: TreeNode) -> int:
+        """Give up an L2-only leaf's host pages (freed once no worker uses them); how many."""
+        assert node.host_value is not None
+        self._emit_removed(node, Medium.CPU_PINNED)
+        self.host_pool.free_when_released(node.host_value)
+        n = len(node.host_value)
+        node.host_value = None
+        self._delete_leaf(node)
+        return n
 
     # ------------------------------------------------------------------ load back (L2 -> L1)
 
@@ -746,3 +744,8 @@ class HiRadixCache(RadixCache):
         if self.event_publisher is not None:
             out["publisher"] = self.event_publisher.stats()
         return out
+
+
+def _host_pages(node: TreeNode) -> int:
+    assert node.host_value is not None
+    return len(node.host_value)

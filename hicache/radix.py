@@ -388,17 +388,30 @@ class RadixCache:
         """
         if num_pages <= 0:
             return 0
-        heap = self._device_candidates()
+        return self._evict_leaves(
+            self._device_candidates(), num_pages, self._evictable, _device_pages, self._evict_node
+        )
+
+    def _evict_leaves(
+        self,
+        heap: list[tuple[int, int, TreeNode]],
+        num_pages: int,
+        evictable: Callable[[TreeNode], bool],
+        pages_of: Callable[[TreeNode], int],
+        drop: Callable[[TreeNode], int],
+    ) -> int:
+        """The one leaf-first LRU loop of L1 and L2 eviction: pop the least recent
+        ``evictable`` leaf of ``heap``, trim it to the pages still needed (tail first), ``drop``
+        it (its page count), and offer its parent once it became an evictable leaf."""
         freed = 0
         while freed < num_pages and heap:
             _, _, node = heapq.heappop(heap)
-            if not self._evictable(node):
+            if not evictable(node):
                 continue
-            assert node.value is not None
-            self._trim_to_tail(node, len(node.value), num_pages - freed)
+            self._trim_to_tail(node, pages_of(node), num_pages - freed)
             parent = node.parent
-            freed += self._evict_node(node)
-            if parent is not None and self._evictable(parent):
+            freed += drop(node)
+            if parent is not None and evictable(parent):
                 heapq.heappush(heap, (parent.last_access, parent.id, parent))
         return freed
 
@@ -487,3 +500,8 @@ class RadixCache:
     def take_events(self) -> list[KVEvent]:
         """Drain the queued events, oldest first."""
         return self.events.take()
+
+
+def _device_pages(node: TreeNode) -> int:
+    assert node.value is not None
+    return len(node.value)
