@@ -185,7 +185,16 @@ METRICS: dict[str, MetricSpec] = {
         _g("tier_inflight_bytes", _TIER, "Publish bytes in flight to the tier"),
         _g("tier_inflight_limit_bytes", _TIER, "Bound on publish bytes in flight"),
         _c("tier_announced_pages", _TIER, "Pages announced BlockStored(<tier medium>)"),
-        _c("tier_unannounced_pages", _TIER, "Pages handed to the tier and never announced"),
+        _c(
+            "tier_unannounced_pages",
+            _TIER,
+            "Pages handed to the tier and not announced with their put's result",
+        ),
+        _c(
+            "tier_late_acked_pages",
+            _TIER,
+            "Pages the tier stored after their put's deadline (counted failed, announced then)",
+        ),
         _c("tier_evicted_pages", _TIER, "Pages the backend dropped on its own (take_evicted)"),
         _c("tier_promoted_pages", _TIER, "Pages copied into the tier from a later tier"),
         _c("tier_republished_pages", _TIER, "Ancestors published again to keep chains whole"),
@@ -427,6 +436,7 @@ def _tier_metrics(fams: _Families, lab: tuple[str, str, str], tier: Tier, page_s
         fams.add("hicache_tier_inflight_limit_bytes", lab, gate["max_bytes"])
     fams.add("hicache_tier_announced_pages_total", lab, snap["announced_pages"])
     fams.add("hicache_tier_unannounced_pages_total", lab, snap["unannounced_pages"])
+    fams.add("hicache_tier_late_acked_pages_total", lab, snap["late_acked_pages"])
     fams.add("hicache_tier_evicted_pages_total", lab, snap["evicted_pages"])
     fams.add("hicache_tier_promoted_pages_total", lab, snap["promoted_pages"])
     fams.add("hicache_tier_republished_pages_total", lab, snap["republished_pages"])

@@ -83,27 +83,54 @@ class Spy(HiRadixCache):
         self.early_publishes: list[str] = []
         #: publishes of a page to a tier that announced it and still holds it: must stay empty
         self.resident_publishes: list[tuple[str, str]] = []
-        #: (tier, block id) -> page a tier acknowledged (a put result with a stored status)
-        #: whose announcement the model still waits for (its parent's is undecided)
+        #: (tier, block id) -> page a tier acknowledged (a put result with a stored status,
+        #: in time or after the deadline) whose announcement the model still waits for: its
+        #: parent's is undecided, or its parent is not announced on the tier (yet)
         self.awaiting_announce: dict[tuple[str, int], PublishPage] = {}
-        #: acknowledged pages whose parent is announced on the tier but which are not: empty
+        #: acknowledged pages still on the tier whose parent is announced there but which are
+        #: not: empty
         self.unannounced_acks: list[tuple[str, int]] = []
         assert self.storage is not None
         storage = self.storage
         real_publish, real_poll = storage.publish, storage.poll
         announcer = storage.announcer
-        real_record = announcer.record
-        recorded: list[tuple[str, list[PublishPage], list[PageStatus]]] = []
+        real_record, real_late, real_removed = (
+            announcer.record,
+            announcer.acked_late,
+            announcer.removed,
+        )
+        #: what the announcer was told, in order: (tier, pages, statuses) for an ack (on time
+        #: or late), (tier, block ids, None) for pages that left the tier
+        recorded: list[tuple[str, list[PublishPage] | list[int], list[PageStatus] | None]] = []
 
         def record(group: int, tier: str, batch: int, statuses: list[PageStatus]) -> None:
             recorded.append((tier, announcer.groups[group].batches[batch], statuses))
             real_record(group, tier, batch, statuses)
 
+        def acked_late(
+            tier: str,
+            pages: list[PublishPage],
+            statuses: list[PageStatus],
+            events: list[KVEvent],
+        ) -> None:
+            recorded.append((tier, pages, statuses))
+            real_late(tier, pages, statuses, events)
+
+        def removed(tier: str, block_ids: list[int]) -> None:
+            recorded.append((tier, block_ids, None))
+            real_removed(tier, block_ids)
+
         def check_acks_announced() -> None:
-            """After a poll: every page a tier acknowledged is announced there in this
-            residency unless its parent is not (its announcement is cut, in prefix order)."""
-            for tier, pages, statuses in recorded:
-                for p, status in zip(pages, statuses, strict=False):
+            """After a poll: every page a tier acknowledged (and did not drop since) is
+            announced there in this residency once its parent is (in prefix order)."""
+            for tier, items, statuses in recorded:
+                if statuses is None:
+                    for bid in items:
+                        assert isinstance(bid, int)
+                        self.awaiting_announce.pop((tier, bid), None)
+                    continue
+                for p, status in zip(items, statuses, strict=False):
+                    assert isinstance(p, PublishPage)
                     if status.stored:
                         self.awaiting_announce[(tier, p.block_id)] = p
             recorded.clear()
@@ -114,8 +141,9 @@ class Spy(HiRadixCache):
                 if bid not in resident:
                     if parent is not None and announcer.unresolved[tier][parent] > 0:
                         continue  # the parent's own publish is undecided: so is this page
-                    if parent is None or parent in resident:
-                        self.unannounced_acks.append((tier, bid))
+                    if parent is not None and parent not in resident:
+                        continue  # announced once its parent is, if still there then
+                    self.unannounced_acks.append((tier, bid))
                 del self.awaiting_announce[(tier, bid)]
 
         def publish(
@@ -149,6 +177,8 @@ class Spy(HiRadixCache):
         storage.publish = publish  # type: ignore[method-assign]
         storage.poll = poll  # type: ignore[method-assign]
         announcer.record = record  # type: ignore[method-assign]
+        announcer.acked_late = acked_late  # type: ignore[method-assign]
+        announcer.removed = removed  # type: ignore[method-assign]
 
     def _insert_prefetched(self, handle: PrefetchHandle, ok: int) -> int:
         self._in_prefetch = True
@@ -650,8 +680,9 @@ class HiRadixMachine(RuleBasedStateMachine):
 
     @invariant()
     def tier_acks_announced_once_per_residency(self) -> None:
-        """Every page a tier acknowledged is announced there (once per residency: see the
-        invariant above), unless its parent is not announced there."""
+        """Every page a tier acknowledged, in time or after its put's deadline (a hang
+        released), is announced there once its parent is, unless the tier dropped it first
+        (once per residency: see the invariant above)."""
         if not hasattr(self, "cache"):
             return
         assert self.cache.unannounced_acks == []

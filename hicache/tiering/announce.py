@@ -14,6 +14,14 @@ the tiers' put results into ``BlockStored(<tier medium>)`` events:
 - a page read back from a tier is on it: it is announced there at once
   (:meth:`Announcer.read_back`), under the same rule, whether or not a put of it is still on its
   way (that put's result then finds it announced)
+- a put that comes back after its deadline (counted failed then) is not lost: the pages it
+  stored are announced when its result comes (:meth:`Announcer.acked_late`), under the same
+  rule, unless they were announced meanwhile (read back, or published again)
+- a page a tier stored but that could not be announced because its parent is not announced
+  there (cut off after a failure, or acknowledged before its parent) is remembered
+  (:class:`WithheldPages`) and announced right after its parent is, if the tier did not drop it
+  meanwhile (it was counted in ``unannounced_pages`` when its result came): every page a tier
+  acknowledged is announced once its whole prefix is
 - a page already announced on a tier (and not removed since) is not announced again: on every
   tier a page is announced exactly once per residency, so ``known`` (what children may chain
   to) is exactly what was announced
@@ -41,10 +49,14 @@ __all__ = [
     "PublishGroup",
     "PublishPage",
     "TierProgress",
+    "WithheldPages",
 ]
 
 #: Block ids remembered per tier as "stored there" (for parent checks), ~100 bytes each.
 DEFAULT_KNOWN_CAPACITY = 1 << 20
+#: Pages remembered per tier as stored but not announced (their head is not), at most: each
+#: keeps its token ids, and a tier that keeps failing heads would otherwise pile them up.
+WITHHELD_CAPACITY = 1 << 14
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +127,54 @@ class KnownBlocks:
         return block_id in self._ids
 
 
+class WithheldPages:
+    """Pages one tier stored whose parent is not announced there yet, by parent; bounded, oldest
+    first out (forgetting one only ever withholds an announcement)."""
+
+    __slots__ = ("_by_parent", "_parent_of", "capacity")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._by_parent: dict[int, dict[int, PublishPage]] = {}
+        #: block id -> its parent's, oldest first
+        self._parent_of: OrderedDict[int, int] = OrderedDict()
+
+    def add(self, page: PublishPage) -> None:
+        """Remember ``page`` (it has a parent) until its parent is announced."""
+        parent = page.parent_block_id
+        assert parent is not None, "a root page is never withheld"
+        self.discard(page.block_id)
+        self._by_parent.setdefault(parent, {})[page.block_id] = page
+        self._parent_of[page.block_id] = parent
+        if len(self._parent_of) > self.capacity:
+            self.discard(next(iter(self._parent_of)))
+
+    def discard(self, block_id: int) -> None:
+        """Forget ``block_id`` (the tier dropped it, or it is announced)."""
+        parent = self._parent_of.pop(block_id, None)
+        if parent is None:
+            return
+        children = self._by_parent[parent]
+        del children[block_id]
+        if not children:
+            del self._by_parent[parent]
+
+    def take_children(self, parent: int) -> list[PublishPage]:
+        """Remove and return the pages withheld for ``parent``."""
+        children = self._by_parent.pop(parent, None)
+        if not children:
+            return []
+        for bid in children:
+            del self._parent_of[bid]
+        return list(children.values())
+
+    def __len__(self) -> int:
+        return len(self._parent_of)
+
+    def __contains__(self, block_id: object) -> bool:
+        return block_id in self._parent_of
+
+
 class Announcer:
     """Open publish groups and what each tier is known to hold (see the module docstring)."""
 
@@ -130,11 +190,14 @@ class Announcer:
         self._tiers = {t.name: t for t in tiers}
         self.page_size = page_size
         self.lora_id = lora_id
-        #: The engine's counters: ``announced_pages`` and ``unannounced_pages`` move here.
+        #: The engine's counters: ``announced_pages``, ``unannounced_pages`` and
+        #: ``late_acked_pages`` move here.
         self.counters = counters
         self.groups: dict[int, PublishGroup] = {}
         self._next_id = 1
         self.known = {t.name: KnownBlocks(known_capacity) for t in tiers}
+        withheld = min(known_capacity, WITHHELD_CAPACITY)
+        self.withheld = {t.name: WithheldPages(withheld) for t in tiers}
         # pages published to a tier whose announcement is not decided yet (parent checks wait
         # for these instead of giving up)
         self.unresolved: dict[str, Counter[int]] = {t.name: Counter() for t in tiers}
@@ -170,11 +233,29 @@ class Announcer:
                 return  # the head is not announced there: a child may not be either
             self._stored(tier, page, events)
 
+    def acked_late(
+        self, tier: str, pages: list[PublishPage], statuses: list[PageStatus], events: list[KVEvent]
+    ) -> None:
+        """A put of ``pages`` (prefix order) on ``tier`` came back after its deadline, when its
+        result had already been recorded as failed, with ``statuses``: the pages it stored are on
+        the tier after all. Announce them as far as their parents are announced there (the rest
+        waits for its parent, as any withheld page does); a page announced meanwhile is not
+        announced again."""
+        stored = [p for p, s in zip(pages, statuses, strict=False) if s.stored]
+        if not stored:
+            return
+        self.counters["late_acked_pages"] += len(stored)
+        self._tiers[tier].stats.add(late_acked_pages=len(stored))
+        for page in stored:
+            self._announce_or_withhold(tier, page, events)
+
     def removed(self, tier: str, block_ids: list[int]) -> None:
-        """These pages left ``tier`` (its own eviction)."""
+        """These pages left ``tier`` (its own eviction, or a wipe)."""
         known = self.known[tier]
+        withheld = self.withheld[tier]
         for bid in block_ids:
             known.discard(bid)
+            withheld.discard(bid)
 
     def missing(self, tier: str, block_id: int) -> bool:
         """Whether ``block_id`` is not known on ``tier`` (never announced there, read from it,
@@ -203,6 +284,7 @@ class Announcer:
         for name, prog in group.progress.items():
             known = self.known[name]
             unresolved = self.unresolved[name]
+            withheld = self.withheld[name]
             tier = self._tiers[name]
             while prog.next_batch < len(group.batches):
                 if name not in group.targets[prog.next_batch]:
@@ -235,6 +317,10 @@ class Announcer:
                         prog.broken = True
                         self.counters["unannounced_pages"] += 1
                         tier.stats.add(unannounced_pages=1)
+                        parent = page.parent_block_id
+                        if stored and parent is not None and parent not in known:
+                            # on the tier, its head not (yet): announced right after the head
+                            withheld.add(page)
                         continue
                     if page.block_id in known:
                         # announced before and still there (published again after an L2
@@ -248,22 +334,46 @@ class Announcer:
                 prog.next_page = 0
         return moved
 
+    def _announce_or_withhold(self, name: str, page: PublishPage, events: list[KVEvent]) -> None:
+        """``page`` is stored on tier ``name``: announce it if its parent is announced there,
+        else keep it for when the parent is."""
+        known = self.known[name]
+        if page.block_id in known:
+            return  # once per residency
+        parent = page.parent_block_id
+        if parent is None or parent in known:
+            self._stored(name, page, events)
+        else:
+            self.withheld[name].add(page)
+
     def _stored(self, name: str, page: PublishPage, events: list[KVEvent]) -> None:
-        """Announce ``page`` on tier ``name``."""
+        """Announce ``page`` on tier ``name``, then the pages withheld below it (each after
+        its parent)."""
         tier = self._tiers[name]
-        events.append(
-            BlockStored(
-                [page.block_id],
-                page.parent_block_id,
-                page.token_ids,
-                self.page_size,
-                self.lora_id,
-                tier.medium,
+        known = self.known[name]
+        withheld = self.withheld[name]
+        todo = [page]
+        while todo:
+            p = todo.pop()
+            if p.block_id in known:
+                # announced meanwhile (a withheld page read back, or published again)
+                todo += withheld.take_children(p.block_id)
+                continue
+            events.append(
+                BlockStored(
+                    [p.block_id],
+                    p.parent_block_id,
+                    p.token_ids,
+                    self.page_size,
+                    self.lora_id,
+                    tier.medium,
+                )
             )
-        )
-        self.known[name].add(page.block_id)
-        self.counters["announced_pages"] += 1
-        tier.stats.add(announced_pages=1)
+            known.add(p.block_id)
+            self.counters["announced_pages"] += 1
+            tier.stats.add(announced_pages=1)
+            withheld.discard(p.block_id)
+            todo += withheld.take_children(p.block_id)
 
     def finish(self, group: PublishGroup) -> None:
         """Forget ``group`` once it is settled."""

@@ -15,6 +15,10 @@ returns, so the caller passes ``on_return``: it runs exactly once, on the worker
 the call finished (after all retries), or right away when the call never started (breaker open,
 caller closed, cancelled while queued). Release holds there, not after ``call`` returns.
 
+A call the caller stopped waiting for may still succeed: its value is not lost but handed to
+``on_late`` (on the worker thread, before ``on_return``), so a put the tier did store after all
+can still be announced. The caller has already returned its ``TIMEOUT`` outcome by then.
+
 Retries: only whole-call errors that say "try again"
 (:class:`~hicache.errors.BackendUnavailableError`) are retried, on the worker thread, with
 exponential backoff, and never past the deadline. Per-page statuses (``FAILED``, ``CORRUPT``,
@@ -33,7 +37,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -175,6 +179,36 @@ class FailureCounts:
             }
 
 
+class _LateValue(Generic[T]):
+    """Whether the caller gave up on a call, decided against the call's own end under one lock,
+    so a value that comes after the deadline reaches ``on_late`` exactly once, or the caller
+    learns that the call ended before it gave up."""
+
+    __slots__ = ("_ended", "_lock", "gave_up", "on_late")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ended = False
+        self.gave_up = False
+        self.on_late: Callable[[T], None] | None = None
+
+    def give_up(self, on_late: Callable[[T], None] | None) -> bool:
+        """The caller stops waiting: ``False`` when the call already ended (the caller then
+        delivers its value itself)."""
+        with self._lock:
+            if self._ended:
+                return False
+            self.gave_up = True
+            self.on_late = on_late
+            return True
+
+    def end(self) -> bool:
+        """The call ended (on its worker): whether the caller had given up on it."""
+        with self._lock:
+            self._ended = True
+            return self.gave_up
+
+
 class _Attempts(Generic[T]):
     """The retry loop run on a worker thread; remembers how it ended."""
 
@@ -267,10 +301,13 @@ class TierCaller:
         use_breaker: bool = True,
         lane: Lane = Lane.WRITE,
         ticket: LaneTicket | None = None,
+        on_late: Callable[[T], None] | None = None,
     ) -> CallOutcome[T]:
         """Run ``fn()`` with retries; wait at most the deadline; never raise.
 
-        ``on_return`` runs exactly once, when ``fn`` is really done (or will never run). With
+        ``on_return`` runs exactly once, when ``fn`` is really done (or will never run). A value
+        ``fn`` returns after the deadline went by goes to ``on_late`` (once, before
+        ``on_return``, on a worker thread). With
         ``use_breaker=False`` the breaker is neither asked nor told (housekeeping calls).
         ``lane=Lane.READ`` (lookups, reads a request waits for) goes ahead of queued writes;
         a ``ticket`` lets :meth:`promote` move the call there while it is queued.
@@ -291,15 +328,18 @@ class TierCaller:
             self._finished(on_return)
             self.failures.add(FailureKind.CLOSED)
             return CallOutcome(failure=FailureKind.CLOSED, error=exc)
-        future.add_done_callback(lambda _f: self._finished(on_return))
+        late: _LateValue[T] = _LateValue()
+        future.add_done_callback(lambda f: self._ended(f, late, on_return))
         try:
             value = future.result(timeout=budget)
         except FutureTimeoutError:
             attempts.gave_up = True
             if future.cancel():  # still queued behind hung calls: it will never run
                 logger.debug("tier %s: call cancelled while queued", self.name)
-            else:
-                future.add_done_callback(lambda _f: self.failures.bump("late_returns"))
+            elif not late.give_up(on_late):
+                # it ended between the wait and here: past the deadline all the same
+                self.failures.bump("late_returns")
+                self._deliver_late(on_late, future)
             return self._failed(FailureKind.TIMEOUT, None, attempts.attempts, breaker)
         except CancelledError as exc:  # close() cancelled it while queued
             return self._failed(FailureKind.CLOSED, exc, 0, breaker)
@@ -342,10 +382,31 @@ class TierCaller:
             logger.warning("tier %s: call failed: %s (%r)", self.name, kind, exc)
         return CallOutcome(failure=kind, error=exc, attempts=attempts)
 
+    def _ended(
+        self, future: Future[T], late: _LateValue[T], on_return: Callable[[], None] | None
+    ) -> None:
+        """The call's worker is done with it (any outcome)."""
+        # the late value first: whoever waits for on_return (holds) then also sees its effect
+        if late.end():
+            self.failures.bump("late_returns")
+            self._deliver_late(late.on_late, future)
+        self._finished(on_return)
+
     def _finished(self, on_return: Callable[[], None] | None) -> None:
         with self._running_lock:
             self._running -= 1
         _run_callback(on_return, self.name)
+
+    def _deliver_late(self, on_late: Callable[[T], None] | None, future: Future[T]) -> None:
+        """Hand the value of a call that ended after its deadline to ``on_late`` (nothing for
+        a call that raised or was cancelled)."""
+        if on_late is None or future.cancelled() or future.exception() is not None:
+            return
+        value = future.result()
+        try:
+            on_late(value)
+        except Exception:  # a late handler that fails must not kill the worker
+            logger.exception("tier %s: on_late callback failed", self.name)
 
     def close(self, *, wait: bool = False) -> None:
         """Refuse new calls and cancel queued ones; ``wait`` joins running ones (may block as

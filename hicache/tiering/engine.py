@@ -86,6 +86,7 @@ from hicache.tiering.engine_records import (
     _GetDone,
     _LookupDone,
     _PrefetchJob,
+    _PutLate,
     _PutPart,
 )
 from hicache.tiering.engine_workers import EngineWorkers
@@ -147,6 +148,7 @@ class StorageEngine:
             "dropped_pages": 0,
             "promoted_pages": 0,
             "republished_pages": 0,
+            "late_acked_pages": 0,
         }
         self.announcer = Announcer(
             tiers.tiers,
@@ -204,7 +206,8 @@ class StorageEngine:
             holds = self.workers.hold(host, tier.gate, nbytes)
             views = [self.host_pool.page_view(h) for h in host]
             group.outstanding += 1
-            self.puts.add(tier, _PutPart(group.id, batch, keys[:n], views, holds, len(keys)))
+            part = _PutPart(group.id, batch, list(pages[:n]), keys[:n], views, holds, len(keys))
+            self.puts.add(tier, part)
         if targets is None:
             self.counters["published_pages"] += len(pages)
         return [t for t in tiers if group.progress[t.name].drop_reason == "dropped_admission"]
@@ -321,6 +324,8 @@ class StorageEngine:
                 self._finish_lookup(item, out)
             elif isinstance(item, _Evicted):
                 self._evicted(item, out.events)
+            elif isinstance(item, _PutLate):
+                self.announcer.acked_late(item.tier, item.pages, item.statuses, out.events)
             else:
                 self.announcer.record(item.group, item.tier, item.batch, item.statuses)
         self.announcer.announce_all(out.events)

@@ -10,7 +10,10 @@
 - ``throttle()``           wait for the oldest calls of a tier with more in flight than it runs
 
 The worker body reports one ``_PutDone`` per batch (and the tier's evictions), as the engine's
-``poll`` expects. Everything but the worker body runs on the cache's thread.
+``poll`` expects. A put call that returns after its deadline (its ``_PutDone`` said ``FAILED``)
+reports its real statuses as one ``_PutLate`` per batch, always after that ``_PutDone``: the
+pages the tier stored after all are announced then. Everything but the worker body and the
+late report runs on the cache's thread.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 
 from hicache.storage.backend import PageStatus
-from hicache.tiering.engine_records import _Evicted, _PutDone, _PutJob, _PutPart
+from hicache.tiering.engine_records import _Evicted, _PutDone, _PutJob, _PutLate, _PutPart
 from hicache.tiering.engine_workers import EngineWorkers
 from hicache.tiering.lanes import Lane
 from hicache.tiering.tiers import Tier
@@ -130,8 +133,15 @@ class PutCalls:
             for p in parts:
                 p.holds.drop()
 
+        def late(statuses: list[PageStatus]) -> None:
+            with job.lock:
+                if not job.reported:  # the deadline's FAILED is not queued yet: it goes first
+                    job.late = statuses
+                    return
+            self._report_late(job, statuses)
+
         try:
-            statuses = tier.put(keys, views, on_return=returned, ticket=job.ticket)
+            statuses = tier.put(keys, views, on_return=returned, ticket=job.ticket, on_late=late)
         except Exception as exc:  # Tier.put never raises; this guards against bugs
             logger.exception("tier %s: publish worker failed", tier.name)
             tier.stats.error(exc, "unexpected")
@@ -143,5 +153,18 @@ class PutCalls:
             start += len(p.keys)
             got += [PageStatus.FAILED] * (p.total - len(got))  # refused by admission
             self.workers.report(_PutDone(p.group, tier.name, p.batch, got))
+        with job.lock:
+            job.reported = True
+            came, job.late = job.late, None
+        if came is not None:
+            self._report_late(job, came)
         if evicted:
             self.workers.report(_Evicted(tier.name, evicted))
+
+    def _report_late(self, job: _PutJob, statuses: list[PageStatus]) -> None:
+        """Report what a put call that outlived its deadline really stored, per batch."""
+        start = 0
+        for p in job.parts:
+            got = statuses[start : start + len(p.keys)]
+            start += len(p.keys)
+            self.workers.report(_PutLate(job.tier.name, p.pages, got))

@@ -6,14 +6,15 @@
 - :class:`EnginePoll`      what one ``poll`` collected
 - ``_PrefetchJob``         one prefetch in flight (:mod:`hicache.tiering.engine_prefetch`)
 - ``_PutPart`` / ``_PutJob``  a batch waiting for its tier's next put call / one put call
-- ``_PutDone`` / ``_GetDone`` / ``_LookupDone`` / ``_Evicted``   what a worker finished, on the
-  engine's completion queue (``_Done``), taken by ``poll`` on the cache's thread
+- ``_PutDone`` / ``_PutLate`` / ``_GetDone`` / ``_LookupDone`` / ``_Evicted``   what a worker
+  finished, on the engine's completion queue (``_Done``), taken by ``poll`` on the cache's thread
 
 The public ones are re-exported by :mod:`hicache.tiering.engine`; import them from there.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from hicache.tiering.prefetch import PrefetchOutcome, prefetch_outcome, usable_p
 from hicache.tiering.tiers import Tier, TierRange
 
 if TYPE_CHECKING:
+    from hicache.tiering.announce import PublishPage
     from hicache.tiering.engine_workers import _Holds
 
 __all__ = ["EnginePoll", "HostPages", "LookupResult", "PrefetchResult"]
@@ -102,11 +104,23 @@ class _PutDone:
 
 
 @dataclass(frozen=True, slots=True)
+class _PutLate:
+    """A put call came back after its deadline (its ``_PutDone`` said ``FAILED``, and came
+    first): the statuses the tier really gave ``pages``, one batch's sent pages in order."""
+
+    tier: str
+    pages: list[PublishPage]
+    statuses: list[PageStatus]
+
+
+@dataclass(frozen=True, slots=True)
 class _PutPart:
     """One batch of a group, bound for one tier, waiting to join that tier's next put call."""
 
     group: int
     batch: int
+    #: The pages sent (``keys`` are theirs), for a result that comes after the deadline.
+    pages: list[PublishPage]
     keys: list[str]
     views: list[memoryview]
     holds: _Holds
@@ -123,6 +137,10 @@ class _PutJob:
     parts: list[_PutPart]
     ticket: LaneTicket = field(default_factory=LaneTicket)
     future: Future[None] | None = None
+    #: Guards the two below: a late result waits until the deadline's ``_PutDone`` is queued.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    reported: bool = False
+    late: list[PageStatus] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,4 +163,4 @@ class _Evicted:
 
 
 #: What a worker puts on the engine's completion queue.
-_Done = _PutDone | _GetDone | _LookupDone | _Evicted
+_Done = _PutDone | _PutLate | _GetDone | _LookupDone | _Evicted

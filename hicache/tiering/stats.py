@@ -13,7 +13,10 @@ Counter names (all monotonic):
 - ``put_pages``, ``put_stored``, ``put_failed``, ``bytes_written``
 - ``announced_pages``   pages announced ``BlockStored(<medium>)`` on this tier
 - ``unannounced_pages`` pages handed to this tier and not announced (failed, dropped, after
-                        a failure in their chain, or with their head not on the tier)
+                        a failure in their chain, or with their head not on the tier); a stored
+                        one is still announced once its head is (then counted in both)
+- ``late_acked_pages``  pages this tier stored with a put that came back after its deadline
+                        (counted failed then, announced when the late result came)
 - ``evicted_pages``     pages the backend reported through ``take_evicted``
 - ``promoted_pages``    pages copied here from a later tier (promotion)
 - ``republished_pages`` ancestors published again ahead of a page whose parent the tier lost
@@ -116,6 +119,7 @@ class TierCounters:
     bytes_written: int = 0
     announced_pages: int = 0
     unannounced_pages: int = 0
+    late_acked_pages: int = 0
     evicted_pages: int = 0
     promoted_pages: int = 0
     republished_pages: int = 0

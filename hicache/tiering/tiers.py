@@ -229,10 +229,14 @@ class Tier:
         *,
         on_return: Callable[[], None] | None = None,
         ticket: LaneTicket | None = None,
+        on_late: Callable[[list[PageStatus]], None] | None = None,
     ) -> list[PageStatus]:
         """Store ``srcs`` under ``keys``; a failed, refused or late call makes its pages
         ``FAILED``. ``on_return`` runs when the backend really finished with ``srcs``. Puts
-        queue in the write lane, unless ``ticket`` is promoted (a lookup waits for them)."""
+        queue in the write lane, unless ``ticket`` is promoted (a lookup waits for them).
+
+        A call that returns after the deadline (its pages already counted ``FAILED``) hands its
+        real statuses to ``on_late``: the pages it stored are on the tier after all."""
         step = self.max_batch
 
         def run() -> list[PageStatus]:
@@ -242,7 +246,7 @@ class Tier:
             return got
 
         started = time.perf_counter()
-        out = self.caller.call(run, on_return=on_return, ticket=ticket)
+        out = self.caller.call(run, on_return=on_return, ticket=ticket, on_late=on_late)
         if out.failure is FailureKind.BREAKER_OPEN:
             # never attempted: a drop, not a failed put
             self.stats.add(dropped_breaker=len(keys))
