@@ -435,6 +435,19 @@ class HiRadixMachine(RuleBasedStateMachine):
         self.flaky_hang = self.flaky.hang([FaultOp.PUT, FaultOp.GET] if gets else [FaultOp.PUT])
 
     @precondition(lambda self: self.flaky_hang is not None)
+    @rule(data=st.data())
+    def publish_while_hung(self, data: st.DataObject) -> None:
+        """A write-through acked while the flaky tier's puts hang: its put there outlives the
+        deadline (counted failed), and ``release_hang`` lets the tier store it after all: a
+        late ack, announced then, after its parent."""
+        self.insert(data)
+        self.write_backup(data)
+        for ack in list(self.engine.pending()):
+            self.engine.complete(ack)
+        self.cache.writing_check()
+        self.drain()
+
+    @precondition(lambda self: self.flaky_hang is not None)
     @rule()
     def release_hang(self) -> None:
         hang, self.flaky_hang = self.flaky_hang, None
