@@ -81,7 +81,9 @@ class Spy(HiRadixCache):
         self.tier_publishes: Counter[tuple[str, str]] = Counter()
         #: publishes of pages not acked (nor read in) at that moment: must stay empty
         self.early_publishes: list[str] = []
-        #: publishes of a page to a tier that announced it and still holds it: must stay empty
+        #: republishes of an ancestor to a tier that announced it and still holds it: must stay
+        #: empty (an ack's own pages go to every tier, once per ack: a page acked again after
+        #: an L2 eviction is put again, and a tier that holds it answers ALREADY_EXISTS)
         self.resident_publishes: list[tuple[str, str]] = []
         #: (tier, block id) -> page a tier acknowledged (a put result with a stored status,
         #: in time or after the deadline) whose announcement the model still waits for: its
@@ -157,7 +159,7 @@ class Spy(HiRadixCache):
                 resident = self.tier_resident.get(t.medium, set())
                 for p in pages:
                     self.tier_publishes[(t.name, p.key)] += 1
-                    if p.block_id in resident:
+                    if targets is not None and p.block_id in resident:
                         self.resident_publishes.append((t.name, p.key))
             self.early_publishes += [
                 p.key for p in pages if p.key not in self.acked_keys | self.read_keys
