@@ -36,6 +36,9 @@ Rules the cache relies on:
   is announced on that tier, even if it was stored. Across groups, a page is announced only
   when its parent is known to be on the tier (announced, or read from it); while the parent's
   own publish is still in flight the page waits. So no tail is ever announced without its head.
+  A put that comes back after its deadline (counted failed then) still counts: the pages it
+  stored are announced when it returns, and a stored page cut off from its head is announced
+  right after the head is, so every page a tier acknowledged is announced once per residency.
   (The bookkeeping lives in :mod:`hicache.tiering.announce`.)
 - **Never hurt the serving path**: a tier whose breaker is open, whose bytes in flight are at
   their bound, or whose admission policy refuses a page gets no put: the pages are dropped and
