@@ -259,7 +259,9 @@ class MemoryBackend(Backend):
             for i, page in admitted.items():
                 pages[keys[i]] = page
             if store.policy is not None:
-                kept = [i for i, s in enumerate(statuses) if s.stored and keys[i] in pages]
+                # the pages stored before were touched above: adding them again would count
+                # a second use (as localdisk, only the new pages are added)
+                kept = [i for i in admitted if keys[i] in pages]
                 store.policy.add(
                     [self._qualify(keys[i]) for i in kept],
                     [pages[keys[i]].stored_bytes for i in kept],
