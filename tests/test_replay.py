@@ -143,7 +143,7 @@ def test_sync_replay_with_predicted_reuse_matches_its_simulation_exactly(tmp_pat
         s.device_pages,
         s.host_pages,
         report.tiers[2].capacity_pages,
-        l3_policy=lambda cap: make_capacity_policy(EvictionPolicy.PREDICTED_REUSE, cap),
+        l3_policy=lambda cap: make_capacity_policy(EvictionPolicy.PREDICTED_REUSE, cap, batch=64),
         l3_batch=64,
     )
     assert [row[2] for row in timeline] == list(sim.l1)

@@ -306,7 +306,7 @@ def build_report(run: ReplayRun) -> ReplayReport:
         l3_cap,
         min_prefetch=max(1, -(-config.storage.prefetch.threshold_tokens // plan.page_size)),
         instances=n,
-        l3_policy=l3_policy_of(config.storage.tiers),
+        l3_policy=l3_policy_of(config.storage.tiers, run.l3_batch),
         l3_batch=run.l3_batch,
     )
     sim_rows = list(zip(sim.l1, sim.l2, sim.l3, strict=True))
