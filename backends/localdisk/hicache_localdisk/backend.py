@@ -56,7 +56,7 @@ _T = TypeVar("_T")
 #: timestamp granularity of every filesystem with nanosecond mtimes.
 _MTIME_STEP_NS = 1000
 _SYNCED = (PageStatus.OK, PageStatus.ALREADY_EXISTS)
-#: Pages per backend call (its ``max_batch``); its capacity policy is told, see make_capacity_policy.
+#: Pages per backend call (its ``max_batch``), also told to its capacity policy.
 _MAX_BATCH = 64
 _COUNTERS = (
     "puts_ok",
