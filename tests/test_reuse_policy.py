@@ -172,13 +172,36 @@ def _tails_workload(policy: CapacityPolicy) -> None:
         policy.add([*prefix, f"c{conv}-3", f"c{conv}-tail1"], [1] * 5)
 
 
-def test_tiers_policy_has_no_tail_class() -> None:
-    # A tier splits a put into batches of max_batch pages: a batch's last page is not always a
-    # prompt's, so the policy the tiers build never puts a key in the tail class.
+def test_policy_without_a_batch_has_no_tail_class() -> None:
+    # A caller that does not say how it cuts its puts: a batch's last page may not be a
+    # prompt's, so no key is ever put in the tail class.
     policy = make_capacity_policy(EvictionPolicy.PREDICTED_REUSE, 10_000)
     assert isinstance(policy, PredictedReuse)
     _tails_workload(policy)
     assert policy.reuse_estimates()[1] == 0.5  # the prior: no key ever entered the class
+
+
+def test_a_full_batch_does_not_end_in_a_tail() -> None:
+    # A tier cuts a put into batches of max_batch pages (here 5): only a shorter batch ends its
+    # put, so only its last page is taken for a tail; a full batch's last page may be the parent
+    # of the next batch's head and must not go early.
+    policy = make_capacity_policy(EvictionPolicy.PREDICTED_REUSE, 10_000, batch=5)
+    assert isinstance(policy, PredictedReuse)
+    _tails_workload(policy)  # 4-page adds end in a tail; 5-page adds are full
+    estimates = policy.reuse_estimates()
+    assert estimates[1] < 0.05 < estimates[0]
+    policy.add([f"full-{j}" for j in range(5)], [1] * 5)
+    policy.add(["short-0", "short-1", "short-2"], [1] * 3)
+    order = policy.keys_by_eviction_order()
+    assert order.index("short-2") < order.index("full-4")  # a tail, though more recent
+    # the full batch's last page is valued as the batch's other new pages, not as a tail
+    assert policy.eviction_value("full-4")[0] == policy.eviction_value("full-3")[0]
+    assert policy.eviction_value("short-2")[0] < policy.eviction_value("full-4")[0]
+
+
+def test_batch_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="full_batch must be positive, got 0"):
+        PredictedReuse(10, full_batch=0)
 
 
 def test_learns_that_tails_are_not_reused_and_evicts_them_first() -> None:

@@ -328,6 +328,7 @@ def _run_planned(
                 counters=driver.counters,
                 cache_stats=[c.stats() for c in caches],
                 tier_stats=[(t.name, t.medium, t.stats.as_dict()) for t in tiers],
+                l3_batch=min((t.max_batch for t in tiers), default=None),
                 events=events,
                 wall=wall,
                 calibrations=calibrations,

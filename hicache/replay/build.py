@@ -60,6 +60,8 @@ class ReplayRun:
     events: Counter[tuple[str, str]]
     wall: float
     calibrations: list[Calibration]
+    #: pages per backend call of the L3 tiers (their smallest ``max_batch``), for the simulation
+    l3_batch: int | None = None
 
 
 def prompt_tokens(requests: Sequence[TraceRequest]) -> list[int]:
@@ -304,7 +306,8 @@ def build_report(run: ReplayRun) -> ReplayReport:
         l3_cap,
         min_prefetch=max(1, -(-config.storage.prefetch.threshold_tokens // plan.page_size)),
         instances=n,
-        l3_policy=l3_policy_of(config.storage.tiers),
+        l3_policy=l3_policy_of(config.storage.tiers, run.l3_batch),
+        l3_batch=run.l3_batch,
     )
     sim_rows = list(zip(sim.l1, sim.l2, sim.l3, strict=True))
     s1 = token_ratio([a for a, _, _ in sim_rows], unit, prompts)

@@ -13,6 +13,7 @@ the request's chain is unbroken), like :mod:`hicache.replay.simulate`:
   blocks used twice or more, their ghosts, and the adaptive split between them.
 
 - ``l3_policy_of(tiers)``  the policy a replay's L3 tiers run, for its same-policy simulation.
+- ``l3_batch_of(tiers)``   the pages per backend call of those tiers (how their puts are cut).
 
 The study itself (capacities, table, plot) is :mod:`hicache.replay.policy_study`.
 """
@@ -33,9 +34,11 @@ from hicache.storage.eviction import (
 
 __all__ = [
     "GHOST_FACTOR",
+    "l3_batch_of",
     "l3_policy_of",
     "simulate_arc",
     "simulate_capacity_policy",
+    "simulate_exclusive_hierarchy",
     "simulate_second_hit",
 ]
 
@@ -57,6 +60,41 @@ def simulate_capacity_policy(
         if h:
             touch(chain[:h])  # type: ignore[arg-type]
         put_blocks(policy, chain[h:])
+    return tuple(hits)
+
+
+def simulate_exclusive_hierarchy(
+    chains: Sequence[Sequence[int]], l1: int, l2: int, policy: CapacityPolicy
+) -> tuple[int, ...]:
+    """Exclusive tiers, write-back: L1 ⊆ L2 tail-first LRUs as in the replay, and an L3 run by
+    ``policy`` that gets only what L2 evicts (no write-through: a page reaches L3 when L2 drops
+    it) and is touched by its own reads. Total prefix hits per request."""
+    lru1: OrderedDict[int, None] = OrderedDict()
+    lru2: OrderedDict[int, None] = OrderedDict()
+    hits = []
+    for chain in chains:
+        c = _prefix_hits(chain, lru1)
+        while c < len(chain) and chain[c] in lru2:
+            c += 1
+        b = c
+        while c < len(chain) and chain[c] in policy:
+            c += 1
+        hits.append(c)
+        if c > b:
+            policy.touch(chain[b:c])  # type: ignore[arg-type]
+        dropped: list[int] = []
+        for lru, cap in ((lru1, l1), (lru2, l2)):
+            for block in reversed(chain):
+                if block in lru:
+                    lru.move_to_end(block)
+                else:
+                    lru[block] = None
+            while len(lru) > cap:
+                block = lru.popitem(last=False)[0]
+                if lru is lru2:
+                    dropped.append(block)
+        # L2's victims come least recent (a chain's tail) first: put head first
+        put_blocks(policy, dropped[::-1])
     return tuple(hits)
 
 
@@ -132,10 +170,13 @@ def simulate_arc(chains: Sequence[Sequence[int]], capacity: int) -> tuple[int, .
 _CORE_POLICY_BACKENDS = ("memory", "localdisk")
 
 
-def l3_policy_of(tiers: Mapping[str, Any]) -> Callable[[int], CapacityPolicy] | None:
+def l3_policy_of(
+    tiers: Mapping[str, Any], batch: int | None = None
+) -> Callable[[int], CapacityPolicy] | None:
     """The policy the L3 ``tiers`` (name -> tier config) run, as a factory of a capacity in
     blocks: their ``options.eviction`` when each is a backend the core's policies serve and
-    they agree; ``None`` (tail-first LRU, the simulation's default) otherwise."""
+    they agree; ``None`` (tail-first LRU, the simulation's default) otherwise. ``batch``: their
+    backends' ``max_batch`` (what the backends tell their policy)."""
     kinds = set()
     for tier in tiers.values():
         if tier.backend not in _CORE_POLICY_BACKENDS:
@@ -144,4 +185,22 @@ def l3_policy_of(tiers: Mapping[str, Any]) -> Callable[[int], CapacityPolicy] | 
     if len(kinds) != 1:
         return None
     kind = kinds.pop()
-    return lambda capacity: make_capacity_policy(kind, capacity)
+    return lambda capacity: make_capacity_policy(kind, capacity, batch=batch)
+
+
+def l3_batch_of(tiers: Mapping[str, Any]) -> int | None:
+    """The pages per backend call of the L3 ``tiers`` (name -> tier config), their smallest:
+    each tier's ``batch_pages`` or its backend's ``max_batch``, read from an unopened backend
+    (construction does no I/O). ``None`` when there is no tier."""
+    from hicache.storage.backend import BackendContext
+    from hicache.storage.registry import create_backend
+
+    batches = []
+    for name, tier in tiers.items():
+        if tier.batch_pages is not None:
+            batches.append(int(tier.batch_pages))
+            continue
+        context = BackendContext(page_bytes=1, namespace="sweep", tier_name=name)
+        backend = create_backend(tier.backend, tier.options, context, path=f"{name}.options")
+        batches.append(max(1, backend.capabilities.max_batch))
+    return min(batches, default=None)

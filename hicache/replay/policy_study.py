@@ -23,13 +23,14 @@ from pathlib import Path
 from hicache.replay.policies import (
     simulate_arc,
     simulate_capacity_policy,
+    simulate_exclusive_hierarchy,
     simulate_second_hit,
 )
 from hicache.replay.simulate import simulate_hierarchy, simulate_infinite, simulate_min
 from hicache.replay.sweep import token_ratio
 from hicache.replay.trace import load_trace
 from hicache.replay.workloads import WORKLOADS
-from hicache.storage.eviction import TailFirstLRU
+from hicache.storage.eviction import EvictionPolicy, TailFirstLRU, make_capacity_policy
 from hicache.storage.reuse_policy import PredictedReuse
 
 __all__ = ["FRACTIONS", "POLICIES", "StudyRow", "markdown_table", "plot_study", "run_study"]
@@ -57,8 +58,21 @@ def _hicache_today(chains: Chains, cap: int, l1: int, l2: int) -> Sequence[int]:
 
 
 def _tiered_reuse(chains: Chains, cap: int, l1: int, l2: int) -> Sequence[int]:
-    r = simulate_hierarchy(chains, l1, max(l1 + 1, l2), cap, l3_policy=PredictedReuse)
+    # what a localdisk L3 runs, fed as it is (puts and reads cut into its 64-page calls)
+    r = simulate_hierarchy(
+        chains,
+        l1,
+        max(l1 + 1, l2),
+        cap,
+        l3_policy=lambda c: make_capacity_policy(EvictionPolicy.PREDICTED_REUSE, c, batch=64),
+        l3_batch=64,
+    )
     return [a + b + c for a, b, c in zip(r.l1, r.l2, r.l3, strict=True)]
+
+
+def _exclusive_tiers(chains: Chains, cap: int, l1: int, l2: int) -> Sequence[int]:
+    policy = PredictedReuse(cap, tail_class=False)
+    return simulate_exclusive_hierarchy(chains, l1, max(l1 + 1, l2), policy)
 
 
 def _exclusive(make: Callable[[int], object]) -> Runner:
@@ -87,7 +101,14 @@ POLICIES: dict[str, tuple[str, Runner]] = {
     "ARC": ("adaptive recency/frequency split", lambda ch, cap, l1, l2: simulate_arc(ch, cap)),
     "reuse (uses only)": ("predicted reuse, classes by uses only", _single(_no_tail_class)),
     "predicted reuse": ("predicted reuse by uses x tail class", _single(PredictedReuse)),
-    "hicache + predicted reuse": ("inclusive L1 ⊆ L2 + predicted-reuse L3", _tiered_reuse),
+    "hicache + predicted reuse": (
+        "inclusive L1 ⊆ L2 + the tiers' predicted-reuse L3 (64-page calls)",
+        _tiered_reuse,
+    ),
+    "exclusive tiers": (
+        "L1 ⊆ L2 LRUs + a predicted-reuse L3 that gets only L2's victims (write-back)",
+        _exclusive_tiers,
+    ),
     "exclusive LRU": ("one LRU of L1 + L2 + L3 pages (write-back)", _exclusive(TailFirstLRU)),
     "exclusive predicted reuse": (
         "one predicted-reuse cache of L1 + L2 + L3",

@@ -23,6 +23,8 @@ __all__ = [
     "HierarchySimResult",
     "SimResult",
     "put_blocks",
+    "put_call",
+    "read_call",
     "simulate_hierarchy",
     "simulate_infinite",
     "simulate_lru",
@@ -127,19 +129,37 @@ def simulate_min(chains: Sequence[Sequence[int]], capacity: int) -> SimResult:
 
 
 def put_blocks(policy: CapacityPolicy, blocks: Sequence[int]) -> None:
-    """A put of ``blocks`` (head first, one unit each) as a backend's reservations do it: room
-    for the new blocks first, then the batch added; new blocks beyond the whole capacity (the
-    batch's tail) are refused."""
+    """One backend put of ``blocks`` (head first, one unit each) as the core's backends feed
+    their policy (``localdisk``'s reservations, ``memory``'s put): the blocks already stored are
+    touched (stored again: used again), room is made for the new ones, then the new ones are
+    added; new blocks beyond the whole capacity (the batch's tail) are refused."""
     if not blocks:
         return
+    existing = [block for block in blocks if block in policy]
     new = [block for block in blocks if block not in policy]
+    policy.touch(existing)  # type: ignore[arg-type]
     fit = min(len(new), policy.capacity_bytes)
     policy.evict_for(fit)
     room = max(0, policy.capacity_bytes - policy.used_bytes)
-    refused = set(new[min(fit, room) :])
-    kept = [block for block in blocks if block not in refused]
+    kept = new[: min(fit, room)]
     policy.add(kept, [1] * len(kept))  # type: ignore[arg-type]
     policy.evict_for(0)
+
+
+def put_call(policy: CapacityPolicy, blocks: Sequence[int], batch: int | None) -> None:
+    """One put call of a tier: ``batch`` pages per backend put (its ``max_batch``; ``None``
+    = all in one), in order."""
+    step = len(blocks) if batch is None else batch
+    for start in range(0, len(blocks), max(1, step)):
+        put_blocks(policy, blocks[start : start + step])
+
+
+def read_call(policy: CapacityPolicy, blocks: Sequence[int], batch: int | None) -> None:
+    """One read of a tier (``Tier.get_into``): each backend get of ``batch`` pages touches the
+    pages it found."""
+    step = len(blocks) if batch is None else batch
+    for start in range(0, len(blocks), max(1, step)):
+        policy.touch(blocks[start : start + step])  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +190,7 @@ def simulate_hierarchy(
     min_prefetch: int = 1,
     instances: int = 1,
     l3_policy: Callable[[int], CapacityPolicy] | None = None,
+    l3_batch: int | None = None,
 ) -> HierarchySimResult:
     """The replay's policy on block ids alone: inclusive write-through L1 ⊆ L2 and an L3.
 
@@ -187,8 +208,13 @@ def simulate_hierarchy(
       L2 of the given sizes, and all share the one L3.
     - ``l3_policy``: the bounded L3 runs ``l3_policy(l3)`` (a tier's ``options.eviction``, e.g.
       :class:`~hicache.storage.reuse_policy.PredictedReuse`) instead of tail-first LRU, fed what
-      the backend sees: a touch of the read prefix, then the put of the republished ancestors and
-      the put of the computed suffix, each making room for its new pages before adding them.
+      the backend sees, in the order and grouping it sees it (see :func:`put_call`):
+      the read prefix touched, one backend get of ``l3_batch`` pages after another; then the
+      republished ancestors and the computed suffix as the engine sends them, one put call for
+      both (one each when the ancestors alone fill a batch: the engine sends a tier's waiting
+      pages as soon as they reach its ``max_batch``), cut into backend puts of ``l3_batch``
+      pages, each touching its pages already stored and making room for its new pages before
+      adding them.
     """
     tiers = [(OrderedDict[int, None](), OrderedDict[int, None]()) for _ in range(instances)]
     lru3: OrderedDict[int, None] = OrderedDict()
@@ -230,9 +256,13 @@ def simulate_hierarchy(
             # as the backends see it: the read pages touched, then each put makes room for its
             # new pages (its reservations) before adding them
             if c > b:
-                pol3.touch(chain[b:c])  # type: ignore[arg-type]
-            put_blocks(pol3, chain[start:b])
-            put_blocks(pol3, chain[c:])
+                read_call(pol3, chain[b:c], l3_batch)
+            lost, computed = chain[start:b], chain[c:]
+            if l3_batch is not None and len(lost) >= l3_batch:
+                put_call(pol3, lost, l3_batch)
+                put_call(pol3, computed, l3_batch)
+            else:
+                put_call(pol3, [*lost, *computed], l3_batch)
             continue
         for block in [*reversed(chain[start:b]), *reversed(chain[b:])]:
             if block in lru3:

@@ -73,6 +73,7 @@ def run_sweep(
     points: int = 10,
     refine: int = 5,
     l3_policy: Callable[[int], CapacityPolicy] | None = None,
+    l3_batch: int | None = None,
 ) -> SweepResult:
     """Sweep L3 from L2's size to the trace's footprint on a geometric grid of ``points``, then
     bisect ``refine`` times between grid points for each target."""
@@ -90,6 +91,7 @@ def run_sweep(
             min_prefetch=min_prefetch,
             instances=instances,
             l3_policy=l3_policy,
+            l3_batch=l3_batch,
         )
         per_req = [a + b + c for a, b, c in zip(sim.l1, sim.l2, sim.l3, strict=True)]
         return token_ratio(per_req, unit_tokens, prompt_tokens)

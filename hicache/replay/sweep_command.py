@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from hicache.replay.build import prompt_tokens
 from hicache.replay.plan import ByteMode, SizeRequest, plan_replay
-from hicache.replay.policies import l3_policy_of
+from hicache.replay.policies import l3_batch_of, l3_policy_of
 from hicache.replay.sweep import SweepResult, plot_sweep, run_sweep
 from hicache.storage.sizes import format_size
 
@@ -42,6 +42,7 @@ def sweep_for(settings: ReplaySettings, points: int = 10) -> tuple[SweepResult, 
         memory_available=1 << 62,
     )
     threshold = base.storage.prefetch.threshold_tokens
+    batch = l3_batch_of(base.storage.tiers)
     result = run_sweep(
         chains,
         prompt_tokens(requests),
@@ -52,7 +53,8 @@ def sweep_for(settings: ReplaySettings, points: int = 10) -> tuple[SweepResult, 
         min_prefetch=max(1, -(-threshold // plan.page_size)),
         instances=settings.instances,
         points=points,
-        l3_policy=l3_policy_of(base.storage.tiers),
+        l3_policy=l3_policy_of(base.storage.tiers, batch),
+        l3_batch=batch,
     )
     title = (
         f"{model.name}: L3 sweep, L1 {format_size(plan.l1.real_bytes)} + L2 "

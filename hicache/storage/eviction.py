@@ -203,17 +203,27 @@ class EvictionPolicy(enum.StrEnum):
 DEFAULT_EVICTION = EvictionPolicy.PREDICTED_REUSE
 
 
-def make_capacity_policy(kind: EvictionPolicy, capacity_bytes: int) -> CapacityPolicy:
-    """Build the policy ``kind`` for ``capacity_bytes``."""
+def make_capacity_policy(
+    kind: EvictionPolicy, capacity_bytes: int, *, batch: int | None = None
+) -> CapacityPolicy:
+    """Build the policy ``kind`` for ``capacity_bytes``.
+
+    ``batch``: the most pages the caller adds at once (a backend's ``max_batch``: a tier cuts
+    a put into adds of that many pages). ``predicted_reuse`` then takes the last page of a
+    shorter add for the tail of its chain (a prompt's last page, rarely reused); without it,
+    it has no tail class.
+    """
     if kind is EvictionPolicy.LRU:
         return TailFirstLRU(capacity_bytes)
     # Imported here: reuse_policy builds on this module's CapacityPolicy.
     from hicache.storage.reuse_policy import PredictedReuse
 
-    # Without the tail class: the tiers split a put into batches of max_batch pages, so the
-    # last page of a batch is not always the last of its prompt, and taking it for a tail would
-    # evict it early and strand the next batch (docs/cache-efficiency.md).
-    return PredictedReuse(capacity_bytes, tail_class=False)
+    # An add of ``batch`` pages may go on in the next add (the tier cut the put there): its
+    # last page is no tail; taking it for one would evict it early and strand the next batch
+    # (docs/cache-efficiency.md).
+    if batch is None:
+        return PredictedReuse(capacity_bytes, tail_class=False)
+    return PredictedReuse(capacity_bytes, full_batch=batch)
 
 
 class ClockSlots:

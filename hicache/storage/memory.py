@@ -102,12 +102,17 @@ class _Page:
 class _Store:
     """Pages of every namespace of one store, and the open instances to tell about evictions."""
 
-    def __init__(self, capacity: int | None, eviction: EvictionPolicy = DEFAULT_EVICTION) -> None:
+    def __init__(
+        self,
+        capacity: int | None,
+        eviction: EvictionPolicy = DEFAULT_EVICTION,
+        batch: int | None = None,
+    ) -> None:
         self.lock = threading.Lock()
         self.pages: dict[str, dict[str, _Page]] = {}
         # Policy keys are "namespace/key": one budget covers every namespace of the store.
         self.policy: CapacityPolicy | None = (
-            make_capacity_policy(eviction, capacity) if capacity is not None else None
+            make_capacity_policy(eviction, capacity, batch=batch) if capacity is not None else None
         )
         self.capacity = capacity
         self.listeners: dict[str, set[MemoryBackend]] = {}
@@ -166,12 +171,14 @@ class MemoryBackend(Backend):
         name = self._cfg.shared_name
         store: _Store
         if name is None:
-            store = _Store(self._cfg.capacity, self._cfg.eviction)
+            store = _Store(self._cfg.capacity, self._cfg.eviction, self._cfg.max_batch)
         else:
             with _shared_lock:
                 known = _shared_stores.get(name)
                 store = (
-                    known if known is not None else _Store(self._cfg.capacity, self._cfg.eviction)
+                    known
+                    if known is not None
+                    else _Store(self._cfg.capacity, self._cfg.eviction, self._cfg.max_batch)
                 )
                 _shared_stores[name] = store
             if store.capacity != self._cfg.capacity:
@@ -259,7 +266,9 @@ class MemoryBackend(Backend):
             for i, page in admitted.items():
                 pages[keys[i]] = page
             if store.policy is not None:
-                kept = [i for i, s in enumerate(statuses) if s.stored and keys[i] in pages]
+                # the pages stored before were touched above: adding them again would count
+                # a second use (as localdisk, only the new pages are added)
+                kept = [i for i in admitted if keys[i] in pages]
                 store.policy.add(
                     [self._qualify(keys[i]) for i in kept],
                     [pages[keys[i]].stored_bytes for i in kept],

@@ -80,11 +80,21 @@ class PredictedReuse(CapacityPolicy):
     """
 
     def __init__(
-        self, capacity_bytes: int, *, tail_class: bool = True, min_period: int = MIN_PERIOD
+        self,
+        capacity_bytes: int,
+        *,
+        tail_class: bool = True,
+        full_batch: int | None = None,
+        min_period: int = MIN_PERIOD,
     ) -> None:
         super().__init__(capacity_bytes)
         if min_period <= 0:
             raise ValueError(f"min_period must be positive, got {min_period}")
+        if full_batch is not None and full_batch <= 0:
+            raise ValueError(f"full_batch must be positive, got {full_batch}")
+        # A caller that cuts a chain into adds of at most ``full_batch`` keys (a tier's
+        # max_batch): an add that long may go on in the next one, so its last key is no tail.
+        self._full_batch = full_batch
         # keys entering between two refreshes of the estimates, at least (tests use few)
         self._min_period = min_period
         # False: classes by uses only (the study's ablation of the tail flag)
@@ -122,7 +132,8 @@ class PredictedReuse(CapacityPolicy):
         # docstring inherited
         self._check_batch(keys, sizes)
         with self._lock:
-            last = len(keys) - 1 if self._tail_class else -1
+            tail = self._tail_class and (self._full_batch is None or len(keys) < self._full_batch)
+            last = len(keys) - 1 if tail else -1
             for i in range(len(keys) - 1, -1, -1):
                 self._use(keys[i], sizes[i], 1 if i == last else 0)
             self._after_entries()

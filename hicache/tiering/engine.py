@@ -326,6 +326,10 @@ class StorageEngine:
             elif isinstance(item, _LookupDone):
                 self._finish_lookup(item, out)
             elif isinstance(item, _Evicted):
+                # announce what was stored before this eviction first: a page its own put call
+                # (or a put reported in this poll) evicted must not be announced after its
+                # removal (it would stay "known" there, and its lost chain not be republished)
+                self.announcer.announce_all(out.events)
                 self._evicted(item, out.events)
             elif isinstance(item, _PutLate):
                 self.announcer.acked_late(item.tier, item.pages, item.statuses, out.events)

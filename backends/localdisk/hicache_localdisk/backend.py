@@ -56,6 +56,8 @@ _T = TypeVar("_T")
 #: timestamp granularity of every filesystem with nanosecond mtimes.
 _MTIME_STEP_NS = 1000
 _SYNCED = (PageStatus.OK, PageStatus.ALREADY_EXISTS)
+#: Pages per backend call (its ``max_batch``), also told to its capacity policy.
+_MAX_BATCH = 64
 _COUNTERS = (
     "puts_ok",
     "puts_existing",
@@ -142,7 +144,7 @@ class LocalDiskBackend(Backend):
             persistent=True,
             shared=self.options.shared,
             manages_capacity=True,
-            max_batch=64,
+            max_batch=_MAX_BATCH,
             alignment=DIRECT_ALIGN if self._io is not None and self._io.direct else 1,
             listable=True,
             default_medium="DISK",
@@ -197,6 +199,7 @@ class LocalDiskBackend(Backend):
             [p.size for p in pages],
             None if opts.shared else self._max_bytes,
             opts.eviction,
+            _MAX_BATCH,
         )
         self._io = PageIO(
             self._layout,

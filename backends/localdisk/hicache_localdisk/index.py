@@ -57,16 +57,17 @@ class PageIndex:
         sizes: Sequence[int],
         capacity: int | None,
         eviction: EvictionPolicy = DEFAULT_EVICTION,
+        batch: int | None = None,
     ) -> None:
         """Replace the contents with pages found on disk, newest first; ``capacity`` (bytes)
-        enables the local policy ``eviction``."""
+        enables the local policy ``eviction``, fed puts of at most ``batch`` pages."""
         with self.lock:
             self.pages = dict(zip(keys, sizes, strict=True))
             self._inflight = {}
             self.policy = None
             if capacity is not None:
                 # Newest first: the policy records a batch tail-first, so the head ends newest.
-                self.policy = make_capacity_policy(eviction, capacity)
+                self.policy = make_capacity_policy(eviction, capacity, batch=batch)
                 self.policy.add(keys, sizes)
 
     def clear(self) -> None:
