@@ -649,7 +649,7 @@ class HiRadixCache(RadixCache):
 
     # ------------------------------------------------------------------ events, close, stats
 
-    def _emit_stored(self, node: TreeNode, medium: str) -> None:
+    def _emit_stored(self, node: TreeNode, medium: str, tokens: list[int] | None = None) -> None:
         if not self.events.wants(medium):
             return
         # On the host a block is announced only after its parent: below a node whose write is
@@ -659,7 +659,7 @@ class HiRadixCache(RadixCache):
             if wait is not None:
                 self.ongoing_write_through.defer(wait, self._stored_events(node, medium))
                 return
-        super()._emit_stored(node, medium)
+        super()._emit_stored(node, medium, tokens)
 
     def _emit_removed(self, node: TreeNode, medium: str) -> None:
         if not self.events.wants(medium):

@@ -259,7 +259,12 @@ class RadixCache:
             i += klen
         if i < n:
             rest = packed[i * TOKEN_BYTES :] if i else packed
-            self._add_leaf(node, first, rest, pages[i // ps :], tick)
+            node = self._add_leaf(node, first, rest, pages[i // ps :], tick)
+            if self.gpu_events:
+                # a list key's own ints are the event's tokens: a slice copies references,
+                # where decoding the packed run would make a new int per token
+                self._emit_stored(node, Medium.GPU, key[i:] if type(key) is list else None)
+            self._on_new_leaf(node)
         return dup
 
     def _add_leaf(
@@ -269,9 +274,6 @@ class RadixCache:
         node.last_access = tick
         parent.children[first] = node
         self._evictable_pages += len(pages)
-        if self.gpu_events:
-            self._emit_stored(node, Medium.GPU)
-        self._on_new_leaf(node)
         return node
 
     def first_page(self, node: TreeNode) -> tuple[int, ...]:
@@ -472,25 +474,28 @@ class RadixCache:
             return None
         return block_id(self.node_hashes(parent)[-1])
 
-    def _emit_stored(self, node: TreeNode, medium: str) -> None:
-        """One ``BlockStored`` per page of ``node``, chained to the page before it: queued as
-        a run, built when taken; nothing is hashed for a medium the queue does not keep."""
+    def _emit_stored(self, node: TreeNode, medium: str, tokens: list[int] | None = None) -> None:
+        """One ``BlockStored`` for ``node``'s pages, chained to the page before it: queued as
+        a run, built when taken; nothing is hashed for a medium the queue does not keep.
+        ``tokens``: the node's tokens as a list nobody else holds, if the caller has one."""
         if self.events.wants(medium):
-            self.events.put(self._stored_run(node, medium))
+            self.events.put(self._stored_run(node, medium, tokens))
 
-    def _stored_run(self, node: TreeNode, medium: str) -> StoredRun:
+    def _stored_run(
+        self, node: TreeNode, medium: str, tokens: list[int] | None = None
+    ) -> StoredRun:
         return StoredRun(
             self.node_hashes(node),
             self.parent_block_hash(node),
-            node.tokens,
+            node.tokens if tokens is None else tokens,
             self.page_size,
             self.lora_id,
             medium,
         )
 
     def _stored_events(self, node: TreeNode, medium: str) -> list[KVEvent]:
-        """The ``BlockStored`` events of ``node``'s pages (see :meth:`_emit_stored`)."""
-        return list(self._stored_run(node, medium).build())
+        """The ``BlockStored`` event of ``node``'s pages, built now (see :meth:`_emit_stored`)."""
+        return [self._stored_run(node, medium).build()]
 
     def _emit_removed(self, node: TreeNode, medium: str) -> None:
         if self.events.wants(medium):

@@ -575,11 +575,11 @@ class HiRadixMachine(RuleBasedStateMachine):
             ids = [block_id(h) for h in hashes]
             expected.update(zip(ids, [parent, *ids[:-1]], strict=True))
         # (a prefetched page below a pending write is announced after its ack: count it now)
-        got = Counter(
-            (e.block_hashes[0], e.parent_block_hash)
-            for e in [*self.events, *cache.ongoing_write_through.deferred_events()]
-            if isinstance(e, BlockStored) and e.medium == Medium.CPU_PINNED
-        )
+        got: Counter[tuple[int, int | None]] = Counter()
+        for e in [*self.events, *cache.ongoing_write_through.deferred_events()]:
+            if isinstance(e, BlockStored) and e.medium == Medium.CPU_PINNED:
+                ids = e.block_hashes  # a node's pages come as one event, chained in it
+                got.update(zip(ids, [e.parent_block_hash, *ids[:-1]], strict=True))
         assert got == expected
         assert all(c == 1 for c in cache.finish_count.values())
         # nothing is published before its ack (or, as a republished ancestor, before it was
