@@ -479,23 +479,21 @@ class RadixCache:
         a run, built when taken; nothing is hashed for a medium the queue does not keep.
         ``tokens``: the node's tokens as a list nobody else holds, if the caller has one."""
         if self.events.wants(medium):
-            self.events.put(self._stored_run(node, medium, tokens))
+            self.events.put(self._stored_run(node, medium, self.parent_block_hash(node), tokens))
 
     def _stored_run(
-        self, node: TreeNode, medium: str, tokens: list[int] | None = None
+        self, node: TreeNode, medium: str, parent: int | None, tokens: list[int] | None
     ) -> StoredRun:
+        """The run of ``node``'s pages (see :meth:`_emit_stored`) after ``parent`` (its
+        :meth:`parent_block_hash`)."""
         return StoredRun(
             self.node_hashes(node),
-            self.parent_block_hash(node),
+            parent,
             node.tokens if tokens is None else tokens,
             self.page_size,
             self.lora_id,
             medium,
         )
-
-    def _stored_events(self, node: TreeNode, medium: str) -> list[KVEvent]:
-        """The ``BlockStored`` event of ``node``'s pages, built now (see :meth:`_emit_stored`)."""
-        return [self._stored_run(node, medium).build()]
 
     def _emit_removed(self, node: TreeNode, medium: str) -> None:
         if self.events.wants(medium):
