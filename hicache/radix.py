@@ -183,6 +183,10 @@ class RadixCache:
                     # below matches too (the common full hit), else this node's span
                     start = i
                     stop = n if below is not None else min(end, n)
+                    if not start and (n - stop) * 5 < stop:
+                        # a list from its start packs in place; a slice of it would cost more
+                        # than packing the few tokens after ``stop`` too
+                        stop = n
                     packed = pack_matchable(key, ps, start, stop)
                 offset = (i - start) * TOKEN_BYTES
                 if not packed.startswith(tokens, offset):
