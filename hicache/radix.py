@@ -157,8 +157,11 @@ class RadixCache:
         if isinstance(key, array):  # packed without a Python int per token (see above)
             cut = len(key) % ps
             key = key[: len(key) - cut] if cut else key
-        else:
+        elif type(key) is not list:
             key = self.page_aligned(key)
+        # a list is not cut (a copy of a long prompt): the walk stops at ``n``, and tokens of
+        # the partial last page packed along never meet a node (nodes hold whole pages)
+        total = len(key)
         step = ps * TOKEN_BYTES
         self._tick += 1
         tick = self._tick
@@ -167,7 +170,7 @@ class RadixCache:
         pages: list[int] = []
         host_hit = 0
         on_device = True
-        n = len(key)
+        n = total - total % ps
         child = node.children.get(tuple(key[:ps])) if n else None
         packed = b""  # key[start:], packed as far as a compare needed it
         start = 0
@@ -183,10 +186,10 @@ class RadixCache:
                     # below matches too (the common full hit), else this node's span
                     start = i
                     stop = n if below is not None else min(end, n)
-                    if not start and (n - stop) * 5 < stop:
+                    if not start and (total - stop) * 5 < stop:
                         # a list from its start packs in place; a slice of it would cost more
                         # than packing the few tokens after ``stop`` too
-                        stop = n
+                        stop = total
                     packed = pack_matchable(key, ps, start, stop)
                 offset = (i - start) * TOKEN_BYTES
                 if not packed.startswith(tokens, offset):

@@ -163,6 +163,11 @@ def test_a_long_node_matches_up_to_an_id_outside_uint32_just_after_it() -> None:
         cache = RadixCache(PS)
         cache.insert(node, list(range(8)))
         assert cache.match_prefix([*node, 5, bad, 0, 0]).device_pages == list(range(8))
+        # a partial last page is never matched, whatever it holds (the list is not cut)
+        assert cache.match_prefix([*node, 5, bad]).device_pages == list(range(8))
+        assert cache.match_prefix([*node[: 7 * PS], *node[7 * PS : 8 * PS - 1]]).device_pages == (
+            list(range(7))
+        )
         # a mismatch inside the node still splits it at the last shared page
         assert cache.match_prefix([*tokens([0, 1, 2, 4]), 5, bad, 0, 0]).device_pages == [0, 1, 2]
 
