@@ -315,7 +315,8 @@ class HiRadixCache(RadixCache):
             self._emit_stored(frag, Medium.CPU_PINNED)
             self.write_backup_storage(frag, group)
         # prefetched pages inserted below the fragments meanwhile, now that their parents are
-        self.events.extend(record.deferred)
+        if record.deferred:
+            self.events.extend(record.deferred)
         if group is not None and self.storage is not None:
             self.storage.end_publish(group)
         self.dec_lock_ref(record.lock_node)
@@ -649,17 +650,21 @@ class HiRadixCache(RadixCache):
 
     # ------------------------------------------------------------------ events, close, stats
 
-    def _emit_stored(self, node: TreeNode, medium: str) -> None:
+    def _emit_stored(self, node: TreeNode, medium: str, tokens: list[int] | None = None) -> None:
+        if medium != Medium.CPU_PINNED:
+            super()._emit_stored(node, medium, tokens)
+            return
         if not self.events.wants(medium):
             return
         # On the host a block is announced only after its parent: below a node whose write is
         # pending (a prefetch inserted there), it waits for that write's ack.
-        if medium == Medium.CPU_PINNED:
-            wait = self.ongoing_write_through.waits_for(node.parent, self.parent_block_hash(node))
-            if wait is not None:
-                self.ongoing_write_through.defer(wait, self._stored_events(node, medium))
-                return
-        super()._emit_stored(node, medium)
+        parent = self.parent_block_hash(node)
+        run = self._stored_run(node, medium, parent, tokens)
+        wait = self.ongoing_write_through.waits_for(node.parent, parent)
+        if wait is None:
+            self.events.put(run)
+        else:
+            self.ongoing_write_through.defer(wait, [run.build()])
 
     def _emit_removed(self, node: TreeNode, medium: str) -> None:
         if not self.events.wants(medium):

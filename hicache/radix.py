@@ -157,8 +157,11 @@ class RadixCache:
         if isinstance(key, array):  # packed without a Python int per token (see above)
             cut = len(key) % ps
             key = key[: len(key) - cut] if cut else key
-        else:
+        elif type(key) is not list:
             key = self.page_aligned(key)
+        # a list is not cut (a copy of a long prompt): the walk stops at ``n``, and tokens of
+        # the partial last page packed along never meet a node (nodes hold whole pages)
+        total = len(key)
         step = ps * TOKEN_BYTES
         self._tick += 1
         tick = self._tick
@@ -167,7 +170,7 @@ class RadixCache:
         pages: list[int] = []
         host_hit = 0
         on_device = True
-        n = len(key)
+        n = total - total % ps
         child = node.children.get(tuple(key[:ps])) if n else None
         packed = b""  # key[start:], packed as far as a compare needed it
         start = 0
@@ -183,6 +186,10 @@ class RadixCache:
                     # below matches too (the common full hit), else this node's span
                     start = i
                     stop = n if below is not None else min(end, n)
+                    if not start and (total - stop) * 5 < stop:
+                        # a list from its start packs in place; a slice of it would cost more
+                        # than packing the few tokens after ``stop`` too
+                        stop = total
                     packed = pack_matchable(key, ps, start, stop)
                 offset = (i - start) * TOKEN_BYTES
                 if not packed.startswith(tokens, offset):
@@ -259,7 +266,12 @@ class RadixCache:
             i += klen
         if i < n:
             rest = packed[i * TOKEN_BYTES :] if i else packed
-            self._add_leaf(node, first, rest, pages[i // ps :], tick)
+            node = self._add_leaf(node, first, rest, pages[i // ps :], tick)
+            if self.gpu_events:
+                # a list key's own ints are the event's tokens: a slice copies references,
+                # where decoding the packed run would make a new int per token
+                self._emit_stored(node, Medium.GPU, key[i:] if type(key) is list else None)
+            self._on_new_leaf(node)
         return dup
 
     def _add_leaf(
@@ -269,9 +281,6 @@ class RadixCache:
         node.last_access = tick
         parent.children[first] = node
         self._evictable_pages += len(pages)
-        if self.gpu_events:
-            self._emit_stored(node, Medium.GPU)
-        self._on_new_leaf(node)
         return node
 
     def first_page(self, node: TreeNode) -> tuple[int, ...]:
@@ -472,25 +481,26 @@ class RadixCache:
             return None
         return block_id(self.node_hashes(parent)[-1])
 
-    def _emit_stored(self, node: TreeNode, medium: str) -> None:
-        """One ``BlockStored`` per page of ``node``, chained to the page before it: queued as
-        a run, built when taken; nothing is hashed for a medium the queue does not keep."""
+    def _emit_stored(self, node: TreeNode, medium: str, tokens: list[int] | None = None) -> None:
+        """One ``BlockStored`` for ``node``'s pages, chained to the page before it: queued as
+        a run, built when taken; nothing is hashed for a medium the queue does not keep.
+        ``tokens``: the node's tokens as a list nobody else holds, if the caller has one."""
         if self.events.wants(medium):
-            self.events.put(self._stored_run(node, medium))
+            self.events.put(self._stored_run(node, medium, self.parent_block_hash(node), tokens))
 
-    def _stored_run(self, node: TreeNode, medium: str) -> StoredRun:
+    def _stored_run(
+        self, node: TreeNode, medium: str, parent: int | None, tokens: list[int] | None
+    ) -> StoredRun:
+        """The run of ``node``'s pages (see :meth:`_emit_stored`) after ``parent`` (its
+        :meth:`parent_block_hash`)."""
         return StoredRun(
             self.node_hashes(node),
-            self.parent_block_hash(node),
-            node.tokens,
+            parent,
+            node.tokens if tokens is None else tokens,
             self.page_size,
             self.lora_id,
             medium,
         )
-
-    def _stored_events(self, node: TreeNode, medium: str) -> list[KVEvent]:
-        """The ``BlockStored`` events of ``node``'s pages (see :meth:`_emit_stored`)."""
-        return list(self._stored_run(node, medium).build())
 
     def _emit_removed(self, node: TreeNode, medium: str) -> None:
         if self.events.wants(medium):

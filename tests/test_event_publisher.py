@@ -279,15 +279,13 @@ def test_cache_from_config_publishes_the_events_of_an_insert(ctx: Any) -> None:
         assert pages is not None
         cache.insert(list(range(100, 108)), pages)
         cache.writing_check()  # the CPU engine copies at once: the ack is ready now
-        assert cache.publish_events() == 4
+        assert cache.publish_events() == 2  # one event per medium for the new node
         seq, events = recv(sub)
         assert seq == first
         stored_events = [e for e in events if isinstance(e, BlockStored)]
-        assert [e.medium for e in stored_events] == ["GPU", "GPU", "CPU_PINNED", "CPU_PINNED"]
-        assert [e.token_ids for e in stored_events[2:]] == [
-            [100, 101, 102, 103],
-            [104, 105, 106, 107],
-        ]
+        assert [e.medium for e in stored_events] == ["GPU", "CPU_PINNED"]
+        assert [len(e.block_hashes) for e in stored_events] == [2, 2]
+        assert stored_events[1].token_ids == list(range(100, 108))
         wait_for(lambda: publisher.stats()["batches"] == first + 1)
         assert cache.stats()["publisher"] == publisher.stats()
     finally:

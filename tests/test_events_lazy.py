@@ -1,12 +1,21 @@
 """Events are built lazily: nothing is hashed for a medium nobody keeps, and a queued run of
-pages builds, when taken, exactly the events it would have built when it was queued."""
+pages builds, when taken, exactly the event it would have built when it was queued."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hicache.events import BlockStored, EventQueue, Medium, StoredRun, build_events
+from hicache.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EventQueue,
+    Medium,
+    StoredRun,
+    build_events,
+    per_block,
+)
 from hicache.hiradix import HiRadixCache
 from hicache.keys import ModelIdentity, block_id, block_ids, chain_hashes, seed_hash
 from hicache.packed_tokens import pack
@@ -32,14 +41,10 @@ def _cache(events: bool) -> HiRadixCache:
 
 
 def _expected(tokens: list[int], medium: str, parent: bytes = SEED) -> list[BlockStored]:
-    hashes = chain_hashes(parent, tokens, PS)
-    out, prev = [], None if parent == SEED else block_id(parent)
-    for j, h in enumerate(hashes):
-        out.append(
-            BlockStored([block_id(h)], prev, tokens[j * PS : (j + 1) * PS], PS, None, medium)
-        )
-        prev = block_id(h)
-    return out
+    """The one ``BlockStored`` a run of pages gives: every page's id, chained after ``parent``."""
+    ids = [block_id(h) for h in chain_hashes(parent, tokens, PS)]
+    prev = None if parent == SEED else block_id(parent)
+    return [BlockStored(ids, prev, list(tokens), PS, None, medium)]
 
 
 def test_events_off_hash_nothing() -> None:
@@ -61,13 +66,15 @@ def test_events_on_build_every_page_once_per_medium() -> None:
     pages = cache.device_pool.alloc(3)
     assert pages is not None
     cache.insert(tokens, pages)
-    assert len(cache.events) == 3  # counted per page while still a run
+    assert len(cache.events) == 1  # one run, one event
     cache.writing_check()
-    assert len(cache.events) == 6
+    assert len(cache.events) == 2
     got = cache.take_events()
     assert got == _expected(tokens, Medium.GPU) + _expected(tokens, Medium.CPU_PINNED)
-    # one list per event: a consumer that extends one event's tokens changes no other
-    assert len({id(e.token_ids) for e in got if isinstance(e, BlockStored)}) == len(got)
+    # own lists per event: a consumer that extends one event's lists changes no other
+    stored = [e for e in got if isinstance(e, BlockStored)]
+    assert len({id(e.token_ids) for e in stored}) == len({id(e.block_hashes) for e in stored})
+    assert len({id(e.block_hashes) for e in stored}) == len(got)
 
 
 def test_a_run_queued_before_a_split_builds_what_it_held_then() -> None:
@@ -89,24 +96,23 @@ def test_runs_over_the_same_pages_share_their_decoding() -> None:
     assert packed is not None
     runs = [StoredRun(hashes, None, packed, PS, 3, m) for m in (Medium.GPU, Medium.CPU_PINNED)]
     built = build_events(runs)
-    assert [e.medium for e in built if isinstance(e, BlockStored)] == ["GPU"] * 2 + [
-        "CPU_PINNED"
-    ] * 2
-    assert built[:2] == runs[0].build() and built[2:] == runs[1].build()
+    assert [e.medium for e in built if isinstance(e, BlockStored)] == ["GPU", "CPU_PINNED"]
+    assert built == [runs[0].build(), runs[1].build()]
     assert all(isinstance(e, BlockStored) and e.lora_id == 3 for e in built)
 
 
-def test_overflow_counts_the_pages_of_runs() -> None:
+def test_overflow_counts_a_run_as_one_event() -> None:
     tokens = list(range(10, 10 + 3 * PS))
     packed = pack(tokens)
     assert packed is not None
-    q = EventQueue(max_events=3)
+    q = EventQueue(max_events=2)
     q.put(StoredRun(chain_hashes(SEED, tokens, PS), None, packed, PS, None, "GPU"))
-    assert len(q) == 3 and q.overflows == 0
     q.put(StoredRun(chain_hashes(SEED, tokens, PS), None, packed, PS, None, "CPU_PINNED"))
+    assert len(q) == 2 and q.overflows == 0
+    q.put(StoredRun(chain_hashes(SEED, tokens, PS), None, packed, PS, None, "DISK"))
     got = q.take()
-    assert q.overflows == 1 and q.dropped == 4 and len(got) == 3
-    assert got[1:] == _expected(tokens, Medium.CPU_PINNED)[1:]
+    assert q.overflows == 1 and q.dropped == 2
+    assert got == [AllBlocksCleared(), *_expected(tokens, "DISK")]
 
 
 def test_block_ids_match_block_id_and_refuse_short_hashes() -> None:
@@ -115,3 +121,25 @@ def test_block_ids_match_block_id_and_refuse_short_hashes() -> None:
     assert block_ids([]) == []
     with pytest.raises(ValueError, match="32 bytes each"):
         block_ids([hashes[0][:16]])
+
+
+def test_an_insert_keeps_its_own_copy_of_a_list_key_for_the_event() -> None:
+    tree = RadixCache(PS, gpu_events=True, seed=SEED)
+    tokens = list(range(30, 30 + 2 * PS))
+    want = _expected(tokens, Medium.GPU)
+    tree.insert(tokens, [0, 1])
+    tokens[:] = [0] * len(tokens)  # the caller reuses its list before the events are taken
+    assert tree.take_events() == want
+
+
+def test_per_block_splits_a_run_into_chained_pages() -> None:
+    tokens = list(range(60, 60 + 3 * PS))
+    hashes = chain_hashes(SEED, tokens, PS)
+    ids = [block_id(h) for h in hashes]
+    run = _expected(tokens[PS:], Medium.GPU, parent=hashes[0])
+    removed = BlockRemoved(ids, Medium.GPU)
+    assert per_block([*run, removed]) == [
+        BlockStored([ids[1]], ids[0], tokens[PS : 2 * PS], PS, None, Medium.GPU),
+        BlockStored([ids[2]], ids[1], tokens[2 * PS :], PS, None, Medium.GPU),
+        removed,
+    ]

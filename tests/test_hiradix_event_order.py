@@ -14,7 +14,14 @@ from collections.abc import Iterable
 import torch
 
 from hicache.config import TierSettings
-from hicache.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, Medium
+from hicache.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEvent,
+    Medium,
+    per_block,
+)
 from hicache.hiradix import HiRadixCache, WritePolicy
 from hicache.keys import ModelIdentity, block_id, chain_hashes, seed_hash, storage_key
 from hicache.pools import DevicePool, HostPool, KVLayout
@@ -133,7 +140,7 @@ def test_prefetched_pages_under_a_pending_write_are_announced_after_its_ack() ->
         later = cache.take_events()
         host = [
             (e.block_hashes[0], e.parent_block_hash)
-            for e in mid + later
+            for e in per_block(mid + later)
             if isinstance(e, BlockStored) and e.medium == Medium.CPU_PINNED
         ]
         # the head at its ack, then the tail below it

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hicache.config import TierSettings
-from hicache.events import BlockRemoved, BlockStored, KVEvent, Medium
+from hicache.events import BlockRemoved, BlockStored, KVEvent, Medium, per_block
 from hicache.hiradix import HiRadixCache, WritePolicy
 from hicache.keys import ModelIdentity, chain_hashes, seed_hash, storage_key
 from hicache.pools import DevicePool, HostPool, KVLayout
@@ -91,7 +91,9 @@ def keys_of(tokens: list[int]) -> list[str]:
 
 
 def tier_medium(events: Sequence[KVEvent], medium: str) -> list[list[int]]:
-    return [e.token_ids for e in events if isinstance(e, BlockStored) and e.medium == medium]
+    return [
+        e.token_ids for e in per_block(events) if isinstance(e, BlockStored) and e.medium == medium
+    ]
 
 
 def tier_stats(cache: HiRadixCache, name: str) -> dict[str, object]:

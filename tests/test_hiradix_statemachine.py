@@ -189,12 +189,12 @@ class Spy(HiRadixCache):
         finally:
             self._in_prefetch = False
 
-    def _emit_stored(self, node: TreeNode, medium: str) -> None:
+    def _emit_stored(self, node: TreeNode, medium: str, tokens: list[int] | None = None) -> None:
         if self._in_prefetch and medium == Medium.CPU_PINNED:
             ids = [block_id(h) for h in self.node_hashes(node)]
             self.prefetch_events += zip(ids, [self.parent_block_hash(node), *ids[:-1]], strict=True)
             self.read_keys.update(storage_key(h) for h in self.node_hashes(node))
-        super()._emit_stored(node, medium)
+        super()._emit_stored(node, medium, tokens)
 
     def _full_prefix(self, node: TreeNode) -> list[int]:
         out: list[int] = []
@@ -620,11 +620,11 @@ class HiRadixMachine(RuleBasedStateMachine):
             ids = [block_id(h) for h in hashes]
             expected.update(zip(ids, [parent, *ids[:-1]], strict=True))
         # (a prefetched page below a pending write is announced after its ack: count it now)
-        got = Counter(
-            (e.block_hashes[0], e.parent_block_hash)
-            for e in [*self.events, *cache.ongoing_write_through.deferred_events()]
-            if isinstance(e, BlockStored) and e.medium == Medium.CPU_PINNED
-        )
+        got: Counter[tuple[int, int | None]] = Counter()
+        for e in [*self.events, *cache.ongoing_write_through.deferred_events()]:
+            if isinstance(e, BlockStored) and e.medium == Medium.CPU_PINNED:
+                ids = e.block_hashes  # a node's pages come as one event, chained in it
+                got.update(zip(ids, [e.parent_block_hash, *ids[:-1]], strict=True))
         assert got == expected
         assert all(c == 1 for c in cache.finish_count.values())
         # nothing is published before its ack (or, as a republished ancestor, before it was

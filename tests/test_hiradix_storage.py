@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hicache.config import HicacheConfig, TierSettings
-from hicache.events import BlockStored, Medium
+from hicache.events import BlockStored, Medium, per_block
 from hicache.hiradix import HiRadixCache, WritePolicy
 from hicache.keys import ModelIdentity, chain_hashes, seed_hash, storage_key
 from hicache.pools import DevicePool, HostPool, KVLayout
@@ -113,7 +113,7 @@ def test_second_instance_prefetches_longest_stored_prefix_byte_identical() -> No
     # on the host, and on the tier they were read from (they are on it)
     assert b.tiers is not None
     for medium in (Medium.CPU_PINNED, b.tiers.tiers[0].medium):
-        stored = [e for e in events if isinstance(e, BlockStored) and e.medium == medium]
+        stored = [e for e in per_block(events) if isinstance(e, BlockStored) and e.medium == medium]
         assert [e.token_ids for e in stored] == pages
     r = b.match_prefix(tokens)
     assert r.device_pages == [] and r.host_hit_pages == 5

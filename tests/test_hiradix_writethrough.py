@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from hicache.events import BlockRemoved, BlockStored, KVEvent, Medium
+from hicache.events import BlockRemoved, BlockStored, KVEvent, Medium, per_block
 from hicache.hiradix import HiRadixCache, WritePolicy
 from hicache.keys import ModelIdentity, block_id, chain_hashes, seed_hash, storage_key
 from hicache.pools import DevicePool, HostPool, KVLayout
@@ -121,7 +121,10 @@ def settle(cache: HiRadixCache) -> None:
 
 
 def cpu_events(events: list[KVEvent]) -> list[BlockStored]:
-    return [e for e in events if isinstance(e, BlockStored) and e.medium == Medium.CPU_PINNED]
+    """The ``CPU_PINNED`` announcements, one page each (a node's pages come as one event)."""
+    return [
+        e for e in per_block(events) if isinstance(e, BlockStored) and e.medium == Medium.CPU_PINNED
+    ]
 
 
 def node_at(cache: HiRadixCache, tokens: list[int]) -> TreeNode:
@@ -450,7 +453,7 @@ def test_l1_eviction_keeps_backed_up_node_in_l2_and_load_back_restores_bytes() -
     assert cache.match_prefix(tokens).device_pages == dev
     for p, want in zip(dev, before, strict=True):
         assert torch.equal(cache.device_pool.read_page(p), want)
-    assert [e.medium for e in cache.take_events()] == [Medium.GPU] * 3
+    assert [e.medium for e in per_block(cache.take_events())] == [Medium.GPU] * 3
     # an L2-only node can be evicted from host memory too, leaving nothing
     cache.evict(100)
     assert cache.evict_host(100) == 3

@@ -185,9 +185,9 @@ def test_gpu_events_chain_and_removal() -> None:
     cache.insert(seq(1, 2, 3), [0, 1, 2])
     hs = [block_id(h) for h in chain_hashes(seed, seq(1, 2, 3), PS)]
     ev = cache.take_events()
+    # one event per new node, its pages chained in it
     assert ev == [
-        BlockStored([hs[0]], None, seq(1), PS, None, Medium.GPU),
-        BlockStored([hs[1]], hs[0], seq(2), PS, None, Medium.GPU),
+        BlockStored([hs[0], hs[1]], None, seq(1, 2), PS, None, Medium.GPU),
         BlockStored([hs[2]], hs[1], seq(3), PS, None, Medium.GPU),
     ]
     cache.evict(1)

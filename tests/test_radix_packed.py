@@ -155,6 +155,23 @@ def test_ids_outside_uint32_are_refused_on_insert_and_never_matched() -> None:
         cache.insert(tokens([0, 1]), [0, 1])
 
 
+def test_a_long_node_matches_up_to_an_id_outside_uint32_just_after_it() -> None:
+    # the request's few tokens after the node are packed with it (no slice of a long list):
+    # an id there that cannot be packed still lets the node's pages match
+    node = tokens([0, 1, 2, 3, 4, 0, 1, 2])
+    for bad in (-1, 2**32):
+        cache = RadixCache(PS)
+        cache.insert(node, list(range(8)))
+        assert cache.match_prefix([*node, 5, bad, 0, 0]).device_pages == list(range(8))
+        # a partial last page is never matched, whatever it holds (the list is not cut)
+        assert cache.match_prefix([*node, 5, bad]).device_pages == list(range(8))
+        assert cache.match_prefix([*node[: 7 * PS], *node[7 * PS : 8 * PS - 1]]).device_pages == (
+            list(range(7))
+        )
+        # a mismatch inside the node still splits it at the last shared page
+        assert cache.match_prefix([*tokens([0, 1, 2, 4]), 5, bad, 0, 0]).device_pages == [0, 1, 2]
+
+
 @pytest.mark.parametrize("form", FORMS, ids=["list", "array_q", "array_I"])
 @pytest.mark.parametrize("ps", [1, PS])
 def test_chunked_compare_edges(form: Callable[[list[int]], Sequence[int]], ps: int) -> None:
