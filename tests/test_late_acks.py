@@ -20,6 +20,7 @@ from hicache.events import BlockRemoved, BlockStored, KVEvent
 from hicache.keys import block_id
 from hicache.pools import HostPool, KVLayout
 from hicache.storage.backend import PageStatus
+from hicache.storage.pageformat import stored_size
 from hicache.testing.backends import memory_backend
 from hicache.testing.faults import FaultOp, FaultyBackend
 from hicache.testing.wait import WAIT_S, wait_for
@@ -267,3 +268,47 @@ def test_withheld_pages_are_bounded_and_taken_by_parent() -> None:
     assert withheld.take_children(1) == [pages[1]]
     withheld.discard(12)
     assert withheld.take_children(2) == [] and len(withheld) == 0
+
+
+def test_a_page_evicted_before_its_put_was_polled_is_not_left_announced() -> None:
+    """A second put fills the tier and evicts pages of the first before the engine has polled
+    either result: the first put's result and the eviction report reach one poll together. The
+    events must end with exactly what the tier holds (stored, then removed), never a page
+    announced after its removal."""
+    #: room for 4 stored pages (a page is stored with its header)
+    room = 4 * stored_size(LAYOUT.page_bytes)
+    backend = memory_backend(LAYOUT.page_bytes, namespace="evict-unpolled", capacity=room)
+    settings = TierSettings(medium=MEDIUM, deadline_s=60.0, retry_attempts=1, io_threads=1)
+    tiers = Tiers([Tier("t", backend, settings)])
+    tiers.open()
+    host = HostPool(LAYOUT, 32, pin=False)
+    engine = StorageEngine(tiers, host, page_size=PS, evict_poll_interval_s=0)
+    try:
+        keys = []
+        for chain in ("first", "second"):
+            chain_keys = keys_for(3, chain)
+            keys += chain_keys
+            slots = host.alloc(len(chain_keys))
+            assert slots is not None
+            pages, parent = [], None
+            for i, (k, h) in enumerate(zip(chain_keys, slots, strict=True)):
+                host.page_view(h)[:] = bytes([i + 1]) * LAYOUT.page_bytes
+                pages.append(PublishPage(k, h, block_id(k), parent, [i, i + 1]))
+                parent = block_id(k)
+            group = engine.begin_publish()
+            engine.publish(group, pages)
+            engine.end_publish(group)
+            assert engine.wait_idle(WAIT_S)
+        events = engine.poll().events + engine.poll().events
+        resident: set[int] = set()
+        for e in events:
+            if isinstance(e, BlockRemoved) and e.medium == MEDIUM:
+                resident.difference_update(e.block_hashes)
+            elif isinstance(e, BlockStored) and e.medium == MEDIUM:
+                resident.update(e.block_hashes)
+        held = {block_id(k) for k, there in zip(keys, backend.exists(keys), strict=True) if there}
+        assert 0 < len(held) <= 4, held
+        assert resident == held, (sorted(resident), sorted(held))
+    finally:
+        engine.close()
+        tiers.close()
