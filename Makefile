@@ -102,8 +102,9 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy $(MYPY_TARGETS)
 
+# the slowest tests are listed at the end, so what makes the suite long shows in every run
 pytest: venv
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
 
 # Not part of `test`: every concurrency-sensitive test file (listed in the script) STRESS_COUNT
 # times over while two busy processes load the cores. STRESS_FILES picks files or test ids; a
