@@ -81,6 +81,23 @@ STRESS_FILES=(
     backends/valkey/tests/test_valkey_faults.py
     backends/valkey/tests/test_valkey_shared.py
     backends/localdisk/tests/test_localdisk_not_regular.py
+    # added after the first sessions: the I/O lanes' gated writes, reads ahead of them and
+    # shutdown with jobs queued (threads, condition waits)
+    tests/test_lanes.py
+    # a publishing process SIGKILLed once it announced pages; left out: nothing (one test)
+    tests/test_publish_crash.py
+    # evictions and expiries reported by the server's notifications on a listener thread;
+    # left out: the server-less event decoding
+    'backends/valkey/tests/test_valkey_eviction.py::-k maxmemory_evictions or ttl_expiry'
+    backends/valkey/tests/test_valkey_cluster.py::test_pages_spread_and_expiry_reported_from_every_node
+    # threads racing on one object; left out in each file: the single-threaded checks
+    backends/localdisk/tests/test_localdisk_capacity.py::test_concurrent_writers_keep_accounting_exact
+    plugins/fsspec/tests/test_fsspec_backend.py::test_racing_puts_of_one_key_store_exactly_one_page
+    tests/test_events.py::test_queue_is_thread_safe
+    tests/test_buffers.py::test_copies_from_threads_run_concurrently_and_stay_exact
+    tests/test_eviction.py::test_lru_concurrent_use_keeps_accounting_exact
+    tests/test_pools.py::test_holds_are_thread_safe
+    tests/test_reuse_policy.py::test_concurrent_use_keeps_accounting_exact
 )
 
 COUNT=${STRESS_COUNT:-200}

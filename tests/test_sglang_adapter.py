@@ -172,8 +172,10 @@ def tiers_of(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
         from hicache_s3.testing import fast_options, new_bucket
 
         endpoint = request.getfixturevalue("s3_endpoint")
-        options = fast_options(endpoint, new_bucket(endpoint))
-        return {"objects": {"backend": "s3", "options": options}}
+        # budgets far past what a loaded machine needs (these tests are about the bytes, not
+        # the speed): a 5 s tier deadline failed a get of 6 pages under `make stress-test`
+        options = fast_options(endpoint, new_bucket(endpoint), read_timeout=30.0)
+        return {"objects": {"backend": "s3", "deadline_s": 60.0, "options": options}}
     makers = {"memory": memory_tiers, "localdisk": localdisk_tiers, "mmap": mmap_tiers}
     tiers: dict[str, Any] = makers[request.param](tmp_path)
     return tiers

@@ -66,7 +66,8 @@ def _worker(
             status = backend.get_into([key], [buf])[0]
             if status is PageStatus.OK:
                 report["peer_read_ok"] += 1
-                report["torn"] += buf != payload_of(key, PAGE)
+                # tobytes(): a memoryview compares byte by byte in a loop, 25x slower
+                report["torn"] += buf.tobytes() != payload_of(key, PAGE)
             elif status is not PageStatus.NOT_FOUND:  # evicted in between is fine
                 report["torn"] += 1
         disk = _disk_bytes(root)

@@ -63,7 +63,8 @@ def _check_every_present_page(path: Path, *, verify: bool) -> int:
         for key in keys:
             status = backend.get_into([key], [dst])
             assert status == [PageStatus.OK], f"{key} listed but read {status}"
-            assert dst == page_pattern(key, PAGE), f"{key} came back with wrong bytes"
+            # tobytes(): a memoryview compares byte by byte in a loop, 25x slower than bytes
+            assert dst.tobytes() == page_pattern(key, PAGE), f"{key} came back with wrong bytes"
         return len(keys)
     finally:
         backend.close()
