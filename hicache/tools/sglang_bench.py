@@ -15,8 +15,8 @@ from the page cache (hot get: hicache verifies every page's checksum, ``HiCacheF
 - ``machine limit`` what the filesystem gives for the same bytes with no storage logic: each
                   page's K and V regions ``pwritev``-ed into a fresh file (the tier's durability:
                   none, no fsync), then ``preadv``-ed back into the same host slots the other sides
-                  read into, on as many threads as the tier has I/O threads, in the tier's piece
-                  sizes, no checksum
+                  read into, on as many threads as the tier has I/O threads, in the tier's file
+                  layout (a 4 KiB header block, then the payload) and piece sizes, no checksum
 
 Every side's cold get starts from the same state: its files written back and dropped from the
 page cache with ``fdatasync`` + ``POSIX_FADV_DONTNEED`` file by file, and every side starts after
@@ -24,10 +24,11 @@ an ``os.sync()`` (so the previous side's deletes and writeback are not on its cl
 divided by the machine limit show how close each side gets to what the machine allows; when
 ``limit / HiCacheFile`` is below 2, no implementation can reach 2x ``HiCacheFile`` here.
 
-The side measured first rotates every round; figures are medians over the rounds, and each
-ratio is the median of the rounds' ratios (the sides of one round ran back to back). The page
-defaults to Llama-3-8B at page size 64: 32 layers x 64 tokens x 8 KV heads x 128 dims x bf16 =
-4 MiB per region, K + V = 8 MiB.
+The order of the sides rotates every round and runs backwards in odd rounds, so no side always
+follows the same one (a plain rotation keeps every side's predecessor); figures are medians
+over the rounds, and each ratio is the median of the rounds' ratios (the sides of one round ran
+back to back). The page defaults to Llama-3-8B at page size 64: 32 layers x 64 tokens x 8 KV
+heads x 128 dims x bf16 = 4 MiB per region, K + V = 8 MiB.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hicache.storage import iter_pieces
+from hicache.storage import HEADER_SIZE, iter_pieces
 from hicache.storage.backend import Backend, BackendContext, PageStatus
 from hicache.storage.registry import create_backend
 from hicache.testing.sglang_pool import PageFirstHostPool, host_indices, page_keys
@@ -287,6 +288,8 @@ class _Bench:
         figures: dict[str, list[Round]] = {side: [] for side in sides}
         for r in range(self.args.rounds):
             order = sides[r % len(sides) :] + sides[: r % len(sides)]
+            if r % 2:
+                order = order[::-1]
             for side in order:
                 where = self.root / f"round{r}-{side.replace(' ', '-')}"
                 keys = page_keys(self.args.pages, f"{r}:{side}")
@@ -314,33 +317,49 @@ class _Bench:
 #: and cold reads of large pages run faster in pieces too.
 _WRITE_PIECE = 1 << 20
 _READ_PIECE = 256 << 10
+#: The limit's files have the tier's layout: a header block, then the payload. Where the payload
+#: starts matters on its own: measured here, 8 MiB written from offset 0 of a fresh file ran
+#: several times slower than the same writes from offset 4096.
+_HEADER = bytes(HEADER_SIZE)
 
 
 def _write_file(path: str, regions: Sequence[memoryview]) -> None:
-    """A page's regions into a fresh file in ``pwritev`` pieces, no fsync."""
+    """A page's regions into a fresh file as the tier lays it out (payload in ``pwritev``
+    pieces after a header block, the header last), nothing hashed, no fsync."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         for offset, piece in iter_pieces(regions, _WRITE_PIECE):
-            done = 0
-            while done < piece.nbytes:  # a short write: resume where it stopped
-                done += os.pwritev(fd, [piece[done:]], offset + done)
+            _pwrite_all(fd, piece, HEADER_SIZE + offset)
+        _pwrite_all(fd, memoryview(_HEADER), 0)
     finally:
         os.close(fd)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < view.nbytes:  # a short write: resume where it stopped
+        done += os.pwritev(fd, [view[done:]], offset + done)
 
 
 def _read_file(path: str, regions: Sequence[memoryview]) -> None:
-    """A page file straight into its regions in ``preadv`` pieces, no checksum."""
+    """A page file straight into its regions in ``preadv`` pieces (its header block first, as
+    the tier reads it), no checksum."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        _pread_all(fd, memoryview(bytearray(HEADER_SIZE)), 0, path)
         for offset, piece in iter_pieces(regions, _READ_PIECE):
-            done = 0
-            while done < piece.nbytes:
-                got = os.preadv(fd, [piece[done:]], offset + done)
-                if not got:
-                    raise RuntimeError(f"machine limit: {path} ends at {offset + done} bytes")
-                done += got
+            _pread_all(fd, piece, HEADER_SIZE + offset, path)
     finally:
         os.close(fd)
+
+
+def _pread_all(fd: int, view: memoryview, offset: int, path: str) -> None:
+    done = 0
+    while done < view.nbytes:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if not got:
+            raise RuntimeError(f"machine limit: {path} ends at {offset + done} bytes")
+        done += got
 
 
 def _paired(ours: list[float], theirs: list[float]) -> float:
@@ -390,9 +409,9 @@ def run(args: argparse.Namespace) -> int:
         "io_threads": bench.io_threads,
     }
     limit_note = (
-        f"pwritev of each page's K and V into a fresh file (1 MiB pieces, no fsync, as the "
-        f"tier), preadv back into the host slots (256 KiB pieces), {bench.io_threads} threads, "
-        "no checksum"
+        f"pwritev of each page's K and V into a fresh file laid out as the tier's (4 KiB header "
+        f"block + payload, 1 MiB pieces, no fsync), preadv back into the host slots (256 KiB "
+        f"pieces), {bench.io_threads} threads, no checksum"
     )
     if args.json:
         sides = {k: asdict(v) for k, v in figures.items() if k != LIMIT}
