@@ -342,12 +342,19 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 
 
 def _read_file(path: str, regions: Sequence[memoryview]) -> None:
-    """A page file straight into its regions in ``preadv`` pieces (its header block first, as
-    the tier reads it), no checksum."""
+    """A page file straight into its regions in ``preadv`` pieces, the header block with the
+    first piece as the tier reads it (a 4 KiB read of its own first ran 3x slower cold here),
+    no checksum."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _pread_all(fd, memoryview(bytearray(HEADER_SIZE)), 0, path)
-        for offset, piece in iter_pieces(regions, _READ_PIECE):
+        pieces = list(iter_pieces(regions, _READ_PIECE))
+        header = memoryview(bytearray(HEADER_SIZE))
+        first = pieces[0][1]
+        got = os.preadv(fd, [header, first], 0)
+        if got < HEADER_SIZE:
+            raise RuntimeError(f"machine limit: {path} ends at {got} bytes")
+        _pread_all(fd, first[got - HEADER_SIZE :], got, path)
+        for offset, piece in pieces[1:]:
             _pread_all(fd, piece, HEADER_SIZE + offset, path)
     finally:
         os.close(fd)
