@@ -164,6 +164,31 @@ def test_repeat_alternates_sides_and_reports_median_ratios() -> None:
     assert doc["rounds"] == 3 and len(doc["figures"]["put"]["round_ratios"]) == 3
 
 
+class SettleBaseline(OrderBaseline):
+    """Also records the settle hook (a server returning freed memory, for valkey)."""
+
+    def settle(self) -> None:
+        self.log.append("settle")
+
+
+class SettleBackend(OrderBackend):
+    @classmethod
+    def bench_baseline(cls, config: BackendConfig, context: BackendContext) -> RawBaseline:
+        return SettleBaseline()
+
+
+def test_baseline_settles_the_service_before_either_side() -> None:
+    OrderBaseline.log = []
+    spec = BenchSpec(page_bytes=(16384,), total_bytes=16384 * 4, threads=(1,), repeat=2)
+    _bench(SettleBackend, spec)
+    # Both sides alike: the backend opens right after a settle, and the raw side settles right
+    # after its (untimed) setup, before its first timed call.
+    assert OrderBaseline.log == [
+        *("settle", "ours", "raw", "settle"),  # round 0: the backend first
+        *("raw", "settle", "settle", "ours"),  # round 1: the raw side first
+    ]
+
+
 def test_repeat_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
     from hicache.tools.bench import main
 

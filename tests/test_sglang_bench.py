@@ -31,6 +31,18 @@ def test_bench_sglang_quick_reports_every_side(
         assert side["put_gbps"] > 0 and side["cold_get_gbps"] > 0 and side["hot_get_gbps"] > 0
         assert len(side["rounds_put"]) == len(side["rounds_hot_get"]) == 1
         assert report["shape"]["rounds"] == 1
+    # the machine's own limit over the same bytes, measured in the same round
+    limit = report["limit"]
+    for name in ("put_gbps", "cold_get_gbps", "hot_get_gbps"):
+        assert isinstance(limit[name], float) and limit[name] > 0, (name, limit[name])
+    assert len(limit["rounds_put"]) == len(limit["rounds_cold_get"]) == 1
+    assert "preadv" in limit["method"] and "pwritev" in limit["method"]
+    assert report["shape"]["io_threads"] >= 1
+    limit_ratios = {
+        f"{side}/limit {what}"
+        for side in ("adapter", "raw tier", "HiCacheFile")
+        for what in ("put", "cold get")
+    } | {"limit/HiCacheFile put", "limit/HiCacheFile cold get"}
     assert set(report["ratios"]) == {
         "adapter/raw put",
         "adapter/raw cold get",
@@ -38,5 +50,8 @@ def test_bench_sglang_quick_reports_every_side(
         "adapter/HiCacheFile cold get",
         "adapter/HiCacheFile hot get",
         "raw tier/HiCacheFile hot get",
+        *limit_ratios,
     }
+    for name, value in report["ratios"].items():
+        assert isinstance(value, float) and value > 0, (name, value)
     assert list(root.iterdir()) == [], "a round left its files behind"

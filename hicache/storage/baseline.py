@@ -81,6 +81,14 @@ class RawBaseline(ABC):
     def teardown(self) -> None:
         """Remove everything ``setup`` and ``put`` created."""
 
+    def settle(self) -> None:
+        """Called before each side of a round is measured, the backend's and this baseline's
+        alike (not timed): bring what the previous side left behind on a shared service to one
+        state, e.g. memory a server freed and has not yet returned to the OS, which the next side
+        would otherwise reuse without page faults while the server returns it in the background.
+        The default does nothing."""
+        return
+
     def cleanup(self) -> None:
         """Called once per round after both sides finished (and the backend deleted its pages):
         remove what the baseline shares with the backend, e.g. a directory tree both wrote into.

@@ -451,6 +451,7 @@ def _run_pair(
 
     def measure_ours() -> tuple[Side, list[int]]:
         settle()
+        baseline.settle()
         backend.open()
         try:
             return measure(
@@ -480,6 +481,7 @@ def _run_pair(
     def measure_raw(read: list[int]) -> Side:
         baseline.setup(page_bytes, num_pages)
         settle()
+        baseline.settle()
         try:
             side, _ = measure(
                 put=raw_put,

@@ -235,14 +235,7 @@ class ValkeyBackend(RemoteBenchHooks, Backend):
     # ------------------------------------------------------------------ put
 
     def _put(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:
-        namespace = self.context.namespace
-        # headers are built before anything is sent: hashing runs outside the pipeline's window;
-        # one checksum over the regions in order, whatever the split
-        items = []
-        for key, parts in zip(keys, srcs, strict=True):
-            regions = _flat(parts)
-            payload = regions[0] if len(regions) == 1 else regions  # one buffer: one-shot hash
-            items.append((key, regions, encode_header(namespace, key, payload)))
+        items = [(key, _flat(parts)) for key, parts in zip(keys, srcs, strict=True)]
         statuses = self._dispatch.run("put", items, self._send_put, self._receive_put, self._name)
         ok = sum(1 for s in statuses if s is PageStatus.OK)
         self._count(
@@ -252,10 +245,15 @@ class ValkeyBackend(RemoteBenchHooks, Backend):
         )
         return statuses
 
-    def _send_put(self, packer: Packer, item: tuple[str, PageParts, bytes]) -> None:
+    def _send_put(self, packer: Packer, item: tuple[str, PageParts]) -> None:
+        # The page is hashed as it is packed, not the whole batch first: the dispatcher sends a
+        # large value at once, so the server reads page k while page k+1 is hashed (the GIL is
+        # released while hashing). One checksum over the regions in order, whatever the split.
         # The packer writes one bulk value from several buffers: the regions go out as they
         # are, never joined into one page-sized buffer.
-        key, regions, header = item
+        key, regions = item
+        payload = regions[0] if len(regions) == 1 else regions
+        header = encode_header(self.context.namespace, key, payload)
         page_key = self.keyspace.page(key)
         if not self._chunks:
             ttl: tuple[str | int, ...] = ("PX", self._ttl_ms) if self._ttl_ms else ()
@@ -275,7 +273,7 @@ class ValkeyBackend(RemoteBenchHooks, Backend):
             self._ttl_ms,
         )
 
-    def _receive_put(self, conn: Connection, item: tuple[str, PageParts, bytes]) -> PageStatus:
+    def _receive_put(self, conn: Connection, item: tuple[str, PageParts]) -> PageStatus:
         reply = conn.read_reply()
         if isinstance(reply, ServerError):
             return self._error_reply(reply, item[0], "put")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import logging
 import os
 import shutil
 import subprocess
@@ -30,6 +31,8 @@ from hicache.storage import RawBaseline, ToolLimit
 from hicache_valkey.options import ValkeyOptions
 
 __all__ = ["ValkeyRawBaseline", "redis_client", "server_benchmark"]
+
+log = logging.getLogger(__name__)
 
 #: The tool's key for SET/GET tests without ``-r``.
 _TOOL_KEY = "key:__rand_int__"
@@ -109,6 +112,19 @@ class ValkeyRawBaseline(RawBaseline):
 
     def drop_cache(self) -> bool:
         return True  # the client caches no values: every get reaches the server
+
+    def settle(self) -> None:
+        # Before either side: the server returns what the previous side's deleted pages freed
+        # (jemalloc keeps it for seconds and returns it on a background thread). Without it the
+        # side measured second reused part of the first side's memory without page faults, while
+        # the purge ran beside it; faulting memory in is most of a server's work for a put.
+        client = redis_client(self.options)
+        try:
+            client.memory_purge()
+        except redis.RedisError as exc:  # refused by ACLs, or not a jemalloc build: nothing to do
+            log.debug("MEMORY PURGE before a bench side failed: %s", exc)
+        finally:
+            client.close()
 
     def tool_limits(
         self, page_bytes: int, threads: int, pages: int, batch: int

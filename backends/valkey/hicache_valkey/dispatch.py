@@ -20,7 +20,7 @@ from hicache_valkey.nodes import Nodes
 from hicache_valkey.options import ValkeyOptions
 from hicache_valkey.resp import Connection, Packer, Pool, ProtocolError, Reply, ServerError
 
-__all__ = ["AfterDrain", "Dispatcher", "raise_for_code"]
+__all__ = ["EARLY_SEND_BYTES", "AfterDrain", "Dispatcher", "raise_for_code"]
 
 T = TypeVar("T")
 Item = TypeVar("Item")
@@ -33,6 +33,10 @@ _UNAVAILABLE_CODES = frozenset(
 # Redirections in a cluster: the slot map changed.
 _REDIRECT_CODES = frozenset({"MOVED", "ASK"})
 _SCAN_COUNT = 1000
+#: Packed values at least this large leave for the socket at once instead of waiting for the
+#: rest of their window: the server reads page k while page k+1 is packed (and a put's page
+#: hashed), rather than idling until the whole window is ready.
+EARLY_SEND_BYTES = 1 << 20
 
 
 class AfterDrain(Exception):
@@ -93,12 +97,13 @@ class Dispatcher:
     ) -> list[T]:
         """Send ``items`` to the nodes serving them and read one result per item, in order.
 
-        Per node, ``send`` packs a window of items, the window goes out in one write, and
-        ``receive`` reads each reply. A window holds at most ``pipeline_depth`` commands and
-        ``pipeline_bytes`` of values: the values sent plus ``reply_bytes`` per command for the
-        replies, since replies waiting in the server's output buffer count against its
-        ``maxmemory``. A redirection re-reads the slot map and retries once: every call is
-        idempotent (a put retried finds its own page: ``ALREADY_EXISTS``).
+        Per node, ``send`` packs a window of items, the window goes out in one write (large
+        values as soon as they are packed), and ``receive`` reads each reply. A window holds at
+        most ``pipeline_depth`` commands and ``pipeline_bytes`` of values: the values sent plus
+        ``reply_bytes`` per command for the replies, since replies waiting in the server's
+        output buffer count against its ``maxmemory``. A redirection re-reads the slot map and
+        retries once: every call is idempotent (a put retried finds its own page:
+        ``ALREADY_EXISTS``).
         """
         nodes = self.live()
         try:
@@ -136,10 +141,15 @@ class Dispatcher:
                 while start < len(indices):
                     packer = Packer()
                     end = start
+                    sent = 0  # value bytes of this window already on their way
                     while end < len(indices) and end - start < depth:
                         send(packer, items[indices[end]])
                         end += 1
-                        if packer.value_bytes + (end - start) * reply_bytes >= max_bytes:
+                        if packer.value_bytes >= EARLY_SEND_BYTES:
+                            sent += packer.value_bytes
+                            conn.send(packer.take())
+                        window = sent + packer.value_bytes + (end - start) * reply_bytes
+                        if window >= max_bytes:
                             break
                     conn.send(packer.take())
                     for index in indices[start:end]:
