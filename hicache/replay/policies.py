@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from hicache.replay.simulate import _prefix_hits, put_blocks
+from hicache.replay.simulate import _prefix_hits, put_blocks, touch_tail_first
 from hicache.storage.eviction import (
     DEFAULT_EVICTION,
     CapacityPolicy,
@@ -82,17 +82,8 @@ def simulate_exclusive_hierarchy(
         hits.append(c)
         if c > b:
             policy.touch(chain[b:c])  # type: ignore[arg-type]
-        dropped: list[int] = []
-        for lru, cap in ((lru1, l1), (lru2, l2)):
-            for block in reversed(chain):
-                if block in lru:
-                    lru.move_to_end(block)
-                else:
-                    lru[block] = None
-            while len(lru) > cap:
-                block = lru.popitem(last=False)[0]
-                if lru is lru2:
-                    dropped.append(block)
+        touch_tail_first(lru1, l1, chain)
+        dropped = touch_tail_first(lru2, l2, chain)
         # L2's victims come least recent (a chain's tail) first: put head first
         put_blocks(policy, dropped[::-1])
     return tuple(hits)

@@ -72,6 +72,21 @@ def simulate_infinite(chains: Sequence[Sequence[int]]) -> SimResult:
     return SimResult("infinite", 0, tuple(hits), refs)
 
 
+def touch_tail_first(lru: OrderedDict[int, None], capacity: int, chain: Sequence[int]) -> list[int]:
+    """Use ``chain`` in a tail-first LRU (its head ends most recent), then evict down to
+    ``capacity``; returns the evicted blocks, least recent first. Eviction waits until the whole
+    chain is in, so a request longer than the cache keeps its head."""
+    for block in reversed(chain):
+        if block in lru:
+            lru.move_to_end(block)
+        else:
+            lru[block] = None
+    evicted = []
+    while len(lru) > capacity:
+        evicted.append(lru.popitem(last=False)[0])
+    return evicted
+
+
 def simulate_lru(chains: Sequence[Sequence[int]], capacity: int) -> SimResult:
     """Tail-first LRU over distinct blocks (see module docstring)."""
     if capacity <= 0:
@@ -80,14 +95,7 @@ def simulate_lru(chains: Sequence[Sequence[int]], capacity: int) -> SimResult:
     hits = []
     for chain in chains:
         hits.append(_prefix_hits(chain, lru))
-        for block in reversed(chain):
-            if block in lru:
-                lru.move_to_end(block)
-            else:
-                lru[block] = None
-        # Evict after the whole chain is in: a request longer than the cache keeps its head.
-        while len(lru) > capacity:
-            lru.popitem(last=False)
+        touch_tail_first(lru, capacity, chain)
     refs = sum(len(c) for c in chains)
     return SimResult("lru", capacity, tuple(hits), refs)
 
@@ -236,14 +244,8 @@ def simulate_hierarchy(
         h1.append(a)
         h2.append(b - a)
         h3.append(c - b)
-        for lru, cap in ((lru1, l1), (lru2, l2)):
-            for block in reversed(chain):
-                if block in lru:
-                    lru.move_to_end(block)
-                else:
-                    lru[block] = None
-            while len(lru) > cap:
-                lru.popitem(last=False)
+        touch_tail_first(lru1, l1, chain)
+        touch_tail_first(lru2, l2, chain)
         if not use_l3:
             continue
         # L3 sees the blocks it lost above the computed suffix first (republished in a put of
