@@ -3,7 +3,9 @@ the same tier's raw ``put``/``get_into`` and SGLang's own ``HiCacheFile``, in on
 
 Every round writes the same host pages three ways, each into a fresh directory, then drops
 the written files from the OS page cache and reads them back (cold get), then reads them again
-from the page cache (hot get: hicache verifies every page's checksum, ``HiCacheFile`` does not):
+from the page cache (hot get: hicache verifies every page's checksum, ``HiCacheFile`` does not).
+Hot gets are also given per CPU second of the process: on cores shared with other work the
+wall clock says what share of them each side got, the CPU time what each side costs.
 
 - ``adapter``     ``batch_set_v1`` / ``batch_get_v1`` of :class:`hicache.integrations.sglang.
                   HicacheStorage`, built by SGLang's ``StorageBackendFactory`` (``dynamic``)
