@@ -29,7 +29,9 @@ def test_bench_sglang_quick_reports_every_side(
     assert set(report["sides"]) == {"adapter", "raw tier", "HiCacheFile"}
     for side in report["sides"].values():
         assert side["put_gbps"] > 0 and side["cold_get_gbps"] > 0 and side["hot_get_gbps"] > 0
+        assert side["hot_get_cpu_gbps"] > 0  # what a hot get costs per CPU second
         assert len(side["rounds_put"]) == len(side["rounds_hot_get"]) == 1
+        assert len(side["rounds_hot_get_cpu"]) == 1
         assert report["shape"]["rounds"] == 1
     # the machine's own limit over the same bytes, measured in the same round
     limit = report["limit"]
@@ -50,6 +52,8 @@ def test_bench_sglang_quick_reports_every_side(
         "adapter/HiCacheFile cold get",
         "adapter/HiCacheFile hot get",
         "raw tier/HiCacheFile hot get",
+        "adapter/HiCacheFile hot get CPU",
+        "raw tier/HiCacheFile hot get CPU",
         *limit_ratios,
     }
     for name, value in report["ratios"].items():

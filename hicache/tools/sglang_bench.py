@@ -3,7 +3,9 @@ the same tier's raw ``put``/``get_into`` and SGLang's own ``HiCacheFile``, in on
 
 Every round writes the same host pages three ways, each into a fresh directory, then drops
 the written files from the OS page cache and reads them back (cold get), then reads them again
-from the page cache (hot get: hicache verifies every page's checksum, ``HiCacheFile`` does not):
+from the page cache (hot get: hicache verifies every page's checksum, ``HiCacheFile`` does not).
+Hot gets are also given per CPU second of the process: on cores shared with other work the
+wall clock says what share of them each side got, the CPU time what each side costs.
 
 - ``adapter``     ``batch_set_v1`` / ``batch_get_v1`` of :class:`hicache.integrations.sglang.
                   HicacheStorage`, built by SGLang's ``StorageBackendFactory`` (``dynamic``)
@@ -67,9 +69,12 @@ class SideFigures:
     put_gbps: float
     cold_get_gbps: float
     hot_get_gbps: float
+    #: Hot get GB per CPU second of the whole process (every thread; see ``_hot``).
+    hot_get_cpu_gbps: float
     rounds_put: list[float]
     rounds_cold_get: list[float]
     rounds_hot_get: list[float]
+    rounds_hot_get_cpu: list[float]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,14 +111,23 @@ def _drop_backend(backend: Backend) -> None:
         raise RuntimeError(f"{type(backend).__name__} cannot drop its pages: no cold reads")
 
 
-#: Put, cold get and hot get GB/s of one side in one round.
-Round = tuple[float, float, float]
+#: Put, cold get and hot get GB/s of one side in one round, and its hot get GB per CPU second.
+Round = tuple[float, float, float, float]
 
 
 def _gbps(nbytes: int, fn: Callable[[], object]) -> float:
     started = time.perf_counter()
     fn()
     return nbytes / max(time.perf_counter() - started, 1e-9) / 1e9
+
+
+def _hot(nbytes: int, fn: Callable[[], object]) -> tuple[float, float]:
+    """GB/s of ``fn`` and its bytes per CPU second of this process (all threads, user and
+    system time): on a machine shared with other work the wall clock says how much CPU the
+    scheduler gave each side, the CPU time what each side costs."""
+    cpu = time.process_time()
+    gbps = _gbps(nbytes, fn)
+    return gbps, nbytes / max(time.process_time() - cpu, 1e-9) / 1e9
 
 
 def _check(ok: bool, side: str, what: str) -> None:
@@ -207,10 +221,10 @@ class _Bench:
             put_gbps = _gbps(self.total, put)
             _drop_backend(storage.tiers["nvme"].backend)
             get_gbps = _gbps(self.total, get)
-            hot_gbps = _gbps(self.total, get)
+            hot = _hot(self.total, get)
         finally:
             storage.close()
-        return put_gbps, get_gbps, hot_gbps
+        return put_gbps, get_gbps, *hot
 
     def raw_tier(self, where: Path, keys: list[str]) -> Round:
         context = BackendContext(page_bytes=self.page_bytes, namespace="bench", tier_name="raw")
@@ -233,10 +247,10 @@ class _Bench:
             put_gbps = _gbps(self.total, put)
             _drop_backend(backend)
             get_gbps = _gbps(self.total, get)
-            hot_gbps = _gbps(self.total, get)
+            hot = _hot(self.total, get)
         finally:
             backend.close()
-        return put_gbps, get_gbps, hot_gbps
+        return put_gbps, get_gbps, *hot
 
     def hicache_file(self, where: Path, keys: list[str]) -> Round:
         from sglang.srt.mem_cache.hicache_storage import HiCacheFile
@@ -258,7 +272,7 @@ class _Bench:
         put_gbps = _gbps(self.total, put)
         _drop_files(where)
         get_gbps = _gbps(self.total, get)
-        return put_gbps, get_gbps, _gbps(self.total, get)
+        return put_gbps, get_gbps, *_hot(self.total, get)
 
     def machine_limit(self, where: Path, keys: list[str]) -> Round:
         where.mkdir(parents=True, exist_ok=True)
@@ -274,8 +288,8 @@ class _Bench:
             put_gbps = _gbps(self.total, lambda: each(_write_file, self.src))
             _drop_files(where)
             get_gbps = _gbps(self.total, lambda: each(_read_file, self.dst))
-            hot_gbps = _gbps(self.total, lambda: each(_read_file, self.dst))
-        return put_gbps, get_gbps, hot_gbps
+            hot = _hot(self.total, lambda: each(_read_file, self.dst))
+        return put_gbps, get_gbps, *hot
 
     def run(self) -> dict[str, SideFigures]:
         measure = {
@@ -301,12 +315,14 @@ class _Bench:
                     shutil.rmtree(where, ignore_errors=True)
         return {
             side: SideFigures(
-                put_gbps=statistics.median(p for p, _, _ in rows),
-                cold_get_gbps=statistics.median(g for _, g, _ in rows),
-                hot_get_gbps=statistics.median(h for _, _, h in rows),
-                rounds_put=[p for p, _, _ in rows],
-                rounds_cold_get=[g for _, g, _ in rows],
-                rounds_hot_get=[h for _, _, h in rows],
+                put_gbps=statistics.median(row[0] for row in rows),
+                cold_get_gbps=statistics.median(row[1] for row in rows),
+                hot_get_gbps=statistics.median(row[2] for row in rows),
+                hot_get_cpu_gbps=statistics.median(row[3] for row in rows),
+                rounds_put=[row[0] for row in rows],
+                rounds_cold_get=[row[1] for row in rows],
+                rounds_hot_get=[row[2] for row in rows],
+                rounds_hot_get_cpu=[row[3] for row in rows],
             )
             for side, rows in figures.items()
         }
@@ -397,6 +413,9 @@ def run(args: argparse.Namespace) -> int:
         "adapter/HiCacheFile cold get": _paired(a.rounds_cold_get, hf.rounds_cold_get),
         "adapter/HiCacheFile hot get": _paired(a.rounds_hot_get, hf.rounds_hot_get),
         "raw tier/HiCacheFile hot get": _paired(raw.rounds_hot_get, hf.rounds_hot_get),
+        # The same per CPU second: what a hot get costs, whatever share of the cores it got.
+        "adapter/HiCacheFile hot get CPU": _paired(a.rounds_hot_get_cpu, hf.rounds_hot_get_cpu),
+        "raw tier/HiCacheFile hot get CPU": _paired(raw.rounds_hot_get_cpu, hf.rounds_hot_get_cpu),
     }
     # Each side against what the machine gives for the same bytes in the same rounds.
     for side, fig in (("adapter", a), ("raw tier", raw), ("HiCacheFile", hf)):
@@ -435,13 +454,17 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"machine limit: {limit_note}")
     print("cold gets: every side's files written back and dropped (fdatasync + FADV_DONTNEED)")
-    print(f"{'side':<13} {'put GB/s':>9} {'cold get GB/s':>14} {'hot get GB/s':>13}")
+    print(
+        f"{'side':<13} {'put GB/s':>9} {'cold get GB/s':>14} {'hot get GB/s':>13} "
+        f"{'hot get GB/CPU-s':>17}"
+    )
     for side, fig in figures.items():
         print(
-            f"{side:<13} {fig.put_gbps:>9.2f} {fig.cold_get_gbps:>14.2f} {fig.hot_get_gbps:>13.2f}"
+            f"{side:<13} {fig.put_gbps:>9.2f} {fig.cold_get_gbps:>14.2f} {fig.hot_get_gbps:>13.2f} "
+            f"{fig.hot_get_cpu_gbps:>17.2f}"
         )
     for name, value in ratios.items():
-        print(f"{name:<30} {value:5.2f}x")
+        print(f"{name:<34} {value:5.2f}x")
     print(
         "limit/HiCacheFile is the most any side could show over HiCacheFile with these calls on "
         f"this machine ({bench.io_threads} threads, buffered I/O)"

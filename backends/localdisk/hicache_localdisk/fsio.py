@@ -5,6 +5,7 @@
 - ``write_page(fd, hdr, payload)``  a page file in pieces, hashing each right after its copy
 - ``read_page(fd, hdr, payload)``   a page file in pieces, hashing each as it lands (pieces
                                    optionally read by helper threads, hashed in order)
+- ``read_cached(fd, bufs)``        what the page cache holds of a file, in one call
   (``payload`` of both: one buffer or a page's regions, written/read back to back)
 - ``publish_noreplace(tmp, dst)``  atomic create-only publish: ``renameat2(RENAME_NOREPLACE)``,
                                    else ``link`` + ``unlink``; ``False`` when ``dst`` exists
@@ -35,6 +36,7 @@ __all__ = [
     "drop_cache",
     "fsync_dir",
     "publish_noreplace",
+    "read_cached",
     "read_fully",
     "read_page",
     "write_fully",
@@ -135,7 +137,22 @@ def read_page(
     pieces) while this one reads the first and then hashes them in order as they land: the
     kernel's copy runs on several cores and the hash hides behind it (both release the GIL). It
     returns only once every helper read finished, whatever happened.
+
+    An unhashed read without helpers first takes what the page cache holds in one
+    ``RWF_NOWAIT`` call (see :func:`read_cached`): a hot page costs one system call, and only
+    the bytes not cached yet are read, in pieces. A hashed read stays in pieces even when hot:
+    hashing each piece while it sits in the L2 cache cost less than one call and a hash of the
+    whole page from memory (8 MiB pages, 4 threads, 2 vCPUs: 7.5 vs 6.9 GB per CPU second).
     """
+    if not hash_payload and helpers is None:
+        bufs = [header, *([payload] if isinstance(payload, memoryview) else payload)]
+        done = read_cached(fd, bufs)
+        if done:
+            for off, view in iter_pieces(_after(bufs, done), READ_CHUNK):
+                n = read_fully(fd, [view], done + off)
+                if n < view.nbytes:
+                    return done + off + n, 0
+            return sum(b.nbytes for b in bufs), 0
     digest = xxhash.xxh3_64() if hash_payload else None
     pieces = list(iter_pieces(payload, SPLIT_CHUNK if helpers is not None else READ_CHUNK))
     if not pieces:
@@ -167,6 +184,33 @@ def read_page(
         if later is not None:
             # Never return while a helper still writes into the caller's buffer.
             wait(later)
+
+
+#: Whether ``preadv`` takes ``RWF_NOWAIT`` here (cleared on the first EOPNOTSUPP/EINVAL).
+_nowait_reads = hasattr(os, "RWF_NOWAIT")
+
+
+def read_cached(fd: int, bufs: list[memoryview]) -> int:
+    """Fill ``bufs`` from offset 0 with what the page cache already holds, in one
+    ``preadv(RWF_NOWAIT)``; return the bytes read: 0 when the first page is not cached (or the
+    filesystem cannot tell), fewer than asked when a later one is not or the file ends.
+
+    A hot 8 MiB page read in ``READ_CHUNK`` pieces pays 32 system calls (and 32 GIL round
+    trips) where one does; a cold one still goes in pieces, which the device reads faster.
+    """
+    global _nowait_reads
+    if not _nowait_reads:
+        return 0
+    try:
+        return os.preadv(fd, bufs, 0, os.RWF_NOWAIT)
+    except BlockingIOError:  # EAGAIN: nothing cached at offset 0
+        return 0
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        _nowait_reads = False
+        log.info("preadv(RWF_NOWAIT) unsupported here (%s): hot reads go in pieces too", exc)
+        return 0
 
 
 def _after(bufs: list[memoryview], skip: int) -> list[memoryview]:
