@@ -1,12 +1,13 @@
 """``ValkeyBackend``: pages in a Valkey or Redis (>= 7) server that a fleet of serving nodes shares.
 
 Every page carries the 4 KiB header of :mod:`hicache.storage.pageformat` and is verified on read.
-Puts are create-only (``SETNX key value``, ``SET key value NX PX ttl`` with a TTL, or one Lua script for a page split into chunks);
-exists, get and put of a batch go down one connection as pipelines of at most
-``pipeline_depth`` commands / ``pipeline_bytes`` bytes before their replies are read. A page of
-several regions (scatter-gather) is one value, one header, one checksum: puts send the regions
-as they are and gets read values straight into them (see :mod:`hicache_valkey.resp` and
-:mod:`hicache_valkey.pagereader`); no page is staged in a buffer of its own. Keys the server
+Puts are create-only (``SETNX key value``; ``SET key value NX PX ms`` with a TTL; one Lua script
+for a page split into chunks); exists, get and put of a batch go down one connection as
+pipelines of at most ``pipeline_depth`` commands / ``pipeline_bytes`` bytes before their replies
+are read. A page of several regions (scatter-gather) is one value, one header, one checksum:
+puts send the regions as they are and gets read values straight into them (see
+:mod:`hicache_valkey.resp` and :mod:`hicache_valkey.pagereader`); no page is staged in a buffer
+of its own. Keys the server
 evicts or expires come back through ``take_evicted()`` (see :mod:`hicache_valkey.notify`).
 No socket or protocol exception leaves this module: a server that is down, restarting or hung
 raises :class:`~hicache.errors.BackendUnavailableError` within the configured timeouts.
