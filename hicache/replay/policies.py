@@ -110,10 +110,10 @@ def simulate_reuse_hierarchy(
 ) -> tuple[int, ...]:
     """The replay's inclusive hierarchy (see ``simulate_hierarchy``: a tail-first LRU L1,
     write-through, L3 fed as the tiers feed it, lost ancestors republished) with L2 run by
-    ``l2`` (e.g. ``PredictedReuse``: every request puts its whole chain there, as the host pool
-    receives every page the request used) and L3 by ``l3``. ``all_uses_in_l3``: the pages hit
-    in L1/L2 are touched in L3 too, so L3 counts every use of a page wherever it was served.
-    Total prefix hits per request."""
+    ``l2`` (e.g. ``PredictedReuse``: every request adds its whole chain there, as the host
+    pool receives every page the request used, then L2 evicts down to its capacity) and L3
+    by ``l3``. ``all_uses_in_l3``: the pages hit in L1/L2 are touched in L3 too, so L3
+    counts every use of a page wherever it was served. Total prefix hits per request."""
     lru1: OrderedDict[int, None] = OrderedDict()
     hits = []
     for chain in chains:
@@ -125,7 +125,10 @@ def simulate_reuse_hierarchy(
             c += 1
         hits.append(c)
         touch_tail_first(lru1, l1, chain)
-        put_blocks(l2, chain)
+        # the whole chain used at once, tail first, then evicted down to the capacity (the
+        # host pool evicts leaf first: a head is never dropped before its suffix)
+        l2.add(chain, [1] * len(chain))  # type: ignore[arg-type]
+        l2.evict_for(0)
         start = b
         if c == b < len(chain):
             while start > 0 and chain[start - 1] not in l3:

@@ -207,9 +207,19 @@ def plot_study(rows: Sequence[StudyRow], infinite: float, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
     xs = [r.fraction * 100 for r in rows]
-    for name in rows[0].ratios:
+    # more policies than the default cycle's 10 colours: one colour and marker each
+    colors = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]
+    markers = "os^vDP*Xhd<>p8"
+    for i, name in enumerate(rows[0].ratios):
         style = "--" if name in ("MIN", "LRU") else "-"
-        ax.plot(xs, [r.ratios[name] * 100 for r in rows], style, marker="o", label=name)
+        ax.plot(
+            xs,
+            [r.ratios[name] * 100 for r in rows],
+            style,
+            marker=markers[i % len(markers)],
+            color=colors[i % len(colors)],
+            label=name,
+        )
     ax.axhline(infinite * 100, color="grey", linestyle=":", label="infinite cache")
     ax.set_xscale("log")
     ax.set_xlabel("capacity (% of distinct pages, log scale)")
