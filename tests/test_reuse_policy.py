@@ -241,6 +241,13 @@ def test_concurrent_use_keeps_accounting_exact(kind: EvictionPolicy) -> None:
         t.join()
     assert not errors
     assert policy.used_bytes == 4 * len(policy) <= 1000 + 16
+    # every resident key is in exactly one eviction queue (the bulk touches kept them in step)
+    if isinstance(policy, PredictedReuse):
+        order = policy.keys_by_eviction_order()
+    else:
+        assert isinstance(policy, TailFirstLRU)
+        order = policy.keys_by_recency()  # type: ignore[assignment]
+    assert len(order) == len(set(order)) == len(policy)
 
 
 def test_argument_checks_and_factory() -> None:
