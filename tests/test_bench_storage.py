@@ -278,6 +278,8 @@ def test_eviction_bench_cli(capsys: pytest.CaptureFixture[str]) -> None:
         "reuse_touch_chain",
         "reuse_touch_single",
         "reuse_churn",
+        "reuse_vs_lru_touch_chain",
+        "reuse_vs_lru_touch_single",
         "clock_touch",
         "clock_claim",
     }

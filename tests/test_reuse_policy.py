@@ -241,6 +241,13 @@ def test_concurrent_use_keeps_accounting_exact(kind: EvictionPolicy) -> None:
         t.join()
     assert not errors
     assert policy.used_bytes == 4 * len(policy) <= 1000 + 16
+    # every resident key is in exactly one eviction queue (the bulk touches kept them in step)
+    if isinstance(policy, PredictedReuse):
+        order = policy.keys_by_eviction_order()
+    else:
+        assert isinstance(policy, TailFirstLRU)
+        order = policy.keys_by_recency()  # type: ignore[assignment]
+    assert len(order) == len(set(order)) == len(policy)
 
 
 def test_argument_checks_and_factory() -> None:
@@ -305,3 +312,87 @@ def test_better_than_lru_on_synthetic_conversations(fraction: float) -> None:
     # see docs/cache-efficiency.md)
     ours, lru = _ratios(conversations, fraction)
     assert ours > lru, (fraction, ours, lru)
+
+
+@given(
+    ops=st.lists(
+        st.tuples(st.sampled_from(["add", "touch", "touch twice", "evict"]), chain_st), max_size=60
+    )
+)
+def test_touching_a_chain_is_touching_its_keys_one_by_one_tail_first(
+    ops: list[tuple[str, list[str]]],
+) -> None:
+    """``touch`` moves runs of keys of one class in bulk: the same state, learned estimates
+    included, as single-key touches of the chain from its tail to its head."""
+    bulk = PredictedReuse(CAPACITY, min_period=3)
+    single = PredictedReuse(CAPACITY, min_period=3)
+    for op, chain in ops:
+        for policy in (bulk, single):
+            if op == "add":
+                policy.add(chain, [1] * len(chain))
+            elif op == "evict":
+                policy.evict_for(len(chain) * 4)
+        if op == "touch":
+            bulk.touch(chain)
+            for key in reversed(chain):
+                single.touch([key])
+        elif op == "touch twice":
+            # a key twice in one call: its second use sees the class the first gave it
+            bulk.touch([*chain, chain[0]])
+            single.touch([chain[0]])
+            for key in reversed(chain):
+                single.touch([key])
+        assert bulk.keys_by_eviction_order() == single.keys_by_eviction_order()
+        # a run's reuses are counted at once: equal up to the rounding of float sums
+        assert bulk.reuse_estimates() == pytest.approx(single.reuse_estimates(), rel=1e-12)
+        for resident in bulk.keys_by_eviction_order():
+            assert bulk.eviction_value(resident) == pytest.approx(
+                single.eviction_value(resident), rel=1e-12
+            )
+
+
+@given(fillers=st.lists(st.integers(0, 40), min_size=2, max_size=12))
+def test_a_run_whose_keys_were_idle_for_different_times_learns_each_idle_time(
+    fillers: list[int],
+) -> None:
+    """A run of one class whose idle times fall in different buckets (the keys were last used
+    far apart: ``fillers`` keys are added after each) counts each key's bucket, as single
+    touches do."""
+    bulk = PredictedReuse(1000, min_period=4)
+    single = PredictedReuse(1000, min_period=4)
+    for policy in (bulk, single):
+        for i, filler in enumerate(fillers):
+            policy.add([f"old{i}"], [1])
+            policy.add([f"filler{i}-{j}" for j in range(filler)], [1] * filler)
+    chain = [f"old{i}" for i in range(len(fillers))]
+    bulk.touch(chain)
+    for key in reversed(chain):
+        single.touch([key])
+    # the idle-time histograms themselves (the estimates only sum them until a refresh)
+    assert bulk._idle == pytest.approx(single._idle, rel=1e-12)
+    # a refresh turns the histograms into the estimates eviction uses: compare those too
+    for policy in (bulk, single):
+        policy.add([f"more{i}" for i in range(300)], [1] * 300)
+    assert bulk.keys_by_eviction_order() == single.keys_by_eviction_order()
+    for resident in bulk.keys_by_eviction_order():
+        assert bulk.eviction_value(resident) == pytest.approx(
+            single.eviction_value(resident), rel=1e-12
+        )
+
+
+# ----------------------------------------------------------------------------- study designs
+
+
+@pytest.mark.parametrize("batch", [None, 2])
+def test_the_l2_reuse_hierarchy_with_lru_tiers_is_the_replays_hierarchy(batch: int | None) -> None:
+    """``simulate_reuse_hierarchy`` (the study's L2 designs) with LRU in L2 and L3 gives the
+    prefix hits of the replay's own simulation with those policies, request by request."""
+    from hicache.replay.policies import simulate_reuse_hierarchy
+    from hicache.replay.simulate import simulate_hierarchy
+
+    chains, _ = conversations(seed=3, requests=600, active=12)
+    l1, l2, l3 = 20, 45, 90
+    ref = simulate_hierarchy(chains, l1, l2, l3, l3_policy=TailFirstLRU, l3_batch=batch)
+    got = simulate_reuse_hierarchy(chains, l1, TailFirstLRU(l2), TailFirstLRU(l3), l3_batch=batch)
+    assert list(got) == [a + b + c for a, b, c in zip(ref.l1, ref.l2, ref.l3, strict=True)]
+    assert sum(got) > 0

@@ -24,6 +24,7 @@ from hicache.replay.policies import (
     simulate_arc,
     simulate_capacity_policy,
     simulate_exclusive_hierarchy,
+    simulate_reuse_hierarchy,
     simulate_second_hit,
 )
 from hicache.replay.simulate import simulate_hierarchy, simulate_infinite, simulate_min
@@ -70,6 +71,27 @@ def _tiered_reuse(chains: Chains, cap: int, l1: int, l2: int) -> Sequence[int]:
     return [a + b + c for a, b, c in zip(r.l1, r.l2, r.l3, strict=True)]
 
 
+def _reuse_l2(all_uses: bool) -> Runner:
+    # the tiers' L3 (64-page calls) under an L2 (the host pool) that evicts by predicted reuse
+    def run(chains: Chains, cap: int, l1: int, l2: int) -> Sequence[int]:
+        return simulate_reuse_hierarchy(
+            chains,
+            l1,
+            PredictedReuse(max(l1 + 1, l2)),
+            make_capacity_policy(EvictionPolicy.PREDICTED_REUSE, cap, batch=64),
+            l3_batch=64,
+            all_uses_in_l3=all_uses,
+        )
+
+    return run
+
+
+def _exclusive_l2_l3(chains: Chains, cap: int, l1: int, l2: int) -> Sequence[int]:
+    # the most L2 and L3 can reach together: one predicted-reuse cache of their pages (L1
+    # stays a copy of part of L2, as in the radix cache)
+    return simulate_capacity_policy(chains, PredictedReuse(cap + l2))
+
+
 def _exclusive_tiers(chains: Chains, cap: int, l1: int, l2: int) -> Sequence[int]:
     policy = PredictedReuse(cap, tail_class=False)
     return simulate_exclusive_hierarchy(chains, l1, max(l1 + 1, l2), policy)
@@ -104,6 +126,18 @@ POLICIES: dict[str, tuple[str, Runner]] = {
     "hicache + predicted reuse": (
         "inclusive L1 ⊆ L2 + the tiers' predicted-reuse L3 (64-page calls)",
         _tiered_reuse,
+    ),
+    "L2 predicted reuse": (
+        "as hicache + predicted reuse, with L2 evicting by predicted reuse too",
+        _reuse_l2(False),
+    ),
+    "L2 reuse, all uses in L3": (
+        "as L2 predicted reuse, and every L1/L2 hit touched in L3 (uses counted across tiers)",
+        _reuse_l2(True),
+    ),
+    "exclusive L2 + L3": (
+        "one predicted-reuse cache of L2 + L3 pages: the bound of any L2/L3 design",
+        _exclusive_l2_l3,
     ),
     "exclusive tiers": (
         "L1 ⊆ L2 LRUs + a predicted-reuse L3 that gets only L2's victims (write-back)",
@@ -173,9 +207,19 @@ def plot_study(rows: Sequence[StudyRow], infinite: float, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
     xs = [r.fraction * 100 for r in rows]
-    for name in rows[0].ratios:
+    # more policies than the default cycle's 10 colours: one colour and marker each
+    colors = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]
+    markers = "os^vDP*Xhd<>p8"
+    for i, name in enumerate(rows[0].ratios):
         style = "--" if name in ("MIN", "LRU") else "-"
-        ax.plot(xs, [r.ratios[name] * 100 for r in rows], style, marker="o", label=name)
+        ax.plot(
+            xs,
+            [r.ratios[name] * 100 for r in rows],
+            style,
+            marker=markers[i % len(markers)],
+            color=colors[i % len(colors)],
+            label=name,
+        )
     ax.axhline(infinite * 100, color="grey", linestyle=":", label="infinite cache")
     ax.set_xscale("log")
     ax.set_xlabel("capacity (% of distinct pages, log scale)")

@@ -35,10 +35,13 @@ the older key goes first, so a suffix always goes before its head.
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import operator
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
+from typing import cast
 
 from hicache.errors import BackendCapacityError
 from hicache.storage.eviction import CapacityPolicy
@@ -62,6 +65,8 @@ DECAY = 0.95
 #: MIN_PERIOD keys): often enough to adapt, rare enough to cost nothing per key.
 PERIOD_SHARE = 4
 MIN_PERIOD = 256
+#: A key's code is its stamp times 8 plus its class (NUM_CLASSES <= 8).
+CLASS_MASK = 7
 
 
 def _uses(cls: int) -> int:
@@ -100,10 +105,14 @@ class PredictedReuse(CapacityPolicy):
         # False: classes by uses only (the study's ablation of the tail flag)
         self._tail_class = tail_class
         self._lock = threading.Lock()
-        self._class: dict[Hashable, int] = {}
+        # resident key -> its code: the stamp of its last use (every use gets its own) times
+        # 8, plus its class; one dict read and one write per use
+        self._code: dict[Hashable, int] = {}
         self._sizes: dict[Hashable, int] = {}
-        # per class: key -> stamp of its last use, least recent first
-        self._queues: list[OrderedDict[Hashable, int]] = [OrderedDict() for _ in range(NUM_CLASSES)]
+        # per class: its keys, least recent first
+        self._queues: list[OrderedDict[Hashable, None]] = [
+            OrderedDict() for _ in range(NUM_CLASSES)
+        ]
         # evicted key -> (class it left, stamp of its last use); least recently evicted first
         self._ghost: OrderedDict[Hashable, tuple[int, int]] = OrderedDict()
         self._used = 0
@@ -123,10 +132,10 @@ class PredictedReuse(CapacityPolicy):
         return self._used
 
     def __contains__(self, key: object) -> bool:
-        return key in self._class
+        return key in self._code
 
     def __len__(self) -> int:
-        return len(self._class)
+        return len(self._code)
 
     def add(self, keys: Sequence[Hashable], sizes: Sequence[int]) -> None:
         # docstring inherited
@@ -140,32 +149,48 @@ class PredictedReuse(CapacityPolicy):
 
     def touch(self, keys: Sequence[Hashable]) -> None:
         # docstring inherited
-        # The hot path (every read hit): _use's resident branch inlined, locals bound once; the
-        # keys entering each class are counted from the reuse histograms (see _entries).
+        # The hot path (every read hit). Keys of a chain that are used together share their
+        # history, so a chain is mostly a few runs of keys of one class: each run is moved
+        # with C-level bulk calls (map, update, extend), not a Python loop per key, with the
+        # effect of touching its keys one by one, tail first.
+        n = len(keys)
+        if n == 1:
+            with self._lock:
+                code = self._code.get(keys[0])
+                if code is not None:
+                    self._touch_one(keys[0], code)
+            return
+        if n == 0:
+            return
         with self._lock:
-            class_of, queues, nxt, idle = self._class, self._queues, _NEXT_CLASS, self._idle
-            clock = self._clock
-            for i in range(len(keys) - 1, -1, -1):
-                key = keys[i]
-                cls = class_of.get(key)
-                if cls is None:
-                    continue
-                clock += 1
-                # bit_length < NUM_BUCKETS for any clock below 2**63
-                idle[cls * NUM_BUCKETS + (clock - queues[cls].pop(key)).bit_length()] += 1.0
-                new = nxt[cls]
-                queues[new][key] = clock
-                if new != cls:
-                    class_of[key] = new
-            self._clock = clock
+            found = list(map(self._code.get, keys))
+            if len(set(keys)) != n or None in found:
+                # a key twice in one call (its second use must see the first's class), or
+                # keys not resident: one by one
+                for key in reversed(keys):
+                    code = self._code.get(key)
+                    if code is not None:
+                        self._touch_one(key, code)
+            else:
+                codes = cast("list[int]", found)  # every key resident
+                classes = list(map(operator.and_, codes, itertools.repeat(CLASS_MASK)))
+                if classes.count(classes[0]) == n:
+                    self._touch_run(keys[::-1], codes[::-1], classes[0])
+                else:
+                    end = n
+                    for cls, run in itertools.groupby(reversed(classes)):
+                        m = len(list(run))
+                        start = end - m
+                        self._touch_run(keys[start:end][::-1], codes[start:end][::-1], cls)
+                        end = start
 
     def remove(self, key: Hashable) -> bool:
         # docstring inherited
         with self._lock:
-            cls = self._class.pop(key, None)
-            if cls is None:
+            code = self._code.pop(key, None)
+            if code is None:
                 return False
-            del self._queues[cls][key]
+            del self._queues[code & CLASS_MASK][key]
             self._used -= self._sizes.pop(key)
             return True
 
@@ -177,7 +202,7 @@ class PredictedReuse(CapacityPolicy):
             )
         victims: list[str] = []
         with self._lock:
-            while self._class and self._used + nbytes > self._capacity:
+            while self._code and self._used + nbytes > self._capacity:
                 victims.append(self._evict_one())  # type: ignore[arg-type]
         return victims
 
@@ -187,24 +212,29 @@ class PredictedReuse(CapacityPolicy):
         """Snapshot of the resident keys in the order eviction would take them now."""
         with self._lock:
             saved = (
-                dict(self._class),
+                dict(self._code),
                 dict(self._sizes),
                 [OrderedDict(q) for q in self._queues],
                 OrderedDict(self._ghost),
                 self._used,
             )
             order = []
-            while self._class:
+            while self._code:
                 order.append(self._evict_one())
-            self._class, self._sizes, self._queues, self._ghost, self._used = saved
+            (
+                self._code,
+                self._sizes,
+                self._queues,
+                self._ghost,
+                self._used,
+            ) = saved
             return order
 
     def eviction_value(self, key: Hashable) -> tuple[float, int]:
         """What eviction compares for a resident ``key``: (the estimated probability that it is
         used again, its stamp); the smallest goes first. ``KeyError`` if not resident."""
         with self._lock:
-            cls = self._class[key]
-            stamp = self._queues[cls][key]
+            stamp, cls = divmod(self._code[key], 8)
             return self._value(cls, stamp), stamp
 
     def reuse_estimates(self) -> list[float]:
@@ -216,7 +246,7 @@ class PredictedReuse(CapacityPolicy):
     def clear(self) -> None:
         """Forget every key (the learned estimates stay)."""
         with self._lock:
-            self._class.clear()
+            self._code.clear()
             self._sizes.clear()
             for q in self._queues:
                 q.clear()
@@ -230,9 +260,10 @@ class PredictedReuse(CapacityPolicy):
         # The clock counts key uses: every key gets its own stamp, so within a batch recorded
         # tail first the tail is the oldest, and equal estimates evict it first.
         self._clock = clock = self._clock + 1
-        old = self._class.get(key)
-        if old is not None:
-            stamp = self._queues[old].pop(key)
+        code = self._code.get(key)
+        if code is not None:
+            stamp, old = divmod(code, 8)
+            del self._queues[old][key]
             self._used -= self._sizes[key]
             self._idle[old * NUM_BUCKETS + (clock - stamp).bit_length()] += 1.0
             cls = _NEXT_CLASS[old]
@@ -246,10 +277,65 @@ class PredictedReuse(CapacityPolicy):
                 cls = tail
                 self._fresh[tail] += 1.0
             self._since_refresh += 1
-        self._class[key] = cls
+        self._code[key] = clock * 8 + cls
         self._sizes[key] = size
-        self._queues[cls][key] = clock
+        self._queues[cls][key] = None
         self._used += size
+
+    def _touch_one(self, key: Hashable, code: int) -> None:
+        """Use the resident ``key`` whose code is ``code``."""
+        self._clock = clock = self._clock + 1
+        stamp, cls = divmod(code, 8)
+        self._idle[cls * NUM_BUCKETS + (clock - stamp).bit_length()] += 1.0
+        new = _NEXT_CLASS[cls]
+        self._code[key] = clock * 8 + new
+        if new == cls:
+            self._queues[cls].move_to_end(key)
+        else:
+            del self._queues[cls][key]
+            self._queues[new][key] = None
+
+    def _touch_run(self, keys: Sequence[Hashable], codes: Sequence[int], cls: int) -> None:
+        """Use resident ``keys`` (tail first, their ``codes``), all of class ``cls``, one after
+        another."""
+        m = len(keys)
+        first = self._clock + 1
+        self._clock += m
+        base = cls * NUM_BUCKETS
+        idle = self._idle
+        # key j (from 0) gets stamp first + j: its idle time lies between these two bounds.
+        # Keys used together before have consecutive stamps, so the bounds are close and
+        # usually in one bucket: then so is every key's, counted at once.
+        lo = (first - max(codes) // 8).bit_length()
+        hi = (self._clock - min(codes) // 8).bit_length()
+        if lo == hi:
+            idle[base + lo] += m
+        else:
+            # count the keys per bucket from their sorted idle times (8 x idle - cls, so
+            # computed in C from the codes): bucket b holds the idle times of bit length b
+            scaled = sorted(map(operator.sub, range(first * 8, (first + m) * 8, 8), codes))
+            below = 0
+            for b in range(lo, hi):
+                upto = bisect.bisect_left(scaled, (1 << (b + 3)) - cls)
+                idle[base + b] += upto - below
+                below = upto
+            idle[base + hi] += m - below
+        self._requeue_run(keys, first, cls)
+
+    def _requeue_run(self, keys: Sequence[Hashable], first: int, cls: int) -> None:
+        """Give ``keys`` (of class ``cls``) the stamps ``first``, ``first + 1``, ... and the
+        class of one more use, at the ends of its queue."""
+        new = _NEXT_CLASS[cls]
+        self._code.update(
+            zip(keys, range(first * 8 + new, (first + len(keys)) * 8, 8), strict=True)
+        )
+        queue = self._queues[cls]
+        # moved in C, one call per key (a deque of length 0 runs the map to its end)
+        if new == cls:
+            deque(map(queue.move_to_end, keys), 0)
+        else:
+            deque(map(queue.__delitem__, keys), 0)
+            deque(map(self._queues[new].__setitem__, keys, itertools.repeat(None)), 0)
 
     def _reused(self, cls: int) -> float:
         # every reuse adds one to its class's idle histogram; 0.5 is the prior's
@@ -264,7 +350,7 @@ class PredictedReuse(CapacityPolicy):
         return [max(1.0, e) for e in entered]
 
     def _after_entries(self) -> None:
-        n = len(self._class)
+        n = len(self._code)
         if n > self._peak:
             self._peak = n
         ghost = self._ghost
@@ -309,17 +395,18 @@ class PredictedReuse(CapacityPolicy):
     def _evict_one(self) -> Hashable:
         clock = self._clock
         keep = self._keep
+        code_of = self._code
         best_cls = -1
         best = (2.0, 0)
         for cls, queue in enumerate(self._queues):
             if not queue:
                 continue
-            stamp = queue[next(iter(queue))]
+            stamp = code_of[next(iter(queue))] >> 3
             value = (keep[cls][(clock - stamp).bit_length()], stamp)
             if value < best:
                 best, best_cls = value, cls
-        key, stamp = self._queues[best_cls].popitem(last=False)
-        del self._class[key]
+        key = self._queues[best_cls].popitem(last=False)[0]
+        stamp = code_of.pop(key) >> 3
         self._used -= self._sizes.pop(key)
         self._ghost[key] = (best_cls, stamp)
         return key

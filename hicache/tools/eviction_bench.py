@@ -10,6 +10,10 @@ structure with no policy, no lock and no bookkeeping (``OrderedDict.move_to_end`
 - ``reuse_touch_chain``, ``reuse_touch_single``, ``reuse_churn``  the same three operations of
   ``PredictedReuse`` (the default policy) against the same raw loops: its ``value`` over the
   ``lru_`` figure's is what choosing it costs per operation
+- ``reuse_vs_lru_touch_chain``, ``reuse_vs_lru_touch_single``  ``PredictedReuse`` touches
+  against ``TailFirstLRU``'s as the limit, the two interleaved in short slices and summed over
+  each round (the median of the rounds' ratios): the same-run answer to "how much slower than
+  LRU", which the figures above give only through their separate raw loops
 - ``clock_touch``       ``ClockSlots.touch``, touches/s
 - ``clock_claim``       ``ClockSlots.claim`` in full 16-way sets (a victim every time), claims/s
 """
@@ -58,6 +62,7 @@ def run_eviction_bench(num_keys: int = 100_000, rounds: int = 2_000, seed: int =
 
     figures += _policy_figures("lru", TailFirstLRU(num_keys), keys, chains, singles, rounds)
     figures += _policy_figures("reuse", PredictedReuse(num_keys), keys, chains, singles, rounds)
+    figures += _versus_lru_figures(keys, chains, singles)
     n = rounds * CHAIN
 
     clock = ClockSlots(num_keys)
@@ -160,4 +165,51 @@ def _policy_figures(
 
     figures.append(_figure(f"{prefix}_churn", "keys/s", n, ours_churn, raw_churn))
 
+    return figures
+
+
+#: Chains (or single keys x CHAIN) per slice of the interleaved comparison: short enough that
+#: both policies see the same load, long enough that a slice is not all timer overhead.
+SLICE = 50
+
+
+def _versus_lru_figures(
+    keys: list[str], chains: list[list[str]], singles: list[str]
+) -> list[Figure]:
+    """``PredictedReuse`` touches against ``TailFirstLRU``'s, interleaved slice by slice."""
+    policies: list[CapacityPolicy] = [TailFirstLRU(len(keys)), PredictedReuse(len(keys))]
+    for policy in policies:
+        for start in range(0, len(keys), CHAIN):
+            policy.add(keys[start : start + CHAIN], [1] * len(keys[start : start + CHAIN]))
+    single_calls = [(k,) for k in singles]
+    figures = []
+    for name, calls, per_call in (
+        ("reuse_vs_lru_touch_chain", chains, CHAIN),
+        ("reuse_vs_lru_touch_single", single_calls, 1),
+    ):
+        step = SLICE * (CHAIN // per_call)
+        ratios = []
+        totals = [0.0, 0.0]
+        for _ in range(REPEATS):
+            spent = [0.0, 0.0]
+            for start in range(0, len(calls), step):
+                part = calls[start : start + step]
+                for side, policy in enumerate(policies):
+                    touch = policy.touch
+                    began = time.perf_counter()
+                    for call in part:
+                        touch(call)
+                    spent[side] += time.perf_counter() - began
+            ratios.append(spent[0] / spent[1])
+            totals = [t + x for t, x in zip(totals, spent, strict=True)]
+        ops = REPEATS * len(calls) * per_call
+        figures.append(
+            Figure(
+                name,
+                "keys/s",
+                ops / totals[1],
+                ops / totals[0],
+                round_ratios=tuple(ratios),
+            )
+        )
     return figures
