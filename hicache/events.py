@@ -125,7 +125,8 @@ class StoredRun(NamedTuple):
     ``hashes`` are the pages' 32-byte content hashes and ``tokens`` their tokens, packed as
     ``keys.tokens_to_bytes`` does or as a list nobody else holds (an insert's own ints: no
     decoding); both are snapshots nobody changes (a later split of the node slices new lists),
-    so building later gives what building now would.
+    so building later gives what building now would. A queue builds each run once, and
+    ``build_events`` hands such a token list to the event it builds.
 
     One event carries the whole run (``block_hashes`` in chain order, ``token_ids`` of every
     page), as vLLM announces a request's new blocks: a router reads the same chain as from one
@@ -187,7 +188,10 @@ def build_events(items: Iterable[QueuedEvent]) -> list[KVEvent]:
             ids = ids.copy()
         toks = tokens_of.get(key)
         if toks is None:
-            toks = tokens_of[key] = _token_list(item.tokens)
+            # a run is built once and its token list is its own (StoredRun): the first event
+            # over these pages takes the list rather than a copy of its 1,000-odd references
+            tokens = item.tokens
+            toks = tokens_of[key] = unpack(tokens) if isinstance(tokens, bytes) else tokens
         else:
             toks = toks.copy()
         out.append(item.build(ids, toks))

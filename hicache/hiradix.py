@@ -310,10 +310,13 @@ class HiRadixCache(RadixCache):
     def _finish_write_through_ack(self, ack_id: int) -> None:
         """Announce and publish every fragment of ``ack_id`` in prefix order; unlock once."""
         record = self.ongoing_write_through.finish(ack_id)
-        group = self.storage.begin_publish() if self.storage is not None else None
+        storage = self.storage
+        publish = storage is not None and storage.tiers.publishing
+        group = storage.begin_publish() if storage is not None else None
         for frag in record.publish_nodes:
             self._emit_stored(frag, Medium.CPU_PINNED)
-            self.write_backup_storage(frag, group)
+            if publish:  # without publishing tiers there is nothing to hand the engine
+                self.write_backup_storage(frag, group)
         # prefetched pages inserted below the fragments meanwhile, now that their parents are
         if record.deferred:
             self.events.extend(record.deferred)
@@ -360,9 +363,12 @@ class HiRadixCache(RadixCache):
         ps = self.page_size
         key = node.key
         parent = self.parent_block_hash(node)
+        hashes = self.node_hashes(node)
         pages = []
-        for j, (h, hp) in enumerate(zip(self.node_hashes(node), node.host_value, strict=True)):
-            bid = block_id(h)
+        # the hashes' block ids decoded in one call, each page's key from its own hash
+        for j, (h, bid, hp) in enumerate(
+            zip(hashes, block_ids(hashes), node.host_value, strict=True)
+        ):
             pages.append(PublishPage(storage_key(h), hp, bid, parent, key[j * ps : (j + 1) * ps]))
             parent = bid
         return pages

@@ -53,14 +53,14 @@ from hicache.packed_tokens import (
     pack_matchable,
     unpack,
 )
-from hicache.radix_node import MatchResult, TreeNode
+from hicache.radix_node import MatchResult, PageList, TreeNode
 
 __all__ = ["MatchResult", "RadixCache", "TreeNode"]
 
 logger = logging.getLogger(__name__)
 
 #: Frees device pages; usually ``DevicePool.free``.
-FreePages = Callable[[list[int]], None]
+FreePages = Callable[[Sequence[int]], None]
 
 
 class RadixCache:
@@ -167,7 +167,7 @@ class RadixCache:
         tick = self._tick
         node = self.root
         last_device = node
-        pages: list[int] = []
+        pages: PageList | None = None  # the first device node's type: pages come back as given
         host_hit = 0
         on_device = True
         n = total - total % ps
@@ -198,7 +198,13 @@ class RadixCache:
                     below = None  # the request goes on with another page, or ends here
             child.last_access = tick
             if on_device and child.value is not None:
-                pages += child.value
+                if pages is None:
+                    pages = child.value[:]
+                else:
+                    try:
+                        pages.extend(child.value)  # an array by an array: one memcpy
+                    except TypeError:  # arrays of two type codes
+                        pages = [*pages, *child.value]
                 last_device = child
             else:
                 on_device = False
@@ -207,7 +213,9 @@ class RadixCache:
             i = end
             child = below
         self.match_tokens += n
-        if pages:  # a miss pays one addition
+        if pages is None:
+            pages = []
+        elif pages:  # a miss pays one addition
             self.match_device_pages += len(pages)
         if host_hit:
             self.match_host_pages += host_hit
@@ -218,6 +226,10 @@ class RadixCache:
     def insert(self, key: Sequence[int], pages: Sequence[int]) -> int:
         """Insert ``key`` whose KV is in device ``pages`` (one page index per ``page_size``).
 
+        ``pages`` given as an ``array`` stay one: the nodes keep slices of it, which hold no
+        Python int per page for the garbage collector to walk (a list of 1,000-odd page ids
+        per node was a quarter of a page-1 insert's time).
+
         Returns how many leading tokens were already cached on the device: for that range the
         tree keeps its own pages and ignores ``pages``; the tree owns the rest of ``pages`` from
         now on. A caller that matched a prefix (and reused the tree's pages for it) frees only
@@ -226,7 +238,8 @@ class RadixCache:
         """
         if type(key) is not list and type(key) is not array:
             key = list(key)
-        pages = pages if type(pages) is list else list(pages)
+        if type(pages) is not list and type(pages) is not array:
+            pages = list(pages)
         ps = self.page_size
         if len(key) != len(pages) * ps:
             raise ValueError(
@@ -275,7 +288,7 @@ class RadixCache:
         return dup
 
     def _add_leaf(
-        self, parent: TreeNode, first: tuple[int, ...], tokens: bytes, pages: list[int], tick: int
+        self, parent: TreeNode, first: tuple[int, ...], tokens: bytes, pages: PageList, tick: int
     ) -> TreeNode:
         node = TreeNode(tokens, pages, parent)
         node.last_access = tick
@@ -293,7 +306,7 @@ class RadixCache:
     def _on_new_leaf(self, node: TreeNode) -> None:
         """Called after an insert created ``node`` (hook for write-through)."""
 
-    def _revive(self, node: TreeNode, pages: list[int]) -> None:
+    def _revive(self, node: TreeNode, pages: PageList) -> None:
         """Give an L2-only node device pages again (an insert covered it); base trees have none."""
         node.value = pages
         if node.lock_ref > 0:

@@ -12,13 +12,18 @@ there.
 from __future__ import annotations
 
 import itertools
+from array import array
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
 
 from hicache.keys import tokens_to_bytes
 from hicache.packed_tokens import TOKEN_BYTES, unpack
 
-__all__ = ["MatchResult", "TreeNode"]
+__all__ = ["MatchResult", "PageList", "TreeNode"]
+
+#: A node's page indices: a list, or an ``array`` when the caller inserted one (see
+#: ``RadixCache.insert``); slices keep the type.
+PageList: TypeAlias = "list[int] | array[int]"
 
 _node_ids = itertools.count()
 
@@ -50,7 +55,7 @@ class TreeNode:
     def __init__(
         self,
         key: Sequence[int] | bytes,
-        value: list[int] | None,
+        value: PageList | None,
         parent: TreeNode | None,
     ) -> None:
         self.id = next(_node_ids)
@@ -59,7 +64,7 @@ class TreeNode:
         # bytes are taken as already packed; tokens_to_bytes rejects non-uint32 ids
         self.tokens = key if isinstance(key, bytes) else tokens_to_bytes(key)
         self.value = value
-        self.host_value: list[int] | None = None
+        self.host_value: PageList | None = None
         self.hashes: list[bytes] | None = None
         self.lock_ref = 0
         self.host_lock_ref = 0
@@ -108,7 +113,8 @@ class MatchResult(NamedTuple):
     """Result of :meth:`RadixCache.match_prefix`.
 
     ``device_pages`` are the device page indices of the longest prefix held in L1 (what the
-    engine puts in its page table); ``last_node`` is the deepest node of that prefix.
+    engine puts in its page table), in the form they were inserted (an ``array`` stays one);
+    ``last_node`` is the deepest node of that prefix.
     ``last_host_node`` is the deepest matched node overall, and ``host_hit_pages`` how many
     matched pages after the device prefix are only in host memory (loadable with ``load_back``).
 
@@ -117,7 +123,7 @@ class MatchResult(NamedTuple):
     0.7 us, a quarter of a whole miss).
     """
 
-    device_pages: list[int]
+    device_pages: PageList
     last_node: TreeNode
     last_host_node: TreeNode
     host_hit_pages: int = 0

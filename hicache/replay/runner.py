@@ -163,7 +163,7 @@ class TraceDriver:
                 self.content.fill(cache.device_pool, new, hashes[have:])
                 for h in hashes[have:]:
                     self._origin.setdefault(h, who)
-                dup = cache.insert(tokens[: (have + len(new)) * ps], r.device_pages + new)
+                dup = cache.insert(tokens[: (have + len(new)) * ps], [*r.device_pages, *new])
                 if dup != have * ps:
                     raise ReplayError(f"insert found {dup} tokens cached, expected {have * ps}")
         finally:

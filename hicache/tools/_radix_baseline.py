@@ -7,10 +7,11 @@
                            :mod:`hicache.tools._sglang_radix`)
 
 Every side builds its inputs in the form it takes, outside the timer, from fresh int objects
-per request (what a tokenizer hands over): hicache a ``list[int]`` of tokens and a list of page
-indices; SGLang an ``InsertParams``/``MatchPrefixParams`` around a ``RadixKey`` of an
-``array('q')`` and an int64 tensor of token slots. A side's ``step`` is what the serving loop
-calls for one request; the bench calls it for each prepared input.
+per request (what a tokenizer hands over): hicache a ``list[int]`` of tokens and an
+``array('i')`` of page indices (an engine's page table is an int32 tensor); SGLang an
+``InsertParams``/``MatchPrefixParams`` around a ``RadixKey`` of an ``array('q')`` and an int64
+tensor of token slots. A side's ``step`` is what the serving loop calls for one request; the
+bench calls it for each prepared input.
 """
 
 from __future__ import annotations
@@ -106,9 +107,11 @@ class _AckOnly(TransferEngine):
 
 
 def _hicache_inputs(ps: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    def insert_input(tokens: np.ndarray[Any, Any], i: int) -> tuple[list[int], list[int]]:
+    def insert_input(tokens: np.ndarray[Any, Any], i: int) -> tuple[list[int], array[int]]:
+        # page ids as an engine holds them (SGLang's page table is int32): no Python int per
+        # page, in the request nor in the tree that keeps slices of it
         n = len(tokens) // ps
-        return tokens.tolist(), list(range(i * n, (i + 1) * n))
+        return tokens.tolist(), array("i", range(i * n, (i + 1) * n))
 
     def match_input(tokens: np.ndarray[Any, Any]) -> list[int]:
         return tokens.tolist()  # type: ignore[no-any-return]
