@@ -109,7 +109,7 @@ def test_nodes_hold_packed_tokens_untracked_by_gc() -> None:
         assert type(node.tokens) is bytes and not gc.is_tracked(node.tokens)
         assert node.tokens == tokens_to_bytes(node.key)
         assert node.num_tokens == len(node.key) == len(node.value or []) * PS
-        assert cache.first_page(node) == tuple(node.key[:PS])
+        assert cache.first_page(node) == tokens_to_bytes(node.key[:PS])
         assert node.parent is not None and node.parent.children[cache.first_page(node)] is node
 
 
