@@ -158,8 +158,9 @@ class RadixCache:
         step = ps * TOKEN_BYTES
         if type(key) is list:
             # a miss packs only the first page, not the whole list (a miss costs ~1 us)
-            first = pack(key, 0, ps) if len(key) >= ps else None
-            if first is None or first not in self.root.children:
+            # (a first page that does not pack goes on: pack_request names a non-integer)
+            first = pack(key, 0, ps) if len(key) >= ps else b""
+            if first is not None and first not in self.root.children:
                 self._tick += 1
                 self.match_tokens += len(key) - len(key) % ps
                 return MatchResult([], self.root, self.root, 0)
