@@ -65,21 +65,21 @@ _BIG_ENDIAN = sys.byteorder == "big"
 
 def pack(tokens: Sequence[int], start: int = 0, stop: int | None = None) -> bytes | None:
     """``keys.tokens_to_bytes(tokens[start:stop])`` for a list or an ``array``, or None when an
-    id is not a uint32. An array's range is read in place (no slice copy); ``start >= 0``."""
-    if stop is None:
-        stop = len(tokens)
-    if type(tokens) is array:
-        return _pack_array(tokens, start, stop)
-    if type(tokens) is not list or start or stop != len(tokens):
-        tokens = list(tokens[start:stop])
-    arr = array(_ARRAY_CODE)
-    try:
-        arr.fromlist(tokens)  # measurably faster than array(code, tokens)
-    except (OverflowError, TypeError):
-        return None
-    if _BIG_ENDIAN:
-        arr.byteswap()
-    return arr.tobytes()
+    id is not a uint32 (``TypeError`` for one that is not an integer); ``start >= 0``."""
+    if type(tokens) is list:  # the common case (a list miss packs one page): kept short
+        arr = array(_ARRAY_CODE)
+        try:
+            arr.fromlist(tokens[start:stop] if start or stop is not None else tokens)
+        except (OverflowError, TypeError):
+            pass  # pack_request below says which
+        else:
+            if _BIG_ENDIAN:
+                arr.byteswap()
+            return arr.tobytes()
+    # an array's slice is a memcpy; a list's copies references, not ints
+    tokens = tokens[start:stop] if type(tokens) is array else list(tokens[start:stop])
+    packed, n = pack_request(tokens)
+    return bytes(packed) if len(packed) == n * TOKEN_BYTES else None
 
 
 _np: Any = None
@@ -94,28 +94,6 @@ def _numpy() -> Any:
 
         _np = numpy
     return _np
-
-
-def _pack_array(tokens: array[int], start: int, stop: int) -> bytes | None:
-    """``pack`` of an array's range, without a Python int per token where the layout allows."""
-    stop = min(stop, len(tokens))  # as a slice would
-    if stop <= start:
-        return b""
-    size = tokens.itemsize
-    if _BIG_ENDIAN:
-        return pack(tokens[start:stop].tolist())
-    if size == 8 and tokens.typecode in "qQlL":
-        np = _numpy()
-        wide = np.frombuffer(tokens, dtype="<u8", count=stop - start, offset=start * size)
-        # read as unsigned, a negative id is above 2**63: one maximum checks the whole range
-        # (measured 3x cheaper than testing the high words, and than comparing after narrowing)
-        if np.maximum.reduce(wide) > 0xFFFFFFFF:
-            return None
-        packed: bytes = wide.astype("<u4").tobytes()
-        return packed
-    if size == TOKEN_BYTES and tokens.typecode in "IL":
-        return memoryview(tokens)[start:stop].tobytes()
-    return pack(tokens[start:stop].tolist())
 
 
 _INT_CODES = frozenset("bBhHiIlLqQ")
@@ -192,7 +170,8 @@ def _pack_numpy(arr: Any) -> tuple[Packed, int]:
         arr = arr.astype(dtype.newbyteorder("="))
     if dtype.kind == "i" or size > TOKEN_BYTES:
         # read as unsigned, a negative id is above every valid one: one maximum checks the
-        # whole run (measured 3x cheaper than testing high words or comparing after narrowing)
+        # whole run (measured 3x cheaper than testing the high words, and than comparing after
+        # narrowing); it also brings the run into the cache for the narrowing
         wide = arr.view(f"u{size}")
         limit = _U32_MAX if size > TOKEN_BYTES else (1 << (8 * size - 1)) - 1
         if n and np.maximum.reduce(wide) > limit:
