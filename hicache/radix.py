@@ -11,23 +11,25 @@ A :class:`RadixCache` maps page-aligned token sequences to KV pages in the devic
 - ``inc_lock_ref(node)`` / ``dec_lock_ref(node)``   protect a node and its ancestors
 
 Keys are whole pages: a node holds ``len(value) * page_size`` tokens and its children are keyed
-by the tuple of their first page's tokens, so each step down the tree is one dict lookup. Node
+by their first page, packed (``bytes``), so each step down the tree is one dict lookup. Node
 values are page indices (not token slots), which keeps splits and copies small.
 
 Nodes keep their tokens packed (``TreeNode.tokens``), laid out as ``keys.tokens_to_bytes`` does
 (uint32, little-endian), never as a ``list``. A ``bytes`` object holds no Python objects, so the
 garbage collector never walks it: with lists, walking every new leaf's 1,000-odd tokens in each
 young-generation collection cost more than the insert itself. A request is packed once (on
-insert; on a match, only once its first page hit), after which every node compare is a
-``memcmp``, and content hashes read the packed tokens as they are. Token ids are therefore
-uint32, as content hashes already require: ``insert`` raises ``ValueError`` for others, and a
-match stops before the first page holding one (no node can hold it).
+insert; on a match of a list, only once its first page hit), after which the walk reads only
+packed bytes: one dict lookup of a page's bytes per node, one ``memcmp`` per node run however
+long, and, where a run differs, a galloping then bisecting compare that finds the page
+(``packed_tokens.common_pages``). Content hashes read the packed tokens as they are. Token ids
+are therefore uint32, as content hashes already require: ``insert`` raises ``ValueError`` for
+others, and a match stops before the first page holding one (no node can hold it).
 
-A request may also come as an ``array`` of token ids (``array('q')`` is what SGLang's scheduler
-holds); it is then packed through numpy, in place, without a Python int per token: the form to
-hand over for long prompts. A list is packed with ``array.fromlist``, several times faster than
-comparing a list of fresh ints (a tokenizer's output shares no int objects with the tree) element
-by element, so a match packs and compares bytes even when it ends at a shared prefix.
+A request comes in any form ``packed_tokens.pack_request`` accepts: a list (a tokenizer's, what
+vLLM hands over), an integer ``array`` (``array('q')`` is what SGLang's scheduler holds), a 1-D
+integer numpy array, or ``bytes`` already packed. The array forms are narrowed by numpy, in C,
+without a Python int per token: the forms to hand over for long prompts. A list of fresh ints
+costs ~8 ns a token to read whatever is done with it (packing it is the cheapest reading).
 
 The tree also carries the fields the hierarchical cache (``hicache.hiradix``) needs — host pages,
 lazily computed content hashes, the pending write-through id — so a split here slices all of them
@@ -40,18 +42,19 @@ from __future__ import annotations
 
 import heapq
 import logging
+import struct
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 
 from hicache.events import BlockRemoved, EventQueue, KVEvent, Medium, StoredRun
-from hicache.keys import block_id, block_ids, tokens_to_bytes
+from hicache.keys import block_id, block_ids
 from hicache.packed_tokens import (
     TOKEN_BYTES,
+    Tokens,
     chain_hashes_packed,
     common_pages,
-    pack,
-    pack_matchable,
-    unpack,
+    pack_request,
+    token_list,
 )
 from hicache.radix_node import MatchResult, PageList, TreeNode
 
@@ -85,6 +88,7 @@ class RadixCache:
         if page_size <= 0:
             raise ValueError(f"page_size must be positive, got {page_size}")
         self.page_size = page_size
+        self._page_struct = struct.Struct(f"<{page_size}I")  # one page, packed
         self._free_pages = free_pages
         self.seed = seed
         self.gpu_events = gpu_events
@@ -140,29 +144,38 @@ class RadixCache:
 
     # ------------------------------------------------------------------ match
 
-    def page_aligned(self, key: Sequence[int]) -> list[int]:
-        """``key`` cut to whole pages, as a list."""
+    def page_aligned(self, key: Tokens) -> list[int]:
+        """``key`` (any accepted form) cut to whole pages, as a list."""
+        key = token_list(key)
         n = len(key) - len(key) % self.page_size
-        if type(key) is list:
-            return key if n == len(key) else key[:n]
-        return list(key[:n])
+        return key if n == len(key) else key[:n]
 
-    def match_prefix(self, key: Sequence[int]) -> MatchResult:
+    def match_prefix(self, key: Tokens) -> MatchResult:
         """Find the longest cached prefix of ``key`` (cut to whole pages).
 
         Nodes on the path are touched for LRU. A match ending inside a node splits it, so the
         returned nodes cover exactly the matched pages.
         """
         ps = self.page_size
-        if isinstance(key, array):  # packed without a Python int per token (see above)
-            cut = len(key) % ps
-            key = key[: len(key) - cut] if cut else key
-        elif type(key) is not list:
-            key = self.page_aligned(key)
-        # a list is not cut (a copy of a long prompt): the walk stops at ``n``, and tokens of
-        # the partial last page packed along never meet a node (nodes hold whole pages)
-        total = len(key)
         step = ps * TOKEN_BYTES
+        if type(key) is list:
+            # a miss packs only the first page, not the whole list: with a struct, twice as
+            # fast as array.fromlist for a page (a first page that does not pack goes on to
+            # pack_request, which names a non-integer and stops before an id out of range)
+            first: bytes | None = b""
+            if len(key) >= ps:
+                try:
+                    first = self._page_struct.pack(*key[:ps])
+                except struct.error:
+                    first = None
+            if first is not None and first not in self.root.children:
+                self._tick += 1
+                self.match_tokens += len(key) - len(key) % ps
+                return MatchResult([], self.root, self.root, 0)
+        packed, total = pack_request(key)
+        view = memoryview(packed)
+        # whole pages of valid ids: nodes hold whole pages, and no node holds an invalid id
+        limit = len(view) - len(view) % step
         self._tick += 1
         tick = self._tick
         node = self.root
@@ -170,32 +183,19 @@ class RadixCache:
         pages: PageList | None = None  # the first device node's type: pages come back as given
         host_hit = 0
         on_device = True
-        n = total - total % ps
-        child = node.children.get(tuple(key[:ps])) if n else None
-        packed = b""  # key[start:], packed as far as a compare needed it
-        start = 0
-        i = 0
+        child = node.children.get(bytes(view[:step])) if limit else None
+        i = 0  # bytes of the request matched
         while child is not None:
             tokens = child.tokens
-            end = i + len(tokens) // TOKEN_BYTES
-            below = child.children.get(tuple(key[end : end + ps])) if end < n else None
-            # a one-page node matched with the dict lookup; longer ones need a compare
-            if len(tokens) > step:
-                if start + len(packed) // TOKEN_BYTES < min(end, n):
-                    # pack once up to where the walk can go: all of the rest when the node
-                    # below matches too (the common full hit), else this node's span
-                    start = i
-                    stop = n if below is not None else min(end, n)
-                    if not start and (total - stop) * 5 < stop:
-                        # a list from its start packs in place; a slice of it would cost more
-                        # than packing the few tokens after ``stop`` too
-                        stop = total
-                    packed = pack_matchable(key, ps, start, stop)
-                offset = (i - start) * TOKEN_BYTES
-                if not packed.startswith(tokens, offset):
-                    child = self._split_node(child, common_pages(tokens, packed, offset, step))
-                    end = i + child.num_tokens
-                    below = None  # the request goes on with another page, or ends here
+            end = i + len(tokens)
+            # a one-page node matched with the dict lookup; a longer one needs one memcmp
+            # (no Python step per page, however long the node)
+            if len(tokens) > step and (end > limit or not tokens.startswith(view[i:end])):
+                child = self._split_node(child, common_pages(tokens, view[:limit], i, step))
+                end = i + len(child.tokens)
+                below = None  # the request goes on with another page, or ends here
+            else:
+                below = child.children.get(bytes(view[end : end + step])) if end < limit else None
             child.last_access = tick
             if on_device and child.value is not None:
                 if pages is None:
@@ -208,11 +208,11 @@ class RadixCache:
                 last_device = child
             else:
                 on_device = False
-                host_hit += (end - i) // ps
+                host_hit += (end - i) // step
             node = child
             i = end
             child = below
-        self.match_tokens += n
+        self.match_tokens += total - total % ps
         if pages is None:
             pages = []
         elif pages:  # a miss pays one addition
@@ -223,7 +223,7 @@ class RadixCache:
 
     # ------------------------------------------------------------------ insert
 
-    def insert(self, key: Sequence[int], pages: Sequence[int]) -> int:
+    def insert(self, key: Tokens, pages: Sequence[int]) -> int:
         """Insert ``key`` whose KV is in device ``pages`` (one page index per ``page_size``).
 
         ``pages`` given as an ``array`` stay one: the nodes keep slices of it, which hold no
@@ -234,61 +234,64 @@ class RadixCache:
         tree keeps its own pages and ignores ``pages``; the tree owns the rest of ``pages`` from
         now on. A caller that matched a prefix (and reused the tree's pages for it) frees only
         its own pages between that prefix and the returned length. Token ids must be uint32
-        (``ValueError`` otherwise, before the tree changes).
+        (``ValueError`` otherwise, before the tree changes); ``key`` may come in any form
+        :func:`~hicache.packed_tokens.pack_request` accepts.
         """
-        if type(key) is not list and type(key) is not array:
-            key = list(key)
         if type(pages) is not list and type(pages) is not array:
             pages = list(pages)
         ps = self.page_size
-        if len(key) != len(pages) * ps:
+        packed, n = pack_request(key)
+        if n != len(pages) * ps:
             raise ValueError(
-                f"insert needs len(key) == len(pages) * page_size, got {len(key)} tokens for "
+                f"insert needs len(key) == len(pages) * page_size, got {n} tokens for "
                 f"{len(pages)} pages of {ps}"
             )
-        packed = pack(key)
-        if packed is None:
-            packed = tokens_to_bytes(list(key))  # raises, naming the bad token id
+        view = memoryview(packed)
+        size = len(view)
+        if size != n * TOKEN_BYTES:
+            bad = token_list(key)[size // TOKEN_BYTES]
+            raise ValueError(f"token id {bad!r} is outside the uint32 range [0, {2**32 - 1}]")
         step = ps * TOKEN_BYTES
         self._tick += 1
         tick = self._tick
         node = self.root
         dup = 0
         on_device = True
-        i = 0
-        n = len(key)
-        first: tuple[int, ...] = ()
-        while i < n:
-            first = tuple(key[i : i + ps])
+        i = 0  # bytes of the request walked
+        first = b""
+        while i < size:
+            first = bytes(view[i : i + step])
             child = node.children.get(first)
             if child is None:
                 break
             tokens = child.tokens
+            end = i + len(tokens)
             # the dict hit proved the first page equal; one memcmp covers the rest
-            if len(tokens) > step and not packed.startswith(tokens, i * TOKEN_BYTES):
-                child = self._split_node(child, common_pages(tokens, packed, i * TOKEN_BYTES, step))
-            klen = child.num_tokens
+            if len(tokens) > step and (end > size or not tokens.startswith(view[i:end])):
+                child = self._split_node(child, common_pages(tokens, view, i, step))
+                end = i + len(child.tokens)
             child.last_access = tick
             if child.value is None:
                 on_device = False
-                self._revive(child, pages[i // ps : (i + klen) // ps])
+                self._revive(child, pages[i // step : end // step])
             elif on_device:
-                dup = i + klen
+                dup = end // TOKEN_BYTES
             self._on_path(child)
             node = child
-            i += klen
-        if i < n:
-            rest = packed[i * TOKEN_BYTES :] if i else packed
-            node = self._add_leaf(node, first, rest, pages[i // ps :], tick)
+            i = end
+        if i < size:
+            node = self._add_leaf(node, first, bytes(view[i:]), pages[i // step :], tick)
             if self.gpu_events:
                 # a list key's own ints are the event's tokens: a slice copies references,
                 # where decoding the packed run would make a new int per token
-                self._emit_stored(node, Medium.GPU, key[i:] if type(key) is list else None)
+                self._emit_stored(
+                    node, Medium.GPU, key[i // TOKEN_BYTES :] if type(key) is list else None
+                )
             self._on_new_leaf(node)
         return dup
 
     def _add_leaf(
-        self, parent: TreeNode, first: tuple[int, ...], tokens: bytes, pages: PageList, tick: int
+        self, parent: TreeNode, first: bytes, tokens: bytes, pages: PageList, tick: int
     ) -> TreeNode:
         node = TreeNode(tokens, pages, parent)
         node.last_access = tick
@@ -296,9 +299,9 @@ class RadixCache:
         self._evictable_pages += len(pages)
         return node
 
-    def first_page(self, node: TreeNode) -> tuple[int, ...]:
-        """``node``'s key in its parent's ``children``: the tuple of its first page's tokens."""
-        return tuple(unpack(node.tokens[: self.page_size * TOKEN_BYTES]))
+    def first_page(self, node: TreeNode) -> bytes:
+        """``node``'s key in its parent's ``children``: its first page, packed."""
+        return node.tokens[: self.page_size * TOKEN_BYTES]
 
     def _on_path(self, node: TreeNode) -> None:
         """Called for every existing node an insert walks through (hook for hit counting)."""

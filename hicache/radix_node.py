@@ -59,7 +59,7 @@ class TreeNode:
         parent: TreeNode | None,
     ) -> None:
         self.id = next(_node_ids)
-        self.children: dict[tuple[int, ...], TreeNode] = {}
+        self.children: dict[bytes, TreeNode] = {}  # keyed by the first page, packed
         self.parent = parent
         # bytes are taken as already packed; tokens_to_bytes rejects non-uint32 ids
         self.tokens = key if isinstance(key, bytes) else tokens_to_bytes(key)

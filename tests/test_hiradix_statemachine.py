@@ -556,7 +556,7 @@ class HiRadixMachine(RuleBasedStateMachine):
         def walk(node: TreeNode, prefix: list[int]) -> None:
             nonlocal evictable, protected
             for first, child in node.children.items():
-                assert child.parent is node and tuple(child.key[:PS]) == first
+                assert child.parent is node and cache.first_page(child) == first
                 assert child.key and len(child.key) % PS == 0
                 full = prefix + child.key
                 npages = len(child.key) // PS

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hicache.events import BlockRemoved, BlockStored, Medium
-from hicache.keys import ModelIdentity, block_id, chain_hashes, seed_hash
+from hicache.keys import ModelIdentity, block_id, chain_hashes, seed_hash, tokens_to_bytes
 from hicache.radix import RadixCache, TreeNode
 
 PS = 4
@@ -26,7 +26,7 @@ def check_tree(cache: RadixCache) -> dict[tuple[int, ...], int]:
         nonlocal evictable, protected
         for first, child in node.children.items():
             assert child.parent is node
-            assert tuple(child.key[:PS]) == first
+            assert cache.first_page(child) == first == tokens_to_bytes(child.key[:PS])
             assert len(child.key) % PS == 0 and child.key
             assert child.value is not None and len(child.value) * PS == len(child.key)
             assert child.lock_ref >= 0

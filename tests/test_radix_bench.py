@@ -75,6 +75,19 @@ def test_without_peer_says_so_and_reports_hicache_alone(
     assert all(w["vs_sglang_same_run"] == {} for w in out["workloads"])
 
 
+@pytest.mark.parametrize(("form", "named"), [("array", "array('q')"), ("list", "list[int]")])
+def test_hicache_input_form_is_chosen_and_stated(
+    form: str, named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hicache gets the ``array('q')`` SGLang takes unless told otherwise; the output says which
+    form each side got, and both forms give verified results."""
+    out = _run([*_SMALL, "--no-peer", "--rounds=1", f"--hicache-input={form}"], capsys)
+    assert out["inputs"]["hicache"] == named
+    assert out["inputs"]["sglang"] == "RadixKey(array('q'))"
+    assert "outside the timer" in out["inputs"]["built"]
+    _check_workloads(out, {"hicache", "hicache_served"})
+
+
 def test_text_output_names_a_missing_peer(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     radix_bench.add_arguments(parser)

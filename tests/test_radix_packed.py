@@ -11,17 +11,21 @@ from __future__ import annotations
 import gc
 from array import array
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hicache.keys import chain_hashes, tokens_to_bytes
 from hicache.packed_tokens import (
+    Tokens,
     chain_hashes_packed,
     common_pages,
     pack,
-    pack_matchable,
+    pack_request,
+    token_list,
     unpack,
 )
 from hicache.radix import RadixCache, TreeNode
@@ -46,6 +50,22 @@ FORMS: list[Callable[[list[int]], Sequence[int]]] = [
     lambda t: array("q", t),
     lambda t: array("I", t),
 ]
+
+
+#: Every form a tree takes a request in (``packed_tokens.pack_request``): the above, numpy arrays
+#: (int64 as SGLang's tensors, uint32 read in place), ``bytes`` already packed, a memoryview.
+REQUEST_FORMS: list[Callable[[list[int]], Tokens]] = [
+    *FORMS,
+    lambda t: np.array(t, dtype=np.int64),
+    lambda t: np.array(t, dtype=np.uint32),
+    lambda t: np.array(t, dtype=">i8"),  # another byte order
+    lambda t: np.repeat(np.array(t, dtype=np.int64), 2)[::2],  # not contiguous
+    tokens_to_bytes,
+    lambda t: bytearray(tokens_to_bytes(t)),
+    lambda t: memoryview(array("q", t)),
+]
+FORM_IDS = ["list", "array_q", "array_I", "np_i8", "np_u4", "np_be", "np_strided", "bytes"]
+FORM_IDS += ["bytearray", "memoryview_q"]
 
 
 def tokens(page_ids: list[int]) -> list[int]:
@@ -87,11 +107,14 @@ def test_pack_of_a_range_in_every_form(toks: list[int], start: int, stop: int, f
     assert pack(FORMS[form](toks), start, stop) == want
 
 
-def test_pack_refuses_and_pack_matchable_cuts_at_ids_outside_uint32() -> None:
+def test_pack_refuses_and_pack_request_cuts_at_ids_outside_uint32() -> None:
     good = tokens([0, 1])
     assert pack([*good, -1]) is None and pack([*good, 2**32]) is None
-    assert pack_matchable([*good, 9, 9, 2**32, 9, 9], PS) == tokens_to_bytes(good)
-    assert pack_matchable([1, -1, *good], PS) == b""
+    for form in (list, lambda t: array("q", t), lambda t: np.array(t, dtype=np.int64)):
+        packed, n = pack_request(form([*good, 9, 9, 2**32, 9, 9]))
+        assert bytes(packed) == tokens_to_bytes([*good, 9, 9]) and n == 2 * PS + 5
+        packed, n = pack_request(form([1, -1, *good]))
+        assert bytes(packed) == tokens_to_bytes([1]) and n == 2 + 2 * PS
     step = PS * 4
     a, b = tokens_to_bytes(tokens([0, 1, 2])), tokens_to_bytes(tokens([3, 0, 1, 4]))
     assert common_pages(a, b, step, step) == 2  # a vs b's pages 1..: [0, 1] shared, then 2 != 4
@@ -109,7 +132,7 @@ def test_nodes_hold_packed_tokens_untracked_by_gc() -> None:
         assert type(node.tokens) is bytes and not gc.is_tracked(node.tokens)
         assert node.tokens == tokens_to_bytes(node.key)
         assert node.num_tokens == len(node.key) == len(node.value or []) * PS
-        assert cache.first_page(node) == tuple(node.key[:PS])
+        assert cache.first_page(node) == tokens_to_bytes(node.key[:PS])
         assert node.parent is not None and node.parent.children[cache.first_page(node)] is node
 
 
@@ -172,9 +195,9 @@ def test_a_long_node_matches_up_to_an_id_outside_uint32_just_after_it() -> None:
         assert cache.match_prefix([*tokens([0, 1, 2, 4]), 5, bad, 0, 0]).device_pages == [0, 1, 2]
 
 
-@pytest.mark.parametrize("form", FORMS, ids=["list", "array_q", "array_I"])
+@pytest.mark.parametrize("form", REQUEST_FORMS, ids=FORM_IDS)
 @pytest.mark.parametrize("ps", [1, PS])
-def test_chunked_compare_edges(form: Callable[[list[int]], Sequence[int]], ps: int) -> None:
+def test_chunked_compare_edges(form: Callable[[list[int]], Tokens], ps: int) -> None:
     """A 6-page node, then requests differing inside a page, at a page border, in the last
     token, with a partial last page: each splits (or not) exactly at the last equal page."""
     conv = form
@@ -222,7 +245,7 @@ ops = st.lists(
         st.sampled_from(["insert", "match"]),
         st.lists(st.integers(0, len(PAGES) - 1), min_size=0, max_size=8),
         st.integers(0, PS - 1),  # a partial trailing page, which matches ignore
-        st.sampled_from(range(len(FORMS))),  # the form the request comes in
+        st.sampled_from(range(len(REQUEST_FORMS))),  # the form the request comes in
     ),
     max_size=30,
 )
@@ -240,7 +263,7 @@ def test_long_nodes_match_a_prefix_model(
     next_page = 0
     for op, page_ids, extra, form in operations:
         key = tokens(page_ids)
-        conv = FORMS[form]
+        conv: Callable[[list[int]], Any] = REQUEST_FORMS[form]
         if op == "insert":
             if not page_ids:
                 continue
@@ -274,3 +297,95 @@ def test_long_nodes_match_a_prefix_model(
                     got[p] = page
                 stack.append((child, p))
         assert got == content
+
+
+@settings(max_examples=60)
+@given(
+    st.lists(st.integers(0, U32_MAX), max_size=3 * PS),
+    st.sampled_from(range(len(REQUEST_FORMS))),
+)
+def test_every_request_form_packs_alike(toks: list[int], form: int) -> None:
+    """Each form gives the keys layout and the token count, and reads back as the list."""
+    req = REQUEST_FORMS[form](toks)
+    packed, n = pack_request(req)
+    assert bytes(packed) == tokens_to_bytes(toks) and n == len(toks)
+    assert token_list(req) == toks
+
+
+@pytest.mark.parametrize(
+    ("request_", "error", "message"),
+    [
+        (array("d", [1.0, 2.0]), TypeError, "array of type 'd'"),
+        (np.array([1.0, 2.0]), TypeError, "dtype float64"),
+        (np.array([True, False]), TypeError, "dtype bool"),
+        (np.zeros((2, 4), dtype=np.int64), ValueError, r"one-dimensional, got shape \(2, 4\)"),
+        (b"\x01\x00\x00\x00\x02", ValueError, "4 bytes each: got 5 bytes"),
+        (bytearray(7), ValueError, "got 7 bytes"),
+        ([1, 2, "3", 4], TypeError, "got str '3' at 2"),
+        ([1, 2.5], TypeError, "got float 2.5 at 1"),
+    ],
+)
+def test_requests_that_are_not_token_ids_get_one_clear_error(
+    request_: object, error: type[Exception], message: str
+) -> None:
+    """Match and insert refuse them alike, naming what is wrong, before the tree changes."""
+    cache = RadixCache(2)
+    cache.insert([1, 2, 3, 4], [0, 1])
+    with pytest.raises(error, match=message):
+        cache.match_prefix(request_)  # type: ignore[arg-type]
+    with pytest.raises(error, match=message):
+        cache.insert(request_, [5, 6])  # type: ignore[arg-type]
+    assert [n.num_tokens for n in cache.iter_nodes()] == [4] and cache.evictable_pages == 2
+
+
+def test_long_requests_in_every_form_match_and_insert_alike() -> None:
+    """A 32k-token shared prefix (the long-prompt case): every form finds the same pages, and
+    an insert from any form shares exactly the prefix."""
+    rng = np.random.default_rng(1)
+    prefix = rng.integers(0, 128_000, size=32_768).tolist()
+    tail = rng.integers(0, 128_000, size=(len(REQUEST_FORMS), 64)).tolist()
+    ps = 64
+    cache = RadixCache(ps)
+    first = prefix + tail[0]
+    cache.insert(first, list(range(len(first) // ps)))
+    for j, form in enumerate(REQUEST_FORMS):
+        assert cache.match_prefix(form(first)).device_pages == list(range(len(first) // ps))
+        req = prefix + tail[j] if j else [*prefix[:-1], 7, *tail[0]]
+        shared = len(prefix) // ps - (0 if j else 1)
+        assert cache.match_prefix(form(req)).device_pages == list(range(shared))
+        assert cache.insert(form(req), list(range(1000, 1000 + len(req) // ps))) == shared * ps
+
+
+@settings(max_examples=100)
+@given(
+    st.integers(1, 3),
+    st.integers(1, 40),
+    st.integers(0, 45),
+    st.integers(0, 3),
+    st.data(),
+)
+def test_common_pages_finds_the_first_differing_page(
+    ps: int, pages: int, diff_at: int, offset_pages: int, data: st.DataObject
+) -> None:
+    """Galloping then bisecting gives what a page-by-page compare gives, wherever the runs
+    differ and however much of the request is left."""
+    step = ps * 4
+    run = data.draw(st.binary(min_size=pages * step, max_size=pages * step))
+    # the request: the run's first pages (up to past the run's end), one byte flipped in page
+    # ``diff_at`` when it has one, after ``offset_pages`` pages of anything
+    other = bytearray(run[: max(step, (diff_at + 1) * step)])
+    if diff_at and diff_at * step < len(other):
+        other[diff_at * step + data.draw(st.integers(0, step - 1))] ^= 0xFF
+    packed = data.draw(st.binary(min_size=offset_pages * step, max_size=offset_pages * step))
+    packed += bytes(other)
+    offset = offset_pages * step
+    want = 1
+    limit = min(len(run), len(packed) - offset) // step
+    while (
+        want < limit
+        and run[want * step : (want + 1) * step]
+        == packed[offset + want * step : offset + (want + 1) * step]
+    ):
+        want += 1
+    assert common_pages(run, packed, offset, step) == want
+    assert common_pages(run, memoryview(packed), offset, step) == want

@@ -6,12 +6,15 @@
 - :func:`sglang_sides`     SGLang's ``RadixCache`` with events off and on (the real class, see
                            :mod:`hicache.tools._sglang_radix`)
 
-Every side builds its inputs in the form it takes, outside the timer, from fresh int objects
-per request (what a tokenizer hands over): hicache a ``list[int]`` of tokens and an
-``array('i')`` of page indices (an engine's page table is an int32 tensor); SGLang an
-``InsertParams``/``MatchPrefixParams`` around a ``RadixKey`` of an ``array('q')`` and an int64
-tensor of token slots. A side's ``step`` is what the serving loop calls for one request; the
-bench calls it for each prepared input.
+Every side builds its inputs in the form it takes, outside the timer, from fresh objects per request
+(a tokenizer's list of fresh ints, put in that form): SGLang an
+``InsertParams``/``MatchPrefixParams`` around a ``RadixKey`` of an ``array('q')`` (what SGLang 0.5's
+scheduler holds) and an int64 tensor of token slots; hicache, by default, the same ``array('q')`` of
+tokens (its trees take it as it is, see ``packed_tokens.pack_request``) and an ``array('i')`` of
+page indices (an engine's page table is an int32 tensor). ``input_form="list"`` hands hicache the
+``list[int]`` itself instead (what vLLM holds): reading a list of fresh ints costs ~8 ns a token
+whatever reads it. A side's ``step`` is what the serving loop calls for one request; the bench calls
+it for each prepared input.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ from hicache.radix import RadixCache
 from hicache.tools._sglang_radix import SglangPeer
 from hicache.transfer import Direction, TransferEngine
 
-__all__ = ["Side", "Workload", "hicache_sides", "sglang_sides"]
+__all__ = ["INPUT_FORMS", "Side", "Workload", "hicache_sides", "sglang_sides"]
+
+#: The request forms ``hicache_sides`` can hand hicache's trees.
+INPUT_FORMS = ("array", "list")
 
 _VOCAB = 128_000
 
@@ -106,24 +112,29 @@ class _AckOnly(TransferEngine):
         return
 
 
-def _hicache_inputs(ps: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    def insert_input(tokens: np.ndarray[Any, Any], i: int) -> tuple[list[int], array[int]]:
+def _hicache_inputs(ps: int, form: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    if form not in INPUT_FORMS:
+        raise ValueError(f"input form must be one of {INPUT_FORMS}, got {form!r}")
+
+    def request(tokens: np.ndarray[Any, Any]) -> Any:
+        fresh = tokens.tolist()  # fresh ints, as a tokenizer hands them over
+        return fresh if form == "list" else array("q", fresh)
+
+    def insert_input(tokens: np.ndarray[Any, Any], i: int) -> tuple[Any, array[int]]:
+        n = len(tokens) // ps
         # page ids as an engine holds them (SGLang's page table is int32): no Python int per
         # page, in the request nor in the tree that keeps slices of it
-        n = len(tokens) // ps
-        return tokens.tolist(), array("i", range(i * n, (i + 1) * n))
+        return request(tokens), array("i", range(i * n, (i + 1) * n))
 
-    def match_input(tokens: np.ndarray[Any, Any]) -> list[int]:
-        return tokens.tolist()  # type: ignore[no-any-return]
-
-    return insert_input, match_input
+    return insert_input, request
 
 
-def hicache_sides(w: Workload) -> dict[str, Side]:
+def hicache_sides(w: Workload, input_form: str = "array") -> dict[str, Side]:
     """``hicache``: the plain tree; ``hicache_served``: ``HiRadixCache`` as served (write-through,
-    events on for GPU and CPU_PINNED, ``writing_check`` and ``take_events`` after each insert)."""
+    events on for GPU and CPU_PINNED, ``writing_check`` and ``take_events`` after each insert).
+    ``input_form``: the form of the requests handed to both (see :data:`INPUT_FORMS`)."""
     ps = w.page_size
-    insert_input, match_input = _hicache_inputs(ps)
+    insert_input, match_input = _hicache_inputs(ps, input_form)
     plain = RadixCache(ps)
     pages = w.requests * w.pages_per_request + 1
     layout = KVLayout(1, 1, 1, ps, torch.float32)  # tiny pages: no KV bytes to speak of
@@ -131,7 +142,7 @@ def hicache_sides(w: Workload) -> dict[str, Side]:
     host = HostPool(layout, pages, pin=False)
     served = HiRadixCache(dev, host, _AckOnly(dev, host))
 
-    def served_insert(a: tuple[list[int], list[int]]) -> int:
+    def served_insert(a: tuple[Any, list[int]]) -> int:
         dup = served.insert(a[0], a[1])
         served.writing_check()
         served.take_events()

@@ -15,8 +15,10 @@ second of this process's CPU time (other tenants of a shared machine do not coun
 The peer is SGLang's real ``RadixCache`` (:mod:`hicache.tools._sglang_radix`), run in this
 process; without SGLang the bench says so and prints hicache's figures alone. Inputs are fresh
 objects per request, each side's in the form it takes, built outside the timer
-(:mod:`hicache.tools._radix_baseline`). Each round builds fresh trees, the sides alternating;
-figures are medians over ``--rounds``. Every match result is checked against the workload.
+(:mod:`hicache.tools._radix_baseline`): SGLang a ``RadixKey`` of an ``array('q')``, hicache the
+same ``array('q')`` (``--hicache-input list`` hands it the tokenizer's ``list[int]`` instead).
+Each round builds fresh trees, the sides alternating; figures are medians over ``--rounds``.
+Every match result is checked against the workload.
 
 Also printed: the garbage collector's share of each side's insert time (the collector runs as in
 a server, only the harness's inputs are frozen out of it), and the Python memory per cached page
@@ -35,7 +37,14 @@ import tracemalloc
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from hicache.tools._radix_baseline import Side, Workload, hicache_sides, prepared, sglang_sides
+from hicache.tools._radix_baseline import (
+    INPUT_FORMS,
+    Side,
+    Workload,
+    hicache_sides,
+    prepared,
+    sglang_sides,
+)
 from hicache.tools._sglang_radix import PeerMissing, SglangPeer, load_peer
 
 __all__ = ["add_arguments", "run"]
@@ -80,6 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-requests", type=int, default=200, help="requests traced")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the median counts")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument(
+        "--hicache-input",
+        choices=INPUT_FORMS,
+        default="array",
+        help="request form handed to hicache (default: array, the array('q') SGLang takes)",
+    )
     parser.add_argument("--no-peer", action="store_true", help="do not import SGLang")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -176,14 +191,14 @@ def _memory(
 
 
 def _workload_figures(
-    w: Workload, peer: SglangPeer | None, rounds: int, memory_requests: int
+    w: Workload, peer: SglangPeer | None, rounds: int, memory_requests: int, form: str
 ) -> dict[str, Any]:
     clock = _GcClock()
     per_round: list[dict[str, dict[str, tuple[float, float]]]] = []
     gc.callbacks.append(clock)
     try:
         for r in range(rounds):
-            sides = hicache_sides(w)
+            sides = hicache_sides(w, form)
             if peer is not None:
                 sides.update(sglang_sides(w, peer))
             order = list(sides)
@@ -205,7 +220,7 @@ def _workload_figures(
     }
     mw = Workload(w.page_size, w.prefix_tokens, w.unique_tokens, min(w.requests, memory_requests))
     names = ["hicache", "hicache_served"]
-    memory = _memory(mw, lambda: hicache_sides(mw), names)
+    memory = _memory(mw, lambda: hicache_sides(mw, form), names)
     if peer is not None:
         memory.update(_memory(mw, lambda: sglang_sides(mw, peer), ["sglang", "sglang_events"]))
     return {
@@ -230,6 +245,11 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {
         "timer": "process CPU time; medians of rounds",
         "rounds": args.rounds,
+        "inputs": {
+            "hicache": "array('q')" if args.hicache_input == "array" else "list[int]",
+            "sglang": "RadixKey(array('q'))",
+            "built": "per request from fresh ints, outside the timer",
+        },
         "peer": (
             {"name": "sglang.srt.mem_cache.radix_cache.RadixCache", "version": peer.version}
             | {"stand_ins": peer.stand_ins}
@@ -242,7 +262,9 @@ def run(args: argparse.Namespace) -> int:
         for prefix in args.prefix_tokens:
             n = args.long_requests if prefix > 4096 else args.requests
             w = Workload(ps, prefix, args.unique_tokens, n, args.seed)
-            figures = _workload_figures(w, peer, args.rounds, args.memory_requests)
+            figures = _workload_figures(
+                w, peer, args.rounds, args.memory_requests, args.hicache_input
+            )
             result["workloads"].append(figures)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -256,9 +278,14 @@ def _print_table(result: dict[str, Any]) -> None:
     if "missing" in peer:
         print(f"SGLang peer not installed: {peer['missing']}; hicache's figures alone")
     else:
-        print(f"peer: SGLang {peer['version']} RadixCache, same process, same inputs")
+        print(f"peer: SGLang {peer['version']} RadixCache, same process")
         for name, why in peer["stand_ins"].items():
             print(f"  import-only stand-in for {name} (raises if called): {why}")
+    inputs = result["inputs"]
+    print(
+        f"inputs {inputs['built']}: hicache {inputs['hicache']}"
+        + ("" if "missing" in peer else f", SGLang {inputs['sglang']}")
+    )
     print(f"requests/s, {result['timer']} ({result['rounds']} rounds)")
     head = f"{'ps':>3s} {'prefix':>6s} {'phase':14s} {'hicache':>10s} {'sglang':>10s} {'ratio':>6s}"
     print(head)
