@@ -684,9 +684,6 @@ class HiRadixMachine(RuleBasedStateMachine):
                     elif parent is not None:
                         assert parent in announced or parent in stored
                     announced.add(bid)
-            # and, everything polled, no page is left announced that the tier no longer holds
-            held = {block_id(k) for k in stored_keys(b)}
-            assert announced <= held, (medium, sorted(announced - held))
 
     @invariant()
     def events_in_prefix_order_once_per_residency(self) -> None:
@@ -741,6 +738,19 @@ class HiRadixMachine(RuleBasedStateMachine):
         # the flaky tier's removals are exactly the pages it dropped on its own
         dropped_ids = {block_id(k) for k in self.flaky_evicted}
         assert {i for e in removed if e.medium == "DISK" for i in e.block_hashes} == dropped_ids
+        # everything polled (the tiers' evictions too): no page is left announced on a tier
+        # that no longer holds it (an eviction polled before the result of the put or read
+        # that stored or found the page must not be followed by its announcement)
+        for b in (self.flaky, self.steady):
+            medium = b.capabilities.default_medium
+            announced: set[int] = set()
+            for e in self.events:
+                if isinstance(e, BlockRemoved) and e.medium == medium:
+                    announced.difference_update(e.block_hashes)
+                elif isinstance(e, BlockStored) and e.medium == medium:
+                    announced.update(e.block_hashes)
+            held = {block_id(k) for k in stored_keys(b)}
+            assert announced <= held, (medium, sorted(announced - held))
 
 
 HiRadixMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
