@@ -442,11 +442,14 @@ class HiRadixMachine(RuleBasedStateMachine):
         self.apply_call_faults()
 
     @precondition(lambda self: self.flaky_hang is None)
-    @rule(gets=st.booleans())
-    def hang_flaky(self, gets: bool) -> None:
+    @rule(gets=st.booleans(), after=st.booleans())
+    def hang_flaky(self, gets: bool, after: bool) -> None:
         """The flaky tier's puts (and reads) hang past their deadline until released: a read
-        that timed out keeps its host pages held until it returns."""
-        self.flaky_hang = self.flaky.hang([FaultOp.PUT, FaultOp.GET] if gets else [FaultOp.PUT])
+        that timed out keeps its host pages held until it returns. ``after``: the hung calls
+        did their work first (pages stored or read), so ``tier_evicts`` can drop those pages
+        and the eviction be polled before the held result comes."""
+        ops = [FaultOp.PUT, FaultOp.GET] if gets else [FaultOp.PUT]
+        self.flaky_hang = self.flaky.hang(ops, after=after)
 
     @precondition(lambda self: self.flaky_hang is not None)
     @rule(data=st.data())
