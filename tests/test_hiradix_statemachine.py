@@ -309,6 +309,10 @@ class HiRadixMachine(RuleBasedStateMachine):
         for h in self.handles:
             cache.check_prefetch(h, wait=True)
         self.handles.clear()
+        # a finished prefetch walks its path, which backs up any device node there that an
+        # earlier insert left without host pages (L2 was held by hung calls): that copy is
+        # submitted only now, so it is completed before the checks
+        self.engine.complete_all()
         self.settle()
         self.final_checks()
         cache.close()
