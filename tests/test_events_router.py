@@ -20,6 +20,7 @@ import pytest
 from hicache.events import BlockRemoved
 from hicache.keys import block_id
 from hicache.replay.app import ReplayHooks, ReplaySettings, run_replay
+from hicache.replay.plan import ByteMode
 
 pytest.importorskip("zmq")
 pytest.importorskip("msgpack")
@@ -153,6 +154,11 @@ def test_router_relearns_a_gap_and_ends_with_the_cache_s_blocks(
         config=config,
         # measuring the tier writes and reads 96 MiB of its own pages: nothing this test asserts
         calibrate=False,
+        # a replay page per trace block (16 token ids), not 32 real pages of 16 tokens: the
+        # same requests, hits, tier writes, wipe and event batches (one per request) at 1/32 of
+        # the pages, so one run takes seconds, not minutes (what the router must relearn is
+        # the gap in the batches, not their size)
+        bytes_mode=ByteMode.SCALED,
         l1_fraction=0.02,
         l2_fraction=0.3,
     )

@@ -68,6 +68,25 @@ def test_read_runs_while_every_write_slot_is_blocked() -> None:
     pool.shutdown(wait=True)
 
 
+def test_a_job_queued_with_a_thread_idle_is_not_starved_by_a_hung_job() -> None:
+    """Threads start on demand. A write is queued while the one thread is idle, and before
+    that thread wakes a read is queued: it takes the read first (reads first), and the read
+    hangs. The write must still run on a thread of its own: the pool is under its bound (it
+    once waited for the hung read, and the engine's eviction poll with it)."""
+    pool = LanedPool(2, "t")
+    gate = _Gate()
+    assert pool.submit(gate.job("warm", block=False)).result(WAIT_S) == "warm"
+    wait_for(lambda: pool._idle == 1, what="the one thread idle")
+    with pool._cv:  # the idle thread cannot wake until both are queued
+        write = pool.submit(gate.job("w", block=False), Lane.WRITE)
+        read = pool.submit(gate.job("r"), Lane.READ)
+    assert write.result(WAIT_S) == "w"
+    assert not read.done()  # still hung
+    gate.release.set()
+    assert read.result(WAIT_S) == "r"
+    pool.shutdown(wait=True)
+
+
 def test_queued_read_goes_before_queued_writes_on_one_thread() -> None:
     pool = LanedPool(1, "t")
     gate = _Gate()

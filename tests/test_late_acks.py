@@ -13,6 +13,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Sequence
 
+import pytest
 import torch
 
 from hicache.config import TierSettings
@@ -45,13 +46,24 @@ def keys_for(n: int, salt: str) -> list[str]:
 
 
 class Rig:
-    """One held-up tier, a host pool and the engine; collects every event polled."""
+    """One held-up tier, a host pool and the engine; collects every event polled.
+    ``capacity_pages``: the tier evicts (LRU) to hold at most that many pages."""
 
-    def __init__(self, *, io_threads: int = 4) -> None:
-        self.backend = FaultyBackend(memory_backend(LAYOUT.page_bytes, namespace="late"))
+    def __init__(
+        self,
+        *,
+        io_threads: int = 4,
+        capacity_pages: int | None = None,
+        deadline_s: float = DEADLINE_S,
+    ) -> None:
+        capacity = None
+        if capacity_pages is not None:  # a page is stored with its header
+            capacity = capacity_pages * stored_size(LAYOUT.page_bytes)
+        inner = memory_backend(LAYOUT.page_bytes, namespace="late", capacity=capacity)
+        self.backend = FaultyBackend(inner)
         settings = TierSettings(
             medium=MEDIUM,
-            deadline_s=DEADLINE_S,
+            deadline_s=deadline_s,
             retry_attempts=1,
             breaker_failures=100,
             io_threads=io_threads,
@@ -270,45 +282,93 @@ def test_withheld_pages_are_bounded_and_taken_by_parent() -> None:
     assert withheld.take_children(2) == [] and len(withheld) == 0
 
 
+def resident_by_events(events: Sequence[KVEvent]) -> set[int]:
+    """The blocks the tier's medium holds by the events: stored and not removed since."""
+    resident: set[int] = set()
+    for e in events:
+        if isinstance(e, BlockRemoved) and e.medium == MEDIUM:
+            resident.difference_update(e.block_hashes)
+        elif isinstance(e, BlockStored) and e.medium == MEDIUM:
+            resident.update(e.block_hashes)
+    return resident
+
+
+def wait_removal_polled(rig: Rig, bid: int) -> None:
+    """Poll until the tier's removal of ``bid`` came through as an event."""
+
+    def removed() -> bool:
+        rig.poll()
+        return any(isinstance(e, BlockRemoved) and bid in e.block_hashes for e in rig.events)
+
+    wait_for(removed, what="the tier's eviction polled")
+
+
+def held_by_tier(rig: Rig, keys: list[str]) -> set[int]:
+    there = rig.backend.inner.exists(keys)
+    return {block_id(k) for k, held in zip(keys, there, strict=True) if held}
+
+
 def test_a_page_evicted_before_its_put_was_polled_is_not_left_announced() -> None:
     """A second put fills the tier and evicts pages of the first before the engine has polled
     either result: the first put's result and the eviction report reach one poll together. The
     events must end with exactly what the tier holds (stored, then removed), never a page
     announced after its removal."""
-    #: room for 4 stored pages (a page is stored with its header)
-    room = 4 * stored_size(LAYOUT.page_bytes)
-    backend = memory_backend(LAYOUT.page_bytes, namespace="evict-unpolled", capacity=room)
-    settings = TierSettings(medium=MEDIUM, deadline_s=60.0, retry_attempts=1, io_threads=1)
-    tiers = Tiers([Tier("t", backend, settings)])
-    tiers.open()
-    host = HostPool(LAYOUT, 32, pin=False)
-    engine = StorageEngine(tiers, host, page_size=PS, evict_poll_interval_s=0)
-    try:
-        keys = []
-        for chain in ("first", "second"):
-            chain_keys = keys_for(3, chain)
-            keys += chain_keys
-            slots = host.alloc(len(chain_keys))
-            assert slots is not None
-            pages, parent = [], None
-            for i, (k, h) in enumerate(zip(chain_keys, slots, strict=True)):
-                host.page_view(h)[:] = bytes([i + 1]) * LAYOUT.page_bytes
-                pages.append(PublishPage(k, h, block_id(k), parent, [i, i + 1]))
-                parent = block_id(k)
-            group = engine.begin_publish()
-            engine.publish(group, pages)
-            engine.end_publish(group)
-            assert engine.wait_idle(WAIT_S)
-        events = engine.poll().events + engine.poll().events
-        resident: set[int] = set()
-        for e in events:
-            if isinstance(e, BlockRemoved) and e.medium == MEDIUM:
-                resident.difference_update(e.block_hashes)
-            elif isinstance(e, BlockStored) and e.medium == MEDIUM:
-                resident.update(e.block_hashes)
-        held = {block_id(k) for k, there in zip(keys, backend.exists(keys), strict=True) if there}
-        assert 0 < len(held) <= 4, held
-        assert resident == held, (sorted(resident), sorted(held))
-    finally:
-        engine.close()
-        tiers.close()
+    rig = Rig(capacity_pages=4, io_threads=1, deadline_s=60.0)
+    keys = keys_for(3, "first") + keys_for(3, "second")
+    for chain in (keys[:3], keys[3:]):
+        rig.publish(rig.pages(chain))
+        assert rig.engine.wait_idle(WAIT_S)
+    rig.poll()
+    rig.poll()
+    held = held_by_tier(rig, keys)
+    assert 0 < len(held) <= 4, held
+    assert resident_by_events(rig.events) == held, (
+        sorted(resident_by_events(rig.events)),
+        sorted(held),
+    )
+    rig.close()
+
+
+@pytest.mark.parametrize("when", ["in_time", "late", "read_back"])
+def test_a_result_polled_after_its_pages_eviction_does_not_announce_them(when: str) -> None:
+    """Reports come from several worker threads: the tier stores (or reads) a page, evicts it,
+    and the eviction is polled before the result of the call that stored (read) it. That
+    result must not announce the page: events would say the tier holds a page it does not, and
+    the engine would not put its chain back. The hang after the call's work holds its result
+    while the eviction is polled; ``late`` holds it past the deadline (a late ack)."""
+    rig = Rig(deadline_s=DEADLINE_S if when == "late" else 60.0)
+    keys = keys_for(3, f"evicted-{when}")
+    ids = [block_id(k) for k in keys]
+    if when == "read_back":
+        rig.publish(rig.pages(keys))
+        rig.settle()
+        assert rig.announced() == ids
+        rig.backend.evict(keys)  # gone and announced so, then published again
+        wait_removal_polled(rig, ids[0])
+        rig.events.clear()
+        rig.publish(rig.pages(keys))
+        rig.settle()
+        assert resident_by_events(rig.events) == set(ids)
+        release = rig.backend.hang(ops=[FaultOp.GET], count=1, after=True)
+        host = rig.host.alloc(3)
+        assert host is not None
+        rig.engine.submit_prefetch(keys, host, token_ids=[[0, 1], [1, 2], [2, 3]])
+    else:
+        release = rig.backend.hang(ops=[FaultOp.PUT], count=1, after=True)
+        rig.publish(rig.pages(keys))
+    assert rig.backend.wait_hung(1)  # the call did its work (stored or read); result held
+    if when == "late":
+        rig.wait_groups_settled()  # its deadline passed: counted failed, nothing announced
+    # the tier drops the last two pages; the eviction is polled before the held result
+    rig.backend.evict(keys[1:])
+    wait_removal_polled(rig, ids[1])
+    release.set()
+    rig.settle()
+    held = held_by_tier(rig, keys)
+    assert held == {ids[0]}
+    assert resident_by_events(rig.events) == held, (sorted(resident_by_events(rig.events)), ids)
+    assert_prefix_order_once_per_residency(rig.events)
+    if when != "read_back":
+        assert rig.announced() == ids[:1]
+    assert rig.host.total_holds() == 0
+    rig.close()

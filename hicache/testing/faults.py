@@ -9,10 +9,12 @@ knob can be turned while calls are in flight; all are thread-safe.
                                        (a failed put leaves no key behind, as the contract says)
 - ``fail_calls(n, error, ops)``        the next ``n`` calls (``None`` = all, until cleared) raise
                                        ``error()`` (default ``BackendUnavailableError``)
-- ``hang(ops, count, keys)``           calls block until the returned ``threading.Event`` is set
+- ``hang(ops, count, keys, after)``    calls block until the returned ``threading.Event`` is set
                                        (past any deadline); only the next ``count`` calls when
                                        given, only calls naming one of ``keys`` when given;
-                                       ``wait_hung(n)`` waits until n are in
+                                       ``after=True``: once the call did its work (a put stored,
+                                       a get read), before it returns; ``wait_hung(n)`` waits
+                                       until n are in
 - ``clear_key_faults()``               forget every ``fail_keys`` fault (the other knobs stay)
 - ``damage_on_get(damage)``            before a key is first read, ``damage(inner, key)`` harms
                                        the page where it rests (a raw hook such as the kit's
@@ -91,6 +93,7 @@ class FaultyBackend(Backend):
         self._hang_ops: frozenset[FaultOp] = ALL_OPS
         self._hang_left: int | None = None
         self._hang_keys: frozenset[str] | None = None
+        self._hang_after = False
         self._hung_now = 0
         self._vanish: set[str] = set()
         self._damage: Callable[[Backend, str], None] | None = None
@@ -135,15 +138,20 @@ class FaultyBackend(Backend):
         ops: Iterable[FaultOp | str] | None = None,
         count: int | None = None,
         keys: Iterable[str] | None = None,
+        *,
+        after: bool = False,
     ) -> threading.Event:
         """Block calls on ``ops`` (only the next ``count`` ones, only those naming one of
-        ``keys``, when given) until the returned event is set (then they proceed)."""
+        ``keys``, when given) until the returned event is set (then they proceed). ``after``:
+        block once the inner call returned (its pages stored or read), before returning it: its
+        result comes after whatever the test does meanwhile."""
         event = threading.Event()
         with self._lock:
             self._hang_event = event
             self._hang_ops = _ops(ops)
             self._hang_left = count
             self._hang_keys = None if keys is None else frozenset(keys)
+            self._hang_after = after
         return event
 
     def clear_key_faults(self) -> None:
@@ -220,7 +228,9 @@ class FaultyBackend(Backend):
 
     # ------------------------------------------------------------------ the injection
 
-    def _enter(self, op: FaultOp, keys: Sequence[str]) -> None:
+    def _enter(self, op: FaultOp, keys: Sequence[str]) -> threading.Event | None:
+        """Count the call and inject its faults; return the hang to wait on once the inner call
+        returned (``hang(after=True)``), if any."""
         with self._lock:
             self.calls[op.value] += 1
             latency = self.latency_s
@@ -238,23 +248,31 @@ class FaultyBackend(Backend):
                     self._call_fail_left -= 1
                 raise_now = self._call_error()
                 self.injected["call_error"] += 1
-            if event is not None and not event.is_set():
-                self._hung_now += 1
-                self.injected["hang"] += 1
-                self._lock.notify_all()
-            else:
+            if event is not None and event.is_set():
                 event = None
+            after = event if self._hang_after else None
         if latency > 0:
             time.sleep(latency)
-        if event is not None:
-            try:
-                event.wait()
-            finally:
-                with self._lock:
-                    self._hung_now -= 1
-                    self._lock.notify_all()
+        if after is None:
+            self._hold(event)
         if raise_now is not None:
             raise raise_now
+        return after
+
+    def _hold(self, event: threading.Event | None) -> None:
+        """Block on a hang until it is released (``hung_now`` counts the call meanwhile)."""
+        if event is None:
+            return
+        with self._lock:
+            self._hung_now += 1
+            self.injected["hang"] += 1
+            self._lock.notify_all()
+        try:
+            event.wait()
+        finally:
+            with self._lock:
+                self._hung_now -= 1
+                self._lock.notify_all()
 
     def _key_fault(self, key: str, op: FaultOp) -> PageStatus | None:
         fault = self._key_faults.get(key)
@@ -281,15 +299,19 @@ class FaultyBackend(Backend):
 
     def _exists(self, keys: Sequence[str]) -> list[bool]:
         try:
-            self._enter(FaultOp.EXISTS, keys)
-            return self.inner.exists(keys)
+            after = self._enter(FaultOp.EXISTS, keys)
+            found = self.inner.exists(keys)
+            self._hold(after)
+            return found
         finally:
             self._exit(FaultOp.EXISTS)
 
     def _exists_prefix(self, keys: Sequence[str]) -> int:
         try:
-            self._enter(FaultOp.EXISTS, keys)
-            return self.inner.exists_prefix(keys)
+            after = self._enter(FaultOp.EXISTS, keys)
+            found = self.inner.exists_prefix(keys)
+            self._hold(after)
+            return found
         finally:
             self._exit(FaultOp.EXISTS)
 
@@ -307,13 +329,14 @@ class FaultyBackend(Backend):
 
     def _delete(self, keys: Sequence[str]) -> None:
         try:
-            self._enter(FaultOp.DELETE, keys)
+            after = self._enter(FaultOp.DELETE, keys)
             self.inner.delete(keys)
+            self._hold(after)
         finally:
             self._exit(FaultOp.DELETE)
 
     def _put_faulty(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:
-        self._enter(FaultOp.PUT, keys)
+        after = self._enter(FaultOp.PUT, keys)
         out: list[PageStatus | None] = [None] * len(keys)
         pass_keys: list[str] = []
         pass_srcs: list[PageParts] = []
@@ -331,10 +354,11 @@ class FaultyBackend(Backend):
         if pass_keys:
             for i, status in zip(where, self.inner.put(pass_keys, pass_srcs), strict=True):
                 out[i] = status
+        self._hold(after)
         return [s if s is not None else PageStatus.FAILED for s in out]
 
     def _get_faulty(self, keys: Sequence[str], dsts: Sequence[PageParts]) -> list[PageStatus]:
-        self._enter(FaultOp.GET, keys)
+        after = self._enter(FaultOp.GET, keys)
         out: list[PageStatus | None] = [None] * len(keys)
         with self._lock:
             self.get_log.extend(keys)
@@ -359,6 +383,7 @@ class FaultyBackend(Backend):
             if status is PageStatus.CORRUPT or status is PageStatus.FAILED:
                 for region in dsts[i]:  # "undefined" contents
                     region.cast("B")[:] = bytes([GARBAGE]) * region.nbytes
+        self._hold(after)
         return [s if s is not None else PageStatus.FAILED for s in out]
 
     def _damage_stored(self, keys: Sequence[str]) -> None:

@@ -27,6 +27,14 @@ the tiers' put results into ``BlockStored(<tier medium>)`` events:
   to) is exactly what was announced
 - a batch may go to some tiers only (ancestors republished to a tier that lost them,
   :meth:`Announcer.missing`); the other tiers skip it
+- a page the tier reported evicted after its put (or read) was handed out is not announced by
+  that put's result (or read): reports come from several worker threads, so an eviction can be
+  polled before the result of a put that stored the page it removed, and announcing that put
+  would leave the page announced on a tier that no longer holds it (and ``known``, so its chain
+  would never be put back). :class:`EvictionLog` remembers the evictions by report number;
+  each put and read carries the number it was handed out at. A put handed out before the
+  eviction may also have stored a new residency after it: that page stays unannounced (read
+  back or published again, it is announced then), the safe side of the race
 
 The announcer runs on the cache's thread only (the engine's ``poll``).
 """
@@ -45,6 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Announcer",
+    "EvictionLog",
     "KnownBlocks",
     "PublishGroup",
     "PublishPage",
@@ -54,6 +63,8 @@ __all__ = [
 
 #: Block ids remembered per tier as "stored there" (for parent checks), ~100 bytes each.
 DEFAULT_KNOWN_CAPACITY = 1 << 20
+#: Evictions remembered per tier by report number (see :class:`EvictionLog`), at most.
+EVICTION_LOG_CAPACITY = 1 << 16
 #: Pages remembered per tier as stored but not announced (their head is not), at most: each
 #: keeps its token ids, and a tier that keeps failing heads would otherwise pile them up.
 WITHHELD_CAPACITY = 1 << 14
@@ -91,6 +102,9 @@ class PublishGroup:
     batches: list[list[PublishPage]] = field(default_factory=list)
     #: Per batch, the tiers it was handed to (or dropped for): the others skip it.
     targets: list[frozenset[str]] = field(default_factory=list)
+    #: Per (tier, batch), the tier's eviction mark when the batch was handed to it: a page
+    #: evicted after it is not announced by that put's result.
+    marks: dict[tuple[str, int], int] = field(default_factory=dict)
     results: dict[tuple[str, int], list[PageStatus]] = field(default_factory=dict)
     progress: dict[str, TierProgress] = field(default_factory=dict)
     closed: bool = False
@@ -175,6 +189,41 @@ class WithheldPages:
         return block_id in self._parent_of
 
 
+class EvictionLog:
+    """One tier's evictions as the cache's thread polled them, numbered per report, so a put or
+    read result can tell whether its page was evicted after the work was handed out (its
+    ``mark``). Bounded, oldest first out; a forgotten eviction raises ``floor``, and a mark below
+    the floor counts as evicted: forgetting only ever withholds an announcement."""
+
+    __slots__ = ("_at", "capacity", "floor", "seq")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        #: Reports logged so far: the mark of work handed out now.
+        self.seq = 0
+        #: The newest report number forgotten.
+        self.floor = 0
+        self._at: OrderedDict[int, int] = OrderedDict()
+
+    def add(self, block_ids: list[int]) -> None:
+        """Log one report of ``block_ids`` leaving the tier."""
+        self.seq += 1
+        at = self._at
+        for bid in block_ids:
+            at[bid] = self.seq
+            at.move_to_end(bid)
+        while len(at) > self.capacity:
+            _, seq = at.popitem(last=False)
+            self.floor = max(self.floor, seq)
+
+    def evicted_since(self, block_id: int, mark: int) -> bool:
+        """Whether ``block_id`` may have left the tier after ``mark`` (work handed out then)."""
+        return self._at.get(block_id, 0) > mark or self.floor > mark
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+
 class Announcer:
     """Open publish groups and what each tier is known to hold (see the module docstring)."""
 
@@ -198,6 +247,8 @@ class Announcer:
         self.known = {t.name: KnownBlocks(known_capacity) for t in tiers}
         withheld = min(known_capacity, WITHHELD_CAPACITY)
         self.withheld = {t.name: WithheldPages(withheld) for t in tiers}
+        log = min(known_capacity, EVICTION_LOG_CAPACITY)
+        self.evictions = {t.name: EvictionLog(log) for t in tiers}
         # pages published to a tier whose announcement is not decided yet (parent checks wait
         # for these instead of giving up)
         self.unresolved: dict[str, Counter[int]] = {t.name: Counter() for t in tiers}
@@ -209,11 +260,18 @@ class Announcer:
         self.groups[group.id] = group
         return group
 
-    def expect(self, tier: str, pages: list[PublishPage]) -> None:
-        """``pages`` were handed to (or dropped for) ``tier``: their announcement is pending."""
+    def expect(self, group: PublishGroup, batch: int, tier: str, pages: list[PublishPage]) -> int:
+        """``group``'s ``batch`` of ``pages`` was handed to (or dropped for) ``tier``: their
+        announcement is pending. Returns the tier's eviction mark the put carries."""
         unresolved = self.unresolved[tier]
         for p in pages:
             unresolved[p.block_id] += 1
+        mark = group.marks[(tier, batch)] = self.evictions[tier].seq
+        return mark
+
+    def marks(self) -> dict[str, int]:
+        """Every tier's eviction mark now (for a read handed out now)."""
+        return {name: log.seq for name, log in self.evictions.items()}
 
     def record(self, group: int, tier: str, batch: int, statuses: list[PageStatus]) -> None:
         """A put of ``group``'s ``batch`` on ``tier`` finished with ``statuses``."""
@@ -221,38 +279,54 @@ class Announcer:
         g.results[(tier, batch)] = statuses
         g.outstanding -= 1
 
-    def read_back(self, tier: str, pages: list[PublishPage], events: list[KVEvent]) -> None:
-        """``pages`` (a chain, prefix first) were read from ``tier``, so they are on it: announce
-        those not announced yet, as far as their parent is announced there."""
+    def read_back(
+        self, tier: str, pages: list[PublishPage], events: list[KVEvent], mark: int
+    ) -> None:
+        """``pages`` (a chain, prefix first) were read from ``tier`` by a read handed out at
+        eviction ``mark``, so they were on it: announce those not announced yet, as far as their
+        parent is announced there and none was evicted since."""
         known = self.known[tier]
+        log = self.evictions[tier]
         for page in pages:
             if page.block_id in known:
                 continue
             parent = page.parent_block_id
             if parent is not None and parent not in known:
                 return  # the head is not announced there: a child may not be either
+            if log.evicted_since(page.block_id, mark):
+                return  # read before an eviction polled first: no longer there
             self._stored(tier, page, events)
 
     def acked_late(
-        self, tier: str, pages: list[PublishPage], statuses: list[PageStatus], events: list[KVEvent]
+        self,
+        tier: str,
+        pages: list[PublishPage],
+        statuses: list[PageStatus],
+        events: list[KVEvent],
+        mark: int,
     ) -> None:
-        """A put of ``pages`` (prefix order) on ``tier`` came back after its deadline, when its
-        result had already been recorded as failed, with ``statuses``: the pages it stored are on
-        the tier after all. Announce them as far as their parents are announced there (the rest
-        waits for its parent, as any withheld page does); a page announced meanwhile is not
-        announced again."""
+        """A put of ``pages`` (prefix order) on ``tier``, handed out at eviction ``mark``, came
+        back after its deadline, when its result had already been recorded as failed, with
+        ``statuses``: the pages it stored are on the tier after all. Announce them as far as
+        their parents are announced there (the rest waits for its parent, as any withheld page
+        does); a page announced meanwhile is not announced again, nor one evicted since."""
         stored = [p for p, s in zip(pages, statuses, strict=False) if s.stored]
         if not stored:
             return
         self.counters["late_acked_pages"] += len(stored)
         self._tiers[tier].stats.add(late_acked_pages=len(stored))
+        log = self.evictions[tier]
         for page in stored:
+            if log.evicted_since(page.block_id, mark):
+                self._unannounced(tier)
+                continue
             self._announce_or_withhold(tier, page, events)
 
     def removed(self, tier: str, block_ids: list[int]) -> None:
         """These pages left ``tier`` (its own eviction, or a wipe)."""
         known = self.known[tier]
         withheld = self.withheld[tier]
+        self.evictions[tier].add(block_ids)
         for bid in block_ids:
             known.discard(bid)
             withheld.discard(bid)
@@ -285,7 +359,7 @@ class Announcer:
             known = self.known[name]
             unresolved = self.unresolved[name]
             withheld = self.withheld[name]
-            tier = self._tiers[name]
+            log = self.evictions[name]
             while prog.next_batch < len(group.batches):
                 if name not in group.targets[prog.next_batch]:
                     prog.next_batch += 1  # a batch for other tiers only (a republish)
@@ -296,11 +370,16 @@ class Announcer:
                 statuses = group.results.get((name, prog.next_batch))
                 if statuses is None and pages:
                     break  # this tier's result for the next batch is still in flight
+                mark = group.marks.get((name, prog.next_batch), 0)
                 waiting = False
                 while prog.next_page < len(pages):
                     page = pages[prog.next_page]
                     assert statuses is not None
-                    stored = statuses[prog.next_page].stored
+                    # a page evicted after its put was handed out: that eviction may have
+                    # removed what this put stored (its report came first)
+                    stored = statuses[prog.next_page].stored and not log.evicted_since(
+                        page.block_id, mark
+                    )
                     if stored and not prog.broken:
                         parent = page.parent_block_id
                         if parent is not None and parent not in known:
@@ -315,8 +394,7 @@ class Announcer:
                     moved = True
                     if prog.broken or not stored:
                         prog.broken = True
-                        self.counters["unannounced_pages"] += 1
-                        tier.stats.add(unannounced_pages=1)
+                        self._unannounced(name)
                         parent = page.parent_block_id
                         if stored and parent is not None and parent not in known:
                             # on the tier, its head not (yet): announced right after the head
@@ -333,6 +411,10 @@ class Announcer:
                 prog.next_batch += 1
                 prog.next_page = 0
         return moved
+
+    def _unannounced(self, name: str) -> None:
+        self.counters["unannounced_pages"] += 1
+        self._tiers[name].stats.add(unannounced_pages=1)
 
     def _announce_or_withhold(self, name: str, page: PublishPage, events: list[KVEvent]) -> None:
         """``page`` is stored on tier ``name``: announce it if its parent is announced there,

@@ -194,7 +194,7 @@ class StorageEngine:
         keys = [p.key for p in pages]
         for tier in tiers:
             prog = group.progress[tier.name]
-            self.announcer.expect(tier.name, list(pages))
+            mark = self.announcer.expect(group, batch, tier.name, list(pages))
             n = self._sendable(tier, prog, keys, admit)
             if n == 0:
                 group.results[(tier.name, batch)] = [PageStatus.FAILED] * len(pages)
@@ -209,7 +209,9 @@ class StorageEngine:
             holds = self.workers.hold(host, tier.gate, nbytes)
             views = [self.host_pool.page_view(h) for h in host]
             group.outstanding += 1
-            part = _PutPart(group.id, batch, list(pages[:n]), keys[:n], views, holds, len(keys))
+            part = _PutPart(
+                group.id, batch, list(pages[:n]), keys[:n], views, holds, len(keys), mark
+            )
             self.puts.add(tier, part)
         if targets is None:
             self.counters["published_pages"] += len(pages)
@@ -326,13 +328,16 @@ class StorageEngine:
             elif isinstance(item, _LookupDone):
                 self._finish_lookup(item, out)
             elif isinstance(item, _Evicted):
-                # announce what was stored before this eviction first: a page its own put call
-                # (or a put reported in this poll) evicted must not be announced after its
-                # removal (it would stay "known" there, and its lost chain not be republished)
+                # announce what was stored before this eviction first (then its removal): a
+                # result polled after the eviction is checked against the announcer's eviction
+                # log instead, so no page is announced after its removal (it would stay "known"
+                # there, and its lost chain not be republished)
                 self.announcer.announce_all(out.events)
                 self._evicted(item, out.events)
             elif isinstance(item, _PutLate):
-                self.announcer.acked_late(item.tier, item.pages, item.statuses, out.events)
+                self.announcer.acked_late(
+                    item.tier, item.pages, item.statuses, out.events, item.mark
+                )
             else:
                 self.announcer.record(item.group, item.tier, item.batch, item.statuses)
         self.announcer.announce_all(out.events)
@@ -354,7 +359,8 @@ class StorageEngine:
             for r in item.ranges:
                 # what was read from a tier is on it: announced there (once per residency)
                 pages = self._chain_pages(job, r.start, min(r.end, ok))
-                self.announcer.read_back(r.tier.name, pages, out.events)
+                mark = job.marks.get(r.tier.name, 0)
+                self.announcer.read_back(r.tier.name, pages, out.events, mark)
         if job.abandoned:
             return
         self._promote(job, item.ranges, ok)
@@ -446,6 +452,7 @@ class StorageEngine:
             parent_block_id=parent_block_id,
             after=after,
             here=here,
+            marks=self.announcer.marks(),
         )
 
     def start_read(self, ticket: int, host_pages: Sequence[int]) -> None:

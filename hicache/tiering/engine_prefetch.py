@@ -60,6 +60,7 @@ class PrefetchJobs:
         parent_block_id: int | None = None,
         after: Sequence[Future[None]] = (),
         here: bool = False,
+        marks: dict[str, int] | None = None,
     ) -> int:
         """Prefetch the chain ``keys`` through the cascade; return a ticket. The lookup starts
         once the jobs ``after`` finished (puts of these pages still on their way); ``here``
@@ -73,7 +74,9 @@ class PrefetchJobs:
         backend call reading them returned (possibly after the result was reported).
         ``token_ids`` (one list per page) and ``parent_block_id`` (of the page before
         ``keys[0]``) let pages found in a promoting tier be published, and announced, to the
-        earlier tiers.
+        earlier tiers. ``marks`` are the tiers' eviction marks now (see
+        :class:`~hicache.tiering.announce.EvictionLog`): what the read finds is announced unless
+        it was evicted since.
         """
         if host_pages is not None and len(keys) != len(host_pages):
             raise ValueError(f"{len(keys)} keys but {len(host_pages)} host pages")
@@ -85,6 +88,7 @@ class PrefetchJobs:
             list(keys),
             [list(t) for t in token_ids] if token_ids is not None else None,
             parent_block_id,
+            marks=marks or {},
         )
         self._prefetch_jobs[ticket] = job
         if here and host_pages is None and not after:

@@ -167,4 +167,4 @@ class PutCalls:
         for p in job.parts:
             got = statuses[start : start + len(p.keys)]
             start += len(p.keys)
-            self.workers.report(_PutLate(job.tier.name, p.pages, got))
+            self.workers.report(_PutLate(job.tier.name, p.pages, got, p.mark))

@@ -93,6 +93,8 @@ class _PrefetchJob:
     ranges: list[TierRange] | None = None
     progress: int = 0
     abandoned: bool = False
+    #: The tiers' eviction marks at submit: a page evicted since is not announced as read.
+    marks: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,8 @@ class _PutLate:
     tier: str
     pages: list[PublishPage]
     statuses: list[PageStatus]
+    #: The tier's eviction mark when the batch was handed out (``_PutPart.mark``).
+    mark: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +130,9 @@ class _PutPart:
     holds: _Holds
     #: Pages of the batch, those admission refused (not in ``keys``) included.
     total: int
+    #: The tier's eviction mark when the batch was handed out: its late result does not
+    #: announce a page evicted after it.
+    mark: int
 
 
 @dataclass(slots=True)

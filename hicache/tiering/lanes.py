@@ -110,15 +110,18 @@ class LanedPool:
             if ticket is not None:
                 lane = min(lane, ticket.lane)
             self._lanes[lane].append((future, fn, ticket))
-            if self._idle == 0 and len(self._threads) < self._max:
+            # a thread per queued job up to the bound: an idle thread that has not woken yet
+            # may take another job queued meanwhile (a read, first), which may hang, so
+            # "some thread is idle" does not mean this job will run
+            queued = len(self._lanes[0]) + len(self._lanes[1])
+            if queued > self._idle and len(self._threads) < self._max:
                 t = threading.Thread(
                     target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
                 )
                 self._threads.append(t)
                 t.start()
-            else:
-                # an idle thread may be one that waits for a write slot: wake every one
-                self._cv.notify_all()
+            # an idle thread may be one that waits for a write slot: wake every one
+            self._cv.notify_all()
         return future
 
     def promote(self, ticket: LaneTicket) -> int:
