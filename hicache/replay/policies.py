@@ -29,8 +29,9 @@ from typing import Any
 
 from hicache.replay.simulate import (
     _prefix_hits,
+    lost_start,
+    publish_calls,
     put_blocks,
-    put_call,
     read_call,
     touch_tail_first,
 )
@@ -129,20 +130,12 @@ def simulate_reuse_hierarchy(
         # host pool evicts leaf first: a head is never dropped before its suffix)
         l2.add(chain, [1] * len(chain))  # type: ignore[arg-type]
         l2.evict_for(0)
-        start = b
-        if c == b < len(chain):
-            while start > 0 and chain[start - 1] not in l3:
-                start -= 1
+        start = lost_start(chain, b, c, l3)
         if all_uses_in_l3 and b > 0:
             read_call(l3, chain[:b], l3_batch)
         if c > b:
             read_call(l3, chain[b:c], l3_batch)
-        lost, computed = chain[start:b], chain[c:]
-        if l3_batch is not None and len(lost) >= l3_batch:
-            put_call(l3, lost, l3_batch)
-            put_call(l3, computed, l3_batch)
-        else:
-            put_call(l3, [*lost, *computed], l3_batch)
+        publish_calls(l3, chain[start:b], chain[c:], l3_batch)
     return tuple(hits)
 
 

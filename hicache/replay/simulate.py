@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 
 from hicache.storage.eviction import CapacityPolicy
@@ -22,6 +22,8 @@ from hicache.storage.eviction import CapacityPolicy
 __all__ = [
     "HierarchySimResult",
     "SimResult",
+    "lost_start",
+    "publish_calls",
     "put_blocks",
     "put_call",
     "read_call",
@@ -170,6 +172,29 @@ def read_call(policy: CapacityPolicy, blocks: Sequence[int], batch: int | None) 
         policy.touch(blocks[start : start + step])  # type: ignore[arg-type]
 
 
+def lost_start(chain: Sequence[int], b: int, c: int, held: Container[int]) -> int:
+    """Where the ancestors of a request's computed suffix that L3 lost begin: a request that
+    read nothing from L3 (``c == b``) after its L1/L2 hits (``b``) republishes the run of
+    pages above ``b`` that ``held`` no longer holds."""
+    start = b
+    if c == b < len(chain):
+        while start > 0 and chain[start - 1] not in held:
+            start -= 1
+    return start
+
+
+def publish_calls(
+    policy: CapacityPolicy, lost: Sequence[int], computed: Sequence[int], batch: int | None
+) -> None:
+    """A request's puts to L3 as the tiers make them: the republished ancestors in a put of
+    their own when they fill a batch, else in one put with the computed suffix."""
+    if batch is not None and len(lost) >= batch:
+        put_call(policy, lost, batch)
+        put_call(policy, computed, batch)
+    else:
+        put_call(policy, [*lost, *computed], batch)
+
+
 @dataclass(frozen=True, slots=True)
 class HierarchySimResult:
     """Per-request prefix hits of a simulated L1/L2/L3 hierarchy, in blocks."""
@@ -250,21 +275,13 @@ def simulate_hierarchy(
             continue
         # L3 sees the blocks it lost above the computed suffix first (republished in a put of
         # their own), then the read prefix and the computed (published) suffix
-        start = b
-        if c == b < len(chain):
-            while start > 0 and chain[start - 1] not in (lru3 if pol3 is None else pol3):
-                start -= 1
+        start = lost_start(chain, b, c, lru3 if pol3 is None else pol3)
         if pol3 is not None:
             # as the backends see it: the read pages touched, then each put makes room for its
             # new pages (its reservations) before adding them
             if c > b:
                 read_call(pol3, chain[b:c], l3_batch)
-            lost, computed = chain[start:b], chain[c:]
-            if l3_batch is not None and len(lost) >= l3_batch:
-                put_call(pol3, lost, l3_batch)
-                put_call(pol3, computed, l3_batch)
-            else:
-                put_call(pol3, [*lost, *computed], l3_batch)
+            publish_calls(pol3, chain[start:b], chain[c:], l3_batch)
             continue
         for block in [*reversed(chain[start:b]), *reversed(chain[b:])]:
             if block in lru3:
