@@ -84,12 +84,8 @@ def simulate_exclusive_hierarchy(
     lru2: OrderedDict[int, None] = OrderedDict()
     hits = []
     for chain in chains:
-        c = _prefix_hits(chain, lru1)
-        while c < len(chain) and chain[c] in lru2:
-            c += 1
-        b = c
-        while c < len(chain) and chain[c] in policy:
-            c += 1
+        b = _prefix_hits(chain, lru2, _prefix_hits(chain, lru1))
+        c = _prefix_hits(chain, policy, b)
         hits.append(c)
         if c > b:
             policy.touch(chain[b:c])  # type: ignore[arg-type]
@@ -118,12 +114,8 @@ def simulate_reuse_hierarchy(
     lru1: OrderedDict[int, None] = OrderedDict()
     hits = []
     for chain in chains:
-        b = _prefix_hits(chain, lru1)
-        while b < len(chain) and chain[b] in l2:
-            b += 1
-        c = b
-        while c < len(chain) and chain[c] in l3:
-            c += 1
+        b = _prefix_hits(chain, l2, _prefix_hits(chain, lru1))
+        c = _prefix_hits(chain, l3, b)
         hits.append(c)
         touch_tail_first(lru1, l1, chain)
         # the whole chain used at once, tail first, then evicted down to the capacity (the

@@ -54,11 +54,10 @@ class SimResult:
         return self.hit_blocks / self.references if self.references else 0.0
 
 
-def _prefix_hits(chain: Sequence[int], resident: object) -> int:
-    n = 0
-    for block in chain:
-        if block not in resident:  # type: ignore[operator]
-            break
+def _prefix_hits(chain: Sequence[int], resident: Container[int], start: int = 0) -> int:
+    """The end of the run of ``chain``'s blocks from ``start`` that ``resident`` holds."""
+    n = start
+    while n < len(chain) and chain[n] in resident:
         n += 1
     return n
 
