@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from hicache.replay.feature_policy import FeatureReuse
-from hicache.replay.feature_study import DESIGNS, feature_ratios, main, oracle_ratio
+from hicache.replay.feature_study import DESIGNS, feature_ratios, main, oracle_ratio, reuse_shares
 from hicache.replay.policies import simulate_capacity_policy
 from hicache.replay.simulate import simulate_hierarchy, simulate_lru
 from hicache.replay.sweep import token_ratio
@@ -104,3 +104,17 @@ def test_the_study_prints_one_row_per_design(capsys: pytest.CaptureFixture[str])
     assert main(["--limit", "400", "--fractions", "0.05", "--designs", "LRU", "depth 4 / 16"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[0] for r in rows] == ["| design", "| LRU", "| depth 4 / 16"]
+
+
+def test_reuse_shares_count_every_reference_of_a_new_or_used_block(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    chains = [[1, 2, 3], [1, 2, 4], [1, 5], [9]]
+    shares = reuse_shares(chains)
+    # new non-last blocks: 1 and 2 of the first request (both used again), 5 is a last block
+    assert shares["new, all"] == (2, 1.0)
+    # block 1 used once before, again at request 2; block 2 once before, never again
+    assert shares["used 1, idle 01 (octave of requests)"] == (2, 0.5)
+    assert shares["used 2, idle 01 (octave of requests)"] == (1, 0.0)
+    assert main(["--limit", "2000", "--shares"]) == 0
+    assert "| new, all |" in capsys.readouterr().out

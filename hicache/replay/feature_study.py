@@ -31,7 +31,7 @@ from hicache.storage.eviction import (
 )
 from hicache.storage.reuse_policy import PredictedReuse
 
-__all__ = ["DESIGNS", "feature_ratios", "main", "oracle_ratio"]
+__all__ = ["DESIGNS", "feature_ratios", "main", "oracle_ratio", "reuse_shares"]
 
 L3_BATCH = 64
 
@@ -139,6 +139,42 @@ def oracle_ratio(chains: Chains, prompts: Sequence[int], capacity: int) -> float
     return token_ratio(hits, BLOCK_TOKENS, prompts)
 
 
+def reuse_shares(chains: Chains) -> dict[str, tuple[int, float]]:
+    """Share of references followed by another reference of the same block, by what a policy
+    could know at that reference (new blocks: the prompt's last excluded; used blocks: by uses
+    so far, saturated at 3, and the octave of the idle time since the last use, in requests):
+    group name -> (references, share used again)."""
+    next_use = _next_uses(chains)
+    uses: dict[int, int] = {}
+    last: dict[int, int] = {}
+    seen: set[int] = set()
+    counts: dict[str, list[int]] = {}
+
+    def count(group: str, again: bool) -> None:
+        row = counts.setdefault(group, [0, 0])
+        row[0] += 1
+        row[1] += again
+
+    for i, chain in enumerate(chains):
+        hit = _prefix_hits(chain, seen)
+        added = len(chain) - hit
+        for j, block in enumerate(chain):
+            again = next_use[i][j] < _NEVER
+            used = uses.get(block, 0)
+            if used == 0 and j < len(chain) - 1:
+                count("new, all", again)
+                count(f"new, prefix found {'> 1' if hit > 1 else '<= 1'} blocks", again)
+                count(f"new, depth in chain {j.bit_length():02d} (octave)", again)
+                count(f"new, blocks added by the request {added.bit_length():02d} (octave)", again)
+            elif used:
+                gap = (i - last[block]).bit_length()
+                count(f"used {min(used, 3)}, idle {gap:02d} (octave of requests)", again)
+            uses[block] = used + 1
+            last[block] = i
+        seen.update(chain)
+    return {k: (n, r / n) for k, (n, r) in counts.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hicache.replay.feature_study", description=__doc__)
     p.add_argument("trace", nargs="?", help="JSONL trace (default: the shipped Mooncake trace)")
@@ -146,10 +182,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.0896, 0.01])
     p.add_argument("--designs", nargs="+", choices=list(DESIGNS), help="default: all")
     p.add_argument("--oracle", action="store_true", help="also the reuse oracle's single cache")
+    p.add_argument("--shares", action="store_true", help="only the reuse shares by feature")
     args = p.parse_args(argv)
     trace = load_trace(args.trace, args.limit)
     chains = [r.block_ids for r in trace]
     prompts = [r.input_length for r in trace]
+    if args.shares:
+        print("| group | references | share used again |\n|---|---:|---:|")
+        for group, (n, share) in sorted(reuse_shares(chains).items()):
+            if n >= 200:
+                print(f"| {group} | {n:,} | {share:.1%} |")
+        return 0
     distinct = len({b for c in chains for b in c})
     caps = [max(1, int(distinct * f)) for f in args.fractions]
     head = " | ".join(f"{f:.2%} {mode}" for f in args.fractions for mode in ("single", "hier"))
