@@ -299,14 +299,17 @@ class HiRadixCache(RadixCache):
         parent's. The count is agreed through ``RankSync`` (always called, even for zero).
         """
         pending = self.ongoing_write_through
-        pending.mark_acked(self.transfer.poll())
+        done = self.transfer.poll()
+        if done:
+            pending.mark_acked(done)
         ready = self.rank_sync.all_reduce_min([pending.ready()])[0]
-        for ack in pending.oldest(ready):
-            self._finish_write_through_ack(ack)
-        if ready and self.storage is not None:
-            # publishes never queue behind a tier's threads: a tier slower than the cache
-            # slows the cache rather than drift behind it (hits and evictions stay in step)
-            self.counters["backup_waited_for_publishes"] += self.storage.throttle_publishes()
+        if ready:
+            for ack in pending.oldest(ready):
+                self._finish_write_through_ack(ack)
+            if self.storage is not None:
+                # publishes never queue behind a tier's threads: a tier slower than the cache
+                # slows the cache rather than drift behind it (hits and evictions stay in step)
+                self.counters["backup_waited_for_publishes"] += self.storage.throttle_publishes()
         self._poll_storage()
         return ready
 
