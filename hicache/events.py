@@ -142,13 +142,35 @@ class _TokenIds:
         if event is None:  # class access: the field has no default
             raise AttributeError("token_ids")
         tokens = _get_tokens(event)
-        if type(tokens) is bytes:  # from packed(); what the constructor took comes back as is
+        kind = type(tokens)
+        # from packed() or build_events; what the constructor took comes back as it is
+        if kind is bytes:
             tokens = unpack(tokens)
+            _set_tokens(event, tokens)
+        elif kind is _SharedTokens:
+            tokens = tokens.copy()
             _set_tokens(event, tokens)
         return tokens  # type: ignore[no-any-return]
 
     def __set__(self, event: BlockStored, tokens: list[int]) -> None:
         _set_tokens(event, tokens)  # the frozen dataclass's __init__ sets fields this way
+
+
+class _SharedTokens:
+    """The packed tokens of several events over the same pages (one node announced on
+    several media): decoded once, on the first read of any of them; each event then gets its
+    own copy (a copy of references, several times cheaper than decoding again)."""
+
+    __slots__ = ("_list", "packed")
+
+    def __init__(self, packed: bytes) -> None:
+        self.packed = packed
+        self._list: list[int] | None = None
+
+    def copy(self) -> list[int]:
+        if self._list is None:
+            self._list = unpack(self.packed)
+        return self._list.copy()
 
 
 setattr(BlockStored, "token_ids", _TokenIds())  # noqa: B010 - after the decorator (see above)
@@ -236,23 +258,31 @@ QueuedEvent: TypeAlias = KVEvent | StoredRun
 def build_events(items: Iterable[QueuedEvent]) -> list[KVEvent]:
     """``items`` with every run built, in order, in one pass: runs over the same pages (one
     node announced on several media, which share their hash list) decode their block ids
-    once."""
+    once, and their tokens, if a consumer reads them, once."""
     out: list[KVEvent] = []
     ids_of: dict[int, list[int]] = {}
+    first_of: dict[int, BlockStored] = {}
     for item in items:
         if not isinstance(item, StoredRun):
             out.append(item)
             continue
         # keyed by object identity (every run stays referenced by ``items`` meanwhile): one
-        # hash list, one run of pages; each event gets its own list (a consumer that extends
+        # hash list, one run of pages; each event gets its own lists (a consumer that extends
         # one changes no other)
         key = id(item.hashes)
         ids = ids_of.get(key)
         if ids is None:
-            ids = ids_of[key] = block_ids(item.hashes)
+            ids_of[key] = ids = block_ids(item.hashes)
+            first_of[key] = event = item.build(ids)
         else:
-            ids = ids.copy()
-        out.append(item.build(ids))
+            event = item.build(ids.copy())
+            first = first_of[key]
+            shared = _get_tokens(first)
+            if type(shared) is not _SharedTokens:
+                shared = _SharedTokens(item.tokens)
+                _set_tokens(first, shared)
+            _set_tokens(event, shared)
+        out.append(event)
     return out
 
 

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import pickle
 from array import array
+from typing import Any
 
 import pytest
 import torch
@@ -150,7 +151,7 @@ def test_per_block_splits_a_run_into_chained_pages() -> None:
     ]
 
 
-def _packed_tokens(event: BlockStored) -> object:
+def _packed_tokens(event: BlockStored) -> Any:
     """What the event holds for its tokens (packed bytes until ``token_ids`` is read)."""
     return BlockStored.__dict__["_token_ids"].__get__(event)
 
@@ -194,11 +195,15 @@ def test_events_nobody_reads_the_tokens_of_keep_them_packed() -> None:
     got = [e for e in cache.take_events() if isinstance(e, BlockStored)]
     assert [e.medium for e in got] == [Medium.GPU, Medium.CPU_PINNED]
     node = cache.match_prefix(tokens).last_node
-    # both events hold the node's own packed tokens: no int made, no copy for the second
-    assert all(_packed_tokens(e) is node.tokens for e in got)
+    # both events share the node's own packed tokens: nothing decoded, nothing copied
+    shared = holder = _packed_tokens(got[0])
+    assert _packed_tokens(got[1]) is shared
+    assert shared.packed is node.tokens and shared._list is None
     want = [_expected(tokens, m)[0] for m in (Medium.GPU, Medium.CPU_PINNED)]
     assert got == want  # read now: the ids, chained hashes and tokens of before
-    assert got[0].token_ids is not got[1].token_ids  # each event decoded its own list
+    # decoded once for both, each event its own list: extending one changes no other
+    assert holder._list == tokens
+    assert got[0].token_ids is not got[1].token_ids
     got[0].token_ids.append(1)
     assert got[1].token_ids == tokens
 
