@@ -4,7 +4,9 @@ Routers that already consume SGLang or vLLM events (llm-d, Dynamo) read these un
 fields come in the same order, and new fields only ever go at the end.
 
 - ``BlockStored`` - pages became available on a medium: one event per contiguous run of pages
-  (a tree node), as vLLM sends one per request; the tiers send one per page.
+  (a tree node), as vLLM sends one per request; the tiers send one per page. A cache builds
+  them with ``BlockStored.packed``: ``token_ids`` is decoded from the packed tokens when a
+  consumer first reads it (a plain list then, as from the constructor).
 - ``BlockRemoved`` - pages left a medium.
 - ``AllBlocksCleared`` - forget every block of this cache on every medium: sent only on an
   event overflow (llm-d wipes every tier of the pod on it), never for one tier's wipe.
