@@ -77,7 +77,8 @@ class BlockStored:
     1,000-token run makes 1,000 int objects; a consumer that reads only the block ids (a
     router that already knows the tokens, or one that drops the event) never pays for them.
     Every other way in (the constructor, ``==``, ``repr``, ``to_dict``, ``dataclasses``)
-    sees a plain list.
+    sees a plain list. Two threads reading an event's ``token_ids`` for the first time at once
+    may each decode it: both get equal lists, and the event keeps one of them.
     """
 
     # declared here rather than with slots=True: ``token_ids`` is the descriptor below (set
