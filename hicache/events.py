@@ -4,7 +4,9 @@ Routers that already consume SGLang or vLLM events (llm-d, Dynamo) read these un
 fields come in the same order, and new fields only ever go at the end.
 
 - ``BlockStored`` - pages became available on a medium: one event per contiguous run of pages
-  (a tree node), as vLLM sends one per request; the tiers send one per page.
+  (a tree node), as vLLM sends one per request; the tiers send one per page. A cache builds
+  them with ``BlockStored.packed``: ``token_ids`` is decoded from the packed tokens when a
+  consumer first reads it (a plain list then, as from the constructor).
 - ``BlockRemoved`` - pages left a medium.
 - ``AllBlocksCleared`` - forget every block of this cache on every medium: sent only on an
   event overflow (llm-d wipes every tier of the pod on it), never for one tier's wipe.
@@ -22,6 +24,7 @@ Block hashes are event block ids (``hicache.keys.block_id``): signed int64.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -62,13 +65,33 @@ class Medium(StrEnum):
     EXTERNAL = "EXTERNAL"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class BlockStored:
     """Blocks ``block_hashes`` (chained after ``parent_block_hash``) are stored on ``medium``.
 
     ``parent_block_hash`` is ``None`` for the first page of a sequence. ``token_ids`` holds the
     tokens of every listed block, ``block_size`` tokens each.
+
+    A cache builds its events with :meth:`packed`: ``token_ids`` stays packed until it is
+    first read, then becomes the event's own list (decoded once). Reading the tokens of a
+    1,000-token run makes 1,000 int objects; a consumer that reads only the block ids (a
+    router that already knows the tokens, or one that drops the event) never pays for them.
+    Every other way in (the constructor, ``==``, ``repr``, ``to_dict``, ``dataclasses``)
+    sees a plain list. Two threads reading an event's ``token_ids`` for the first time at once
+    may each decode it: both get equal lists, and the event keeps one of them.
     """
+
+    # declared here rather than with slots=True: ``token_ids`` is the descriptor below (set
+    # on the class after the decorator ran, so that the field takes no default), and the
+    # decorator would put a slot of that name in its place
+    __slots__ = (
+        "_token_ids",
+        "block_hashes",
+        "block_size",
+        "lora_id",
+        "medium",
+        "parent_block_hash",
+    )
 
     block_hashes: list[int]
     parent_block_hash: int | None
@@ -76,6 +99,31 @@ class BlockStored:
     block_size: int
     lora_id: int | None
     medium: str
+
+    @classmethod
+    def packed(
+        cls,
+        block_hashes: list[int],
+        parent_block_hash: int | None,
+        tokens: bytes,
+        block_size: int,
+        lora_id: int | None,
+        medium: str,
+    ) -> BlockStored:
+        """The event with ``tokens`` packed as ``keys.tokens_to_bytes`` lays them out (whole
+        blocks): ``token_ids`` decodes them when first read."""
+        event = _new(cls)
+        _set_hashes(event, block_hashes)
+        _set_parent(event, parent_block_hash)
+        _set_tokens(event, tokens)
+        _set_size(event, block_size)
+        _set_lora(event, lora_id)
+        _set_medium(event, medium)
+        return event
+
+    def __reduce__(self) -> tuple[type[BlockStored], tuple[Any, ...]]:
+        # frozen and slotted: copy and pickle rebuild through the constructor
+        return (BlockStored, dataclasses.astuple(self))
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (``type`` first), ready for JSON or msgpack."""
@@ -88,6 +136,56 @@ class BlockStored:
             "lora_id": self.lora_id,
             "medium": str(self.medium),
         }
+
+
+class _TokenIds:
+    """``BlockStored.token_ids``: a list, decoded from the packed tokens on first read."""
+
+    def __get__(self, event: BlockStored | None, owner: type | None = None) -> list[int]:
+        if event is None:  # class access: the field has no default
+            raise AttributeError("token_ids")
+        tokens = _get_tokens(event)
+        kind = type(tokens)
+        # from packed() or build_events; what the constructor took comes back as it is
+        if kind is bytes:
+            tokens = unpack(tokens)
+            _set_tokens(event, tokens)
+        elif kind is _SharedTokens:
+            tokens = tokens.copy()
+            _set_tokens(event, tokens)
+        return tokens  # type: ignore[no-any-return]
+
+    def __set__(self, event: BlockStored, tokens: list[int]) -> None:
+        _set_tokens(event, tokens)  # the frozen dataclass's __init__ sets fields this way
+
+
+class _SharedTokens:
+    """The packed tokens of several events over the same pages (one node announced on
+    several media): decoded once, on the first read of any of them; each event then gets its
+    own copy (a copy of references, several times cheaper than decoding again)."""
+
+    __slots__ = ("_list", "packed")
+
+    def __init__(self, packed: bytes) -> None:
+        self.packed = packed
+        self._list: list[int] | None = None
+
+    def copy(self) -> list[int]:
+        if self._list is None:
+            self._list = unpack(self.packed)
+        return self._list.copy()
+
+
+setattr(BlockStored, "token_ids", _TokenIds())  # noqa: B010 - after the decorator (see above)
+_new = object.__new__
+# the slots' own descriptors: they set a field without the frozen __setattr__ in between
+_get_tokens = BlockStored.__dict__["_token_ids"].__get__
+_set_tokens = BlockStored.__dict__["_token_ids"].__set__
+_set_hashes = BlockStored.__dict__["block_hashes"].__set__
+_set_parent = BlockStored.__dict__["parent_block_hash"].__set__
+_set_size = BlockStored.__dict__["block_size"].__set__
+_set_lora = BlockStored.__dict__["lora_id"].__set__
+_set_medium = BlockStored.__dict__["medium"].__set__
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,10 +221,9 @@ class StoredRun(NamedTuple):
     built yet.
 
     ``hashes`` are the pages' 32-byte content hashes and ``tokens`` their tokens, packed as
-    ``keys.tokens_to_bytes`` does or as a list nobody else holds (an insert's own ints: no
-    decoding); both are snapshots nobody changes (a later split of the node slices new lists),
-    so building later gives what building now would. A queue builds each run once, and
-    ``build_events`` hands such a token list to the event it builds.
+    ``keys.tokens_to_bytes`` does; both are snapshots nobody changes (a later split of the node
+    slices new ones), so building later gives what building now would. The event keeps the
+    tokens packed until a consumer reads ``token_ids`` (:meth:`BlockStored.packed`).
 
     One event carries the whole run (``block_hashes`` in chain order, ``token_ids`` of every
     page), as vLLM announces a request's new blocks: a router reads the same chain as from one
@@ -140,26 +237,21 @@ class StoredRun(NamedTuple):
 
     hashes: Sequence[bytes]
     parent_block_hash: int | None
-    tokens: bytes | list[int]
+    tokens: bytes
     block_size: int
     lora_id: int | None
     medium: str
 
-    def build(
-        self, ids: list[int] | None = None, token_ids: list[int] | None = None
-    ) -> BlockStored:
-        """The event; ``ids`` (``keys.block_ids(hashes)``) and ``token_ids`` (the unpacked
-        tokens), when given, become the event's own lists."""
-        ids = block_ids(self.hashes) if ids is None else ids
-        toks = _token_list(self.tokens) if token_ids is None else token_ids
-        return BlockStored(
-            ids, self.parent_block_hash, toks, self.block_size, self.lora_id, self.medium
+    def build(self, ids: list[int] | None = None) -> BlockStored:
+        """The event; ``ids`` (``keys.block_ids(hashes)``), when given, becomes its own list."""
+        return BlockStored.packed(
+            block_ids(self.hashes) if ids is None else ids,
+            self.parent_block_hash,
+            self.tokens,
+            self.block_size,
+            self.lora_id,
+            self.medium,
         )
-
-
-def _token_list(tokens: bytes | list[int]) -> list[int]:
-    """A new list of a run's tokens."""
-    return unpack(tokens) if isinstance(tokens, bytes) else tokens.copy()
 
 
 #: What an event queue holds: events, and runs of ``BlockStored`` built when taken.
@@ -168,33 +260,32 @@ QueuedEvent: TypeAlias = KVEvent | StoredRun
 
 def build_events(items: Iterable[QueuedEvent]) -> list[KVEvent]:
     """``items`` with every run built, in order, in one pass: runs over the same pages (one
-    node announced on several media, which share their hash list) decode their block ids and
-    tokens once, from whichever run holds them as a list."""
+    node announced on several media, which share their hash list) decode their block ids
+    once, and their tokens, if a consumer reads them, once."""
     out: list[KVEvent] = []
     ids_of: dict[int, list[int]] = {}
-    tokens_of: dict[int, list[int]] = {}
+    first_of: dict[int, BlockStored] = {}
     for item in items:
         if not isinstance(item, StoredRun):
             out.append(item)
             continue
         # keyed by object identity (every run stays referenced by ``items`` meanwhile): one
-        # hash list, one run of pages; each event gets its own lists (a consumer that
-        # extends one changes no other)
+        # hash list, one run of pages; each event gets its own lists (a consumer that extends
+        # one changes no other)
         key = id(item.hashes)
         ids = ids_of.get(key)
         if ids is None:
-            ids = ids_of[key] = block_ids(item.hashes)
+            ids_of[key] = ids = block_ids(item.hashes)
+            first_of[key] = event = item.build(ids)
         else:
-            ids = ids.copy()
-        toks = tokens_of.get(key)
-        if toks is None:
-            # a run is built once and its token list is its own (StoredRun): the first event
-            # over these pages takes the list rather than a copy of its 1,000-odd references
-            tokens = item.tokens
-            toks = tokens_of[key] = unpack(tokens) if isinstance(tokens, bytes) else tokens
-        else:
-            toks = toks.copy()
-        out.append(item.build(ids, toks))
+            event = item.build(ids.copy())
+            first = first_of[key]
+            shared = _get_tokens(first)
+            if type(shared) is not _SharedTokens:
+                shared = _SharedTokens(item.tokens)
+                _set_tokens(first, shared)
+            _set_tokens(event, shared)
+        out.append(event)
     return out
 
 

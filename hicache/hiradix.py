@@ -250,13 +250,16 @@ class HiRadixCache(RadixCache):
         if parent is None or (parent is not self.root and parent.host_value is None):
             return None
         n = len(node.value)
-        host = self.host_pool.alloc(n)
+        # an array: the node keeps these pages, and an int object per page would cost 28 bytes
+        # and the garbage collector's time
+        alloc = self.host_pool.alloc_array
+        host = alloc(n)
         if host is None:
             self.evict_host(n - self.host_pool.available)
-            host = self.host_pool.alloc(n)
+            host = alloc(n)
             if host is None and self._wait_for_publishes():
                 self.evict_host(n - self.host_pool.available)
-                host = self.host_pool.alloc(n)
+                host = alloc(n)
             if host is None:
                 self.counters["backup_skipped_no_host_pages"] += 1
                 return None
@@ -296,14 +299,17 @@ class HiRadixCache(RadixCache):
         parent's. The count is agreed through ``RankSync`` (always called, even for zero).
         """
         pending = self.ongoing_write_through
-        pending.mark_acked(self.transfer.poll())
+        done = self.transfer.poll()
+        if done:
+            pending.mark_acked(done)
         ready = self.rank_sync.all_reduce_min([pending.ready()])[0]
-        for ack in pending.oldest(ready):
-            self._finish_write_through_ack(ack)
-        if ready and self.storage is not None:
-            # publishes never queue behind a tier's threads: a tier slower than the cache
-            # slows the cache rather than drift behind it (hits and evictions stay in step)
-            self.counters["backup_waited_for_publishes"] += self.storage.throttle_publishes()
+        if ready:
+            for ack in pending.oldest(ready):
+                self._finish_write_through_ack(ack)
+            if self.storage is not None:
+                # publishes never queue behind a tier's threads: a tier slower than the cache
+                # slows the cache rather than drift behind it (hits and evictions stay in step)
+                self.counters["backup_waited_for_publishes"] += self.storage.throttle_publishes()
         self._poll_storage()
         return ready
 
@@ -656,16 +662,16 @@ class HiRadixCache(RadixCache):
 
     # ------------------------------------------------------------------ events, close, stats
 
-    def _emit_stored(self, node: TreeNode, medium: str, tokens: list[int] | None = None) -> None:
+    def _emit_stored(self, node: TreeNode, medium: str) -> None:
         if medium != Medium.CPU_PINNED:
-            super()._emit_stored(node, medium, tokens)
+            super()._emit_stored(node, medium)
             return
         if not self.events.wants(medium):
             return
         # On the host a block is announced only after its parent: below a node whose write is
         # pending (a prefetch inserted there), it waits for that write's ack.
         parent = self.parent_block_hash(node)
-        run = self._stored_run(node, medium, parent, tokens)
+        run = self._stored_run(node, medium, parent)
         wait = self.ongoing_write_through.waits_for(node.parent, parent)
         if wait is None:
             self.events.put(run)

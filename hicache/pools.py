@@ -122,25 +122,27 @@ class PageAllocator:
     Not thread-safe on its own; the pools lock around it.
     """
 
-    __slots__ = ("_allocated", "_flags", "_free", "num_pages")
+    __slots__ = ("_allocated", "_flags", "_free", "_top", "num_pages")
 
     def __init__(self, num_pages: int) -> None:
         if num_pages <= 0:
             raise ValueError(f"num_pages must be positive, got {num_pages}")
         self.num_pages = num_pages
-        # A stack popped from the end: reversed so the first allocations are 0, 1, 2, ...
-        # An array, not a list: a list would keep one Python int per free page alive (36 bytes
-        # each) and the garbage collector would walk all of them in every full collection;
-        # typecode "Q" because its conversions from and to ints are the fast ones.
+        # A stack of fixed capacity, its top at ``_top``: reversed so the first allocations are
+        # 0, 1, 2, ... An array, not a list: a list would keep one Python int per free page
+        # alive (36 bytes each) and the garbage collector would walk all of them in every full
+        # collection; typecode "Q" because its conversions from and to ints are the fast ones.
+        # Never resized: shrinking it on every alloc reallocated (copied) the whole free list.
         self._free = array("Q")
         self._free.frombytes(np.arange(num_pages - 1, -1, -1, dtype=np.uint64).tobytes())
+        self._top = num_pages
         self._allocated = bytearray(num_pages)
         self._flags = np.frombuffer(self._allocated, dtype=np.uint8)  # same memory, for batches
 
     @property
     def available(self) -> int:
         """Number of free pages."""
-        return len(self._free)
+        return self._top
 
     def is_allocated(self, page: int) -> bool:
         """Whether ``page`` is currently handed out."""
@@ -148,17 +150,21 @@ class PageAllocator:
 
     def alloc(self, n: int) -> list[int] | None:
         """Return ``n`` free pages, or ``None`` (allocating nothing) if fewer are free."""
+        taken = self.alloc_array(n)
+        return None if taken is None else taken.tolist()
+
+    def alloc_array(self, n: int) -> array[int] | None:
+        """:meth:`alloc` as an ``array('Q')``: no Python int per page (what a tree node keeps)."""
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of pages ({n})")
-        if n > len(self._free):
+        top = self._top
+        if n > top:
             return None
-        if n == 0:
-            return []
-        taken = self._free[-n:]
-        del self._free[-n:]
+        taken = self._free[top - n : top]
+        self._top = top - n
         self._mark(taken, 1)
         taken.reverse()
-        return taken.tolist()
+        return taken
 
     def _mark(self, pages: array[int], flag: int) -> None:
         if len(pages) < _VECTOR_MIN:
@@ -188,7 +194,9 @@ class PageAllocator:
         back = array("Q")
         back.fromlist(batch[::-1])
         self._mark(back, 0)
-        self._free.extend(back)
+        top = self._top
+        self._free[top : top + len(back)] = back  # within capacity: every page is freed once
+        self._top = top + len(back)
 
 
 #: Batches of at least this many pages are marked with numpy rather than a Python loop.
@@ -344,6 +352,12 @@ class HostPool:
         """Return ``n`` free pages, or ``None`` if fewer are free."""
         with self._lock:
             return self._allocator.alloc(n)
+
+    def alloc_array(self, n: int) -> array[int] | None:
+        """:meth:`alloc` as an ``array('Q')``: no Python int per page for the garbage collector
+        to walk, 8 bytes a page where a list of ints takes 36 (what a tree node keeps)."""
+        with self._lock:
+            return self._allocator.alloc_array(n)
 
     def is_allocated(self, page: int) -> bool:
         """Whether ``page`` is currently handed out (a deferred free still counts)."""

@@ -282,11 +282,7 @@ class RadixCache:
         if i < size:
             node = self._add_leaf(node, first, bytes(view[i:]), pages[i // step :], tick)
             if self.gpu_events:
-                # a list key's own ints are the event's tokens: a slice copies references,
-                # where decoding the packed run would make a new int per token
-                self._emit_stored(
-                    node, Medium.GPU, key[i // TOKEN_BYTES :] if type(key) is list else None
-                )
+                self._emit_stored(node, Medium.GPU)
             self._on_new_leaf(node)
         return dup
 
@@ -497,25 +493,17 @@ class RadixCache:
             return None
         return block_id(self.node_hashes(parent)[-1])
 
-    def _emit_stored(self, node: TreeNode, medium: str, tokens: list[int] | None = None) -> None:
+    def _emit_stored(self, node: TreeNode, medium: str) -> None:
         """One ``BlockStored`` for ``node``'s pages, chained to the page before it: queued as
-        a run, built when taken; nothing is hashed for a medium the queue does not keep.
-        ``tokens``: the node's tokens as a list nobody else holds, if the caller has one."""
+        a run, built when taken; nothing is hashed for a medium the queue does not keep."""
         if self.events.wants(medium):
-            self.events.put(self._stored_run(node, medium, self.parent_block_hash(node), tokens))
+            self.events.put(self._stored_run(node, medium, self.parent_block_hash(node)))
 
-    def _stored_run(
-        self, node: TreeNode, medium: str, parent: int | None, tokens: list[int] | None
-    ) -> StoredRun:
+    def _stored_run(self, node: TreeNode, medium: str, parent: int | None) -> StoredRun:
         """The run of ``node``'s pages (see :meth:`_emit_stored`) after ``parent`` (its
-        :meth:`parent_block_hash`)."""
+        :meth:`parent_block_hash`); its tokens stay packed until a consumer reads them."""
         return StoredRun(
-            self.node_hashes(node),
-            parent,
-            node.tokens if tokens is None else tokens,
-            self.page_size,
-            self.lora_id,
-            medium,
+            self.node_hashes(node), parent, node.tokens, self.page_size, self.lora_id, medium
         )
 
     def _emit_removed(self, node: TreeNode, medium: str) -> None:

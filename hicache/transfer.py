@@ -72,6 +72,18 @@ def page_runs(pages: Sequence[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
+#: Integer ``array`` type codes taken as they are (no conversion to a list of ints).
+_INT_CODES = frozenset("bBhHiIlLqQ")
+
+
+def _pages(pages: Sequence[int]) -> Sequence[int]:
+    """``pages`` as the engines take them: an integer ``array`` as it is (the cache hands its
+    nodes' arrays: converting them made an int object per page), anything else as a list."""
+    if type(pages) is array and pages.typecode in _INT_CODES:
+        return pages
+    return _page_list(pages)
+
+
 def _page_list(pages: Sequence[int]) -> list[int]:
     """``pages`` as a new list of ints. ``array('q')`` converts in one C loop (a write-through
     submits a node's pages on every insert: ``int()`` per page was a tenth of a served insert);
@@ -115,6 +127,8 @@ class TransferEngine(ABC):
     Notes for implementers: implement ``_start`` (begin one copy) and ``_collect`` (finished
     ack ids, non-blocking) and ``_wait`` (block until one ack id finished); the base class
     validates arguments, numbers ack ids and makes ``poll`` report each ack id once.
+    ``_start`` gets the pages as a list of ints or, as the cache hands them, an integer
+    ``array`` (validated either way).
     """
 
     def __init__(self, device_pool: DevicePool, host_pool: HostPool) -> None:
@@ -179,7 +193,9 @@ class TransferEngine(ABC):
             self.wait(t)
 
     @abstractmethod
-    def _start(self, ack_id: int, direction: Direction, src: list[int], dst: list[int]) -> None: ...
+    def _start(
+        self, ack_id: int, direction: Direction, src: Sequence[int], dst: Sequence[int]
+    ) -> None: ...
 
     @abstractmethod
     def _collect(self) -> list[int]: ...
@@ -189,10 +205,10 @@ class TransferEngine(ABC):
 
     def _validate(
         self, direction: Direction, src_pages: Sequence[int], dst_pages: Sequence[int]
-    ) -> tuple[list[int], list[int]]:
+    ) -> tuple[Sequence[int], Sequence[int]]:
         if not isinstance(direction, Direction):
             raise ValueError(f"direction must be a Direction, got {direction!r}")
-        src, dst = _page_list(src_pages), _page_list(dst_pages)
+        src, dst = _pages(src_pages), _pages(dst_pages)
         if len(src) != len(dst):
             raise ValueError(f"{len(src)} source pages but {len(dst)} destination pages")
         if direction is Direction.D2H:
@@ -227,7 +243,9 @@ class CpuTransferEngine(TransferEngine):
         super().__init__(device_pool, host_pool)
         self._done: list[int] = []
 
-    def _start(self, ack_id: int, direction: Direction, src: list[int], dst: list[int]) -> None:
+    def _start(
+        self, ack_id: int, direction: Direction, src: Sequence[int], dst: Sequence[int]
+    ) -> None:
         copy_pages_sync(self.device_pool, self.host_pool, direction, src, dst)
         with self._lock:
             self._done.append(ack_id)
@@ -244,8 +262,8 @@ class CpuTransferEngine(TransferEngine):
 @dataclass(slots=True)
 class _ManualJob:
     direction: Direction
-    src: list[int]
-    dst: list[int]
+    src: Sequence[int]
+    dst: Sequence[int]
 
 
 class ManualTransferEngine(TransferEngine):
@@ -290,7 +308,9 @@ class ManualTransferEngine(TransferEngine):
             self.complete(t)
         return ack_ids
 
-    def _start(self, ack_id: int, direction: Direction, src: list[int], dst: list[int]) -> None:
+    def _start(
+        self, ack_id: int, direction: Direction, src: Sequence[int], dst: Sequence[int]
+    ) -> None:
         with self._lock:
             self._jobs[ack_id] = _ManualJob(direction, src, dst)
 
@@ -351,11 +371,13 @@ class CudaTransferEngine(TransferEngine):
         if job is not None:
             (stream or torch.cuda.current_stream(self.device)).wait_event(job.event)
 
-    def _indices(self, pages: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        host = torch.tensor(pages, dtype=torch.int64, pin_memory=True)
+    def _indices(self, pages: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        host = torch.tensor(list(pages), dtype=torch.int64, pin_memory=True)
         return host, host.to(self.device, non_blocking=True)
 
-    def _start(self, ack_id: int, direction: Direction, src: list[int], dst: list[int]) -> None:
+    def _start(
+        self, ack_id: int, direction: Direction, src: Sequence[int], dst: Sequence[int]
+    ) -> None:
         producer = torch.cuda.current_stream(self.device)
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         keep: list[torch.Tensor] = []

@@ -3,6 +3,12 @@ pages builds, when taken, exactly the event it would have built when it was queu
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import pickle
+from array import array
+from typing import Any
+
 import pytest
 import torch
 
@@ -143,3 +149,82 @@ def test_per_block_splits_a_run_into_chained_pages() -> None:
         BlockStored([ids[2]], ids[1], tokens[2 * PS :], PS, None, Medium.GPU),
         removed,
     ]
+
+
+def _packed_tokens(event: BlockStored) -> Any:
+    """What the event holds for its tokens (packed bytes until ``token_ids`` is read)."""
+    return BlockStored.__dict__["_token_ids"].__get__(event)
+
+
+def test_a_packed_event_decodes_its_tokens_once_on_first_read() -> None:
+    tokens = [0, 1, 127_999, 2**32 - 1, 7, 7, 8, 9]
+    packed = pack(tokens)
+    assert packed is not None
+    hashes = chain_hashes(SEED, tokens, PS)
+    ids = [block_id(h) for h in hashes]
+    lazy = BlockStored.packed(ids, 5, packed, PS, 2, Medium.GPU)
+    assert _packed_tokens(lazy) == packed  # nothing decoded yet
+    first = lazy.token_ids
+    assert type(first) is list and first == tokens
+    assert lazy.token_ids is first  # decoded once, then the event's own list
+    plain = BlockStored(ids, 5, list(tokens), PS, 2, Medium.GPU)
+    fresh = BlockStored.packed(ids, 5, packed, PS, 2, Medium.GPU)
+    # every other way in sees the list: equality, repr, to_dict, copies, pickles, fields
+    assert fresh == plain and repr(fresh) == repr(plain)
+    assert BlockStored.packed(ids, 5, packed, PS, 2, Medium.GPU).to_dict() == plain.to_dict()
+    lazy2 = BlockStored.packed(ids, 5, packed, PS, 2, Medium.GPU)
+    assert copy.copy(lazy2) == plain and pickle.loads(pickle.dumps(lazy2)) == plain
+    assert dataclasses.astuple(BlockStored.packed(ids, 5, packed, PS, 2, Medium.GPU)) == (
+        dataclasses.astuple(plain)
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        lazy.token_ids = []  # type: ignore[misc]
+    # what the constructor took comes back as it is (a list stays that very list)
+    assert (
+        plain.token_ids == tokens and BlockStored(ids, 5, tokens, PS, 2, "GPU").token_ids is tokens
+    )
+
+
+def test_events_nobody_reads_the_tokens_of_keep_them_packed() -> None:
+    cache = _cache(events=True)
+    tokens = list(range(300, 300 + 3 * PS))
+    pages = cache.device_pool.alloc(3)
+    assert pages is not None
+    cache.insert(tokens, pages)
+    cache.writing_check()
+    got = [e for e in cache.take_events() if isinstance(e, BlockStored)]
+    assert [e.medium for e in got] == [Medium.GPU, Medium.CPU_PINNED]
+    node = cache.match_prefix(tokens).last_node
+    # both events share the node's own packed tokens: nothing decoded, nothing copied
+    shared = holder = _packed_tokens(got[0])
+    assert _packed_tokens(got[1]) is shared
+    assert shared.packed is node.tokens and shared._list is None
+    want = [_expected(tokens, m)[0] for m in (Medium.GPU, Medium.CPU_PINNED)]
+    assert got == want  # read now: the ids, chained hashes and tokens of before
+    # decoded once for both, each event its own list: extending one changes no other
+    assert holder._list == tokens
+    assert got[0].token_ids is not got[1].token_ids
+    got[0].token_ids.append(1)
+    assert got[1].token_ids == tokens
+
+
+def test_write_through_host_pages_are_an_array_from_the_pool() -> None:
+    cache = _cache(events=True)
+    tokens = list(range(400, 400 + 4 * PS))
+    pages = cache.device_pool.alloc(4)
+    assert pages is not None
+    cache.insert(tokens, pages)
+    cache.writing_check()
+    node = cache.match_prefix(tokens).last_node
+    host = node.host_value
+    assert isinstance(host, array) and len(host) == 4
+    cache.match_prefix(tokens[: 2 * PS] + [1] * PS)  # a split slices the array
+    assert cache.evict(4) == 4  # both halves keep their host copy, L2-only
+    r = cache.match_prefix(tokens)
+    assert r.host_hit_pages == 4
+    back = cache.load_back(r.last_host_node)
+    assert back is not None and len(back) == 4
+    assert cache.match_prefix(tokens).device_pages == back
+    free_before = cache.host_pool.available
+    assert cache.evict(4) == 4 and cache.evict_host(4) == 4
+    assert cache.host_pool.available == free_before + 4

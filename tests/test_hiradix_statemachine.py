@@ -201,12 +201,12 @@ class Spy(HiRadixCache):
         finally:
             self._in_prefetch = False
 
-    def _emit_stored(self, node: TreeNode, medium: str, tokens: list[int] | None = None) -> None:
+    def _emit_stored(self, node: TreeNode, medium: str) -> None:
         if self._in_prefetch and medium == Medium.CPU_PINNED:
             ids = [block_id(h) for h in self.node_hashes(node)]
             self.prefetch_events += zip(ids, [self.parent_block_hash(node), *ids[:-1]], strict=True)
             self.read_keys.update(storage_key(h) for h in self.node_hashes(node))
-        super()._emit_stored(node, medium, tokens)
+        super()._emit_stored(node, medium)
 
     def _full_prefix(self, node: TreeNode) -> list[int]:
         out: list[int] = []

@@ -251,3 +251,22 @@ def test_cuda_pools_default_to_gpu_and_pinned_host() -> None:
     view = host.page_view(0)
     view[:4] = b"\x01\x02\x03\x04"
     assert host.bytes[:4].tolist() == [1, 2, 3, 4]
+
+
+def test_alloc_array_hands_out_what_alloc_would_and_never_resizes_the_free_stack() -> None:
+    a, b = PageAllocator(300), PageAllocator(300)
+    capacity = a._free.buffer_info()  # (address, length): moved or shrunk means copied
+    for n in (3, 70, 0, 16):
+        got = a.alloc_array(n)
+        assert got is not None and got.typecode == "Q"
+        assert got.tolist() == b.alloc(n)
+    a.free(list(range(3, 73)))  # a batch of arrays' pages, handed back as a list
+    b.free(list(range(3, 73)))
+    assert a.alloc_array(5) == b.alloc_array(5)  # freed pages come back first, in order
+    assert a.alloc_array(300) is None and a.available == b.available
+    assert a._free.buffer_info() == capacity
+    pool = HostPool(LAYOUT, 4, pin=False)
+    pages = pool.alloc_array(3)
+    assert pages is not None and list(pages) == [0, 1, 2]
+    pool.free(pages)  # an array goes back like a list
+    assert pool.available == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 
 import pytest
@@ -176,6 +177,33 @@ def test_submit_validates_pages() -> None:
     assert engine.in_flight() == 0 and engine.poll() == []
     with pytest.raises(ValueError, match="layout"):
         CpuTransferEngine(dev, HostPool(LAYOUTS["fp16"], 2, pin=False))
+
+
+@pytest.mark.parametrize(("engine_cls", "device"), ENGINES)
+def test_integer_arrays_copy_the_same_pages_as_lists(
+    engine_cls: Callable[[DevicePool, HostPool], TransferEngine], device: str
+) -> None:
+    """The cache hands its nodes' page arrays over as they are (no list of ints made)."""
+    layout = LAYOUTS["fp16"]
+    dev, host = _make(layout, device, pin=device == "cuda")
+    engine = engine_cls(dev, host)
+    gen = torch.Generator().manual_seed(3)
+    pages = {p: _random_page(layout, gen) for p in (2, 5, 6)}
+    for p, data in pages.items():
+        dev.write_page(p, data)
+    ack = engine.submit(Direction.D2H, array("i", [2, 5, 6]), array("Q", [9, 1, 2]))
+    _finish(engine, ack)
+    for s, d in ((2, 9), (5, 1), (6, 2)):
+        assert _raw(host.page_tensor(d)) == _raw(pages[s])
+    ack = engine.submit(Direction.H2D, array("Q", [1]), array("q", [0]))
+    _finish(engine, ack)
+    assert _raw(dev.read_page(0)) == _raw(pages[5])
+    with pytest.raises(ValueError, match="source device page 8"):
+        engine.submit(Direction.D2H, array("q", [8]), array("Q", [0]))
+    with pytest.raises(ValueError, match="source device page -1"):
+        engine.submit(Direction.D2H, array("q", [-1]), array("Q", [0]))
+    with pytest.raises(ValueError, match="destination host page 3 is listed twice"):
+        engine.submit(Direction.D2H, array("i", [0, 1]), array("Q", [3, 3]))
 
 
 def test_page_runs() -> None:

@@ -101,7 +101,9 @@ class _AckOnly(TransferEngine):
         super().__init__(device_pool, host_pool)
         self._done: list[int] = []
 
-    def _start(self, ack_id: int, direction: Direction, src: list[int], dst: list[int]) -> None:
+    def _start(
+        self, ack_id: int, direction: Direction, src: Sequence[int], dst: Sequence[int]
+    ) -> None:
         self._done.append(ack_id)
 
     def _collect(self) -> list[int]:
