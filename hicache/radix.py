@@ -171,7 +171,7 @@ class RadixCache:
             if first is not None and first not in self.root.children:
                 self._tick += 1
                 self.match_tokens += len(key) - len(key) % ps
-                return MatchResult([], self.root, self.root, 0)
+                return MatchResult((), 0, self.root, self.root, 0)
         packed, total = pack_request(key)
         view = memoryview(packed)
         # whole pages of valid ids: nodes hold whole pages, and no node holds an invalid id
@@ -180,7 +180,8 @@ class RadixCache:
         tick = self._tick
         node = self.root
         last_device = node
-        pages: PageList | None = None  # the first device node's type: pages come back as given
+        runs: list[PageList] = []  # the device nodes' own page arrays: joined only when asked
+        count = 0
         host_hit = 0
         on_device = True
         child = node.children.get(bytes(view[:step])) if limit else None
@@ -198,13 +199,8 @@ class RadixCache:
                 below = child.children.get(bytes(view[end : end + step])) if end < limit else None
             child.last_access = tick
             if on_device and child.value is not None:
-                if pages is None:
-                    pages = child.value[:]
-                else:
-                    try:
-                        pages.extend(child.value)  # an array by an array: one memcpy
-                    except TypeError:  # arrays of two type codes
-                        pages = [*pages, *child.value]
+                runs.append(child.value)
+                count += len(child.value)
                 last_device = child
             else:
                 on_device = False
@@ -213,13 +209,11 @@ class RadixCache:
             i = end
             child = below
         self.match_tokens += total - total % ps
-        if pages is None:
-            pages = []
-        elif pages:  # a miss pays one addition
-            self.match_device_pages += len(pages)
+        if count:  # a miss pays one addition
+            self.match_device_pages += count
         if host_hit:
             self.match_host_pages += host_hit
-        return MatchResult(pages, last_device, node, host_hit)
+        return MatchResult(runs, count, last_device, node, host_hit)
 
     # ------------------------------------------------------------------ insert
 
