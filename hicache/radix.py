@@ -21,9 +21,14 @@ young-generation collection cost more than the insert itself. A request is packe
 insert; on a match of a list, only once its first page hit), after which the walk reads only
 packed bytes: one dict lookup of a page's bytes per node, one ``memcmp`` per node run however
 long, and, where a run differs, a galloping then bisecting compare that finds the page
-(``packed_tokens.common_pages``). Content hashes read the packed tokens as they are. Token ids
-are therefore uint32, as content hashes already require: ``insert`` raises ``ValueError`` for
-others, and a match stops before the first page holding one (no node can hold it).
+(``packed_tokens.common_pages``). A match collects the device nodes' page runs and counts
+their pages; ``MatchResult.device_pages`` joins the runs only when read (a scheduler matches
+each waiting request, often more than once, and mostly wants the count; SGLang's tree too
+builds the indices only for an admitted request). At page size 1, a 32k-token hit then costs
+the request's packing, one ``memcmp`` and a few dict lookups. Content hashes read the packed
+tokens as they are. Token ids are therefore uint32, as content hashes already require:
+``insert`` raises ``ValueError`` for others, and a match stops before the first page holding
+one (no node can hold it).
 
 A request comes in any form ``packed_tokens.pack_request`` accepts: a list (a tokenizer's, what
 vLLM hands over), an integer ``array`` (``array('q')`` is what SGLang's scheduler holds), a 1-D
