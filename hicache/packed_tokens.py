@@ -23,7 +23,8 @@ A request's accepted forms (every one gives the same answers):
                                  length that is not a multiple of 4 is a ``ValueError``
 
 An array or numpy request is narrowed to uint32 by numpy, in C, with no Python int per token
-(10 us for 32k tokens of an ``array('q')``, 2026-12-07, load 12); a non-integer dtype is a
+(33k tokens of an ``array('q')``: 9 us in the CPU cache, about 25 us not, reading the
+request from memory; 2026-12-07 15:00 UTC, load 6); a non-integer dtype is a
 ``TypeError``.
 """
 
@@ -119,8 +120,11 @@ def pack_request(tokens: Tokens) -> tuple[Packed, int]:
         code = tokens.typecode
         if code not in _INT_CODES:
             raise TypeError(f"token ids must be integers, got an array of type {code!r}")
-        if code in "IL" and tokens.itemsize == TOKEN_BYTES and not _BIG_ENDIAN:
-            return memoryview(tokens).cast("B"), len(tokens)
+        if not _BIG_ENDIAN:
+            if tokens.itemsize == TOKEN_BYTES and code in "IL":
+                return memoryview(tokens).cast("B"), len(tokens)
+            if tokens.itemsize == 8:
+                return _pack_wide(tokens)
         return _pack_numpy(_numpy().frombuffer(tokens, dtype=code))
     if isinstance(tokens, memoryview) or hasattr(tokens, "__array__"):
         return _pack_numpy(_numpy().asarray(tokens))
@@ -153,6 +157,18 @@ def _first_bad(tokens: list[int]) -> int:
         if not 0 <= value <= _U32_MAX:
             return j
     return len(tokens)
+
+
+def _pack_wide(tokens: array[int]) -> tuple[Packed, int]:
+    """``pack_request`` of a little-endian 8-byte integer ``array`` (SGLang's ``array('q')``):
+    what :func:`_pack_numpy` does, without its dtype dispatch (2 us a call, a fifth of a
+    4k-token pack)."""
+    np = _numpy()
+    wide = np.frombuffer(tokens, dtype="<u8")
+    # read as unsigned, a negative id is above every valid one (see _pack_numpy)
+    if len(wide) and np.maximum.reduce(wide) > _U32_MAX:
+        return _pack_numpy(np.frombuffer(tokens, dtype=tokens.typecode))  # finds the cut
+    return memoryview(wide.astype("<u4")).cast("B"), len(wide)
 
 
 def _pack_numpy(arr: Any) -> tuple[Packed, int]:

@@ -21,9 +21,14 @@ young-generation collection cost more than the insert itself. A request is packe
 insert; on a match of a list, only once its first page hit), after which the walk reads only
 packed bytes: one dict lookup of a page's bytes per node, one ``memcmp`` per node run however
 long, and, where a run differs, a galloping then bisecting compare that finds the page
-(``packed_tokens.common_pages``). Content hashes read the packed tokens as they are. Token ids
-are therefore uint32, as content hashes already require: ``insert`` raises ``ValueError`` for
-others, and a match stops before the first page holding one (no node can hold it).
+(``packed_tokens.common_pages``). A match collects the device nodes' page runs and counts
+their pages; ``MatchResult.device_pages`` joins the runs only when read (a scheduler matches
+each waiting request, often more than once, and mostly wants the count; SGLang's tree too
+builds the indices only for an admitted request). At page size 1, a 32k-token hit then costs
+the request's packing, one ``memcmp`` and a few dict lookups. Content hashes read the packed
+tokens as they are. Token ids are therefore uint32, as content hashes already require:
+``insert`` raises ``ValueError`` for others, and a match stops before the first page holding
+one (no node can hold it).
 
 A request comes in any form ``packed_tokens.pack_request`` accepts: a list (a tokenizer's, what
 vLLM hands over), an integer ``array`` (``array('q')`` is what SGLang's scheduler holds), a 1-D
@@ -171,7 +176,7 @@ class RadixCache:
             if first is not None and first not in self.root.children:
                 self._tick += 1
                 self.match_tokens += len(key) - len(key) % ps
-                return MatchResult([], self.root, self.root, 0)
+                return MatchResult((), 0, self.root, self.root, 0)
         packed, total = pack_request(key)
         view = memoryview(packed)
         # whole pages of valid ids: nodes hold whole pages, and no node holds an invalid id
@@ -180,7 +185,8 @@ class RadixCache:
         tick = self._tick
         node = self.root
         last_device = node
-        pages: PageList | None = None  # the first device node's type: pages come back as given
+        runs: list[PageList] = []  # the device nodes' own page arrays: joined only when asked
+        count = 0
         host_hit = 0
         on_device = True
         child = node.children.get(bytes(view[:step])) if limit else None
@@ -198,13 +204,8 @@ class RadixCache:
                 below = child.children.get(bytes(view[end : end + step])) if end < limit else None
             child.last_access = tick
             if on_device and child.value is not None:
-                if pages is None:
-                    pages = child.value[:]
-                else:
-                    try:
-                        pages.extend(child.value)  # an array by an array: one memcpy
-                    except TypeError:  # arrays of two type codes
-                        pages = [*pages, *child.value]
+                runs.append(child.value)
+                count += len(child.value)
                 last_device = child
             else:
                 on_device = False
@@ -213,13 +214,11 @@ class RadixCache:
             i = end
             child = below
         self.match_tokens += total - total % ps
-        if pages is None:
-            pages = []
-        elif pages:  # a miss pays one addition
-            self.match_device_pages += len(pages)
+        if count:  # a miss pays one addition
+            self.match_device_pages += count
         if host_hit:
             self.match_host_pages += host_hit
-        return MatchResult(pages, last_device, node, host_hit)
+        return MatchResult(runs, count, last_device, node, host_hit)
 
     # ------------------------------------------------------------------ insert
 

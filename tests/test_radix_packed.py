@@ -56,6 +56,7 @@ FORMS: list[Callable[[list[int]], Sequence[int]]] = [
 #: (int64 as SGLang's tensors, uint32 read in place), ``bytes`` already packed, a memoryview.
 REQUEST_FORMS: list[Callable[[list[int]], Tokens]] = [
     *FORMS,
+    lambda t: array("Q", t),  # 8 bytes, unsigned: packed by the same path as array('q')
     lambda t: np.array(t, dtype=np.int64),
     lambda t: np.array(t, dtype=np.uint32),
     lambda t: np.array(t, dtype=">i8"),  # another byte order
@@ -64,7 +65,17 @@ REQUEST_FORMS: list[Callable[[list[int]], Tokens]] = [
     lambda t: bytearray(tokens_to_bytes(t)),
     lambda t: memoryview(array("q", t)),
 ]
-FORM_IDS = ["list", "array_q", "array_I", "np_i8", "np_u4", "np_be", "np_strided", "bytes"]
+FORM_IDS = [
+    "list",
+    "array_q",
+    "array_I",
+    "array_Q",
+    "np_i8",
+    "np_u4",
+    "np_be",
+    "np_strided",
+    "bytes",
+]
 FORM_IDS += ["bytearray", "memoryview_q"]
 
 
@@ -115,6 +126,10 @@ def test_pack_refuses_and_pack_request_cuts_at_ids_outside_uint32() -> None:
         assert bytes(packed) == tokens_to_bytes([*good, 9, 9]) and n == 2 * PS + 5
         packed, n = pack_request(form([1, -1, *good]))
         assert bytes(packed) == tokens_to_bytes([1]) and n == 2 + 2 * PS
+    # unsigned 8-byte ids: the first one past the uint32 range cuts, however far past
+    for bad in (2**32, 2**63, 2**64 - 1):
+        packed, n = pack_request(array("Q", [*good, U32_MAX, bad, 1]))
+        assert bytes(packed) == tokens_to_bytes([*good, U32_MAX]) and n == 2 * PS + 3
     step = PS * 4
     a, b = tokens_to_bytes(tokens([0, 1, 2])), tokens_to_bytes(tokens([3, 0, 1, 4]))
     assert common_pages(a, b, step, step) == 2  # a vs b's pages 1..: [0, 1] shared, then 2 != 4
