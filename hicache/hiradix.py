@@ -520,7 +520,7 @@ class HiRadixCache(RadixCache):
         key = self.page_aligned(tokens)
         ps = self.page_size
         r = self.match_prefix(key)
-        start = (len(r.device_pages) + r.host_hit_pages) * ps
+        start = (r.device_pages_count + r.host_hit_pages) * ps
         n = (len(key) - start) // ps
         if n <= 0 or n * ps < self.prefetch_threshold_tokens:
             if n > 0:
@@ -608,7 +608,7 @@ class HiRadixCache(RadixCache):
         if ok:
             full = handle.tokens[: handle.start + ok * ps]
             r = self.match_prefix(full)
-            present = (len(r.device_pages) + r.host_hit_pages) * ps
+            present = (r.device_pages_count + r.host_hit_pages) * ps
             base = r.last_host_node
             if present < handle.start or not self._backup_path(base):
                 drop = handle.host_pages  # the tree changed under us: nothing attaches
