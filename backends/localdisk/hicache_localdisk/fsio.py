@@ -49,15 +49,13 @@ log = logging.getLogger(__name__)
 #: logical blocks).
 DIRECT_ALIGN = 4096
 O_DIRECT: int = getattr(os, "O_DIRECT", 0)
-#: Piece of a read that hashes nothing (a partly cached or cold page: the device reads pieces
-#: faster than one large call).
+#: Piece of a read: fits the L2 cache, so hashing reads what the copy just wrote there. Measured
+#: against 1 MiB (the L2 size) on 8 MiB pages, 4 threads, 2 loaded vCPUs, the same process
+#: alternating: 1 MiB pieces cost 4-11% less CPU per hot read of pages the page cache held
+#: long, but a cold read in 1 MiB pieces left pages whose next (first hot) read cost 20-25%
+#: more CPU than after a cold read in 256 KiB pieces (4.3-4.5 vs 5.5-5.6 GB per CPU second):
+#: the piece of the cold read decides, the hot read's piece hardly matters there.
 READ_CHUNK = 256 << 10
-#: Piece of a hashed read: the kernel's copy lands in the L2 cache (1 MiB per core on the EPYC
-#: it was measured on) and the hash reads it there right after. Fewer pieces also mean fewer
-#: system calls and GIL hand-offs: 8 MiB pages, 4 threads on 2 loaded vCPUs, the same process
-#: alternating, GB per CPU second 1 MiB / 256 KiB pieces 1.03-1.11x (512 KiB 1.03-1.07x, 2 MiB
-#: below 256 KiB).
-HASH_CHUNK = 1 << 20
 #: Piece of a read split over helper threads: large enough that a hand-off (~20 us) stays small
 #: next to the copy it starts.
 SPLIT_CHUNK = 1 << 20
@@ -147,10 +145,9 @@ def read_page(
 
     An unhashed read without helpers first takes what the page cache holds in one
     ``RWF_NOWAIT`` call (see :func:`read_cached`): a hot page costs one system call, and only
-    the bytes not cached yet are read, in pieces. A hashed read stays in ``HASH_CHUNK`` pieces
-    even when hot: hashing each piece while it sits in the L2 cache cost less than one call and
-    a hash of the whole page from memory (8 MiB pages, 4 threads, 2 vCPUs: 7.5 vs 6.9 GB per
-    CPU second).
+    the bytes not cached yet are read, in pieces. A hashed read stays in pieces even when hot:
+    hashing each piece while it sits in the L2 cache cost less than one call and a hash of the
+    whole page from memory (8 MiB pages, 4 threads, 2 vCPUs: 7.5 vs 6.9 GB per CPU second).
     """
     if not hash_payload and helpers is None:
         bufs = [header, *([payload] if isinstance(payload, memoryview) else payload)]
@@ -195,11 +192,11 @@ def _read_hashed(
     fd: int, header: memoryview, payload: Regions, digest: xxhash.xxh3_64 | None
 ) -> tuple[int, int]:
     """``read_page`` on this thread alone: ``[header, first piece]`` in one call, then the other
-    pieces (``HASH_CHUNK``; ``READ_CHUNK`` for a cold unhashed read, ``digest`` ``None``), each
-    hashed right after it lands. Per piece the loop calls ``preadv`` directly and only a short
+    ``READ_CHUNK`` pieces, each hashed right after it lands (``digest``; ``None``: a cold
+    unhashed read). Per piece the loop calls ``preadv`` directly and only a short
     read takes :func:`read_fully`: beside the copy and the hash, that is all the Python a
     piece costs."""
-    pieces = iter_pieces(payload, HASH_CHUNK if digest is not None else READ_CHUNK)
+    pieces = iter_pieces(payload, READ_CHUNK)
     first = next(pieces, None)
     bufs = [header] if first is None else [header, first[1]]
     pos = read_fully(fd, bufs)

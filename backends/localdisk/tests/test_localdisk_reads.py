@@ -98,13 +98,13 @@ def test_short_file_reads_short(tmp_path: Path) -> None:
 def test_hashed_read_lands_whole_and_hashes_every_byte(tmp_path: Path, state: str) -> None:
     # Several hash pieces, a short last one, and K/V regions split inside a piece: every byte
     # lands where it belongs and the checksum is the payload's (what verification compares).
-    size = 2 * fsio.HASH_CHUNK + fsio.READ_CHUNK + 4096
+    size = 5 * fsio.READ_CHUNK + 4096
     payload = os.urandom(size)
     path = tmp_path / "page"
     _page_file(path, payload)
     if state == "cold":
         _drop(path)
-    split = fsio.HASH_CHUNK + 12345
+    split = 2 * fsio.READ_CHUNK + 12345
     regions = [memoryview(bytearray(split)), memoryview(bytearray(size - split))]
     header = memoryview(bytearray(HEADER_SIZE))
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -116,7 +116,7 @@ def test_hashed_read_lands_whole_and_hashes_every_byte(tmp_path: Path, state: st
     assert bytes(regions[0]) + bytes(regions[1]) == payload
     assert checksum == payload_checksum(memoryview(payload))
     # Cut inside the second piece: the read reports where the file ended, not a full page.
-    cut = HEADER_SIZE + fsio.HASH_CHUNK + 100
+    cut = HEADER_SIZE + 3 * fsio.READ_CHUNK + 100
     os.truncate(path, cut)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
