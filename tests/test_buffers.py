@@ -56,6 +56,9 @@ def test_size_mismatch_is_refused_before_any_byte_moves() -> None:
     dst = memoryview(bytearray(b"\x07" * 100))
     with pytest.raises(ValueError, match="copy of 101 bytes into a buffer of 100 bytes"):
         copy_bytes(dst, memoryview(bytes(101)))
+    # One-region pages take the single-memmove path: refused the same way.
+    with pytest.raises(ValueError, match="copy of 101 bytes into a buffer of 100 bytes"):
+        copy_bytes([dst], (memoryview(bytes(101)),))
     # A short slice of a mapping (an offset past its end) is refused the same way.
     with pytest.raises(ValueError, match="copy of 100 bytes into a buffer of 50 bytes"):
         copy_and_hash(memoryview(bytearray(150))[100:], dst, hash_dst=False)
@@ -65,6 +68,11 @@ def test_size_mismatch_is_refused_before_any_byte_moves() -> None:
 def test_read_only_destination_and_strided_buffers_are_refused() -> None:
     with pytest.raises(BufferError):
         copy_bytes(memoryview(bytes(8)), memoryview(bytearray(8)))
+    with pytest.raises(BufferError):
+        copy_bytes([memoryview(bytes(8))], [memoryview(bytearray(8))])
+    one = memoryview(bytearray(8))
+    copy_bytes([one], (memoryview(b"abcdefgh"),))  # one region each side: copied exactly
+    assert bytes(one) == b"abcdefgh"
     strided = memoryview(np.zeros(16, dtype=np.uint8)[::2])
     with pytest.raises(BufferError):
         buffer_address(strided)

@@ -228,8 +228,8 @@ def _fmt_value(value: float | None, unit: str) -> str:
         return "n/a"
     if unit == "ms":
         return f"{value:.3f} ms"
-    if unit == "GB/s":
-        return f"{value:.2f} GB/s"
+    if unit in ("GB/s", "GB/CPU-s"):
+        return f"{value:.2f} {unit}"
     return f"{value / 1e6:.2f} M{unit}" if value >= 1e6 else f"{value / 1e3:.1f} k{unit}"
 
 

@@ -43,6 +43,10 @@ class Phase:
     units: int
     latencies: list[float]
     problems: dict[str, int]
+    #: CPU time of the whole process over the phase (every thread, user and system): on cores
+    #: shared with other work the wall clock says what share of them a side got, this what the
+    #: side cost.
+    cpu_seconds: float = 0.0
 
 
 Work = Callable[[Sequence[int], int], Sequence[PageStatus] | None]
@@ -89,13 +93,15 @@ def run_parallel(
         worker.start()
     barrier.wait()
     began = time.perf_counter()
+    cpu_began = time.process_time()
     for worker in workers:
         worker.join()
     seconds = time.perf_counter() - began
+    cpu_seconds = time.process_time() - cpu_began
     if errors:
         raise errors[0]
     units = sum(len(own) for own in slices)
-    return Phase(seconds, units, [x for own in latencies for x in own], problems)
+    return Phase(seconds, units, [x for own in latencies for x in own], problems, cpu_seconds)
 
 
 def split_slices(indices: Sequence[int], threads: int) -> list[list[int]]:

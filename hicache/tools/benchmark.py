@@ -11,7 +11,9 @@ the reads and presence checks then cover the pages still stored after the puts (
 sides). It then does the same through the raw baseline, with the same split of pages over the
 same number of threads and the same batches, so each figure has a limit
 measured in the same run, and reports ``ratio``: throughput / limit, or limit latency / latency
-(1.0 = as fast as the machine allows with those system calls).
+(1.0 = as fast as the machine allows with those system calls). Hot gets are also given per CPU
+second of the process (``get_hot_cpu``): what each side costs, which a loaded machine's
+scheduler does not move the way it moves the wall clock.
 
 With ``repeat`` > 1 every pair is measured that many times, the side measured first
 alternating from round to round (a disk's writeback, a neighbour's burst, a cold filesystem
@@ -175,6 +177,9 @@ FIGURES: tuple[tuple[str, str, bool], ...] = (
     ("put", "GB/s", True),
     ("get_cold", "GB/s", True),
     ("get_hot", "GB/s", True),
+    # Hot get GB per CPU second of the process: what a side costs, whatever share of the cores
+    # other work left it (on a loaded machine the wall-clock ratio swings with the scheduler).
+    ("get_hot_cpu", "GB/CPU-s", True),
     ("exists", "keys/s", True),
     ("exists_prefix", "keys/s", True),
     ("put_p50", "ms", False),
@@ -263,6 +268,11 @@ def _figures(page_bytes: int, ours: Side, raw: Side) -> list[Figure]:
             return None
         return phase.units * page_bytes / phase.seconds / GB
 
+    def cpu_gbps(phase: Phase | None) -> float | None:
+        if phase is None or not phase.units:
+            return None
+        return phase.units * page_bytes / max(phase.cpu_seconds, 1e-9) / GB
+
     def keys_s(phase: Phase | None) -> float | None:
         return None if phase is None or not phase.units else phase.units / phase.seconds
 
@@ -275,6 +285,7 @@ def _figures(page_bytes: int, ours: Side, raw: Side) -> list[Figure]:
         "put": (gbps(ours.put), gbps(raw.put)),
         "get_cold": (gbps(ours.get_cold), gbps(raw.get_cold)),
         "get_hot": (gbps(ours.get_hot), gbps(raw.get_hot)),
+        "get_hot_cpu": (cpu_gbps(ours.get_hot), cpu_gbps(raw.get_hot)),
         "exists": (keys_s(ours.exists), keys_s(raw.exists)),
         "exists_prefix": (keys_s(ours.exists_prefix), keys_s(raw.exists_prefix)),
     }

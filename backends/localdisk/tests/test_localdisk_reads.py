@@ -1,5 +1,6 @@
-"""``fsio.read_page`` without hashing: a page the page cache holds is read in one
-``RWF_NOWAIT`` call, the rest of a partly cached one in pieces, and short files stay short."""
+"""``fsio.read_page``: without hashing, a page the page cache holds is read in one
+``RWF_NOWAIT`` call, the rest of a partly cached one in pieces; hashed, every piece lands and is
+hashed; short files stay short."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 from hicache_localdisk import fsio
 
-from hicache.storage import HEADER_SIZE
+from hicache.storage import HEADER_SIZE, payload_checksum
 
 PAYLOAD = 3 * fsio.READ_CHUNK + 4096  # several pieces and a short last one
 
@@ -91,3 +92,35 @@ def test_short_file_reads_short(tmp_path: Path) -> None:
     assert _read(path, header, regions) == cut  # hot: one call stops at the end
     _drop(path, HEADER_SIZE)
     assert _read(path, header, regions) == cut  # the rest in pieces stops there too
+
+
+@pytest.mark.parametrize("state", ["hot", "cold"])
+def test_hashed_read_lands_whole_and_hashes_every_byte(tmp_path: Path, state: str) -> None:
+    # Several hash pieces, a short last one, and K/V regions split inside a piece: every byte
+    # lands where it belongs and the checksum is the payload's (what verification compares).
+    size = 5 * fsio.READ_CHUNK + 4096
+    payload = os.urandom(size)
+    path = tmp_path / "page"
+    _page_file(path, payload)
+    if state == "cold":
+        _drop(path)
+    split = 2 * fsio.READ_CHUNK + 12345
+    regions = [memoryview(bytearray(split)), memoryview(bytearray(size - split))]
+    header = memoryview(bytearray(HEADER_SIZE))
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        got, checksum = fsio.read_page(fd, header, regions, hash_payload=True)
+    finally:
+        os.close(fd)
+    assert got == HEADER_SIZE + size
+    assert bytes(regions[0]) + bytes(regions[1]) == payload
+    assert checksum == payload_checksum(memoryview(payload))
+    # Cut inside the second piece: the read reports where the file ended, not a full page.
+    cut = HEADER_SIZE + 3 * fsio.READ_CHUNK + 100
+    os.truncate(path, cut)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        got, _ = fsio.read_page(fd, header, regions, hash_payload=True)
+    finally:
+        os.close(fd)
+    assert got == cut
