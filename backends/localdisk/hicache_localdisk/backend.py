@@ -36,6 +36,7 @@ from hicache_localdisk.layout import Layout, ScannedPage
 from hicache_localdisk.options import Durability, LocalDiskConfig
 from hicache_localdisk.pageio import PageIO, ReadResult
 from hicache_localdisk.shared import SharedState
+from hicache_localdisk.spares import Spare, SpareFiles
 from hicache_localdisk.startup import (
     default_max_bytes,
     make_dirs,
@@ -85,7 +86,14 @@ class LocalDiskBackend(Backend):
         self.options: LocalDiskConfig = config
         self._layout = Layout(os.fspath(config.root), context.namespace)
         self._stored = stored_size(context.page_bytes)
-        self._index = PageIndex(self._stored, self._unlink_page, self._on_disk)
+        #: Evicted files a put reuses (single-process mode; see hicache_localdisk.spares).
+        self._spares = SpareFiles(self._layout) if not config.shared else None
+        self._index = PageIndex(
+            self._stored,
+            self._unlink_page,
+            self._on_disk,
+            self._spares.retire if self._spares is not None else None,
+        )
         self._max_bytes = 0
         self._pool: ThreadPoolExecutor | None = None
         self._shared: SharedState | None = None
@@ -303,12 +311,22 @@ class LocalDiskBackend(Backend):
         io = self._require_io()
         srcs = [_bytes_views(s) for s in srcs]
         statuses: list[PageStatus | None] = [None] * len(keys)
+        retired: list[Spare] = []
         if self._shared is not None:
             todo = self._plan_shared(keys, statuses)
         else:
-            todo = self._index.reserve(keys, statuses)
+            todo = self._index.reserve(keys, statuses, retired)
+        # This put's evictions become its new pages' files (see hicache_localdisk.spares).
+        spares = self._spares
+        usable = [s.path for s in retired if spares is not None and spares.usable(s)]
+        reuse = dict(zip(todo, usable, strict=False))
         now = time.time_ns()
-        results = self._map(lambda i: io.write(keys[i], srcs[i], now - i * _MTIME_STEP_NS), todo)
+        results = self._map(
+            lambda i: io.write(keys[i], srcs[i], now - i * _MTIME_STEP_NS, reuse.get(i)), todo
+        )
+        if len(retired) > len(reuse):
+            taken = set(reuse.values())
+            SpareFiles.discard(s.path for s in retired if s.path not in taken)
         for i, status in zip(todo, results, strict=True):
             statuses[i] = status
         if self.options.durability is Durability.FSYNC:
@@ -375,12 +393,16 @@ class LocalDiskBackend(Backend):
         todo = [i for i, key in enumerate(keys) if shared or key in pages]
         # A page read alone has the I/O threads to itself: its pieces are read on them.
         split = len(todo) == 1
-        results = self._map(
-            lambda i: io.read(
-                keys[i], dsts[i], None if now is None else now - i * _MTIME_STEP_NS, split=split
-            ),
-            todo,
-        )
+        # evicted files are not reused while these reads may hold them open
+        spares = self._spares
+        reading = [keys[i] for i in todo] if spares is not None else []
+        with spares.reading(reading) if spares is not None else contextlib.nullcontext():
+            results = self._map(
+                lambda i: io.read(
+                    keys[i], dsts[i], None if now is None else now - i * _MTIME_STEP_NS, split=split
+                ),
+                todo,
+            )
         statuses = [PageStatus.NOT_FOUND] * len(keys)
         hits: list[str] = []
         missing: list[str] = []
