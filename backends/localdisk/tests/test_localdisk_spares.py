@@ -1,0 +1,97 @@
+"""A put that evicts reuses the victims' files (inodes), except files a read may still hold."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from hicache_localdisk import LocalDiskBackend
+
+from hicache.storage import HEADER_SIZE, EvictionPolicy, PageStatus
+
+PAGE = 16384
+STORED = PAGE + HEADER_SIZE
+
+
+def _inode(backend: LocalDiskBackend, key: str) -> int:
+    return os.stat(backend.page_path(key)).st_ino
+
+
+def _temporaries(backend: LocalDiskBackend) -> list[Path]:
+    return list(Path(backend.layout.ns_dir).glob("*/.tmp-*"))
+
+
+def _full(
+    make_backend: Callable[..., LocalDiskBackend],
+    key_of: Callable[..., str],
+    payload_of: Callable[..., bytes],
+) -> tuple[LocalDiskBackend, list[str]]:
+    """An open backend holding 4 pages, its capacity (LRU: the first key goes first)."""
+    b = make_backend(page_bytes=PAGE, max_bytes=4 * STORED, eviction=EvictionPolicy.LRU)
+    b.open()
+    keys = [key_of(i) for i in range(4)]
+    for k in keys:  # one call each: k0 is the least recent
+        assert b.put([k], [memoryview(payload_of(k, PAGE))]) == [PageStatus.OK]
+    return b, keys
+
+
+def test_an_evicted_file_becomes_the_new_page_and_reads_back_exactly(
+    make_backend: Callable[..., LocalDiskBackend],
+    key_of: Callable[..., str],
+    payload_of: Callable[..., bytes],
+) -> None:
+    b, keys = _full(make_backend, key_of, payload_of)
+    victim = _inode(b, keys[0])
+    new = key_of(100)
+    assert b.put([new], [memoryview(payload_of(new, PAGE))]) == [PageStatus.OK]
+    assert b.exists([keys[0], new]) == [False, True]
+    assert not os.path.exists(b.page_path(keys[0]))
+    assert _inode(b, new) == victim  # no file created: the victim's was reused
+    dst = bytearray(PAGE)
+    assert b.get_into([new], [memoryview(dst)]) == [PageStatus.OK]
+    assert bytes(dst) == payload_of(new, PAGE)
+    assert os.stat(b.page_path(new)).st_size == STORED
+    assert _temporaries(b) == []
+    assert b.used_bytes == 4 * STORED
+    b.close()
+
+
+def test_a_file_a_read_may_hold_is_unlinked_not_reused(
+    make_backend: Callable[..., LocalDiskBackend],
+    key_of: Callable[..., str],
+    payload_of: Callable[..., bytes],
+) -> None:
+    b, keys = _full(make_backend, key_of, payload_of)
+    victim = _inode(b, keys[0])
+    spares = b._spares
+    assert spares is not None
+    # a read of the victim in flight may have opened its file: overwriting it would tear the
+    # read, so the put creates a file and the victim's is unlinked (the read keeps its copy)
+    with open(b.page_path(keys[0]), "rb") as reader, spares.reading([keys[0]]):
+        new = key_of(100)
+        assert b.put([new], [memoryview(payload_of(new, PAGE))]) == [PageStatus.OK]
+        assert _inode(b, new) != victim
+        assert os.fstat(reader.fileno()).st_nlink == 0
+        assert reader.read()[HEADER_SIZE:] == payload_of(keys[0], PAGE)
+    assert _temporaries(b) == []
+    dst = bytearray(PAGE)
+    assert b.get_into([new], [memoryview(dst)]) == [PageStatus.OK]
+    assert bytes(dst) == payload_of(new, PAGE)
+    b.close()
+
+
+def test_shared_mode_never_reuses_files(
+    make_backend: Callable[..., LocalDiskBackend],
+    key_of: Callable[..., str],
+    payload_of: Callable[..., bytes],
+) -> None:
+    # other processes may read a shared root: nothing there knows of their reads
+    b = make_backend(page_bytes=PAGE, max_bytes=4 * STORED, shared=True)
+    b.open()
+    assert b._spares is None
+    keys = [key_of(i) for i in range(8)]
+    for k in keys:
+        assert b.put([k], [memoryview(payload_of(k, PAGE))]) == [PageStatus.OK]
+    assert _temporaries(b) == []
+    b.close()
