@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,4 +95,53 @@ def test_shared_mode_never_reuses_files(
     for k in keys:
         assert b.put([k], [memoryview(payload_of(k, PAGE))]) == [PageStatus.OK]
     assert _temporaries(b) == []
+    b.close()
+
+
+def test_reads_racing_evictions_never_see_a_reused_file(
+    make_backend: Callable[..., LocalDiskBackend],
+    key_of: Callable[..., str],
+    payload_of: Callable[..., bytes],
+) -> None:
+    # a tiny tier: every put evicts, and its victims are often the pages being read
+    b = make_backend(page_bytes=PAGE, max_bytes=6 * STORED, eviction=EvictionPolicy.LRU)
+    b.open()
+    keys = [key_of(i, "race") for i in range(24)]
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def writer(t: int) -> None:
+        for r in range(60):
+            batch = [keys[(t * 5 + r * 3 + i) % len(keys)] for i in range(3)]
+            statuses = b.put(batch, [memoryview(payload_of(k, PAGE)) for k in batch])
+            if not all(s.stored for s in statuses):
+                errors.append(f"put {statuses}")
+
+    def reader(t: int) -> None:
+        bufs = [bytearray(PAGE) for _ in range(2)]
+        n = 0
+        while not stop.is_set():
+            batch = [keys[(t * 11 + n + i) % len(keys)] for i in range(2)]
+            n += 1
+            for key, status, buf in zip(
+                batch, b.get_into(batch, [memoryview(x) for x in bufs]), bufs, strict=True
+            ):
+                if status is PageStatus.OK and bytes(buf) != payload_of(key, PAGE):
+                    errors.append(f"{key}: wrong bytes")
+                elif status not in (PageStatus.OK, PageStatus.NOT_FOUND):
+                    errors.append(f"{key}: {status}")
+
+    writers = [threading.Thread(target=writer, args=(t,)) for t in range(3)]
+    readers = [threading.Thread(target=reader, args=(t,)) for t in range(3)]
+    for th in readers + writers:
+        th.start()
+    for th in writers:
+        th.join()
+    stop.set()
+    for th in readers:
+        th.join()
+    assert errors == []
+    assert b.stats()["corrupt"] == 0
+    assert _temporaries(b) == []
+    assert b.used_bytes == sum(b.exists(keys)) * STORED <= b.max_bytes
     b.close()
