@@ -90,8 +90,10 @@ class LocalDiskBackend(Backend):
         self.options: LocalDiskConfig = config
         self._layout = Layout(os.fspath(config.root), context.namespace)
         self._stored = stored_size(context.page_bytes)
-        #: Evicted files a put reuses (single-process mode; see hicache_localdisk.spares).
-        self._spares = SpareFiles(self._layout) if not config.shared else None
+        #: Evicted files a put reuses (see hicache_localdisk.spares): single-process mode, and
+        #: not with fsync, whose power-loss promise would need the victim's rename synced too.
+        reuse = not config.shared and config.durability is Durability.NONE
+        self._spares = SpareFiles(self._layout) if reuse else None
         self._index = PageIndex(
             self._stored,
             self._unlink_page,

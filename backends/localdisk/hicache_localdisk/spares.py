@@ -21,7 +21,8 @@ the file lived on for it; reused, it would be overwritten under it. So reads nam
 are reading (before opening anything), and a spare whose key a read in flight named is not
 reused but unlinked as before: a read that names a key after its file was renamed away cannot
 open that file. Other processes never read a single-process root, and shared mode (where they
-do) never retires.
+do) never retires. Neither does ``durability: fsync``: after a power loss the victim's rename
+could be lost while the overwrite was synced, leaving the new page's bytes under the old name.
 """
 
 from __future__ import annotations

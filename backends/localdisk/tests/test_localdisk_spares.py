@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from hicache_localdisk import LocalDiskBackend
 
 from hicache.storage import HEADER_SIZE, EvictionPolicy, PageStatus
@@ -82,13 +83,16 @@ def test_a_file_a_read_may_hold_is_unlinked_not_reused(
     b.close()
 
 
-def test_shared_mode_never_reuses_files(
+@pytest.mark.parametrize("options", [{"shared": True}, {"durability": "fsync"}])
+def test_shared_and_fsync_modes_never_reuse_files(
     make_backend: Callable[..., LocalDiskBackend],
     key_of: Callable[..., str],
     payload_of: Callable[..., bytes],
+    options: dict[str, object],
 ) -> None:
-    # other processes may read a shared root: nothing there knows of their reads
-    b = make_backend(page_bytes=PAGE, max_bytes=4 * STORED, shared=True)
+    # shared: other processes may read the root, and nothing here knows of their reads;
+    # fsync: a power loss could keep the overwrite and lose the victim's rename
+    b = make_backend(page_bytes=PAGE, max_bytes=4 * STORED, **options)
     b.open()
     assert b._spares is None
     keys = [key_of(i) for i in range(8)]
