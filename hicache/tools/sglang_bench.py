@@ -160,7 +160,7 @@ class _Bench:
         # many threads as the tier does
         context = BackendContext(page_bytes=self.page_bytes, namespace="bench", tier_name="raw")
         unopened = create_backend("localdisk", {"root": str(root)}, context)
-        self.io_threads = int(getattr(unopened.config, "io_threads", 1))
+        self.io_threads = int(getattr(unopened, "io_threads", 1))
 
     def _batches(self) -> range:
         return range(0, self.args.pages, self.args.batch)

@@ -9,9 +9,10 @@
 - ``inflight``  reservation count per key (the same key may be written by two threads).
 - ``evicted``   keys dropped on the backend's own account since the last ``take_evicted``.
 
-Every method takes the lock. The only I/O under it goes through the two callables the backend
-passes in, ``unlink(key)`` and ``on_disk(key)``: a page file this index forgets is unlinked
-before the lock is released, and a file another writer of the same key published (or that a
+Every method takes the lock. The only I/O under it goes through the callables the backend
+passes in, ``unlink(key)``, ``on_disk(key)`` and ``retire(key)``: a page file this index forgets
+is unlinked (or, for a put that will reuse it, renamed away by ``retire``) before the lock is
+released, and a file another writer of the same key published (or that a
 reader missed) is looked at under it. Otherwise a concurrent put of that key could find the
 doomed file (``ALREADY_EXISTS``), account for it, and then lose it to the pending unlink.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from hicache.storage import (
     DEFAULT_EVICTION,
@@ -40,10 +42,12 @@ class PageIndex:
         stored_bytes: int,
         unlink: Callable[[str], object],
         on_disk: Callable[[str], bool],
+        retire: Callable[[str], Any] | None = None,
     ) -> None:
         self.stored_bytes = stored_bytes
         self._unlink = unlink
         self._on_disk = on_disk
+        self._retire = retire
         self.lock = threading.Lock()
         self.pages: dict[str, int] = {}
         self.policy: CapacityPolicy | None = None
@@ -92,11 +96,18 @@ class PageIndex:
         with self.lock:
             return self._drop(policy.evict_for(0))
 
-    def reserve(self, keys: Sequence[str], statuses: list[PageStatus | None]) -> list[int]:
+    def reserve(
+        self,
+        keys: Sequence[str],
+        statuses: list[PageStatus | None],
+        spares: list[Any] | None = None,
+    ) -> list[int]:
         """Decide which pages of a put to write and make room for them first.
 
         Fills ``statuses`` for pages already stored (and any refused); returns the indices to
-        write. Evicted pages are unlinked before this returns.
+        write. Evicted pages are unlinked before this returns; with ``spares`` (and a
+        ``retire`` callable) the files of evicted pages of the stored size are retired instead
+        and what ``retire`` returned is appended there, for this put to reuse.
         """
         policy = self.policy
         assert policy is not None
@@ -135,7 +146,7 @@ class PageIndex:
             victims += policy.evict_for(0)
             for key in reserve:
                 self._inflight[key] = self._inflight.get(key, 0) + 1
-            dropped = self._drop(victims)
+            dropped = self._drop(victims, spares)
         for i, key in enumerate(keys):
             if key in dropped and statuses[i] is PageStatus.ALREADY_EXISTS:
                 statuses[i] = PageStatus.FAILED  # evicted by its own batch (tiny capacity)
@@ -242,14 +253,21 @@ class PageIndex:
             out, self._evicted = self._evicted, []
         return out
 
-    def _drop(self, victims: Sequence[str]) -> set[str]:
-        """Forget evicted keys and unlink their files (lock held: see the module docstring);
-        return those that had published files. A victim that was only a reservation has no
-        file yet: its writer unlinks it when it settles."""
+    def _drop(self, victims: Sequence[str], spares: list[Any] | None = None) -> set[str]:
+        """Forget evicted keys and unlink (or retire into ``spares``) their files (lock held:
+        see the module docstring); return those that had published files. A victim that was
+        only a reservation has no file yet: its writer unlinks it when it settles."""
         dropped: set[str] = set()
+        retire = self._retire if spares is not None else None
         for key in victims:
-            if self.pages.pop(key, None) is not None:
-                self._unlink(key)
+            size = self.pages.pop(key, None)
+            if size is not None:
+                spare = retire(key) if retire is not None and size == self.stored_bytes else None
+                if spare is not None:
+                    assert spares is not None
+                    spares.append(spare)
+                else:
+                    self._unlink(key)
                 dropped.add(key)
                 self._evicted.append(key)
         self.evictions += len(dropped)

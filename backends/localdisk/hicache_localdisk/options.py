@@ -59,11 +59,14 @@ class LocalDiskConfig(BackendConfig):
         description="none: survives a process crash; fsync: file and directory synced before "
         "a put returns OK, so it also survives a power loss.",
     )
-    io_threads: int = Field(
-        default=4,
+    io_threads: int | None = Field(
+        default=None,
         ge=1,
         le=256,
-        description="Threads a batch's pages are read/written with (a 1-page call runs inline).",
+        description="Threads a batch's pages are read/written with (a 1-page call runs inline); "
+        "unset: none for pages under 256 KiB (the calling thread does them: handing a small "
+        "page to another thread costs more than its system calls, and the tier already runs "
+        "its calls side by side), else 2 per core, at most 4.",
     )
     direct_io: bool = Field(
         default=False,

@@ -172,20 +172,28 @@ class PageIO:
 
     # ------------------------------------------------------------------ put
 
-    def write(self, key: str, src: PageParts, mtime_ns: int) -> PageStatus:
-        """Store one page create-only: ``OK``, ``ALREADY_EXISTS`` or ``FAILED`` (logged)."""
-        tmp = self._layout.temp_path(key)
+    def write(
+        self, key: str, src: PageParts, mtime_ns: int, reuse: str | None = None
+    ) -> PageStatus:
+        """Store one page create-only: ``OK``, ``ALREADY_EXISTS`` or ``FAILED`` (logged).
+
+        ``reuse``: a retired page file of this size (a temporary of this process, see
+        :mod:`hicache_localdisk.spares`) to overwrite instead of creating one; it is this
+        call's from now on (published, or unlinked)."""
         direct = self._direct_ok(src)
-        flags = _WRITE_FLAGS | (O_DIRECT if direct else 0)
-        try:
-            fd = os.open(tmp, flags, self._file_mode)
-        except OSError as exc:
-            self._log_failure("put", key, exc)
-            return PageStatus.FAILED
+        fd = self._open_spare(reuse, direct) if reuse is not None else None
+        reused = fd is not None
+        tmp = reuse if reuse is not None and reused else self._layout.temp_path(key)
+        if fd is None:
+            try:
+                fd = os.open(tmp, _WRITE_FLAGS | (O_DIRECT if direct else 0), self._file_mode)
+            except OSError as exc:
+                self._log_failure("put", key, exc)
+                return PageStatus.FAILED
         try:
             try:
                 self._write_page(fd, key, src, direct)
-                if self._chmod:
+                if self._chmod or reused:  # a reused file keeps the mode it was created with
                     os.fchmod(fd, self._file_mode)
                 # Tail-first mtimes (set by the caller) let a restart rebuild chain-aware recency.
                 os.utime(fd, ns=(mtime_ns, mtime_ns))
@@ -203,6 +211,17 @@ class PageIO:
             _unlink_quiet(tmp)
             return PageStatus.ALREADY_EXISTS
         return PageStatus.OK
+
+    @staticmethod
+    def _open_spare(path: str, direct: bool) -> int | None:
+        """Open a retired page file for overwriting (same size: nothing to truncate); None
+        (and the file gone) when that fails: the put creates a file as usual."""
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CLOEXEC | (O_DIRECT if direct else 0))
+        except OSError as exc:
+            log.debug("cannot reuse %s: %s", path, exc)
+            _unlink_quiet(path)
+            return None
 
     # ------------------------------------------------------------------ get
 
