@@ -118,7 +118,7 @@ class TraceDriver:
         hashes = chain_hashes(cache.seed, tokens, ps)
 
         first = cache.match_prefix(tokens)
-        l1 = len(first.device_pages)
+        l1 = first.device_pages_count
         l2 = first.host_hit_pages
         l3 = 0
         handle = cache.prefetch_from_storage(tokens)
