@@ -39,6 +39,7 @@ __all__ = [
     "read_cached",
     "read_fully",
     "read_page",
+    "unlink_quiet",
     "write_fully",
     "write_page",
 ]
@@ -335,3 +336,14 @@ def drop_cache(path: str) -> None:
 def aligned_buffer(nbytes: int) -> memoryview:
     """A zeroed, page-aligned, writable buffer of ``nbytes`` (an anonymous private mapping)."""
     return memoryview(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+
+
+def unlink_quiet(path: str) -> None:
+    """Remove ``path``; a missing file is fine, another failure is logged, never raised (the
+    caller is cleaning up after work that already succeeded or failed on its own)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc)

@@ -43,6 +43,7 @@ from hicache_localdisk.fsio import (
     publish_noreplace,
     read_fully,
     read_page,
+    unlink_quiet,
     write_fully,
     write_page,
 )
@@ -205,10 +206,10 @@ class PageIO:
         except OSError as exc:
             # ENOSPC, EROFS, EIO...: this page fails; the temporary must not linger.
             self._log_failure("put", key, exc)
-            _unlink_quiet(tmp)
+            unlink_quiet(tmp)
             return PageStatus.FAILED
         if not published:
-            _unlink_quiet(tmp)
+            unlink_quiet(tmp)
             return PageStatus.ALREADY_EXISTS
         return PageStatus.OK
 
@@ -220,7 +221,7 @@ class PageIO:
             return os.open(path, os.O_WRONLY | os.O_CLOEXEC | (O_DIRECT if direct else 0))
         except OSError as exc:
             log.debug("cannot reuse %s: %s", path, exc)
-            _unlink_quiet(path)
+            unlink_quiet(path)
             return None
 
     # ------------------------------------------------------------------ get
@@ -317,12 +318,3 @@ class PageIO:
         except OSError:
             return None
         return st.st_size if S_ISREG(st.st_mode) else None
-
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("cannot remove %s: %s", path, exc)
