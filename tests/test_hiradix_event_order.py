@@ -42,14 +42,14 @@ def mem(name: str) -> MemoryBackend:
     return MemoryBackend(MemoryConfig(shared_name=name), ctx)
 
 
-def make(backend: Backend, manual: bool) -> HiRadixCache:
+def make(backend: Backend, manual: bool, deadline_s: float = 120.0) -> HiRadixCache:
     dev = DevicePool(LAYOUT, 16, "cpu")
     host = HostPool(LAYOUT, 16, pin=False)
     transfer: TransferEngine = (
         ManualTransferEngine(dev, host) if manual else CpuTransferEngine(dev, host)
     )
-    # a long deadline: a put held back by the test is a slow put, never a failed one
-    settings = TierSettings(deadline_s=120.0, medium=Medium.DISK)
+    # a long deadline by default: a put held back by the test is a slow put, never a failed one
+    settings = TierSettings(deadline_s=deadline_s, medium=Medium.DISK)
     return HiRadixCache(
         dev,
         host,
@@ -154,7 +154,11 @@ def test_prefetched_pages_under_a_pending_write_are_announced_after_its_ack() ->
 def test_a_page_read_back_before_its_put_result_is_still_announced_on_the_tier() -> None:
     name = "o" + uuid.uuid4().hex[:12]
     faulty = FaultyBackend(mem(name))
-    cache = make(faulty, manual=False)
+    # A lookup waits for the puts of the pages it looks up (``before_lookup``), so the head is
+    # read back only once its held put passed its deadline: the put then answers late. The
+    # deadline is short so that wait is seconds, not the default's two minutes; a put that is
+    # not held and still runs past it is a late ack, announced all the same.
+    cache = make(faulty, manual=False, deadline_s=5.0)
     head = list(range(100, 100 + PS))
     child = list(range(500, 500 + PS))
     hashes = chain_hashes(seed_hash(IDENTITY), head + child, PS)
