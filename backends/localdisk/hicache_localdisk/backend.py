@@ -30,7 +30,7 @@ from hicache.storage import (
     check_namespace,
     stored_size,
 )
-from hicache_localdisk.fsio import DIRECT_ALIGN, drop_cache, fsync_dir
+from hicache_localdisk.fsio import DIRECT_ALIGN, drop_cache, fsync_dir, remove
 from hicache_localdisk.index import PageIndex
 from hicache_localdisk.layout import Layout, ScannedPage
 from hicache_localdisk.options import Durability, LocalDiskConfig
@@ -41,7 +41,6 @@ from hicache_localdisk.startup import (
     default_max_bytes,
     make_dirs,
     probe_direct,
-    remove,
     sweep,
 )
 
@@ -337,12 +336,17 @@ class LocalDiskBackend(Backend):
         usable = [s.path for s in retired if spares is not None and spares.usable(s)]
         reuse = dict(zip(todo, usable, strict=False))
         now = time.time_ns()
-        results = self._map(
-            lambda i: io.write(keys[i], srcs[i], now - i * _MTIME_STEP_NS, reuse.get(i)), todo
-        )
-        if len(retired) > len(reuse):
-            taken = set(reuse.values())
-            SpareFiles.discard(s.path for s in retired if s.path not in taken)
+        try:
+            results = self._map(
+                lambda i: io.write(keys[i], srcs[i], now - i * _MTIME_STEP_NS, reuse.get(i)),
+                todo,
+            )
+        finally:
+            # a spare no write took is unlinked even if the writes raised: between calls no
+            # spare file is left (a write that took one and failed on an OSError removed it)
+            if len(retired) > len(reuse):
+                taken = set(reuse.values())
+                SpareFiles.discard(s.path for s in retired if s.path not in taken)
         for i, status in zip(todo, results, strict=True):
             statuses[i] = status
         if self.options.durability is Durability.FSYNC:

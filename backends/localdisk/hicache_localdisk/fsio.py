@@ -39,7 +39,7 @@ __all__ = [
     "read_cached",
     "read_fully",
     "read_page",
-    "unlink_quiet",
+    "remove",
     "write_fully",
     "write_page",
 ]
@@ -338,12 +338,17 @@ def aligned_buffer(nbytes: int) -> memoryview:
     return memoryview(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
 
 
-def unlink_quiet(path: str) -> None:
-    """Remove ``path``; a missing file is fine, another failure is logged, never raised (the
-    caller is cleaning up after work that already succeeded or failed on its own)."""
+def remove(path: str, failed: list[str] | None = None) -> bool:
+    """Unlink ``path``; True if this call removed it. A missing file is fine; another failure
+    is logged (and ``path`` appended to ``failed``), never raised: the caller is cleaning up
+    after work that already succeeded or failed on its own."""
     try:
         os.unlink(path)
     except FileNotFoundError:
-        pass
+        return False
     except OSError as exc:
         log.warning("cannot remove %s: %s", path, exc)
+        if failed is not None:
+            failed.append(path)
+        return False
+    return True

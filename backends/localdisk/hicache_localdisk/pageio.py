@@ -43,7 +43,7 @@ from hicache_localdisk.fsio import (
     publish_noreplace,
     read_fully,
     read_page,
-    unlink_quiet,
+    remove,
     write_fully,
     write_page,
 )
@@ -206,10 +206,10 @@ class PageIO:
         except OSError as exc:
             # ENOSPC, EROFS, EIO...: this page fails; the temporary must not linger.
             self._log_failure("put", key, exc)
-            unlink_quiet(tmp)
+            remove(tmp)
             return PageStatus.FAILED
         if not published:
-            unlink_quiet(tmp)
+            remove(tmp)
             return PageStatus.ALREADY_EXISTS
         return PageStatus.OK
 
@@ -221,7 +221,7 @@ class PageIO:
             return os.open(path, os.O_WRONLY | os.O_CLOEXEC | (O_DIRECT if direct else 0))
         except OSError as exc:
             log.debug("cannot reuse %s: %s", path, exc)
-            unlink_quiet(path)
+            remove(path)
             return None
 
     # ------------------------------------------------------------------ get

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from hicache.storage import TailFirstLRU, create_file
+from hicache_localdisk.fsio import remove
 from hicache_localdisk.layout import Layout
 
 __all__ = ["SharedState"]
@@ -161,7 +162,7 @@ class SharedState:
             ranking = TailFirstLRU(max_bytes)
             ranking.add([p.key for p in pages], [p.size for p in pages])
             victims = ranking.evict_for(min(pending + int(max_bytes * SLACK), max_bytes))
-            removed = [key for key in victims if _unlink(layout.page_path(key))]
+            removed = [key for key in victims if remove(layout.page_path(key))]
             self.add(on_disk - before - len(removed) * stored)
         log.debug("localdisk shared round: evicted %d pages", len(removed))
         return removed
@@ -173,20 +174,7 @@ class SharedState:
         would count the page as gone twice).
         """
         with self.evict_round():
-            freed = sum(_unlink(path, failed) for path in paths)
+            freed = sum(remove(path, failed) for path in paths)
             if freed:
                 self.add(-freed * stored)
         return freed
-
-
-def _unlink(path: str, failed: list[str] | None = None) -> bool:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        log.warning("cannot remove %s: %s", path, exc)
-        if failed is not None:
-            failed.append(path)
-        return False
-    return True

@@ -34,7 +34,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from hicache_localdisk.fsio import unlink_quiet
+from hicache_localdisk.fsio import remove
 from hicache_localdisk.layout import Layout
 
 __all__ = ["Spare", "SpareFiles"]
@@ -101,4 +101,4 @@ class SpareFiles:
     def discard(paths: Iterable[str]) -> None:
         """Unlink spares nobody reuses (missing ones are fine)."""
         for path in paths:
-            unlink_quiet(path)
+            remove(path)

@@ -16,25 +16,13 @@ from dataclasses import dataclass
 from hicache.errors import BackendUnavailableError, PageCorruptError, PageVersionError
 from hicache.storage import HEADER_SIZE, decode_header, open_regular, stored_size
 from hicache.storage import make_dirs as make_private_dir
-from hicache_localdisk.fsio import DIRECT_ALIGN, O_DIRECT, fsync_dir
+from hicache_localdisk.fsio import DIRECT_ALIGN, O_DIRECT, fsync_dir, remove
 from hicache_localdisk.layout import FANOUT_DIRS, Layout, ScannedPage
 from hicache_localdisk.options import DEFAULT_FREE_FRACTION
 
-__all__ = ["SweepResult", "default_max_bytes", "make_dirs", "probe_direct", "remove", "sweep"]
+__all__ = ["SweepResult", "default_max_bytes", "make_dirs", "probe_direct", "sweep"]
 
 log = logging.getLogger(__name__)
-
-
-def remove(path: str) -> bool:
-    """Unlink ``path``; True if this call removed it (failures other than absence are logged)."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        log.warning("cannot remove %s: %s", path, exc)
-        return False
-    return True
 
 
 def make_dirs(layout: Layout, mode: int, fsync: bool) -> None:
