@@ -97,7 +97,8 @@ def _numpy() -> Any:
     return _np
 
 
-_INT_CODES = frozenset("bBhHiIlLqQ")
+#: Integer ``array`` type codes (the forms taken as they are, without a list of ints).
+INT_TYPECODES = frozenset("bBhHiIlLqQ")
 _U32_MAX = 0xFFFFFFFF
 
 
@@ -118,7 +119,7 @@ def pack_request(tokens: Tokens) -> tuple[Packed, int]:
         return bytes(tokens), n // TOKEN_BYTES  # bytes(a bytes object) is that object
     if isinstance(tokens, array):
         code = tokens.typecode
-        if code not in _INT_CODES:
+        if code not in INT_TYPECODES:
             raise TypeError(f"token ids must be integers, got an array of type {code!r}")
         if not _BIG_ENDIAN:
             if tokens.itemsize == TOKEN_BYTES and code in "IL":

@@ -35,6 +35,7 @@ from enum import Enum
 
 import torch
 
+from hicache.packed_tokens import INT_TYPECODES
 from hicache.pools import DevicePool, HostPool
 
 __all__ = [
@@ -72,14 +73,10 @@ def page_runs(pages: Sequence[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-#: Integer ``array`` type codes taken as they are (no conversion to a list of ints).
-_INT_CODES = frozenset("bBhHiIlLqQ")
-
-
 def _pages(pages: Sequence[int]) -> Sequence[int]:
     """``pages`` as the engines take them: an integer ``array`` as it is (the cache hands its
     nodes' arrays: converting them made an int object per page), anything else as a list."""
-    if type(pages) is array and pages.typecode in _INT_CODES:
+    if type(pages) is array and pages.typecode in INT_TYPECODES:
         return pages
     return _page_list(pages)
 
@@ -95,8 +92,16 @@ def _page_list(pages: Sequence[int]) -> list[int]:
         return [int(p) for p in pages]
 
 
+def _ints(pages: Sequence[int]) -> Sequence[int]:
+    """``pages`` as ``torch.tensor`` reads them: a list as it is (``_pages`` already made it a
+    new list; copying it again was a second pass per page), an array in one C loop."""
+    if type(pages) is list:
+        return pages
+    return pages.tolist() if type(pages) is array else list(pages)
+
+
 def _index(pages: Sequence[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(list(pages), dtype=torch.int64, device=device)
+    return torch.tensor(_ints(pages), dtype=torch.int64, device=device)
 
 
 def copy_pages_sync(
@@ -372,7 +377,7 @@ class CudaTransferEngine(TransferEngine):
             (stream or torch.cuda.current_stream(self.device)).wait_event(job.event)
 
     def _indices(self, pages: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        host = torch.tensor(list(pages), dtype=torch.int64, pin_memory=True)
+        host = torch.tensor(_ints(pages), dtype=torch.int64, pin_memory=True)
         return host, host.to(self.device, non_blocking=True)
 
     def _start(
