@@ -317,17 +317,18 @@ class HiRadixCache(RadixCache):
         """Announce and publish every fragment of ``ack_id`` in prefix order; unlock once."""
         record = self.ongoing_write_through.finish(ack_id)
         storage = self.storage
-        publish = storage is not None and storage.tiers.publishing
-        group = storage.begin_publish() if storage is not None else None
+        # without publishing tiers there is nothing to hand the engine, nor a group to open
+        publishing = storage is not None and storage.tiers.publishing
+        group = storage.begin_publish() if storage is not None and publishing else None
         for frag in record.publish_nodes:
             self._emit_stored(frag, Medium.CPU_PINNED)
-            if publish:  # without publishing tiers there is nothing to hand the engine
+            if group is not None:
                 self.write_backup_storage(frag, group)
         # prefetched pages inserted below the fragments meanwhile, now that their parents are
         if record.deferred:
             self.events.extend(record.deferred)
-        if group is not None and self.storage is not None:
-            self.storage.end_publish(group)
+        if group is not None and storage is not None:
+            storage.end_publish(group)
         self.dec_lock_ref(record.lock_node)
         self.counters["acks"] += 1
 
