@@ -258,13 +258,10 @@ def simulate_hierarchy(
     for i, chain in enumerate(chains):
         lru1, lru2 = tiers[i % instances]
         a = _prefix_hits(chain, lru1)
-        b = a
-        while b < len(chain) and chain[b] in lru2:
-            b += 1
+        b = _prefix_hits(chain, lru2, a)
         c = b
         if use_l3 and len(chain) - b >= min_prefetch:
-            while c < len(chain) and chain[c] in (lru3 if pol3 is None else pol3):
-                c += 1
+            c = _prefix_hits(chain, lru3 if pol3 is None else pol3, b)
         h1.append(a)
         h2.append(b - a)
         h3.append(c - b)
