@@ -4,7 +4,6 @@ The radix tree (``hicache.radix``) stores node tokens this way: a ``bytes`` obje
 Python objects, so the garbage collector never walks it, and two runs compare with one
 ``memcmp``. Only token ids in the uint32 range can be packed, as content hashes already require.
 
-- ``pack(tokens)``               a list or ``array`` packed, or None when an id is not a uint32
 - ``pack_request(tokens)``       a request in any accepted form packed up to its first id that is
                                  not a uint32, and its length: what the tree's match and insert walk
 - ``token_list(tokens)``         a request in any accepted form as a list of ints
@@ -46,7 +45,6 @@ __all__ = [
     "Tokens",
     "chain_hashes_packed",
     "common_pages",
-    "pack",
     "pack_request",
     "token_list",
     "unpack",
@@ -62,25 +60,6 @@ Tokens: TypeAlias = "Sequence[int] | bytes | bytearray | memoryview | npt.NDArra
 TOKEN_BYTES = 4
 _ARRAY_CODE = "I" if array("I").itemsize == TOKEN_BYTES else "L"
 _BIG_ENDIAN = sys.byteorder == "big"
-
-
-def pack(tokens: Sequence[int], start: int = 0, stop: int | None = None) -> bytes | None:
-    """``keys.tokens_to_bytes(tokens[start:stop])`` for a list or an ``array``, or None when an
-    id is not a uint32 (``TypeError`` for one that is not an integer); ``start >= 0``."""
-    if type(tokens) is list:  # the common case (a list miss packs one page): kept short
-        arr = array(_ARRAY_CODE)
-        try:
-            arr.fromlist(tokens[start:stop] if start or stop is not None else tokens)
-        except (OverflowError, TypeError):
-            pass  # pack_request below says which
-        else:
-            if _BIG_ENDIAN:
-                arr.byteswap()
-            return arr.tobytes()
-    # an array's slice is a memcpy; a list's copies references, not ints
-    tokens = tokens[start:stop] if type(tokens) is array else list(tokens[start:stop])
-    packed, n = pack_request(tokens)
-    return bytes(packed) if len(packed) == n * TOKEN_BYTES else None
 
 
 _np: Any = None

@@ -23,8 +23,14 @@ from hicache.events import (
     per_block,
 )
 from hicache.hiradix import HiRadixCache
-from hicache.keys import ModelIdentity, block_id, block_ids, chain_hashes, seed_hash
-from hicache.packed_tokens import pack
+from hicache.keys import (
+    ModelIdentity,
+    block_id,
+    block_ids,
+    chain_hashes,
+    seed_hash,
+    tokens_to_bytes,
+)
 from hicache.pools import DevicePool, HostPool, KVLayout
 from hicache.radix import RadixCache
 from hicache.transfer import CpuTransferEngine
@@ -98,7 +104,7 @@ def test_a_run_queued_before_a_split_builds_what_it_held_then() -> None:
 def test_runs_over_the_same_pages_share_their_decoding() -> None:
     tokens = list(range(50, 50 + 2 * PS))
     hashes = chain_hashes(SEED, tokens, PS)
-    packed = pack(tokens)
+    packed = tokens_to_bytes(tokens)
     assert packed is not None
     runs = [StoredRun(hashes, None, packed, PS, 3, m) for m in (Medium.GPU, Medium.CPU_PINNED)]
     built = build_events(runs)
@@ -109,7 +115,7 @@ def test_runs_over_the_same_pages_share_their_decoding() -> None:
 
 def test_overflow_counts_a_run_as_one_event() -> None:
     tokens = list(range(10, 10 + 3 * PS))
-    packed = pack(tokens)
+    packed = tokens_to_bytes(tokens)
     assert packed is not None
     q = EventQueue(max_events=2)
     q.put(StoredRun(chain_hashes(SEED, tokens, PS), None, packed, PS, None, "GPU"))
@@ -158,7 +164,7 @@ def _packed_tokens(event: BlockStored) -> Any:
 
 def test_a_packed_event_decodes_its_tokens_once_on_first_read() -> None:
     tokens = [0, 1, 127_999, 2**32 - 1, 7, 7, 8, 9]
-    packed = pack(tokens)
+    packed = tokens_to_bytes(tokens)
     assert packed is not None
     hashes = chain_hashes(SEED, tokens, PS)
     ids = [block_id(h) for h in hashes]

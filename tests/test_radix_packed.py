@@ -23,7 +23,6 @@ from hicache.packed_tokens import (
     Tokens,
     chain_hashes_packed,
     common_pages,
-    pack,
     pack_request,
     token_list,
     unpack,
@@ -95,32 +94,14 @@ def model_match(content: dict[tuple[int, ...], int], key: list[int]) -> list[int
 @settings(max_examples=50)
 @given(st.lists(st.integers(0, U32_MAX), max_size=3 * PS).map(lambda t: t[: len(t) // PS * PS]))
 def test_packing_is_keys_layout_and_hashes_agree(toks: list[int]) -> None:
-    packed = pack(toks)
-    assert packed == tokens_to_bytes(toks) and unpack(packed) == toks
+    packed = tokens_to_bytes(toks)
+    assert unpack(packed) == toks
     parent = bytes(range(32))
     assert chain_hashes_packed(parent, packed, PS) == chain_hashes(parent, toks, PS)
 
 
-@settings(max_examples=60)
-@given(
-    st.lists(st.integers(-(2**63), 2**63 - 1) | st.integers(0, U32_MAX), max_size=40),
-    st.integers(0, 45),
-    st.integers(0, 45),
-    st.sampled_from(range(len(FORMS))),
-)
-def test_pack_of_a_range_in_every_form(toks: list[int], start: int, stop: int, form: int) -> None:
-    """``pack(tokens, start, stop)`` of a list or an array (read in place) is ``pack`` of the
-    slice: the keys layout, or None as soon as one id in the range is not a uint32."""
-    part = toks[start:stop]
-    want = tokens_to_bytes(part) if all(0 <= t <= U32_MAX for t in part) else None
-    if form == 2 and not all(0 <= t <= U32_MAX for t in toks):
-        return  # array('I') cannot hold them at all
-    assert pack(FORMS[form](toks), start, stop) == want
-
-
-def test_pack_refuses_and_pack_request_cuts_at_ids_outside_uint32() -> None:
+def test_pack_request_cuts_at_ids_outside_uint32() -> None:
     good = tokens([0, 1])
-    assert pack([*good, -1]) is None and pack([*good, 2**32]) is None
     for form in (list, lambda t: array("q", t), lambda t: np.array(t, dtype=np.int64)):
         packed, n = pack_request(form([*good, 9, 9, 2**32, 9, 9]))
         assert bytes(packed) == tokens_to_bytes([*good, 9, 9]) and n == 2 * PS + 5
