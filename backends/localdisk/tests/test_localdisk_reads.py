@@ -64,6 +64,8 @@ def test_hot_partly_cached_and_cold_reads_land_whole(page: tuple[Path, bytes]) -
             _drop(path, HEADER_SIZE + half)
         elif state == "cold":
             _drop(path)
+        if state != "hot" and _cached(path) == HEADER_SIZE + PAYLOAD:
+            pytest.skip("this filesystem keeps its pages cached (tmpfs): only the hot read ran")
         # Two regions (a page's K and V), the split inside a piece.
         regions = [memoryview(bytearray(half)), memoryview(bytearray(PAYLOAD - half))]
         assert _read(path, header, regions) == HEADER_SIZE + PAYLOAD, state
@@ -91,6 +93,8 @@ def test_short_file_reads_short(tmp_path: Path) -> None:
     header = memoryview(bytearray(HEADER_SIZE))
     assert _read(path, header, regions) == cut  # hot: one call stops at the end
     _drop(path, HEADER_SIZE)
+    if _cached(path) >= cut:
+        pytest.skip("this filesystem keeps its pages cached (tmpfs): only the hot read ran")
     assert _read(path, header, regions) == cut  # the rest in pieces stops there too
 
 
