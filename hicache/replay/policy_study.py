@@ -54,21 +54,19 @@ def _single(make: Callable[[int], object]) -> Runner:
 
 
 def _hicache_today(chains: Chains, cap: int, l1: int, l2: int) -> Sequence[int]:
-    r = simulate_hierarchy(chains, l1, max(l1 + 1, l2), cap)
-    return [a + b + c for a, b, c in zip(r.l1, r.l2, r.l3, strict=True)]
+    return simulate_hierarchy(chains, l1, max(l1 + 1, l2), cap).hits
 
 
 def _tiered_reuse(chains: Chains, cap: int, l1: int, l2: int) -> Sequence[int]:
     # what a localdisk L3 runs, fed as it is (puts and reads cut into its 64-page calls)
-    r = simulate_hierarchy(
+    return simulate_hierarchy(
         chains,
         l1,
         max(l1 + 1, l2),
         cap,
         l3_policy=lambda c: make_capacity_policy(EvictionPolicy.PREDICTED_REUSE, c, batch=64),
         l3_batch=64,
-    )
-    return [a + b + c for a, b, c in zip(r.l1, r.l2, r.l3, strict=True)]
+    ).hits
 
 
 def _reuse_l2(all_uses: bool) -> Runner:

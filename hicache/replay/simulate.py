@@ -203,14 +203,18 @@ class HierarchySimResult:
     l3: tuple[int, ...]
     references: int
 
+    @property
+    def hits(self) -> tuple[int, ...]:
+        """Prefix hits per request over all levels (as ``SimResult.hits``)."""
+        return tuple(a + b + c for a, b, c in zip(self.l1, self.l2, self.l3, strict=True))
+
     def ratio(self, level: str) -> float:
         hits = {"l1": self.l1, "l2": self.l2, "l3": self.l3}[level]
         return sum(hits) / self.references if self.references else 0.0
 
     @property
     def overall_ratio(self) -> float:
-        total = sum(self.l1) + sum(self.l2) + sum(self.l3)
-        return total / self.references if self.references else 0.0
+        return sum(self.hits) / self.references if self.references else 0.0
 
 
 def simulate_hierarchy(
