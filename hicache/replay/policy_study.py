@@ -24,7 +24,6 @@ from hicache.replay.policies import (
     simulate_arc,
     simulate_capacity_policy,
     simulate_exclusive_hierarchy,
-    simulate_reuse_hierarchy,
     simulate_second_hit,
 )
 from hicache.replay.simulate import simulate_hierarchy, simulate_infinite, simulate_min
@@ -72,14 +71,16 @@ def _tiered_reuse(chains: Chains, cap: int, l1: int, l2: int) -> Sequence[int]:
 def _reuse_l2(all_uses: bool) -> Runner:
     # the tiers' L3 (64-page calls) under an L2 (the host pool) that evicts by predicted reuse
     def run(chains: Chains, cap: int, l1: int, l2: int) -> Sequence[int]:
-        return simulate_reuse_hierarchy(
+        return simulate_hierarchy(
             chains,
             l1,
-            PredictedReuse(max(l1 + 1, l2)),
-            make_capacity_policy(EvictionPolicy.PREDICTED_REUSE, cap, batch=64),
+            max(l1 + 1, l2),
+            cap,
+            l3_policy=lambda c: make_capacity_policy(EvictionPolicy.PREDICTED_REUSE, c, batch=64),
             l3_batch=64,
+            l2_policy=PredictedReuse,
             all_uses_in_l3=all_uses,
-        )
+        ).hits
 
     return run
 
