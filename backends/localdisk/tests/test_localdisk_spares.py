@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from hicache_localdisk import LocalDiskBackend
 
-from hicache.storage import HEADER_SIZE, EvictionPolicy, PageStatus
-from hicache.storage.backend import PageParts
+from hicache.storage import HEADER_SIZE, EvictionPolicy, PageParts, PageStatus
 from hicache.testing.wait import WAIT_S
 
 PAGE = 16384
