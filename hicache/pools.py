@@ -122,7 +122,7 @@ class PageAllocator:
     Not thread-safe on its own; the pools lock around it.
     """
 
-    __slots__ = ("_allocated", "_flags", "_free", "_top", "num_pages")
+    __slots__ = ("_allocated", "_flags", "_free", "_stack", "_top", "num_pages")
 
     def __init__(self, num_pages: int) -> None:
         if num_pages <= 0:
@@ -135,6 +135,7 @@ class PageAllocator:
         # Never resized: shrinking it on every alloc reallocated (copied) the whole free list.
         self._free = array("Q")
         self._free.frombytes(np.arange(num_pages - 1, -1, -1, dtype=np.uint64).tobytes())
+        self._stack = np.frombuffer(self._free, dtype=np.uint64)  # same memory, for batches
         self._top = num_pages
         self._allocated = bytearray(num_pages)
         self._flags = np.frombuffer(self._allocated, dtype=np.uint8)  # same memory, for batches
@@ -166,17 +167,21 @@ class PageAllocator:
         taken.reverse()
         return taken
 
-    def _mark(self, pages: array[int], flag: int) -> None:
+    def _mark(self, pages: Sequence[int], flag: int) -> None:
         if len(pages) < _VECTOR_MIN:
             allocated = self._allocated
             for p in pages:
                 allocated[p] = flag
-        else:  # one numpy scatter instead of a Python loop over many pages
-            self._flags[np.frombuffer(pages, dtype=np.uint64)] = flag
+        else:  # one numpy scatter instead of a Python loop over many pages (an array: no copy)
+            self._flags[np.asarray(pages, dtype=np.uint64)] = flag
 
     def check_allocated(self, pages: Iterable[int], what: str = "free") -> list[int]:
         """Return ``pages`` as a list after checking each is allocated and listed once."""
         batch = list(pages)
+        self._check(batch, what)
+        return batch
+
+    def _check(self, batch: Sequence[int], what: str) -> None:
         seen: set[int] = set()
         for p in batch:
             if not isinstance(p, int) or not 0 <= p < self.num_pages:
@@ -186,17 +191,29 @@ class PageAllocator:
             if p in seen:
                 raise ValueError(f"cannot {what} page {p}: listed twice in one batch")
             seen.add(p)
-        return batch
 
     def free(self, pages: Iterable[int]) -> None:
         """Return ``pages`` to the free list (all or nothing; see the class docstring)."""
-        batch = self.check_allocated(pages)
-        back = array("Q")
-        back.fromlist(batch[::-1])
-        self._mark(back, 0)
+        # An array('Q') (what alloc_array hands out and a tree node keeps) or a list is checked
+        # and marked where it is, then copied once, reversed, onto the stack (so alloc hands
+        # the batch back in its order); any other iterable is read into a list first (an
+        # iterator can be read only once).
+        if isinstance(pages, list) or (isinstance(pages, array) and pages.typecode == "Q"):
+            batch: Sequence[int] = pages
+        else:
+            batch = list(pages)
+        self._check(batch, "free")
+        n = len(batch)
+        if not n:
+            return
         top = self._top
-        self._free[top : top + len(back)] = back  # within capacity: every page is freed once
-        self._top = top + len(back)
+        # within capacity: every page is freed once
+        if n < _VECTOR_MIN:  # a few pages: numpy's per-call cost is more than the copy's
+            self._free[top : top + n] = array("Q", reversed(batch))
+        else:
+            self._stack[top : top + n] = np.asarray(batch, dtype=np.uint64)[::-1]
+        self._mark(batch, 0)
+        self._top = top + n
 
 
 #: Batches of at least this many pages are marked with numpy rather than a Python loop.

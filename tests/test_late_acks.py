@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -122,6 +123,21 @@ class Rig:
         self.tiers.close()
 
 
+@pytest.fixture
+def make_rig() -> Iterator[Callable[..., Rig]]:
+    """Builds rigs (``Rig``'s arguments) and closes each at teardown, the test passed or not: a
+    failed assert must not leave the engine's threads and a held put running into later tests."""
+    rigs: list[Rig] = []
+
+    def make(**kwargs: Any) -> Rig:
+        rigs.append(Rig(**kwargs))
+        return rigs[-1]
+
+    yield make
+    for rig in rigs:
+        rig.close()
+
+
 def assert_prefix_order_once_per_residency(events: Sequence[KVEvent]) -> None:
     """On the tier's medium: each block after its parent (announced, not removed since), and
     never twice while resident."""
@@ -138,8 +154,10 @@ def assert_prefix_order_once_per_residency(events: Sequence[KVEvent]) -> None:
                 parent = bid
 
 
-def test_late_put_is_announced_once_after_its_parent_and_not_again_on_read_back() -> None:
-    rig = Rig()
+def test_late_put_is_announced_once_after_its_parent_and_not_again_on_read_back(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig()
     keys = keys_for(3, "late")
     ids = [block_id(k) for k in keys]
     head = rig.pages(keys[:1])
@@ -186,11 +204,12 @@ def test_late_put_is_announced_once_after_its_parent_and_not_again_on_read_back(
     assert rig.announced() == ids  # not a second time
     assert Counter(rig.announced()) == Counter(ids)
     assert rig.host.total_holds() == 0
-    rig.close()
 
 
-def test_children_acked_in_time_are_announced_after_their_late_parent() -> None:
-    rig = Rig()
+def test_children_acked_in_time_are_announced_after_their_late_parent(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig()
     keys = keys_for(4, "parent-late")
     ids = [block_id(k) for k in keys]
     release = rig.backend.hang(ops=[FaultOp.PUT], count=1)  # the parent's put only
@@ -209,12 +228,13 @@ def test_children_acked_in_time_are_announced_after_their_late_parent() -> None:
     assert rig.engine.counters["late_acked_pages"] == 2
     assert rig.engine.counters["announced_pages"] == 4
     assert rig.host.total_holds() == 0
-    rig.close()
 
 
-def test_late_acks_of_a_chain_in_reverse_order_announce_it_in_prefix_order() -> None:
+def test_late_acks_of_a_chain_in_reverse_order_announce_it_in_prefix_order(
+    make_rig: Callable[..., Rig],
+) -> None:
     # two acks of one chain, both puts held past the deadline; the child's returns first
-    rig = Rig()
+    rig = make_rig()
     keys = keys_for(4, "reverse")
     ids = [block_id(k) for k in keys]
     release_parent = rig.backend.hang(ops=[FaultOp.PUT], keys=keys[:2])
@@ -236,11 +256,10 @@ def test_late_acks_of_a_chain_in_reverse_order_announce_it_in_prefix_order() -> 
     assert_prefix_order_once_per_residency(rig.events)
     assert rig.engine.counters["late_acked_pages"] == 4
     assert rig.tier.snapshot()["late_acked_pages"] == 4
-    rig.close()
 
 
-def test_withheld_page_the_tier_dropped_is_never_announced() -> None:
-    rig = Rig()
+def test_withheld_page_the_tier_dropped_is_never_announced(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig()
     keys = keys_for(3, "dropped")
     ids = [block_id(k) for k in keys]
     # one put: the head fails, the rest is stored; the call comes back after its deadline
@@ -268,7 +287,6 @@ def test_withheld_page_the_tier_dropped_is_never_announced() -> None:
     assert rig.announced() == ids[:2]  # the head and the page still there; not the dropped one
     assert_prefix_order_once_per_residency(rig.events)
     assert rig.engine.counters["late_acked_pages"] == 2
-    rig.close()
 
 
 def test_withheld_pages_are_bounded_and_taken_by_parent() -> None:
@@ -308,12 +326,14 @@ def held_by_tier(rig: Rig, keys: list[str]) -> set[int]:
     return {block_id(k) for k, held in zip(keys, there, strict=True) if held}
 
 
-def test_a_page_evicted_before_its_put_was_polled_is_not_left_announced() -> None:
+def test_a_page_evicted_before_its_put_was_polled_is_not_left_announced(
+    make_rig: Callable[..., Rig],
+) -> None:
     """A second put fills the tier and evicts pages of the first before the engine has polled
     either result: the first put's result and the eviction report reach one poll together. The
     events must end with exactly what the tier holds (stored, then removed), never a page
     announced after its removal."""
-    rig = Rig(capacity_pages=4, io_threads=1, deadline_s=60.0)
+    rig = make_rig(capacity_pages=4, io_threads=1, deadline_s=60.0)
     keys = keys_for(3, "first") + keys_for(3, "second")
     for chain in (keys[:3], keys[3:]):
         rig.publish(rig.pages(chain))
@@ -326,17 +346,18 @@ def test_a_page_evicted_before_its_put_was_polled_is_not_left_announced() -> Non
         sorted(resident_by_events(rig.events)),
         sorted(held),
     )
-    rig.close()
 
 
 @pytest.mark.parametrize("when", ["in_time", "late", "read_back"])
-def test_a_result_polled_after_its_pages_eviction_does_not_announce_them(when: str) -> None:
+def test_a_result_polled_after_its_pages_eviction_does_not_announce_them(
+    when: str, make_rig: Callable[..., Rig]
+) -> None:
     """Reports come from several worker threads: the tier stores (or reads) a page, evicts it,
     and the eviction is polled before the result of the call that stored (read) it. That
     result must not announce the page: events would say the tier holds a page it does not, and
     the engine would not put its chain back. The hang after the call's work holds its result
     while the eviction is polled; ``late`` holds it past the deadline (a late ack)."""
-    rig = Rig(deadline_s=DEADLINE_S if when == "late" else 60.0)
+    rig = make_rig(deadline_s=DEADLINE_S if when == "late" else 60.0)
     keys = keys_for(3, f"evicted-{when}")
     ids = [block_id(k) for k in keys]
     if when == "read_back":
@@ -371,4 +392,3 @@ def test_a_result_polled_after_its_pages_eviction_does_not_announce_them(when: s
     if when != "read_back":
         assert rig.announced() == ids[:1]
     assert rig.host.total_holds() == 0
-    rig.close()

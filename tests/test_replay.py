@@ -301,4 +301,6 @@ def test_hierarchy_simulation_is_bounded_by_its_largest_tier() -> None:
     sim = simulate_hierarchy(chains, 100, 300, 900)
     assert sim.ratio("l1") <= simulate_lru(chains, 100).hit_ratio + 1e-12
     assert sim.overall_ratio <= simulate_infinite(chains).hit_ratio
+    # the per-request totals are the levels' hits together
+    assert sim.overall_ratio == pytest.approx(sum(sim.ratio(lvl) for lvl in ("l1", "l2", "l3")))
     assert sim.ratio("l1") + sim.ratio("l2") == pytest.approx(simulate_lru(chains, 300).hit_ratio)

@@ -384,15 +384,23 @@ def test_a_run_whose_keys_were_idle_for_different_times_learns_each_idle_time(
 
 
 @pytest.mark.parametrize("batch", [None, 2])
-def test_the_l2_reuse_hierarchy_with_lru_tiers_is_the_replays_hierarchy(batch: int | None) -> None:
-    """``simulate_reuse_hierarchy`` (the study's L2 designs) with LRU in L2 and L3 gives the
-    prefix hits of the replay's own simulation with those policies, request by request."""
-    from hicache.replay.policies import simulate_reuse_hierarchy
+def test_an_l2_run_by_a_lru_policy_gives_the_replays_hierarchy(batch: int | None) -> None:
+    """``simulate_hierarchy`` with L2 run by a policy (the study's L2 designs) and LRU there
+    gives the prefix hits of its own tail-first LRU L2, level by level, request by request."""
     from hicache.replay.simulate import simulate_hierarchy
 
     chains, _ = conversations(seed=3, requests=600, active=12)
     l1, l2, l3 = 20, 45, 90
     ref = simulate_hierarchy(chains, l1, l2, l3, l3_policy=TailFirstLRU, l3_batch=batch)
-    got = simulate_reuse_hierarchy(chains, l1, TailFirstLRU(l2), TailFirstLRU(l3), l3_batch=batch)
-    assert list(got) == [a + b + c for a, b, c in zip(ref.l1, ref.l2, ref.l3, strict=True)]
-    assert sum(got) > 0
+    got = simulate_hierarchy(
+        chains, l1, l2, l3, l3_policy=TailFirstLRU, l3_batch=batch, l2_policy=TailFirstLRU
+    )
+    assert got == ref
+    assert sum(got.l2) > 0 and sum(got.l3) > 0
+
+
+def test_all_uses_in_l3_needs_an_l3_policy() -> None:
+    from hicache.replay.simulate import simulate_hierarchy
+
+    with pytest.raises(ValueError, match="all_uses_in_l3"):
+        simulate_hierarchy([[1, 2]], 1, 2, 4, all_uses_in_l3=True)

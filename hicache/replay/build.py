@@ -312,7 +312,7 @@ def build_report(run: ReplayRun) -> ReplayReport:
     sim_rows = list(zip(sim.l1, sim.l2, sim.l3, strict=True))
     s1 = token_ratio([a for a, _, _ in sim_rows], unit, prompts)
     s2 = token_ratio([a + b for a, b, _ in sim_rows], unit, prompts)
-    s3 = token_ratio([a + b + c for a, b, c in sim_rows], unit, prompts)
+    s3 = token_ratio(sim.hits, unit, prompts)
     largest = l3_cap if l3_cap is not None else None
     hit_total = sum(lvl_tokens.values())
     overall = OverallReport(

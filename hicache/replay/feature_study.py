@@ -72,10 +72,9 @@ Chains = Sequence[Sequence[int]]
 def _run(chains: Chains, capacity: int, make: Callable[[int], CapacityPolicy], hier: bool) -> Any:
     if not hier:
         return simulate_capacity_policy(chains, make(capacity))
-    r = simulate_hierarchy(
+    return simulate_hierarchy(
         chains, DEFAULT_L1, DEFAULT_L2, capacity, l3_policy=make, l3_batch=L3_BATCH
-    )
-    return [a + b + c for a, b, c in zip(r.l1, r.l2, r.l3, strict=True)]
+    ).hits
 
 
 def feature_ratios(

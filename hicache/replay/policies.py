@@ -11,9 +11,9 @@ the request's chain is unbroken), like :mod:`hicache.replay.simulate`:
   second reference (the first is remembered in a bounded ghost list).
 - ``simulate_arc(chains, capacity)``  ARC with tail-first recording: a recency list, a list of
   blocks used twice or more, their ghosts, and the adaptive split between them.
-- ``simulate_reuse_hierarchy(...)``  the replay's hierarchy with L2 (the host pool) evicting by
-  predicted reuse too, and optionally every hit counted as a use in L3 (designs measured, not
-  built: docs/cache-efficiency.md).
+- ``simulate_exclusive_hierarchy(chains, l1, l2, policy)``  write-back tiers: L3 gets only what
+  L2 evicts. (The study's designs with L2 evicting by predicted reuse are
+  :func:`~hicache.replay.simulate.simulate_hierarchy`'s ``l2_policy``.)
 
 - ``l3_policy_of(tiers)``  the policy a replay's L3 tiers run, for its same-policy simulation.
 - ``l3_batch_of(tiers)``   the pages per backend call of those tiers (how their puts are cut).
@@ -29,10 +29,7 @@ from typing import Any
 
 from hicache.replay.simulate import (
     _prefix_hits,
-    lost_start,
-    publish_calls,
     put_blocks,
-    read_call,
     touch_tail_first,
 )
 from hicache.storage.eviction import (
@@ -49,7 +46,6 @@ __all__ = [
     "simulate_arc",
     "simulate_capacity_policy",
     "simulate_exclusive_hierarchy",
-    "simulate_reuse_hierarchy",
     "simulate_second_hit",
 ]
 
@@ -93,41 +89,6 @@ def simulate_exclusive_hierarchy(
         dropped = touch_tail_first(lru2, l2, chain)
         # L2's victims come least recent (a chain's tail) first: put head first
         put_blocks(policy, dropped[::-1])
-    return tuple(hits)
-
-
-def simulate_reuse_hierarchy(
-    chains: Sequence[Sequence[int]],
-    l1: int,
-    l2: CapacityPolicy,
-    l3: CapacityPolicy,
-    *,
-    l3_batch: int | None = None,
-    all_uses_in_l3: bool = False,
-) -> tuple[int, ...]:
-    """The replay's inclusive hierarchy (see ``simulate_hierarchy``: a tail-first LRU L1,
-    write-through, L3 fed as the tiers feed it, lost ancestors republished) with L2 run by
-    ``l2`` (e.g. ``PredictedReuse``: every request adds its whole chain there, as the host
-    pool receives every page the request used, then L2 evicts down to its capacity) and L3
-    by ``l3``. ``all_uses_in_l3``: the pages hit in L1/L2 are touched in L3 too, so L3
-    counts every use of a page wherever it was served. Total prefix hits per request."""
-    lru1: OrderedDict[int, None] = OrderedDict()
-    hits = []
-    for chain in chains:
-        b = _prefix_hits(chain, l2, _prefix_hits(chain, lru1))
-        c = _prefix_hits(chain, l3, b)
-        hits.append(c)
-        touch_tail_first(lru1, l1, chain)
-        # the whole chain used at once, tail first, then evicted down to the capacity (the
-        # host pool evicts leaf first: a head is never dropped before its suffix)
-        l2.add(chain, [1] * len(chain))  # type: ignore[arg-type]
-        l2.evict_for(0)
-        start = lost_start(chain, b, c, l3)
-        if all_uses_in_l3 and b > 0:
-            read_call(l3, chain[:b], l3_batch)
-        if c > b:
-            read_call(l3, chain[b:c], l3_batch)
-        publish_calls(l3, chain[start:b], chain[c:], l3_batch)
     return tuple(hits)
 
 

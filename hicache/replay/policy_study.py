@@ -24,7 +24,6 @@ from hicache.replay.policies import (
     simulate_arc,
     simulate_capacity_policy,
     simulate_exclusive_hierarchy,
-    simulate_reuse_hierarchy,
     simulate_second_hit,
 )
 from hicache.replay.simulate import simulate_hierarchy, simulate_infinite, simulate_min
@@ -54,34 +53,34 @@ def _single(make: Callable[[int], object]) -> Runner:
 
 
 def _hicache_today(chains: Chains, cap: int, l1: int, l2: int) -> Sequence[int]:
-    r = simulate_hierarchy(chains, l1, max(l1 + 1, l2), cap)
-    return [a + b + c for a, b, c in zip(r.l1, r.l2, r.l3, strict=True)]
+    return simulate_hierarchy(chains, l1, max(l1 + 1, l2), cap).hits
 
 
 def _tiered_reuse(chains: Chains, cap: int, l1: int, l2: int) -> Sequence[int]:
     # what a localdisk L3 runs, fed as it is (puts and reads cut into its 64-page calls)
-    r = simulate_hierarchy(
+    return simulate_hierarchy(
         chains,
         l1,
         max(l1 + 1, l2),
         cap,
         l3_policy=lambda c: make_capacity_policy(EvictionPolicy.PREDICTED_REUSE, c, batch=64),
         l3_batch=64,
-    )
-    return [a + b + c for a, b, c in zip(r.l1, r.l2, r.l3, strict=True)]
+    ).hits
 
 
 def _reuse_l2(all_uses: bool) -> Runner:
     # the tiers' L3 (64-page calls) under an L2 (the host pool) that evicts by predicted reuse
     def run(chains: Chains, cap: int, l1: int, l2: int) -> Sequence[int]:
-        return simulate_reuse_hierarchy(
+        return simulate_hierarchy(
             chains,
             l1,
-            PredictedReuse(max(l1 + 1, l2)),
-            make_capacity_policy(EvictionPolicy.PREDICTED_REUSE, cap, batch=64),
+            max(l1 + 1, l2),
+            cap,
+            l3_policy=lambda c: make_capacity_policy(EvictionPolicy.PREDICTED_REUSE, c, batch=64),
             l3_batch=64,
+            l2_policy=PredictedReuse,
             all_uses_in_l3=all_uses,
-        )
+        ).hits
 
     return run
 

@@ -203,14 +203,18 @@ class HierarchySimResult:
     l3: tuple[int, ...]
     references: int
 
+    @property
+    def hits(self) -> tuple[int, ...]:
+        """Prefix hits per request over all levels (as ``SimResult.hits``)."""
+        return tuple(a + b + c for a, b, c in zip(self.l1, self.l2, self.l3, strict=True))
+
     def ratio(self, level: str) -> float:
         hits = {"l1": self.l1, "l2": self.l2, "l3": self.l3}[level]
         return sum(hits) / self.references if self.references else 0.0
 
     @property
     def overall_ratio(self) -> float:
-        total = sum(self.l1) + sum(self.l2) + sum(self.l3)
-        return total / self.references if self.references else 0.0
+        return sum(self.hits) / self.references if self.references else 0.0
 
 
 def simulate_hierarchy(
@@ -223,6 +227,8 @@ def simulate_hierarchy(
     instances: int = 1,
     l3_policy: Callable[[int], CapacityPolicy] | None = None,
     l3_batch: int | None = None,
+    l2_policy: Callable[[int], CapacityPolicy] | None = None,
+    all_uses_in_l3: bool = False,
 ) -> HierarchySimResult:
     """The replay's policy on block ids alone: inclusive write-through L1 ⊆ L2 and an L3.
 
@@ -247,18 +253,28 @@ def simulate_hierarchy(
       pages as soon as they reach its ``max_batch``), cut into backend puts of ``l3_batch``
       pages, each touching its pages already stored and making room for its new pages before
       adding them.
+    - ``l2_policy``: each L2 runs ``l2_policy(l2)`` (e.g. ``PredictedReuse``, a design of the
+      policy study) instead of tail-first LRU: every request adds its whole chain there, as the
+      host pool receives every page the request used, then L2 evicts down to its size.
+    - ``all_uses_in_l3`` (with an ``l3_policy``): the pages hit in L1/L2 are touched in L3 too,
+      before its own reads, so L3 counts every use of a page wherever it was served.
     """
-    tiers = [(OrderedDict[int, None](), OrderedDict[int, None]()) for _ in range(instances)]
-    lru3: OrderedDict[int, None] = OrderedDict()
     use_l3 = l3 is None or l3 > 0
     pol3 = l3_policy(l3) if l3_policy is not None and l3 is not None and l3 > 0 else None
+    if all_uses_in_l3 and pol3 is None:
+        raise ValueError("all_uses_in_l3 needs a bounded L3 run by an l3_policy")
+    tiers = [
+        (OrderedDict[int, None](), OrderedDict[int, None]() if l2_policy is None else l2_policy(l2))
+        for _ in range(instances)
+    ]
+    lru3: OrderedDict[int, None] = OrderedDict()
     h1: list[int] = []
     h2: list[int] = []
     h3: list[int] = []
     for i, chain in enumerate(chains):
-        lru1, lru2 = tiers[i % instances]
+        lru1, lv2 = tiers[i % instances]
         a = _prefix_hits(chain, lru1)
-        b = _prefix_hits(chain, lru2, a)
+        b = _prefix_hits(chain, lv2, a)
         c = b
         if use_l3 and len(chain) - b >= min_prefetch:
             c = _prefix_hits(chain, lru3 if pol3 is None else pol3, b)
@@ -266,7 +282,13 @@ def simulate_hierarchy(
         h2.append(b - a)
         h3.append(c - b)
         touch_tail_first(lru1, l1, chain)
-        touch_tail_first(lru2, l2, chain)
+        if isinstance(lv2, OrderedDict):
+            touch_tail_first(lv2, l2, chain)
+        else:
+            # the whole chain used at once, tail first, then evicted down to the capacity (the
+            # host pool evicts leaf first: a head is never dropped before its suffix)
+            lv2.add(chain, [1] * len(chain))  # type: ignore[arg-type]
+            lv2.evict_for(0)
         if not use_l3:
             continue
         # L3 sees the blocks it lost above the computed suffix first (republished in a put of
@@ -275,6 +297,8 @@ def simulate_hierarchy(
         if pol3 is not None:
             # as the backends see it: the read pages touched, then each put makes room for its
             # new pages (its reservations) before adding them
+            if all_uses_in_l3 and b > 0:
+                read_call(pol3, chain[:b], l3_batch)
             if c > b:
                 read_call(pol3, chain[b:c], l3_batch)
             publish_calls(pol3, chain[start:b], chain[c:], l3_batch)

@@ -93,8 +93,7 @@ def run_sweep(
             l3_policy=l3_policy,
             l3_batch=l3_batch,
         )
-        per_req = [a + b + c for a, b, c in zip(sim.l1, sim.l2, sim.l3, strict=True)]
-        return token_ratio(per_req, unit_tokens, prompt_tokens)
+        return token_ratio(sim.hits, unit_tokens, prompt_tokens)
 
     def ratio(hits: Sequence[int]) -> float:
         return token_ratio(hits, unit_tokens, prompt_tokens)

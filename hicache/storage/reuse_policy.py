@@ -65,8 +65,10 @@ DECAY = 0.95
 #: MIN_PERIOD keys): often enough to adapt, rare enough to cost nothing per key.
 PERIOD_SHARE = 4
 MIN_PERIOD = 256
-#: A key's code is its stamp times 8 plus its class (NUM_CLASSES <= 8).
-CLASS_MASK = 7
+#: A key's code is its stamp shifted left by CLASS_BITS, or'd with its class: one int per key.
+CLASS_BITS = 3
+CLASS_MASK = (1 << CLASS_BITS) - 1
+assert NUM_CLASSES <= CLASS_MASK + 1, "a class must fit in CLASS_BITS"
 
 
 def _uses(cls: int) -> int:
@@ -105,8 +107,8 @@ class PredictedReuse(CapacityPolicy):
         # False: classes by uses only (the study's ablation of the tail flag)
         self._tail_class = tail_class
         self._lock = threading.Lock()
-        # resident key -> its code: the stamp of its last use (every use gets its own) times
-        # 8, plus its class; one dict read and one write per use
+        # resident key -> its code: the stamp of its last use (every use gets its own) and its
+        # class (see CLASS_BITS); one dict read and one write per use
         self._code: dict[Hashable, int] = {}
         self._sizes: dict[Hashable, int] = {}
         # per class: its keys, least recent first
@@ -234,8 +236,9 @@ class PredictedReuse(CapacityPolicy):
         """What eviction compares for a resident ``key``: (the estimated probability that it is
         used again, its stamp); the smallest goes first. ``KeyError`` if not resident."""
         with self._lock:
-            stamp, cls = divmod(self._code[key], 8)
-            return self._value(cls, stamp), stamp
+            code = self._code[key]
+            stamp = code >> CLASS_BITS
+            return self._value(code & CLASS_MASK, stamp), stamp
 
     def reuse_estimates(self) -> list[float]:
         """The learned share of keys used again, per class (uses x tail flag), for reports."""
@@ -262,7 +265,7 @@ class PredictedReuse(CapacityPolicy):
         self._clock = clock = self._clock + 1
         code = self._code.get(key)
         if code is not None:
-            stamp, old = divmod(code, 8)
+            stamp, old = code >> CLASS_BITS, code & CLASS_MASK
             del self._queues[old][key]
             self._used -= self._sizes[key]
             self._idle[old * NUM_BUCKETS + (clock - stamp).bit_length()] += 1.0
@@ -277,7 +280,7 @@ class PredictedReuse(CapacityPolicy):
                 cls = tail
                 self._fresh[tail] += 1.0
             self._since_refresh += 1
-        self._code[key] = clock * 8 + cls
+        self._code[key] = clock << CLASS_BITS | cls
         self._sizes[key] = size
         self._queues[cls][key] = None
         self._used += size
@@ -285,10 +288,10 @@ class PredictedReuse(CapacityPolicy):
     def _touch_one(self, key: Hashable, code: int) -> None:
         """Use the resident ``key`` whose code is ``code``."""
         self._clock = clock = self._clock + 1
-        stamp, cls = divmod(code, 8)
+        stamp, cls = code >> CLASS_BITS, code & CLASS_MASK
         self._idle[cls * NUM_BUCKETS + (clock - stamp).bit_length()] += 1.0
         new = _NEXT_CLASS[cls]
-        self._code[key] = clock * 8 + new
+        self._code[key] = clock << CLASS_BITS | new
         if new == cls:
             self._queues[cls].move_to_end(key)
         else:
@@ -306,17 +309,23 @@ class PredictedReuse(CapacityPolicy):
         # key j (from 0) gets stamp first + j: its idle time lies between these two bounds.
         # Keys used together before have consecutive stamps, so the bounds are close and
         # usually in one bucket: then so is every key's, counted at once.
-        lo = (first - max(codes) // 8).bit_length()
-        hi = (self._clock - min(codes) // 8).bit_length()
+        lo = (first - (max(codes) >> CLASS_BITS)).bit_length()
+        hi = (self._clock - (min(codes) >> CLASS_BITS)).bit_length()
         if lo == hi:
             idle[base + lo] += m
         else:
-            # count the keys per bucket from their sorted idle times (8 x idle - cls, so
-            # computed in C from the codes): bucket b holds the idle times of bit length b
-            scaled = sorted(map(operator.sub, range(first * 8, (first + m) * 8, 8), codes))
+            # count the keys per bucket from their sorted idle times, shifted as the codes are
+            # ((idle << CLASS_BITS) - cls, so computed in C from the codes): bucket b holds the
+            # idle times of bit length b
+            step = 1 << CLASS_BITS
+            scaled = sorted(
+                map(
+                    operator.sub, range(first << CLASS_BITS, (first + m) << CLASS_BITS, step), codes
+                )
+            )
             below = 0
             for b in range(lo, hi):
-                upto = bisect.bisect_left(scaled, (1 << (b + 3)) - cls)
+                upto = bisect.bisect_left(scaled, (1 << (b + CLASS_BITS)) - cls)
                 idle[base + b] += upto - below
                 below = upto
             idle[base + hi] += m - below
@@ -326,8 +335,13 @@ class PredictedReuse(CapacityPolicy):
         """Give ``keys`` (of class ``cls``) the stamps ``first``, ``first + 1``, ... and the
         class of one more use, at the ends of its queue."""
         new = _NEXT_CLASS[cls]
+        step = 1 << CLASS_BITS
         self._code.update(
-            zip(keys, range(first * 8 + new, (first + len(keys)) * 8, 8), strict=True)
+            zip(
+                keys,
+                range(first << CLASS_BITS | new, (first + len(keys)) << CLASS_BITS, step),
+                strict=True,
+            )
         )
         queue = self._queues[cls]
         # moved in C, one call per key (a deque of length 0 runs the map to its end)
@@ -401,12 +415,12 @@ class PredictedReuse(CapacityPolicy):
         for cls, queue in enumerate(self._queues):
             if not queue:
                 continue
-            stamp = code_of[next(iter(queue))] >> 3
+            stamp = code_of[next(iter(queue))] >> CLASS_BITS
             value = (keep[cls][(clock - stamp).bit_length()], stamp)
             if value < best:
                 best, best_cls = value, cls
         key = self._queues[best_cls].popitem(last=False)[0]
-        stamp = code_of.pop(key) >> 3
+        stamp = code_of.pop(key) >> CLASS_BITS
         self._used -= self._sizes.pop(key)
         self._ghost[key] = (best_cls, stamp)
         return key

@@ -103,6 +103,13 @@ def run_eviction_bench(num_keys: int = 100_000, rounds: int = 2_000, seed: int =
     return figures
 
 
+def _fill(policy: CapacityPolicy, keys: list[str]) -> None:
+    """Add ``keys`` to ``policy`` in chains of ``CHAIN`` (one unit each), first chain first."""
+    for start in range(0, len(keys), CHAIN):
+        chain = keys[start : start + CHAIN]
+        policy.add(chain, [1] * len(chain))
+
+
 def _policy_figures(
     prefix: str,
     policy: CapacityPolicy,
@@ -112,10 +119,8 @@ def _policy_figures(
     rounds: int,
 ) -> list[Figure]:
     """Touches of chains and of single keys, then churn, of ``policy`` full of ``keys``."""
-    num_keys = len(keys)
     figures: list[Figure] = []
-    for start in range(0, num_keys, CHAIN):
-        policy.add(keys[start : start + CHAIN], [1] * len(keys[start : start + CHAIN]))
+    _fill(policy, keys)
     raw: OrderedDict[str, int] = OrderedDict((k, 1) for k in keys)
 
     def ours_chains() -> None:
@@ -179,8 +184,7 @@ def _versus_lru_figures(
     """``PredictedReuse`` touches against ``TailFirstLRU``'s, interleaved slice by slice."""
     policies: list[CapacityPolicy] = [TailFirstLRU(len(keys)), PredictedReuse(len(keys))]
     for policy in policies:
-        for start in range(0, len(keys), CHAIN):
-            policy.add(keys[start : start + CHAIN], [1] * len(keys[start : start + CHAIN]))
+        _fill(policy, keys)
     single_calls = [(k,) for k in singles]
     figures = []
     for name, calls, per_call in (

@@ -36,7 +36,7 @@ from hicache_localdisk.layout import Layout, ScannedPage
 from hicache_localdisk.options import Durability, LocalDiskConfig
 from hicache_localdisk.pageio import _CORES, PageIO, ReadResult
 from hicache_localdisk.shared import SharedState
-from hicache_localdisk.spares import Spare, SpareFiles
+from hicache_localdisk.spares import SpareFiles
 from hicache_localdisk.startup import (
     default_max_bytes,
     make_dirs,
@@ -326,15 +326,13 @@ class LocalDiskBackend(Backend):
         io = self._require_io()
         srcs = [_bytes_views(s) for s in srcs]
         statuses: list[PageStatus | None] = [None] * len(keys)
-        retired: list[Spare] = []
+        retired: list[str] = []  # temporary paths of retired victims' files
         if self._shared is not None:
             todo = self._plan_shared(keys, statuses)
         else:
             todo = self._index.reserve(keys, statuses, retired)
         # This put's evictions become its new pages' files (see hicache_localdisk.spares).
-        spares = self._spares
-        usable = [s.path for s in retired if spares is not None and spares.usable(s)]
-        reuse = dict(zip(todo, usable, strict=False))
+        reuse = dict(zip(todo, retired, strict=False))
         now = time.time_ns()
         try:
             results = self._map(
@@ -346,7 +344,7 @@ class LocalDiskBackend(Backend):
             # spare file is left (a write that took one and failed on an OSError removed it)
             if len(retired) > len(reuse):
                 taken = set(reuse.values())
-                SpareFiles.discard(s.path for s in retired if s.path not in taken)
+                SpareFiles.discard(p for p in retired if p not in taken)
         for i, status in zip(todo, results, strict=True):
             statuses[i] = status
         if self.options.durability is Durability.FSYNC:

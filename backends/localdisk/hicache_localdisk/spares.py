@@ -2,9 +2,8 @@
 
 - ``SpareFiles(layout)``     one per backend instance
 - ``retire(key)``            rename an evicted page's file to a temporary of this process and
-                             return it as a :class:`Spare` (None: no file)
+                             return its path (None: no file, or a read in flight may hold it)
 - ``reading(keys)``          context of a batch of reads (they may hold those files open)
-- ``usable(spare)``          whether no read in flight may still have the spare's file open
 - ``discard(paths)``         unlink spares a put did not reuse
 
 Why: on ext4 without a journal (and on some other filesystems) creating a file right after
@@ -18,11 +17,13 @@ files of this tier's page size are retired) and published under the new key.
 
 Readers: a read that opened a page file before its eviction keeps reading that file. Unlinked,
 the file lived on for it; reused, it would be overwritten under it. So reads name the keys they
-are reading (before opening anything), and a spare whose key a read in flight named is not
-reused but unlinked as before: a read that names a key after its file was renamed away cannot
-open that file. Other processes never read a single-process root, and shared mode (where they
-do) never retires. Neither does ``durability: fsync``: after a power loss the victim's rename
-could be lost while the overwrite was synced, leaving the new page's bytes under the old name.
+are reading (before opening anything), and the file of a key a read in flight named is not
+retired but unlinked as before. The check and the rename are made under the lock the reads
+name their keys under, so a read names its key either before (the file is not retired) or
+after the rename (it finds no file to open). Other processes never read a single-process
+root, and shared mode (where they do) never retires. Neither does ``durability: fsync``: after
+a power loss the victim's rename could be lost while the overwrite was synced, leaving the new
+page's bytes under the old name.
 """
 
 from __future__ import annotations
@@ -32,22 +33,13 @@ import logging
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
 from hicache_localdisk.fsio import remove
 from hicache_localdisk.layout import Layout
 
-__all__ = ["Spare", "SpareFiles"]
+__all__ = ["SpareFiles"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Spare:
-    """A retired page file: its temporary path and the key it held."""
-
-    path: str
-    key: str
 
 
 class SpareFiles:
@@ -59,19 +51,23 @@ class SpareFiles:
         #: keys of the reads in flight (how many reads each)
         self._reading: dict[str, int] = {}
 
-    def retire(self, key: str) -> Spare | None:
-        """Rename the file of evicted page ``key`` to a temporary; None when there is no file
-        (or it cannot be renamed: the caller unlinks it as before)."""
+    def retire(self, key: str) -> str | None:
+        """Rename the file of evicted page ``key`` to a temporary and return its path; None
+        when a read in flight named ``key`` (it may hold the file open) or there is no file
+        (or it cannot be renamed): the caller unlinks it as before."""
         path = self._layout.page_path(key)
         tmp = self._layout.temp_path(key)
-        try:
-            os.rename(path, tmp)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            log.debug("cannot retire %s: %s", path, exc)
-            return None
-        return Spare(tmp, key)
+        with self._lock:  # see the module docstring: no read may name the key meanwhile
+            if key in self._reading:
+                return None
+            try:
+                os.rename(path, tmp)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                log.debug("cannot retire %s: %s", path, exc)
+                return None
+        return tmp
 
     @contextlib.contextmanager
     def reading(self, keys: Sequence[str]) -> Iterator[None]:
@@ -90,12 +86,6 @@ class SpareFiles:
                         reading[key] = left
                     else:
                         del reading[key]
-
-    def usable(self, spare: Spare) -> bool:
-        """Whether no read in flight may have the file of ``spare`` open (asked after its
-        rename: a read that names its key later finds no file)."""
-        with self._lock:
-            return spare.key not in self._reading
 
     @staticmethod
     def discard(paths: Iterable[str]) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from hicache_localdisk import LocalDiskBackend
 
-from hicache.storage import HEADER_SIZE, EvictionPolicy, PageStatus
+from hicache.storage import HEADER_SIZE, EvictionPolicy, PageParts, PageStatus
+from hicache.testing.wait import WAIT_S
 
 PAGE = 16384
 STORED = PAGE + HEADER_SIZE
@@ -106,6 +107,7 @@ def test_reads_racing_evictions_never_see_a_reused_file(
     make_backend: Callable[..., LocalDiskBackend],
     key_of: Callable[..., str],
     payload_of: Callable[..., bytes],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # a tiny tier: every put evicts, and its victims are often the pages being read
     b = make_backend(page_bytes=PAGE, max_bytes=6 * STORED, eviction=EvictionPolicy.LRU)
@@ -113,6 +115,26 @@ def test_reads_racing_evictions_never_see_a_reused_file(
     keys = [key_of(i, "race") for i in range(24)]
     stop = threading.Event()
     errors: list[str] = []
+    # The first write that reuses a victim's file (its put in progress: the victim retired,
+    # the new page not written) waits until a read has run from start to end meanwhile, so
+    # readers and a reusing put overlap at least once whatever the scheduling.
+    io = b._require_io()
+    write = io.write
+    claim = threading.Lock()
+    held = threading.Event()  # a reusing put is held
+    read_in_put = threading.Event()  # a read ran, start to end, while it was held
+    overlaps: list[list[str]] = []
+
+    def held_write(key: str, src: PageParts, mtime_ns: int, reuse: str | None = None) -> PageStatus:
+        if reuse is not None:
+            with claim:
+                first = not held.is_set()
+                held.set()
+            if first and not read_in_put.wait(WAIT_S):
+                errors.append("no read ran while a put reusing a file was held")
+        return write(key, src, mtime_ns, reuse)
+
+    monkeypatch.setattr(io, "write", held_write)
 
     def writer(t: int) -> None:
         for r in range(60):
@@ -127,9 +149,16 @@ def test_reads_racing_evictions_never_see_a_reused_file(
         while not stop.is_set():
             batch = [keys[(t * 11 + n + i) % len(keys)] for i in range(2)]
             n += 1
-            for key, status, buf in zip(
-                batch, b.get_into(batch, [memoryview(x) for x in bufs]), bufs, strict=True
-            ):
+            # the held put resumes only once read_in_put is set: a read begun while it is held
+            # and not yet set ran entirely inside the put
+            during = held.is_set() and not read_in_put.is_set()
+            got = b.get_into(batch, [memoryview(x) for x in bufs])
+            if during:
+                with claim:
+                    if not read_in_put.is_set():
+                        overlaps.append(batch)
+                        read_in_put.set()
+            for key, status, buf in zip(batch, got, bufs, strict=True):
                 if status is PageStatus.OK and bytes(buf) != payload_of(key, PAGE):
                     errors.append(f"{key}: wrong bytes")
                 elif status not in (PageStatus.OK, PageStatus.NOT_FOUND):
@@ -145,6 +174,7 @@ def test_reads_racing_evictions_never_see_a_reused_file(
     for th in readers:
         th.join()
     assert errors == []
+    assert len(overlaps) == 1  # a read ran inside a put that reused a victim's file
     assert b.stats()["corrupt"] == 0
     assert _temporaries(b) == []
     assert b.used_bytes == sum(b.exists(keys)) * STORED <= b.max_bytes
