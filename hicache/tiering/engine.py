@@ -92,7 +92,7 @@ from hicache.tiering.engine_records import (
     _PutLate,
     _PutPart,
 )
-from hicache.tiering.engine_workers import EngineWorkers
+from hicache.tiering.engine_workers import EngineWorkers, finish
 from hicache.tiering.prefetch import PrefetchOutcome
 from hicache.tiering.tiers import Tier, TierRange, Tiers
 
@@ -415,12 +415,15 @@ class StorageEngine:
             if last is not None and now - last < self.evict_poll_interval_s:
                 continue
             self._evict_polled[tier.name] = now
-            self._evict_jobs[tier.name] = self.workers.submit(self._evict_job, tier)
+            self._evict_jobs[tier.name] = self.workers.start(self._evict_job, tier)
 
-    def _evict_job(self, tier: Tier) -> None:
-        evicted = tier.take_evicted()
-        if evicted:
-            self.workers.report(_Evicted(tier.name, evicted))
+    def _evict_job(self, done: Future[None], tier: Tier) -> None:
+        def evicted(keys: list[str]) -> None:
+            if keys:
+                self.workers.report(_Evicted(tier.name, keys))
+            finish(done)
+
+        tier.start_take_evicted(evicted)
 
     # ------------------------------------------------------------------ prefetch (owned jobs)
 

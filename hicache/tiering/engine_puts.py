@@ -25,7 +25,7 @@ from concurrent.futures import wait as wait_futures
 
 from hicache.storage.backend import PageStatus
 from hicache.tiering.engine_records import _Evicted, _PutDone, _PutJob, _PutLate, _PutPart
-from hicache.tiering.engine_workers import EngineWorkers
+from hicache.tiering.engine_workers import EngineWorkers, finish
 from hicache.tiering.lanes import Lane
 from hicache.tiering.tiers import Tier
 
@@ -64,7 +64,7 @@ class PutCalls:
         if not parts:
             return
         job = _PutJob(tier, parts)
-        job.future = self.workers.submit(self._put_job, job, ticket=job.ticket)
+        job.future = self.workers.start(self._put_job, job)
         self._sent.append(job)
         putting = self._putting
         for p in parts:
@@ -83,7 +83,6 @@ class PutCalls:
                 jobs[id(job)] = job
         for job in jobs.values():
             job.ticket.lane = Lane.READ  # first: a submit after this reads it
-            self.workers.promote(job.ticket)
             job.tier.caller.promote(job.ticket)
         return [job.future for job in jobs.values() if job.future is not None]
 
@@ -124,7 +123,7 @@ class PutCalls:
                 waited += 1
         return waited
 
-    def _put_job(self, job: _PutJob) -> None:
+    def _put_job(self, done: Future[None], job: _PutJob) -> None:
         tier, parts = job.tier, job.parts
         keys = [k for p in parts for k in p.keys]
         views = [v for p in parts for v in p.views]
@@ -140,26 +139,32 @@ class PutCalls:
                     return
             self._report_late(job, statuses)
 
+        def put(statuses: list[PageStatus]) -> None:
+            start = 0
+            for p in parts:
+                got = statuses[start : start + len(p.keys)]
+                start += len(p.keys)
+                got += [PageStatus.FAILED] * (p.total - len(got))  # refused by admission
+                self.workers.report(_PutDone(p.group, tier.name, p.batch, got))
+            with job.lock:
+                job.reported = True
+                came, job.late = job.late, None
+            if came is not None:
+                self._report_late(job, came)
+            # what the tier evicted to make room goes after these puts' results
+            tier.start_take_evicted(evicted)
+
+        def evicted(keys: list[str]) -> None:
+            if keys:
+                self.workers.report(_Evicted(tier.name, keys))
+            finish(done)
+
         try:
-            statuses = tier.put(keys, views, on_return=returned, ticket=job.ticket, on_late=late)
-        except Exception as exc:  # Tier.put never raises; this guards against bugs
-            logger.exception("tier %s: publish worker failed", tier.name)
+            tier.start_put(keys, views, put, on_return=returned, ticket=job.ticket, on_late=late)
+        except Exception as exc:  # Tier.start_put never raises; this guards against bugs
+            logger.exception("tier %s: publish failed", tier.name)
             tier.stats.error(exc, "unexpected")
-            statuses = [PageStatus.FAILED] * len(keys)
-        evicted = tier.take_evicted()
-        start = 0
-        for p in parts:
-            got = statuses[start : start + len(p.keys)]
-            start += len(p.keys)
-            got += [PageStatus.FAILED] * (p.total - len(got))  # refused by admission
-            self.workers.report(_PutDone(p.group, tier.name, p.batch, got))
-        with job.lock:
-            job.reported = True
-            came, job.late = job.late, None
-        if came is not None:
-            self._report_late(job, came)
-        if evicted:
-            self.workers.report(_Evicted(tier.name, evicted))
+            put([PageStatus.FAILED] * len(keys))
 
     def _report_late(self, job: _PutJob, statuses: list[PageStatus]) -> None:
         """Report what a put call that outlived its deadline really stored, per batch."""

@@ -14,10 +14,11 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 
@@ -25,7 +26,9 @@ from hicache.tiering.engine_records import HostPages, _Done
 from hicache.tiering.inflight import InflightGate
 from hicache.tiering.lanes import Lane, LanedPool, LaneTicket
 
-__all__ = ["EngineWorkers"]
+__all__ = ["EngineWorkers", "finish", "when_all"]
+
+logger = logging.getLogger(__name__)
 
 
 class _Holds:
@@ -126,6 +129,27 @@ class EngineWorkers:
             dep.add_done_callback(ready)
         return outer
 
+    def start(
+        self, fn: Callable[..., None], *args: object, after: Sequence[Future[None]] = ()
+    ) -> Future[None]:
+        """Call ``fn(job, *args)`` once every job of ``after`` finished (on the thread that
+        finished the last one, or here): ``fn`` starts asynchronous tier calls and must not
+        block; the job counts as in flight until it resolves ``job`` (``finish(job)``)."""
+        job: Future[None] = Future()
+        job.set_running_or_notify_cancel()
+        self._track(job)
+
+        def go() -> None:
+            try:
+                fn(job, *args)
+            except Exception as exc:  # the tiers never raise; this guards against bugs
+                logger.exception("storage job failed")
+                if not job.done():
+                    job.set_exception(exc)
+
+        when_all(after, go)
+        return job
+
     def promote(self, ticket: LaneTicket) -> int:
         """Move the jobs queued with ``ticket`` to the read lane (set ``ticket.lane`` first)."""
         return self._executor.promote(ticket)
@@ -210,3 +234,28 @@ def _settle(inner: Future[None], outer: Future[None]) -> None:
         outer.set_exception(exc)
     else:
         outer.set_result(None)
+
+
+def finish(job: Future[None]) -> None:
+    """A job started with :meth:`EngineWorkers.start` is done."""
+    job.set_result(None)
+
+
+def when_all(after: Sequence[Future[None]], fn: Callable[[], None]) -> None:
+    """Call ``fn()`` once every future of ``after`` is done: here when they are (or there are
+    none), else on the thread that finishes the last one."""
+    left = [len(after)]
+    if not after:
+        fn()
+        return
+    lock = threading.Lock()
+
+    def ready(_: Future[None]) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        fn()
+
+    for dep in after:
+        dep.add_done_callback(ready)

@@ -24,10 +24,11 @@ and only then may the caller release the buffers it handed over.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hicache.config import TierSettings
 from hicache.errors import BackendUnavailableError
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 __all__ = ["Tier", "TierRange", "Tiers"]
 
 logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 #: The medium of a store reached over the network: its calls mostly wait, so more threads.
 _REMOTE_MEDIUM = "EXTERNAL"
@@ -164,6 +167,22 @@ class Tier:
     def exists_prefix(self, keys: Sequence[str], *, here: bool = False) -> int:
         """Longest stored prefix of ``keys`` here; 0 (counted) when the call fails or the
         breaker is open. ``here``: on the calling thread (only when :attr:`lookups_here`)."""
+        if here:
+            started = time.perf_counter()
+            return self._found(keys, started, self.caller.call_here(self._exists_fn(keys)))
+        return _wait(lambda done: self.start_exists(keys, done))
+
+    def start_exists(self, keys: Sequence[str], on_found: Callable[[int], None]) -> None:
+        """:meth:`exists_prefix` off this thread: ``on_found`` gets the answer (on a tier
+        thread, or at once when the call is refused)."""
+        started = time.perf_counter()
+        self.caller.start(
+            self._exists_fn(keys),
+            on_done=lambda out: on_found(self._found(keys, started, out)),
+            lane=Lane.READ,
+        )
+
+    def _exists_fn(self, keys: Sequence[str]) -> Callable[[], int]:
         step = self.max_batch
 
         def run() -> int:
@@ -176,8 +195,9 @@ class Tier:
                     break
             return done
 
-        started = time.perf_counter()
-        out = self.caller.call_here(run) if here else self.caller.call(run, lane=Lane.READ)
+        return run
+
+    def _found(self, keys: Sequence[str], started: float, out: CallOutcome[int]) -> int:
         self._observe("exists", started, out)
         found = out.value if out.ok and out.value is not None else 0
         if not out.ok:
@@ -192,7 +212,19 @@ class Tier:
         *,
         on_return: Callable[[], None] | None = None,
     ) -> list[PageStatus]:
-        """Read ``keys`` into ``dsts``; a failed or late call makes its pages ``FAILED``.
+        """Read ``keys`` into ``dsts`` and wait (see :meth:`start_get`)."""
+        return _wait(lambda done: self.start_get(keys, dsts, done, on_return=on_return))
+
+    def start_get(
+        self,
+        keys: Sequence[str],
+        dsts: Sequence[PageBuffers],
+        on_statuses: Callable[[list[PageStatus]], None],
+        *,
+        on_return: Callable[[], None] | None = None,
+    ) -> None:
+        """Read ``keys`` into ``dsts``; ``on_statuses`` gets one status per key (on a tier
+        thread, or at once when refused); a failed or late call makes its pages ``FAILED``.
 
         Chunks are read in order and the read stops after a chunk with a page that is not
         ``OK`` (later pages are useless to a prefix): they come back ``NOT_FOUND``, untouched.
@@ -212,15 +244,18 @@ class Tier:
             return got + [PageStatus.NOT_FOUND] * (len(keys) - len(got))
 
         started = time.perf_counter()
-        out = self.caller.call(run, on_return=on_return, lane=Lane.READ)
-        self._observe("get", started, out)
-        if out.ok and out.value is not None:
-            statuses = out.value
-        else:
-            self._failed(out, "get_into")
-            statuses = [PageStatus.FAILED] * len(keys)
-        self.stats.count_gets(statuses, self.page_bytes)
-        return statuses
+
+        def done(out: CallOutcome[list[PageStatus]]) -> None:
+            self._observe("get", started, out)
+            if out.ok and out.value is not None:
+                statuses = out.value
+            else:
+                self._failed(out, "get_into")
+                statuses = [PageStatus.FAILED] * len(keys)
+            self.stats.count_gets(statuses, self.page_bytes)
+            on_statuses(statuses)
+
+        self.caller.start(run, on_done=done, on_return=on_return, lane=Lane.READ)
 
     def put(
         self,
@@ -231,7 +266,25 @@ class Tier:
         ticket: LaneTicket | None = None,
         on_late: Callable[[list[PageStatus]], None] | None = None,
     ) -> list[PageStatus]:
-        """Store ``srcs`` under ``keys``; a failed, refused or late call makes its pages
+        """Store ``srcs`` under ``keys`` and wait (see :meth:`start_put`)."""
+        return _wait(
+            lambda done: self.start_put(
+                keys, srcs, done, on_return=on_return, ticket=ticket, on_late=on_late
+            )
+        )
+
+    def start_put(
+        self,
+        keys: Sequence[str],
+        srcs: Sequence[PageBuffers],
+        on_statuses: Callable[[list[PageStatus]], None],
+        *,
+        on_return: Callable[[], None] | None = None,
+        ticket: LaneTicket | None = None,
+        on_late: Callable[[list[PageStatus]], None] | None = None,
+    ) -> None:
+        """Store ``srcs`` under ``keys``; ``on_statuses`` gets one status per key (on a tier
+        thread, or at once when refused); a failed, refused or late call makes its pages
         ``FAILED``. ``on_return`` runs when the backend really finished with ``srcs``. Puts
         queue in the write lane, unless ``ticket`` is promoted (a lookup waits for them).
 
@@ -246,33 +299,46 @@ class Tier:
             return got
 
         started = time.perf_counter()
-        out = self.caller.call(run, on_return=on_return, ticket=ticket, on_late=on_late)
-        if out.failure is FailureKind.BREAKER_OPEN:
-            # never attempted: a drop, not a failed put
-            self.stats.add(dropped_breaker=len(keys))
-            return [PageStatus.FAILED] * len(keys)
-        self._observe("put", started, out)
-        if out.ok and out.value is not None:
-            statuses = out.value
-        else:
-            self._failed(out, "put")
-            statuses = [PageStatus.FAILED] * len(keys)
-        self.stats.count_puts(statuses, self.page_bytes)
-        return statuses
+
+        def done(out: CallOutcome[list[PageStatus]]) -> None:
+            if out.failure is FailureKind.BREAKER_OPEN:
+                # never attempted: a drop, not a failed put
+                self.stats.add(dropped_breaker=len(keys))
+                on_statuses([PageStatus.FAILED] * len(keys))
+                return
+            self._observe("put", started, out)
+            if out.ok and out.value is not None:
+                statuses = out.value
+            else:
+                self._failed(out, "put")
+                statuses = [PageStatus.FAILED] * len(keys)
+            self.stats.count_puts(statuses, self.page_bytes)
+            on_statuses(statuses)
+
+        self.caller.start(run, on_done=done, on_return=on_return, ticket=ticket, on_late=on_late)
 
     def take_evicted(self) -> list[str]:
-        """Keys the backend dropped on its own; ``[]`` when the call fails (never raises).
+        """Keys the backend dropped on its own and wait (see :meth:`start_take_evicted`)."""
+        return _wait(self.start_take_evicted)
+
+    def start_take_evicted(self, on_keys: Callable[[list[str]], None]) -> None:
+        """``on_keys`` gets the keys the backend dropped on its own; ``[]`` when the call fails
+        (never raises).
 
         Bypasses the breaker (housekeeping must not use up its probe) but keeps the deadline;
         goes in the read lane: a cheap call that must not queue behind a hung put.
         """
-        out = self.caller.call(self.backend.take_evicted, use_breaker=False, lane=Lane.READ)
-        if not out.ok or out.value is None:
-            self._failed(out, "take_evicted")
-            return []
-        if out.value:
-            self.stats.add(evicted_pages=len(out.value))
-        return out.value
+
+        def done(out: CallOutcome[list[str]]) -> None:
+            if not out.ok or out.value is None:
+                self._failed(out, "take_evicted")
+                on_keys([])
+                return
+            if out.value:
+                self.stats.add(evicted_pages=len(out.value))
+            on_keys(out.value)
+
+        self.caller.start(self.backend.take_evicted, on_done=done, use_breaker=False, lane=Lane.READ)
 
     def snapshot(self) -> dict[str, Any]:
         """Counters, failures by kind, breaker, in-flight gate, admission and whether the tier is
@@ -446,18 +512,40 @@ class Tiers:
         tier whose breaker is open (or whose call fails) finds nothing: the next one is asked.
         ``here``: on the calling thread (only when :meth:`lookups_here`).
         """
+        return _wait(lambda done: self.start_lookup(keys, done, here=here))
+
+    def start_lookup(
+        self,
+        keys: Sequence[str],
+        on_ranges: Callable[[list[TierRange]], None],
+        *,
+        here: bool = False,
+    ) -> None:
+        """:meth:`lookup` without waiting: each tier is asked when the one before answered (on
+        its thread), and ``on_ranges`` gets the ranges. ``here``: every call on this thread,
+        ``on_ranges`` called before this returns."""
         ranges: list[TierRange] = []
-        pos = 0
-        for t in self.tiers:
-            if pos >= len(keys):
-                break
-            if not t.available:
-                continue
-            n = t.exists_prefix(keys[pos:], here=here)
+        order = iter(self.tiers)
+
+        def ask(pos: int) -> None:
+            for t in order:
+                if pos >= len(keys):
+                    break
+                if not t.available:
+                    continue
+                if here:
+                    found(t, pos, t.exists_prefix(keys[pos:], here=True))
+                else:
+                    t.start_exists(keys[pos:], lambda n, t=t: found(t, pos, n))
+                return
+            on_ranges(ranges)
+
+        def found(t: Tier, pos: int, n: int) -> None:
             if n:
                 ranges.append(TierRange(t, pos, pos + n))
-                pos += n
-        return ranges
+            ask(pos + n)
+
+        ask(0)
 
     def get_into(self, keys: Sequence[str], dsts: Sequence[PageBuffers]) -> list[PageStatus]:
         """Read the chain ``keys`` into ``dsts`` through the cascade; one status per key.
@@ -481,3 +569,18 @@ class Tiers:
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per-tier counters as plain data."""
         return {t.name: t.snapshot() for t in self.tiers}
+
+
+def _wait(start: Callable[[Callable[[R], None]], None]) -> R:
+    """Run an asynchronous tier method (``start(done)``) and wait for what it hands ``done``:
+    for threads with nothing else to do meanwhile (tools, tests)."""
+    box: list[R] = []
+    ready = threading.Event()
+
+    def done(value: R) -> None:
+        box.append(value)
+        ready.set()
+
+    start(done)
+    ready.wait()
+    return box[0]
