@@ -33,9 +33,9 @@ not counted as failures of the tier.
 from __future__ import annotations
 
 import enum
-import heapq
-import itertools
+import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -60,11 +60,13 @@ __all__ = [
     "RetryPolicy",
     "TierCaller",
     "failure_kind",
+    "wait_result",
 ]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class FailureKind(enum.StrEnum):
@@ -195,6 +197,7 @@ class _Call(Generic[T]):
         "on_late",
         "on_return",
         "owner",
+        "queue",
         "settled",
     )
 
@@ -216,6 +219,8 @@ class _Call(Generic[T]):
         self.lock = threading.Lock()
         self.settled = False
         self.future: Future[T] | None = None
+        #: The watchdog's queue this call waits in (set by ``_Watchdog.add``).
+        self.queue: dict[_Call[Any], float] | None = None
 
     def _settle(self) -> bool:
         """Whether this is the first of end and deadline (the one that reports)."""
@@ -228,6 +233,7 @@ class _Call(Generic[T]):
         """The call's worker is done with it, or it was cancelled while queued."""
         owner = self.owner
         if self._settle():
+            owner._watchdog.discard(self)
             if future.cancelled():  # close() cancelled it while queued
                 out = owner._failed(FailureKind.CLOSED, CancelledError(), 0, self.breaker)
             elif (exc := future.exception()) is not None:
@@ -259,36 +265,50 @@ class _Call(Generic[T]):
         if future is not None and future.cancel():
             # still queued behind hung calls: it will never run (ended() released it just now)
             logger.debug("tier %s: call cancelled while queued", self.owner.name)
-        out = self.owner._failed(
-            FailureKind.TIMEOUT, None, self.attempts.attempts, self.breaker
-        )
+        out = self.owner._failed(FailureKind.TIMEOUT, None, self.attempts.attempts, self.breaker)
         self.owner._report(self.on_done, out)
 
 
 class _Watchdog:
-    """One thread per caller that expires calls at their deadlines: a heap of deadlines, the
-    thread asleep until the earliest live one passes (settled calls are skipped, not removed,
-    so a call that ends in time costs a heap push and no wake-up)."""
+    """One thread per caller that expires calls at their deadlines.
+
+    The calls in flight wait in one queue per budget (seconds to their deadline), so each
+    queue is in deadline order and a call that ends in time just leaves its queue: nothing of
+    it stays behind. The thread sleeps until the earliest deadline it knows of, and at least
+    one budget while nothing is in flight, so a call that ends in time costs no wake-up."""
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self._cv = threading.Condition()
-        self._heap: list[tuple[float, int, _Call[Any]]] = []
-        self._seq = itertools.count()
+        self._cv = threading.Condition(threading.Lock())
+        #: budget -> {call: deadline}, in deadline order
+        self._queues: dict[float, dict[_Call[Any], float]] = {}
+        self._wake_at = math.inf
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def add(self, due: float, call: _Call[Any]) -> None:
-        """Expire ``call`` at ``due`` (``time.monotonic`` seconds) unless it settled by then."""
+    def add(self, budget: float, call: _Call[Any]) -> None:
+        """Expire ``call`` ``budget`` seconds from now unless it settled by then."""
         with self._cv:
-            heapq.heappush(self._heap, (due, next(self._seq), call))
+            due = time.monotonic() + budget
+            queue = self._queues.get(budget)
+            if queue is None:
+                queue = self._queues[budget] = {}
+            queue[call] = due
+            call.queue = queue
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name=f"{self._name}-deadlines", daemon=True
                 )
                 self._thread.start()
-            elif self._heap[0][2] is call:  # earlier than what the thread sleeps until
+            elif due < self._wake_at:  # earlier than the thread sleeps until
                 self._cv.notify()
+
+    def discard(self, call: _Call[Any]) -> None:
+        """``call`` ended in time: forget its deadline."""
+        queue = call.queue
+        if queue is not None:
+            with self._cv:
+                queue.pop(call, None)
 
     def close(self) -> None:
         """Let the thread end once no call is left to expire."""
@@ -297,26 +317,33 @@ class _Watchdog:
             self._cv.notify()
 
     def _due(self) -> list[_Call[Any]]:
-        """Wait for the earliest live deadline; the calls due by then (None: closed)."""
-        heap = self._heap
+        """Wait until some deadline passed; the calls due (empty: closed, nothing left)."""
         with self._cv:
             while True:
-                while heap and heap[0][2].settled:
-                    heapq.heappop(heap)
-                if not heap:
+                now = time.monotonic()
+                due: list[_Call[Any]] = []
+                earliest = math.inf
+                for queue in self._queues.values():
+                    passed: list[_Call[Any]] = []
+                    for call, at in queue.items():
+                        if at > now:
+                            earliest = min(earliest, at)
+                            break
+                        passed.append(call)
+                    for call in passed:
+                        del queue[call]
+                    due += passed
+                if due:
+                    return due
+                if math.isinf(earliest):
                     if self._closed:
                         self._thread = None
                         return []
-                    self._cv.wait()
-                    continue
-                now = time.monotonic()
-                if heap[0][0] > now:
-                    self._cv.wait(heap[0][0] - now)
-                    continue
-                due = []
-                while heap and heap[0][0] <= now:
-                    due.append(heapq.heappop(heap)[2])
-                return due
+                    # nothing in flight: sleep one budget, so the next call wakes nobody
+                    earliest = now + min(self._queues, default=1.0)
+                self._wake_at = earliest
+                self._cv.wait(earliest - now)
+                self._wake_at = math.inf
 
     def _run(self) -> None:
         while True:
@@ -429,31 +456,24 @@ class TierCaller:
 
         For a thread that has nothing else to do meanwhile (tools, tests, opening a tier): the
         engine starts its calls and goes on."""
-        box: list[CallOutcome[T]] = []
-        ready = threading.Event()
-
-        def done(out: CallOutcome[T]) -> None:
-            box.append(out)
-            ready.set()
-
-        self.start(
-            fn,
-            on_done=done,
-            on_return=on_return,
-            deadline_s=deadline_s,
-            use_breaker=use_breaker,
-            lane=lane,
-            ticket=ticket,
-            on_late=on_late,
+        return wait_result(
+            functools.partial(
+                self.start,
+                fn,
+                on_return=on_return,
+                deadline_s=deadline_s,
+                use_breaker=use_breaker,
+                lane=lane,
+                ticket=ticket,
+                on_late=on_late,
+            )
         )
-        ready.wait()
-        return box[0]
 
     def start(
         self,
         fn: Callable[[], T],
-        *,
         on_done: Callable[[CallOutcome[T]], None],
+        *,
         on_return: Callable[[], None] | None = None,
         deadline_s: float | None = None,
         use_breaker: bool = True,
@@ -485,15 +505,19 @@ class TierCaller:
         call = _Call(self, attempts, breaker, on_done, on_return, on_late)
         with self._running_lock:
             self._running += 1
+        # watched before it can end: a call that ends in time leaves nothing behind
+        self._watchdog.add(budget, call)
         try:
             future = self._executor.submit(attempts, lane, ticket)
         except RuntimeError:  # shut down between the check above and here
+            first = call._settle()  # else the deadline came first and reported
+            self._watchdog.discard(call)
             self._finished(on_return)
-            self.failures.add(FailureKind.CLOSED)
-            self._report(on_done, CallOutcome(failure=FailureKind.CLOSED))
+            if first:
+                self.failures.add(FailureKind.CLOSED)
+                self._report(on_done, CallOutcome(failure=FailureKind.CLOSED))
             return
         call.future = future
-        self._watchdog.add(time.monotonic() + budget, call)
         future.add_done_callback(call.ended)
 
     def call_here(self, fn: Callable[[], T], *, use_breaker: bool = True) -> CallOutcome[T]:
@@ -555,3 +579,18 @@ def _run_callback(callback: Callable[[], None] | None, name: str) -> None:
         callback()
     except Exception:  # a release that fails must not kill the worker or the caller
         logger.exception("tier %s: on_return callback failed", name)
+
+
+def wait_result(start: Callable[[Callable[[R], None]], None]) -> R:
+    """Call ``start(done)`` (an asynchronous call) and wait for what it hands ``done``: for a
+    thread with nothing else to do meanwhile (tools, tests, the synchronous tier methods)."""
+    box: list[R] = []
+    ready = threading.Event()
+
+    def done(value: R) -> None:
+        box.append(value)
+        ready.set()
+
+    start(done)
+    ready.wait()
+    return box[0]

@@ -108,9 +108,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Upper bound of the default worker count (the workers mostly wait on tier calls).
-_MAX_WORKERS = 32
-
 
 class StorageEngine:
     """A small worker pool between one cache and its tiers (see the module docstring)."""
@@ -122,19 +119,15 @@ class StorageEngine:
         *,
         page_size: int,
         lora_id: int | None = None,
-        workers: int | None = None,
         known_capacity: int = DEFAULT_KNOWN_CAPACITY,
         evict_poll_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tiers = tiers
         self.host_pool = host_pool
-        if workers is None:
-            # a job makes one tier call at a time: as many jobs as the tiers take calls at once
-            workers = max(2, min(sum(t.caller.threads for t in tiers.tiers), _MAX_WORKERS))
-        elif workers < 1:
-            raise ValueError(f"storage engine workers must be >= 1, got {workers}")
-        self.workers = EngineWorkers(host_pool, workers=workers)
+        # no threads of its own: every job is a chain of tier calls, each continued on the
+        # thread of the call before (see ``EngineWorkers.start``)
+        self.workers = EngineWorkers(host_pool)
         self.prefetch_jobs = PrefetchJobs(tiers, self.workers)
         self.page_size = page_size
         self.lora_id = lora_id

@@ -116,7 +116,11 @@ class PutCalls:
         waited = 0
         for jobs in running.values():
             tier = jobs[0].tier
-            over = len(jobs) - max(1, tier.caller.threads - 1)
+            over = (
+                len(jobs)
+                - int(__import__("os").environ.get("TQ", "0") or 0)
+                - max(1, tier.caller.threads - 1)
+            )
             for job in jobs[: max(0, over)]:
                 assert job.future is not None
                 wait_futures([job.future], timeout=tier.settings.deadline_s)

@@ -74,9 +74,10 @@ class _Holds:
 class EngineWorkers:
     """A thread pool whose jobs hold host pages and report on a queue (module docstring)."""
 
-    def __init__(self, host_pool: HostPages, *, workers: int) -> None:
+    def __init__(self, host_pool: HostPages, *, workers: int | None = None) -> None:
         self.host_pool = host_pool
-        self._executor = LanedPool(workers, "hicache-io")
+        # None: jobs only :meth:`start` tier calls, nothing blocks a thread of its own
+        self._executor = LanedPool(workers, "hicache-io") if workers is not None else None
         self._done: queue.SimpleQueue[_Done] = queue.SimpleQueue()
         self._futures: set[Future[None]] = set()
         self._futures_lock = threading.Lock()
@@ -91,43 +92,13 @@ class EngineWorkers:
         lane: Lane = Lane.WRITE,
         ticket: LaneTicket | None = None,
     ) -> Future[None]:
-        """Run ``fn(*args)`` on a worker, in ``lane`` (or ``ticket``'s, see :meth:`promote`);
-        it counts as in flight until it returns."""
+        """Run ``fn(*args)`` on a worker (a pool built with ``workers``), in ``lane`` (or
+        ``ticket``'s); it counts as in flight until it returns."""
+        if self._executor is None:
+            raise RuntimeError("these workers have no threads: start() jobs instead")
         fut: Future[None] = self._executor.submit(lambda: fn(*args), lane, ticket)
         self._track(fut)
         return fut
-
-    def submit_after(
-        self,
-        after: list[Future[None]],
-        fn: Callable[..., None],
-        *args: object,
-        lane: Lane = Lane.WRITE,
-    ) -> Future[None]:
-        """Like :meth:`submit`, but queue the job only once every job of ``after`` finished
-        (without holding a worker meanwhile); it counts as in flight from now on."""
-        if not after:
-            return self.submit(fn, *args, lane=lane)
-        outer: Future[None] = Future()
-        self._track(outer)
-        left = [len(after)]
-        lock = threading.Lock()
-
-        def ready(_: Future[None]) -> None:
-            with lock:
-                left[0] -= 1
-                if left[0]:
-                    return
-            try:
-                inner = self._executor.submit(lambda: fn(*args), lane)
-            except RuntimeError as exc:  # closed meanwhile
-                outer.set_exception(exc)
-                return
-            inner.add_done_callback(lambda f: _settle(f, outer))
-
-        for dep in after:
-            dep.add_done_callback(ready)
-        return outer
 
     def start(
         self, fn: Callable[..., None], *args: object, after: Sequence[Future[None]] = ()
@@ -149,10 +120,6 @@ class EngineWorkers:
 
         when_all(after, go)
         return job
-
-    def promote(self, ticket: LaneTicket) -> int:
-        """Move the jobs queued with ``ticket`` to the read lane (set ``ticket.lane`` first)."""
-        return self._executor.promote(ticket)
 
     def _track(self, fut: Future[None]) -> None:
         with self._futures_lock:
@@ -221,19 +188,8 @@ class EngineWorkers:
         if self._closed:
             return
         self._closed = True
-        self._executor.shutdown(wait=True, cancel_futures=False)
-
-
-def _settle(inner: Future[None], outer: Future[None]) -> None:
-    """Give ``outer`` the outcome of ``inner``."""
-    if inner.cancelled():
-        outer.cancel()
-        return
-    exc = inner.exception()
-    if exc is not None:
-        outer.set_exception(exc)
-    else:
-        outer.set_result(None)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=False)
 
 
 def finish(job: Future[None]) -> None:

@@ -23,19 +23,19 @@ and only then may the caller release the buffers it handed over.
 
 from __future__ import annotations
 
+import functools
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from hicache.config import TierSettings
 from hicache.errors import BackendUnavailableError
 from hicache.storage.backend import Backend, BackendContext, PageBuffers, PageStatus
 from hicache.tiering.admission import AdmissionPolicy, make_admission
 from hicache.tiering.breaker import CircuitBreaker
-from hicache.tiering.calls import CallOutcome, FailureKind, RetryPolicy, TierCaller
+from hicache.tiering.calls import CallOutcome, FailureKind, RetryPolicy, TierCaller, wait_result
 from hicache.tiering.inflight import InflightGate
 from hicache.tiering.lanes import Lane, LaneTicket, default_io_threads
 from hicache.tiering.opening import TierOpener
@@ -47,8 +47,6 @@ if TYPE_CHECKING:
 __all__ = ["Tier", "TierRange", "Tiers"]
 
 logger = logging.getLogger(__name__)
-
-R = TypeVar("R")
 
 #: The medium of a store reached over the network: its calls mostly wait, so more threads.
 _REMOTE_MEDIUM = "EXTERNAL"
@@ -170,7 +168,8 @@ class Tier:
         if here:
             started = time.perf_counter()
             return self._found(keys, started, self.caller.call_here(self._exists_fn(keys)))
-        return _wait(lambda done: self.start_exists(keys, done))
+        found: int = wait_result(functools.partial(self.start_exists, keys))
+        return found
 
     def start_exists(self, keys: Sequence[str], on_found: Callable[[int], None]) -> None:
         """:meth:`exists_prefix` off this thread: ``on_found`` gets the answer (on a tier
@@ -213,7 +212,7 @@ class Tier:
         on_return: Callable[[], None] | None = None,
     ) -> list[PageStatus]:
         """Read ``keys`` into ``dsts`` and wait (see :meth:`start_get`)."""
-        return _wait(lambda done: self.start_get(keys, dsts, done, on_return=on_return))
+        return wait_result(functools.partial(self.start_get, keys, dsts, on_return=on_return))
 
     def start_get(
         self,
@@ -267,9 +266,9 @@ class Tier:
         on_late: Callable[[list[PageStatus]], None] | None = None,
     ) -> list[PageStatus]:
         """Store ``srcs`` under ``keys`` and wait (see :meth:`start_put`)."""
-        return _wait(
-            lambda done: self.start_put(
-                keys, srcs, done, on_return=on_return, ticket=ticket, on_late=on_late
+        return wait_result(
+            functools.partial(
+                self.start_put, keys, srcs, on_return=on_return, ticket=ticket, on_late=on_late
             )
         )
 
@@ -319,7 +318,7 @@ class Tier:
 
     def take_evicted(self) -> list[str]:
         """Keys the backend dropped on its own and wait (see :meth:`start_take_evicted`)."""
-        return _wait(self.start_take_evicted)
+        return wait_result(self.start_take_evicted)
 
     def start_take_evicted(self, on_keys: Callable[[list[str]], None]) -> None:
         """``on_keys`` gets the keys the backend dropped on its own; ``[]`` when the call fails
@@ -338,7 +337,9 @@ class Tier:
                 self.stats.add(evicted_pages=len(out.value))
             on_keys(out.value)
 
-        self.caller.start(self.backend.take_evicted, on_done=done, use_breaker=False, lane=Lane.READ)
+        self.caller.start(
+            self.backend.take_evicted, on_done=done, use_breaker=False, lane=Lane.READ
+        )
 
     def snapshot(self) -> dict[str, Any]:
         """Counters, failures by kind, breaker, in-flight gate, admission and whether the tier is
@@ -512,7 +513,7 @@ class Tiers:
         tier whose breaker is open (or whose call fails) finds nothing: the next one is asked.
         ``here``: on the calling thread (only when :meth:`lookups_here`).
         """
-        return _wait(lambda done: self.start_lookup(keys, done, here=here))
+        return wait_result(functools.partial(self.start_lookup, keys, here=here))
 
     def start_lookup(
         self,
@@ -536,7 +537,7 @@ class Tiers:
                 if here:
                     found(t, pos, t.exists_prefix(keys[pos:], here=True))
                 else:
-                    t.start_exists(keys[pos:], lambda n, t=t: found(t, pos, n))
+                    t.start_exists(keys[pos:], functools.partial(found, t, pos))
                 return
             on_ranges(ranges)
 
@@ -569,18 +570,3 @@ class Tiers:
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per-tier counters as plain data."""
         return {t.name: t.snapshot() for t in self.tiers}
-
-
-def _wait(start: Callable[[Callable[[R], None]], None]) -> R:
-    """Run an asynchronous tier method (``start(done)``) and wait for what it hands ``done``:
-    for threads with nothing else to do meanwhile (tools, tests)."""
-    box: list[R] = []
-    ready = threading.Event()
-
-    def done(value: R) -> None:
-        box.append(value)
-        ready.set()
-
-    start(done)
-    ready.wait()
-    return box[0]
