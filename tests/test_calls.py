@@ -282,3 +282,118 @@ def test_threads_are_started_on_demand_up_to_the_bound() -> None:
             t.join(LONG)
         c.close(wait=True)
     assert len(results) == 5 and c.running == 0
+
+
+class Outcomes:
+    """An on_done callback that records each outcome and the thread it came on."""
+
+    def __init__(self) -> None:
+        self.got: list[object] = []
+        self.threads: list[str] = []
+        self.event = threading.Event()
+
+    def __call__(self, out: object) -> None:
+        self.got.append(out)
+        self.threads.append(threading.current_thread().name)
+        self.event.set()
+
+
+def test_start_reports_once_on_the_tier_thread_after_on_return() -> None:
+    c = TierCaller("t", deadline_s=LONG, threads=2)
+    order: list[str] = []
+    outcomes = Outcomes()
+
+    def done(out: object) -> None:
+        order.append("done")
+        outcomes(out)
+
+    try:
+        c.start(lambda: 7, done, on_return=lambda: order.append("return"), lane=Lane.READ)
+        assert outcomes.event.wait(LONG)
+        c.close(wait=True)
+        [out] = outcomes.got
+        assert getattr(out, "value", None) == 7
+        # the holds go before anyone learns the outcome; no thread waited in between
+        assert order == ["return", "done"]
+        assert outcomes.threads[0].startswith("hicache-tier-t")
+    finally:
+        c.close(wait=True)
+
+
+def test_start_times_out_once_and_hands_the_late_value_on() -> None:
+    c = TierCaller("t", deadline_s=SHORT, threads=1)
+    release = threading.Event()
+    outcomes = Outcomes()
+    late: list[str] = []
+    done = Returns()
+
+    def hung() -> str:
+        release.wait()
+        return "late"
+
+    try:
+        c.start(hung, outcomes, on_return=done, on_late=late.append)
+        assert outcomes.event.wait(LONG)  # the watchdog told us at the deadline
+        [out] = outcomes.got
+        assert getattr(out, "failure", None) is FailureKind.TIMEOUT
+        assert outcomes.threads[0].endswith("-deadlines")
+        assert done.count == 0 and c.running == 1  # still running: holds must stay
+        release.set()
+        assert done.event.wait(LONG)
+        assert late == ["late"] and done.count == 1
+        assert len(outcomes.got) == 1  # the late end reported nothing more
+        assert c.failures.as_dict()["late_returns"] == 1
+    finally:
+        release.set()
+        c.close(wait=True)
+
+
+def test_start_refused_reports_on_the_calling_thread() -> None:
+    c = TierCaller("t", deadline_s=LONG)
+    c.close(wait=True)
+    outcomes, done = Outcomes(), Returns()
+    c.start(lambda: 1, outcomes, on_return=done)
+    assert getattr(outcomes.got[0], "failure", None) is FailureKind.CLOSED
+    assert outcomes.threads == [threading.current_thread().name] and done.count == 1
+
+
+def test_calls_that_end_in_time_leave_no_deadline_behind() -> None:
+    """A call that ended is forgotten by the watchdog at once (no queue of finished calls and
+    their buffers kept until their deadlines)."""
+    c = TierCaller("t", deadline_s=LONG, threads=2)
+    try:
+        for _ in range(50):
+            assert c.call(lambda: 1, lane=Lane.READ).ok
+        # ``call`` returned: the outcome was reported, so the deadline was already dropped
+        assert all(not q for q in c._watchdog._queues.values())
+    finally:
+        c.close(wait=True)
+
+
+def test_deadlines_of_different_budgets_expire_in_their_order() -> None:
+    c = TierCaller("t", deadline_s=LONG, threads=4)
+    release = threading.Event()
+    expired: list[float] = []
+    lock = threading.Lock()
+    all_done = threading.Semaphore(0)
+
+    def record(budget: float) -> Callable[[object], None]:
+        def done(out: object) -> None:
+            assert getattr(out, "failure", None) is FailureKind.TIMEOUT
+            with lock:
+                expired.append(budget)
+            all_done.release()
+
+        return done
+
+    try:
+        # a long budget first: the watchdog sleeps until it, and must wake early for the short
+        c.start(release.wait, record(LONG / 10), deadline_s=LONG / 10, lane=Lane.READ)
+        c.start(release.wait, record(SHORT), deadline_s=SHORT, lane=Lane.READ)
+        assert all_done.acquire(timeout=LONG)
+        assert expired == [SHORT]
+        assert all_done.acquire(timeout=LONG)
+        assert expired == [SHORT, LONG / 10]
+    finally:
+        release.set()
+        c.close(wait=True)

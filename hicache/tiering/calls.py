@@ -1,23 +1,33 @@
 """Backend calls with a deadline, retries with backoff and a circuit breaker (no torch).
 
 - ``TierCaller(name, deadline_s=..., threads=..., breaker=..., retry=...)``  one per tier
-- ``caller.call(fn, on_return=..., lane=...)``  run ``fn()`` on the tier's own threads, wait at
-  most the deadline, return a :class:`CallOutcome` (value or failure kind), never raise; reads
-  (``Lane.READ``) go ahead of queued writes (:mod:`hicache.tiering.lanes`)
+- ``caller.start(fn, on_done, on_return=..., lane=...)``  run ``fn()`` on the tier's own
+  threads; ``on_done`` gets a :class:`CallOutcome` (value or failure kind) once, when ``fn``
+  returned or the deadline passed, whichever came first; never raises. Reads (``Lane.READ``)
+  go ahead of queued writes (:mod:`hicache.tiering.lanes`)
+- ``caller.call(fn, ...)``  the same, waiting for the outcome (``wait_result``)
 - ``failure_kind(exc)``  the :class:`FailureKind` of an exception
 - ``RetryPolicy``    how often and how long to back off before retrying a retryable failure
 
-Why a thread per call in flight: a backend call is synchronous and may block far past any
-reasonable time (a hung NFS mount, a black-holed endpoint). The caller stops *waiting* at the
-deadline and counts a failure; the call itself keeps running on its thread. Whatever the call
-uses (host pages it reads or writes, bytes counted in flight) must stay reserved until it really
-returns, so the caller passes ``on_return``: it runs exactly once, on the worker thread, when
-the call finished (after all retries), or right away when the call never started (breaker open,
-caller closed, cancelled while queued). Release holds there, not after ``call`` returns.
+Why threads of its own: a backend call is synchronous and may block far past any reasonable
+time (a hung NFS mount, a black-holed endpoint). The caller stops *waiting* at the deadline and
+counts a failure; the call itself keeps running on its thread. Whatever the call uses (host
+pages it reads or writes, bytes counted in flight) must stay reserved until it really returns,
+so the caller passes ``on_return``: it runs exactly once, on the worker thread, when the call
+finished (after all retries; before ``on_done``, so whoever sees the outcome finds the buffers
+released), or right away when the call never started (breaker open, caller closed, cancelled
+while queued). Release holds there, not in ``on_done``.
 
-A call the caller stopped waiting for may still succeed: its value is not lost but handed to
+Why ``start`` and not a thread waiting for each call: the storage engine continues each job
+(the next tier of a cascade, the report to the cache) in ``on_done``, on the thread that ran the
+call, so a read goes cache thread -> tier thread -> cache thread, with no thread in between
+that only waits (on a small machine each such hand-off costs a wake-up under the GIL). The
+deadlines are kept by one watchdog thread per caller (``_Watchdog``), asleep until the earliest
+deadline of a call in flight: a call that ends in time costs it nothing but a queue entry.
+
+A call whose deadline passed first may still succeed: its value is not lost but handed to
 ``on_late`` (on the worker thread, before ``on_return``), so a put the tier did store after all
-can still be announced. The caller has already returned its ``TIMEOUT`` outcome by then.
+can still be announced. ``on_done`` had its ``TIMEOUT`` outcome by then.
 
 Retries: only whole-call errors that say "try again"
 (:class:`~hicache.errors.BackendUnavailableError`) are retried, on the worker thread, with

@@ -1,4 +1,4 @@
-"""Storage I/O off the serving thread: publish batches and prefetch reads on worker threads.
+"""Storage I/O off the serving thread: publish batches and prefetch reads on the tiers' threads.
 
 - ``begin_publish()`` / ``publish(group, pages)`` / ``end_publish(group)``  hand the fragments of
   one write-through ack to every publishing tier, in prefix order: one put call per tier for
@@ -20,12 +20,12 @@
 Rules the cache relies on:
 
 - **Reads first** (:mod:`hicache.tiering.lanes`): lookups and prefetch reads go ahead of queued
-  puts on the engine's workers and on each tier's threads, and puts never take the last
+  puts on each tier's threads, and puts never take the last
   thread. A lookup waits for the puts still carrying its own pages (promoted ahead of the
-  others), so what it finds does not depend on how busy the workers are; with every tier
+  others), so what it finds does not depend on how busy the tiers are; with every tier
   answering lookups from memory it runs on the caller's thread.
 
-- **Holds per page**: every host page a worker reads or writes carries one hold per job from
+- **Holds per page**: every host page a backend call reads or writes carries one hold per job from
   submit until the backend call really returned (:class:`~hicache.tiering.calls.TierCaller`'s
   ``on_return``), so evicting or splitting a node meanwhile cannot free the page under a
   worker, even when the engine stopped waiting for a hung call at its deadline. The cache frees
@@ -47,10 +47,12 @@ Rules the cache relies on:
 - **Promotion** (opt-in, ``TierSettings.promote`` on the tier a page was found in): prefetched
   pages are published to the earlier publishing tiers only, never back to their source tier.
 
-All methods except the worker bodies run on the cache's thread.
+All methods run on the cache's thread; the jobs continue in their tier calls' callbacks, on the
+tiers' threads, and report to ``poll`` (:class:`~hicache.tiering.engine_workers.EngineWorkers`).
+The engine has no threads of its own: a read goes cache thread -> tier thread -> cache thread.
 
 Where it lives: the engine composes what it owns. The publish side and ``poll`` (completion,
-announcements, promotion, tier evictions) are here; it owns its worker pool and the holds on
+announcements, promotion, tier evictions) are here; it owns its jobs and the holds on
 host pages (:class:`~hicache.tiering.engine_workers.EngineWorkers`), its put calls
 (:class:`~hicache.tiering.engine_puts.PutCalls`), its prefetch jobs
 (:class:`~hicache.tiering.engine_prefetch.PrefetchJobs`, whose methods it offers as its own) and
@@ -110,7 +112,7 @@ logger = logging.getLogger(__name__)
 
 
 class StorageEngine:
-    """A small worker pool between one cache and its tiers (see the module docstring)."""
+    """Storage jobs between one cache and its tiers (see the module docstring)."""
 
     def __init__(
         self,
@@ -299,7 +301,7 @@ class StorageEngine:
         self.send_unsent()
 
     def send_unsent(self) -> None:
-        """Hand every publish not sent yet to the workers (one put call per tier)."""
+        """Hand every publish not sent yet to its tier (one put call per tier)."""
         self.puts.send_all()
 
     def throttle_publishes(self) -> int:
@@ -436,10 +438,10 @@ class StorageEngine:
         pages looked up: a page
         whose put is still on its way would be a miss now and a hit a moment later, so the
         lookup waits for those puts (moved ahead of the other publishes), and the hits do not
-        depend on how busy the workers are.
+        depend on how busy the tiers are.
         """
         after = self.puts.before_lookup(keys)
-        # a lookup every tier answers from memory costs less than the hand-off to a worker
+        # a lookup every tier answers from memory costs less than the hand-off to a tier thread
         here = host_pages is None and not after and self.tiers.lookups_here()
         return self.prefetch_jobs.submit_prefetch(
             keys,
@@ -480,7 +482,7 @@ class StorageEngine:
         """Prefetches counted per :class:`PrefetchOutcome` value."""
         return self.prefetch_jobs.prefetch_outcomes
 
-    # ------------------------------------------------------------------ workers (owned)
+    # ------------------------------------------------------------------ jobs (owned)
 
     def in_flight(self) -> int:
         """See :meth:`EngineWorkers.in_flight`."""

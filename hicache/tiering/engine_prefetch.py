@@ -1,7 +1,7 @@
 """The prefetch jobs a :class:`~hicache.tiering.engine.StorageEngine` owns (no torch).
 
 - ``submit_prefetch(keys, None, token_ids=...)``  look a chain up through the tier cascade on a
-  worker; with host pages given at once, lookup and read run as one job
+  tier's thread; with host pages given at once, lookup and read run as one job
 - ``start_read(ticket, host_pages)`` / ``cancel_prefetch(ticket)``   continue after the lookup
   with host pages for what the tiers hold, or forget it
 - ``prefetch_progress(ticket)`` / ``abandon_prefetch(ticket)`` / ``wait_prefetch(ticket)``
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 
 class PrefetchJobs:
-    """Prefetch lookups and reads on the engine's workers (module docstring)."""
+    """Prefetch lookups and reads, chained through the tiers' calls (module docstring)."""
 
     def __init__(self, tiers: Tiers, workers: EngineWorkers) -> None:
         self.tiers = tiers
@@ -199,7 +199,8 @@ class PrefetchJobs:
 
     def abandon_prefetch(self, ticket: int) -> None:
         """The cache stopped waiting for ``ticket``: its result will be dropped (no promotion);
-        its pages stay held until the workers return (free them with ``free_when_released``)."""
+        its pages stay held until its backend calls return (free them with
+        ``free_when_released``)."""
         job = self._prefetch_jobs.get(ticket)
         if job is not None:
             job.abandoned = True

@@ -1,13 +1,19 @@
-"""The worker pool a :class:`~hicache.tiering.engine.StorageEngine` owns (no torch).
+"""The jobs of a :class:`~hicache.tiering.engine.StorageEngine` and their holds (no torch).
 
-- ``submit(fn, *args, lane=...)``  run a job on a worker thread; it counts as in flight until
-                           it returns; ``Lane.READ`` jobs (lookups, prefetch reads) go ahead of
-                           queued ``Lane.WRITE`` ones (publishes, housekeeping)
+- ``start(fn, *args, after=...)``  a job: ``fn(job, *args)`` starts asynchronous tier calls
+                           (:meth:`TierCaller.start <hicache.tiering.calls.TierCaller.start>`)
+                           and continues in their callbacks, on the tiers' threads, until it
+                           calls ``finish(job)``; it counts as in flight until then, and starts
+                           once the jobs ``after`` finished (``when_all``)
+- ``submit(fn, *args, lane=...)``  with ``workers`` threads (the vLLM connector's loads and
+                           stores, which make blocking tier calls): run a job on a worker;
+                           ``Lane.READ`` jobs go ahead of queued ``Lane.WRITE`` ones
 - ``hold(pages, ...)``     holds on the host pages of one job (and bytes of an in-flight gate),
-                           released at the last ``drop``: a page under a worker is never freed
-- ``report(item)`` / ``take_reports()``   a worker reports what it finished; the engine's
-                           ``poll`` takes the reports on the cache's thread, in order
-- ``in_flight()`` / ``holds_outstanding()``   jobs still running / sets of holds still out
+                           released at the last ``drop``: a page under a backend call is never
+                           freed
+- ``report(item)`` / ``take_reports()``   a job reports what it finished (any thread); the
+                           engine's ``poll`` takes the reports on the cache's thread, in order
+- ``in_flight()`` / ``holds_outstanding()``   jobs not finished / sets of holds still out
 - ``wait_idle()``          block until nothing is in flight and every hold is released
 - ``close()``              wait for the workers and stop them
 """
@@ -72,7 +78,8 @@ class _Holds:
 
 
 class EngineWorkers:
-    """A thread pool whose jobs hold host pages and report on a queue (module docstring)."""
+    """Jobs that hold host pages and report on a queue, optionally on a thread pool of their
+    own (module docstring)."""
 
     def __init__(self, host_pool: HostPages, *, workers: int | None = None) -> None:
         self.host_pool = host_pool

@@ -14,11 +14,14 @@ call, retries with backoff for retryable errors and a circuit breaker
 (:mod:`~hicache.tiering.admission`), counters (:class:`~hicache.tiering.stats.TierCounters`)
 and its opening within the deadline at start-up (:class:`~hicache.tiering.opening.TierOpener`).
 
-Every ``Tier`` data method is synchronous, meant for the I/O workers of
-:mod:`hicache.tiering.engine`, and never raises because of the backend: a failed, refused or
-late call turns into misses or ``FAILED`` statuses, counted on the tier. A method that gives up
-waiting leaves the call running; its ``on_return`` callback fires when the call really returned,
-and only then may the caller release the buffers it handed over.
+Every ``Tier`` data method comes twice: ``start_exists`` / ``start_get`` / ``start_put`` /
+``start_take_evicted`` (and ``Tiers.start_lookup``, the cascade) hand their result to a callback
+on the tier's thread, for the storage engine, which continues its jobs there; ``exists_prefix``
+/ ``get_into`` / ``put`` / ``take_evicted`` / ``lookup`` wait for it (tools, tests, the vLLM
+connector's workers). None raises because of the backend: a failed, refused or late call turns
+into misses or ``FAILED`` statuses, counted on the tier. A call given up at its deadline keeps
+running; its ``on_return`` callback fires when the call really returned, and only then may the
+caller release the buffers it handed over.
 """
 
 from __future__ import annotations
