@@ -146,6 +146,7 @@ class HiRadixCache(RadixCache):
         events: bool = True,
         max_queued_events: int | None = None,
         lora_id: int | None = None,
+        io_workers: int | None = None,
         event_publisher: EventPublisher | None = None,
     ) -> None:
         self.identity = identity or ModelIdentity("default")
@@ -183,7 +184,7 @@ class HiRadixCache(RadixCache):
         if tiers is not None and len(tiers):
             tiers.open()
             self.storage = StorageEngine(
-                tiers, host_pool, page_size=self.page_size, lora_id=lora_id
+                tiers, host_pool, page_size=self.page_size, lora_id=lora_id, workers=io_workers
             )
             self.prefetches = Prefetches(self.storage, self.prefetch_rules, self.rank_sync)
         #: Nodes whose pages a tier's admission refused, with those tiers (second_hit).

@@ -291,6 +291,7 @@ class HiRadixMachine(RuleBasedStateMachine):
             write_policy=WritePolicy.MANUAL,
             prefetch_threshold_tokens=PS,
             gpu_events=True,
+            io_workers=2,
         )
         assert self.cache.storage is not None
         self.cache.storage.evict_poll_interval_s = 0.0  # learn the tiers' evictions at every poll

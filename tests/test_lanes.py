@@ -16,10 +16,11 @@ import torch
 
 from hicache.config import TierSettings, load_config
 from hicache.errors import ConfigError
-from hicache.pools import KVLayout
+from hicache.pools import HostPool, KVLayout
 from hicache.storage.backend import Capabilities
 from hicache.testing.backends import faulty_memory, memory_backend
 from hicache.testing.wait import WAIT_S, wait_for
+from hicache.tiering.engine import StorageEngine
 from hicache.tiering.lanes import Lane, LanedPool, default_io_threads
 from hicache.tiering.tiers import Tier, Tiers
 
@@ -143,6 +144,13 @@ def test_tiers_and_engine_get_the_default_thread_counts() -> None:
     assert tiers["local"].caller.threads == default_io_threads(remote=False)
     assert tiers["remote"].caller.threads == default_io_threads(remote=True)
     assert tiers["given"].caller.threads == 3
+    host = HostPool(LAYOUT, 4, pin=False)
+    engine = StorageEngine(tiers, host, page_size=PS)
+    total = sum(t.caller.threads for t in tiers)
+    assert engine.workers._executor.threads == max(2, min(total, 32))
+    engine.close()
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+        StorageEngine(tiers, host, page_size=PS, workers=0)
     tiers.close()
 
 

@@ -97,7 +97,7 @@ def test_announcements_follow_fragment_order_not_completion_order() -> None:
     tiers.open()
     host = HostPool(LAYOUT, 8, pin=False)
     assert host.alloc(4) == [0, 1, 2, 3]
-    engine = StorageEngine(tiers, host, page_size=2)
+    engine = StorageEngine(tiers, host, page_size=2, workers=4)
     release = disk.hang([FaultOp.PUT], keys=[key(1)])  # the head fragment's put hangs
     group = engine.begin_publish()
     engine.publish(group, pages_for(host, [1, 2], 0))

@@ -1,33 +1,23 @@
 """Backend calls with a deadline, retries with backoff and a circuit breaker (no torch).
 
 - ``TierCaller(name, deadline_s=..., threads=..., breaker=..., retry=...)``  one per tier
-- ``caller.start(fn, on_done, on_return=..., lane=...)``  run ``fn()`` on the tier's own
-  threads; ``on_done`` gets a :class:`CallOutcome` (value or failure kind) once, when ``fn``
-  returned or the deadline passed, whichever came first; never raises. Reads (``Lane.READ``)
-  go ahead of queued writes (:mod:`hicache.tiering.lanes`)
-- ``caller.call(fn, ...)``  the same, waiting for the outcome (``wait_result``)
+- ``caller.call(fn, on_return=..., lane=...)``  run ``fn()`` on the tier's own threads, wait at
+  most the deadline, return a :class:`CallOutcome` (value or failure kind), never raise; reads
+  (``Lane.READ``) go ahead of queued writes (:mod:`hicache.tiering.lanes`)
 - ``failure_kind(exc)``  the :class:`FailureKind` of an exception
 - ``RetryPolicy``    how often and how long to back off before retrying a retryable failure
 
-Why threads of its own: a backend call is synchronous and may block far past any reasonable
-time (a hung NFS mount, a black-holed endpoint). The caller stops *waiting* at the deadline and
-counts a failure; the call itself keeps running on its thread. Whatever the call uses (host
-pages it reads or writes, bytes counted in flight) must stay reserved until it really returns,
-so the caller passes ``on_return``: it runs exactly once, on the worker thread, when the call
-finished (after all retries; before ``on_done``, so whoever sees the outcome finds the buffers
-released), or right away when the call never started (breaker open, caller closed, cancelled
-while queued). Release holds there, not in ``on_done``.
+Why a thread per call in flight: a backend call is synchronous and may block far past any
+reasonable time (a hung NFS mount, a black-holed endpoint). The caller stops *waiting* at the
+deadline and counts a failure; the call itself keeps running on its thread. Whatever the call
+uses (host pages it reads or writes, bytes counted in flight) must stay reserved until it really
+returns, so the caller passes ``on_return``: it runs exactly once, on the worker thread, when
+the call finished (after all retries), or right away when the call never started (breaker open,
+caller closed, cancelled while queued). Release holds there, not after ``call`` returns.
 
-Why ``start`` and not a thread waiting for each call: the storage engine continues each job
-(the next tier of a cascade, the report to the cache) in ``on_done``, on the thread that ran the
-call, so a read goes cache thread -> tier thread -> cache thread, with no thread in between
-that only waits (on a small machine each such hand-off costs a wake-up under the GIL). The
-deadlines are kept by one watchdog thread per caller (``_Watchdog``), asleep until the earliest
-deadline of a call in flight: a call that ends in time costs it nothing but a queue entry.
-
-A call whose deadline passed first may still succeed: its value is not lost but handed to
+A call the caller stopped waiting for may still succeed: its value is not lost but handed to
 ``on_late`` (on the worker thread, before ``on_return``), so a put the tier did store after all
-can still be announced. ``on_done`` had its ``TIMEOUT`` outcome by then.
+can still be announced. The caller has already returned its ``TIMEOUT`` outcome by then.
 
 Retries: only whole-call errors that say "try again"
 (:class:`~hicache.errors.BackendUnavailableError`) are retried, on the worker thread, with
@@ -43,13 +33,12 @@ not counted as failures of the tier.
 from __future__ import annotations
 
 import enum
-import functools
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -70,13 +59,11 @@ __all__ = [
     "RetryPolicy",
     "TierCaller",
     "failure_kind",
-    "wait_result",
 ]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-R = TypeVar("R")
 
 
 class FailureKind(enum.StrEnum):
@@ -192,179 +179,34 @@ class FailureCounts:
             }
 
 
-class _Call(Generic[T]):
-    """One call in flight. Whichever comes first, its end (on a tier thread) or its deadline
-    (on the watchdog), settles it under one lock: the outcome goes to ``on_done`` exactly once.
-    A value that comes after the deadline goes to ``on_late`` instead; ``on_return`` runs once,
-    when the call really ended (or was cancelled while queued)."""
+class _LateValue(Generic[T]):
+    """Whether the caller gave up on a call, decided against the call's own end under one lock,
+    so a value that comes after the deadline reaches ``on_late`` exactly once, or the caller
+    learns that the call ended before it gave up."""
 
-    __slots__ = (
-        "attempts",
-        "breaker",
-        "future",
-        "lock",
-        "on_done",
-        "on_late",
-        "on_return",
-        "owner",
-        "queue",
-        "settled",
-    )
+    __slots__ = ("_ended", "_lock", "gave_up", "on_late")
 
-    def __init__(
-        self,
-        owner: TierCaller,
-        attempts: _Attempts[T],
-        breaker: CircuitBreaker | None,
-        on_done: Callable[[CallOutcome[T]], None],
-        on_return: Callable[[], None] | None,
-        on_late: Callable[[T], None] | None,
-    ) -> None:
-        self.owner = owner
-        self.attempts = attempts
-        self.breaker = breaker
-        self.on_done = on_done
-        self.on_return = on_return
-        self.on_late = on_late
-        self.lock = threading.Lock()
-        self.settled = False
-        self.future: Future[T] | None = None
-        #: The watchdog's queue this call waits in (set by ``_Watchdog.add``).
-        self.queue: dict[_Call[Any], float] | None = None
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ended = False
+        self.gave_up = False
+        self.on_late: Callable[[T], None] | None = None
 
-    def _settle(self) -> bool:
-        """Whether this is the first of end and deadline (the one that reports)."""
-        with self.lock:
-            first = not self.settled
-            self.settled = True
-            return first
+    def give_up(self, on_late: Callable[[T], None] | None) -> bool:
+        """The caller stops waiting: ``False`` when the call already ended (the caller then
+        delivers its value itself)."""
+        with self._lock:
+            if self._ended:
+                return False
+            self.gave_up = True
+            self.on_late = on_late
+            return True
 
-    def ended(self, future: Future[T]) -> None:
-        """The call's worker is done with it, or it was cancelled while queued."""
-        owner = self.owner
-        if self._settle():
-            owner._watchdog.discard(self)
-            if future.cancelled():  # close() cancelled it while queued
-                out = owner._failed(FailureKind.CLOSED, CancelledError(), 0, self.breaker)
-            elif (exc := future.exception()) is not None:
-                out = owner._failed(failure_kind(exc), exc, self.attempts.attempts, self.breaker)
-            else:
-                if self.breaker is not None:
-                    self.breaker.record_success()
-                out = CallOutcome(value=future.result(), attempts=self.attempts.attempts)
-            # holds first: whoever sees the outcome finds the buffers free of this call
-            owner._finished(self.on_return)
-            owner._report(self.on_done, out)
-            return
-        # past the deadline: the caller was told TIMEOUT already
-        if not future.cancelled():
-            owner.failures.bump("late_returns")
-            if self.on_late is not None and future.exception() is None:
-                try:
-                    self.on_late(future.result())
-                except Exception:  # a late handler that fails must not kill the worker
-                    logger.exception("tier %s: on_late callback failed", owner.name)
-        owner._finished(self.on_return)
-
-    def expired(self) -> None:
-        """The deadline passed (on the watchdog): report ``TIMEOUT`` unless the call ended."""
-        if not self._settle():
-            return
-        self.attempts.gave_up = True  # further retries would help nobody
-        future = self.future
-        if future is not None and future.cancel():
-            # still queued behind hung calls: it will never run (ended() released it just now)
-            logger.debug("tier %s: call cancelled while queued", self.owner.name)
-        out = self.owner._failed(FailureKind.TIMEOUT, None, self.attempts.attempts, self.breaker)
-        self.owner._report(self.on_done, out)
-
-
-class _Watchdog:
-    """One thread per caller that expires calls at their deadlines.
-
-    The calls in flight wait in one queue per budget (seconds to their deadline), so each
-    queue is in deadline order and a call that ends in time just leaves its queue: nothing of
-    it stays behind. The thread sleeps until the earliest deadline it knows of, and at least
-    one budget while nothing is in flight, so a call that ends in time costs no wake-up."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._cv = threading.Condition(threading.Lock())
-        #: budget -> {call: deadline}, in deadline order
-        self._queues: dict[float, dict[_Call[Any], float]] = {}
-        self._wake_at = math.inf
-        self._thread: threading.Thread | None = None
-        self._closed = False
-
-    def add(self, budget: float, call: _Call[Any]) -> None:
-        """Expire ``call`` ``budget`` seconds from now unless it settled by then."""
-        with self._cv:
-            due = time.monotonic() + budget
-            queue = self._queues.get(budget)
-            if queue is None:
-                queue = self._queues[budget] = {}
-            queue[call] = due
-            call.queue = queue
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name=f"{self._name}-deadlines", daemon=True
-                )
-                self._thread.start()
-            elif due < self._wake_at:  # earlier than the thread sleeps until
-                self._cv.notify()
-
-    def discard(self, call: _Call[Any]) -> None:
-        """``call`` ended in time: forget its deadline."""
-        queue = call.queue
-        if queue is not None:
-            with self._cv:
-                queue.pop(call, None)
-
-    def close(self) -> None:
-        """Let the thread end once no call is left to expire."""
-        with self._cv:
-            self._closed = True
-            self._cv.notify()
-
-    def _due(self) -> list[_Call[Any]]:
-        """Wait until some deadline passed; the calls due (empty: closed, nothing left)."""
-        with self._cv:
-            while True:
-                now = time.monotonic()
-                due: list[_Call[Any]] = []
-                earliest = math.inf
-                for queue in self._queues.values():
-                    passed: list[_Call[Any]] = []
-                    for call, at in queue.items():
-                        if at > now:
-                            earliest = min(earliest, at)
-                            break
-                        passed.append(call)
-                    for call in passed:
-                        del queue[call]
-                    due += passed
-                if due:
-                    return due
-                if math.isinf(earliest):
-                    if self._closed:
-                        self._thread = None
-                        return []
-                    # nothing in flight: sleep one budget, so the next call wakes nobody
-                    earliest = now + min(self._queues, default=1.0)
-                self._wake_at = earliest
-                self._cv.wait(earliest - now)
-                self._wake_at = math.inf
-
-    def _run(self) -> None:
-        while True:
-            due = self._due()
-            if not due:
-                return
-            for call in due:
-                try:
-                    call.expired()
-                except Exception:  # a failing report must not stop the deadlines of others
-                    logger.exception("tier %s: expiring a call failed", self._name)
+    def end(self) -> bool:
+        """The call ended (on its worker): whether the caller had given up on it."""
+        with self._lock:
+            self._ended = True
+            return self.gave_up
 
 
 class _Attempts(Generic[T]):
@@ -432,7 +274,6 @@ class TierCaller:
         self.sleep = sleep
         self.closed = False
         self._executor = LanedPool(threads, f"hicache-tier-{name}")
-        self._watchdog = _Watchdog(f"hicache-tier-{name}")
         self._running_lock = threading.Lock()
         self._running = 0
 
@@ -462,44 +303,12 @@ class TierCaller:
         ticket: LaneTicket | None = None,
         on_late: Callable[[T], None] | None = None,
     ) -> CallOutcome[T]:
-        """:meth:`start` the call and wait for its outcome (at most the deadline); never raise.
+        """Run ``fn()`` with retries; wait at most the deadline; never raise.
 
-        For a thread that has nothing else to do meanwhile (tools, tests, opening a tier): the
-        engine starts its calls and goes on."""
-        return wait_result(
-            functools.partial(
-                self.start,
-                fn,
-                on_return=on_return,
-                deadline_s=deadline_s,
-                use_breaker=use_breaker,
-                lane=lane,
-                ticket=ticket,
-                on_late=on_late,
-            )
-        )
-
-    def start(
-        self,
-        fn: Callable[[], T],
-        on_done: Callable[[CallOutcome[T]], None],
-        *,
-        on_return: Callable[[], None] | None = None,
-        deadline_s: float | None = None,
-        use_breaker: bool = True,
-        lane: Lane = Lane.WRITE,
-        ticket: LaneTicket | None = None,
-        on_late: Callable[[T], None] | None = None,
-    ) -> None:
-        """Run ``fn()`` with retries on the tier's threads; ``on_done`` gets its outcome once,
-        when it returned or its deadline passed, whichever came first; never raise.
-
-        ``on_done`` runs on the tier thread that ran ``fn`` (on the deadline's thread for a
-        ``TIMEOUT``, on this thread for a call refused at once): keep it short, it must not
-        block. ``on_return`` runs exactly once, when ``fn`` is really done (or will never run),
-        before ``on_done`` unless the deadline came first. A value ``fn`` returns after the
-        deadline went by goes to ``on_late`` (once, before ``on_return``, on a worker thread).
-        With ``use_breaker=False`` the breaker is neither asked nor told (housekeeping calls).
+        ``on_return`` runs exactly once, when ``fn`` is really done (or will never run). A value
+        ``fn`` returns after the deadline went by goes to ``on_late`` (once, before
+        ``on_return``, on a worker thread). With
+        ``use_breaker=False`` the breaker is neither asked nor told (housekeeping calls).
         ``lane=Lane.READ`` (lookups, reads a request waits for) goes ahead of queued writes;
         a ``ticket`` lets :meth:`promote` move the call there while it is queued.
         """
@@ -508,27 +317,37 @@ class TierCaller:
             kind = FailureKind.CLOSED if self.closed else FailureKind.BREAKER_OPEN
             self.failures.add(kind)
             _run_callback(on_return, self.name)
-            self._report(on_done, CallOutcome(failure=kind))
-            return
+            return CallOutcome(failure=kind)
         budget = self.deadline_s if deadline_s is None else deadline_s
         attempts = _Attempts(self, fn, self.clock() + budget)
-        call = _Call(self, attempts, breaker, on_done, on_return, on_late)
         with self._running_lock:
             self._running += 1
-        # watched before it can end: a call that ends in time leaves nothing behind
-        self._watchdog.add(budget, call)
         try:
             future = self._executor.submit(attempts, lane, ticket)
-        except RuntimeError:  # shut down between the check above and here
-            first = call._settle()  # else the deadline came first and reported
-            self._watchdog.discard(call)
+        except RuntimeError as exc:  # shut down between the check above and here
             self._finished(on_return)
-            if first:
-                self.failures.add(FailureKind.CLOSED)
-                self._report(on_done, CallOutcome(failure=FailureKind.CLOSED))
-            return
-        call.future = future
-        future.add_done_callback(call.ended)
+            self.failures.add(FailureKind.CLOSED)
+            return CallOutcome(failure=FailureKind.CLOSED, error=exc)
+        late: _LateValue[T] = _LateValue()
+        future.add_done_callback(lambda f: self._ended(f, late, on_return))
+        try:
+            value = future.result(timeout=budget)
+        except FutureTimeoutError:
+            attempts.gave_up = True
+            if future.cancel():  # still queued behind hung calls: it will never run
+                logger.debug("tier %s: call cancelled while queued", self.name)
+            elif not late.give_up(on_late):
+                # it ended between the wait and here: past the deadline all the same
+                self.failures.bump("late_returns")
+                self._deliver_late(on_late, future)
+            return self._failed(FailureKind.TIMEOUT, None, attempts.attempts, breaker)
+        except CancelledError as exc:  # close() cancelled it while queued
+            return self._failed(FailureKind.CLOSED, exc, 0, breaker)
+        except Exception as exc:
+            return self._failed(failure_kind(exc), exc, attempts.attempts, breaker)
+        if breaker is not None:
+            breaker.record_success()
+        return CallOutcome(value=value, attempts=attempts.attempts)
 
     def call_here(self, fn: Callable[[], T], *, use_breaker: bool = True) -> CallOutcome[T]:
         """Run ``fn()`` on this thread, with retries and the breaker as :meth:`call`, but no
@@ -563,23 +382,37 @@ class TierCaller:
             logger.warning("tier %s: call failed: %s (%r)", self.name, kind, exc)
         return CallOutcome(failure=kind, error=exc, attempts=attempts)
 
+    def _ended(
+        self, future: Future[T], late: _LateValue[T], on_return: Callable[[], None] | None
+    ) -> None:
+        """The call's worker is done with it (any outcome)."""
+        # the late value first: whoever waits for on_return (holds) then also sees its effect
+        if late.end():
+            self.failures.bump("late_returns")
+            self._deliver_late(late.on_late, future)
+        self._finished(on_return)
+
     def _finished(self, on_return: Callable[[], None] | None) -> None:
         with self._running_lock:
             self._running -= 1
         _run_callback(on_return, self.name)
 
-    def _report(self, on_done: Callable[[CallOutcome[T]], None], out: CallOutcome[T]) -> None:
+    def _deliver_late(self, on_late: Callable[[T], None] | None, future: Future[T]) -> None:
+        """Hand the value of a call that ended after its deadline to ``on_late`` (nothing for
+        a call that raised or was cancelled)."""
+        if on_late is None or future.cancelled() or future.exception() is not None:
+            return
+        value = future.result()
         try:
-            on_done(out)
-        except Exception:  # a report that fails must not kill the worker or the watchdog
-            logger.exception("tier %s: on_done callback failed", self.name)
+            on_late(value)
+        except Exception:  # a late handler that fails must not kill the worker
+            logger.exception("tier %s: on_late callback failed", self.name)
 
     def close(self, *, wait: bool = False) -> None:
         """Refuse new calls and cancel queued ones; ``wait`` joins running ones (may block as
         long as a hung call does)."""
         self.closed = True
         self._executor.shutdown(wait=wait, cancel_futures=True)
-        self._watchdog.close()
 
 
 def _run_callback(callback: Callable[[], None] | None, name: str) -> None:
@@ -589,18 +422,3 @@ def _run_callback(callback: Callable[[], None] | None, name: str) -> None:
         callback()
     except Exception:  # a release that fails must not kill the worker or the caller
         logger.exception("tier %s: on_return callback failed", name)
-
-
-def wait_result(start: Callable[[Callable[[R], None]], None]) -> R:
-    """Call ``start(done)`` (an asynchronous call) and wait for what it hands ``done``: for a
-    thread with nothing else to do meanwhile (tools, tests, the synchronous tier methods)."""
-    box: list[R] = []
-    ready = threading.Event()
-
-    def done(value: R) -> None:
-        box.append(value)
-        ready.set()
-
-    start(done)
-    ready.wait()
-    return box[0]

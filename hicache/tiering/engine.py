@@ -1,4 +1,4 @@
-"""Storage I/O off the serving thread: publish batches and prefetch reads on the tiers' threads.
+"""Storage I/O off the serving thread: publish batches and prefetch reads on worker threads.
 
 - ``begin_publish()`` / ``publish(group, pages)`` / ``end_publish(group)``  hand the fragments of
   one write-through ack to every publishing tier, in prefix order: one put call per tier for
@@ -20,12 +20,12 @@
 Rules the cache relies on:
 
 - **Reads first** (:mod:`hicache.tiering.lanes`): lookups and prefetch reads go ahead of queued
-  puts on each tier's threads, and puts never take the last
+  puts on the engine's workers and on each tier's threads, and puts never take the last
   thread. A lookup waits for the puts still carrying its own pages (promoted ahead of the
-  others), so what it finds does not depend on how busy the tiers are; with every tier
+  others), so what it finds does not depend on how busy the workers are; with every tier
   answering lookups from memory it runs on the caller's thread.
 
-- **Holds per page**: every host page a backend call reads or writes carries one hold per job from
+- **Holds per page**: every host page a worker reads or writes carries one hold per job from
   submit until the backend call really returned (:class:`~hicache.tiering.calls.TierCaller`'s
   ``on_return``), so evicting or splitting a node meanwhile cannot free the page under a
   worker, even when the engine stopped waiting for a hung call at its deadline. The cache frees
@@ -47,12 +47,10 @@ Rules the cache relies on:
 - **Promotion** (opt-in, ``TierSettings.promote`` on the tier a page was found in): prefetched
   pages are published to the earlier publishing tiers only, never back to their source tier.
 
-All methods run on the cache's thread; the jobs continue in their tier calls' callbacks, on the
-tiers' threads, and report to ``poll`` (:class:`~hicache.tiering.engine_workers.EngineWorkers`).
-The engine has no threads of its own: a read goes cache thread -> tier thread -> cache thread.
+All methods except the worker bodies run on the cache's thread.
 
 Where it lives: the engine composes what it owns. The publish side and ``poll`` (completion,
-announcements, promotion, tier evictions) are here; it owns its jobs and the holds on
+announcements, promotion, tier evictions) are here; it owns its worker pool and the holds on
 host pages (:class:`~hicache.tiering.engine_workers.EngineWorkers`), its put calls
 (:class:`~hicache.tiering.engine_puts.PutCalls`), its prefetch jobs
 (:class:`~hicache.tiering.engine_prefetch.PrefetchJobs`, whose methods it offers as its own) and
@@ -94,7 +92,7 @@ from hicache.tiering.engine_records import (
     _PutLate,
     _PutPart,
 )
-from hicache.tiering.engine_workers import EngineWorkers, finish
+from hicache.tiering.engine_workers import EngineWorkers
 from hicache.tiering.prefetch import PrefetchOutcome
 from hicache.tiering.tiers import Tier, TierRange, Tiers
 
@@ -110,9 +108,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Upper bound of the default worker count (the workers mostly wait on tier calls).
+_MAX_WORKERS = 32
+
 
 class StorageEngine:
-    """Storage jobs between one cache and its tiers (see the module docstring)."""
+    """A small worker pool between one cache and its tiers (see the module docstring)."""
 
     def __init__(
         self,
@@ -121,15 +122,19 @@ class StorageEngine:
         *,
         page_size: int,
         lora_id: int | None = None,
+        workers: int | None = None,
         known_capacity: int = DEFAULT_KNOWN_CAPACITY,
         evict_poll_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tiers = tiers
         self.host_pool = host_pool
-        # no threads of its own: every job is a chain of tier calls, each continued on the
-        # thread of the call before (see ``EngineWorkers.start``)
-        self.workers = EngineWorkers(host_pool)
+        if workers is None:
+            # a job makes one tier call at a time: as many jobs as the tiers take calls at once
+            workers = max(2, min(sum(t.caller.threads for t in tiers.tiers), _MAX_WORKERS))
+        elif workers < 1:
+            raise ValueError(f"storage engine workers must be >= 1, got {workers}")
+        self.workers = EngineWorkers(host_pool, workers=workers)
         self.prefetch_jobs = PrefetchJobs(tiers, self.workers)
         self.page_size = page_size
         self.lora_id = lora_id
@@ -301,7 +306,7 @@ class StorageEngine:
         self.send_unsent()
 
     def send_unsent(self) -> None:
-        """Hand every publish not sent yet to its tier (one put call per tier)."""
+        """Hand every publish not sent yet to the workers (one put call per tier)."""
         self.puts.send_all()
 
     def throttle_publishes(self) -> int:
@@ -410,15 +415,12 @@ class StorageEngine:
             if last is not None and now - last < self.evict_poll_interval_s:
                 continue
             self._evict_polled[tier.name] = now
-            self._evict_jobs[tier.name] = self.workers.start(self._evict_job, tier)
+            self._evict_jobs[tier.name] = self.workers.submit(self._evict_job, tier)
 
-    def _evict_job(self, done: Future[None], tier: Tier) -> None:
-        def evicted(keys: list[str]) -> None:
-            if keys:
-                self.workers.report(_Evicted(tier.name, keys))
-            finish(done)
-
-        tier.start_take_evicted(evicted)
+    def _evict_job(self, tier: Tier) -> None:
+        evicted = tier.take_evicted()
+        if evicted:
+            self.workers.report(_Evicted(tier.name, evicted))
 
     # ------------------------------------------------------------------ prefetch (owned jobs)
 
@@ -438,10 +440,10 @@ class StorageEngine:
         pages looked up: a page
         whose put is still on its way would be a miss now and a hit a moment later, so the
         lookup waits for those puts (moved ahead of the other publishes), and the hits do not
-        depend on how busy the tiers are.
+        depend on how busy the workers are.
         """
         after = self.puts.before_lookup(keys)
-        # a lookup every tier answers from memory costs less than the hand-off to a tier thread
+        # a lookup every tier answers from memory costs less than the hand-off to a worker
         here = host_pages is None and not after and self.tiers.lookups_here()
         return self.prefetch_jobs.submit_prefetch(
             keys,
@@ -482,7 +484,7 @@ class StorageEngine:
         """Prefetches counted per :class:`PrefetchOutcome` value."""
         return self.prefetch_jobs.prefetch_outcomes
 
-    # ------------------------------------------------------------------ jobs (owned)
+    # ------------------------------------------------------------------ workers (owned)
 
     def in_flight(self) -> int:
         """See :meth:`EngineWorkers.in_flight`."""

@@ -1,7 +1,7 @@
 """The prefetch jobs a :class:`~hicache.tiering.engine.StorageEngine` owns (no torch).
 
 - ``submit_prefetch(keys, None, token_ids=...)``  look a chain up through the tier cascade on a
-  tier's thread; with host pages given at once, lookup and read run as one job
+  worker; with host pages given at once, lookup and read run as one job
 - ``start_read(ticket, host_pages)`` / ``cancel_prefetch(ticket)``   continue after the lookup
   with host pages for what the tiers hold, or forget it
 - ``prefetch_progress(ticket)`` / ``abandon_prefetch(ticket)`` / ``wait_prefetch(ticket)``
@@ -28,7 +28,8 @@ from hicache.tiering.engine_records import (
     _LookupDone,
     _PrefetchJob,
 )
-from hicache.tiering.engine_workers import EngineWorkers, finish
+from hicache.tiering.engine_workers import EngineWorkers
+from hicache.tiering.lanes import Lane
 from hicache.tiering.prefetch import PrefetchOutcome, usable_prefix
 from hicache.tiering.tiers import TierRange, Tiers
 
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 
 class PrefetchJobs:
-    """Prefetch lookups and reads, chained through the tiers' calls (module docstring)."""
+    """Prefetch lookups and reads on the engine's workers (module docstring)."""
 
     def __init__(self, tiers: Tiers, workers: EngineWorkers) -> None:
         self.tiers = tiers
@@ -90,20 +91,26 @@ class PrefetchJobs:
             marks=marks,
         )
         self._prefetch_jobs[ticket] = job
-        if host_pages is None:
-            self._prefetch_futures[ticket] = self.workers.start(
-                self._lookup_job, job, here and not after, after=after
+        if here and host_pages is None and not after:
+            done: Future[None] = Future()
+            self._lookup_job(job, here=True)
+            done.set_result(None)
+            self._prefetch_futures[ticket] = done
+        elif host_pages is None:
+            self._prefetch_futures[ticket] = self.workers.submit_after(
+                list(after), self._lookup_job, job, lane=Lane.READ
             )
         else:
-            self._start(job, list(host_pages), after)
+            self._start(job, list(host_pages), list(after))
         return ticket
 
-    def _lookup_job(self, done: Future[None], job: _PrefetchJob, here: bool) -> None:
-        def found(ranges: list[TierRange]) -> None:
-            self.workers.report(_LookupDone(job.ticket, ranges))
-            finish(done)
-
-        self.tiers.start_lookup(job.keys, found, here=here)
+    def _lookup_job(self, job: _PrefetchJob, *, here: bool = False) -> None:
+        try:
+            ranges = self.tiers.lookup(job.keys, here=here)
+        except Exception:  # the tiers never raise; this guards against bugs
+            logger.exception("prefetch lookup failed")
+            ranges = []
+        self.workers.report(_LookupDone(job.ticket, ranges))
 
     def start_read(self, ticket: int, host_pages: Sequence[int]) -> None:
         """Read the first ``len(host_pages)`` pages the lookup of ``ticket`` found into
@@ -130,63 +137,39 @@ class PrefetchJobs:
             self.count_prefetch(PrefetchOutcome.MISS if found == 0 else PrefetchOutcome.SKIPPED)
 
     def _start(
-        self, job: _PrefetchJob, host: list[int], after: Sequence[Future[None]] = ()
+        self, job: _PrefetchJob, host: list[int], after: list[Future[None]] | None = None
     ) -> None:
         job.host = host
         job.holds = self.workers.hold(host)
         job.views = [self.workers.host_pool.page_view(h) for h in host]
-        self._prefetch_futures[job.ticket] = self.workers.start(self._get_job, job, after=after)
+        self._prefetch_futures[job.ticket] = self.workers.submit_after(
+            after or [], self._get_job, job, lane=Lane.READ
+        )
 
-    def _get_job(self, done: Future[None], job: _PrefetchJob) -> None:
-        """Read the ranges in order, each from its tier, the next one started when the one
-        before came back whole (on that tier's thread); a short range ends the read."""
+    def _get_job(self, job: _PrefetchJob) -> None:
         statuses: list[PageStatus] = []
-
-        def finished(ranges: list[TierRange]) -> None:
-            statuses.extend([PageStatus.NOT_FOUND] * (len(job.keys) - len(statuses)))
-            assert job.holds is not None
-            # the job's own hold goes first: without a late call, the pages are free of
-            # holds by the time the cache sees the result
-            job.holds.drop()
-            self.workers.report(_GetDone(job.ticket, statuses, ranges))
-            finish(done)
-
-        def read(ranges: list[TierRange], i: int) -> None:
-            if i == len(ranges):
-                finished(ranges)
-                return
-            try:
-                read_range(ranges, i)
-            except Exception:  # the tiers never raise; this guards against bugs
-                logger.exception("prefetch read failed")
-                statuses[:] = [PageStatus.FAILED] * len(job.keys)
-                finished(ranges)
-
-        def read_range(ranges: list[TierRange], i: int) -> None:
-            r = ranges[i]
-            assert job.holds is not None
-            job.holds.add()
-
-            def got(part: list[PageStatus]) -> None:
-                statuses.extend(part)
-                ok = usable_prefix(part)
+        ranges: list[TierRange] = []
+        assert job.holds is not None
+        try:
+            ranges = job.ranges if job.ranges is not None else self.tiers.lookup(job.keys)
+            for r in ranges:
+                job.holds.add()
+                got = r.tier.get_into(
+                    job.keys[r.start : r.end], job.views[r.start : r.end], on_return=job.holds.drop
+                )
+                statuses += got
+                ok = usable_prefix(got)
                 job.progress = r.start + ok
-                if ok < len(part):
-                    finished(ranges)
-                else:
-                    read(ranges, i + 1)
-
-            r.tier.start_get(
-                job.keys[r.start : r.end],
-                job.views[r.start : r.end],
-                got,
-                on_return=job.holds.drop,
-            )
-
-        if job.ranges is not None:
-            read(job.ranges, 0)
-        else:
-            self.tiers.start_lookup(job.keys, lambda ranges: read(ranges, 0))
+                if ok < len(got):
+                    break
+        except Exception:  # the tiers never raise; this guards against bugs
+            logger.exception("prefetch worker failed")
+            statuses = [PageStatus.FAILED] * len(job.keys)
+        statuses += [PageStatus.NOT_FOUND] * (len(job.keys) - len(statuses))
+        # the job's own hold goes first: without a late call, the pages are free of holds by
+        # the time the cache sees the result
+        job.holds.drop()
+        self.workers.report(_GetDone(job.ticket, statuses, ranges))
 
     def count_prefetch(self, outcome: PrefetchOutcome) -> None:
         """Count a prefetch outcome decided by the cache (e.g. ``skipped`` below the threshold)."""
@@ -199,8 +182,7 @@ class PrefetchJobs:
 
     def abandon_prefetch(self, ticket: int) -> None:
         """The cache stopped waiting for ``ticket``: its result will be dropped (no promotion);
-        its pages stay held until its backend calls return (free them with
-        ``free_when_released``)."""
+        its pages stay held until the workers return (free them with ``free_when_released``)."""
         job = self._prefetch_jobs.get(ticket)
         if job is not None:
             job.abandoned = True

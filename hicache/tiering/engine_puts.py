@@ -9,11 +9,11 @@
 - ``forget_finished()``    drop finished calls from the page -> call map (``poll``)
 - ``throttle()``           wait for the oldest calls of a tier with more in flight than it runs
 
-The put call's callback (on the tier's thread) reports one ``_PutDone`` per batch (and then
-the tier's evictions), as the engine's ``poll`` expects. A put call that returns after its
-deadline (its ``_PutDone`` said ``FAILED``) reports its real statuses as one ``_PutLate`` per
-batch, always after that ``_PutDone``: the pages the tier stored after all are announced then.
-Everything but the callbacks and the late report runs on the cache's thread.
+The worker body reports one ``_PutDone`` per batch (and the tier's evictions), as the engine's
+``poll`` expects. A put call that returns after its deadline (its ``_PutDone`` said ``FAILED``)
+reports its real statuses as one ``_PutLate`` per batch, always after that ``_PutDone``: the
+pages the tier stored after all are announced then. Everything but the worker body and the
+late report runs on the cache's thread.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from concurrent.futures import wait as wait_futures
 
 from hicache.storage.backend import PageStatus
 from hicache.tiering.engine_records import _Evicted, _PutDone, _PutJob, _PutLate, _PutPart
-from hicache.tiering.engine_workers import EngineWorkers, finish
+from hicache.tiering.engine_workers import EngineWorkers
 from hicache.tiering.lanes import Lane
 from hicache.tiering.tiers import Tier
 
@@ -64,7 +64,7 @@ class PutCalls:
         if not parts:
             return
         job = _PutJob(tier, parts)
-        job.future = self.workers.start(self._put_job, job)
+        job.future = self.workers.submit(self._put_job, job, ticket=job.ticket)
         self._sent.append(job)
         putting = self._putting
         for p in parts:
@@ -83,6 +83,7 @@ class PutCalls:
                 jobs[id(job)] = job
         for job in jobs.values():
             job.ticket.lane = Lane.READ  # first: a submit after this reads it
+            self.workers.promote(job.ticket)
             job.tier.caller.promote(job.ticket)
         return [job.future for job in jobs.values() if job.future is not None]
 
@@ -116,18 +117,14 @@ class PutCalls:
         waited = 0
         for jobs in running.values():
             tier = jobs[0].tier
-            over = (
-                len(jobs)
-                - int(__import__("os").environ.get("TQ", "0") or 0)
-                - max(1, tier.caller.threads - 1)
-            )
+            over = len(jobs) - max(1, tier.caller.threads - 1)
             for job in jobs[: max(0, over)]:
                 assert job.future is not None
                 wait_futures([job.future], timeout=tier.settings.deadline_s)
                 waited += 1
         return waited
 
-    def _put_job(self, done: Future[None], job: _PutJob) -> None:
+    def _put_job(self, job: _PutJob) -> None:
         tier, parts = job.tier, job.parts
         keys = [k for p in parts for k in p.keys]
         views = [v for p in parts for v in p.views]
@@ -143,32 +140,26 @@ class PutCalls:
                     return
             self._report_late(job, statuses)
 
-        def put(statuses: list[PageStatus]) -> None:
-            start = 0
-            for p in parts:
-                got = statuses[start : start + len(p.keys)]
-                start += len(p.keys)
-                got += [PageStatus.FAILED] * (p.total - len(got))  # refused by admission
-                self.workers.report(_PutDone(p.group, tier.name, p.batch, got))
-            with job.lock:
-                job.reported = True
-                came, job.late = job.late, None
-            if came is not None:
-                self._report_late(job, came)
-            # what the tier evicted to make room goes after these puts' results
-            tier.start_take_evicted(evicted)
-
-        def evicted(keys: list[str]) -> None:
-            if keys:
-                self.workers.report(_Evicted(tier.name, keys))
-            finish(done)
-
         try:
-            tier.start_put(keys, views, put, on_return=returned, ticket=job.ticket, on_late=late)
-        except Exception as exc:  # Tier.start_put never raises; this guards against bugs
-            logger.exception("tier %s: publish failed", tier.name)
+            statuses = tier.put(keys, views, on_return=returned, ticket=job.ticket, on_late=late)
+        except Exception as exc:  # Tier.put never raises; this guards against bugs
+            logger.exception("tier %s: publish worker failed", tier.name)
             tier.stats.error(exc, "unexpected")
-            put([PageStatus.FAILED] * len(keys))
+            statuses = [PageStatus.FAILED] * len(keys)
+        evicted = tier.take_evicted()
+        start = 0
+        for p in parts:
+            got = statuses[start : start + len(p.keys)]
+            start += len(p.keys)
+            got += [PageStatus.FAILED] * (p.total - len(got))  # refused by admission
+            self.workers.report(_PutDone(p.group, tier.name, p.batch, got))
+        with job.lock:
+            job.reported = True
+            came, job.late = job.late, None
+        if came is not None:
+            self._report_late(job, came)
+        if evicted:
+            self.workers.report(_Evicted(tier.name, evicted))
 
     def _report_late(self, job: _PutJob, statuses: list[PageStatus]) -> None:
         """Report what a put call that outlived its deadline really stored, per batch."""

@@ -1,30 +1,23 @@
-"""The jobs of a :class:`~hicache.tiering.engine.StorageEngine` and their holds (no torch).
+"""The worker pool a :class:`~hicache.tiering.engine.StorageEngine` owns (no torch).
 
-- ``start(fn, *args, after=...)``  a job: ``fn(job, *args)`` starts asynchronous tier calls
-                           (:meth:`TierCaller.start <hicache.tiering.calls.TierCaller.start>`)
-                           and continues in their callbacks, on the tiers' threads, until it
-                           calls ``finish(job)``; it counts as in flight until then, and starts
-                           once the jobs ``after`` finished (``when_all``)
-- ``submit(fn, *args, lane=...)``  with ``workers`` threads (the vLLM connector's loads and
-                           stores, which make blocking tier calls): run a job on a worker;
-                           ``Lane.READ`` jobs go ahead of queued ``Lane.WRITE`` ones
+- ``submit(fn, *args, lane=...)``  run a job on a worker thread; it counts as in flight until
+                           it returns; ``Lane.READ`` jobs (lookups, prefetch reads) go ahead of
+                           queued ``Lane.WRITE`` ones (publishes, housekeeping)
 - ``hold(pages, ...)``     holds on the host pages of one job (and bytes of an in-flight gate),
-                           released at the last ``drop``: a page under a backend call is never
-                           freed
-- ``report(item)`` / ``take_reports()``   a job reports what it finished (any thread); the
-                           engine's ``poll`` takes the reports on the cache's thread, in order
-- ``in_flight()`` / ``holds_outstanding()``   jobs not finished / sets of holds still out
+                           released at the last ``drop``: a page under a worker is never freed
+- ``report(item)`` / ``take_reports()``   a worker reports what it finished; the engine's
+                           ``poll`` takes the reports on the cache's thread, in order
+- ``in_flight()`` / ``holds_outstanding()``   jobs still running / sets of holds still out
 - ``wait_idle()``          block until nothing is in flight and every hold is released
 - ``close()``              wait for the workers and stop them
 """
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 
@@ -32,9 +25,7 @@ from hicache.tiering.engine_records import HostPages, _Done
 from hicache.tiering.inflight import InflightGate
 from hicache.tiering.lanes import Lane, LanedPool, LaneTicket
 
-__all__ = ["EngineWorkers", "finish", "when_all"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["EngineWorkers"]
 
 
 class _Holds:
@@ -78,13 +69,11 @@ class _Holds:
 
 
 class EngineWorkers:
-    """Jobs that hold host pages and report on a queue, optionally on a thread pool of their
-    own (module docstring)."""
+    """A thread pool whose jobs hold host pages and report on a queue (module docstring)."""
 
-    def __init__(self, host_pool: HostPages, *, workers: int | None = None) -> None:
+    def __init__(self, host_pool: HostPages, *, workers: int) -> None:
         self.host_pool = host_pool
-        # None: jobs only :meth:`start` tier calls, nothing blocks a thread of its own
-        self._executor = LanedPool(workers, "hicache-io") if workers is not None else None
+        self._executor = LanedPool(workers, "hicache-io")
         self._done: queue.SimpleQueue[_Done] = queue.SimpleQueue()
         self._futures: set[Future[None]] = set()
         self._futures_lock = threading.Lock()
@@ -99,34 +88,47 @@ class EngineWorkers:
         lane: Lane = Lane.WRITE,
         ticket: LaneTicket | None = None,
     ) -> Future[None]:
-        """Run ``fn(*args)`` on a worker (a pool built with ``workers``), in ``lane`` (or
-        ``ticket``'s); it counts as in flight until it returns."""
-        if self._executor is None:
-            raise RuntimeError("these workers have no threads: start() jobs instead")
+        """Run ``fn(*args)`` on a worker, in ``lane`` (or ``ticket``'s, see :meth:`promote`);
+        it counts as in flight until it returns."""
         fut: Future[None] = self._executor.submit(lambda: fn(*args), lane, ticket)
         self._track(fut)
         return fut
 
-    def start(
-        self, fn: Callable[..., None], *args: object, after: Sequence[Future[None]] = ()
+    def submit_after(
+        self,
+        after: list[Future[None]],
+        fn: Callable[..., None],
+        *args: object,
+        lane: Lane = Lane.WRITE,
     ) -> Future[None]:
-        """Call ``fn(job, *args)`` once every job of ``after`` finished (on the thread that
-        finished the last one, or here): ``fn`` starts asynchronous tier calls and must not
-        block; the job counts as in flight until it resolves ``job`` (``finish(job)``)."""
-        job: Future[None] = Future()
-        job.set_running_or_notify_cancel()
-        self._track(job)
+        """Like :meth:`submit`, but queue the job only once every job of ``after`` finished
+        (without holding a worker meanwhile); it counts as in flight from now on."""
+        if not after:
+            return self.submit(fn, *args, lane=lane)
+        outer: Future[None] = Future()
+        self._track(outer)
+        left = [len(after)]
+        lock = threading.Lock()
 
-        def go() -> None:
+        def ready(_: Future[None]) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
             try:
-                fn(job, *args)
-            except Exception as exc:  # the tiers never raise; this guards against bugs
-                logger.exception("storage job failed")
-                if not job.done():
-                    job.set_exception(exc)
+                inner = self._executor.submit(lambda: fn(*args), lane)
+            except RuntimeError as exc:  # closed meanwhile
+                outer.set_exception(exc)
+                return
+            inner.add_done_callback(lambda f: _settle(f, outer))
 
-        when_all(after, go)
-        return job
+        for dep in after:
+            dep.add_done_callback(ready)
+        return outer
+
+    def promote(self, ticket: LaneTicket) -> int:
+        """Move the jobs queued with ``ticket`` to the read lane (set ``ticket.lane`` first)."""
+        return self._executor.promote(ticket)
 
     def _track(self, fut: Future[None]) -> None:
         with self._futures_lock:
@@ -195,30 +197,16 @@ class EngineWorkers:
         if self._closed:
             return
         self._closed = True
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=False)
+        self._executor.shutdown(wait=True, cancel_futures=False)
 
 
-def finish(job: Future[None]) -> None:
-    """A job started with :meth:`EngineWorkers.start` is done."""
-    job.set_result(None)
-
-
-def when_all(after: Sequence[Future[None]], fn: Callable[[], None]) -> None:
-    """Call ``fn()`` once every future of ``after`` is done: here when they are (or there are
-    none), else on the thread that finishes the last one."""
-    left = [len(after)]
-    if not after:
-        fn()
+def _settle(inner: Future[None], outer: Future[None]) -> None:
+    """Give ``outer`` the outcome of ``inner``."""
+    if inner.cancelled():
+        outer.cancel()
         return
-    lock = threading.Lock()
-
-    def ready(_: Future[None]) -> None:
-        with lock:
-            left[0] -= 1
-            if left[0]:
-                return
-        fn()
-
-    for dep in after:
-        dep.add_done_callback(ready)
+    exc = inner.exception()
+    if exc is not None:
+        outer.set_exception(exc)
+    else:
+        outer.set_result(None)

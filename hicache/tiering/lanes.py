@@ -120,10 +120,8 @@ class LanedPool:
                 )
                 self._threads.append(t)
                 t.start()
-            # one waiting thread per job it can take now (any of them can take a read; a write
-            # only below the write limit: else the write that finishes wakes one)
-            if lane is Lane.READ or self._writing < self._write_limit:
-                self._cv.notify()
+            # an idle thread may be one that waits for a write slot: wake every one
+            self._cv.notify_all()
         return future
 
     def promote(self, ticket: LaneTicket) -> int:
@@ -137,7 +135,7 @@ class LanedPool:
                 writes.clear()
                 writes.extend(kept)
                 reads.extend(moved)
-                self._cv.notify(len(moved))
+                self._cv.notify_all()
             return len(moved)
 
     def _take(self) -> tuple[_Item, bool] | None:
@@ -172,8 +170,7 @@ class LanedPool:
             if write:
                 with self._cv:
                     self._writing -= 1
-                    if self._lanes[Lane.WRITE]:  # a write slot for a queued write
-                        self._cv.notify()
+                    self._cv.notify_all()
 
     def shutdown(self, *, wait: bool = False, cancel_futures: bool = True) -> None:
         """Refuse new jobs; cancel queued ones (``cancel_futures``) or let the threads finish

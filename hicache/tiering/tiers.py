@@ -14,19 +14,15 @@ call, retries with backoff for retryable errors and a circuit breaker
 (:mod:`~hicache.tiering.admission`), counters (:class:`~hicache.tiering.stats.TierCounters`)
 and its opening within the deadline at start-up (:class:`~hicache.tiering.opening.TierOpener`).
 
-Every ``Tier`` data method comes twice: ``start_exists`` / ``start_get`` / ``start_put`` /
-``start_take_evicted`` (and ``Tiers.start_lookup``, the cascade) hand their result to a callback
-on the tier's thread, for the storage engine, which continues its jobs there; ``exists_prefix``
-/ ``get_into`` / ``put`` / ``take_evicted`` / ``lookup`` wait for it (tools, tests, the vLLM
-connector's workers). None raises because of the backend: a failed, refused or late call turns
-into misses or ``FAILED`` statuses, counted on the tier. A call given up at its deadline keeps
-running; its ``on_return`` callback fires when the call really returned, and only then may the
-caller release the buffers it handed over.
+Every ``Tier`` data method is synchronous, meant for the I/O workers of
+:mod:`hicache.tiering.engine`, and never raises because of the backend: a failed, refused or
+late call turns into misses or ``FAILED`` statuses, counted on the tier. A method that gives up
+waiting leaves the call running; its ``on_return`` callback fires when the call really returned,
+and only then may the caller release the buffers it handed over.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,7 +34,7 @@ from hicache.errors import BackendUnavailableError
 from hicache.storage.backend import Backend, BackendContext, PageBuffers, PageStatus
 from hicache.tiering.admission import AdmissionPolicy, make_admission
 from hicache.tiering.breaker import CircuitBreaker
-from hicache.tiering.calls import CallOutcome, FailureKind, RetryPolicy, TierCaller, wait_result
+from hicache.tiering.calls import CallOutcome, FailureKind, RetryPolicy, TierCaller
 from hicache.tiering.inflight import InflightGate
 from hicache.tiering.lanes import Lane, LaneTicket, default_io_threads
 from hicache.tiering.opening import TierOpener
@@ -168,23 +164,6 @@ class Tier:
     def exists_prefix(self, keys: Sequence[str], *, here: bool = False) -> int:
         """Longest stored prefix of ``keys`` here; 0 (counted) when the call fails or the
         breaker is open. ``here``: on the calling thread (only when :attr:`lookups_here`)."""
-        if here:
-            started = time.perf_counter()
-            return self._found(keys, started, self.caller.call_here(self._exists_fn(keys)))
-        found: int = wait_result(functools.partial(self.start_exists, keys))
-        return found
-
-    def start_exists(self, keys: Sequence[str], on_found: Callable[[int], None]) -> None:
-        """:meth:`exists_prefix` off this thread: ``on_found`` gets the answer (on a tier
-        thread, or at once when the call is refused)."""
-        started = time.perf_counter()
-        self.caller.start(
-            self._exists_fn(keys),
-            on_done=lambda out: on_found(self._found(keys, started, out)),
-            lane=Lane.READ,
-        )
-
-    def _exists_fn(self, keys: Sequence[str]) -> Callable[[], int]:
         step = self.max_batch
 
         def run() -> int:
@@ -197,9 +176,8 @@ class Tier:
                     break
             return done
 
-        return run
-
-    def _found(self, keys: Sequence[str], started: float, out: CallOutcome[int]) -> int:
+        started = time.perf_counter()
+        out = self.caller.call_here(run) if here else self.caller.call(run, lane=Lane.READ)
         self._observe("exists", started, out)
         found = out.value if out.ok and out.value is not None else 0
         if not out.ok:
@@ -214,19 +192,7 @@ class Tier:
         *,
         on_return: Callable[[], None] | None = None,
     ) -> list[PageStatus]:
-        """Read ``keys`` into ``dsts`` and wait (see :meth:`start_get`)."""
-        return wait_result(functools.partial(self.start_get, keys, dsts, on_return=on_return))
-
-    def start_get(
-        self,
-        keys: Sequence[str],
-        dsts: Sequence[PageBuffers],
-        on_statuses: Callable[[list[PageStatus]], None],
-        *,
-        on_return: Callable[[], None] | None = None,
-    ) -> None:
-        """Read ``keys`` into ``dsts``; ``on_statuses`` gets one status per key (on a tier
-        thread, or at once when refused); a failed or late call makes its pages ``FAILED``.
+        """Read ``keys`` into ``dsts``; a failed or late call makes its pages ``FAILED``.
 
         Chunks are read in order and the read stops after a chunk with a page that is not
         ``OK`` (later pages are useless to a prefix): they come back ``NOT_FOUND``, untouched.
@@ -246,18 +212,15 @@ class Tier:
             return got + [PageStatus.NOT_FOUND] * (len(keys) - len(got))
 
         started = time.perf_counter()
-
-        def done(out: CallOutcome[list[PageStatus]]) -> None:
-            self._observe("get", started, out)
-            if out.ok and out.value is not None:
-                statuses = out.value
-            else:
-                self._failed(out, "get_into")
-                statuses = [PageStatus.FAILED] * len(keys)
-            self.stats.count_gets(statuses, self.page_bytes)
-            on_statuses(statuses)
-
-        self.caller.start(run, on_done=done, on_return=on_return, lane=Lane.READ)
+        out = self.caller.call(run, on_return=on_return, lane=Lane.READ)
+        self._observe("get", started, out)
+        if out.ok and out.value is not None:
+            statuses = out.value
+        else:
+            self._failed(out, "get_into")
+            statuses = [PageStatus.FAILED] * len(keys)
+        self.stats.count_gets(statuses, self.page_bytes)
+        return statuses
 
     def put(
         self,
@@ -268,25 +231,7 @@ class Tier:
         ticket: LaneTicket | None = None,
         on_late: Callable[[list[PageStatus]], None] | None = None,
     ) -> list[PageStatus]:
-        """Store ``srcs`` under ``keys`` and wait (see :meth:`start_put`)."""
-        return wait_result(
-            functools.partial(
-                self.start_put, keys, srcs, on_return=on_return, ticket=ticket, on_late=on_late
-            )
-        )
-
-    def start_put(
-        self,
-        keys: Sequence[str],
-        srcs: Sequence[PageBuffers],
-        on_statuses: Callable[[list[PageStatus]], None],
-        *,
-        on_return: Callable[[], None] | None = None,
-        ticket: LaneTicket | None = None,
-        on_late: Callable[[list[PageStatus]], None] | None = None,
-    ) -> None:
-        """Store ``srcs`` under ``keys``; ``on_statuses`` gets one status per key (on a tier
-        thread, or at once when refused); a failed, refused or late call makes its pages
+        """Store ``srcs`` under ``keys``; a failed, refused or late call makes its pages
         ``FAILED``. ``on_return`` runs when the backend really finished with ``srcs``. Puts
         queue in the write lane, unless ``ticket`` is promoted (a lookup waits for them).
 
@@ -301,48 +246,33 @@ class Tier:
             return got
 
         started = time.perf_counter()
-
-        def done(out: CallOutcome[list[PageStatus]]) -> None:
-            if out.failure is FailureKind.BREAKER_OPEN:
-                # never attempted: a drop, not a failed put
-                self.stats.add(dropped_breaker=len(keys))
-                on_statuses([PageStatus.FAILED] * len(keys))
-                return
-            self._observe("put", started, out)
-            if out.ok and out.value is not None:
-                statuses = out.value
-            else:
-                self._failed(out, "put")
-                statuses = [PageStatus.FAILED] * len(keys)
-            self.stats.count_puts(statuses, self.page_bytes)
-            on_statuses(statuses)
-
-        self.caller.start(run, on_done=done, on_return=on_return, ticket=ticket, on_late=on_late)
+        out = self.caller.call(run, on_return=on_return, ticket=ticket, on_late=on_late)
+        if out.failure is FailureKind.BREAKER_OPEN:
+            # never attempted: a drop, not a failed put
+            self.stats.add(dropped_breaker=len(keys))
+            return [PageStatus.FAILED] * len(keys)
+        self._observe("put", started, out)
+        if out.ok and out.value is not None:
+            statuses = out.value
+        else:
+            self._failed(out, "put")
+            statuses = [PageStatus.FAILED] * len(keys)
+        self.stats.count_puts(statuses, self.page_bytes)
+        return statuses
 
     def take_evicted(self) -> list[str]:
-        """Keys the backend dropped on its own and wait (see :meth:`start_take_evicted`)."""
-        return wait_result(self.start_take_evicted)
-
-    def start_take_evicted(self, on_keys: Callable[[list[str]], None]) -> None:
-        """``on_keys`` gets the keys the backend dropped on its own; ``[]`` when the call fails
-        (never raises).
+        """Keys the backend dropped on its own; ``[]`` when the call fails (never raises).
 
         Bypasses the breaker (housekeeping must not use up its probe) but keeps the deadline;
         goes in the read lane: a cheap call that must not queue behind a hung put.
         """
-
-        def done(out: CallOutcome[list[str]]) -> None:
-            if not out.ok or out.value is None:
-                self._failed(out, "take_evicted")
-                on_keys([])
-                return
-            if out.value:
-                self.stats.add(evicted_pages=len(out.value))
-            on_keys(out.value)
-
-        self.caller.start(
-            self.backend.take_evicted, on_done=done, use_breaker=False, lane=Lane.READ
-        )
+        out = self.caller.call(self.backend.take_evicted, use_breaker=False, lane=Lane.READ)
+        if not out.ok or out.value is None:
+            self._failed(out, "take_evicted")
+            return []
+        if out.value:
+            self.stats.add(evicted_pages=len(out.value))
+        return out.value
 
     def snapshot(self) -> dict[str, Any]:
         """Counters, failures by kind, breaker, in-flight gate, admission and whether the tier is
@@ -516,40 +446,18 @@ class Tiers:
         tier whose breaker is open (or whose call fails) finds nothing: the next one is asked.
         ``here``: on the calling thread (only when :meth:`lookups_here`).
         """
-        return wait_result(functools.partial(self.start_lookup, keys, here=here))
-
-    def start_lookup(
-        self,
-        keys: Sequence[str],
-        on_ranges: Callable[[list[TierRange]], None],
-        *,
-        here: bool = False,
-    ) -> None:
-        """:meth:`lookup` without waiting: each tier is asked when the one before answered (on
-        its thread), and ``on_ranges`` gets the ranges. ``here``: every call on this thread,
-        ``on_ranges`` called before this returns."""
         ranges: list[TierRange] = []
-        order = iter(self.tiers)
-
-        def ask(pos: int) -> None:
-            for t in order:
-                if pos >= len(keys):
-                    break
-                if not t.available:
-                    continue
-                if here:
-                    found(t, pos, t.exists_prefix(keys[pos:], here=True))
-                else:
-                    t.start_exists(keys[pos:], functools.partial(found, t, pos))
-                return
-            on_ranges(ranges)
-
-        def found(t: Tier, pos: int, n: int) -> None:
+        pos = 0
+        for t in self.tiers:
+            if pos >= len(keys):
+                break
+            if not t.available:
+                continue
+            n = t.exists_prefix(keys[pos:], here=here)
             if n:
                 ranges.append(TierRange(t, pos, pos + n))
-            ask(pos + n)
-
-        ask(0)
+                pos += n
+        return ranges
 
     def get_into(self, keys: Sequence[str], dsts: Sequence[PageBuffers]) -> list[PageStatus]:
         """Read the chain ``keys`` into ``dsts`` through the cascade; one status per key.
