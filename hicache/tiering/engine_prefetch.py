@@ -60,7 +60,7 @@ class PrefetchJobs:
         parent_block_id: int | None = None,
         after: Sequence[Future[None]] = (),
         here: bool = False,
-        marks: dict[str, int] | None = None,
+        marks: dict[str, int],
     ) -> int:
         """Prefetch the chain ``keys`` through the cascade; return a ticket. The lookup starts
         once the jobs ``after`` finished (puts of these pages still on their way); ``here``
@@ -88,7 +88,7 @@ class PrefetchJobs:
             list(keys),
             [list(t) for t in token_ids] if token_ids is not None else None,
             parent_block_id,
-            marks=marks or {},
+            marks=marks,
         )
         self._prefetch_jobs[ticket] = job
         if here and host_pages is None and not after:
