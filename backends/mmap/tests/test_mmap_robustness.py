@@ -312,7 +312,6 @@ def test_bench_quick_run_against_raw_mapping(tmp_path: Path) -> None:
 
 def test_stored_checksum_is_the_page_format_checksum(tmp_path: Path) -> None:
     from hicache_mmap.layout import SlotState, decode_slot_header
-
     from hicache_mmap.raw import flip_payload_byte
 
     from hicache.storage import COPY_CHUNK, payload_checksum
