@@ -7,7 +7,8 @@ shared file mappings, with no headers, locks, index or checksums.
   copies out of a tmpfs file depends on the physical memory the file got when it was filled
   (2 MiB pages, the same process alternating: 117 us out of a day-old slot file against 101 us
   out of a fresh scratch file; 107 us out of the slot file once recreated; order and file size
-  made no difference), so the limit reads the memory the backend reads.
+  made no difference), so the limit reads the memory the backend reads. The limit of the old
+kind, gets out of a file created for the round, is printed beside it as a tool limit.
 
 The copies are the backend's own primitive (``hicache.storage.buffers.copy_bytes``, a
 ``memcpy`` with the GIL released), so threads copy in parallel on both sides alike."""
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from hicache.errors import HicacheError
-from hicache.storage import RawBaseline, copy_bytes
+from hicache.storage import RawBaseline, ToolLimit, copy_bytes
 from hicache_mmap.layout import SLOT_HEADER_SIZE, SUPERBLOCK_SIZE, decode_superblock
 
 __all__ = ["MmapRawBaseline"]
@@ -54,6 +55,8 @@ class MmapRawBaseline(RawBaseline):
         self._read_offsets: list[int] = []
         self._page_bytes = 0
         self._present = bytearray()
+        #: Whether the last setup read gets from the slot file (kept past teardown).
+        self._read_slot_file = False
 
     @property
     def reads_slot_file(self) -> bool:
@@ -64,6 +67,7 @@ class MmapRawBaseline(RawBaseline):
         # docstring inherited
         self._page_bytes = page_bytes
         self._present = bytearray(num_pages)
+        self._read_slot_file = False
         self._path.parent.mkdir(parents=True, exist_ok=True)
         flags = mmap.MAP_SHARED | (_MAP_POPULATE if self._prefault else 0)
         fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -96,6 +100,7 @@ class MmapRawBaseline(RawBaseline):
             os.close(fd)
         self._read_mm = mm
         self._read_view = memoryview(mm)
+        self._read_slot_file = True
         # Spread over the whole file, as the backend's hashed slots are.
         self._read_offsets = [
             geo.slots_offset + (i * geo.num_slots // num_pages) * geo.slot_size + SLOT_HEADER_SIZE
@@ -138,3 +143,48 @@ class MmapRawBaseline(RawBaseline):
                 mm.close()
         self._mm = self._read_mm = None
         self._path.unlink(missing_ok=True)
+
+    def tool_limits(
+        self, page_bytes: int, threads: int, pages: int, batch: int
+    ) -> Sequence[ToolLimit]:
+        """When gets read the slot file: the same gets out of a file created now (the limit of
+        the old kind), so both show in one run."""
+        if not self._read_slot_file:
+            return ()
+        from hicache.tools.bench_phases import fill_page, run_parallel, split_slices
+
+        path = Path(f"{self._slot_path}.bench-fresh-{os.getpid()}")
+        size = page_bytes * pages
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            flags = mmap.MAP_SHARED | (_MAP_POPULATE if self._prefault else 0)
+            mm = mmap.mmap(fd, size, flags=flags)
+        finally:
+            os.close(fd)
+        view = memoryview(mm)
+        try:
+            page = bytearray(page_bytes)
+            fill_page(page, 0)
+            for i in range(pages):
+                copy_bytes(view[i * page_bytes : (i + 1) * page_bytes], memoryview(page))
+            dsts = [memoryview(bytearray(page_bytes)) for _ in range(threads)]
+
+            def get(indices: Sequence[int], t: int) -> None:
+                for i in indices:
+                    copy_bytes(dsts[t], view[i * page_bytes : (i + 1) * page_bytes])
+
+            phase = run_parallel(threads, split_slices(range(pages), threads), batch, get, None)
+        finally:
+            view.release()
+            mm.close()
+            path.unlink(missing_ok=True)
+        gbps = size / phase.seconds / 1e9 if phase.seconds > 0 else None
+        return (
+            ToolLimit(
+                "memcpy out of a fresh file",
+                "get_hot",
+                gbps,
+                "gets from a file created after the round, the limit before 2026-12-07",
+            ),
+        )
