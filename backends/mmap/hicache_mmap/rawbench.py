@@ -4,11 +4,12 @@ shared file mappings, with no headers, locks, index or checksums.
 - **put** copies into a scratch file next to the slot file (the slot file is live: never written).
 - **get** copies out of the slot file's own slot payloads, mapped read-only, when the file exists
   with slots of the page size for every page; else out of the scratch file. How fast memory
-  copies out of a tmpfs file depends on the physical memory the file got when it was filled
-  (2 MiB pages, the same process alternating: 117 us out of a day-old slot file against 101 us
-  out of a fresh scratch file; 107 us out of the slot file once recreated; order and file size
-  made no difference), so the limit reads the memory the backend reads. The limit of the old
-kind, gets out of a file created for the round, is printed beside it as a tool limit.
+  copies out of a tmpfs file depends on the memory the file got, and drifts (2 MiB pages, the
+  same process alternating: 117 us out of a slot file against 101 us out of a fresh scratch
+  file; 107 us once the slot file was recreated, 128-135 us 16 minutes later against 103-106;
+  slot order and file size made no difference), so the limit reads the memory the backend
+  reads. The limit of the old kind, gets out of a file created for the round, is printed
+  beside it as a tool limit.
 
 The copies are the backend's own primitive (``hicache.storage.buffers.copy_bytes``, a
 ``memcpy`` with the GIL released), so threads copy in parallel on both sides alike."""
