@@ -146,7 +146,7 @@ def copy_and_hash(dst: Regions, src: Regions, *, hash_dst: bool) -> int:
         return int(hasher.intdigest())
     # One region each side (every mmap get, and a memory-tier get into one host buffer): the
     # same pieces as _copy without its region walk, whose list building and bookkeeping cost
-    # ~10 us a call, a tenth of a verified 2 MiB get.
+    # ~1.7 us a call (a verified 4 KiB mmap get: 13.0 -> 11.3 us of CPU).
     n = d.nbytes
     if s.nbytes != n:
         raise ValueError(f"copy of {s.nbytes} bytes into a buffer of {n} bytes")
