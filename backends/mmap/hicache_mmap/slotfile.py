@@ -295,7 +295,12 @@ class SlotFile:
         """Copy the slot's first payload bytes into ``dst`` (a buffer or a page's regions, filled
         piecewise); return the checksum of what was copied when ``verify``, else ``None``."""
         off = self.geo.slot_offset(slot) + SLOT_HEADER_SIZE
-        n = payload_nbytes(dst)
+        # A get's page is one region but for scatter-gather callers: its size without the
+        # generic walk (~1 us, a tenth of the Python of a get).
+        if isinstance(dst, memoryview):
+            n = dst.nbytes
+        else:
+            n = dst[0].nbytes if len(dst) == 1 else payload_nbytes(dst)
         if n > self.geo.slot_payload:
             raise ValueError(f"payload of {n} bytes exceeds the {self.geo.slot_payload}-byte slot")
         region = self.view[off : off + n]  # pins the mapping: see write_payload

@@ -312,12 +312,13 @@ def test_bench_quick_run_against_raw_mapping(tmp_path: Path) -> None:
 
 def test_stored_checksum_is_the_page_format_checksum(tmp_path: Path) -> None:
     from hicache_mmap.layout import SlotState, decode_slot_header
+    from hicache_mmap.raw import flip_payload_byte
 
-    from hicache.storage import payload_checksum
+    from hicache.storage import COPY_CHUNK, payload_checksum
 
     # A page larger than one copy chunk and not a multiple of it: the fused copy+hash must
-    # still produce the one-shot xxh3 of the whole page.
-    page_bytes = 3 * 128 * 1024 + 4096 + 7
+    # still produce the one-shot xxh3 of the whole page, and check its last, short piece too.
+    page_bytes = 2 * COPY_CHUNK + 4096 + 7
     options = _options(tmp_path / "sum.slots", capacity=8 * (4096 + 2 * page_bytes))
     backend = MmapBackend(options, BackendContext(page_bytes, "robust"))
     backend.open()
@@ -333,6 +334,8 @@ def test_stored_checksum_is_the_page_format_checksum(tmp_path: Path) -> None:
         dst = bytearray(page_bytes)
         assert backend.get_into([key], [memoryview(dst)]) == [PageStatus.OK]
         assert dst == page
+        flip_payload_byte(backend, key, page_bytes - 1)
+        assert backend.get_into([key], [memoryview(dst)]) == [PageStatus.CORRUPT]
     finally:
         backend.close()
 
