@@ -21,10 +21,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from hicache.hiradix import HiRadixCache
-from hicache.packed_tokens import chain_hashes_packed
+from hicache.packed_tokens import chain_hashes_packed, unpack
 from hicache.replay.content import PageContent
 from hicache.replay.trace import TraceRequest, expand_blocks_packed
 
@@ -96,8 +94,7 @@ class TraceDriver:
 
     def tokens_of(self, block_ids: Sequence[int]) -> list[int]:
         """The prompt of ``block_ids`` as a new list of token ids (what a tokenizer hands)."""
-        tokens: list[int] = np.frombuffer(self.packed_tokens_of(block_ids), "<u4").tolist()
-        return tokens
+        return unpack(self.packed_tokens_of(block_ids))
 
     def packed_tokens_of(self, block_ids: Sequence[int]) -> bytes:
         """The prompt of ``block_ids`` packed as ``keys.tokens_to_bytes`` packs tokens."""
@@ -123,7 +120,7 @@ class TraceDriver:
         ps = self.page_size
         packed = self.packed_tokens_of(block_ids)
         # the cache gets a list of fresh ints, as from a tokenizer; hashes read the packed bytes
-        tokens: list[int] = np.frombuffer(packed, "<u4").tolist()
+        tokens = unpack(packed)
         n_pages = len(tokens) // ps
         hashes = chain_hashes_packed(cache.seed, packed, ps)
 
