@@ -189,6 +189,8 @@ class HiRadixCache(RadixCache):
             self.prefetches = Prefetches(self.storage, self.prefetch_rules, self.rank_sync)
         #: Nodes whose pages a tier's admission refused, with those tiers (second_hit).
         self._reoffer: dict[int, tuple[TreeNode, list[Tier]]] = {}
+        # (self._host_leaves, host eviction's candidates, is made by reset(), which the tree's
+        # constructor calls)
         self.counters = dict.fromkeys(_COUNTERS, 0)
 
     @classmethod
@@ -214,6 +216,13 @@ class HiRadixCache(RadixCache):
             if parts.publisher is not None:
                 parts.publisher.close()
             raise
+
+    def reset(self) -> None:
+        super().reset()
+        #: Every L2-only leaf, and maybe nodes that stopped being one since (dropped when
+        #: ``evict_host`` meets them): host eviction's candidates, kept as nodes become L2-only
+        #: leaves (:meth:`_offer_host_leaf`) so an eviction need not walk the whole tree.
+        self._host_leaves: set[TreeNode] = set()
 
     # ------------------------------------------------------------------ insert hooks
 
@@ -407,7 +416,9 @@ class HiRadixCache(RadixCache):
 
     def _evict_node(self, node: TreeNode) -> int:
         if node.host_value is None or node.write_through_pending_id is not None:
-            return super()._evict_node(node)
+            n = super()._evict_node(node)
+            self._offer_host_leaf(node)  # a pending write's node keeps its host pages
+            return n
         # backed up and acknowledged: the host copy stays, the node becomes L2-only
         assert node.value is not None
         n = len(node.value)
@@ -417,7 +428,26 @@ class HiRadixCache(RadixCache):
         if self.gpu_events:
             self._emit_removed(node, Medium.GPU)
         self.counters["l1_evicted_pages"] += n
+        self._offer_host_leaf(node)
         return n
+
+    def _delete_leaf(self, node: TreeNode) -> None:
+        parent = node.parent
+        super()._delete_leaf(node)
+        if parent is not None:
+            self._offer_host_leaf(parent)  # it may have lost its last child
+
+    def _offer_host_leaf(self, node: TreeNode) -> None:
+        """Add ``node`` to host eviction's candidates if it is now an L2-only leaf. Called
+        wherever a node can become one: its device pages go (:meth:`_evict_node`), its last
+        child goes (:meth:`_delete_leaf`), or a prefetch attaches it with host pages only."""
+        if (
+            node.value is None
+            and node.host_value is not None
+            and not node.children
+            and node.parent is not None
+        ):
+            self._host_leaves.add(node)
 
     def _evictable(self, node: TreeNode) -> bool:
         # Without a host copy, eviction deletes the node: never one a prefetch builds on, and
@@ -444,7 +474,18 @@ class HiRadixCache(RadixCache):
         """
         if num_pages <= 0:
             return 0
-        heap = [(n.last_access, n.id, n) for n in self.iter_nodes() if self._host_evictable(n)]
+        # the candidates, not the whole tree: the same nodes as a walk would find (every L2-only
+        # leaf is among them), so the same order. One that stopped being an L2-only leaf (on
+        # the device again, a parent, deleted) leaves the set; it is offered again when it
+        # becomes one. A locked leaf stays, for when its lock goes.
+        heap: list[tuple[int, int, TreeNode]] = []
+        stale: list[TreeNode] = []
+        for n in self._host_leaves:
+            if n.value is not None or n.host_value is None or n.children or n.parent is None:
+                stale.append(n)
+            elif n.host_lock_ref == 0:
+                heap.append((n.last_access, n.id, n))
+        self._host_leaves.difference_update(stale)
         heapq.heapify(heap)
         freed = self._evict_leaves(
             heap, num_pages, self._host_evictable, _host_pages, self._drop_host_leaf
@@ -459,6 +500,7 @@ class HiRadixCache(RadixCache):
         self.host_pool.free_when_released(node.host_value)
         n = len(node.host_value)
         node.host_value = None
+        self._host_leaves.discard(node)
         self._delete_leaf(node)
         return n
 
@@ -624,6 +666,7 @@ class HiRadixCache(RadixCache):
                     node.hashes = handle.hashes[j:ok]
                     node.last_access = self._tick
                     base.children[self.first_page(node)] = node
+                    self._offer_host_leaf(node)
                     self._emit_stored(node, Medium.CPU_PINNED)
                     inserted = len(keep) * ps
         if drop:

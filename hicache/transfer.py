@@ -1,4 +1,4 @@
-"""L1 <-> L2 page copies that complete asynchronously, acknowledged by ack id (torch only).
+"""L1 <-> L2 page copies that complete asynchronously, acknowledged by ack id (torch, numpy).
 
 - ``TransferEngine.submit(direction, src_pages, dst_pages)`` - start copying pages between the
   device pool (L1, layer-first) and the host pool (L2, page-first); returns its ack id.
@@ -12,8 +12,11 @@ Engines:
   contiguous staging buffer, then one asynchronous copy per run of consecutive host pages (one per
   batch when the host allocator handed out a run) moves it to page-locked memory; one CUDA event
   per ack id, so ``poll`` is ``event.query()``. H2D is the mirror image (copy, then one scatter).
-- ``CpuTransferEngine`` - copies synchronously inside ``submit`` (``index_select`` /
-  ``index_copy_``); the ack id is reported by the next ``poll``. For machines without a GPU.
+- ``CpuTransferEngine`` - copies synchronously inside ``submit``; the ack id is reported by the
+  next ``poll``. For machines without a GPU. With a CPU device pool it copies through numpy views
+  of both pools' memory: one gather and one scatter per batch, whatever its runs (a batch is a
+  handful of small pages, so the count of array operations, each a dispatch and a chance for a
+  storage worker to take the GIL, was the cost, not the bytes).
 - ``ManualTransferEngine`` - copies only when a test calls ``complete(ack_id)`` (in any order),
   so tests decide exactly when each ack arrives.
 
@@ -33,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
 import torch
 
 from hicache.packed_tokens import INT_TYPECODES
@@ -115,6 +119,10 @@ def copy_pages_sync(
     if not src_pages:
         return
     dim = device_pool.page_dim
+    if device_pool.kv.device.type == "cpu":
+        views = _byte_view(device_pool.kv), _byte_view(host_pool.kv)
+        _copy_cpu(*views, dim, direction, src_pages, dst_pages)
+        return
     dev = device_pool.kv.device
     if direction is Direction.D2H:
         # index_select on the page-major view packs whole pages in host layout in one pass.
@@ -123,6 +131,30 @@ def copy_pages_sync(
     else:
         data = host_pool.kv.index_select(0, _index(src_pages, torch.device("cpu")))
         device_pool.kv.movedim(dim, 0).index_copy_(0, _index(dst_pages, dev), data.to(dev))
+
+
+def _byte_view(kv: torch.Tensor) -> np.ndarray:
+    """A CPU pool's ``kv`` as a writable numpy array of bytes over the same memory (its last
+    dimension counted in bytes: numpy has no bfloat16, and a copy needs no element type)."""
+    return kv.view(torch.uint8).numpy()
+
+
+def _copy_cpu(
+    device_kv: np.ndarray,
+    host_kv: np.ndarray,
+    page_dim: int,
+    direction: Direction,
+    src_pages: Sequence[int],
+    dst_pages: Sequence[int],
+) -> None:
+    """:func:`copy_pages_sync` between the byte views of a CPU device pool (pages along
+    ``page_dim``) and the host pool (pages first): one gather and one scatter."""
+    src = np.asarray(src_pages, dtype=np.intp)
+    dst = np.asarray(dst_pages, dtype=np.intp)
+    if direction is Direction.D2H:
+        host_kv[dst] = np.moveaxis(device_kv[(slice(None),) * page_dim + (src,)], page_dim, 0)
+    else:
+        device_kv[(slice(None),) * page_dim + (dst,)] = np.moveaxis(host_kv[src], 0, page_dim)
 
 
 class TransferEngine(ABC):
@@ -247,11 +279,20 @@ class CpuTransferEngine(TransferEngine):
     def __init__(self, device_pool: DevicePool, host_pool: HostPool) -> None:
         super().__init__(device_pool, host_pool)
         self._done: list[int] = []
+        # the pools' memory as numpy bytes, made once: a copy is then two numpy operations
+        self._views = (
+            (_byte_view(device_pool.kv), _byte_view(host_pool.kv))
+            if device_pool.kv.device.type == "cpu"
+            else None
+        )
 
     def _start(
         self, ack_id: int, direction: Direction, src: Sequence[int], dst: Sequence[int]
     ) -> None:
-        copy_pages_sync(self.device_pool, self.host_pool, direction, src, dst)
+        if self._views is None:
+            copy_pages_sync(self.device_pool, self.host_pool, direction, src, dst)
+        elif src:
+            _copy_cpu(*self._views, self.device_pool.page_dim, direction, src, dst)
         with self._lock:
             self._done.append(ack_id)
 

@@ -608,6 +608,14 @@ class HiRadixMachine(RuleBasedStateMachine):
                 walk(child, full)
 
         walk(cache.root, [])
+        # host eviction's candidates hold every L2-only leaf, locked or not (so evict_host
+        # picks what a walk of the whole tree would)
+        l2_leaves = {
+            n
+            for n in cache.iter_nodes()
+            if n.value is None and n.host_value is not None and not n.children
+        }
+        assert l2_leaves <= cache._host_leaves
         # host locks: exactly the paths of the prefetches in flight
         pins: Counter[int] = Counter()
         for h in self.handles:

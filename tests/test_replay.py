@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -10,12 +11,16 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import torch
 
-from hicache.replay.app import ReplaySettings, run_replay
+from hicache.packed_tokens import unpack
+from hicache.pools import DevicePool, KVLayout
+from hicache.replay.app import ReplaySettings, remove_storage, run_replay
+from hicache.replay.content import PageContent
 from hicache.replay.report import ReplayReport
 from hicache.replay.runner import ReplayError
 from hicache.replay.simulate import simulate_hierarchy, simulate_infinite, simulate_lru
-from hicache.replay.trace import expand_block, load_trace
+from hicache.replay.trace import expand_block, expand_blocks_packed, load_trace
 from hicache.storage.eviction import EvictionPolicy, make_capacity_policy
 
 #: The ``run_python`` fixture of tests/conftest.py.
@@ -284,6 +289,57 @@ def test_block_expansion_is_deterministic_and_distinct(run_python: RunPython) ->
     out = run_python(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(expand_block(99, 8))
+
+
+def test_blocks_expanded_together_equal_blocks_expanded_one_at_a_time() -> None:
+    ids = [0, 7, 99, 2**63, 2**64 - 1, 123_456_789]
+    for block_tokens in (1, 16, 512):
+        packed = expand_blocks_packed(ids, block_tokens)
+        assert [unpack(p) for p in packed] == [expand_block(b, block_tokens) for b in ids]
+    # an id beyond 64 bits takes the one-at-a-time path
+    assert unpack(expand_blocks_packed([2**70, 5], 4)[0]) == expand_block(2**70, 4)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [KVLayout(2, 2, 8, 4, torch.float16), KVLayout(3, 1, 12, 2, torch.bfloat16, mla=True)],
+    ids=["kv", "mla"],
+)
+def test_page_content_follows_the_hash_and_every_differing_page_counts(layout: KVLayout) -> None:
+    content = PageContent(layout)
+    pool = DevicePool(layout, 16, "cpu")
+    hashes = [hashlib.sha256(bytes([i])).digest() for i in range(5)]
+    pages = [9, 2, 3, 15, 0]
+    content.fill(pool, pages, hashes)
+    assert content.mismatches(pool, pages, hashes) == 0
+    for p, h in zip(pages, hashes, strict=True):
+        # the page in host layout is the module docstring's words of its hash
+        got = pool.read_page(p).view(torch.uint8).reshape(-1)
+        assert torch.equal(got, content.expected([h])[0])
+        words = got.view(torch.int64).tolist()
+        lo = int.from_bytes(h[:4], "little") & (2**31 - 1)
+        hi = int.from_bytes(h[4:8], "little") & (2**31 - 1)
+        assert words == [(i * 2654435761 + lo) ^ hi for i in range(len(words))]
+    # one byte off in one page; two pages swapped
+    last = pool.kv.view(torch.uint8).select(pool.page_dim, 3)
+    last[(-1,) * last.dim()] += 1
+    assert content.mismatches(pool, pages, hashes) == 1
+    assert content.mismatches(pool, [9, 2], [hashes[1], hashes[0]]) == 2
+
+
+def test_remove_storage_deletes_the_tree_but_not_what_links_point_to(tmp_path: Path) -> None:
+    root = tmp_path / "replay-x"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_bytes(b"k")
+    for d in ("ns/00", "ns/01", "ns/01/deeper"):
+        (root / d).mkdir(parents=True)
+        for i in range(3):
+            (root / d / f"p{i}").write_bytes(b"x" * 10)
+    (root / "ns" / "link").symlink_to(outside, target_is_directory=True)
+    remove_storage(root, progress=False)
+    assert not root.exists()
+    assert (outside / "keep").read_bytes() == b"k"
 
 
 def test_reference_simulations_reproduce_the_trace_readme() -> None:

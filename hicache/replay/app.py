@@ -4,12 +4,15 @@ references (same-policy simulation, LRU, Belady's MIN), throughput, events and s
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -343,7 +346,7 @@ def _run_planned(
             metrics_server.shutdown()
             metrics_server.server_close()
         if not settings.keep_storage:
-            shutil.rmtree(root, ignore_errors=True)
+            remove_storage(root, settings.progress)
     timeline = _timeline(requests, driver)
     return report, timeline
 
@@ -378,12 +381,44 @@ def _timeline(requests: list[TraceRequest], driver: Any) -> list[tuple[int, int,
     return rows
 
 
+#: Threads that unlink the replay's storage files: each unlink waits on the filesystem (journal,
+#: discard), not on a core, so they overlap even on a 2-core machine.
+_REMOVERS = 8
+
+
+def remove_storage(root: Path, progress: bool = False) -> None:
+    """Delete a replay's storage directory, one thread per directory at a time (of
+    ``_REMOVERS``), with a progress bar when asked. ``shutil.rmtree`` alone took ~20 s for the
+    default replay's ~16k files, part of the wall time of ``make run``."""
+    dirs = [d for d, _, _ in os.walk(root)]
+    with (
+        ThreadPoolExecutor(_REMOVERS, thread_name_prefix="replay-rm") as pool,
+        _progress(progress, len(dirs), "removing the replay's storage") as advance,
+    ):
+        for _ in pool.map(_remove_files, dirs):
+            advance()
+    shutil.rmtree(root, ignore_errors=True)  # the directories, empty by now
+
+
+def _remove_files(directory: str) -> None:
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.is_dir(follow_symlinks=False):
+            # what stays, rmtree below tries again (and ignores, as it always did here)
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+
+
 class _progress:
     """A rich progress bar when asked (and a no-op otherwise)."""
 
-    def __init__(self, enabled: bool, total: int) -> None:
+    def __init__(self, enabled: bool, total: int, what: str = "replaying") -> None:
         self.enabled = enabled
         self.total = total
+        self.what = what
         self._bar: Any = None
 
     def __enter__(self) -> Any:
@@ -393,7 +428,7 @@ class _progress:
 
         self._bar = Progress(transient=True)
         self._bar.start()
-        task = self._bar.add_task("replaying", total=self.total)
+        task = self._bar.add_task(self.what, total=self.total)
         return lambda: self._bar.advance(task)
 
     def __exit__(self, *exc: object) -> None:

@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from hicache.hiradix import HiRadixCache
-from hicache.keys import chain_hashes
+from hicache.packed_tokens import chain_hashes_packed, unpack
 from hicache.replay.content import PageContent
-from hicache.replay.trace import TraceRequest, expand_block
+from hicache.replay.trace import TraceRequest, expand_blocks_packed
 
 __all__ = ["InstanceCounters", "ReplayError", "RequestOutcome", "TraceDriver"]
 
@@ -85,21 +85,26 @@ class TraceDriver:
         self.counters = [InstanceCounters() for _ in caches]
         self._on_request = on_request
         self.sync_publish = sync_publish
-        self._block_cache: dict[int, list[int]] = {}
+        #: each block's tokens, packed (``bytes`` hold no int objects for the GC to walk)
+        self._block_cache: dict[int, bytes] = {}
         #: which instance first computed (and so published) each page, by content hash
         self._origin: dict[bytes, int] = {}
         #: events taken from the caches, by (event type, medium)
         self.events: Counter[tuple[str, str]] = Counter()
 
     def tokens_of(self, block_ids: Sequence[int]) -> list[int]:
-        out: list[int] = []
+        """The prompt of ``block_ids`` as a new list of token ids (what a tokenizer hands)."""
+        return unpack(self.packed_tokens_of(block_ids))
+
+    def packed_tokens_of(self, block_ids: Sequence[int]) -> bytes:
+        """The prompt of ``block_ids`` packed as ``keys.tokens_to_bytes`` packs tokens."""
         cache = self._block_cache
-        for b in block_ids:
-            toks = cache.get(b)
-            if toks is None:
-                toks = cache[b] = expand_block(b, self.block_tokens)
-            out += toks
-        return out
+        missing = [b for b in block_ids if b not in cache]
+        if missing:  # expanded together: one numpy pass
+            cache.update(
+                zip(missing, expand_blocks_packed(missing, self.block_tokens), strict=True)
+            )
+        return b"".join([cache[b] for b in block_ids])
 
     def run(self, requests: Sequence[TraceRequest]) -> None:
         for i, req in enumerate(requests):
@@ -113,9 +118,11 @@ class TraceDriver:
         cache = self.caches[who]
         c = self.counters[who]
         ps = self.page_size
-        tokens = self.tokens_of(block_ids)
+        packed = self.packed_tokens_of(block_ids)
+        # the cache gets a list of fresh ints, as from a tokenizer; hashes read the packed bytes
+        tokens = unpack(packed)
         n_pages = len(tokens) // ps
-        hashes = chain_hashes(cache.seed, tokens, ps)
+        hashes = chain_hashes_packed(cache.seed, packed, ps)
 
         first = cache.match_prefix(tokens)
         l1 = first.device_pages_count
