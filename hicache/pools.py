@@ -210,9 +210,11 @@ class PageAllocator:
         # within capacity: every page is freed once
         if n < _VECTOR_MIN:  # a few pages: numpy's per-call cost is more than the copy's
             self._free[top : top + n] = array("Q", reversed(batch))
-        else:
-            self._stack[top : top + n] = np.asarray(batch, dtype=np.uint64)[::-1]
-        self._mark(batch, 0)
+            self._mark(batch, 0)
+        else:  # converted once (a list), or viewed (an array), for the stack and the flags
+            pages_np = np.asarray(batch, dtype=np.uint64)
+            self._stack[top : top + n] = pages_np[::-1]
+            self._flags[pages_np] = 0
         self._top = top + n
 
 
