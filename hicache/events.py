@@ -24,7 +24,6 @@ Block hashes are event block ids (``hicache.keys.block_id``): signed int64.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -122,8 +121,19 @@ class BlockStored:
         return event
 
     def __reduce__(self) -> tuple[type[BlockStored], tuple[Any, ...]]:
-        # frozen and slotted: copy and pickle rebuild through the constructor
-        return (BlockStored, dataclasses.astuple(self))
+        # frozen and slotted: copy and pickle rebuild through the constructor, from the fields
+        # as they are (astuple would rebuild and deep-copy every list first)
+        return (
+            BlockStored,
+            (
+                self.block_hashes,
+                self.parent_block_hash,
+                self.token_ids,
+                self.block_size,
+                self.lora_id,
+                self.medium,
+            ),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (``type`` first), ready for JSON or msgpack."""
