@@ -48,6 +48,7 @@ __all__ = [
     "Direction",
     "ManualTransferEngine",
     "TransferEngine",
+    "byte_view",
     "default_engine",
     "page_runs",
 ]
@@ -120,7 +121,7 @@ def copy_pages_sync(
         return
     dim = device_pool.page_dim
     if device_pool.kv.device.type == "cpu":
-        views = _byte_view(device_pool.kv), _byte_view(host_pool.kv)
+        views = byte_view(device_pool.kv), byte_view(host_pool.kv)
         _copy_cpu(*views, dim, direction, src_pages, dst_pages)
         return
     dev = device_pool.kv.device
@@ -133,7 +134,7 @@ def copy_pages_sync(
         device_pool.kv.movedim(dim, 0).index_copy_(0, _index(dst_pages, dev), data.to(dev))
 
 
-def _byte_view(kv: torch.Tensor) -> np.ndarray:
+def byte_view(kv: torch.Tensor) -> np.ndarray:
     """A CPU pool's ``kv`` as a writable numpy array of bytes over the same memory (its last
     dimension counted in bytes: numpy has no bfloat16, and a copy needs no element type)."""
     return kv.view(torch.uint8).numpy()
@@ -281,7 +282,7 @@ class CpuTransferEngine(TransferEngine):
         self._done: list[int] = []
         # the pools' memory as numpy bytes, made once: a copy is then two numpy operations
         self._views = (
-            (_byte_view(device_pool.kv), _byte_view(host_pool.kv))
+            (byte_view(device_pool.kv), byte_view(host_pool.kv))
             if device_pool.kv.device.type == "cpu"
             else None
         )

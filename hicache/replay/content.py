@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from hicache.pools import DevicePool, KVLayout
+from hicache.transfer import byte_view
 
 __all__ = ["PageContent"]
 
@@ -66,7 +67,7 @@ class PageContent:
             return None
         entry = self._views.get(id(pool))
         if entry is None or entry[0] is not pool:
-            entry = self._views[id(pool)] = (pool, pool.kv.view(torch.uint8).numpy())
+            entry = self._views[id(pool)] = (pool, byte_view(pool.kv))
         return entry[1]
 
     def fill(self, pool: DevicePool, pages: Sequence[int], hashes: Sequence[bytes]) -> None:
