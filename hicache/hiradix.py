@@ -441,12 +441,7 @@ class HiRadixCache(RadixCache):
         """Add ``node`` to host eviction's candidates if it is now an L2-only leaf. Called
         wherever a node can become one: its device pages go (:meth:`_evict_node`), its last
         child goes (:meth:`_delete_leaf`), or a prefetch attaches it with host pages only."""
-        if (
-            node.value is None
-            and node.host_value is not None
-            and not node.children
-            and node.parent is not None
-        ):
+        if _is_host_leaf(node):
             self._host_leaves.add(node)
 
     def _evictable(self, node: TreeNode) -> bool:
@@ -481,7 +476,7 @@ class HiRadixCache(RadixCache):
         heap: list[tuple[int, int, TreeNode]] = []
         stale: list[TreeNode] = []
         for n in self._host_leaves:
-            if n.value is not None or n.host_value is None or n.children or n.parent is None:
+            if not _is_host_leaf(n):
                 stale.append(n)
             elif n.host_lock_ref == 0:
                 heap.append((n.last_access, n.id, n))
@@ -810,3 +805,14 @@ class HiRadixCache(RadixCache):
 def _host_pages(node: TreeNode) -> int:
     assert node.host_value is not None
     return len(node.host_value)
+
+
+def _is_host_leaf(node: TreeNode) -> bool:
+    """Whether ``node`` is an L2-only leaf (pages on the host only, no children, in the tree):
+    what host eviction takes."""
+    return (
+        node.value is None
+        and node.host_value is not None
+        and not node.children
+        and node.parent is not None
+    )
