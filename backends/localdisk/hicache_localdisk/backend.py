@@ -413,8 +413,12 @@ class LocalDiskBackend(Backend):
         split = len(todo) == 1
         # evicted files are not reused while these reads may hold them open
         spares = self._spares
-        reading = [keys[i] for i in todo] if spares is not None else []
-        with spares.reading(reading) if spares is not None else contextlib.nullcontext():
+        reading = (
+            spares.reading([keys[i] for i in todo])
+            if spares is not None
+            else contextlib.nullcontext()
+        )
+        with reading:
             results = self._map(
                 lambda i: io.read(
                     keys[i], dsts[i], None if now is None else now - i * _MTIME_STEP_NS, split=split
@@ -521,18 +525,7 @@ class LocalDiskBackend(Backend):
         paths = [self._layout.page_path(key) for key in keys]
         if self._shared is not None:
             return self._shared.remove(paths, self._stored, failed)
-        freed = 0
-        for path in paths:
-            try:
-                os.unlink(path)
-                freed += 1
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                log.warning("cannot remove %s: %s", path, exc)
-                if failed is not None:
-                    failed.append(path)
-        return freed
+        return sum(remove(path, failed) for path in paths)
 
     def _unlink_page(self, key: str) -> bool:
         """Unlink the file of a page the index is forgetting (it calls this under its lock)."""
