@@ -72,16 +72,14 @@ class MmapRawBaseline(RawBaseline):
         self._present = bytearray(num_pages)
         self._read_slot_file = False
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        flags = mmap.MAP_SHARED | (_MAP_POPULATE if self._prefault else 0)
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(fd, page_bytes * num_pages)
-            self._mm = mmap.mmap(fd, page_bytes * num_pages, flags=flags)
-        finally:
-            os.close(fd)
+        flags = self._map_flags()
+        self._mm = _map_scratch(self._path, page_bytes * num_pages, flags)
         self._view = memoryview(self._mm)
         self._read_offsets = [i * page_bytes for i in range(num_pages)]
         self._map_slot_file(page_bytes, num_pages, flags)
+
+    def _map_flags(self) -> int:
+        return mmap.MAP_SHARED | (_MAP_POPULATE if self._prefault else 0)
 
     def _map_slot_file(self, page_bytes: int, num_pages: int, flags: int) -> None:
         """Read gets out of the slot file's payloads when it has a slot of ``page_bytes`` for
@@ -156,13 +154,7 @@ class MmapRawBaseline(RawBaseline):
             return ()
         path = Path(f"{self._slot_path}.bench-fresh-{os.getpid()}")
         size = page_bytes * pages
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            flags = mmap.MAP_SHARED | (_MAP_POPULATE if self._prefault else 0)
-            mm = mmap.mmap(fd, size, flags=flags)
-        finally:
-            os.close(fd)
+        mm = _map_scratch(path, size, self._map_flags())
         view = memoryview(mm)
         try:
             page = memoryview(bytes(range(256)) * (page_bytes // 256) + bytes(page_bytes % 256))
@@ -181,6 +173,16 @@ class MmapRawBaseline(RawBaseline):
                 "gets from a file created after the round, the limit before 2026-12-07",
             ),
         )
+
+
+def _map_scratch(path: Path, size: int, flags: int) -> mmap.mmap:
+    """A new owner-only file of ``size`` bytes at ``path``, mapped shared with ``flags``."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size, flags=flags)
+    finally:
+        os.close(fd)
 
 
 def _timed_gets(view: memoryview, page_bytes: int, pages: int, threads: int) -> float:
