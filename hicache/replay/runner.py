@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from hicache.events import KVEvent
 from hicache.hiradix import HiRadixCache
 from hicache.packed_tokens import chain_hashes_packed, unpack
 from hicache.replay.content import PageContent
@@ -93,8 +94,8 @@ class TraceDriver:
         self._block_cache: dict[int, bytes] = {}
         #: which instance first computed (and so published) each page, by content hash
         self._origin: dict[bytes, int] = {}
-        #: events taken from the caches, by (event type, medium)
-        self.events: Counter[tuple[str, str]] = Counter()
+        #: events taken from the caches, by (event class, medium as it is): named at the end
+        self._events: Counter[tuple[type, object]] = Counter()
 
     def tokens_of(self, block_ids: Sequence[int]) -> list[int]:
         """The prompt of ``block_ids`` as a new list of token ids (what a tokenizer hands)."""
@@ -208,11 +209,19 @@ class TraceDriver:
         c.per_request.append((n_pages, l1, l2, l3))
         return RequestOutcome(n_pages, l1, l2, l3, from_other)
 
+    @property
+    def events(self) -> Counter[tuple[str, str]]:
+        """Events taken from the caches, by (event type, medium)."""
+        out: Counter[tuple[str, str]] = Counter()
+        for (kind, medium), n in self._events.items():
+            out[(kind.__name__, str(medium))] += n
+        return out
+
     def take_events(self, cache: HiRadixCache) -> None:
         """Count the cache's queued events and hand them to its publisher, if it has one."""
         events = cache.take_events()
-        for ev in events:
-            self.events[(type(ev).__name__, str(getattr(ev, "medium", "-")))] += 1
+        # counted by class and medium as they are (one Counter pass in C); named when read
+        self._events.update(map(_event_kind, events))
         if events and cache.event_publisher is not None:
             cache.event_publisher.publish(events)
 
@@ -226,3 +235,7 @@ class TraceDriver:
                 cache.storage.wait_idle()
             cache.writing_check()
             self.take_events(cache)
+
+
+def _event_kind(event: KVEvent) -> tuple[type, object]:
+    return type(event), getattr(event, "medium", "-")

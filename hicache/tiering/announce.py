@@ -62,6 +62,9 @@ __all__ = [
     "WithheldPages",
 ]
 
+_OK = PageStatus.OK
+_EXISTS = PageStatus.ALREADY_EXISTS
+
 #: Block ids remembered per tier as "stored there" (for parent checks), ~100 bytes each.
 DEFAULT_KNOWN_CAPACITY = 1 << 20
 #: Evictions remembered per tier by report number (see :class:`EvictionLog`), at most.
@@ -369,10 +372,14 @@ class Announcer:
         """Advance every tier along ``group``'s batches, in order; return whether any moved."""
         moved = False
         for name, prog in group.progress.items():
-            known = self.known[name]
+            # the per-page checks read these tables directly: a method call per page (known's
+            # ``__contains__``, the log's ``evicted_since``, the Counter's ``__delitem__``) was
+            # a third of this loop
+            known = self.known[name]._ids
             unresolved = self.unresolved[name]
             withheld = self.withheld[name]
             log = self.evictions[name]
+            evicted_at = log._at
             while prog.next_batch < len(group.batches):
                 if name not in group.targets[prog.next_batch]:
                     prog.next_batch += 1  # a batch for other tiers only (a republish)
@@ -384,39 +391,42 @@ class Announcer:
                 if statuses is None and pages:
                     break  # this tier's result for the next batch is still in flight
                 mark = group.marks.get((name, prog.next_batch), 0)
+                # a page evicted after its put was handed out: that eviction may have removed
+                # what this put stored (its report came first); see EvictionLog.evicted_since
+                any_evicted = log.floor > mark
                 waiting = False
                 while prog.next_page < len(pages):
                     page = pages[prog.next_page]
+                    bid = page.block_id
                     assert statuses is not None
-                    # a page evicted after its put was handed out: that eviction may have
-                    # removed what this put stored (its report came first)
-                    stored = statuses[prog.next_page].stored and not log.evicted_since(
-                        page.block_id, mark
+                    status = statuses[prog.next_page]
+                    stored = (status is _OK or status is _EXISTS) and not (
+                        any_evicted or evicted_at.get(bid, 0) > mark
                     )
-                    if stored and not prog.broken:
-                        parent = page.parent_block_id
-                        if parent is not None and parent not in known:
-                            if unresolved[parent] > 0:
-                                waiting = True  # the parent's own publish is still open
-                                break
-                            prog.broken = True  # the head is not on this tier
-                    unresolved[page.block_id] -= 1
-                    if unresolved[page.block_id] <= 0:
-                        del unresolved[page.block_id]
+                    parent = page.parent_block_id
+                    if stored and not prog.broken and parent is not None and parent not in known:
+                        if unresolved[parent] > 0:
+                            waiting = True  # the parent's own publish is still open
+                            break
+                        prog.broken = True  # the head is not on this tier
+                    left = unresolved[bid] - 1
+                    if left > 0:
+                        unresolved[bid] = left
+                    else:
+                        unresolved.pop(bid, None)
                     prog.next_page += 1
                     moved = True
                     if prog.broken or not stored:
                         prog.broken = True
                         self._unannounced(name)
-                        parent = page.parent_block_id
                         if stored and parent is not None and parent not in known:
                             # on the tier, its head not (yet): announced right after the head
                             withheld.add(page)
                         continue
-                    if page.block_id in known:
+                    if bid in known:
                         # announced before and still there (published again after an L2
                         # eviction, or read back from the tier): once per residency
-                        known.add(page.block_id)
+                        self.known[name].add(bid)
                         continue
                     self._stored(name, page, events)
                 if waiting:
