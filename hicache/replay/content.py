@@ -84,8 +84,9 @@ class PageContent:
         return entry[1]
 
     def _torch_rows(self, pool: DevicePool) -> torch.Tensor:
-        """``pool.kv`` as ``(lead, num_pages, row bytes)`` uint8 over the same memory."""
-        return pool.kv.view(torch.uint8).reshape(self._lead, pool.num_pages, -1)
+        """``pool.kv`` as ``(lead, num_pages, row bytes)`` uint8 over the same memory (``view``
+        raises where ``reshape`` would quietly copy, and a fill would then be lost)."""
+        return pool.kv.view(torch.uint8).view(self._lead, pool.num_pages, -1)
 
     def fill(self, pool: DevicePool, pages: Sequence[int], hashes: Sequence[bytes]) -> None:
         """Write the expected content of ``hashes`` into device ``pages``."""
