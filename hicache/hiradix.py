@@ -68,6 +68,7 @@ from hicache.keys import (
     seed_hash,
     storage_key,
 )
+from hicache.packed_tokens import TOKEN_BYTES
 from hicache.pending_writes import PendingWrite, PendingWrites
 from hicache.pools import DevicePool, HostPool
 from hicache.prefetches import Prefetches, PrefetchHandle
@@ -376,8 +377,8 @@ class HiRadixCache(RadixCache):
     def _node_pages(self, node: TreeNode) -> list[PublishPage]:
         """``node``'s host pages as the engine publishes them, chained, in prefix order."""
         assert node.host_value is not None
-        ps = self.page_size
-        key = node.key
+        step = self.page_size * TOKEN_BYTES
+        tokens = node.tokens  # packed: an event decodes a page's tokens only when read
         parent = self.parent_block_hash(node)
         hashes = self.node_hashes(node)
         pages = []
@@ -385,7 +386,9 @@ class HiRadixCache(RadixCache):
         for j, (h, bid, hp) in enumerate(
             zip(hashes, block_ids(hashes), node.host_value, strict=True)
         ):
-            pages.append(PublishPage(storage_key(h), hp, bid, parent, key[j * ps : (j + 1) * ps]))
+            pages.append(
+                PublishPage(storage_key(h), hp, bid, parent, tokens[j * step : (j + 1) * step])
+            )
             parent = bid
         return pages
 

@@ -389,13 +389,17 @@ class RadixCache:
     def _device_candidates(self) -> list[tuple[int, int, TreeNode]]:
         heap = []
         stack = [self.root]
+        evictable = self._evictable
         while stack:
             node = stack.pop()
+            leaf = True
             for c in node.children.values():
                 # device nodes are ancestor-closed: nothing below an L2-only node is on device
                 if c.value is not None:
                     stack.append(c)
-            if self._evictable(node):
+                    leaf = False
+            # a node with a device child is never evictable: most of the tree is asked nothing
+            if leaf and evictable(node):
                 heap.append((node.last_access, node.id, node))
         heapq.heapify(heap)
         return heap

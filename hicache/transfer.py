@@ -29,6 +29,7 @@ the ack id (``wait`` it, or ``CudaTransferEngine.stream_wait(ack_id)`` on the co
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from abc import ABC, abstractmethod
 from array import array
@@ -50,6 +51,7 @@ __all__ = [
     "TransferEngine",
     "byte_view",
     "default_engine",
+    "device_rows",
     "page_runs",
 ]
 
@@ -121,8 +123,7 @@ def copy_pages_sync(
         return
     dim = device_pool.page_dim
     if device_pool.kv.device.type == "cpu":
-        views = byte_view(device_pool.kv), byte_view(host_pool.kv)
-        _copy_cpu(*views, dim, direction, src_pages, dst_pages)
+        _copy_cpu(*_cpu_rows(device_pool, host_pool), direction, src_pages, dst_pages)
         return
     dev = device_pool.kv.device
     if direction is Direction.D2H:
@@ -140,22 +141,37 @@ def byte_view(kv: torch.Tensor) -> np.ndarray:
     return kv.view(torch.uint8).numpy()
 
 
+def device_rows(kv: torch.Tensor, page_dim: int) -> np.ndarray:
+    """A CPU device pool's ``kv`` (pages along ``page_dim``) as writable numpy bytes over the
+    same memory, ``(lead, num_pages, row)``: ``lead`` rows per page (one per K/V and layer), each
+    the ``row`` bytes the pool keeps contiguous per page. Three dimensions, not six: numpy's
+    indexing then walks whole rows, not every small dimension of a page."""
+    b = byte_view(kv)
+    return b.reshape(math.prod(b.shape[:page_dim]), b.shape[page_dim], -1)
+
+
+def _cpu_rows(device_pool: DevicePool, host_pool: HostPool) -> tuple[np.ndarray, np.ndarray]:
+    """Both CPU pools as rows: the device pool as :func:`device_rows`, the host pool (pages
+    first) as ``(num_pages, lead, row)``, so a host page's rows line up with a device page's."""
+    dev = device_rows(device_pool.kv, device_pool.page_dim)
+    return dev, byte_view(host_pool.kv).reshape(host_pool.num_pages, dev.shape[0], -1)
+
+
 def _copy_cpu(
-    device_kv: np.ndarray,
-    host_kv: np.ndarray,
-    page_dim: int,
+    dev: np.ndarray,
+    host: np.ndarray,
     direction: Direction,
     src_pages: Sequence[int],
     dst_pages: Sequence[int],
 ) -> None:
-    """:func:`copy_pages_sync` between the byte views of a CPU device pool (pages along
-    ``page_dim``) and the host pool (pages first): one gather and one scatter."""
+    """:func:`copy_pages_sync` between the rows of a CPU device pool and of the host pool
+    (:func:`_cpu_rows`): one gather and one scatter for the whole batch."""
     src = np.asarray(src_pages, dtype=np.intp)
     dst = np.asarray(dst_pages, dtype=np.intp)
     if direction is Direction.D2H:
-        host_kv[dst] = np.moveaxis(device_kv[(slice(None),) * page_dim + (src,)], page_dim, 0)
+        host[dst] = dev[:, src].transpose(1, 0, 2)
     else:
-        device_kv[(slice(None),) * page_dim + (dst,)] = np.moveaxis(host_kv[src], 0, page_dim)
+        dev[:, dst] = host[src].transpose(1, 0, 2)
 
 
 class TransferEngine(ABC):
@@ -282,9 +298,7 @@ class CpuTransferEngine(TransferEngine):
         self._done: list[int] = []
         # the pools' memory as numpy bytes, made once: a copy is then two numpy operations
         self._views = (
-            (byte_view(device_pool.kv), byte_view(host_pool.kv))
-            if device_pool.kv.device.type == "cpu"
-            else None
+            _cpu_rows(device_pool, host_pool) if device_pool.kv.device.type == "cpu" else None
         )
 
     def _start(
@@ -293,7 +307,7 @@ class CpuTransferEngine(TransferEngine):
         if self._views is None:
             copy_pages_sync(self.device_pool, self.host_pool, direction, src, dst)
         elif src:
-            _copy_cpu(*self._views, self.device_pool.page_dim, direction, src, dst)
+            _copy_cpu(*self._views, direction, src, dst)
         with self._lock:
             self._done.append(ack_id)
 

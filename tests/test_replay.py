@@ -302,29 +302,69 @@ def test_blocks_expanded_together_equal_blocks_expanded_one_at_a_time() -> None:
 
 @pytest.mark.parametrize(
     "layout",
-    [KVLayout(2, 2, 8, 4, torch.float16), KVLayout(3, 1, 12, 2, torch.bfloat16, mla=True)],
-    ids=["kv", "mla"],
+    [
+        KVLayout(2, 2, 8, 4, torch.float16),
+        KVLayout(3, 1, 12, 2, torch.bfloat16, mla=True),
+        # rows of 6 bytes (page_size * heads * head_dim * itemsize): 2-byte words
+        KVLayout(2, 1, 3, 1, torch.float16),
+    ],
+    ids=["kv", "mla", "narrow-rows"],
 )
-def test_page_content_follows_the_hash_and_every_differing_page_counts(layout: KVLayout) -> None:
+@pytest.mark.parametrize("path", ["numpy", "torch"])
+def test_page_content_follows_the_hash_and_every_differing_page_counts(
+    layout: KVLayout, path: str
+) -> None:
     content = PageContent(layout)
+    if path == "torch":
+        # the route a pool on another device takes (no GPU here): torch copies and indexing
+        content._rows = lambda pool: None  # type: ignore[method-assign]
     pool = DevicePool(layout, 16, "cpu")
     hashes = [hashlib.sha256(bytes([i])).digest() for i in range(5)]
     pages = [9, 2, 3, 15, 0]
     content.fill(pool, pages, hashes)
     assert content.mismatches(pool, pages, hashes) == 0
+    row = layout.page_size * layout.num_kv_heads * layout.head_dim * layout.itemsize
+    width = 8 if row % 8 == 0 else 2
     for p, h in zip(pages, hashes, strict=True):
         # the page in host layout is the module docstring's words of its hash
         got = pool.read_page(p).view(torch.uint8).reshape(-1)
         assert torch.equal(got, content.expected([h])[0])
-        words = got.view(torch.int64).tolist()
-        lo = int.from_bytes(h[:4], "little") & (2**31 - 1)
-        hi = int.from_bytes(h[4:8], "little") & (2**31 - 1)
-        assert words == [(i * 2654435761 + lo) ^ hi for i in range(len(words))]
+        words = [
+            int.from_bytes(got[i : i + width].numpy().tobytes(), "little")
+            for i in range(0, len(got), width)
+        ]
+        c = int.from_bytes(h[:width], "little")
+        mask = (1 << 8 * width) - 1
+        assert words == [(i * 2654435761 & mask) ^ c for i in range(len(words))]
     # one byte off in one page; two pages swapped
     last = pool.kv.view(torch.uint8).select(pool.page_dim, 3)
     last[(-1,) * last.dim()] += 1
     assert content.mismatches(pool, pages, hashes) == 1
     assert content.mismatches(pool, [9, 2], [hashes[1], hashes[0]]) == 2
+
+
+def test_page_content_catches_torn_stale_and_shuffled_pages() -> None:
+    layout = KVLayout(2, 2, 8, 4, torch.float16)
+    content = PageContent(layout)
+    pool = DevicePool(layout, 8, "cpu")
+    hashes = [hashlib.sha256(bytes([i])).digest() for i in range(4)]
+    content.fill(pool, [0, 1, 2, 3], hashes)
+    assert content.mismatches(pool, [0, 1, 2, 3], hashes) == 0
+    d = pool.page_dim
+    # torn: page 1's second layer is page 0's (a copy that stopped half-way)
+    pool.kv.select(d - 1, 1).select(d - 1, 1).copy_(pool.kv.select(d - 1, 1).select(d - 1, 0))
+    # shuffled: page 2's K and V rows swapped (right bytes, wrong places)
+    k = pool.kv[0].select(d - 1, 2).clone()
+    pool.kv[0].select(d - 1, 2).copy_(pool.kv[1].select(d - 1, 2))
+    pool.kv[1].select(d - 1, 2).copy_(k)
+    # stale: page 3 still holds another block's content (a page of a different hash)
+    content.fill(pool, [3], [hashlib.sha256(b"other").digest()])
+    assert content.mismatches(pool, [0], hashes[:1]) == 0
+    for p in (1, 2, 3):
+        assert content.mismatches(pool, [p], hashes[p : p + 1]) == 1
+    assert content.mismatches(pool, [0, 1, 2, 3], hashes) == 3
+    with pytest.raises(ValueError, match="2 pages but 1 hashes"):
+        content.mismatches(pool, [0, 1], hashes[:1])
 
 
 def test_remove_storage_deletes_the_tree_but_not_what_links_point_to(tmp_path: Path) -> None:

@@ -2,14 +2,20 @@
 gets back from a lower tier.
 
 The content of a page is a pure function of its chained content hash (which covers its tokens
-and every token before it): 64-bit words ``(i * 2654435761 + lo) ^ hi`` where ``lo`` and ``hi``
-are 31-bit slices of the hash. Two different pages collide only if 62 bits of their hashes do.
+and every token before it): word ``i`` of the page (in host layout) is ``(i * 2654435761) ^ c``,
+truncated to the word, where ``c`` is the hash's first bytes, little-endian. Words are 8 bytes
+(so two different pages collide only if 64 bits of their hashes do) unless a page's rows in
+the device pool (the bytes one layer keeps contiguous per page: ``page_size * heads * head_dim
+* itemsize``) are not a multiple of 8: then words are the largest of 4, 2 or 1 bytes that
+divides them. A page of another block, a stale page, a torn page (rows of two pages) or a page
+whose rows moved all differ from it.
 
-A replay fills and checks a handful of small pages per request, so the cost is the number of
-array operations, not the bytes: the words of a batch are built in one numpy pass over
-precomputed ``i * 2654435761``, and a CPU device pool is written and read through a numpy view
-of its memory, one fancy-index assignment (or gather) for the whole batch. A pool on another
-device goes through torch (one host-to-device copy and one ``index_copy_``).
+A replay fills and checks a handful of small pages per request, on the serving thread, so the
+cost is the number of array operations and the bytes they write: the words of a batch are built
+by one XOR of the precomputed ``i * 2654435761`` with the pages' ``c``, directly in the device
+pool's layout (rows by layer, then page), so a fill is that XOR and one scatter, and a check is
+one gather, that XOR and one comparison. A pool on another device goes through torch (one
+host-to-device copy and one ``index_copy_``).
 """
 
 from __future__ import annotations
@@ -20,14 +26,18 @@ import numpy as np
 import torch
 
 from hicache.pools import DevicePool, KVLayout
-from hicache.transfer import byte_view
+from hicache.transfer import device_rows
 
 __all__ = ["PageContent"]
 
 _MULT = 2654435761
-_MASK31 = (1 << 31) - 1
-#: A content hash's first 8 bytes hold ``lo`` and ``hi``.
-_HEAD = 8
+#: Unsigned word types by width.
+_WORDS: dict[int, np.dtype[np.unsignedinteger]] = {
+    8: np.dtype("<u8"),
+    4: np.dtype("<u4"),
+    2: np.dtype("<u2"),
+    1: np.dtype("u1"),
+}
 
 
 class PageContent:
@@ -37,70 +47,77 @@ class PageContent:
         if layout.page_bytes % 8:
             raise ValueError(f"page_bytes must be a multiple of 8, got {layout.page_bytes}")
         self.layout = layout
-        self._words = np.arange(layout.page_bytes // 8, dtype=np.int64) * _MULT
-        # one page as bytes in host layout: page_shape with the last dim counted in bytes
-        *lead, last = layout.page_shape
-        self._byte_shape = (*lead, last * layout.itemsize)
-        #: numpy byte views of CPU device pools' memory, by pool (the pool kept alive with it)
+        # a page in a device pool is ``lead`` rows of ``row`` bytes (one per K/V and layer)
+        row = layout.page_size * layout.num_kv_heads * layout.head_dim * layout.itemsize
+        self._lead = layout.page_bytes // row
+        width = next(w for w in (8, 4, 2, 1) if row % w == 0)
+        self._word = _WORDS[width]
+        self._row_words = row // width
+        i = np.arange(layout.page_bytes // width, dtype=np.uint64) * np.uint64(_MULT)
+        #: ``i * 2654435761`` of a page's words in device order: (lead, 1, words per row)
+        self._grid = i.astype(self._word).reshape(self._lead, 1, self._row_words)
+        #: numpy row views of CPU device pools' memory, by pool (the pool kept alive with it)
         self._views: dict[int, tuple[DevicePool, np.ndarray]] = {}
 
     def expected(self, hashes: Sequence[bytes]) -> torch.Tensor:
-        """The pages of ``hashes`` as a ``(n, page_bytes)`` uint8 tensor."""
-        return torch.from_numpy(self._expected_words(hashes).view(np.uint8))
+        """The pages of ``hashes`` as a ``(n, page_bytes)`` uint8 tensor (host layout)."""
+        rows = self._expected_rows(hashes).view(np.uint8)
+        pages = rows.transpose(1, 0, 2).reshape(len(hashes), self.layout.page_bytes)
+        return torch.from_numpy(np.ascontiguousarray(pages))
 
-    def _expected_words(self, hashes: Sequence[bytes]) -> np.ndarray:
-        """The pages of ``hashes`` as ``(n, page_bytes // 8)`` int64 words."""
-        head = b"".join([h[:_HEAD] for h in hashes])
-        lo_hi = np.frombuffer(head, dtype="<u4").reshape(len(hashes), 2).astype(np.int64)
-        lo_hi &= _MASK31
-        words = self._words[None, :] + lo_hi[:, 0:1]
-        words ^= lo_hi[:, 1:2]
-        return words
+    def _expected_rows(self, hashes: Sequence[bytes]) -> np.ndarray:
+        """The pages of ``hashes`` in device order: ``(lead, n, words per row)`` words."""
+        w = self._word.itemsize
+        c = np.frombuffer(b"".join([h[:w] for h in hashes]), dtype=self._word)
+        rows: np.ndarray = np.bitwise_xor(self._grid, c[:, None])
+        return rows
 
-    def _expected_pages(self, hashes: Sequence[bytes]) -> np.ndarray:
-        """The pages of ``hashes`` as ``(n, *page_shape)`` bytes (last dim in bytes)."""
-        return self._expected_words(hashes).view(np.uint8).reshape(len(hashes), *self._byte_shape)
-
-    def _cpu_view(self, pool: DevicePool) -> np.ndarray | None:
-        """``pool.kv`` as a writable numpy byte array over the same memory (CPU pools only)."""
+    def _rows(self, pool: DevicePool) -> np.ndarray | None:
+        """``pool.kv`` as writable ``(lead, num_pages, words per row)`` words over the same
+        memory (CPU pools only), made once per pool."""
         if pool.kv.device.type != "cpu":
             return None
         entry = self._views.get(id(pool))
         if entry is None or entry[0] is not pool:
-            entry = self._views[id(pool)] = (pool, byte_view(pool.kv))
+            rows = device_rows(pool.kv, pool.page_dim).view(self._word)
+            entry = self._views[id(pool)] = (pool, rows)
         return entry[1]
+
+    def _torch_rows(self, pool: DevicePool) -> torch.Tensor:
+        """``pool.kv`` as ``(lead, num_pages, row bytes)`` uint8 over the same memory (``view``
+        raises where ``reshape`` would quietly copy, and a fill would then be lost)."""
+        return pool.kv.view(torch.uint8).view(self._lead, pool.num_pages, -1)
 
     def fill(self, pool: DevicePool, pages: Sequence[int], hashes: Sequence[bytes]) -> None:
         """Write the expected content of ``hashes`` into device ``pages``."""
         if not len(pages):
             return
-        data = self._expected_pages(hashes)
-        d = pool.page_dim
-        view = self._cpu_view(pool)
-        if view is not None:
-            where = (slice(None),) * d + (np.asarray(pages, dtype=np.intp),)
-            view[where] = np.moveaxis(data, 0, d)
+        if len(pages) != len(hashes):
+            raise ValueError(f"{len(pages)} pages but {len(hashes)} hashes")
+        want = self._expected_rows(hashes)
+        rows = self._rows(pool)
+        if rows is not None:
+            rows[:, np.asarray(pages, dtype=np.intp)] = want
             return
-        kv = torch.from_numpy(data).view(self.layout.dtype).to(pool.device)
+        data = torch.from_numpy(want.view(np.uint8)).to(pool.device)
         index = torch.tensor(list(pages), dtype=torch.int64, device=pool.device)
-        pool.kv.index_copy_(d, index, kv.movedim(0, d))
+        self._torch_rows(pool).index_copy_(1, index, data)
 
     def mismatches(self, pool: DevicePool, pages: Sequence[int], hashes: Sequence[bytes]) -> int:
         """How many of device ``pages`` differ from the content of ``hashes``."""
         n = len(pages)
         if not n:
             return 0
-        want = self._expected_pages(hashes)
-        d = pool.page_dim
-        view = self._cpu_view(pool)
-        if view is not None:
-            got = view[(slice(None),) * d + (np.asarray(pages, dtype=np.intp),)]
-            if np.array_equal(got, np.moveaxis(want, 0, d)):
-                return 0  # the usual case: one comparison for the whole batch
-            got = np.moveaxis(got, d, 0)
+        if n != len(hashes):
+            raise ValueError(f"{n} pages but {len(hashes)} hashes")
+        want = self._expected_rows(hashes)
+        rows = self._rows(pool)
+        if rows is not None:
+            got = rows[:, np.asarray(pages, dtype=np.intp)]
         else:
             index = torch.tensor(list(pages), dtype=torch.int64, device=pool.device)
-            pages_major = pool.kv.index_select(d, index).movedim(d, 0).contiguous()
-            got = pages_major.cpu().view(torch.uint8).numpy()
-        same = (got.reshape(n, -1) == want.reshape(n, -1)).all(axis=1)
-        return int(n - np.count_nonzero(same))
+            picked = self._torch_rows(pool).index_select(1, index).cpu().numpy()
+            got = picked.view(self._word)
+        if np.array_equal(got, want):
+            return 0  # the usual case: one comparison for the whole batch
+        return int(np.count_nonzero((got != want).any(axis=(0, 2))))
