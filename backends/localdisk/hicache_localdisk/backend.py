@@ -223,6 +223,8 @@ class LocalDiskBackend(Backend):
         pages = swept.pages
         if not opts.shared:
             pages += self._load_packs(scan.packs, pages, writable)
+        elif scan.packs and writable:
+            self._drop_packs(scan.packs)
         used = sum(p.size for p in pages)
         if opts.max_bytes is not None:
             self._max_bytes = opts.max_bytes
@@ -329,6 +331,17 @@ class LocalDiskBackend(Backend):
             for path in scanned.empty or []:
                 remove(path)
         return [ScannedPage(rec.key, self._stored, rec.mtime_ns) for rec in best.values()]
+
+    def _drop_packs(self, found: list[ScannedPack]) -> None:
+        """Shared mode: packs a single-process run left are removed, their pages dropped
+        (other processes find pages by their file names, so packed ones cannot be shared)."""
+        removed = sum(remove(pack.path) for pack in found)
+        log.warning(
+            "localdisk %s: shared mode: %d pack file(s) of a single-process run removed "
+            "(their pages are dropped from the cache)",
+            self._layout.ns_dir,
+            removed,
+        )
 
     def _join_shared(self) -> bool:
         """Open the shared state before the scan; True when no other process has the root."""
@@ -653,7 +666,22 @@ class LocalDiskBackend(Backend):
     def _remove_pages(self, keys: Sequence[str], failed: list[str] | None = None) -> int:
         """Unlink page files (missing ones are fine); return how many this call removed."""
         packs = self._packs
-        packed = packs.forget(keys) if packs is not None else 0
+        packed = 0
+        if packs is not None:
+            located = {key: rec for key in keys if (rec := packs.located.get(key)) is not None}
+            if located and failed is not None:
+                # a delete that cannot punch (a read-only filesystem) must fail, the page kept
+                stuck = {
+                    path
+                    for path in {rec[0].path for rec in located.values()}
+                    if not os.access(path, os.W_OK)
+                }
+                for key, rec in list(located.items()):
+                    if rec[0].path in stuck:
+                        failed.append(self._layout.page_path(key))
+                        del located[key]
+            packed = packs.forget(list(located))
+            keys = [key for key in keys if key not in located]
         paths = [self._layout.page_path(key) for key in keys]
         if self._shared is not None:
             return self._shared.remove(paths, self._stored, failed)

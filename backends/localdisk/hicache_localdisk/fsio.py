@@ -416,7 +416,11 @@ def punch_supported(directory: str) -> bool:
     the first punched; ``False`` (with the reason logged) where that fails."""
     probe = f"{directory}/.hicache-punch-probe-{os.getpid()}-{threading.get_ident()}"
     try:
-        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        log.info("cannot probe hole punching under %s: %s", directory, exc)
+        return False
+    try:
         try:
             os.pwrite(fd, b"\xff" * (2 * DIRECT_ALIGN), 0)
             punch_hole(fd, 0, DIRECT_ALIGN)
@@ -427,4 +431,6 @@ def punch_supported(directory: str) -> bool:
         log.info("cannot punch holes in files under %s: %s", directory, exc)
         ok = False
     remove(probe)
+    if not ok:
+        log.info("%s: pages are stored one file each (no hole punching)", directory)
     return ok

@@ -123,7 +123,7 @@ def scan_packs(
     assert result.empty is not None
     for pack in packs:
         try:
-            fd = open_regular(pack.path, os.O_RDWR if writable else 0)
+            fd = open_regular(pack.path)
         except OSError as exc:
             log.warning("cannot read pack %s: %s", pack.path, exc)
             continue
@@ -150,20 +150,36 @@ def scan_packs(
                 found += 1
                 mtime = pack.mtime_ns - (off // stored) * step_ns
                 result.records.append(ScannedRecord(decoded.key, pack.path, off, mtime))
-            if writable and found >= 0:
-                for off in torn:
-                    with contextlib.suppress(OSError):
-                        punch_hole(fd, off, stored)
         except OSError as exc:
             log.warning("cannot read pack %s: %s", pack.path, exc)
         finally:
             os.close(fd)
+        if writable and found >= 0 and torn:
+            _punch_records(pack.path, torn, stored)
         result.damaged += len(torn)
         if found < 0:
             result.foreign += 1
         elif found == 0:
             result.empty.append(pack.path)
     return result
+
+
+def _punch_records(path: str, offsets: Sequence[int], stored: int) -> None:
+    """Punch records of the pack at ``path`` (one open); failures are logged."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("cannot punch records of %s: %s", path, exc)
+        return
+    try:
+        for off in sorted(offsets):
+            punch_hole(fd, off, stored)
+    except OSError as exc:
+        log.warning("cannot punch records of %s: %s", path, exc)
+    finally:
+        os.close(fd)
 
 
 class PackFiles:
@@ -454,25 +470,11 @@ class PackFiles:
             for pack, offs in by_pack.items():
                 pack.remaining -= len(offs)
                 plan.append((pack, offs, pack.remaining <= 0))
-        stored = self.stored_bytes
         for pack, offs, last in plan:
             if last:
                 remove(pack.path)
-                continue
-            try:
-                fd = os.open(pack.path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                self._log_failure("punch", pack.path, exc)
-                continue
-            try:
-                for off in sorted(offs):
-                    punch_hole(fd, off, stored)
-            except OSError as exc:
-                self._log_failure("punch", pack.path, exc)
-            finally:
-                os.close(fd)
+            else:
+                _punch_records(pack.path, offs, self.stored_bytes)
 
     def paths(self) -> set[str]:
         """Paths of the packs holding live records."""
