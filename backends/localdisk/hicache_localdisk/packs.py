@@ -78,6 +78,9 @@ class Pack:
     path: str
     #: records still holding bytes: live, or forgotten and waiting for their punch
     remaining: int
+    #: the pack's mtime (its records' recency after a restart); a punch changes the file's
+    #: mtime, so it is set back to this after each
+    mtime_ns: int
 
 
 #: Where a packed page is: its pack and the record's offset there.
@@ -93,6 +96,7 @@ class ScannedRecord:
     offset: int
     #: the pack's mtime less one step per record before it (a batch is recorded tail first)
     mtime_ns: int
+    pack_mtime_ns: int
 
 
 @dataclass(slots=True)
@@ -149,13 +153,15 @@ def scan_packs(
                     break
                 found += 1
                 mtime = pack.mtime_ns - (off // stored) * step_ns
-                result.records.append(ScannedRecord(decoded.key, pack.path, off, mtime))
+                result.records.append(
+                    ScannedRecord(decoded.key, pack.path, off, mtime, pack.mtime_ns)
+                )
         except OSError as exc:
             log.warning("cannot read pack %s: %s", pack.path, exc)
         finally:
             os.close(fd)
         if writable and found >= 0 and torn:
-            _punch_records(pack.path, torn, stored)
+            _punch_records(pack.path, torn, stored, pack.mtime_ns)
         result.damaged += len(torn)
         if found < 0:
             result.foreign += 1
@@ -164,8 +170,9 @@ def scan_packs(
     return result
 
 
-def _punch_records(path: str, offsets: Sequence[int], stored: int) -> None:
-    """Punch records of the pack at ``path`` (one open); failures are logged."""
+def _punch_records(path: str, offsets: Sequence[int], stored: int, mtime_ns: int) -> None:
+    """Punch records of the pack at ``path`` (one open), then set its mtime back to
+    ``mtime_ns`` (the recency of the records left); failures are logged."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
@@ -176,6 +183,7 @@ def _punch_records(path: str, offsets: Sequence[int], stored: int) -> None:
     try:
         for off in sorted(offsets):
             punch_hole(fd, off, stored)
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
     except OSError as exc:
         log.warning("cannot punch records of %s: %s", path, exc)
     finally:
@@ -228,7 +236,7 @@ class PackFiles:
             for rec in recs:
                 pack = packs.get(rec.path)
                 if pack is None:
-                    pack = packs[rec.path] = Pack(rec.path, 0)
+                    pack = packs[rec.path] = Pack(rec.path, 0, rec.pack_mtime_ns)
                 pack.remaining += 1
                 if live:
                     located[rec.key] = (pack, rec.offset)
@@ -290,7 +298,7 @@ class PackFiles:
             remove(tmp)
             return [PageStatus.FAILED] * len(keys)
         stored = self.stored_bytes
-        pack = Pack(path, len(keys))
+        pack = Pack(path, len(keys), mtime_ns)
         statuses: list[PageStatus] = []
         with self._lock:
             located = self.located
@@ -382,7 +390,8 @@ class PackFiles:
                 self._read_run(fd, keys, dsts, where, run, headers, out)
                 if touch_ns is not None and not self._touch_off:
                     # A pack's mtime is its records' recency after a restart: a read renews it.
-                    self._touch(fd, touch_ns - min(js) * 1000)
+                    pack.mtime_ns = touch_ns
+                    self._touch(fd, touch_ns)
             finally:
                 os.close(fd)
         return out
@@ -474,7 +483,7 @@ class PackFiles:
             if last:
                 remove(pack.path)
             else:
-                _punch_records(pack.path, offs, self.stored_bytes)
+                _punch_records(pack.path, offs, self.stored_bytes, pack.mtime_ns)
 
     def paths(self) -> set[str]:
         """Paths of the packs holding live records."""
