@@ -173,6 +173,8 @@ def scan_packs(
 def _punch_records(path: str, offsets: Sequence[int], stored: int, mtime_ns: int) -> None:
     """Punch records of the pack at ``path`` (one open), then set its mtime back to
     ``mtime_ns`` (the recency of the records left); failures are logged."""
+    if not offsets:
+        return
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
@@ -181,8 +183,15 @@ def _punch_records(path: str, offsets: Sequence[int], stored: int, mtime_ns: int
         log.warning("cannot punch records of %s: %s", path, exc)
         return
     try:
+        # adjacent records go in one punch: evictions take a batch's tail together
+        start = end = -1
         for off in sorted(offsets):
-            punch_hole(fd, off, stored)
+            if off != end:
+                if end > start:
+                    punch_hole(fd, start, end - start)
+                start = off
+            end = off + stored
+        punch_hole(fd, start, end - start)
         os.utime(fd, ns=(mtime_ns, mtime_ns))
     except OSError as exc:
         log.warning("cannot punch records of %s: %s", path, exc)
