@@ -269,3 +269,56 @@ def test_packs_are_off_where_they_do_not_apply(
         assert _packs(b) == []
         b.close()
     assert isinstance(b._packs, PackFiles | None)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_reads_racing_puts_that_punch_their_records_never_see_a_wrong_byte(
+    make_backend: Callable[..., LocalDiskBackend],
+    key_of: Callable[..., str],
+    payload_of: Callable[..., bytes],
+    disk_bytes: DiskBytes,
+    verify: bool,
+) -> None:
+    # a tiny tier: every put evicts (punches), often the very pages being read
+    b = make_backend(
+        page_bytes=PAGE, max_bytes=6 * STORED, eviction=EvictionPolicy.LRU, verify_checksums=verify
+    )
+    b.open()
+    keys = [key_of(i, "punch-race") for i in range(24)]
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def writer(t: int) -> None:
+        for r in range(60):
+            batch = [keys[(t * 5 + r * 3 + i) % len(keys)] for i in range(3)]
+            statuses = _put(b, batch, payload_of)
+            if not all(s.stored for s in statuses):
+                errors.append(f"put {statuses}")
+
+    def reader(t: int) -> None:
+        n = 0
+        while not stop.is_set():
+            batch = [keys[(t * 11 + n + i) % len(keys)] for i in range(2)]
+            n += 1
+            statuses, bufs = _read(b, batch)
+            for key, status, buf in zip(batch, statuses, bufs, strict=True):
+                if status is PageStatus.OK and bytes(buf) != payload_of(key, PAGE):
+                    errors.append(f"{key}: wrong bytes")
+                elif status not in (PageStatus.OK, PageStatus.NOT_FOUND):
+                    errors.append(f"{key}: {status}")
+
+    writers = [threading.Thread(target=writer, args=(t,)) for t in range(3)]
+    readers = [threading.Thread(target=reader, args=(t,)) for t in range(3)]
+    for th in readers + writers:
+        th.start()
+    for th in writers:
+        th.join()
+    stop.set()
+    for th in readers:
+        th.join()
+    assert errors == []
+    assert b.stats()["corrupt"] == 0
+    present = sum(b.exists(keys))
+    on_disk = disk_bytes(Path(b.layout.ns_dir), PAGE)
+    assert b.used_bytes == present * STORED == on_disk[0] <= b.max_bytes
+    b.close()
