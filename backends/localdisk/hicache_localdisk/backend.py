@@ -305,6 +305,8 @@ class LocalDiskBackend(Backend):
             file_mode=opts.file_mode,
             fsync=opts.durability is Durability.FSYNC,
             verify=opts.verify_checksums,
+            # not with fsync: a power loss could keep the overwrite and lose the rename
+            reuse=opts.durability is Durability.NONE,
         )
         if not found:
             return []

@@ -29,6 +29,10 @@ def _page_files(backend: LocalDiskBackend) -> list[Path]:
     return [p for p in Path(backend.layout.ns_dir).glob("*/*") if len(p.name) == 64]
 
 
+def _temporaries(backend: LocalDiskBackend) -> list[Path]:
+    return list(Path(backend.layout.ns_dir).glob("*/.tmp-*"))
+
+
 def _record_live(backend: LocalDiskBackend, path: str, offset: int) -> bool:
     with open(path, "rb") as f:
         f.seek(offset)
@@ -112,11 +116,28 @@ def test_eviction_punches_records_and_the_last_one_unlinks_the_pack(
     )  # first[4] is now the least recent page
     b.delete(first[:4])
     assert pack.exists()
-    third = [key_of(i, "third") for i in range(5)]
-    assert _put(b, third, payload_of) == [PageStatus.OK] * 5  # evicts first[4], the last
-    assert not pack.exists()
+    # held open, the pack's inode cannot be freed and its number handed to a new file, so the
+    # same inode below means the emptied pack was written over, not a file created
+    held = os.open(pack, os.O_RDONLY)
+    try:
+        third = [key_of(i, "third") for i in range(5)]
+        assert _put(b, third, payload_of) == [PageStatus.OK] * 5  # evicts first[4], the last
+        assert not pack.exists()
+        new = b.record_of(third[0])
+        assert new is not None and os.path.samestat(os.fstat(held), os.stat(new[0]))
+        assert os.stat(new[0]).st_size == 5 * STORED  # the old pack's tail cut off
+    finally:
+        os.close(held)
+    assert _temporaries(b) == []
     assert b.used_bytes == 8 * STORED == disk_bytes(Path(b.layout.ns_dir), PAGE)[0]
+    statuses, bufs = _read(b, third)
+    assert statuses == [PageStatus.OK] * 5
+    assert [bytes(x) for x in bufs] == [payload_of(k, PAGE) for k in third]
+    # a pack emptied by a delete waits for the next put; close removes it
+    b.delete(second + third)
+    assert len(_temporaries(b)) == 2 and _packs(b) == []
     b.close()
+    assert _temporaries(b) == []
 
 
 def test_restart_finds_exactly_the_live_packed_pages_in_their_order(
