@@ -4,7 +4,8 @@ Where things are: ``layout`` (paths, temporaries, the directory scan), ``pageio`
 calls of one page), ``packs`` (the small pages of one put in one file), ``index`` (what is
 stored, single-process capacity), ``shared`` (the cross-process counter and eviction rounds),
 ``startup`` (what ``open()`` does first). This module wires them into the contract: put, get,
-exists, delete, listing and statistics."""
+exists, delete, listing and statistics.
+"""
 
 from __future__ import annotations
 
