@@ -92,6 +92,9 @@ class Pack:
     mtime_ns: int
     #: the file's size (its records, punched or not)
     size: int
+    #: punches of its records in flight (an ``fd`` open on it): while any, an emptied pack is
+    #: unlinked, never reused (a punch could land in the next pack's records)
+    punching: int = 0
 
 
 #: Where a packed page is: its pack and the record's offset there.
@@ -525,14 +528,21 @@ class PackFiles:
             by_pack: dict[Pack, list[int]] = {}
             for pack, off in owed:
                 by_pack.setdefault(pack, []).append(off)
-            plan: list[tuple[Pack, list[int], bool]] = []
+            plan: list[tuple[Pack, list[int], bool, bool]] = []
             for pack, offs in by_pack.items():
                 pack.remaining -= len(offs)
-                plan.append((pack, offs, pack.remaining <= 0))
-        for pack, offs, last in plan:
+                last = pack.remaining <= 0
+                if not last:
+                    pack.punching += 1
+                plan.append((pack, offs, last, last and pack.punching == 0))
+        for pack, offs, last, reusable in plan:
             if not last:
-                _punch_records(pack.path, offs, self.stored_bytes, pack.mtime_ns)
-            elif not self._keep_spare(pack):
+                try:
+                    _punch_records(pack.path, offs, self.stored_bytes, pack.mtime_ns)
+                finally:
+                    with self._lock:
+                        pack.punching -= 1
+            elif not (reusable and self._keep_spare(pack)):
                 remove(pack.path)
 
     def _keep_spare(self, pack: Pack) -> bool:
