@@ -27,7 +27,8 @@ its eviction, still that key's bytes until the read ends.
 
 Emptied packs are reused (not with ``durability: fsync``, as for page files in
 :mod:`hicache_localdisk.spares`): a pack whose last record goes is renamed to a temporary of this
-process and the next pack is written over it, so a put creates no file. On ext4 creating a file
+process and truncated to nothing, and the next pack is written into it, so a put creates no
+file. On ext4 creating a file
 right after others were deleted cost ~0.9 ms of kernel time here (the inode allocator scans the
 inodes freed recently), more than everything else a put of 20 small pages does. No read can
 hold an emptied pack: a record a read named is not punched before that read ends.
@@ -90,8 +91,6 @@ class Pack:
     #: the pack's mtime (its records' recency after a restart); a punch changes the file's
     #: mtime, so it is set back to this after each
     mtime_ns: int
-    #: the file's size (its records, punched or not)
-    size: int
     #: punches of its records in flight (an ``fd`` open on it): while any, an emptied pack is
     #: unlinked, never reused (a punch could land in the next pack's records)
     punching: int = 0
@@ -111,7 +110,6 @@ class ScannedRecord:
     #: the pack's mtime less one step per record before it (a batch is recorded tail first)
     mtime_ns: int
     pack_mtime_ns: int
-    pack_size: int
 
 
 @dataclass(slots=True)
@@ -169,7 +167,7 @@ def scan_packs(
                 found += 1
                 mtime = pack.mtime_ns - (off // stored) * step_ns
                 result.records.append(
-                    ScannedRecord(decoded.key, pack.path, off, mtime, pack.mtime_ns, pack.size)
+                    ScannedRecord(decoded.key, pack.path, off, mtime, pack.mtime_ns)
                 )
         except OSError as exc:
             log.warning("cannot read pack %s: %s", pack.path, exc)
@@ -244,9 +242,9 @@ class PackFiles:
         #: records of forgotten keys a read in flight named: punched when the last such ends
         self._deferred: dict[str, list[Record]] = {}
         self._punch: list[Record] = []
-        #: emptied packs renamed to temporaries of this process, for the next writes: (path,
-        #: size); None: no reuse
-        self._spares: list[tuple[str, int]] | None = [] if reuse else None
+        #: emptied packs, renamed to temporaries of this process and truncated, for the next
+        #: writes; None: no reuse
+        self._spares: list[str] | None = [] if reuse else None
         self._local = threading.local()
         self._seq = count()
         self._touch_off = False
@@ -264,7 +262,7 @@ class PackFiles:
             for rec in recs:
                 pack = packs.get(rec.path)
                 if pack is None:
-                    pack = packs[rec.path] = Pack(rec.path, 0, rec.pack_mtime_ns, rec.pack_size)
+                    pack = packs[rec.path] = Pack(rec.path, 0, rec.pack_mtime_ns)
                 pack.remaining += 1
                 if live:
                     located[rec.key] = (pack, rec.offset)
@@ -281,7 +279,7 @@ class PackFiles:
             self._punch = []
             self._deferred = {}
             spares, self._spares = self._spares, [] if self._spares is not None else None
-        for path, _size in spares or []:
+        for path in spares or []:
             remove(path)
 
     # ------------------------------------------------------------------ put
@@ -299,8 +297,7 @@ class PackFiles:
             iov.append(header)
             iov.extend(src)
         path = self._layout.pack_path(keys[0], f"{time.time_ns():x}-{next(self._seq):x}")
-        size = len(keys) * self.stored_bytes
-        fd, tmp, old_size = self._open_spare()
+        fd, tmp = self._open_spare()
         if fd is None:
             tmp = self._layout.temp_path(keys[0])
             try:
@@ -311,8 +308,6 @@ class PackFiles:
         try:
             try:
                 write_fully(fd, iov)
-                if old_size > size:
-                    os.ftruncate(fd, size)  # a reused pack's records past this one's end
                 if self._chmod:
                     os.fchmod(fd, self._file_mode)
                 # The pack's mtime is the recency a restart gives its records (head newest).
@@ -335,7 +330,7 @@ class PackFiles:
             remove(tmp)
             return [PageStatus.FAILED] * len(keys)
         stored = self.stored_bytes
-        pack = Pack(path, len(keys), mtime_ns, size)
+        pack = Pack(path, len(keys), mtime_ns)
         statuses: list[PageStatus] = []
         with self._lock:
             located = self.located
@@ -348,21 +343,21 @@ class PackFiles:
                     statuses.append(PageStatus.OK)
         return statuses
 
-    def _open_spare(self) -> tuple[int | None, str, int]:
-        """An emptied pack to write over: (fd, its temporary path, its size); fd None when
+    def _open_spare(self) -> tuple[int | None, str]:
+        """An emptied (truncated) pack to write into: (fd, its temporary path); fd None when
         there is none (or it cannot be opened: then it is gone)."""
         if not self._spares:
-            return None, "", 0
+            return None, ""
         with self._lock:
             if not self._spares:
-                return None, "", 0
-            tmp, size = self._spares.pop()
+                return None, ""
+            tmp = self._spares.pop()
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW), tmp, size
+            return os.open(tmp, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW), tmp
         except OSError as exc:
             log.debug("cannot reuse %s: %s", tmp, exc)
             remove(tmp)
-            return None, "", 0
+            return None, ""
 
     def _headers(self, n: int) -> list[memoryview]:
         """``n`` header buffers of this thread (reused across calls)."""
@@ -557,8 +552,15 @@ class PackFiles:
         except OSError as exc:
             log.debug("cannot keep %s for reuse: %s", pack.path, exc)
             return False
+        try:
+            # its last records' blocks go now: between calls the disk holds what is accounted
+            os.truncate(tmp, 0)
+        except OSError as exc:
+            log.debug("cannot keep %s for reuse: %s", tmp, exc)
+            remove(tmp)
+            return False
         with self._lock:
-            spares.append((tmp, pack.size))
+            spares.append(tmp)
         return True
 
     def paths(self) -> set[str]:

@@ -136,6 +136,7 @@ def test_eviction_punches_records_and_the_last_one_unlinks_the_pack(
     # a pack emptied by a delete waits for the next put; close removes it
     b.delete(second + third)
     assert len(_temporaries(b)) == 2 and _packs(b) == []
+    assert all(t.stat().st_size == 0 for t in _temporaries(b))  # kept, but holding nothing
     b.close()
     assert _temporaries(b) == []
 
