@@ -1,9 +1,10 @@
 """``LocalDiskBackend``: pages as files under ``root/<namespace>/``, bounded, crash-safe.
 
 Where things are: ``layout`` (paths, temporaries, the directory scan), ``pageio`` (the system
-calls of one page), ``index`` (what is stored, single-process capacity), ``shared`` (the
-cross-process counter and eviction rounds), ``startup`` (what ``open()`` does first). This
-module wires them into the contract: put, get, exists, delete, listing and statistics.
+calls of one page), ``packs`` (the small pages of one put in one file), ``index`` (what is
+stored, single-process capacity), ``shared`` (the cross-process counter and eviction rounds),
+``startup`` (what ``open()`` does first). This module wires them into the contract: put, get,
+exists, delete, listing and statistics.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from hicache.storage import (
     check_namespace,
     stored_size,
 )
-from hicache_localdisk.fsio import DIRECT_ALIGN, drop_cache, fsync_dir, remove
+from hicache_localdisk.fsio import DIRECT_ALIGN, drop_cache, fsync_dir, punch_supported, remove
 from hicache_localdisk.index import PageIndex
-from hicache_localdisk.layout import Layout, ScannedPage
+from hicache_localdisk.layout import Layout, ScannedPack, ScannedPage
 from hicache_localdisk.options import Durability, LocalDiskConfig
+from hicache_localdisk.packs import PackFiles, Record, ScannedRecord, scan_packs
 from hicache_localdisk.pageio import _CORES, PageIO, ReadResult
 from hicache_localdisk.shared import SharedState
 from hicache_localdisk.spares import SpareFiles
@@ -52,6 +54,10 @@ __all__ = ["LocalDiskBackend"]
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+#: ``where`` of reads when nothing is packed (shared mode): no key is in a pack.
+_NOT_PACKED: contextlib.nullcontext[dict[str, Record]] = contextlib.nullcontext({})
+#: Read outcomes of a packed page whose record is gone: forgotten, then a miss.
+_GONE = (ReadResult.MISSING, ReadResult.NOT_REGULAR)
 #: Spacing of the mtimes given to the pages of one batch (head newest): 1 us survives the
 #: timestamp granularity of every filesystem with nanosecond mtimes.
 _MTIME_STEP_NS = 1000
@@ -93,12 +99,11 @@ class LocalDiskBackend(Backend):
         #: not with fsync, whose power-loss promise would need the victim's rename synced too.
         reuse = not config.shared and config.durability is Durability.NONE
         self._spares = SpareFiles(self._layout) if reuse else None
-        self._index = PageIndex(
-            self._stored,
-            self._unlink_page,
-            self._on_disk,
-            self._spares.retire if self._spares is not None else None,
-        )
+        self._index = PageIndex(self._stored, self._unlink_page, self._on_disk, self._retire)
+        #: Packed pages (single-process mode; see hicache_localdisk.packs), read whatever
+        #: ``pack_below`` says; new pages go into packs only when ``_pack_writes``.
+        self._packs: PackFiles | None = None
+        self._pack_writes = False
         self._max_bytes = 0
         self._pool: ThreadPoolExecutor | None = None
         self._shared: SharedState | None = None
@@ -130,15 +135,34 @@ class LocalDiskBackend(Backend):
         return self._index.used_bytes()
 
     def page_path(self, key: str) -> str:
-        """Path of the file of ``key`` (whether or not it exists)."""
+        """Path of the file of ``key`` (whether or not it exists); a packed page: see
+        :meth:`record_of`."""
         return self._layout.page_path(key)
+
+    def record_of(self, key: str) -> tuple[str, int] | None:
+        """(pack path, record offset) of a packed page, ``None`` when ``key`` is not packed."""
+        packs = self._packs
+        rec = packs.located.get(key) if packs is not None else None
+        return None if rec is None else (rec[0].path, rec[1])
+
+    @property
+    def packing(self) -> bool:
+        """Whether new pages are written as packs (see the ``pack_below`` option)."""
+        return self._pack_writes
 
     def drop_page_cache(self) -> bool:
         """Write back and drop every page file of this instance from the OS page cache, so the
         next reads come from the device (``hicache bench storage`` cold reads)."""
-        for key in list(self._index.pages):
+        packs = self._packs
+        located = packs.located if packs is not None else {}
+        paths = {
+            self._layout.page_path(key) for key in list(self._index.pages) if key not in located
+        }
+        if packs is not None:
+            paths |= packs.paths()
+        for path in paths:
             with contextlib.suppress(FileNotFoundError):
-                drop_cache(self._layout.page_path(key))
+                drop_cache(path)
         return True
 
     @classmethod
@@ -198,6 +222,10 @@ class LocalDiskBackend(Backend):
         self._counters["bad_size_removed"] += swept.damaged_removed
         self._counters["other_size_pages"] = swept.other_size_pages
         pages = swept.pages
+        if not opts.shared:
+            pages += self._load_packs(scan.packs, pages, writable)
+        elif scan.packs and writable:
+            self._drop_packs(scan.packs)
         used = sum(p.size for p in pages)
         if opts.max_bytes is not None:
             self._max_bytes = opts.max_bytes
@@ -233,10 +261,20 @@ class LocalDiskBackend(Backend):
             verify=opts.verify_checksums,
             hash_threads=max(4, self.io_threads),
         )
+        self._pack_writes = (
+            self._packs is not None
+            and writable
+            and self._stored < opts.pack_below
+            and not self._io.direct  # O_DIRECT tiers keep one file per page
+            and punch_supported(self._layout.ns_dir)  # logs why not
+        )
+        if self._pack_writes:
+            self._spares = None  # packs leave no victim files to reuse
         if opts.shared:
             self._settle_shared(pages, alone)
         elif writable and used > self._max_bytes:
             self._index.evict_to_capacity()
+        self._flush_packs()
         elapsed = time.perf_counter() - started
         self._open_scan = {
             "pages": len(pages),
@@ -252,6 +290,60 @@ class LocalDiskBackend(Backend):
             used,
             self._max_bytes,
             elapsed,
+        )
+
+    def _load_packs(
+        self, found: list[ScannedPack], pages: list[ScannedPage], writable: bool
+    ) -> list[ScannedPage]:
+        """Read the records of the packs found (single-process mode); return their pages.
+
+        A key found twice (a crash between a pack's publish and the punch of a record it
+        duplicated) keeps its page file, else its newest record; the others are punched."""
+        opts = self.options
+        packs = self._packs = PackFiles(
+            self._layout,
+            self.context.page_bytes,
+            file_mode=opts.file_mode,
+            fsync=opts.durability is Durability.FSYNC,
+            verify=opts.verify_checksums,
+            # not with fsync: a power loss could keep the overwrite and lose the rename
+            reuse=opts.durability is Durability.NONE,
+        )
+        if not found:
+            return []
+        scanned = scan_packs(
+            found, self._layout.namespace, self.context.page_bytes, _MTIME_STEP_NS, writable
+        )
+        self._counters["bad_size_removed"] += scanned.damaged if writable else 0
+        plain = {p.key for p in pages}
+        best: dict[str, ScannedRecord] = {}
+        extra: list[ScannedRecord] = []
+        for rec in scanned.records:
+            other = best.get(rec.key)
+            if rec.key in plain:
+                extra.append(rec)
+            elif other is None:
+                best[rec.key] = rec
+            elif rec.mtime_ns > other.mtime_ns:
+                extra.append(other)
+                best[rec.key] = rec
+            else:
+                extra.append(rec)
+        packs.load(list(best.values()), extra if writable else [])
+        if writable:
+            for path in scanned.empty or []:
+                remove(path)
+        return [ScannedPage(rec.key, self._stored, rec.mtime_ns) for rec in best.values()]
+
+    def _drop_packs(self, found: list[ScannedPack]) -> None:
+        """Shared mode: packs a single-process run left are removed, their pages dropped
+        (other processes find pages by their file names, so packed ones cannot be shared)."""
+        removed = sum(remove(pack.path) for pack in found)
+        log.warning(
+            "localdisk %s: shared mode: %d pack file(s) of a single-process run removed "
+            "(their pages are dropped from the cache)",
+            self._layout.ns_dir,
+            removed,
         )
 
     def _join_shared(self) -> bool:
@@ -291,6 +383,10 @@ class LocalDiskBackend(Backend):
         if self._io is not None:
             self._io.close()
             self._io = None
+        if self._packs is not None:
+            self._packs.flush()
+            self._packs.clear()
+            self._packs = None
         self._index.clear()
 
     # ------------------------------------------------------------------ exists
@@ -327,6 +423,8 @@ class LocalDiskBackend(Backend):
         srcs = [_bytes_views(s) for s in srcs]
         statuses: list[PageStatus | None] = [None] * len(keys)
         retired: list[str] = []  # temporary paths of retired victims' files
+        if self._pack_writes:
+            return self._put_packed(keys, srcs)
         if self._shared is not None:
             todo = self._plan_shared(keys, statuses)
         else:
@@ -355,6 +453,9 @@ class LocalDiskBackend(Backend):
         shared = self._shared
         if published and shared is not None and shared.add(published) > self._max_bytes:
             self._enforce_shared(0)
+        return self._put_done(statuses)
+
+    def _put_done(self, statuses: list[PageStatus | None]) -> list[PageStatus]:
         out = [PageStatus.FAILED if s is None else s for s in statuses]
         self._count(
             puts_ok=out.count(PageStatus.OK),
@@ -362,6 +463,32 @@ class LocalDiskBackend(Backend):
             puts_failed=out.count(PageStatus.FAILED),
         )
         return out
+
+    def _put_packed(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:
+        """The new pages of this put as one pack (see hicache_localdisk.packs)."""
+        packs = self._packs
+        assert packs is not None
+        statuses: list[PageStatus | None] = [None] * len(keys)
+        todo = self._index.reserve(keys, statuses)
+        # the victims' records are punched before the pack is written: the disk, like the
+        # accounting, never passes max_bytes
+        packs.flush()
+        first: dict[str, int] = {}
+        for i in todo:
+            first.setdefault(keys[i], i)
+        pack = list(first.values())
+        if pack:
+            now = time.time_ns() - pack[0] * _MTIME_STEP_NS
+            written = packs.write([keys[i] for i in pack], [srcs[i] for i in pack], now)
+            for i, status in zip(pack, written, strict=True):
+                statuses[i] = status
+            for i in todo:
+                if statuses[i] is None:  # the key again in this batch: as a second writer
+                    stored = statuses[first[keys[i]]] in _SYNCED
+                    statuses[i] = PageStatus.ALREADY_EXISTS if stored else PageStatus.FAILED
+        self._index.settle(keys, todo, statuses)
+        packs.flush()  # what settling forgot (pages evicted while their pack was written)
+        return self._put_done(statuses)
 
     def _plan_shared(self, keys: Sequence[str], statuses: list[PageStatus | None]) -> list[int]:
         """Shared mode: skip pages on disk (whatever our index says), make room for the rest."""
@@ -418,13 +545,30 @@ class LocalDiskBackend(Backend):
             if spares is not None
             else contextlib.nullcontext()
         )
-        with reading:
+        packs = self._packs
+        # the records of packed pages are not punched while these reads may read them
+        located = packs.reading([keys[i] for i in todo]) if packs is not None else _NOT_PACKED
+        with located as where, reading:
+            files = [i for i in todo if keys[i] not in where] if where else todo
             results = self._map(
                 lambda i: io.read(
                     keys[i], dsts[i], None if now is None else now - i * _MTIME_STEP_NS, split=split
                 ),
-                todo,
+                files,
             )
+            if where:
+                assert packs is not None
+                in_packs = [i for i in todo if keys[i] in where]
+                packed = packs.read(
+                    [keys[i] for i in in_packs], [dsts[i] for i in in_packs], where, now
+                )
+                by_index = dict(zip(files, results, strict=True))
+                by_index.update(zip(in_packs, packed, strict=True))
+                results = [by_index[i] for i in todo]
+                # a record that is gone (zeros, no pack) is forgotten, so note_missing drops it
+                gone = [keys[i] for i, (r, _f) in zip(in_packs, packed, strict=True) if r in _GONE]
+                if gone:
+                    packs.forget(gone)
         statuses = [PageStatus.NOT_FOUND] * len(keys)
         hits: list[str] = []
         missing: list[str] = []
@@ -460,6 +604,7 @@ class LocalDiskBackend(Backend):
         )
         for key, field in corrupt:
             self._on_corrupt(key, field)
+        self._flush_packs()
         return statuses
 
     def _on_unknown_version(self, key: str, detail: str) -> None:
@@ -512,6 +657,7 @@ class LocalDiskBackend(Backend):
     def _delete(self, keys: Sequence[str]) -> None:
         failed: list[str] = []
         self._remove_pages(keys, failed)
+        self._flush_packs()
         # A page that could not be unlinked (read-only filesystem) stays indexed and served.
         kept = {os.path.basename(path) for path in failed}
         self._index.note_missing([key for key in keys if key not in kept])
@@ -522,17 +668,55 @@ class LocalDiskBackend(Backend):
 
     def _remove_pages(self, keys: Sequence[str], failed: list[str] | None = None) -> int:
         """Unlink page files (missing ones are fine); return how many this call removed."""
+        packs = self._packs
+        packed = 0
+        if packs is not None:
+            located = {key: rec for key in keys if (rec := packs.located.get(key)) is not None}
+            if located and failed is not None:
+                # a delete that cannot punch (a read-only filesystem) must fail, the page kept
+                stuck = {
+                    path
+                    for path in {rec[0].path for rec in located.values()}
+                    if not os.access(path, os.W_OK)
+                }
+                for key, rec in list(located.items()):
+                    if rec[0].path in stuck:
+                        failed.append(self._layout.page_path(key))
+                        del located[key]
+            packed = packs.forget(list(located))
+            keys = [key for key in keys if key not in located]
         paths = [self._layout.page_path(key) for key in keys]
         if self._shared is not None:
             return self._shared.remove(paths, self._stored, failed)
-        return sum(remove(path, failed) for path in paths)
+        return packed + sum(remove(path, failed) for path in paths)
 
     def _unlink_page(self, key: str) -> bool:
-        """Unlink the file of a page the index is forgetting (it calls this under its lock)."""
+        """Unlink the file of a page the index is forgetting (it calls this under its lock).
+
+        A packed page is forgotten by its pack at once (a put of the key registers a new
+        record from now on); its record is punched by the next ``_flush_packs``, outside the
+        index lock, or when the last read in flight naming it ends."""
+        packs = self._packs
+        if packs is not None and packs.forget([key]):
+            return True
         return remove(self._layout.page_path(key))
 
+    def _retire(self, key: str) -> str | None:
+        spares = self._spares
+        return spares.retire(key) if spares is not None else None
+
+    def _flush_packs(self) -> None:
+        """Punch the records of packed pages forgotten so far (one open per pack)."""
+        packs = self._packs
+        if packs is not None:
+            packs.flush()
+
     def _on_disk(self, key: str) -> bool:
-        """Whether ``key`` has a published file now (the index asks under its lock)."""
+        """Whether ``key`` has a published file or pack record now (the index asks under its
+        lock)."""
+        packs = self._packs
+        if packs is not None and key in packs.located:
+            return True
         try:
             st = os.stat(self._layout.page_path(key), follow_symlinks=False)
         except OSError:
@@ -571,13 +755,25 @@ class LocalDiskBackend(Backend):
             "shared_used_bytes": self._shared.read() if self._shared is not None else None,
             "max_bytes": self._max_bytes,
             "direct_io": bool(self._io is not None and self._io.direct),
+            "packing": self._pack_writes,
+            "packed_pages": len(self._packs.located) if self._packs is not None else 0,
             "open_scan": dict(self._open_scan),
         }
 
     def _iter_pages(self) -> Iterator[StoredPage]:
         # docstring inherited
-        for page in self._layout.scan().pages:
+        scan = self._layout.scan()
+        seen: set[str] = set()
+        for page in scan.pages:
+            seen.add(page.key)
             yield StoredPage(page.key, page.size)
+        if scan.packs and not self.options.shared:
+            page_bytes = self.context.page_bytes
+            found = scan_packs(scan.packs, self._layout.namespace, page_bytes, 0, writable=False)
+            for rec in found.records:
+                if rec.key not in seen:
+                    seen.add(rec.key)
+                    yield StoredPage(rec.key, self._stored)
 
     def _iter_namespaces(self) -> Iterator[str]:
         # docstring inherited

@@ -12,6 +12,8 @@
 - ``fsync_dir(path)``              make a directory's entries durable
 - ``drop_cache(path)``             evict a file's pages from the page cache (cold reads)
 - ``aligned_buffer(n)``            a page-aligned writable buffer (an anonymous mapping)
+- ``punch_hole(fd, off, n)``       free a file's bytes in place (``fallocate`` PUNCH_HOLE)
+- ``punch_supported(dir)``         whether the filesystem of ``dir`` can punch holes
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ __all__ = [
     "drop_cache",
     "fsync_dir",
     "publish_noreplace",
+    "punch_hole",
+    "punch_supported",
     "read_cached",
     "read_fully",
     "read_page",
@@ -67,10 +71,21 @@ SMALL_IO = 64 << 10
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
+#: ``fallocate`` modes (linux/falloc.h): free a range, the file keeping its size.
+_FALLOC_FL_KEEP_SIZE = 1
+_FALLOC_FL_PUNCH_HOLE = 2
+#: Buffers one ``pwritev``/``preadv`` may take (the kernel refuses more with EINVAL).
+IOV_MAX: int = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 def write_fully(fd: int, bufs: list[memoryview], offset: int = 0) -> None:
     """Write every byte of ``bufs`` at ``offset`` with as few ``pwritev`` calls as possible."""
+    if len(bufs) > IOV_MAX:  # a pack of many pages of many regions
+        for start in range(0, len(bufs), IOV_MAX):
+            group = bufs[start : start + IOV_MAX]
+            write_fully(fd, group, offset)
+            offset += sum(b.nbytes for b in group)
+        return
     total = sum(b.nbytes for b in bufs)
     done = os.pwritev(fd, bufs, offset)
     while done < total:
@@ -84,6 +99,16 @@ def write_fully(fd: int, bufs: list[memoryview], offset: int = 0) -> None:
 
 def read_fully(fd: int, bufs: list[memoryview], offset: int = 0) -> int:
     """Fill ``bufs`` from ``offset``; return the bytes read (less than asked only at EOF)."""
+    if len(bufs) > IOV_MAX:
+        done = 0
+        for start in range(0, len(bufs), IOV_MAX):
+            group = bufs[start : start + IOV_MAX]
+            want = sum(b.nbytes for b in group)
+            n = read_fully(fd, group, offset + done)
+            done += n
+            if n < want:
+                break
+        return done
     total = sum(b.nbytes for b in bufs)
     done = os.preadv(fd, bufs, offset)
     while 0 < done < total:
@@ -352,3 +377,60 @@ def remove(path: str, failed: list[str] | None = None) -> bool:
             failed.append(path)
         return False
     return True
+
+
+class _Puncher:
+    """``fallocate(PUNCH_HOLE | KEEP_SIZE)`` through libc (``os`` has no hole punching)."""
+
+    def __init__(self) -> None:
+        self._fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).fallocate
+        except AttributeError:
+            return
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fn.restype = ctypes.c_int
+        self._fn = fn
+
+    def punch(self, fd: int, offset: int, length: int) -> None:
+        fn = self._fn
+        if fn is None:
+            raise OSError(errno.EOPNOTSUPP, "libc has no fallocate")
+        # ctypes.CDLL releases the GIL around the call.
+        if fn(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+
+_puncher = _Puncher()
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free ``length`` bytes of ``fd`` at ``offset`` (they read back as zeros; the file keeps
+    its size); raises ``OSError`` (``EOPNOTSUPP`` where the filesystem cannot)."""
+    _puncher.punch(fd, offset, length)
+
+
+def punch_supported(directory: str) -> bool:
+    """Whether files in ``directory`` can have holes punched: a probe file of two 4 KiB blocks,
+    the first punched; ``False`` (with the reason logged) where that fails."""
+    probe = f"{directory}/.hicache-punch-probe-{os.getpid()}-{threading.get_ident()}"
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        log.info("cannot probe hole punching under %s: %s", directory, exc)
+        return False
+    try:
+        try:
+            os.pwrite(fd, b"\xff" * (2 * DIRECT_ALIGN), 0)
+            punch_hole(fd, 0, DIRECT_ALIGN)
+            ok = os.pread(fd, DIRECT_ALIGN, 0) == bytes(DIRECT_ALIGN)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.info("cannot punch holes in files under %s: %s", directory, exc)
+        ok = False
+    remove(probe)
+    if not ok:
+        log.info("%s: pages are stored one file each (no hole punching)", directory)
+    return ok

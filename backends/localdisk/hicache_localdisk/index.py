@@ -14,7 +14,10 @@ passes in, ``unlink(key)``, ``on_disk(key)`` and ``retire(key)``: a page file th
 is unlinked (or, for a put that will reuse it, renamed away by ``retire``) before the lock is
 released, and a file another writer of the same key published (or that a
 reader missed) is looked at under it. Otherwise a concurrent put of that key could find the
-doomed file (``ALREADY_EXISTS``), account for it, and then lose it to the pending unlink.
+doomed file (``ALREADY_EXISTS``), account for it, and then lose it to the pending unlink. A
+packed page (``hicache_localdisk.packs``) is forgotten by its pack under the lock instead: from
+then on a put of its key registers a record of its own, and the old record's punch may follow
+the lock's release.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Where pages and temporaries live on disk, who owns a temporary, and the directory scan.
 
-Layout: ``root/<namespace>/<key[:2]>/<key>``. Keys are 64 lowercase hex characters (checked by
-the contract before any path is built), so no key can name anything outside its directory.
+Layout: ``root/<namespace>/<key[:2]>/<key>`` (one page), or the pages of one put in a pack
+``root/<namespace>/<key[:2]>/<first key>.<stamp>.pack`` (see :mod:`hicache_localdisk.packs`).
+Keys are 64 lowercase hex characters (checked by the contract before any path is built), so no
+key can name anything outside its directory.
 
 A temporary is ``<dir>/.tmp-<key>-<boot>-<pid>-<start>-<seq>``: the boot id, pid and process
 start time name its owner, so a later ``open()`` removes exactly the temporaries whose owner is
@@ -22,10 +24,12 @@ from stat import S_ISREG
 
 __all__ = [
     "FANOUT_DIRS",
+    "PACK_SUFFIX",
     "TEMP_PREFIX",
     "Layout",
     "OwnerId",
     "ScanResult",
+    "ScannedPack",
     "ScannedPage",
     "current_owner",
     "owner_alive",
@@ -34,12 +38,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".tmp-"
+PACK_SUFFIX = ".pack"
 #: Every two-hex-char fan-out directory; created at ``open()`` so puts never ``mkdir``.
 FANOUT_DIRS = tuple(f"{i:02x}" for i in range(256))
 _KEY_RE = re.compile(r"[0-9a-f]{64}\Z")
 _HEX = b"0123456789abcdef"
 #: Threads of a directory scan: enough to keep a device busy with inode reads.
 _SCAN_THREADS = 8
+_PACK_RE = re.compile(r"[0-9a-f]{64}\.[0-9a-f-]{1,64}\.pack\Z")
 _TEMP_RE = re.compile(
     r"\.tmp-(?P<key>[0-9a-f]{64})-(?P<boot>[0-9a-f]{1,32})-(?P<pid>[0-9]+)-(?P<start>[0-9]+)-[0-9]+\Z"
 )
@@ -123,11 +129,21 @@ class ScannedPage:
     mtime_ns: int
 
 
+@dataclass(frozen=True, slots=True)
+class ScannedPack:
+    """A published pack file found by :meth:`Layout.scan` (its records are read apart)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
 @dataclass(slots=True)
 class ScanResult:
     """What :meth:`Layout.scan` found under a namespace directory."""
 
     pages: list[ScannedPage]
+    packs: list[ScannedPack]
     #: Temporaries of dead owners (safe to remove) and of live ones (leave alone).
     dead_temps: list[str]
     live_temps: int
@@ -158,11 +174,15 @@ class Layout:
         owner = f"{o.boot}-{o.pid}-{o.start}-{next(self._seq)}"
         return f"{self.ns_dir}/{key[:2]}/{TEMP_PREFIX}{key}-{owner}"
 
+    def pack_path(self, first_key: str, stamp: str) -> str:
+        """Path of a pack whose first record is ``first_key``; ``stamp`` makes it unique."""
+        return f"{self.ns_dir}/{first_key[:2]}/{first_key}.{stamp}{PACK_SUFFIX}"
+
     def scan(self) -> ScanResult:
         """List pages (size, mtime) and temporaries: one ``scandir`` per directory and one
         ``stat`` per file, spread over threads (``stat`` releases the GIL; on a cold cache each
         one waits for an inode read)."""
-        result = ScanResult(pages=[], dead_temps=[], live_temps=0, strays=[])
+        result = ScanResult(pages=[], packs=[], dead_temps=[], live_temps=0, strays=[])
         try:
             with os.scandir(self.ns_dir) as top:
                 subs = []
@@ -176,8 +196,9 @@ class Layout:
         with ThreadPoolExecutor(_SCAN_THREADS, thread_name_prefix="hicache-scan") as pool:
             parts = list(pool.map(self._scan_dir, subs))
         alive: dict[OwnerId, bool] = {}
-        for pages, temps, strays in parts:
+        for pages, packs, temps, strays in parts:
             result.pages += pages
+            result.packs += packs
             result.strays += strays
             for path in temps:
                 m = _TEMP_RE.match(os.path.basename(path))
@@ -194,15 +215,18 @@ class Layout:
                     result.dead_temps.append(path)
         return result
 
-    def _scan_dir(self, sub: str) -> tuple[list[ScannedPage], list[str], list[str]]:
+    def _scan_dir(
+        self, sub: str
+    ) -> tuple[list[ScannedPage], list[ScannedPack], list[str], list[str]]:
         path = f"{self.ns_dir}/{sub}"
         pages: list[ScannedPage] = []
+        packs: list[ScannedPack] = []
         temps: list[str] = []
         strays: list[str] = []
         try:
             entries = os.scandir(path)
         except FileNotFoundError:
-            return pages, temps, strays
+            return pages, packs, temps, strays
         with entries:
             for entry in entries:
                 name = entry.name
@@ -217,13 +241,22 @@ class Layout:
                         strays.append(entry.path)
                 elif name.startswith(TEMP_PREFIX):
                     temps.append(entry.path)
+                elif name.endswith(PACK_SUFFIX) and _PACK_RE.match(name):
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:  # its last page went since the listing
+                        continue
+                    if S_ISREG(st.st_mode):
+                        packs.append(ScannedPack(entry.path, st.st_size, st.st_mtime_ns))
+                    else:
+                        strays.append(entry.path)
                 else:
                     strays.append(entry.path)
         # Names are checked as a batch (hex digits only); the rare bad one is found one by one.
         if "".join(p.key for p in pages).encode("ascii", "replace").translate(None, _HEX):
             strays += [f"{path}/{p.key}" for p in pages if not _KEY_RE.match(p.key)]
             pages = [p for p in pages if _KEY_RE.match(p.key)]
-        return pages, temps, strays
+        return pages, packs, temps, strays
 
     def namespaces(self) -> list[str]:
         """Namespace directories present under ``root``."""

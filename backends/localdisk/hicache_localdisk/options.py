@@ -73,6 +73,13 @@ class LocalDiskConfig(BackendConfig):
         description="O_DIRECT for page-aligned buffers when the filesystem allows it and "
         "page_bytes is a multiple of 4 KiB; buffered I/O (logged once) otherwise.",
     )
+    pack_below: Size = Field(
+        default=256 * 1024,
+        ge=0,
+        description="Pages stored smaller than this (header included) are written as one pack "
+        "file per put (one pwritev, one rename) and read one open per pack; 0: one file per page. "
+        "Single-process, buffered I/O only, and where the filesystem can punch holes.",
+    )
     shared: bool = Field(
         default=False,
         description="Several processes use this root: index misses ask the filesystem and one "

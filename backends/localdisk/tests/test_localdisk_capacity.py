@@ -16,16 +16,14 @@ from hicache.storage import HEADER_SIZE, EvictionPolicy, PageStatus
 PAGE = 16384
 STORED = PAGE + HEADER_SIZE
 CHAIN = 8
+#: the conftest fixture ``disk_bytes``: (bytes, pages) on disk under a namespace directory
+DiskBytes = Callable[[Path, int], tuple[int, int]]
 
 
-def _disk_bytes(backend: LocalDiskBackend) -> int:
-    total = 0
-    for path in Path(backend.layout.ns_dir).glob("*/*"):
-        try:
-            total += path.stat().st_size
-        except FileNotFoundError:  # evicted by a concurrent writer since the listing
-            continue
-    return total
+def _file_of(backend: LocalDiskBackend, key: str) -> Path:
+    """The file holding ``key``: its pack, or its page file."""
+    record = backend.record_of(key)
+    return Path(record[0] if record is not None else backend.page_path(key))
 
 
 def _assert_prefix_closed(backend: LocalDiskBackend, chain: list[str]) -> int:
@@ -40,6 +38,7 @@ def test_three_times_capacity_stays_bounded_and_chains_keep_their_heads(
     key_of: Callable[..., str],
     payload_of: Callable[..., bytes],
     eviction: EvictionPolicy,
+    disk_bytes: DiskBytes,
 ) -> None:
     cap_pages = 5 * CHAIN + 3  # not a whole number of chains: some chain is always cut
     backend = make_backend(max_bytes=cap_pages * STORED, eviction=eviction.value)
@@ -56,7 +55,7 @@ def test_three_times_capacity_stays_bounded_and_chains_keep_their_heads(
         # The hot chain is requested again after every write (a prefix prefetch touches it).
         assert backend.get_into(hot, bufs) == [PageStatus.OK] * CHAIN
         assert backend.used_bytes <= backend.max_bytes
-        assert _disk_bytes(backend) <= backend.max_bytes
+        assert disk_bytes(Path(backend.layout.ns_dir), PAGE)[0] <= backend.max_bytes
         for older in chains[: c + 1]:
             n = _assert_prefix_closed(backend, older)
             partial_seen += 0 < n < CHAIN
@@ -81,7 +80,7 @@ def test_three_times_capacity_stays_bounded_and_chains_keep_their_heads(
     assert backend.exists(hot) == [True] * CHAIN
     # Written just before the hot chain's last use: only its head fits in what is left.
     assert _assert_prefix_closed(backend, last_written) == cap_pages - 4 * CHAIN - CHAIN
-    assert _disk_bytes(backend) <= backend.max_bytes
+    assert disk_bytes(Path(backend.layout.ns_dir), PAGE)[0] <= backend.max_bytes
     backend.close()
 
 
@@ -89,6 +88,7 @@ def test_reopen_with_smaller_capacity_evicts_tails_first(
     make_backend: Callable[..., LocalDiskBackend],
     key_of: Callable[..., str],
     payload_of: Callable[..., bytes],
+    disk_bytes: DiskBytes,
 ) -> None:
     backend = make_backend(max_bytes=4 * CHAIN * STORED)
     backend.open()
@@ -98,7 +98,7 @@ def test_reopen_with_smaller_capacity_evicts_tails_first(
     backend.close()
     small = make_backend(max_bytes=(2 * CHAIN + 3) * STORED)
     small.open()
-    assert _disk_bytes(small) <= small.max_bytes
+    assert disk_bytes(Path(small.layout.ns_dir), PAGE)[0] <= small.max_bytes
     # The two newest chains survive whole; the next one keeps its head three pages.
     assert [_assert_prefix_closed(small, chain) for chain in chains] == [0, 3, CHAIN, CHAIN]
     assert len(small.take_evicted()) == 2 * CHAIN - 3
@@ -124,7 +124,7 @@ def test_pages_and_dirs_are_owner_only_unless_configured(
     backend = make_backend()
     backend.open()
     backend.put([key], [memoryview(payload_of(key))])
-    path = Path(backend.page_path(key))
+    path = _file_of(backend, key)
     assert path.stat().st_mode & 0o777 == 0o600
     assert path.parent.stat().st_mode & 0o777 == 0o700
     assert Path(backend.layout.ns_dir).stat().st_mode & 0o777 == 0o700
@@ -134,7 +134,7 @@ def test_pages_and_dirs_are_owner_only_unless_configured(
     shared = make_backend(namespace="grp", file_mode="0640", dir_mode="0750")
     shared.open()
     shared.put([key], [memoryview(payload_of(key))])
-    path = Path(shared.page_path(key))
+    path = _file_of(shared, key)
     assert path.stat().st_mode & 0o777 == 0o640
     assert path.parent.stat().st_mode & 0o777 == 0o750
     shared.close()
@@ -147,7 +147,7 @@ def test_foreign_files_and_symlinks_are_never_served(
     tmp_path: Path,
 ) -> None:
     key, other = key_of(1), key_of(2)
-    backend = make_backend()
+    backend = make_backend(pack_below=0)  # page files named by their keys
     backend.open()
     backend.put([key], [memoryview(payload_of(key))])
     backend.close()
@@ -157,7 +157,7 @@ def test_foreign_files_and_symlinks_are_never_served(
     outside.write_bytes(b"x" * STORED)
     planted = key_of(3)
     os.symlink(outside, backend.page_path(planted))
-    backend = make_backend()
+    backend = make_backend(pack_below=0)
     backend.open()
     assert backend.exists([key, other, planted]) == [True, True, False]
     statuses = backend.get_into([other], [memoryview(bytearray(PAGE))])
@@ -168,12 +168,15 @@ def test_foreign_files_and_symlinks_are_never_served(
     backend.close()
 
 
+@pytest.mark.parametrize("pack_below", ["256KiB", 0])
 def test_concurrent_writers_keep_accounting_exact(
     make_backend: Callable[..., LocalDiskBackend],
     key_of: Callable[..., str],
     payload_of: Callable[..., bytes],
+    disk_bytes: DiskBytes,
+    pack_below: str | int,
 ) -> None:
-    backend = make_backend(max_bytes=24 * STORED, io_threads=3)
+    backend = make_backend(max_bytes=24 * STORED, io_threads=3, pack_below=pack_below)
     backend.open()
     keys = [key_of(i, "cc") for i in range(60)]
     errors: list[BaseException] = []
@@ -182,7 +185,7 @@ def test_concurrent_writers_keep_accounting_exact(
 
     def check(where: str) -> None:
         """No call in flight: accounting, the files and exists() must all agree."""
-        on_disk = _disk_bytes(backend)
+        on_disk = disk_bytes(Path(backend.layout.ns_dir), PAGE)[0]
         present = sum(backend.exists(keys))
         if not (backend.used_bytes == on_disk == present * STORED <= backend.max_bytes):
             mismatches.append(
@@ -201,7 +204,10 @@ def test_concurrent_writers_keep_accounting_exact(
                 batch = [keys[(t * 7 + r * 3 + i) % 60] for i in range(4)]
                 statuses = backend.put(batch, [memoryview(payload_of(k)) for k in batch])
                 assert all(s.stored for s in statuses), statuses
-                assert _disk_bytes(backend) <= backend.max_bytes + 4 * 4 * STORED
+                assert (
+                    disk_bytes(Path(backend.layout.ns_dir), PAGE)[0]
+                    <= backend.max_bytes + 4 * 4 * STORED
+                )
                 between.wait()
         except BaseException as exc:
             errors.append(exc)

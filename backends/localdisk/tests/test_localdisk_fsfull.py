@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hicache_localdisk import LocalDiskBackend, fsio, pageio
+from hicache_localdisk import LocalDiskBackend, fsio, packs, pageio
 from hicache_localdisk.layout import TEMP_PREFIX
 
 from hicache.errors import BackendError
-from hicache.storage import PageStatus
+from hicache.storage import HEADER_SIZE, PageStatus
 
 PAGE = 64 * 1024
 
@@ -51,7 +51,9 @@ def _temps(backend: LocalDiskBackend) -> list[Path]:
     return [p for p in Path(backend.layout.ns_dir).glob("*/*") if p.name.startswith(TEMP_PREFIX)]
 
 
+@pytest.mark.parametrize("packed", [True, False])
 def test_full_filesystem_fails_puts_cleanly(
+    packed: bool,
     tiny_fs: Path | None,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -61,8 +63,15 @@ def test_full_filesystem_fails_puts_cleanly(
 ) -> None:
     root = tiny_fs if tiny_fs is not None else tmp_path / "root"
     # max_bytes far above the filesystem's size: the disk, not the policy, must say no.
-    backend = make_backend(root=str(root), page_bytes=PAGE, max_bytes="1GiB", io_threads=1)
+    backend = make_backend(
+        root=str(root),
+        page_bytes=PAGE,
+        max_bytes="1GiB",
+        io_threads=1,
+        pack_below="256KiB" if packed else 0,
+    )
     backend.open()
+    assert backend.packing is packed
     if tiny_fs is None:
         real = fsio.write_fully
         calls = {"n": 0}
@@ -77,6 +86,7 @@ def test_full_filesystem_fails_puts_cleanly(
         # Every write of a page goes through fsio.write_fully (pageio imports it by name too).
         monkeypatch.setattr(fsio, "write_fully", filling_up)
         monkeypatch.setattr(pageio, "write_fully", filling_up)
+        monkeypatch.setattr(packs, "write_fully", filling_up)
     stored: list[str] = []
     failed: list[str] = []
     for i in range(40):
@@ -86,12 +96,15 @@ def test_full_filesystem_fails_puts_cleanly(
         stored += [k for k, s in zip(keys, statuses, strict=True) if s is PageStatus.OK]
         failed += [k for k, s in zip(keys, statuses, strict=True) if s is PageStatus.FAILED]
         if failed:
+            if packed:  # one pack: all of its pages fail together
+                assert statuses == [PageStatus.FAILED] * len(keys)
             break
     assert failed, "the filesystem never filled up"
     assert stored
     assert _temps(backend) == [], "a failed put left its temporary behind"
     assert backend.exists(failed) == [False] * len(failed)
     assert backend.stats()["puts_failed"] == len(failed)
+    assert backend.used_bytes == len(stored) * (PAGE + HEADER_SIZE)  # nothing failed is counted
     bufs = [memoryview(bytearray(PAGE)) for _ in stored]
     assert backend.get_into(stored, bufs) == [PageStatus.OK] * len(stored)
     assert all(b == payload_of(k, PAGE) for k, b in zip(stored, bufs, strict=True))

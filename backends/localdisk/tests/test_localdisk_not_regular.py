@@ -3,6 +3,7 @@ a read outside the root, never removed. And files are owner-only whatever the um
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import stat
@@ -15,6 +16,13 @@ from hicache_localdisk import LocalDiskBackend
 from hicache.storage import PageStatus
 from hicache.testing.planted import NOT_REGULAR_KINDS, PlantRefused, plant, release, run_bounded
 from hicache.tools.ops import TierHandle, disk_usage, verify_namespace
+
+
+@pytest.fixture
+def make_backend(make_backend: Callable[..., LocalDiskBackend]) -> Callable[..., LocalDiskBackend]:
+    """One file per page (``pack_below: 0``): these tests plant and damage page files."""
+    return functools.partial(make_backend, pack_below=0)
+
 
 PAGE = 16384
 #: Generous: a loaded CI machine may stall a thread for seconds; a hang never ends.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,13 @@ from hicache_localdisk.layout import TEMP_PREFIX
 
 from hicache.errors import BackendUnavailableError
 from hicache.storage import HEADER_SIZE, PageStatus
+
+
+@pytest.fixture
+def make_backend(make_backend: Callable[..., LocalDiskBackend]) -> Callable[..., LocalDiskBackend]:
+    """One file per page (``pack_below: 0``): these tests plant and damage page files."""
+    return functools.partial(make_backend, pack_below=0)
+
 
 PAGE = 16384
 

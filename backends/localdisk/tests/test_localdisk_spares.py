@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -12,6 +13,13 @@ from hicache_localdisk import LocalDiskBackend
 
 from hicache.storage import HEADER_SIZE, EvictionPolicy, PageParts, PageStatus
 from hicache.testing.wait import WAIT_S
+
+
+@pytest.fixture
+def make_backend(make_backend: Callable[..., LocalDiskBackend]) -> Callable[..., LocalDiskBackend]:
+    """One file per page (``pack_below: 0``): these tests plant and damage page files."""
+    return functools.partial(make_backend, pack_below=0)
+
 
 PAGE = 16384
 STORED = PAGE + HEADER_SIZE

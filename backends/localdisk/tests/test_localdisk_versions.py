@@ -3,14 +3,23 @@ from corruption; only a proven-corrupt page of this version is deleted. Another 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from hicache_localdisk import LocalDiskBackend
 
 from hicache.storage import HEADER_SIZE, PageStatus
 from hicache.testing.peer import as_newer_version, read_in_other_process
+
+
+@pytest.fixture
+def make_backend(make_backend: Callable[..., LocalDiskBackend]) -> Callable[..., LocalDiskBackend]:
+    """One file per page (``pack_below: 0``): these tests plant and damage page files."""
+    return functools.partial(make_backend, pack_below=0)
+
 
 PAGE_BYTES = 16384
 MakeBackend = Callable[..., LocalDiskBackend]

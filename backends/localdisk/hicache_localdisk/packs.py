@@ -1,0 +1,576 @@
+"""Pack files: the small new pages of one put in one file (single-process mode).
+
+- ``PackFiles(layout, page_bytes, ...)``  one per backend instance whose pages are packed
+- ``write(keys, srcs, mtime_ns)``         the new pages of a put: one ``pwritev``, one rename
+- ``reading(keys)``                       a batch of reads: where each key is, and no record
+                                          they read is punched before they end
+- ``read(keys, dsts, where, touch_ns)``   read and verify packed pages, one open per pack
+- ``forget(keys)`` / ``flush()``          evicted or deleted pages: their records are punched
+                                          (grouped by pack), a pack whose last record goes is
+                                          unlinked
+- ``load(records)`` / ``scan_packs(...)`` what ``open()`` (and ``iter_pages``) found on disk
+
+Why: a page file costs ~8 system calls to publish (open, pwritev, utime, close, rename, and the
+eviction of a victim) and 3 to read, each a round trip of the GIL; at 8 KiB pages the replay
+spent its time there, not in the bytes. A pack holds the new pages of one put as consecutive
+records, each exactly a page file's bytes (4 KiB header + payload: self-describing, 4 KiB
+aligned when the payload is), written with one ``pwritev`` into a temporary and published with
+one create-only rename. Capacity stays per page: an evicted page's record is punched out
+(``fallocate(PUNCH_HOLE)``), so the disk follows the accounting, and the pack goes with its
+last record.
+
+Readers: a read names its keys (and learns their records) under the lock evictions take, and
+the punch of a record whose key a read in flight named waits until that read ends: a read never
+sees a record go to zeros under it. Records are never rewritten (a pack is immutable once
+published, its offsets never reused), so a record a read located is that key's bytes or, after
+its eviction, still that key's bytes until the read ends.
+
+Emptied packs are reused (not with ``durability: fsync``, as for page files in
+:mod:`hicache_localdisk.spares`): a pack whose last record goes is renamed to a temporary of this
+process and truncated to nothing, and the next pack is written into it, so a put creates no
+file. On ext4 creating a file
+right after others were deleted cost ~0.9 ms of kernel time here (the inode allocator scans the
+inodes freed recently), more than everything else a put of 20 small pages does. No read can
+hold an emptied pack: a record a read named is not punched before that read ends.
+
+Writers of one key at once: the first pack to register the key after its rename holds it; a
+later one's record of that key is ``ALREADY_EXISTS`` and is punched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import count
+
+from hicache.errors import PageCorruptError, PageVersionError
+from hicache.storage import (
+    HEADER_SIZE,
+    PageParts,
+    PageStatus,
+    decode_header,
+    encode_header_into,
+    open_regular,
+    payload_checksum,
+    verify_page,
+)
+from hicache.storage.pageformat import MAGIC
+from hicache_localdisk.fsio import (
+    fsync_dir,
+    publish_noreplace,
+    punch_hole,
+    read_fully,
+    remove,
+    write_fully,
+)
+from hicache_localdisk.layout import Layout, ScannedPack
+from hicache_localdisk.pageio import ReadResult
+
+__all__ = ["Pack", "PackFiles", "PackScan", "Record", "ScannedRecord", "scan_packs"]
+
+log = logging.getLogger(__name__)
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+#: Emptied packs kept for reuse at most (the rest are unlinked).
+_MAX_SPARES = 16
+_ZERO_MAGIC = bytes(len(MAGIC))
+
+
+@dataclass(eq=False, slots=True)
+class Pack:
+    """A published pack file and how many of its records are not punched yet."""
+
+    path: str
+    #: records still holding bytes: live, or forgotten and waiting for their punch
+    remaining: int
+    #: the pack's mtime (its records' recency after a restart); a punch changes the file's
+    #: mtime, so it is set back to this after each
+    mtime_ns: int
+    #: punches of its records in flight (an ``fd`` open on it): while any, an emptied pack is
+    #: unlinked, never reused (a punch could land in the next pack's records)
+    punching: int = 0
+
+
+#: Where a packed page is: its pack and the record's offset there.
+Record = tuple[Pack, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ScannedRecord:
+    """A sound record found in a pack by :func:`scan_packs`."""
+
+    key: str
+    path: str
+    offset: int
+    #: the pack's mtime less one step per record before it (a batch is recorded tail first)
+    mtime_ns: int
+    pack_mtime_ns: int
+
+
+@dataclass(slots=True)
+class PackScan:
+    """What :func:`scan_packs` found."""
+
+    records: list[ScannedRecord]
+    #: torn or damaged records (punched when the scan may write)
+    damaged: int = 0
+    #: packs of another page size or namespace, or of a newer writer: left alone
+    foreign: int = 0
+    #: packs without a live record (removed when the scan may write)
+    empty: list[str] | None = None
+
+
+def scan_packs(
+    packs: Sequence[ScannedPack],
+    namespace: str,
+    page_bytes: int,
+    step_ns: int,
+    writable: bool,
+) -> PackScan:
+    """Read every record header of ``packs``: sound records are listed; punched ones (zeros)
+    skipped; torn ones skipped (and punched when ``writable``). Packs with no sound record are
+    returned in ``empty``."""
+    stored = HEADER_SIZE + page_bytes
+    result = PackScan(records=[], empty=[])
+    assert result.empty is not None
+    for pack in packs:
+        try:
+            fd = open_regular(pack.path)
+        except OSError as exc:
+            log.warning("cannot read pack %s: %s", pack.path, exc)
+            continue
+        if fd is None:
+            continue
+        found = 0
+        torn: list[int] = []
+        try:
+            for off in range(0, pack.size - stored + 1, stored):
+                header = os.pread(fd, HEADER_SIZE, off)
+                if header[: len(MAGIC)] == _ZERO_MAGIC:
+                    continue  # punched: an evicted page
+                try:
+                    decoded = decode_header(header)
+                except PageCorruptError:
+                    torn.append(off)
+                    continue
+                except PageVersionError:
+                    found = -1  # a newer writer's: not ours to read nor to remove
+                    break
+                if decoded.namespace != namespace or decoded.payload_len != page_bytes:
+                    found = -1  # another page size (or a copied tree): left alone
+                    break
+                found += 1
+                mtime = pack.mtime_ns - (off // stored) * step_ns
+                result.records.append(
+                    ScannedRecord(decoded.key, pack.path, off, mtime, pack.mtime_ns)
+                )
+        except OSError as exc:
+            log.warning("cannot read pack %s: %s", pack.path, exc)
+        finally:
+            os.close(fd)
+        if writable and found >= 0 and torn:
+            _punch_records(pack.path, torn, stored, pack.mtime_ns)
+        result.damaged += len(torn)
+        if found < 0:
+            result.foreign += 1
+        elif found == 0:
+            result.empty.append(pack.path)
+    return result
+
+
+def _punch_records(path: str, offsets: Sequence[int], stored: int, mtime_ns: int) -> None:
+    """Punch records of the pack at ``path`` (one open), then set its mtime back to
+    ``mtime_ns`` (the recency of the records left); failures are logged."""
+    if not offsets:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("cannot punch records of %s: %s", path, exc)
+        return
+    try:
+        # adjacent records go in one punch: evictions take a batch's tail together
+        start = end = -1
+        for off in sorted(offsets):
+            if off != end:
+                if end > start:
+                    punch_hole(fd, start, end - start)
+                start = off
+            end = off + stored
+        punch_hole(fd, start, end - start)
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
+    except OSError as exc:
+        log.warning("cannot punch records of %s: %s", path, exc)
+    finally:
+        os.close(fd)
+
+
+class PackFiles:
+    """Packed pages of one namespace: where each is, and the punches they are owed.
+
+    Thread-safe; ``located`` may be read without the lock (dict lookups are atomic)."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        page_bytes: int,
+        *,
+        file_mode: int,
+        fsync: bool,
+        verify: bool,
+        reuse: bool = False,
+    ) -> None:
+        self._layout = layout
+        self._ns = layout.namespace
+        self._page_bytes = page_bytes
+        self.stored_bytes = HEADER_SIZE + page_bytes
+        self._file_mode = file_mode
+        self._chmod = bool(file_mode & 0o077)  # open(2) applies the umask
+        self._fsync = fsync
+        self._verify = verify
+        self._lock = threading.Lock()
+        self.located: dict[str, Record] = {}
+        #: keys of the reads in flight (how many reads each)
+        self._reading: dict[str, int] = {}
+        #: records of forgotten keys a read in flight named: punched when the last such ends
+        self._deferred: dict[str, list[Record]] = {}
+        self._punch: list[Record] = []
+        #: emptied packs, renamed to temporaries of this process and truncated, for the next
+        #: writes; None: no reuse
+        self._spares: list[str] | None = [] if reuse else None
+        self._local = threading.local()
+        self._seq = count()
+        self._touch_off = False
+        self._failures_logged: set[tuple[str, int | None]] = set()
+
+    # ------------------------------------------------------------------ open
+
+    def load(self, records: Sequence[ScannedRecord], extra: Sequence[ScannedRecord]) -> None:
+        """Take over the records ``open()`` kept (one per key); ``extra`` records (duplicates)
+        are owed a punch (:meth:`flush`)."""
+        packs: dict[str, Pack] = {}
+        located: dict[str, Record] = {}
+        owed: list[Record] = []
+        for recs, live in ((records, True), (extra, False)):
+            for rec in recs:
+                pack = packs.get(rec.path)
+                if pack is None:
+                    pack = packs[rec.path] = Pack(rec.path, 0, rec.pack_mtime_ns)
+                pack.remaining += 1
+                if live:
+                    located[rec.key] = (pack, rec.offset)
+                else:
+                    owed.append((pack, rec.offset))
+        with self._lock:
+            self.located = located
+            self._punch = owed
+
+    def clear(self) -> None:
+        """Forget everything and unlink the spare packs (on close)."""
+        with self._lock:
+            self.located = {}
+            self._punch = []
+            self._deferred = {}
+            spares, self._spares = self._spares, [] if self._spares is not None else None
+        for path in spares or []:
+            remove(path)
+
+    # ------------------------------------------------------------------ put
+
+    def write(
+        self, keys: Sequence[str], srcs: Sequence[PageParts], mtime_ns: int
+    ) -> list[PageStatus]:
+        """Store distinct ``keys`` as one pack: ``OK`` for each key this pack now holds,
+        ``ALREADY_EXISTS`` where another writer's pack holds it, all ``FAILED`` (logged, no
+        temporary left) when the pack could not be written."""
+        headers = self._headers(len(keys))
+        iov: list[memoryview] = []
+        for header, key, src in zip(headers, keys, srcs, strict=True):
+            encode_header_into(header, self._ns, key, self._page_bytes, payload_checksum(src))
+            iov.append(header)
+            iov.extend(src)
+        path = self._layout.pack_path(keys[0], f"{time.time_ns():x}-{next(self._seq):x}")
+        fd, tmp = self._open_spare()
+        if fd is None:
+            tmp = self._layout.temp_path(keys[0])
+            try:
+                fd = os.open(tmp, _WRITE_FLAGS, self._file_mode)
+            except OSError as exc:
+                self._log_failure("put", keys[0], exc)
+                return [PageStatus.FAILED] * len(keys)
+        try:
+            try:
+                write_fully(fd, iov)
+                if self._chmod:
+                    os.fchmod(fd, self._file_mode)
+                # The pack's mtime is the recency a restart gives its records (head newest).
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            if not publish_noreplace(tmp, path):
+                raise FileExistsError(path)
+            if self._fsync:
+                try:
+                    fsync_dir(os.path.dirname(path))
+                except OSError:
+                    remove(path)  # visible but not durable: never reported stored
+                    raise
+        except OSError as exc:
+            # ENOSPC, EROFS, EIO...: every page of the pack fails; no temporary may linger.
+            self._log_failure("put", keys[0], exc)
+            remove(tmp)
+            return [PageStatus.FAILED] * len(keys)
+        stored = self.stored_bytes
+        pack = Pack(path, len(keys), mtime_ns)
+        statuses: list[PageStatus] = []
+        with self._lock:
+            located = self.located
+            for j, key in enumerate(keys):
+                if key in located:  # another writer's pack was registered first
+                    statuses.append(PageStatus.ALREADY_EXISTS)
+                    self._punch.append((pack, j * stored))
+                else:
+                    located[key] = (pack, j * stored)
+                    statuses.append(PageStatus.OK)
+        return statuses
+
+    def _open_spare(self) -> tuple[int | None, str]:
+        """An emptied (truncated) pack to write into: (fd, its temporary path); fd None when
+        there is none (or it cannot be opened: then it is gone)."""
+        if not self._spares:
+            return None, ""
+        with self._lock:
+            if not self._spares:
+                return None, ""
+            tmp = self._spares.pop()
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW), tmp
+        except OSError as exc:
+            log.debug("cannot reuse %s: %s", tmp, exc)
+            remove(tmp)
+            return None, ""
+
+    def _headers(self, n: int) -> list[memoryview]:
+        """``n`` header buffers of this thread (reused across calls)."""
+        bufs: list[memoryview] | None = getattr(self._local, "headers", None)
+        if bufs is None:
+            bufs = self._local.headers = []
+        while len(bufs) < n:
+            bufs.append(memoryview(bytearray(HEADER_SIZE)))
+        return bufs[:n]
+
+    # ------------------------------------------------------------------ get
+
+    @contextlib.contextmanager
+    def reading(self, keys: Sequence[str]) -> Iterator[dict[str, Record]]:
+        """Hold while reading ``keys``: yields where the packed ones are; none of those
+        records is punched before this ends."""
+        reading = self._reading
+        with self._lock:
+            located = self.located
+            where = {key: located[key] for key in keys if key in located}
+            for key in where:
+                reading[key] = reading.get(key, 0) + 1
+        try:
+            yield where
+        finally:
+            released = False
+            with self._lock:
+                for key in where:
+                    left = reading[key] - 1
+                    if left:
+                        reading[key] = left
+                        continue
+                    del reading[key]
+                    owed = self._deferred.pop(key, None)
+                    if owed:
+                        self._punch += owed
+                        released = True
+            if released:
+                self.flush()
+
+    def read(
+        self,
+        keys: Sequence[str],
+        dsts: Sequence[PageParts],
+        where: dict[str, Record],
+        touch_ns: int | None,
+    ) -> list[tuple[ReadResult, str]]:
+        """Read and verify the packed pages ``keys`` (each in ``where``) into ``dsts``: one
+        ``open`` per pack and one ``preadv`` per run of adjacent records."""
+        out: list[tuple[ReadResult, str]] = [(ReadResult.FAILED, "")] * len(keys)
+        by_pack: dict[Pack, list[int]] = {}
+        for j, key in enumerate(keys):
+            by_pack.setdefault(where[key][0], []).append(j)
+        stored = self.stored_bytes
+        for pack, js in by_pack.items():
+            try:
+                fd = open_regular(pack.path)
+            except FileNotFoundError:
+                for j in js:
+                    out[j] = (ReadResult.MISSING, "")
+                continue
+            except OSError as exc:
+                self._log_failure("get", keys[js[0]], exc)
+                continue
+            if fd is None:
+                for j in js:
+                    out[j] = (ReadResult.NOT_REGULAR, "")
+                continue
+            try:
+                js.sort(key=lambda j: where[keys[j]][1])
+                headers = self._headers(len(js))
+                run: list[int] = []
+                for j in js:
+                    if run and where[keys[j]][1] != where[keys[run[-1]]][1] + stored:
+                        self._read_run(fd, keys, dsts, where, run, headers, out)
+                        run = []
+                    run.append(j)
+                self._read_run(fd, keys, dsts, where, run, headers, out)
+                if touch_ns is not None and not self._touch_off:
+                    # A pack's mtime is its records' recency after a restart: a read renews it.
+                    pack.mtime_ns = touch_ns
+                    self._touch(fd, touch_ns)
+            finally:
+                os.close(fd)
+        return out
+
+    def _read_run(
+        self,
+        fd: int,
+        keys: Sequence[str],
+        dsts: Sequence[PageParts],
+        where: dict[str, Record],
+        run: list[int],
+        headers: list[memoryview],
+        out: list[tuple[ReadResult, str]],
+    ) -> None:
+        stored = self.stored_bytes
+        iov: list[memoryview] = []
+        hdrs = headers[: len(run)]
+        for header, j in zip(hdrs, run, strict=True):
+            iov.append(header)
+            iov.extend(dsts[j])
+        start = where[keys[run[0]]][1]
+        try:
+            got = read_fully(fd, iov, start)
+        except OSError as exc:
+            self._log_failure("get", keys[run[0]], exc)
+            return
+        for n, (header, j) in enumerate(zip(hdrs, run, strict=True)):
+            key = keys[j]
+            if got < (n + 1) * stored:
+                out[j] = (ReadResult.CORRUPT, "length")  # the pack was cut short
+                continue
+            if header[: len(MAGIC)] == _ZERO_MAGIC:
+                out[j] = (ReadResult.MISSING, "")  # zeros: punched (not by us: a power loss)
+                continue
+            try:
+                verify_page(
+                    header, dsts[j], namespace=self._ns, key=key, check_payload=self._verify
+                )
+            except PageCorruptError as exc:
+                out[j] = (ReadResult.CORRUPT, exc.field)
+                continue
+            except PageVersionError as exc:
+                out[j] = (ReadResult.UNKNOWN_VERSION, exc.detail)
+                continue
+            out[j] = (ReadResult.OK, "")
+
+    def _touch(self, fd: int, ns: int) -> None:
+        try:
+            os.utime(fd, ns=(ns, ns))
+        except OSError as exc:
+            self._touch_off = True
+            log.info("cannot update pack mtimes (%s): recency is kept in memory only", exc)
+
+    # ------------------------------------------------------------------ evict, delete
+
+    def forget(self, keys: Sequence[str]) -> int:
+        """Forget packed pages (evicted, deleted, corrupt): their records are owed a punch
+        (:meth:`flush`, or when the last read naming them ends). Returns how many were packed."""
+        found = 0
+        with self._lock:
+            located = self.located
+            reading = self._reading
+            for key in keys:
+                rec = located.pop(key, None)
+                if rec is None:
+                    continue
+                found += 1
+                if key in reading:
+                    self._deferred.setdefault(key, []).append(rec)
+                else:
+                    self._punch.append(rec)
+        return found
+
+    def flush(self) -> None:
+        """Punch the records owed a punch, one ``open`` per pack; unlink a pack instead when
+        these are its last records."""
+        with self._lock:
+            if not self._punch:
+                return
+            owed, self._punch = self._punch, []
+            by_pack: dict[Pack, list[int]] = {}
+            for pack, off in owed:
+                by_pack.setdefault(pack, []).append(off)
+            plan: list[tuple[Pack, list[int], bool, bool]] = []
+            for pack, offs in by_pack.items():
+                pack.remaining -= len(offs)
+                last = pack.remaining <= 0
+                if not last:
+                    pack.punching += 1
+                plan.append((pack, offs, last, last and pack.punching == 0))
+        for pack, offs, last, reusable in plan:
+            if not last:
+                try:
+                    _punch_records(pack.path, offs, self.stored_bytes, pack.mtime_ns)
+                finally:
+                    with self._lock:
+                        pack.punching -= 1
+            elif not (reusable and self._keep_spare(pack)):
+                remove(pack.path)
+
+    def _keep_spare(self, pack: Pack) -> bool:
+        """Rename an emptied pack to a temporary for the next write; False: not kept."""
+        spares = self._spares
+        if spares is None or len(spares) >= _MAX_SPARES:
+            return False
+        # the first key of its name names the temporary (swept as ours after a crash)
+        tmp = self._layout.temp_path(os.path.basename(pack.path)[:64])
+        try:
+            os.rename(pack.path, tmp)
+        except OSError as exc:
+            log.debug("cannot keep %s for reuse: %s", pack.path, exc)
+            return False
+        try:
+            # its last records' blocks go now: between calls the disk holds what is accounted
+            os.truncate(tmp, 0)
+        except OSError as exc:
+            log.debug("cannot keep %s for reuse: %s", tmp, exc)
+            remove(tmp)
+            return False
+        with self._lock:
+            spares.append(tmp)
+        return True
+
+    def paths(self) -> set[str]:
+        """Paths of the packs holding live records."""
+        with self._lock:
+            return {pack.path for pack, _off in self.located.values()}
+
+    def _log_failure(self, op: str, what: str, exc: OSError) -> None:
+        # A full or read-only disk fails every put: warn once per (operation, errno).
+        seen = (op, exc.errno)
+        first = seen not in self._failures_logged
+        self._failures_logged.add(seen)
+        (log.warning if first else log.debug)("%s %s failed: %s", op, what, exc)
