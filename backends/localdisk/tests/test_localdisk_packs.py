@@ -344,3 +344,60 @@ def test_reads_racing_puts_that_punch_their_records_never_see_a_wrong_byte(
     on_disk = disk_bytes(Path(b.layout.ns_dir), PAGE)
     assert b.used_bytes == present * STORED == on_disk[0] <= b.max_bytes
     b.close()
+
+
+def test_a_symlink_under_a_pack_name_is_a_miss_and_neither_it_nor_its_target_is_touched(
+    make_backend: Callable[..., LocalDiskBackend],
+    key_of: Callable[..., str],
+    payload_of: Callable[..., bytes],
+    tmp_path: Path,
+) -> None:
+    # The file-per-page rule (test_localdisk_not_regular) holds for packs too: whatever sits
+    # under a pack's name that is not a regular file is a miss, left in place; an emptied pack
+    # is not renamed, truncated nor unlinked through it.
+    target = tmp_path / "precious"
+    target.write_bytes(b"x" * 8192)
+    b = make_backend(page_bytes=PAGE, max_bytes=64 * STORED)
+    b.open()
+    keys = [key_of(i, "link") for i in range(2)]
+    assert _put(b, keys, payload_of) == [PageStatus.OK] * 2
+    (pack,) = _packs(b)
+    pack.unlink()
+    pack.symlink_to(target)
+    statuses, _bufs = _read(b, keys)
+    assert statuses == [PageStatus.NOT_FOUND] * 2
+    assert b.exists(keys) == [False, False]
+    assert target.read_bytes() == b"x" * 8192
+    assert pack.is_symlink() and _temporaries(b) == []
+    b.close()
+    assert target.read_bytes() == b"x" * 8192
+
+
+def test_a_read_only_instance_that_finds_punched_records_writes_nothing(
+    make_backend: Callable[..., LocalDiskBackend],
+    key_of: Callable[..., str],
+    payload_of: Callable[..., bytes],
+) -> None:
+    w = make_backend(page_bytes=PAGE, max_bytes=64 * STORED)
+    w.open()
+    keys = [key_of(i, "ro") for i in range(2)]
+    assert _put(w, keys, payload_of) == [PageStatus.OK] * 2
+    w.close()
+    (pack,) = _packs(w)
+    r = make_backend(page_bytes=PAGE, max_bytes=64 * STORED, read_only=True)
+    r.open()
+    # zeros where the records were (punched by a writer since, or lost to a power loss)
+    with open(pack, "r+b") as f:
+        f.write(bytes(2 * STORED))
+    before = pack.stat()
+    statuses, _bufs = _read(r, keys)
+    assert statuses == [PageStatus.NOT_FOUND] * 2
+    after = pack.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+    assert _packs(r) == [pack] and _temporaries(r) == []
+    r.close()
+    assert _packs(r) == [pack]
