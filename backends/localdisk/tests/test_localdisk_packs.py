@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from hicache_localdisk.packs import PackFiles, Record
 
 from hicache.storage import HEADER_SIZE, EvictionPolicy, PageParts, PageStatus
 from hicache.storage.pageformat import MAGIC
+from hicache.testing.planted import release, run_bounded
 from hicache.testing.wait import WAIT_S
 
 PAGE = 16384
@@ -401,3 +403,29 @@ def test_a_read_only_instance_that_finds_punched_records_writes_nothing(
     assert _packs(r) == [pack] and _temporaries(r) == []
     r.close()
     assert _packs(r) == [pack]
+
+
+def test_a_fifo_under_a_pack_name_never_blocks_a_delete(
+    make_backend: Callable[..., LocalDiskBackend],
+    key_of: Callable[..., str],
+    payload_of: Callable[..., bytes],
+) -> None:
+    # The punch of a deleted page's record opens its pack for writing: a FIFO planted under
+    # the name would block that open until some reader came (forever).
+    b = make_backend(page_bytes=PAGE, max_bytes=64 * STORED)
+    b.open()
+    keys = [key_of(i, "fifo") for i in range(3)]
+    assert _put(b, keys, payload_of) == [PageStatus.OK] * 3
+    (pack,) = _packs(b)
+    pack.unlink()
+    os.mkfifo(pack, 0o600)
+    try:
+        finished, _ = run_bounded(lambda: b.delete(keys[:1]), WAIT_S)
+        assert finished, "a delete blocked on a FIFO under a pack's name"
+        assert b.exists(keys[:1]) == [False]
+        finished, _ = run_bounded(lambda: b.delete(keys[1:]), WAIT_S)
+        assert finished
+        assert stat.S_ISFIFO(os.lstat(pack).st_mode) or not pack.exists()
+    finally:
+        release(str(pack))
+    b.close()
