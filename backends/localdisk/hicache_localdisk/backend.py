@@ -565,10 +565,15 @@ class LocalDiskBackend(Backend):
                 by_index = dict(zip(files, results, strict=True))
                 by_index.update(zip(in_packs, packed, strict=True))
                 results = [by_index[i] for i in todo]
-                # a record that is gone (zeros, no pack) is forgotten, so note_missing drops it
-                gone = [keys[i] for i, (r, _f) in zip(in_packs, packed, strict=True) if r in _GONE]
+                # a record that is gone (zeros, no regular pack) is forgotten, nothing punched,
+                # so note_missing drops it
+                gone = {
+                    keys[i]: where[keys[i]]
+                    for i, (r, _f) in zip(in_packs, packed, strict=True)
+                    if r in _GONE
+                }
                 if gone:
-                    packs.forget(gone)
+                    packs.drop(gone)
         statuses = [PageStatus.NOT_FOUND] * len(keys)
         hits: list[str] = []
         missing: list[str] = []

@@ -8,6 +8,7 @@
 - ``forget(keys)`` / ``flush()``          evicted or deleted pages: their records are punched
                                           (grouped by pack), a pack whose last record goes is
                                           unlinked
+- ``drop(where)``                         pages a read found gone: forgotten, nothing punched
 - ``load(records)`` / ``scan_packs(...)`` what ``open()`` (and ``iter_pages``) found on disk
 
 Why: a page file costs ~8 system calls to publish (open, pwritev, utime, close, rename, and the
@@ -189,12 +190,15 @@ def _punch_records(path: str, offsets: Sequence[int], stored: int, mtime_ns: int
     if not offsets:
         return
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        # not through a symlink, nor blocked on a FIFO, planted under the pack's name
+        fd = open_regular(path, os.O_WRONLY)
     except FileNotFoundError:
         return
     except OSError as exc:
         log.warning("cannot punch records of %s: %s", path, exc)
         return
+    if fd is None:
+        return  # not a pack of ours any more: nothing to punch
     try:
         # adjacent records go in one punch: evictions take a batch's tail together
         start = end = -1
@@ -353,11 +357,14 @@ class PackFiles:
                 return None, ""
             tmp = self._spares.pop()
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW), tmp
+            fd = open_regular(tmp, os.O_WRONLY)
         except OSError as exc:
             log.debug("cannot reuse %s: %s", tmp, exc)
+            fd = None
+        if fd is None:
             remove(tmp)
             return None, ""
+        return fd, tmp
 
     def _headers(self, n: int) -> list[memoryview]:
         """``n`` header buffers of this thread (reused across calls)."""
@@ -513,6 +520,17 @@ class PackFiles:
                     self._punch.append(rec)
         return found
 
+    def drop(self, where: dict[str, Record]) -> None:
+        """Forget packed pages a read found gone (zeros, no pack, not a regular file): no punch
+        is owed (there is nothing of ours to punch, and a read-only instance writes nothing); a
+        key since stored again in another record keeps that one."""
+        with self._lock:
+            located = self.located
+            for key, rec in where.items():
+                if located.get(key) == rec:
+                    del located[key]
+                    rec[0].remaining -= 1
+
     def flush(self) -> None:
         """Punch the records owed a punch, one ``open`` per pack; unlink a pack instead when
         these are its last records."""
@@ -548,17 +566,28 @@ class PackFiles:
         # the first key of its name names the temporary (swept as ours after a crash)
         tmp = self._layout.temp_path(os.path.basename(pack.path)[:64])
         try:
+            # truncated through this descriptor: never through a symlink planted under the name
+            fd = open_regular(pack.path, os.O_WRONLY)
+        except OSError as exc:
+            log.debug("cannot keep %s for reuse: %s", pack.path, exc)
+            return False
+        if fd is None:
+            return False
+        try:
             os.rename(pack.path, tmp)
         except OSError as exc:
+            os.close(fd)
             log.debug("cannot keep %s for reuse: %s", pack.path, exc)
             return False
         try:
             # its last records' blocks go now: between calls the disk holds what is accounted
-            os.truncate(tmp, 0)
+            os.ftruncate(fd, 0)
         except OSError as exc:
             log.debug("cannot keep %s for reuse: %s", tmp, exc)
             remove(tmp)
             return False
+        finally:
+            os.close(fd)
         with self._lock:
             spares.append(tmp)
         return True
