@@ -33,16 +33,19 @@ from hicache.storage import (
 )
 from hicache_localdisk.fsio import DIRECT_ALIGN, drop_cache, fsync_dir, punch_supported, remove
 from hicache_localdisk.index import PageIndex
-from hicache_localdisk.layout import Layout, ScannedPack, ScannedPage
+from hicache_localdisk.layout import Layout, ScannedPage
 from hicache_localdisk.options import Durability, LocalDiskConfig
-from hicache_localdisk.packs import PackFiles, Record, ScannedRecord, scan_packs
+from hicache_localdisk.packs import PackFiles, Record
 from hicache_localdisk.pageio import _CORES, PageIO, ReadResult
 from hicache_localdisk.shared import SharedState
 from hicache_localdisk.spares import SpareFiles
 from hicache_localdisk.startup import (
     default_max_bytes,
+    drop_packs,
+    load_packs,
     make_dirs,
     probe_direct,
+    scan_packs,
     sweep,
 )
 
@@ -223,9 +226,28 @@ class LocalDiskBackend(Backend):
         self._counters["other_size_pages"] = swept.other_size_pages
         pages = swept.pages
         if not opts.shared:
-            pages += self._load_packs(scan.packs, pages, writable)
+            self._packs = PackFiles(
+                self._layout,
+                self.context.page_bytes,
+                file_mode=opts.file_mode,
+                fsync=fsync,
+                verify=opts.verify_checksums,
+                # not with fsync: a power loss could keep the overwrite and lose the rename
+                reuse=opts.durability is Durability.NONE,
+            )
+            packed, damaged = load_packs(
+                self._packs,
+                self._layout,
+                scan.packs,
+                pages,
+                self.context.page_bytes,
+                _MTIME_STEP_NS,
+                writable,
+            )
+            pages += packed
+            self._counters["bad_size_removed"] += damaged
         elif scan.packs and writable:
-            self._drop_packs(scan.packs)
+            drop_packs(self._layout, scan.packs)
         used = sum(p.size for p in pages)
         if opts.max_bytes is not None:
             self._max_bytes = opts.max_bytes
@@ -290,60 +312,6 @@ class LocalDiskBackend(Backend):
             used,
             self._max_bytes,
             elapsed,
-        )
-
-    def _load_packs(
-        self, found: list[ScannedPack], pages: list[ScannedPage], writable: bool
-    ) -> list[ScannedPage]:
-        """Read the records of the packs found (single-process mode); return their pages.
-
-        A key found twice (a crash between a pack's publish and the punch of a record it
-        duplicated) keeps its page file, else its newest record; the others are punched."""
-        opts = self.options
-        packs = self._packs = PackFiles(
-            self._layout,
-            self.context.page_bytes,
-            file_mode=opts.file_mode,
-            fsync=opts.durability is Durability.FSYNC,
-            verify=opts.verify_checksums,
-            # not with fsync: a power loss could keep the overwrite and lose the rename
-            reuse=opts.durability is Durability.NONE,
-        )
-        if not found:
-            return []
-        scanned = scan_packs(
-            found, self._layout.namespace, self.context.page_bytes, _MTIME_STEP_NS, writable
-        )
-        self._counters["bad_size_removed"] += scanned.damaged if writable else 0
-        plain = {p.key for p in pages}
-        best: dict[str, ScannedRecord] = {}
-        extra: list[ScannedRecord] = []
-        for rec in scanned.records:
-            other = best.get(rec.key)
-            if rec.key in plain:
-                extra.append(rec)
-            elif other is None:
-                best[rec.key] = rec
-            elif rec.mtime_ns > other.mtime_ns:
-                extra.append(other)
-                best[rec.key] = rec
-            else:
-                extra.append(rec)
-        packs.load(list(best.values()), extra if writable else [])
-        if writable:
-            for path in scanned.empty or []:
-                remove(path)
-        return [ScannedPage(rec.key, self._stored, rec.mtime_ns) for rec in best.values()]
-
-    def _drop_packs(self, found: list[ScannedPack]) -> None:
-        """Shared mode: packs a single-process run left are removed, their pages dropped
-        (other processes find pages by their file names, so packed ones cannot be shared)."""
-        removed = sum(remove(pack.path) for pack in found)
-        log.warning(
-            "localdisk %s: shared mode: %d pack file(s) of a single-process run removed "
-            "(their pages are dropped from the cache)",
-            self._layout.ns_dir,
-            removed,
         )
 
     def _join_shared(self) -> bool:

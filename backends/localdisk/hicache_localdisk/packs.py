@@ -9,7 +9,8 @@
                                           (grouped by pack), a pack whose last record goes is
                                           unlinked
 - ``drop(where)``                         pages a read found gone: forgotten, nothing punched
-- ``load(records)`` / ``scan_packs(...)`` what ``open()`` (and ``iter_pages``) found on disk
+- ``load(records, extra)``               what ``open()`` found on disk
+                                          (:func:`hicache_localdisk.startup.scan_packs`)
 
 Why: a page file costs ~8 system calls to publish (open, pwritev, utime, close, rename, and the
 eviction of a victim) and 3 to read, each a round trip of the GIL; at 8 KiB pages the replay
@@ -54,7 +55,6 @@ from hicache.storage import (
     HEADER_SIZE,
     PageParts,
     PageStatus,
-    decode_header,
     encode_header_into,
     open_regular,
     payload_checksum,
@@ -69,17 +69,17 @@ from hicache_localdisk.fsio import (
     remove,
     write_fully,
 )
-from hicache_localdisk.layout import Layout, ScannedPack
+from hicache_localdisk.layout import Layout, ScannedRecord
 from hicache_localdisk.pageio import ReadResult
 
-__all__ = ["Pack", "PackFiles", "PackScan", "Record", "ScannedRecord", "scan_packs"]
+__all__ = ["Pack", "PackFiles", "Record", "punch_records"]
 
 log = logging.getLogger(__name__)
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 #: Emptied packs kept for reuse at most (the rest are unlinked).
 _MAX_SPARES = 16
-_ZERO_MAGIC = bytes(len(MAGIC))
+ZERO_MAGIC = bytes(len(MAGIC))
 
 
 @dataclass(eq=False, slots=True)
@@ -101,90 +101,7 @@ class Pack:
 Record = tuple[Pack, int]
 
 
-@dataclass(frozen=True, slots=True)
-class ScannedRecord:
-    """A sound record found in a pack by :func:`scan_packs`."""
-
-    key: str
-    path: str
-    offset: int
-    #: the pack's mtime less one step per record before it (a batch is recorded tail first)
-    mtime_ns: int
-    pack_mtime_ns: int
-
-
-@dataclass(slots=True)
-class PackScan:
-    """What :func:`scan_packs` found."""
-
-    records: list[ScannedRecord]
-    #: torn or damaged records (punched when the scan may write)
-    damaged: int = 0
-    #: packs of another page size or namespace, or of a newer writer: left alone
-    foreign: int = 0
-    #: packs without a live record (removed when the scan may write)
-    empty: list[str] | None = None
-
-
-def scan_packs(
-    packs: Sequence[ScannedPack],
-    namespace: str,
-    page_bytes: int,
-    step_ns: int,
-    writable: bool,
-) -> PackScan:
-    """Read every record header of ``packs``: sound records are listed; punched ones (zeros)
-    skipped; torn ones skipped (and punched when ``writable``). Packs with no sound record are
-    returned in ``empty``."""
-    stored = HEADER_SIZE + page_bytes
-    result = PackScan(records=[], empty=[])
-    assert result.empty is not None
-    for pack in packs:
-        try:
-            fd = open_regular(pack.path)
-        except OSError as exc:
-            log.warning("cannot read pack %s: %s", pack.path, exc)
-            continue
-        if fd is None:
-            continue
-        found = 0
-        torn: list[int] = []
-        try:
-            for off in range(0, pack.size - stored + 1, stored):
-                header = os.pread(fd, HEADER_SIZE, off)
-                if header[: len(MAGIC)] == _ZERO_MAGIC:
-                    continue  # punched: an evicted page
-                try:
-                    decoded = decode_header(header)
-                except PageCorruptError:
-                    torn.append(off)
-                    continue
-                except PageVersionError:
-                    found = -1  # a newer writer's: not ours to read nor to remove
-                    break
-                if decoded.namespace != namespace or decoded.payload_len != page_bytes:
-                    found = -1  # another page size (or a copied tree): left alone
-                    break
-                found += 1
-                mtime = pack.mtime_ns - (off // stored) * step_ns
-                result.records.append(
-                    ScannedRecord(decoded.key, pack.path, off, mtime, pack.mtime_ns)
-                )
-        except OSError as exc:
-            log.warning("cannot read pack %s: %s", pack.path, exc)
-        finally:
-            os.close(fd)
-        if writable and found >= 0 and torn:
-            _punch_records(pack.path, torn, stored, pack.mtime_ns)
-        result.damaged += len(torn)
-        if found < 0:
-            result.foreign += 1
-        elif found == 0:
-            result.empty.append(pack.path)
-    return result
-
-
-def _punch_records(path: str, offsets: Sequence[int], stored: int, mtime_ns: int) -> None:
+def punch_records(path: str, offsets: Sequence[int], stored: int, mtime_ns: int) -> None:
     """Punch records of the pack at ``path`` (one open), then set its mtime back to
     ``mtime_ns`` (the recency of the records left); failures are logged."""
     if not offsets:
@@ -478,7 +395,7 @@ class PackFiles:
             if got < (n + 1) * stored:
                 out[j] = (ReadResult.CORRUPT, "length")  # the pack was cut short
                 continue
-            if header[: len(MAGIC)] == _ZERO_MAGIC:
+            if header[: len(MAGIC)] == ZERO_MAGIC:
                 out[j] = (ReadResult.MISSING, "")  # zeros: punched (not by us: a power loss)
                 continue
             try:
@@ -551,7 +468,7 @@ class PackFiles:
         for pack, offs, last, reusable in plan:
             if not last:
                 try:
-                    _punch_records(pack.path, offs, self.stored_bytes, pack.mtime_ns)
+                    punch_records(pack.path, offs, self.stored_bytes, pack.mtime_ns)
                 finally:
                     with self._lock:
                         pack.punching -= 1
