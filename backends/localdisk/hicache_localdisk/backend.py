@@ -35,6 +35,7 @@ from hicache_localdisk.fsio import DIRECT_ALIGN, drop_cache, fsync_dir, punch_su
 from hicache_localdisk.index import PageIndex
 from hicache_localdisk.layout import Layout, ScannedPage
 from hicache_localdisk.options import Durability, LocalDiskConfig
+from hicache_localdisk.packed import SYNCED, forget_packed, put_packed, read_packed
 from hicache_localdisk.packs import PackFiles, Record
 from hicache_localdisk.pageio import _CORES, PageIO, ReadResult
 from hicache_localdisk.shared import SharedState
@@ -59,12 +60,9 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 #: ``where`` of reads when nothing is packed (shared mode): no key is in a pack.
 _NOT_PACKED: contextlib.nullcontext[dict[str, Record]] = contextlib.nullcontext({})
-#: Read outcomes of a packed page whose record is gone: forgotten, then a miss.
-_GONE = (ReadResult.MISSING, ReadResult.NOT_REGULAR)
 #: Spacing of the mtimes given to the pages of one batch (head newest): 1 us survives the
 #: timestamp granularity of every filesystem with nanosecond mtimes.
 _MTIME_STEP_NS = 1000
-_SYNCED = (PageStatus.OK, PageStatus.ALREADY_EXISTS)
 #: Pages per backend call (its ``max_batch``), also told to its capacity policy.
 _MAX_BATCH = 64
 #: Unset ``io_threads``: pages smaller than this are written and read on the calling thread.
@@ -392,7 +390,8 @@ class LocalDiskBackend(Backend):
         statuses: list[PageStatus | None] = [None] * len(keys)
         retired: list[str] = []  # temporary paths of retired victims' files
         if self._pack_writes:
-            return self._put_packed(keys, srcs)
+            assert self._packs is not None
+            return self._put_done(put_packed(self._index, self._packs, keys, srcs, _MTIME_STEP_NS))
         if self._shared is not None:
             todo = self._plan_shared(keys, statuses)
         else:
@@ -432,32 +431,6 @@ class LocalDiskBackend(Backend):
         )
         return out
 
-    def _put_packed(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:
-        """The new pages of this put as one pack (see hicache_localdisk.packs)."""
-        packs = self._packs
-        assert packs is not None
-        statuses: list[PageStatus | None] = [None] * len(keys)
-        todo = self._index.reserve(keys, statuses)
-        # the victims' records are punched before the pack is written: the disk, like the
-        # accounting, never passes max_bytes
-        packs.flush()
-        first: dict[str, int] = {}
-        for i in todo:
-            first.setdefault(keys[i], i)
-        pack = list(first.values())
-        if pack:
-            now = time.time_ns() - pack[0] * _MTIME_STEP_NS
-            written = packs.write([keys[i] for i in pack], [srcs[i] for i in pack], now)
-            for i, status in zip(pack, written, strict=True):
-                statuses[i] = status
-            for i in todo:
-                if statuses[i] is None:  # the key again in this batch: as a second writer
-                    stored = statuses[first[keys[i]]] in _SYNCED
-                    statuses[i] = PageStatus.ALREADY_EXISTS if stored else PageStatus.FAILED
-        self._index.settle(keys, todo, statuses)
-        packs.flush()  # what settling forgot (pages evicted while their pack was written)
-        return self._put_done(statuses)
-
     def _plan_shared(self, keys: Sequence[str], statuses: list[PageStatus | None]) -> list[int]:
         """Shared mode: skip pages on disk (whatever our index says), make room for the rest."""
         io = self._require_io()
@@ -484,14 +457,14 @@ class LocalDiskBackend(Backend):
         A page another writer published first (``ALREADY_EXISTS`` from the rename) was synced
         before its rename, but its directory entry maybe not yet: sync that directory too.
         """
-        dirs = {self._layout.dir_of(keys[i]) for i in todo if statuses[i] in _SYNCED}
+        dirs = {self._layout.dir_of(keys[i]) for i in todo if statuses[i] in SYNCED}
         for d in sorted(dirs):
             try:
                 fsync_dir(d)
             except OSError as exc:
                 log.warning("fsync of %s failed: %s", d, exc)
                 for i in todo:
-                    if statuses[i] in _SYNCED and self._layout.dir_of(keys[i]) == d:
+                    if statuses[i] in SYNCED and self._layout.dir_of(keys[i]) == d:
                         # Visible but not durable: report failure; the file may stay (harmless).
                         statuses[i] = PageStatus.FAILED
 
@@ -527,21 +500,10 @@ class LocalDiskBackend(Backend):
             if where:
                 assert packs is not None
                 in_packs = [i for i in todo if keys[i] in where]
-                packed = packs.read(
-                    [keys[i] for i in in_packs], [dsts[i] for i in in_packs], where, now
-                )
+                packed = read_packed(packs, keys, dsts, in_packs, where, now)
                 by_index = dict(zip(files, results, strict=True))
                 by_index.update(zip(in_packs, packed, strict=True))
                 results = [by_index[i] for i in todo]
-                # a record that is gone (zeros, no regular pack) is forgotten, nothing punched,
-                # so note_missing drops it
-                gone = {
-                    keys[i]: where[keys[i]]
-                    for i, (r, _f) in zip(in_packs, packed, strict=True)
-                    if r in _GONE
-                }
-                if gone:
-                    packs.drop(gone)
         statuses = [PageStatus.NOT_FOUND] * len(keys)
         hits: list[str] = []
         missing: list[str] = []
@@ -644,20 +606,7 @@ class LocalDiskBackend(Backend):
         packs = self._packs
         packed = 0
         if packs is not None:
-            located = {key: rec for key in keys if (rec := packs.located.get(key)) is not None}
-            if located and failed is not None:
-                # a delete that cannot punch (a read-only filesystem) must fail, the page kept
-                stuck = {
-                    path
-                    for path in {rec[0].path for rec in located.values()}
-                    if not os.access(path, os.W_OK)
-                }
-                for key, rec in list(located.items()):
-                    if rec[0].path in stuck:
-                        failed.append(self._layout.page_path(key))
-                        del located[key]
-            packed = packs.forget(list(located))
-            keys = [key for key in keys if key not in located]
+            packed, keys = forget_packed(packs, self._layout, keys, failed)
         paths = [self._layout.page_path(key) for key in keys]
         if self._shared is not None:
             return self._shared.remove(paths, self._stored, failed)
