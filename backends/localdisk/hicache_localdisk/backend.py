@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from stat import S_ISREG
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from hicache.errors import BackendCapacityError, BackendError
+from hicache.errors import BackendError
 from hicache.storage import (
     Backend,
     BackendConfig,
@@ -31,21 +31,21 @@ from hicache.storage import (
     check_namespace,
     stored_size,
 )
-from hicache_localdisk.fsio import DIRECT_ALIGN, drop_cache, fsync_dir, punch_supported, remove
+from hicache_localdisk.fsio import DIRECT_ALIGN, drop_cache, punch_supported, remove
 from hicache_localdisk.index import PageIndex
-from hicache_localdisk.layout import Layout, ScannedPage
+from hicache_localdisk.layout import Layout
 from hicache_localdisk.options import Durability, LocalDiskConfig
-from hicache_localdisk.packed import SYNCED, forget_packed, put_packed, read_packed
+from hicache_localdisk.packed import forget_packed, put_packed, read_packed
 from hicache_localdisk.packs import PackFiles, Record
 from hicache_localdisk.pageio import _CORES, PageIO, ReadResult
-from hicache_localdisk.shared import SharedState
+from hicache_localdisk.shared import SharedState, join_shared, settle_shared
 from hicache_localdisk.spares import SpareFiles
 from hicache_localdisk.startup import (
-    default_max_bytes,
     drop_packs,
     load_packs,
     make_dirs,
     probe_direct,
+    resolve_max_bytes,
     scan_packs,
     sweep,
 )
@@ -215,7 +215,10 @@ class LocalDiskBackend(Backend):
         fsync = opts.durability is Durability.FSYNC
         if writable:
             make_dirs(self._layout, opts.dir_mode, fsync)
-        alone = self._join_shared() if opts.shared and writable else False
+        if opts.shared and writable:
+            self._shared, alone = join_shared(self._layout.ns_dir, opts.file_mode)
+        else:
+            alone = False
         started = time.perf_counter()
         scan = self._layout.scan()
         swept = sweep(self._layout, scan.pages, scan.dead_temps, self.context.page_bytes, writable)
@@ -247,23 +250,9 @@ class LocalDiskBackend(Backend):
         elif scan.packs and writable:
             drop_packs(self._layout, scan.packs)
         used = sum(p.size for p in pages)
-        if opts.max_bytes is not None:
-            self._max_bytes = opts.max_bytes
-        else:
-            # A read-only instance never writes nor evicts: its bound only admits what is there.
-            self._max_bytes = default_max_bytes(self._layout, used) if writable else max(used, 1)
-            if opts.shared and writable:
-                log.warning(
-                    "localdisk %s: shared without max_bytes: this process bounds usage at %d "
-                    "bytes (from free space now); set max_bytes so all processes agree",
-                    self._layout.ns_dir,
-                    self._max_bytes,
-                )
-        if writable and self._max_bytes < self._stored:
-            raise BackendCapacityError(
-                f"max_bytes={self._max_bytes} cannot hold one page of {self._stored} bytes "
-                f"(root {self._layout.root!r})"
-            )
+        self._max_bytes = resolve_max_bytes(
+            self._layout, opts.max_bytes, used, self._stored, writable, opts.shared
+        )
         pages.sort(key=lambda p: p.mtime_ns, reverse=True)  # newest first
         self._index.load(
             [p.key for p in pages],
@@ -291,7 +280,10 @@ class LocalDiskBackend(Backend):
         if self._pack_writes:
             self._spares = None  # packs leave no victim files to reuse
         if opts.shared:
-            self._settle_shared(pages, alone)
+            shared = self._shared
+            # read-only (neither counts nor evicts), or the state files are unusable: None
+            if shared is not None and settle_shared(shared, used, alone) > self._max_bytes:
+                self._enforce_shared(0)
         elif writable and used > self._max_bytes:
             self._index.evict_to_capacity()
         self._flush_packs()
@@ -311,33 +303,6 @@ class LocalDiskBackend(Backend):
             self._max_bytes,
             elapsed,
         )
-
-    def _join_shared(self) -> bool:
-        """Open the shared state before the scan; True when no other process has the root."""
-        shared = SharedState(self._layout.ns_dir, self.options.file_mode)
-        try:
-            alone = shared.open()
-        except OSError as exc:
-            shared.close()
-            log.warning("localdisk shared state unavailable in %s: %s", self._layout.ns_dir, exc)
-            return False
-        self._shared = shared
-        return alone
-
-    def _settle_shared(self, pages: list[ScannedPage], alone: bool) -> None:
-        shared = self._shared
-        if shared is None:
-            return  # read-only (neither counts nor evicts), or the state files are unusable
-        total = sum(p.size for p in pages)
-        if alone:
-            # Nobody else is in: the scan is the truth, whatever drift killed processes left.
-            shared.set(total)
-            shared.admit_others()
-        else:
-            with shared.evict_round():
-                shared.init_if_unset(total)
-        if shared.read() > self._max_bytes:
-            self._enforce_shared(0)
 
     def _close(self) -> None:
         if self._pool is not None:
@@ -413,7 +378,7 @@ class LocalDiskBackend(Backend):
         for i, status in zip(todo, results, strict=True):
             statuses[i] = status
         if self.options.durability is Durability.FSYNC:
-            self._sync_dirs(keys, todo, statuses)
+            io.sync_dirs(keys, todo, statuses)
         published = self._index.settle(keys, todo, statuses)
         # Counted after the rename, so a concurrent eviction round can only over-count (it saw
         # the file, then we add it): the safe direction, corrected by the next round.
@@ -448,25 +413,6 @@ class LocalDiskBackend(Backend):
         if need and shared is not None and shared.read() + need > self._max_bytes:
             self._enforce_shared(need)
         return todo
-
-    def _sync_dirs(
-        self, keys: Sequence[str], todo: list[int], statuses: list[PageStatus | None]
-    ) -> None:
-        """One ``fsync`` per directory that received a page: then the batch is power-loss safe.
-
-        A page another writer published first (``ALREADY_EXISTS`` from the rename) was synced
-        before its rename, but its directory entry maybe not yet: sync that directory too.
-        """
-        dirs = {self._layout.dir_of(keys[i]) for i in todo if statuses[i] in SYNCED}
-        for d in sorted(dirs):
-            try:
-                fsync_dir(d)
-            except OSError as exc:
-                log.warning("fsync of %s failed: %s", d, exc)
-                for i in todo:
-                    if statuses[i] in SYNCED and self._layout.dir_of(keys[i]) == d:
-                        # Visible but not durable: report failure; the file may stay (harmless).
-                        statuses[i] = PageStatus.FAILED
 
     # ------------------------------------------------------------------ get
 

@@ -18,12 +18,10 @@ from hicache.storage import PageParts, PageStatus
 from hicache_localdisk.index import PageIndex
 from hicache_localdisk.layout import Layout
 from hicache_localdisk.packs import PackFiles, Record
-from hicache_localdisk.pageio import ReadResult
+from hicache_localdisk.pageio import SYNCED, ReadResult
 
-__all__ = ["SYNCED", "forget_packed", "put_packed", "read_packed"]
+__all__ = ["forget_packed", "put_packed", "read_packed"]
 
-#: Statuses of a page that is stored after a put (by this call or another writer).
-SYNCED = (PageStatus.OK, PageStatus.ALREADY_EXISTS)
 #: Read outcomes of a packed page whose record is gone: forgotten, then a miss.
 _GONE = (ReadResult.MISSING, ReadResult.NOT_REGULAR)
 

@@ -3,6 +3,7 @@
 - ``make_dirs``          root, namespace and the 256 fan-out directories, owner-only
 - ``sweep``              remove dead owners' temporaries and damaged files; keep our pages
 - ``default_max_bytes``  the bound when none is configured
+- ``resolve_max_bytes``  the bound this instance enforces
 - ``probe_direct``       whether ``O_DIRECT`` can be used here
 - ``scan_packs``         the records of the packs found (also what ``iter_pages`` lists)
 - ``load_packs``         hand the sound records to the pack files, one per key
@@ -17,7 +18,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hicache.errors import BackendUnavailableError, PageCorruptError, PageVersionError
+from hicache.errors import (
+    BackendCapacityError,
+    BackendUnavailableError,
+    PageCorruptError,
+    PageVersionError,
+)
 from hicache.storage import HEADER_SIZE, decode_header, open_regular, stored_size
 from hicache.storage import make_dirs as make_private_dir
 from hicache_localdisk.fsio import DIRECT_ALIGN, O_DIRECT, fsync_dir, remove
@@ -33,6 +39,7 @@ __all__ = [
     "load_packs",
     "make_dirs",
     "probe_direct",
+    "resolve_max_bytes",
     "scan_packs",
     "sweep",
 ]
@@ -147,6 +154,31 @@ def default_max_bytes(layout: Layout, used: int) -> int:
     except OSError as exc:
         raise BackendUnavailableError(f"cannot size localdisk root {layout.root!r}: {exc}") from exc
     return int((st.f_bavail * st.f_frsize + used) * DEFAULT_FREE_FRACTION)
+
+
+def resolve_max_bytes(
+    layout: Layout, configured: int | None, used: int, stored: int, writable: bool, shared: bool
+) -> int:
+    """The capacity bound: ``configured``, else :func:`default_max_bytes`; raises
+    :class:`~hicache.errors.BackendCapacityError` when a writable instance cannot hold a page of
+    ``stored`` bytes."""
+    if configured is not None:
+        max_bytes = configured
+    else:
+        # A read-only instance never writes nor evicts: its bound only admits what is there.
+        max_bytes = default_max_bytes(layout, used) if writable else max(used, 1)
+        if shared and writable:
+            log.warning(
+                "localdisk %s: shared without max_bytes: this process bounds usage at %d "
+                "bytes (from free space now); set max_bytes so all processes agree",
+                layout.ns_dir,
+                max_bytes,
+            )
+    if writable and max_bytes < stored:
+        raise BackendCapacityError(
+            f"max_bytes={max_bytes} cannot hold one page of {stored} bytes (root {layout.root!r})"
+        )
+    return max_bytes
 
 
 def probe_direct(layout: Layout, page_bytes: int, writable: bool) -> bool:
