@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,7 @@ from hicache_localdisk.fsio import DIRECT_ALIGN, drop_cache, punch_supported, re
 from hicache_localdisk.index import PageIndex
 from hicache_localdisk.layout import Layout
 from hicache_localdisk.options import Durability, LocalDiskConfig
+from hicache_localdisk.outcomes import Outcomes
 from hicache_localdisk.packed import forget_packed, put_packed, read_packed
 from hicache_localdisk.packs import PackFiles, Record
 from hicache_localdisk.pageio import _CORES, PageIO, ReadResult
@@ -69,20 +69,6 @@ _MAX_BATCH = 64
 #: Measured on 2 cores (8 KiB pages, the replay): 20% less CPU and half the context switches
 #: than spreading each batch over 4 threads, whose hand-offs cost more than a page's syscalls.
 _POOL_MIN_PAGE_BYTES = 256 * 1024
-_COUNTERS = (
-    "puts_ok",
-    "puts_existing",
-    "puts_failed",
-    "gets_ok",
-    "gets_missing",
-    "gets_failed",
-    "corrupt",
-    "unknown_version",
-    "not_regular",
-    "dead_temps_removed",
-    "bad_size_removed",
-    "other_size_pages",
-)
 
 
 class LocalDiskBackend(Backend):
@@ -109,11 +95,7 @@ class LocalDiskBackend(Backend):
         self._pool: ThreadPoolExecutor | None = None
         self._shared: SharedState | None = None
         self._io: PageIO | None = None
-        self._corrupt_logged = False
-        self._unknown_logged = False
-        self._not_regular_logged = False
-        self._counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
-        self._counters_lock = threading.Lock()
+        self._outcomes = Outcomes(self._layout.ns_dir)
         self._open_scan: dict[str, float] = {}
 
     # ------------------------------------------------------------------ public extras
@@ -222,9 +204,10 @@ class LocalDiskBackend(Backend):
         started = time.perf_counter()
         scan = self._layout.scan()
         swept = sweep(self._layout, scan.pages, scan.dead_temps, self.context.page_bytes, writable)
-        self._counters["dead_temps_removed"] += swept.dead_temps_removed
-        self._counters["bad_size_removed"] += swept.damaged_removed
-        self._counters["other_size_pages"] = swept.other_size_pages
+        self._outcomes.count(
+            dead_temps_removed=swept.dead_temps_removed, bad_size_removed=swept.damaged_removed
+        )
+        self._outcomes.set("other_size_pages", swept.other_size_pages)
         pages = swept.pages
         if not opts.shared:
             self._packs = PackFiles(
@@ -246,7 +229,7 @@ class LocalDiskBackend(Backend):
                 writable,
             )
             pages += packed
-            self._counters["bad_size_removed"] += damaged
+            self._outcomes.count(bad_size_removed=damaged)
         elif scan.packs and writable:
             drop_packs(self._layout, scan.packs)
         used = sum(p.size for p in pages)
@@ -389,7 +372,7 @@ class LocalDiskBackend(Backend):
 
     def _put_done(self, statuses: list[PageStatus | None]) -> list[PageStatus]:
         out = [PageStatus.FAILED if s is None else s for s in statuses]
-        self._count(
+        self._outcomes.count(
             puts_ok=out.count(PageStatus.OK),
             puts_existing=out.count(PageStatus.ALREADY_EXISTS),
             puts_failed=out.count(PageStatus.FAILED),
@@ -470,68 +453,32 @@ class LocalDiskBackend(Backend):
                 statuses[i] = PageStatus.CORRUPT
                 corrupt.append((key, field))
             elif result is ReadResult.UNKNOWN_VERSION:
-                self._on_unknown_version(key, field)  # NOT_FOUND, and the file stays
+                self._outcomes.unknown_version(key, field)  # NOT_FOUND, and the file stays
             else:
                 statuses[i] = PageStatus.FAILED
         if not_regular:
-            self._on_not_regular(not_regular)
+            self._outcomes.not_regular(self._layout.page_path(not_regular[0]), len(not_regular))
         if missing or not_regular:
             self._index.note_missing(missing + not_regular)
         self._index.touch(hits)
-        self._count(
+        self._outcomes.count(
             gets_ok=len(hits),
             gets_missing=statuses.count(PageStatus.NOT_FOUND),
             gets_failed=statuses.count(PageStatus.FAILED),
         )
         for key, field in corrupt:
-            self._on_corrupt(key, field)
+            self._outcomes.corrupt(key, field, self._remove_corrupt)
         self._flush_packs()
         return statuses
 
-    def _on_unknown_version(self, key: str, detail: str) -> None:
-        with self._counters_lock:
-            self._counters["unknown_version"] += 1
-            first, self._unknown_logged = not self._unknown_logged, True
-        (log.warning if first else log.debug)(
-            "localdisk %s: page %s is a newer writer's (%s): a miss, left in place",
-            self._layout.ns_dir,
-            key,
-            detail,
-        )
-
-    def _on_corrupt(self, key: str, field: str) -> None:
-        """Count, log (once at warning level), forget and remove a page that failed checks."""
-        with self._counters_lock:
-            self._counters["corrupt"] += 1
-            first = not self._corrupt_logged
-            self._corrupt_logged = True
+    def _remove_corrupt(self, key: str) -> bool:
+        """Forget a page that failed checks and remove it (when writable); True if removed."""
         writable = not self.context.read_only
         if self._shared is not None:
             self._index.note_corrupt(key, unlink=False)
-            removed = writable and self._remove_pages([key]) == 1
-        else:
-            # Unlinked under the index lock, like an eviction: see hicache_localdisk.index.
-            removed = self._index.note_corrupt(key, unlink=writable)
-        (log.warning if first else log.debug)(
-            "localdisk %s: page %s is corrupt (%s): %s",
-            self._layout.ns_dir,
-            key,
-            field,
-            "removed" if removed else "left in place",
-        )
-
-    def _on_not_regular(self, keys: list[str]) -> None:
-        """Count and log (once at warning level) names held by something that is not a page."""
-        with self._counters_lock:
-            self._counters["not_regular"] += len(keys)
-            first = not self._not_regular_logged
-            self._not_regular_logged = True
-        (log.warning if first else log.debug)(
-            "localdisk %s: %s is not a regular file (a FIFO, socket, device, directory or "
-            "symlink): treated as a miss and left in place",
-            self._layout.ns_dir,
-            self._layout.page_path(keys[0]),
-        )
+            return writable and self._remove_pages([key]) == 1
+        # Unlinked under the index lock, like an eviction: see hicache_localdisk.index.
+        return self._index.note_corrupt(key, unlink=writable)
 
     # ------------------------------------------------------------------ delete, eviction
 
@@ -604,17 +551,11 @@ class LocalDiskBackend(Backend):
 
     # ------------------------------------------------------------------ stats, listing
 
-    def _count(self, **deltas: int) -> None:
-        with self._counters_lock:
-            for name, delta in deltas.items():
-                self._counters[name] += delta
-
     def _stats(self) -> Mapping[str, Any]:
         with self._index.lock:
             pages = len(self._index.pages)
             used = sum(self._index.pages.values())
-        with self._counters_lock:
-            counters = dict(self._counters)
+        counters = self._outcomes.snapshot()
         return {
             **counters,
             "evicted": self._index.evictions,
