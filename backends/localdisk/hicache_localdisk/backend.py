@@ -210,18 +210,9 @@ class LocalDiskBackend(Backend):
         self._outcomes.set("other_size_pages", swept.other_size_pages)
         pages = swept.pages
         if not opts.shared:
-            self._packs = PackFiles(
+            self._packs, packed, damaged = load_packs(
                 self._layout,
-                self.context.page_bytes,
-                file_mode=opts.file_mode,
-                fsync=fsync,
-                verify=opts.verify_checksums,
-                # not with fsync: a power loss could keep the overwrite and lose the rename
-                reuse=opts.durability is Durability.NONE,
-            )
-            packed, damaged = load_packs(
-                self._packs,
-                self._layout,
+                opts,
                 scan.packs,
                 pages,
                 self.context.page_bytes,

@@ -6,7 +6,7 @@
 - ``resolve_max_bytes``  the bound this instance enforces
 - ``probe_direct``       whether ``O_DIRECT`` can be used here
 - ``scan_packs``         the records of the packs found (also what ``iter_pages`` lists)
-- ``load_packs``         hand the sound records to the pack files, one per key
+- ``load_packs``         the pack files, holding the sound records found (one per key)
 - ``drop_packs``         shared mode: remove what a single-process run packed
 """
 
@@ -28,7 +28,7 @@ from hicache.storage import HEADER_SIZE, decode_header, open_regular, stored_siz
 from hicache.storage import make_dirs as make_private_dir
 from hicache_localdisk.fsio import DIRECT_ALIGN, O_DIRECT, fsync_dir, remove
 from hicache_localdisk.layout import FANOUT_DIRS, Layout, ScannedPack, ScannedPage, ScannedRecord
-from hicache_localdisk.options import DEFAULT_FREE_FRACTION
+from hicache_localdisk.options import DEFAULT_FREE_FRACTION, Durability, LocalDiskConfig
 from hicache_localdisk.packs import ZERO_MAGIC, PackFiles, punch_records
 
 __all__ = [
@@ -282,21 +282,30 @@ def scan_packs(
 
 
 def load_packs(
-    packs: PackFiles,
     layout: Layout,
+    opts: LocalDiskConfig,
     found: list[ScannedPack],
     pages: list[ScannedPage],
     page_bytes: int,
     step_ns: int,
     writable: bool,
-) -> tuple[list[ScannedPage], int]:
-    """Read the records of the packs found into ``packs`` (single-process mode); return their
-    pages and how many damaged records the scan punched.
+) -> tuple[PackFiles, list[ScannedPage], int]:
+    """The pack files of a single-process instance, holding the records of the packs found;
+    also their pages, and how many damaged records the scan punched.
 
     A key found twice (a crash between a pack's publish and the punch of a record it
     duplicated) keeps its page file, else its newest record; the others are punched."""
+    packs = PackFiles(
+        layout,
+        page_bytes,
+        file_mode=opts.file_mode,
+        fsync=opts.durability is Durability.FSYNC,
+        verify=opts.verify_checksums,
+        # not with fsync: a power loss could keep the overwrite and lose the rename
+        reuse=opts.durability is Durability.NONE,
+    )
     if not found:
-        return [], 0
+        return packs, [], 0
     scanned = scan_packs(found, layout.namespace, page_bytes, step_ns, writable)
     plain = {p.key for p in pages}
     best: dict[str, ScannedRecord] = {}
@@ -318,7 +327,7 @@ def load_packs(
             remove(path)
     stored = stored_size(page_bytes)
     pages = [ScannedPage(rec.key, stored, rec.mtime_ns) for rec in best.values()]
-    return pages, scanned.damaged if writable else 0
+    return packs, pages, scanned.damaged if writable else 0
 
 
 def drop_packs(layout: Layout, found: list[ScannedPack]) -> None:
