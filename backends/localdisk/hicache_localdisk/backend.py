@@ -1,10 +1,12 @@
 """``LocalDiskBackend``: pages as files under ``root/<namespace>/``, bounded, crash-safe.
 
 Where things are: ``layout`` (paths, temporaries, the directory scan), ``pageio`` (the system
-calls of one page), ``packs`` (the small pages of one put in one file), ``index`` (what is
-stored, single-process capacity), ``shared`` (the cross-process counter and eviction rounds),
-``startup`` (what ``open()`` does first). This module wires them into the contract: put, get,
-exists, delete, listing and statistics.
+calls of one page), ``packs`` (the small pages of one put in one file: what is where, the system
+calls) and ``packed`` (puts, reads and deletes of packed pages through the index), ``index``
+(what is stored, single-process capacity), ``shared`` (the cross-process counter and eviction
+rounds), ``startup`` (what ``open()`` does first, the pack scan included), ``outcomes``
+(``stats()``'s counters, warnings logged once). This module wires them into the contract: put,
+get, exists, delete, listing and statistics.
 """
 
 from __future__ import annotations
