@@ -250,6 +250,9 @@ class LocalDiskBackend(Backend):
             self._packs is not None
             and writable
             and self._stored < opts.pack_below
+            # a punch frees only whole blocks: unaligned records would keep the blocks they
+            # share with their neighbours after eviction, the disk passing max_bytes
+            and self._stored % DIRECT_ALIGN == 0
             and not self._io.direct  # O_DIRECT tiers keep one file per page
             and punch_supported(self._layout.ns_dir)  # logs why not
         )
