@@ -1,10 +1,12 @@
 """``LocalDiskBackend``: pages as files under ``root/<namespace>/``, bounded, crash-safe.
 
 Where things are: ``layout`` (paths, temporaries, the directory scan), ``pageio`` (the system
-calls of one page), ``packs`` (the small pages of one put in one file), ``index`` (what is
-stored, single-process capacity), ``shared`` (the cross-process counter and eviction rounds),
-``startup`` (what ``open()`` does first). This module wires them into the contract: put, get,
-exists, delete, listing and statistics.
+calls of one page), ``packs`` (the small pages of one put in one file: what is where, the system
+calls) and ``packed`` (puts, reads and deletes of packed pages through the index), ``index``
+(what is stored, single-process capacity), ``shared`` (the cross-process counter and eviction
+rounds), ``startup`` (what ``open()`` does first, the pack scan included), ``outcomes``
+(``stats()``'s counters, warnings logged once). This module wires them into the contract: put,
+get, exists, delete, listing and statistics.
 """
 
 from __future__ import annotations
@@ -12,14 +14,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from stat import S_ISREG
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from hicache.errors import BackendCapacityError, BackendError
+from hicache.errors import BackendError
 from hicache.storage import (
     Backend,
     BackendConfig,
@@ -31,18 +32,23 @@ from hicache.storage import (
     check_namespace,
     stored_size,
 )
-from hicache_localdisk.fsio import DIRECT_ALIGN, drop_cache, fsync_dir, punch_supported, remove
+from hicache_localdisk.fsio import DIRECT_ALIGN, drop_cache, punch_supported, remove
 from hicache_localdisk.index import PageIndex
-from hicache_localdisk.layout import Layout, ScannedPack, ScannedPage
+from hicache_localdisk.layout import Layout
 from hicache_localdisk.options import Durability, LocalDiskConfig
-from hicache_localdisk.packs import PackFiles, Record, ScannedRecord, scan_packs
+from hicache_localdisk.outcomes import Outcomes
+from hicache_localdisk.packed import forget_packed, put_packed, read_packed
+from hicache_localdisk.packs import PackFiles, Record
 from hicache_localdisk.pageio import _CORES, PageIO, ReadResult
-from hicache_localdisk.shared import SharedState
+from hicache_localdisk.shared import SharedState, join_shared, settle_shared
 from hicache_localdisk.spares import SpareFiles
 from hicache_localdisk.startup import (
-    default_max_bytes,
+    drop_packs,
+    load_packs,
     make_dirs,
     probe_direct,
+    resolve_max_bytes,
+    scan_packs,
     sweep,
 )
 
@@ -56,32 +62,15 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 #: ``where`` of reads when nothing is packed (shared mode): no key is in a pack.
 _NOT_PACKED: contextlib.nullcontext[dict[str, Record]] = contextlib.nullcontext({})
-#: Read outcomes of a packed page whose record is gone: forgotten, then a miss.
-_GONE = (ReadResult.MISSING, ReadResult.NOT_REGULAR)
 #: Spacing of the mtimes given to the pages of one batch (head newest): 1 us survives the
 #: timestamp granularity of every filesystem with nanosecond mtimes.
 _MTIME_STEP_NS = 1000
-_SYNCED = (PageStatus.OK, PageStatus.ALREADY_EXISTS)
 #: Pages per backend call (its ``max_batch``), also told to its capacity policy.
 _MAX_BATCH = 64
 #: Unset ``io_threads``: pages smaller than this are written and read on the calling thread.
 #: Measured on 2 cores (8 KiB pages, the replay): 20% less CPU and half the context switches
 #: than spreading each batch over 4 threads, whose hand-offs cost more than a page's syscalls.
 _POOL_MIN_PAGE_BYTES = 256 * 1024
-_COUNTERS = (
-    "puts_ok",
-    "puts_existing",
-    "puts_failed",
-    "gets_ok",
-    "gets_missing",
-    "gets_failed",
-    "corrupt",
-    "unknown_version",
-    "not_regular",
-    "dead_temps_removed",
-    "bad_size_removed",
-    "other_size_pages",
-)
 
 
 class LocalDiskBackend(Backend):
@@ -108,11 +97,7 @@ class LocalDiskBackend(Backend):
         self._pool: ThreadPoolExecutor | None = None
         self._shared: SharedState | None = None
         self._io: PageIO | None = None
-        self._corrupt_logged = False
-        self._unknown_logged = False
-        self._not_regular_logged = False
-        self._counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
-        self._counters_lock = threading.Lock()
+        self._outcomes = Outcomes(self._layout.ns_dir)
         self._open_scan: dict[str, float] = {}
 
     # ------------------------------------------------------------------ public extras
@@ -214,36 +199,36 @@ class LocalDiskBackend(Backend):
         fsync = opts.durability is Durability.FSYNC
         if writable:
             make_dirs(self._layout, opts.dir_mode, fsync)
-        alone = self._join_shared() if opts.shared and writable else False
+        if opts.shared and writable:
+            self._shared, alone = join_shared(self._layout.ns_dir, opts.file_mode)
+        else:
+            alone = False
         started = time.perf_counter()
         scan = self._layout.scan()
         swept = sweep(self._layout, scan.pages, scan.dead_temps, self.context.page_bytes, writable)
-        self._counters["dead_temps_removed"] += swept.dead_temps_removed
-        self._counters["bad_size_removed"] += swept.damaged_removed
-        self._counters["other_size_pages"] = swept.other_size_pages
+        self._outcomes.count(
+            dead_temps_removed=swept.dead_temps_removed, bad_size_removed=swept.damaged_removed
+        )
+        self._outcomes.set("other_size_pages", swept.other_size_pages)
         pages = swept.pages
         if not opts.shared:
-            pages += self._load_packs(scan.packs, pages, writable)
-        elif scan.packs and writable:
-            self._drop_packs(scan.packs)
-        used = sum(p.size for p in pages)
-        if opts.max_bytes is not None:
-            self._max_bytes = opts.max_bytes
-        else:
-            # A read-only instance never writes nor evicts: its bound only admits what is there.
-            self._max_bytes = default_max_bytes(self._layout, used) if writable else max(used, 1)
-            if opts.shared and writable:
-                log.warning(
-                    "localdisk %s: shared without max_bytes: this process bounds usage at %d "
-                    "bytes (from free space now); set max_bytes so all processes agree",
-                    self._layout.ns_dir,
-                    self._max_bytes,
-                )
-        if writable and self._max_bytes < self._stored:
-            raise BackendCapacityError(
-                f"max_bytes={self._max_bytes} cannot hold one page of {self._stored} bytes "
-                f"(root {self._layout.root!r})"
+            self._packs, packed, damaged = load_packs(
+                self._layout,
+                opts,
+                scan.packs,
+                pages,
+                self.context.page_bytes,
+                _MTIME_STEP_NS,
+                writable,
             )
+            pages += packed
+            self._outcomes.count(bad_size_removed=damaged)
+        elif scan.packs and writable:
+            drop_packs(self._layout, scan.packs)
+        used = sum(p.size for p in pages)
+        self._max_bytes = resolve_max_bytes(
+            self._layout, opts.max_bytes, used, self._stored, writable, opts.shared
+        )
         pages.sort(key=lambda p: p.mtime_ns, reverse=True)  # newest first
         self._index.load(
             [p.key for p in pages],
@@ -265,13 +250,19 @@ class LocalDiskBackend(Backend):
             self._packs is not None
             and writable
             and self._stored < opts.pack_below
+            # a punch frees only whole blocks: unaligned records would keep the blocks they
+            # share with their neighbours after eviction, the disk passing max_bytes
+            and self._stored % DIRECT_ALIGN == 0
             and not self._io.direct  # O_DIRECT tiers keep one file per page
             and punch_supported(self._layout.ns_dir)  # logs why not
         )
         if self._pack_writes:
             self._spares = None  # packs leave no victim files to reuse
         if opts.shared:
-            self._settle_shared(pages, alone)
+            shared = self._shared
+            # read-only (neither counts nor evicts), or the state files are unusable: None
+            if shared is not None and settle_shared(shared, used, alone) > self._max_bytes:
+                self._enforce_shared(0)
         elif writable and used > self._max_bytes:
             self._index.evict_to_capacity()
         self._flush_packs()
@@ -291,87 +282,6 @@ class LocalDiskBackend(Backend):
             self._max_bytes,
             elapsed,
         )
-
-    def _load_packs(
-        self, found: list[ScannedPack], pages: list[ScannedPage], writable: bool
-    ) -> list[ScannedPage]:
-        """Read the records of the packs found (single-process mode); return their pages.
-
-        A key found twice (a crash between a pack's publish and the punch of a record it
-        duplicated) keeps its page file, else its newest record; the others are punched."""
-        opts = self.options
-        packs = self._packs = PackFiles(
-            self._layout,
-            self.context.page_bytes,
-            file_mode=opts.file_mode,
-            fsync=opts.durability is Durability.FSYNC,
-            verify=opts.verify_checksums,
-            # not with fsync: a power loss could keep the overwrite and lose the rename
-            reuse=opts.durability is Durability.NONE,
-        )
-        if not found:
-            return []
-        scanned = scan_packs(
-            found, self._layout.namespace, self.context.page_bytes, _MTIME_STEP_NS, writable
-        )
-        self._counters["bad_size_removed"] += scanned.damaged if writable else 0
-        plain = {p.key for p in pages}
-        best: dict[str, ScannedRecord] = {}
-        extra: list[ScannedRecord] = []
-        for rec in scanned.records:
-            other = best.get(rec.key)
-            if rec.key in plain:
-                extra.append(rec)
-            elif other is None:
-                best[rec.key] = rec
-            elif rec.mtime_ns > other.mtime_ns:
-                extra.append(other)
-                best[rec.key] = rec
-            else:
-                extra.append(rec)
-        packs.load(list(best.values()), extra if writable else [])
-        if writable:
-            for path in scanned.empty or []:
-                remove(path)
-        return [ScannedPage(rec.key, self._stored, rec.mtime_ns) for rec in best.values()]
-
-    def _drop_packs(self, found: list[ScannedPack]) -> None:
-        """Shared mode: packs a single-process run left are removed, their pages dropped
-        (other processes find pages by their file names, so packed ones cannot be shared)."""
-        removed = sum(remove(pack.path) for pack in found)
-        log.warning(
-            "localdisk %s: shared mode: %d pack file(s) of a single-process run removed "
-            "(their pages are dropped from the cache)",
-            self._layout.ns_dir,
-            removed,
-        )
-
-    def _join_shared(self) -> bool:
-        """Open the shared state before the scan; True when no other process has the root."""
-        shared = SharedState(self._layout.ns_dir, self.options.file_mode)
-        try:
-            alone = shared.open()
-        except OSError as exc:
-            shared.close()
-            log.warning("localdisk shared state unavailable in %s: %s", self._layout.ns_dir, exc)
-            return False
-        self._shared = shared
-        return alone
-
-    def _settle_shared(self, pages: list[ScannedPage], alone: bool) -> None:
-        shared = self._shared
-        if shared is None:
-            return  # read-only (neither counts nor evicts), or the state files are unusable
-        total = sum(p.size for p in pages)
-        if alone:
-            # Nobody else is in: the scan is the truth, whatever drift killed processes left.
-            shared.set(total)
-            shared.admit_others()
-        else:
-            with shared.evict_round():
-                shared.init_if_unset(total)
-        if shared.read() > self._max_bytes:
-            self._enforce_shared(0)
 
     def _close(self) -> None:
         if self._pool is not None:
@@ -424,7 +334,8 @@ class LocalDiskBackend(Backend):
         statuses: list[PageStatus | None] = [None] * len(keys)
         retired: list[str] = []  # temporary paths of retired victims' files
         if self._pack_writes:
-            return self._put_packed(keys, srcs)
+            assert self._packs is not None
+            return self._put_done(put_packed(self._index, self._packs, keys, srcs, _MTIME_STEP_NS))
         if self._shared is not None:
             todo = self._plan_shared(keys, statuses)
         else:
@@ -446,7 +357,7 @@ class LocalDiskBackend(Backend):
         for i, status in zip(todo, results, strict=True):
             statuses[i] = status
         if self.options.durability is Durability.FSYNC:
-            self._sync_dirs(keys, todo, statuses)
+            io.sync_dirs(keys, todo, statuses)
         published = self._index.settle(keys, todo, statuses)
         # Counted after the rename, so a concurrent eviction round can only over-count (it saw
         # the file, then we add it): the safe direction, corrected by the next round.
@@ -457,38 +368,12 @@ class LocalDiskBackend(Backend):
 
     def _put_done(self, statuses: list[PageStatus | None]) -> list[PageStatus]:
         out = [PageStatus.FAILED if s is None else s for s in statuses]
-        self._count(
+        self._outcomes.count(
             puts_ok=out.count(PageStatus.OK),
             puts_existing=out.count(PageStatus.ALREADY_EXISTS),
             puts_failed=out.count(PageStatus.FAILED),
         )
         return out
-
-    def _put_packed(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:
-        """The new pages of this put as one pack (see hicache_localdisk.packs)."""
-        packs = self._packs
-        assert packs is not None
-        statuses: list[PageStatus | None] = [None] * len(keys)
-        todo = self._index.reserve(keys, statuses)
-        # the victims' records are punched before the pack is written: the disk, like the
-        # accounting, never passes max_bytes
-        packs.flush()
-        first: dict[str, int] = {}
-        for i in todo:
-            first.setdefault(keys[i], i)
-        pack = list(first.values())
-        if pack:
-            now = time.time_ns() - pack[0] * _MTIME_STEP_NS
-            written = packs.write([keys[i] for i in pack], [srcs[i] for i in pack], now)
-            for i, status in zip(pack, written, strict=True):
-                statuses[i] = status
-            for i in todo:
-                if statuses[i] is None:  # the key again in this batch: as a second writer
-                    stored = statuses[first[keys[i]]] in _SYNCED
-                    statuses[i] = PageStatus.ALREADY_EXISTS if stored else PageStatus.FAILED
-        self._index.settle(keys, todo, statuses)
-        packs.flush()  # what settling forgot (pages evicted while their pack was written)
-        return self._put_done(statuses)
 
     def _plan_shared(self, keys: Sequence[str], statuses: list[PageStatus | None]) -> list[int]:
         """Shared mode: skip pages on disk (whatever our index says), make room for the rest."""
@@ -507,25 +392,6 @@ class LocalDiskBackend(Backend):
         if need and shared is not None and shared.read() + need > self._max_bytes:
             self._enforce_shared(need)
         return todo
-
-    def _sync_dirs(
-        self, keys: Sequence[str], todo: list[int], statuses: list[PageStatus | None]
-    ) -> None:
-        """One ``fsync`` per directory that received a page: then the batch is power-loss safe.
-
-        A page another writer published first (``ALREADY_EXISTS`` from the rename) was synced
-        before its rename, but its directory entry maybe not yet: sync that directory too.
-        """
-        dirs = {self._layout.dir_of(keys[i]) for i in todo if statuses[i] in _SYNCED}
-        for d in sorted(dirs):
-            try:
-                fsync_dir(d)
-            except OSError as exc:
-                log.warning("fsync of %s failed: %s", d, exc)
-                for i in todo:
-                    if statuses[i] in _SYNCED and self._layout.dir_of(keys[i]) == d:
-                        # Visible but not durable: report failure; the file may stay (harmless).
-                        statuses[i] = PageStatus.FAILED
 
     # ------------------------------------------------------------------ get
 
@@ -559,16 +425,10 @@ class LocalDiskBackend(Backend):
             if where:
                 assert packs is not None
                 in_packs = [i for i in todo if keys[i] in where]
-                packed = packs.read(
-                    [keys[i] for i in in_packs], [dsts[i] for i in in_packs], where, now
-                )
+                packed = read_packed(packs, keys, dsts, in_packs, where, now)
                 by_index = dict(zip(files, results, strict=True))
                 by_index.update(zip(in_packs, packed, strict=True))
                 results = [by_index[i] for i in todo]
-                # a record that is gone (zeros, no pack) is forgotten, so note_missing drops it
-                gone = [keys[i] for i, (r, _f) in zip(in_packs, packed, strict=True) if r in _GONE]
-                if gone:
-                    packs.forget(gone)
         statuses = [PageStatus.NOT_FOUND] * len(keys)
         hits: list[str] = []
         missing: list[str] = []
@@ -589,68 +449,32 @@ class LocalDiskBackend(Backend):
                 statuses[i] = PageStatus.CORRUPT
                 corrupt.append((key, field))
             elif result is ReadResult.UNKNOWN_VERSION:
-                self._on_unknown_version(key, field)  # NOT_FOUND, and the file stays
+                self._outcomes.unknown_version(key, field)  # NOT_FOUND, and the file stays
             else:
                 statuses[i] = PageStatus.FAILED
         if not_regular:
-            self._on_not_regular(not_regular)
+            self._outcomes.not_regular(self._layout.page_path(not_regular[0]), len(not_regular))
         if missing or not_regular:
             self._index.note_missing(missing + not_regular)
         self._index.touch(hits)
-        self._count(
+        self._outcomes.count(
             gets_ok=len(hits),
             gets_missing=statuses.count(PageStatus.NOT_FOUND),
             gets_failed=statuses.count(PageStatus.FAILED),
         )
         for key, field in corrupt:
-            self._on_corrupt(key, field)
+            self._outcomes.corrupt(key, field, self._remove_corrupt)
         self._flush_packs()
         return statuses
 
-    def _on_unknown_version(self, key: str, detail: str) -> None:
-        with self._counters_lock:
-            self._counters["unknown_version"] += 1
-            first, self._unknown_logged = not self._unknown_logged, True
-        (log.warning if first else log.debug)(
-            "localdisk %s: page %s is a newer writer's (%s): a miss, left in place",
-            self._layout.ns_dir,
-            key,
-            detail,
-        )
-
-    def _on_corrupt(self, key: str, field: str) -> None:
-        """Count, log (once at warning level), forget and remove a page that failed checks."""
-        with self._counters_lock:
-            self._counters["corrupt"] += 1
-            first = not self._corrupt_logged
-            self._corrupt_logged = True
+    def _remove_corrupt(self, key: str) -> bool:
+        """Forget a page that failed checks and remove it (when writable); True if removed."""
         writable = not self.context.read_only
         if self._shared is not None:
             self._index.note_corrupt(key, unlink=False)
-            removed = writable and self._remove_pages([key]) == 1
-        else:
-            # Unlinked under the index lock, like an eviction: see hicache_localdisk.index.
-            removed = self._index.note_corrupt(key, unlink=writable)
-        (log.warning if first else log.debug)(
-            "localdisk %s: page %s is corrupt (%s): %s",
-            self._layout.ns_dir,
-            key,
-            field,
-            "removed" if removed else "left in place",
-        )
-
-    def _on_not_regular(self, keys: list[str]) -> None:
-        """Count and log (once at warning level) names held by something that is not a page."""
-        with self._counters_lock:
-            self._counters["not_regular"] += len(keys)
-            first = not self._not_regular_logged
-            self._not_regular_logged = True
-        (log.warning if first else log.debug)(
-            "localdisk %s: %s is not a regular file (a FIFO, socket, device, directory or "
-            "symlink): treated as a miss and left in place",
-            self._layout.ns_dir,
-            self._layout.page_path(keys[0]),
-        )
+            return writable and self._remove_pages([key]) == 1
+        # Unlinked under the index lock, like an eviction: see hicache_localdisk.index.
+        return self._index.note_corrupt(key, unlink=writable)
 
     # ------------------------------------------------------------------ delete, eviction
 
@@ -671,20 +495,7 @@ class LocalDiskBackend(Backend):
         packs = self._packs
         packed = 0
         if packs is not None:
-            located = {key: rec for key in keys if (rec := packs.located.get(key)) is not None}
-            if located and failed is not None:
-                # a delete that cannot punch (a read-only filesystem) must fail, the page kept
-                stuck = {
-                    path
-                    for path in {rec[0].path for rec in located.values()}
-                    if not os.access(path, os.W_OK)
-                }
-                for key, rec in list(located.items()):
-                    if rec[0].path in stuck:
-                        failed.append(self._layout.page_path(key))
-                        del located[key]
-            packed = packs.forget(list(located))
-            keys = [key for key in keys if key not in located]
+            packed, keys = forget_packed(packs, self._layout, keys, failed)
         paths = [self._layout.page_path(key) for key in keys]
         if self._shared is not None:
             return self._shared.remove(paths, self._stored, failed)
@@ -736,17 +547,11 @@ class LocalDiskBackend(Backend):
 
     # ------------------------------------------------------------------ stats, listing
 
-    def _count(self, **deltas: int) -> None:
-        with self._counters_lock:
-            for name, delta in deltas.items():
-                self._counters[name] += delta
-
     def _stats(self) -> Mapping[str, Any]:
         with self._index.lock:
             pages = len(self._index.pages)
             used = sum(self._index.pages.values())
-        with self._counters_lock:
-            counters = dict(self._counters)
+        counters = self._outcomes.snapshot()
         return {
             **counters,
             "evicted": self._index.evictions,

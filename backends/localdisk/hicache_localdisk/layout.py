@@ -31,6 +31,7 @@ __all__ = [
     "ScanResult",
     "ScannedPack",
     "ScannedPage",
+    "ScannedRecord",
     "current_owner",
     "owner_alive",
 ]
@@ -136,6 +137,18 @@ class ScannedPack:
     path: str
     size: int
     mtime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScannedRecord:
+    """A sound record found in a pack by :func:`hicache_localdisk.startup.scan_packs`."""
+
+    key: str
+    path: str
+    offset: int
+    #: the pack's mtime less one step per record before it (a batch is recorded tail first)
+    mtime_ns: int
+    pack_mtime_ns: int
 
 
 @dataclass(slots=True)

@@ -8,7 +8,9 @@
 - ``forget(keys)`` / ``flush()``          evicted or deleted pages: their records are punched
                                           (grouped by pack), a pack whose last record goes is
                                           unlinked
-- ``load(records)`` / ``scan_packs(...)`` what ``open()`` (and ``iter_pages``) found on disk
+- ``drop(where)``                         pages a read found gone: forgotten, nothing punched
+- ``load(records, extra)``               what ``open()`` found on disk
+                                          (:func:`hicache_localdisk.startup.scan_packs`)
 
 Why: a page file costs ~8 system calls to publish (open, pwritev, utime, close, rename, and the
 eviction of a victim) and 3 to read, each a round trip of the GIL; at 8 KiB pages the replay
@@ -53,7 +55,6 @@ from hicache.storage import (
     HEADER_SIZE,
     PageParts,
     PageStatus,
-    decode_header,
     encode_header_into,
     open_regular,
     payload_checksum,
@@ -68,17 +69,17 @@ from hicache_localdisk.fsio import (
     remove,
     write_fully,
 )
-from hicache_localdisk.layout import Layout, ScannedPack
+from hicache_localdisk.layout import Layout, ScannedRecord
 from hicache_localdisk.pageio import ReadResult
 
-__all__ = ["Pack", "PackFiles", "PackScan", "Record", "ScannedRecord", "scan_packs"]
+__all__ = ["Pack", "PackFiles", "Record", "punch_records"]
 
 log = logging.getLogger(__name__)
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 #: Emptied packs kept for reuse at most (the rest are unlinked).
 _MAX_SPARES = 16
-_ZERO_MAGIC = bytes(len(MAGIC))
+ZERO_MAGIC = bytes(len(MAGIC))
 
 
 @dataclass(eq=False, slots=True)
@@ -100,101 +101,21 @@ class Pack:
 Record = tuple[Pack, int]
 
 
-@dataclass(frozen=True, slots=True)
-class ScannedRecord:
-    """A sound record found in a pack by :func:`scan_packs`."""
-
-    key: str
-    path: str
-    offset: int
-    #: the pack's mtime less one step per record before it (a batch is recorded tail first)
-    mtime_ns: int
-    pack_mtime_ns: int
-
-
-@dataclass(slots=True)
-class PackScan:
-    """What :func:`scan_packs` found."""
-
-    records: list[ScannedRecord]
-    #: torn or damaged records (punched when the scan may write)
-    damaged: int = 0
-    #: packs of another page size or namespace, or of a newer writer: left alone
-    foreign: int = 0
-    #: packs without a live record (removed when the scan may write)
-    empty: list[str] | None = None
-
-
-def scan_packs(
-    packs: Sequence[ScannedPack],
-    namespace: str,
-    page_bytes: int,
-    step_ns: int,
-    writable: bool,
-) -> PackScan:
-    """Read every record header of ``packs``: sound records are listed; punched ones (zeros)
-    skipped; torn ones skipped (and punched when ``writable``). Packs with no sound record are
-    returned in ``empty``."""
-    stored = HEADER_SIZE + page_bytes
-    result = PackScan(records=[], empty=[])
-    assert result.empty is not None
-    for pack in packs:
-        try:
-            fd = open_regular(pack.path)
-        except OSError as exc:
-            log.warning("cannot read pack %s: %s", pack.path, exc)
-            continue
-        if fd is None:
-            continue
-        found = 0
-        torn: list[int] = []
-        try:
-            for off in range(0, pack.size - stored + 1, stored):
-                header = os.pread(fd, HEADER_SIZE, off)
-                if header[: len(MAGIC)] == _ZERO_MAGIC:
-                    continue  # punched: an evicted page
-                try:
-                    decoded = decode_header(header)
-                except PageCorruptError:
-                    torn.append(off)
-                    continue
-                except PageVersionError:
-                    found = -1  # a newer writer's: not ours to read nor to remove
-                    break
-                if decoded.namespace != namespace or decoded.payload_len != page_bytes:
-                    found = -1  # another page size (or a copied tree): left alone
-                    break
-                found += 1
-                mtime = pack.mtime_ns - (off // stored) * step_ns
-                result.records.append(
-                    ScannedRecord(decoded.key, pack.path, off, mtime, pack.mtime_ns)
-                )
-        except OSError as exc:
-            log.warning("cannot read pack %s: %s", pack.path, exc)
-        finally:
-            os.close(fd)
-        if writable and found >= 0 and torn:
-            _punch_records(pack.path, torn, stored, pack.mtime_ns)
-        result.damaged += len(torn)
-        if found < 0:
-            result.foreign += 1
-        elif found == 0:
-            result.empty.append(pack.path)
-    return result
-
-
-def _punch_records(path: str, offsets: Sequence[int], stored: int, mtime_ns: int) -> None:
+def punch_records(path: str, offsets: Sequence[int], stored: int, mtime_ns: int) -> None:
     """Punch records of the pack at ``path`` (one open), then set its mtime back to
     ``mtime_ns`` (the recency of the records left); failures are logged."""
     if not offsets:
         return
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        # not through a symlink, nor blocked on a FIFO, planted under the pack's name
+        fd = open_regular(path, os.O_WRONLY)
     except FileNotFoundError:
         return
     except OSError as exc:
         log.warning("cannot punch records of %s: %s", path, exc)
         return
+    if fd is None:
+        return  # not a pack of ours any more: nothing to punch
     try:
         # adjacent records go in one punch: evictions take a batch's tail together
         start = end = -1
@@ -353,11 +274,14 @@ class PackFiles:
                 return None, ""
             tmp = self._spares.pop()
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW), tmp
+            fd = open_regular(tmp, os.O_WRONLY)
         except OSError as exc:
             log.debug("cannot reuse %s: %s", tmp, exc)
+            fd = None
+        if fd is None:
             remove(tmp)
             return None, ""
+        return fd, tmp
 
     def _headers(self, n: int) -> list[memoryview]:
         """``n`` header buffers of this thread (reused across calls)."""
@@ -471,7 +395,7 @@ class PackFiles:
             if got < (n + 1) * stored:
                 out[j] = (ReadResult.CORRUPT, "length")  # the pack was cut short
                 continue
-            if header[: len(MAGIC)] == _ZERO_MAGIC:
+            if header[: len(MAGIC)] == ZERO_MAGIC:
                 out[j] = (ReadResult.MISSING, "")  # zeros: punched (not by us: a power loss)
                 continue
             try:
@@ -513,6 +437,17 @@ class PackFiles:
                     self._punch.append(rec)
         return found
 
+    def drop(self, where: dict[str, Record]) -> None:
+        """Forget packed pages a read found gone (zeros, no pack, not a regular file): no punch
+        is owed (there is nothing of ours to punch, and a read-only instance writes nothing); a
+        key since stored again in another record keeps that one."""
+        with self._lock:
+            located = self.located
+            for key, rec in where.items():
+                if located.get(key) == rec:
+                    del located[key]
+                    rec[0].remaining -= 1
+
     def flush(self) -> None:
         """Punch the records owed a punch, one ``open`` per pack; unlink a pack instead when
         these are its last records."""
@@ -533,7 +468,7 @@ class PackFiles:
         for pack, offs, last, reusable in plan:
             if not last:
                 try:
-                    _punch_records(pack.path, offs, self.stored_bytes, pack.mtime_ns)
+                    punch_records(pack.path, offs, self.stored_bytes, pack.mtime_ns)
                 finally:
                     with self._lock:
                         pack.punching -= 1
@@ -548,17 +483,28 @@ class PackFiles:
         # the first key of its name names the temporary (swept as ours after a crash)
         tmp = self._layout.temp_path(os.path.basename(pack.path)[:64])
         try:
+            # truncated through this descriptor: never through a symlink planted under the name
+            fd = open_regular(pack.path, os.O_WRONLY)
+        except OSError as exc:
+            log.debug("cannot keep %s for reuse: %s", pack.path, exc)
+            return False
+        if fd is None:
+            return False
+        try:
             os.rename(pack.path, tmp)
         except OSError as exc:
+            os.close(fd)
             log.debug("cannot keep %s for reuse: %s", pack.path, exc)
             return False
         try:
             # its last records' blocks go now: between calls the disk holds what is accounted
-            os.truncate(tmp, 0)
+            os.ftruncate(fd, 0)
         except OSError as exc:
             log.debug("cannot keep %s for reuse: %s", tmp, exc)
             remove(tmp)
             return False
+        finally:
+            os.close(fd)
         with self._lock:
             spares.append(tmp)
         return True

@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
 from stat import S_ISREG
@@ -40,6 +41,7 @@ from hicache_localdisk.fsio import (
     IO_CHUNK,
     O_DIRECT,
     aligned_buffer,
+    fsync_dir,
     publish_noreplace,
     read_fully,
     read_page,
@@ -49,9 +51,12 @@ from hicache_localdisk.fsio import (
 )
 from hicache_localdisk.layout import Layout
 
-__all__ = ["PARALLEL_HASH_MIN_BYTES", "PageIO", "ReadResult"]
+__all__ = ["PARALLEL_HASH_MIN_BYTES", "SYNCED", "PageIO", "ReadResult"]
 
 log = logging.getLogger(__name__)
+
+#: Statuses of a page that is stored after a put (by this call or another writer).
+SYNCED = (PageStatus.OK, PageStatus.ALREADY_EXISTS)
 
 #: Pages at least this large are checksummed on a helper thread while the payload is written
 #: (xxh3 releases the GIL), and read in pieces by helper threads when read alone; below it the
@@ -318,3 +323,22 @@ class PageIO:
         except OSError:
             return None
         return st.st_size if S_ISREG(st.st_mode) else None
+
+    def sync_dirs(
+        self, keys: Sequence[str], todo: list[int], statuses: list[PageStatus | None]
+    ) -> None:
+        """One ``fsync`` per directory that received a page: then the batch is power-loss safe.
+
+        A page another writer published first (``ALREADY_EXISTS`` from the rename) was synced
+        before its rename, but its directory entry maybe not yet: sync that directory too.
+        """
+        dirs = {self._layout.dir_of(keys[i]) for i in todo if statuses[i] in SYNCED}
+        for d in sorted(dirs):
+            try:
+                fsync_dir(d)
+            except OSError as exc:
+                log.warning("fsync of %s failed: %s", d, exc)
+                for i in todo:
+                    if statuses[i] in SYNCED and self._layout.dir_of(keys[i]) == d:
+                        # Visible but not durable: report failure; the file may stay (harmless).
+                        statuses[i] = PageStatus.FAILED

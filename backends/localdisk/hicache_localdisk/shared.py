@@ -29,7 +29,7 @@ from hicache.storage import TailFirstLRU, create_file
 from hicache_localdisk.fsio import remove
 from hicache_localdisk.layout import Layout
 
-__all__ = ["SharedState"]
+__all__ = ["SharedState", "join_shared", "settle_shared"]
 
 log = logging.getLogger(__name__)
 
@@ -178,3 +178,29 @@ class SharedState:
             if freed:
                 self.add(-freed * stored)
         return freed
+
+
+def join_shared(ns_dir: str, file_mode: int) -> tuple[SharedState | None, bool]:
+    """Open the shared state before the scan: (the state, whether no other process has the
+    root); ``(None, False)`` when the state files are unusable (logged)."""
+    shared = SharedState(ns_dir, file_mode)
+    try:
+        alone = shared.open()
+    except OSError as exc:
+        shared.close()
+        log.warning("localdisk shared state unavailable in %s: %s", ns_dir, exc)
+        return None, False
+    return shared, alone
+
+
+def settle_shared(shared: SharedState, total: int, alone: bool) -> int:
+    """Anchor the counter on the scan's ``total`` bytes when alone, else set it only when
+    unset; returns the counter."""
+    if alone:
+        # Nobody else is in: the scan is the truth, whatever drift killed processes left.
+        shared.set(total)
+        shared.admit_others()
+    else:
+        with shared.evict_round():
+            shared.init_if_unset(total)
+    return shared.read()

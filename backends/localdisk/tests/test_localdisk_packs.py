@@ -14,6 +14,7 @@ from hicache_localdisk.packs import PackFiles, Record
 
 from hicache.storage import HEADER_SIZE, EvictionPolicy, PageParts, PageStatus
 from hicache.storage.pageformat import MAGIC
+from hicache.testing.planted import release, run_bounded
 from hicache.testing.wait import WAIT_S
 
 PAGE = 16384
@@ -343,4 +344,114 @@ def test_reads_racing_puts_that_punch_their_records_never_see_a_wrong_byte(
     present = sum(b.exists(keys))
     on_disk = disk_bytes(Path(b.layout.ns_dir), PAGE)
     assert b.used_bytes == present * STORED == on_disk[0] <= b.max_bytes
+    b.close()
+
+
+def test_a_symlink_under_a_pack_name_is_a_miss_and_neither_it_nor_its_target_is_touched(
+    make_backend: Callable[..., LocalDiskBackend],
+    key_of: Callable[..., str],
+    payload_of: Callable[..., bytes],
+    tmp_path: Path,
+) -> None:
+    # The file-per-page rule (test_localdisk_not_regular) holds for packs too: whatever sits
+    # under a pack's name that is not a regular file is a miss, left in place; an emptied pack
+    # is not renamed, truncated nor unlinked through it.
+    target = tmp_path / "precious"
+    target.write_bytes(b"x" * 8192)
+    b = make_backend(page_bytes=PAGE, max_bytes=64 * STORED)
+    b.open()
+    keys = [key_of(i, "link") for i in range(2)]
+    assert _put(b, keys, payload_of) == [PageStatus.OK] * 2
+    (pack,) = _packs(b)
+    pack.unlink()
+    pack.symlink_to(target)
+    statuses, _bufs = _read(b, keys)
+    assert statuses == [PageStatus.NOT_FOUND] * 2
+    assert b.exists(keys) == [False, False]
+    assert target.read_bytes() == b"x" * 8192
+    assert pack.is_symlink() and _temporaries(b) == []
+    b.close()
+    assert target.read_bytes() == b"x" * 8192
+
+
+def test_a_read_only_instance_that_finds_punched_records_writes_nothing(
+    make_backend: Callable[..., LocalDiskBackend],
+    key_of: Callable[..., str],
+    payload_of: Callable[..., bytes],
+) -> None:
+    w = make_backend(page_bytes=PAGE, max_bytes=64 * STORED)
+    w.open()
+    keys = [key_of(i, "ro") for i in range(2)]
+    assert _put(w, keys, payload_of) == [PageStatus.OK] * 2
+    w.close()
+    (pack,) = _packs(w)
+    r = make_backend(page_bytes=PAGE, max_bytes=64 * STORED, read_only=True)
+    r.open()
+    # zeros where the records were (punched by a writer since, or lost to a power loss)
+    with open(pack, "r+b") as f:
+        f.write(bytes(2 * STORED))
+    before = pack.stat()
+    statuses, _bufs = _read(r, keys)
+    assert statuses == [PageStatus.NOT_FOUND] * 2
+    after = pack.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+    assert _packs(r) == [pack] and _temporaries(r) == []
+    r.close()
+    assert _packs(r) == [pack]
+
+
+def test_a_fifo_under_a_pack_name_never_blocks_a_delete(
+    make_backend: Callable[..., LocalDiskBackend],
+    key_of: Callable[..., str],
+    payload_of: Callable[..., bytes],
+) -> None:
+    # The punch of a deleted page's record opens its pack for writing: a FIFO planted under
+    # the name would block that open until some reader came (forever).
+    b = make_backend(page_bytes=PAGE, max_bytes=64 * STORED)
+    b.open()
+    keys = [key_of(i, "fifo") for i in range(3)]
+    assert _put(b, keys, payload_of) == [PageStatus.OK] * 3
+    (pack,) = _packs(b)
+    pack.unlink()
+    os.mkfifo(pack, 0o600)
+    try:
+        finished, _ = run_bounded(lambda: b.delete(keys[:1]), WAIT_S)
+        assert finished, "a delete blocked on a FIFO under a pack's name"
+        assert b.exists(keys[:1]) == [False]
+        finished, _ = run_bounded(lambda: b.delete(keys[1:]), WAIT_S)
+        assert finished
+        # the name of an emptied pack is unlinked (as an evicted page file's is), not reused
+        assert not os.path.lexists(pack) and _temporaries(b) == []
+    finally:
+        release(str(pack))
+    b.close()
+
+
+def test_the_blocks_of_packs_stay_within_max_bytes_when_records_go_one_by_one(
+    make_backend: Callable[..., LocalDiskBackend],
+    key_of: Callable[..., str],
+    payload_of: Callable[..., bytes],
+) -> None:
+    # A punch frees only the whole filesystem blocks inside its range: with records not a
+    # multiple of 4 KiB, records punched one at a time each leave the blocks they share with
+    # their neighbours allocated, and the disk holds more than the accounting admits.
+    page = 6000  # stored: 10096 bytes, not a multiple of 4096
+    stored = page + HEADER_SIZE
+    b = make_backend(page_bytes=page, max_bytes=8 * stored)
+    b.open()
+    first = [key_of(i, "blocks") for i in range(8)]
+    assert b.put(first, [memoryview(payload_of(k, page)) for k in first]) == [PageStatus.OK] * 8
+    for i in range(8, 15):  # each put evicts one page of the first batch
+        key = key_of(i, "blocks")
+        assert b.put([key], [memoryview(payload_of(key, page))]) == [PageStatus.OK]
+    assert b.used_bytes <= 8 * stored
+    files = [p for p in Path(b.layout.ns_dir).glob("*/*") if not p.name.startswith(".")]
+    allocated = sum(p.stat().st_blocks * 512 for p in files)
+    # as one file per page: each live page rounded up to whole blocks (plus one extent block)
+    rounded = -(-stored // 4096) * 4096
+    assert allocated <= 8 * rounded + 4096, (allocated, len(files))
     b.close()
