@@ -122,6 +122,13 @@ METRICS: dict[str, MetricSpec] = {
             "Prefetches by outcome: complete (hit), short (partial: the chain stopped), "
             "failed, timed_out (terminated: the request stopped waiting), miss, skipped",
         ),
+        _c(
+            "storage_serving_wait_seconds",
+            (*_CACHE, "reason"),
+            "Wall time the serving thread spent blocked on storage: reason=prefetch (an L3 read "
+            "it waited for, done by a worker or on its own thread), put_throttle (waiting for "
+            "queued puts to drain)",
+        ),
         _c("prefetched_pages", _CACHE, "Prefetched pages inserted into the tree"),
         _c("prefetch_discarded_pages", _CACHE, "Prefetched pages read but not inserted"),
         _g("device_pages", _CACHE, "Device (L1) pages held by the tree"),
@@ -381,6 +388,10 @@ def _cache_metrics(fams: _Families, name: str, s: Mapping[str, object]) -> None:
             for outcome in PrefetchOutcome:
                 n = outcomes.get(outcome.value, 0)
                 fams.add("hicache_prefetch_outcomes_total", (name, outcome.value), n)
+        waits = storage.get("serving_wait_s")
+        if isinstance(waits, Mapping):
+            for reason, seconds in waits.items():
+                fams.add("hicache_storage_serving_wait_seconds_total", (name, reason), seconds)
     pub = s.get("publisher")
     if isinstance(pub, Mapping):
         fams.add("hicache_events_published_batches_total", lab, pub.get("batches"))

@@ -167,6 +167,7 @@ def test_every_family_parses_follows_the_conventions_and_moves_in_a_replay(
         ("hicache_storage_published_pages_total", {}),
         ("hicache_prefetch_outcomes_total", {"outcome": "complete"}),
         ("hicache_prefetched_pages_total", {}),
+        ("hicache_storage_serving_wait_seconds_total", {"reason": "prefetch"}),
         ("hicache_tier_lookups_total", {"tier": "disk"}),
         ("hicache_tier_hit_tokens_total", {"tier": "disk"}),
         ("hicache_tier_put_pages_total", {"tier": "disk", "status": "stored"}),

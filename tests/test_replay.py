@@ -56,6 +56,11 @@ def _check(report: ReplayReport) -> None:
     assert o.hit_ratio <= o.infinite_ratio + 1e-12
     assert sum(t.hit_pages for t in report.tiers) == o.hit_pages
     assert report.storage.backup_failures == 0
+    # the serving thread's time blocked on storage is reported by reason, within the wall time
+    waits = report.storage.serving_wait_seconds
+    assert set(waits) == {"prefetch", "put_throttle"}, waits
+    assert all(v >= 0.0 for v in waits.values())
+    assert sum(waits.values()) <= report.throughput.wall_seconds
 
 
 def _sim_for(report: ReplayReport, limit: int) -> tuple[list[int], list[int], list[int]]:

@@ -591,3 +591,28 @@ def test_a_lookup_whose_puts_are_on_their_way_still_waits_for_them() -> None:
     rig.engine.cancel_prefetch(ticket)
     rig.settle()
     rig.close()
+
+
+# ---------------------------------------------------------------------- serving-thread waits
+
+
+def test_serving_waits_count_the_time_blocked_on_queued_puts_and_nothing_else() -> None:
+    fb = FaultyBackend(mem())
+    tier = Tier("t", fb, settings(medium="T", deadline_s=SHORT, io_threads=2, breaker_failures=100))
+    rig = Rig([tier])
+    # nothing queued: a throttle waits for nothing and counts nothing
+    assert rig.engine.throttle_publishes() == 0
+    assert rig.engine.stats()["serving_wait_s"] == {"prefetch": 0.0, "put_throttle": 0.0}
+    release = fb.hang(ops=[FaultOp.PUT])
+    rig.publish(rig.pages(keys_for(2, "a")))
+    rig.publish(rig.pages(keys_for(2, "b")))
+    assert fb.wait_hung(1)
+    # two put calls in flight on a tier running two at once: the serving thread waits for the
+    # oldest (here until its deadline, since it hangs) and that wait is what is counted
+    assert rig.engine.throttle_publishes() >= 1
+    waits = rig.engine.stats()["serving_wait_s"]
+    assert waits["put_throttle"] > 0.0 and waits["prefetch"] == 0.0
+    release.set()
+    rig.settle()
+    assert rig.host.total_holds() == 0
+    rig.close()

@@ -340,6 +340,9 @@ def build_report(run: ReplayRun) -> ReplayReport:
     engine = [st.get("storage", {}) for st in run.cache_stats]
     drops = sum(int(e.get("publish_dropped_pages", e.get("dropped_pages", 0))) for e in engine)
     failures = sum(int(v.get("put_failed", 0)) for v in tier_counters.values())
+    waits: Counter[str] = Counter()
+    for e in engine:
+        waits.update(e.get("serving_wait_s", {}))
     outcomes: Counter[str] = Counter()
     for st in run.cache_stats:
         outcomes["prefetches"] += int(st.get("prefetches", 0))
@@ -381,6 +384,7 @@ def build_report(run: ReplayRun) -> ReplayReport:
             publish_drops=drops,
             prefetch_outcomes=dict(outcomes),
             tier_counters=tier_counters,
+            serving_wait_seconds=dict(waits),
         ),
         verification=VerificationReport(
             pages_verified=sum(c.verified for c in counters),

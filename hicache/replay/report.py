@@ -156,6 +156,11 @@ class StorageReport(_Model):
     publish_drops: int
     prefetch_outcomes: dict[str, int]
     tier_counters: dict[str, dict[str, int | float | str | bool]]
+    serving_wait_seconds: dict[str, float] = Field(
+        default_factory=dict,
+        description="wall seconds the serving thread spent blocked on storage, by reason "
+        "(prefetch: L3 reads it waited for; put_throttle: queued puts draining), all instances",
+    )
 
 
 class VerificationReport(_Model):
@@ -277,6 +282,13 @@ def print_report(report: ReplayReport) -> None:
         f"storage: backup failures {st.backup_failures}, publish drops {st.publish_drops}, "
         f"prefetch {json.dumps(st.prefetch_outcomes)}"
     )
+    if st.serving_wait_seconds:
+        waited = sum(st.serving_wait_seconds.values())
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in st.serving_wait_seconds.items())
+        console.print(
+            f"serving thread blocked on storage: {waited:.1f} s of {th.wall_seconds:.1f} s wall "
+            f"({100 * waited / th.wall_seconds:.1f}%): {parts}"
+        )
     v = report.verification
     console.print(f"verification: {v.pages_verified:,} pages compared, {v.mismatches} mismatches")
     if len(report.instances) > 1:

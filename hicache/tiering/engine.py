@@ -153,6 +153,11 @@ class StorageEngine:
             "republished_pages": 0,
             "late_acked_pages": 0,
         }
+        #: Wall seconds the serving thread spent blocked in this engine, by reason: ``prefetch``
+        #: (a read it waits for, done by a worker or on its own thread) and ``put_throttle``
+        #: (queued puts draining). What an operator reads to tell "storage is slow" apart from
+        #: "the cache's own work is slow"; two clock reads per wait, nothing when none blocks.
+        self.serving_wait_s: dict[str, float] = {"prefetch": 0.0, "put_throttle": 0.0}
         self.announcer = Announcer(
             tiers.tiers,
             page_size=page_size,
@@ -313,7 +318,11 @@ class StorageEngine:
         """Send what waits, then wait until no tier has put calls queued behind its threads
         (see :meth:`PutCalls.throttle`); return how many calls were waited for."""
         self.puts.send_all()
-        return self.puts.throttle()
+        t0 = time.perf_counter()
+        waited = self.puts.throttle()
+        if waited:
+            self.serving_wait_s["put_throttle"] += time.perf_counter() - t0
+        return waited
 
     # ------------------------------------------------------------------ completion
 
@@ -473,7 +482,11 @@ class StorageEngine:
 
     def wait_prefetch(self, ticket: int, timeout: float | None = None) -> bool:
         """See :meth:`PrefetchJobs.wait_prefetch`."""
-        return self.prefetch_jobs.wait_prefetch(ticket, timeout)
+        t0 = time.perf_counter()
+        try:
+            return self.prefetch_jobs.wait_prefetch(ticket, timeout)
+        finally:
+            self.serving_wait_s["prefetch"] += time.perf_counter() - t0
 
     def count_prefetch(self, outcome: PrefetchOutcome) -> None:
         """See :meth:`PrefetchJobs.count_prefetch`."""
@@ -525,5 +538,6 @@ class StorageEngine:
             "holds_outstanding": self.holds_outstanding(),
             "pending_groups": self.pending_groups(),
             "prefetch": dict(self.prefetch_outcomes),
+            "serving_wait_s": dict(self.serving_wait_s),
             "tiers": self.tiers.stats(),
         }
