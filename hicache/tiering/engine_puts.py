@@ -141,12 +141,14 @@ class PutCalls:
             self._report_late(job, statuses)
 
         try:
-            statuses = tier.put(keys, views, on_return=returned, ticket=job.ticket, on_late=late)
+            statuses = tier.put(
+                keys, views, on_return=returned, ticket=job.ticket, on_late=late, take_evicted=True
+            )
         except Exception as exc:  # Tier.put never raises; this guards against bugs
             logger.exception("tier %s: publish worker failed", tier.name)
             tier.stats.error(exc, "unexpected")
             statuses = [PageStatus.FAILED] * len(keys)
-        evicted = tier.take_evicted()
+        evicted = tier.take_evicted(call=False)  # what the put call took: no second call
         start = 0
         for p in parts:
             got = statuses[start : start + len(p.keys)]
