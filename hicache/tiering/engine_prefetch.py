@@ -197,7 +197,7 @@ class PrefetchJobs:
         the worker would have taken. With a ``timeout`` (a budget shorter than a deadline,
         perhaps) the job stays with the workers."""
         fut = self._prefetch_futures.get(ticket)
-        if fut is None:
+        if fut is None or fut.done():
             return True
         if timeout is None and self.workers.run_here(fut):
             return True

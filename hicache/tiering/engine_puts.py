@@ -9,8 +9,9 @@
 - ``forget_finished()``    drop finished calls from the page -> call map (``poll``)
 - ``throttle()``           wait for the oldest calls of a tier with more in flight than it runs
 
-The worker body reports one ``_PutDone`` per batch (and the tier's evictions), as the engine's
-``poll`` expects. A put call that returns after its deadline (its ``_PutDone`` said ``FAILED``)
+The worker body reports one ``_PutDone`` per batch (and the tier's evictions, taken by the put
+call itself: one hand-off to the tier per put, not a second call), as the engine's ``poll``
+expects. A put call that returns after its deadline (its ``_PutDone`` said ``FAILED``)
 reports its real statuses as one ``_PutLate`` per batch, always after that ``_PutDone``: the
 pages the tier stored after all are announced then. Everything but the worker body and the
 late report runs on the cache's thread.
