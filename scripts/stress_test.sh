@@ -43,6 +43,8 @@ STRESS_FILES=(
     # on the caller's thread and the subprocess exit test
     'tests/test_calls.py::-k deadline or hung_one or breaker or on_demand or closed_caller'
     tests/test_breaker.py
+    # the laned pool: reads ahead of writes, one wake-up per submit, run_here, shutdown
+    tests/test_lanes.py
     tests/test_tier_reopen.py
     tests/test_storage_engine.py
     # left out: the settings read from a config (no tier runs)

@@ -116,6 +116,66 @@ def test_shutdown_cancels_queued_jobs_and_refuses_new_ones() -> None:
     pool.shutdown(wait=True)
 
 
+def test_run_here_runs_a_queued_job_on_the_calling_thread_once() -> None:
+    pool = LanedPool(1, "t")
+    gate = _Gate()
+    busy = pool.submit(gate.job("w0"), Lane.WRITE)
+    wait_for(lambda: gate.started_now() == ["w0"], what="the one thread busy")
+    ran_on: list[threading.Thread] = []
+
+    def read() -> str:
+        ran_on.append(threading.current_thread())
+        return "r"
+
+    queued = pool.submit(read, Lane.READ)
+    assert pool.run_here(queued)
+    assert queued.result(0) == "r" and ran_on == [threading.current_thread()]
+    assert not pool.run_here(queued)  # no longer queued: nothing runs twice
+    assert not pool.run_here(busy)  # a worker has it
+    gate.release.set()
+    assert busy.result(WAIT_S) == "w0"
+    assert ran_on == [threading.current_thread()]
+    pool.shutdown(wait=True)
+
+
+def test_shutdown_without_cancelling_ends_threads_that_waited_for_a_write_slot() -> None:
+    """Two threads, one write slot: the second thread idles while a write waits for the slot.
+    A shutdown that lets queued jobs finish must still end that idle thread (once nothing is
+    left), or joining it hangs."""
+    pool = LanedPool(2, "t")
+    gate = _Gate()
+    first = pool.submit(gate.job("w0"), Lane.WRITE)
+    wait_for(lambda: gate.started_now() == ["w0"], what="the first write running")
+    second = pool.submit(gate.job("w1", block=False), Lane.WRITE)
+    wait_for(lambda: pool._idle == 1, what="a second thread idle, the write slot taken")
+    closer = threading.Thread(target=pool.shutdown, kwargs={"wait": True, "cancel_futures": False})
+    closer.start()
+    wait_for(lambda: pool._closed, what="the pool shut")
+    gate.release.set()
+    closer.join(WAIT_S)
+    assert not closer.is_alive()
+    assert first.result(0) == "w0" and second.result(0) == "w1"
+
+
+def test_many_submitters_lose_no_job() -> None:
+    """A submit wakes one idle thread, not all: no job may be left queued with a thread idle."""
+    pool = LanedPool(3, "t")
+    done = threading.Semaphore(0)
+
+    def submit_some(lane: Lane) -> None:
+        for _ in range(200):
+            pool.submit(done.release, lane)
+
+    submitters = [threading.Thread(target=submit_some, args=(lane,)) for lane in Lane for _ in "ab"]
+    for t in submitters:
+        t.start()
+    for t in submitters:
+        t.join(WAIT_S)
+    for _ in range(800):
+        assert done.acquire(timeout=WAIT_S)
+    pool.shutdown(wait=True)
+
+
 # ---------------------------------------------------------------------- thread counts
 
 

@@ -59,11 +59,15 @@ def settings(**kw: object) -> TierSettings:
 class Rig:
     """Host pool + tiers + engine, with helpers to publish chains and collect events."""
 
-    def __init__(self, tiers: Sequence[Tier], host_pages: int = 32) -> None:
+    def __init__(
+        self, tiers: Sequence[Tier], host_pages: int = 32, workers: int | None = None
+    ) -> None:
         self.host = HostPool(LAYOUT, host_pages, pin=False)
         self.tiers = Tiers(tiers)
         self.tiers.open()
-        self.engine = StorageEngine(self.tiers, self.host, page_size=PS, evict_poll_interval_s=0.0)
+        self.engine = StorageEngine(
+            self.tiers, self.host, page_size=PS, evict_poll_interval_s=0.0, workers=workers
+        )
         self.events: list[KVEvent] = []
 
     def pages(self, keys: Sequence[str], parent: int | None = None) -> list[PublishPage]:
@@ -432,6 +436,37 @@ def test_hung_prefetch_reports_failure_but_holds_pages_until_the_read_returns() 
     rig.settle()
     assert rig.host.total_holds() == 0 and rig.host.pending_frees() == 0
     assert rig.host.available == 32
+    rig.close()
+
+
+def test_a_read_waited_for_without_a_budget_runs_on_the_waiting_thread() -> None:
+    """The one engine worker is stuck in a hung put, so the read queues behind it; the thread
+    that waits for the read without a budget runs it itself: it does not wait for the put's
+    deadline. With a budget it leaves the read queued (the read may take up to a deadline)."""
+    fb = FaultyBackend(mem())
+    tier = Tier("t", fb, settings(io_threads=2))  # a tier thread for the read beside the put
+    rig = Rig([tier], workers=1)
+    hung = keys_for(2, "hung")
+    release = fb.hang(ops=[FaultOp.PUT])
+    rig.publish(rig.pages(hung))
+    assert fb.wait_hung(1)
+    keys = keys_for(3)
+    stored = fill_tier(fb.inner, keys, 9)  # type: ignore[arg-type]
+    host = rig.host.alloc(3)
+    assert host is not None
+    ticket = rig.engine.submit_prefetch(keys, host)
+    assert not rig.engine.wait_prefetch(ticket, 0.0)  # a budget: it stays queued
+    assert rig.engine.wait_prefetch(ticket)
+    # the put is still hung and was never given up on: the read did not wait for its deadline
+    assert fb.hung_now == 1 and rig.engine.in_flight() == 1
+    assert tier.caller.failures.as_dict()["by_kind"] == {}
+    [result] = rig.engine.poll().prefetches
+    assert result.ok_pages == 3 and result.outcome is PrefetchOutcome.COMPLETE
+    assert [bytes(rig.host.page_view(h)) for h in host] == stored
+    release.set()
+    rig.settle()
+    assert rig.stored(tier.medium) == [block_id(k) for k in hung]
+    assert rig.host.total_holds() == 0
     rig.close()
 
 

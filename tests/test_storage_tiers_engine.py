@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from hicache.config import HicacheConfig, TierSettings
+from hicache.errors import BackendUnavailableError
 from hicache.events import BlockRemoved, BlockStored
 from hicache.keys import block_id
 from hicache.pools import HostPool, KVLayout
@@ -56,6 +57,50 @@ def test_cascade_asks_later_tiers_only_after_earlier_ones_stop() -> None:
     assert bytes(bufs[5]) == bytes(PB)  # untouched
     stats = tiers.stats()
     assert (stats["a"]["get_ok"], stats["b"]["get_ok"], stats["c"]["get_ok"]) == (2, 2, 1)
+    tiers.close()
+
+
+def test_a_put_takes_the_backends_evictions_in_the_same_call() -> None:
+    fb = switchboard()
+    tiers = Tiers.from_backends([("t", fb)])
+    tiers.open()
+    tier = tiers["t"]
+    fill(fb, [key(1), key(2)])
+    page = memoryview(bytearray(PB))
+    fb.evict([key(1)])
+    assert tier.put([key(3)], [page]) == [PageStatus.OK]
+    assert tier.take_evicted(call=False) == []  # a plain put leaves them with the backend
+    assert tier.put([key(4)], [page], take_evicted=True) == [PageStatus.OK]
+    fb.evict([key(2)])  # after that put: still with the backend
+    assert tier.take_evicted(call=False) == [key(1)]  # handed out once, without a call
+    assert tier.take_evicted(call=False) == []
+    assert tier.take_evicted() == [key(2)]
+    assert tier.snapshot()["evicted_pages"] == 2
+    tiers.close()
+
+
+class _EvictionsUnavailable(FaultyBackend):
+    """Puts work; asking for evictions fails (the backend keeps them)."""
+
+    def take_evicted(self) -> list[str]:
+        raise BackendUnavailableError("evictions unavailable")
+
+
+def test_a_put_whose_eviction_check_fails_still_stored_its_pages() -> None:
+    fb = _EvictionsUnavailable(
+        memory_backend(PB, namespace="kv-test"), capabilities=Capabilities(max_batch=2)
+    )
+    tiers = Tiers.from_backends([("t", fb, TierSettings(retry_attempts=1))])
+    tiers.open()
+    tier = tiers["t"]
+    page = memoryview(bytearray(b"x" * PB))
+    assert tier.put([key(1)], [page], take_evicted=True) == [PageStatus.OK]
+    assert fb.inner.exists([key(1)]) == [True]
+    snap = tier.snapshot()
+    assert snap["put_stored"] == 1 and snap["put_failed"] == 0
+    assert snap["errors_by_kind"] == {"BackendUnavailableError": 1}
+    assert tier.breaker.allow()  # the put succeeded: not a failure of the tier
+    assert tier.take_evicted(call=False) == []
     tiers.close()
 
 

@@ -23,7 +23,9 @@ Rules the cache relies on:
   puts on the engine's workers and on each tier's threads, and puts never take the last
   thread. A lookup waits for the puts still carrying its own pages (promoted ahead of the
   others), so what it finds does not depend on how busy the workers are; with every tier
-  answering lookups from memory it runs on the caller's thread.
+  answering lookups from memory it runs on the caller's thread. A read the cache waits for
+  without a budget (``wait_prefetch`` with no timeout) runs on the cache's thread when no
+  worker took it yet: one hand-off (to the tier's thread and back), not two.
 
 - **Holds per page**: every host page a worker reads or writes carries one hold per job from
   submit until the backend call really returned (:class:`~hicache.tiering.calls.TierCaller`'s

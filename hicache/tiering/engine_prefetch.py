@@ -189,9 +189,17 @@ class PrefetchJobs:
             self.prefetch_outcomes[PrefetchOutcome.TIMED_OUT.value] += 1
 
     def wait_prefetch(self, ticket: int, timeout: float | None = None) -> bool:
-        """Block until prefetch ``ticket`` finished (it is still reported by ``poll``)."""
+        """Block until prefetch ``ticket`` finished (it is still reported by ``poll``).
+
+        Without a ``timeout``, a job no worker took yet runs on this thread: the caller waits
+        for it either way, and so saves the hand-off to a worker and back. Its backend calls
+        keep their deadlines (they run on the tier's threads), so this returns within the time
+        the worker would have taken. With a ``timeout`` (a budget shorter than a deadline,
+        perhaps) the job stays with the workers."""
         fut = self._prefetch_futures.get(ticket)
-        if fut is None:
+        if fut is None or fut.done():
+            return True
+        if timeout is None and self.workers.run_here(fut):
             return True
         done, _ = wait_futures([fut], timeout=timeout)
         return bool(done)

@@ -9,8 +9,9 @@
 - ``forget_finished()``    drop finished calls from the page -> call map (``poll``)
 - ``throttle()``           wait for the oldest calls of a tier with more in flight than it runs
 
-The worker body reports one ``_PutDone`` per batch (and the tier's evictions), as the engine's
-``poll`` expects. A put call that returns after its deadline (its ``_PutDone`` said ``FAILED``)
+The worker body reports one ``_PutDone`` per batch (and the tier's evictions, taken by the put
+call itself: one hand-off to the tier per put, not a second call), as the engine's ``poll``
+expects. A put call that returns after its deadline (its ``_PutDone`` said ``FAILED``)
 reports its real statuses as one ``_PutLate`` per batch, always after that ``_PutDone``: the
 pages the tier stored after all are announced then. Everything but the worker body and the
 late report runs on the cache's thread.
@@ -141,12 +142,14 @@ class PutCalls:
             self._report_late(job, statuses)
 
         try:
-            statuses = tier.put(keys, views, on_return=returned, ticket=job.ticket, on_late=late)
+            statuses = tier.put(
+                keys, views, on_return=returned, ticket=job.ticket, on_late=late, take_evicted=True
+            )
         except Exception as exc:  # Tier.put never raises; this guards against bugs
             logger.exception("tier %s: publish worker failed", tier.name)
             tier.stats.error(exc, "unexpected")
             statuses = [PageStatus.FAILED] * len(keys)
-        evicted = tier.take_evicted()
+        evicted = tier.take_evicted(call=False)  # what the put call took: no second call
         start = 0
         for p in parts:
             got = statuses[start : start + len(p.keys)]

@@ -3,6 +3,8 @@
 - ``submit(fn, *args, lane=...)``  run a job on a worker thread; it counts as in flight until
                            it returns; ``Lane.READ`` jobs (lookups, prefetch reads) go ahead of
                            queued ``Lane.WRITE`` ones (publishes, housekeeping)
+- ``run_here(future)``      run a job still queued on the calling thread (a caller that would
+                           only block on it saves the hand-off to a worker and back)
 - ``hold(pages, ...)``     holds on the host pages of one job (and bytes of an in-flight gate),
                            released at the last ``drop``: a page under a worker is never freed
 - ``report(item)`` / ``take_reports()``   a worker reports what it finished; the engine's
@@ -125,6 +127,11 @@ class EngineWorkers:
         for dep in after:
             dep.add_done_callback(ready)
         return outer
+
+    def run_here(self, fut: Future[None]) -> bool:
+        """Run the job of ``fut`` (from :meth:`submit`) on this thread if no worker took it
+        yet; ``False`` otherwise (then wait for it as usual)."""
+        return self._executor.run_here(fut)
 
     def promote(self, ticket: LaneTicket) -> int:
         """Move the jobs queued with ``ticket`` to the read lane (set ``ticket.lane`` first)."""

@@ -24,6 +24,7 @@ and only then may the caller release the buffers it handed over.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from hicache.errors import BackendUnavailableError
 from hicache.storage.backend import Backend, BackendContext, PageBuffers, PageStatus
 from hicache.tiering.admission import AdmissionPolicy, make_admission
 from hicache.tiering.breaker import CircuitBreaker
-from hicache.tiering.calls import CallOutcome, FailureKind, RetryPolicy, TierCaller
+from hicache.tiering.calls import CallOutcome, FailureKind, RetryPolicy, TierCaller, failure_kind
 from hicache.tiering.inflight import InflightGate
 from hicache.tiering.lanes import Lane, LaneTicket, default_io_threads
 from hicache.tiering.opening import TierOpener
@@ -87,6 +88,9 @@ class Tier:
             **extra,
         )
         self.gate = InflightGate(s.max_inflight_bytes)
+        #: Keys put calls took from the backend's ``take_evicted``, not handed out yet.
+        self._evicted: list[str] = []
+        self._evicted_lock = threading.Lock()
         self.admission: AdmissionPolicy = make_admission(s.admission)
         self.opener = TierOpener(
             name,
@@ -230,19 +234,27 @@ class Tier:
         on_return: Callable[[], None] | None = None,
         ticket: LaneTicket | None = None,
         on_late: Callable[[list[PageStatus]], None] | None = None,
+        take_evicted: bool = False,
     ) -> list[PageStatus]:
         """Store ``srcs`` under ``keys``; a failed, refused or late call makes its pages
         ``FAILED``. ``on_return`` runs when the backend really finished with ``srcs``. Puts
         queue in the write lane, unless ``ticket`` is promoted (a lookup waits for them).
 
         A call that returns after the deadline (its pages already counted ``FAILED``) hands its
-        real statuses to ``on_late``: the pages it stored are on the tier after all."""
+        real statuses to ``on_late``: the pages it stored are on the tier after all.
+
+        ``take_evicted``: the same call then asks the backend what it evicted (a put is what
+        makes a bounded backend evict); ``take_evicted(call=False)`` hands those keys out
+        without a second call, so a publish costs one hand-off to this tier's threads, not
+        two."""
         step = self.max_batch
 
         def run() -> list[PageStatus]:
             got: list[PageStatus] = []
             for start in range(0, len(keys), step):
                 got += self.backend.put(keys[start : start + step], srcs[start : start + step])
+            if take_evicted:
+                self._keep_evicted()
             return got
 
         started = time.perf_counter()
@@ -260,19 +272,39 @@ class Tier:
         self.stats.count_puts(statuses, self.page_bytes)
         return statuses
 
-    def take_evicted(self) -> list[str]:
-        """Keys the backend dropped on its own; ``[]`` when the call fails (never raises).
+    def take_evicted(self, *, call: bool = True) -> list[str]:
+        """Keys the backend dropped on its own: those put calls took already (``put`` with
+        ``take_evicted``), then, with ``call``, those a call to the backend's ``take_evicted``
+        returns now; what the call would have returned is lost to nobody when it fails (it is
+        then ``[]``, counted; the backend still has it). Never raises.
 
-        Bypasses the breaker (housekeeping must not use up its probe) but keeps the deadline;
-        goes in the read lane: a cheap call that must not queue behind a hung put.
+        The call bypasses the breaker (housekeeping must not use up its probe) but keeps the
+        deadline; it goes in the read lane: a cheap call that must not queue behind a hung put.
         """
-        out = self.caller.call(self.backend.take_evicted, use_breaker=False, lane=Lane.READ)
-        if not out.ok or out.value is None:
-            self._failed(out, "take_evicted")
-            return []
-        if out.value:
-            self.stats.add(evicted_pages=len(out.value))
-        return out.value
+        with self._evicted_lock:
+            taken, self._evicted = self._evicted, []
+        if call:
+            out = self.caller.call(self.backend.take_evicted, use_breaker=False, lane=Lane.READ)
+            if not out.ok or out.value is None:
+                self._failed(out, "take_evicted")
+            else:
+                taken += out.value
+        if taken:
+            self.stats.add(evicted_pages=len(taken))
+        return taken
+
+    def _keep_evicted(self) -> None:
+        """Within a put call (on this tier's thread): take the backend's evictions for the next
+        ``take_evicted``. A failure here is counted, never the put's: its pages are stored."""
+        try:
+            evicted = self.backend.take_evicted()
+        except Exception as exc:
+            self.stats.error(exc, str(failure_kind(exc)))
+            logger.warning("tier %s: take_evicted after a put failed (%r)", self.name, exc)
+            return
+        if evicted:
+            with self._evicted_lock:
+                self._evicted += evicted
 
     def snapshot(self) -> dict[str, Any]:
         """Counters, failures by kind, breaker, in-flight gate, admission and whether the tier is
