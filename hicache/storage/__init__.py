@@ -76,6 +76,7 @@ from hicache.storage.pageformat import (
     verify_page,
     verify_payload,
 )
+from hicache.storage.pageformat import MAGIC as PAGE_MAGIC
 from hicache.storage.redact import (
     MASK,
     RedactedUrl,
@@ -97,6 +98,7 @@ __all__ = [
     "HEADER_SIZE",
     "MASK",
     "PAGE_KEY_LEN",
+    "PAGE_MAGIC",
     "Backend",
     "BackendConfig",
     "BackendContext",

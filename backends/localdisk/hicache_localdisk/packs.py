@@ -53,6 +53,7 @@ from itertools import count
 from hicache.errors import PageCorruptError, PageVersionError
 from hicache.storage import (
     HEADER_SIZE,
+    PAGE_MAGIC,
     PageParts,
     PageStatus,
     encode_header_into,
@@ -60,7 +61,6 @@ from hicache.storage import (
     payload_checksum,
     verify_page,
 )
-from hicache.storage.pageformat import MAGIC
 from hicache_localdisk.fsio import (
     fsync_dir,
     publish_noreplace,
@@ -79,7 +79,7 @@ log = logging.getLogger(__name__)
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 #: Emptied packs kept for reuse at most (the rest are unlinked).
 _MAX_SPARES = 16
-ZERO_MAGIC = bytes(len(MAGIC))
+ZERO_MAGIC = bytes(len(PAGE_MAGIC))
 
 
 @dataclass(eq=False, slots=True)
@@ -395,7 +395,7 @@ class PackFiles:
             if got < (n + 1) * stored:
                 out[j] = (ReadResult.CORRUPT, "length")  # the pack was cut short
                 continue
-            if header[: len(MAGIC)] == ZERO_MAGIC:
+            if header[: len(PAGE_MAGIC)] == ZERO_MAGIC:
                 out[j] = (ReadResult.MISSING, "")  # zeros: punched (not by us: a power loss)
                 continue
             try:

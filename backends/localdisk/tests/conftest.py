@@ -12,7 +12,7 @@ import pytest
 from hicache_localdisk import LocalDiskBackend, LocalDiskConfig
 
 from hicache.storage import HEADER_SIZE, BackendContext
-from hicache.storage.pageformat import MAGIC
+from hicache.storage import PAGE_MAGIC as MAGIC
 
 PAGE_BYTES = 16384
 

@@ -13,7 +13,7 @@ from hicache_localdisk import LocalDiskBackend
 from hicache_localdisk.packs import PackFiles, Record
 
 from hicache.storage import HEADER_SIZE, EvictionPolicy, PageParts, PageStatus
-from hicache.storage.pageformat import MAGIC
+from hicache.storage import PAGE_MAGIC as MAGIC
 from hicache.testing.planted import release, run_bounded
 from hicache.testing.wait import WAIT_S
 
