@@ -14,6 +14,9 @@
 - ``aligned_buffer(n)``            a page-aligned writable buffer (an anonymous mapping)
 - ``punch_hole(fd, off, n)``       free a file's bytes in place (``fallocate`` PUNCH_HOLE)
 - ``punch_supported(dir)``         whether the filesystem of ``dir`` can punch holes
+- ``touch(fd, ns, what)``          set a file's mtime (recency after a restart); ``False`` once
+                                   the filesystem refuses it for good
+- ``FailureLog(logger)``           warn once per (operation, errno), the rest at debug level
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from hicache.storage import Regions, iter_pieces
 __all__ = [
     "DIRECT_ALIGN",
     "O_DIRECT",
+    "FailureLog",
     "aligned_buffer",
     "drop_cache",
     "fsync_dir",
@@ -44,6 +48,7 @@ __all__ = [
     "read_fully",
     "read_page",
     "remove",
+    "touch",
     "write_fully",
     "write_page",
 ]
@@ -434,3 +439,31 @@ def punch_supported(directory: str) -> bool:
     if not ok:
         log.info("%s: pages are stored one file each (no hole punching)", directory)
     return ok
+
+
+def touch(fd: int, ns: int, what: str) -> bool:
+    """Set the mtime of ``fd`` to ``ns`` (what a restart rebuilds recency from); ``False`` when
+    the filesystem refuses it for good (read-only, not ours): the caller stops trying and keeps
+    recency in memory only. Any other error skips this one update."""
+    try:
+        os.utime(fd, ns=(ns, ns))
+    except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EPERM, errno.EACCES):
+            log.info("cannot update %s mtimes (%s): recency is kept in memory only", what, exc)
+            return False
+    return True
+
+
+class FailureLog:
+    """Warns once per (operation, errno) and logs the rest at debug level: a full or read-only
+    disk fails every call, and one warning says so while the log stays readable."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+        self._seen: set[tuple[str, int | None]] = set()
+
+    def __call__(self, op: str, what: str, exc: OSError) -> None:
+        seen = (op, exc.errno)
+        first = seen not in self._seen
+        self._seen.add(seen)
+        (self._log.warning if first else self._log.debug)("%s %s failed: %s", op, what, exc)

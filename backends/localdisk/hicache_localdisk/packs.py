@@ -59,14 +59,17 @@ from hicache.storage import (
     encode_header_into,
     open_regular,
     payload_checksum,
+    stored_size,
     verify_page,
 )
 from hicache_localdisk.fsio import (
+    FailureLog,
     fsync_dir,
     publish_noreplace,
     punch_hole,
     read_fully,
     remove,
+    touch,
     write_fully,
 )
 from hicache_localdisk.layout import Layout, ScannedRecord
@@ -151,7 +154,7 @@ class PackFiles:
         self._layout = layout
         self._ns = layout.namespace
         self._page_bytes = page_bytes
-        self.stored_bytes = HEADER_SIZE + page_bytes
+        self.stored_bytes = stored_size(page_bytes)
         self._file_mode = file_mode
         self._chmod = bool(file_mode & 0o077)  # open(2) applies the umask
         self._fsync = fsync
@@ -169,7 +172,7 @@ class PackFiles:
         self._local = threading.local()
         self._seq = count()
         self._touch_off = False
-        self._failures_logged: set[tuple[str, int | None]] = set()
+        self._log_failure = FailureLog(log)
 
     # ------------------------------------------------------------------ open
 
@@ -363,7 +366,7 @@ class PackFiles:
                 if touch_ns is not None and not self._touch_off:
                     # A pack's mtime is its records' recency after a restart: a read renews it.
                     pack.mtime_ns = touch_ns
-                    self._touch(fd, touch_ns)
+                    self._touch_off = not touch(fd, touch_ns, "pack")
             finally:
                 os.close(fd)
         return out
@@ -409,13 +412,6 @@ class PackFiles:
                 out[j] = (ReadResult.UNKNOWN_VERSION, exc.detail)
                 continue
             out[j] = (ReadResult.OK, "")
-
-    def _touch(self, fd: int, ns: int) -> None:
-        try:
-            os.utime(fd, ns=(ns, ns))
-        except OSError as exc:
-            self._touch_off = True
-            log.info("cannot update pack mtimes (%s): recency is kept in memory only", exc)
 
     # ------------------------------------------------------------------ evict, delete
 
@@ -513,10 +509,3 @@ class PackFiles:
         """Paths of the packs holding live records."""
         with self._lock:
             return {pack.path for pack, _off in self.located.values()}
-
-    def _log_failure(self, op: str, what: str, exc: OSError) -> None:
-        # A full or read-only disk fails every put: warn once per (operation, errno).
-        seen = (op, exc.errno)
-        first = seen not in self._failures_logged
-        self._failures_logged.add(seen)
-        (log.warning if first else log.debug)("%s %s failed: %s", op, what, exc)

@@ -13,7 +13,6 @@ buffered path.
 from __future__ import annotations
 
 import enum
-import errno
 import logging
 import os
 import threading
@@ -34,18 +33,21 @@ from hicache.storage import (
     iter_pieces,
     open_regular,
     payload_checksum,
+    stored_size,
     verify_page,
 )
 from hicache_localdisk.fsio import (
     DIRECT_ALIGN,
     IO_CHUNK,
     O_DIRECT,
+    FailureLog,
     aligned_buffer,
     fsync_dir,
     publish_noreplace,
     read_fully,
     read_page,
     remove,
+    touch,
     write_fully,
     write_page,
 )
@@ -97,7 +99,7 @@ class PageIO:
         self._layout = layout
         self._ns = layout.namespace
         self._page_bytes = page_bytes
-        self.stored_bytes = HEADER_SIZE + page_bytes
+        self.stored_bytes = stored_size(page_bytes)
         self._file_mode = file_mode
         # open(2) applies the umask; modes wider than owner-only need an explicit fchmod.
         self._chmod = bool(file_mode & 0o077)
@@ -107,7 +109,7 @@ class PageIO:
         self._local = threading.local()
         #: Set after the first EROFS/EPERM on a recency touch: stop trying on this filesystem.
         self._touch_off = False
-        self._failures_logged: set[tuple[str, int | None]] = set()
+        self._log_failure = FailureLog(log)
         self._hasher: ThreadPoolExecutor | None = None
         self._writers = 0
         self._writers_lock = threading.Lock()
@@ -277,7 +279,7 @@ class PageIO:
             if hashed:
                 check_checksum(decoded, checksum)
             if touch_ns is not None and not self._touch_off:
-                self._touch(fd, touch_ns)
+                self._touch_off = not touch(fd, touch_ns, "page")
         except PageCorruptError as exc:
             return ReadResult.CORRUPT, exc.field
         except PageVersionError as exc:
@@ -298,22 +300,6 @@ class PageIO:
                 return False
             self._splitting = True
             return True
-
-    def _log_failure(self, op: str, key: str, exc: OSError) -> None:
-        # A full or read-only disk fails every put: warn once per (operation, errno), then
-        # keep the rest at debug level so the log stays readable.
-        seen = (op, exc.errno)
-        first = seen not in self._failures_logged
-        self._failures_logged.add(seen)
-        (log.warning if first else log.debug)("%s %s failed: %s", op, key, exc)
-
-    def _touch(self, fd: int, ns: int) -> None:
-        try:
-            os.utime(fd, ns=(ns, ns))
-        except OSError as exc:
-            if exc.errno in (errno.EROFS, errno.EPERM, errno.EACCES):
-                self._touch_off = True
-                log.info("cannot update page mtimes (%s): recency is kept in memory only", exc)
 
     def page_size_on_disk(self, key: str) -> int | None:
         """Size of the published file of ``key``, ``None`` when there is none (or what is

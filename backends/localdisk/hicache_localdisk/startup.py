@@ -16,7 +16,7 @@ import errno
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hicache.errors import (
     BackendCapacityError,
@@ -220,7 +220,7 @@ class PackScan:
     #: packs of another page size or namespace, or of a newer writer: left alone
     foreign: int = 0
     #: packs without a live record (removed when the scan may write)
-    empty: list[str] | None = None
+    empty: list[str] = field(default_factory=list)
 
 
 def scan_packs(
@@ -233,9 +233,8 @@ def scan_packs(
     """Read every record header of ``packs``: sound records are listed; punched ones (zeros)
     skipped; torn ones skipped (and punched when ``writable``). Packs with no sound record are
     returned in ``empty``."""
-    stored = HEADER_SIZE + page_bytes
-    result = PackScan(records=[], empty=[])
-    assert result.empty is not None
+    stored = stored_size(page_bytes)
+    result = PackScan(records=[])
     for pack in packs:
         try:
             fd = open_regular(pack.path)
@@ -323,7 +322,7 @@ def load_packs(
             extra.append(rec)
     packs.load(list(best.values()), extra if writable else [])
     if writable:
-        for path in scanned.empty or []:
+        for path in scanned.empty:
             remove(path)
     stored = stored_size(page_bytes)
     pages = [ScannedPage(rec.key, stored, rec.mtime_ns) for rec in best.values()]
