@@ -455,13 +455,8 @@ class HiRadixCache(RadixCache):
         return super()._evictable(node)
 
     def _host_evictable(self, node: TreeNode) -> bool:
-        return (
-            node is not self.root
-            and node.value is None
-            and node.host_value is not None
-            and node.host_lock_ref == 0
-            and not node.children
-        )
+        # the root has no parent: no L2-only leaf
+        return _is_host_leaf(node) and node.host_lock_ref == 0
 
     def evict_host(self, num_pages: int) -> int:
         """Drop ``num_pages`` host pages of L2-only leaves, least recently used first (a longer

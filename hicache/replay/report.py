@@ -282,7 +282,7 @@ def print_report(report: ReplayReport) -> None:
         f"storage: backup failures {st.backup_failures}, publish drops {st.publish_drops}, "
         f"prefetch {json.dumps(st.prefetch_outcomes)}"
     )
-    if st.serving_wait_seconds:
+    if st.serving_wait_seconds and th.wall_seconds > 0:
         waited = sum(st.serving_wait_seconds.values())
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in st.serving_wait_seconds.items())
         console.print(

@@ -97,10 +97,6 @@ class TraceDriver:
         #: events taken from the caches, by (event class, medium as it is): named at the end
         self._events: Counter[tuple[type, object]] = Counter()
 
-    def tokens_of(self, block_ids: Sequence[int]) -> list[int]:
-        """The prompt of ``block_ids`` as a new list of token ids (what a tokenizer hands)."""
-        return unpack(self.packed_tokens_of(block_ids))
-
     def packed_tokens_of(self, block_ids: Sequence[int]) -> bytes:
         """The prompt of ``block_ids`` packed as ``keys.tokens_to_bytes`` packs tokens."""
         cache = self._block_cache
