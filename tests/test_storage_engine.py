@@ -448,26 +448,30 @@ def test_a_read_waited_for_without_a_budget_runs_on_the_waiting_thread() -> None
     rig = Rig([tier], workers=1)
     hung = keys_for(2, "hung")
     release = fb.hang(ops=[FaultOp.PUT])
-    rig.publish(rig.pages(hung))
-    assert fb.wait_hung(1)
-    keys = keys_for(3)
-    stored = fill_tier(fb.inner, keys, 9)  # type: ignore[arg-type]
-    host = rig.host.alloc(3)
-    assert host is not None
-    ticket = rig.engine.submit_prefetch(keys, host)
-    assert not rig.engine.wait_prefetch(ticket, 0.0)  # a budget: it stays queued
-    assert rig.engine.wait_prefetch(ticket)
-    # the put is still hung and was never given up on: the read did not wait for its deadline
-    assert fb.hung_now == 1 and rig.engine.in_flight() == 1
-    assert tier.caller.failures.as_dict()["by_kind"] == {}
-    [result] = rig.engine.poll().prefetches
-    assert result.ok_pages == 3 and result.outcome is PrefetchOutcome.COMPLETE
-    assert [bytes(rig.host.page_view(h)) for h in host] == stored
-    release.set()
-    rig.settle()
-    assert rig.stored(tier.medium) == [block_id(k) for k in hung]
-    assert rig.host.total_holds() == 0
-    rig.close()
+    try:
+        rig.publish(rig.pages(hung))
+        assert fb.wait_hung(1)
+        keys = keys_for(3)
+        stored = fill_tier(fb.inner, keys, 9)  # type: ignore[arg-type]
+        host = rig.host.alloc(3)
+        assert host is not None
+        ticket = rig.engine.submit_prefetch(keys, host)
+        assert not rig.engine.wait_prefetch(ticket, 0.0)  # a budget: it stays queued
+        assert rig.engine.wait_prefetch(ticket)
+        # the put is still hung and was never given up on: the read did not wait for its
+        # deadline
+        assert fb.hung_now == 1 and rig.engine.in_flight() == 1
+        assert tier.caller.failures.as_dict()["by_kind"] == {}
+        [result] = rig.engine.poll().prefetches
+        assert result.ok_pages == 3 and result.outcome is PrefetchOutcome.COMPLETE
+        assert [bytes(rig.host.page_view(h)) for h in host] == stored
+        release.set()
+        rig.settle()
+        assert rig.stored(tier.medium) == [block_id(k) for k in hung]
+        assert rig.host.total_holds() == 0
+    finally:
+        release.set()
+        rig.close()
 
 
 def test_open_breaker_on_first_tier_cascades_to_the_next() -> None:
@@ -639,15 +643,18 @@ def test_serving_waits_count_the_time_blocked_on_queued_puts_and_nothing_else() 
     assert rig.engine.throttle_publishes() == 0
     assert rig.engine.stats()["serving_wait_s"] == {"prefetch": 0.0, "put_throttle": 0.0}
     release = fb.hang(ops=[FaultOp.PUT])
-    rig.publish(rig.pages(keys_for(2, "a")))
-    rig.publish(rig.pages(keys_for(2, "b")))
-    assert fb.wait_hung(1)
-    # two put calls in flight on a tier running two at once: the serving thread waits for the
-    # oldest (here until its deadline, since it hangs) and that wait is what is counted
-    assert rig.engine.throttle_publishes() >= 1
-    waits = rig.engine.stats()["serving_wait_s"]
-    assert waits["put_throttle"] > 0.0 and waits["prefetch"] == 0.0
-    release.set()
-    rig.settle()
-    assert rig.host.total_holds() == 0
-    rig.close()
+    try:
+        rig.publish(rig.pages(keys_for(2, "a")))
+        rig.publish(rig.pages(keys_for(2, "b")))
+        assert fb.wait_hung(1)
+        # two put calls in flight on a tier running two at once: the serving thread waits for
+        # the oldest (here until its deadline, since it hangs) and that wait is what is counted
+        assert rig.engine.throttle_publishes() >= 1
+        waits = rig.engine.stats()["serving_wait_s"]
+        assert waits["put_throttle"] > 0.0 and waits["prefetch"] == 0.0
+        release.set()
+        rig.settle()
+        assert rig.host.total_holds() == 0
+    finally:
+        release.set()
+        rig.close()

@@ -113,8 +113,11 @@ def test_sigkill_at_random_moments_leaves_a_consistent_store(
                 # tobytes(): a memoryview compares byte by byte in a loop, 25x slower
                 assert buf.tobytes() == payload_of(key, PAGE), f"iteration {it}: {key} altered"
             _pages, temps = _files(root)
-            # this process's own are emptied packs the open backend keeps for its next puts
-            temps = [t for t in temps if f"-{os.getpid()}-" not in t.name]
+            # this process's own are emptied packs the open backend keeps for its next puts:
+            # truncated to nothing when kept
+            own = [t for t in temps if f"-{os.getpid()}-" in t.name]
+            assert all(t.stat().st_size == 0 for t in own), f"iteration {it}: a kept spare"
+            temps = [t for t in temps if t not in own]
             assert temps == [], f"iteration {it}: dead owner's temporaries survived open()"
             # page files, and pack records not punched (every page on disk is one present)
             on_disk, on_disk_pages = disk_bytes(root / "crash", PAGE)
