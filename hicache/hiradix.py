@@ -317,8 +317,8 @@ class HiRadixCache(RadixCache):
             for ack in pending.oldest(ready):
                 self._finish_write_through_ack(ack)
             if self.storage is not None:
-                # publishes never queue behind a tier's threads: a tier slower than the cache
-                # slows the cache rather than drift behind it (hits and evictions stay in step)
+                # publishes queue behind a tier's threads up to a backlog of host pages; past
+                # it a tier slower than the cache slows the cache rather than drift behind it
                 self.counters["backup_waited_for_publishes"] += self.storage.throttle_publishes()
         self._poll_storage()
         return ready
@@ -577,6 +577,9 @@ class HiRadixCache(RadixCache):
             base=base,
         )
         self.counters["prefetches"] += 1
+        # a lookup answered on this thread (every tier answers from memory) has its result
+        # waiting: the read starts now, not at the next poll (the request may be served later)
+        self._poll_storage()
         return handle
 
     def _start_read(self, handle: PrefetchHandle, found: int) -> None:

@@ -6,16 +6,18 @@ import hashlib
 import json
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jsonschema
 import pytest
 import torch
 
+from hicache.hiradix import HiRadixCache
 from hicache.packed_tokens import unpack
 from hicache.pools import DevicePool, KVLayout
-from hicache.replay.app import ReplaySettings, remove_storage, run_replay
+from hicache.prefetches import PrefetchHandle
+from hicache.replay.app import ReplayHooks, ReplaySettings, remove_storage, run_replay
 from hicache.replay.content import PageContent
 from hicache.replay.report import ReplayReport
 from hicache.replay.runner import ReplayError
@@ -179,6 +181,66 @@ def test_replay_on_localdisk_verifies_every_loaded_page(tmp_path: Path) -> None:
     assert report.verification.pages_verified >= l2.hit_pages + l3.hit_pages
     assert report.events["BlockStored"]["DISK"] > 0
     assert not any(tmp_path.iterdir()), "the replay's storage root was not removed"
+
+
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_a_request_prefetch_starts_while_the_request_before_it_is_served(
+    tmp_path: Path, ahead: int
+) -> None:
+    """With ``prefetch_ahead=1`` request i+1's one prefetch starts while request i is served,
+    before request i inserts its pages, as a scheduler starts a waiting request's prefetch;
+    with 0 each request starts its own. Either way each request has exactly one prefetch, for
+    its own tokens, and every page loaded from L2/L3 is verified."""
+    log: list[tuple[str, tuple[int, ...]]] = []
+
+    def started(caches: Sequence[HiRadixCache], _url: str | None) -> None:
+        cache = caches[0]
+        prefetch, insert = cache.prefetch_from_storage, cache.insert
+
+        def logged_prefetch(tokens: Sequence[int]) -> PrefetchHandle | None:
+            log.append(("prefetch", tuple(tokens)))
+            return prefetch(tokens)
+
+        def logged_insert(tokens: Sequence[int], pages: Sequence[int]) -> int:
+            log.append(("insert", tuple(tokens)))
+            return insert(tokens, pages)
+
+        cache.prefetch_from_storage = logged_prefetch  # type: ignore[method-assign]
+        cache.insert = logged_insert  # type: ignore[method-assign]
+
+    hooks = ReplayHooks(started=started, request_done=lambda i: log.append(("done", (i,))))
+    report, _ = run_replay(_settings(tmp_path, limit=200, prefetch_ahead=ahead), hooks=hooks)
+    _check(report)
+    assert report.tiers[2].hit_pages > 0
+    # the log cut into the requests' turns: what ran while request i was served
+    turns: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    for entry in log:
+        if entry[0] == "done":
+            assert entry[1] == (len(turns) - 1,)
+            turns.append([])
+        else:
+            turns[-1].append(entry)
+    assert turns.pop() == [] and len(turns) == 200
+    prompts: list[tuple[int, ...]] = []
+    for i, turn in enumerate(turns):
+        prefetches = [tokens for kind, tokens in turn if kind == "prefetch"]
+        inserts = [n for n, (kind, _) in enumerate(turn) if kind == "insert"]
+        if ahead:
+            # the next request's prefetch, first thing in the turn, before this request
+            # inserts anything (the first turn starts its own first)
+            assert len(prefetches) == (2 if i == 0 else 1 if i < 199 else 0)
+            assert all(turn[n][0] == "prefetch" for n in range(len(prefetches)))
+        else:
+            assert len(prefetches) == 1
+            assert all(n > turn.index(("prefetch", prefetches[0])) for n in inserts)
+        prompts += prefetches
+    # one prefetch per request, in order: each request inserts a prefix of the prompt its
+    # prefetch looked up
+    assert len(prompts) == 200
+    for i, turn in enumerate(turns):
+        for kind, tokens in turn:
+            if kind == "insert":
+                assert prompts[i][: len(tokens)] == tokens, i
 
 
 def test_replay_on_memory_tier(tmp_path: Path) -> None:

@@ -209,3 +209,16 @@ def test_sweep_point_is_confirmed_by_a_real_replay(tmp_path: Path) -> None:
     )
     assert report.tiers[2].capacity_pages == point.l3_pages
     assert report.overall.hit_ratio == pytest.approx(point.hicache)
+
+
+@pytest.mark.parametrize("value", ["-1", "two", "1.5"])
+def test_prefetch_ahead_takes_a_whole_number_and_names_a_bad_one(value: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "hicache.cli", "replay", "--prefetch-ahead", value],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"expected a whole number >= 0, got {value!r}" in proc.stderr, proc.stderr

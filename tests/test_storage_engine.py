@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import replace
 
+import pytest
 import torch
 
 from hicache.config import TierSettings
@@ -60,13 +61,22 @@ class Rig:
     """Host pool + tiers + engine, with helpers to publish chains and collect events."""
 
     def __init__(
-        self, tiers: Sequence[Tier], host_pages: int = 32, workers: int | None = None
+        self,
+        tiers: Sequence[Tier],
+        host_pages: int = 32,
+        workers: int | None = None,
+        put_backlog_pages: int | None = None,
     ) -> None:
         self.host = HostPool(LAYOUT, host_pages, pin=False)
         self.tiers = Tiers(tiers)
         self.tiers.open()
         self.engine = StorageEngine(
-            self.tiers, self.host, page_size=PS, evict_poll_interval_s=0.0, workers=workers
+            self.tiers,
+            self.host,
+            page_size=PS,
+            evict_poll_interval_s=0.0,
+            workers=workers,
+            put_backlog_pages=put_backlog_pages,
         )
         self.events: list[KVEvent] = []
 
@@ -638,7 +648,7 @@ def test_a_lookup_whose_puts_are_on_their_way_still_waits_for_them() -> None:
 def test_serving_waits_count_the_time_blocked_on_queued_puts_and_nothing_else() -> None:
     fb = FaultyBackend(mem())
     tier = Tier("t", fb, settings(medium="T", deadline_s=SHORT, io_threads=2, breaker_failures=100))
-    rig = Rig([tier])
+    rig = Rig([tier], put_backlog_pages=0)
     # nothing queued: a throttle waits for nothing and counts nothing
     assert rig.engine.throttle_publishes() == 0
     assert rig.engine.stats()["serving_wait_s"] == {"prefetch": 0.0, "put_throttle": 0.0}
@@ -647,8 +657,9 @@ def test_serving_waits_count_the_time_blocked_on_queued_puts_and_nothing_else() 
         rig.publish(rig.pages(keys_for(2, "a")))
         rig.publish(rig.pages(keys_for(2, "b")))
         assert fb.wait_hung(1)
-        # two put calls in flight on a tier running two at once: the serving thread waits for
-        # the oldest (here until its deadline, since it hangs) and that wait is what is counted
+        # no backlog allowed, two put calls in flight on a tier running one put at a time: the
+        # serving thread waits for the oldest (here until its deadline, since it hangs) and
+        # that wait is what is counted
         assert rig.engine.throttle_publishes() >= 1
         waits = rig.engine.stats()["serving_wait_s"]
         assert waits["put_throttle"] > 0.0 and waits["prefetch"] == 0.0
@@ -658,3 +669,52 @@ def test_serving_waits_count_the_time_blocked_on_queued_puts_and_nothing_else() 
     finally:
         release.set()
         rig.close()
+
+
+def test_puts_queue_up_to_the_backlog_of_host_pages_then_the_oldest_are_waited_for() -> None:
+    """The serving thread goes on while a tier's queued puts hold at most the backlog; past
+    it, it waits for the oldest calls until they are back within it, never for newer ones. A
+    wait ends at the tier's deadline here (the puts hang); the late puts store everything."""
+    fb = FaultyBackend(mem())
+    tier = Tier("t", fb, settings(medium="T", deadline_s=SHORT, io_threads=2, breaker_failures=100))
+    rig = Rig([tier], host_pages=64, put_backlog_pages=6)
+    release = fb.hang(ops=[FaultOp.PUT])
+    try:
+        chains = [keys_for(2, salt) for salt in "abcd"]
+        for keys in chains[:3]:
+            rig.publish(rig.pages(keys))
+        assert fb.wait_hung(1)
+        # three calls of two pages hang: 6 pages held, within the backlog: no wait at all
+        assert rig.engine.throttle_publishes() == 0
+        assert rig.engine.stats()["serving_wait_s"]["put_throttle"] == 0.0
+        assert rig.host.total_holds() == 6
+        # a fourth: 8 pages held. The serving thread waits for exactly the oldest call (its
+        # deadline passes, since it hangs), then 6 pages are held: within the backlog again
+        rig.publish(rig.pages(chains[3]))
+        assert rig.engine.throttle_publishes() == 1
+        assert rig.engine.stats()["serving_wait_s"]["put_throttle"] > 0.0
+        release.set()
+        rig.settle()
+        assert rig.host.total_holds() == 0
+        # nothing was dropped to keep within the backlog: every page of every call is stored
+        for keys in chains:
+            assert tier.backend.exists(keys) == [True, True], keys
+    finally:
+        release.set()
+        rig.close()
+
+
+def test_the_put_backlog_is_a_quarter_of_the_host_pool_unless_given() -> None:
+    tier = Tier("t", mem(), settings(medium="T"))
+    rig = Rig([tier], host_pages=64)
+    try:
+        assert rig.engine.puts.backlog_pages == 16
+    finally:
+        rig.close()
+    tiers = Tiers([Tier("u", mem(), settings(medium="T"))])
+    tiers.open()
+    try:
+        with pytest.raises(ValueError, match="put backlog must be >= 0 pages, got -1"):
+            StorageEngine(tiers, HostPool(LAYOUT, 8, pin=False), page_size=PS, put_backlog_pages=-1)
+    finally:
+        tiers.close()

@@ -42,9 +42,19 @@ from hicache.replay.trace import TraceRequest, load_trace
 if TYPE_CHECKING:
     from hicache.hiradix import HiRadixCache
 
-__all__ = ["ReplayHooks", "ReplaySettings", "default_config", "run_replay"]
+__all__ = [
+    "DEFAULT_PREFETCH_AHEAD",
+    "ReplayHooks",
+    "ReplaySettings",
+    "default_config",
+    "run_replay",
+]
 
 logger = logging.getLogger(__name__)
+
+#: Requests whose prefetch runs while another is served: the next one, as a serving loop with
+#: one request waiting has; more only help when one request's reads take longer than serving one.
+DEFAULT_PREFETCH_AHEAD = 1
 
 
 @dataclass(slots=True)
@@ -81,6 +91,8 @@ class ReplaySettings:
     keep_storage: bool = False
     progress: bool = True
     sync_publish: bool = False
+    #: Requests whose prefetch starts while an earlier one is served (0: one at a time).
+    prefetch_ahead: int = DEFAULT_PREFETCH_AHEAD
     #: The embedded L3 tier's ``options.eviction`` (None: the backend's default)
     eviction: str | None = None
     #: Serve Prometheus ``/metrics`` on this port while the replay runs (0: a free port).
@@ -313,6 +325,7 @@ def _run_planned(
                 block_tokens=plan.block_tokens,
                 on_request=on_request,
                 sync_publish=settings.sync_publish,
+                prefetch_ahead=settings.prefetch_ahead,
             )
             driver.run(requests)
             driver.drain()

@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hicache.replay import app
-from hicache.replay.app import ReplayHooks, ReplaySettings, _chains, run_replay
+from hicache.replay.app import (
+    DEFAULT_PREFETCH_AHEAD,
+    ReplayHooks,
+    ReplaySettings,
+    _chains,
+    run_replay,
+)
 from hicache.replay.build import prompt_tokens
 from hicache.replay.models import DEFAULT_MFU, MODEL_PRESETS
 from hicache.replay.plan import ByteMode, DoesNotFit
@@ -38,6 +44,16 @@ def _l3_sizes(value: str) -> dict[str, int]:
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"--l3 {value!r}: {exc}") from exc
     return out
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}")
+    return n
 
 
 def _size(value: str) -> int:
@@ -110,6 +126,15 @@ def add_parser(subparsers: Any) -> None:
         "block simulation's order; slower)",
     )
     p.add_argument(
+        "--prefetch-ahead",
+        type=_non_negative_int,
+        default=DEFAULT_PREFETCH_AHEAD,
+        metavar="N",
+        help="start the prefetch of the next N requests while one is served, as a scheduler "
+        "does for the requests waiting in its queue (0: one request at a time; ignored with "
+        f"--sync-publish; default {DEFAULT_PREFETCH_AHEAD})",
+    )
+    p.add_argument(
         "--eviction",
         choices=[e.value for e in EvictionPolicy],
         help="the embedded L3 tier's eviction policy (default: predicted_reuse)",
@@ -155,6 +180,7 @@ def settings_from_args(args: argparse.Namespace, trace: Path | None) -> ReplaySe
         keep_storage=args.keep_storage,
         progress=not args.no_progress,
         sync_publish=args.sync_publish,
+        prefetch_ahead=args.prefetch_ahead,
         eviction=args.eviction,
         metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from hicache.events import KVEvent
 from hicache.hiradix import HiRadixCache
 from hicache.packed_tokens import chain_hashes_packed, unpack
+from hicache.prefetches import PrefetchHandle
 from hicache.replay.content import PageContent
 from hicache.replay.trace import TraceRequest, expand_blocks_packed
 
@@ -66,6 +67,14 @@ class InstanceCounters:
     per_request: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class _Early:
+    """A request's prefetch started before the request is served, and the tokens it used."""
+
+    tokens: list[int]
+    handle: PrefetchHandle | None
+
+
 class TraceDriver:
     """Replays requests through one or more caches that share their L3 tiers."""
 
@@ -76,6 +85,7 @@ class TraceDriver:
         block_tokens: int,
         on_request: Callable[[], None] | None = None,
         sync_publish: bool = False,
+        prefetch_ahead: int = 0,
     ) -> None:
         if not caches:
             raise ValueError("at least one cache is needed")
@@ -90,6 +100,10 @@ class TraceDriver:
         self.counters = [InstanceCounters() for _ in caches]
         self._on_request = on_request
         self.sync_publish = sync_publish
+        if prefetch_ahead < 0:
+            raise ValueError(f"prefetch_ahead must be >= 0, got {prefetch_ahead}")
+        #: requests whose prefetch starts while an earlier one is served (0 under sync_publish)
+        self.prefetch_ahead = prefetch_ahead
         #: each block's tokens, packed (``bytes`` hold no int objects for the GC to walk)
         self._block_cache: dict[int, bytes] = {}
         #: which instance first computed (and so published) each page, by content hash
@@ -120,35 +134,54 @@ class TraceDriver:
 
     def run(self, requests: Sequence[TraceRequest]) -> None:
         self.expand_ahead(requests)
+        n = len(self.caches)
+        # requests 0..ahead are waiting when the replay starts, request i + ahead arrives as
+        # request i is served: each one's prefetch starts when it arrives and runs meanwhile,
+        # as a scheduler starts the prefetch of a request entering its waiting queue
+        ahead = 0 if self.sync_publish else self.prefetch_ahead
+        early: dict[int, _Early] = {}
         for i, req in enumerate(requests):
-            who = i % len(self.caches)
-            self.replay_one(who, req.block_ids)
+            if ahead:
+                first = 0 if i == 0 else i + ahead
+                for j in range(first, min(i + ahead, len(requests) - 1) + 1):
+                    early[j] = self._start_early(j % n, requests[j].block_ids)
+            who = i % n
+            self.replay_one(who, req.block_ids, early.pop(i, None))
             self.take_events(self.caches[who])
             if self._on_request is not None:
                 self._on_request()
 
-    def replay_one(self, who: int, block_ids: Sequence[int]) -> RequestOutcome:
+    def _start_early(self, who: int, block_ids: Sequence[int]) -> _Early:
+        tokens = unpack(self.packed_tokens_of(block_ids))
+        return _Early(tokens, self.caches[who].prefetch_from_storage(tokens))
+
+    def replay_one(
+        self, who: int, block_ids: Sequence[int], early: _Early | None = None
+    ) -> RequestOutcome:
+        """Serve one request; ``early``: its prefetch, started while an earlier one was served."""
         cache = self.caches[who]
         c = self.counters[who]
         ps = self.page_size
         packed = self.packed_tokens_of(block_ids)
         # the cache gets a list of fresh ints, as from a tokenizer; hashes read the packed bytes
-        tokens = unpack(packed)
+        tokens = early.tokens if early is not None else unpack(packed)
         n_pages = len(tokens) // ps
         hashes = chain_hashes_packed(cache.seed, packed, ps)
 
+        # one prefetch per request, as a scheduler starts it: when the request arrived (early),
+        # else now. Pages of its prefix evicted from L1/L2 in between are computed again, as
+        # they would be in a server (in the default replay a second lookup found none).
+        handle = early.handle if early is not None else cache.prefetch_from_storage(tokens)
+        added = (cache.check_prefetch(handle, wait=True) or 0) if handle is not None else 0
+        l3 = added // ps
         first = cache.match_prefix(tokens)
         l1 = first.device_pages_count
-        l2 = first.host_hit_pages
-        l3 = 0
-        handle = cache.prefetch_from_storage(tokens)
-        if handle is not None:
-            added = cache.check_prefetch(handle, wait=True) or 0
-            l3 = added // ps
+        # prefetched pages are host-only nodes right after the L1/L2 prefix they extend
+        l2 = first.host_hit_pages - l3
         from_other = sum(1 for h in hashes[l1 + l2 : l1 + l2 + l3] if self._origin.get(h) != who)
 
         # L2 -> L1 for the whole host-only part of the prefix, then verify what came back
-        r = cache.match_prefix(tokens)
+        r = first
         if r.host_hit_pages:
             loaded = cache.load_back(r.last_host_node)
             if loaded is None:

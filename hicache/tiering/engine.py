@@ -113,6 +113,11 @@ logger = logging.getLogger(__name__)
 #: Upper bound of the default worker count (the workers mostly wait on tier calls).
 _MAX_WORKERS = 32
 
+#: Share of the host pool one tier's queued puts may hold before the cache waits for them: a
+#: burst of write-throughs queues instead of stopping the serving thread, and a slow tier never
+#: pins more than this share of L2 (held pages cannot be evicted).
+PUT_BACKLOG_SHARE = 0.25
+
 
 class StorageEngine:
     """A small worker pool between one cache and its tiers (see the module docstring)."""
@@ -128,6 +133,7 @@ class StorageEngine:
         known_capacity: int = DEFAULT_KNOWN_CAPACITY,
         evict_poll_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        put_backlog_pages: int | None = None,
     ) -> None:
         self.tiers = tiers
         self.host_pool = host_pool
@@ -145,7 +151,9 @@ class StorageEngine:
         self._tier_by_name = {t.name: t for t in tiers.tiers}
         self._evict_jobs: dict[str, Future[None]] = {}
         self._evict_polled: dict[str, float] = {}
-        self.puts = PutCalls(self.workers)
+        if put_backlog_pages is None:
+            put_backlog_pages = int(host_pool.num_pages * PUT_BACKLOG_SHARE)
+        self.puts = PutCalls(self.workers, backlog_pages=put_backlog_pages)
         self.counters: dict[str, int] = {
             "published_pages": 0,
             "announced_pages": 0,
@@ -317,8 +325,9 @@ class StorageEngine:
         self.puts.send_all()
 
     def throttle_publishes(self) -> int:
-        """Send what waits, then wait until no tier has put calls queued behind its threads
-        (see :meth:`PutCalls.throttle`); return how many calls were waited for."""
+        """Send what waits, then wait while a tier's queued put calls hold more host pages
+        than ``put_backlog_pages`` (see :meth:`PutCalls.throttle`); return how many calls were
+        waited for."""
         self.puts.send_all()
         t0 = time.perf_counter()
         waited = self.puts.throttle()

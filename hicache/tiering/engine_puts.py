@@ -7,7 +7,8 @@
 - ``before_lookup(keys)``  the put calls still carrying any of ``keys``, promoted to the read
                            lane; a lookup waits for exactly these
 - ``forget_finished()``    drop finished calls from the page -> call map (``poll``)
-- ``throttle()``           wait for the oldest calls of a tier with more in flight than it runs
+- ``throttle()``           wait for a tier's oldest calls while those in flight hold more host
+                           pages than the backlog allows (and more calls than the tier runs)
 
 The worker body reports one ``_PutDone`` per batch (and the tier's evictions, taken by the put
 call itself: one hand-off to the tier per put, not a second call), as the engine's ``poll``
@@ -38,8 +39,12 @@ logger = logging.getLogger(__name__)
 class PutCalls:
     """Batches waiting per tier, put calls on their way, and which call carries each page."""
 
-    def __init__(self, workers: EngineWorkers) -> None:
+    def __init__(self, workers: EngineWorkers, *, backlog_pages: int) -> None:
+        if backlog_pages < 0:
+            raise ValueError(f"put backlog must be >= 0 pages, got {backlog_pages}")
         self.workers = workers
+        #: Host pages one tier's put calls in flight may hold before the cache waits for them.
+        self.backlog_pages = backlog_pages
         self._tiers: dict[str, Tier] = {}
         #: Batches not handed to a worker yet, per tier, in order (sent as one put call).
         self._unsent: dict[str, list[_PutPart]] = {}
@@ -64,7 +69,7 @@ class PutCalls:
         parts = self._unsent.pop(tier.name, None)
         if not parts:
             return
-        job = _PutJob(tier, parts)
+        job = _PutJob(tier, parts, pages=sum(len(p.keys) for p in parts))
         job.future = self.workers.submit(self._put_job, job, ticket=job.ticket)
         self._sent.append(job)
         putting = self._putting
@@ -105,12 +110,16 @@ class PutCalls:
         self._sent = still
 
     def throttle(self) -> int:
-        """Wait until no tier has more put calls in flight than it runs at once (each wait at
-        most the tier's deadline); return how many calls were waited for.
+        """Wait for a tier's oldest put calls while its calls in flight hold more than
+        ``backlog_pages`` host pages and outnumber the calls it runs at once (each wait at most
+        the tier's deadline); return how many calls were waited for.
 
-        Puts then never pile up in a queue: the tiers' state stays within one round of calls
-        of what the cache published (what a later lookup finds, what a tier evicts), and a
-        tier slower than the cache slows the cache instead of drifting behind it."""
+        Up to that bound puts queue behind the tier's threads and the serving thread goes on:
+        a tier that keeps up on average never stops it. Past it, a tier slower than the cache
+        slows the cache instead of drifting ever further behind: every queued page stays held
+        in host memory (L2 cannot evict it) until its put returns, and the tier's state (what
+        a lookup finds, what it evicts) stays within the backlog of what the cache published.
+        A lookup never depends on the backlog: it waits for the puts carrying its own pages."""
         running: dict[str, list[_PutJob]] = {}
         for job in self._sent:
             if job.future is not None and not job.future.done():
@@ -118,10 +127,14 @@ class PutCalls:
         waited = 0
         for jobs in running.values():
             tier = jobs[0].tier
-            over = len(jobs) - max(1, tier.caller.threads - 1)
-            for job in jobs[: max(0, over)]:
+            at_once = max(1, tier.caller.threads - 1)
+            held = sum(job.pages for job in jobs)
+            for n, job in enumerate(jobs):  # oldest first
+                if held <= self.backlog_pages or len(jobs) - n <= at_once:
+                    break
                 assert job.future is not None
                 wait_futures([job.future], timeout=tier.settings.deadline_s)
+                held -= job.pages
                 waited += 1
         return waited
 

@@ -36,6 +36,8 @@ __all__ = ["EnginePoll", "HostPages", "LookupResult", "PrefetchResult"]
 class HostPages(Protocol):
     """What the engine needs from the host pool (``hicache.pools.HostPool``)."""
 
+    @property
+    def num_pages(self) -> int: ...
     def hold(self, pages: Iterable[int]) -> None: ...
     def release(self, pages: Iterable[int]) -> None: ...
     def page_view(self, page: int) -> memoryview: ...
@@ -142,6 +144,8 @@ class _PutJob:
 
     tier: Tier
     parts: list[_PutPart]
+    #: Host pages the call carries (held until it returns).
+    pages: int = 0
     ticket: LaneTicket = field(default_factory=LaneTicket)
     future: Future[None] | None = None
     #: Guards the two below: a late result waits until the deadline's ``_PutDone`` is queued.
