@@ -207,6 +207,11 @@ class PrimaryRows:
         self.chunk_bytes = int(strides[0])
         self._flat = primary_kv_view.cast("B")
 
+    @property
+    def num_pages(self) -> int:
+        """The rows (pages, to the workers) of the view."""
+        return self.num_chunks
+
     def release_view(self) -> None:
         """Let go of the primary view (vLLM closes its mmap after the tiers shut down); a row
         view still referenced keeps it (then vLLM only logs that it could not close)."""
