@@ -183,11 +183,11 @@ def test_replay_on_localdisk_verifies_every_loaded_page(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir()), "the replay's storage root was not removed"
 
 
-@pytest.mark.parametrize("ahead", [0, 1])
+@pytest.mark.parametrize("ahead", [0, 1, 4])
 def test_a_request_prefetch_starts_while_the_request_before_it_is_served(
     tmp_path: Path, ahead: int
 ) -> None:
-    """With ``prefetch_ahead=1`` request i+1's one prefetch starts while request i is served,
+    """With ``prefetch_ahead=k`` request i+k's one prefetch starts while request i is served,
     before request i inserts its pages, as a scheduler starts a waiting request's prefetch;
     with 0 each request starts its own. Either way each request has exactly one prefetch, for
     its own tokens, and every page loaded from L2/L3 is verified."""
@@ -226,9 +226,9 @@ def test_a_request_prefetch_starts_while_the_request_before_it_is_served(
         prefetches = [tokens for kind, tokens in turn if kind == "prefetch"]
         inserts = [n for n, (kind, _) in enumerate(turn) if kind == "insert"]
         if ahead:
-            # the next request's prefetch, first thing in the turn, before this request
-            # inserts anything (the first turn starts its own first)
-            assert len(prefetches) == (2 if i == 0 else 1 if i < 199 else 0)
+            # request i+k's prefetch, first thing in the turn, before this request inserts
+            # anything (the first turn starts those of requests 0..k)
+            assert len(prefetches) == (ahead + 1 if i == 0 else 1 if i < 200 - ahead else 0)
             assert all(turn[n][0] == "prefetch" for n in range(len(prefetches)))
         else:
             assert len(prefetches) == 1
