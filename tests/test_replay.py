@@ -211,6 +211,7 @@ def test_a_request_prefetch_starts_while_the_request_before_it_is_served(
     hooks = ReplayHooks(started=started, request_done=lambda i: log.append(("done", (i,))))
     report, _ = run_replay(_settings(tmp_path, limit=200, prefetch_ahead=ahead), hooks=hooks)
     _check(report)
+    assert report.storage.prefetch_ahead == ahead
     assert report.tiers[2].hit_pages > 0
     # the log cut into the requests' turns: what ran while request i was served
     turns: list[list[tuple[str, tuple[int, ...]]]] = [[]]
@@ -253,6 +254,7 @@ def test_replay_on_memory_tier(tmp_path: Path) -> None:
 def test_two_instances_share_l3(tmp_path: Path) -> None:
     report, timeline = run_replay(_settings(tmp_path, instances=2, sync_publish=True))
     assert report.verification.mismatches == 0
+    assert report.storage.prefetch_ahead == 0  # sync: each prefetch at its request's turn
     assert [i.requests for i in report.instances] == [200, 200]
     # alternating requests: each instance reuses prefixes the other one computed and published
     assert all(i.pages_from_other_instances > 0 for i in report.instances)

@@ -385,6 +385,7 @@ def build_report(run: ReplayRun) -> ReplayReport:
             prefetch_outcomes=dict(outcomes),
             tier_counters=tier_counters,
             serving_wait_seconds=dict(waits),
+            prefetch_ahead=0 if s.sync_publish else s.prefetch_ahead,
         ),
         verification=VerificationReport(
             pages_verified=sum(c.verified for c in counters),

@@ -161,6 +161,11 @@ class StorageReport(_Model):
         description="wall seconds the serving thread spent blocked on storage, by reason "
         "(prefetch: L3 reads it waited for; put_throttle: queued puts draining), all instances",
     )
+    prefetch_ahead: int = Field(
+        default=0,
+        description="requests whose prefetch was running while one was served (their waiting "
+        "queue); 0: each prefetch started at its request's own turn",
+    )
 
 
 class VerificationReport(_Model):
@@ -287,7 +292,8 @@ def print_report(report: ReplayReport) -> None:
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in st.serving_wait_seconds.items())
         console.print(
             f"serving thread blocked on storage: {waited:.1f} s of {th.wall_seconds:.1f} s wall "
-            f"({100 * waited / th.wall_seconds:.1f}%): {parts}"
+            f"({100 * waited / th.wall_seconds:.1f}%): {parts}; prefetches started "
+            + (f"{st.prefetch_ahead} requests ahead" if st.prefetch_ahead else "at each turn")
         )
     v = report.verification
     console.print(f"verification: {v.pages_verified:,} pages compared, {v.mismatches} mismatches")
