@@ -127,7 +127,7 @@ METRICS: dict[str, MetricSpec] = {
             (*_CACHE, "reason"),
             "Wall time the serving thread spent blocked on storage: reason=prefetch (an L3 read "
             "it waited for, done by a worker or on its own thread), put_throttle (waiting for "
-            "queued puts to drain)",
+            "a tier's oldest queued puts, past the put backlog)",
         ),
         _c("prefetched_pages", _CACHE, "Prefetched pages inserted into the tree"),
         _c("prefetch_discarded_pages", _CACHE, "Prefetched pages read but not inserted"),
