@@ -136,8 +136,11 @@ def test_every_family_parses_follows_the_conventions_and_moves_in_a_replay(
     watch = _Watch()
     config = _write_config(tmp_path, publisher=True)
     # the config's max_bytes sizes L3 (an explicit --l3-fraction would override it)
+    # each prefetch started at its request's turn, so the serving thread waits for every read
+    # (started earlier, a read may be done before its turn and nothing is waited for)
     report, _ = run_replay(
-        _settings(tmp_path, reuse_trace, config=config, l3_fraction=None), watch.hooks()
+        _settings(tmp_path, reuse_trace, config=config, l3_fraction=None, prefetch_ahead=0),
+        watch.hooks(),
     )
     assert report.verification.mismatches == 0
 

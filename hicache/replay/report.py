@@ -159,7 +159,8 @@ class StorageReport(_Model):
     serving_wait_seconds: dict[str, float] = Field(
         default_factory=dict,
         description="wall seconds the serving thread spent blocked on storage, by reason "
-        "(prefetch: L3 reads it waited for; put_throttle: the oldest queued puts, past the backlog), all instances",
+        "(prefetch: L3 reads it waited for; put_throttle: the oldest queued puts, past the "
+        "backlog), all instances",
     )
     prefetch_ahead: int = Field(
         default=0,
