@@ -324,7 +324,8 @@ class HicacheTierManager(SecondaryTierManager):  # type: ignore[misc]  # vLLM is
                 n = tier.admission.admit_prefix(pkeys)
                 if not n:
                     continue
-                statuses = tier.put(pkeys[:n], views[:n], on_return=calls.add())
+                # the put call asks the backend what it evicted too: one hand-off per tier
+                statuses = tier.put(pkeys[:n], views[:n], on_return=calls.add(), take_evicted=True)
                 new = [keys[i] for i, s in enumerate(statuses) if s is PageStatus.OK]
                 if new:
                     done.stored[tier.name] = new
@@ -333,7 +334,7 @@ class HicacheTierManager(SecondaryTierManager):  # type: ignore[misc]  # vLLM is
                     done.ok[i] = done.ok[i] or status.stored
                 done.counts[("stored", tier.name)] += sum(s.stored for s in statuses)
                 done.counts[("store_failed", tier.name)] += n - sum(s.stored for s in statuses)
-                evicted = tier.take_evicted()
+                evicted = tier.take_evicted(call=False)
                 if evicted:
                     done.evicted[tier.name] = evicted
         except Exception as exc:  # the tiers never raise; this guards against bugs

