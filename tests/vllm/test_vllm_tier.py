@@ -269,15 +269,10 @@ def test_what_a_bounded_tier_evicts_on_a_store_is_announced_removed_and_forgotte
 ) -> None:
     """The store's own put asks the tier what it evicted (one call per tier): those chunks are
     announced removed and looked up as misses from then on."""
-    _rows, view = _primary()
-    tier = ObservedTierManager(
-        _spec(),
-        view,
-        "HicacheTierManager",
-        observe_log=str(tmp_path / "log.json"),
-        # room for about two chunks (a page is stored with its header)
-        tiers={"ram": {"backend": "memory", "options": {"capacity": 3 * CHUNK_BYTES}}},
-    )
+    _, view = _primary()
+    # room for about two chunks (a page is stored with its header)
+    ram = {"ram": {"backend": "memory", "options": {"capacity": 3 * CHUNK_BYTES}}}
+    tier = ObservedTierManager(_spec(), view, "t", observe_log=str(tmp_path / "l"), tiers=ram)
     try:
         keys = _keys(5, seed=7)
         ctx = ReqContext(req_id="e")
