@@ -245,7 +245,8 @@ def encode_headers_into(
     pack_fields = _FIELDS.pack_into
     pack_u64 = _U64.pack_into
     digest = xxhash.xxh3_64_intdigest
-    for off, key, checksum in zip(range(0, len(keys) * HEADER_SIZE, HEADER_SIZE), keys, checksums):
+    offsets = range(0, len(keys) * HEADER_SIZE, HEADER_SIZE)
+    for off, key, checksum in zip(offsets, keys, checksums, strict=True):
         # one pack writes bytes 0..4088, padding included (struct zeroes what it skips)
         pack_fields(view, off, prefix, checksum, ns_field, key.encode("ascii"))
         end = off + _CHECKSUM_OFFSET
@@ -254,7 +255,7 @@ def encode_headers_into(
 
 def _header_view(buf: bytearray | memoryview, n: int, checksums: Sequence[int]) -> memoryview:
     """``buf`` as bytes to write ``n`` headers into, once the checksums are known valid."""
-    if checksums and not (0 <= min(checksums) and max(checksums) < 1 << 64):
+    if checksums and not (min(checksums) >= 0 and max(checksums) < 1 << 64):
         bad = next(c for c in checksums if not 0 <= c < 1 << 64)
         raise ValueError(f"checksum must be an unsigned 64-bit integer, got {bad}")
     view = _as_bytes_view(buf)
@@ -435,17 +436,17 @@ def verify_pages(
             if nbytes != known:
                 prefix, ns_field = _fields(namespace, nbytes)
                 known = nbytes
-            if view.nbytes >= HEADER_SIZE:
-                got_prefix, checksum, got_ns, got_key, stored = unpack(view)
-                if (
-                    got_prefix == prefix
-                    and got_ns == ns_field
-                    and got_key == key.encode("ascii")
-                    and stored == digest(view[:_CHECKSUM_OFFSET])
-                ):
-                    if not check_payload or payload_checksum(payload) == checksum:
-                        out.append(None)
-                        continue
+            got = unpack(view) if view.nbytes >= HEADER_SIZE else None
+            if (
+                got is not None
+                and got[0] == prefix
+                and got[2] == ns_field
+                and got[3] == key.encode("ascii")
+                and got[4] == digest(view[:_CHECKSUM_OFFSET])
+                and (not check_payload or payload_checksum(payload) == got[1])
+            ):
+                out.append(None)
+                continue
         try:
             verify_page(header, payload, namespace=namespace, key=key, check_payload=check_payload)
         except (PageCorruptError, PageVersionError) as exc:

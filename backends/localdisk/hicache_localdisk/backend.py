@@ -599,4 +599,3 @@ class LocalDiskBackend(Backend):
         if pool is None or len(items) <= 1:
             return [fn(i) for i in items]
         return list(pool.map(fn, items))
-

@@ -407,15 +407,15 @@ class PackFiles:
             keys=[keys[j] for _, j in run[:whole]],
             check_payload=self._verify,
         )
-        for header, (_, j), exc in zip(hdrs, run, errors, strict=False):
-            if exc is None:
+        for header, (_, j), error in zip(hdrs, run, errors, strict=False):
+            if error is None:
                 out[j] = (ReadResult.OK, "")
             elif header[: len(PAGE_MAGIC)] == ZERO_MAGIC:
                 out[j] = (ReadResult.MISSING, "")  # zeros: punched (not by us: a power loss)
-            elif isinstance(exc, PageCorruptError):
-                out[j] = (ReadResult.CORRUPT, exc.field)
+            elif isinstance(error, PageCorruptError):
+                out[j] = (ReadResult.CORRUPT, error.field)
             else:
-                out[j] = (ReadResult.UNKNOWN_VERSION, exc.detail)
+                out[j] = (ReadResult.UNKNOWN_VERSION, error.detail)
 
     # ------------------------------------------------------------------ evict, delete
 
