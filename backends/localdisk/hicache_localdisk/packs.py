@@ -451,6 +451,12 @@ class PackFiles:
     def flush(self) -> None:
         """Punch the records owed a punch, one ``open`` per pack; unlink a pack instead when
         these are its last records."""
+        if not self._punch:
+            # Read without the lock (twice per put and once per get, mostly with nothing
+            # owed): what this thread forgot it sees, and a record another thread forgot is
+            # flushed by that thread's own call (or taken by a flush already under way, as
+            # with the lock).
+            return
         with self._lock:
             if not self._punch:
                 return
