@@ -32,7 +32,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn, cast
 
 from pydantic import BaseModel, ConfigDict
 
@@ -348,13 +348,13 @@ class Backend(ABC):
         pages = self._page_parts(keys, srcs, writable=False)
         if not keys:
             return []
-        for i, parts in enumerate(pages):
-            if parts is None:
-                size = sum(part.nbytes for part in _as_parts(srcs[i]))
-                raise ValueError(
-                    f"page {i} has {size} bytes, expected page_bytes={self.context.page_bytes}"
-                )
-        result = self._put(keys, [p for p in pages if p is not None])
+        if None in pages:
+            i = pages.index(None)
+            size = sum(part.nbytes for part in _as_parts(srcs[i]))
+            raise ValueError(
+                f"page {i} has {size} bytes, expected page_bytes={self.context.page_bytes}"
+            )
+        result = self._put(keys, cast("list[PageParts]", pages))
         self._check_result_len("put", result, keys)
         return result
 
@@ -380,11 +380,11 @@ class Backend(ABC):
         pages = self._page_parts(keys, dsts, writable=True)
         if not keys:
             return []
-        asked = [(i, parts) for i, parts in enumerate(pages) if parts is not None]
-        if len(asked) == len(keys):
-            result = self._get_into(keys, [parts for _, parts in asked])
+        if None not in pages:  # every page can be asked for: the common case, no copies
+            result = self._get_into(keys, cast("list[PageParts]", pages))
             self._check_result_len("get_into", result, keys)
             return result
+        asked = [(i, parts) for i, parts in enumerate(pages) if parts is not None]
         out = [PageStatus.NOT_FOUND] * len(keys)
         if asked:
             some_keys = [keys[i] for i, _ in asked]
