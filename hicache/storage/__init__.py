@@ -69,11 +69,14 @@ from hicache.storage.pageformat import (
     decode_header,
     encode_header,
     encode_header_into,
+    encode_headers_into,
     payload_checksum,
+    payload_checksums,
     payload_hasher,
     payload_nbytes,
     stored_size,
     verify_page,
+    verify_pages,
     verify_payload,
 )
 from hicache.storage.pageformat import MAGIC as PAGE_MAGIC
@@ -136,6 +139,7 @@ __all__ = [
     "decode_header",
     "encode_header",
     "encode_header_into",
+    "encode_headers_into",
     "format_size",
     "installed_backends",
     "is_secret_name",
@@ -146,6 +150,7 @@ __all__ = [
     "open_regular",
     "parse_size",
     "payload_checksum",
+    "payload_checksums",
     "payload_hasher",
     "payload_nbytes",
     "redact",
@@ -153,5 +158,6 @@ __all__ = [
     "reveal",
     "stored_size",
     "verify_page",
+    "verify_pages",
     "verify_payload",
 ]

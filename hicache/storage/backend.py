@@ -32,7 +32,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn, cast
 
 from pydantic import BaseModel, ConfigDict
 
@@ -231,8 +231,9 @@ class Backend(ABC):
       ``context.page_bytes`` (one region for a caller's single buffer). Store them as one page
       (one header, one checksum over the regions in order), read from ``srcs`` and write into
       ``dsts`` directly (``pwritev``/``preadv``, piecewise copies; no staging copies in Python)
-      and keep no reference to any region after returning. Regions may have any item format:
-      ``cast("B")`` before slicing by bytes.
+      and keep no reference to any region after returning. Regions arrive as flat views of
+      unsigned bytes (format ``"B"``, one dimension), whatever the caller passed: slice them by
+      bytes.
     - **Per-page problems are statuses**, whole-call failures are exceptions: a missing page is
       ``NOT_FOUND``, a page that fails verification is ``CORRUPT``; an endpoint that is down or a
       disk that vanished raises :class:`~hicache.errors.BackendError` (or a subclass). Translate
@@ -347,13 +348,13 @@ class Backend(ABC):
         pages = self._page_parts(keys, srcs, writable=False)
         if not keys:
             return []
-        for i, parts in enumerate(pages):
-            if parts is None:
-                size = sum(part.nbytes for part in _as_parts(srcs[i]))
-                raise ValueError(
-                    f"page {i} has {size} bytes, expected page_bytes={self.context.page_bytes}"
-                )
-        result = self._put(keys, [p for p in pages if p is not None])
+        if None in pages:
+            i = pages.index(None)
+            size = sum(part.nbytes for part in _as_parts(srcs[i]))
+            raise ValueError(
+                f"page {i} has {size} bytes, expected page_bytes={self.context.page_bytes}"
+            )
+        result = self._put(keys, cast("list[PageParts]", pages))
         self._check_result_len("put", result, keys)
         return result
 
@@ -379,11 +380,11 @@ class Backend(ABC):
         pages = self._page_parts(keys, dsts, writable=True)
         if not keys:
             return []
-        asked = [(i, parts) for i, parts in enumerate(pages) if parts is not None]
-        if len(asked) == len(keys):
-            result = self._get_into(keys, [parts for _, parts in asked])
+        if None not in pages:  # every page can be asked for: the common case, no copies
+            result = self._get_into(keys, cast("list[PageParts]", pages))
             self._check_result_len("get_into", result, keys)
             return result
+        asked = [(i, parts) for i, parts in enumerate(pages) if parts is not None]
         out = [PageStatus.NOT_FOUND] * len(keys)
         if asked:
             some_keys = [keys[i] for i, _ in asked]
@@ -503,21 +504,20 @@ class Backend(ABC):
         for i, buf in enumerate(bufs):
             parts = _as_parts(buf)
             total = 0
-            for j, part in enumerate(parts):
-                where = f"buffer {i}" if len(parts) == 1 else f"buffer {i} part {j}"
-                if not isinstance(part, memoryview):
-                    raise TypeError(f"{where} is a {type(part).__name__}, expected a memoryview")
-                if not part.c_contiguous:
-                    raise ValueError(f"{where} is not C-contiguous")
+            flat = True
+            for part in parts:
+                if type(part) is not memoryview or not part.c_contiguous:
+                    _refuse(i, parts, writable)
                 if writable and part.readonly:
-                    raise ValueError(f"{where} is read-only but get_into writes into it")
+                    _refuse(i, parts, writable)
                 total += part.nbytes
+                flat = flat and part.ndim == 1 and part.format == "B"
             if total != want:
                 pages.append(None)
-            elif len(parts) == 1:
-                pages.append(parts)
+            elif flat and len(parts) == 1:
+                pages.append(parts)  # the common form: as it came, no new object
             else:
-                pages.append(tuple(p for p in parts if p.nbytes))
+                pages.append(tuple(_flat(p) for p in parts if p.nbytes))
         return pages
 
     def _check_result_len(self, call: str, result: Sequence[object], keys: Sequence[str]) -> None:
@@ -525,6 +525,24 @@ class Backend(ABC):
             raise RuntimeError(
                 f"{type(self).__name__}.{call} returned {len(result)} results for {len(keys)} keys"
             )
+
+
+def _refuse(i: int, parts: PageParts, writable: bool) -> NoReturn:
+    """Raise for the first region of page ``i`` a hook cannot take, naming it."""
+    for j, part in enumerate(parts):
+        where = f"buffer {i}" if len(parts) == 1 else f"buffer {i} part {j}"
+        if not isinstance(part, memoryview):
+            raise TypeError(f"{where} is a {type(part).__name__}, expected a memoryview")
+        if not part.c_contiguous:
+            raise ValueError(f"{where} is not C-contiguous")
+        if writable and part.readonly:
+            raise ValueError(f"{where} is read-only but get_into writes into it")
+    raise RuntimeError(f"buffer {i}: every region is usable")  # callers saw one that is not
+
+
+def _flat(part: memoryview) -> memoryview:
+    """``part`` as a one-dimensional view of unsigned bytes (the same view when it is one)."""
+    return part if part.ndim == 1 and part.format == "B" else part.cast("B")
 
 
 def _as_parts(buf: PageBuffers) -> PageParts:

@@ -7,9 +7,14 @@ mapping) and read the payload straight into the caller's buffer: nothing here co
 
 - ``encode_header(namespace, key, payload)``   a fresh ``HEADER_SIZE``-byte header
 - ``encode_header_into(buf, ...)``              the same, written into a caller buffer
+- ``encode_headers_into(buf, namespace, keys, payload_len, checksums)``  the headers of a batch
+                                                back to back in one buffer, checked once
 - ``decode_header(header)``                     parse and check a header -> :class:`PageHeader`
 - ``verify_page(header, payload, ...)``         decode, then check namespace, key, length, checksum
+- ``verify_pages(headers, payloads, ...)``      the same for each page of a batch: the error of
+                                                each page, ``None`` for those that pass
 - ``payload_checksum(payload)``                 xxh3_64 of a payload, read in place
+- ``payload_checksums(payloads)``               the same for each page of a batch (a put's)
 - ``payload_hasher()``                          the same, fed piece by piece as bytes land
 
 Layout of version 1 (integers little-endian)::
@@ -48,12 +53,13 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Final
 
 import xxhash
 
 from hicache.errors import PageCorruptError, PageVersionError
-from hicache.storage.backend import check_key, check_namespace
+from hicache.storage.backend import check_key, check_keys, check_namespace
 
 __all__ = [
     "FORMAT_VERSION",
@@ -67,11 +73,14 @@ __all__ = [
     "decode_header",
     "encode_header",
     "encode_header_into",
+    "encode_headers_into",
     "payload_checksum",
+    "payload_checksums",
     "payload_hasher",
     "payload_nbytes",
     "stored_size",
     "verify_page",
+    "verify_pages",
     "verify_payload",
 ]
 
@@ -94,9 +103,10 @@ _NS_OFFSET = _PREFIX.size
 _KEY_OFFSET = _NS_OFFSET + _NAME_FIELD
 _END_OF_FIELDS = _KEY_OFFSET + _NAME_FIELD
 _CHECKSUM_OFFSET = HEADER_SIZE - 8
+_PAYLOAD_CHECKSUM_OFFSET = _PREFIX.size - 8
 _U64 = struct.Struct("<Q")
 _VERSION = struct.Struct("<H")
-_ZERO_PAD = bytes(_CHECKSUM_OFFSET - _END_OF_FIELDS)
+_HEX_DIGITS = b"0123456789abcdef"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +120,33 @@ class PageHeader:
     checksum: int
 
 
+#: Bytes 0..4088 of a header as the fields a batch encodes: magic .. payload length (fixed per
+#: namespace and length), payload checksum, namespace field, key field, zero padding; _WHOLE
+#: adds the header checksum (what verify_page compares).
+_FIELDS = struct.Struct(
+    f"<{_PAYLOAD_CHECKSUM_OFFSET}sQ{_NAME_FIELD}s{_NAME_FIELD}s{_CHECKSUM_OFFSET - _END_OF_FIELDS}x"
+)
+_WHOLE = struct.Struct(_FIELDS.format + "Q")
+
+
+@lru_cache(maxsize=64)
+def _fields(namespace: str, payload_len: int) -> tuple[bytes, bytes]:
+    """The fixed parts of every header of ``namespace`` pages of ``payload_len`` bytes: bytes
+    ``0..24`` (magic .. payload length) and the namespace field. Encoding and verifying a page
+    then cost one pack or unpack of the whole header instead of a field-by-field build or
+    parse. Raises ``ValueError`` for a bad namespace or a negative length."""
+    check_namespace(namespace)
+    if payload_len < 0:
+        raise ValueError(f"payload_len must be >= 0, got {payload_len}")
+    ns = namespace.encode("ascii")
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(ns), _NAME_FIELD, 0, payload_len, 0)
+    return prefix[:_PAYLOAD_CHECKSUM_OFFSET], ns.ljust(_NAME_FIELD, b"\0")
+
+
 def _as_bytes_view(buf: Buffer) -> memoryview:
     """A flat unsigned-byte view of ``buf`` (no copy); refuses non-contiguous buffers."""
+    if isinstance(buf, memoryview) and buf.format == "B" and buf.ndim == 1:
+        return buf  # already one: a new view would cost as much as the rest of a small call
     view = memoryview(buf)
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
@@ -129,13 +164,38 @@ def payload_checksum(payload: Payload) -> int:
     the bytes they hold back to back (xxh3's streaming form equals its one-shot form). Large
     payloads are hashed with the GIL released."""
     if isinstance(payload, bytes | bytearray | memoryview):
-        if memoryview(payload).nbytes < GIL_FREE_HASH_BYTES:
+        if _nbytes(payload) < GIL_FREE_HASH_BYTES:
             return xxhash.xxh3_64_intdigest(payload)
         payload = (payload,)
+    elif len(payload) == 1 and _nbytes(payload[0]) < GIL_FREE_HASH_BYTES:
+        return xxhash.xxh3_64_intdigest(payload[0])  # a page of one region, the common form
     hasher = xxhash.xxh3_64()
     for region in payload:
         hasher.update(region)
     return int(hasher.intdigest())
+
+
+def payload_checksums(payloads: Sequence[Payload]) -> list[int]:
+    """:func:`payload_checksum` of each payload of a batch (a put's), each hashed with the GIL
+    released, however small: a batch of small pages is otherwise one long stretch of Python, and
+    a thread waiting for the GIL (a read a request waits for) waits for all of it. Measured on
+    the replay (8 KiB pages, 2 cores): tier reads 10-50% faster than with the one-shot form, the
+    same CPU."""
+    out: list[int] = []
+    for payload in payloads:
+        hasher = xxhash.xxh3_64()
+        if isinstance(payload, bytes | bytearray | memoryview):
+            hasher.update(payload)
+        else:
+            for region in payload:
+                hasher.update(region)
+        out.append(hasher.intdigest())
+    return out
+
+
+def _nbytes(buf: Buffer) -> int:
+    # a memoryview's nbytes counts bytes whatever its item format; bytes' len does too
+    return buf.nbytes if isinstance(buf, memoryview) else len(buf)
 
 
 def payload_hasher() -> xxhash.xxh3_64:
@@ -148,8 +208,10 @@ def payload_hasher() -> xxhash.xxh3_64:
 def payload_nbytes(payload: Payload) -> int:
     """Length of ``payload`` in bytes (of all its regions)."""
     if isinstance(payload, bytes | bytearray | memoryview):
-        return _as_bytes_view(payload).nbytes
-    return sum(_as_bytes_view(region).nbytes for region in payload)
+        return _nbytes(payload)
+    if len(payload) == 1:
+        return _nbytes(payload[0])
+    return sum(_nbytes(region) for region in payload)
 
 
 def stored_size(payload_len: int) -> int:
@@ -166,25 +228,56 @@ def encode_header_into(
     Raises ``ValueError`` for a bad namespace or key, a negative length or an out-of-range
     checksum, and when ``buf`` is shorter than ``HEADER_SIZE`` or read-only.
     """
-    check_namespace(namespace)
+    prefix, ns_field = _fields(namespace, payload_len)
     check_key(key)
-    if payload_len < 0:
-        raise ValueError(f"payload_len must be >= 0, got {payload_len}")
-    if not 0 <= checksum < 1 << 64:
-        raise ValueError(f"checksum must be an unsigned 64-bit integer, got {checksum}")
+    view = _header_view(buf, 1, (checksum,))
+    _FIELDS.pack_into(view, 0, prefix, checksum, ns_field, key.encode("ascii"))
+    _U64.pack_into(view, _CHECKSUM_OFFSET, xxhash.xxh3_64_intdigest(view[:_CHECKSUM_OFFSET]))
+
+
+def encode_headers_into(
+    buf: bytearray | memoryview,
+    namespace: str,
+    keys: Sequence[str],
+    payload_len: int,
+    checksums: Sequence[int],
+) -> None:
+    """Write the headers of ``keys`` (pages of ``payload_len`` bytes under ``namespace``, with
+    payload checksums ``checksums``) back to back into ``buf``, ``HEADER_SIZE`` bytes each.
+
+    Each is the header :func:`encode_header_into` writes; the arguments are checked once for
+    the batch, so a pack of small pages costs a few slice operations per header. Raises
+    ``ValueError`` as :func:`encode_header_into` does, and when ``buf`` is shorter than
+    ``len(keys) * HEADER_SIZE``.
+    """
+    if len(keys) != len(checksums):
+        raise ValueError(f"{len(keys)} keys but {len(checksums)} checksums")
+    prefix, ns_field = _fields(namespace, payload_len)
+    check_keys(keys)
+    view = _header_view(buf, len(keys), checksums)
+    pack_fields = _FIELDS.pack_into
+    pack_u64 = _U64.pack_into
+    digest = xxhash.xxh3_64_intdigest
+    offsets = range(0, len(keys) * HEADER_SIZE, HEADER_SIZE)
+    for off, key, checksum in zip(offsets, keys, checksums, strict=True):
+        # one pack writes bytes 0..4088, padding included (struct zeroes what it skips)
+        pack_fields(view, off, prefix, checksum, ns_field, key.encode("ascii"))
+        end = off + _CHECKSUM_OFFSET
+        pack_u64(view, end, digest(view[off:end]))
+
+
+def _header_view(buf: bytearray | memoryview, n: int, checksums: Sequence[int]) -> memoryview:
+    """``buf`` as bytes to write ``n`` headers into, once the checksums are known valid."""
+    if checksums and not (min(checksums) >= 0 and max(checksums) < 1 << 64):
+        bad = next(c for c in checksums if not 0 <= c < 1 << 64)
+        raise ValueError(f"checksum must be an unsigned 64-bit integer, got {bad}")
     view = _as_bytes_view(buf)
     if view.readonly:
         raise ValueError("header buffer is read-only")
-    if view.nbytes < HEADER_SIZE:
-        raise ValueError(f"header buffer has {view.nbytes} bytes, expected >= {HEADER_SIZE}")
-    ns = namespace.encode("ascii")
-    _PREFIX.pack_into(
-        view, 0, MAGIC, FORMAT_VERSION, 0, len(ns), len(key), 0, payload_len, checksum
-    )
-    view[_NS_OFFSET : _NS_OFFSET + _NAME_FIELD] = ns.ljust(_NAME_FIELD, b"\0")
-    view[_KEY_OFFSET : _KEY_OFFSET + _NAME_FIELD] = key.encode("ascii")
-    view[_END_OF_FIELDS:_CHECKSUM_OFFSET] = _ZERO_PAD
-    _U64.pack_into(view, _CHECKSUM_OFFSET, xxhash.xxh3_64_intdigest(view[:_CHECKSUM_OFFSET]))
+    need = n * HEADER_SIZE
+    if view.nbytes < need:
+        raise ValueError(f"header buffer has {view.nbytes} bytes, expected >= {need}")
+    return view
 
 
 def encode_header(
@@ -308,6 +401,14 @@ def verify_page(
     :class:`~hicache.errors.PageVersionError` for a newer writer's page. With
     ``check_payload=False`` the payload bytes are not hashed (only its length is checked).
     """
+    nbytes = payload_nbytes(payload)
+    checksum = _checksum_if_exact(header, namespace, key, nbytes)
+    if checksum is not None:
+        decoded = PageHeader(FORMAT_VERSION, namespace, key, nbytes, checksum)
+        if check_payload:
+            check_checksum(decoded, payload_checksum(payload))
+        return decoded
+    # not the header this page would have: decode it to name what is wrong
     decoded = decode_header(header)
     if decoded.namespace != namespace:
         raise PageCorruptError("namespace", f"stored {decoded.namespace!r}, expected {namespace!r}")
@@ -315,3 +416,78 @@ def verify_page(
         raise PageCorruptError("key", f"stored {decoded.key!r}, expected {key!r}")
     verify_payload(decoded, payload, check_payload=check_payload)
     return decoded
+
+
+def verify_pages(
+    headers: Sequence[Buffer],
+    payloads: Sequence[Payload],
+    *,
+    namespace: str,
+    keys: Sequence[str],
+    check_payload: bool = True,
+) -> list[PageCorruptError | PageVersionError | None]:
+    """:func:`verify_page` of each page of a batch, without its decoded headers: ``None`` for
+    a page that passes, else the error :func:`verify_page` raises for it. The arguments are
+    checked once for the batch, so a page whose header is exactly the expected one costs one
+    unpack and its two hashes."""
+    out: list[PageCorruptError | PageVersionError | None] = []
+    try:
+        check_namespace(namespace)
+        check_keys(keys)
+    except ValueError:
+        fast = False  # every page goes through verify_page, which names the field
+    else:
+        fast = True
+    digest = xxhash.xxh3_64_intdigest
+    unpack = _WHOLE.unpack_from
+    known = -1
+    prefix = ns_field = b""
+    for header, payload, key in zip(headers, payloads, keys, strict=True):
+        if fast:
+            view = _as_bytes_view(header)
+            nbytes = payload_nbytes(payload)
+            if nbytes != known:
+                prefix, ns_field = _fields(namespace, nbytes)
+                known = nbytes
+            got = unpack(view) if view.nbytes >= HEADER_SIZE else None
+            if (
+                got is not None
+                and got[0] == prefix
+                and got[2] == ns_field
+                and got[3] == key.encode("ascii")
+                and got[4] == digest(view[:_CHECKSUM_OFFSET])
+                and (not check_payload or payload_checksum(payload) == got[1])
+            ):
+                out.append(None)
+                continue
+        try:
+            verify_page(header, payload, namespace=namespace, key=key, check_payload=check_payload)
+        except (PageCorruptError, PageVersionError) as exc:
+            out.append(exc)
+        else:
+            out.append(None)
+    return out
+
+
+def _checksum_if_exact(header: Buffer, namespace: str, key: str, payload_len: int) -> int | None:
+    """The payload checksum in ``header`` when its fields are those the encoder writes for a
+    page of ``payload_len`` bytes stored under ``namespace``/``key`` and its header checksum
+    matches, else ``None``. Such a header passes every check of :func:`decode_header` and the
+    name and length checks of :func:`verify_page`, so one unpack stands for them; any other
+    header goes through them, to learn which field is wrong."""
+    view = _as_bytes_view(header)
+    if view.nbytes < HEADER_SIZE:
+        return None
+    try:
+        prefix, ns_field = _fields(namespace, payload_len)
+        name = key.encode("ascii")
+    except ValueError:  # UnicodeEncodeError is a ValueError
+        return None
+    if len(name) != _NAME_FIELD or name.translate(None, _HEX_DIGITS):
+        return None  # a key the encoder refuses: decode_header names it
+    got_prefix, checksum, got_ns, got_key, stored = _WHOLE.unpack_from(view)
+    if got_prefix != prefix or got_ns != ns_field or got_key != name:
+        return None
+    if stored != xxhash.xxh3_64_intdigest(view[:_CHECKSUM_OFFSET]):
+        return None
+    return int(checksum)

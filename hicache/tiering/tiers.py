@@ -211,7 +211,7 @@ class Tier:
                     keys[start : start + step], dsts[start : start + step]
                 )
                 got += chunk
-                if any(s is not PageStatus.OK for s in chunk):
+                if chunk.count(PageStatus.OK) != len(chunk):
                     break
             return got + [PageStatus.NOT_FOUND] * (len(keys) - len(got))
 

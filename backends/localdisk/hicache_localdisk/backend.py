@@ -330,7 +330,6 @@ class LocalDiskBackend(Backend):
 
     def _put(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:
         io = self._require_io()
-        srcs = [_bytes_views(s) for s in srcs]
         statuses: list[PageStatus | None] = [None] * len(keys)
         retired: list[str] = []  # temporary paths of retired victims' files
         if self._pack_writes:
@@ -397,7 +396,6 @@ class LocalDiskBackend(Backend):
 
     def _get_into(self, keys: Sequence[str], dsts: Sequence[PageParts]) -> list[PageStatus]:
         io = self._require_io()
-        dsts = [_bytes_views(d) for d in dsts]
         shared = self.options.shared
         pages = self._index.pages
         now = None if self.context.read_only else time.time_ns()
@@ -601,8 +599,3 @@ class LocalDiskBackend(Backend):
         if pool is None or len(items) <= 1:
             return [fn(i) for i in items]
         return list(pool.map(fn, items))
-
-
-def _bytes_views(parts: PageParts) -> PageParts:
-    # Slicing for short reads/writes must count bytes, whatever the caller's item format.
-    return tuple(b if b.format == "B" and b.ndim == 1 else b.cast("B") for b in parts)

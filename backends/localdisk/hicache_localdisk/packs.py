@@ -50,17 +50,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import count
 
-from hicache.errors import PageCorruptError, PageVersionError
+from hicache.errors import PageCorruptError
 from hicache.storage import (
     HEADER_SIZE,
     PAGE_MAGIC,
     PageParts,
     PageStatus,
-    encode_header_into,
+    encode_headers_into,
     open_regular,
-    payload_checksum,
+    payload_checksums,
     stored_size,
-    verify_page,
+    verify_pages,
 )
 from hicache_localdisk.fsio import (
     FailureLog,
@@ -82,6 +82,8 @@ log = logging.getLogger(__name__)
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 #: Emptied packs kept for reuse at most (the rest are unlinked).
 _MAX_SPARES = 16
+#: Headers a thread's header buffer holds at least (a backend call's pages at most).
+_HEADERS_KEPT = 64
 ZERO_MAGIC = bytes(len(PAGE_MAGIC))
 
 
@@ -214,12 +216,13 @@ class PackFiles:
         """Store distinct ``keys`` as one pack: ``OK`` for each key this pack now holds,
         ``ALREADY_EXISTS`` where another writer's pack holds it, all ``FAILED`` (logged, no
         temporary left) when the pack could not be written."""
-        headers = self._headers(len(keys))
+        block, headers = self._headers(len(keys))
+        # every header of the pack in one pass over one buffer: checked once, not per page
+        encode_headers_into(block, self._ns, keys, self._page_bytes, payload_checksums(srcs))
         iov: list[memoryview] = []
-        for header, key, src in zip(headers, keys, srcs, strict=True):
-            encode_header_into(header, self._ns, key, self._page_bytes, payload_checksum(src))
+        for header, src in zip(headers, srcs, strict=True):
             iov.append(header)
-            iov.extend(src)
+            iov += src
         path = self._layout.pack_path(keys[0], f"{time.time_ns():x}-{next(self._seq):x}")
         fd, tmp = self._open_spare()
         if fd is None:
@@ -286,14 +289,16 @@ class PackFiles:
             return None, ""
         return fd, tmp
 
-    def _headers(self, n: int) -> list[memoryview]:
-        """``n`` header buffers of this thread (reused across calls)."""
-        bufs: list[memoryview] | None = getattr(self._local, "headers", None)
-        if bufs is None:
-            bufs = self._local.headers = []
-        while len(bufs) < n:
-            bufs.append(memoryview(bytearray(HEADER_SIZE)))
-        return bufs[:n]
+    def _headers(self, n: int) -> tuple[memoryview, list[memoryview]]:
+        """This thread's header buffer (reused across calls): ``n`` headers back to back, and
+        each of them."""
+        local = self._local
+        views: list[memoryview] | None = getattr(local, "headers", None)
+        if views is None or len(views) < n:
+            block = memoryview(bytearray(max(n, _HEADERS_KEPT) * HEADER_SIZE))
+            views = [block[i : i + HEADER_SIZE] for i in range(0, block.nbytes, HEADER_SIZE)]
+            local.block, local.headers = block, views
+        return local.block[: n * HEADER_SIZE], views[:n]
 
     # ------------------------------------------------------------------ get
 
@@ -335,34 +340,34 @@ class PackFiles:
         """Read and verify the packed pages ``keys`` (each in ``where``) into ``dsts``: one
         ``open`` per pack and one ``preadv`` per run of adjacent records."""
         out: list[tuple[ReadResult, str]] = [(ReadResult.FAILED, "")] * len(keys)
-        by_pack: dict[Pack, list[int]] = {}
+        by_pack: dict[Pack, list[tuple[int, int]]] = {}
         for j, key in enumerate(keys):
-            by_pack.setdefault(where[key][0], []).append(j)
+            pack, off = where[key]
+            by_pack.setdefault(pack, []).append((off, j))
         stored = self.stored_bytes
-        for pack, js in by_pack.items():
+        for pack, recs in by_pack.items():
             try:
                 fd = open_regular(pack.path)
             except FileNotFoundError:
-                for j in js:
+                for _, j in recs:
                     out[j] = (ReadResult.MISSING, "")
                 continue
             except OSError as exc:
-                self._log_failure("get", keys[js[0]], exc)
+                self._log_failure("get", keys[recs[0][1]], exc)
                 continue
             if fd is None:
-                for j in js:
+                for _, j in recs:
                     out[j] = (ReadResult.NOT_REGULAR, "")
                 continue
             try:
-                js.sort(key=lambda j: where[keys[j]][1])
-                headers = self._headers(len(js))
-                run: list[int] = []
-                for j in js:
-                    if run and where[keys[j]][1] != where[keys[run[-1]]][1] + stored:
-                        self._read_run(fd, keys, dsts, where, run, headers, out)
-                        run = []
-                    run.append(j)
-                self._read_run(fd, keys, dsts, where, run, headers, out)
+                recs.sort()  # by offset
+                _, headers = self._headers(len(recs))
+                start = 0
+                for n in range(1, len(recs)):
+                    if recs[n][0] != recs[n - 1][0] + stored:
+                        self._read_run(fd, keys, dsts, recs[start:n], headers, out)
+                        start = n
+                self._read_run(fd, keys, dsts, recs[start:], headers, out)
                 if touch_ns is not None and not self._touch_off:
                     # A pack's mtime is its records' recency after a restart: a read renews it.
                     pack.mtime_ns = touch_ns
@@ -376,42 +381,41 @@ class PackFiles:
         fd: int,
         keys: Sequence[str],
         dsts: Sequence[PageParts],
-        where: dict[str, Record],
-        run: list[int],
+        run: list[tuple[int, int]],
         headers: list[memoryview],
         out: list[tuple[ReadResult, str]],
     ) -> None:
-        stored = self.stored_bytes
+        """Read adjacent records ``run`` ((offset, index in ``keys``), by offset) with one
+        ``preadv`` and verify them in one pass."""
         iov: list[memoryview] = []
         hdrs = headers[: len(run)]
-        for header, j in zip(hdrs, run, strict=True):
+        for header, (_, j) in zip(hdrs, run, strict=True):
             iov.append(header)
-            iov.extend(dsts[j])
-        start = where[keys[run[0]]][1]
+            iov += dsts[j]
         try:
-            got = read_fully(fd, iov, start)
+            got = read_fully(fd, iov, run[0][0])
         except OSError as exc:
-            self._log_failure("get", keys[run[0]], exc)
+            self._log_failure("get", keys[run[0][1]], exc)
             return
-        for n, (header, j) in enumerate(zip(hdrs, run, strict=True)):
-            key = keys[j]
-            if got < (n + 1) * stored:
-                out[j] = (ReadResult.CORRUPT, "length")  # the pack was cut short
-                continue
-            if header[: len(PAGE_MAGIC)] == ZERO_MAGIC:
+        whole = min(len(run), got // self.stored_bytes)
+        for _, j in run[whole:]:
+            out[j] = (ReadResult.CORRUPT, "length")  # the pack was cut short
+        errors = verify_pages(
+            hdrs[:whole],
+            [dsts[j] for _, j in run[:whole]],
+            namespace=self._ns,
+            keys=[keys[j] for _, j in run[:whole]],
+            check_payload=self._verify,
+        )
+        for header, (_, j), error in zip(hdrs, run, errors, strict=False):
+            if error is None:
+                out[j] = (ReadResult.OK, "")
+            elif header[: len(PAGE_MAGIC)] == ZERO_MAGIC:
                 out[j] = (ReadResult.MISSING, "")  # zeros: punched (not by us: a power loss)
-                continue
-            try:
-                verify_page(
-                    header, dsts[j], namespace=self._ns, key=key, check_payload=self._verify
-                )
-            except PageCorruptError as exc:
-                out[j] = (ReadResult.CORRUPT, exc.field)
-                continue
-            except PageVersionError as exc:
-                out[j] = (ReadResult.UNKNOWN_VERSION, exc.detail)
-                continue
-            out[j] = (ReadResult.OK, "")
+            elif isinstance(error, PageCorruptError):
+                out[j] = (ReadResult.CORRUPT, error.field)
+            else:
+                out[j] = (ReadResult.UNKNOWN_VERSION, error.detail)
 
     # ------------------------------------------------------------------ evict, delete
 
@@ -447,6 +451,12 @@ class PackFiles:
     def flush(self) -> None:
         """Punch the records owed a punch, one ``open`` per pack; unlink a pack instead when
         these are its last records."""
+        if not self._punch:
+            # Read without the lock (twice per put and once per get, mostly with nothing
+            # owed): what this thread forgot it sees, and a record another thread forgot is
+            # flushed by that thread's own call (or taken by a flush already under way, as
+            # with the lock).
+            return
         with self._lock:
             if not self._punch:
                 return
