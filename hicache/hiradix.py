@@ -53,10 +53,9 @@ schedules their free (``HostPool.free_when_released``).
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from hicache.config import WritePolicy
 from hicache.events import BlockRemoved, EventQueue, KVEvent, Medium, QueuedEvent
@@ -67,7 +66,6 @@ from hicache.keys import (
     chain_hashes,
     seed_hash,
     storage_key,
-    storage_keys,
 )
 from hicache.packed_tokens import TOKEN_BYTES
 from hicache.pending_writes import PendingWrite, PendingWrites
@@ -380,23 +378,18 @@ class HiRadixCache(RadixCache):
         assert node.host_value is not None
         step = self.page_size * TOKEN_BYTES
         tokens = node.tokens  # packed: an event decodes a page's tokens only when read
+        parent = self.parent_block_hash(node)
         hashes = self.node_hashes(node)
-        ids = block_ids(hashes)
-        # each field's column made in one pass, then the pages straight from zip's tuples (a
-        # Python constructor call per page was most of this method)
-        return list(
-            map(
-                _publish_page,
-                zip(
-                    storage_keys(hashes),
-                    node.host_value,
-                    ids,
-                    [self.parent_block_hash(node), *ids[:-1]],
-                    [tokens[i : i + step] for i in range(0, len(tokens), step)],
-                    strict=True,
-                ),
+        pages = []
+        # the hashes' block ids decoded in one call, each page's key from its own hash
+        for j, (h, bid, hp) in enumerate(
+            zip(hashes, block_ids(hashes), node.host_value, strict=True)
+        ):
+            pages.append(
+                PublishPage(storage_key(h), hp, bid, parent, tokens[j * step : (j + 1) * step])
             )
-        )
+            parent = bid
+        return pages
 
     def _ancestor_pages(self, node: TreeNode) -> Iterator[PublishPage]:
         """The pages above ``node``, nearest first, up to the root; stops at an ancestor whose
@@ -801,12 +794,6 @@ class HiRadixCache(RadixCache):
         if self.event_publisher is not None:
             out["publisher"] = self.event_publisher.stats()
         return out
-
-
-#: A ``PublishPage`` from a tuple of its fields, in C (what ``PublishPage._make`` does in Python).
-_publish_page: Callable[[tuple[Any, ...]], PublishPage] = functools.partial(
-    tuple.__new__, PublishPage
-)
 
 
 def _host_pages(node: TreeNode) -> int:

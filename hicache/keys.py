@@ -7,8 +7,7 @@ Primitives, one line each:
   little-endian uint32)``, one 32-byte digest per page.
 - ``block_id(h)`` - the event block id: the first 8 bytes of ``h`` as a signed big-endian int64.
 - ``block_ids(hashes)`` - ``block_id`` of each 32-byte content hash, in one pass.
-- ``storage_key(h)`` - the page key handed to backends: ``h.hex()`` (64 lowercase hex chars);
-  ``storage_keys(hashes)`` the keys of several.
+- ``storage_key(h)`` - the page key handed to backends: ``h.hex()`` (64 lowercase hex chars).
 - ``NamespaceSpec.namespace()`` - the storage namespace: a fingerprint of everything that makes
   KV bytes incompatible (dtype, shape, page size, host layout, tensor-parallel rank and size).
 
@@ -52,7 +51,6 @@ __all__ = [
     "parent_block_id",
     "seed_hash",
     "storage_key",
-    "storage_keys",
     "tokens_to_bytes",
 ]
 
@@ -206,14 +204,6 @@ def block_ids(hashes: Sequence[bytes]) -> list[int]:
     if len(raw) != HASH_LEN * len(hashes):
         raise ValueError(f"content hashes must be {HASH_LEN} bytes each")
     return list(_ids_struct(len(hashes)).unpack(raw))
-
-
-def storage_keys(hashes: Sequence[bytes]) -> list[str]:
-    """``[storage_key(h) for h in hashes]``, with the lengths checked and the keys made in C."""
-    wrong = set(map(len, hashes)) - {HASH_LEN}
-    if wrong:
-        raise ValueError(f"content hash must be {HASH_LEN} bytes, got {min(wrong)}")
-    return list(map(bytes.hex, hashes))
 
 
 def parent_block_id(parent: bytes | None, seed: bytes) -> int | None:
