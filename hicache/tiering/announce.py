@@ -352,8 +352,10 @@ class Announcer:
         for bid in block_ids:
             forget(bid, None)
         if withheld:
+            waiting = withheld._parent_of
             for bid in block_ids:
-                withheld.discard(bid)
+                if bid in waiting:
+                    withheld.discard(bid)
 
     def missing(self, tier: str, block_id: int) -> bool:
         """Whether ``block_id`` is not known on ``tier`` (never announced there, read from it,
@@ -455,8 +457,8 @@ class Announcer:
                         # page is as recent in ``known`` as ``KnownBlocks.add`` makes it)
                         known.move_to_end(bid)
                         continue
-                    if withheld._parent_of:
-                        # pages wait for a parent on this tier: this one may be it
+                    if bid in withheld._by_parent or bid in withheld._parent_of:
+                        # pages wait for this one, or it waited itself: _stored sorts them out
                         self._stored(name, page, events, medium)
                         continue
                     # ``_stored`` of a page nothing waits for, inline
