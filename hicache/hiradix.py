@@ -53,7 +53,6 @@ schedules their free (``HostPool.free_when_released``).
 
 from __future__ import annotations
 
-import heapq
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -72,7 +71,7 @@ from hicache.packed_tokens import TOKEN_BYTES
 from hicache.pending_writes import PendingWrite, PendingWrites
 from hicache.pools import DevicePool, HostPool
 from hicache.prefetches import Prefetches, PrefetchHandle
-from hicache.radix import RadixCache, TreeNode
+from hicache.radix import LeafQueue, RadixCache, TreeNode
 from hicache.rank_sync import NoRankSync, RankSync
 from hicache.tiering.engine import EnginePoll, PublishGroup, PublishPage, StorageEngine
 from hicache.tiering.prefetch import PrefetchOutcome, PrefetchPolicy, PrefetchRules
@@ -223,7 +222,7 @@ class HiRadixCache(RadixCache):
         #: Every L2-only leaf, and maybe nodes that stopped being one since (dropped when
         #: ``evict_host`` meets them): host eviction's candidates, kept as nodes become L2-only
         #: leaves (:meth:`_offer_host_leaf`) so an eviction need not walk the whole tree.
-        self._host_leaves: set[TreeNode] = set()
+        self._host_leaves = LeafQueue()
 
     # ------------------------------------------------------------------ insert hooks
 
@@ -445,7 +444,7 @@ class HiRadixCache(RadixCache):
         wherever a node can become one: its device pages go (:meth:`_evict_node`), its last
         child goes (:meth:`_delete_leaf`), or a prefetch attaches it with host pages only."""
         if _is_host_leaf(node):
-            self._host_leaves.add(node)
+            self._host_leaves.offer(node)
 
     def _evictable(self, node: TreeNode) -> bool:
         # Without a host copy, eviction deletes the node: never one a prefetch builds on, and
@@ -467,21 +466,19 @@ class HiRadixCache(RadixCache):
         """
         if num_pages <= 0:
             return 0
-        # the candidates, not the whole tree: the same nodes as a walk would find (every L2-only
-        # leaf is among them), so the same order. One that stopped being an L2-only leaf (on
-        # the device again, a parent, deleted) leaves the set; it is offered again when it
-        # becomes one. A locked leaf stays, for when its lock goes.
-        heap: list[tuple[int, int, TreeNode]] = []
-        stale: list[TreeNode] = []
-        for n in self._host_leaves:
-            if not _is_host_leaf(n):
-                stale.append(n)
-            elif n.host_lock_ref == 0:
-                heap.append((n.last_access, n.id, n))
-        self._host_leaves.difference_update(stale)
-        heapq.heapify(heap)
+        # the candidates, not the whole tree: the same order as a heap of every L2-only leaf
+        # (see LeafQueue). A node is offered again each time it becomes one: past twice as
+        # many entries as L2 could hold leaves, start again from the tree.
+        leaves = self._host_leaves
+        if len(leaves) > 2 * self.host_pool.num_pages + 64:
+            leaves.rebuild(n for n in self.iter_nodes() if _is_host_leaf(n))
         freed = self._evict_leaves(
-            heap, num_pages, self._host_evictable, _host_pages, self._drop_host_leaf
+            leaves,
+            num_pages,
+            _is_host_leaf,
+            self._host_evictable,
+            _host_pages,
+            self._drop_host_leaf,
         )
         self.counters["l2_evicted_pages"] += freed
         return freed
@@ -493,7 +490,6 @@ class HiRadixCache(RadixCache):
         self.host_pool.free_when_released(node.host_value)
         n = len(node.host_value)
         node.host_value = None
-        self._host_leaves.discard(node)
         self._delete_leaf(node)
         return n
 

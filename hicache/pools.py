@@ -203,6 +203,11 @@ class PageAllocator:
         else:
             batch = list(pages)
         self._check(batch, "free")
+        self._release(batch)
+
+    def _release(self, batch: Sequence[int]) -> None:
+        """:meth:`free` of a batch :meth:`check_allocated` passed already (a list or an
+        ``array('Q')``)."""
         n = len(batch)
         if not n:
             return
@@ -388,18 +393,24 @@ class HostPool:
         with self._lock:
             batch = self._allocator.check_allocated(pages)
             self._check_unheld_and_not_deferred(batch)
-            self._allocator.free(batch)
+            self._allocator._release(batch)
 
     def free_when_released(self, pages: Iterable[int]) -> None:
         """Free unheld ``pages`` now and each held one at its last ``release``."""
         with self._lock:
             batch = self._allocator.check_allocated(pages)
+            holds = self._holds
+            deferred = self._deferred
+            now: list[int] = []
+            held: list[int] = []
+            # one pass (a page's free is on every L2 eviction's path): nothing changes
+            # before every page passed
             for p in batch:
-                if p in self._deferred:
+                if p in deferred:
                     raise ValueError(f"cannot free host page {p}: its free is already pending")
-            now = [p for p in batch if self._holds[p] == 0]
-            self._deferred.update(p for p in batch if self._holds[p])
-            self._allocator.free(now)
+                (held if holds[p] else now).append(p)
+            deferred.update(held)
+            self._allocator._release(now)
 
     def hold(self, pages: Iterable[int]) -> None:
         """Take one hold on each of ``pages`` (allocated, not pending free)."""

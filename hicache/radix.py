@@ -49,7 +49,7 @@ import heapq
 import logging
 import struct
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from hicache.events import BlockRemoved, EventQueue, KVEvent, Medium, StoredRun
 from hicache.keys import block_id, block_ids
@@ -63,12 +63,49 @@ from hicache.packed_tokens import (
 )
 from hicache.radix_node import MatchResult, PageList, TreeNode
 
-__all__ = ["MatchResult", "RadixCache", "TreeNode"]
+__all__ = ["LeafQueue", "MatchResult", "RadixCache", "TreeNode"]
 
 logger = logging.getLogger(__name__)
 
 #: Frees device pages; usually ``DevicePool.free``.
 FreePages = Callable[[Sequence[int]], None]
+
+
+class LeafQueue:
+    """One tier's eviction candidates, least recently used first, kept from one eviction to
+    the next (L1's device leaves here, L2's host-only leaves in ``HiRadixCache``).
+
+    Every leaf of the tier is in it: the tree offers a node wherever it may have become one,
+    keyed by its ``last_access`` then. An entry is checked only when it comes to the front
+    (:meth:`RadixCache._evict_leaves`): a node that is no longer a leaf is dropped (it is
+    offered again when it is one), one touched since goes back under its ``last_access`` now,
+    and a locked one waits for the next eviction. A node's ``last_access`` never decreases, so
+    the first front entry whose key is current is the least recently used leaf: the order of
+    a heap of every leaf built afresh, at a few heap operations per node evicted instead of a
+    walk over every candidate on every eviction (the walk was most of an eviction's time).
+    """
+
+    __slots__ = ("heap",)
+
+    def __init__(self) -> None:
+        #: ``(last_access when offered, node id, node)``; a node may be in it more than once
+        self.heap: list[tuple[int, int, TreeNode]] = []
+
+    def offer(self, node: TreeNode) -> None:
+        """Add ``node`` (a leaf of the tier now)."""
+        heapq.heappush(self.heap, (node.last_access, node.id, node))
+
+    def rebuild(self, nodes: Iterable[TreeNode]) -> None:
+        """Hold exactly ``nodes`` (every leaf of the tier), once each."""
+        self.heap = [(n.last_access, n.id, n) for n in nodes]
+        heapq.heapify(self.heap)
+
+    def nodes(self) -> set[TreeNode]:
+        """The nodes in it (leaves or not, as the last evictions left them)."""
+        return {entry[2] for entry in self.heap}
+
+    def __len__(self) -> int:
+        return len(self.heap)
 
 
 class RadixCache:
@@ -114,6 +151,8 @@ class RadixCache:
         """Forget every node (without freeing pages: the pool is reset with the cache)."""
         self.root = TreeNode(b"", [], None)
         self.root.lock_ref = 1  # the root is never evicted
+        #: Every device leaf (and maybe nodes that stopped being one): L1 eviction's candidates
+        self._device_leaves = LeafQueue()
         self._evictable_pages = 0
         self._protected_pages = 0
 
@@ -292,6 +331,7 @@ class RadixCache:
         node.last_access = tick
         parent.children[first] = node
         self._evictable_pages += len(pages)
+        self._device_leaves.offer(node)
         return node
 
     def first_page(self, node: TreeNode) -> bytes:
@@ -311,6 +351,8 @@ class RadixCache:
             self._protected_pages += len(pages)
         else:
             self._evictable_pages += len(pages)
+        # its children are not on the device (device nodes are ancestor-closed): a device leaf
+        self._device_leaves.offer(node)
         if self.gpu_events:
             self._emit_stored(node, Medium.GPU)
 
@@ -386,24 +428,6 @@ class RadixCache:
             return False
         return all(c.value is None for c in node.children.values())
 
-    def _device_candidates(self) -> list[tuple[int, int, TreeNode]]:
-        heap = []
-        stack = [self.root]
-        evictable = self._evictable
-        while stack:
-            node = stack.pop()
-            leaf = True
-            for c in node.children.values():
-                # device nodes are ancestor-closed: nothing below an L2-only node is on device
-                if c.value is not None:
-                    stack.append(c)
-                    leaf = False
-            # a node with a device child is never evictable: most of the tree is asked nothing
-            if leaf and evictable(node):
-                heap.append((node.last_access, node.id, node))
-        heapq.heapify(heap)
-        return heap
-
     def evict(self, num_pages: int) -> int:
         """Free ``num_pages`` device pages if possible, least recently used leaves first.
 
@@ -412,31 +436,54 @@ class RadixCache:
         """
         if num_pages <= 0:
             return 0
+        leaves = self._device_leaves
+        # a node is offered again each time it becomes a leaf: past twice as many entries as
+        # the device could hold leaves, start again from the tree
+        if len(leaves) > 2 * self.total_device_pages() + 64:
+            leaves.rebuild(n for n in self.iter_nodes() if _is_device_leaf(n))
         return self._evict_leaves(
-            self._device_candidates(), num_pages, self._evictable, _device_pages, self._evict_node
+            leaves, num_pages, _is_device_leaf, self._evictable, _device_pages, self._drop_device
         )
+
+    def _drop_device(self, node: TreeNode) -> int:
+        """:meth:`_evict_node` for L1 eviction; its parent may be a device leaf now."""
+        parent = node.parent
+        n = self._evict_node(node)
+        if parent is not None and _is_device_leaf(parent):
+            self._device_leaves.offer(parent)
+        return n
 
     def _evict_leaves(
         self,
-        heap: list[tuple[int, int, TreeNode]],
+        leaves: LeafQueue,
         num_pages: int,
+        is_leaf: Callable[[TreeNode], bool],
         evictable: Callable[[TreeNode], bool],
         pages_of: Callable[[TreeNode], int],
         drop: Callable[[TreeNode], int],
     ) -> int:
-        """The one leaf-first LRU loop of L1 and L2 eviction: pop the least recent
-        ``evictable`` leaf of ``heap``, trim it to the pages still needed (tail first), ``drop``
-        it (its page count), and offer its parent once it became an evictable leaf."""
+        """The one leaf-first LRU loop of L1 and L2 eviction: take the least recent
+        ``evictable`` leaf of ``leaves`` (see :class:`LeafQueue`), trim it to the pages still
+        needed (tail first), ``drop`` it (its page count; ``drop`` offers the parent once it
+        became a leaf)."""
+        heap = leaves.heap
+        held: list[tuple[int, int, TreeNode]] = []  # locked leaves: for a later eviction
         freed = 0
         while freed < num_pages and heap:
-            _, _, node = heapq.heappop(heap)
+            entry = heapq.heappop(heap)
+            node = entry[2]
+            if not is_leaf(node):
+                continue  # offered again when it is one
+            if node.last_access != entry[0]:
+                heapq.heappush(heap, (node.last_access, entry[1], node))  # touched since
+                continue
             if not evictable(node):
+                held.append(entry)
                 continue
             self._trim_to_tail(node, pages_of(node), num_pages - freed)
-            parent = node.parent
             freed += drop(node)
-            if parent is not None and evictable(parent):
-                heapq.heappush(heap, (parent.last_access, parent.id, parent))
+        for entry in held:
+            heapq.heappush(heap, entry)
         return freed
 
     def _trim_to_tail(self, node: TreeNode, pages: int, need: int) -> None:
@@ -522,3 +569,10 @@ class RadixCache:
 def _device_pages(node: TreeNode) -> int:
     assert node.value is not None
     return len(node.value)
+
+
+def _is_device_leaf(node: TreeNode) -> bool:
+    """Whether ``node`` holds device pages and no child does (the root is none: no parent)."""
+    if node.value is None or node.parent is None:
+        return False
+    return all(child.value is None for child in node.children.values())

@@ -615,7 +615,14 @@ class HiRadixMachine(RuleBasedStateMachine):
             for n in cache.iter_nodes()
             if n.value is None and n.host_value is not None and not n.children
         }
-        assert l2_leaves <= cache._host_leaves
+        assert l2_leaves <= cache._host_leaves.nodes()
+        # and L1 eviction's every device leaf
+        l1_leaves = {
+            n
+            for n in cache.iter_nodes()
+            if n.value is not None and all(c.value is None for c in n.children.values())
+        }
+        assert l1_leaves <= cache._device_leaves.nodes()
         # host locks: exactly the paths of the prefetches in flight
         pins: Counter[int] = Counter()
         for h in self.handles:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from hicache.keys import HASH_LEN
 from hicache.pools import DevicePool, KVLayout
 from hicache.transfer import device_rows
 
@@ -56,8 +57,12 @@ class PageContent:
         i = np.arange(layout.page_bytes // width, dtype=np.uint64) * np.uint64(_MULT)
         #: ``i * 2654435761`` of a page's words in device order: (lead, 1, words per row)
         self._grid = i.astype(self._word).reshape(self._lead, 1, self._row_words)
-        #: numpy row views of CPU device pools' memory, by pool (the pool kept alive with it)
-        self._views: dict[int, tuple[DevicePool, np.ndarray]] = {}
+        #: numpy row views of CPU device pools' memory (None for a pool on another device), by
+        #: pool (the pool kept alive with it)
+        self._views: dict[int, tuple[DevicePool, np.ndarray | None]] = {}
+        #: the words a fill or check builds, reused (grown as needed): ``(lead, pages, words per
+        #: row)``, of which a call uses the first pages
+        self._scratch = np.empty((self._lead, 0, self._row_words), dtype=self._word)
 
     def expected(self, hashes: Sequence[bytes]) -> torch.Tensor:
         """The pages of ``hashes`` as a ``(n, page_bytes)`` uint8 tensor (host layout)."""
@@ -65,21 +70,34 @@ class PageContent:
         pages = rows.transpose(1, 0, 2).reshape(len(hashes), self.layout.page_bytes)
         return torch.from_numpy(np.ascontiguousarray(pages))
 
-    def _expected_rows(self, hashes: Sequence[bytes]) -> np.ndarray:
-        """The pages of ``hashes`` in device order: ``(lead, n, words per row)`` words."""
+    def _expected_rows(self, hashes: Sequence[bytes], *, scratch: bool = False) -> np.ndarray:
+        """The pages of ``hashes`` in device order: ``(lead, n, words per row)`` words; with
+        ``scratch``, in the reused buffer (valid until the next call: for a fill or check)."""
         w = self._word.itemsize
-        c = np.frombuffer(b"".join([h[:w] for h in hashes]), dtype=self._word)
-        rows: np.ndarray = np.bitwise_xor(self._grid, c[:, None])
-        return rows
+        n = len(hashes)
+        joined = b"".join(hashes)
+        if len(joined) == HASH_LEN * n:
+            # every hash's first word, read in place: no slice per hash
+            c = np.frombuffer(joined, dtype=self._word)[:: HASH_LEN // w]
+        else:
+            c = np.frombuffer(b"".join([h[:w] for h in hashes]), dtype=self._word)
+        if not scratch:
+            rows: np.ndarray = np.bitwise_xor(self._grid, c[:, None])
+            return rows
+        if self._scratch.shape[1] < n:
+            self._scratch = np.empty((self._lead, n, self._row_words), dtype=self._word)
+        out = self._scratch[:, :n]
+        np.bitwise_xor(self._grid, c[:, None], out=out)
+        return out
 
     def _rows(self, pool: DevicePool) -> np.ndarray | None:
         """``pool.kv`` as writable ``(lead, num_pages, words per row)`` words over the same
-        memory (CPU pools only), made once per pool."""
-        if pool.kv.device.type != "cpu":
-            return None
+        memory (CPU pools only, else None), made once per pool."""
         entry = self._views.get(id(pool))
         if entry is None or entry[0] is not pool:
-            rows = device_rows(pool.kv, pool.page_dim).view(self._word)
+            rows = None
+            if pool.kv.device.type == "cpu":
+                rows = device_rows(pool.kv, pool.page_dim).view(self._word)
             entry = self._views[id(pool)] = (pool, rows)
         return entry[1]
 
@@ -94,11 +112,11 @@ class PageContent:
             return
         if len(pages) != len(hashes):
             raise ValueError(f"{len(pages)} pages but {len(hashes)} hashes")
-        want = self._expected_rows(hashes)
         rows = self._rows(pool)
         if rows is not None:
-            rows[:, np.asarray(pages, dtype=np.intp)] = want
+            rows[:, np.asarray(pages, dtype=np.intp)] = self._expected_rows(hashes, scratch=True)
             return
+        want = self._expected_rows(hashes)
         data = torch.from_numpy(want.view(np.uint8)).to(pool.device)
         index = torch.tensor(list(pages), dtype=torch.int64, device=pool.device)
         self._torch_rows(pool).index_copy_(1, index, data)
@@ -110,7 +128,7 @@ class PageContent:
             return 0
         if n != len(hashes):
             raise ValueError(f"{n} pages but {len(hashes)} hashes")
-        want = self._expected_rows(hashes)
+        want = self._expected_rows(hashes, scratch=True)
         rows = self._rows(pool)
         if rows is not None:
             got = rows[:, np.asarray(pages, dtype=np.intp)]

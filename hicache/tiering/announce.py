@@ -41,6 +41,7 @@ The announcer runs on the cache's thread only (the engine's ``poll``).
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -218,10 +219,16 @@ class EvictionLog:
     def add(self, block_ids: list[int]) -> None:
         """Log one report of ``block_ids`` leaving the tier."""
         self.seq += 1
+        seq = self.seq
         at = self._at
-        for bid in block_ids:
-            at[bid] = self.seq
-            at.move_to_end(bid)
+        if at.keys().isdisjoint(block_ids):
+            # the usual report: none logged before, so each goes to the end as it is added
+            # (two passes in C instead of two method calls per id)
+            at.update(zip(block_ids, itertools.repeat(seq)))
+        else:
+            for bid in block_ids:
+                at[bid] = seq
+                at.move_to_end(bid)
         while len(at) > self.capacity:
             _, seq = at.popitem(last=False)
             self.floor = max(self.floor, seq)
@@ -339,12 +346,16 @@ class Announcer:
 
     def removed(self, tier: str, block_ids: list[int]) -> None:
         """These pages left ``tier`` (its own eviction, or a wipe)."""
-        known = self.known[tier]
         withheld = self.withheld[tier]
         self.evictions[tier].add(block_ids)
+        forget = self.known[tier]._ids.pop  # KnownBlocks.discard, without a call per id
         for bid in block_ids:
-            known.discard(bid)
-            withheld.discard(bid)
+            forget(bid, None)
+        if withheld:
+            waiting = withheld._parent_of
+            for bid in block_ids:
+                if bid in waiting:
+                    withheld.discard(bid)
 
     def missing(self, tier: str, block_id: int) -> bool:
         """Whether ``block_id`` is not known on ``tier`` (never announced there, read from it,
@@ -371,53 +382,70 @@ class Announcer:
     def _announce(self, group: PublishGroup, events: list[KVEvent]) -> bool:
         """Advance every tier along ``group``'s batches, in order; return whether any moved."""
         moved = False
+        batches = group.batches
         for name, prog in group.progress.items():
-            # the per-page checks read these tables directly: a method call per page (known's
-            # ``__contains__``, the log's ``evicted_since``, the Counter's ``__delitem__``) was
-            # a third of this loop
-            known = self.known[name]._ids
+            if prog.next_batch >= len(batches):
+                continue  # this tier walked the whole group already
+            # The per-page checks read these tables directly and keep the cursor in locals: a
+            # method call or attribute write per page (known's ``__contains__`` and ``add``,
+            # the log's ``evicted_since``, the Counter's ``__missing__``, ``_stored`` and the
+            # tier's ``medium`` property) was most of this loop, which runs once per page
+            # every tier stored.
+            known_blocks = self.known[name]
+            known = known_blocks._ids
+            capacity = known_blocks.capacity
             unresolved = self.unresolved[name]
             withheld = self.withheld[name]
             log = self.evictions[name]
             evicted_at = log._at
-            while prog.next_batch < len(group.batches):
-                if name not in group.targets[prog.next_batch]:
+            medium = self._tiers[name].medium
+            page_size = self.page_size
+            lora_id = self.lora_id
+            announced = 0
+            broken = prog.broken
+            while prog.next_batch < len(batches):
+                b = prog.next_batch
+                if name not in group.targets[b]:
                     prog.next_batch += 1  # a batch for other tiers only (a republish)
                     prog.next_page = 0
                     moved = True
                     continue
-                pages = group.batches[prog.next_batch]
-                statuses = group.results.get((name, prog.next_batch))
+                pages = batches[b]
+                statuses = group.results.get((name, b))
                 if statuses is None and pages:
                     break  # this tier's result for the next batch is still in flight
-                mark = group.marks.get((name, prog.next_batch), 0)
+                mark = group.marks.get((name, b), 0)
                 # a page evicted after its put was handed out: that eviction may have removed
-                # what this put stored (its report came first); see EvictionLog.evicted_since
+                # what this put stored (its report came first); see EvictionLog.evicted_since.
+                # With no report logged since the mark (the usual case) none was: the log's
+                # numbers and floor never pass its ``seq``.
+                evicted_since = log.seq > mark
                 any_evicted = log.floor > mark
+                i = prog.next_page
                 waiting = False
-                while prog.next_page < len(pages):
-                    page = pages[prog.next_page]
+                while i < len(pages):
+                    page = pages[i]
                     bid = page.block_id
                     assert statuses is not None
-                    status = statuses[prog.next_page]
+                    status = statuses[i]
                     stored = (status is _OK or status is _EXISTS) and not (
-                        any_evicted or evicted_at.get(bid, 0) > mark
+                        evicted_since and (any_evicted or evicted_at.get(bid, 0) > mark)
                     )
                     parent = page.parent_block_id
-                    if stored and not prog.broken and parent is not None and parent not in known:
-                        if unresolved[parent] > 0:
+                    if stored and not broken and parent is not None and parent not in known:
+                        if unresolved.get(parent, 0) > 0:
                             waiting = True  # the parent's own publish is still open
                             break
-                        prog.broken = True  # the head is not on this tier
-                    left = unresolved[bid] - 1
+                        broken = True  # the head is not on this tier
+                    left = unresolved.get(bid, 0) - 1
                     if left > 0:
                         unresolved[bid] = left
                     else:
                         unresolved.pop(bid, None)
-                    prog.next_page += 1
+                    i += 1
                     moved = True
-                    if prog.broken or not stored:
-                        prog.broken = True
+                    if broken or not stored:
+                        broken = True
                         self._unannounced(name)
                         if stored and parent is not None and parent not in known:
                             # on the tier, its head not (yet): announced right after the head
@@ -425,14 +453,28 @@ class Announcer:
                         continue
                     if bid in known:
                         # announced before and still there (published again after an L2
-                        # eviction, or read back from the tier): once per residency
-                        self.known[name].add(bid)
+                        # eviction, or read back from the tier): once per residency (the
+                        # page is as recent in ``known`` as ``KnownBlocks.add`` makes it)
+                        known.move_to_end(bid)
                         continue
-                    self._stored(name, page, events)
+                    if bid in withheld._by_parent or bid in withheld._parent_of:
+                        # pages wait for this one, or it waited itself: _stored sorts them out
+                        self._stored(name, page, events, medium)
+                        continue
+                    # ``_stored`` of a page nothing waits for, inline
+                    events.append(_page_event(page, page_size, lora_id, medium))
+                    known[bid] = None  # not in ``known``: added last, as ``add`` would
+                    if len(known) > capacity:
+                        known.popitem(last=False)
+                    announced += 1
+                prog.next_page = i
                 if waiting:
                     break
                 prog.next_batch += 1
                 prog.next_page = 0
+            prog.broken = broken
+            if announced:
+                self._announced[name] += announced
         return moved
 
     def _unannounced(self, name: str) -> None:
@@ -451,10 +493,14 @@ class Announcer:
         else:
             self.withheld[name].add(page)
 
-    def _stored(self, name: str, page: PublishPage, events: list[KVEvent]) -> None:
-        """Announce ``page`` on tier ``name``, then the pages withheld below it (each after
-        its parent). The counters learn it at the caller's :meth:`_count`."""
-        medium = self._tiers[name].medium
+    def _stored(
+        self, name: str, page: PublishPage, events: list[KVEvent], medium: str | None = None
+    ) -> None:
+        """Announce ``page`` on tier ``name`` (whose ``medium`` the caller may have read
+        already), then the pages withheld below it (each after its parent). The counters learn
+        it at the caller's :meth:`_count`."""
+        if medium is None:
+            medium = self._tiers[name].medium
         known = self.known[name]
         withheld = self.withheld[name]
         todo = [page]
@@ -465,21 +511,7 @@ class Announcer:
                 # announced meanwhile (a withheld page read back, or published again)
                 todo += withheld.take_children(p.block_id)
                 continue
-            tokens = p.token_ids
-            if type(tokens) is bytes:
-                event = BlockStored.packed(
-                    [p.block_id], p.parent_block_id, tokens, self.page_size, self.lora_id, medium
-                )
-            else:
-                event = BlockStored(
-                    [p.block_id],
-                    p.parent_block_id,
-                    list(tokens),
-                    self.page_size,
-                    self.lora_id,
-                    medium,
-                )
-            events.append(event)
+            events.append(_page_event(p, self.page_size, self.lora_id, medium))
             known.add(p.block_id)
             announced += 1
             if withheld:
@@ -500,3 +532,15 @@ class Announcer:
         """Forget ``group`` once it is settled."""
         if group.settled():
             self.groups.pop(group.id, None)
+
+
+def _page_event(page: PublishPage, page_size: int, lora_id: int | None, medium: str) -> BlockStored:
+    """The ``BlockStored`` of one page a tier holds; packed tokens stay packed until read."""
+    tokens = page.token_ids
+    if type(tokens) is bytes:
+        return BlockStored.packed(
+            [page.block_id], page.parent_block_id, tokens, page_size, lora_id, medium
+        )
+    return BlockStored(
+        [page.block_id], page.parent_block_id, list(tokens), page_size, lora_id, medium
+    )
