@@ -120,7 +120,8 @@ class PageIndex:
             todo: list[int]
             existing: list[str] = []
             new: list[str]
-            if self.pages.keys().isdisjoint(keys) and len(set(keys)) == len(keys):
+            distinct = len(set(keys)) == len(keys)
+            if distinct and self.pages.keys().isdisjoint(keys):
                 # the usual put: distinct pages, none stored yet (in C, not a loop per page)
                 todo = list(range(len(keys)))
                 new = policy.missing(keys)
@@ -146,8 +147,8 @@ class PageIndex:
             # first, so this batch's own reservations are the last to go.
             victims += policy.evict_for(0)
             inflight = self._inflight
-            if inflight.keys().isdisjoint(reserve):
-                inflight.update(dict.fromkeys(reserve, 1))  # distinct keys: todo's are
+            if distinct and inflight.keys().isdisjoint(reserve):
+                inflight.update(dict.fromkeys(reserve, 1))
             else:
                 for key in reserve:
                     inflight[key] = inflight.get(key, 0) + 1
