@@ -21,6 +21,9 @@ timestamps or key values). The probability that a key idle for ``a`` is still us
 idle times): it falls with idle time, so within a class the least recent key is the least
 likely, and eviction compares only the least recent key of each class (O(classes) per victim).
 Ties (before anything is learned) go to the least recent key: the policy starts as LRU.
+Evicting moves neither the clock nor the estimates, so the chosen class keeps its value until
+its next key falls in another idle-time bucket: its keys up to there (and, on a tie, before the
+next class's head) go as one run, with C-level bulk calls rather than a comparison per victim.
 
 Keys dropped by eviction are remembered (keys only, a bounded FIFO "ghost" of a few times the
 resident count), so a page stored again after its eviction keeps its use count and its reuse
@@ -476,8 +479,9 @@ class PredictedReuse(CapacityPolicy):
             queue = queues[cls]
             head_size = queue[next(iter(queue))]
             while True:
-                # at most as many keys as the bytes still needed take, if sized as the head
-                chunk = list(itertools.islice(queue, need // head_size + 1 if head_size else 16))
+                # as many keys as the bytes still needed take if sized as the head (all are, in
+                # the tiers): usually the whole chunk goes
+                chunk = list(itertools.islice(queue, -(-need // head_size) if head_size else 16))
                 codes = list(map(code_of.__getitem__, chunk))
                 run = bisect.bisect_right(codes, last_code)  # a queue's codes ascend
                 freed = list(itertools.accumulate(map(queue.__getitem__, chunk[:run])))
