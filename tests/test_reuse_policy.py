@@ -4,6 +4,8 @@ LRU on synthetic workloads of other reuse shapes."""
 
 from __future__ import annotations
 
+import itertools
+import random
 import threading
 
 import pytest
@@ -23,6 +25,7 @@ from hicache.storage import (
     create_backend,
     make_capacity_policy,
 )
+from hicache.storage import reuse_policy as rp
 from hicache.storage.eviction import CapacityPolicy, TailFirstLRU
 from hicache.storage.reuse_policy import PredictedReuse
 from tests.test_eviction import ListLRU, chain_of, path_st
@@ -404,3 +407,146 @@ def test_all_uses_in_l3_needs_an_l3_policy() -> None:
 
     with pytest.raises(ValueError, match="all_uses_in_l3"):
         simulate_hierarchy([[1, 2]], 1, 2, 4, all_uses_in_l3=True)
+
+
+# ----------------------------------------------------------------------------- a plain reference
+
+
+class ReferenceReuse:
+    """The documented policy with none of PredictedReuse's structures: resident keys in one
+    dict, a single-key use at a time, and every victim found by a scan of all resident keys
+    for the least ``(estimate, stamp)``. The learning arithmetic is the module's, operation
+    for operation, so the estimates are equal to the last bit."""
+
+    def __init__(
+        self, capacity: int, *, tail_class: bool, full_batch: int | None, min_period: int
+    ) -> None:
+        self.capacity = capacity
+        self.tail_class, self.full_batch, self.min_period = tail_class, full_batch, min_period
+        self.clock = self.peak = self.since = self.used = 0
+        self.resident: dict[str, tuple[int, int, int]] = {}  # key -> (stamp, class, size)
+        self.ghost: dict[str, tuple[int, int]] = {}  # evicted key -> (stamp, class), FIFO
+        self.fresh = [1.0, 1.0]
+        self.idle = [[0.0] * rp.NUM_BUCKETS for _ in range(rp.NUM_CLASSES)]
+        self.keep = [[0.5] * rp.NUM_BUCKETS for _ in range(rp.NUM_CLASSES)]
+
+    def value(self, key: str) -> tuple[float, int]:
+        stamp, cls, _ = self.resident[key]
+        return self.keep[cls][(self.clock - stamp).bit_length()], stamp
+
+    def _use(self, key: str, size: int, tail: int) -> None:
+        self.clock += 1
+        seen = self.resident.get(key)
+        if seen is not None:
+            self.used -= seen[2]
+        elif key in self.ghost:
+            seen = (*self.ghost.pop(key), 0)
+            self.since += 1
+        if seen is None:
+            cls = tail
+            self.fresh[tail] += 1.0
+            self.since += 1
+        else:
+            stamp, old, _ = seen
+            self.idle[old][(self.clock - stamp).bit_length()] += 1.0
+            cls = min(rp.MAX_USES, (0 if old < 2 else old - 1) + 1) + 1
+        self.resident[key] = (self.clock, cls, size)
+        self.used += size
+
+    def add(self, keys: list[str], sizes: list[int]) -> None:
+        tail = self.tail_class and (self.full_batch is None or len(keys) < self.full_batch)
+        for i in reversed(range(len(keys))):
+            self._use(keys[i], sizes[i], int(tail and i == len(keys) - 1))
+        self.peak = max(self.peak, len(self.resident))
+        while len(self.ghost) > rp.GHOST_FACTOR * self.peak:
+            del self.ghost[next(iter(self.ghost))]
+        if self.since >= max(self.min_period, self.peak // rp.PERIOD_SHARE):
+            self.since = 0
+            self._refresh()
+
+    def remove(self, key: str) -> bool:
+        gone = self.resident.pop(key, None)
+        self.used -= gone[2] if gone else 0
+        return gone is not None
+
+    def touch(self, key: str) -> None:
+        if key in self.resident:
+            self._use(key, self.resident[key][2], 0)
+
+    def evict_for(self, nbytes: int) -> list[str]:
+        victims = []
+        while self.resident and self.used + nbytes > self.capacity:
+            key = min(self.resident, key=self.value)
+            stamp, cls, size = self.resident.pop(key)
+            self.used -= size
+            self.ghost[key] = (stamp, cls)
+            victims.append(key)
+        return victims
+
+    def _refresh(self) -> None:
+        entered = [*self.fresh, *([0.0] * (rp.NUM_CLASSES - 2))]
+        for cls in range(rp.NUM_CLASSES):
+            uses = 0 if cls < 2 else cls - 1
+            entered[min(rp.MAX_USES, uses + 1) + 1] += 0.5 + sum(self.idle[cls]) - 0.5
+        for cls in range(rp.NUM_CLASSES):
+            share = min(1.0, (0.5 + sum(self.idle[cls])) / max(1.0, entered[cls]))
+            hist = self.idle[cls]
+            total = above = sum(hist)
+            for b in range(rp.NUM_BUCKETS):
+                still = share * (above / total if total > 0 else 1.0)
+                above -= hist[b]
+                denom = 1.0 - share + still
+                self.keep[cls][b] = still / denom if denom > 0 else 1.0
+            self.idle[cls] = [h * rp.DECAY for h in hist]
+        self.fresh = [f * rp.DECAY for f in self.fresh]
+        for lower, upper in itertools.pairwise((0, *range(2, rp.NUM_CLASSES))):
+            self.keep[upper] = list(map(max, self.keep[lower], self.keep[upper]))
+        self.keep[1] = list(map(min, self.keep[0], self.keep[1]))
+
+
+@pytest.mark.parametrize(
+    ("seed", "tail_class", "full_batch"), [(1, True, None), (2, True, 4), (3, False, None)]
+)
+def test_victims_are_a_plain_reference_policys_over_a_long_random_sequence(
+    seed: int, tail_class: bool, full_batch: int | None
+) -> None:
+    """Conversations growing a few pages a turn, rereads, removals and evictions of any size, with
+    the estimates refreshed every few keys: every ``evict_for`` returns the reference's victims
+    in its order, and the eviction order and values of the resident keys stay the same."""
+    rng = random.Random(seed)
+    capacity = 120
+    policy = PredictedReuse(capacity, tail_class=tail_class, full_batch=full_batch, min_period=8)
+    ref = ReferenceReuse(capacity, tail_class=tail_class, full_batch=full_batch, min_period=8)
+    lengths = [0] * 60  # pages per conversation so far
+    for step in range(12_000):
+        conv = min(rng.randrange(60), rng.randrange(60))  # a few conversations come back often
+        op = rng.random()
+        if op < 0.45:
+            # a turn adds a few pages (up to 24 a conversation) and stores its prompt again
+            lengths[conv] = min(24, lengths[conv] + rng.randrange(1, 4))
+            start = rng.randrange(lengths[conv])
+            keys = [f"c{conv}-{j}" for j in range(start, lengths[conv])]
+            if rng.random() < 0.05:
+                keys.append(keys[0])  # a key twice in one add
+            sizes = [rng.choice((0, 1, 2, 2, 3, 5)) for _ in keys]
+            room = sum(sizes)
+            if room <= capacity:
+                assert policy.evict_for(room) == ref.evict_for(room), step
+            policy.add(keys, sizes)
+            ref.add(keys, sizes)
+        elif op < 0.8:
+            for j in reversed(range(rng.randrange(lengths[conv] + 1))):
+                policy.touch([f"c{conv}-{j}"])
+                ref.touch(f"c{conv}-{j}")
+        elif op < 0.85:
+            key = f"c{conv}-{rng.randrange(lengths[conv] + 1)}"
+            assert policy.remove(key) == ref.remove(key)
+        else:
+            nbytes = rng.randrange(capacity + 1)
+            assert policy.evict_for(nbytes) == ref.evict_for(nbytes), step
+        assert policy.used_bytes == ref.used and len(policy) == len(ref.resident)
+        if step % 500 == 0:
+            order = sorted(ref.resident, key=ref.value)
+            assert policy.keys_by_eviction_order() == order
+            assert [policy.eviction_value(k) for k in order] == [ref.value(k) for k in order]
+    assert ref.ghost and ref.keep != [[0.5] * rp.NUM_BUCKETS] * rp.NUM_CLASSES  # it learned

@@ -20,11 +20,12 @@ All classes are thread-safe (one lock each) and cost O(1) per key.
 from __future__ import annotations
 
 import enum
+import itertools
 import threading
 from abc import ABC, abstractmethod
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from hicache.errors import BackendCapacityError
 
@@ -78,6 +79,14 @@ class CapacityPolicy(ABC):
     def __len__(self) -> int:
         """Number of resident keys."""
 
+    def missing(self, keys: Iterable[str]) -> list[str]:
+        """The keys of ``keys`` that are not resident, in their order.
+
+        Note for implementers: the default asks ``in`` once per key; a policy keeping its
+        resident keys in a dict answers in one C-level pass (callers ask for whole puts).
+        """
+        return [key for key in keys if key not in self]
+
     @abstractmethod
     def add(self, keys: Sequence[str], sizes: Sequence[int]) -> None:
         """Record a chain batch (head first) as resident, most recent use now.
@@ -128,6 +137,10 @@ class TailFirstLRU(CapacityPolicy):
 
     def __len__(self) -> int:
         return len(self._sizes)
+
+    def missing(self, keys: Iterable[str]) -> list[str]:
+        # docstring inherited
+        return list(itertools.filterfalse(self._sizes.__contains__, keys))
 
     def add(self, keys: Sequence[str], sizes: Sequence[int]) -> None:
         # docstring inherited

@@ -21,6 +21,9 @@ timestamps or key values). The probability that a key idle for ``a`` is still us
 idle times): it falls with idle time, so within a class the least recent key is the least
 likely, and eviction compares only the least recent key of each class (O(classes) per victim).
 Ties (before anything is learned) go to the least recent key: the policy starts as LRU.
+Evicting moves neither the clock nor the estimates, so the chosen class keeps its value until
+its next key falls in another idle-time bucket: its keys up to there (and, on a tie, before the
+next class's head) go as one run, with C-level bulk calls rather than a comparison per victim.
 
 Keys dropped by eviction are remembered (keys only, a bounded FIFO "ghost" of a few times the
 resident count), so a page stored again after its eviction keeps its use count and its reuse
@@ -36,11 +39,12 @@ the older key goes first, so a suffix always goes before its head.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import operator
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import cast
 
 from hicache.errors import BackendCapacityError
@@ -110,13 +114,11 @@ class PredictedReuse(CapacityPolicy):
         # resident key -> its code: the stamp of its last use (every use gets its own) and its
         # class (see CLASS_BITS); one dict read and one write per use
         self._code: dict[Hashable, int] = {}
-        self._sizes: dict[Hashable, int] = {}
-        # per class: its keys, least recent first
-        self._queues: list[OrderedDict[Hashable, None]] = [
-            OrderedDict() for _ in range(NUM_CLASSES)
-        ]
-        # evicted key -> (class it left, stamp of its last use); least recently evicted first
-        self._ghost: OrderedDict[Hashable, tuple[int, int]] = OrderedDict()
+        # per class: its keys -> their sizes, least recent first (the sizes live here, not in
+        # a dict of their own: one hash table fewer to update per key)
+        self._queues: list[OrderedDict[Hashable, int]] = [OrderedDict() for _ in range(NUM_CLASSES)]
+        # evicted key -> its code when evicted; least recently evicted first
+        self._ghost: OrderedDict[Hashable, int] = OrderedDict()
         self._used = 0
         self._clock = 0
         self._peak = 0
@@ -139,14 +141,28 @@ class PredictedReuse(CapacityPolicy):
     def __len__(self) -> int:
         return len(self._code)
 
+    def missing(self, keys: Iterable[Hashable]) -> list[Hashable]:  # type: ignore[override]
+        # docstring inherited
+        return list(itertools.filterfalse(self._code.__contains__, keys))
+
     def add(self, keys: Sequence[Hashable], sizes: Sequence[int]) -> None:
         # docstring inherited
         self._check_batch(keys, sizes)
+        n = len(keys)
         with self._lock:
-            tail = self._tail_class and (self._full_batch is None or len(keys) < self._full_batch)
-            last = len(keys) - 1 if tail else -1
-            for i in range(len(keys) - 1, -1, -1):
-                self._use(keys[i], sizes[i], 1 if i == last else 0)
+            tail = self._tail_class and (self._full_batch is None or n < self._full_batch)
+            code_of = self._code
+            if (
+                n
+                and not any(map(code_of.__contains__, keys))
+                and self._ghost.keys().isdisjoint(keys)
+                and len(set(keys)) == n
+            ):
+                self._add_fresh(keys, sizes, tail)
+            else:
+                last = n - 1 if tail else -1
+                for i in range(n - 1, -1, -1):
+                    self._use(keys[i], sizes[i], 1 if i == last else 0)
             self._after_entries()
 
     def touch(self, keys: Sequence[Hashable]) -> None:
@@ -192,8 +208,7 @@ class PredictedReuse(CapacityPolicy):
             code = self._code.pop(key, None)
             if code is None:
                 return False
-            del self._queues[code & CLASS_MASK][key]
-            self._used -= self._sizes.pop(key)
+            self._used -= self._queues[code & CLASS_MASK].pop(key)
             return True
 
     def evict_for(self, nbytes: int) -> list[str]:
@@ -202,11 +217,11 @@ class PredictedReuse(CapacityPolicy):
             raise BackendCapacityError(
                 f"cannot make room for {nbytes} bytes: capacity is {self._capacity} bytes"
             )
-        victims: list[str] = []
         with self._lock:
-            while self._code and self._used + nbytes > self._capacity:
-                victims.append(self._evict_one())  # type: ignore[arg-type]
-        return victims
+            need = self._used + nbytes - self._capacity
+            if need <= 0:
+                return []
+            return self._evict(need)  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ tools
 
@@ -215,17 +230,14 @@ class PredictedReuse(CapacityPolicy):
         with self._lock:
             saved = (
                 dict(self._code),
-                dict(self._sizes),
                 [OrderedDict(q) for q in self._queues],
                 OrderedDict(self._ghost),
                 self._used,
             )
-            order = []
-            while self._code:
-                order.append(self._evict_one())
+            # more than every resident size together: eviction takes every key
+            order = self._evict(self._used + 1)
             (
                 self._code,
-                self._sizes,
                 self._queues,
                 self._ghost,
                 self._used,
@@ -250,7 +262,6 @@ class PredictedReuse(CapacityPolicy):
         """Forget every key (the learned estimates stay)."""
         with self._lock:
             self._code.clear()
-            self._sizes.clear()
             for q in self._queues:
                 q.clear()
             self._ghost.clear()
@@ -265,25 +276,54 @@ class PredictedReuse(CapacityPolicy):
         self._clock = clock = self._clock + 1
         code = self._code.get(key)
         if code is not None:
-            stamp, old = code >> CLASS_BITS, code & CLASS_MASK
-            del self._queues[old][key]
-            self._used -= self._sizes[key]
-            self._idle[old * NUM_BUCKETS + (clock - stamp).bit_length()] += 1.0
-            cls = _NEXT_CLASS[old]
+            old = code & CLASS_MASK
+            self._used -= self._queues[old].pop(key)
         else:
-            gone = self._ghost.pop(key, None)
-            if gone is not None:
-                old, stamp = gone
-                self._idle[old * NUM_BUCKETS + (clock - stamp).bit_length()] += 1.0
-                cls = _NEXT_CLASS[old]
-            else:
-                cls = tail
-                self._fresh[tail] += 1.0
+            # a ghost's code is the one it had when it was evicted
+            code = self._ghost.pop(key, None)
             self._since_refresh += 1
+            if code is None:
+                self._fresh[tail] += 1.0
+                self._code[key] = clock << CLASS_BITS | tail
+                self._queues[tail][key] = size
+                self._used += size
+                return
+            old = code & CLASS_MASK
+        self._idle[old * NUM_BUCKETS + (clock - (code >> CLASS_BITS)).bit_length()] += 1.0
+        cls = _NEXT_CLASS[old]
         self._code[key] = clock << CLASS_BITS | cls
-        self._sizes[key] = size
-        self._queues[cls][key] = None
+        self._queues[cls][key] = size
         self._used += size
+
+    def _add_fresh(self, keys: Sequence[Hashable], sizes: Sequence[int], tail: bool) -> None:
+        """``_use`` of distinct keys neither resident nor ghosts, tail first, in C-level bulk
+        calls (most puts store only new pages)."""
+        n = len(keys)
+        first = self._clock + 1
+        self._clock += n
+        self._since_refresh += n
+        by_age = keys[::-1]  # the tail first: it gets the oldest stamp
+        sizes_by_age = sizes[::-1]
+        # every key in class 0 but, with a tail class, the tail (the oldest stamp) in class 1
+        self._code.update(
+            zip(
+                by_age,
+                range(first << CLASS_BITS, (first + n) << CLASS_BITS, 1 << CLASS_BITS),
+                strict=True,
+            )
+        )
+        self._used += sum(sizes)
+        if tail:
+            self._code[by_age[0]] = first << CLASS_BITS | 1
+            self._queues[1][by_age[0]] = sizes_by_age[0]
+            self._fresh[1] += 1.0
+            by_age, sizes_by_age = by_age[1:], sizes_by_age[1:]
+        deque(map(self._queues[0].__setitem__, by_age, sizes_by_age), 0)
+        # one float addition per key, as ``_use`` makes them: a sum rounded once could differ
+        # in its last bit and, through the estimates, change a decision
+        self._fresh[0] = functools.reduce(
+            operator.add, itertools.repeat(1.0, len(by_age)), self._fresh[0]
+        )
 
     def _touch_one(self, key: Hashable, code: int) -> None:
         """Use the resident ``key`` whose code is ``code``."""
@@ -295,8 +335,7 @@ class PredictedReuse(CapacityPolicy):
         if new == cls:
             self._queues[cls].move_to_end(key)
         else:
-            del self._queues[cls][key]
-            self._queues[new][key] = None
+            self._queues[new][key] = self._queues[cls].pop(key)
 
     def _touch_run(self, keys: Sequence[Hashable], codes: Sequence[int], cls: int) -> None:
         """Use resident ``keys`` (tail first, their ``codes``), all of class ``cls``, one after
@@ -348,8 +387,7 @@ class PredictedReuse(CapacityPolicy):
         if new == cls:
             deque(map(queue.move_to_end, keys), 0)
         else:
-            deque(map(queue.__delitem__, keys), 0)
-            deque(map(self._queues[new].__setitem__, keys, itertools.repeat(None)), 0)
+            deque(map(self._queues[new].__setitem__, keys, map(queue.pop, keys)), 0)
 
     def _reused(self, cls: int) -> float:
         # every reuse adds one to its class's idle histogram; 0.5 is the prior's
@@ -368,9 +406,9 @@ class PredictedReuse(CapacityPolicy):
         if n > self._peak:
             self._peak = n
         ghost = self._ghost
-        limit = GHOST_FACTOR * self._peak
-        while len(ghost) > limit:
-            ghost.popitem(last=False)
+        excess = len(ghost) - GHOST_FACTOR * self._peak
+        if excess > 0:  # the least recently evicted go
+            deque(map(ghost.popitem, itertools.repeat(False, excess)), 0)
         if self._since_refresh >= max(self._min_period, self._peak // PERIOD_SHARE):
             self._since_refresh = 0
             self._refresh()
@@ -406,21 +444,65 @@ class PredictedReuse(CapacityPolicy):
     def _value(self, cls: int, stamp: int) -> float:
         return self._keep[cls][(self._clock - stamp).bit_length()]
 
-    def _evict_one(self) -> Hashable:
+    def _evict(self, need: int) -> list[Hashable]:
+        """Evict keys, least likely to be used again first, until their sizes reach ``need``
+        (> 0) or none is left; return them in that order.
+
+        The victim is always the class head of least ``(value, stamp)`` (within a class the
+        least recent key, see the module docstring). Evicting changes neither the clock nor
+        the estimates, so a class's value changes only where its keys' idle-time bucket does:
+        the keys of the best class before the next bucket boundary, and before the second
+        class's head, go in a run, moved with C-level bulk calls, not one head scan per key.
+        """
         clock = self._clock
         keep = self._keep
         code_of = self._code
-        best_cls = -1
-        best = (2.0, 0)
-        for cls, queue in enumerate(self._queues):
-            if not queue:
-                continue
-            stamp = code_of[next(iter(queue))] >> CLASS_BITS
-            value = (keep[cls][(clock - stamp).bit_length()], stamp)
-            if value < best:
-                best, best_cls = value, cls
-        key = self._queues[best_cls].popitem(last=False)[0]
-        stamp = code_of.pop(key) >> CLASS_BITS
-        self._used -= self._sizes.pop(key)
-        self._ghost[key] = (best_cls, stamp)
-        return key
+        queues = self._queues
+        ghost = self._ghost
+        victims: list[Hashable] = []
+        # (value, stamp, class) of every class's head: only the evicted class's changes
+        heads = []
+        for cls, queue in enumerate(queues):
+            if queue:
+                stamp = code_of[next(iter(queue))] >> CLASS_BITS
+                heads.append((keep[cls][(clock - stamp).bit_length()], stamp, cls))
+        while heads:
+            heads.sort()
+            value, stamp, cls = heads[0]
+            # the last stamp of the head's bucket (its keys share the head's value) ...
+            bucket = (clock - stamp).bit_length()
+            limit = clock - (1 << (bucket - 1)) if bucket else clock
+            # ... and, on a tie of values, below the next best class's head
+            if len(heads) > 1 and heads[1][0] == value:
+                limit = min(limit, heads[1][1] - 1)
+            last_code = limit << CLASS_BITS | CLASS_MASK
+            queue = queues[cls]
+            head_size = queue[next(iter(queue))]
+            while True:
+                # as many keys as the bytes still needed take if sized as the head (all are, in
+                # the tiers): usually the whole chunk goes
+                chunk = list(itertools.islice(queue, -(-need // head_size) if head_size else 16))
+                codes = list(map(code_of.__getitem__, chunk))
+                run = bisect.bisect_right(codes, last_code)  # a queue's codes ascend
+                freed = list(itertools.accumulate(map(queue.__getitem__, chunk[:run])))
+                done = bisect.bisect_left(freed, need)
+                taken = done + 1 if done < run else run
+                gone = chunk[:taken] if taken < len(chunk) else chunk
+                deque(map(queue.__delitem__, gone), 0)
+                deque(map(code_of.__delitem__, gone), 0)
+                ghost.update(zip(gone, codes, strict=False))  # codes of the chunk
+                victims += gone
+                if taken:
+                    self._used -= freed[taken - 1]
+                    need -= freed[taken - 1]
+                if need <= 0:
+                    return victims
+                if taken < len(chunk) or not queue:
+                    break  # the run ended (or the class emptied) before the bytes were found
+                head_size = queue[next(iter(queue))]
+            if queue:
+                stamp = code_of[next(iter(queue))] >> CLASS_BITS
+                heads[0] = (keep[cls][(clock - stamp).bit_length()], stamp, cls)
+            else:
+                del heads[0]
+        return victims

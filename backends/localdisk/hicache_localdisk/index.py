@@ -23,6 +23,7 @@ the lock's release.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -116,21 +117,19 @@ class PageIndex:
         assert policy is not None
         stored = self.stored_bytes
         with self.lock:
-            todo: list[int] = []
+            todo: list[int]
             existing: list[str] = []
-            new: list[str] = []
-            seen: set[str] = set()
-            for i, key in enumerate(keys):
-                if key in self.pages:
-                    statuses[i] = PageStatus.ALREADY_EXISTS
-                    existing.append(key)
-                    continue
-                todo.append(i)
-                if key not in policy and key not in seen:
-                    new.append(key)
-                seen.add(key)
+            new: list[str]
+            distinct = len(set(keys)) == len(keys)
+            if distinct and self.pages.keys().isdisjoint(keys):
+                # the usual put: distinct pages, none stored yet (in C, not a loop per page)
+                todo = list(range(len(keys)))
+                new = policy.missing(keys)
+            else:
+                todo, existing, new = self._sort_put(keys, statuses, policy)
             # Re-stored pages are used again: refresh them first so room is made elsewhere.
-            policy.touch(existing)
+            if existing:
+                policy.touch(existing)
             fit = min(len(new), policy.capacity_bytes // stored)
             victims = policy.evict_for(fit * stored)
             room = max(0, (policy.capacity_bytes - policy.used_bytes) // stored)
@@ -147,13 +146,39 @@ class PageIndex:
             # just have taken that reservation: re-adding it can pass the bound. Least recent
             # first, so this batch's own reservations are the last to go.
             victims += policy.evict_for(0)
-            for key in reserve:
-                self._inflight[key] = self._inflight.get(key, 0) + 1
-            dropped = self._drop(victims, spares)
-        for i, key in enumerate(keys):
-            if key in dropped and statuses[i] is PageStatus.ALREADY_EXISTS:
-                statuses[i] = PageStatus.FAILED  # evicted by its own batch (tiny capacity)
+            inflight = self._inflight
+            if distinct and inflight.keys().isdisjoint(reserve):
+                inflight.update(dict.fromkeys(reserve, 1))
+            else:
+                for key in reserve:
+                    inflight[key] = inflight.get(key, 0) + 1
+            dropped = self._drop(victims, spares) if victims else set()
+        if existing and dropped:
+            for i, key in enumerate(keys):
+                if key in dropped and statuses[i] is PageStatus.ALREADY_EXISTS:
+                    statuses[i] = PageStatus.FAILED  # evicted by its own batch (tiny capacity)
         return todo
+
+    def _sort_put(
+        self, keys: Sequence[str], statuses: list[PageStatus | None], policy: CapacityPolicy
+    ) -> tuple[list[int], list[str], list[str]]:
+        """``reserve``'s split of a put with stored or repeated keys: the indices to write,
+        the keys already stored (their statuses filled), the keys the policy lacks (once
+        each)."""
+        todo: list[int] = []
+        existing: list[str] = []
+        new: list[str] = []
+        seen: set[str] = set()
+        for i, key in enumerate(keys):
+            if key in self.pages:
+                statuses[i] = PageStatus.ALREADY_EXISTS
+                existing.append(key)
+                continue
+            todo.append(i)
+            if key not in policy and key not in seen:
+                new.append(key)
+            seen.add(key)
+        return todo, existing, new
 
     def settle(
         self, keys: Sequence[str], todo: Iterable[int], statuses: Sequence[PageStatus | None]
@@ -170,6 +195,10 @@ class PageIndex:
         published = 0
         with self.lock:
             policy = self.policy
+            if policy is not None:
+                written = [keys[i] for i in todo]
+                if self._settle_clean(written, [statuses[i] for i in todo], policy):
+                    return stored * len(written)
             for i in todo:
                 key, status = keys[i], statuses[i]
                 stored_ok = status is PageStatus.OK or status is PageStatus.ALREADY_EXISTS
@@ -200,6 +229,25 @@ class PageIndex:
                 if not left:
                     policy.remove(key)  # no file and no writer left: drop the reservation
         return published
+
+    def _settle_clean(
+        self, keys: list[str], statuses: list[PageStatus | None], policy: CapacityPolicy
+    ) -> bool:
+        """``settle`` of the usual put, in C rather than a loop per page, if it is one: every
+        page written (``OK``), each the only writer of its key, still reserved and not yet
+        known. Returns False, changing nothing, otherwise."""
+        inflight = self._inflight
+        if (
+            statuses.count(PageStatus.OK) != len(statuses)
+            or list(map(inflight.get, keys)) != [1] * len(keys)
+            or not self.pages.keys().isdisjoint(keys)
+            or policy.missing(keys)
+        ):
+            return False
+        # (a key twice in ``keys`` would have two reservations: not a clean put)
+        deque(map(inflight.__delitem__, keys), 0)
+        self.pages.update(dict.fromkeys(keys, self.stored_bytes))
+        return True
 
     # ------------------------------------------------------------------ what reads learn
 
