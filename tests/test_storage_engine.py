@@ -18,7 +18,7 @@ from hicache.config import TierSettings
 from hicache.events import BlockRemoved, BlockStored, KVEvent
 from hicache.keys import block_id
 from hicache.pools import HostPool, KVLayout
-from hicache.storage.backend import BackendContext, PageStatus
+from hicache.storage.backend import BackendContext, PageParts, PageStatus
 from hicache.storage.memory import MemoryBackend, MemoryConfig
 from hicache.testing.backends import memory_backend
 from hicache.testing.clock import ManualClock
@@ -718,3 +718,68 @@ def test_the_put_backlog_is_a_quarter_of_the_host_pool_unless_given() -> None:
             StorageEngine(tiers, HostPool(LAYOUT, 8, pin=False), page_size=PS, put_backlog_pages=-1)
     finally:
         tiers.close()
+
+
+# ---------------------------------------------------------------------- merged put calls
+
+
+class _Recording(FaultyBackend):
+    """Records the keys of each put call as the backend receives it."""
+
+    def __init__(self, inner: MemoryBackend) -> None:
+        super().__init__(inner)
+        self.put_batches: list[list[str]] = []
+
+    def _put(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:
+        self.put_batches.append(list(keys))
+        return super()._put(keys, srcs)
+
+
+def _queued_behind_a_hung_put(rig: Rig, fb: _Recording, chains: Sequence[list[str]]) -> list[str]:
+    """Publish a first chain whose put hangs on the engine's only worker, then ``chains`` (one
+    publish each, queued meanwhile), then let the first return and everything settle."""
+    first = keys_for(2, "first")
+    release = fb.hang(ops=[FaultOp.PUT], keys=first)
+    try:
+        rig.publish(rig.pages(first))
+        assert fb.wait_hung(1)  # the engine's one worker waits for it: the rest must queue
+        for keys in chains:
+            rig.publish(rig.pages(keys))
+        release.set()
+        rig.settle()
+    finally:
+        release.set()
+    return first
+
+
+def test_put_calls_queued_behind_a_busy_tier_reach_it_as_one_call() -> None:
+    fb = _Recording(mem())
+    rig = Rig([Tier("t", fb, settings(medium="T"))], host_pages=64, workers=1)
+    chains = [keys_for(2, salt) for salt in "abc"]
+    first = _queued_behind_a_hung_put(rig, fb, chains)
+    # the three queued calls went as one, newest first: a backend records a batch tail first,
+    # so the oldest call's pages are the least recent, as after three calls
+    assert fb.put_batches == [first, chains[2] + chains[1] + chains[0]]
+    stored = [block_id(k) for k in first + chains[0] + chains[1] + chains[2]]
+    assert sorted(rig.stored("T")) == sorted(stored)
+    assert_no_tail_without_head(rig.events)
+    for keys in [first, *chains]:
+        assert fb.inner.exists(keys) == [True, True]
+    assert rig.host.total_holds() == 0
+    rig.close()
+
+
+def test_a_page_in_two_merged_calls_is_written_once() -> None:
+    fb = _Recording(mem())
+    rig = Rig([Tier("t", fb, settings(medium="T"))], host_pages=64, workers=1)
+    a, b = keys_for(2, "a"), keys_for(2, "b")
+    first = _queued_behind_a_hung_put(rig, fb, [a, b, a])
+    assert fb.put_batches[0] == first
+    assert len(fb.put_batches) == 2
+    # each page once in the merged call (the newest copy), none lost
+    assert sorted(fb.put_batches[1]) == sorted(a + b)
+    assert sorted(set(rig.stored("T"))) == sorted(block_id(k) for k in first + a + b)
+    assert_no_tail_without_head(rig.events)
+    assert rig.engine.stats()["tiers"]["t"]["put_failed"] == 0
+    assert rig.host.total_holds() == 0
+    rig.close()

@@ -10,6 +10,14 @@
 - ``throttle()``           wait for a tier's oldest calls while those in flight hold more host
                            pages than the backlog allows (and more calls than the tier runs)
 
+Queued put calls of a tier are merged: the worker that starts one takes along every call of
+that tier still queued behind it (up to the tier's ``max_batch`` pages), so a tier that falls
+behind catches up in fewer, larger calls instead of a queue of small ones. Each call costs its
+thread a dozen hand-offs of the interpreter lock (wake-ups, system calls) that, while the
+serving thread runs Python, each wait up to the switch interval: per page, the cost falls with
+the batch. A page in two merged calls is written once (the second gets ``ALREADY_EXISTS``, as a
+second writer would).
+
 The worker body reports one ``_PutDone`` per batch (and the tier's evictions, taken by the put
 call itself: one hand-off to the tier per put, not a second call), as the engine's ``poll``
 expects. A put call that returns after its deadline (its ``_PutDone`` said ``FAILED``)
@@ -21,6 +29,8 @@ late report runs on the cache's thread.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
@@ -51,6 +61,9 @@ class PutCalls:
         #: Put calls sent and not seen finished yet; the latest one of each page.
         self._sent: list[_PutJob] = []
         self._putting: dict[str, _PutJob] = {}
+        #: Put calls handed to the workers and not taken by one yet, per tier, oldest first.
+        self._queued: dict[str, deque[_PutJob]] = {}
+        self._queued_lock = threading.Lock()
 
     def add(self, tier: Tier, part: _PutPart) -> None:
         """Queue ``part`` for ``tier``'s next put call."""
@@ -69,8 +82,10 @@ class PutCalls:
         parts = self._unsent.pop(tier.name, None)
         if not parts:
             return
-        job = _PutJob(tier, parts, pages=sum(len(p.keys) for p in parts))
-        job.future = self.workers.submit(self._put_job, job, ticket=job.ticket)
+        job = _PutJob(tier, parts, pages=sum(len(p.keys) for p in parts), future=Future())
+        with self._queued_lock:
+            self._queued.setdefault(tier.name, deque()).append(job)
+        self.workers.submit(self._put_job, job, ticket=job.ticket)
         self._sent.append(job)
         putting = self._putting
         for p in parts:
@@ -88,9 +103,13 @@ class PutCalls:
             if job is not None and job.future is not None and not job.future.done():
                 jobs[id(job)] = job
         for job in jobs.values():
-            job.ticket.lane = Lane.READ  # first: a submit after this reads it
+            with self._queued_lock:  # a worker merging it reads the lane under this lock
+                job.ticket.lane = Lane.READ  # first: a submit after this reads it
+                carrier = job.carrier
+                if carrier is not None:
+                    carrier.ticket.lane = Lane.READ
             self.workers.promote(job.ticket)
-            job.tier.caller.promote(job.ticket)
+            job.tier.caller.promote(job.ticket if carrier is None else carrier.ticket)
         return [job.future for job in jobs.values() if job.future is not None]
 
     def forget_finished(self) -> None:
@@ -139,15 +158,59 @@ class PutCalls:
         return waited
 
     def _put_job(self, job: _PutJob) -> None:
+        """A worker's task for ``job``: run the tier's queued calls, merged, until one carried
+        ``job`` (nothing when another worker's call already did)."""
+        while True:
+            with self._queued_lock:
+                if job.carrier is not None:
+                    return
+                taken, call = self._take_queued(job.tier)
+            try:
+                self._put_call(call)
+            finally:
+                for member in taken:
+                    assert member.future is not None
+                    member.future.set_result(None)
+
+    def _take_queued(self, tier: Tier) -> tuple[list[_PutJob], _PutJob]:
+        """The oldest queued calls of ``tier`` (up to its ``max_batch`` pages, at least one),
+        and the call that carries them: the one itself, or a new one merging them."""
+        queued = self._queued[tier.name]
+        taken = [queued.popleft()]
+        pages, limit = taken[0].pages, tier.max_batch
+        while queued and pages + queued[0].pages <= limit:
+            taken.append(queued.popleft())
+            pages += taken[-1].pages
+        if len(taken) == 1:
+            call = taken[0]
+        else:
+            # newest call first: a backend records a batch tail first (its head the most
+            # recent key), so the oldest call's pages end up the least recent, as they would
+            # after calls one by one
+            call = _PutJob(tier, [p for t in reversed(taken) for p in t.parts], pages=pages)
+            if any(t.ticket.lane is Lane.READ for t in taken):
+                call.ticket.lane = Lane.READ
+        for t in taken:
+            t.carrier = call
+        return taken, call
+
+    def _put_call(self, job: _PutJob) -> None:
+        """One put call to the job's tier for all its batches; report each batch's result."""
         tier, parts = job.tier, job.parts
         keys = [k for p in parts for k in p.keys]
         views = [v for p in parts for v in p.views]
+        again = _repeated(keys)
+        if again is not None:  # merged calls that share pages: each page is written once
+            keys = [k for i, k in enumerate(keys) if i not in again]
+            views = [v for i, v in enumerate(views) if i not in again]
 
         def returned() -> None:
             for p in parts:
                 p.holds.drop()
 
         def late(statuses: list[PageStatus]) -> None:
+            if again is not None:
+                statuses = _spread(statuses, again)
             with job.lock:
                 if not job.reported:  # the deadline's FAILED is not queued yet: it goes first
                     job.late = statuses
@@ -162,6 +225,8 @@ class PutCalls:
             logger.exception("tier %s: publish worker failed", tier.name)
             tier.stats.error(exc, "unexpected")
             statuses = [PageStatus.FAILED] * len(keys)
+        if again is not None:
+            statuses = _spread(statuses, again)
         evicted = tier.take_evicted(call=False)  # what the put call took: no second call
         start = 0
         for p in parts:
@@ -184,3 +249,32 @@ class PutCalls:
             got = statuses[start : start + len(p.keys)]
             start += len(p.keys)
             self.workers.report(_PutLate(job.tier.name, p.pages, got, p.mark))
+
+
+def _repeated(keys: Sequence[str]) -> dict[int, int] | None:
+    """Positions of ``keys`` that repeat an earlier key, each with the position of its first
+    occurrence; None when every key is distinct (the usual case, one set build)."""
+    if len(set(keys)) == len(keys):
+        return None
+    first: dict[str, int] = {}
+    again: dict[int, int] = {}
+    for i, k in enumerate(keys):
+        j = first.setdefault(k, i)
+        if j != i:
+            again[i] = j
+    return again
+
+
+def _spread(statuses: list[PageStatus], again: dict[int, int]) -> list[PageStatus]:
+    """The statuses of the distinct keys sent, back at every position of the merged call: a
+    repeat is ``ALREADY_EXISTS`` where its first occurrence was stored, else that status."""
+    out: list[PageStatus] = []
+    it = iter(statuses)
+    for i in range(len(statuses) + len(again)):
+        j = again.get(i)
+        if j is None:
+            out.append(next(it))
+        else:
+            first = out[j]
+            out.append(PageStatus.ALREADY_EXISTS if first.stored else first)
+    return out

@@ -148,6 +148,9 @@ class _PutJob:
     pages: int = 0
     ticket: LaneTicket = field(default_factory=LaneTicket)
     future: Future[None] | None = None
+    #: The call that carries this one's batches to the tier (``PutCalls`` merges the queued
+    #: calls of a tier): itself or a merged call; None while it waits.
+    carrier: _PutJob | None = None
     #: Guards the two below: a late result waits until the deadline's ``_PutDone`` is queued.
     lock: threading.Lock = field(default_factory=threading.Lock)
     reported: bool = False
