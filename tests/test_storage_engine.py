@@ -8,6 +8,7 @@ wrapped in ``FaultyBackend`` to inject the faults.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -781,5 +782,44 @@ def test_a_page_in_two_merged_calls_is_written_once() -> None:
     assert sorted(set(rig.stored("T"))) == sorted(block_id(k) for k in first + a + b)
     assert_no_tail_without_head(rig.events)
     assert rig.engine.stats()["tiers"]["t"]["put_failed"] == 0
+    assert rig.host.total_holds() == 0
+    rig.close()
+
+
+def test_a_merged_call_past_its_deadline_fails_each_batch_then_announces_them_late() -> None:
+    fb = _Recording(mem())
+    tier = Tier("t", fb, settings(medium="T", deadline_s=SHORT, breaker_failures=100))
+    rig = Rig([tier], host_pages=64, workers=1)
+    gate = threading.Event()
+
+    def busy() -> None:
+        gate.wait()
+
+    rig.engine.workers.submit(busy)  # the engine's one worker is busy: the puts queue
+    chains = [keys_for(2, salt) for salt in "abc"]
+    release = fb.hang(ops=[FaultOp.PUT])
+    try:
+        for keys in chains:
+            rig.publish(rig.pages(keys))
+        gate.set()
+        assert fb.wait_hung(1)
+        assert fb.put_batches == [chains[2] + chains[1] + chains[0]]
+        # the deadline passes: every batch of the merged call is reported failed, none stored
+        wait_for(
+            lambda: rig.engine.stats()["tiers"]["t"]["put_failed"] == 6,
+            WAIT,
+            what="the merged call's deadline",
+        )
+        rig.events += rig.engine.poll().events
+        assert rig.stored("T") == []
+        assert rig.host.total_holds() == 6  # the hung call still reads them
+        release.set()
+        rig.settle()
+    finally:
+        release.set()
+    # the call stored everything after all: each batch announced late, in chain order
+    assert rig.engine.stats()["tiers"]["t"]["late_acked_pages"] == 6
+    assert sorted(rig.stored("T")) == sorted(block_id(k) for c in chains for k in c)
+    assert_no_tail_without_head(rig.events)
     assert rig.host.total_holds() == 0
     rig.close()
