@@ -19,7 +19,7 @@ from hicache.config import TierSettings
 from hicache.events import BlockRemoved, BlockStored, KVEvent
 from hicache.keys import block_id
 from hicache.pools import HostPool, KVLayout
-from hicache.storage.backend import BackendContext, PageParts, PageStatus
+from hicache.storage.backend import BackendContext, PageBuffers, PageStatus
 from hicache.storage.memory import MemoryBackend, MemoryConfig
 from hicache.testing.backends import memory_backend
 from hicache.testing.clock import ManualClock
@@ -725,15 +725,22 @@ def test_the_put_backlog_is_a_quarter_of_the_host_pool_unless_given() -> None:
 
 
 class _Recording(FaultyBackend):
-    """Records the keys of each put call as the backend receives it."""
+    """Records each put call as the backend receives it: ``("put", keys)`` or
+    ``("batches", [keys, ...])``."""
 
     def __init__(self, inner: MemoryBackend) -> None:
         super().__init__(inner)
-        self.put_batches: list[list[str]] = []
+        self.received: list[tuple[str, list[str] | list[list[str]]]] = []
 
-    def _put(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:
-        self.put_batches.append(list(keys))
-        return super()._put(keys, srcs)
+    def put(self, keys: Sequence[str], srcs: Sequence[PageBuffers]) -> list[PageStatus]:
+        self.received.append(("put", list(keys)))
+        return super().put(keys, srcs)
+
+    def put_batches(
+        self, batches: Sequence[tuple[Sequence[str], Sequence[PageBuffers]]]
+    ) -> list[list[PageStatus]]:
+        self.received.append(("batches", [list(keys) for keys, _ in batches]))
+        return super().put_batches(batches)
 
 
 def _queued_behind_a_hung_put(rig: Rig, fb: _Recording, chains: Sequence[list[str]]) -> list[str]:
@@ -758,9 +765,8 @@ def test_put_calls_queued_behind_a_busy_tier_reach_it_as_one_call() -> None:
     rig = Rig([Tier("t", fb, settings(medium="T"))], host_pages=64, workers=1)
     chains = [keys_for(2, salt) for salt in "abc"]
     first = _queued_behind_a_hung_put(rig, fb, chains)
-    # the three queued calls went as one, newest first: a backend records a batch tail first,
-    # so the oldest call's pages are the least recent, as after three calls
-    assert fb.put_batches == [first, chains[2] + chains[1] + chains[0]]
+    # the three queued calls went as one, in order, each a batch of its own
+    assert fb.received == [("put", first), ("batches", chains)]
     stored = [block_id(k) for k in first + chains[0] + chains[1] + chains[2]]
     assert sorted(rig.stored("T")) == sorted(stored)
     assert_no_tail_without_head(rig.events)
@@ -770,15 +776,13 @@ def test_put_calls_queued_behind_a_busy_tier_reach_it_as_one_call() -> None:
     rig.close()
 
 
-def test_a_page_in_two_merged_calls_is_written_once() -> None:
+def test_a_page_in_two_merged_calls_is_stored_by_the_first() -> None:
     fb = _Recording(mem())
     rig = Rig([Tier("t", fb, settings(medium="T"))], host_pages=64, workers=1)
     a, b = keys_for(2, "a"), keys_for(2, "b")
     first = _queued_behind_a_hung_put(rig, fb, [a, b, a])
-    assert fb.put_batches[0] == first
-    assert len(fb.put_batches) == 2
-    # each page once in the merged call (the newest copy), none lost
-    assert sorted(fb.put_batches[1]) == sorted(a + b)
+    assert fb.received == [("put", first), ("batches", [a, b, a])]
+    # the second copy met the first (ALREADY_EXISTS, stored): nothing failed, nothing lost
     assert sorted(set(rig.stored("T"))) == sorted(block_id(k) for k in first + a + b)
     assert_no_tail_without_head(rig.events)
     assert rig.engine.stats()["tiers"]["t"]["put_failed"] == 0
@@ -803,7 +807,7 @@ def test_a_merged_call_past_its_deadline_fails_each_batch_then_announces_them_la
             rig.publish(rig.pages(keys))
         gate.set()
         assert fb.wait_hung(1)
-        assert fb.put_batches == [chains[2] + chains[1] + chains[0]]
+        assert fb.received == [("batches", chains)]
         # the deadline passes: every batch of the merged call is reported failed, none stored
         wait_for(
             lambda: rig.engine.stats()["tiers"]["t"]["put_failed"] == 6,

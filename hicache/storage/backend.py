@@ -6,6 +6,8 @@ calls it from I/O worker threads, in batches, synchronously:
 - ``exists(keys)``         which of these pages are stored
 - ``exists_prefix(keys)``  how many leading pages are all stored (the chain stops at the first gap)
 - ``put(keys, srcs)``      store pages, create-only: ``OK`` or ``ALREADY_EXISTS`` per key
+- ``put_batches(batches)`` several puts in one call, as if one after another (optional hook
+                           ``_put_batches`` writes them together)
 - ``get_into(keys, dsts)`` read pages straight into caller-owned page buffers
 
 A page's bytes come as one buffer or as a sequence of buffers (its regions in order, e.g. the K
@@ -342,21 +344,51 @@ class Backend(ABC):
         buffers do not sum to ``page_bytes``, and ``BackendReadOnlyError`` on a read-only
         instance.
         """
+        pages = self._put_parts(keys, srcs)
+        if not keys:
+            return []
+        result = self._put(keys, pages)
+        self._check_result_len("put", result, keys)
+        return result
+
+    def put_batches(
+        self, batches: Sequence[tuple[Sequence[str], Sequence[PageBuffers]]]
+    ) -> list[list[PageStatus]]:
+        """Several puts in one call, made as if one after another: each ``(keys, srcs)`` is a
+        :meth:`put` of its own, with its own statuses. A backend that manages capacity makes
+        room batch by batch, so a later batch may evict pages an earlier one stored (reported
+        through ``take_evicted()`` like any eviction), and a key in two batches is stored by
+        the first (``ALREADY_EXISTS`` in the second). Raises as :meth:`put` does, before any
+        I/O of any batch.
+
+        What it is for: a caller that queued several puts hands them over at once, and a
+        backend that can writes them together (one file, one request) while its capacity
+        decisions stay those of the puts one by one. The default makes one ``_put`` per batch.
+        """
+        checked = [(keys, self._put_parts(keys, srcs)) for keys, srcs in batches]
+        results = self._put_batches(checked)
+        if len(results) != len(checked):
+            raise RuntimeError(
+                f"{type(self).__name__}._put_batches returned {len(results)} results "
+                f"for {len(checked)} batches"
+            )
+        for (keys, _), result in zip(checked, results, strict=True):
+            self._check_result_len("put", result, keys)
+        return results
+
+    def _put_parts(self, keys: Sequence[str], srcs: Sequence[PageBuffers]) -> list[PageParts]:
+        """The checks of a put (keys, lengths, read-only, page sizes) and its pages' parts."""
         self._check_call(keys)
         if self.context.read_only:
             raise BackendReadOnlyError(f"tier {self.context.tier_name!r} is read-only")
         pages = self._page_parts(keys, srcs, writable=False)
-        if not keys:
-            return []
         if None in pages:
             i = pages.index(None)
             size = sum(part.nbytes for part in _as_parts(srcs[i]))
             raise ValueError(
                 f"page {i} has {size} bytes, expected page_bytes={self.context.page_bytes}"
             )
-        result = self._put(keys, cast("list[PageParts]", pages))
-        self._check_result_len("put", result, keys)
-        return result
+        return cast("list[PageParts]", pages)
 
     def get_into(self, keys: Sequence[str], dsts: Sequence[PageBuffers]) -> list[PageStatus]:
         """Read the page of ``keys[i]`` into ``dsts[i]``; return one status per key.
@@ -466,6 +498,13 @@ class Backend(ABC):
                     return done
                 done += 1
         return done
+
+    def _put_batches(
+        self, batches: Sequence[tuple[Sequence[str], Sequence[PageParts]]]
+    ) -> list[list[PageStatus]]:
+        """:meth:`put_batches` after its checks: one ``_put`` per batch, in order. Override to
+        write the batches together; the result must be what the puts one by one would give."""
+        return [self._put(keys, pages) if keys else [] for keys, pages in batches]
 
     @abstractmethod
     def _put(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:

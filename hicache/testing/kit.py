@@ -257,6 +257,25 @@ class BackendTests(ScatterGatherTests):
         assert self.put_pages(backend, [old, new]) == [PageStatus.ALREADY_EXISTS, PageStatus.OK]
         assert all(s.stored for s in self.put_pages(backend, [new, old]))
 
+    def test_put_batches_are_puts_one_after_another(self, backend: Backend) -> None:
+        a, b = self.keys(2, "batch-a"), self.keys(3, "batch-b")
+
+        def views(keys: list[str]) -> list[memoryview]:
+            return [memoryview(self.page(k)) for k in keys]
+
+        ok, exists = PageStatus.OK, PageStatus.ALREADY_EXISTS
+        # the third batch repeats a page of the first: stored by the first, met by the third
+        got = backend.put_batches([(a, views(a)), ([], []), (b, views(b)), (a[:1], views(a[:1]))])
+        assert got == [[ok, ok], [], [ok, ok, ok], [exists]]
+        statuses, bufs = self.read_pages(backend, a + b)
+        assert statuses == [ok] * 5
+        assert bufs == [self.page(k) for k in a + b]
+        # checked before any I/O: a bad page in a later batch stores nothing of the earlier
+        c = self.keys(1, "batch-c")
+        with pytest.raises(ValueError):
+            backend.put_batches([(c, views(c)), (["not-a-key"], views(c))])
+        assert backend.exists(c) == [False]
+
     def test_exists_and_exists_prefix_agree(self, backend: Backend) -> None:
         chain = self.keys(8, "prefix")
         stored = [chain[i] for i in (0, 1, 2, 4, 6)]

@@ -11,12 +11,12 @@
                            pages than the backlog allows (and more calls than the tier runs)
 
 Queued put calls of a tier are merged: the worker that starts one takes along every call of
-that tier still queued behind it (up to the tier's ``max_batch`` pages), so a tier that falls
-behind catches up in fewer, larger calls instead of a queue of small ones. Each call costs its
-thread a dozen hand-offs of the interpreter lock (wake-ups, system calls) that, while the
-serving thread runs Python, each wait up to the switch interval: per page, the cost falls with
-the batch. A page in two merged calls is written once (the second gets ``ALREADY_EXISTS``, as a
-second writer would).
+that tier still queued behind it (up to the tier's ``max_batch`` pages) and makes them one
+``put_batches`` call, which a backend makes as if the calls came one after another (each its own
+capacity decision) but may write together (one pack file, one request). Each call costs its
+thread a dozen hand-offs of the interpreter lock (wake-ups, futures, system calls) that, while
+the serving thread runs Python, each wait up to the switch interval: a tier that falls behind
+catches up in fewer, larger calls instead of a queue of small ones.
 
 The worker body reports one ``_PutDone`` per batch (and the tier's evictions, taken by the put
 call itself: one hand-off to the tier per put, not a second call), as the engine's ``poll``
@@ -28,6 +28,7 @@ late report runs on the cache's thread.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import deque
@@ -184,10 +185,8 @@ class PutCalls:
         if len(taken) == 1:
             call = taken[0]
         else:
-            # newest call first: a backend records a batch tail first (its head the most
-            # recent key), so the oldest call's pages end up the least recent, as they would
-            # after calls one by one
-            call = _PutJob(tier, [p for t in reversed(taken) for p in t.parts], pages=pages)
+            call = _PutJob(tier, [p for t in taken for p in t.parts], pages=pages)
+            call.batches = list(itertools.accumulate(t.pages for t in taken))
             if any(t.ticket.lane is Lane.READ for t in taken):
                 call.ticket.lane = Lane.READ
         for t in taken:
@@ -199,18 +198,12 @@ class PutCalls:
         tier, parts = job.tier, job.parts
         keys = [k for p in parts for k in p.keys]
         views = [v for p in parts for v in p.views]
-        again = _repeated(keys)
-        if again is not None:  # merged calls that share pages: each page is written once
-            keys = [k for i, k in enumerate(keys) if i not in again]
-            views = [v for i, v in enumerate(views) if i not in again]
 
         def returned() -> None:
             for p in parts:
                 p.holds.drop()
 
         def late(statuses: list[PageStatus]) -> None:
-            if again is not None:
-                statuses = _spread(statuses, again)
             with job.lock:
                 if not job.reported:  # the deadline's FAILED is not queued yet: it goes first
                     job.late = statuses
@@ -219,14 +212,18 @@ class PutCalls:
 
         try:
             statuses = tier.put(
-                keys, views, on_return=returned, ticket=job.ticket, on_late=late, take_evicted=True
+                keys,
+                views,
+                on_return=returned,
+                ticket=job.ticket,
+                on_late=late,
+                take_evicted=True,
+                batches=job.batches,
             )
         except Exception as exc:  # Tier.put never raises; this guards against bugs
             logger.exception("tier %s: publish worker failed", tier.name)
             tier.stats.error(exc, "unexpected")
             statuses = [PageStatus.FAILED] * len(keys)
-        if again is not None:
-            statuses = _spread(statuses, again)
         evicted = tier.take_evicted(call=False)  # what the put call took: no second call
         start = 0
         for p in parts:
@@ -249,32 +246,3 @@ class PutCalls:
             got = statuses[start : start + len(p.keys)]
             start += len(p.keys)
             self.workers.report(_PutLate(job.tier.name, p.pages, got, p.mark))
-
-
-def _repeated(keys: Sequence[str]) -> dict[int, int] | None:
-    """Positions of ``keys`` that repeat an earlier key, each with the position of its first
-    occurrence; None when every key is distinct (the usual case, one set build)."""
-    if len(set(keys)) == len(keys):
-        return None
-    first: dict[str, int] = {}
-    again: dict[int, int] = {}
-    for i, k in enumerate(keys):
-        j = first.setdefault(k, i)
-        if j != i:
-            again[i] = j
-    return again
-
-
-def _spread(statuses: list[PageStatus], again: dict[int, int]) -> list[PageStatus]:
-    """The statuses of the distinct keys sent, back at every position of the merged call: a
-    repeat is ``ALREADY_EXISTS`` where its first occurrence was stored, else that status."""
-    out: list[PageStatus] = []
-    it = iter(statuses)
-    for i in range(len(statuses) + len(again)):
-        j = again.get(i)
-        if j is None:
-            out.append(next(it))
-        else:
-            first = out[j]
-            out.append(PageStatus.ALREADY_EXISTS if first.stored else first)
-    return out

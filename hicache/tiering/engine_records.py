@@ -151,6 +151,8 @@ class _PutJob:
     #: The call that carries this one's batches to the tier (``PutCalls`` merges the queued
     #: calls of a tier): itself or a merged call; None while it waits.
     carrier: _PutJob | None = None
+    #: A merged call: where each merged call's pages end (``Tier.put``'s ``batches``).
+    batches: list[int] = field(default_factory=list)
     #: Guards the two below: a late result waits until the deadline's ``_PutDone`` is queued.
     lock: threading.Lock = field(default_factory=threading.Lock)
     reported: bool = False

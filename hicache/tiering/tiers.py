@@ -235,6 +235,7 @@ class Tier:
         ticket: LaneTicket | None = None,
         on_late: Callable[[list[PageStatus]], None] | None = None,
         take_evicted: bool = False,
+        batches: Sequence[int] = (),
     ) -> list[PageStatus]:
         """Store ``srcs`` under ``keys``; a failed, refused or late call makes its pages
         ``FAILED``. ``on_return`` runs when the backend really finished with ``srcs``. Puts
@@ -246,13 +247,24 @@ class Tier:
         ``take_evicted``: the same call then asks the backend what it evicted (a put is what
         makes a bounded backend evict); ``take_evicted(call=False)`` hands those keys out
         without a second call, so a publish costs one hand-off to this tier's threads, not
-        two."""
+        two.
+
+        ``batches``: where each of several puts handed over together ends (offsets into
+        ``keys``, the last ``len(keys)``); they go as one ``put_batches`` call, made as if one
+        after another (at most ``max_batch`` pages in all)."""
         step = self.max_batch
 
         def run() -> list[PageStatus]:
             got: list[PageStatus] = []
-            for start in range(0, len(keys), step):
-                got += self.backend.put(keys[start : start + step], srcs[start : start + step])
+            if batches:
+                starts = [0, *batches[:-1]]
+                for part in self.backend.put_batches(
+                    [(keys[b:e], srcs[b:e]) for b, e in zip(starts, batches, strict=True)]
+                ):
+                    got += part
+            else:
+                for start in range(0, len(keys), step):
+                    got += self.backend.put(keys[start : start + step], srcs[start : start + step])
             if take_evicted:
                 self._keep_evicted()
             return got

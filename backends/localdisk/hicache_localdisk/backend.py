@@ -12,6 +12,7 @@ get, exists, delete, listing and statistics.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import time
@@ -364,6 +365,21 @@ class LocalDiskBackend(Backend):
         if published and shared is not None and shared.add(published) > self._max_bytes:
             self._enforce_shared(0)
         return self._put_done(statuses)
+
+    def _put_batches(
+        self, batches: Sequence[tuple[Sequence[str], Sequence[PageParts]]]
+    ) -> list[list[PageStatus]]:
+        # docstring inherited. Packed: one pack for every batch, room made batch by batch.
+        if not self._pack_writes or len(batches) < 2:
+            return super()._put_batches(batches)
+        assert self._packs is not None
+        keys = [k for ks, _ in batches for k in ks]
+        srcs = [p for _, ps in batches for p in ps]
+        ends = list(itertools.accumulate(len(ks) for ks, _ in batches))
+        statuses = self._put_done(
+            put_packed(self._index, self._packs, keys, srcs, _MTIME_STEP_NS, ends=ends)
+        )
+        return [statuses[end - len(ks) : end] for (ks, _), end in zip(batches, ends, strict=True)]
 
     def _put_done(self, statuses: list[PageStatus | None]) -> list[PageStatus]:
         out = [PageStatus.FAILED if s is None else s for s in statuses]

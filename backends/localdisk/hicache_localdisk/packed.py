@@ -32,11 +32,24 @@ def put_packed(
     keys: Sequence[str],
     srcs: Sequence[PageParts],
     step_ns: int,
+    ends: Sequence[int] = (),
 ) -> list[PageStatus | None]:
     """The new pages of this put as one pack (see :mod:`hicache_localdisk.packs`); ``None``
-    where the index reserved nothing."""
+    where the index reserved nothing. ``ends``: where each of several puts made together
+    ends (``Backend.put_batches``): the index makes room for each in turn, as for puts one
+    by one, so a later one may evict an earlier one's reservation (its writer, this put,
+    then drops that page when it settles, and reports it evicted)."""
     statuses: list[PageStatus | None] = [None] * len(keys)
-    todo = index.reserve(keys, statuses)
+    if ends:
+        todo: list[int] = []
+        begin = 0
+        for end in ends:
+            part: list[PageStatus | None] = [None] * (end - begin)
+            todo += [begin + i for i in index.reserve(keys[begin:end], part)]
+            statuses[begin:end] = part
+            begin = end
+    else:
+        todo = index.reserve(keys, statuses)
     # the victims' records are punched before the pack is written: the disk, like the
     # accounting, never passes max_bytes
     packs.flush()

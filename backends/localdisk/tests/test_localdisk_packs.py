@@ -463,3 +463,53 @@ def test_the_blocks_of_packs_stay_within_max_bytes_when_records_go_one_by_one(
     rounded = -(-stored // 4096) * 4096
     assert allocated <= 8 * rounded + 4096, (allocated, len(files))
     b.close()
+
+
+@pytest.mark.parametrize("eviction", [EvictionPolicy.LRU, EvictionPolicy.PREDICTED_REUSE])
+def test_put_batches_are_one_pack_with_the_room_made_batch_by_batch(
+    make_backend: Callable[..., LocalDiskBackend],
+    key_of: Callable[..., str],
+    payload_of: Callable[..., bytes],
+    eviction: EvictionPolicy,
+) -> None:
+    """Puts handed over together (``put_batches``) are written as one pack, and each batch makes
+    room as its own put would: the second batch may evict the first's pages, which this very
+    call then drops and reports evicted. The same puts one by one leave the same pages."""
+
+    def views(keys: list[str]) -> list[memoryview]:
+        return [memoryview(payload_of(k, PAGE)) for k in keys]
+
+    first = [key_of(i, "first") for i in range(4)]
+    second = [key_of(i, "second") for i in range(2)]
+    together = make_backend(
+        namespace="together", page_bytes=PAGE, max_bytes=4 * STORED, eviction=eviction
+    )
+    one_by_one = make_backend(
+        namespace="apart", page_bytes=PAGE, max_bytes=4 * STORED, eviction=eviction
+    )
+    together.open()
+    one_by_one.open()
+    try:
+        ok = PageStatus.OK
+        assert together.put_batches([(first, views(first)), (second, views(second))]) == [
+            [ok] * 4,
+            [ok] * 2,
+        ]
+        assert len(_packs(together)) == 1
+        assert _put(one_by_one, first, payload_of) == [ok] * 4
+        assert _put(one_by_one, second, payload_of) == [ok] * 2
+        assert len(_packs(one_by_one)) == 2
+        kept = one_by_one.exists(first + second)
+        # a 4-page tier: the second batch evicted two of the first's pages (its tail first)
+        assert kept == [True, True, False, False, True, True]
+        assert together.exists(first + second) == kept
+        gone = [k for k, there in zip(first + second, kept, strict=True) if not there]
+        assert sorted(together.take_evicted()) == sorted(gone)
+        assert together.used_bytes == one_by_one.used_bytes == 4 * STORED
+        live = [k for k in first + second if k not in gone]
+        statuses, bufs = _read(together, live)
+        assert statuses == [ok] * 4
+        assert [bytes(x) for x in bufs] == [payload_of(k, PAGE) for k in live]
+    finally:
+        together.close()
+        one_by_one.close()
