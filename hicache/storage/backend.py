@@ -366,15 +366,17 @@ class Backend(ABC):
         decisions stay those of the puts one by one. The default makes one ``_put`` per batch.
         """
         checked = [(keys, self._put_parts(keys, srcs)) for keys, srcs in batches]
-        results = self._put_batches(checked)
-        if len(results) != len(checked):
+        full = [batch for batch in checked if batch[0]]  # the hook sees no empty batch
+        results = self._put_batches(full) if full else []
+        if len(results) != len(full):
             raise RuntimeError(
                 f"{type(self).__name__}._put_batches returned {len(results)} results "
-                f"for {len(checked)} batches"
+                f"for {len(full)} batches"
             )
-        for (keys, _), result in zip(checked, results, strict=True):
+        for (keys, _), result in zip(full, results, strict=True):
             self._check_result_len("put", result, keys)
-        return results
+        done = iter(results)
+        return [next(done) if keys else [] for keys, _ in checked]
 
     def _put_parts(self, keys: Sequence[str], srcs: Sequence[PageBuffers]) -> list[PageParts]:
         """The checks of a put (keys, lengths, read-only, page sizes) and its pages' parts."""
@@ -504,7 +506,7 @@ class Backend(ABC):
     ) -> list[list[PageStatus]]:
         """:meth:`put_batches` after its checks: one ``_put`` per batch, in order. Override to
         write the batches together; the result must be what the puts one by one would give."""
-        return [self._put(keys, pages) if keys else [] for keys, pages in batches]
+        return [self._put(keys, pages) for keys, pages in batches]
 
     @abstractmethod
     def _put(self, keys: Sequence[str], srcs: Sequence[PageParts]) -> list[PageStatus]:
