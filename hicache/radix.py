@@ -424,9 +424,7 @@ class RadixCache:
 
     def _evictable(self, node: TreeNode) -> bool:
         """On the device, unlocked, and no child holds device pages (leaf-first)."""
-        if node.value is None or node.lock_ref > 0 or node is self.root:
-            return False
-        return all(c.value is None for c in node.children.values())
+        return node.lock_ref == 0 and _is_device_leaf(node)
 
     def evict(self, num_pages: int) -> int:
         """Free ``num_pages`` device pages if possible, least recently used leaves first.

@@ -427,39 +427,15 @@ def verify_pages(
     check_payload: bool = True,
 ) -> list[PageCorruptError | PageVersionError | None]:
     """:func:`verify_page` of each page of a batch, without its decoded headers: ``None`` for
-    a page that passes, else the error :func:`verify_page` raises for it. The arguments are
-    checked once for the batch, so a page whose header is exactly the expected one costs one
-    unpack and its two hashes."""
+    a page that passes, else the error :func:`verify_page` raises for it. A page whose header
+    is exactly the expected one costs one unpack and its two hashes; any other goes through
+    :func:`verify_page`, which names the field."""
     out: list[PageCorruptError | PageVersionError | None] = []
-    try:
-        check_namespace(namespace)
-        check_keys(keys)
-    except ValueError:
-        fast = False  # every page goes through verify_page, which names the field
-    else:
-        fast = True
-    digest = xxhash.xxh3_64_intdigest
-    unpack = _WHOLE.unpack_from
-    known = -1
-    prefix = ns_field = b""
     for header, payload, key in zip(headers, payloads, keys, strict=True):
-        if fast:
-            view = _as_bytes_view(header)
-            nbytes = payload_nbytes(payload)
-            if nbytes != known:
-                prefix, ns_field = _fields(namespace, nbytes)
-                known = nbytes
-            got = unpack(view) if view.nbytes >= HEADER_SIZE else None
-            if (
-                got is not None
-                and got[0] == prefix
-                and got[2] == ns_field
-                and got[3] == key.encode("ascii")
-                and got[4] == digest(view[:_CHECKSUM_OFFSET])
-                and (not check_payload or payload_checksum(payload) == got[1])
-            ):
-                out.append(None)
-                continue
+        checksum = _checksum_if_exact(header, namespace, key, payload_nbytes(payload))
+        if checksum is not None and (not check_payload or payload_checksum(payload) == checksum):
+            out.append(None)
+            continue
         try:
             verify_page(header, payload, namespace=namespace, key=key, check_payload=check_payload)
         except (PageCorruptError, PageVersionError) as exc:

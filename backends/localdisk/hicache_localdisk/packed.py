@@ -40,16 +40,13 @@ def put_packed(
     by one, so a later one may evict an earlier one's reservation (its writer, this put,
     then drops that page when it settles, and reports it evicted)."""
     statuses: list[PageStatus | None] = [None] * len(keys)
-    if ends:
-        todo: list[int] = []
-        begin = 0
-        for end in ends:
-            part: list[PageStatus | None] = [None] * (end - begin)
-            todo += [begin + i for i in index.reserve(keys[begin:end], part)]
-            statuses[begin:end] = part
-            begin = end
-    else:
-        todo = index.reserve(keys, statuses)
+    todo: list[int] = []
+    begin = 0
+    for end in ends or (len(keys),):
+        part = statuses[begin:end]
+        todo += [begin + i for i in index.reserve(keys[begin:end], part)]
+        statuses[begin:end] = part
+        begin = end
     # the victims' records are punched before the pack is written: the disk, like the
     # accounting, never passes max_bytes
     packs.flush()
